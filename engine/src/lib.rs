@@ -1,0 +1,28 @@
+//! Downbeat's sans-IO heart.
+//!
+//! - [`timeline`]: a room's musical timeline as exact integer math: beat `n` sounds at one
+//!   exact server instant, with no accumulated error however many beats have passed; tempo,
+//!   meter, start and stop take effect at a future bar boundary announced ahead of time.
+//! - [`clock`]: the NTP-style clock-sync estimator every client runs (native and browser):
+//!   four timestamps per exchange, minimum-delay filtering, outlier rejection, drift by
+//!   regression, and a resync schedule that is faster while uncertain.
+//! - [`room`]: the server's per-room state machine: members, timeline changes, and paced beat
+//!   frames sent ahead of time.
+//! - [`client`]: the client state machine: clock sync plus the newest timeline, answering "at
+//!   what instant of my own clock does beat n sound".
+//! - [`sim`]: a deterministic simulation harness (virtual time, a lossy, jittery, asymmetric
+//!   network, client clocks with offset and drift) used by the tests and the benchmark.
+//!
+//! What this crate deliberately does not do: it never reads a clock, sleeps, spawns, or touches
+//! a socket. Every entry point takes `now` as an argument (`handle_*`) and hands back what to
+//! send (`poll_*`), so the same code runs on the server, in native clients, in the browser
+//! (it builds for `wasm32-unknown-unknown`) and under virtual time in tests.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+pub mod client;
+pub mod clock;
+pub mod room;
+pub mod sim;
+pub mod timeline;
+
+pub use downbeat_protocol as protocol;

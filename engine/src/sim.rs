@@ -1,0 +1,544 @@
+//! A deterministic simulation of one room: the server's [`Room`], N [`Client`]s, and a
+//! network between them, all on virtual time.
+//!
+//! True time is the server's clock. Each client's clock runs at `1 + drift` the true rate from
+//! its own offset ([`ClockModel`]), so the harness knows the truth and can measure every
+//! client's error against it. Each direction of each client's path has its own delay, heavy-
+//! tailed jitter, random and bursty loss, outages and Wi-Fi power-save holding ([`Path`]);
+//! reordering follows from jitter. Everything draws from one seeded generator, so a run
+//! repeats exactly. Datagrams cross the simulated network encoded with the real codec.
+//!
+//! Used by the engine's tests and by the benchmark harness.
+
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+
+use downbeat_protocol::{
+    Change, ClientDatagram, ClientNanos, MicroBpm, ServerDatagram, ServerNanos, SyncReply, decode_client_datagram,
+    decode_server_datagram, encode_client_datagram, encode_server_datagram,
+};
+
+use crate::client::Client;
+use crate::clock;
+use crate::room::{self, Room};
+use crate::timeline::TimelineError;
+
+/// Nanoseconds in a millisecond.
+pub const MS: u64 = 1_000_000;
+/// Nanoseconds in a second.
+pub const SEC: u64 = 1_000_000_000;
+
+/// A small, fast, seeded generator (xoshiro256**, seeded by splitmix64).
+#[derive(Clone, Debug)]
+pub struct Rng([u64; 4]);
+
+impl Rng {
+    /// A generator from a seed.
+    pub fn new(seed: u64) -> Self {
+        let mut z = seed;
+        let mut next = || {
+            z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut x = z;
+            x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            x ^ (x >> 31)
+        };
+        Self([next(), next(), next(), next()])
+    }
+
+    /// 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let s = &mut self.0;
+        let result = s[1].wrapping_mul(5).rotate_left(7).wrapping_mul(9);
+        let t = s[1] << 17;
+        s[2] ^= s[0];
+        s[3] ^= s[1];
+        s[1] ^= s[2];
+        s[0] ^= s[3];
+        s[2] ^= t;
+        s[3] = s[3].rotate_left(45);
+        result
+    }
+
+    /// Uniform in `[0, 1)`.
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Uniform in `[lo, hi)`.
+    pub fn range(&mut self, lo: f64, hi: f64) -> f64 {
+        lo + (hi - lo) * self.uniform()
+    }
+
+    /// True with probability `p`.
+    pub fn chance(&mut self, p: f64) -> bool {
+        self.uniform() < p
+    }
+
+    /// A standard normal draw (Box-Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.uniform().max(f64::MIN_POSITIVE);
+        let u2 = self.uniform();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+}
+
+/// Extra one-way delay on top of a path's base.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Jitter {
+    /// None.
+    None,
+    /// Uniform in `[0, max_nanos)`.
+    Uniform {
+        /// Upper bound.
+        max_nanos: u64,
+    },
+    /// Log-normal: heavy-tailed, like Wi-Fi. Quantile q is `median * exp(z_q * sigma)`.
+    LogNormal {
+        /// Median extra delay.
+        median_nanos: f64,
+        /// Shape.
+        sigma: f64,
+        /// Largest extra delay.
+        cap_nanos: u64,
+    },
+}
+
+impl Jitter {
+    fn sample(&self, rng: &mut Rng) -> u64 {
+        match *self {
+            Self::None => 0,
+            Self::Uniform { max_nanos } => (rng.uniform() * max_nanos as f64) as u64,
+            Self::LogNormal { median_nanos, sigma, cap_nanos } => {
+                ((median_nanos * (sigma * rng.normal()).exp()) as u64).min(cap_nanos)
+            }
+        }
+    }
+}
+
+/// Wi-Fi power save: after `idle_nanos` without traffic, the station sleeps and downlink
+/// packets wait for the next beacon.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PowerSave {
+    /// Idle time before sleeping.
+    pub idle_nanos: u64,
+    /// Beacon interval.
+    pub beacon_nanos: u64,
+}
+
+/// One direction of one client's path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Path {
+    /// Fixed one-way delay.
+    pub base_nanos: u64,
+    /// Extra delay per packet.
+    pub jitter: Jitter,
+    /// Probability a packet is lost on its own.
+    pub loss: f64,
+    /// Probability a loss burst starts at a packet.
+    pub burst_start: f64,
+    /// Mean packets lost per burst.
+    pub burst_mean_len: f64,
+    /// True-time windows `[from, to)` in which nothing gets through.
+    pub outages: Vec<(u64, u64)>,
+    /// Power-save holding (meaningful on the downlink).
+    pub power_save: Option<PowerSave>,
+}
+
+impl Path {
+    /// A path with a fixed delay and nothing else.
+    pub fn fixed(base_nanos: u64) -> Self {
+        Self {
+            base_nanos,
+            jitter: Jitter::None,
+            loss: 0.0,
+            burst_start: 0.0,
+            burst_mean_len: 0.0,
+            outages: Vec::new(),
+            power_save: None,
+        }
+    }
+}
+
+/// Both directions of a client's path.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Profile {
+    /// A name for reports.
+    pub name: &'static str,
+    /// Client to server.
+    pub up: Path,
+    /// Server to client.
+    pub down: Path,
+}
+
+impl Profile {
+    /// No impairment: 50 us each way.
+    pub fn loopback() -> Self {
+        Self { name: "loopback", up: Path::fixed(50_000), down: Path::fixed(50_000) }
+    }
+
+    /// A wired LAN: 0.2 ms +- 0.1 ms each way, no loss.
+    pub fn lan() -> Self {
+        let p = Path { jitter: Jitter::Uniform { max_nanos: 200_000 }, ..Path::fixed(100_000) };
+        Self { name: "lan", up: p.clone(), down: p }
+    }
+
+    /// Classroom Wi-Fi (see `performance.md`): 3 ms base, log-normal jitter with p90 ~20 ms
+    /// and p99 ~250 ms one way, 0.5 % random loss plus bursts of mean 3; optional power save
+    /// (102.4 ms beacons after 200 ms idle) on the downlink.
+    pub fn classroom_wifi(power_save: bool) -> Self {
+        let path = Path {
+            base_nanos: 3 * MS,
+            jitter: Jitter::LogNormal { median_nanos: 640_000.0, sigma: 2.56, cap_nanos: 1_500 * MS },
+            loss: 0.005,
+            burst_start: 0.005 / 3.0,
+            burst_mean_len: 3.0,
+            outages: Vec::new(),
+            power_save: None,
+        };
+        let down = Path {
+            power_save: power_save.then_some(PowerSave { idle_nanos: 200 * MS, beacon_nanos: 102_400_000 }),
+            ..path.clone()
+        };
+        Self { name: "classroom-wifi", up: path, down }
+    }
+
+    /// Congested Wi-Fi: the Wi-Fi profile with 5 % loss and three times the jitter.
+    pub fn congested(power_save: bool) -> Self {
+        let mut p = Self::classroom_wifi(power_save);
+        p.name = "congested";
+        for path in [&mut p.up, &mut p.down] {
+            path.loss = 0.05;
+            path.jitter = Jitter::LogNormal { median_nanos: 3.0 * 640_000.0, sigma: 2.56, cap_nanos: 3_000 * MS };
+        }
+        p
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct PathState {
+    in_burst: bool,
+    last_activity: Option<u64>,
+}
+
+impl PathState {
+    /// When a packet sent at `now` arrives, or `None` if it is lost.
+    fn transit(&mut self, path: &Path, rng: &mut Rng, now: u64) -> Option<u64> {
+        if path.outages.iter().any(|&(a, b)| (a..b).contains(&now)) {
+            return None;
+        }
+        if self.in_burst {
+            self.in_burst = rng.chance(1.0 - 1.0 / path.burst_mean_len.max(1.0));
+            return None;
+        }
+        if rng.chance(path.burst_start) {
+            self.in_burst = rng.chance(1.0 - 1.0 / path.burst_mean_len.max(1.0));
+            return None;
+        }
+        if rng.chance(path.loss) {
+            return None;
+        }
+        let mut at = now + path.base_nanos + path.jitter.sample(rng);
+        if let Some(ps) = path.power_save {
+            let asleep = self.last_activity.is_none_or(|t| now.saturating_sub(t) > ps.idle_nanos);
+            if asleep {
+                at = at.div_ceil(ps.beacon_nanos) * ps.beacon_nanos;
+            }
+            self.last_activity = Some(at);
+        }
+        Some(at)
+    }
+}
+
+/// A client clock: `local = BASE + offset + true * (1 + drift)`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ClockModel {
+    /// Offset from true time at true time zero, ns.
+    pub offset_nanos: i64,
+    /// Rate error, ppm.
+    pub drift_ppm: f64,
+}
+
+/// Added to every simulated local clock so that negative offsets stay representable.
+const LOCAL_BASE: i128 = 1_000 * SEC as i128;
+
+impl ClockModel {
+    /// The local clock reading at true time `t`.
+    pub fn local_at(&self, t: u64) -> ClientNanos {
+        let drift = (t as f64 * self.drift_ppm * 1e-6).round() as i128;
+        ClientNanos((LOCAL_BASE + i128::from(self.offset_nanos) + i128::from(t) + drift).max(0) as u64)
+    }
+
+    /// The true time at which the local clock reads `local` (rounded up).
+    pub fn true_at(&self, local: ClientNanos) -> u64 {
+        let since = i128::from(local.0) - LOCAL_BASE - i128::from(self.offset_nanos);
+        let mut t = (since as f64 / (1.0 + self.drift_ppm * 1e-6)).max(0.0) as u64;
+        while self.local_at(t) < local {
+            t += 1;
+        }
+        t
+    }
+
+    /// A random clock within `+-max_offset_nanos` and `+-max_drift_ppm`.
+    pub fn random(rng: &mut Rng, max_offset_nanos: i64, max_drift_ppm: f64) -> Self {
+        Self {
+            offset_nanos: rng.range(-(max_offset_nanos as f64), max_offset_nanos as f64) as i64,
+            drift_ppm: rng.range(-max_drift_ppm, max_drift_ppm),
+        }
+    }
+}
+
+/// One simulated client.
+#[derive(Debug)]
+pub struct SimClient {
+    /// Its state machine.
+    pub client: Client,
+    /// Its clock.
+    pub clock: ClockModel,
+    /// Its path.
+    pub profile: Profile,
+    up: PathState,
+    down: PathState,
+}
+
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Packet {
+    ToServer { client: usize, bytes: Vec<u8> },
+    ToClient { client: usize, bytes: Vec<u8> },
+}
+
+/// Counters of what crossed the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Datagrams handed to the network.
+    pub sent: u64,
+    /// Datagrams lost.
+    pub lost: u64,
+    /// Largest datagram, bytes.
+    pub max_datagram_len: usize,
+}
+
+/// Server and clients on virtual time. See the module docs.
+#[derive(Debug)]
+pub struct Sim {
+    now: u64,
+    rng: Rng,
+    room: Room,
+    clients: Vec<SimClient>,
+    queue: BinaryHeap<Reverse<(u64, u64, Packet)>>,
+    next_packet: u64,
+    changes: Vec<(u64, Change)>,
+    change_results: Vec<(u64, Result<crate::timeline::Applied, TimelineError>)>,
+    stats: NetStats,
+    server_hold_nanos: u64,
+}
+
+impl Sim {
+    /// A room at `tempo`/`beats_per_bar` (stopped) with one client per `(clock, profile)`, all
+    /// joined at true time zero.
+    pub fn new(
+        seed: u64,
+        room_config: room::Config,
+        clock_config: &clock::Config,
+        tempo: MicroBpm,
+        beats_per_bar: u8,
+        clients: Vec<(ClockModel, Profile)>,
+    ) -> Self {
+        let mut room = Room::new(room_config, ServerNanos(0), tempo, beats_per_bar).expect("valid tempo and meter");
+        let clients = clients
+            .into_iter()
+            .enumerate()
+            .map(|(i, (clock, profile))| {
+                room.join(ServerNanos(0), i as u64).expect("room large enough");
+                let mut client = Client::new(clock_config.clone());
+                client.handle_timeline(&room.timeline().to_wire());
+                SimClient { client, clock, profile, up: PathState::default(), down: PathState::default() }
+            })
+            .collect();
+        Self {
+            now: 0,
+            rng: Rng::new(seed),
+            room,
+            clients,
+            queue: BinaryHeap::new(),
+            next_packet: 0,
+            changes: Vec::new(),
+            change_results: Vec::new(),
+            stats: NetStats::default(),
+            server_hold_nanos: 20_000,
+        }
+    }
+
+    /// True (server) time now.
+    pub fn now(&self) -> u64 {
+        self.now
+    }
+
+    /// The room.
+    pub fn room(&self) -> &Room {
+        &self.room
+    }
+
+    /// The clients.
+    pub fn clients(&self) -> &[SimClient] {
+        &self.clients
+    }
+
+    /// Network counters.
+    pub fn net_stats(&self) -> NetStats {
+        self.stats
+    }
+
+    /// Asks the room for `change` at true time `at`.
+    pub fn schedule_change(&mut self, at: u64, change: Change) {
+        self.changes.push((at, change));
+        self.changes.sort_by_key(|c| Reverse(c.0));
+    }
+
+    /// Results of the changes applied so far, with the time they were asked.
+    pub fn change_results(&self) -> &[(u64, Result<crate::timeline::Applied, TimelineError>)] {
+        &self.change_results
+    }
+
+    fn send(&mut self, client: usize, up: bool, bytes: Vec<u8>) {
+        self.stats.sent += 1;
+        self.stats.max_datagram_len = self.stats.max_datagram_len.max(bytes.len());
+        let c = &mut self.clients[client];
+        let arrival = if up {
+            c.up.transit(&c.profile.up, &mut self.rng, self.now)
+        } else {
+            c.down.transit(&c.profile.down, &mut self.rng, self.now)
+        };
+        let Some(at) = arrival else {
+            self.stats.lost += 1;
+            return;
+        };
+        let packet = if up { Packet::ToServer { client, bytes } } else { Packet::ToClient { client, bytes } };
+        self.next_packet += 1;
+        self.queue.push(Reverse((at, self.next_packet, packet)));
+    }
+
+    fn client_wake(&self, i: usize) -> u64 {
+        let c = &self.clients[i];
+        c.clock.true_at(c.client.poll_timeout()).max(self.now)
+    }
+
+    /// Runs until true time `end`.
+    pub fn run_until(&mut self, end: u64) {
+        loop {
+            let mut next = end.saturating_add(1);
+            if let Some(Reverse((at, _, _))) = self.queue.peek() {
+                next = next.min(*at);
+            }
+            if let Some(t) = self.room.poll_timeout() {
+                next = next.min(t.0);
+            }
+            if let Some(&(at, _)) = self.changes.last() {
+                next = next.min(at);
+            }
+            for i in 0..self.clients.len() {
+                next = next.min(self.client_wake(i));
+            }
+            if next > end {
+                self.now = end;
+                return;
+            }
+            self.now = self.now.max(next);
+            self.step();
+        }
+    }
+
+    fn step(&mut self) {
+        let now = self.now;
+        while self.changes.last().is_some_and(|c| c.0 <= now) {
+            if let Some((at, change)) = self.changes.pop() {
+                let result = self.room.handle_change(ServerNanos(now), change);
+                self.change_results.push((at, result));
+            }
+        }
+        while self.queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+            let Some(Reverse((_, _, packet))) = self.queue.pop() else { break };
+            match packet {
+                Packet::ToServer { client, bytes } => {
+                    if let Ok(ClientDatagram::SyncRequest(req)) = decode_client_datagram(&bytes) {
+                        let t1 = ServerNanos(now);
+                        let reply = SyncReply { id: req.id, t0: req.t0, t1, t2: t1.add_nanos(self.server_hold_nanos) };
+                        if let Ok(bytes) = encode_server_datagram(&ServerDatagram::SyncReply(reply)) {
+                            // The reply leaves after the server's hold time.
+                            self.now += self.server_hold_nanos;
+                            self.send(client, false, bytes);
+                            self.now = now;
+                        }
+                    }
+                }
+                Packet::ToClient { client, bytes } => {
+                    let c = &mut self.clients[client];
+                    if let Ok(d) = decode_server_datagram(&bytes) {
+                        c.client.handle_datagram(c.clock.local_at(now), &d);
+                    }
+                }
+            }
+        }
+        while let Some(t) = self.room.poll_transmit(ServerNanos(now)) {
+            if let Ok(bytes) = encode_server_datagram(&ServerDatagram::Beats(t.frame)) {
+                self.send(t.member as usize, false, bytes);
+            }
+        }
+        for i in 0..self.clients.len() {
+            let local = self.clients[i].clock.local_at(now);
+            while let Some(d) = self.clients[i].client.poll_datagram(local) {
+                if let Ok(bytes) = encode_client_datagram(&d) {
+                    self.send(i, true, bytes);
+                }
+            }
+        }
+    }
+
+    /// Client `i`'s estimate of the server clock minus the truth, now, in ns.
+    pub fn offset_error_nanos(&self, i: usize) -> Option<i64> {
+        let c = &self.clients[i];
+        let est = c.client.server_time(c.clock.local_at(self.now))?;
+        Some(est.0 as i64 - self.now as i64)
+    }
+
+    /// The true instant at which client `i` would sound beat `beat`, from its own clock.
+    pub fn true_instant_of_beat(&self, i: usize, beat: i64) -> Option<u64> {
+        let c = &self.clients[i];
+        Some(c.clock.true_at(c.client.local_time_of_beat(beat)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rng_repeats_and_is_roughly_uniform() {
+        let (mut a, mut b) = (Rng::new(7), Rng::new(7));
+        let xs: Vec<f64> = (0..10_000).map(|_| a.uniform()).collect();
+        assert!(xs.iter().zip((0..10_000).map(|_| b.uniform())).all(|(x, y)| *x == y));
+        let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+        assert!((mean - 0.5).abs() < 0.02);
+    }
+
+    #[test]
+    fn wifi_jitter_has_the_documented_tail() {
+        let mut rng = Rng::new(1);
+        let p = Profile::classroom_wifi(false);
+        let mut delays: Vec<u64> = (0..100_000).map(|_| p.up.base_nanos + p.up.jitter.sample(&mut rng)).collect();
+        delays.sort_unstable();
+        let q = |f: f64| delays[(f * delays.len() as f64) as usize] as f64 / MS as f64;
+        assert!((3.0..6.0).contains(&q(0.5)), "median {}", q(0.5));
+        assert!((14.0..28.0).contains(&q(0.9)), "p90 {}", q(0.9));
+        assert!((150.0..350.0).contains(&q(0.99)), "p99 {}", q(0.99));
+    }
+
+    #[test]
+    fn clock_model_inverts() {
+        let c = ClockModel { offset_nanos: -400 * MS as i64, drift_ppm: -87.5 };
+        for t in [0u64, 1, 999_999_999, 3_600 * SEC] {
+            let l = c.local_at(t);
+            assert_eq!(c.local_at(c.true_at(l)), l);
+        }
+    }
+}

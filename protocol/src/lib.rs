@@ -1,0 +1,61 @@
+//! Downbeat's wire protocol: the types that cross the network and their postcard codec.
+//!
+//! Two channels carry these types:
+//! - **datagrams** (unreliable, unordered): clock-sync requests and replies, and beat frames
+//!   that each carry the whole room timeline plus the next few beats, so any one datagram may be
+//!   lost, duplicated or reordered at no cost ([`ClientDatagram`], [`ServerDatagram`]);
+//! - **the control stream** (one reliable bidirectional stream per session): length-prefixed
+//!   postcard frames, [`ClientMessage`] up and [`ServerMessage`] down, starting with a
+//!   [`Hello`] that names the [`PROTOCOL_VERSION`].
+//!
+//! Compatibility rules, enforced by review and by the fuzz targets in `fuzz/`:
+//! - postcard is not self-describing and encodes enum variants by index: variants are only ever
+//!   appended, never reordered or removed;
+//! - no `usize` on the wire (wasm32 is 32-bit): every integer has an explicit width;
+//! - every length a peer controls is capped *before* anything is allocated ([`BoundedVec`],
+//!   [`BoundedString`], [`MAX_FRAME_LEN`]); decoders return errors, never panic.
+//!
+//! This crate does no I/O and knows nothing of tokio or sockets; it builds for
+//! `wasm32-unknown-unknown`.
+#![no_std]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+extern crate alloc;
+
+mod bounded;
+mod codec;
+mod error;
+mod time;
+mod wire;
+
+pub use bounded::{BoundedString, BoundedVec, TooLong};
+pub use codec::{
+    DecodeError, EncodeError, FRAME_HEADER_LEN, FrameDecoder, decode_client_datagram, decode_frame_body,
+    decode_server_datagram, encode_client_datagram, encode_frame, encode_server_datagram, frame_body_len,
+};
+pub use error::ErrorCode;
+pub use time::{ClientNanos, MicroBpm, ServerNanos};
+pub use wire::*;
+
+/// The protocol version this build speaks. A [`Hello`] with another version is refused with
+/// [`ErrorCode::UnsupportedVersion`].
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Hard cap on one control-stream frame body, checked before the body is read or allocated.
+pub const MAX_FRAME_LEN: u32 = 16 * 1024;
+/// Hard cap on a datagram this protocol will try to decode (QUIC datagrams are smaller still).
+pub const MAX_DATAGRAM_LEN: usize = 1500;
+/// Most timeline segments (the one in force plus announced future changes) a timeline carries.
+pub const MAX_SEGMENTS: usize = 8;
+/// Most beats one beat frame carries.
+pub const MAX_BEATS_PER_FRAME: usize = 16;
+/// Longest token a hello may carry, in bytes.
+pub const MAX_TOKEN_LEN: usize = 4096;
+/// Longest room id, in bytes.
+pub const MAX_ROOM_ID_LEN: usize = 64;
+/// Longest display name, in bytes.
+pub const MAX_NAME_LEN: usize = 64;
+/// Longest human-readable error message, in bytes.
+pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
+/// Most members a room snapshot lists.
+pub const MAX_MEMBERS: usize = 256;
