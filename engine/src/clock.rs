@@ -63,7 +63,7 @@ impl Default for Config {
             uncertain_interval_nanos: 200_000_000,
             steady_interval_nanos: 1_000_000_000,
             target_uncertainty_nanos: 30_000,
-            drift_prior_ppm: 200.0,
+            drift_prior_ppm: 100.0,
             max_drift_ppm: 1_000.0,
             max_outstanding: 32,
             max_rtt_nanos: 10_000_000_000,

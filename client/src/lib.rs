@@ -1,0 +1,407 @@
+//! A native Downbeat client over WebTransport (wtransport).
+//!
+//! [`Client::connect`] opens a session, sends the hello and waits for the welcome; from then on
+//! a driver task runs clock sync on datagrams, applies every newer timeline, and answers "at
+//! what instant of my local clock does beat n sound" ([`Client::local_time_of_beat`]). All the
+//! timing logic is the engine's [`downbeat_engine::client::Client`]; this crate only moves
+//! bytes and reads the [`LocalClock`], which tests replace with an [`InjectedClock`] of known
+//! offset and drift.
+//!
+//! Used by the end-to-end tests and the benchmark harness; it is also a reference for other
+//! native clients. It does not reconnect by itself.
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod clock;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use downbeat_engine::client::Client as State;
+use downbeat_engine::clock::{Config as SyncConfig, Estimate};
+use downbeat_engine::timeline::Timeline;
+use downbeat_protocol::{
+    BoundedString, Change, ClientMessage, ClientNanos, ControlAck, ControlRequest, ErrorCode, ErrorFrame,
+    FRAME_HEADER_LEN, Hello, Member, PROTOCOL_VERSION, ServerMessage, ServerNanos, Welcome, decode_frame_body,
+    decode_server_datagram, encode_client_datagram, encode_frame, frame_body_len,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+pub use clock::{InjectedClock, LocalClock, SystemClock};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// The endpoint could not be set up.
+    #[error("could not create the client endpoint: {0}")]
+    Endpoint(#[source] std::io::Error),
+    /// The WebTransport session could not be established.
+    #[error("could not connect: {0}")]
+    Connect(String),
+    /// The server refused with a stable code.
+    #[error("refused by the server: {code}: {message}")]
+    Refused {
+        /// The stable code.
+        code: ErrorCode,
+        /// The server's explanation.
+        message: String,
+    },
+    /// The session ended.
+    #[error("the session is closed")]
+    Closed,
+    /// The server sent something that did not decode.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// A value was too long for the wire.
+    #[error("{0}")]
+    TooLong(#[from] downbeat_protocol::TooLong),
+    /// Waited too long.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}
+
+/// How to connect.
+#[derive(Clone, Debug)]
+pub struct ConnectOptions {
+    /// `https://host:port` of the server's WebTransport endpoint.
+    pub url: String,
+    /// SHA-256 hashes of acceptable self-signed server certificates; empty to use the system
+    /// roots (production certificates).
+    pub cert_hashes: Vec<[u8; 32]>,
+    /// The bearer token.
+    pub token: String,
+    /// The room to join.
+    pub room: String,
+    /// Display name.
+    pub name: String,
+    /// Clock-sync settings.
+    pub sync: SyncConfig,
+    /// How long to wait for the welcome.
+    pub handshake_timeout: Duration,
+}
+
+impl ConnectOptions {
+    /// Options with default sync settings and a 10 s handshake timeout.
+    pub fn new(url: impl Into<String>, token: impl Into<String>, room: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            cert_hashes: Vec::new(),
+            token: token.into(),
+            room: room.into(),
+            name: String::from("client"),
+            sync: SyncConfig::default(),
+            handshake_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Something the server told this client on the control stream.
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// Someone joined.
+    MemberJoined(Member),
+    /// Someone left.
+    MemberLeft(u64),
+    /// A newer timeline was applied.
+    Timeline(u64),
+    /// An error not tied to a request.
+    Error(ErrorCode, String),
+}
+
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<ControlAck, ClientError>>>>>;
+
+/// A connected session. Dropping it closes the session.
+pub struct Client {
+    conn: Connection,
+    clock: Arc<dyn LocalClock>,
+    state: Arc<Mutex<State>>,
+    welcome: Welcome,
+    send: tokio::sync::Mutex<SendStream>,
+    pending: Pending,
+    next_request: std::sync::atomic::AtomicU32,
+    synced: watch::Receiver<bool>,
+    events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    tasks: Vec<JoinHandle<()>>,
+    _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("member_id", &self.welcome.member_id)
+            .field("room", &self.welcome.room)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the engine state half-updated in a way that
+    // matters more than losing the session, so take the data either way.
+    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+async fn read_message(recv: &mut RecvStream) -> Result<ServerMessage, ClientError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|_| ClientError::Closed)?;
+    let len = frame_body_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(|_| ClientError::Closed)?;
+    decode_frame_body(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+}
+
+fn refused(e: ErrorFrame) -> ClientError {
+    ClientError::Refused { code: e.code, message: e.message.into_string() }
+}
+
+impl Client {
+    /// Connects with the machine's clock.
+    pub async fn connect(options: ConnectOptions) -> Result<Self, ClientError> {
+        Self::connect_with_clock(options, Arc::new(SystemClock::new())).await
+    }
+
+    /// Connects, timestamping with `clock`.
+    pub async fn connect_with_clock(options: ConnectOptions, clock: Arc<dyn LocalClock>) -> Result<Self, ClientError> {
+        let builder = ClientConfig::builder().with_bind_default();
+        let config = if options.cert_hashes.is_empty() {
+            builder.with_native_certs().keep_alive_interval(Some(Duration::from_secs(3))).build()
+        } else {
+            builder
+                .with_server_certificate_hashes(options.cert_hashes.iter().map(|h| (*h).into()))
+                .keep_alive_interval(Some(Duration::from_secs(3)))
+                .build()
+        };
+        let endpoint = Endpoint::client(config).map_err(ClientError::Endpoint)?;
+        let handshake = async {
+            let conn = endpoint.connect(&options.url).await.map_err(|e| ClientError::Connect(e.to_string()))?;
+            let opening = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
+            let (mut send, mut recv) = opening.await.map_err(|e| ClientError::Connect(e.to_string()))?;
+            let hello = ClientMessage::Hello(Hello {
+                version: PROTOCOL_VERSION,
+                token: BoundedString::new(options.token.clone())?,
+                room: BoundedString::new(options.room.clone())?,
+                name: BoundedString::truncating(&options.name),
+            });
+            let bytes = encode_frame(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
+            send.write_all(&bytes).await.map_err(|_| ClientError::Closed)?;
+            match read_message(&mut recv).await? {
+                ServerMessage::Welcome(w) => Ok((conn, send, recv, w)),
+                ServerMessage::Error(e) => Err(refused(e)),
+                other => Err(ClientError::Protocol(format!("expected a welcome, got {other:?}"))),
+            }
+        };
+        let (conn, send, recv, welcome) = tokio::time::timeout(options.handshake_timeout, handshake)
+            .await
+            .map_err(|_| ClientError::Timeout("the welcome"))??;
+
+        let mut state = State::new(options.sync.clone());
+        state.handle_welcome(&welcome);
+        let state = Arc::new(Mutex::new(state));
+        let pending: Pending = Arc::default();
+        let (synced_tx, synced) = watch::channel(false);
+        let (events_tx, events) = mpsc::channel(1024);
+        let tasks = vec![
+            tokio::spawn(drive_sync(conn.clone(), clock.clone(), state.clone(), synced_tx)),
+            tokio::spawn(read_control(recv, state.clone(), pending.clone(), events_tx)),
+        ];
+        Ok(Self {
+            conn,
+            clock,
+            state,
+            welcome,
+            send: tokio::sync::Mutex::new(send),
+            pending,
+            next_request: std::sync::atomic::AtomicU32::new(1),
+            synced,
+            events: tokio::sync::Mutex::new(events),
+            tasks,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// The welcome the server sent.
+    pub fn welcome(&self) -> &Welcome {
+        &self.welcome
+    }
+
+    /// This session's member id.
+    pub fn member_id(&self) -> u64 {
+        self.welcome.member_id
+    }
+
+    /// The local clock.
+    pub fn clock(&self) -> &Arc<dyn LocalClock> {
+        &self.clock
+    }
+
+    /// Waits until the clock is synced well enough to schedule by.
+    pub async fn wait_synced(&self, timeout: Duration) -> Result<(), ClientError> {
+        let mut rx = self.synced.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
+            .await
+            .map_err(|_| ClientError::Timeout("clock sync"))?
+            .map_err(|_| ClientError::Closed)?;
+        Ok(())
+    }
+
+    /// The clock estimate now.
+    pub fn estimate(&self) -> Option<Estimate> {
+        lock(&self.state).estimate(self.clock.now())
+    }
+
+    /// The server clock now, as estimated.
+    pub fn server_now(&self) -> Option<ServerNanos> {
+        lock(&self.state).server_time(self.clock.now())
+    }
+
+    /// The server clock at local time `local`, as estimated.
+    pub fn server_time_at(&self, local: ClientNanos) -> Option<ServerNanos> {
+        lock(&self.state).server_time(local)
+    }
+
+    /// The newest timeline.
+    pub fn timeline(&self) -> Option<Timeline> {
+        lock(&self.state).timeline().cloned()
+    }
+
+    /// The local instant at which beat `beat` sounds.
+    pub fn local_time_of_beat(&self, beat: i64) -> Option<ClientNanos> {
+        lock(&self.state).local_time_of_beat(beat)
+    }
+
+    /// Counters of what arrived on datagrams.
+    pub fn stats(&self) -> downbeat_engine::client::Stats {
+        lock(&self.state).stats()
+    }
+
+    /// Asks for a timeline change and waits for the acknowledgement.
+    pub async fn control(&self, change: Change) -> Result<ControlAck, ClientError> {
+        let request_id = self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(request_id, tx);
+        let frame = encode_frame(&ClientMessage::Control(ControlRequest { request_id, change }))
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.send.lock().await.write_all(&frame).await.map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends raw bytes on the control stream (for tests of the server's input handling).
+    pub async fn send_raw_control(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.send.lock().await.write_all(bytes).await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Sends a raw datagram (for tests of the server's input handling).
+    pub fn send_raw_datagram(&self, bytes: &[u8]) -> Result<(), ClientError> {
+        self.conn.send_datagram(bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+    }
+
+    /// The next event, or `None` once the session is closed.
+    pub async fn next_event(&self) -> Option<Event> {
+        self.events.lock().await.recv().await
+    }
+
+    /// Waits until the session is closed by either side; returns the close reason.
+    pub async fn closed(&self) -> String {
+        self.conn.closed().await.to_string()
+    }
+
+    /// Closes the session.
+    pub fn close(&self) {
+        self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.close();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Clock sync and beat frames: the only loop that touches datagrams.
+async fn drive_sync(
+    conn: Connection,
+    clock: Arc<dyn LocalClock>,
+    state: Arc<Mutex<State>>,
+    synced: watch::Sender<bool>,
+) {
+    loop {
+        let wake = {
+            let mut s = lock(&state);
+            let now = clock.now();
+            while let Some(d) = s.poll_datagram(now) {
+                if let Ok(bytes) = encode_client_datagram(&d) {
+                    // A full send buffer drops the request; the estimator simply asks again.
+                    let _ = conn.send_datagram(bytes);
+                }
+            }
+            synced.send_if_modified(|v| {
+                let now_synced = s.is_synced(now);
+                std::mem::replace(v, now_synced) != now_synced
+            });
+            clock.instant_at(s.poll_timeout())
+        };
+        tokio::select! {
+            received = conn.receive_datagram() => {
+                let Ok(datagram) = received else { return };
+                // Stamp t3 before anything else.
+                let t3 = clock.now();
+                match decode_server_datagram(&datagram.payload()) {
+                    Ok(d) => {
+                        lock(&state).handle_datagram(t3, &d);
+                    }
+                    Err(e) => tracing::debug!(error = %e, "dropped an undecodable datagram"),
+                }
+            }
+            () = tokio::time::sleep_until(wake.into()) => {}
+        }
+    }
+}
+
+/// Reads the control stream: timelines, acknowledgements, errors and presence.
+async fn read_control(mut recv: RecvStream, state: Arc<Mutex<State>>, pending: Pending, events: mpsc::Sender<Event>) {
+    let take = |id: u32| pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+    loop {
+        let message = match read_message(&mut recv).await {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(error = %e, "control stream ended");
+                break;
+            }
+        };
+        let event = match message {
+            ServerMessage::Timeline(t) => {
+                let epoch = t.epoch;
+                lock(&state).handle_timeline(&t);
+                Some(Event::Timeline(epoch))
+            }
+            ServerMessage::ControlAck(ack) => {
+                if let Some(tx) = take(ack.request_id) {
+                    let _ = tx.send(Ok(ack));
+                }
+                None
+            }
+            ServerMessage::Error(e) => match e.request_id.and_then(take) {
+                Some(tx) => {
+                    let _ = tx.send(Err(refused(e)));
+                    None
+                }
+                None => Some(Event::Error(e.code, e.message.into_string())),
+            },
+            ServerMessage::MemberJoined(m) => Some(Event::MemberJoined(m)),
+            ServerMessage::MemberLeft { member_id } => Some(Event::MemberLeft(member_id)),
+            ServerMessage::Welcome(_) => None,
+        };
+        if let Some(event) = event {
+            // A consumer that does not read events loses them, never the session.
+            let _ = events.try_send(event);
+        }
+    }
+    // Fail whatever is still waiting.
+    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
+}

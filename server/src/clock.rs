@@ -1,0 +1,75 @@
+//! The server's one clock seam.
+
+use std::time::Duration;
+
+use downbeat_protocol::ServerNanos;
+use tokio::time::Instant;
+
+/// The server's monotonic clock: nanoseconds since the server started, never the wall clock,
+/// so a wall-clock step cannot move a beat.
+///
+/// Built on [`tokio::time::Instant`], so tests that pause tokio's clock
+/// (`tokio::time::pause()`) see this clock pause too.
+#[derive(Clone, Copy, Debug)]
+pub struct ServerClock {
+    base: Instant,
+}
+
+impl ServerClock {
+    /// A clock whose zero is now.
+    pub fn new() -> Self {
+        Self { base: Instant::now() }
+    }
+
+    /// A clock whose zero is `base`.
+    pub const fn with_base(base: Instant) -> Self {
+        Self { base }
+    }
+
+    /// The instant this clock reads zero.
+    pub const fn base(&self) -> Instant {
+        self.base
+    }
+
+    /// The current server time.
+    pub fn now(&self) -> ServerNanos {
+        self.since_base(Instant::now())
+    }
+
+    /// The server time of `instant` (zero for instants before the base).
+    pub fn since_base(&self, instant: Instant) -> ServerNanos {
+        let nanos = instant.saturating_duration_since(self.base).as_nanos();
+        ServerNanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+
+    /// The [`Instant`] at which this clock reads `t` (for `sleep_until`). Saturates about
+    /// 30 years out rather than overflowing.
+    pub fn instant_of(&self, t: ServerNanos) -> Instant {
+        const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+        let offset = Duration::from_nanos(t.0).min(FAR);
+        self.base.checked_add(offset).unwrap_or(self.base + FAR)
+    }
+}
+
+impl Default for ServerClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn follows_tokios_clock_and_round_trips() {
+        let clock = ServerClock::new();
+        assert_eq!(clock.now(), ServerNanos(0));
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(clock.now(), ServerNanos(1_500_000_000));
+        let t = ServerNanos(123_456_789);
+        assert_eq!(clock.since_base(clock.instant_of(t)), t);
+        // Far-future times saturate instead of panicking.
+        let _ = clock.instant_of(ServerNanos(u64::MAX));
+    }
+}

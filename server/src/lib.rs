@@ -1,0 +1,355 @@
+//! Downbeat's timing server.
+//!
+//! The server owns one shared musical timeline per room and keeps every client's beat on the
+//! same true instant:
+//!
+//! - **WebTransport** ([`wtransport`], bound dual-stack): one reliable control stream per
+//!   session (hello, welcome, control changes, errors with stable codes) and unreliable
+//!   datagrams for NTP-style clock sync and for beat frames sent ahead of time.
+//! - **HTTP/1.1** ([`axum`], its own TCP port): health, the certificate hashes pages pin,
+//!   creating rooms and starting, stopping or retiming them, and `/metrics`.
+//! - **Certificates**: a self-signed development identity (rotated before Chrome's 14-day
+//!   limit, hashes published) or production PEM files (reloaded when they change); either
+//!   is swapped without dropping open sessions.
+//!
+//! The timing logic itself lives in `downbeat-engine`, which never reads a clock; this crate
+//! is the I/O shell around it and reads time only through [`ServerClock`]. It does not yet
+//! persist rooms (they live in memory until shutdown) and knows only a development bearer
+//! token, no accounts or roles.
+//!
+//! ```no_run
+//! # async fn example() -> Result<(), downbeat_server::ServerError> {
+//! let config = downbeat_server::Config { wt_port: 0, ..Default::default() };
+//! let server = downbeat_server::Server::bind(config).await?;
+//! println!("{}", server.webtransport_url("localhost"));
+//! server.run(async { let _ = tokio::signal::ctrl_c().await; }).await
+//! # }
+//! ```
+
+pub mod clock;
+pub mod config;
+mod http;
+mod identity;
+mod rooms;
+mod session;
+mod shutdown;
+pub mod stats;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use downbeat_protocol::ErrorCode;
+use rand::RngCore as _;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tracing::{info, warn};
+use wtransport::endpoint::endpoint_side::Server as ServerSide;
+use wtransport::{Endpoint, ServerConfig, VarInt};
+
+pub use crate::clock::ServerClock;
+pub use crate::config::{Args, Config, ConfigError, parse_and_merge};
+pub use crate::http::{ApiError, status_for};
+pub use crate::identity::{IdentityError, PublishedHash};
+pub use crate::rooms::RoomsError;
+pub use crate::stats::Stats;
+
+use crate::identity::PublishedHashes;
+use crate::rooms::{Rooms, RoomsConfig};
+use crate::session::SessionContext;
+
+/// How long shutdown waits for HTTP connections and QUIC close handshakes.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(3);
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// The configuration is not valid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The TLS identity could not be loaded, created or used.
+    #[error("TLS identity: {0}")]
+    Identity(#[from] IdentityError),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen for HTTP on {addr}: {source} (is another server using the port? set --http-addr)")]
+    BindHttp {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The WebTransport UDP socket could not be bound.
+    #[error(
+        "cannot listen for WebTransport on UDP port {port}: {source} (is another server using the port? set --wt-port)"
+    )]
+    BindWebTransport {
+        /// The port asked for.
+        port: u16,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The HTTP server failed while running.
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+}
+
+/// A bound server: both listeners are open (so the real ports are known, even when the
+/// config asked for port 0) and the TLS identity is loaded. [`Server::run`] serves.
+pub struct Server {
+    config: Config,
+    clock: ServerClock,
+    stats: Arc<Stats>,
+    endpoint: Arc<Endpoint<ServerSide>>,
+    http: TcpListener,
+    http_addr: SocketAddr,
+    wt_port: u16,
+    source: identity::Source,
+    hashes: Arc<PublishedHashes>,
+    dev_token: Arc<str>,
+    rooms: Arc<Rooms>,
+    trigger: shutdown::Trigger,
+    signal: shutdown::Shutdown,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server")
+            .field("http_addr", &self.http_addr)
+            .field("wt_port", &self.wt_port)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Server {
+    /// Validates `config`, loads or creates the TLS identity, and binds the WebTransport
+    /// (UDP, dual-stack) and HTTP (TCP) listeners.
+    pub async fn bind(config: Config) -> Result<Self, ServerError> {
+        config.validate()?;
+        let clock = ServerClock::new();
+        let stats = Arc::new(Stats::default());
+        let (source, key) = identity::load(&config)?;
+        let endpoint = Arc::new(bind_endpoint(&config, &key)?);
+        let wt_port = endpoint
+            .local_addr()
+            .map_err(|source| ServerError::BindWebTransport { port: config.wt_port, source })?
+            .port();
+        let http = bind_http(config.http_addr).await?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: config.http_addr, source })?;
+        let dev_token: Arc<str> = config.dev_token.clone().unwrap_or_else(random_token).into();
+        let hashes = Arc::new(PublishedHashes::default());
+        hashes.set(source.published());
+        let (trigger, signal) = shutdown::channel();
+        let rooms = Arc::new(Rooms::new(
+            RoomsConfig {
+                engine: downbeat_engine::room::Config {
+                    lead_nanos: config.lead_ms * 1_000_000,
+                    send_interval_nanos: config.send_interval_ms * 1_000_000,
+                    max_members: config.max_members_per_room,
+                    ..downbeat_engine::room::Config::default()
+                },
+                max_rooms: config.max_rooms,
+            },
+            clock,
+            stats.clone(),
+            signal.clone(),
+        ));
+        info!(
+            http = %http_addr,
+            webtransport_port = wt_port,
+            production_tls = config.tls_cert.is_some(),
+            "listening"
+        );
+        Ok(Self {
+            config,
+            clock,
+            stats,
+            endpoint,
+            http,
+            http_addr,
+            wt_port,
+            source,
+            hashes,
+            dev_token,
+            rooms,
+            trigger,
+            signal,
+        })
+    }
+
+    /// The address the HTTP API listens on (the real port, also when 0 was asked for).
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The UDP port WebTransport listens on (the real port, also when 0 was asked for).
+    pub fn webtransport_port(&self) -> u16 {
+        self.wt_port
+    }
+
+    /// The URL a client on `host` connects to, e.g. `https://localhost:4433/`. IPv6
+    /// literals are bracketed.
+    pub fn webtransport_url(&self, host: &str) -> String {
+        if host.contains(':') && !host.starts_with('[') {
+            format!("https://[{host}]:{}/", self.wt_port)
+        } else {
+            format!("https://{host}:{}/", self.wt_port)
+        }
+    }
+
+    /// SHA-256 hashes of the development certificates pages should pin, current first;
+    /// empty with production certificates. Changes as certificates rotate.
+    pub fn cert_hashes(&self) -> Vec<[u8; 32]> {
+        self.hashes.get().iter().map(|h| h.sha256).collect()
+    }
+
+    /// [`Self::cert_hashes`] with their expiry times.
+    pub fn published_hashes(&self) -> Vec<PublishedHash> {
+        self.hashes.get()
+    }
+
+    /// The development bearer token (from the config, or generated at bind).
+    pub fn dev_token(&self) -> &str {
+        &self.dev_token
+    }
+
+    /// The server clock (what `ServerNanos` on the wire are measured against).
+    pub fn clock(&self) -> ServerClock {
+        self.clock
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> Arc<Stats> {
+        self.stats.clone()
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting, closes every session with
+    /// [`ErrorCode::ShuttingDown`] (after telling it on its control stream), lets HTTP
+    /// requests in flight finish, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+        let Self { config, clock, stats, endpoint, http, source, hashes, dev_token, rooms, trigger, signal, .. } = self;
+
+        let router = http::router(http::AppState {
+            rooms: rooms.clone(),
+            hashes: hashes.clone(),
+            dev_token: dev_token.clone(),
+            stats: stats.clone(),
+        });
+        let mut http_signal = signal.clone();
+        let mut http_task = tokio::spawn(async move {
+            axum::serve(http, router).with_graceful_shutdown(async move { http_signal.wait().await }).await
+        });
+        let identity_task =
+            tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
+        let ctx = Arc::new(SessionContext {
+            rooms: rooms.clone(),
+            stats,
+            clock,
+            dev_token,
+            hello_timeout: config.hello_timeout(),
+            handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            next_member_id: AtomicU64::new(1),
+        });
+
+        // Shut down when asked, or if the HTTP server stops on its own.
+        let watch = async {
+            let http_ended = tokio::select! {
+                () = shutdown => {
+                    info!("shutting down");
+                    None
+                }
+                ended = &mut http_task => {
+                    warn!("HTTP server stopped; shutting down");
+                    Some(ended)
+                }
+            };
+            trigger.fire();
+            http_ended
+        };
+        let ((), http_ended) = tokio::join!(session::accept_loop(&endpoint, ctx, signal), watch);
+
+        // `accept_loop` has returned, so no `Endpoint::accept` is pending: closing is safe.
+        rooms.clear();
+        endpoint.close(VarInt::from_u32(u32::from(ErrorCode::ShuttingDown.as_u16())), b"shutting down");
+        let _ = tokio::time::timeout(SHUTDOWN_WAIT, endpoint.wait_idle()).await;
+        identity_task.abort();
+        let http_ended = match http_ended {
+            Some(ended) => Ok(ended),
+            None => {
+                let ended = tokio::time::timeout(SHUTDOWN_WAIT, &mut http_task).await;
+                http_task.abort();
+                ended
+            }
+        };
+        let http_result = match http_ended {
+            Ok(Ok(result)) => result.map_err(ServerError::Http),
+            Ok(Err(_)) => Ok(()),
+            Err(_) => {
+                warn!("HTTP connections still open at shutdown; dropping them");
+                Ok(())
+            }
+        };
+        info!("stopped");
+        http_result
+    }
+}
+
+/// Binds and serves `config` until `shutdown` completes.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
+    Server::bind(config).await?.run(shutdown).await
+}
+
+/// A random development token: 128 bits as 32 hex characters.
+fn random_token() -> String {
+    let mut bytes = [0u8; 16];
+    rand::rng().fill_bytes(&mut bytes);
+    hex::encode(bytes)
+}
+
+/// Whether a failed wildcard bind is worth retrying on IPv4 only (a host without IPv6).
+fn ipv6_unavailable(e: &std::io::Error) -> bool {
+    !matches!(e.kind(), std::io::ErrorKind::AddrInUse | std::io::ErrorKind::PermissionDenied)
+}
+
+/// Binds WebTransport on every address, dual-stack, so `https://localhost:PORT` (which
+/// Chromium tries on `::1` first) and `https://127.0.0.1:PORT` both work. Falls back to IPv4
+/// only on hosts without IPv6.
+fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint<ServerSide>, ServerError> {
+    let port = config.wt_port;
+    let dual = identity::server_config(ServerConfig::builder().with_bind_default(port), key, config)?;
+    match Endpoint::server(dual) {
+        Ok(endpoint) => Ok(endpoint),
+        Err(e) if ipv6_unavailable(&e) => {
+            warn!(error = %e, "dual-stack bind failed; listening for WebTransport on IPv4 only");
+            let v4 = identity::server_config(
+                ServerConfig::builder().with_bind_address(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
+                key,
+                config,
+            )?;
+            Endpoint::server(v4).map_err(|source| ServerError::BindWebTransport { port, source })
+        }
+        Err(source) => Err(ServerError::BindWebTransport { port, source }),
+    }
+}
+
+/// Binds the HTTP listener; an IPv6 wildcard falls back to IPv4 on hosts without IPv6.
+async fn bind_http(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(listener),
+        Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() && ipv6_unavailable(&e) => {
+            warn!(error = %e, "IPv6 bind failed; listening for HTTP on IPv4 only");
+            let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
+            TcpListener::bind(v4).await.map_err(|source| ServerError::BindHttp { addr: v4, source })
+        }
+        Err(source) => Err(ServerError::BindHttp { addr, source }),
+    }
+}

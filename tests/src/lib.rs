@@ -1,0 +1,226 @@
+//! Helpers for Downbeat's end-to-end tests: a real server on loopback ports chosen by the OS,
+//! an HTTP helper, and raw WebTransport sessions for feeding the server bad input.
+//!
+//! The tests themselves live in `tests/`; every one binds port 0, so they run in parallel.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use downbeat_client::{Client, ConnectOptions};
+use downbeat_server::{Config, Server, ServerClock, Stats};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+/// A server running on loopback for one test. Stops when dropped.
+#[derive(Debug)]
+pub struct TestServer {
+    /// HTTP address.
+    pub http: SocketAddr,
+    /// WebTransport port.
+    pub wt_port: u16,
+    /// Certificate hashes to pin.
+    pub hashes: Vec<[u8; 32]>,
+    /// The development token.
+    pub token: String,
+    /// The server's clock (to compare clients against the truth).
+    pub clock: ServerClock,
+    /// Its counters.
+    pub stats: std::sync::Arc<Stats>,
+    http_client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+    _data: tempfile::TempDir,
+}
+
+impl TestServer {
+    /// Starts a server with default settings on ports chosen by the OS.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Starts a server, letting the caller adjust the configuration.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let mut config = Config {
+            http_addr: "127.0.0.1:0".parse()?,
+            wt_port: 0,
+            data_dir: data.path().to_path_buf(),
+            ..Config::default()
+        };
+        adjust(&mut config);
+        let server = Server::bind(config).await.context("binding the server")?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let mut me = Self {
+            http: server.http_addr(),
+            wt_port: server.webtransport_port(),
+            hashes: server.cert_hashes(),
+            token: server.dev_token().to_owned(),
+            clock: server.clock(),
+            stats: server.stats(),
+            http_client: reqwest::Client::new(),
+            stop: Some(stop),
+            task: None,
+            _data: data,
+        };
+        let task = tokio::spawn(async move {
+            let _ = server
+                .run(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        me.task = Some(task);
+        Ok(me)
+    }
+
+    /// `https://host:port/` of the WebTransport endpoint.
+    pub fn url(&self, host: &str) -> String {
+        format!("https://{host}:{}/", self.wt_port)
+    }
+
+    /// Connect options for `room` with the dev token and pinned hashes.
+    pub fn options(&self, room: &str, name: &str) -> ConnectOptions {
+        let mut o = ConnectOptions::new(self.url("127.0.0.1"), &self.token, room);
+        o.cert_hashes = self.hashes.clone();
+        o.name = name.to_owned();
+        o
+    }
+
+    /// Connects a client with the machine clock.
+    pub async fn connect(&self, room: &str, name: &str) -> Result<Client> {
+        Ok(Client::connect(self.options(room, name)).await?)
+    }
+
+    /// An HTTP request with the dev token; returns status and JSON body.
+    pub async fn http(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+        let url = format!("http://{}{}", self.http, path);
+        let method = reqwest::Method::from_bytes(method.as_bytes())?;
+        let mut req = self.http_client.request(method, url).bearer_auth(&self.token);
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        let resp = req.send().await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).context(text)? };
+        Ok((status, value))
+    }
+
+    /// Creates a room over HTTP and returns its id.
+    pub async fn create_room(&self, tempo_bpm: f64, beats_per_bar: u8) -> Result<String> {
+        let (status, body) = self
+            .http("POST", "/api/rooms", Some(json!({"tempo_bpm": tempo_bpm, "beats_per_bar": beats_per_bar})))
+            .await?;
+        if status != 201 {
+            bail!("room creation answered {status}: {body}");
+        }
+        Ok(body["room_id"].as_str().context("room_id")?.to_owned())
+    }
+
+    /// Opens a raw session and its control stream, sending nothing.
+    pub async fn raw_session(&self) -> Result<RawSession> {
+        let config = ClientConfig::builder()
+            .with_bind_default()
+            .with_server_certificate_hashes(self.hashes.iter().map(|h| (*h).into()))
+            .build();
+        let endpoint = Endpoint::client(config)?;
+        let conn = endpoint.connect(self.url("127.0.0.1")).await?;
+        let (send, recv) = conn.open_bi().await?.await?;
+        Ok(RawSession { conn, send, recv, _endpoint: endpoint })
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// A WebTransport session driven byte by byte.
+pub struct RawSession {
+    /// The session.
+    pub conn: Connection,
+    /// Control stream, our side.
+    pub send: SendStream,
+    /// Control stream, the server's side.
+    pub recv: RecvStream,
+    _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
+}
+
+impl std::fmt::Debug for RawSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawSession").finish_non_exhaustive()
+    }
+}
+
+impl RawSession {
+    /// Writes raw bytes to the control stream.
+    pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.send.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Writes one encoded frame.
+    pub async fn write_message(&mut self, message: &downbeat_protocol::ClientMessage) -> Result<()> {
+        let bytes = downbeat_protocol::encode_frame(message)?;
+        self.write(&bytes).await
+    }
+
+    /// Reads the next frame from the server, or `None` if the stream ended.
+    pub async fn read_message(&mut self) -> Result<Option<downbeat_protocol::ServerMessage>> {
+        let mut header = [0u8; downbeat_protocol::FRAME_HEADER_LEN];
+        if self.recv.read_exact(&mut header).await.is_err() {
+            return Ok(None);
+        }
+        let len = downbeat_protocol::frame_body_len(header)?;
+        let mut body = vec![0u8; len];
+        self.recv.read_exact(&mut body).await?;
+        Ok(Some(downbeat_protocol::decode_frame_body(&body)?))
+    }
+
+    /// Reads until an error frame arrives and returns its code.
+    pub async fn expect_error(&mut self) -> Result<downbeat_protocol::ErrorCode> {
+        let read = async {
+            loop {
+                match self.read_message().await? {
+                    Some(downbeat_protocol::ServerMessage::Error(e)) => return Ok(e.code),
+                    Some(_) => continue,
+                    None => bail!("stream ended without an error frame"),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read).await.context("waiting for an error frame")?
+    }
+
+    /// A hello with the given fields.
+    pub fn hello(version: u16, token: &str, room: &str) -> downbeat_protocol::ClientMessage {
+        use downbeat_protocol::BoundedString;
+        downbeat_protocol::ClientMessage::Hello(downbeat_protocol::Hello {
+            version,
+            token: BoundedString::truncating(token),
+            room: BoundedString::truncating(room),
+            name: BoundedString::truncating("raw"),
+        })
+    }
+}
+
+/// Waits until `f` is true of the client's timeline, reading events (never sleeping).
+pub async fn wait_for_epoch(client: &Client, epoch: u64) -> Result<()> {
+    let wait = async {
+        while client.timeline().is_none_or(|t| t.epoch() < epoch) {
+            if client.next_event().await.is_none() {
+                bail!("session closed");
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), wait).await.context("waiting for a timeline epoch")?
+}

@@ -1,0 +1,160 @@
+//! Bad input over the wire: every case gets a stable error code or is dropped and counted, and
+//! the server and the other sessions carry on.
+
+use std::time::Duration;
+
+use downbeat_protocol::{
+    ClientMessage, ControlRequest, ErrorCode, FRAME_HEADER_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION, ServerMessage,
+};
+use downbeat_tests::{RawSession, TestServer};
+
+/// A bystander keeps receiving beat frames and can still change the room.
+async fn bystander_still_served(server: &TestServer, bystander: &downbeat_client::Client) -> anyhow::Result<()> {
+    let before = bystander.stats().frames;
+    let ack = bystander.control(downbeat_protocol::Change::SetMeter(3)).await?;
+    downbeat_tests::wait_for_epoch(bystander, ack.epoch).await?;
+    // A frame every 100 ms while running: wait for the next few by reading the counter as
+    // frames arrive (bounded by a deadline, not a fixed sleep).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while bystander.stats().frames < before + 3 {
+        assert!(tokio::time::Instant::now() < deadline, "bystander stopped receiving beat frames");
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(server.stats.sessions_active.get() >= 1);
+    Ok(())
+}
+
+async fn setup() -> anyhow::Result<(TestServer, String, downbeat_client::Client)> {
+    let server = TestServer::start().await?;
+    let room = server.create_room(100.0, 4).await?;
+    let bystander = server.connect(&room, "bystander").await?;
+    let (status, _) = server.http("POST", &format!("/api/rooms/{room}/start"), None).await?;
+    assert_eq!(status, 200);
+    Ok((server, room, bystander))
+}
+
+#[tokio::test]
+async fn garbage_datagrams_are_dropped_and_counted_and_the_session_stays_up() -> anyhow::Result<()> {
+    let (server, room, bystander) = setup().await?;
+    let noisy = server.connect(&room, "noisy").await?;
+    let mut rng = downbeat_engine::sim::Rng::new(9);
+    let mut sent = 0u64;
+    for i in 0..500usize {
+        let len = 1 + i % 300;
+        let bytes: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        // Only bytes that do not happen to decode count as garbage.
+        if downbeat_protocol::decode_client_datagram(&bytes).is_err() && noisy.send_raw_datagram(&bytes).is_ok() {
+            sent += 1;
+        }
+    }
+    // The noisy session is still served: its controls are still acknowledged.
+    let ack = noisy.control(downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(90))).await?;
+    assert!(ack.epoch > 0);
+    bystander_still_served(&server, &bystander).await?;
+    // A burst this size trips the per-session datagram rate limit, whose drops are counted
+    // too; loopback may also lose a few. Most must be accounted for, as garbage or as excess.
+    let malformed = server.stats.datagrams_malformed.get();
+    let limited = server.stats.datagrams_rate_limited.get();
+    assert!(malformed >= 100 && malformed <= sent, "{malformed} malformed of {sent}");
+    assert!(malformed + limited > sent / 2, "{malformed} malformed + {limited} rate-limited of {sent}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_oversized_frame_is_refused_from_its_header() -> anyhow::Result<()> {
+    let (server, room, bystander) = setup().await?;
+    let mut raw = server.raw_session().await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    assert!(matches!(raw.read_message().await?, Some(ServerMessage::Welcome(_))));
+    // Declares 4 GiB; only the header is sent, so a server that allocated first would stall.
+    raw.write(&u32::MAX.to_be_bytes()).await?;
+    assert_eq!(raw.expect_error().await?, ErrorCode::FrameTooLarge);
+    raw.conn.closed().await;
+    assert_eq!(server.stats.frames_too_large.get(), 1);
+    bystander_still_served(&server, &bystander).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_frame_just_over_the_cap_is_refused_too() -> anyhow::Result<()> {
+    let (server, room, _bystander) = setup().await?;
+    let mut raw = server.raw_session().await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    raw.read_message().await?;
+    raw.write(&(MAX_FRAME_LEN + 1).to_be_bytes()).await?;
+    assert_eq!(raw.expect_error().await?, ErrorCode::FrameTooLarge);
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_malformed_frame_gets_a_code_and_closes_only_that_session() -> anyhow::Result<()> {
+    let (server, room, bystander) = setup().await?;
+    let mut raw = server.raw_session().await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    assert!(matches!(raw.read_message().await?, Some(ServerMessage::Welcome(_))));
+    let mut frame = 3u32.to_be_bytes().to_vec();
+    frame.extend([0xff, 0xff, 0xff]);
+    assert_eq!(frame.len(), FRAME_HEADER_LEN + 3);
+    raw.write(&frame).await?;
+    assert_eq!(raw.expect_error().await?, ErrorCode::MalformedFrame);
+    raw.conn.closed().await;
+    assert_eq!(server.stats.frames_malformed.get(), 1);
+    bystander_still_served(&server, &bystander).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn hello_problems_each_get_their_own_code() -> anyhow::Result<()> {
+    let (server, room, bystander) = setup().await?;
+    let cases = [
+        (RawSession::hello(PROTOCOL_VERSION + 1, &server.token, &room), ErrorCode::UnsupportedVersion),
+        (RawSession::hello(0, &server.token, &room), ErrorCode::UnsupportedVersion),
+        (RawSession::hello(PROTOCOL_VERSION, "not-the-token", &room), ErrorCode::Unauthorized),
+        (RawSession::hello(PROTOCOL_VERSION, &server.token, "no-such-room"), ErrorCode::RoomNotFound),
+        (
+            ClientMessage::Control(ControlRequest { request_id: 1, change: downbeat_protocol::Change::Start }),
+            ErrorCode::HelloRequired,
+        ),
+    ];
+    for (message, code) in cases {
+        let mut raw = server.raw_session().await?;
+        raw.write_message(&message).await?;
+        assert_eq!(raw.expect_error().await?, code);
+        raw.conn.closed().await;
+    }
+    assert_eq!(server.stats.hello_failures.get(ErrorCode::UnsupportedVersion), 2);
+    bystander_still_served(&server, &bystander).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_silent_session_is_closed_at_the_hello_deadline() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.hello_timeout_ms = 300).await?;
+    let mut raw = server.raw_session().await?;
+    // Open the stream (a byte of nothing useful would be a malformed hello; send nothing).
+    assert_eq!(raw.expect_error().await?, ErrorCode::HelloTimeout);
+    Ok(())
+}
+
+#[tokio::test]
+async fn refused_controls_get_codes_and_change_nothing() -> anyhow::Result<()> {
+    let (server, room, bystander) = setup().await?;
+    let before = bystander.timeline().expect("timeline");
+    let refused = [
+        (downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(301)), ErrorCode::TempoOutOfRange),
+        (downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(19)), ErrorCode::TempoOutOfRange),
+        (downbeat_protocol::Change::SetMeter(0), ErrorCode::MeterOutOfRange),
+        (downbeat_protocol::Change::SetMeter(17), ErrorCode::MeterOutOfRange),
+        (downbeat_protocol::Change::Start, ErrorCode::AlreadyRunning),
+    ];
+    for (change, code) in refused {
+        match bystander.control(change).await {
+            Err(downbeat_client::ClientError::Refused { code: got, .. }) => assert_eq!(got, code),
+            other => panic!("{change:?}: expected {code}, got {other:?}"),
+        }
+    }
+    let (_, body) = server.http("GET", &format!("/api/rooms/{room}"), None).await?;
+    assert_eq!(body["timeline"]["epoch"].as_u64(), Some(before.epoch()), "nothing changed");
+    Ok(())
+}
