@@ -124,6 +124,7 @@ pub struct Client {
     pending: Pending,
     next_request: std::sync::atomic::AtomicU32,
     synced: watch::Receiver<bool>,
+    frames: watch::Receiver<u64>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
     tasks: Vec<JoinHandle<()>>,
     _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
@@ -202,9 +203,10 @@ impl Client {
         let state = Arc::new(Mutex::new(state));
         let pending: Pending = Arc::default();
         let (synced_tx, synced) = watch::channel(false);
+        let (frames_tx, frames) = watch::channel(0u64);
         let (events_tx, events) = mpsc::channel(1024);
         let tasks = vec![
-            tokio::spawn(drive_sync(conn.clone(), clock.clone(), state.clone(), synced_tx)),
+            tokio::spawn(drive_sync(conn.clone(), clock.clone(), state.clone(), synced_tx, frames_tx)),
             tokio::spawn(read_control(recv, state.clone(), pending.clone(), events_tx)),
         ];
         Ok(Self {
@@ -216,6 +218,7 @@ impl Client {
             pending,
             next_request: std::sync::atomic::AtomicU32::new(1),
             synced,
+            frames,
             events: tokio::sync::Mutex::new(events),
             tasks,
             _endpoint: endpoint,
@@ -243,6 +246,16 @@ impl Client {
         tokio::time::timeout(timeout, rx.wait_for(|s| *s))
             .await
             .map_err(|_| ClientError::Timeout("clock sync"))?
+            .map_err(|_| ClientError::Closed)?;
+        Ok(())
+    }
+
+    /// Waits until at least `count` beat frames have arrived in all.
+    pub async fn wait_frames(&self, count: u64, timeout: Duration) -> Result<(), ClientError> {
+        let mut rx = self.frames.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= count))
+            .await
+            .map_err(|_| ClientError::Timeout("beat frames"))?
             .map_err(|_| ClientError::Closed)?;
         Ok(())
     }
@@ -329,6 +342,7 @@ async fn drive_sync(
     clock: Arc<dyn LocalClock>,
     state: Arc<Mutex<State>>,
     synced: watch::Sender<bool>,
+    frames: watch::Sender<u64>,
 ) {
     loop {
         let wake = {
@@ -353,7 +367,9 @@ async fn drive_sync(
                 let t3 = clock.now();
                 match decode_server_datagram(&datagram.payload()) {
                     Ok(d) => {
-                        lock(&state).handle_datagram(t3, &d);
+                        let mut s = lock(&state);
+                        s.handle_datagram(t3, &d);
+                        frames.send_replace(s.stats().frames);
                     }
                     Err(e) => tracing::debug!(error = %e, "dropped an undecodable datagram"),
                 }
