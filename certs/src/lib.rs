@@ -95,6 +95,20 @@ impl CertifiedKey {
     pub fn remaining(&self, now: SystemTime) -> Duration {
         self.not_after.duration_since(now).unwrap_or(Duration::ZERO)
     }
+
+    /// The chain (leaf first; just the leaf if `chain_der` is empty) as `CERTIFICATE` PEM
+    /// blocks, and the key as a PKCS#8 `PRIVATE KEY` PEM block: what [`load_pem_files`]
+    /// reads back. The key string is secret; handle it like the key itself.
+    #[must_use]
+    pub fn to_pem(&self) -> (String, String) {
+        let chain: Vec<&[u8]> = if self.chain_der.is_empty() {
+            vec![self.cert_der.as_slice()]
+        } else {
+            self.chain_der.iter().map(Vec::as_slice).collect()
+        };
+        let cert_pem = chain.into_iter().map(|der| der::pem_encode("CERTIFICATE", der)).collect();
+        (cert_pem, der::pem_encode("PRIVATE KEY", &self.key_der))
+    }
 }
 
 impl fmt::Debug for CertifiedKey {
@@ -185,5 +199,33 @@ pub enum CertError {
 impl CertError {
     fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Self::Io { path: path.into(), source }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn to_pem_round_trips_through_load_pem_files() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let identity = DevIdentity::load_or_create(&tmp.path().join("dev"), &["localhost".into()], SystemTime::now())
+            .expect("dev");
+        let mut key = identity.current.clone();
+        key.chain_der = vec![identity.current.cert_der.clone(), identity.next.cert_der.clone()];
+        let (cert_pem, key_pem) = key.to_pem();
+        assert_eq!(cert_pem.matches("-----BEGIN CERTIFICATE-----").count(), 2);
+        assert!(key_pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{key_pem}");
+        let (cert_path, key_path) = (tmp.path().join("chain.pem"), tmp.path().join("key.pem"));
+        std::fs::write(&cert_path, &cert_pem).expect("write");
+        std::fs::write(&key_path, &key_pem).expect("write");
+        let loaded = load_pem_files(&cert_path, &key_path).expect("loads");
+        assert_eq!(loaded.sha256(), key.sha256());
+        assert_eq!(loaded.chain_der, key.chain_der);
+        assert_eq!(loaded.key_der, key.key_der);
+
+        let mut leaf_only = identity.current.clone();
+        leaf_only.chain_der.clear();
+        assert_eq!(leaf_only.to_pem().0.matches("BEGIN CERTIFICATE").count(), 1);
     }
 }

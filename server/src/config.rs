@@ -47,6 +47,11 @@ pub struct Args {
     #[arg(long, env = "DOWNBEAT_TLS_KEY", value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
+    /// How often the production certificate and key files are checked for replacement, in ms
+    /// [default: 10000]. Ignored for the development certificate.
+    #[arg(long, env = "DOWNBEAT_TLS_RELOAD_CHECK_MS", value_name = "MS")]
+    pub tls_reload_check_ms: Option<u64>,
+
     /// Extra names or addresses for the development certificate (localhost, 127.0.0.1 and ::1
     /// are always included). Repeat or separate with commas.
     #[arg(long = "hostname", env = "DOWNBEAT_HOSTNAMES", value_name = "NAME", value_delimiter = ',')]
@@ -109,6 +114,8 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// Production private key (PEM); set exactly when `tls_cert` is.
     pub tls_key: Option<PathBuf>,
+    /// How often the production PEM files are checked for replacement, in ms.
+    pub tls_reload_check_ms: u64,
     /// Extra names for the development certificate, beyond the loopback names.
     pub hostnames: Vec<String>,
     /// How far ahead beats are sent and changes announced, in ms.
@@ -141,6 +148,7 @@ impl Default for Config {
             data_dir: PathBuf::from("./data"),
             tls_cert: None,
             tls_key: None,
+            tls_reload_check_ms: 10_000,
             hostnames: Vec::new(),
             lead_ms: 1500,
             send_interval_ms: 100,
@@ -209,6 +217,12 @@ impl Config {
             }
             _ => {}
         }
+        if !(1..=3_600_000).contains(&self.tls_reload_check_ms) {
+            return invalid(format!(
+                "tls_reload_check_ms is {}: use 1 to 3600000 (default 10000)",
+                self.tls_reload_check_ms
+            ));
+        }
         if !(100..=60_000).contains(&self.lead_ms) {
             return invalid(format!("lead_ms is {}: use 100 to 60000 (default 1500)", self.lead_ms));
         }
@@ -268,6 +282,11 @@ impl Config {
         Duration::from_millis(self.lead_ms)
     }
 
+    /// [`Self::tls_reload_check_ms`] as a duration.
+    pub fn tls_reload_check(&self) -> Duration {
+        Duration::from_millis(self.tls_reload_check_ms)
+    }
+
     /// [`Self::hello_timeout_ms`] as a duration.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_millis(self.hello_timeout_ms)
@@ -309,6 +328,7 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
         tls_cert: args.tls_cert.or(file.tls_cert),
         tls_key: args.tls_key.or(file.tls_key),
+        tls_reload_check_ms: args.tls_reload_check_ms.or(file.tls_reload_check_ms).unwrap_or(d.tls_reload_check_ms),
         hostnames: args.hostnames.or(file.hostnames).unwrap_or(d.hostnames),
         lead_ms: args.lead_ms.or(file.lead_ms).unwrap_or(d.lead_ms),
         send_interval_ms: args.send_interval_ms.or(file.send_interval_ms).unwrap_or(d.send_interval_ms),
@@ -350,6 +370,7 @@ mod tests {
         assert_eq!(config.http_addr.to_string(), "[::]:4480");
         assert_eq!(config.wt_port, 4433);
         assert_eq!(config.lead_ms, 1500);
+        assert_eq!(config.tls_reload_check_ms, 10_000);
         assert!(config.dev_token.is_none());
         assert_eq!(config.dev_cert_hostnames(), ["localhost", "127.0.0.1", "::1"]);
     }
@@ -364,6 +385,16 @@ mod tests {
         assert_eq!(config.send_interval_ms, 100);
         assert_eq!(config.hostnames, ["music.local"]);
         assert_eq!(config.dev_cert_hostnames(), ["localhost", "127.0.0.1", "::1", "music.local"]);
+    }
+
+    #[test]
+    fn tls_reload_check_comes_from_command_line_or_file() {
+        let config = check(&[], Some("tls_reload_check_ms = 250\n")).unwrap();
+        assert_eq!(config.tls_reload_check_ms, 250);
+        let config = check(&["--tls-reload-check-ms", "500"], Some("tls_reload_check_ms = 250\n")).unwrap();
+        assert_eq!(config.tls_reload_check_ms, 500);
+        let err = check(&[], Some("tls_reload_check_ms = 0\n")).unwrap_err();
+        assert!(err.contains("tls_reload_check_ms is 0"), "{err}");
     }
 
     #[test]
@@ -396,6 +427,8 @@ mod tests {
     fn out_of_range_values_say_what_to_fix() {
         let cases: &[(&[&str], &str)] = &[
             (&["--lead-ms", "50"], "lead_ms is 50: use 100 to 60000"),
+            (&["--tls-reload-check-ms", "0"], "tls_reload_check_ms is 0: use 1 to 3600000"),
+            (&["--tls-reload-check-ms", "3600001"], "tls_reload_check_ms is 3600001"),
             (&["--send-interval-ms", "900"], "at most half of lead_ms"),
             (&["--send-interval-ms", "1"], "send_interval_ms is 1"),
             (&["--max-rooms", "0"], "max_rooms is 0"),

@@ -17,8 +17,6 @@ use crate::shutdown::Shutdown;
 
 /// How often a development identity is checked for rotation.
 const DEV_ROTATION_CHECK: Duration = Duration::from_secs(3600);
-/// How often production PEM files are checked for replacement.
-const PEM_POLL: Duration = Duration::from_secs(10);
 
 /// Why a TLS identity could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -152,7 +150,7 @@ pub(crate) fn server_config(
 }
 
 /// Keeps the endpoint's identity fresh until shutdown: rotates the development certificate
-/// (checked hourly) or reloads changed production PEM files (checked every 10 s). Existing
+/// (checked hourly) or reloads changed production PEM files (checked every `tls_reload_check_ms`, 10 s by default). Existing
 /// sessions keep their connection; only new handshakes see the new certificate. A failed
 /// reload is logged and the old identity kept.
 pub(crate) async fn maintain(
@@ -164,7 +162,7 @@ pub(crate) async fn maintain(
 ) {
     let period = match source {
         Source::Dev(_) => DEV_ROTATION_CHECK,
-        Source::Pem { .. } => PEM_POLL,
+        Source::Pem { .. } => config.tls_reload_check(),
     };
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
