@@ -150,15 +150,14 @@ impl Room {
 
     /// The beat frame that would go out at `now` (sequence number 0).
     pub fn frame_at(&self, now: ServerNanos) -> BeatFrame {
-        let mut timeline = self.timeline.clone();
-        timeline.prune(now);
         let horizon = now.add_nanos(self.config.lead_nanos);
         let limit = self.config.beats_per_frame.min(MAX_BEATS_PER_FRAME);
-        let beats: Vec<_> = timeline.beats_in(now, horizon).take(limit).collect();
+        // Segments over before `now` yield no beats in `[now, horizon)`, so no pruning is needed.
+        let beats: Vec<_> = self.timeline.beats_in(now, horizon).take(limit).collect();
         BeatFrame {
             seq: 0,
             sent_at: now,
-            timeline: timeline.to_wire(),
+            timeline: self.timeline.to_wire_at(now),
             // Cannot fail: `limit` is at most the wire cap.
             beats: BoundedVec::try_from_vec(beats).unwrap_or_default(),
         }

@@ -246,10 +246,20 @@ impl Timeline {
         Ok(Self { epoch: timeline.epoch, segments })
     }
 
-    /// The wire form.
+    /// The wire form, every segment included.
     pub fn to_wire(&self) -> wire::Timeline {
+        self.wire_from(0)
+    }
+
+    /// The wire form as of `now`: without the segments that stopped being in force before it
+    /// (what [`Timeline::prune`] would drop), and without copying the timeline to get there.
+    pub fn to_wire_at(&self, now: ServerNanos) -> wire::Timeline {
+        self.wire_from(self.index_at(now))
+    }
+
+    fn wire_from(&self, first: usize) -> wire::Timeline {
         let mut segments = BoundedVec::new();
-        for s in self.segments.iter().take(MAX_SEGMENTS) {
+        for s in self.segments[first..].iter().take(MAX_SEGMENTS) {
             // Cannot fail: `take(MAX_SEGMENTS)` and the wire cap is MAX_SEGMENTS.
             let _ = segments.try_push(s.to_wire());
         }
@@ -359,14 +369,12 @@ impl Timeline {
                 // Nothing sounds while stopped: no grid to wait for.
                 (earliest, last.start_beat)
             };
-            let mut pruned = self.segments.clone();
-            let keep_from = pruned.iter().rposition(|s| s.start <= now).unwrap_or(0);
-            pruned.drain(..keep_from);
-            if pruned.len() >= MAX_SEGMENTS {
+            // Checked before anything changes: a refused change leaves the timeline untouched.
+            if self.segments.len() - self.index_at(now) >= MAX_SEGMENTS {
                 return Err(TimelineError::TooManyPendingChanges);
             }
-            pruned.push(Segment { start, start_beat, ..last }.with_change(change));
-            self.segments = pruned;
+            self.prune(now);
+            self.segments.push(Segment { start, start_beat, ..last }.with_change(change));
         }
         self.epoch += 1;
         let applied = self.last();
@@ -519,6 +527,12 @@ mod tests {
         t.apply(ServerNanos(SEC), Change::SetTempo(MicroBpm::from_bpm(100)), SEC).unwrap();
         let back = Timeline::from_wire(&t.to_wire()).unwrap();
         assert_eq!(back, t);
+        // The wire form as of an instant equals pruning a copy first.
+        for now in [0, SEC, 5 * SEC, 60 * SEC].map(ServerNanos) {
+            let mut pruned = t.clone();
+            pruned.prune(now);
+            assert_eq!(t.to_wire_at(now), pruned.to_wire());
+        }
         let mut bad = t.to_wire();
         let segs: Vec<_> = bad.segments.iter().rev().copied().collect();
         bad.segments = BoundedVec::try_from_vec(segs).unwrap();

@@ -364,9 +364,7 @@ impl RoomTask {
 
     /// The timeline as of `now`, without segments that are over.
     fn wire_timeline(&self, now: ServerNanos) -> wire::Timeline {
-        let mut timeline = self.room.timeline().clone();
-        timeline.prune(now);
-        timeline.to_wire()
+        self.room.timeline().to_wire_at(now)
     }
 
     /// Queues `message` for every member but `except`, never waiting: a member whose queue
