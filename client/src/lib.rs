@@ -145,7 +145,9 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-async fn read_message(recv: &mut RecvStream) -> Result<ServerMessage, ClientError> {
+/// Reads one server frame from a control stream: header, length check before allocating,
+/// body, decode. [`ClientError::Closed`] if the stream ends first.
+pub async fn read_message(recv: &mut RecvStream) -> Result<ServerMessage, ClientError> {
     let mut header = [0u8; FRAME_HEADER_LEN];
     recv.read_exact(&mut header).await.map_err(|_| ClientError::Closed)?;
     let len = frame_body_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;

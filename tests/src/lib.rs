@@ -176,14 +176,11 @@ impl RawSession {
 
     /// Reads the next frame from the server, or `None` if the stream ended.
     pub async fn read_message(&mut self) -> Result<Option<downbeat_protocol::ServerMessage>> {
-        let mut header = [0u8; downbeat_protocol::FRAME_HEADER_LEN];
-        if self.recv.read_exact(&mut header).await.is_err() {
-            return Ok(None);
+        match downbeat_client::read_message(&mut self.recv).await {
+            Ok(message) => Ok(Some(message)),
+            Err(downbeat_client::ClientError::Closed) => Ok(None),
+            Err(e) => Err(e.into()),
         }
-        let len = downbeat_protocol::frame_body_len(header)?;
-        let mut body = vec![0u8; len];
-        self.recv.read_exact(&mut body).await?;
-        Ok(Some(downbeat_protocol::decode_frame_body(&body)?))
     }
 
     /// Reads until an error frame arrives and returns its code.
