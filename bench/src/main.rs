@@ -83,7 +83,7 @@ fn main() -> Result<()> {
     let described = format!("{:?}", members.first().map(|m| &m.1));
     let mut sim =
         Sim::new(seed, room::Config::default(), &clock::Config::default(), MicroBpm::from_bpm(bpm), 4, members);
-    sim.schedule_change(0, Change::Start);
+    sim.schedule_change(0, Change::Start { count_in_bars: 0 });
 
     let (mut offset_errors, mut spreads) = (Vec::new(), Vec::new());
     let (mut late, mut scheduled, mut missing) = (0u64, 0u64, 0u64);

@@ -7,23 +7,31 @@
 //! bytes and reads the [`LocalClock`], which tests replace with an [`InjectedClock`] of known
 //! offset and drift.
 //!
+//! It also keeps the room's presence, plays notes ([`Client::play_note`]) and yields
+//! classmates' notes placed on the local clock at their shared playout instant
+//! ([`Client::next_note`]), sends the teacher's controls, refreshes its token, and reports its
+//! sync quality every couple of seconds so the teacher sees who is in time.
+//!
 //! Used by the end-to-end tests and the benchmark harness; it is also a reference for other
-//! native clients. It does not reconnect by itself.
+//! native clients. It does not reconnect by itself: connecting again with the same token
+//! within the server's grace period takes the same seat back.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod clock;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use downbeat_engine::client::Client as State;
 use downbeat_engine::clock::{Config as SyncConfig, Estimate};
+use downbeat_engine::notes::ScheduledNote;
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
-    BoundedString, Change, ClientMessage, ClientNanos, ControlAck, ControlRequest, ErrorCode, ErrorFrame,
-    FRAME_HEADER_LEN, Hello, Member, PROTOCOL_VERSION, ServerMessage, ServerNanos, Welcome, decode_frame_body,
-    decode_server_datagram, encode_client_datagram, encode_frame, frame_body_len,
+    BoundedString, Change, ClientMessage, ClientNanos, ClientReport, ControlAck, ControlOp, ControlRequest, ErrorCode,
+    ErrorFrame, FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, RoomRequest,
+    RoomSettings, ServerMessage, ServerNanos, SyncQuality, Welcome, decode_frame_body, decode_server_datagram,
+    encode_client_datagram, encode_frame, frame_body_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -71,48 +79,62 @@ pub struct ConnectOptions {
     /// SHA-256 hashes of acceptable self-signed server certificates; empty to use the system
     /// roots (production certificates).
     pub cert_hashes: Vec<[u8; 32]>,
-    /// The bearer token.
+    /// The signed token (JWT); the display name and role come from it.
     pub token: String,
-    /// The room to join.
-    pub room: String,
-    /// Display name.
-    pub name: String,
+    /// The room to join, or a room to create (teachers).
+    pub room: RoomRequest,
     /// Clock-sync settings.
     pub sync: SyncConfig,
     /// How long to wait for the welcome.
     pub handshake_timeout: Duration,
+    /// How often sync quality and playout counts are reported; `None`: never.
+    pub report_interval: Option<Duration>,
 }
 
 impl ConnectOptions {
-    /// Options with default sync settings and a 10 s handshake timeout.
-    pub fn new(url: impl Into<String>, token: impl Into<String>, room: impl Into<String>) -> Self {
+    /// Options to join the room with join code `code`, with default sync settings, a 10 s
+    /// handshake timeout and a report every 2 s.
+    pub fn new(url: impl Into<String>, token: impl Into<String>, code: &str) -> Self {
         Self {
             url: url.into(),
             cert_hashes: Vec::new(),
             token: token.into(),
-            room: room.into(),
-            name: String::from("client"),
+            room: RoomRequest::Join(JoinCode::truncating(code)),
             sync: SyncConfig::default(),
             handshake_timeout: Duration::from_secs(10),
+            report_interval: Some(Duration::from_secs(2)),
         }
+    }
+
+    /// Options to create a room (teachers only) and join it.
+    pub fn create(url: impl Into<String>, token: impl Into<String>, settings: RoomSettings) -> Self {
+        Self { room: RoomRequest::Create(settings), ..Self::new(url, token, "") }
     }
 }
 
-/// Something the server told this client on the control stream.
+/// Something the server told this client on the control stream, in the order it was told.
 #[derive(Clone, Debug, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
     /// Someone joined.
     MemberJoined(Member),
     /// Someone left.
-    MemberLeft(u64),
-    /// A newer timeline was applied.
+    MemberLeft(u64, LeaveReason),
+    /// Someone's presence changed (mute, part, sync quality).
+    MemberUpdated(Member),
+    /// A timeline arrived on the control stream (its epoch).
     Timeline(u64),
-    /// An error not tied to a request.
+    /// The room was closed; the session ends next.
+    RoomClosed(String),
+    /// An error not tied to a request (the session may end with it).
     Error(ErrorCode, String),
 }
 
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<ControlAck, ClientError>>>>>;
+/// Answers to requests on the control stream, by request id.
+type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<ServerMessage, ClientError>>>>>;
+
+/// The room's members by id, as this client was told.
+type Presence = Arc<Mutex<BTreeMap<u64, Member>>>;
 
 /// A connected session. Dropping it closes the session.
 pub struct Client {
@@ -120,12 +142,14 @@ pub struct Client {
     clock: Arc<dyn LocalClock>,
     state: Arc<Mutex<State>>,
     welcome: Welcome,
-    send: tokio::sync::Mutex<SendStream>,
+    send: Arc<tokio::sync::Mutex<SendStream>>,
     pending: Pending,
+    presence: Presence,
     next_request: std::sync::atomic::AtomicU32,
     synced: watch::Receiver<bool>,
     frames: watch::Receiver<u64>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
+    notes: tokio::sync::Mutex<mpsc::Receiver<ScheduledNote>>,
     tasks: Vec<JoinHandle<()>>,
     _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
 }
@@ -185,8 +209,7 @@ impl Client {
             let hello = ClientMessage::Hello(Hello {
                 version: PROTOCOL_VERSION,
                 token: BoundedString::new(options.token.clone())?,
-                room: BoundedString::new(options.room.clone())?,
-                name: BoundedString::truncating(&options.name),
+                room: options.room.clone(),
             });
             let bytes = encode_frame(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
             send.write_all(&bytes).await.map_err(|_| ClientError::Closed)?;
@@ -204,24 +227,40 @@ impl Client {
         state.handle_welcome(&welcome);
         let state = Arc::new(Mutex::new(state));
         let pending: Pending = Arc::default();
+        let presence: Presence = Arc::new(Mutex::new(welcome.members.iter().map(|m| (m.id, m.clone())).collect()));
+        let send = Arc::new(tokio::sync::Mutex::new(send));
         let (synced_tx, synced) = watch::channel(false);
         let (frames_tx, frames) = watch::channel(0u64);
-        let (events_tx, events) = mpsc::channel(1024);
-        let tasks = vec![
-            tokio::spawn(drive_sync(conn.clone(), clock.clone(), state.clone(), synced_tx, frames_tx)),
-            tokio::spawn(read_control(recv, state.clone(), pending.clone(), events_tx)),
+        let (events_tx, events) = mpsc::channel(4096);
+        let (notes_tx, notes) = mpsc::channel(4096);
+        let driver = Driver {
+            conn: conn.clone(),
+            clock: clock.clone(),
+            state: state.clone(),
+            synced: synced_tx,
+            frames: frames_tx,
+            notes: notes_tx,
+        };
+        let mut tasks = vec![
+            tokio::spawn(driver.run()),
+            tokio::spawn(read_control(recv, state.clone(), pending.clone(), presence.clone(), events_tx)),
         ];
+        if let Some(interval) = options.report_interval {
+            tasks.push(tokio::spawn(report(send.clone(), clock.clone(), state.clone(), interval)));
+        }
         Ok(Self {
             conn,
             clock,
             state,
             welcome,
-            send: tokio::sync::Mutex::new(send),
+            send,
             pending,
+            presence,
             next_request: std::sync::atomic::AtomicU32::new(1),
             synced,
             frames,
             events: tokio::sync::Mutex::new(events),
+            notes: tokio::sync::Mutex::new(notes),
             tasks,
             _endpoint: endpoint,
         })
@@ -292,15 +331,59 @@ impl Client {
         lock(&self.state).stats()
     }
 
-    /// Asks for a timeline change and waits for the acknowledgement.
-    pub async fn control(&self, change: Change) -> Result<ControlAck, ClientError> {
+    /// The room's members as this client was last told (the welcome's snapshot, then every
+    /// join, leave and update).
+    pub fn presence(&self) -> Vec<Member> {
+        self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
+    }
+
+    /// Sends a request and waits for the server's answer to it.
+    async fn request(&self, message: impl FnOnce(u32) -> ClientMessage) -> Result<ServerMessage, ClientError> {
         let request_id = self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(request_id, tx);
-        let frame = encode_frame(&ClientMessage::Control(ControlRequest { request_id, change }))
-            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let frame = encode_frame(&message(request_id)).map_err(|e| ClientError::Protocol(e.to_string()))?;
         self.send.lock().await.write_all(&frame).await.map_err(|_| ClientError::Closed)?;
         rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Sends a teacher control and waits for the acknowledgement (or the refusal).
+    pub async fn control(&self, op: ControlOp) -> Result<ControlAck, ClientError> {
+        match self.request(|request_id| ClientMessage::Control(ControlRequest { request_id, op })).await? {
+            ServerMessage::ControlAck(ack) => Ok(ack),
+            other => Err(ClientError::Protocol(format!("expected an ack, got {other:?}"))),
+        }
+    }
+
+    /// Asks for a timeline change (a teacher control) and waits for the acknowledgement.
+    pub async fn change(&self, change: Change) -> Result<ControlAck, ClientError> {
+        self.control(ControlOp::Timeline(change)).await
+    }
+
+    /// Presents a fresh token; returns its expiry (Unix seconds) once the server took it.
+    pub async fn refresh_token(&self, token: &str) -> Result<u64, ClientError> {
+        let token = BoundedString::new(token.to_owned())?;
+        match self.request(|request_id| ClientMessage::RefreshToken { request_id, token }).await? {
+            ServerMessage::TokenRefreshed { expires_at, .. } => Ok(expires_at),
+            other => Err(ClientError::Protocol(format!("expected a refresh answer, got {other:?}"))),
+        }
+    }
+
+    /// Plays a note now: stamps it with the synced clock and sends it (with the last notes
+    /// again, for redundancy). Fails before the clock is estimated.
+    pub fn play_note(&self, midi: u8, velocity: u8, instrument: u8) -> Result<Note, ClientError> {
+        let (note, datagram) = lock(&self.state)
+            .play_note(self.clock.now(), midi, velocity, instrument)
+            .ok_or(ClientError::Timeout("clock sync"))?;
+        let bytes = encode_client_datagram(&datagram).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        self.conn.send_datagram(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        Ok(note)
+    }
+
+    /// The next classmate's note, placed on the local clock at its playout instant; `None`
+    /// once the session is closed. Late notes are counted in [`Client::stats`], never yielded.
+    pub async fn next_note(&self) -> Option<ScheduledNote> {
+        self.notes.lock().await.recv().await
     }
 
     /// Sends raw bytes on the control stream (for tests of the server's input handling).
@@ -338,52 +421,102 @@ impl Drop for Client {
     }
 }
 
-/// Clock sync and beat frames: the only loop that touches datagrams.
-async fn drive_sync(
+/// Clock sync, beat frames and classmates' notes: the only loop that receives datagrams.
+struct Driver {
     conn: Connection,
     clock: Arc<dyn LocalClock>,
     state: Arc<Mutex<State>>,
     synced: watch::Sender<bool>,
     frames: watch::Sender<u64>,
-) {
-    loop {
-        let wake = {
-            let mut s = lock(&state);
-            let now = clock.now();
-            while let Some(d) = s.poll_datagram(now) {
-                if let Ok(bytes) = encode_client_datagram(&d) {
-                    // A full send buffer drops the request; the estimator simply asks again.
-                    let _ = conn.send_datagram(bytes);
-                }
-            }
-            synced.send_if_modified(|v| {
-                let now_synced = s.is_synced(now);
-                std::mem::replace(v, now_synced) != now_synced
-            });
-            clock.instant_at(s.poll_timeout())
-        };
-        tokio::select! {
-            received = conn.receive_datagram() => {
-                let Ok(datagram) = received else { return };
-                // Stamp t3 before anything else.
-                let t3 = clock.now();
-                match decode_server_datagram(&datagram.payload()) {
-                    Ok(d) => {
-                        let mut s = lock(&state);
-                        s.handle_datagram(t3, &d);
-                        frames.send_replace(s.stats().frames);
+    notes: mpsc::Sender<ScheduledNote>,
+}
+
+impl Driver {
+    async fn run(self) {
+        let Self { conn, clock, state, synced, frames, notes } = self;
+        loop {
+            let wake = {
+                let mut s = lock(&state);
+                let now = clock.now();
+                while let Some(d) = s.poll_datagram(now) {
+                    if let Ok(bytes) = encode_client_datagram(&d) {
+                        // A full send buffer drops the request; the estimator simply asks again.
+                        let _ = conn.send_datagram(bytes);
                     }
-                    Err(e) => tracing::debug!(error = %e, "dropped an undecodable datagram"),
                 }
+                synced.send_if_modified(|v| {
+                    let now_synced = s.is_synced(now);
+                    std::mem::replace(v, now_synced) != now_synced
+                });
+                clock.instant_at(s.poll_timeout())
+            };
+            tokio::select! {
+                received = conn.receive_datagram() => {
+                    let Ok(datagram) = received else { return };
+                    // Stamp t3 before anything else.
+                    let t3 = clock.now();
+                    match decode_server_datagram(&datagram.payload()) {
+                        Ok(d) => {
+                            let mut s = lock(&state);
+                            s.handle_datagram(t3, &d);
+                            frames.send_replace(s.stats().frames);
+                            while let Some(note) = s.poll_note() {
+                                // A consumer that does not read notes loses them, never the session.
+                                let _ = notes.try_send(note);
+                            }
+                        }
+                        Err(e) => tracing::debug!(error = %e, "dropped an undecodable datagram"),
+                    }
+                }
+                () = tokio::time::sleep_until(wake.into()) => {}
             }
-            () = tokio::time::sleep_until(wake.into()) => {}
         }
     }
 }
 
-/// Reads the control stream: timelines, acknowledgements, errors and presence.
-async fn read_control(mut recv: RecvStream, state: Arc<Mutex<State>>, pending: Pending, events: mpsc::Sender<Event>) {
+/// Reports sync quality and playout counts every `interval`.
+async fn report(
+    send: Arc<tokio::sync::Mutex<SendStream>>,
+    clock: Arc<dyn LocalClock>,
+    state: Arc<Mutex<State>>,
+    interval: Duration,
+) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let report = {
+            let s = lock(&state);
+            let now = clock.now();
+            let stats = s.stats();
+            let sync = s.estimate(now).map_or(SyncQuality::default(), |e| SyncQuality {
+                synced: s.is_synced(now),
+                rtt_micros: u32::try_from(e.rtt_nanos / 1000).unwrap_or(u32::MAX),
+                uncertainty_micros: u32::try_from(e.uncertainty_nanos / 1000).unwrap_or(u32::MAX),
+            });
+            ClientReport {
+                sync,
+                notes_played: u32::try_from(stats.notes_scheduled).unwrap_or(u32::MAX),
+                notes_late: u32::try_from(stats.notes_late).unwrap_or(u32::MAX),
+            }
+        };
+        let Ok(frame) = encode_frame(&ClientMessage::Report(report)) else { return };
+        if send.lock().await.write_all(&frame).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Reads the control stream: timelines, answers, errors and presence.
+async fn read_control(
+    mut recv: RecvStream,
+    state: Arc<Mutex<State>>,
+    pending: Pending,
+    presence: Presence,
+    events: mpsc::Sender<Event>,
+) {
     let take = |id: u32| pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
+    let members = || presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
     loop {
         let message = match read_message(&mut recv).await {
             Ok(m) => m,
@@ -400,7 +533,13 @@ async fn read_control(mut recv: RecvStream, state: Arc<Mutex<State>>, pending: P
             }
             ServerMessage::ControlAck(ack) => {
                 if let Some(tx) = take(ack.request_id) {
-                    let _ = tx.send(Ok(ack));
+                    let _ = tx.send(Ok(ServerMessage::ControlAck(ack)));
+                }
+                None
+            }
+            ServerMessage::TokenRefreshed { request_id, expires_at } => {
+                if let Some(tx) = take(request_id) {
+                    let _ = tx.send(Ok(ServerMessage::TokenRefreshed { request_id, expires_at }));
                 }
                 None
             }
@@ -411,8 +550,20 @@ async fn read_control(mut recv: RecvStream, state: Arc<Mutex<State>>, pending: P
                 }
                 None => Some(Event::Error(e.code, e.message.into_string())),
             },
-            ServerMessage::MemberJoined(m) => Some(Event::MemberJoined(m)),
-            ServerMessage::MemberLeft { member_id } => Some(Event::MemberLeft(member_id)),
+            ServerMessage::MemberJoined(m) => {
+                members().insert(m.id, m.clone());
+                Some(Event::MemberJoined(m))
+            }
+            ServerMessage::MemberUpdated(m) => {
+                members().insert(m.id, m.clone());
+                Some(Event::MemberUpdated(m))
+            }
+            ServerMessage::MemberLeft { member_id, reason } => {
+                members().remove(&member_id);
+                lock(&state).forget_sender(member_id);
+                Some(Event::MemberLeft(member_id, reason))
+            }
+            ServerMessage::RoomClosed { message } => Some(Event::RoomClosed(message.into_string())),
             ServerMessage::Welcome(_) => None,
         };
         if let Some(event) = event {

@@ -1,14 +1,24 @@
-//! The client state machine: clock sync plus the newest timeline.
+//! The client state machine: clock sync, the newest timeline, and notes.
 //!
 //! Feed it every datagram and control message the server sends, ask it which datagram to
 //! send next, and it answers "at what instant of my own clock does beat n sound". The same
 //! code runs in native clients and, compiled to wasm, in the browser.
+//!
+//! Notes (see [`crate::notes`]): [`Client::play_note`] stamps a note the student played with
+//! the server-clock instant and a sequence number and returns the datagram to send (repeating
+//! the last notes still to sound). Classmates' notes arrive as [`ServerDatagram::Notes`];
+//! each new one is placed at its playout instant on the local clock and queued for
+//! [`Client::poll_note`], or counted late if that instant is already (nearly) past.
+
+use std::collections::VecDeque;
 
 use downbeat_protocol::{
-    Beat, ClientDatagram, ClientNanos, ServerDatagram, ServerNanos, Timeline as WireTimeline, Welcome,
+    Beat, BoundedVec, ClientDatagram, ClientNanos, Note, NoteFrame, ServerDatagram, ServerNanos,
+    Timeline as WireTimeline, Welcome,
 };
 
 use crate::clock::{self, Estimate, Estimator};
+use crate::notes::{self, Inbox, MAX_QUEUED_NOTES, Recent, ScheduledNote};
 use crate::timeline::Timeline;
 
 /// What a datagram did.
@@ -26,6 +36,16 @@ pub enum Handled {
     StaleTimeline,
     /// A beat frame carried a timeline that did not validate.
     BadTimeline,
+    /// A classmate's notes.
+    Notes {
+        /// New notes queued for [`Client::poll_note`].
+        scheduled: u32,
+        /// New notes whose playout instant had (nearly) passed, or that could not be placed
+        /// because the clock is not estimated yet; not scheduled.
+        late: u32,
+        /// Copies of notes already handled, ignored.
+        duplicates: u32,
+    },
 }
 
 /// A beat placed on both clocks.
@@ -35,6 +55,8 @@ pub struct ScheduledBeat {
     pub index: i64,
     /// Its position in the bar.
     pub beat_in_bar: u8,
+    /// Whether it is a count-in click.
+    pub count_in: bool,
     /// When it sounds on the server clock.
     pub server_at: ServerNanos,
     /// When it sounds on this client's clock.
@@ -52,6 +74,14 @@ pub struct Stats {
     pub stale_timelines: u64,
     /// Timelines applied.
     pub timelines_applied: u64,
+    /// Classmates' notes scheduled on time.
+    pub notes_scheduled: u64,
+    /// Classmates' notes that arrived too late to play (not scheduled).
+    pub notes_late: u64,
+    /// Copies of classmates' notes already handled (redundancy), ignored.
+    pub notes_duplicate: u64,
+    /// Notes this client played ([`Client::play_note`]).
+    pub notes_sent: u64,
 }
 
 /// One client's view of its room. See the module docs.
@@ -62,17 +92,37 @@ pub struct Client {
     lead_nanos: u64,
     highest_seq: u64,
     stats: Stats,
+    playout_delay_nanos: u64,
+    schedule_margin_nanos: u64,
+    next_note_seq: u32,
+    sent_notes: Recent,
+    inbox: Inbox,
+    scheduled_notes: VecDeque<ScheduledNote>,
 }
 
 impl Client {
     /// A client with nothing known yet.
     pub fn new(config: clock::Config) -> Self {
-        Self { clock: Estimator::new(config), timeline: None, lead_nanos: 0, highest_seq: 0, stats: Stats::default() }
+        Self {
+            clock: Estimator::new(config),
+            timeline: None,
+            lead_nanos: 0,
+            highest_seq: 0,
+            stats: Stats::default(),
+            playout_delay_nanos: 0,
+            schedule_margin_nanos: 0,
+            next_note_seq: 1,
+            sent_notes: Recent::default(),
+            inbox: Inbox::default(),
+            scheduled_notes: VecDeque::new(),
+        }
     }
 
-    /// Takes the server's welcome.
+    /// Takes the server's welcome: the timeline, how far ahead beats come, and the room's
+    /// playout delay for notes.
     pub fn handle_welcome(&mut self, welcome: &Welcome) {
         self.lead_nanos = welcome.lead_nanos;
+        self.playout_delay_nanos = welcome.room.playout_delay_nanos;
         self.handle_timeline(&welcome.timeline);
     }
 
@@ -116,7 +166,95 @@ impl Client {
                 }
                 self.handle_timeline(&frame.timeline)
             }
+            ServerDatagram::Notes(frame) => self.handle_notes(now, frame),
         }
+    }
+
+    fn handle_notes(&mut self, now: ClientNanos, frame: &NoteFrame) -> Handled {
+        let (mut scheduled, mut late, mut duplicates) = (0u32, 0u32, 0u32);
+        let server_now = self.server_time(now);
+        for &note in frame.notes.iter() {
+            if !self.inbox.first_sighting(now, frame.from, frame.generation, note.seq) {
+                duplicates += 1;
+                continue;
+            }
+            let server_at = notes::playout_instant(&note, self.playout_delay_nanos);
+            let deadline = server_at.0.saturating_sub(self.schedule_margin_nanos);
+            let local_at = match server_now {
+                Some(server_now) if server_now.0 < deadline => self.local_time_of(server_at),
+                _ => None,
+            };
+            let Some(local_at) = local_at else {
+                late += 1;
+                continue;
+            };
+            if self.scheduled_notes.len() >= MAX_QUEUED_NOTES {
+                self.scheduled_notes.pop_front();
+            }
+            self.scheduled_notes.push_back(ScheduledNote { from: frame.from, note, server_at, local_at });
+            scheduled += 1;
+        }
+        self.stats.notes_scheduled += u64::from(scheduled);
+        self.stats.notes_late += u64::from(late);
+        self.stats.notes_duplicate += u64::from(duplicates);
+        Handled::Notes { scheduled, late, duplicates }
+    }
+
+    /// The student played a note at local time `now`: stamps it with the server-clock instant
+    /// (`played_at`) and the next sequence number (from 1), and returns it with the datagram to
+    /// send, which repeats up to [`notes::REDUNDANT_NOTES`] earlier notes whose playout
+    /// instant has not passed (oldest first). `None` while the clock is not estimated yet.
+    ///
+    /// Ranges are not checked here: the server refuses a datagram holding a note out of range
+    /// (MIDI note or instrument above 127, velocity 0 or above 127) with
+    /// [`ErrorCode::NoteOutOfRange`](downbeat_protocol::ErrorCode::NoteOutOfRange).
+    pub fn play_note(
+        &mut self,
+        now: ClientNanos,
+        midi: u8,
+        velocity: u8,
+        instrument: u8,
+    ) -> Option<(Note, ClientDatagram)> {
+        let played_at = self.server_time(now)?;
+        let seq = self.next_note_seq;
+        // Wraps after four billion notes, skipping 0 (never valid).
+        self.next_note_seq = seq.checked_add(1).unwrap_or(1);
+        let note = Note { seq, midi, velocity, instrument, played_at };
+        let mut notes: Vec<Note> = self.sent_notes.live(played_at, self.playout_delay_nanos).collect();
+        notes.push(note);
+        self.sent_notes.push(note);
+        self.stats.notes_sent += 1;
+        // Cannot fail: at most REDUNDANT_NOTES + 1 notes, within the wire cap.
+        Some((note, ClientDatagram::Notes(BoundedVec::try_from_vec(notes).unwrap_or_default())))
+    }
+
+    /// The next classmate's note to sound, in arrival order. Drain it after every
+    /// [`Handled::Notes`]; at most [`notes::MAX_QUEUED_NOTES`] wait, the oldest is discarded
+    /// beyond that.
+    pub fn poll_note(&mut self) -> Option<ScheduledNote> {
+        self.scheduled_notes.pop_front()
+    }
+
+    /// How long before a note's playout instant it must arrive to be scheduled rather than
+    /// counted late (default 0): the time the audio output needs to queue a sound.
+    pub fn set_schedule_margin(&mut self, nanos: u64) {
+        self.schedule_margin_nanos = nanos;
+    }
+
+    /// The schedule margin ([`Client::set_schedule_margin`]).
+    pub fn schedule_margin_nanos(&self) -> u64 {
+        self.schedule_margin_nanos
+    }
+
+    /// The room's playout delay, from the welcome (0 before it).
+    pub fn playout_delay_nanos(&self) -> u64 {
+        self.playout_delay_nanos
+    }
+
+    /// Forgets which of `member`'s notes were seen. Call when they leave (or rejoin in a new
+    /// session): a new session numbers its notes from 1 again.
+    pub fn forget_sender(&mut self, member: u64) {
+        self.inbox.forget(member);
     }
 
     /// The next datagram to send, if one is due at `now`.
@@ -188,8 +326,8 @@ impl Client {
         let to = from.add_nanos(horizon_nanos);
         timeline
             .beats_in(from, to)
-            .filter_map(|Beat { index, at, beat_in_bar }| {
-                Some(ScheduledBeat { index, beat_in_bar, server_at: at, local_at: self.local_time_of(at)? })
+            .filter_map(|Beat { index, at, beat_in_bar, count_in }| {
+                Some(ScheduledBeat { index, beat_in_bar, count_in, server_at: at, local_at: self.local_time_of(at)? })
             })
             .collect()
     }
@@ -198,7 +336,7 @@ impl Client {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use downbeat_protocol::{BeatFrame, BoundedVec, Change, MicroBpm, SyncReply};
+    use downbeat_protocol::{BeatFrame, Change, MicroBpm, SyncReply};
 
     fn frame(seq: u64, timeline: &Timeline) -> ServerDatagram {
         ServerDatagram::Beats(BeatFrame {
@@ -213,7 +351,7 @@ mod tests {
     fn stale_and_reordered_frames_never_apply_an_old_timeline() {
         let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
         let old = t.clone();
-        t.apply(ServerNanos(0), Change::Start, 1_000_000_000).unwrap();
+        t.apply(ServerNanos(0), Change::Start { count_in_bars: 0 }, 1_000_000_000).unwrap();
         let mut c = Client::new(clock::Config::default());
         assert_eq!(c.handle_datagram(ClientNanos(0), &frame(2, &t)), Handled::NewTimeline);
         assert_eq!(c.handle_datagram(ClientNanos(0), &frame(1, &old)), Handled::StaleTimeline);
@@ -226,11 +364,11 @@ mod tests {
     #[test]
     fn beats_are_placed_on_the_local_clock() {
         let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
-        t.apply(ServerNanos(0), Change::Start, 1_000_000_000).unwrap();
+        t.apply(ServerNanos(0), Change::Start { count_in_bars: 0 }, 1_000_000_000).unwrap();
         let mut c = Client::new(clock::Config::default());
         c.handle_timeline(&t.to_wire());
         // Local clock is 5 s behind the server; symmetric 1 ms paths.
-        let ClientDatagram::SyncRequest(req) = c.poll_datagram(ClientNanos(10_000_000)).unwrap();
+        let Some(ClientDatagram::SyncRequest(req)) = c.poll_datagram(ClientNanos(10_000_000)) else { panic!() };
         let reply =
             SyncReply { id: req.id, t0: req.t0, t1: ServerNanos(5_011_000_000), t2: ServerNanos(5_011_000_000) };
         assert_eq!(c.handle_datagram(ClientNanos(12_000_000), &ServerDatagram::SyncReply(reply)), Handled::Sample);
@@ -238,5 +376,135 @@ mod tests {
         let sched = c.schedule(ClientNanos(1_000_000_000), 1_000_000_000);
         assert_eq!(sched.iter().map(|b| b.index).collect::<Vec<_>>(), vec![10, 11]);
         assert_eq!(sched[0].local_at, ClientNanos(1_000_000_000));
+    }
+
+    const MS: u64 = 1_000_000;
+
+    fn welcome(playout_delay_nanos: u64) -> Welcome {
+        Welcome {
+            version: downbeat_protocol::PROTOCOL_VERSION,
+            member_id: 7,
+            role: downbeat_protocol::Role::Student,
+            room: downbeat_protocol::RoomInfo {
+                code: downbeat_protocol::BoundedString::truncating("K7QFM3XP"),
+                name: downbeat_protocol::BoundedString::truncating("Room 12"),
+                playout_delay_nanos,
+            },
+            timeline: Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap().to_wire(),
+            members: BoundedVec::new(),
+            lead_nanos: 1_500 * MS,
+            server_now: ServerNanos(0),
+            token_expires_at: 0,
+        }
+    }
+
+    /// A client with an 80 ms playout delay whose clock reads exactly 5 s behind the server's.
+    fn synced_client() -> Client {
+        let mut c = Client::new(clock::Config::default());
+        c.handle_welcome(&welcome(80 * MS));
+        let Some(ClientDatagram::SyncRequest(req)) = c.poll_datagram(ClientNanos(10 * MS)) else { panic!() };
+        let t = ServerNanos(5_011 * MS);
+        let reply = SyncReply { id: req.id, t0: req.t0, t1: t, t2: t };
+        assert_eq!(c.handle_datagram(ClientNanos(12 * MS), &ServerDatagram::SyncReply(reply)), Handled::Sample);
+        c
+    }
+
+    fn notes_of(d: &ClientDatagram) -> Vec<(u32, u64)> {
+        let ClientDatagram::Notes(notes) = d else { panic!("{d:?}") };
+        notes.iter().map(|n| (n.seq, n.played_at.0 / MS)).collect()
+    }
+
+    #[test]
+    fn played_notes_are_stamped_numbered_and_repeated_while_still_to_sound() {
+        let mut c = Client::new(clock::Config::default());
+        assert_eq!(c.play_note(ClientNanos(0), 60, 100, 0), None, "no clock estimate yet");
+        let mut c = synced_client();
+        assert_eq!(c.playout_delay_nanos(), 80 * MS);
+        let (note, d) = c.play_note(ClientNanos(1_000 * MS), 60, 100, 3).unwrap();
+        assert_eq!(note, Note { seq: 1, midi: 60, velocity: 100, instrument: 3, played_at: ServerNanos(6_000 * MS) });
+        assert_eq!(notes_of(&d), vec![(1, 6_000)]);
+        let d = c.play_note(ClientNanos(1_030 * MS), 62, 100, 3).unwrap().1;
+        assert_eq!(notes_of(&d), vec![(1, 6_000), (2, 6_030)]);
+        let d = c.play_note(ClientNanos(1_060 * MS), 64, 100, 3).unwrap().1;
+        assert_eq!(notes_of(&d), vec![(1, 6_000), (2, 6_030), (3, 6_060)]);
+        // Note 1 sounds at 6080 ms: at 6080 it is no longer repeated; two back at most.
+        let d = c.play_note(ClientNanos(1_080 * MS), 65, 100, 3).unwrap().1;
+        assert_eq!(notes_of(&d), vec![(2, 6_030), (3, 6_060), (4, 6_080)]);
+        let d = c.play_note(ClientNanos(2_000 * MS), 67, 100, 3).unwrap().1;
+        assert_eq!(notes_of(&d), vec![(5, 7_000)]);
+        // Ranges are the server's to check.
+        let (bad, _) = c.play_note(ClientNanos(2_000 * MS), 200, 0, 255).unwrap();
+        assert_eq!((bad.seq, bad.midi, bad.velocity, bad.instrument), (6, 200, 0, 255));
+        assert_eq!(c.stats().notes_sent, 6);
+    }
+
+    fn note_frame(from: u64, notes: &[(u32, u64)]) -> ServerDatagram {
+        note_frame_of(from, 1, notes)
+    }
+
+    fn note_frame_of(from: u64, generation: u32, notes: &[(u32, u64)]) -> ServerDatagram {
+        let notes = notes
+            .iter()
+            .map(|&(seq, ms)| Note { seq, midi: 60, velocity: 90, instrument: 0, played_at: ServerNanos(ms * MS) })
+            .collect();
+        ServerDatagram::Notes(NoteFrame { from, generation, notes: BoundedVec::try_from_vec(notes).unwrap() })
+    }
+
+    fn drain(c: &mut Client) -> Vec<(u64, u32, u64, u64)> {
+        std::iter::from_fn(|| c.poll_note())
+            .map(|n| (n.from, n.note.seq, n.server_at.0 / MS, n.local_at.0 / MS))
+            .collect()
+    }
+
+    #[test]
+    fn classmates_notes_are_scheduled_at_their_playout_instant_or_counted_late() {
+        let mut c = synced_client();
+        // Local 1000 ms is server 6000 ms. A note played at 5950 sounds at 6030 (local 1030).
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(3, &[(1, 5_950)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 0 });
+        assert_eq!(drain(&mut c), vec![(3, 1, 6_030, 1_030)]);
+        // Its copy plus a new note; a note whose instant is exactly now is late.
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(3, &[(1, 5_950), (2, 5_920), (3, 5_960)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 1, duplicates: 1 });
+        assert_eq!(drain(&mut c), vec![(3, 3, 6_040, 1_040)]);
+        // A reordered older note not seen before still counts; 0 is never a note.
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(5, &[(5, 5_990)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 0 });
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(5, &[(4, 5_985), (5, 5_990), (0, 5_990)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 2 });
+        assert_eq!(drain(&mut c), vec![(5, 5, 6_070, 1_070), (5, 4, 6_065, 1_065)], "in arrival order");
+        // Other senders number independently.
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(4, &[(1, 5_990), (2, 5_995)]));
+        assert_eq!(h, Handled::Notes { scheduled: 2, late: 0, duplicates: 0 });
+        assert_eq!(drain(&mut c), vec![(4, 1, 6_070, 1_070), (4, 2, 6_075, 1_075)]);
+        // The schedule margin: a note must arrive that much before its instant.
+        c.set_schedule_margin(10 * MS);
+        assert_eq!(c.schedule_margin_nanos(), 10 * MS);
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(4, &[(3, 5_930), (4, 5_931)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 1, duplicates: 0 });
+        assert_eq!(drain(&mut c), vec![(4, 4, 6_011, 1_011)]);
+        let s = c.stats();
+        assert_eq!((s.notes_scheduled, s.notes_late, s.notes_duplicate), (7, 2, 3));
+        // A member who left and came back numbers from 1 again.
+        c.forget_sender(4);
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame(4, &[(1, 5_999)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 0 });
+        // A classmate who reconnected (a newer generation) numbers from 1 again without any
+        // leave; late copies from their previous session are ignored.
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame_of(5, 2, &[(1, 5_991)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 0 });
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame_of(5, 1, &[(6, 5_992)]));
+        assert_eq!(h, Handled::Notes { scheduled: 0, late: 0, duplicates: 1 });
+        let h = c.handle_datagram(ClientNanos(1_000 * MS), &note_frame_of(5, 2, &[(1, 5_991), (2, 5_993)]));
+        assert_eq!(h, Handled::Notes { scheduled: 1, late: 0, duplicates: 1 });
+    }
+
+    #[test]
+    fn notes_before_the_clock_is_estimated_are_late() {
+        let mut c = Client::new(clock::Config::default());
+        c.handle_welcome(&welcome(80 * MS));
+        let h = c.handle_datagram(ClientNanos(0), &note_frame(3, &[(1, 0), (2, 1)]));
+        assert_eq!(h, Handled::Notes { scheduled: 0, late: 2, duplicates: 0 });
+        assert_eq!(c.poll_note(), None);
     }
 }

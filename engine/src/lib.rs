@@ -6,12 +6,18 @@
 //! - [`clock`]: the NTP-style clock-sync estimator every client runs (native and browser):
 //!   four timestamps per exchange, minimum-delay filtering, outlier rejection, drift by
 //!   regression, and a resync schedule that is faster while uncertain.
-//! - [`room`]: the server's per-room state machine: members, timeline changes, and paced beat
-//!   frames sent ahead of time.
+//! - [`room`]: the server's per-room state machine: members, timeline changes, paced beat
+//!   frames sent ahead of time, and students' notes (validated, de-duplicated, muted or
+//!   rate-limited, fanned out with redundancy).
 //! - [`client`]: the client state machine: clock sync plus the newest timeline, answering "at
-//!   what instant of my own clock does beat n sound".
+//!   what instant of my own clock does beat n sound"; it stamps the notes its student plays and
+//!   schedules classmates' notes at their shared playout instant.
+//! - [`notes`]: what a note's playout instant is, the range checks, redundancy and
+//!   de-duplication shared by both sides.
+//! - [`limit`]: an exact integer token bucket (per-member note rate).
 //! - [`sim`]: a deterministic simulation harness (virtual time, a lossy, jittery, asymmetric
-//!   network, client clocks with offset and drift) used by the tests and the benchmark.
+//!   network, client clocks with offset and drift) used by the tests and the benchmark; it
+//!   carries beats, clock sync and notes, and records the true instant every note sounds.
 //!
 //! What this crate deliberately does not do: it never reads a clock, sleeps, spawns, or touches
 //! a socket. Every entry point takes `now` as an argument (`handle_*`) and hands back what to
@@ -21,6 +27,8 @@
 
 pub mod client;
 pub mod clock;
+pub mod limit;
+pub mod notes;
 pub mod room;
 pub mod sim;
 pub mod timeline;

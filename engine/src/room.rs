@@ -1,4 +1,5 @@
-//! The server's per-room state machine: members, timeline changes, and paced beat frames.
+//! The server's per-room state machine: members, timeline changes, paced beat frames, and
+//! students' notes.
 //!
 //! For every member the room keeps its own send schedule: a frame every
 //! [`Config::send_interval_nanos`] while beats sound (or a change is pending), every
@@ -7,11 +8,21 @@
 //! costs nothing: any later one says everything. Members are scheduled independently, so a
 //! slow member never delays another; the I/O layer only ever hands frames to a non-blocking
 //! send.
+//!
+//! Notes ([`Room::handle_notes`]) are validated, de-duplicated by sequence number, dropped
+//! while the member is muted or beyond their rate limit (a [`TokenBucket`] per member), and
+//! fanned out as one [`NoteFrame`] for every other member, repeating the member's last
+//! [`notes::REDUNDANT_NOTES`] forwarded notes while they have yet to sound (see [`crate::notes`]).
 
 use std::collections::BTreeMap;
 
-use downbeat_protocol::{BeatFrame, BoundedVec, Change, ErrorCode, MAX_BEATS_PER_FRAME, MicroBpm, ServerNanos};
+use downbeat_protocol::{
+    BeatFrame, BoundedVec, Change, ErrorCode, MAX_BEATS_PER_FRAME, MAX_NOTES_PER_DATAGRAM, MicroBpm, Note, NoteFrame,
+    ServerNanos,
+};
 
+use crate::limit::TokenBucket;
+use crate::notes::{self, Recent};
 use crate::timeline::{Applied, Timeline, TimelineError};
 
 /// Room settings; the server passes them explicitly.
@@ -27,6 +38,16 @@ pub struct Config {
     pub beats_per_frame: usize,
     /// Most members.
     pub max_members: usize,
+    /// How long after a note's `played_at` every receiver sounds it (sent in the welcome).
+    pub playout_delay_nanos: u64,
+    /// Notes per second a member may sustain (their token bucket's refill rate).
+    pub notes_per_second: u32,
+    /// Notes a member may play in a burst (their token bucket's size).
+    pub note_burst: u32,
+    /// A note played longer ago than this is out of range.
+    pub note_past_window_nanos: u64,
+    /// A note played further in the future than this is out of range.
+    pub note_future_window_nanos: u64,
 }
 
 impl Default for Config {
@@ -37,11 +58,16 @@ impl Default for Config {
             idle_send_interval_nanos: 1_000_000_000,
             beats_per_frame: 8,
             max_members: 64,
+            playout_delay_nanos: 80_000_000,
+            notes_per_second: 20,
+            note_burst: 40,
+            note_past_window_nanos: 5_000_000_000,
+            note_future_window_nanos: 500_000_000,
         }
     }
 }
 
-/// A member could not join.
+/// A member operation was refused; nothing changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RoomError {
@@ -51,6 +77,9 @@ pub enum RoomError {
     /// Already a member.
     #[error("already a member")]
     AlreadyMember,
+    /// No such member.
+    #[error("no such member")]
+    NotMember,
 }
 
 impl RoomError {
@@ -59,6 +88,64 @@ impl RoomError {
         match self {
             Self::Full => ErrorCode::RoomFull,
             Self::AlreadyMember => ErrorCode::UnexpectedMessage,
+            Self::NotMember => ErrorCode::MemberNotFound,
+        }
+    }
+}
+
+/// Why a member's notes were not forwarded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NoteRefusal {
+    /// The sender is not a member of the room.
+    #[error("not a member of the room")]
+    NotMember,
+    /// The teacher muted the sender.
+    #[error("muted by the teacher")]
+    Muted,
+    /// A note's fields or time were out of range; the whole datagram was refused.
+    #[error("a note was out of range")]
+    OutOfRange,
+    /// The sender exceeded their note rate.
+    #[error("too many notes")]
+    RateLimited,
+}
+
+impl NoteRefusal {
+    /// The stable code.
+    pub const fn code(&self) -> ErrorCode {
+        match self {
+            Self::NotMember => ErrorCode::MemberNotFound,
+            Self::Muted => ErrorCode::Forbidden,
+            Self::OutOfRange => ErrorCode::NoteOutOfRange,
+            Self::RateLimited => ErrorCode::RateLimited,
+        }
+    }
+}
+
+/// What [`Room::handle_notes`] did with a datagram of notes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotesOutcome {
+    /// What to send to every member except `from`; None when nothing new was accepted.
+    pub forward: Option<NoteFrame>,
+    /// New notes accepted (and in `forward`).
+    pub accepted: u32,
+    /// Copies of notes already handled (redundancy), ignored.
+    pub duplicates: u32,
+    /// New notes not forwarded (muted or rate-limited); for a datagram refused whole (not a
+    /// member, out of range), every note in it.
+    pub dropped: u32,
+    /// Why notes were dropped, if any were.
+    pub refusal: Option<NoteRefusal>,
+}
+
+impl NotesOutcome {
+    fn refused(dropped: usize, refusal: NoteRefusal) -> Self {
+        Self {
+            forward: None,
+            accepted: 0,
+            duplicates: 0,
+            dropped: u32::try_from(dropped).unwrap_or(u32::MAX),
+            refusal: Some(refusal),
         }
     }
 }
@@ -72,10 +159,32 @@ pub struct Transmit {
     pub frame: BeatFrame,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct MemberState {
+    /// Which join of this member this is (see [`NoteFrame::generation`]).
+    generation: u32,
     next_send: ServerNanos,
     seq: u64,
+    muted: bool,
+    note_bucket: TokenBucket,
+    /// Highest note sequence number handled (accepted or dropped).
+    highest_note_seq: u32,
+    /// The last notes forwarded, repeated while they have yet to sound.
+    forwarded: Recent,
+}
+
+impl MemberState {
+    fn new(config: &Config, now: ServerNanos, generation: u32) -> Self {
+        Self {
+            generation,
+            next_send: now,
+            seq: 0,
+            muted: false,
+            note_bucket: TokenBucket::new(config.notes_per_second, config.note_burst, now.0),
+            highest_note_seq: 0,
+            forwarded: Recent::default(),
+        }
+    }
 }
 
 /// One room.
@@ -84,12 +193,14 @@ pub struct Room {
     config: Config,
     timeline: Timeline,
     members: BTreeMap<u64, MemberState>,
+    /// Joins so far: each membership's note generation.
+    joins: u32,
 }
 
 impl Room {
     /// A stopped room.
     pub fn new(config: Config, now: ServerNanos, tempo: MicroBpm, beats_per_bar: u8) -> Result<Self, TimelineError> {
-        Ok(Self { config, timeline: Timeline::new(now, tempo, beats_per_bar)?, members: BTreeMap::new() })
+        Ok(Self { config, timeline: Timeline::new(now, tempo, beats_per_bar)?, members: BTreeMap::new(), joins: 0 })
     }
 
     /// The room's settings.
@@ -105,11 +216,13 @@ impl Room {
         if self.members.len() >= self.config.max_members {
             return Err(RoomError::Full);
         }
-        self.members.insert(member, MemberState { next_send: now, seq: 0 });
+        self.joins = self.joins.wrapping_add(1);
+        self.members.insert(member, MemberState::new(&self.config, now, self.joins));
         Ok(())
     }
 
-    /// Removes a member; false if it was not one.
+    /// Removes a member and everything the room knew of them (mute, note rate and sequence
+    /// state); false if it was not one.
     pub fn leave(&mut self, member: u64) -> bool {
         self.members.remove(&member).is_some()
     }
@@ -127,6 +240,87 @@ impl Room {
     /// Member ids in ascending order.
     pub fn members(&self) -> impl Iterator<Item = u64> + '_ {
         self.members.keys().copied()
+    }
+
+    /// Mutes or unmutes `member`: a muted member's notes are dropped, not forwarded, and are
+    /// not replayed when they are unmuted.
+    pub fn set_muted(&mut self, member: u64, muted: bool) -> Result<(), RoomError> {
+        let state = self.members.get_mut(&member).ok_or(RoomError::NotMember)?;
+        state.muted = muted;
+        Ok(())
+    }
+
+    /// Whether `member` is muted; `None` if it is not a member.
+    pub fn is_muted(&self, member: u64) -> Option<bool> {
+        self.members.get(&member).map(|m| m.muted)
+    }
+
+    /// Takes a datagram of notes from member `from` at `now`.
+    ///
+    /// - Not a member: everything is dropped ([`NoteRefusal::NotMember`]).
+    /// - If any note is out of range (see [`notes::fields_in_range`]; `played_at` more than
+    ///   [`Config::note_past_window_nanos`] before or [`Config::note_future_window_nanos`] after
+    ///   `now`), or the datagram holds more than [`MAX_NOTES_PER_DATAGRAM`] notes, the whole
+    ///   datagram is refused ([`NoteRefusal::OutOfRange`]) and nothing changes: no tokens are
+    ///   taken, no sequence number advances.
+    /// - Notes are taken in sequence-number order. One at or below the highest sequence
+    ///   number already handled is a copy (redundancy) and is ignored.
+    /// - A new note from a muted member is dropped ([`NoteRefusal::Muted`]); one beyond the
+    ///   member's token bucket is dropped ([`NoteRefusal::RateLimited`]). Either way its
+    ///   sequence number is handled, so its copies are ignored and unmuting replays nothing.
+    /// - The frame to forward holds the new accepted notes, preceded by up to
+    ///   [`notes::REDUNDANT_NOTES`] notes forwarded before whose playout instant
+    ///   (`played_at + playout delay`) is still after `now`, oldest first, at most
+    ///   [`MAX_NOTES_PER_DATAGRAM`] (the newest win).
+    pub fn handle_notes(&mut self, now: ServerNanos, from: u64, notes: &[Note]) -> NotesOutcome {
+        let Self { config, members, .. } = self;
+        let Some(state) = members.get_mut(&from) else {
+            return NotesOutcome::refused(notes.len(), NoteRefusal::NotMember);
+        };
+        let in_range = |n: &Note| {
+            notes::fields_in_range(n)
+                && notes::time_in_range(n, now, config.note_past_window_nanos, config.note_future_window_nanos)
+        };
+        if notes.len() > MAX_NOTES_PER_DATAGRAM || !notes.iter().all(in_range) {
+            return NotesOutcome::refused(notes.len(), NoteRefusal::OutOfRange);
+        }
+        let mut sorted = notes.to_vec();
+        sorted.sort_by_key(|n| n.seq);
+        let mut outcome = NotesOutcome { forward: None, accepted: 0, duplicates: 0, dropped: 0, refusal: None };
+        let mut accepted = Vec::new();
+        for note in sorted {
+            if note.seq <= state.highest_note_seq {
+                outcome.duplicates += 1;
+                continue;
+            }
+            state.highest_note_seq = note.seq;
+            if state.muted {
+                outcome.dropped += 1;
+                outcome.refusal = Some(NoteRefusal::Muted);
+            } else if !state.note_bucket.try_take(now.0) {
+                outcome.dropped += 1;
+                outcome.refusal = Some(NoteRefusal::RateLimited);
+            } else {
+                accepted.push(note);
+            }
+        }
+        if accepted.is_empty() {
+            return outcome;
+        }
+        outcome.accepted = u32::try_from(accepted.len()).unwrap_or(u32::MAX);
+        let mut frame: Vec<Note> = state.forwarded.live(now, config.playout_delay_nanos).collect();
+        frame.extend_from_slice(&accepted);
+        let frame = frame.split_off(frame.len().saturating_sub(MAX_NOTES_PER_DATAGRAM));
+        for &note in &accepted {
+            state.forwarded.push(note);
+        }
+        // Cannot fail: at most the wire cap.
+        outcome.forward = Some(NoteFrame {
+            from,
+            generation: state.generation,
+            notes: BoundedVec::try_from_vec(frame).unwrap_or_default(),
+        });
+        outcome
     }
 
     /// The timeline.
@@ -213,7 +407,7 @@ mod tests {
         let mut r = room();
         r.join(ServerNanos(0), 1).unwrap();
         r.join(ServerNanos(30 * MS), 2).unwrap();
-        r.handle_change(ServerNanos(30 * MS), Change::Start).unwrap();
+        r.handle_change(ServerNanos(30 * MS), Change::Start { count_in_bars: 0 }).unwrap();
         let mut sent: Vec<(u64, u64, u64)> = Vec::new();
         let mut now = ServerNanos(30 * MS);
         while now.0 < 1_000 * MS {
@@ -240,7 +434,7 @@ mod tests {
         r.join(ServerNanos(0), 1).unwrap();
         assert!(r.poll_transmit(ServerNanos(0)).is_some());
         assert_eq!(r.poll_timeout(), Some(ServerNanos(1_000 * MS)));
-        r.handle_change(ServerNanos(10 * MS), Change::Start).unwrap();
+        r.handle_change(ServerNanos(10 * MS), Change::Start { count_in_bars: 0 }).unwrap();
         assert_eq!(r.poll_timeout(), Some(ServerNanos(10 * MS)));
         let t = r.poll_transmit(ServerNanos(10 * MS)).unwrap();
         assert_eq!(t.frame.timeline.epoch, 2);
@@ -250,5 +444,171 @@ mod tests {
     #[test]
     fn no_members_no_timeout() {
         assert_eq!(room().poll_timeout(), None);
+    }
+
+    const T: u64 = 10_000 * MS;
+
+    fn note(seq: u32, played_at: u64) -> Note {
+        Note { seq, midi: 60, velocity: 100, instrument: 0, played_at: ServerNanos(played_at) }
+    }
+
+    /// A room with members 1, 2 and 3 and the given note limits.
+    fn note_room(notes_per_second: u32, note_burst: u32) -> Room {
+        let config = Config { notes_per_second, note_burst, ..Config::default() };
+        let mut r = Room::new(config, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        for m in 1..=3 {
+            r.join(ServerNanos(0), m).unwrap();
+        }
+        r
+    }
+
+    fn seqs(outcome: &NotesOutcome) -> Vec<u32> {
+        outcome.forward.as_ref().map(|f| f.notes.iter().map(|n| n.seq).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn notes_are_forwarded_with_the_last_two_still_to_sound_and_copies_ignored() {
+        let mut r = note_room(20, 40);
+        let n = |seq: u32, ms: u64| note(seq, T + ms * MS);
+        let at = |ms: u64| ServerNanos(T + ms * MS + MS);
+
+        let o = r.handle_notes(at(0), 1, &[n(1, 0)]);
+        assert_eq!(o.forward.as_ref().unwrap().from, 1);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates, o.dropped, o.refusal), (vec![1], 1, 0, 0, None));
+        // The client repeats note 1; the server ignores its copy and repeats it itself.
+        let o = r.handle_notes(at(20), 1, &[n(1, 0), n(2, 20)]);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![1, 2], 1, 1));
+        let o = r.handle_notes(at(40), 1, &[n(1, 0), n(2, 20), n(3, 40)]);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![1, 2, 3], 1, 2), "two back, both still to sound");
+        // At 91 ms note 2 (sounds at 100 ms) is still to come, note 1 is not remembered.
+        let o = r.handle_notes(at(90), 1, &[n(2, 20), n(3, 40), n(4, 90)]);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![2, 3, 4], 1, 2));
+        // At 151 ms note 3 has sounded (120 ms): only note 4 (170 ms) is repeated.
+        let o = r.handle_notes(at(150), 1, &[n(5, 150)]);
+        assert_eq!(seqs(&o), vec![4, 5]);
+        // Long after, nothing is repeated.
+        let o = r.handle_notes(at(1_000), 1, &[n(6, 1_000)]);
+        assert_eq!(seqs(&o), vec![6]);
+        // Only copies: nothing to forward, and no refusal.
+        let o = r.handle_notes(at(1_010), 1, &[n(5, 150), n(6, 1_000)]);
+        assert_eq!((o.forward, o.accepted, o.duplicates, o.dropped, o.refusal), (None, 0, 2, 0, None));
+        // Out of order within a datagram: taken in sequence order, both new.
+        let o = r.handle_notes(at(1_020), 1, &[n(8, 1_020), n(7, 1_015)]);
+        assert_eq!((seqs(&o), o.accepted), (vec![6, 7, 8], 2));
+        // Each member has its own sequence numbers.
+        let o = r.handle_notes(at(1_020), 2, &[n(1, 1_020)]);
+        assert_eq!((seqs(&o), o.forward.unwrap().from), (vec![1], 2));
+    }
+
+    #[test]
+    fn the_forwarded_frame_is_capped_at_the_wire_limit() {
+        let mut r = note_room(100, 100);
+        r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T)]);
+        let eight: Vec<Note> = (3..=10).map(|s| note(s, T + MS)).collect();
+        let o = r.handle_notes(ServerNanos(T + MS), 1, &eight);
+        assert_eq!((seqs(&o), o.accepted), ((3..=10).collect(), 8), "the newest win");
+        let o = r.handle_notes(ServerNanos(T + 2 * MS), 1, &[note(11, T + 2 * MS)]);
+        assert_eq!(seqs(&o), vec![9, 10, 11]);
+    }
+
+    /// Sends `bad` from member 1 to one of two identical rooms, then the same good datagrams
+    /// to both: the outcomes must match (no tokens taken, no sequence number advanced).
+    fn refused_changes_nothing(bad: &[Note], expected: NoteRefusal) {
+        let (mut a, mut b) = (note_room(1, 3), note_room(1, 3));
+        let o = a.handle_notes(ServerNanos(T), 1, bad);
+        assert_eq!(o.refusal, Some(expected), "{bad:?}");
+        assert_eq!((o.forward, o.accepted, o.duplicates, o.dropped), (None, 0, 0, bad.len() as u32));
+        let good: Vec<Note> = (1..=4).map(|s| note(s, T)).collect();
+        for (now, notes) in [(T, &good[..]), (T + 1_000 * MS, &[note(5, T + 1_000 * MS)][..])] {
+            let (oa, ob) = (a.handle_notes(ServerNanos(now), 1, notes), b.handle_notes(ServerNanos(now), 1, notes));
+            assert_eq!(oa, ob, "{bad:?}");
+        }
+        // And what that was: the burst of 3, the fourth rate-limited, one more a second later.
+        let o = b.handle_notes(ServerNanos(T + 1_000 * MS), 1, &[note(6, T + 1_000 * MS)]);
+        assert_eq!(o.refusal, Some(NoteRefusal::RateLimited));
+    }
+
+    #[test]
+    fn out_of_range_datagrams_are_refused_whole_and_change_nothing() {
+        let past = Config::default().note_past_window_nanos;
+        let future = Config::default().note_future_window_nanos;
+        let good = note(1, T);
+        let bad = [
+            Note { midi: 128, ..note(2, T) },
+            Note { velocity: 0, ..note(2, T) },
+            Note { velocity: 128, ..note(2, T) },
+            Note { instrument: 128, ..note(2, T) },
+            note(0, T),
+            note(2, T - past - 1),
+            note(2, T + future + 1),
+        ];
+        for b in bad {
+            refused_changes_nothing(&[good, b], NoteRefusal::OutOfRange);
+        }
+        // More notes than a datagram can carry.
+        let nine: Vec<Note> = (1..=9).map(|s| note(s, T)).collect();
+        refused_changes_nothing(&nine, NoteRefusal::OutOfRange);
+        // The window's edges are in range.
+        let mut r = note_room(20, 40);
+        let o = r.handle_notes(ServerNanos(T), 1, &[note(1, T - past), note(2, T + future)]);
+        assert_eq!((o.accepted, o.refusal), (2, None));
+    }
+
+    #[test]
+    fn strangers_are_refused() {
+        let mut r = note_room(20, 40);
+        let o = r.handle_notes(ServerNanos(T), 99, &[note(1, T), note(2, T)]);
+        assert_eq!((o.forward, o.dropped, o.refusal), (None, 2, Some(NoteRefusal::NotMember)));
+        assert_eq!(r.set_muted(99, true), Err(RoomError::NotMember));
+        assert_eq!(r.is_muted(99), None);
+        assert_eq!(RoomError::NotMember.code(), ErrorCode::MemberNotFound);
+        assert_eq!(NoteRefusal::NotMember.code(), ErrorCode::MemberNotFound);
+        assert_eq!(NoteRefusal::Muted.code(), ErrorCode::Forbidden);
+        assert_eq!(NoteRefusal::OutOfRange.code(), ErrorCode::NoteOutOfRange);
+        assert_eq!(NoteRefusal::RateLimited.code(), ErrorCode::RateLimited);
+    }
+
+    #[test]
+    fn muted_notes_are_dropped_take_no_tokens_and_are_never_replayed() {
+        let mut r = note_room(1, 2);
+        assert_eq!(r.is_muted(1), Some(false));
+        r.set_muted(1, true).unwrap();
+        assert_eq!(r.is_muted(1), Some(true));
+        let five: Vec<Note> = (1..=5).map(|s| note(s, T)).collect();
+        let o = r.handle_notes(ServerNanos(T), 1, &five);
+        assert_eq!((o.forward, o.accepted, o.dropped, o.refusal), (None, 0, 5, Some(NoteRefusal::Muted)));
+        r.set_muted(1, false).unwrap();
+        // Copies of the muted notes are copies; the new ones use the untouched burst of 2.
+        let o = r.handle_notes(ServerNanos(T + MS), 1, &[note(4, T), note(5, T), note(6, T + MS), note(7, T + MS)]);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates, o.refusal), (vec![6, 7], 2, 2, None));
+        // Other members are unaffected by one member's mute.
+        r.set_muted(1, true).unwrap();
+        assert_eq!(r.handle_notes(ServerNanos(T + MS), 2, &[note(1, T)]).accepted, 1);
+    }
+
+    #[test]
+    fn a_flood_is_rate_limited_and_the_dropped_notes_stay_dropped() {
+        let mut r = note_room(1, 3);
+        let eight: Vec<Note> = (1..=8).map(|s| note(s, T)).collect();
+        let o = r.handle_notes(ServerNanos(T), 1, &eight);
+        assert_eq!((seqs(&o), o.accepted, o.dropped, o.refusal), (vec![1, 2, 3], 3, 5, Some(NoteRefusal::RateLimited)));
+        // A second later one token: a copy of a dropped note is a copy, a new note takes it.
+        let later = T + 1_000 * MS;
+        let o = r.handle_notes(ServerNanos(later), 1, &[note(8, T), note(9, later), note(10, later)]);
+        assert_eq!((seqs(&o), o.accepted, o.duplicates, o.dropped), (vec![9], 1, 1, 1));
+    }
+
+    #[test]
+    fn leaving_clears_the_member_s_note_state() {
+        let mut r = note_room(1, 2);
+        r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T), note(3, T)]);
+        r.set_muted(1, true).unwrap();
+        assert!(r.leave(1));
+        assert_eq!(r.is_muted(1), None);
+        r.join(ServerNanos(T), 1).unwrap();
+        assert_eq!(r.is_muted(1), Some(false));
+        // A new session numbers from 1 again, with a full bucket and nothing to repeat.
+        let o = r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T)]);
+        assert_eq!((seqs(&o), o.accepted, o.refusal), (vec![1, 2], 2, None));
     }
 }

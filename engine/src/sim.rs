@@ -8,19 +8,27 @@
 //! reordering follows from jitter. Everything draws from one seeded generator, so a run
 //! repeats exactly. Datagrams cross the simulated network encoded with the real codec.
 //!
+//! Notes: [`Sim::schedule_note`] has a client's student play a note at a true instant. The
+//! client's datagram crosses its uplink to the room ([`Room::handle_notes`]), whose frame
+//! crosses every other client's downlink, where that client schedules the note or counts it
+//! late. The harness records every note played ([`Sim::notes_played`]), every server outcome
+//! ([`Sim::server_notes`]) and, per note and receiver, the true instant the receiver will sound
+//! it or that it was late ([`Sim::notes_heard`]).
+//!
 //! Used by the engine's tests and by the benchmark harness.
 
 use std::cmp::Reverse;
-use std::collections::BinaryHeap;
+use std::collections::{BTreeSet, BinaryHeap};
 
 use downbeat_protocol::{
-    Change, ClientDatagram, ClientNanos, MicroBpm, ServerDatagram, ServerNanos, SyncReply, decode_client_datagram,
-    decode_server_datagram, encode_client_datagram, encode_server_datagram,
+    BoundedString, BoundedVec, Change, ClientDatagram, ClientNanos, MicroBpm, Note, PROTOCOL_VERSION, Role, RoomInfo,
+    ServerDatagram, ServerNanos, SyncReply, Welcome, decode_client_datagram, decode_server_datagram,
+    encode_client_datagram, encode_server_datagram,
 };
 
-use crate::client::Client;
+use crate::client::{Client, Handled};
 use crate::clock;
-use crate::room::{self, Room};
+use crate::room::{self, NotesOutcome, Room};
 use crate::timeline::TimelineError;
 
 /// Nanoseconds in a millisecond.
@@ -318,6 +326,58 @@ pub struct NetStats {
     pub max_datagram_len: usize,
 }
 
+/// A note a simulated student played.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlayedNote {
+    /// The client (its index, also its member id).
+    pub client: usize,
+    /// The true instant it was played.
+    pub true_at: u64,
+    /// The note as stamped, or `None` if the client could not stamp it (clock not estimated).
+    pub note: Option<Note>,
+}
+
+/// What a receiver did with the first copy of a note to reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Hearing {
+    /// Scheduled: it will sound at this true instant (its local instant, converted back to
+    /// true time with the receiver's clock).
+    Scheduled {
+        /// The true instant it sounds.
+        true_at: u64,
+        /// The receiver's local instant it sounds.
+        local_at: ClientNanos,
+    },
+    /// It arrived too late to schedule.
+    Late,
+}
+
+/// A note reaching a receiver for the first time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeardNote {
+    /// The client that received it.
+    pub receiver: usize,
+    /// Who played it (member id).
+    pub from: u64,
+    /// The note.
+    pub note: Note,
+    /// The true instant it arrived.
+    pub arrived_at: u64,
+    /// Scheduled or late.
+    pub hearing: Hearing,
+}
+
+/// The room's outcome for one note datagram.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerNotes {
+    /// The true (server) instant it was handled.
+    pub at: u64,
+    /// The client that sent it.
+    pub from: usize,
+    /// What the room did.
+    pub outcome: NotesOutcome,
+}
+
 /// Server and clients on virtual time. See the module docs.
 #[derive(Debug)]
 pub struct Sim {
@@ -331,6 +391,14 @@ pub struct Sim {
     change_results: Vec<(u64, Result<crate::timeline::Applied, TimelineError>)>,
     stats: NetStats,
     server_hold_nanos: u64,
+    /// Notes to play: `(true time, order asked, client, midi)`, latest first.
+    notes_to_play: Vec<(u64, u64, usize, u8)>,
+    notes_asked: u64,
+    notes_played: Vec<PlayedNote>,
+    server_notes: Vec<ServerNotes>,
+    notes_heard: Vec<HeardNote>,
+    /// `(receiver, from, seq)` of every note that reached a receiver.
+    heard_once: BTreeSet<(usize, u64, u32)>,
 }
 
 impl Sim {
@@ -351,7 +419,21 @@ impl Sim {
             .map(|(i, (clock, profile))| {
                 room.join(ServerNanos(0), i as u64).expect("room large enough");
                 let mut client = Client::new(clock_config.clone());
-                client.handle_timeline(&room.timeline().to_wire());
+                client.handle_welcome(&Welcome {
+                    version: PROTOCOL_VERSION,
+                    member_id: i as u64,
+                    role: Role::Student,
+                    room: RoomInfo {
+                        code: BoundedString::truncating("SIMROOM"),
+                        name: BoundedString::truncating("Simulated room"),
+                        playout_delay_nanos: room.config().playout_delay_nanos,
+                    },
+                    timeline: room.timeline().to_wire(),
+                    members: BoundedVec::new(),
+                    lead_nanos: room.config().lead_nanos,
+                    server_now: ServerNanos(0),
+                    token_expires_at: 0,
+                });
                 SimClient { client, clock, profile, up: PathState::default(), down: PathState::default() }
             })
             .collect();
@@ -366,6 +448,12 @@ impl Sim {
             change_results: Vec::new(),
             stats: NetStats::default(),
             server_hold_nanos: 20_000,
+            notes_to_play: Vec::new(),
+            notes_asked: 0,
+            notes_played: Vec::new(),
+            server_notes: Vec::new(),
+            notes_heard: Vec::new(),
+            heard_once: BTreeSet::new(),
         }
     }
 
@@ -379,9 +467,43 @@ impl Sim {
         &self.room
     }
 
+    /// The room, to act as the teacher would (mute, say) between runs.
+    pub fn room_mut(&mut self) -> &mut Room {
+        &mut self.room
+    }
+
     /// The clients.
     pub fn clients(&self) -> &[SimClient] {
         &self.clients
+    }
+
+    /// The clients, to change their settings (or paths) between runs.
+    pub fn clients_mut(&mut self) -> &mut [SimClient] {
+        &mut self.clients
+    }
+
+    /// Has client `client`'s student play MIDI note `midi` (velocity 100, instrument 0) at
+    /// true time `at`. Notes asked for the same instant are played in the order asked.
+    pub fn schedule_note(&mut self, at: u64, client: usize, midi: u8) {
+        self.notes_asked += 1;
+        self.notes_to_play.push((at, self.notes_asked, client, midi));
+        self.notes_to_play.sort_by_key(|&(at, order, _, _)| Reverse((at, order)));
+    }
+
+    /// Every note played so far, in order.
+    pub fn notes_played(&self) -> &[PlayedNote] {
+        &self.notes_played
+    }
+
+    /// The room's outcome for every note datagram it received, in order.
+    pub fn server_notes(&self) -> &[ServerNotes] {
+        &self.server_notes
+    }
+
+    /// Every note that reached a receiver, once per note and receiver (copies are not
+    /// recorded), in order of arrival.
+    pub fn notes_heard(&self) -> &[HeardNote] {
+        &self.notes_heard
     }
 
     /// Network counters.
@@ -436,6 +558,9 @@ impl Sim {
             if let Some(&(at, _)) = self.changes.last() {
                 next = next.min(at);
             }
+            if let Some(&(at, ..)) = self.notes_to_play.last() {
+                next = next.min(at);
+            }
             for i in 0..self.clients.len() {
                 next = next.min(self.client_wake(i));
             }
@@ -456,11 +581,16 @@ impl Sim {
                 self.change_results.push((at, result));
             }
         }
+        while self.notes_to_play.last().is_some_and(|n| n.0 <= now) {
+            if let Some((_, _, client, midi)) = self.notes_to_play.pop() {
+                self.play_note(client, midi);
+            }
+        }
         while self.queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
             let Some(Reverse((_, _, packet))) = self.queue.pop() else { break };
             match packet {
-                Packet::ToServer { client, bytes } => {
-                    if let Ok(ClientDatagram::SyncRequest(req)) = decode_client_datagram(&bytes) {
+                Packet::ToServer { client, bytes } => match decode_client_datagram(&bytes) {
+                    Ok(ClientDatagram::SyncRequest(req)) => {
                         let t1 = ServerNanos(now);
                         let reply = SyncReply { id: req.id, t0: req.t0, t1, t2: t1.add_nanos(self.server_hold_nanos) };
                         if let Ok(bytes) = encode_server_datagram(&ServerDatagram::SyncReply(reply)) {
@@ -470,11 +600,12 @@ impl Sim {
                             self.now = now;
                         }
                     }
-                }
+                    Ok(ClientDatagram::Notes(notes)) => self.server_handle_notes(client, &notes),
+                    Err(_) => {}
+                },
                 Packet::ToClient { client, bytes } => {
-                    let c = &mut self.clients[client];
                     if let Ok(d) = decode_server_datagram(&bytes) {
-                        c.client.handle_datagram(c.clock.local_at(now), &d);
+                        self.client_handle(client, &d);
                     }
                 }
             }
@@ -492,6 +623,66 @@ impl Sim {
                 }
             }
         }
+    }
+
+    fn play_note(&mut self, client: usize, midi: u8) {
+        let now = self.now;
+        let c = &mut self.clients[client];
+        let played = c.client.play_note(c.clock.local_at(now), midi, 100, 0);
+        self.notes_played.push(PlayedNote { client, true_at: now, note: played.as_ref().map(|p| p.0) });
+        if let Some((_, datagram)) = played
+            && let Ok(bytes) = encode_client_datagram(&datagram)
+        {
+            self.send(client, true, bytes);
+        }
+    }
+
+    fn server_handle_notes(&mut self, client: usize, notes: &[Note]) {
+        let outcome = self.room.handle_notes(ServerNanos(self.now), client as u64, notes);
+        if let Some(frame) = &outcome.forward
+            && let Ok(bytes) = encode_server_datagram(&ServerDatagram::Notes(frame.clone()))
+        {
+            let to: Vec<u64> = self.room.members().filter(|&m| m != frame.from).collect();
+            for member in to {
+                self.send(member as usize, false, bytes.clone());
+            }
+        }
+        self.server_notes.push(ServerNotes { at: self.now, from: client, outcome });
+    }
+
+    fn client_handle(&mut self, i: usize, datagram: &ServerDatagram) {
+        let now = self.now;
+        let c = &mut self.clients[i];
+        let handled = c.client.handle_datagram(c.clock.local_at(now), datagram);
+        let ServerDatagram::Notes(frame) = datagram else { return };
+        let mut scheduled = Vec::new();
+        while let Some(n) = c.client.poll_note() {
+            scheduled.push(n);
+        }
+        let mut counts = (0u32, 0u32, 0u32);
+        for &note in frame.notes.iter() {
+            if !self.heard_once.insert((i, frame.from, note.seq)) {
+                counts.2 += 1;
+                continue;
+            }
+            let hearing = match scheduled.iter().find(|s| s.from == frame.from && s.note == note) {
+                Some(s) => {
+                    counts.0 += 1;
+                    Hearing::Scheduled { true_at: c.clock.true_at(s.local_at), local_at: s.local_at }
+                }
+                None => {
+                    counts.1 += 1;
+                    Hearing::Late
+                }
+            };
+            self.notes_heard.push(HeardNote { receiver: i, from: frame.from, note, arrived_at: now, hearing });
+        }
+        // The harness's own accounting agrees with the client's.
+        debug_assert_eq!(
+            handled,
+            Handled::Notes { scheduled: counts.0, late: counts.1, duplicates: counts.2 },
+            "client {i} at {now}"
+        );
     }
 
     /// Client `i`'s estimate of the server clock minus the truth, now, in ns.

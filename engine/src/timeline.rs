@@ -21,6 +21,8 @@ pub const MAX_TEMPO: MicroBpm = MicroBpm::from_bpm(300);
 pub const MIN_BEATS_PER_BAR: u8 = 1;
 /// Most beats per bar.
 pub const MAX_BEATS_PER_BAR: u8 = 16;
+/// Most bars of count-in a start may ask for.
+pub const MAX_COUNT_IN_BARS: u8 = 8;
 /// Most segments (in force plus announced) a timeline holds.
 pub const MAX_SEGMENTS: usize = wire::MAX_SEGMENTS;
 
@@ -49,6 +51,12 @@ pub enum TimelineError {
     /// Stop asked while stopped (or with a stop already announced).
     #[error("the room is not running")]
     NotRunning,
+    /// Count-in longer than [`MAX_COUNT_IN_BARS`].
+    #[error("{bars} bars of count-in is more than 8")]
+    CountInOutOfRange {
+        /// What was asked for.
+        bars: u8,
+    },
     /// The timeline already holds [`MAX_SEGMENTS`] segments.
     #[error("too many changes are waiting to take effect")]
     TooManyPendingChanges,
@@ -66,6 +74,7 @@ impl TimelineError {
             Self::AlreadyRunning => ErrorCode::AlreadyRunning,
             Self::NotRunning => ErrorCode::NotRunning,
             Self::TooManyPendingChanges => ErrorCode::TooManyPendingChanges,
+            Self::CountInOutOfRange { .. } => ErrorCode::BadRequest,
             Self::Malformed(_) => ErrorCode::MalformedFrame,
         }
     }
@@ -85,6 +94,14 @@ pub const fn check_meter(beats_per_bar: u8) -> Result<u8, TimelineError> {
         return Err(TimelineError::MeterOutOfRange { beats_per_bar });
     }
     Ok(beats_per_bar)
+}
+
+/// Checks a count-in length.
+pub const fn check_count_in(bars: u8) -> Result<u8, TimelineError> {
+    if bars > MAX_COUNT_IN_BARS {
+        return Err(TimelineError::CountInOutOfRange { bars });
+    }
+    Ok(bars)
 }
 
 /// Converts a floating-point BPM (as typed by a person or sent as JSON) to an exact tempo,
@@ -111,6 +128,8 @@ pub struct Segment {
     pub beats_per_bar: u8,
     /// Whether beats sound.
     pub running: bool,
+    /// Bars of count-in at the start of this segment (see [`wire::Segment::count_in_bars`]).
+    pub count_in_bars: u8,
 }
 
 fn clamp_u64(v: i128) -> u64 {
@@ -165,14 +184,35 @@ impl Segment {
         if into_bar == 0 { beat } else { beat.saturating_add(bpb - into_bar) }
     }
 
+    /// Whether `beat` (of this segment) is a count-in click.
+    pub fn is_count_in(&self, beat: i64) -> bool {
+        let count_in = i128::from(self.count_in_bars) * i128::from(self.beats_per_bar);
+        let k = i128::from(beat) - i128::from(self.start_beat);
+        (0..count_in).contains(&k)
+    }
+
     fn with_change(mut self, change: Change) -> Self {
         match change {
             Change::SetTempo(t) => self.tempo = t,
             Change::SetMeter(m) => self.beats_per_bar = m,
-            Change::Start => self.running = true,
-            Change::Stop => self.running = false,
+            Change::Start { count_in_bars } => {
+                self.running = true;
+                self.count_in_bars = count_in_bars;
+            }
+            Change::Stop => {
+                self.running = false;
+                self.count_in_bars = 0;
+            }
         }
         self
+    }
+
+    /// The segment continuing this one from `start_beat` (a downbeat of this segment): the
+    /// count-in bars not yet played carry over.
+    fn continued_at(self, start: ServerNanos, start_beat: i64) -> Self {
+        let bpb = i64::from(self.beats_per_bar.max(1));
+        let bars_played = (start_beat.saturating_sub(self.start_beat) / bpb).clamp(0, 255) as u8;
+        Self { start, start_beat, count_in_bars: self.count_in_bars.saturating_sub(bars_played), ..self }
     }
 
     fn to_wire(self) -> wire::Segment {
@@ -182,6 +222,7 @@ impl Segment {
             tempo: self.tempo,
             beats_per_bar: self.beats_per_bar,
             running: self.running,
+            count_in_bars: self.count_in_bars,
         }
     }
 }
@@ -195,6 +236,13 @@ pub struct Applied {
     pub effective_at: ServerNanos,
     /// The beat at which it takes effect (a downbeat).
     pub effective_beat: i64,
+}
+
+impl Applied {
+    /// The wire form.
+    pub fn to_wire(self) -> wire::Applied {
+        wire::Applied { epoch: self.epoch, effective_at: self.effective_at, effective_beat: self.effective_beat }
+    }
 }
 
 /// A room's timeline: the segment in force plus announced changes, and an epoch that grows
@@ -213,7 +261,14 @@ impl Timeline {
         check_meter(beats_per_bar)?;
         Ok(Self {
             epoch: 1,
-            segments: vec![Segment { start: now, start_beat: 0, tempo, beats_per_bar, running: false }],
+            segments: vec![Segment {
+                start: now,
+                start_beat: 0,
+                tempo,
+                beats_per_bar,
+                running: false,
+                count_in_bars: 0,
+            }],
         })
     }
 
@@ -223,6 +278,7 @@ impl Timeline {
         for s in timeline.segments.iter() {
             check_tempo(s.tempo)?;
             check_meter(s.beats_per_bar)?;
+            check_count_in(s.count_in_bars)?;
             if let Some(prev) = segments.last().copied() {
                 let prev: Segment = prev;
                 if s.start <= prev.start {
@@ -238,6 +294,7 @@ impl Timeline {
                 tempo: s.tempo,
                 beats_per_bar: s.beats_per_bar,
                 running: s.running,
+                count_in_bars: s.count_in_bars,
             });
         }
         if segments.is_empty() {
@@ -326,7 +383,12 @@ impl Timeline {
             let end_beat = next.map_or(i64::MAX, |n| n.start_beat);
             let first = if lo < hi { s.beat_ceil_at(lo) } else { end_beat };
             (first..end_beat)
-                .map(move |b| wire::Beat { index: b, at: s.time_of(b), beat_in_bar: s.beat_in_bar(b) })
+                .map(move |b| wire::Beat {
+                    index: b,
+                    at: s.time_of(b),
+                    beat_in_bar: s.beat_in_bar(b),
+                    count_in: s.is_count_in(b),
+                })
                 .take_while(move |b| b.at < hi)
         })
     }
@@ -350,9 +412,12 @@ impl Timeline {
             Change::SetMeter(m) => {
                 check_meter(m)?;
             }
-            Change::Start if self.last().running => return Err(TimelineError::AlreadyRunning),
+            Change::Start { .. } if self.last().running => return Err(TimelineError::AlreadyRunning),
+            Change::Start { count_in_bars } => {
+                check_count_in(count_in_bars)?;
+            }
             Change::Stop if !self.last().running => return Err(TimelineError::NotRunning),
-            Change::Start | Change::Stop => {}
+            Change::Stop => {}
         }
         let earliest = now.add_nanos(lead_nanos);
         let last = *self.last();
@@ -374,7 +439,7 @@ impl Timeline {
                 return Err(TimelineError::TooManyPendingChanges);
             }
             self.prune(now);
-            self.segments.push(Segment { start, start_beat, ..last }.with_change(change));
+            self.segments.push(last.continued_at(start, start_beat).with_change(change));
         }
         self.epoch += 1;
         let applied = self.last();
@@ -390,7 +455,7 @@ mod tests {
 
     fn running(bpm: u32, bpb: u8) -> Timeline {
         let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(bpm), bpb).unwrap();
-        t.apply(ServerNanos(0), Change::Start, SEC).unwrap();
+        t.apply(ServerNanos(0), Change::Start { count_in_bars: 0 }, SEC).unwrap();
         t
     }
 
@@ -440,7 +505,7 @@ mod tests {
         );
         check_refused(Change::SetMeter(0), TimelineError::MeterOutOfRange { beats_per_bar: 0 });
         check_refused(Change::SetMeter(17), TimelineError::MeterOutOfRange { beats_per_bar: 17 });
-        check_refused(Change::Start, TimelineError::AlreadyRunning);
+        check_refused(Change::Start { count_in_bars: 0 }, TimelineError::AlreadyRunning);
         assert!(Timeline::new(ServerNanos(0), MicroBpm::from_bpm(301), 4).is_err());
         assert!(tempo_from_bpm_f64(f64::NAN).is_err());
         assert!(tempo_from_bpm_f64(19.9).is_err());
@@ -479,7 +544,7 @@ mod tests {
         assert_eq!(t.time_of(4), None);
         let now = ServerNanos(start.0 + 10 * SEC);
         assert_eq!(t.beats_in(ServerNanos(0), now).count(), 4);
-        let go = t.apply(now, Change::Start, SEC).unwrap();
+        let go = t.apply(now, Change::Start { count_in_bars: 0 }, SEC).unwrap();
         assert_eq!((go.effective_beat, go.effective_at), (4, ServerNanos(now.0 + SEC)));
         assert_eq!(t.time_of(4), Some(ServerNanos(now.0 + SEC)));
         assert_eq!(t.time_of(3), None, "history before the restart is pruned");
@@ -542,6 +607,36 @@ mod tests {
     }
 
     #[test]
+    fn count_in_marks_the_first_bars_and_survives_a_tempo_change() {
+        let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        assert_eq!(
+            t.apply(ServerNanos(0), Change::Start { count_in_bars: 9 }, SEC),
+            Err(TimelineError::CountInOutOfRange { bars: 9 })
+        );
+        assert_eq!(t.epoch(), 1, "a refused start changes nothing");
+        let go = t.apply(ServerNanos(0), Change::Start { count_in_bars: 2 }, SEC).unwrap();
+        let beats: Vec<_> = t.beats_in(ServerNanos(0), ServerNanos(7 * SEC)).collect();
+        assert_eq!(beats[0].index, go.effective_beat);
+        let count_in: Vec<_> = beats.iter().map(|b| b.count_in).collect();
+        assert_eq!(count_in.iter().filter(|c| **c).count(), 8, "two bars of four");
+        assert!(count_in[..8].iter().all(|c| *c) && !count_in[8..].iter().any(|c| *c));
+        // A tempo change after the first bar of count-in keeps the second bar as count-in.
+        let change = t.apply(ServerNanos(SEC + SEC / 10), Change::SetTempo(MicroBpm::from_bpm(60)), SEC).unwrap();
+        assert_eq!(change.effective_beat, go.effective_beat + 4);
+        let beats: Vec<_> = t.beats_in(ServerNanos(0), ServerNanos(20 * SEC)).collect();
+        let count_in = beats.iter().filter(|b| b.count_in).count();
+        assert_eq!(count_in, 8);
+        assert!(beats.iter().take_while(|b| b.count_in).count() == 8);
+        // A stop clears it; the next start without count-in has none.
+        let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        t.apply(ServerNanos(0), Change::Start { count_in_bars: 1 }, SEC).unwrap();
+        t.apply(ServerNanos(5 * SEC), Change::Stop, SEC).unwrap();
+        assert_eq!(t.last().count_in_bars, 0);
+        let wire = t.to_wire();
+        assert_eq!(Timeline::from_wire(&wire).unwrap(), t);
+    }
+
+    #[test]
     fn extreme_values_do_not_panic() {
         let s = Segment {
             start: ServerNanos(u64::MAX),
@@ -549,7 +644,9 @@ mod tests {
             tempo: MicroBpm(1),
             beats_per_bar: 1,
             running: true,
+            count_in_bars: 255,
         };
+        let _ = s.is_count_in(i64::MIN);
         let _ = s.time_of(i64::MIN);
         let _ = s.beat_floor_at(ServerNanos(0));
         let _ = s.downbeat_at_or_after(i64::MAX);

@@ -1,18 +1,27 @@
-//! Clock sync and beat placement on virtual time: a room, 30 clients with clocks offset by up
-//! to +-500 ms and drifting up to +-100 ppm, over simulated networks.
+//! Clock sync, beat placement and notes on virtual time: a room, 30 clients with clocks offset
+//! by up to +-500 ms and drifting up to +-100 ppm, over simulated networks.
 
 use downbeat_engine::clock;
-use downbeat_engine::room;
-use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
+use downbeat_engine::room::{self, NoteRefusal};
+use downbeat_engine::sim::{ClockModel, Hearing, MS, Profile, Rng, SEC, Sim};
 use downbeat_protocol::{Change, MicroBpm};
 
 const CLIENTS: usize = 30;
 
 fn sim_with(seed: u64, profile: impl Fn(usize, &mut Rng) -> Profile) -> Sim {
+    sim_with_config(seed, room::Config::default(), CLIENTS, profile)
+}
+
+fn sim_with_config(
+    seed: u64,
+    config: room::Config,
+    clients: usize,
+    profile: impl Fn(usize, &mut Rng) -> Profile,
+) -> Sim {
     let mut rng = Rng::new(seed ^ 0xd0_57);
     let clients =
-        (0..CLIENTS).map(|i| (ClockModel::random(&mut rng, 500 * MS as i64, 100.0), profile(i, &mut rng))).collect();
-    Sim::new(seed, room::Config::default(), &clock::Config::default(), MicroBpm::from_bpm(120), 4, clients)
+        (0..clients).map(|i| (ClockModel::random(&mut rng, 500 * MS as i64, 100.0), profile(i, &mut rng))).collect();
+    Sim::new(seed, config, &clock::Config::default(), MicroBpm::from_bpm(120), 4, clients)
 }
 
 /// Absolute offset errors of all clients, sampled every 100 ms in `[from, to)`, sorted.
@@ -92,7 +101,7 @@ fn heavy_loss_and_reordering_still_converge() {
         p.down.loss = 0.33;
         p
     });
-    sim.schedule_change(0, Change::Start);
+    sim.schedule_change(0, Change::Start { count_in_bars: 0 });
     let worst = worst_error(&mut sim, 3 * SEC, 60 * SEC);
     assert!(worst <= 1_000 * 1_000, "worst {worst} ns");
     assert!(sim.net_stats().lost > sim.net_stats().sent / 4);
@@ -103,7 +112,7 @@ fn heavy_loss_and_reordering_still_converge() {
 #[test]
 fn every_client_sounds_each_beat_at_the_same_true_instant() {
     let mut sim = sim_with(6, |i, _| Profile::classroom_wifi(i % 10 < 3));
-    sim.schedule_change(SEC, Change::Start);
+    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
     sim.run_until(10 * SEC);
     let timeline = sim.room().timeline().clone();
     let mut spreads = Vec::new();
@@ -132,7 +141,7 @@ fn every_client_sounds_each_beat_at_the_same_true_instant() {
 fn tempo_and_meter_changes_land_on_the_same_bar_boundary_in_every_client() {
     let mut rng = Rng::new(77);
     let mut sim = sim_with(7, |i, _| Profile::classroom_wifi(i % 10 < 3));
-    sim.schedule_change(SEC, Change::Start);
+    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
     // A teacher changing things at odd moments, sometimes twice in quick succession.
     let mut at = 3 * SEC;
     for k in 0..12 {
@@ -189,7 +198,7 @@ fn tempo_and_meter_changes_land_on_the_same_bar_boundary_in_every_client() {
 fn the_timeline_does_not_drift_over_100k_beats() {
     let mut sim = sim_with(8, |_, _| Profile::lan());
     sim.schedule_change(0, Change::SetTempo(MicroBpm::from_bpm(130)));
-    sim.schedule_change(SEC, Change::Start);
+    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
     sim.run_until(5 * SEC);
     let t = sim.room().timeline().clone();
     let seg = *t.last();
@@ -200,4 +209,272 @@ fn the_timeline_does_not_drift_over_100k_beats() {
     assert!((u128::from(got) * 1000).abs_diff(ideal_ps) < 1_000_000, "{got} ns");
     // And clients agree on it to the nanosecond (same math, same timeline).
     assert_eq!(sim.clients()[0].client.timeline().unwrap().time_of(beat), t.time_of(beat));
+}
+
+/// Starts the beat at 1 s and runs to 3 s; every client is synced by then.
+fn start_and_sync(sim: &mut Sim) {
+    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
+    sim.run_until(3 * SEC);
+    let now = sim.now();
+    for (i, c) in sim.clients().iter().enumerate() {
+        assert!(c.client.is_synced(c.clock.local_at(now)), "client {i} synced");
+    }
+}
+
+/// Has `client` play a note every `min..max` ms (uniformly drawn) in `[from, to)`; the count.
+fn play_notes(sim: &mut Sim, rng: &mut Rng, client: usize, from: u64, to: u64, min_ms: f64, max_ms: f64) -> usize {
+    let (mut at, mut n) = (from, 0);
+    while at < to {
+        sim.schedule_note(at, client, 48 + (n % 24) as u8);
+        at += (rng.range(min_ms, max_ms) * MS as f64) as u64;
+        n += 1;
+    }
+    n
+}
+
+/// What every receiver did with one sender's notes.
+#[derive(Debug, Default)]
+struct Playout {
+    /// Notes the sender played.
+    played: usize,
+    /// (Note, receiver) pairs that reached the receiver.
+    delivered: usize,
+    scheduled: usize,
+    late: usize,
+    /// Per note heard on time by at least two receivers: latest minus earliest true sounding
+    /// instant, sorted.
+    spreads: Vec<u64>,
+    /// Largest distance of a true sounding instant from `played_at + delay`.
+    worst_from_target: u64,
+}
+
+impl Playout {
+    fn p99_spread(&self) -> u64 {
+        self.spreads[self.spreads.len() * 99 / 100]
+    }
+
+    fn median_spread(&self) -> u64 {
+        self.spreads[self.spreads.len() / 2]
+    }
+
+    fn max_spread(&self) -> u64 {
+        *self.spreads.last().unwrap()
+    }
+}
+
+/// Checks and measures how everyone heard `sender`'s notes.
+fn playout_of(sim: &Sim, sender: usize) -> Playout {
+    let delay = sim.room().config().playout_delay_nanos;
+    let mut p = Playout::default();
+    let heard = sim.notes_heard();
+    assert!(heard.iter().all(|h| h.from != h.receiver as u64), "nobody hears their own notes");
+    for played in sim.notes_played().iter().filter(|n| n.client == sender) {
+        let note = played.note.expect("stamped: the sender is synced");
+        p.played += 1;
+        let target = note.played_at.0 + delay;
+        let mut instants = Vec::new();
+        for h in heard.iter().filter(|h| h.from == sender as u64 && h.note.seq == note.seq) {
+            assert_eq!(h.note, note);
+            p.delivered += 1;
+            match h.hearing {
+                Hearing::Scheduled { true_at, .. } => {
+                    p.scheduled += 1;
+                    assert!(true_at > h.arrived_at, "scheduled in the future: {h:?}");
+                    p.worst_from_target = p.worst_from_target.max(true_at.abs_diff(target));
+                    instants.push(true_at);
+                }
+                Hearing::Late => {
+                    p.late += 1;
+                    // Really late (to within the receiver's clock error), not a false alarm.
+                    assert!(h.arrived_at + MS >= target, "late but arrived {} ns early", target - h.arrived_at);
+                }
+            }
+        }
+        if let (Some(lo), Some(hi)) = (instants.iter().min(), instants.iter().max())
+            && instants.len() > 1
+        {
+            p.spreads.push(hi - lo);
+        }
+    }
+    p.spreads.sort_unstable();
+    // The harness's records agree with the clients' own counters.
+    let stats: Vec<_> = sim.clients().iter().map(|c| c.client.stats()).collect();
+    let receivers_scheduled: u64 = stats.iter().map(|s| s.notes_scheduled).sum();
+    let receivers_late: u64 = stats.iter().map(|s| s.notes_late).sum();
+    assert_eq!(receivers_scheduled as usize + receivers_late as usize, p.delivered, "scheduled + late == delivered");
+    assert_eq!((receivers_scheduled as usize, receivers_late as usize), (p.scheduled, p.late));
+    assert_eq!(stats[sender].notes_sent as usize, p.played);
+    p
+}
+
+fn notes_sound_together(name: &str, seeds: &[u64], profile: impl Fn(usize, &mut Rng) -> Profile + Copy) -> Playout {
+    let mut all = Playout::default();
+    for &seed in seeds {
+        let mut sim = sim_with(seed, profile);
+        start_and_sync(&mut sim);
+        let mut rng = Rng::new(seed);
+        let played = play_notes(&mut sim, &mut rng, 0, 3 * SEC, 23 * SEC, 200.0, 300.0);
+        sim.run_until(24 * SEC);
+        let p = playout_of(&sim, 0);
+        assert_eq!(p.played, played);
+        let accepted: u32 = sim.server_notes().iter().map(|s| s.outcome.accepted).sum();
+        assert!(sim.server_notes().iter().all(|s| s.outcome.refusal.is_none()));
+        assert!(p.delivered <= accepted as usize * (CLIENTS - 1));
+        eprintln!(
+            "{name} seed {seed}: {} notes, {} deliveries ({} scheduled, {} late); onset spread median {} us, p99 \
+             {} us, max {} us; worst distance from played_at + delay {} us",
+            p.played,
+            p.delivered,
+            p.scheduled,
+            p.late,
+            p.median_spread() / 1_000,
+            p.p99_spread() / 1_000,
+            p.max_spread() / 1_000,
+            p.worst_from_target / 1_000
+        );
+        all.played += p.played;
+        all.delivered += p.delivered;
+        all.scheduled += p.scheduled;
+        all.late += p.late;
+        all.spreads.extend(p.spreads);
+        all.worst_from_target = all.worst_from_target.max(p.worst_from_target);
+    }
+    all.spreads.sort_unstable();
+    eprintln!(
+        "{name} overall: {} notes, onset spread median {} us, p99 {} us, max {} us",
+        all.played,
+        all.median_spread() / 1_000,
+        all.p99_spread() / 1_000,
+        all.max_spread() / 1_000
+    );
+    assert!(all.max_spread() <= MS, "{name}: onset spread max {} ns", all.max_spread());
+    assert!(all.worst_from_target <= MS, "{name}: {} ns from played_at + delay", all.worst_from_target);
+    all
+}
+
+#[test]
+fn lan_notes_sound_in_every_classmate_within_a_millisecond_and_none_is_late() {
+    let p = notes_sound_together("lan", &[11, 12], |_, _| Profile::lan());
+    assert_eq!(p.late, 0);
+    assert_eq!(p.delivered, p.played * (CLIENTS - 1), "no loss on the LAN: everyone hears every note");
+    // LAN clocks agree to tens of microseconds.
+    assert!(p.max_spread() <= 200_000, "spread {} ns", p.max_spread());
+}
+
+#[test]
+fn classroom_wifi_notes_sound_together_and_the_few_late_ones_are_not_played() {
+    let p = notes_sound_together("classroom-wifi", &[13, 14, 15], |i, _| Profile::classroom_wifi(i % 10 < 3));
+    let late = p.late as f64 / p.delivered as f64;
+    eprintln!("classroom-wifi: {:.2} % of deliveries late with the default 80 ms delay", late * 100.0);
+    assert!(p.late > 0, "the Wi-Fi tail makes some notes late");
+    assert!(late < 0.07, "late fraction {late}");
+    // Loss and lateness together still leave the great majority of notes played.
+    assert!(p.scheduled as f64 > 0.88 * (p.played * (CLIENTS - 1)) as f64);
+}
+
+/// Fraction of (note, receiver) pairs scheduled on time, for notes every `spacing_ms` with
+/// 30 % of downlink datagrams lost.
+fn delivered_with_downlink_loss(seed: u64, spacing_ms: f64, count: u64) -> f64 {
+    let config = room::Config { notes_per_second: 50, ..room::Config::default() };
+    let mut sim = sim_with_config(seed, config, 10, |_, _| {
+        let mut p = Profile::lan();
+        p.down.loss = 0.3;
+        p
+    });
+    start_and_sync(&mut sim);
+    let mut rng = Rng::new(seed);
+    let end = 3 * SEC + count * (spacing_ms * MS as f64) as u64;
+    play_notes(&mut sim, &mut rng, 0, 3 * SEC, end, spacing_ms, spacing_ms + 0.001);
+    sim.run_until(end + SEC);
+    let p = playout_of(&sim, 0);
+    assert_eq!(p.late, 0);
+    assert!(sim.server_notes().iter().all(|s| s.outcome.refusal.is_none()));
+    p.scheduled as f64 / (p.played * 9) as f64
+}
+
+#[test]
+fn redundancy_covers_downlink_loss() {
+    // Notes 25 ms apart: each travels in three successive frames before it sounds (80 ms).
+    let dense = delivered_with_downlink_loss(21, 25.0, 400);
+    // Notes 250 ms apart: each has sounded before the next is played, so one copy only.
+    let sparse = delivered_with_downlink_loss(21, 250.0, 80);
+    eprintln!("30 % downlink loss: {:.1} % delivered with redundancy, {:.1} % without", dense * 100.0, sparse * 100.0);
+    assert!(dense > 1.0 - 0.3 + 0.2, "redundancy: {dense}");
+    assert!((0.6..0.8).contains(&sparse), "one copy each: {sparse}");
+}
+
+#[test]
+fn a_muted_student_reaches_nobody_until_unmuted() {
+    let mut sim = sim_with_config(31, room::Config::default(), 5, |_, _| Profile::loopback());
+    start_and_sync(&mut sim);
+    // Client 0 plays every 60 ms from 3 s (each note repeats the one before), client 1 every
+    // 200 ms; notes reach the server 50 us after they are played.
+    for k in 0..50 {
+        sim.schedule_note(3 * SEC + k * 60 * MS, 0, 60);
+    }
+    for k in 0..15 {
+        sim.schedule_note(3 * SEC + k * 200 * MS, 1, 72);
+    }
+    sim.run_until(4_010 * MS);
+    sim.room_mut().set_muted(0, true).unwrap();
+    sim.run_until(5_010 * MS);
+    assert_eq!(sim.room().is_muted(0), Some(true));
+    sim.room_mut().set_muted(0, false).unwrap();
+    sim.run_until(7 * SEC);
+    // Notes 17..=33 (4020 ms .. 4980 ms) were played while muted: seq 18..=34.
+    let expected: Vec<u32> = (1..=17).chain(35..=50).collect();
+    for receiver in 1..5 {
+        let mut heard: Vec<u32> =
+            sim.notes_heard().iter().filter(|h| h.receiver == receiver && h.from == 0).map(|h| h.note.seq).collect();
+        heard.sort_unstable();
+        assert_eq!(heard, expected, "receiver {receiver}");
+    }
+    // Client 1 was never muted: everyone else heard all 15.
+    for receiver in [0, 2, 3, 4] {
+        assert_eq!(sim.notes_heard().iter().filter(|h| h.receiver == receiver && h.from == 1).count(), 15);
+    }
+    let muted: u32 = sim
+        .server_notes()
+        .iter()
+        .filter(|s| s.outcome.refusal == Some(NoteRefusal::Muted))
+        .map(|s| s.outcome.dropped)
+        .sum();
+    assert_eq!(muted, 17);
+    assert!(sim.notes_heard().iter().all(|h| matches!(h.hearing, Hearing::Scheduled { .. })));
+}
+
+#[test]
+fn a_flood_is_cut_to_the_token_bucket() {
+    let config = room::Config::default();
+    let (rate, burst) = (u64::from(config.notes_per_second), u64::from(config.note_burst));
+    let mut sim = sim_with_config(41, config, 5, |_, _| Profile::loopback());
+    start_and_sync(&mut sim);
+    // 200 notes in one second, 5 ms apart; each reaches the server 50 us after it is played.
+    let (count, spacing) = (200u64, 5 * MS);
+    for k in 0..count {
+        sim.schedule_note(3 * SEC + k * spacing, 0, 60);
+    }
+    sim.run_until(5 * SEC);
+    // The bucket is full (burst) at the first note and mints `rate` per second, exactly,
+    // from then until the last: every minted token is taken by the next note.
+    let expected = burst + (count - 1) * spacing * rate / SEC;
+    assert_eq!(expected, 59);
+    let sum =
+        |f: fn(&room::NotesOutcome) -> u32| sim.server_notes().iter().map(|s| u64::from(f(&s.outcome))).sum::<u64>();
+    assert_eq!(sum(|o| o.accepted), expected);
+    assert_eq!(sum(|o| o.dropped), count - expected);
+    // Every datagram but the first two repeats the two notes before it.
+    assert_eq!(sum(|o| o.duplicates), 1 + 2 * (count - 2));
+    assert!(sim.server_notes().iter().any(|s| s.outcome.refusal == Some(NoteRefusal::RateLimited)));
+    for receiver in 1..5 {
+        let heard = sim.notes_heard().iter().filter(|h| h.receiver == receiver).count();
+        assert_eq!(heard as u64, expected, "receiver {receiver}");
+        let c = &sim.clients()[receiver];
+        assert_eq!(c.client.stats().notes_scheduled, expected);
+        assert_eq!(c.client.stats().notes_late, 0);
+    }
+    // After a quiet spell the student plays normally again.
+    sim.schedule_note(7 * SEC, 0, 64);
+    sim.run_until(8 * SEC);
+    assert_eq!(sim.server_notes().last().unwrap().outcome.accepted, 1);
 }

@@ -193,6 +193,7 @@ mod tests {
                 tempo: MicroBpm::from_bpm(120),
                 beats_per_bar: 4,
                 running: true,
+                count_in_bars: 0,
             }])
             .unwrap(),
         }
@@ -201,7 +202,7 @@ mod tests {
     #[test]
     fn datagrams_round_trip() {
         let beats = (0..MAX_BEATS_PER_FRAME as i64)
-            .map(|i| Beat { index: i, at: ServerNanos(u64::MAX - 1), beat_in_bar: 3 })
+            .map(|i| Beat { index: i, at: ServerNanos(u64::MAX - 1), beat_in_bar: 3, count_in: false })
             .collect();
         let d = ServerDatagram::Beats(BeatFrame {
             seq: u64::MAX,
@@ -217,6 +218,26 @@ mod tests {
         let c = ClientDatagram::SyncRequest(SyncRequest { id: 9, t0: ClientNanos(77) });
         let bytes = encode_client_datagram(&c).unwrap();
         assert_eq!(decode_client_datagram(&bytes).unwrap(), c);
+
+        // A full note datagram, both ways, is small too.
+        let notes: alloc::vec::Vec<_> = (0..MAX_NOTES_PER_DATAGRAM as u32)
+            .map(|seq| Note {
+                seq: u32::MAX - seq,
+                midi: 127,
+                velocity: 127,
+                instrument: 127,
+                played_at: ServerNanos(u64::MAX),
+            })
+            .collect();
+        let notes = BoundedVec::try_from_vec(notes).unwrap();
+        let c = ClientDatagram::Notes(notes.clone());
+        let bytes = encode_client_datagram(&c).unwrap();
+        assert!(bytes.len() < 200, "{}", bytes.len());
+        assert_eq!(decode_client_datagram(&bytes).unwrap(), c);
+        let d = ServerDatagram::Notes(NoteFrame { from: u64::MAX, generation: u32::MAX, notes });
+        let bytes = encode_server_datagram(&d).unwrap();
+        assert!(bytes.len() < 200, "{}", bytes.len());
+        assert_eq!(decode_server_datagram(&bytes).unwrap(), d);
     }
 
     #[test]
@@ -236,8 +257,7 @@ mod tests {
         let hello = ClientMessage::Hello(Hello {
             version: PROTOCOL_VERSION,
             token: BoundedString::new("dev").unwrap(),
-            room: BoundedString::new("r1").unwrap(),
-            name: BoundedString::new("Ana").unwrap(),
+            room: RoomRequest::Join(BoundedString::new("K7QF-M3XP").unwrap()),
         });
         let mut bytes = encode_frame(&hello).unwrap();
         bytes.extend(encode_frame(&hello).unwrap());

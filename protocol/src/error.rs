@@ -87,6 +87,26 @@ error_codes! {
     TooManyRooms = 18, "too_many_rooms";
     /// The server is shutting down.
     ShuttingDown = 19, "shutting_down";
+    /// The token is valid but its role may not do this (e.g. a student sending a teacher control).
+    Forbidden = 20, "forbidden";
+    /// The token has expired; present a fresh one.
+    TokenExpired = 21, "token_expired";
+    /// The room was closed by its teacher or expired.
+    RoomClosed = 22, "room_closed";
+    /// The room belongs to another tenant (school).
+    WrongTenant = 23, "wrong_tenant";
+    /// A rate limit was exceeded; slow down.
+    RateLimited = 24, "rate_limited";
+    /// A note's MIDI number, velocity, part or time is out of range.
+    NoteOutOfRange = 25, "note_out_of_range";
+    /// No member with that id is in the room.
+    MemberNotFound = 26, "member_not_found";
+    /// The teacher removed this member from the room.
+    Removed = 27, "removed";
+    /// The tenant's limit on concurrent sessions was reached.
+    TooManySessions = 28, "too_many_sessions";
+    /// The same person joined the room from another session, which took over the seat.
+    SessionReplaced = 29, "session_replaced";
 }
 
 impl fmt::Display for ErrorCode {

@@ -51,8 +51,14 @@ pub const MAX_SEGMENTS: usize = 8;
 pub const MAX_BEATS_PER_FRAME: usize = 16;
 /// Longest token a hello may carry, in bytes.
 pub const MAX_TOKEN_LEN: usize = 4096;
-/// Longest room id, in bytes.
-pub const MAX_ROOM_ID_LEN: usize = 64;
+/// Longest join code as typed, in bytes.
+pub const MAX_JOIN_CODE_LEN: usize = 16;
+/// Longest part name, in bytes.
+pub const MAX_PART_LEN: usize = 32;
+/// Most beats of the bar one assignment names.
+pub const MAX_ASSIGNED_BEATS: usize = 16;
+/// Most notes one note datagram carries.
+pub const MAX_NOTES_PER_DATAGRAM: usize = 8;
 /// Longest display name, in bytes.
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest human-readable error message, in bytes.

@@ -3,14 +3,19 @@
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    BoundedString, BoundedVec, ClientNanos, ErrorCode, MAX_BEATS_PER_FRAME, MAX_ERROR_MESSAGE_LEN, MAX_MEMBERS,
-    MAX_NAME_LEN, MAX_ROOM_ID_LEN, MAX_SEGMENTS, MAX_TOKEN_LEN, MicroBpm, ServerNanos,
+    BoundedString, BoundedVec, ClientNanos, ErrorCode, MAX_ASSIGNED_BEATS, MAX_BEATS_PER_FRAME, MAX_ERROR_MESSAGE_LEN,
+    MAX_JOIN_CODE_LEN, MAX_MEMBERS, MAX_NAME_LEN, MAX_NOTES_PER_DATAGRAM, MAX_PART_LEN, MAX_SEGMENTS, MAX_TOKEN_LEN,
+    MicroBpm, ServerNanos,
 };
 
-/// A room's identifier.
-pub type RoomId = BoundedString<MAX_ROOM_ID_LEN>;
-/// A display name.
+/// A room's join code as typed (the server normalises case, spaces and dashes).
+pub type JoinCode = BoundedString<MAX_JOIN_CODE_LEN>;
+/// A display name (of a member or a room).
 pub type Name = BoundedString<MAX_NAME_LEN>;
+/// A part a student is assigned, e.g. "drums" or "melody".
+pub type PartName = BoundedString<MAX_PART_LEN>;
+/// A bearer token (a JWT).
+pub type Token = BoundedString<MAX_TOKEN_LEN>;
 
 /// One stretch of a room's timeline, in force from `start` until the next segment's start.
 ///
@@ -29,6 +34,9 @@ pub struct Segment {
     pub beats_per_bar: u8,
     /// Whether beats sound during this segment.
     pub running: bool,
+    /// Bars of count-in at the start of a running segment that began with a start: its first
+    /// `count_in_bars * beats_per_bar` beats are count-in clicks before the music.
+    pub count_in_bars: u8,
 }
 
 /// A room's timeline: the segment in force plus changes already announced for the future.
@@ -52,6 +60,8 @@ pub struct Beat {
     pub at: ServerNanos,
     /// Its position in the bar, 0 for the downbeat.
     pub beat_in_bar: u8,
+    /// Whether it is a count-in click rather than a beat of the music.
+    pub count_in: bool,
 }
 
 /// What the server sends ahead of time on datagrams: the timeline and the next beats.
@@ -89,11 +99,47 @@ pub struct SyncReply {
     pub t2: ServerNanos,
 }
 
+/// A note a student played.
+///
+/// `played_at` is the shared-timeline instant the student played it (from their synced
+/// clock). Every receiver sounds it at `played_at` plus the room's playout delay, so all
+/// classmates hear it at the same instant; one that arrives after that instant is reported
+/// late and never played out of time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Note {
+    /// Per-sender sequence number (from 1), for de-duplicating redundant copies.
+    pub seq: u32,
+    /// MIDI note number, 0-127.
+    pub midi: u8,
+    /// MIDI velocity, 1-127.
+    pub velocity: u8,
+    /// Instrument (General MIDI program number, 0-127).
+    pub instrument: u8,
+    /// When it was played, on the server clock.
+    pub played_at: ServerNanos,
+}
+
+/// Notes from one member, as the server fans them out.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NoteFrame {
+    /// Who played them.
+    pub from: u64,
+    /// Which of the member's sessions played them: grows each time the member (re)joins, so
+    /// a receiver knows a reconnected classmate numbers its notes afresh and ignores late
+    /// copies from the session before.
+    pub generation: u32,
+    /// The newest notes, oldest first; copies of notes already sent may repeat, so a lost
+    /// datagram is covered by the next one.
+    pub notes: BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>,
+}
+
 /// Datagrams a client sends.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientDatagram {
     /// Clock sync.
     SyncRequest(SyncRequest),
+    /// Notes played, oldest first; the last few may be repeated for redundancy.
+    Notes(BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>),
 }
 
 /// Datagrams the server sends.
@@ -103,6 +149,28 @@ pub enum ServerDatagram {
     SyncReply(SyncReply),
     /// The timeline and the next beats.
     Beats(BeatFrame),
+    /// A classmate's notes.
+    Notes(NoteFrame),
+}
+
+/// A new room's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomSettings {
+    /// What the teacher calls it ("Room 12 drumming").
+    pub name: Name,
+    /// Starting tempo (20-300 BPM).
+    pub tempo: MicroBpm,
+    /// Beats per bar (1-16).
+    pub beats_per_bar: u8,
+}
+
+/// Which room a hello is for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RoomRequest {
+    /// Join the room with this code.
+    Join(JoinCode),
+    /// Create a room and join it (teachers only).
+    Create(RoomSettings),
 }
 
 /// The first frame of every session.
@@ -110,12 +178,10 @@ pub enum ServerDatagram {
 pub struct Hello {
     /// Must equal the server's [`crate::PROTOCOL_VERSION`].
     pub version: u16,
-    /// The bearer token.
-    pub token: BoundedString<MAX_TOKEN_LEN>,
-    /// The room to join.
-    pub room: RoomId,
-    /// A display name.
-    pub name: Name,
+    /// The signed token (JWT): tenant, pseudonymous subject, role and display name.
+    pub token: Token,
+    /// The room.
+    pub room: RoomRequest,
 }
 
 /// A change to a room's timeline. Every change takes effect at a future bar boundary,
@@ -126,19 +192,90 @@ pub enum Change {
     SetTempo(MicroBpm),
     /// Set beats per bar (1-16).
     SetMeter(u8),
-    /// Start the beat.
-    Start,
+    /// Start the beat, after `count_in_bars` bars of count-in (0-8).
+    Start {
+        /// Bars of count-in clicks before the music.
+        count_in_bars: u8,
+    },
     /// Stop the beat.
     Stop,
 }
 
-/// A change request on the control stream.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A member's role, from their verified token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Role {
+    /// Runs the room.
+    Teacher,
+    /// Plays in it.
+    Student,
+}
+
+/// What a student is asked to play.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    /// The part, e.g. "drums" or "melody"; `None`: no part.
+    pub part: Option<PartName>,
+    /// Beats of the bar to play on, 0 for the downbeat (e.g. `[0]`: "on beat 1"); empty: any.
+    pub beats: BoundedVec<u8, MAX_ASSIGNED_BEATS>,
+}
+
+/// What a teacher can do on the control stream (or over HTTP).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlOp {
+    /// Change the timeline (tempo, meter, start, stop) at the next bar boundary.
+    Timeline(Change),
+    /// Mute or unmute a student: a muted student's notes are not forwarded.
+    Mute {
+        /// The member.
+        member: u64,
+        /// Muted or not.
+        muted: bool,
+    },
+    /// Assign a part and beats to a member.
+    Assign {
+        /// The member.
+        member: u64,
+        /// What they play.
+        assignment: Assignment,
+    },
+    /// Remove a member from the room; their session ends with [`ErrorCode::Removed`].
+    Remove {
+        /// The member.
+        member: u64,
+    },
+    /// Close the room: the clock stops, everyone is told why, sessions end.
+    Close,
+}
+
+/// A control request on the control stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ControlRequest {
     /// Chosen by the client; echoed in the ack or error.
     pub request_id: u32,
-    /// What to change.
-    pub change: Change,
+    /// What to do.
+    pub op: ControlOp,
+}
+
+/// How well a member's clock is synced, as its client reports it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncQuality {
+    /// Whether the client's estimate is good enough to schedule audio.
+    pub synced: bool,
+    /// Smallest recent round trip, in microseconds.
+    pub rtt_micros: u32,
+    /// The estimate's uncertainty (a bound on the offset error), in microseconds.
+    pub uncertainty_micros: u32,
+}
+
+/// A client's periodic report: sync quality (shown in presence) and note playout counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientReport {
+    /// Sync quality now.
+    pub sync: SyncQuality,
+    /// Classmates' notes scheduled on time since the session began.
+    pub notes_played: u32,
+    /// Classmates' notes that arrived after their playout instant (not played).
+    pub notes_late: u32,
 }
 
 /// Frames a client sends on the control stream.
@@ -146,17 +283,45 @@ pub struct ControlRequest {
 pub enum ClientMessage {
     /// Must be the first frame.
     Hello(Hello),
-    /// Change the room's timeline.
+    /// A teacher control.
     Control(ControlRequest),
+    /// A fresh token for this session (same tenant, subject and role), before the old expires.
+    RefreshToken {
+        /// Echoed in the answer.
+        request_id: u32,
+        /// The new token.
+        token: Token,
+    },
+    /// Sync quality and playout counts; at most about one every two seconds.
+    Report(ClientReport),
 }
 
-/// One member of a room, as others see it.
+/// One member of a room, as everyone sees it (presence).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
-    /// Session-scoped member id.
+    /// Member id; kept across a reconnect within the grace period.
     pub id: u64,
-    /// Display name.
+    /// Display name (from the token).
     pub name: Name,
+    /// Role (from the token).
+    pub role: Role,
+    /// Assigned part and beats.
+    pub assignment: Assignment,
+    /// Whether the teacher muted them.
+    pub muted: bool,
+    /// Their last reported sync quality.
+    pub sync: SyncQuality,
+}
+
+/// The room, as its members see it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomInfo {
+    /// The join code, normalised (e.g. `K7QFM3XP`).
+    pub code: JoinCode,
+    /// The room's name.
+    pub name: Name,
+    /// How long after a note's played instant every receiver sounds it, in nanoseconds.
+    pub playout_delay_nanos: u64,
 }
 
 /// The server's answer to a good hello.
@@ -166,16 +331,20 @@ pub struct Welcome {
     pub version: u16,
     /// This session's member id.
     pub member_id: u64,
+    /// This session's role.
+    pub role: Role,
     /// The room joined.
-    pub room: RoomId,
+    pub room: RoomInfo,
     /// The room's timeline.
     pub timeline: Timeline,
-    /// Everyone in the room, this session included.
+    /// Everyone in the room, this session included (the presence snapshot).
     pub members: BoundedVec<Member, MAX_MEMBERS>,
     /// How far ahead (ns) the server sends beats and announces changes.
     pub lead_nanos: u64,
     /// The server clock when the welcome was built (a coarse first guess, before sync).
     pub server_now: ServerNanos,
+    /// When the session's token expires (Unix seconds); refresh before then.
+    pub token_expires_at: u64,
 }
 
 /// An error on the control stream.
@@ -189,17 +358,35 @@ pub struct ErrorFrame {
     pub message: BoundedString<MAX_ERROR_MESSAGE_LEN>,
 }
 
-/// Acknowledges a [`ControlRequest`]: the change is applied and announced.
+/// Where a timeline change lands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ControlAck {
-    /// Echoed from the request.
-    pub request_id: u32,
+pub struct Applied {
     /// The timeline epoch that carries the change.
     pub epoch: u64,
     /// When the change takes effect.
     pub effective_at: ServerNanos,
     /// The beat at which it takes effect.
     pub effective_beat: i64,
+}
+
+/// Acknowledges a [`ControlRequest`]: it was applied and broadcast to the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlAck {
+    /// Echoed from the request.
+    pub request_id: u32,
+    /// For timeline changes: where the change lands.
+    pub applied: Option<Applied>,
+}
+
+/// Why a member left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaveReason {
+    /// They left, or their connection dropped and did not come back within the grace period.
+    Left,
+    /// The teacher removed them.
+    Removed,
+    /// Their session was closed by the server (e.g. an expired token or abuse).
+    Closed,
 }
 
 /// Frames the server sends on the control stream.
@@ -217,7 +404,23 @@ pub enum ServerMessage {
     MemberLeft {
         /// Their member id.
         member_id: u64,
+        /// Why.
+        reason: LeaveReason,
     },
     /// A control request was applied.
     ControlAck(ControlAck),
+    /// A member's presence changed (mute, assignment, sync quality).
+    MemberUpdated(Member),
+    /// The room was closed; the session ends next with [`ErrorCode::RoomClosed`].
+    RoomClosed {
+        /// Why, safe to show.
+        message: BoundedString<MAX_ERROR_MESSAGE_LEN>,
+    },
+    /// A [`ClientMessage::RefreshToken`] was accepted.
+    TokenRefreshed {
+        /// Echoed from the request.
+        request_id: u32,
+        /// When the new token expires (Unix seconds).
+        expires_at: u64,
+    },
 }

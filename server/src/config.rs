@@ -5,10 +5,13 @@
 //! and the file can be merged field by field); [`Config`] is the resolved, validated result
 //! the server runs with. [`parse_and_merge`] is the pure function between them.
 
+use std::collections::HashSet;
+use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::Engine as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
@@ -98,6 +101,30 @@ pub struct Args {
     /// generated at startup and printed.
     #[arg(long, env = "DOWNBEAT_DEV_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     pub dev_token: Option<String>,
+
+    /// The `aud` claim every token must carry [default: downbeat]. In the file:
+    /// `token_audience`.
+    #[arg(long = "token-audience", env = "DOWNBEAT_TOKEN_AUDIENCE", value_name = "AUD")]
+    #[serde(rename = "token_audience")]
+    pub audience: Option<String>,
+
+    /// The schools (tenants) whose tokens are accepted: file only, as `[[tenants]]` tables.
+    /// None: an embedded demo tenant whose secret lives in the data directory.
+    #[arg(skip)]
+    pub tenants: Option<Vec<TenantConfig>>,
+
+    /// How long a room with nobody in it is kept before it expires, in seconds [default: 1800].
+    #[arg(long, env = "DOWNBEAT_ROOM_IDLE_EXPIRY_SECS", value_name = "SECS")]
+    pub room_idle_expiry_secs: Option<u64>,
+
+    /// How long a disconnected member's seat is held for them to reconnect, in ms
+    /// [default: 15000].
+    #[arg(long, env = "DOWNBEAT_SEAT_GRACE_MS", value_name = "MS")]
+    pub seat_grace_ms: Option<u64>,
+
+    /// How far behind the beat clock students' notes are played out, in ms [default: 80].
+    #[arg(long, env = "DOWNBEAT_PLAYOUT_DELAY_MS", value_name = "MS")]
+    pub playout_delay_ms: Option<u64>,
 }
 
 /// The resolved server configuration. Build one with [`parse_and_merge`], [`Config::load`], or
@@ -138,6 +165,17 @@ pub struct Config {
     pub keep_alive_ms: u64,
     /// Development bearer token; `None`: generate a random one at startup.
     pub dev_token: Option<String>,
+    /// The `aud` claim every token must carry.
+    pub audience: String,
+    /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
+    /// [`crate::auth::Tenants::new`]).
+    pub tenants: Vec<TenantConfig>,
+    /// How long an empty room is kept before it expires, in seconds.
+    pub room_idle_expiry_secs: u64,
+    /// How long a disconnected member's seat is held, in ms.
+    pub seat_grace_ms: u64,
+    /// How far behind the beat clock students' notes are played out, in ms.
+    pub playout_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -160,7 +198,320 @@ impl Default for Config {
             idle_timeout_ms: 30_000,
             keep_alive_ms: 3000,
             dev_token: None,
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            tenants: Vec::new(),
+            room_idle_expiry_secs: 1800,
+            seat_grace_ms: 15_000,
+            playout_delay_ms: 80,
         }
+    }
+}
+
+/// The default `aud` claim tokens must carry.
+pub const DEFAULT_AUDIENCE: &str = "downbeat";
+
+/// Fewest bytes an HS* secret may have (the HS256 output size; RFC 7518 section 3.2).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// One school whose identity provider issues tokens for this server: a `[[tenants]]` table.
+///
+/// ```toml
+/// [[tenants]]
+/// id = "lincoln-elementary"
+/// name = "Lincoln Elementary"
+/// issuer = "https://sso.lincoln.example"
+/// [[tenants.keys]]
+/// kid = "2026-a"
+/// algorithm = "HS256"
+/// secret = "base64 of at least 32 random bytes"
+/// [tenants.limits]
+/// max_rooms = 20
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantConfig {
+    /// Stable id: 1 to 64 characters from `a-z`, `0-9` and `-`. Tokens name it in their
+    /// `tenant` claim.
+    pub id: String,
+    /// Display name.
+    pub name: String,
+    /// The `iss` claim this tenant's tokens carry, exactly.
+    pub issuer: String,
+    /// The keys tokens may be signed with (at least one).
+    #[serde(default)]
+    pub keys: Vec<TenantKeyConfig>,
+    /// Per-tenant limits; every field defaults.
+    #[serde(default)]
+    pub limits: TenantLimits,
+    /// How long records are kept; every field defaults.
+    #[serde(default)]
+    pub retention: TenantRetention,
+}
+
+/// A key that verifies a tenant's tokens: a `[[tenants.keys]]` table. HS* keys have a
+/// `secret`; the others have exactly one of `public_key_pem` and `public_key_file`.
+///
+/// `Debug` shows the secret as `<redacted>`. (`Serialize` does not redact: never send a
+/// serialized config to a client.)
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantKeyConfig {
+    /// Key id. When a token's header names a `kid`, only keys with that kid are tried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kid: Option<String>,
+    /// The one algorithm this key is used with.
+    pub algorithm: KeyAlgorithm,
+    /// HS* only: base64url or standard base64 (padding optional) of at least
+    /// [`MIN_SECRET_BYTES`] bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+    /// Public key as PEM (`-----BEGIN PUBLIC KEY-----`), for every algorithm but HS*.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    /// File holding the public key PEM (relative to the working directory), instead of
+    /// `public_key_pem`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub public_key_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for TenantKeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TenantKeyConfig")
+            .field("kid", &self.kid)
+            .field("algorithm", &self.algorithm)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("public_key_pem", &self.public_key_pem)
+            .field("public_key_file", &self.public_key_file)
+            .finish()
+    }
+}
+
+impl TenantKeyConfig {
+    /// The decoded HS* secret: `None` without a `secret`, an error if it is not base64.
+    pub fn secret_bytes(&self) -> Option<Result<Vec<u8>, base64::DecodeError>> {
+        self.secret.as_deref().map(decode_secret)
+    }
+}
+
+/// Decodes base64url or standard base64, padded or not, ignoring surrounding whitespace.
+pub(crate) fn decode_secret(text: &str) -> Result<Vec<u8>, base64::DecodeError> {
+    let text = text.trim().trim_end_matches('=');
+    let standard: String = text
+        .chars()
+        .map(|c| match c {
+            '-' => '+',
+            '_' => '/',
+            other => other,
+        })
+        .collect();
+    base64::engine::general_purpose::STANDARD_NO_PAD.decode(standard)
+}
+
+/// The signature algorithms a tenant key may use (an allow-list: `none` and the rest are
+/// refused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum KeyAlgorithm {
+    /// HMAC with SHA-256 (shared secret).
+    #[serde(rename = "HS256")]
+    Hs256,
+    /// HMAC with SHA-384 (shared secret).
+    #[serde(rename = "HS384")]
+    Hs384,
+    /// HMAC with SHA-512 (shared secret).
+    #[serde(rename = "HS512")]
+    Hs512,
+    /// ECDSA on P-256 with SHA-256.
+    #[serde(rename = "ES256")]
+    Es256,
+    /// ECDSA on P-384 with SHA-384.
+    #[serde(rename = "ES384")]
+    Es384,
+    /// Ed25519.
+    #[serde(rename = "EdDSA")]
+    EdDsa,
+    /// RSASSA-PKCS1-v1_5 with SHA-256.
+    #[serde(rename = "RS256")]
+    Rs256,
+    /// RSASSA-PSS with SHA-256.
+    #[serde(rename = "PS256")]
+    Ps256,
+}
+
+impl KeyAlgorithm {
+    /// The JOSE name (`HS256`, `EdDSA`, ...).
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Hs256 => "HS256",
+            Self::Hs384 => "HS384",
+            Self::Hs512 => "HS512",
+            Self::Es256 => "ES256",
+            Self::Es384 => "ES384",
+            Self::EdDsa => "EdDSA",
+            Self::Rs256 => "RS256",
+            Self::Ps256 => "PS256",
+        }
+    }
+
+    /// Whether this is an HMAC (shared secret) algorithm.
+    pub const fn is_hmac(self) -> bool {
+        matches!(self, Self::Hs256 | Self::Hs384 | Self::Hs512)
+    }
+}
+
+impl fmt::Display for KeyAlgorithm {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Per-tenant limits: a `[tenants.limits]` table. Every field is optional; all must be at
+/// least 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantLimits {
+    /// Most WebTransport sessions at once.
+    pub max_sessions: u32,
+    /// Most rooms at once.
+    pub max_rooms: u32,
+    /// Most members in one room (at most 256).
+    pub max_members_per_room: u32,
+    /// Failed join attempts per second, sustained, for the whole tenant: hellos and code
+    /// lookups naming no live room of the tenant (a wrong, closed or another school's code).
+    /// This is what bounds guessing join codes; while it is exhausted every join attempt of
+    /// the tenant is refused with `rate_limited`. Successful joins are bounded by
+    /// `max_sessions` and room capacity instead.
+    pub joins_per_second: u32,
+    /// Failed join attempts allowed in a burst.
+    pub join_burst: u32,
+    /// Notes per second, sustained, per student session.
+    pub notes_per_second: u32,
+    /// Notes allowed in a burst.
+    pub note_burst: u32,
+    /// Control messages per second, sustained, per session.
+    pub controls_per_second: u32,
+    /// Control messages allowed in a burst.
+    pub control_burst: u32,
+}
+
+impl Default for TenantLimits {
+    fn default() -> Self {
+        Self {
+            max_sessions: 500,
+            max_rooms: 50,
+            max_members_per_room: 40,
+            joins_per_second: 2,
+            join_burst: 20,
+            notes_per_second: 20,
+            note_burst: 40,
+            controls_per_second: 10,
+            control_burst: 20,
+        }
+    }
+}
+
+/// How long a tenant's records are kept: a `[tenants.retention]` table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TenantRetention {
+    /// Days social-emotional-learning (SEL) records are kept (at least 1).
+    pub sel_days: u32,
+}
+
+impl Default for TenantRetention {
+    fn default() -> Self {
+        Self { sel_days: 365 }
+    }
+}
+
+impl TenantConfig {
+    /// Checks this tenant (the `index`th in the file); the error text says what to fix.
+    /// Public keys are only checked to be present here; [`crate::auth::Tenants::new`] parses them.
+    fn validate(&self, index: usize) -> Result<(), String> {
+        let id = &self.id;
+        let id_ok = (1..=64).contains(&id.len())
+            && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !id_ok {
+            return Err(format!("tenants[{index}].id {id:?} is not valid: use 1 to 64 characters from a-z, 0-9 and -"));
+        }
+        if self.name.trim().is_empty() {
+            return Err(format!("tenant {id:?}: name is empty: give the school's display name"));
+        }
+        if self.issuer.is_empty() {
+            return Err(format!(
+                "tenant {id:?}: issuer is empty: set it to the `iss` claim the school's identity provider puts in tokens"
+            ));
+        }
+        if self.keys.is_empty() {
+            return Err(format!(
+                "tenant {id:?} has no keys: add a [[tenants.keys]] table with an algorithm and a secret (HS*) or public key"
+            ));
+        }
+        for (k, key) in self.keys.iter().enumerate() {
+            let alg = key.algorithm;
+            let at = format!("tenant {id:?} key {k} ({alg})");
+            if key.kid.as_deref() == Some("") {
+                return Err(format!("{at}: kid is empty: remove it or give the key's id"));
+            }
+            let has_public = key.public_key_pem.is_some() || key.public_key_file.is_some();
+            if alg.is_hmac() {
+                if has_public {
+                    return Err(format!(
+                        "{at}: HS* keys use only a secret: remove public_key_pem/public_key_file, or use the public key's algorithm"
+                    ));
+                }
+                match key.secret_bytes() {
+                    None => {
+                        return Err(format!(
+                            "{at}: secret is missing: give a base64 secret of at least {MIN_SECRET_BYTES} random bytes"
+                        ));
+                    }
+                    Some(Err(_)) => {
+                        return Err(format!("{at}: secret is not valid base64: give base64url or standard base64"));
+                    }
+                    Some(Ok(bytes)) if bytes.len() < MIN_SECRET_BYTES => {
+                        return Err(format!(
+                            "{at}: secret is {} bytes: use at least {MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -base64 32`)",
+                            bytes.len()
+                        ));
+                    }
+                    Some(Ok(_)) => {}
+                }
+            } else {
+                if key.secret.is_some() {
+                    return Err(format!(
+                        "{at}: a secret is only for HS* keys: remove it and give the public key, or use HS256"
+                    ));
+                }
+                if key.public_key_pem.is_some() == key.public_key_file.is_some() {
+                    return Err(format!("{at}: give exactly one of public_key_pem and public_key_file"));
+                }
+            }
+        }
+        let l = &self.limits;
+        let zero = [
+            ("max_sessions", l.max_sessions == 0),
+            ("max_rooms", l.max_rooms == 0),
+            ("max_members_per_room", l.max_members_per_room == 0),
+            ("joins_per_second", l.joins_per_second == 0),
+            ("join_burst", l.join_burst == 0),
+            ("notes_per_second", l.notes_per_second == 0),
+            ("note_burst", l.note_burst == 0),
+            ("controls_per_second", l.controls_per_second == 0),
+            ("control_burst", l.control_burst == 0),
+        ];
+        if let Some((name, _)) = zero.iter().find(|(_, is_zero)| *is_zero) {
+            return Err(format!("tenant {id:?}: limits.{name} is 0: use at least 1 (or leave it out for the default)"));
+        }
+        if usize::try_from(l.max_members_per_room).map_or(true, |n| n > MAX_MEMBERS) {
+            return Err(format!(
+                "tenant {id:?}: limits.max_members_per_room is {}: use 1 to {MAX_MEMBERS} (a welcome lists every member)",
+                l.max_members_per_room
+            ));
+        }
+        if self.retention.sel_days == 0 {
+            return Err(format!("tenant {id:?}: retention.sel_days is 0: use at least 1 (default 365)"));
+        }
+        Ok(())
     }
 }
 
@@ -182,6 +533,16 @@ pub enum ConfigError {
     /// A value is out of range or settings contradict each other.
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// The embedded demo tenant's secret could not be read or created.
+    #[error(
+        "cannot read or create the demo tenant secret {path}: {source} (make the data directory writable, or configure [[tenants]])"
+    )]
+    DemoSecret {
+        /// The secret file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 impl Config {
@@ -189,7 +550,11 @@ impl Config {
     /// merges and validates. Exits the process on `--help`/`--version` or a command-line error
     /// (as clap does).
     pub fn load() -> Result<Self, ConfigError> {
-        let args = Args::parse();
+        Self::from_args(Args::parse())
+    }
+
+    /// Reads the `--config` file named in `args` (if any), merges and validates.
+    pub fn from_args(args: Args) -> Result<Self, ConfigError> {
         let file_text = match &args.config {
             Some(path) => Some(
                 std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile { path: path.clone(), source })?,
@@ -274,6 +639,30 @@ impl Config {
                 return invalid(format!("hostname {name:?} is not a valid DNS name or IP address"));
             }
         }
+        if self.audience.is_empty() {
+            return invalid(format!(
+                "token_audience is empty: set the `aud` claim your tokens carry (default {DEFAULT_AUDIENCE})"
+            ));
+        }
+        if !(1..=604_800).contains(&self.room_idle_expiry_secs) {
+            return invalid(format!(
+                "room_idle_expiry_secs is {}: use 1 to 604800 (a week; default 1800)",
+                self.room_idle_expiry_secs
+            ));
+        }
+        if self.seat_grace_ms > 600_000 {
+            return invalid(format!("seat_grace_ms is {}: use 0 to 600000 (default 15000)", self.seat_grace_ms));
+        }
+        if !(10..=2000).contains(&self.playout_delay_ms) {
+            return invalid(format!("playout_delay_ms is {}: use 10 to 2000 (default 80)", self.playout_delay_ms));
+        }
+        let mut ids = HashSet::new();
+        for (index, tenant) in self.tenants.iter().enumerate() {
+            tenant.validate(index).map_err(ConfigError::Invalid)?;
+            if !ids.insert(tenant.id.as_str()) {
+                return invalid(format!("tenant id {:?} is used twice: give every [[tenants]] its own id", tenant.id));
+            }
+        }
         Ok(())
     }
 
@@ -300,6 +689,21 @@ impl Config {
     /// [`Self::keep_alive_ms`] as a duration.
     pub fn keep_alive(&self) -> Duration {
         Duration::from_millis(self.keep_alive_ms)
+    }
+
+    /// [`Self::room_idle_expiry_secs`] as a duration.
+    pub fn room_idle_expiry(&self) -> Duration {
+        Duration::from_secs(self.room_idle_expiry_secs)
+    }
+
+    /// [`Self::seat_grace_ms`] as a duration.
+    pub fn seat_grace(&self) -> Duration {
+        Duration::from_millis(self.seat_grace_ms)
+    }
+
+    /// [`Self::playout_delay_ms`] as a duration.
+    pub fn playout_delay(&self) -> Duration {
+        Duration::from_millis(self.playout_delay_ms)
     }
 
     /// Names for the development certificate: the loopback names, then the extra ones.
@@ -343,6 +747,14 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         idle_timeout_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(d.idle_timeout_ms),
         keep_alive_ms: args.keep_alive_ms.or(file.keep_alive_ms).unwrap_or(d.keep_alive_ms),
         dev_token: args.dev_token.or(file.dev_token),
+        audience: args.audience.or(file.audience).unwrap_or(d.audience),
+        tenants: args.tenants.or(file.tenants).unwrap_or(d.tenants),
+        room_idle_expiry_secs: args
+            .room_idle_expiry_secs
+            .or(file.room_idle_expiry_secs)
+            .unwrap_or(d.room_idle_expiry_secs),
+        seat_grace_ms: args.seat_grace_ms.or(file.seat_grace_ms).unwrap_or(d.seat_grace_ms),
+        playout_delay_ms: args.playout_delay_ms.or(file.playout_delay_ms).unwrap_or(d.playout_delay_ms),
     };
     config.validate()?;
     Ok(config)
@@ -441,11 +853,191 @@ mod tests {
             (&["--dev-token", "short"], "dev_token must be 8"),
             (&["--dev-token", "has space here"], "printable ASCII"),
             (&["--hostname", ""], "not a valid DNS name"),
+            (&["--token-audience", ""], "token_audience is empty"),
+            (&["--room-idle-expiry-secs", "0"], "room_idle_expiry_secs is 0: use 1 to 604800"),
+            (&["--room-idle-expiry-secs", "604801"], "room_idle_expiry_secs is 604801"),
+            (&["--seat-grace-ms", "600001"], "seat_grace_ms is 600001: use 0 to 600000"),
+            (&["--playout-delay-ms", "9"], "playout_delay_ms is 9: use 10 to 2000"),
+            (&["--playout-delay-ms", "2001"], "playout_delay_ms is 2001"),
         ];
         for (cli, want) in cases {
             let err = check(cli, None).unwrap_err();
             assert!(err.contains(want), "{cli:?}: {err}");
         }
+    }
+
+    #[test]
+    fn token_and_room_settings_merge_like_the_others() {
+        let config = check(&[], None).unwrap();
+        assert_eq!(config.audience, "downbeat");
+        assert!(config.tenants.is_empty());
+        assert_eq!(
+            (config.room_idle_expiry(), config.seat_grace(), config.playout_delay()),
+            (Duration::from_secs(1800), Duration::from_millis(15_000), Duration::from_millis(80))
+        );
+        let file =
+            "token_audience = \"from-file\"\nroom_idle_expiry_secs = 60\nseat_grace_ms = 0\nplayout_delay_ms = 120\n";
+        let config = check(&[], Some(file)).unwrap();
+        assert_eq!(config.audience, "from-file");
+        assert_eq!((config.room_idle_expiry_secs, config.seat_grace_ms, config.playout_delay_ms), (60, 0, 120));
+        let cli = [
+            "--token-audience",
+            "from-cli",
+            "--room-idle-expiry-secs",
+            "90",
+            "--seat-grace-ms",
+            "5000",
+            "--playout-delay-ms",
+            "40",
+        ];
+        let config = check(&cli, Some(file)).unwrap();
+        assert_eq!(config.audience, "from-cli");
+        assert_eq!((config.room_idle_expiry_secs, config.seat_grace_ms, config.playout_delay_ms), (90, 5000, 40));
+        // The file key is named after the flag.
+        let err = check(&[], Some("audience = \"x\"\n")).unwrap_err();
+        assert!(err.contains("audience"), "{err}");
+    }
+
+    /// A valid `[[tenants]]` file with one HS256 and one EdDSA key; `extra` is appended to it.
+    fn tenant_file(extra: &str) -> String {
+        format!(
+            r#"
+[[tenants]]
+id = "lincoln-elementary"
+name = "Lincoln Elementary"
+issuer = "https://sso.lincoln.example"
+[[tenants.keys]]
+kid = "2026-a"
+algorithm = "HS256"
+secret = "{SECRET}"
+[[tenants.keys]]
+algorithm = "EdDSA"
+public_key_file = "keys/lincoln.pem"
+[tenants.limits]
+max_rooms = 20
+note_burst = 60
+{extra}"#
+        )
+    }
+
+    /// 32 bytes ("thirty-two-bytes-of-test-secret!"), base64url without padding.
+    const SECRET: &str = "dGhpcnR5LXR3by1ieXRlcy1vZi10ZXN0LXNlY3JldCE";
+
+    #[test]
+    fn tenants_come_from_the_file() {
+        let config = check(&[], Some(&tenant_file("[tenants.retention]\nsel_days = 30\n"))).unwrap();
+        let [tenant] = config.tenants.as_slice() else { panic!("{:?}", config.tenants) };
+        assert_eq!((tenant.id.as_str(), tenant.name.as_str()), ("lincoln-elementary", "Lincoln Elementary"));
+        assert_eq!(tenant.issuer, "https://sso.lincoln.example");
+        assert_eq!(tenant.keys.len(), 2);
+        assert_eq!((tenant.keys[0].kid.as_deref(), tenant.keys[0].algorithm), (Some("2026-a"), KeyAlgorithm::Hs256));
+        assert_eq!(tenant.keys[0].secret_bytes().unwrap().unwrap().len(), 32);
+        assert_eq!(tenant.keys[1].algorithm, KeyAlgorithm::EdDsa);
+        assert_eq!(tenant.keys[1].public_key_file, Some(PathBuf::from("keys/lincoln.pem")));
+        let limits = TenantLimits { max_rooms: 20, note_burst: 60, ..TenantLimits::default() };
+        assert_eq!(tenant.limits, limits);
+        assert_eq!(tenant.limits.max_sessions, 500);
+        assert_eq!(tenant.retention.sel_days, 30);
+        // Left out, limits and retention take their defaults.
+        let config =
+            check(&[], Some(&tenant_file("").replace("[tenants.limits]\nmax_rooms = 20\nnote_burst = 60\n", "")))
+                .unwrap();
+        assert_eq!(config.tenants[0].limits, TenantLimits::default());
+        assert_eq!(config.tenants[0].retention, TenantRetention::default());
+        // Tenants are file only.
+        assert!(Args::try_parse_from(["downbeat", "--tenants", "x"]).is_err());
+    }
+
+    #[test]
+    fn secrets_may_be_standard_or_url_base64_padded_or_not() {
+        let bytes: Vec<u8> = (0_u8..40).map(|i| i.wrapping_mul(37).wrapping_add(250)).collect();
+        let engines = [
+            &base64::engine::general_purpose::STANDARD,
+            &base64::engine::general_purpose::STANDARD_NO_PAD,
+            &base64::engine::general_purpose::URL_SAFE,
+            &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+        ];
+        for engine in engines {
+            assert_eq!(decode_secret(&format!(" {}\n", engine.encode(&bytes))).unwrap(), bytes);
+        }
+        assert!(decode_secret("not base64!").is_err());
+    }
+
+    #[test]
+    fn tenant_mistakes_say_what_to_fix() {
+        let one = tenant_file("");
+        let cases: Vec<(String, &str)> = vec![
+            (
+                one.replace("lincoln-elementary", "Lincoln"),
+                r#"tenants[0].id "Lincoln" is not valid: use 1 to 64 characters"#,
+            ),
+            (one.replace("\"lincoln-elementary\"", "\"\""), "tenants[0].id \"\" is not valid"),
+            (one.replace("lincoln-elementary", &"a".repeat(65)), "is not valid: use 1 to 64"),
+            (format!("{one}{}", tenant_file("")), r#"tenant id "lincoln-elementary" is used twice"#),
+            (one.replace("Lincoln Elementary", ""), "name is empty"),
+            (one.replace("https://sso.lincoln.example", ""), "issuer is empty: set it to the `iss`"),
+            (
+                "[[tenants]]\nid = \"a\"\nname = \"A\"\nissuer = \"i\"\n".to_owned(),
+                r#"tenant "a" has no keys: add a [[tenants.keys]]"#,
+            ),
+            (
+                one.replace(SECRET, "c2hvcnQ"),
+                r#"tenant "lincoln-elementary" key 0 (HS256): secret is 5 bytes: use at least 32"#,
+            ),
+            (one.replace(SECRET, "***"), "key 0 (HS256): secret is not valid base64"),
+            (one.replace(&format!("secret = \"{SECRET}\""), ""), "key 0 (HS256): secret is missing"),
+            (one.replace("kid = \"2026-a\"", "kid = \"\""), "key 0 (HS256): kid is empty"),
+            (
+                one.replace(&format!("secret = \"{SECRET}\""), "public_key_pem = \"x\""),
+                "key 0 (HS256): HS* keys use only a secret",
+            ),
+            (
+                one.replace("public_key_file = \"keys/lincoln.pem\"", &format!("secret = \"{SECRET}\"")),
+                "key 1 (EdDSA): a secret is only for HS* keys",
+            ),
+            (
+                one.replace("public_key_file = \"keys/lincoln.pem\"", ""),
+                "key 1 (EdDSA): give exactly one of public_key_pem and public_key_file",
+            ),
+            (
+                one.replace(
+                    "public_key_file = \"keys/lincoln.pem\"",
+                    "public_key_file = \"k\"\npublic_key_pem = \"p\"",
+                ),
+                "key 1 (EdDSA): give exactly one of",
+            ),
+            (
+                one.replace("max_rooms = 20", "max_rooms = 0"),
+                r#"tenant "lincoln-elementary": limits.max_rooms is 0: use at least 1"#,
+            ),
+            (tenant_file("joins_per_second = 0\n"), "limits.joins_per_second is 0"),
+            (tenant_file("control_burst = 0\n"), "limits.control_burst is 0"),
+            (tenant_file("max_members_per_room = 300\n"), "limits.max_members_per_room is 300: use 1 to 256"),
+            (tenant_file("[tenants.retention]\nsel_days = 0\n"), "retention.sel_days is 0"),
+        ];
+        for (file, want) in &cases {
+            let err = check(&[], Some(file)).unwrap_err();
+            assert!(err.contains(want), "want {want:?}, got: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_tenant_settings_are_refused_by_name() {
+        let err = check(&[], Some(&tenant_file("").replace("HS256", "none"))).unwrap_err();
+        assert!(err.contains("unknown variant `none`") && err.contains("HS256"), "{err}");
+        let err = check(&[], Some(&tenant_file("").replace("HS256", "RS512"))).unwrap_err();
+        assert!(err.contains("RS512"), "{err}");
+        let err = check(&[], Some(&tenant_file("max_students = 3\n"))).unwrap_err();
+        assert!(err.contains("max_students"), "{err}");
+        let err = check(&[], Some(&tenant_file("").replace("kid =", "key_id ="))).unwrap_err();
+        assert!(err.contains("key_id"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_redacts_key_secrets() {
+        let config = check(&[], Some(&tenant_file(""))).unwrap();
+        let debug = format!("{config:?}");
+        assert!(debug.contains("<redacted>") && !debug.contains(SECRET), "{debug}");
     }
 
     #[test]

@@ -1,10 +1,15 @@
-//! The HTTP/1.1 API (axum): health, certificate hashes for pinning, rooms, metrics.
+//! The HTTP/1.1 API (axum): health, certificate hashes for pinning, rooms and teacher
+//! controls, metrics.
 //!
-//! Every error, including axum's own extractor rejections and unknown routes, is answered
-//! as `{"error":{"code":"..","message":".."}}` with a stable code from
+//! Requests authenticate with `Authorization: Bearer <JWT>`; the token's verified tenant and
+//! role decide what is allowed, through the same [`authorize`] the control stream uses, and
+//! each principal's requests pass its tenant's control rate limit. Every error, including
+//! axum's own extractor rejections and unknown routes, is answered as
+//! `{"error":{"code":"..","message":".."}}` with a stable code from
 //! [`downbeat_protocol::ErrorCode`]; details go to the log, never internals to the client.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use axum::extract::rejection::JsonRejection;
@@ -12,28 +17,42 @@ use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts, Path, Reque
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
-use downbeat_engine::timeline::{self, Applied};
-use downbeat_protocol::{self as wire, BoundedString, Change, ErrorCode, MAX_ERROR_MESSAGE_LEN};
+use downbeat_engine::limit::TokenBucket;
+use downbeat_engine::timeline;
+use downbeat_protocol::{
+    self as wire, Applied, Assignment, BoundedString, BoundedVec, Change, ControlOp, ErrorCode, MAX_ASSIGNED_BEATS,
+    MAX_ERROR_MESSAGE_LEN, Member, Name, PartName, RoomSettings,
+};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error};
 
+use crate::auth::{Principal, Tenants};
+use crate::authz::{Operation, Refusal, authorize};
+use crate::clock::ServerClock;
 use crate::identity::PublishedHashes;
-use crate::rooms::{Rooms, RoomsError};
+use crate::rooms::{RoomHandle, Rooms};
 use crate::stats::Stats;
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 16 * 1024;
+/// Principals whose request buckets are remembered before idle ones are forgotten.
+const MAX_TRACKED_PRINCIPALS: usize = 10_000;
+
+/// Per-principal request buckets for the HTTP API.
+pub(crate) type RequestLimits = Arc<Mutex<HashMap<(Arc<str>, String), TokenBucket>>>;
 
 /// What the handlers share.
 #[derive(Clone, Debug)]
 pub(crate) struct AppState {
     pub(crate) rooms: Arc<Rooms>,
+    pub(crate) tenants: Arc<Tenants>,
     pub(crate) hashes: Arc<PublishedHashes>,
-    pub(crate) dev_token: Arc<str>,
     pub(crate) stats: Arc<Stats>,
+    pub(crate) clock: ServerClock,
+    pub(crate) limits: RequestLimits,
 }
 
 /// The API's routes.
@@ -41,12 +60,15 @@ pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route("/api/ping", get(ping))
         .route("/api/cert-hashes", get(cert_hashes))
-        .route("/api/rooms", post(create_room))
-        .route("/api/rooms/{id}", get(room))
-        .route("/api/rooms/{id}/start", post(start))
-        .route("/api/rooms/{id}/stop", post(stop))
-        .route("/api/rooms/{id}/tempo", post(set_tempo))
-        .route("/api/rooms/{id}/meter", post(set_meter))
+        .route("/api/rooms", post(create_room).get(list_rooms))
+        .route("/api/rooms/{code}", get(room).delete(close_room))
+        .route("/api/rooms/{code}/start", post(start))
+        .route("/api/rooms/{code}/stop", post(stop))
+        .route("/api/rooms/{code}/tempo", post(set_tempo))
+        .route("/api/rooms/{code}/meter", post(set_meter))
+        .route("/api/rooms/{code}/members/{member}", delete(remove_member))
+        .route("/api/rooms/{code}/members/{member}/mute", post(mute))
+        .route("/api/rooms/{code}/members/{member}/assignment", put(assign))
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -97,10 +119,16 @@ impl ApiError {
 /// The HTTP status for each stable code.
 pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {
-        ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-        ErrorCode::RoomNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::AlreadyRunning | ErrorCode::NotRunning | ErrorCode::TooManyPendingChanges => StatusCode::CONFLICT,
-        ErrorCode::TooManyRooms => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
+        ErrorCode::Forbidden | ErrorCode::WrongTenant => StatusCode::FORBIDDEN,
+        ErrorCode::RoomNotFound | ErrorCode::MemberNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::RoomClosed => StatusCode::GONE,
+        ErrorCode::AlreadyRunning
+        | ErrorCode::NotRunning
+        | ErrorCode::TooManyPendingChanges
+        | ErrorCode::RoomFull
+        | ErrorCode::SessionReplaced => StatusCode::CONFLICT,
+        ErrorCode::TooManyRooms | ErrorCode::RateLimited | ErrorCode::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::ServerBusy | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
@@ -125,10 +153,9 @@ impl IntoResponse for ApiError {
     }
 }
 
-impl From<RoomsError> for ApiError {
-    fn from(e: RoomsError) -> Self {
-        let code = e.code();
-        Self::new(code, e.to_string())
+impl From<Refusal> for ApiError {
+    fn from(r: Refusal) -> Self {
+        Self::new(r.code, r.message)
     }
 }
 
@@ -138,17 +165,12 @@ impl From<timeline::TimelineError> for ApiError {
     }
 }
 
-/// Whether `given` equals `expected`, in time independent of where they differ.
-pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
-    let (a, b) = (expected.as_bytes(), given.as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
-/// Proof that the request carried `Authorization: Bearer <dev token>`.
+/// The verified principal of a request that carried `Authorization: Bearer <JWT>` and is
+/// within its rate limit.
 #[derive(Debug)]
-struct Authorized;
+struct Auth(Principal);
 
-impl FromRequestParts<AppState> for Authorized {
+impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
@@ -159,12 +181,67 @@ impl FromRequestParts<AppState> for Authorized {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, token)| token.trim());
-        match given {
-            Some(token) if token_matches(&state.dev_token, token) => Ok(Self),
-            _ => Err(ApiError::new(
+        let Some(token) = given else {
+            state.stats.refused.inc(ErrorCode::Unauthorized);
+            return Err(ApiError::new(
                 ErrorCode::Unauthorized,
-                "missing or wrong token: send the header `Authorization: Bearer <dev token>`",
-            )),
+                "missing token: send the header `Authorization: Bearer <token>`",
+            ));
+        };
+        let principal = state.tenants.verify(token).map_err(|e| {
+            state.stats.refused.inc(e.code());
+            ApiError::new(e.code(), e.to_string())
+        })?;
+        if !state.take_request(&principal) {
+            state.stats.refused.inc(ErrorCode::RateLimited);
+            return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
+        }
+        Ok(Self(principal))
+    }
+}
+
+impl AppState {
+    /// Takes one request from the principal's bucket (its tenant's control limits).
+    fn take_request(&self, who: &Principal) -> bool {
+        let Some(tenant) = self.tenants.tenant(&who.tenant) else { return false };
+        let limits = tenant.limits();
+        let now = self.clock.now().0;
+        let mut buckets = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_TRACKED_PRINCIPALS {
+            // Full buckets are the same as new ones: forgetting them changes nothing.
+            buckets.retain(|_, b| b.available(now) < limits.control_burst);
+        }
+        buckets
+            .entry((who.tenant.clone(), who.subject.clone()))
+            .or_insert_with(|| TokenBucket::new(limits.controls_per_second, limits.control_burst, now))
+            .try_take(now)
+    }
+
+    /// The room `code` names for `who`, if `who` may do `op` there.
+    fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
+        let tenant =
+            self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
+        let refused = |r: Refusal| {
+            self.stats.refused.inc(r.code);
+            ApiError::from(r)
+        };
+        let room = self.rooms.lookup(tenant, code).map_err(refused)?;
+        authorize(who, Some(&room.meta().tenant), op).map_err(refused)?;
+        Ok(room)
+    }
+}
+
+/// `/api/rooms/{code}/members/{member}` whose rejection is an [`ApiError`].
+#[derive(Debug)]
+struct MemberPath(String, u64);
+
+impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, u64)>::from_request_parts(parts, state).await {
+            Ok(Path((code, member))) => Ok(Self(code, member)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
         }
     }
 }
@@ -215,6 +292,7 @@ struct SegmentView {
     tempo_bpm: f64,
     beats_per_bar: u8,
     running: bool,
+    count_in_bars: u8,
 }
 
 #[derive(Serialize)]
@@ -236,6 +314,7 @@ impl From<&wire::Timeline> for TimelineView {
                     tempo_bpm: s.tempo.as_bpm_f64(),
                     beats_per_bar: s.beats_per_bar,
                     running: s.running,
+                    count_in_bars: s.count_in_bars,
                 })
                 .collect(),
         }
@@ -294,21 +373,6 @@ fn default_beats_per_bar() -> i64 {
     4
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CreateRoom {
-    #[serde(default = "default_tempo_bpm")]
-    tempo_bpm: f64,
-    #[serde(default = "default_beats_per_bar")]
-    beats_per_bar: i64,
-}
-
-#[derive(Serialize)]
-struct RoomCreated {
-    room_id: String,
-    timeline: TimelineView,
-}
-
 /// A meter from JSON: out-of-range integers (including ones that do not fit a byte) are
 /// `meter_out_of_range`, not a parse error.
 fn meter(beats_per_bar: i64) -> Result<u8, ApiError> {
@@ -318,32 +382,150 @@ fn meter(beats_per_bar: i64) -> Result<u8, ApiError> {
     timeline::check_meter(meter).map_err(|_| out_of_range())
 }
 
-async fn create_room(
-    State(state): State<AppState>,
-    _auth: Authorized,
-    ApiJson(body): ApiJson<CreateRoom>,
-) -> Result<(StatusCode, Json<RoomCreated>), ApiError> {
-    let tempo = timeline::tempo_from_bpm_f64(body.tempo_bpm)?;
-    let beats_per_bar = meter(body.beats_per_bar)?;
-    let (room_id, timeline) = state.rooms.create(tempo, beats_per_bar)?;
-    Ok((StatusCode::CREATED, Json(RoomCreated { room_id, timeline: (&timeline).into() })))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateRoom {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default = "default_tempo_bpm")]
+    tempo_bpm: f64,
+    #[serde(default = "default_beats_per_bar")]
+    beats_per_bar: i64,
 }
 
 #[derive(Serialize)]
-struct RoomView {
-    room_id: String,
-    members: usize,
+struct MemberView {
+    id: u64,
+    name: String,
+    role: &'static str,
+    part: Option<String>,
+    beats: Vec<u8>,
+    muted: bool,
+    connected: bool,
+    synced: bool,
+    rtt_us: u32,
+    uncertainty_us: u32,
+}
+
+impl MemberView {
+    fn new(m: &Member, connected: bool) -> Self {
+        Self {
+            id: m.id,
+            name: m.name.to_string(),
+            role: match m.role {
+                wire::Role::Teacher => "teacher",
+                wire::Role::Student => "student",
+            },
+            part: m.assignment.part.as_ref().map(ToString::to_string),
+            beats: m.assignment.beats.iter().copied().collect(),
+            muted: m.muted,
+            connected,
+            synced: m.sync.synced,
+            rtt_us: m.sync.rtt_micros,
+            uncertainty_us: m.sync.uncertainty_micros,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RoomSummary {
+    code: String,
+    name: String,
+    created_unix: u64,
+}
+
+impl RoomSummary {
+    fn new(room: &RoomHandle) -> Self {
+        let meta = room.meta();
+        Self {
+            code: meta.code.display(),
+            name: meta.name.to_string(),
+            created_unix: meta.created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct RoomDetail {
+    #[serde(flatten)]
+    summary: RoomSummary,
+    playout_delay_ms: f64,
+    members: Vec<MemberView>,
     timeline: TimelineView,
 }
 
-async fn room(State(state): State<AppState>, RoomPath(id): RoomPath) -> Result<Json<RoomView>, ApiError> {
-    let handle = state.rooms.get(&id).ok_or(RoomsError::NotFound)?;
-    let snapshot = handle.snapshot().await?;
-    Ok(Json(RoomView {
-        room_id: handle.id().to_owned(),
-        members: snapshot.members,
-        timeline: (&snapshot.timeline).into(),
-    }))
+async fn detail(room: &RoomHandle) -> Result<RoomDetail, ApiError> {
+    let view = room.view().await?;
+    Ok(RoomDetail {
+        summary: RoomSummary::new(room),
+        playout_delay_ms: view.playout_delay_nanos as f64 / 1e6,
+        members: view.members.iter().map(|(m, connected)| MemberView::new(m, *connected)).collect(),
+        timeline: (&view.timeline).into(),
+    })
+}
+
+async fn create_room(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    ApiJson(body): ApiJson<CreateRoom>,
+) -> Result<(StatusCode, Json<RoomDetail>), ApiError> {
+    authorize(&who, None, Operation::CreateRoom)?;
+    let tempo = timeline::tempo_from_bpm_f64(body.tempo_bpm)?;
+    let beats_per_bar = meter(body.beats_per_bar)?;
+    let name = body.name.unwrap_or_else(|| format!("{}'s room", who.name));
+    let name = Name::new(name.trim().to_owned())
+        .ok()
+        .filter(|n| !n.is_empty() && !n.chars().any(char::is_control))
+        .ok_or_else(|| ApiError::bad_request("a room name is 1 to 64 bytes without control characters"))?;
+    let tenant =
+        state.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
+    let room = state.rooms.create(tenant, &who, &RoomSettings { name, tempo, beats_per_bar })?;
+    Ok((StatusCode::CREATED, Json(detail(&room).await?)))
+}
+
+#[derive(Serialize)]
+struct RoomList {
+    rooms: Vec<RoomSummary>,
+}
+
+async fn list_rooms(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<RoomList>, ApiError> {
+    authorize(&who, None, Operation::ListRooms)?;
+    let rooms = state.rooms.owned_by(&who.tenant, &who.subject);
+    Ok(Json(RoomList { rooms: rooms.iter().map(RoomSummary::new).collect() }))
+}
+
+async fn room(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
+) -> Result<Json<RoomDetail>, ApiError> {
+    let room = state.room_for(&who, &code, Operation::ViewRoom)?;
+    Ok(Json(detail(&room).await?))
+}
+
+/// Applies a teacher control through the one authorization function.
+async fn control(state: &AppState, who: &Principal, code: &str, op: ControlOp) -> Result<Option<Applied>, ApiError> {
+    let room = state.room_for(who, code, Operation::Control(&op))?;
+    room.control(op).await.map_err(|r| {
+        state.stats.refused.inc(r.code);
+        r.into()
+    })
+}
+
+#[derive(Serialize)]
+struct Closed {
+    code: String,
+    closed: bool,
+}
+
+async fn close_room(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
+) -> Result<Json<Closed>, ApiError> {
+    let room = state.room_for(&who, &code, Operation::Control(&ControlOp::Close))?;
+    room.control(ControlOp::Close).await?;
+    Ok(Json(Closed { code: room.meta().code.display(), closed: true }))
 }
 
 #[derive(Serialize)]
@@ -353,32 +535,50 @@ struct ChangeApplied {
     effective_beat: i64,
 }
 
-impl From<Applied> for ChangeApplied {
-    fn from(a: Applied) -> Self {
-        Self { epoch: a.epoch, effective_at_ns: a.effective_at.0, effective_beat: a.effective_beat }
-    }
+async fn change(
+    state: &AppState,
+    who: &Principal,
+    code: &str,
+    change: Change,
+) -> Result<Json<ChangeApplied>, ApiError> {
+    let applied = control(state, who, code, ControlOp::Timeline(change))
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "a timeline change was applied without a boundary"))?;
+    Ok(Json(ChangeApplied {
+        epoch: applied.epoch,
+        effective_at_ns: applied.effective_at.0,
+        effective_beat: applied.effective_beat,
+    }))
 }
 
-async fn change(state: &AppState, id: &str, change: Change) -> Result<Json<ChangeApplied>, ApiError> {
-    let handle = state.rooms.get(id).ok_or(RoomsError::NotFound)?;
-    let applied = handle.try_change(change).await?;
-    Ok(Json(applied.into()))
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct Start {
+    #[serde(default)]
+    count_in_bars: u8,
 }
 
 async fn start(
     State(state): State<AppState>,
-    _auth: Authorized,
-    RoomPath(id): RoomPath,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
+    body: axum::body::Bytes,
 ) -> Result<Json<ChangeApplied>, ApiError> {
-    change(&state, &id, Change::Start).await
+    // The body is optional: no body starts without count-in.
+    let start: Start = if body.iter().all(u8::is_ascii_whitespace) {
+        Start::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))?
+    };
+    change(&state, &who, &code, Change::Start { count_in_bars: start.count_in_bars }).await
 }
 
 async fn stop(
     State(state): State<AppState>,
-    _auth: Authorized,
-    RoomPath(id): RoomPath,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
 ) -> Result<Json<ChangeApplied>, ApiError> {
-    change(&state, &id, Change::Stop).await
+    change(&state, &who, &code, Change::Stop).await
 }
 
 #[derive(Deserialize)]
@@ -389,12 +589,12 @@ struct SetTempo {
 
 async fn set_tempo(
     State(state): State<AppState>,
-    _auth: Authorized,
-    RoomPath(id): RoomPath,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
     ApiJson(body): ApiJson<SetTempo>,
 ) -> Result<Json<ChangeApplied>, ApiError> {
     let tempo = timeline::tempo_from_bpm_f64(body.tempo_bpm)?;
-    change(&state, &id, Change::SetTempo(tempo)).await
+    change(&state, &who, &code, Change::SetTempo(tempo)).await
 }
 
 #[derive(Deserialize)]
@@ -405,12 +605,67 @@ struct SetMeter {
 
 async fn set_meter(
     State(state): State<AppState>,
-    _auth: Authorized,
-    RoomPath(id): RoomPath,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
     ApiJson(body): ApiJson<SetMeter>,
 ) -> Result<Json<ChangeApplied>, ApiError> {
     let beats_per_bar = meter(body.beats_per_bar)?;
-    change(&state, &id, Change::SetMeter(beats_per_bar)).await
+    change(&state, &who, &code, Change::SetMeter(beats_per_bar)).await
+}
+
+#[derive(Serialize)]
+struct Done {
+    ok: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Mute {
+    muted: bool,
+}
+
+async fn mute(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    MemberPath(code, member): MemberPath,
+    ApiJson(body): ApiJson<Mute>,
+) -> Result<Json<Done>, ApiError> {
+    control(&state, &who, &code, ControlOp::Mute { member, muted: body.muted }).await?;
+    Ok(Json(Done { ok: true }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Assign {
+    #[serde(default)]
+    part: Option<String>,
+    #[serde(default)]
+    beats: Vec<u8>,
+}
+
+async fn assign(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    MemberPath(code, member): MemberPath,
+    ApiJson(body): ApiJson<Assign>,
+) -> Result<Json<Done>, ApiError> {
+    let part = body
+        .part
+        .map(|p| PartName::new(p).map_err(|_| ApiError::bad_request("a part name is at most 32 bytes")))
+        .transpose()?;
+    let beats = BoundedVec::try_from_vec(body.beats)
+        .map_err(|_| ApiError::bad_request(format!("at most {MAX_ASSIGNED_BEATS} beats")))?;
+    control(&state, &who, &code, ControlOp::Assign { member, assignment: Assignment { part, beats } }).await?;
+    Ok(Json(Done { ok: true }))
+}
+
+async fn remove_member(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    MemberPath(code, member): MemberPath,
+) -> Result<Json<Done>, ApiError> {
+    control(&state, &who, &code, ControlOp::Remove { member }).await?;
+    Ok(Json(Done { ok: true }))
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -431,256 +686,4 @@ async fn method_not_allowed() -> ApiError {
     let mut e = ApiError::bad_request("this endpoint does not take that method");
     e.status = StatusCode::METHOD_NOT_ALLOWED;
     e
-}
-
-#[cfg(test)]
-mod tests {
-    use axum::body::Body;
-    use axum::http::Method;
-    use serde_json::{Value, json};
-    use tower::ServiceExt as _;
-
-    use super::*;
-    use crate::clock::ServerClock;
-    use crate::identity::PublishedHash;
-    use crate::rooms::RoomsConfig;
-
-    const TOKEN: &str = "test-token-0123456789";
-
-    struct Api {
-        router: Router,
-        _trigger: crate::shutdown::Trigger,
-    }
-
-    fn api(max_rooms: usize) -> Api {
-        let (trigger, shutdown) = crate::shutdown::channel();
-        let stats = Arc::new(Stats::default());
-        let rooms = Rooms::new(
-            RoomsConfig { engine: downbeat_engine::room::Config::default(), max_rooms },
-            ServerClock::new(),
-            stats.clone(),
-            shutdown,
-        );
-        let hashes = Arc::new(PublishedHashes::default());
-        hashes.set(vec![PublishedHash {
-            sha256: [0xab; 32],
-            not_after: SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000),
-        }]);
-        let state = AppState { rooms: Arc::new(rooms), hashes, dev_token: TOKEN.into(), stats };
-        Api { router: router(state), _trigger: trigger }
-    }
-
-    impl Api {
-        /// Sends one request; returns the status and the body as JSON (or a string).
-        async fn call(
-            &self,
-            method: Method,
-            uri: &str,
-            token: Option<&str>,
-            body: Option<&str>,
-        ) -> (StatusCode, Value) {
-            let mut req = Request::builder().method(method).uri(uri);
-            if let Some(token) = token {
-                req = req.header(header::AUTHORIZATION, format!("Bearer {token}"));
-            }
-            if body.is_some() {
-                req = req.header(header::CONTENT_TYPE, "application/json");
-            }
-            let req = req.body(body.map_or_else(Body::empty, |b| Body::from(b.to_owned()))).unwrap();
-            let response = self.router.clone().oneshot(req).await.unwrap();
-            let status = response.status();
-            let bytes = axum::body::to_bytes(response.into_body(), 1 << 20).await.unwrap();
-            let value = serde_json::from_slice(&bytes)
-                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
-            (status, value)
-        }
-
-        async fn create(&self, body: &str) -> String {
-            let (status, v) = self.call(Method::POST, "/api/rooms", Some(TOKEN), Some(body)).await;
-            assert_eq!(status, StatusCode::CREATED, "{v}");
-            v["room_id"].as_str().unwrap().to_owned()
-        }
-    }
-
-    /// Asserts an error response: status and code, in the one JSON shape.
-    fn check_error(got: (StatusCode, Value), status: StatusCode, code: &str) {
-        assert_eq!(got.0, status, "{}", got.1);
-        assert_eq!(got.1["error"]["code"], code, "{}", got.1);
-        assert!(got.1["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{}", got.1);
-    }
-
-    #[tokio::test]
-    async fn ping_and_cert_hashes() {
-        let api = api(10);
-        let (status, v) = api.call(Method::GET, "/api/ping", None, None).await;
-        assert_eq!((status, v), (StatusCode::OK, json!({"status": "ok"})));
-        let (status, v) = api.call(Method::GET, "/api/cert-hashes", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert_eq!(v, json!({"algorithm": "sha-256", "hashes": [{"hex": "ab".repeat(32), "not_after_unix": 1000}]}));
-    }
-
-    #[tokio::test]
-    async fn creating_a_room_needs_the_token() {
-        let api = api(10);
-        let body = Some(r#"{"tempo_bpm": 120.0, "beats_per_bar": 4}"#);
-        check_error(api.call(Method::POST, "/api/rooms", None, body).await, StatusCode::UNAUTHORIZED, "unauthorized");
-        check_error(
-            api.call(Method::POST, "/api/rooms", Some("wrong"), body).await,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        );
-        // Authentication is checked before the body: no token and bad JSON is still 401.
-        check_error(
-            api.call(Method::POST, "/api/rooms", None, Some("{")).await,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        );
-
-        let (status, v) = api.call(Method::POST, "/api/rooms", Some(TOKEN), body).await;
-        assert_eq!(status, StatusCode::CREATED, "{v}");
-        let id = v["room_id"].as_str().unwrap();
-        assert_eq!(id.len(), 10);
-        assert_eq!(v["timeline"]["epoch"], 1);
-        assert_eq!(v["timeline"]["segments"][0]["tempo_bpm"], 120.0);
-        assert_eq!(v["timeline"]["segments"][0]["beats_per_bar"], 4);
-        assert_eq!(v["timeline"]["segments"][0]["running"], false);
-
-        let (status, v) = api.call(Method::GET, &format!("/api/rooms/{id}"), None, None).await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["room_id"], id);
-        assert_eq!(v["members"], 0);
-        assert_eq!(v["timeline"]["epoch"], 1);
-    }
-
-    #[tokio::test]
-    async fn bad_bodies_get_json_errors() {
-        let api = api(10);
-        let post = |body: &'static str| api.call(Method::POST, "/api/rooms", Some(TOKEN), Some(body));
-        check_error(post(r#"{"tempo_bpm": 500}"#).await, StatusCode::BAD_REQUEST, "tempo_out_of_range");
-        check_error(post(r#"{"tempo_bpm": 19.9}"#).await, StatusCode::BAD_REQUEST, "tempo_out_of_range");
-        check_error(post(r#"{"beats_per_bar": 17}"#).await, StatusCode::BAD_REQUEST, "meter_out_of_range");
-        check_error(post(r#"{"beats_per_bar": 1000}"#).await, StatusCode::BAD_REQUEST, "meter_out_of_range");
-        check_error(post(r#"{"beats_per_bar": -1}"#).await, StatusCode::BAD_REQUEST, "meter_out_of_range");
-        check_error(post("{").await, StatusCode::BAD_REQUEST, "bad_request");
-        check_error(post(r#"{"tempo_bpm": "fast"}"#).await, StatusCode::BAD_REQUEST, "bad_request");
-        check_error(post(r#"{"tempo": 120}"#).await, StatusCode::BAD_REQUEST, "bad_request");
-        // No content type.
-        check_error(
-            api.call(Method::POST, "/api/rooms", Some(TOKEN), None).await,
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "bad_request",
-        );
-        // Too large.
-        let big = format!(r#"{{"tempo_bpm": 120{}}}"#, " ".repeat(MAX_BODY_BYTES));
-        check_error(
-            api.call(Method::POST, "/api/rooms", Some(TOKEN), Some(&big)).await,
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "bad_request",
-        );
-        // Defaults: 120 BPM, 4/4.
-        let (status, v) = post("{}").await;
-        assert_eq!(status, StatusCode::CREATED, "{v}");
-        assert_eq!(v["timeline"]["segments"][0]["tempo_bpm"], 120.0);
-    }
-
-    #[tokio::test]
-    async fn unknown_rooms_routes_and_methods() {
-        let api = api(10);
-        check_error(
-            api.call(Method::GET, "/api/rooms/nosuchroom", None, None).await,
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-        );
-        check_error(
-            api.call(Method::POST, "/api/rooms/nosuchroom/start", Some(TOKEN), None).await,
-            StatusCode::NOT_FOUND,
-            "room_not_found",
-        );
-        // The token is checked before the room is looked up: no probing without it.
-        check_error(
-            api.call(Method::POST, "/api/rooms/nosuchroom/start", None, None).await,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        );
-        check_error(api.call(Method::GET, "/nope", None, None).await, StatusCode::NOT_FOUND, "bad_request");
-        check_error(
-            api.call(Method::DELETE, "/api/ping", None, None).await,
-            StatusCode::METHOD_NOT_ALLOWED,
-            "bad_request",
-        );
-    }
-
-    #[tokio::test]
-    async fn start_stop_tempo_meter() {
-        let api = api(10);
-        let id = api.create(r#"{"tempo_bpm": 100, "beats_per_bar": 3}"#).await;
-        let url = |what: &str| format!("/api/rooms/{id}/{what}");
-
-        check_error(api.call(Method::POST, &url("stop"), Some(TOKEN), None).await, StatusCode::CONFLICT, "not_running");
-        let (status, v) = api.call(Method::POST, &url("start"), Some(TOKEN), None).await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["epoch"], 2);
-        assert!(v["effective_at_ns"].as_u64().unwrap() >= 1_500_000_000);
-        assert_eq!(v["effective_beat"].as_i64().unwrap() % 3, 0);
-        check_error(
-            api.call(Method::POST, &url("start"), Some(TOKEN), None).await,
-            StatusCode::CONFLICT,
-            "already_running",
-        );
-
-        let (status, v) = api.call(Method::POST, &url("tempo"), Some(TOKEN), Some(r#"{"tempo_bpm": 130.5}"#)).await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        assert_eq!(v["epoch"], 3);
-        check_error(
-            api.call(Method::POST, &url("tempo"), Some(TOKEN), Some(r#"{"tempo_bpm": 301}"#)).await,
-            StatusCode::BAD_REQUEST,
-            "tempo_out_of_range",
-        );
-        let (status, v) = api.call(Method::POST, &url("meter"), Some(TOKEN), Some(r#"{"beats_per_bar": 7}"#)).await;
-        assert_eq!(status, StatusCode::OK, "{v}");
-        check_error(
-            api.call(Method::POST, &url("meter"), Some(TOKEN), Some(r#"{"beats_per_bar": 0}"#)).await,
-            StatusCode::BAD_REQUEST,
-            "meter_out_of_range",
-        );
-        check_error(
-            api.call(Method::POST, &url("tempo"), Some("bad"), Some(r#"{"tempo_bpm": 100}"#)).await,
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-        );
-
-        let (status, v) = api.call(Method::GET, &format!("/api/rooms/{id}"), None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        assert!(v["timeline"]["segments"].as_array().unwrap().len() >= 2, "{v}");
-        assert_eq!(v["timeline"]["epoch"], 4);
-    }
-
-    #[tokio::test]
-    async fn too_many_rooms_is_429() {
-        let api = api(1);
-        api.create("{}").await;
-        check_error(
-            api.call(Method::POST, "/api/rooms", Some(TOKEN), Some("{}")).await,
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_rooms",
-        );
-    }
-
-    #[tokio::test]
-    async fn metrics_are_prometheus_text() {
-        let api = api(10);
-        api.create("{}").await;
-        let (status, v) = api.call(Method::GET, "/metrics", None, None).await;
-        assert_eq!(status, StatusCode::OK);
-        let text = v.as_str().unwrap();
-        assert!(text.contains("# TYPE downbeat_rooms_active gauge\ndownbeat_rooms_active 1\n"), "{text}");
-    }
-
-    #[test]
-    fn tokens_compare_exactly() {
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abc", "abd"));
-        assert!(!token_matches("abc", "ab"));
-        assert!(!token_matches("abc", ""));
-    }
 }

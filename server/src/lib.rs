@@ -7,15 +7,21 @@
 //!   session (hello, welcome, control changes, errors with stable codes) and unreliable
 //!   datagrams for NTP-style clock sync and for beat frames sent ahead of time.
 //! - **HTTP/1.1** ([`axum`], its own TCP port): health, the certificate hashes pages pin,
-//!   creating rooms and starting, stopping or retiming them, and `/metrics`.
+//!   rooms (create, list, look up, close) and teacher controls, and `/metrics`.
+//! - **Tenants and tokens** ([`auth`]): every school is a tenant with its own signing keys and
+//!   limits; sessions and requests carry a JWT whose verified claims give the tenant, a
+//!   pseudonymous subject, the role and a display name. One authorization function decides
+//!   what each role may do, for every entry point.
+//! - **Classrooms**: rooms joined by a short code, seats that survive a Wi-Fi blip, presence,
+//!   teacher controls on the beat, mute, parts, and notes every classmate hears at once.
 //! - **Certificates**: a self-signed development identity (rotated before Chrome's 14-day
 //!   limit, hashes published) or production PEM files (reloaded when they change); either
 //!   is swapped without dropping open sessions.
 //!
 //! The timing logic itself lives in `downbeat-engine`, which never reads a clock; this crate
-//! is the I/O shell around it and reads time only through [`ServerClock`]. It does not yet
-//! persist rooms (they live in memory until shutdown) and knows only a development bearer
-//! token, no accounts or roles.
+//! is the I/O shell around it and reads time only through [`ServerClock`]. Rooms live in
+//! memory: they end when their teacher closes them, when nobody has been in them for a while,
+//! or when the server stops.
 //!
 //! ```no_run
 //! # async fn example() -> Result<(), downbeat_server::ServerError> {
@@ -26,10 +32,14 @@
 //! # }
 //! ```
 
+pub mod auth;
+mod authz;
 pub mod clock;
+mod codes;
 pub mod config;
 mod http;
 mod identity;
+mod room_task;
 mod rooms;
 mod session;
 mod shutdown;
@@ -37,12 +47,11 @@ pub mod stats;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use downbeat_protocol::ErrorCode;
-use rand::RngCore as _;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
@@ -53,9 +62,9 @@ pub use crate::clock::ServerClock;
 pub use crate::config::{Args, Config, ConfigError, parse_and_merge};
 pub use crate::http::{ApiError, status_for};
 pub use crate::identity::{IdentityError, PublishedHash};
-pub use crate::rooms::RoomsError;
 pub use crate::stats::Stats;
 
+use crate::auth::Tenants;
 use crate::identity::PublishedHashes;
 use crate::rooms::{Rooms, RoomsConfig};
 use crate::session::SessionContext;
@@ -108,7 +117,7 @@ pub struct Server {
     wt_port: u16,
     source: identity::Source,
     hashes: Arc<PublishedHashes>,
-    dev_token: Arc<str>,
+    tenants: Arc<Tenants>,
     rooms: Arc<Rooms>,
     trigger: shutdown::Trigger,
     signal: shutdown::Shutdown,
@@ -139,7 +148,7 @@ impl Server {
             .port();
         let http = bind_http(config.http_addr).await?;
         let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: config.http_addr, source })?;
-        let dev_token: Arc<str> = config.dev_token.clone().unwrap_or_else(random_token).into();
+        let tenants = Arc::new(Tenants::new(&config)?);
         let hashes = Arc::new(PublishedHashes::default());
         hashes.set(source.published());
         let (trigger, signal) = shutdown::channel();
@@ -149,9 +158,12 @@ impl Server {
                     lead_nanos: config.lead_ms * 1_000_000,
                     send_interval_nanos: config.send_interval_ms * 1_000_000,
                     max_members: config.max_members_per_room,
+                    playout_delay_nanos: config.playout_delay_ms * 1_000_000,
                     ..downbeat_engine::room::Config::default()
                 },
                 max_rooms: config.max_rooms,
+                idle_expiry_nanos: config.room_idle_expiry_secs * 1_000_000_000,
+                seat_grace_nanos: config.seat_grace_ms * 1_000_000,
             },
             clock,
             stats.clone(),
@@ -173,7 +185,7 @@ impl Server {
             wt_port,
             source,
             hashes,
-            dev_token,
+            tenants,
             rooms,
             trigger,
             signal,
@@ -211,9 +223,9 @@ impl Server {
         self.hashes.get()
     }
 
-    /// The development bearer token (from the config, or generated at bind).
-    pub fn dev_token(&self) -> &str {
-        &self.dev_token
+    /// The tenants and their token keys (to mint development tokens for the demo tenant).
+    pub fn tenants(&self) -> Arc<Tenants> {
+        self.tenants.clone()
     }
 
     /// The server clock (what `ServerNanos` on the wire are measured against).
@@ -235,13 +247,15 @@ impl Server {
     /// [`ErrorCode::ShuttingDown`] (after telling it on its control stream), lets HTTP
     /// requests in flight finish, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let Self { config, clock, stats, endpoint, http, source, hashes, dev_token, rooms, trigger, signal, .. } = self;
+        let Self { config, clock, stats, endpoint, http, source, hashes, tenants, rooms, trigger, signal, .. } = self;
 
         let router = http::router(http::AppState {
             rooms: rooms.clone(),
+            tenants: tenants.clone(),
             hashes: hashes.clone(),
-            dev_token: dev_token.clone(),
             stats: stats.clone(),
+            clock,
+            limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
         });
         let mut http_signal = signal.clone();
         let mut http_task = tokio::spawn(async move {
@@ -251,13 +265,14 @@ impl Server {
             tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
         let ctx = Arc::new(SessionContext {
             rooms: rooms.clone(),
+            tenants,
+            tenant_sessions: session::TenantSessions::default(),
             stats,
             clock,
-            dev_token,
             hello_timeout: config.hello_timeout(),
             handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
-            next_member_id: AtomicU64::new(1),
+            next_session_id: AtomicU64::new(1),
         });
 
         // Shut down when asked, or if the HTTP server stops on its own.
@@ -306,13 +321,6 @@ impl Server {
 /// Binds and serves `config` until `shutdown` completes.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     Server::bind(config).await?.run(shutdown).await
-}
-
-/// A random development token: 128 bits as 32 hex characters.
-fn random_token() -> String {
-    let mut bytes = [0u8; 16];
-    rand::rng().fill_bytes(&mut bytes);
-    hex::encode(bytes)
 }
 
 /// Whether a failed wildcard bind is worth retrying on IPv4 only (a host without IPv6).

@@ -6,25 +6,30 @@
 //! lengths are checked before allocating, decode errors become stable error codes, and a bad
 //! datagram is dropped and counted while the session carries on.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
+use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
-    self as wire, BoundedString, ClientDatagram, ClientMessage, ControlAck, DecodeError, ErrorCode, ErrorFrame,
-    FRAME_HEADER_LEN, PROTOCOL_VERSION, ServerDatagram, ServerMessage, SyncReply,
+    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, FRAME_HEADER_LEN, Name, PROTOCOL_VERSION,
+    RoomRequest, ServerDatagram, ServerMessage, SyncReply,
 };
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, field, info, info_span, warn};
 use wtransport::endpoint::IncomingSession;
 use wtransport::endpoint::endpoint_side::Server as ServerSide;
+use wtransport::error::ConnectionError;
 use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 
+use crate::auth::{Principal, Tenants};
+use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
-use crate::http::token_matches;
-use crate::rooms::{Joining, Peer, RoomHandle, Rooms};
+use crate::room_task::error_frame;
+use crate::rooms::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -36,22 +41,67 @@ const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long shutdown waits for sessions to say goodbye before aborting them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
-/// Sustained clock-sync datagrams per second a session may send; more are dropped.
-const DATAGRAMS_PER_SECOND: u64 = 100;
+/// Sustained datagrams per second a session may send (clock sync and notes); more are dropped.
+const DATAGRAMS_PER_SECOND: u32 = 100;
 /// Burst of datagrams allowed above the sustained rate.
-const DATAGRAM_BURST: u64 = 200;
+const DATAGRAM_BURST: u32 = 200;
+/// Client reports a session may send per second (sustained; a burst of 3); more are ignored.
+const REPORTS_PER_SECOND: u32 = 1;
+/// Refused control frames (rate limit) a session may send in a burst before it is closed...
+const ABUSE_BURST: u32 = 20;
+/// ...and the sustained rate of refusals tolerated.
+const ABUSE_PER_SECOND: u32 = 2;
+/// Slack on a token's expiry before the session is ended (clock skew between issuers).
+const EXPIRY_LEEWAY: Duration = Duration::from_secs(5);
 
 /// What every session shares.
 #[derive(Debug)]
 pub(crate) struct SessionContext {
     pub(crate) rooms: Arc<Rooms>,
+    pub(crate) tenants: Arc<Tenants>,
+    pub(crate) tenant_sessions: TenantSessions,
     pub(crate) stats: Arc<Stats>,
     pub(crate) clock: ServerClock,
-    pub(crate) dev_token: Arc<str>,
     pub(crate) hello_timeout: Duration,
     pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) sessions: Arc<Semaphore>,
-    pub(crate) next_member_id: AtomicU64,
+    pub(crate) next_session_id: AtomicU64,
+}
+
+/// Open sessions per tenant, against each tenant's `max_sessions`.
+#[derive(Debug, Default)]
+pub(crate) struct TenantSessions(Arc<Mutex<HashMap<Arc<str>, usize>>>);
+
+/// One counted session; uncounts itself when dropped.
+#[derive(Debug)]
+pub(crate) struct TenantSlot {
+    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    tenant: Arc<str>,
+}
+
+impl TenantSessions {
+    /// Counts a session of `tenant`, unless it already has `max` open.
+    pub(crate) fn acquire(&self, tenant: &Arc<str>, max: usize) -> Option<TenantSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(tenant.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TenantSlot { counts: self.0.clone(), tenant: tenant.clone() })
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Accepts sessions until shutdown, then waits (briefly) for them to close with
@@ -136,10 +186,11 @@ async fn handle_incoming(
     ctx.stats.sessions_total.inc();
     ctx.stats.sessions_active.inc();
     let _active = ActiveGuard(ctx.stats.clone());
-    let member_id = ctx.next_member_id.fetch_add(1, Ordering::Relaxed);
-    let span = info_span!("session", member = member_id, room = field::Empty);
+    let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
+    let span =
+        info_span!("session", id = session_id, tenant = field::Empty, room = field::Empty, member = field::Empty);
     debug!(parent: &span, %remote, "session accepted");
-    Session { conn, member_id, ctx, shutdown }.run(deadline).instrument(span).await;
+    Session { conn, session_id, ctx, shutdown }.run(deadline).instrument(span).await;
     drop(session_permit);
 }
 
@@ -171,7 +222,7 @@ async fn read_frame(recv: &mut RecvStream) -> Result<ClientMessage, ReadError> {
 /// How a session ended.
 #[derive(Debug)]
 enum End {
-    /// The peer went away; nothing to say.
+    /// The peer closed the session or its connection was lost.
     Closed,
     /// The server is shutting down.
     Shutdown,
@@ -179,17 +230,26 @@ enum End {
     Fatal(ErrorCode, &'static str),
 }
 
-fn error_frame(code: ErrorCode, request_id: Option<u32>, message: &str) -> ServerMessage {
-    ServerMessage::Error(ErrorFrame { code, request_id, message: BoundedString::truncating(message) })
-}
-
 fn close_code(code: ErrorCode) -> VarInt {
     VarInt::from_u32(u32::from(code.as_u16()))
 }
 
+/// A joined session: the seat it holds and how to reach its room.
+struct Joined {
+    room: RoomHandle,
+    member_id: u64,
+    principal: Principal,
+    send: SendStream,
+    recv: RecvStream,
+    control_tx: mpsc::Sender<ServerMessage>,
+    control_rx: mpsc::Receiver<ServerMessage>,
+    kick: oneshot::Receiver<Kick>,
+    _slot: TenantSlot,
+}
+
 struct Session {
     conn: Connection,
-    member_id: u64,
+    session_id: u64,
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 }
@@ -204,17 +264,14 @@ impl Session {
                 return;
             }
         };
-        let Some((room, send, recv, control_tx, control_rx)) = joined else { return };
-        self.serve(room, send, recv, control_tx, control_rx).await;
+        let Some(joined) = joined else { return };
+        self.serve(joined).await;
     }
 
-    /// Opens the control stream and handles the hello. On success the member has joined and
-    /// the welcome is written; on failure the peer was told why and the session closed.
-    #[allow(clippy::type_complexity)]
-    async fn hello(
-        &self,
-        deadline: Instant,
-    ) -> Option<(RoomHandle, SendStream, RecvStream, mpsc::Sender<ServerMessage>, mpsc::Receiver<ServerMessage>)> {
+    /// Opens the control stream and handles the hello: verifies the token, finds or creates
+    /// the room, authorizes and takes a seat. On success the welcome is written; on failure
+    /// the peer was told why and the session closed.
+    async fn hello(&self, deadline: Instant) -> Option<Joined> {
         let (mut send, mut recv) = match timeout_at(deadline, self.conn.accept_bi()).await {
             Ok(Ok(streams)) => streams,
             Ok(Err(e)) => {
@@ -236,40 +293,67 @@ impl Session {
             }
             Ok(Err(ReadError::Decode(e))) => {
                 self.count_decode_error(e);
-                return self.refuse(send, e.code(), "the first frame did not decode").await;
+                return self.refuse(send, Refusal::new(e.code(), "the first frame did not decode")).await;
             }
             Ok(Err(ReadError::Stalled)) | Err(_) => {
-                return self.refuse(send, ErrorCode::HelloTimeout, "no hello in time").await;
+                return self.refuse(send, Refusal::new(ErrorCode::HelloTimeout, "no hello in time")).await;
             }
         };
         let ClientMessage::Hello(hello) = first else {
-            return self.refuse(send, ErrorCode::HelloRequired, "the first frame must be a hello").await;
+            return self.refuse(send, Refusal::new(ErrorCode::HelloRequired, "the first frame must be a hello")).await;
         };
         if hello.version != PROTOCOL_VERSION {
-            return self.refuse(send, ErrorCode::UnsupportedVersion, "this server speaks protocol version 1").await;
+            let refusal = Refusal::new(ErrorCode::UnsupportedVersion, "this server speaks protocol version 1");
+            return self.refuse(send, refusal).await;
         }
-        if !token_matches(&self.ctx.dev_token, &hello.token) {
-            return self.refuse(send, ErrorCode::Unauthorized, "the token is not valid").await;
-        }
-        let Some(room) = self.ctx.rooms.get(&hello.room) else {
-            return self.refuse(send, ErrorCode::RoomNotFound, "no room has this id").await;
+        let principal = match self.ctx.tenants.verify(&hello.token) {
+            Ok(principal) => principal,
+            Err(e) => return self.refuse(send, Refusal::new(e.code(), e.to_string())).await,
         };
-        Span::current().record("room", room.id());
+        Span::current().record("tenant", &*principal.tenant);
+        let Some(tenant) = self.ctx.tenants.tenant(&principal.tenant) else {
+            return self.refuse(send, Refusal::new(ErrorCode::Unauthorized, "unknown school")).await;
+        };
+        let Some(slot) = self.ctx.tenant_sessions.acquire(&principal.tenant, tenant.limits().max_sessions as usize)
+        else {
+            let refusal =
+                Refusal::new(ErrorCode::TooManySessions, "your school has its maximum number of sessions open");
+            return self.refuse(send, refusal).await;
+        };
+        let room = match &hello.room {
+            RoomRequest::Join(code) => self
+                .ctx
+                .rooms
+                .lookup(tenant, code)
+                .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
+            RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
+                .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
+        };
+        let room = match room {
+            Ok(room) => room,
+            Err(refusal) => return self.refuse(send, refusal).await,
+        };
+        Span::current().record("room", room.meta().code.as_str());
 
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (kick_tx, kick) = oneshot::channel();
         let peer: Arc<dyn Peer> = Arc::new(self.conn.clone());
-        let joining = Joining { member_id: self.member_id, name: hello.name, peer, control_tx: control_tx.clone() };
+        let joining = Joining {
+            session_id: self.session_id,
+            subject: principal.subject.clone(),
+            name: Name::truncating(&principal.name),
+            role: principal.role.into(),
+            token_expires_at: principal.expires_at_unix,
+            peer,
+            control_tx: control_tx.clone(),
+            kick: kick_tx,
+        };
         let welcome = match room.join(joining).await {
             Ok(welcome) => welcome,
-            Err(code) => {
-                let message = match code {
-                    ErrorCode::RoomFull => "the room is full",
-                    ErrorCode::ShuttingDown => "the server is shutting down",
-                    _ => "cannot join the room",
-                };
-                return self.refuse(send, code, message).await;
-            }
+            Err(refusal) => return self.refuse(send, refusal).await,
         };
+        let member_id = welcome.member_id;
+        Span::current().record("member", member_id);
         let written = match wire::encode_frame(&ServerMessage::Welcome(welcome)) {
             Ok(bytes) => send.write_all(&bytes).await.is_ok(),
             Err(e) => {
@@ -278,19 +362,21 @@ impl Session {
             }
         };
         if !written {
-            room.leave(self.member_id).await;
+            room.depart(member_id, self.session_id, Departure::Lost).await;
             self.conn.close(close_code(ErrorCode::Internal), b"");
             return None;
         }
-        info!("joined");
-        Some((room, send, recv, control_tx, control_rx))
+        info!(role = ?principal.role, "joined");
+        Some(Joined { room, member_id, principal, send, recv, control_tx, control_rx, kick, _slot: slot })
     }
 
     /// Tells the peer why its hello was refused, then closes the session with that code.
-    async fn refuse<T>(&self, mut send: SendStream, code: ErrorCode, message: &'static str) -> Option<T> {
+    async fn refuse<T>(&self, mut send: SendStream, refusal: Refusal) -> Option<T> {
+        let code = refusal.code;
         self.ctx.stats.hello_failures.inc(code);
-        debug!(code = code.as_str(), "hello refused");
-        if let Ok(bytes) = wire::encode_frame(&error_frame(code, None, message)) {
+        self.ctx.stats.refused.inc(code);
+        debug!(code = code.as_str(), message = %refusal.message, "hello refused");
+        if let Ok(bytes) = wire::encode_frame(&error_frame(code, None, &refusal.message)) {
             let _ = timeout(FLUSH_TIMEOUT, async {
                 if send.write_all(&bytes).await.is_ok() {
                     let _ = send.finish().await;
@@ -298,7 +384,7 @@ impl Session {
             })
             .await;
         }
-        self.conn.close(close_code(code), message.as_bytes());
+        self.conn.close(close_code(code), code.as_str().as_bytes());
         None
     }
 
@@ -310,28 +396,45 @@ impl Session {
     }
 
     /// The joined session: a writer task drains the control queue; this task reads control
-    /// frames and answers clock-sync datagrams until either side ends it.
-    async fn serve(
-        &self,
-        room: RoomHandle,
-        send: SendStream,
-        mut recv: RecvStream,
-        control_tx: mpsc::Sender<ServerMessage>,
-        control_rx: mpsc::Receiver<ServerMessage>,
-    ) {
+    /// frames, answers clock sync and forwards notes until either side ends it.
+    async fn serve(&self, joined: Joined) {
+        let Joined { room, member_id, principal, send, mut recv, control_tx, control_rx, kick, _slot } = joined;
         let writer = tokio::spawn(write_loop(send, control_rx).instrument(Span::current()));
         let mut shutdown = self.shutdown.clone();
-        let end = tokio::select! {
-            end = self.control_loop(&room, &mut recv, &control_tx) => end,
-            () = datagram_loop(&self.conn, self.ctx.clock, &self.ctx.stats) => End::Closed,
-            () = shutdown.wait() => End::Shutdown,
+        let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
+        let mut control = Control {
+            ctx: &self.ctx,
+            room: &room,
+            member_id,
+            session_id: self.session_id,
+            principal,
+            expiry: expiry_tx,
+            limit: None,
+            reports: None,
+            abuse: None,
         };
-        // The room drops its sender for this member when it handles the leave; once ours is
-        // dropped too, the writer finishes the stream after the last queued message.
-        room.leave(self.member_id).await;
+        let datagrams =
+            Datagrams { conn: &self.conn, ctx: &self.ctx, room: &room, member_id, session_id: self.session_id };
+        let end = tokio::select! {
+            end = control.run(&mut recv, &control_tx) => end,
+            () = datagrams.run() => End::Closed,
+            () = shutdown.wait() => End::Shutdown,
+            () = token_expiry(expiry_rx) => End::Fatal(ErrorCode::TokenExpired, "the token expired; join again with a fresh one"),
+            kicked = kick => match kicked {
+                Ok(Kick { code, message }) => End::Fatal(code, message),
+                // The room ended without saying why (server shutdown).
+                Err(_) => End::Shutdown,
+            },
+        };
         let (code, message) = match end {
             End::Closed => {
-                debug!("session ended");
+                // Polled once: resolves only if the connection is already closed.
+                let how = match timeout(Duration::ZERO, self.conn.closed()).await.ok() {
+                    Some(ConnectionError::ApplicationClosed(_)) | None => Departure::Left,
+                    Some(_) => Departure::Lost,
+                };
+                debug!(?how, "session ended");
+                room.depart(member_id, self.session_id, how).await;
                 writer.abort();
                 self.conn.close(VarInt::from_u32(0), b"");
                 return;
@@ -339,6 +442,8 @@ impl Session {
             End::Shutdown => (ErrorCode::ShuttingDown, "the server is shutting down"),
             End::Fatal(code, message) => (code, message),
         };
+        // Frees the seat unless the room already did (kicked sessions no longer hold it).
+        room.depart(member_id, self.session_id, Departure::Left).await;
         debug!(code = code.as_str(), "closing session");
         let _ = control_tx.try_send(error_frame(code, None, message));
         drop(control_tx);
@@ -347,18 +452,59 @@ impl Session {
         }
         self.conn.close(close_code(code), message.as_bytes());
     }
+}
 
-    async fn control_loop(
-        &self,
-        room: &RoomHandle,
-        recv: &mut RecvStream,
-        control_tx: &mpsc::Sender<ServerMessage>,
-    ) -> End {
+/// Resolves once the token (whose expiry, in Unix seconds, `rx` holds) has expired.
+async fn token_expiry(mut rx: watch::Receiver<u64>) {
+    loop {
+        let expires_at = *rx.borrow_and_update();
+        let deadline = SystemTime::UNIX_EPOCH + Duration::from_secs(expires_at) + EXPIRY_LEEWAY;
+        let left = deadline.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(left) => {
+                // The wall clock may have been stepped while sleeping: check again.
+                if SystemTime::now() >= deadline {
+                    return;
+                }
+            }
+            changed = rx.changed() => if changed.is_err() {
+                std::future::pending::<()>().await;
+            },
+        }
+    }
+}
+
+/// The control-stream side of a joined session.
+struct Control<'a> {
+    ctx: &'a SessionContext,
+    room: &'a RoomHandle,
+    member_id: u64,
+    session_id: u64,
+    principal: Principal,
+    expiry: watch::Sender<u64>,
+    limit: Option<TokenBucket>,
+    reports: Option<TokenBucket>,
+    abuse: Option<TokenBucket>,
+}
+
+impl Control<'_> {
+    async fn run(&mut self, recv: &mut RecvStream, control_tx: &mpsc::Sender<ServerMessage>) -> End {
+        let limits = self.ctx.tenants.tenant(&self.principal.tenant).map(|t| *t.limits());
+        let now = self.ctx.clock.now().0;
+        let (per_second, burst) = limits.map_or((10, 20), |l| (l.controls_per_second, l.control_burst));
+        self.limit = Some(TokenBucket::new(per_second, burst, now));
+        self.reports = Some(TokenBucket::new(REPORTS_PER_SECOND, 3, now));
+        self.abuse = Some(TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now));
         loop {
-            let reply = match read_frame(recv).await {
+            let message = match read_frame(recv).await {
+                Ok(message) => message,
                 Err(ReadError::Closed) => return End::Closed,
                 Err(ReadError::Decode(e)) => {
-                    self.count_decode_error(e);
+                    match e {
+                        DecodeError::TooLarge { .. } => self.ctx.stats.frames_too_large.inc(),
+                        _ => self.ctx.stats.frames_malformed.inc(),
+                    }
+                    self.ctx.stats.refused.inc(e.code());
                     let message = match e {
                         DecodeError::TooLarge { .. } => "frame larger than the limit",
                         _ => "frame did not decode",
@@ -369,24 +515,91 @@ impl Session {
                     self.ctx.stats.frames_malformed.inc();
                     return End::Fatal(ErrorCode::MalformedFrame, "frame body did not arrive in time");
                 }
-                Ok(ClientMessage::Hello(_)) => {
+            };
+            let now = self.ctx.clock.now().0;
+            if let ClientMessage::Report(report) = message {
+                if self.reports.as_mut().is_some_and(|b| b.try_take(now)) {
+                    self.room.report(self.member_id, self.session_id, report);
+                }
+                continue;
+            }
+            if !self.limit.as_mut().is_some_and(|b| b.try_take(now)) {
+                self.ctx.stats.refused.inc(ErrorCode::RateLimited);
+                if !self.abuse.as_mut().is_some_and(|b| b.try_take(now)) {
+                    self.ctx.stats.sessions_closed_for_abuse.inc();
+                    return End::Fatal(ErrorCode::RateLimited, "too many control messages");
+                }
+                let request_id = request_id_of(&message);
+                let reply = error_frame(ErrorCode::RateLimited, request_id, "too many control messages; slow down");
+                if control_tx.send(reply).await.is_err() {
+                    return End::Closed;
+                }
+                continue;
+            }
+            let reply = match message {
+                ClientMessage::Hello(_) => {
+                    self.ctx.stats.refused.inc(ErrorCode::UnexpectedMessage);
                     error_frame(ErrorCode::UnexpectedMessage, None, "this session already said hello")
                 }
-                Ok(ClientMessage::Control(request)) => match room.change(request.change).await {
-                    Ok(applied) => ServerMessage::ControlAck(ControlAck {
-                        request_id: request.request_id,
-                        epoch: applied.epoch,
-                        effective_at: applied.effective_at,
-                        effective_beat: applied.effective_beat,
-                    }),
-                    Err(e) => error_frame(e.code(), Some(request.request_id), &e.to_string()),
-                },
+                ClientMessage::Control(request) => {
+                    let op = Operation::Control(&request.op);
+                    match authorize(&self.principal, Some(&self.room.meta().tenant), op) {
+                        Ok(()) => {
+                            // The room answers on this stream, in order with its broadcasts.
+                            if !self.room.control_from(self.member_id, request.request_id, request.op).await {
+                                return End::Fatal(ErrorCode::RoomClosed, "the room was closed");
+                            }
+                            continue;
+                        }
+                        Err(refusal) => {
+                            self.ctx.stats.refused.inc(refusal.code);
+                            error_frame(refusal.code, Some(request.request_id), &refusal.message)
+                        }
+                    }
+                }
+                ClientMessage::RefreshToken { request_id, token } => self.refresh(request_id, &token),
+                ClientMessage::Report(_) => continue,
             };
             if control_tx.send(reply).await.is_err() {
                 // The room dropped this member (too slow) and the writer is gone.
                 return End::Closed;
             }
         }
+    }
+
+    /// Takes a fresh token for the same tenant, subject and role; the session's expiry moves.
+    fn refresh(&mut self, request_id: u32, token: &str) -> ServerMessage {
+        let fresh = match self.ctx.tenants.verify(token) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                self.ctx.stats.refused.inc(e.code());
+                return error_frame(e.code(), Some(request_id), &e.to_string());
+            }
+        };
+        if fresh.tenant != self.principal.tenant
+            || fresh.subject != self.principal.subject
+            || fresh.role != self.principal.role
+        {
+            self.ctx.stats.refused.inc(ErrorCode::Forbidden);
+            return error_frame(
+                ErrorCode::Forbidden,
+                Some(request_id),
+                "a fresh token must name the same school, person and role",
+            );
+        }
+        let expires_at = fresh.expires_at_unix;
+        self.principal = fresh;
+        self.expiry.send_replace(expires_at);
+        debug!(expires_at, "token refreshed");
+        ServerMessage::TokenRefreshed { request_id, expires_at }
+    }
+}
+
+fn request_id_of(message: &ClientMessage) -> Option<u32> {
+    match message {
+        ClientMessage::Control(request) => Some(request.request_id),
+        ClientMessage::RefreshToken { request_id, .. } => Some(*request_id),
+        ClientMessage::Hello(_) | ClientMessage::Report(_) => None,
     }
 }
 
@@ -407,79 +620,51 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>)
     let _ = send.finish().await;
 }
 
-/// A token bucket in whole datagrams over server time.
-#[derive(Debug)]
-struct TokenBucket {
-    tokens: u64,
-    last: u64,
+/// The datagram side of a joined session: clock sync and notes.
+struct Datagrams<'a> {
+    conn: &'a Connection,
+    ctx: &'a SessionContext,
+    room: &'a RoomHandle,
+    member_id: u64,
+    session_id: u64,
 }
 
-impl TokenBucket {
-    const NANOS_PER_TOKEN: u64 = 1_000_000_000 / DATAGRAMS_PER_SECOND;
-
-    fn new(now: wire::ServerNanos) -> Self {
-        Self { tokens: DATAGRAM_BURST, last: now.0 }
-    }
-
-    fn take(&mut self, now: wire::ServerNanos) -> bool {
-        let earned = now.0.saturating_sub(self.last) / Self::NANOS_PER_TOKEN;
-        if earned > 0 {
-            self.tokens = (self.tokens + earned).min(DATAGRAM_BURST);
-            self.last += earned * Self::NANOS_PER_TOKEN;
-        }
-        if self.tokens == 0 {
-            return false;
-        }
-        self.tokens -= 1;
-        true
-    }
-}
-
-/// Answers clock-sync requests until the connection ends. `t1` is stamped the moment a
-/// datagram is handed over, before decoding; `t2` just before the reply is sent.
-async fn datagram_loop(conn: &Connection, clock: ServerClock, stats: &Stats) {
-    let mut bucket = TokenBucket::new(clock.now());
-    loop {
-        let Ok(datagram) = conn.receive_datagram().await else { return };
-        let t1 = clock.now();
-        stats.datagrams_received.inc();
-        if !bucket.take(t1) {
-            stats.datagrams_rate_limited.inc();
-            continue;
-        }
-        match wire::decode_client_datagram(&datagram) {
-            Err(_) => stats.datagrams_malformed.inc(),
-            Ok(ClientDatagram::SyncRequest(request)) => {
-                let reply =
-                    ServerDatagram::SyncReply(SyncReply { id: request.id, t0: request.t0, t1, t2: clock.now() });
-                let sent = wire::encode_server_datagram(&reply).is_ok_and(|bytes| conn.send_datagram(bytes).is_ok());
-                if sent {
-                    stats.datagrams_sent.inc();
-                    stats.sync_replies_sent.inc();
-                } else {
-                    stats.datagrams_send_failed.inc();
+impl Datagrams<'_> {
+    /// Answers clock-sync requests and hands notes to the room until the connection ends.
+    /// `t1` is stamped the moment a datagram is handed over, before decoding; `t2` just
+    /// before the reply is sent.
+    async fn run(&self) {
+        let (clock, stats) = (self.ctx.clock, &self.ctx.stats);
+        let mut bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, clock.now().0);
+        loop {
+            let Ok(datagram) = self.conn.receive_datagram().await else { return };
+            let t1 = clock.now();
+            stats.datagrams_received.inc();
+            if !bucket.try_take(t1.0) {
+                stats.datagrams_rate_limited.inc();
+                continue;
+            }
+            match wire::decode_client_datagram(&datagram) {
+                Err(_) => stats.datagrams_malformed.inc(),
+                Ok(ClientDatagram::SyncRequest(request)) => {
+                    let reply =
+                        ServerDatagram::SyncReply(SyncReply { id: request.id, t0: request.t0, t1, t2: clock.now() });
+                    let sent =
+                        wire::encode_server_datagram(&reply).is_ok_and(|bytes| self.conn.send_datagram(bytes).is_ok());
+                    if sent {
+                        stats.datagrams_sent.inc();
+                        stats.sync_replies_sent.inc();
+                    } else {
+                        stats.datagrams_send_failed.inc();
+                    }
+                }
+                Ok(ClientDatagram::Notes(notes)) => {
+                    stats.note_datagrams_received.inc();
+                    if !self.room.notes(self.member_id, self.session_id, notes) {
+                        stats.notes_dropped.inc(ErrorCode::ServerBusy);
+                    }
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_bucket_allows_a_burst_then_the_rate() {
-        let mut bucket = TokenBucket::new(wire::ServerNanos(0));
-        let allowed = (0..1000).filter(|_| bucket.take(wire::ServerNanos(0))).count();
-        assert_eq!(allowed as u64, DATAGRAM_BURST);
-        // One second later, one second's worth.
-        let t = wire::ServerNanos(1_000_000_000);
-        let allowed = (0..1000).filter(|_| bucket.take(t)).count();
-        assert_eq!(allowed as u64, DATAGRAMS_PER_SECOND);
-        // Refill never exceeds the burst.
-        let t = wire::ServerNanos(100_000_000_000);
-        let allowed = (0..1000).filter(|_| bucket.take(t)).count();
-        assert_eq!(allowed as u64, DATAGRAM_BURST);
     }
 }

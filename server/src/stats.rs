@@ -83,6 +83,48 @@ impl CodeCounters {
     }
 }
 
+/// Upper bounds of the histogram buckets, in microseconds.
+const BUCKETS_MICROS: [u64; 12] = [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000];
+
+/// A histogram of durations with fixed buckets from 50 µs to 250 ms, rendered in seconds.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Per-bucket counts (not cumulative); the last slot is above every bound.
+    buckets: [Counter; BUCKETS_MICROS.len() + 1],
+    sum_micros: Counter,
+    count: Counter,
+}
+
+impl Histogram {
+    /// Records one value in microseconds.
+    pub fn observe_micros(&self, micros: u32) {
+        let micros = u64::from(micros);
+        let slot = BUCKETS_MICROS.iter().position(|b| micros <= *b).unwrap_or(BUCKETS_MICROS.len());
+        self.buckets[slot].inc();
+        self.sum_micros.add(micros);
+        self.count.inc();
+    }
+
+    /// Number of values recorded.
+    pub fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP downbeat_{name} {help}");
+        let _ = writeln!(out, "# TYPE downbeat_{name} histogram");
+        let mut cumulative = 0;
+        for (bound, bucket) in BUCKETS_MICROS.iter().zip(&self.buckets) {
+            cumulative += bucket.get();
+            let _ = writeln!(out, "downbeat_{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+        }
+        cumulative += self.buckets[BUCKETS_MICROS.len()].get();
+        let _ = writeln!(out, "downbeat_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "downbeat_{name}_sum {}", self.sum_micros.get() as f64 / 1e6);
+        let _ = writeln!(out, "downbeat_{name}_count {}", self.count.get());
+    }
+}
+
 /// Everything the server counts. Shared as `Arc<Stats>`; every update is one relaxed atomic.
 #[derive(Debug, Default)]
 pub struct Stats {
@@ -122,8 +164,38 @@ pub struct Stats {
     pub rooms_created: Counter,
     /// Timeline changes applied.
     pub changes_applied: Counter,
-    /// Timeline changes refused.
-    pub changes_refused: Counter,
+    /// Teacher controls applied (timeline changes included).
+    pub controls_applied: Counter,
+    /// Requests refused (hellos, controls, HTTP), by code.
+    pub refused: CodeCounters,
+    /// Sessions closed for repeatedly exceeding a rate limit.
+    pub sessions_closed_for_abuse: Counter,
+    /// Seats taken over by a new session of the same person while the old one was open.
+    pub sessions_replaced: Counter,
+    /// Seats resumed within the grace period after a lost connection.
+    pub seats_resumed: Counter,
+    /// Seats freed because the grace period ended.
+    pub seats_expired: Counter,
+    /// Note datagrams received.
+    pub note_datagrams_received: Counter,
+    /// New notes accepted and fanned out.
+    pub notes_accepted: Counter,
+    /// Redundant copies of notes already handled.
+    pub notes_duplicate: Counter,
+    /// Note datagrams refused, by code (muted, rate limited, out of range, room busy).
+    pub notes_dropped: CodeCounters,
+    /// Notes not forwarded.
+    pub notes_dropped_total: Counter,
+    /// Note frames sent to receivers.
+    pub note_frames_sent: Counter,
+    /// Notes clients reported scheduled on time.
+    pub notes_played_reported: Counter,
+    /// Notes clients reported arriving after their playout instant.
+    pub notes_late_reported: Counter,
+    /// Clients' reported round-trip times.
+    pub sync_rtt: Histogram,
+    /// Clients' reported clock-offset uncertainty (a bound on the sync error).
+    pub sync_uncertainty: Histogram,
 }
 
 impl Stats {
@@ -184,17 +256,70 @@ impl Stats {
         metric("rooms_active", "gauge", "Rooms open now.", self.rooms_active.get());
         metric("rooms_created_total", "counter", "Rooms created.", self.rooms_created.get());
         metric("changes_applied_total", "counter", "Timeline changes applied.", self.changes_applied.get());
-        metric("changes_refused_total", "counter", "Timeline changes refused.", self.changes_refused.get());
+        metric("controls_applied_total", "counter", "Teacher controls applied.", self.controls_applied.get());
+        metric(
+            "sessions_closed_for_abuse_total",
+            "counter",
+            "Sessions closed for repeatedly exceeding a rate limit.",
+            self.sessions_closed_for_abuse.get(),
+        );
+        metric(
+            "sessions_replaced_total",
+            "counter",
+            "Seats taken over by a new session of the same person.",
+            self.sessions_replaced.get(),
+        );
+        metric("seats_resumed_total", "counter", "Seats resumed within the grace period.", self.seats_resumed.get());
+        metric("seats_expired_total", "counter", "Seats freed after the grace period.", self.seats_expired.get());
+        metric(
+            "note_datagrams_received_total",
+            "counter",
+            "Note datagrams received.",
+            self.note_datagrams_received.get(),
+        );
+        metric("notes_accepted_total", "counter", "Notes accepted and fanned out.", self.notes_accepted.get());
+        metric("notes_duplicate_total", "counter", "Redundant note copies ignored.", self.notes_duplicate.get());
+        metric("notes_dropped_total", "counter", "Notes not forwarded.", self.notes_dropped_total.get());
+        metric("note_frames_sent_total", "counter", "Note frames sent to receivers.", self.note_frames_sent.get());
+        metric(
+            "notes_played_reported_total",
+            "counter",
+            "Notes clients reported scheduled on time.",
+            self.notes_played_reported.get(),
+        );
+        metric(
+            "notes_late_reported_total",
+            "counter",
+            "Notes clients reported arriving after their playout instant.",
+            self.notes_late_reported.get(),
+        );
+        self.sync_rtt.render(&mut out, "sync_rtt_seconds", "Round-trip times clients report.");
+        self.sync_uncertainty.render(
+            &mut out,
+            "sync_uncertainty_seconds",
+            "Clock-offset uncertainty clients report (a bound on their sync error).",
+        );
+        by_code(&mut out, "refused_total", "Requests refused, by error code.", &self.refused);
+        by_code(
+            &mut out,
+            "note_datagrams_refused_total",
+            "Note datagrams refused, by error code.",
+            &self.notes_dropped,
+        );
 
-        let _ = writeln!(out, "# HELP downbeat_hello_failures_by_code_total Refused hellos by error code.");
-        let _ = writeln!(out, "# TYPE downbeat_hello_failures_by_code_total counter");
-        for code in ErrorCode::ALL {
-            let n = self.hello_failures.get(*code);
-            if n > 0 {
-                let _ = writeln!(out, "downbeat_hello_failures_by_code_total{{code=\"{}\"}} {n}", code.as_str());
-            }
-        }
+        by_code(&mut out, "hello_failures_by_code_total", "Refused hellos by error code.", &self.hello_failures);
         out
+    }
+}
+
+fn by_code(out: &mut String, name: &str, help: &str, counters: &CodeCounters) {
+    let _ = writeln!(out, "# HELP downbeat_{name} {help}");
+    let _ = writeln!(out, "# TYPE downbeat_{name} counter");
+    for code in ErrorCode::ALL {
+        let n = counters.get(*code);
+        if n > 0 {
+            let _ = writeln!(out, "downbeat_{name}{{code=\"{}\"}} {n}", code.as_str());
+        }
     }
 }
 
@@ -226,14 +351,28 @@ mod tests {
             if let Some(rest) = line.strip_prefix("# TYPE ") {
                 let mut parts = rest.split(' ');
                 declared = parts.next().map(str::to_owned);
-                assert!(matches!(parts.next(), Some("counter" | "gauge")), "{line}");
+                assert!(matches!(parts.next(), Some("counter" | "gauge" | "histogram")), "{line}");
             } else if !line.starts_with('#') {
                 let name = line.split(['{', ' ']).next().unwrap();
-                assert_eq!(Some(name), declared.as_deref(), "{line}");
+                let declared = declared.as_deref().unwrap();
+                let base = ["_bucket", "_sum", "_count"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                assert!(name == declared || base == declared, "{line}");
                 let value = line.rsplit(' ').next().unwrap();
-                value.parse::<u64>().unwrap();
+                value.parse::<f64>().unwrap();
             }
         }
+        // Histograms are cumulative, in seconds.
+        let stats = Stats::default();
+        for micros in [40, 700, 700, 300_000] {
+            stats.sync_rtt.observe_micros(micros);
+        }
+        let text = stats.render_prometheus();
+        assert!(text.contains("downbeat_sync_rtt_seconds_bucket{le=\"0.00005\"} 1\n"), "{text}");
+        assert!(text.contains("downbeat_sync_rtt_seconds_bucket{le=\"0.001\"} 3\n"));
+        assert!(text.contains("downbeat_sync_rtt_seconds_bucket{le=\"0.25\"} 3\n"));
+        assert!(text.contains("downbeat_sync_rtt_seconds_bucket{le=\"+Inf\"} 4\n"));
+        assert!(text.contains("downbeat_sync_rtt_seconds_count 4\n"));
+        assert!(text.contains("downbeat_sync_rtt_seconds_sum 0.30144\n"));
         // Gauges never wrap below zero.
         stats.rooms_active.dec();
         assert_eq!(stats.rooms_active.get(), 0);

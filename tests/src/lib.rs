@@ -1,13 +1,18 @@
 //! Helpers for Downbeat's end-to-end tests: a real server on loopback ports chosen by the OS,
-//! an HTTP helper, and raw WebTransport sessions for feeding the server bad input.
+//! tokens of its demo tenant, an HTTP helper, raw WebTransport sessions for feeding the server
+//! bad input, and a UDP [`relay::Relay`] that can be cut to lose a connection.
 //!
 //! The tests themselves live in `tests/`; every one binds port 0, so they run in parallel.
 
+pub mod relay;
+
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use downbeat_client::{Client, ConnectOptions};
+use downbeat_server::auth::{Role, Tenants};
 use downbeat_server::{Config, Server, ServerClock, Stats};
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
@@ -23,8 +28,8 @@ pub struct TestServer {
     pub wt_port: u16,
     /// Certificate hashes to pin.
     pub hashes: Vec<[u8; 32]>,
-    /// The development token.
-    pub token: String,
+    /// The tenants (the demo tenant unless configured), to mint tokens.
+    pub tenants: Arc<Tenants>,
     /// The server's clock (to compare clients against the truth).
     pub clock: ServerClock,
     /// Its counters.
@@ -57,7 +62,7 @@ impl TestServer {
             http: server.http_addr(),
             wt_port: server.webtransport_port(),
             hashes: server.cert_hashes(),
-            token: server.dev_token().to_owned(),
+            tenants: server.tenants(),
             clock: server.clock(),
             stats: server.stats(),
             http_client: reqwest::Client::new(),
@@ -81,24 +86,48 @@ impl TestServer {
         format!("https://{host}:{}/", self.wt_port)
     }
 
-    /// Connect options for `room` with the dev token and pinned hashes.
-    pub fn options(&self, room: &str, name: &str) -> ConnectOptions {
-        let mut o = ConnectOptions::new(self.url("127.0.0.1"), &self.token, room);
+    /// A demo-tenant token for `sub` with `role`, valid for an hour.
+    pub fn token(&self, role: Role, sub: &str, name: &str) -> String {
+        self.tenants.mint("demo", role, sub, name, Duration::from_secs(3600)).expect("the demo tenant mints")
+    }
+
+    /// A teacher's token (subject `sub`, named after it).
+    pub fn teacher(&self, sub: &str) -> String {
+        self.token(Role::Teacher, sub, &format!("Teacher {sub}"))
+    }
+
+    /// A student's token (subject `sub`, named after it).
+    pub fn student(&self, sub: &str) -> String {
+        self.token(Role::Student, sub, &format!("Student {sub}"))
+    }
+
+    /// Connect options to join room `code` with `token` and the pinned hashes; no reports.
+    pub fn options(&self, code: &str, token: &str) -> ConnectOptions {
+        let mut o = ConnectOptions::new(self.url("127.0.0.1"), token, code);
         o.cert_hashes = self.hashes.clone();
-        o.name = name.to_owned();
+        o.report_interval = None;
         o
     }
 
-    /// Connects a client with the machine clock.
-    pub async fn connect(&self, room: &str, name: &str) -> Result<Client> {
-        Ok(Client::connect(self.options(room, name)).await?)
+    /// Joins room `code` with `token`, on the machine clock.
+    pub async fn connect(&self, code: &str, token: &str) -> Result<Client> {
+        Ok(Client::connect(self.options(code, token)).await?)
     }
 
-    /// An HTTP request with the dev token; returns status and JSON body.
-    pub async fn http(&self, method: &str, path: &str, body: Option<Value>) -> Result<(u16, Value)> {
+    /// An HTTP request with `token` (if any); returns status and JSON body.
+    pub async fn http(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<(u16, Value)> {
         let url = format!("http://{}{}", self.http, path);
         let method = reqwest::Method::from_bytes(method.as_bytes())?;
-        let mut req = self.http_client.request(method, url).bearer_auth(&self.token);
+        let mut req = self.http_client.request(method, url);
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
         if let Some(body) = body {
             req = req.json(&body);
         }
@@ -109,15 +138,14 @@ impl TestServer {
         Ok((status, value))
     }
 
-    /// Creates a room over HTTP and returns its id.
-    pub async fn create_room(&self, tempo_bpm: f64, beats_per_bar: u8) -> Result<String> {
-        let (status, body) = self
-            .http("POST", "/api/rooms", Some(json!({"tempo_bpm": tempo_bpm, "beats_per_bar": beats_per_bar})))
-            .await?;
+    /// Creates a room over HTTP as `teacher` and returns its join code.
+    pub async fn create_room(&self, teacher: &str, tempo_bpm: f64, beats_per_bar: u8) -> Result<String> {
+        let body = json!({"name": "Test room", "tempo_bpm": tempo_bpm, "beats_per_bar": beats_per_bar});
+        let (status, body) = self.http("POST", "/api/rooms", Some(teacher), Some(body)).await?;
         if status != 201 {
             bail!("room creation answered {status}: {body}");
         }
-        Ok(body["room_id"].as_str().context("room_id")?.to_owned())
+        Ok(body["code"].as_str().context("code")?.to_owned())
     }
 
     /// Opens a raw session and its control stream, sending nothing.
@@ -197,14 +225,13 @@ impl RawSession {
         tokio::time::timeout(Duration::from_secs(10), read).await.context("waiting for an error frame")?
     }
 
-    /// A hello with the given fields.
-    pub fn hello(version: u16, token: &str, room: &str) -> downbeat_protocol::ClientMessage {
+    /// A hello joining room `code`.
+    pub fn hello(version: u16, token: &str, code: &str) -> downbeat_protocol::ClientMessage {
         use downbeat_protocol::BoundedString;
         downbeat_protocol::ClientMessage::Hello(downbeat_protocol::Hello {
             version,
             token: BoundedString::truncating(token),
-            room: BoundedString::truncating(room),
-            name: BoundedString::truncating("raw"),
+            room: downbeat_protocol::RoomRequest::Join(BoundedString::truncating(code)),
         })
     }
 }

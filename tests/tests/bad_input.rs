@@ -4,26 +4,29 @@
 use std::time::Duration;
 
 use downbeat_protocol::{
-    ClientMessage, ControlRequest, ErrorCode, FRAME_HEADER_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION, ServerMessage,
+    Change, ClientMessage, ControlOp, ControlRequest, ErrorCode, FRAME_HEADER_LEN, MAX_FRAME_LEN, PROTOCOL_VERSION,
+    ServerMessage,
 };
 use downbeat_tests::{RawSession, TestServer};
 
 /// A bystander keeps receiving beat frames and can still change the room.
 async fn bystander_still_served(server: &TestServer, bystander: &downbeat_client::Client) -> anyhow::Result<()> {
     let before = bystander.stats().frames;
-    let ack = bystander.control(downbeat_protocol::Change::SetMeter(3)).await?;
-    downbeat_tests::wait_for_epoch(bystander, ack.epoch).await?;
+    let ack = bystander.change(Change::SetMeter(3)).await?;
+    downbeat_tests::wait_for_epoch(bystander, ack.applied.expect("a boundary").epoch).await?;
     // A frame every 100 ms while running: the next few must keep arriving.
     bystander.wait_frames(before + 3, Duration::from_secs(5)).await?;
     assert!(server.stats.sessions_active.get() >= 1);
     Ok(())
 }
 
+/// A running room whose teacher is the bystander.
 async fn setup() -> anyhow::Result<(TestServer, String, downbeat_client::Client)> {
     let server = TestServer::start().await?;
-    let room = server.create_room(100.0, 4).await?;
-    let bystander = server.connect(&room, "bystander").await?;
-    let (status, _) = server.http("POST", &format!("/api/rooms/{room}/start"), None).await?;
+    let teacher = server.teacher("t-bystander");
+    let room = server.create_room(&teacher, 100.0, 4).await?;
+    let bystander = server.connect(&room, &teacher).await?;
+    let (status, _) = server.http("POST", &format!("/api/rooms/{room}/start"), Some(&teacher), None).await?;
     assert_eq!(status, 200);
     Ok((server, room, bystander))
 }
@@ -31,7 +34,7 @@ async fn setup() -> anyhow::Result<(TestServer, String, downbeat_client::Client)
 #[tokio::test]
 async fn garbage_datagrams_are_dropped_and_counted_and_the_session_stays_up() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
-    let noisy = server.connect(&room, "noisy").await?;
+    let noisy = server.connect(&room, &server.teacher("t-noisy")).await?;
     let mut rng = downbeat_engine::sim::Rng::new(9);
     let mut sent = 0u64;
     for i in 0..500usize {
@@ -43,8 +46,8 @@ async fn garbage_datagrams_are_dropped_and_counted_and_the_session_stays_up() ->
         }
     }
     // The noisy session is still served: its controls are still acknowledged.
-    let ack = noisy.control(downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(90))).await?;
-    assert!(ack.epoch > 0);
+    let ack = noisy.change(Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(90))).await?;
+    assert!(ack.applied.is_some());
     bystander_still_served(&server, &bystander).await?;
     // A burst this size trips the per-session datagram rate limit, whose drops are counted
     // too; loopback may also lose a few. Most must be accounted for, as garbage or as excess.
@@ -59,7 +62,7 @@ async fn garbage_datagrams_are_dropped_and_counted_and_the_session_stays_up() ->
 async fn an_oversized_frame_is_refused_from_its_header() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
     let mut raw = server.raw_session().await?;
-    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-raw"), &room)).await?;
     assert!(matches!(raw.read_message().await?, Some(ServerMessage::Welcome(_))));
     // Declares 4 GiB; only the header is sent, so a server that allocated first would stall.
     raw.write(&u32::MAX.to_be_bytes()).await?;
@@ -74,7 +77,7 @@ async fn an_oversized_frame_is_refused_from_its_header() -> anyhow::Result<()> {
 async fn a_frame_just_over_the_cap_is_refused_too() -> anyhow::Result<()> {
     let (server, room, _bystander) = setup().await?;
     let mut raw = server.raw_session().await?;
-    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-raw"), &room)).await?;
     raw.read_message().await?;
     raw.write(&(MAX_FRAME_LEN + 1).to_be_bytes()).await?;
     assert_eq!(raw.expect_error().await?, ErrorCode::FrameTooLarge);
@@ -85,7 +88,7 @@ async fn a_frame_just_over_the_cap_is_refused_too() -> anyhow::Result<()> {
 async fn a_malformed_frame_gets_a_code_and_closes_only_that_session() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
     let mut raw = server.raw_session().await?;
-    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.token, &room)).await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-raw"), &room)).await?;
     assert!(matches!(raw.read_message().await?, Some(ServerMessage::Welcome(_))));
     let mut frame = 3u32.to_be_bytes().to_vec();
     frame.extend([0xff, 0xff, 0xff]);
@@ -101,13 +104,17 @@ async fn a_malformed_frame_gets_a_code_and_closes_only_that_session() -> anyhow:
 #[tokio::test]
 async fn hello_problems_each_get_their_own_code() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
+    let token = server.student("s-raw");
     let cases = [
-        (RawSession::hello(PROTOCOL_VERSION + 1, &server.token, &room), ErrorCode::UnsupportedVersion),
-        (RawSession::hello(0, &server.token, &room), ErrorCode::UnsupportedVersion),
+        (RawSession::hello(PROTOCOL_VERSION + 1, &token, &room), ErrorCode::UnsupportedVersion),
+        (RawSession::hello(0, &token, &room), ErrorCode::UnsupportedVersion),
         (RawSession::hello(PROTOCOL_VERSION, "not-the-token", &room), ErrorCode::Unauthorized),
-        (RawSession::hello(PROTOCOL_VERSION, &server.token, "no-such-room"), ErrorCode::RoomNotFound),
+        (RawSession::hello(PROTOCOL_VERSION, &token, "no-such-room"), ErrorCode::RoomNotFound),
         (
-            ClientMessage::Control(ControlRequest { request_id: 1, change: downbeat_protocol::Change::Start }),
+            ClientMessage::Control(ControlRequest {
+                request_id: 1,
+                op: ControlOp::Timeline(Change::Start { count_in_bars: 0 }),
+            }),
             ErrorCode::HelloRequired,
         ),
     ];
@@ -136,19 +143,21 @@ async fn refused_controls_get_codes_and_change_nothing() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
     let before = bystander.timeline().expect("timeline");
     let refused = [
-        (downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(301)), ErrorCode::TempoOutOfRange),
-        (downbeat_protocol::Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(19)), ErrorCode::TempoOutOfRange),
-        (downbeat_protocol::Change::SetMeter(0), ErrorCode::MeterOutOfRange),
-        (downbeat_protocol::Change::SetMeter(17), ErrorCode::MeterOutOfRange),
-        (downbeat_protocol::Change::Start, ErrorCode::AlreadyRunning),
+        (Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(301)), ErrorCode::TempoOutOfRange),
+        (Change::SetTempo(downbeat_protocol::MicroBpm::from_bpm(19)), ErrorCode::TempoOutOfRange),
+        (Change::SetMeter(0), ErrorCode::MeterOutOfRange),
+        (Change::SetMeter(17), ErrorCode::MeterOutOfRange),
+        (Change::Start { count_in_bars: 0 }, ErrorCode::AlreadyRunning),
+        (Change::Start { count_in_bars: 9 }, ErrorCode::AlreadyRunning),
     ];
     for (change, code) in refused {
-        match bystander.control(change).await {
+        match bystander.change(change).await {
             Err(downbeat_client::ClientError::Refused { code: got, .. }) => assert_eq!(got, code),
             other => panic!("{change:?}: expected {code}, got {other:?}"),
         }
     }
-    let (_, body) = server.http("GET", &format!("/api/rooms/{room}"), None).await?;
+    let teacher = server.teacher("t-bystander");
+    let (_, body) = server.http("GET", &format!("/api/rooms/{room}"), Some(&teacher), None).await?;
     assert_eq!(body["timeline"]["epoch"].as_u64(), Some(before.epoch()), "nothing changed");
     Ok(())
 }

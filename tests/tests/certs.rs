@@ -29,8 +29,8 @@ fn install(key: &CertifiedKey, cert_path: &Path, key_path: &Path) -> Result<()> 
 }
 
 /// Connects to `room` accepting only a certificate with hash `pin`.
-async fn connect_pinned(server: &TestServer, room: &str, name: &str, pin: [u8; 32]) -> Result<Client, ClientError> {
-    let mut options = server.options(room, name);
+async fn connect_pinned(server: &TestServer, room: &str, token: &str, pin: [u8; 32]) -> Result<Client, ClientError> {
+    let mut options = server.options(room, token);
     options.cert_hashes = vec![pin];
     options.handshake_timeout = Duration::from_secs(2);
     Client::connect(options).await
@@ -53,35 +53,38 @@ async fn replacing_the_certificate_keeps_open_sessions_and_serves_the_new_one() 
     .await?;
     assert!(server.hashes.is_empty(), "a production certificate publishes no hashes");
 
-    let room = server.create_room(120.0, 4).await?;
-    let old = connect_pinned(&server, &room, "old", a.sha256()).await.context("client pinning A")?;
-    let (status, body) = server.http("POST", &format!("/api/rooms/{room}/start"), None).await?;
+    let teacher = server.teacher("t-1");
+    let room = server.create_room(&teacher, 120.0, 4).await?;
+    let old = connect_pinned(&server, &room, &teacher, a.sha256()).await.context("client pinning A")?;
+    let (status, body) = server.http("POST", &format!("/api/rooms/{room}/start"), Some(&teacher), None).await?;
     assert_eq!(status, 200, "{body}");
     old.wait_frames(1, Duration::from_secs(5)).await.context("beat frames before the swap")?;
     assert!(
-        connect_pinned(&server, &room, "too-early", b.sha256()).await.is_err(),
+        connect_pinned(&server, &room, &server.student("too-early"), b.sha256()).await.is_err(),
         "B is not served before it is installed"
     );
 
     install(&b, &cert_path, &key_path)?;
     let deadline = Instant::now() + Duration::from_secs(10);
     let new = loop {
-        match connect_pinned(&server, &room, "new", b.sha256()).await {
+        match connect_pinned(&server, &room, &server.student("new"), b.sha256()).await {
             Ok(client) => break client,
             Err(e) if Instant::now() >= deadline => bail!("B was not served within 10 s: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
         }
     };
-    assert_eq!(new.welcome().room.as_str(), room);
+    assert_eq!(new.welcome().room.code.as_str(), room.replace('-', ""));
 
     // The session opened under A still carries control and beats.
-    let ack = old.control(Change::SetTempo(MicroBpm::from_bpm(90))).await.context("control on the old session")?;
-    wait_for_epoch(&old, ack.epoch).await.context("the new timeline on the old session")?;
+    let ack = old.change(Change::SetTempo(MicroBpm::from_bpm(90))).await.context("control on the old session")?;
+    wait_for_epoch(&old, ack.applied.context("a boundary")?.epoch)
+        .await
+        .context("the new timeline on the old session")?;
     let seen = old.stats().frames;
     old.wait_frames(seen + 3, Duration::from_secs(5)).await.context("beat frames on the old session after the swap")?;
 
     // A new client that only accepts A is now refused.
-    match connect_pinned(&server, &room, "stale-pin", a.sha256()).await {
+    match connect_pinned(&server, &room, &server.student("stale-pin"), a.sha256()).await {
         Ok(_) => bail!("a client pinning only the replaced certificate still connected"),
         Err(ClientError::Connect(_)) => {}
         Err(e) => bail!("expected a handshake failure, got {e}"),

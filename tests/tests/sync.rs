@@ -19,7 +19,8 @@ fn nanos_between(a: Instant, b: Instant) -> i64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_clients_agree_on_the_server_clock_and_the_beat() -> anyhow::Result<()> {
     let server = TestServer::start().await?;
-    let room = server.create_room(120.0, 4).await?;
+    let teacher = server.teacher("t-1");
+    let room = server.create_room(&teacher, 120.0, 4).await?;
     let mut rng = Rng::new(2026);
     let base = Instant::now();
     let mut clients: Vec<(Client, InjectedClock)> = Vec::new();
@@ -27,10 +28,12 @@ async fn thirty_clients_agree_on_the_server_clock_and_the_beat() -> anyhow::Resu
         let offset = rng.range(-500e6, 500e6) as i64;
         let drift = rng.range(-100.0, 100.0);
         let clock = InjectedClock::new(base, offset, drift);
-        let client = Client::connect_with_clock(server.options(&room, &format!("child-{i}")), Arc::new(clock)).await?;
+        let client =
+            Client::connect_with_clock(server.options(&room, &server.student(&format!("s-{i}"))), Arc::new(clock))
+                .await?;
         clients.push((client, clock));
     }
-    let (status, _) = server.http("POST", &format!("/api/rooms/{room}/start"), None).await?;
+    let (status, _) = server.http("POST", &format!("/api/rooms/{room}/start"), Some(&teacher), None).await?;
     assert_eq!(status, 200);
     for (client, _) in &clients {
         client.wait_synced(Duration::from_secs(10)).await?;

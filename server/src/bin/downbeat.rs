@@ -1,17 +1,71 @@
-//! `downbeat`: runs the timing server until Ctrl-C. All logic lives in the library.
+//! `downbeat`: runs the timing server until Ctrl-C, or mints development tokens
+//! (`downbeat token ...`). All logic lives in the library.
+
+use std::time::Duration;
 
 use anyhow::Context as _;
-use downbeat_server::{Config, Server};
+use clap::{Parser, Subcommand};
+use downbeat_server::auth::{Role, Tenants};
+use downbeat_server::{Args, Config, Server};
 use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(name = "downbeat", version, about = "Downbeat timing server for classroom music")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Mints a signed token for a tenant whose key is a shared secret (the demo tenant's is
+    /// in the data directory) and prints it.
+    Token {
+        /// The tenant (school) id.
+        #[arg(long, default_value = "demo")]
+        tenant: String,
+        /// `teacher` or `student`.
+        #[arg(long, value_parser = parse_role)]
+        role: Role,
+        /// Pseudonymous subject id, stable for this person (e.g. `t-1`, `s-17`).
+        #[arg(long)]
+        sub: String,
+        /// Display name shown to the class.
+        #[arg(long)]
+        name: String,
+        /// Hours until the token expires.
+        #[arg(long, default_value_t = 12)]
+        ttl_hours: u64,
+    },
+}
+
+fn parse_role(s: &str) -> Result<Role, String> {
+    match s {
+        "teacher" => Ok(Role::Teacher),
+        "student" => Ok(Role::Student),
+        _ => Err(format!("{s:?} is not a role: use teacher or student")),
+    }
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let config = Config::load().context("configuration")?;
+    let cli = Cli::parse();
+    let config = Config::from_args(cli.args).context("configuration")?;
+    if let Some(Command::Token { tenant, role, sub, name, ttl_hours }) = cli.command {
+        let tenants = Tenants::new(&config).context("tenants")?;
+        let token = tenants
+            .mint(&tenant, role, &sub, &name, Duration::from_secs(ttl_hours * 3600))
+            .context("minting the token")?;
+        println!("{token}");
+        return Ok(());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
     let server = Server::bind(config).await.context("starting the server")?;
-    print!("{}", banner(&server));
+    print!("{}", banner(&server)?);
     server
         .run(async {
             let _ = tokio::signal::ctrl_c().await;
@@ -21,7 +75,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// What to tell the person who started the server: where it is, what to pin, how to begin.
-fn banner(server: &Server) -> String {
+fn banner(server: &Server) -> anyhow::Result<String> {
     let http = format!("http://localhost:{}", server.http_addr().port());
     let hashes = server.cert_hashes();
     let mut out = String::new();
@@ -41,12 +95,23 @@ fn banner(server: &Server) -> String {
         }
         out.push_str(&format!("                 (also served at {http}/api/cert-hashes)\n"));
     }
-    out.push_str(&format!("  Dev token:     {}\n\n", server.dev_token()));
-    out.push_str("Create a room:\n");
+    let tenants = server.tenants();
+    if !tenants.is_demo() {
+        let ids: Vec<_> = tenants.iter().map(|t| t.id().to_owned()).collect();
+        out.push_str(&format!("  Tenants:       {}\n\nPress Ctrl-C to stop.\n\n", ids.join(", ")));
+        return Ok(out);
+    }
+    let day = Duration::from_secs(12 * 3600);
+    let teacher = tenants.mint("demo", Role::Teacher, "t-1", "Ms. Rivera", day)?;
+    let student = tenants.mint("demo", Role::Student, "s-1", "Ana", day)?;
+    out.push_str("  Tenant:        demo (Demo School); dev tokens below last 12 hours\n\n");
+    out.push_str(&format!("Teacher token (t-1, Ms. Rivera):\n  {teacher}\n\n"));
+    out.push_str(&format!("Student token (s-1, Ana):\n  {student}\n\n"));
+    out.push_str("More tokens: downbeat token --tenant demo --role student --sub s-2 --name Ben\n\n");
+    out.push_str("Create a room (prints its join code):\n");
     out.push_str(&format!(
-        "  curl -X POST {http}/api/rooms -H 'Authorization: Bearer {}' -H 'Content-Type: application/json' -d '{{\"tempo_bpm\": 120, \"beats_per_bar\": 4}}'\n\n",
-        server.dev_token()
+        "  curl -X POST {http}/api/rooms -H 'Authorization: Bearer {teacher}' -H 'Content-Type: application/json' -d '{{\"name\": \"Room 12\", \"tempo_bpm\": 120, \"beats_per_bar\": 4}}'\n\n"
     ));
     out.push_str("Press Ctrl-C to stop.\n\n");
-    out
+    Ok(out)
 }
