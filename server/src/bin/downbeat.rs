@@ -38,6 +38,10 @@ enum Command {
         /// Hours until the token expires.
         #[arg(long, default_value_t = 12)]
         ttl_hours: u64,
+        /// The server's settings (the data directory holds the demo tenant's secret; a
+        /// `--config` file names other tenants).
+        #[command(flatten)]
+        server: Box<Args>,
     },
 }
 
@@ -52,8 +56,8 @@ fn parse_role(s: &str) -> Result<Role, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let config = Config::from_args(cli.args).context("configuration")?;
-    if let Some(Command::Token { tenant, role, sub, name, ttl_hours }) = cli.command {
+    if let Some(Command::Token { tenant, role, sub, name, ttl_hours, server }) = cli.command {
+        let config = Config::from_args(*server).context("configuration")?;
         let tenants = Tenants::new(&config).context("tenants")?;
         let token = tenants
             .mint(&tenant, role, &sub, &name, Duration::from_secs(ttl_hours * 3600))
@@ -61,6 +65,7 @@ async fn main() -> anyhow::Result<()> {
         println!("{token}");
         return Ok(());
     }
+    let config = Config::from_args(cli.args).context("configuration")?;
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .init();
