@@ -371,7 +371,17 @@ impl Client {
 
     /// Plays a note now: stamps it with the synced clock and sends it (with the last notes
     /// again, for redundancy). Fails before the clock is estimated.
+    ///
+    /// Refuses a note out of range (MIDI number or instrument above 127, velocity 0 or above
+    /// 127) with [`ErrorCode::NoteOutOfRange`] without sending it, so it is never repeated
+    /// with the next notes.
     pub fn play_note(&self, midi: u8, velocity: u8, instrument: u8) -> Result<Note, ClientError> {
+        if midi > 127 || instrument > 127 || !(1..=127).contains(&velocity) {
+            return Err(ClientError::Refused {
+                code: ErrorCode::NoteOutOfRange,
+                message: format!("note {midi}, velocity {velocity}, instrument {instrument} is out of MIDI range"),
+            });
+        }
         let (note, datagram) = lock(&self.state)
             .play_note(self.clock.now(), midi, velocity, instrument)
             .ok_or(ClientError::Timeout("clock sync"))?;

@@ -217,6 +217,14 @@ impl AppState {
             .try_take(now)
     }
 
+    /// Whether `who` may do `op` (on no room), counting a refusal.
+    fn authorize(&self, who: &Principal, op: Operation<'_>) -> Result<(), ApiError> {
+        authorize(who, None, op).map_err(|r| {
+            self.stats.refused.inc(r.code);
+            ApiError::from(r)
+        })
+    }
+
     /// The room `code` names for `who`, if `who` may do `op` there.
     fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
         let tenant =
@@ -225,7 +233,7 @@ impl AppState {
             self.stats.refused.inc(r.code);
             ApiError::from(r)
         };
-        let room = self.rooms.lookup(tenant, code).map_err(refused)?;
+        let room = self.rooms.lookup(tenant, who, code).map_err(refused)?;
         authorize(who, Some(&room.meta().tenant), op).map_err(refused)?;
         Ok(room)
     }
@@ -469,7 +477,7 @@ async fn create_room(
     Auth(who): Auth,
     ApiJson(body): ApiJson<CreateRoom>,
 ) -> Result<(StatusCode, Json<RoomDetail>), ApiError> {
-    authorize(&who, None, Operation::CreateRoom)?;
+    state.authorize(&who, Operation::CreateRoom)?;
     let tempo = timeline::tempo_from_bpm_f64(body.tempo_bpm)?;
     let beats_per_bar = meter(body.beats_per_bar)?;
     let name = body.name.unwrap_or_else(|| format!("{}'s room", who.name));
@@ -489,7 +497,7 @@ struct RoomList {
 }
 
 async fn list_rooms(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<RoomList>, ApiError> {
-    authorize(&who, None, Operation::ListRooms)?;
+    state.authorize(&who, Operation::ListRooms)?;
     let rooms = state.rooms.owned_by(&who.tenant, &who.subject);
     Ok(Json(RoomList { rooms: rooms.iter().map(RoomSummary::new).collect() }))
 }

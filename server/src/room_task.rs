@@ -291,13 +291,19 @@ impl RoomTask {
             return;
         }
         let grace = self.rooms.config().seat_grace_nanos;
-        if how == Departure::Lost && grace > 0 {
-            seat.attached = None;
-            seat.grace_until = Some(now.add_nanos(grace));
-            self.room.leave(member_id);
-            debug!(member = member_id, "connection lost; holding the seat");
-        } else {
-            self.remove(now, member_id, LeaveReason::Left);
+        match how {
+            Departure::Lost if grace > 0 => {
+                seat.attached = None;
+                seat.grace_until = Some(now.add_nanos(grace));
+                self.room.leave(member_id);
+                debug!(member = member_id, "connection lost; holding the seat");
+            }
+            Departure::Lost | Departure::Left => {
+                self.remove(now, member_id, LeaveReason::Left);
+            }
+            Departure::Closed => {
+                self.remove(now, member_id, LeaveReason::Closed);
+            }
         }
     }
 

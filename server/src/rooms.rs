@@ -8,8 +8,10 @@
 //! caller's tenant's live room; `room_closed` for a code of the caller's tenant that was closed
 //! or expired (remembered for a day); `wrong_tenant` for another tenant's live code;
 //! `room_not_found`. Every lookup that does not find a live room of the caller's tenant takes
-//! a token from the tenant's failed-join bucket, and an empty bucket refuses every lookup with
-//! `rate_limited` (even a right code, or its answer would tell a guesser which code is right).
+//! a token from the tenant's failed-join bucket, and an empty bucket refuses every student's
+//! lookup with `rate_limited` (even a right code, or its answer would tell a guesser which code
+//! is right). Teachers still reach their tenant's live rooms while it is empty, so a guessing
+//! student cannot lock the staff out; their wrong codes count like anyone's.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -25,7 +27,7 @@ use downbeat_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span};
 
-use crate::auth::{Principal, Tenant};
+use crate::auth::{Principal, Role, Tenant};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
@@ -93,6 +95,9 @@ pub(crate) enum Departure {
     Left,
     /// The connection was lost: the seat is kept for the grace period.
     Lost,
+    /// The server ended the session (expired token, malformed frame, abuse): the seat is
+    /// freed now and the room hears it was closed.
+    Closed,
 }
 
 /// A room with its presence, as the HTTP API shows it.
@@ -360,7 +365,7 @@ impl Rooms {
 
     /// Finds the room a member of `tenant` names by `input` (as typed). See the module docs
     /// for the answers and the failed-join limit.
-    pub(crate) fn lookup(&self, tenant: &Tenant, input: &str) -> Result<RoomHandle, Refusal> {
+    pub(crate) fn lookup(&self, tenant: &Tenant, who: &Principal, input: &str) -> Result<RoomHandle, Refusal> {
         let now = self.clock.now();
         let limits = tenant.limits();
         let mut registry = self.registry();
@@ -370,15 +375,21 @@ impl Rooms {
             failed_joins: TokenBucket::new(limits.joins_per_second, limits.join_burst, now.0),
             closed: HashMap::new(),
         });
+        let code = JoinCode::parse(input);
+        let found = code.as_ref().and_then(|code| live.get(code)).map(Vec::as_slice).unwrap_or_default();
+        let own = found.iter().find(|r| &*r.meta.tenant == tenant.id());
+        // Staff are not locked out of their rooms while someone guesses codes; their wrong
+        // codes still count below.
+        if let (Some(room), Role::Teacher) = (own, who.role) {
+            return Ok(room.clone());
+        }
         if usage.failed_joins.available(now.0) == 0 {
             return Err(Refusal::new(
                 ErrorCode::RateLimited,
                 "too many wrong join codes were tried in your school just now; wait a minute",
             ));
         }
-        let code = JoinCode::parse(input);
-        let found = code.as_ref().and_then(|code| live.get(code)).map(Vec::as_slice).unwrap_or_default();
-        if let Some(room) = found.iter().find(|r| &*r.meta.tenant == tenant.id()) {
+        if let Some(room) = own {
             return Ok(room.clone());
         }
         usage.failed_joins.try_take(now.0);

@@ -324,7 +324,7 @@ impl Session {
             RoomRequest::Join(code) => self
                 .ctx
                 .rooms
-                .lookup(tenant, code)
+                .lookup(tenant, &principal, code)
                 .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
             RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
                 .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
@@ -443,7 +443,7 @@ impl Session {
             End::Fatal(code, message) => (code, message),
         };
         // Frees the seat unless the room already did (kicked sessions no longer hold it).
-        room.depart(member_id, self.session_id, Departure::Left).await;
+        room.depart(member_id, self.session_id, Departure::Closed).await;
         debug!(code = code.as_str(), "closing session");
         let _ = control_tx.try_send(error_frame(code, None, message));
         drop(control_tx);

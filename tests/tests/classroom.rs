@@ -259,3 +259,54 @@ async fn a_teacher_and_thirty_students_play_together() -> Result<()> {
     assert_eq!(server.stats.seats_resumed.get(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expires() -> Result<()> {
+    let server = TestServer::start_with(|c| {
+        c.seat_grace_ms = 300;
+        c.idle_timeout_ms = 1_000;
+        c.keep_alive_ms = 200;
+        c.room_idle_expiry_secs = 1;
+    })
+    .await?;
+    let teacher_token = server.teacher("t-1");
+    let code = server.create_room(&teacher_token, 120.0, 4).await?;
+    let teacher = server.connect(&code, &teacher_token).await?;
+    let relay = Relay::start(format!("127.0.0.1:{}", server.wt_port).parse()?).await?;
+    let mut options = server.options(&code, &server.student("s-1"));
+    options.url = format!("https://127.0.0.1:{}/", relay.addr().port());
+    let student = Client::connect(options).await?;
+    let id = student.member_id();
+    relay.cut();
+    // Nobody hears of the lost connection until the grace period is over; then it is a leave.
+    let event = tokio::time::timeout(WAIT, async {
+        loop {
+            match teacher.next_event().await {
+                Some(Event::MemberLeft(left, reason)) => return Some((left, reason)),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await?;
+    assert_eq!(event, Some((id, LeaveReason::Left)));
+    assert_eq!(server.stats.seats_expired.get(), 1);
+
+    // The teacher leaves too; a second after the room is empty, it closes itself.
+    teacher.close();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = server.http("GET", &format!("/api/rooms/{code}"), Some(&teacher_token), None).await?;
+        if status == 410 {
+            assert_eq!(body["error"]["code"], "room_closed");
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        if Instant::now() > deadline {
+            bail!("the empty room never expired");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.stats.rooms_active.get(), 0);
+    Ok(())
+}
