@@ -310,3 +310,50 @@ async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expir
     assert_eq!(server.stats.rooms_active.get(), 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_student() -> Result<()> {
+    use downbeat_protocol::{Assignment, BoundedVec, Name, PartName, RoomSettings};
+    let server = TestServer::start().await?;
+    let settings = RoomSettings { name: Name::truncating("Room 12"), tempo: MicroBpm::from_bpm(100), beats_per_bar: 3 };
+    let mut options =
+        downbeat_client::ConnectOptions::create(server.url("127.0.0.1"), server.teacher("t-1"), settings.clone());
+    options.cert_hashes = server.hashes.clone();
+    let teacher = Client::connect(options.clone()).await?;
+    let code = teacher.welcome().room.code.to_string();
+    assert_eq!((code.len(), teacher.welcome().room.name.as_str()), (8, "Room 12"));
+    // A student may not create a room.
+    options.token = server.student("s-9");
+    match Client::connect(options).await {
+        Err(downbeat_client::ClientError::Refused { code, .. }) => assert_eq!(code, ErrorCode::Forbidden),
+        other => bail!("a student created a room: {other:?}"),
+    }
+
+    let student = server.connect(&code, &server.student("s-1")).await?;
+    let id = student.member_id();
+    let drums = Assignment { part: Some(PartName::truncating("drums")), beats: BoundedVec::try_from_vec(vec![0])? };
+    let ack = teacher.control(ControlOp::Assign { member: id, assignment: drums.clone() }).await?;
+    assert_eq!(ack.applied, None);
+    let updated = tokio::time::timeout(WAIT, async {
+        loop {
+            match student.next_event().await {
+                Some(Event::MemberUpdated(m)) if m.id == id => return Some(m),
+                Some(_) => continue,
+                None => return None,
+            }
+        }
+    })
+    .await?
+    .context("session closed")?;
+    assert_eq!(updated.assignment, drums, "the student sees their part");
+
+    teacher.control(ControlOp::Remove { member: id }).await?;
+    let mut told = Vec::new();
+    while let Some(event) = tokio::time::timeout(WAIT, student.next_event()).await? {
+        told.push(event);
+    }
+    assert!(matches!(told.last(), Some(Event::Error(ErrorCode::Removed, _))), "{told:?}");
+    let (_, room) = server.http("GET", &format!("/api/rooms/{code}"), Some(&server.teacher("t-1")), None).await?;
+    assert_eq!(room["members"].as_array().map(Vec::len), Some(1), "{room}");
+    Ok(())
+}
