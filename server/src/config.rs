@@ -15,7 +15,7 @@ use base64::Engine as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use downbeat_protocol::{MAX_MEMBERS, MAX_TOKEN_LEN};
+use downbeat_protocol::MAX_MEMBERS;
 
 /// What can be said on the command line, in `DOWNBEAT_*` variables, or in the TOML file given
 /// by `--config` (same names, snake_case, no `config` key). Every field is optional; unset
@@ -97,11 +97,6 @@ pub struct Args {
     #[arg(long, env = "DOWNBEAT_KEEP_ALIVE_MS", value_name = "MS")]
     pub keep_alive_ms: Option<u64>,
 
-    /// Development bearer token for the HTTP API and the hello. If unset, a random one is
-    /// generated at startup and printed.
-    #[arg(long, env = "DOWNBEAT_DEV_TOKEN", value_name = "TOKEN", hide_env_values = true)]
-    pub dev_token: Option<String>,
-
     /// The `aud` claim every token must carry [default: downbeat]. In the file:
     /// `token_audience`.
     #[arg(long = "token-audience", env = "DOWNBEAT_TOKEN_AUDIENCE", value_name = "AUD")]
@@ -163,8 +158,6 @@ pub struct Config {
     pub idle_timeout_ms: u64,
     /// QUIC keep-alive interval, in ms.
     pub keep_alive_ms: u64,
-    /// Development bearer token; `None`: generate a random one at startup.
-    pub dev_token: Option<String>,
     /// The `aud` claim every token must carry.
     pub audience: String,
     /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
@@ -197,7 +190,6 @@ impl Default for Config {
             hello_timeout_ms: 5000,
             idle_timeout_ms: 30_000,
             keep_alive_ms: 3000,
-            dev_token: None,
             audience: DEFAULT_AUDIENCE.to_owned(),
             tenants: Vec::new(),
             room_idle_expiry_secs: 1800,
@@ -624,16 +616,6 @@ impl Config {
                 self.keep_alive_ms, self.idle_timeout_ms
             ));
         }
-        if let Some(token) = &self.dev_token {
-            if token.len() < 8 || token.len() > MAX_TOKEN_LEN {
-                return invalid(format!(
-                    "dev_token must be 8 to {MAX_TOKEN_LEN} bytes (or leave it unset for a random one)"
-                ));
-            }
-            if !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return invalid("dev_token must be printable ASCII without spaces (it travels in an HTTP header)");
-            }
-        }
         for name in &self.hostnames {
             if name.is_empty() || name.len() > 253 || name.chars().any(char::is_whitespace) {
                 return invalid(format!("hostname {name:?} is not a valid DNS name or IP address"));
@@ -746,7 +728,6 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         hello_timeout_ms: args.hello_timeout_ms.or(file.hello_timeout_ms).unwrap_or(d.hello_timeout_ms),
         idle_timeout_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(d.idle_timeout_ms),
         keep_alive_ms: args.keep_alive_ms.or(file.keep_alive_ms).unwrap_or(d.keep_alive_ms),
-        dev_token: args.dev_token.or(file.dev_token),
         audience: args.audience.or(file.audience).unwrap_or(d.audience),
         tenants: args.tenants.or(file.tenants).unwrap_or(d.tenants),
         room_idle_expiry_secs: args
@@ -783,7 +764,6 @@ mod tests {
         assert_eq!(config.wt_port, 4433);
         assert_eq!(config.lead_ms, 1500);
         assert_eq!(config.tls_reload_check_ms, 10_000);
-        assert!(config.dev_token.is_none());
         assert_eq!(config.dev_cert_hostnames(), ["localhost", "127.0.0.1", "::1"]);
     }
 
@@ -850,8 +830,6 @@ mod tests {
             (&["--hello-timeout-ms", "0"], "hello_timeout_ms is 0"),
             (&["--idle-timeout-ms", "10"], "idle_timeout_ms is 10"),
             (&["--keep-alive-ms", "30000"], "less than idle_timeout_ms"),
-            (&["--dev-token", "short"], "dev_token must be 8"),
-            (&["--dev-token", "has space here"], "printable ASCII"),
             (&["--hostname", ""], "not a valid DNS name"),
             (&["--token-audience", ""], "token_audience is empty"),
             (&["--room-idle-expiry-secs", "0"], "room_idle_expiry_secs is 0: use 1 to 604800"),
