@@ -217,24 +217,24 @@ impl AppState {
             .try_take(now)
     }
 
+    /// Counts a refusal made here and turns it into the response. (Refusals made by a room
+    /// task are counted there, for HTTP and the control stream alike.)
+    fn refused(&self, r: Refusal) -> ApiError {
+        self.stats.refused.inc(r.code);
+        r.into()
+    }
+
     /// Whether `who` may do `op` (on no room), counting a refusal.
     fn authorize(&self, who: &Principal, op: Operation<'_>) -> Result<(), ApiError> {
-        authorize(who, None, op).map_err(|r| {
-            self.stats.refused.inc(r.code);
-            ApiError::from(r)
-        })
+        authorize(who, None, op).map_err(|r| self.refused(r))
     }
 
     /// The room `code` names for `who`, if `who` may do `op` there.
     fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
         let tenant =
             self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
-        let refused = |r: Refusal| {
-            self.stats.refused.inc(r.code);
-            ApiError::from(r)
-        };
-        let room = self.rooms.lookup(tenant, who, code).map_err(refused)?;
-        authorize(who, Some(&room.meta().tenant), op).map_err(refused)?;
+        let room = self.rooms.lookup(tenant, who, code).map_err(|r| self.refused(r))?;
+        authorize(who, Some(&room.meta().tenant), op).map_err(|r| self.refused(r))?;
         Ok(room)
     }
 }
@@ -511,13 +511,11 @@ async fn room(
     Ok(Json(detail(&room).await?))
 }
 
-/// Applies a teacher control through the one authorization function.
+/// Applies a teacher control through the one authorization function. The room counts its
+/// own refusals.
 async fn control(state: &AppState, who: &Principal, code: &str, op: ControlOp) -> Result<Option<Applied>, ApiError> {
     let room = state.room_for(who, code, Operation::Control(&op))?;
-    room.control(op).await.map_err(|r| {
-        state.stats.refused.inc(r.code);
-        r.into()
-    })
+    Ok(room.control(op).await?)
 }
 
 #[derive(Serialize)]

@@ -32,6 +32,7 @@ async fn http_api_answers_with_json_and_stable_codes() -> anyhow::Result<()> {
     let room = server.create_room(&teacher, 120.0, 4).await?;
     let (status, body) = server.http("POST", &format!("/api/rooms/{room}/stop"), t, None).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (409, Some("not_running")));
+    assert_eq!(server.stats.refused.get(downbeat_protocol::ErrorCode::NotRunning), 1, "counted once");
     let (status, body) = server.http("POST", &format!("/api/rooms/{room}/start"), t, None).await?;
     assert_eq!(status, 200, "{body}");
     assert!(body["effective_at_ns"].as_u64().is_some());
