@@ -292,7 +292,7 @@ impl Session {
                 return None;
             }
             Ok(Err(ReadError::Decode(e))) => {
-                self.count_decode_error(e);
+                count_decode_error(&self.ctx.stats, e);
                 return self.refuse(send, Refusal::new(e.code(), "the first frame did not decode")).await;
             }
             Ok(Err(ReadError::Stalled)) | Err(_) => {
@@ -388,13 +388,6 @@ impl Session {
         None
     }
 
-    fn count_decode_error(&self, e: DecodeError) {
-        match e {
-            DecodeError::TooLarge { .. } => self.ctx.stats.frames_too_large.inc(),
-            _ => self.ctx.stats.frames_malformed.inc(),
-        }
-    }
-
     /// The joined session: a writer task drains the control queue; this task reads control
     /// frames, answers clock sync and forwards notes until either side ends it.
     async fn serve(&self, joined: Joined) {
@@ -402,17 +395,7 @@ impl Session {
         let writer = tokio::spawn(write_loop(send, control_rx).instrument(Span::current()));
         let mut shutdown = self.shutdown.clone();
         let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
-        let mut control = Control {
-            ctx: &self.ctx,
-            room: &room,
-            member_id,
-            session_id: self.session_id,
-            principal,
-            expiry: expiry_tx,
-            limit: None,
-            reports: None,
-            abuse: None,
-        };
+        let mut control = Control::new(&self.ctx, &room, member_id, self.session_id, principal, expiry_tx);
         let datagrams =
             Datagrams { conn: &self.conn, ctx: &self.ctx, room: &room, member_id, session_id: self.session_id };
         let end = tokio::select! {
@@ -454,6 +437,14 @@ impl Session {
     }
 }
 
+/// Counts a control frame that did not decode, by kind.
+fn count_decode_error(stats: &Stats, e: DecodeError) {
+    match e {
+        DecodeError::TooLarge { .. } => stats.frames_too_large.inc(),
+        _ => stats.frames_malformed.inc(),
+    }
+}
+
 /// Resolves once the token (whose expiry, in Unix seconds, `rx` holds) has expired.
 async fn token_expiry(mut rx: watch::Receiver<u64>) {
     loop {
@@ -482,28 +473,42 @@ struct Control<'a> {
     session_id: u64,
     principal: Principal,
     expiry: watch::Sender<u64>,
-    limit: Option<TokenBucket>,
-    reports: Option<TokenBucket>,
-    abuse: Option<TokenBucket>,
+    limit: TokenBucket,
+    reports: TokenBucket,
+    abuse: TokenBucket,
 }
 
-impl Control<'_> {
+impl<'a> Control<'a> {
+    fn new(
+        ctx: &'a SessionContext,
+        room: &'a RoomHandle,
+        member_id: u64,
+        session_id: u64,
+        principal: Principal,
+        expiry: watch::Sender<u64>,
+    ) -> Self {
+        let limits = ctx.tenants.tenant(&principal.tenant).map(|t| *t.limits()).unwrap_or_default();
+        let now = ctx.clock.now().0;
+        Self {
+            ctx,
+            room,
+            member_id,
+            session_id,
+            principal,
+            expiry,
+            limit: TokenBucket::new(limits.controls_per_second, limits.control_burst, now),
+            reports: TokenBucket::new(REPORTS_PER_SECOND, 3, now),
+            abuse: TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now),
+        }
+    }
+
     async fn run(&mut self, recv: &mut RecvStream, control_tx: &mpsc::Sender<ServerMessage>) -> End {
-        let limits = self.ctx.tenants.tenant(&self.principal.tenant).map(|t| *t.limits());
-        let now = self.ctx.clock.now().0;
-        let (per_second, burst) = limits.map_or((10, 20), |l| (l.controls_per_second, l.control_burst));
-        self.limit = Some(TokenBucket::new(per_second, burst, now));
-        self.reports = Some(TokenBucket::new(REPORTS_PER_SECOND, 3, now));
-        self.abuse = Some(TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now));
         loop {
             let message = match read_frame(recv).await {
                 Ok(message) => message,
                 Err(ReadError::Closed) => return End::Closed,
                 Err(ReadError::Decode(e)) => {
-                    match e {
-                        DecodeError::TooLarge { .. } => self.ctx.stats.frames_too_large.inc(),
-                        _ => self.ctx.stats.frames_malformed.inc(),
-                    }
+                    count_decode_error(&self.ctx.stats, e);
                     self.ctx.stats.refused.inc(e.code());
                     let message = match e {
                         DecodeError::TooLarge { .. } => "frame larger than the limit",
@@ -518,14 +523,14 @@ impl Control<'_> {
             };
             let now = self.ctx.clock.now().0;
             if let ClientMessage::Report(report) = message {
-                if self.reports.as_mut().is_some_and(|b| b.try_take(now)) {
+                if self.reports.try_take(now) {
                     self.room.report(self.member_id, self.session_id, report);
                 }
                 continue;
             }
-            if !self.limit.as_mut().is_some_and(|b| b.try_take(now)) {
+            if !self.limit.try_take(now) {
                 self.ctx.stats.refused.inc(ErrorCode::RateLimited);
-                if !self.abuse.as_mut().is_some_and(|b| b.try_take(now)) {
+                if !self.abuse.try_take(now) {
                     self.ctx.stats.sessions_closed_for_abuse.inc();
                     return End::Fatal(ErrorCode::RateLimited, "too many control messages");
                 }
