@@ -330,6 +330,15 @@ impl RoomTask {
         Some(seat)
     }
 
+    /// Frees a seat, tells everyone left, and ends its session (if connected) with `code`.
+    fn expel(&mut self, now: ServerNanos, member_id: u64, reason: LeaveReason, code: ErrorCode, message: &'static str) {
+        if let Some(mut seat) = self.remove(now, member_id, reason)
+            && let Some(attached) = &mut seat.attached
+        {
+            attached.kick(code, message);
+        }
+    }
+
     /// Closes the room: everyone is told why, then every session ends with `room_closed`.
     fn close(&mut self, message: &'static str) {
         self.broadcast(ServerMessage::RoomClosed { message: BoundedString::truncating(message) }, None);
@@ -375,11 +384,13 @@ impl RoomTask {
             }
             ControlOp::Remove { member } => {
                 self.student(member, "only students can be removed")?;
-                if let Some(mut seat) = self.remove(now, member, LeaveReason::Removed)
-                    && let Some(attached) = &mut seat.attached
-                {
-                    attached.kick(ErrorCode::Removed, "the teacher removed you from the room");
-                }
+                self.expel(
+                    now,
+                    member,
+                    LeaveReason::Removed,
+                    ErrorCode::Removed,
+                    "the teacher removed you from the room",
+                );
                 Ok(None)
             }
             ControlOp::Close => {
@@ -432,11 +443,7 @@ impl RoomTask {
         if abusive && !seat.abuse.try_take(now.0) {
             warn!(member = member_id, code = code.as_str(), "note abuse; closing the session");
             self.stats.sessions_closed_for_abuse.inc();
-            if let Some(mut seat) = self.remove(now, member_id, LeaveReason::Closed)
-                && let Some(attached) = &mut seat.attached
-            {
-                attached.kick(ErrorCode::RateLimited, "too many refused notes");
-            }
+            self.expel(now, member_id, LeaveReason::Closed, ErrorCode::RateLimited, "too many refused notes");
             return;
         }
         if seat.last_note_error.is_some_and(|t| now.0.saturating_sub(t.0) < NOTE_ERROR_INTERVAL_NANOS) {

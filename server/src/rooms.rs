@@ -31,6 +31,7 @@ use crate::auth::{Principal, Role, Tenant};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
+use crate::config::TenantLimits;
 use crate::room_task::RoomTask;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -248,6 +249,16 @@ struct TenantRooms {
     closed: HashMap<JoinCode, ServerNanos>,
 }
 
+impl TenantRooms {
+    fn new(limits: &TenantLimits, now: ServerNanos) -> Self {
+        Self {
+            live: 0,
+            failed_joins: TokenBucket::new(limits.joins_per_second, limits.join_burst, now.0),
+            closed: HashMap::new(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     /// Live rooms by code; codes are unique within a tenant, rarely shared across tenants.
@@ -311,12 +322,9 @@ impl Rooms {
                     "the server holds its maximum number of rooms; try again later",
                 ));
             }
+            let Registry { live, tenants, count } = &mut *registry;
             let tenant_id: Arc<str> = Arc::from(tenant.id());
-            let usage = registry.tenants.entry(tenant_id.clone()).or_insert_with(|| TenantRooms {
-                live: 0,
-                failed_joins: TokenBucket::new(limits.joins_per_second, limits.join_burst, now.0),
-                closed: HashMap::new(),
-            });
+            let usage = tenants.entry(tenant_id.clone()).or_insert_with(|| TenantRooms::new(limits, now));
             if usage.live >= limits.max_rooms as usize {
                 return Err(Refusal::new(
                     ErrorCode::TooManyRooms,
@@ -326,10 +334,8 @@ impl Rooms {
             let mut rng = rand::rng();
             let code = loop {
                 let code = JoinCode::random(&mut rng);
-                let taken =
-                    registry.live.get(&code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == tenant_id));
-                let closed = registry.tenants.get(&tenant_id).is_some_and(|t| t.closed.contains_key(&code));
-                if !taken && !closed {
+                let taken = live.get(&code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == tenant_id));
+                if !taken && !usage.closed.contains_key(&code) {
                     break code;
                 }
             };
@@ -341,11 +347,9 @@ impl Rooms {
                 created_at: SystemTime::now(),
             });
             let handle = RoomHandle { meta, tx };
-            registry.live.entry(code).or_default().push(handle.clone());
-            registry.count += 1;
-            if let Some(usage) = registry.tenants.get_mut(&tenant_id) {
-                usage.live += 1;
-            }
+            live.entry(code).or_default().push(handle.clone());
+            *count += 1;
+            usage.live += 1;
             handle
         };
         self.stats.rooms_active.inc();
@@ -370,11 +374,7 @@ impl Rooms {
         let limits = tenant.limits();
         let mut registry = self.registry();
         let Registry { live, tenants, .. } = &mut *registry;
-        let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms {
-            live: 0,
-            failed_joins: TokenBucket::new(limits.joins_per_second, limits.join_burst, now.0),
-            closed: HashMap::new(),
-        });
+        let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms::new(limits, now));
         let code = JoinCode::parse(input);
         let found = code.as_ref().and_then(|code| live.get(code)).map(Vec::as_slice).unwrap_or_default();
         let own = found.iter().find(|r| &*r.meta.tenant == tenant.id());
