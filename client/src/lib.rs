@@ -376,7 +376,7 @@ impl Client {
     /// 127) with [`ErrorCode::NoteOutOfRange`] without sending it, so it is never repeated
     /// with the next notes.
     pub fn play_note(&self, midi: u8, velocity: u8, instrument: u8) -> Result<Note, ClientError> {
-        if midi > 127 || instrument > 127 || !(1..=127).contains(&velocity) {
+        if !downbeat_engine::notes::playable(midi, velocity, instrument) {
             return Err(ClientError::Refused {
                 code: ErrorCode::NoteOutOfRange,
                 message: format!("note {midi}, velocity {velocity}, instrument {instrument} is out of MIDI range"),

@@ -45,7 +45,14 @@ pub const fn playout_instant(note: &Note, playout_delay_nanos: u64) -> ServerNan
 /// Whether a note's fields are in range: sequence number from 1, MIDI note 0-127, velocity
 /// 1-127, instrument 0-127. Its time is checked separately ([`time_in_range`]).
 pub const fn fields_in_range(note: &Note) -> bool {
-    note.seq != 0 && note.midi <= 127 && note.velocity >= 1 && note.velocity <= 127 && note.instrument <= 127
+    note.seq != 0 && playable(note.midi, note.velocity, note.instrument)
+}
+
+/// Whether a note with these MIDI fields can be played: note 0-127, velocity 1-127,
+/// instrument 0-127. Clients check it before sending, since a refused note would otherwise
+/// be repeated with the next ones.
+pub const fn playable(midi: u8, velocity: u8, instrument: u8) -> bool {
+    midi <= 127 && velocity >= 1 && velocity <= 127 && instrument <= 127
 }
 
 /// Whether `played_at` lies in `[now - past_window_nanos, now + future_window_nanos]`.
