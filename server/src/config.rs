@@ -73,7 +73,8 @@ pub struct Args {
     #[arg(long, env = "DOWNBEAT_MAX_ROOMS", value_name = "N")]
     pub max_rooms: Option<usize>,
 
-    /// Most members in one room [default: 64].
+    /// Most members in one room, for every tenant (a tenant's own limit applies within it)
+    /// [default: 64].
     #[arg(long, env = "DOWNBEAT_MAX_MEMBERS_PER_ROOM", value_name = "N")]
     pub max_members_per_room: Option<usize>,
 
@@ -146,7 +147,7 @@ pub struct Config {
     pub send_interval_ms: u64,
     /// Most rooms at once.
     pub max_rooms: usize,
-    /// Most members in one room.
+    /// Most members in one room, whatever a tenant allows.
     pub max_members_per_room: usize,
     /// Most WebTransport sessions at once.
     pub max_sessions: usize,

@@ -305,7 +305,8 @@ impl Rooms {
         }
         let limits = tenant.limits();
         let engine = room::Config {
-            max_members: limits.max_members_per_room as usize,
+            // The tenant's limit, within the server-wide cap.
+            max_members: (limits.max_members_per_room as usize).min(self.config.engine.max_members),
             notes_per_second: limits.notes_per_second,
             note_burst: limits.note_burst,
             ..self.config.engine.clone()

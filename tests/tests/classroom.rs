@@ -357,3 +357,21 @@ async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_stu
     assert_eq!(room["members"].as_array().map(Vec::len), Some(1), "{room}");
     Ok(())
 }
+
+#[tokio::test]
+async fn the_server_wide_member_cap_applies_within_every_tenant() -> Result<()> {
+    // The demo tenant allows 40; the server allows 2.
+    let server = TestServer::start_with(|c| c.max_members_per_room = 2).await?;
+    let teacher = server.teacher("t-1");
+    let code = server.create_room(&teacher, 120.0, 4).await?;
+    let _first = server.connect(&code, &teacher).await?;
+    let _second = server.connect(&code, &server.student("s-1")).await?;
+    match server.connect(&code, &server.student("s-2")).await {
+        Err(e) => match e.downcast::<downbeat_client::ClientError>()? {
+            downbeat_client::ClientError::Refused { code, .. } => assert_eq!(code, ErrorCode::RoomFull),
+            other => bail!("expected room_full, got {other}"),
+        },
+        Ok(_) => bail!("a third member joined a room capped at two"),
+    }
+    Ok(())
+}
