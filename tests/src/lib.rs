@@ -248,3 +248,27 @@ pub async fn wait_for_epoch(client: &Client, epoch: u64) -> Result<()> {
     };
     tokio::time::timeout(Duration::from_secs(10), wait).await.context("waiting for a timeline epoch")?
 }
+
+/// Reads `client`'s events until `done` says stop (at most 10 s); returns every event read,
+/// the last included.
+pub async fn events_until(
+    client: &Client,
+    mut done: impl FnMut(&downbeat_client::Event) -> bool,
+) -> Result<Vec<downbeat_client::Event>> {
+    let read = async {
+        let mut seen = Vec::new();
+        loop {
+            match client.next_event().await {
+                Some(event) => {
+                    let stop = done(&event);
+                    seen.push(event);
+                    if stop {
+                        return Ok(seen);
+                    }
+                }
+                None => bail!("the session ended; events so far: {seen:?}"),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read).await.context("waiting for an event")?
+}

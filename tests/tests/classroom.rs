@@ -12,8 +12,8 @@ use anyhow::{Context, Result, bail};
 use downbeat_client::{Client, Event, InjectedClock, LocalClock};
 use downbeat_engine::sim::Rng;
 use downbeat_protocol::{Change, ControlOp, ErrorCode, LeaveReason, Member, MicroBpm, Role};
-use downbeat_tests::TestServer;
 use downbeat_tests::relay::Relay;
+use downbeat_tests::{TestServer, events_until};
 use tokio::sync::watch;
 
 const STUDENTS: usize = 30;
@@ -279,17 +279,8 @@ async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expir
     let id = student.member_id();
     relay.cut();
     // Nobody hears of the lost connection until the grace period is over; then it is a leave.
-    let event = tokio::time::timeout(WAIT, async {
-        loop {
-            match teacher.next_event().await {
-                Some(Event::MemberLeft(left, reason)) => return Some((left, reason)),
-                Some(_) => continue,
-                None => return None,
-            }
-        }
-    })
-    .await?;
-    assert_eq!(event, Some((id, LeaveReason::Left)));
+    let events = events_until(&teacher, |e| matches!(e, Event::MemberLeft(..))).await?;
+    assert_eq!(events.last(), Some(&Event::MemberLeft(id, LeaveReason::Left)), "{events:?}");
     assert_eq!(server.stats.seats_expired.get(), 1);
 
     // The teacher leaves too; a second after the room is empty, it closes itself.
@@ -334,17 +325,8 @@ async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_stu
     let drums = Assignment { part: Some(PartName::truncating("drums")), beats: BoundedVec::try_from_vec(vec![0])? };
     let ack = teacher.control(ControlOp::Assign { member: id, assignment: drums.clone() }).await?;
     assert_eq!(ack.applied, None);
-    let updated = tokio::time::timeout(WAIT, async {
-        loop {
-            match student.next_event().await {
-                Some(Event::MemberUpdated(m)) if m.id == id => return Some(m),
-                Some(_) => continue,
-                None => return None,
-            }
-        }
-    })
-    .await?
-    .context("session closed")?;
+    let events = events_until(&student, |e| matches!(e, Event::MemberUpdated(m) if m.id == id)).await?;
+    let Some(Event::MemberUpdated(updated)) = events.last() else { bail!("{events:?}") };
     assert_eq!(updated.assignment, drums, "the student sees their part");
 
     teacher.control(ControlOp::Remove { member: id }).await?;

@@ -20,7 +20,7 @@ use downbeat_protocol::{
 use downbeat_server::Config;
 use downbeat_server::auth::{Claims, Role, Tenants};
 use downbeat_server::config::{KeyAlgorithm, TenantConfig, TenantKeyConfig, TenantLimits, TenantRetention};
-use downbeat_tests::{RawSession, TestServer};
+use downbeat_tests::{RawSession, TestServer, events_until};
 use serde_json::{Value, json};
 use tokio::time::timeout;
 use wtransport::error::ConnectionError;
@@ -138,26 +138,6 @@ fn epoch_of(room: &Value) -> u64 {
 /// `/metrics` as text.
 async fn metrics(server: &TestServer) -> Result<String> {
     Ok(reqwest::get(format!("http://{}/metrics", server.http)).await?.text().await?)
-}
-
-/// Reads events until `done` says stop; returns every event read, the last included.
-async fn events_until(client: &Client, mut done: impl FnMut(&Event) -> bool) -> Result<Vec<Event>> {
-    let read = async {
-        let mut seen = Vec::new();
-        loop {
-            match client.next_event().await {
-                Some(event) => {
-                    let stop = done(&event);
-                    seen.push(event);
-                    if stop {
-                        return Ok(seen);
-                    }
-                }
-                None => bail!("the session ended; events so far: {seen:?}"),
-            }
-        }
-    };
-    timeout(WAIT, read).await.context("waiting for an event")?
 }
 
 /// Reads events until the session ends; returns them.
