@@ -29,9 +29,10 @@ use downbeat_engine::notes::ScheduledNote;
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
     BoundedString, Change, ClientMessage, ClientNanos, ClientReport, ControlAck, ControlOp, ControlRequest, ErrorCode,
-    ErrorFrame, FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, RoomRequest,
-    RoomSettings, ServerMessage, ServerNanos, SyncQuality, Welcome, decode_frame_body, decode_server_datagram,
-    encode_client_datagram, encode_frame, frame_body_len,
+    ErrorFrame, FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, ParticipationNotice,
+    Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerMessage,
+    ServerNanos, SyncQuality, Welcome, decode_frame_body, decode_server_datagram, encode_client_datagram, encode_frame,
+    frame_body_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -128,7 +129,16 @@ pub enum Event {
     RoomClosed(String),
     /// An error not tied to a request (the session may end with it).
     Error(ErrorCode, String),
+    /// The teacher set (or cleared) the reflection prompt.
+    Prompt(Option<Prompt>),
+    /// Teachers only: a student's reflection was saved.
+    Reflection(ReflectionNotice),
+    /// Teachers only: participation so far of the members who played since the last update.
+    Participation(Vec<ParticipationNotice>),
 }
+
+/// The room's current reflection prompt, as this client was told.
+type CurrentPrompt = Arc<Mutex<Option<Prompt>>>;
 
 /// Answers to requests on the control stream, by request id.
 type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<ServerMessage, ClientError>>>>>;
@@ -145,6 +155,7 @@ pub struct Client {
     send: Arc<tokio::sync::Mutex<SendStream>>,
     pending: Pending,
     presence: Presence,
+    prompt: CurrentPrompt,
     next_request: std::sync::atomic::AtomicU32,
     synced: watch::Receiver<bool>,
     frames: watch::Receiver<u64>,
@@ -228,6 +239,7 @@ impl Client {
         let state = Arc::new(Mutex::new(state));
         let pending: Pending = Arc::default();
         let presence: Presence = Arc::new(Mutex::new(welcome.members.iter().map(|m| (m.id, m.clone())).collect()));
+        let prompt = CurrentPrompt::default();
         let send = Arc::new(tokio::sync::Mutex::new(send));
         let (synced_tx, synced) = watch::channel(false);
         let (frames_tx, frames) = watch::channel(0u64);
@@ -243,7 +255,14 @@ impl Client {
         };
         let mut tasks = vec![
             tokio::spawn(driver.run()),
-            tokio::spawn(read_control(recv, state.clone(), pending.clone(), presence.clone(), events_tx)),
+            tokio::spawn(read_control(
+                recv,
+                state.clone(),
+                pending.clone(),
+                presence.clone(),
+                prompt.clone(),
+                events_tx,
+            )),
         ];
         if let Some(interval) = options.report_interval {
             tasks.push(tokio::spawn(report(send.clone(), clock.clone(), state.clone(), interval)));
@@ -256,6 +275,7 @@ impl Client {
             send,
             pending,
             presence,
+            prompt,
             next_request: std::sync::atomic::AtomicU32::new(1),
             synced,
             frames,
@@ -358,6 +378,34 @@ impl Client {
     /// Asks for a timeline change (a teacher control) and waits for the acknowledgement.
     pub async fn change(&self, change: Change) -> Result<ControlAck, ClientError> {
         self.control(ControlOp::Timeline(change)).await
+    }
+
+    /// The room's current reflection prompt.
+    pub fn prompt(&self) -> Option<Prompt> {
+        self.prompt.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Teachers: asks the room a reflection question (blank text clears it).
+    pub async fn set_prompt(&self, text: &str) -> Result<ControlAck, ClientError> {
+        self.control(ControlOp::Prompt { text: PromptText::new(text.to_owned())? }).await
+    }
+
+    /// Students: sends a reflection answering prompt `prompt_id` and waits until the server
+    /// has committed it. `id` identifies the reflection across retries: send the same id
+    /// again (on this or a new session) until this returns `Ok`, and it is stored once.
+    pub async fn reflect(
+        &self,
+        id: [u8; 16],
+        prompt_id: u32,
+        mood: Option<u8>,
+        text: Option<&str>,
+    ) -> Result<(), ClientError> {
+        let text = text.map(|t| ReflectionText::new(t.to_owned())).transpose()?;
+        let message = |request_id| ClientMessage::Reflect(Reflection { request_id, id, prompt_id, mood, text });
+        match self.request(message).await? {
+            ServerMessage::ReflectionSaved { id: saved, .. } if saved == id => Ok(()),
+            other => Err(ClientError::Protocol(format!("expected a reflection acknowledgement, got {other:?}"))),
+        }
     }
 
     /// Presents a fresh token; returns its expiry (Unix seconds) once the server took it.
@@ -523,6 +571,7 @@ async fn read_control(
     state: Arc<Mutex<State>>,
     pending: Pending,
     presence: Presence,
+    prompt: CurrentPrompt,
     events: mpsc::Sender<Event>,
 ) {
     let take = |id: u32| pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
@@ -575,6 +624,18 @@ async fn read_control(
             }
             ServerMessage::RoomClosed { message } => Some(Event::RoomClosed(message.into_string())),
             ServerMessage::Welcome(_) => None,
+            ServerMessage::Prompt(p) => {
+                p.clone_into(&mut prompt.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+                Some(Event::Prompt(p))
+            }
+            ServerMessage::ReflectionSaved { request_id, id } => {
+                if let Some(tx) = take(request_id) {
+                    let _ = tx.send(Ok(ServerMessage::ReflectionSaved { request_id, id }));
+                }
+                None
+            }
+            ServerMessage::Reflection(notice) => Some(Event::Reflection(notice)),
+            ServerMessage::Participation(notices) => Some(Event::Participation(notices.into_vec())),
         };
         if let Some(event) = event {
             // A consumer that does not read events loses them, never the session.

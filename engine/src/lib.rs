@@ -14,6 +14,8 @@
 //!   schedules classmates' notes at their shared playout instant.
 //! - [`notes`]: what a note's playout instant is, the range checks, redundancy and
 //!   de-duplication shared by both sides.
+//! - [`sel`]: participation measured on the shared timeline (how far each note landed from
+//!   the beat, turns in assigned parts) and the collaboration score.
 //! - [`limit`]: an exact integer token bucket (per-member note rate).
 //! - [`sim`]: a deterministic simulation harness (virtual time, a lossy, jittery, asymmetric
 //!   network, client clocks with offset and drift) used by the tests and the benchmark; it
@@ -30,6 +32,7 @@ pub mod clock;
 pub mod limit;
 pub mod notes;
 pub mod room;
+pub mod sel;
 pub mod sim;
 pub mod timeline;
 

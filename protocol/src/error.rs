@@ -107,6 +107,11 @@ error_codes! {
     TooManySessions = 28, "too_many_sessions";
     /// The same person joined the room from another session, which took over the seat.
     SessionReplaced = 29, "session_replaced";
+    /// SEL storage is behind (the database is down, full or slow and the write queue is
+    /// full): nothing was stored; retry later with the same reflection id.
+    StoreUnavailable = 30, "store_unavailable";
+    /// The reflection answers no prompt of this room.
+    NoPrompt = 31, "no_prompt";
 }
 
 impl fmt::Display for ErrorCode {

@@ -65,3 +65,9 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
 /// Most members a room snapshot lists.
 pub const MAX_MEMBERS: usize = 256;
+/// Longest reflection prompt a teacher sets, in bytes.
+pub const MAX_PROMPT_LEN: usize = 200;
+/// Longest free-text reflection, in bytes of UTF-8 (about a paragraph).
+pub const MAX_REFLECTION_LEN: usize = 1000;
+/// Highest mood on the check-in scale: 0 (very unhappy) to 4 (very happy).
+pub const MAX_MOOD: u8 = 4;

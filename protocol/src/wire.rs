@@ -4,8 +4,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     BoundedString, BoundedVec, ClientNanos, ErrorCode, MAX_ASSIGNED_BEATS, MAX_BEATS_PER_FRAME, MAX_ERROR_MESSAGE_LEN,
-    MAX_JOIN_CODE_LEN, MAX_MEMBERS, MAX_NAME_LEN, MAX_NOTES_PER_DATAGRAM, MAX_PART_LEN, MAX_SEGMENTS, MAX_TOKEN_LEN,
-    MicroBpm, ServerNanos,
+    MAX_JOIN_CODE_LEN, MAX_MEMBERS, MAX_NAME_LEN, MAX_NOTES_PER_DATAGRAM, MAX_PART_LEN, MAX_PROMPT_LEN,
+    MAX_REFLECTION_LEN, MAX_SEGMENTS, MAX_TOKEN_LEN, MicroBpm, ServerNanos,
 };
 
 /// A room's join code as typed (the server normalises case, spaces and dashes).
@@ -16,6 +16,10 @@ pub type Name = BoundedString<MAX_NAME_LEN>;
 pub type PartName = BoundedString<MAX_PART_LEN>;
 /// A bearer token (a JWT).
 pub type Token = BoundedString<MAX_TOKEN_LEN>;
+/// A reflection prompt, e.g. "How did you help your group today?".
+pub type PromptText = BoundedString<MAX_PROMPT_LEN>;
+/// A child's free-text reflection.
+pub type ReflectionText = BoundedString<MAX_REFLECTION_LEN>;
 
 /// One stretch of a room's timeline, in force from `start` until the next segment's start.
 ///
@@ -245,6 +249,12 @@ pub enum ControlOp {
     },
     /// Close the room: the clock stops, everyone is told why, sessions end.
     Close,
+    /// Ask the room a reflection question (an empty text clears it). Everyone receives
+    /// [`ServerMessage::Prompt`]; students answer with [`ClientMessage::Reflect`].
+    Prompt {
+        /// The question.
+        text: PromptText,
+    },
 }
 
 /// A control request on the control stream.
@@ -294,6 +304,76 @@ pub enum ClientMessage {
     },
     /// Sync quality and playout counts; at most about one every two seconds.
     Report(ClientReport),
+    /// A student's reflection. Answered by [`ServerMessage::ReflectionSaved`] once it is
+    /// committed to the database, or by an error with `request_id`.
+    Reflect(Reflection),
+}
+
+/// A student's answer to the room's reflection prompt: a mood check-in, free text, or both.
+///
+/// `id` is chosen by the client (random) and kept across retries: the server stores a
+/// reflection once per student and id however often it arrives, so a client that did not hear
+/// the acknowledgement (lost connection, server restart) sends it again, even to a new room.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reflection {
+    /// Echoed in the acknowledgement or error; a fresh one per attempt is fine.
+    pub request_id: u32,
+    /// The reflection's identity, the same on every retry.
+    pub id: [u8; 16],
+    /// The prompt answered ([`Prompt::id`]).
+    pub prompt_id: u32,
+    /// Mood check-in, 0 to [`crate::MAX_MOOD`].
+    pub mood: Option<u8>,
+    /// Free text.
+    pub text: Option<ReflectionText>,
+}
+
+/// The room's current reflection question.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Prompt {
+    /// Numbered per room from 1.
+    pub id: u32,
+    /// The question.
+    pub text: PromptText,
+}
+
+/// A reflection, as the teachers' live feed shows it once it is committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReflectionNotice {
+    /// Who wrote it (their member id in this room).
+    pub member_id: u64,
+    /// The reflection's id.
+    pub id: [u8; 16],
+    /// The prompt it answers.
+    pub prompt_id: u32,
+    /// Mood check-in.
+    pub mood: Option<u8>,
+    /// Free text.
+    pub text: Option<ReflectionText>,
+}
+
+/// One member's participation so far in this room session, measured by the server on the
+/// shared timeline (see the README for the collaboration score's formula).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ParticipationNotice {
+    /// The member.
+    pub member_id: u64,
+    /// Notes played (accepted and heard by the room).
+    pub notes: u32,
+    /// Notes played while beats sounded.
+    pub timed: u32,
+    /// Timed notes on the beat.
+    pub on_beat: u32,
+    /// Mean distance of timed notes from the nearest beat, in microseconds.
+    pub mean_offset_micros: u32,
+    /// Timed notes played while holding assigned beats.
+    pub assigned: u32,
+    /// Assigned notes on the member's own beats.
+    pub in_part: u32,
+    /// Turns taken in the assigned part.
+    pub turns: u32,
+    /// Collaboration score 0 to 100, once a timed note was played.
+    pub score: Option<u8>,
 }
 
 /// One member of a room, as everyone sees it (presence).
@@ -423,4 +503,19 @@ pub enum ServerMessage {
         /// When the new token expires (Unix seconds).
         expires_at: u64,
     },
+    /// The room's reflection prompt: sent when the teacher sets or clears it, and after the
+    /// welcome when one is set.
+    Prompt(Option<Prompt>),
+    /// A [`ClientMessage::Reflect`] is committed to the database (also when it was already).
+    ReflectionSaved {
+        /// Echoed from the reflection.
+        request_id: u32,
+        /// The reflection's id.
+        id: [u8; 16],
+    },
+    /// Teachers only: a reflection was committed.
+    Reflection(ReflectionNotice),
+    /// Teachers only: participation of the members who played since the last update, as of
+    /// the last committed flush (about once a second while notes are played).
+    Participation(BoundedVec<ParticipationNotice, MAX_MEMBERS>),
 }

@@ -25,6 +25,10 @@ pub(crate) enum Operation<'a> {
     Join,
     /// A teacher control.
     Control(&'a ControlOp),
+    /// Read SEL summaries, reflections and the live feed.
+    ReadSel,
+    /// Export or delete one student's data.
+    ManageStudentData,
 }
 
 impl Operation<'_> {
@@ -39,6 +43,9 @@ impl Operation<'_> {
             Self::Control(ControlOp::Assign { .. }) => "assign parts",
             Self::Control(ControlOp::Remove { .. }) => "remove members",
             Self::Control(ControlOp::Close) => "close the room",
+            Self::Control(ControlOp::Prompt { .. }) => "ask reflection questions",
+            Self::ReadSel => "read reflections and participation",
+            Self::ManageStudentData => "export or delete a student's data",
         }
     }
 }
@@ -64,7 +71,14 @@ pub(crate) fn authorize(who: &Principal, room_tenant: Option<&str>, op: Operatio
     {
         return Err(Refusal::new(ErrorCode::WrongTenant, "this room belongs to another school"));
     }
-    let teacher_only = matches!(op, Operation::CreateRoom | Operation::ListRooms | Operation::Control(_));
+    let teacher_only = matches!(
+        op,
+        Operation::CreateRoom
+            | Operation::ListRooms
+            | Operation::Control(_)
+            | Operation::ReadSel
+            | Operation::ManageStudentData
+    );
     if teacher_only && who.role != Role::Teacher {
         return Err(Refusal::new(ErrorCode::Forbidden, format!("only teachers may {}", op.name())));
     }
@@ -97,10 +111,11 @@ mod tests {
             ControlOp::Assign { member: 2, assignment: Assignment::default() },
             ControlOp::Remove { member: 2 },
             ControlOp::Close,
+            ControlOp::Prompt { text: downbeat_protocol::PromptText::truncating("How did we do?") },
         ];
         let teacher = principal("a", Role::Teacher);
         let student = principal("a", Role::Student);
-        for op in [Operation::CreateRoom, Operation::ListRooms] {
+        for op in [Operation::CreateRoom, Operation::ListRooms, Operation::ReadSel, Operation::ManageStudentData] {
             assert_eq!(authorize(&teacher, None, op), Ok(()));
             assert_eq!(authorize(&student, None, op).unwrap_err().code, ErrorCode::Forbidden);
         }

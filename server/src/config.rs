@@ -121,6 +121,22 @@ pub struct Args {
     /// How far behind the beat clock students' notes are played out, in ms [default: 80].
     #[arg(long, env = "DOWNBEAT_PLAYOUT_DELAY_MS", value_name = "MS")]
     pub playout_delay_ms: Option<u64>,
+
+    /// Where SEL data (reflections, participation) is stored: `postgres://user:pass@host/db`,
+    /// or a SQLite file (`sqlite://path` or a path) [default: `downbeat.sqlite3` in the data
+    /// directory].
+    #[arg(long, env = "DOWNBEAT_DATABASE_URL", value_name = "URL")]
+    pub database_url: Option<String>,
+
+    /// SEL writes queued while the database is slow or down before reflections are refused
+    /// with `store_unavailable` [default: 1024].
+    #[arg(long, env = "DOWNBEAT_SEL_QUEUE", value_name = "N")]
+    pub sel_queue: Option<usize>,
+
+    /// How often records past a tenant's retention period are purged, in seconds
+    /// [default: 3600].
+    #[arg(long, env = "DOWNBEAT_SEL_PURGE_INTERVAL_SECS", value_name = "SECS")]
+    pub sel_purge_interval_secs: Option<u64>,
 }
 
 /// The resolved server configuration. Build one with [`parse_and_merge`], [`Config::load`], or
@@ -170,6 +186,13 @@ pub struct Config {
     pub seat_grace_ms: u64,
     /// How far behind the beat clock students' notes are played out, in ms.
     pub playout_delay_ms: u64,
+    /// The SEL database; `None`: a SQLite file in the data directory
+    /// ([`Self::database_url_or_default`]).
+    pub database_url: Option<String>,
+    /// SEL writes queued before reflections are refused with `store_unavailable`.
+    pub sel_queue: usize,
+    /// How often expired SEL records are purged, in seconds.
+    pub sel_purge_interval_secs: u64,
 }
 
 impl Default for Config {
@@ -196,6 +219,9 @@ impl Default for Config {
             room_idle_expiry_secs: 1800,
             seat_grace_ms: 15_000,
             playout_delay_ms: 80,
+            database_url: None,
+            sel_queue: 1024,
+            sel_purge_interval_secs: 3600,
         }
     }
 }
@@ -639,6 +665,18 @@ impl Config {
         if !(10..=2000).contains(&self.playout_delay_ms) {
             return invalid(format!("playout_delay_ms is {}: use 10 to 2000 (default 80)", self.playout_delay_ms));
         }
+        if !(1..=1_000_000).contains(&self.sel_queue) {
+            return invalid(format!("sel_queue is {}: use 1 to 1000000 (default 1024)", self.sel_queue));
+        }
+        if !(1..=86_400).contains(&self.sel_purge_interval_secs) {
+            return invalid(format!(
+                "sel_purge_interval_secs is {}: use 1 to 86400 (default 3600)",
+                self.sel_purge_interval_secs
+            ));
+        }
+        if self.database_url.as_deref().is_some_and(|url| url.trim().is_empty()) {
+            return invalid("database_url is empty: give a postgres:// URL or a SQLite file, or leave it out");
+        }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -689,6 +727,20 @@ impl Config {
         Duration::from_millis(self.playout_delay_ms)
     }
 
+    /// The SEL database URL: the configured one, or the SQLite file `downbeat.sqlite3` in the
+    /// data directory.
+    pub fn database_url_or_default(&self) -> String {
+        match &self.database_url {
+            Some(url) => url.clone(),
+            None => format!("sqlite://{}", self.data_dir.join("downbeat.sqlite3").display()),
+        }
+    }
+
+    /// [`Self::sel_purge_interval_secs`] as a duration.
+    pub fn sel_purge_interval(&self) -> Duration {
+        Duration::from_secs(self.sel_purge_interval_secs)
+    }
+
     /// Names for the development certificate: the loopback names, then the extra ones.
     pub fn dev_cert_hostnames(&self) -> Vec<String> {
         let mut names: Vec<String> = ["localhost", "127.0.0.1", "::1"].iter().map(|s| (*s).to_owned()).collect();
@@ -737,6 +789,12 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
             .unwrap_or(d.room_idle_expiry_secs),
         seat_grace_ms: args.seat_grace_ms.or(file.seat_grace_ms).unwrap_or(d.seat_grace_ms),
         playout_delay_ms: args.playout_delay_ms.or(file.playout_delay_ms).unwrap_or(d.playout_delay_ms),
+        database_url: args.database_url.or(file.database_url),
+        sel_queue: args.sel_queue.or(file.sel_queue).unwrap_or(d.sel_queue),
+        sel_purge_interval_secs: args
+            .sel_purge_interval_secs
+            .or(file.sel_purge_interval_secs)
+            .unwrap_or(d.sel_purge_interval_secs),
     };
     config.validate()?;
     Ok(config)

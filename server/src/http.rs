@@ -34,6 +34,7 @@ use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::identity::PublishedHashes;
 use crate::rooms::{RoomHandle, Rooms};
+use crate::sel::Sel;
 use crate::stats::Stats;
 
 /// Largest request body accepted.
@@ -53,6 +54,7 @@ pub(crate) struct AppState {
     pub(crate) stats: Arc<Stats>,
     pub(crate) clock: ServerClock,
     pub(crate) limits: RequestLimits,
+    pub(crate) sel: Sel,
 }
 
 /// The API's routes.
@@ -70,6 +72,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/rooms/{code}/members/{member}/mute", post(mute))
         .route("/api/rooms/{code}/members/{member}/assignment", put(assign))
         .route("/metrics", get(metrics))
+        .merge(crate::sel_api::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -101,7 +104,7 @@ impl ApiError {
         Self { status: status_for(code), code, message: message.into() }
     }
 
-    fn bad_request(message: impl Into<String>) -> Self {
+    pub(crate) fn bad_request(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::BadRequest, message)
     }
 
@@ -113,6 +116,11 @@ impl ApiError {
     /// The stable code.
     pub fn code(&self) -> ErrorCode {
         self.code
+    }
+
+    /// Replaces the status (for answers more precise than the code's usual one).
+    pub(crate) fn set_status(&mut self, status: StatusCode) {
+        self.status = status;
     }
 }
 
@@ -129,7 +137,10 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         | ErrorCode::RoomFull
         | ErrorCode::SessionReplaced => StatusCode::CONFLICT,
         ErrorCode::TooManyRooms | ErrorCode::RateLimited | ErrorCode::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
-        ErrorCode::ServerBusy | ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::ServerBusy | ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => {
+            StatusCode::SERVICE_UNAVAILABLE
+        }
+        ErrorCode::NoPrompt => StatusCode::CONFLICT,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }
@@ -168,7 +179,7 @@ impl From<timeline::TimelineError> for ApiError {
 /// The verified principal of a request that carried `Authorization: Bearer <JWT>` and is
 /// within its rate limit.
 #[derive(Debug)]
-struct Auth(Principal);
+pub(crate) struct Auth(pub(crate) Principal);
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
@@ -219,18 +230,18 @@ impl AppState {
 
     /// Counts a refusal made here and turns it into the response. (Refusals made by a room
     /// task are counted there, for HTTP and the control stream alike.)
-    fn refused(&self, r: Refusal) -> ApiError {
+    pub(crate) fn refused(&self, r: Refusal) -> ApiError {
         self.stats.refused.inc(r.code);
         r.into()
     }
 
     /// Whether `who` may do `op` (on no room), counting a refusal.
-    fn authorize(&self, who: &Principal, op: Operation<'_>) -> Result<(), ApiError> {
+    pub(crate) fn authorize(&self, who: &Principal, op: Operation<'_>) -> Result<(), ApiError> {
         authorize(who, None, op).map_err(|r| self.refused(r))
     }
 
     /// The room `code` names for `who`, if `who` may do `op` there.
-    fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
+    pub(crate) fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
         let tenant =
             self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
         let room = self.rooms.lookup(tenant, who, code).map_err(|r| self.refused(r))?;
@@ -256,7 +267,7 @@ impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
 
 /// `axum::Json` whose rejections are [`ApiError`]s.
 #[derive(Debug)]
-struct ApiJson<T>(T);
+pub(crate) struct ApiJson<T>(pub(crate) T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
     type Rejection = ApiError;
@@ -280,7 +291,7 @@ fn json_rejection(rejection: &JsonRejection) -> ApiError {
 
 /// `axum::extract::Path<String>` whose rejection is an [`ApiError`].
 #[derive(Debug)]
-struct RoomPath(String);
+pub(crate) struct RoomPath(pub(crate) String);
 
 impl<S: Send + Sync> FromRequestParts<S> for RoomPath {
     type Rejection = ApiError;
@@ -369,7 +380,7 @@ async fn cert_hashes(State(state): State<AppState>) -> Response {
 }
 
 /// Pages on any origin may read public, non-secret answers (ping, certificate hashes).
-fn allow_any_origin(response: &mut Response) {
+pub(crate) fn allow_any_origin(response: &mut Response) {
     response.headers_mut().insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
 }
 
@@ -513,7 +524,12 @@ async fn room(
 
 /// Applies a teacher control through the one authorization function. The room counts its
 /// own refusals.
-async fn control(state: &AppState, who: &Principal, code: &str, op: ControlOp) -> Result<Option<Applied>, ApiError> {
+pub(crate) async fn control(
+    state: &AppState,
+    who: &Principal,
+    code: &str,
+    op: ControlOp,
+) -> Result<Option<Applied>, ApiError> {
     let room = state.room_for(who, code, Operation::Control(&op))?;
     Ok(room.control(op).await?)
 }
@@ -620,8 +636,8 @@ async fn set_meter(
 }
 
 #[derive(Serialize)]
-struct Done {
-    ok: bool,
+pub(crate) struct Done {
+    pub(crate) ok: bool,
 }
 
 #[derive(Deserialize)]

@@ -14,6 +14,10 @@
 //!   what each role may do, for every entry point.
 //! - **Classrooms**: rooms joined by a short code, seats that survive a Wi-Fi blip, presence,
 //!   teacher controls on the beat, mute, parts, and notes every classmate hears at once.
+//! - **SEL data** ([`store`]): reflections children write, participation the server measures
+//!   on the shared timeline, summaries and the teachers' live feed, export and deletion of one
+//!   child's data, and retention; on SQLite by default or PostgreSQL, written through a
+//!   bounded queue so beats and notes never wait on the database.
 //! - **Certificates**: a self-signed development identity (rotated before Chrome's 14-day
 //!   limit, hashes published) or production PEM files (reloaded when they change); either
 //!   is swapped without dropping open sessions.
@@ -39,11 +43,15 @@ mod codes;
 pub mod config;
 mod http;
 mod identity;
+mod room_sel;
 mod room_task;
 mod rooms;
+mod sel;
+mod sel_api;
 mod session;
 mod shutdown;
 pub mod stats;
+pub mod store;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -100,6 +108,17 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The data directory (for the default SQLite database) could not be created.
+    #[error("cannot create the data directory {path}: {source} (make it writable or set --data-dir)")]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The SEL database could not be opened or migrated.
+    #[error("SEL database: {0} (check --database-url)")]
+    Store(#[from] store::StoreError),
     /// The HTTP server failed while running.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
@@ -119,6 +138,8 @@ pub struct Server {
     hashes: Arc<PublishedHashes>,
     tenants: Arc<Tenants>,
     rooms: Arc<Rooms>,
+    sel: sel::Sel,
+    sel_writer: tokio::task::JoinHandle<()>,
     trigger: shutdown::Trigger,
     signal: shutdown::Shutdown,
 }
@@ -152,6 +173,13 @@ impl Server {
         let hashes = Arc::new(PublishedHashes::default());
         hashes.set(source.published());
         let (trigger, signal) = shutdown::channel();
+        if config.database_url.is_none() {
+            std::fs::create_dir_all(&config.data_dir)
+                .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
+        }
+        let store = store::Store::open(&config.database_url_or_default()).await?;
+        info!(backend = store.backend_name(), "SEL database ready");
+        let (sel, sel_writer) = sel::Sel::spawn(store, config.sel_queue, stats.clone(), signal.clone());
         let rooms = Arc::new(Rooms::new(
             RoomsConfig {
                 engine: downbeat_engine::room::Config {
@@ -167,6 +195,7 @@ impl Server {
             },
             clock,
             stats.clone(),
+            sel.clone(),
             signal.clone(),
         ));
         info!(
@@ -187,6 +216,8 @@ impl Server {
             hashes,
             tenants,
             rooms,
+            sel,
+            sel_writer,
             trigger,
             signal,
         })
@@ -247,7 +278,29 @@ impl Server {
     /// [`ErrorCode::ShuttingDown`] (after telling it on its control stream), lets HTTP
     /// requests in flight finish, and returns.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
-        let Self { config, clock, stats, endpoint, http, source, hashes, tenants, rooms, trigger, signal, .. } = self;
+        let Self {
+            config,
+            clock,
+            stats,
+            endpoint,
+            http,
+            source,
+            hashes,
+            tenants,
+            rooms,
+            sel,
+            sel_writer,
+            trigger,
+            signal,
+            ..
+        } = self;
+        let purge_task = tokio::spawn(sel::purge_loop(
+            sel.store().clone(),
+            tenants.clone(),
+            stats.clone(),
+            config.sel_purge_interval(),
+            signal.clone(),
+        ));
 
         let router = http::router(http::AppState {
             rooms: rooms.clone(),
@@ -256,7 +309,9 @@ impl Server {
             stats: stats.clone(),
             clock,
             limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            sel: sel.clone(),
         });
+        drop(sel);
         let mut http_signal = signal.clone();
         let mut http_task = tokio::spawn(async move {
             axum::serve(http, router).with_graceful_shutdown(async move { http_signal.wait().await }).await
@@ -297,6 +352,13 @@ impl Server {
         endpoint.close(VarInt::from_u32(u32::from(ErrorCode::ShuttingDown.as_u16())), b"shutting down");
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, endpoint.wait_idle()).await;
         identity_task.abort();
+        purge_task.abort();
+        // The SEL writer ends once the rooms' last flushes are committed (every handle to it
+        // is gone when the room tasks and the HTTP server are).
+        drop(rooms);
+        if tokio::time::timeout(SHUTDOWN_WAIT, sel_writer).await.is_err() {
+            warn!("SEL writes still pending at shutdown; the database did not take them in time");
+        }
         let http_ended = match http_ended {
             Some(ended) => Ok(ended),
             None => {

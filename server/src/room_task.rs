@@ -10,6 +10,12 @@
 //! (member id, part, mute) for the grace period, so a Chromebook whose Wi-Fi blips comes back
 //! without anyone seeing it leave and join; a second session of the same subject takes the
 //! seat over and the first is closed with `session_replaced`.
+//!
+//! The task also keeps the room's SEL bookkeeping ([`RoomSel`]): it counts each student's
+//! accepted notes against the timeline, flushes the counts to the SEL writer about once a
+//! second without waiting, checks reflections against the room's prompts, and passes what
+//! the writer committed on to the teachers (their live feed) and to the reflection's author
+//! (the acknowledgement).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
@@ -18,15 +24,17 @@ use downbeat_engine::limit::TokenBucket;
 use downbeat_engine::room::{self, Room};
 use downbeat_protocol::{
     self as wire, Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, EncodeError,
-    ErrorCode, ErrorFrame, LeaveReason, MAX_MEMBERS, Member, Note, PROTOCOL_VERSION, RoomInfo, ServerDatagram,
-    ServerMessage, ServerNanos, SyncQuality, Welcome,
+    ErrorCode, ErrorFrame, LeaveReason, MAX_MEMBERS, Member, Note, PROTOCOL_VERSION, Reflection, RoomInfo,
+    ServerDatagram, ServerMessage, ServerNanos, SyncQuality, Welcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
+use crate::room_sel::{self, Flush, RoomSel};
 use crate::rooms::{Command, Departure, Joining, Kick, Peer, RoomMeta, RoomView, Rooms};
+use crate::sel::{Job, Sel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -36,6 +44,8 @@ const NOTE_ERROR_INTERVAL_NANOS: u64 = 1_000_000_000;
 const ABUSE_BURST: u32 = 50;
 /// ...and the sustained rate of refusals tolerated.
 const ABUSE_PER_SECOND: u32 = 5;
+/// How long a closing room waits for room in the SEL queue for its last flush.
+const LAST_FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A live member's connection.
 #[derive(Debug)]
@@ -87,16 +97,27 @@ pub(crate) struct RoomTask {
     closed: bool,
     clock: ServerClock,
     stats: Arc<Stats>,
+    sel: Sel,
+    room_sel: RoomSel,
+    /// This room's own queue, for what the SEL writer reports back once it committed.
+    own: mpsc::WeakSender<Command>,
+}
+
+/// What a room task is given when it starts.
+pub(crate) struct RoomParts {
+    pub(crate) meta: Arc<RoomMeta>,
+    pub(crate) room: Room,
+    pub(crate) rooms: Arc<Rooms>,
+    pub(crate) clock: ServerClock,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) sel: Sel,
+    pub(crate) room_sel: RoomSel,
+    pub(crate) own: mpsc::WeakSender<Command>,
 }
 
 impl RoomTask {
-    pub(crate) fn new(
-        meta: Arc<RoomMeta>,
-        room: Room,
-        rooms: Arc<Rooms>,
-        clock: ServerClock,
-        stats: Arc<Stats>,
-    ) -> Self {
+    pub(crate) fn new(parts: RoomParts) -> Self {
+        let RoomParts { meta, room, rooms, clock, stats, sel, room_sel, own } = parts;
         Self {
             meta,
             room,
@@ -108,6 +129,9 @@ impl RoomTask {
             closed: false,
             clock,
             stats,
+            sel,
+            room_sel,
+            own,
         }
     }
 
@@ -128,9 +152,13 @@ impl RoomTask {
             if self.closed {
                 break;
             }
+            if self.room_sel.flush_due().is_some_and(|due| due <= now) {
+                self.flush();
+            }
             let expiry = self.empty_since.map(|since| since.add_nanos(idle_expiry));
             let grace = self.seats.values().filter_map(|s| s.grace_until).min();
-            let wake = [self.room.poll_timeout(), grace, expiry].into_iter().flatten().min();
+            let flush = self.room_sel.flush_due();
+            let wake = [self.room.poll_timeout(), grace, expiry, flush].into_iter().flatten().min();
             tokio::select! {
                 biased;
                 () = shutdown.wait() => break,
@@ -141,9 +169,50 @@ impl RoomTask {
                 () = sleep_until_opt(wake.map(|t| self.clock.instant_of(t))) => {}
             }
         }
+        // Flushed while the room is still registered, so a student's data deletion that
+        // finds no room here finds every row of it already queued before its own write.
+        self.last_flush().await;
         self.rooms.closed(&self.meta);
         self.stats.rooms_active.dec();
         debug!("room task ended");
+    }
+
+    /// Hands the counted participation to the SEL writer without waiting; if its queue is
+    /// full the counts wait for the next flush.
+    fn flush(&mut self) {
+        let Some(flush) = self.room_sel.take_flush(false) else { return };
+        let Flush { batch, notices } = flush;
+        let own = self.own.clone();
+        let on_commit = room_sel::notices_message(notices.clone()).map(|message| {
+            Box::new(move || {
+                if let Some(tx) = own.upgrade() {
+                    let _ = tx.try_send(Command::Feed(message));
+                }
+            }) as crate::sel::OnCommit
+        });
+        if let Err(job) = self.sel.try_submit(Job { batch, on_commit }) {
+            debug!("SEL queue full; participation waits for the next flush");
+            self.room_sel.restore(self.clock.now(), Flush { batch: job.batch, notices });
+        }
+    }
+
+    /// The closing flush: the room session ends. Waits briefly for room in the queue, as
+    /// nothing else is left to do.
+    async fn last_flush(&mut self) {
+        // Leaves as the room closes: everyone still seated.
+        let now = self.clock.now();
+        let seated: Vec<String> =
+            self.seats.values().filter(|s| s.member.role == wire::Role::Student).map(|s| s.subject.clone()).collect();
+        for subject in seated {
+            self.room_sel.left(now, &subject);
+        }
+        let Some(flush) = self.room_sel.take_flush(true) else { return };
+        let job = Job { batch: flush.batch, on_commit: None };
+        if let Err(job) = self.sel.submit_within(job, LAST_FLUSH_PATIENCE).await {
+            let lost = job.batch.participation.len() as u64;
+            self.stats.participation_dropped.add(lost);
+            warn!(rows = lost, "SEL queue full as the room closed; its last participation rows are lost");
+        }
     }
 
     fn handle(&mut self, command: Command) {
@@ -172,6 +241,19 @@ impl RoomTask {
                 }
             }
             Command::Notes { member_id, session_id, notes } => self.notes(now, member_id, session_id, &notes),
+            Command::Reflect { member_id, session_id, reflection } => {
+                self.reflect(member_id, session_id, &reflection);
+            }
+            Command::ReflectionCommitted { member_id, request_id, notice } => {
+                let id = notice.id;
+                self.send_to(member_id, ServerMessage::ReflectionSaved { request_id, id });
+                self.broadcast_to_teachers(ServerMessage::Reflection(notice));
+            }
+            Command::Feed(message) => self.broadcast_to_teachers(message),
+            Command::Forget { subject, reply } => {
+                self.room_sel.forget(&subject);
+                let _ = reply.send(());
+            }
             Command::Report { member_id, session_id, report } => self.report(member_id, session_id, report),
             Command::View { reply } => {
                 let members = self.seats.values().map(|s| (s.member.clone(), s.attached.is_some())).collect::<Vec<_>>();
@@ -252,6 +334,9 @@ impl RoomTask {
                     abuse: TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now.0),
                 },
             );
+            if role == wire::Role::Student {
+                self.room_sel.joined(now, &subject, member_id);
+            }
             self.by_subject.insert(subject, member_id);
             info!(member = member_id, members = self.seats.len(), "member joined");
             member_id
@@ -261,6 +346,11 @@ impl RoomTask {
         if reply.send(Ok(welcome)).is_err() {
             // The session gave up while waiting: free the seat again.
             self.depart(now, member_id, session_id, Departure::Left);
+            return;
+        }
+        // Queued behind the welcome, which the session writes first.
+        if let Some(prompt) = self.room_sel.prompt().cloned() {
+            self.send_to(member_id, ServerMessage::Prompt(Some(prompt)));
         }
     }
 
@@ -322,6 +412,9 @@ impl RoomTask {
         let seat = self.seats.remove(&member_id)?;
         self.by_subject.remove(&seat.subject);
         self.room.leave(member_id);
+        if seat.member.role == wire::Role::Student {
+            self.room_sel.left(now, &seat.subject);
+        }
         if self.seats.is_empty() {
             self.empty_since = Some(now);
         }
@@ -397,6 +490,49 @@ impl RoomTask {
                 self.close("the teacher closed the room");
                 Ok(None)
             }
+            ControlOp::Prompt { text } => {
+                let prompt = self.room_sel.set_prompt(text)?;
+                info!(prompt = prompt.as_ref().map(|p| p.id), "reflection prompt set");
+                self.broadcast(ServerMessage::Prompt(prompt), None);
+                Ok(None)
+            }
+        }
+    }
+
+    /// A student's reflection: checked here, queued for the writer without waiting, and
+    /// acknowledged (with the teachers told) only once it is committed.
+    fn reflect(&mut self, member_id: u64, session_id: u64, reflection: &Reflection) {
+        let Some(seat) = self.seats.get(&member_id) else { return };
+        if seat.attached.as_ref().is_none_or(|a| a.session_id != session_id) {
+            return;
+        }
+        let request_id = reflection.request_id;
+        let checked = if seat.member.role == wire::Role::Student {
+            self.room_sel.reflection(&seat.subject, member_id, reflection)
+        } else {
+            Err(Refusal::new(ErrorCode::Forbidden, "only students write reflections"))
+        };
+        let (row, notice) = match checked {
+            Ok(checked) => checked,
+            Err(refusal) => {
+                self.stats.refused.inc(refusal.code);
+                self.send_to(member_id, error_frame(refusal.code, Some(request_id), &refusal.message));
+                return;
+            }
+        };
+        let own = self.own.clone();
+        let on_commit = Box::new(move || {
+            if let Some(tx) = own.upgrade() {
+                let _ = tx.try_send(Command::ReflectionCommitted { member_id, request_id, notice });
+            }
+        });
+        let mut batch = crate::store::Batch::default();
+        batch.reflections.push(row);
+        if self.sel.try_submit(Job { batch, on_commit: Some(on_commit) }).is_err() {
+            self.stats.reflections_refused.inc();
+            self.stats.refused.inc(ErrorCode::StoreUnavailable);
+            let message = "reflections cannot be saved right now; try again in a moment";
+            self.send_to(member_id, error_frame(ErrorCode::StoreUnavailable, Some(request_id), message));
         }
     }
 
@@ -418,6 +554,9 @@ impl RoomTask {
         let outcome = self.room.handle_notes(now, member_id, notes);
         self.stats.notes_accepted.add(u64::from(outcome.accepted));
         self.stats.notes_duplicate.add(u64::from(outcome.duplicates));
+        if let Some(frame) = &outcome.forward {
+            self.count_participation(now, member_id, frame, outcome.accepted);
+        }
         if let Some(frame) = outcome.forward {
             match wire::encode_server_datagram(&ServerDatagram::Notes(frame)) {
                 Ok(bytes) => {
@@ -459,6 +598,23 @@ impl RoomTask {
         self.send_to(member_id, error_frame(code, None, message));
     }
 
+    /// Counts a student's newly accepted notes (the last `accepted` of `frame`) on the
+    /// timeline.
+    fn count_participation(&mut self, now: ServerNanos, member_id: u64, frame: &wire::NoteFrame, accepted: u32) {
+        let Some(seat) = self.seats.get(&member_id).filter(|s| s.member.role == wire::Role::Student) else { return };
+        let new = frame.notes.len().saturating_sub(accepted as usize);
+        for note in &frame.notes[new..] {
+            self.room_sel.note(
+                now,
+                &seat.subject,
+                member_id,
+                self.room.timeline(),
+                note.played_at,
+                &seat.member.assignment.beats,
+            );
+        }
+    }
+
     fn report(&mut self, member_id: u64, session_id: u64, report: ClientReport) {
         let Some(seat) = self.seats.get_mut(&member_id) else { return };
         let Some(attached) = seat.attached.as_mut().filter(|a| a.session_id == session_id) else { return };
@@ -489,10 +645,14 @@ impl RoomTask {
     /// telling anyone (the caller does). False if there was no such seat.
     fn evict_slow(&mut self, member_id: u64) -> bool {
         let Some(mut seat) = self.seats.remove(&member_id) else { return false };
+        let now = self.clock.now();
         self.by_subject.remove(&seat.subject);
         self.room.leave(member_id);
+        if seat.member.role == wire::Role::Student {
+            self.room_sel.left(now, &seat.subject);
+        }
         if self.seats.is_empty() {
-            self.empty_since = Some(self.clock.now());
+            self.empty_since = Some(now);
         }
         self.stats.slow_members_dropped.inc();
         warn!(member = member_id, "control queue full; disconnecting the member");
@@ -507,18 +667,28 @@ impl RoomTask {
     /// Queues `message` for every connected member but `except`, never waiting: a member whose
     /// queue is full is disconnected, and everyone left hears that they left.
     fn broadcast(&mut self, message: ServerMessage, except: Option<u64>) {
-        let mut pending = VecDeque::from([(message, except)]);
-        while let Some((message, except)) = pending.pop_front() {
+        self.broadcast_where(message, |id, _| Some(id) != except);
+    }
+
+    /// [`Self::broadcast`] to the connected teachers only (the SEL feed).
+    fn broadcast_to_teachers(&mut self, message: ServerMessage) {
+        self.broadcast_where(message, |_, seat| seat.member.role == wire::Role::Teacher);
+    }
+
+    /// Queues `message` for every connected member `to` picks (see [`Self::broadcast`]).
+    fn broadcast_where(&mut self, message: ServerMessage, to: impl Fn(u64, &Seat) -> bool) {
+        let mut pending = VecDeque::from([(message, false)]);
+        while let Some((message, everyone)) = pending.pop_front() {
             let mut slow = Vec::new();
             for (id, seat) in &self.seats {
                 let Some(attached) = &seat.attached else { continue };
-                if Some(*id) != except && attached.control_tx.try_send(message.clone()).is_err() {
+                if (everyone || to(*id, seat)) && attached.control_tx.try_send(message.clone()).is_err() {
                     slow.push(*id);
                 }
             }
             for member_id in slow {
                 if self.evict_slow(member_id) {
-                    pending.push_back((ServerMessage::MemberLeft { member_id, reason: LeaveReason::Closed }, None));
+                    pending.push_back((ServerMessage::MemberLeft { member_id, reason: LeaveReason::Closed }, true));
                 }
             }
         }

@@ -22,7 +22,7 @@ use downbeat_engine::limit::TokenBucket;
 use downbeat_engine::room::{self, Room};
 use downbeat_protocol::{
     self as wire, Applied, BoundedVec, ClientReport, ControlOp, ErrorCode, MAX_NOTES_PER_DATAGRAM, Member, Name, Note,
-    RoomSettings, ServerMessage, ServerNanos, Welcome,
+    Reflection, ReflectionNotice, RoomSettings, ServerMessage, ServerNanos, Welcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span};
@@ -32,9 +32,12 @@ use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
-use crate::room_task::RoomTask;
+use crate::room_sel::RoomSel;
+use crate::room_task::{RoomParts, RoomTask};
+use crate::sel::{Sel, unix_ms_now};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use crate::store::RoomSessionRow;
 
 /// Commands a room queues before senders wait (sessions) or are refused (HTTP, datagrams).
 const COMMAND_QUEUE: usize = 512;
@@ -140,6 +143,26 @@ pub(crate) enum Command {
     View {
         reply: oneshot::Sender<RoomView>,
     },
+    /// A student's reflection (checked and queued by the room).
+    Reflect {
+        member_id: u64,
+        session_id: u64,
+        reflection: Reflection,
+    },
+    /// From the SEL writer: a reflection is committed (acknowledge it, tell the teachers).
+    ReflectionCommitted {
+        member_id: u64,
+        request_id: u32,
+        notice: ReflectionNotice,
+    },
+    /// From the SEL writer: a feed update for the teachers, now committed.
+    Feed(ServerMessage),
+    /// Drop everything held in memory about a student whose data is being deleted; answers
+    /// once done.
+    Forget {
+        subject: String,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// What never changes about a room.
@@ -151,6 +174,8 @@ pub(crate) struct RoomMeta {
     pub(crate) owner: String,
     pub(crate) name: Name,
     pub(crate) created_at: SystemTime,
+    /// The room session's id in the SEL store (random, 128 bits, hex).
+    pub(crate) sel_id: String,
 }
 
 /// A cheap, cloneable way to reach one room's task.
@@ -207,6 +232,12 @@ impl RoomHandle {
         notes: BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>,
     ) -> bool {
         self.tx.try_send(Command::Notes { member_id, session_id, notes }).is_ok()
+    }
+
+    /// Hands a reflection to the room (it answers on the member's control stream). False if
+    /// the room is gone.
+    pub(crate) async fn reflect(&self, member_id: u64, session_id: u64, reflection: Reflection) -> bool {
+        self.tx.send(Command::Reflect { member_id, session_id, reflection }).await.is_ok()
     }
 
     /// Hands a client report to the room without waiting; dropped if the queue is full.
@@ -274,12 +305,19 @@ pub(crate) struct Rooms {
     config: RoomsConfig,
     clock: ServerClock,
     stats: Arc<Stats>,
+    sel: Sel,
     shutdown: Shutdown,
 }
 
 impl Rooms {
-    pub(crate) fn new(config: RoomsConfig, clock: ServerClock, stats: Arc<Stats>, shutdown: Shutdown) -> Self {
-        Self { registry: Mutex::new(Registry::default()), config, clock, stats, shutdown }
+    pub(crate) fn new(
+        config: RoomsConfig,
+        clock: ServerClock,
+        stats: Arc<Stats>,
+        sel: Sel,
+        shutdown: Shutdown,
+    ) -> Self {
+        Self { registry: Mutex::new(Registry::default()), config, clock, stats, sel, shutdown }
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -346,6 +384,7 @@ impl Rooms {
                 owner: owner.subject.clone(),
                 name: settings.name.clone(),
                 created_at: SystemTime::now(),
+                sel_id: hex::encode(rand::random::<[u8; 16]>()),
             });
             let handle = RoomHandle { meta, tx };
             live.entry(code).or_default().push(handle.clone());
@@ -356,7 +395,26 @@ impl Rooms {
         self.stats.rooms_active.inc();
         self.stats.rooms_created.inc();
         let span = info_span!("room", code = %handle.meta.code, tenant = %handle.meta.tenant);
-        let task = RoomTask::new(handle.meta.clone(), room, self.clone(), self.clock, self.stats.clone());
+        let meta = &handle.meta;
+        let session = RoomSessionRow {
+            tenant_id: meta.tenant.to_string(),
+            id: meta.sel_id.clone(),
+            room_code: meta.code.as_str().to_owned(),
+            room_name: meta.name.to_string(),
+            teacher_id: meta.owner.clone(),
+            started_at_ms: unix_ms_now(),
+            ended_at_ms: None,
+        };
+        let task = RoomTask::new(RoomParts {
+            meta: meta.clone(),
+            room,
+            rooms: self.clone(),
+            clock: self.clock,
+            stats: self.stats.clone(),
+            sel: self.sel.clone(),
+            room_sel: RoomSel::new(session),
+            own: handle.tx.downgrade(),
+        });
         tokio::spawn(task.run(rx, self.shutdown.clone()).instrument(span));
         info!(
             code = %handle.meta.code,
@@ -444,6 +502,19 @@ impl Rooms {
             }
             if usage.closed.len() < CLOSED_MEMORY_PER_TENANT {
                 usage.closed.insert(meta.code.clone(), now);
+            }
+        }
+    }
+
+    /// Has every live room of `tenant` drop what it holds in memory about `subject`; returns
+    /// once each has (rooms that end meanwhile hold nothing more either).
+    pub(crate) async fn forget_student(&self, tenant: &str, subject: &str) {
+        let rooms: Vec<RoomHandle> =
+            self.registry().live.values().flatten().filter(|r| &*r.meta.tenant == tenant).cloned().collect();
+        for room in rooms {
+            let (reply, rx) = oneshot::channel();
+            if room.tx.send(Command::Forget { subject: subject.to_owned(), reply }).await.is_ok() {
+                let _ = rx.await;
             }
         }
     }

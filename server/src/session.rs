@@ -563,6 +563,14 @@ impl<'a> Control<'a> {
                     }
                 }
                 ClientMessage::RefreshToken { request_id, token } => self.refresh(request_id, &token),
+                ClientMessage::Reflect(reflection) => {
+                    // The room checks it against its prompts and answers on this stream once
+                    // it is committed (or refused).
+                    if !self.room.reflect(self.member_id, self.session_id, reflection).await {
+                        return End::Fatal(ErrorCode::RoomClosed, "the room was closed");
+                    }
+                    continue;
+                }
                 ClientMessage::Report(_) => continue,
             };
             if control_tx.send(reply).await.is_err() {
@@ -604,6 +612,7 @@ fn request_id_of(message: &ClientMessage) -> Option<u32> {
     match message {
         ClientMessage::Control(request) => Some(request.request_id),
         ClientMessage::RefreshToken { request_id, .. } => Some(*request_id),
+        ClientMessage::Reflect(reflection) => Some(reflection.request_id),
         ClientMessage::Hello(_) | ClientMessage::Report(_) => None,
     }
 }

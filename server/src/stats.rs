@@ -196,6 +196,22 @@ pub struct Stats {
     pub sync_rtt: Histogram,
     /// Clients' reported clock-offset uncertainty (a bound on the sync error).
     pub sync_uncertainty: Histogram,
+    /// SEL write jobs waiting for the database.
+    pub sel_queued: Gauge,
+    /// 1 while the SEL database is failing writes, else 0.
+    pub sel_degraded: Gauge,
+    /// SEL transactions committed.
+    pub sel_commits: Counter,
+    /// SEL transactions that failed (and were retried).
+    pub sel_write_failures: Counter,
+    /// Reflections committed.
+    pub reflections_saved: Counter,
+    /// Reflections refused with `store_unavailable` because the queue was full.
+    pub reflections_refused: Counter,
+    /// Participation events lost because the queue stayed full as a room closed.
+    pub participation_dropped: Counter,
+    /// SEL rows deleted by the retention purge.
+    pub sel_rows_purged: Counter,
 }
 
 impl Stats {
@@ -208,6 +224,29 @@ impl Stats {
             let _ = writeln!(out, "# TYPE downbeat_{name} {kind}");
             let _ = writeln!(out, "downbeat_{name} {value}");
         };
+        metric("sel_queued", "gauge", "SEL write jobs waiting for the database.", self.sel_queued.get());
+        metric("sel_degraded", "gauge", "1 while the SEL database is failing writes.", self.sel_degraded.get());
+        metric("sel_commits_total", "counter", "SEL transactions committed.", self.sel_commits.get());
+        metric(
+            "sel_write_failures_total",
+            "counter",
+            "SEL transactions that failed and were retried.",
+            self.sel_write_failures.get(),
+        );
+        metric("reflections_saved_total", "counter", "Reflections committed.", self.reflections_saved.get());
+        metric(
+            "reflections_refused_total",
+            "counter",
+            "Reflections refused with store_unavailable (queue full).",
+            self.reflections_refused.get(),
+        );
+        metric(
+            "participation_dropped_total",
+            "counter",
+            "Participation events lost because the SEL queue stayed full as a room closed.",
+            self.participation_dropped.get(),
+        );
+        metric("sel_rows_purged_total", "counter", "SEL rows deleted by retention.", self.sel_rows_purged.get());
         metric("sessions_active", "gauge", "WebTransport sessions open now.", self.sessions_active.get());
         metric("sessions_total", "counter", "WebTransport sessions accepted.", self.sessions_total.get());
         metric(

@@ -4,6 +4,7 @@
 //!
 //! The tests themselves live in `tests/`; every one binds port 0, so they run in parallel.
 
+pub mod db;
 pub mod relay;
 
 use std::net::SocketAddr;
@@ -233,6 +234,30 @@ impl RawSession {
             token: BoundedString::truncating(token),
             room: downbeat_protocol::RoomRequest::Join(BoundedString::truncating(code)),
         })
+    }
+}
+
+/// A school (tenant) with one HS256 key, `secret`, and `limits`.
+pub fn school(
+    id: &str,
+    secret: &[u8; 32],
+    limits: downbeat_server::config::TenantLimits,
+) -> downbeat_server::config::TenantConfig {
+    use base64::Engine as _;
+    use downbeat_server::config::{KeyAlgorithm, TenantConfig, TenantKeyConfig, TenantRetention};
+    TenantConfig {
+        id: id.to_owned(),
+        name: format!("School {id}"),
+        issuer: format!("https://sso.{id}.example"),
+        keys: vec![TenantKeyConfig {
+            kid: None,
+            algorithm: KeyAlgorithm::Hs256,
+            secret: Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)),
+            public_key_pem: None,
+            public_key_file: None,
+        }],
+        limits,
+        retention: TenantRetention::default(),
     }
 }
 

@@ -19,8 +19,8 @@ use downbeat_protocol::{
 };
 use downbeat_server::Config;
 use downbeat_server::auth::{Claims, Role, Tenants};
-use downbeat_server::config::{KeyAlgorithm, TenantConfig, TenantKeyConfig, TenantLimits, TenantRetention};
-use downbeat_tests::{RawSession, TestServer, events_until};
+use downbeat_server::config::TenantLimits;
+use downbeat_tests::{RawSession, TestServer, events_until, school};
 use serde_json::{Value, json};
 use tokio::time::timeout;
 use wtransport::error::ConnectionError;
@@ -83,24 +83,6 @@ fn demo_claims(role: Role, sub: &str) -> Claims {
         tenant: downbeat_server::auth::DEMO_TENANT_ID.to_owned(),
         role,
         name: format!("{role} {sub}"),
-    }
-}
-
-/// A school with one HS256 key and the given limits.
-fn school(id: &str, secret: &[u8; 32], limits: TenantLimits) -> TenantConfig {
-    TenantConfig {
-        id: id.to_owned(),
-        name: format!("School {id}"),
-        issuer: format!("https://sso.{id}.example"),
-        keys: vec![TenantKeyConfig {
-            kid: None,
-            algorithm: KeyAlgorithm::Hs256,
-            secret: Some(b64url(secret)),
-            public_key_pem: None,
-            public_key_file: None,
-        }],
-        limits,
-        retention: TenantRetention::default(),
     }
 }
 

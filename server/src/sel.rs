@@ -1,0 +1,285 @@
+//! The SEL write pipeline: a bounded queue in front of the [`Store`], one writer task that
+//! commits in groups and retries, the health it reports, and the retention purge.
+//!
+//! Nothing on the beat or note path ever waits on the database. Rooms and sessions hand work
+//! to [`Sel::try_submit`], which never waits: it either queues the job or gives it back at
+//! once when the queue is full. The writer takes every job queued (up to [`MAX_GROUP`]), writes
+//! them in one transaction, and on failure keeps the same group and retries with backoff
+//! until it commits, so a job that was queued is stored once the database is back. Each job's
+//! `on_commit` runs only after its transaction committed: that is when a reflection is
+//! acknowledged and when the teachers' live feed hears about it.
+//!
+//! While the database fails, the writer reports itself degraded (health, metrics) and the
+//! queue fills; past its bound, reflections are refused with the retryable
+//! `store_unavailable` and rooms keep their participation counts in memory until a flush is
+//! accepted. Writes are idempotent (see [`crate::store`]), so retrying a group whose commit
+//! acknowledgement was lost duplicates nothing.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::auth::Tenants;
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use crate::store::{Batch, Store, StoreError};
+
+/// Most jobs written in one transaction.
+pub(crate) const MAX_GROUP: usize = 256;
+/// First retry delay after a failed write; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+/// Longest wait between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Runs after the job's rows are committed (on the writer task; must not block).
+pub(crate) type OnCommit = Box<dyn FnOnce() + Send>;
+
+/// Rows to store and what to do once they are.
+pub(crate) struct Job {
+    pub(crate) batch: Batch,
+    pub(crate) on_commit: Option<OnCommit>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Row contents are children's data: counts only.
+        f.debug_struct("Job")
+            .field("sessions", &self.batch.sessions.len())
+            .field("participation", &self.batch.participation.len())
+            .field("reflections", &self.batch.reflections.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the health endpoint shows of the SEL store.
+#[derive(Clone, Debug, serde::Serialize)]
+pub(crate) struct Health {
+    /// `sqlite` or `postgres`.
+    pub(crate) backend: &'static str,
+    /// The last write failed and has not succeeded since.
+    pub(crate) degraded: bool,
+    /// Jobs waiting.
+    pub(crate) queued: u64,
+    /// Jobs the queue holds before reflections are refused.
+    pub(crate) capacity: usize,
+}
+
+#[derive(Debug)]
+struct Shared {
+    degraded: AtomicBool,
+    capacity: usize,
+    /// The last failure, for the log only (never row data).
+    last_error: Mutex<Option<String>>,
+}
+
+/// A cheap handle to the pipeline: submit jobs, read health, reach the store for queries.
+#[derive(Clone, Debug)]
+pub(crate) struct Sel {
+    tx: mpsc::Sender<Job>,
+    store: Store,
+    shared: Arc<Shared>,
+    stats: Arc<Stats>,
+}
+
+impl Sel {
+    /// Starts the writer. It ends once every [`Sel`] handle is dropped and the queue is empty
+    /// (or, while the database is down, when `shutdown` fires and it gives up).
+    pub(crate) fn spawn(
+        store: Store,
+        capacity: usize,
+        stats: Arc<Stats>,
+        shutdown: Shutdown,
+    ) -> (Self, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        let shared = Arc::new(Shared { degraded: AtomicBool::new(false), capacity, last_error: Mutex::new(None) });
+        let writer = Writer { store: store.clone(), shared: shared.clone(), stats: stats.clone(), shutdown };
+        let task = tokio::spawn(writer.run(rx));
+        (Self { tx, store, shared, stats }, task)
+    }
+
+    /// Queues `job` without waiting; gives it back if the queue is full (or the writer is
+    /// gone, at shutdown).
+    pub(crate) fn try_submit(&self, job: Job) -> Result<(), Job> {
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.stats.sel_queued.inc();
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => Err(job),
+        }
+    }
+
+    /// Queues `job`, waiting up to `patience` for room (a closing room's last flush).
+    pub(crate) async fn submit_within(&self, job: Job, patience: Duration) -> Result<(), Job> {
+        match self.tx.send_timeout(job, patience).await {
+            Ok(()) => {
+                self.stats.sel_queued.inc();
+                Ok(())
+            }
+            Err(mpsc::error::SendTimeoutError::Timeout(job) | mpsc::error::SendTimeoutError::Closed(job)) => Err(job),
+        }
+    }
+
+    /// Waits until every job queued before this call is committed (up to `patience`); false
+    /// if the queue is full or the database did not take them in time.
+    pub(crate) async fn barrier(&self, patience: Duration) -> bool {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let on_commit: OnCommit = Box::new(move || {
+            let _ = tx.send(());
+        });
+        if self.try_submit(Job { batch: Batch::default(), on_commit: Some(on_commit) }).is_err() {
+            return false;
+        }
+        matches!(tokio::time::timeout(patience, rx).await, Ok(Ok(())))
+    }
+
+    /// The store, for reads (summaries, exports) and deletes made by the API.
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The store's health as the API reports it.
+    pub(crate) fn health(&self) -> Health {
+        Health {
+            backend: self.store.backend_name(),
+            degraded: self.shared.degraded.load(Ordering::Relaxed),
+            queued: self.stats.sel_queued.get(),
+            capacity: self.shared.capacity,
+        }
+    }
+}
+
+struct Writer {
+    store: Store,
+    shared: Arc<Shared>,
+    stats: Arc<Stats>,
+    shutdown: Shutdown,
+}
+
+impl Writer {
+    async fn run(self, mut rx: mpsc::Receiver<Job>) {
+        let mut group: Vec<Job> = Vec::new();
+        loop {
+            if group.is_empty() {
+                match rx.recv().await {
+                    Some(job) => group.push(job),
+                    None => break,
+                }
+            }
+            while group.len() < MAX_GROUP {
+                match rx.try_recv() {
+                    Ok(job) => group.push(job),
+                    Err(_) => break,
+                }
+            }
+            let batch = merge(&group);
+            if !self.commit(&batch).await {
+                let lost = group.len();
+                warn!(jobs = lost, "shutting down with SEL writes not committed");
+                break;
+            }
+            let n = group.len();
+            for job in group.drain(..) {
+                self.stats.sel_queued.dec();
+                if let Some(on_commit) = job.on_commit {
+                    on_commit();
+                }
+            }
+            debug!(jobs = n, "SEL group committed");
+        }
+        rx.close();
+        debug!("SEL writer ended");
+    }
+
+    /// Writes `group` in one transaction, retrying until it commits. False if shutdown came
+    /// while the database was still failing.
+    async fn commit(&self, batch: &Batch) -> bool {
+        let mut backoff = FIRST_BACKOFF;
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            match self.store.write(batch).await {
+                Ok(()) => {
+                    self.stats.sel_commits.inc();
+                    self.stats.reflections_saved.add(batch.reflections.len() as u64);
+                    if self.shared.degraded.swap(false, Ordering::Relaxed) {
+                        self.stats.sel_degraded.dec();
+                        info!("SEL database writes work again");
+                    }
+                    return true;
+                }
+                Err(e) => self.failed(&e),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(backoff) => {}
+                () = shutdown.wait() => {
+                    // One last try, then give up: the process is ending.
+                    return self.store.write(batch).await.is_ok();
+                }
+            }
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn failed(&self, e: &StoreError) {
+        self.stats.sel_write_failures.inc();
+        if !self.shared.degraded.swap(true, Ordering::Relaxed) {
+            self.stats.sel_degraded.inc();
+            warn!(error = %e, retryable = e.is_retryable(), "SEL database write failed; queueing and retrying");
+        } else {
+            debug!(error = %e, "SEL database write failed again");
+        }
+        *self.shared.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
+    }
+}
+
+/// One batch of every job's rows (their order kept: room sessions first within each).
+fn merge(group: &[Job]) -> Batch {
+    let mut batch = Batch::default();
+    for job in group {
+        batch.sessions.extend(job.batch.sessions.iter().cloned());
+        batch.session_ends.extend(job.batch.session_ends.iter().cloned());
+        batch.participation.extend(job.batch.participation.iter().cloned());
+        batch.reflections.extend(job.batch.reflections.iter().cloned());
+    }
+    batch
+}
+
+/// Now as Unix milliseconds (what SEL rows carry).
+pub(crate) fn unix_ms_now() -> i64 {
+    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Deletes every tenant's SEL rows older than its retention period, now and then every
+/// `interval`, until shutdown.
+pub(crate) async fn purge_loop(
+    store: Store,
+    tenants: Arc<Tenants>,
+    stats: Arc<Stats>,
+    interval: Duration,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        for tenant in tenants.iter() {
+            let days = i64::from(tenant.retention().sel_days);
+            let cutoff = unix_ms_now().saturating_sub(days * 86_400_000);
+            match store.purge_before(tenant.id(), cutoff).await {
+                Ok(0) => {}
+                Ok(rows) => {
+                    stats.sel_rows_purged.add(rows);
+                    info!(tenant = tenant.id(), rows, days, "purged SEL records past retention");
+                }
+                Err(e) => warn!(tenant = tenant.id(), error = %e, "SEL retention purge failed; will retry"),
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = shutdown.wait() => return,
+        }
+    }
+}

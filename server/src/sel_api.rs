@@ -1,0 +1,306 @@
+//! The SEL part of the HTTP API: health, reflection prompts, summaries, and one student's
+//! export and deletion. Teacher-only and tenant-scoped: the tenant comes from the verified
+//! token and every store query is filtered by it, so a teacher of one school reads nothing of
+//! another, whatever ids they send.
+//!
+//! Student ids are the pseudonymous token subjects; no name is ever stored or returned here.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use downbeat_engine::sel::Tally;
+use downbeat_protocol::{ControlOp, ErrorCode, PromptText};
+use serde::{Deserialize, Serialize};
+
+use crate::authz::Operation;
+use crate::http::{ApiError, ApiJson, AppState, Auth, Done, RoomPath, allow_any_origin, control};
+use crate::store::{Counts, ReflectionRow, RoomSessionRow, StoreError};
+
+/// How long an export or delete waits for SEL writes queued before it to commit.
+const BARRIER_PATIENCE: Duration = Duration::from_secs(5);
+/// Longest student id (a token subject), in bytes.
+const MAX_STUDENT_ID: usize = 128;
+
+pub(crate) fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/api/health", get(health))
+        .route("/api/rooms/{code}/prompt", post(set_prompt))
+        .route("/api/rooms/{code}/sel", get(room_sel))
+        .route("/api/sessions/{id}/sel", get(session_sel))
+        .route("/api/students/{id}", axum::routing::delete(delete_student))
+        .route("/api/students/{id}/summary", get(student_summary))
+        .route("/api/students/{id}/export", get(export_student))
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        if e.is_retryable() {
+            Self::new(ErrorCode::StoreUnavailable, "the SEL database is unavailable right now; try again shortly")
+        } else {
+            tracing::error!(error = %e, "SEL database error");
+            Self::new(ErrorCode::Internal, "internal error")
+        }
+    }
+}
+
+fn store_behind() -> ApiError {
+    ApiError::new(ErrorCode::StoreUnavailable, "SEL writes are behind; try again shortly")
+}
+
+/// A student id from the path: 1 to 128 bytes without control characters.
+#[derive(Debug)]
+struct StudentPath(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for StudentPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(id) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
+        if id.is_empty() || id.len() > MAX_STUDENT_ID || id.chars().any(char::is_control) {
+            return Err(ApiError::bad_request("a student id is 1 to 128 bytes without control characters"));
+        }
+        Ok(Self(id))
+    }
+}
+
+#[derive(Serialize)]
+struct HealthView {
+    status: &'static str,
+    store: crate::sel::Health,
+}
+
+/// `200 {"status":"ok"}`, or `503 {"status":"degraded"}` while SEL writes fail (beats and
+/// notes carry on regardless).
+async fn health(State(state): State<AppState>) -> Response {
+    let store = state.sel.health();
+    let (status, word) =
+        if store.degraded { (StatusCode::SERVICE_UNAVAILABLE, "degraded") } else { (StatusCode::OK, "ok") };
+    let mut response = (status, Json(HealthView { status: word, store })).into_response();
+    allow_any_origin(&mut response);
+    response
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetPrompt {
+    text: String,
+}
+
+async fn set_prompt(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
+    ApiJson(body): ApiJson<SetPrompt>,
+) -> Result<Json<Done>, ApiError> {
+    let text = PromptText::new(body.text.trim().to_owned())
+        .map_err(|_| ApiError::bad_request("a prompt is at most 200 bytes"))?;
+    control(&state, &who, &code, ControlOp::Prompt { text }).await?;
+    Ok(Json(Done { ok: true }))
+}
+
+/// Counts with what they mean: ratios, mean distance from the beat and the score.
+#[derive(Serialize)]
+struct Participation {
+    #[serde(flatten)]
+    counts: Counts,
+    /// On-beat notes / timed notes.
+    on_beat_ratio: Option<f64>,
+    /// Mean distance of timed notes from the nearest beat, in ms.
+    mean_offset_ms: Option<f64>,
+    /// In-part notes / assigned notes.
+    in_part_ratio: Option<f64>,
+    /// See the README.
+    collaboration_score: Option<u8>,
+}
+
+impl From<Counts> for Participation {
+    fn from(counts: Counts) -> Self {
+        let tally = Tally::from(counts);
+        Self {
+            counts,
+            on_beat_ratio: tally.on_beat_ratio(),
+            mean_offset_ms: tally.mean_offset_micros().map(|us| us as f64 / 1000.0),
+            in_part_ratio: (tally.assigned > 0).then(|| tally.in_part as f64 / tally.assigned as f64),
+            collaboration_score: tally.collaboration_score(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct StudentSessionView {
+    room_session_id: String,
+    room_code: String,
+    room_name: String,
+    started_at_ms: i64,
+    ended_at_ms: Option<i64>,
+    reflections: i64,
+    participation: Participation,
+}
+
+#[derive(Serialize)]
+struct StudentSummaryView {
+    student_id: String,
+    sessions_attended: i64,
+    reflections: i64,
+    participation: Participation,
+    sessions: Vec<StudentSessionView>,
+}
+
+async fn student_summary(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    StudentPath(student): StudentPath,
+) -> Result<Json<StudentSummaryView>, ApiError> {
+    state.authorize(&who, Operation::ReadSel)?;
+    let s = state.sel.store().student_summary(&who.tenant, &student).await?;
+    Ok(Json(StudentSummaryView {
+        student_id: s.student_id,
+        sessions_attended: s.sessions_attended,
+        reflections: s.reflections,
+        participation: s.counts.into(),
+        sessions: s
+            .sessions
+            .into_iter()
+            .map(|x| StudentSessionView {
+                room_session_id: x.room_session_id,
+                room_code: x.room_code,
+                room_name: x.room_name,
+                started_at_ms: x.started_at_ms,
+                ended_at_ms: x.ended_at_ms,
+                reflections: x.reflections,
+                participation: x.counts.into(),
+            })
+            .collect(),
+    }))
+}
+
+#[derive(Serialize)]
+struct StudentInSessionView {
+    student_id: String,
+    first_joined_at_ms: Option<i64>,
+    reflections: i64,
+    participation: Participation,
+}
+
+#[derive(Serialize)]
+struct SessionSelView {
+    session: RoomSessionRow,
+    students: Vec<StudentInSessionView>,
+    reflections: Vec<ReflectionRow>,
+}
+
+async fn session_view(state: &AppState, tenant: &str, session_id: &str) -> Result<Option<SessionSelView>, ApiError> {
+    let Some(s) = state.sel.store().session_sel(tenant, session_id).await? else { return Ok(None) };
+    Ok(Some(SessionSelView {
+        session: s.session,
+        students: s
+            .students
+            .into_iter()
+            .map(|x| StudentInSessionView {
+                student_id: x.student_id,
+                first_joined_at_ms: x.first_joined_at_ms,
+                reflections: x.reflections,
+                participation: x.counts.into(),
+            })
+            .collect(),
+        reflections: s.reflections,
+    }))
+}
+
+/// The live room's session (as committed so far: participation lags by about a second).
+async fn room_sel(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    RoomPath(code): RoomPath,
+) -> Result<Json<SessionSelView>, ApiError> {
+    let room = state.room_for(&who, &code, Operation::ReadSel)?;
+    let meta = room.meta();
+    if let Some(view) = session_view(&state, &who.tenant, &meta.sel_id).await? {
+        return Ok(Json(view));
+    }
+    // Created a moment ago: its row is not committed yet.
+    Ok(Json(SessionSelView {
+        session: RoomSessionRow {
+            tenant_id: who.tenant.to_string(),
+            id: meta.sel_id.clone(),
+            room_code: meta.code.as_str().to_owned(),
+            room_name: meta.name.to_string(),
+            teacher_id: meta.owner.clone(),
+            started_at_ms: meta
+                .created_at
+                .duration_since(std::time::SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
+            ended_at_ms: None,
+        },
+        students: Vec::new(),
+        reflections: Vec::new(),
+    }))
+}
+
+/// A past or live room session by its id (from a student's summary).
+async fn session_sel(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    RoomPath(id): RoomPath,
+) -> Result<Json<SessionSelView>, ApiError> {
+    state.authorize(&who, Operation::ReadSel)?;
+    let not_found = || {
+        let mut e = ApiError::bad_request("no room session of your school has this id");
+        e.set_status(StatusCode::NOT_FOUND);
+        e
+    };
+    session_view(&state, &who.tenant, &id).await?.map(Json).ok_or_else(not_found)
+}
+
+/// Everything stored about one student, as a JSON download. Waits for writes already queued,
+/// so the export is complete as of the request.
+async fn export_student(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    StudentPath(student): StudentPath,
+) -> Result<Response, ApiError> {
+    state.authorize(&who, Operation::ManageStudentData)?;
+    if !state.sel.barrier(BARRIER_PATIENCE).await {
+        return Err(store_behind());
+    }
+    let export = state.sel.store().export_student(&who.tenant, &student).await?;
+    tracing::info!(rows = export.participation.len() + export.reflections.len(), "student data exported");
+    let mut response = Json(export).into_response();
+    response.headers_mut().insert(
+        header::CONTENT_DISPOSITION,
+        HeaderValue::from_static("attachment; filename=\"downbeat-student-export.json\""),
+    );
+    Ok(response)
+}
+
+#[derive(Serialize)]
+struct DeletedView {
+    deleted: bool,
+    participation: u64,
+    reflections: u64,
+}
+
+/// Hard-deletes every row about one student. Live rooms first drop what they hold in memory
+/// about them and everything already queued is committed, so nothing reappears afterwards.
+async fn delete_student(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    StudentPath(student): StudentPath,
+) -> Result<Json<DeletedView>, ApiError> {
+    state.authorize(&who, Operation::ManageStudentData)?;
+    state.rooms.forget_student(&who.tenant, &student).await;
+    if !state.sel.barrier(BARRIER_PATIENCE).await {
+        return Err(store_behind());
+    }
+    let deleted = state.sel.store().delete_student(&who.tenant, &student).await?;
+    tracing::info!(participation = deleted.participation, reflections = deleted.reflections, "student data deleted");
+    Ok(Json(DeletedView { deleted: true, participation: deleted.participation, reflections: deleted.reflections }))
+}

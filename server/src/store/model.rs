@@ -1,0 +1,312 @@
+//! The rows the store writes and the views it reads back.
+//!
+//! These are database rows and read models, kept apart from the wire types in
+//! `downbeat-protocol` and the engine's state ([`Tally`] converts to and from [`Counts`]).
+//! Times are Unix milliseconds; student and teacher ids are pseudonymous token subjects.
+
+use std::fmt;
+use std::str::FromStr;
+
+use downbeat_engine::sel::Tally;
+use serde::Serialize;
+
+/// One room's run, from its creation to its close.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RoomSessionRow {
+    /// The tenant (school) the room belongs to.
+    pub tenant_id: String,
+    /// The run's id, unique within the tenant (chosen by the server).
+    pub id: String,
+    /// The room's join code during this run.
+    pub room_code: String,
+    /// The room's name as the teacher gave it.
+    pub room_name: String,
+    /// The teacher's pseudonymous subject.
+    pub teacher_id: String,
+    /// When the room was created.
+    pub started_at_ms: i64,
+    /// When the room closed; `None` while it is open.
+    pub ended_at_ms: Option<i64>,
+}
+
+/// The end of a room session, written after its start (a retry writes the same end again).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionEnd {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session's id.
+    pub id: String,
+    /// When the room closed.
+    pub ended_at_ms: i64,
+}
+
+/// What a participation row records.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ParticipationKind {
+    /// The student took a seat in the room (a reconnect within the grace period is not a
+    /// new join).
+    Joined,
+    /// The student left the room.
+    Left,
+    /// Note counts played since the previous `Notes` row.
+    Notes,
+}
+
+impl ParticipationKind {
+    /// The stored text: `joined`, `left` or `notes`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Joined => "joined",
+            Self::Left => "left",
+            Self::Notes => "notes",
+        }
+    }
+}
+
+impl fmt::Display for ParticipationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A stored participation kind this version does not know.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownKind;
+
+impl fmt::Display for UnknownKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("unknown participation kind")
+    }
+}
+
+impl std::error::Error for UnknownKind {}
+
+impl FromStr for ParticipationKind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "joined" => Ok(Self::Joined),
+            "left" => Ok(Self::Left),
+            "notes" => Ok(Self::Notes),
+            _ => Err(UnknownKind),
+        }
+    }
+}
+
+/// Participation counters as stored: [`Tally`] in signed 64-bit columns.
+///
+/// SQL has no unsigned integers, so a count above `i64::MAX` saturates on the way in (and a
+/// negative one, which only a hand-edited database can hold, reads as zero).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    /// Notes played.
+    pub notes: i64,
+    /// Notes played while beats were sounding.
+    pub timed: i64,
+    /// Timed notes on the beat.
+    pub on_beat: i64,
+    /// Sum of |offset from the beat| of timed notes, in microseconds.
+    pub offset_abs_sum_micros: i64,
+    /// Timed notes played while the student had assigned beats.
+    pub assigned: i64,
+    /// Assigned notes on the student's own beats.
+    pub in_part: i64,
+    /// Turns taken.
+    pub turns: i64,
+}
+
+impl Counts {
+    /// Adds `other` into `self` (saturating).
+    pub fn add(&mut self, other: &Self) {
+        self.notes = self.notes.saturating_add(other.notes);
+        self.timed = self.timed.saturating_add(other.timed);
+        self.on_beat = self.on_beat.saturating_add(other.on_beat);
+        self.offset_abs_sum_micros = self.offset_abs_sum_micros.saturating_add(other.offset_abs_sum_micros);
+        self.assigned = self.assigned.saturating_add(other.assigned);
+        self.in_part = self.in_part.saturating_add(other.in_part);
+        self.turns = self.turns.saturating_add(other.turns);
+    }
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+impl From<Tally> for Counts {
+    fn from(t: Tally) -> Self {
+        Self {
+            notes: to_i64(t.notes),
+            timed: to_i64(t.timed),
+            on_beat: to_i64(t.on_beat),
+            offset_abs_sum_micros: to_i64(t.offset_abs_sum_micros),
+            assigned: to_i64(t.assigned),
+            in_part: to_i64(t.in_part),
+            turns: to_i64(t.turns),
+        }
+    }
+}
+
+impl From<Counts> for Tally {
+    fn from(c: Counts) -> Self {
+        Self {
+            notes: to_u64(c.notes),
+            timed: to_u64(c.timed),
+            on_beat: to_u64(c.on_beat),
+            offset_abs_sum_micros: to_u64(c.offset_abs_sum_micros),
+            assigned: to_u64(c.assigned),
+            in_part: to_u64(c.in_part),
+            turns: to_u64(c.turns),
+        }
+    }
+}
+
+/// One participation event of a student in a room session.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ParticipationRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session it happened in.
+    pub room_session_id: String,
+    /// Its number within the room session, unique there: the idempotency key.
+    pub seq: i64,
+    /// The student's pseudonymous subject.
+    pub student_id: String,
+    /// What happened.
+    pub kind: ParticipationKind,
+    /// When (for `Notes`: when the counts were taken).
+    pub at_ms: i64,
+    /// Note counts (zero unless `kind` is `Notes`; only `Notes` rows are summed).
+    pub counts: Counts,
+}
+
+/// A student's answer to a reflection prompt.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReflectionRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The student's pseudonymous subject.
+    pub student_id: String,
+    /// The client's id for this answer, unique per student: the idempotency key.
+    pub id: String,
+    /// The room session it answers about.
+    pub room_session_id: String,
+    /// The prompt shown.
+    pub prompt: String,
+    /// A mood on the client's scale, if given.
+    pub mood: Option<i64>,
+    /// Free text, if given. Never logged.
+    pub text: Option<String>,
+    /// When it was written.
+    pub created_at_ms: i64,
+}
+
+/// Everything one [`Store::write`](super::Store::write) commits at once.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Batch {
+    /// Room sessions started (inserted once).
+    pub sessions: Vec<RoomSessionRow>,
+    /// Room sessions ended (written after `sessions`, so a batch may start and end one).
+    pub session_ends: Vec<SessionEnd>,
+    /// Participation events (inserted once per `(tenant, room session, seq)`).
+    pub participation: Vec<ParticipationRow>,
+    /// Reflections (inserted once per `(tenant, student, id)`).
+    pub reflections: Vec<ReflectionRow>,
+}
+
+impl Batch {
+    /// Nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.sessions.is_empty()
+            && self.session_ends.is_empty()
+            && self.participation.is_empty()
+            && self.reflections.is_empty()
+    }
+}
+
+/// One room session in a student's summary.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StudentSession {
+    /// The room session.
+    pub room_session_id: String,
+    /// Its join code.
+    pub room_code: String,
+    /// Its room's name.
+    pub room_name: String,
+    /// When it started.
+    pub started_at_ms: i64,
+    /// When it ended, if it has.
+    pub ended_at_ms: Option<i64>,
+    /// The student's note counts in it.
+    pub counts: Counts,
+    /// The student's reflections about it.
+    pub reflections: i64,
+}
+
+/// A student's participation across room sessions.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StudentSummary {
+    /// The student's pseudonymous subject.
+    pub student_id: String,
+    /// Distinct room sessions the student joined.
+    pub sessions_attended: i64,
+    /// The student's reflections.
+    pub reflections: i64,
+    /// The student's note counts over all room sessions.
+    pub counts: Counts,
+    /// Every room session the student has rows in, newest first.
+    pub sessions: Vec<StudentSession>,
+}
+
+/// One student in a room session's view.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StudentInSession {
+    /// The student's pseudonymous subject.
+    pub student_id: String,
+    /// The student's note counts in the session.
+    pub counts: Counts,
+    /// The student's reflections about the session.
+    pub reflections: i64,
+    /// The student's first join, if a join is stored.
+    pub first_joined_at_ms: Option<i64>,
+}
+
+/// A room session with its students and reflections.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionSel {
+    /// The room session.
+    pub session: RoomSessionRow,
+    /// Every student with rows in it, by student id.
+    pub students: Vec<StudentInSession>,
+    /// Its reflections, oldest first.
+    pub reflections: Vec<ReflectionRow>,
+}
+
+/// Everything stored about one student (a data subject's access request).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct StudentExport {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The student's pseudonymous subject.
+    pub student_id: String,
+    /// The room sessions the student has rows in, oldest first.
+    pub room_sessions: Vec<RoomSessionRow>,
+    /// The student's participation, by room session and sequence number.
+    pub participation: Vec<ParticipationRow>,
+    /// The student's reflections, oldest first.
+    pub reflections: Vec<ReflectionRow>,
+}
+
+/// What a deletion removed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Deleted {
+    /// Participation rows.
+    pub participation: u64,
+    /// Reflections.
+    pub reflections: u64,
+}

@@ -1,0 +1,560 @@
+//! SEL end to end, over real sockets, on SQLite and on PostgreSQL: reflections acknowledged
+//! only once committed and stored once however often they are retried, participation and
+//! on-beat accuracy measured by the server matching what 30 students really played, the
+//! teachers' live feed, one student's export and hard delete, tenant isolation, and a database
+//! outage that beats and notes never notice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+use downbeat_client::{Client, ClientError, Event};
+use downbeat_protocol::{
+    Assignment, BoundedVec, Change, ClientNanos, ControlOp, ErrorCode, PartName, ParticipationNotice,
+};
+use downbeat_server::auth::Role;
+use downbeat_server::config::TenantLimits;
+use downbeat_server::store::Store;
+use downbeat_tests::db::{Backend, TestDatabase};
+use downbeat_tests::{TestServer, events_until, school};
+use serde_json::{Value, json};
+
+/// Runs `$name(backend)` as two tests, one per backend.
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$name(super::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                super::$name(super::Backend::Postgres).await
+            }
+        }
+    )*};
+}
+
+on_both_backends!(
+    reflections_are_saved_once_and_reach_the_teachers_feed,
+    participation_and_accuracy_match_what_thirty_students_played,
+    export_and_delete_cover_every_row_of_one_student,
+    no_teacher_reads_or_deletes_another_schools_data,
+    a_database_outage_never_touches_beats_and_drains_after,
+);
+
+const SYNC: Duration = Duration::from_secs(10);
+
+/// A server whose SEL store is `db`.
+async fn server_on(db: &TestDatabase, adjust: impl FnOnce(&mut downbeat_server::Config)) -> Result<TestServer> {
+    let url = db.url().to_owned();
+    TestServer::start_with(|c| {
+        c.database_url = Some(url);
+        adjust(c);
+    })
+    .await
+}
+
+/// A server over one database with a room at 120 BPM in 4/4 and its teacher connected.
+struct Class {
+    server: TestServer,
+    teacher_token: String,
+    code: String,
+    teacher: Client,
+}
+
+async fn class(db: &TestDatabase, adjust: impl FnOnce(&mut downbeat_server::Config)) -> Result<Class> {
+    let server = server_on(db, adjust).await?;
+    let teacher_token = server.teacher("t-1");
+    let code = server.create_room(&teacher_token, 120.0, 4).await?;
+    let teacher = server.connect(&code, &teacher_token).await?;
+    Ok(Class { server, teacher_token, code, teacher })
+}
+
+/// The stable code of a refused request.
+fn refused_code(result: Result<(), ClientError>) -> Option<ErrorCode> {
+    match result {
+        Err(ClientError::Refused { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+/// Waits until `client` has a prompt (it arrives after the welcome or when set).
+async fn prompt_of(client: &Client) -> Result<u32> {
+    if let Some(p) = client.prompt() {
+        return Ok(p.id);
+    }
+    events_until(client, |e| matches!(e, Event::Prompt(Some(_)))).await?;
+    Ok(client.prompt().context("prompt")?.id)
+}
+
+/// `GET path` as `token`; must answer `expect`.
+async fn get(server: &TestServer, path: &str, token: &str, expect: u16) -> Result<Value> {
+    let (status, body) = server.http("GET", path, Some(token), None).await?;
+    ensure!(status == expect, "GET {path} answered {status}, not {expect}: {body}");
+    Ok(body)
+}
+
+/// Sets the room's prompt over HTTP.
+async fn set_prompt(server: &TestServer, code: &str, teacher: &str, text: &str) -> Result<()> {
+    let (status, body) =
+        server.http("POST", &format!("/api/rooms/{code}/prompt"), Some(teacher), Some(json!({ "text": text }))).await?;
+    ensure!(status == 200, "setting the prompt answered {status}: {body}");
+    Ok(())
+}
+
+/// A student's entry in a room session's SEL view.
+fn student_in<'a>(sel: &'a Value, student: &str) -> Option<&'a Value> {
+    sel["students"].as_array()?.iter().find(|s| s["student_id"] == student)
+}
+
+async fn reflections_are_saved_once_and_reach_the_teachers_feed(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let Class { server, teacher_token, code, teacher } = class(&db, |_| {}).await?;
+    let ana = server.connect(&code, &server.student("s-ana")).await?;
+    let id = *b"reflection-ana-1";
+
+    // Before any prompt there is nothing to answer.
+    assert_eq!(refused_code(ana.reflect(id, 1, Some(3), None).await), Some(ErrorCode::NoPrompt));
+
+    set_prompt(&server, &code, &teacher_token, "How did you help your group today?").await?;
+    let prompt = prompt_of(&ana).await?;
+    // Someone joining later is told the prompt right after the welcome.
+    let ben = server.connect(&code, &server.student("s-ben")).await?;
+    assert_eq!(prompt_of(&ben).await?, prompt);
+
+    // Bad reflections are refused with stable codes and store nothing.
+    assert_eq!(refused_code(ana.reflect(id, prompt, Some(9), None).await), Some(ErrorCode::BadRequest));
+    assert_eq!(refused_code(ana.reflect(id, prompt, None, Some("   ")).await), Some(ErrorCode::BadRequest));
+    assert_eq!(refused_code(ana.reflect(id, prompt + 1, Some(2), None).await), Some(ErrorCode::NoPrompt));
+    assert_eq!(refused_code(teacher.reflect(id, prompt, Some(2), None).await), Some(ErrorCode::Forbidden));
+
+    ana.reflect(id, prompt, Some(4), Some("I kept the beat for Ben")).await?;
+    let seen = events_until(&teacher, |e| matches!(e, Event::Reflection(n) if n.id == id)).await?;
+    let Some(Event::Reflection(notice)) = seen.last() else { bail!("no reflection on the feed") };
+    assert_eq!(notice.member_id, ana.member_id());
+    assert_eq!(notice.mood, Some(4));
+    assert_eq!(notice.text.as_deref(), Some("I kept the beat for Ben"));
+    assert_eq!(notice.prompt_id, prompt);
+
+    // A retry (here with other words, as from a confused client) and one from a new session
+    // are acknowledged and store nothing new: the first one stands.
+    ana.reflect(id, prompt, Some(1), Some("something else")).await?;
+    drop(ana);
+    let ana = server.connect(&code, &server.student("s-ana")).await?;
+    ana.reflect(id, prompt, Some(1), None).await?;
+    ben.reflect(*b"reflection-ben-1", prompt, None, Some("Ana helped me")).await?;
+
+    let sel = get(&server, &format!("/api/rooms/{code}/sel"), &teacher_token, 200).await?;
+    let reflections = sel["reflections"].as_array().context("reflections")?;
+    assert_eq!(reflections.len(), 2, "{sel}");
+    let first = reflections.iter().find(|r| r["student_id"] == "s-ana").context("ana's reflection")?;
+    assert_eq!(first["text"], "I kept the beat for Ben");
+    assert_eq!(first["mood"], 4);
+    assert_eq!(first["prompt"], "How did you help your group today?");
+    assert_eq!(first["id"], hex(&id));
+    // Names never reach the store: only pseudonymous ids.
+    assert!(!sel.to_string().contains("Student s-ana"), "{sel}");
+    // Students may not read the feed's data.
+    let (status, body) =
+        server.http("GET", &format!("/api/rooms/{code}/sel"), Some(&server.student("s-ana")), None).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")));
+    Ok(())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// One note a student plays: on `beat` (counted from the first beat), `offset_ms` from it.
+#[derive(Clone, Copy, Debug)]
+struct Planned {
+    beat: i64,
+    offset_ms: i64,
+}
+
+/// What the server must find for one student.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Truth {
+    notes: i64,
+    timed: i64,
+    on_beat: i64,
+    assigned: i64,
+    in_part: i64,
+    turns: i64,
+    offset_abs_sum_micros: i64,
+    score: Option<i64>,
+}
+
+/// The three ways of playing in this test, and what each must count.
+fn plan(group: usize) -> (Vec<Planned>, Truth) {
+    let p = |beat, offset_ms| Planned { beat, offset_ms };
+    match group {
+        // Assigned the downbeat: two turns (one with two notes), plus one note on another beat.
+        0 => (
+            vec![p(0, 2), p(1, 5), p(4, -10), p(4, 30)],
+            Truth {
+                notes: 4,
+                timed: 4,
+                on_beat: 4,
+                assigned: 4,
+                in_part: 3,
+                turns: 2,
+                score: Some(88),
+                ..Truth::default()
+            },
+        ),
+        // No assignment, on the beat.
+        1 => (
+            vec![p(0, 10), p(1, -15), p(2, 20), p(3, 0)],
+            Truth { notes: 4, timed: 4, on_beat: 4, score: Some(100), ..Truth::default() },
+        ),
+        // Off the beat: 200 ms away from the nearest one.
+        _ => (vec![p(0, 200), p(2, 200), p(5, -200)], Truth { notes: 3, timed: 3, score: Some(0), ..Truth::default() }),
+    }
+}
+
+/// Waits until the client's clock reads `at`, then plays a note; returns its stamp.
+async fn play_at(client: &Client, at: ClientNanos) -> Result<downbeat_protocol::ServerNanos> {
+    let now = client.clock().now();
+    if at.0 > now.0 {
+        tokio::time::sleep(Duration::from_nanos(at.0 - now.0)).await;
+    }
+    Ok(client.play_note(60, 100, 0)?.played_at)
+}
+
+async fn participation_and_accuracy_match_what_thirty_students_played(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let Class { server, teacher_token, code, teacher } = class(&db, |_| {}).await?;
+    let mut students = Vec::new();
+    for i in 0..30 {
+        students.push(server.connect(&code, &server.student(&format!("s-{i:02}"))).await?);
+    }
+    // Group 0 plays the downbeat; the last student only listens.
+    for student in &students[..10] {
+        let assignment = Assignment {
+            part: Some(PartName::truncating("drums")),
+            beats: BoundedVec::try_from_vec(vec![0]).expect("one beat"),
+        };
+        teacher.control(ControlOp::Assign { member: student.member_id(), assignment }).await?;
+    }
+    for student in &students {
+        student.wait_synced(SYNC).await?;
+    }
+    let applied = teacher.change(Change::Start { count_in_bars: 0 }).await?.applied.context("applied")?;
+    for student in &students {
+        downbeat_tests::wait_for_epoch(student, applied.epoch).await?;
+    }
+    let first = applied.effective_beat;
+
+    // Every student plays its plan on its own synced clock, all at once; the test keeps what
+    // each note was stamped and computes the truth from the timeline.
+    let students: Vec<Arc<Client>> = students.into_iter().map(Arc::new).collect();
+    let mut players = Vec::new();
+    for (i, student) in students.iter().enumerate().take(29) {
+        let student = student.clone();
+        players.push(tokio::spawn(async move {
+            let (notes, mut truth) = plan(i / 10);
+            let timeline = student.timeline().context("timeline")?;
+            for n in notes {
+                let beat = first + n.beat;
+                let local = student.local_time_of_beat(beat).context("beat time")?;
+                let at = ClientNanos((local.0 as i64 + n.offset_ms * 1_000_000) as u64);
+                let played_at = play_at(&student, at).await?;
+                let sounds = timeline.time_of(beat).context("beat sounds")?;
+                truth.offset_abs_sum_micros += (played_at.0.abs_diff(sounds.0) / 1000) as i64;
+            }
+            anyhow::Ok((format!("s-{i:02}"), student.member_id(), truth))
+        }));
+    }
+    let mut truths = BTreeMap::new();
+    let mut members = HashMap::new();
+    for player in players {
+        let (sub, member, truth) = player.await??;
+        members.insert(member, truth.notes);
+        truths.insert(sub, truth);
+    }
+
+    // The live feed: teachers hear everyone's counts as they commit.
+    let mut latest: HashMap<u64, ParticipationNotice> = HashMap::new();
+    events_until(&teacher, |e| {
+        if let Event::Participation(notices) = e {
+            for n in notices {
+                latest.insert(n.member_id, *n);
+            }
+        }
+        members.iter().all(|(m, notes)| latest.get(m).is_some_and(|n| i64::from(n.notes) == *notes))
+    })
+    .await?;
+    let group0 = latest[&students[0].member_id()];
+    assert_eq!((group0.on_beat, group0.in_part, group0.turns, group0.score), (4, 3, 2, Some(88)));
+
+    // The summary, from the database, matches the truth exactly.
+    let sel = get(&server, &format!("/api/rooms/{code}/sel"), &teacher_token, 200).await?;
+    for (sub, truth) in &truths {
+        let s = student_in(&sel, sub).with_context(|| format!("{sub} in {sel}"))?;
+        let p = &s["participation"];
+        let got = Truth {
+            notes: p["notes"].as_i64().context("notes")?,
+            timed: p["timed"].as_i64().context("timed")?,
+            on_beat: p["on_beat"].as_i64().context("on_beat")?,
+            assigned: p["assigned"].as_i64().context("assigned")?,
+            in_part: p["in_part"].as_i64().context("in_part")?,
+            turns: p["turns"].as_i64().context("turns")?,
+            offset_abs_sum_micros: p["offset_abs_sum_micros"].as_i64().context("sum")?,
+            score: p["collaboration_score"].as_i64(),
+        };
+        assert_eq!(&got, truth, "{sub}");
+        let mean = p["mean_offset_ms"].as_f64().context("mean")?;
+        let expected = (truth.offset_abs_sum_micros / truth.timed) as f64 / 1000.0;
+        assert!((mean - expected).abs() < 1e-9, "{sub}: mean {mean} ms, expected {expected} ms");
+    }
+    // The listener attended and played nothing.
+    let idle = student_in(&sel, "s-29").context("s-29")?;
+    assert_eq!(idle["participation"]["notes"], 0);
+    assert_eq!(idle["participation"]["collaboration_score"], Value::Null);
+    assert!(idle["first_joined_at_ms"].as_i64().is_some());
+
+    let summary = get(&server, "/api/students/s-00/summary", &teacher_token, 200).await?;
+    assert_eq!(summary["sessions_attended"], 1);
+    assert_eq!(summary["participation"]["notes"], 4);
+    assert_eq!(summary["participation"]["collaboration_score"], 88);
+    assert_eq!(summary["sessions"][0]["room_code"], sel["session"]["room_code"]);
+    Ok(())
+}
+
+async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let Class { server, teacher_token, code, teacher } = class(&db, |_| {}).await?;
+    let ana = server.connect(&code, &server.student("s-ana")).await?;
+    let ben = server.connect(&code, &server.student("s-ben")).await?;
+    set_prompt(&server, &code, &teacher_token, "What did you like?").await?;
+    let prompt = prompt_of(&ana).await?;
+    prompt_of(&ben).await?;
+    ana.wait_synced(SYNC).await?;
+    ben.wait_synced(SYNC).await?;
+    for (i, who) in [&ana, &ben].into_iter().enumerate() {
+        who.reflect([i as u8; 16], prompt, Some(3), Some("the drums")).await?;
+        who.reflect([i as u8 + 10; 16], prompt, Some(4), None).await?;
+        for _ in 0..3 {
+            who.play_note(62, 90, 0)?;
+        }
+    }
+    let want = [(ana.member_id(), 3), (ben.member_id(), 3)];
+    let mut latest = HashMap::new();
+    events_until(&teacher, |e| {
+        if let Event::Participation(notices) = e {
+            latest.extend(notices.iter().map(|n| (n.member_id, n.notes)));
+        }
+        want.iter().all(|(m, n)| latest.get(m) == Some(n))
+    })
+    .await?;
+
+    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    assert_eq!(export["student_id"], "s-ana");
+    assert_eq!(export["reflections"].as_array().map(Vec::len), Some(2));
+    let rows = export["participation"].as_array().context("participation")?;
+    assert!(rows.iter().any(|r| r["kind"] == "joined"), "{export}");
+    let notes: i64 = rows.iter().filter_map(|r| r["counts"]["notes"].as_i64()).sum();
+    assert_eq!(notes, 3);
+    assert_eq!(export["room_sessions"].as_array().map(Vec::len), Some(1));
+    assert!(!export.to_string().contains("s-ben"), "another child's data in the export: {export}");
+
+    // Two more notes, certainly handled by the room (Ben hears them) but not yet flushed, then
+    // the delete: nothing of Ana may come back from memory afterwards.
+    ana.play_note(64, 90, 0)?;
+    ana.play_note(65, 90, 0)?;
+    let mut heard = 0;
+    while heard < 2 {
+        let note = tokio::time::timeout(SYNC, ben.next_note()).await?.context("session ended")?;
+        if note.from == ana.member_id() && note.note.midi >= 64 {
+            heard += 1;
+        }
+    }
+    let (status, deleted) = server.http("DELETE", "/api/students/s-ana", Some(&teacher_token), None).await?;
+    assert_eq!(status, 200, "{deleted}");
+    assert_eq!(deleted["reflections"], 2);
+    assert!(deleted["participation"].as_u64().is_some_and(|n| n >= 2), "{deleted}");
+
+    // Ben's data is untouched; Ana's is gone from every table, also after the next flushes.
+    ben.play_note(60, 90, 0)?;
+    events_until(
+        &teacher,
+        |e| matches!(e, Event::Participation(n) if n.iter().any(|n| n.member_id == ben.member_id() && n.notes == 4)),
+    )
+    .await?;
+    let store = Store::open(db.url()).await?;
+    assert_eq!(store.rows_mentioning("s-ana").await?, 0);
+    assert!(store.rows_mentioning("s-ben").await? >= 4);
+    store.close().await;
+    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    assert_eq!(export["reflections"], json!([]));
+    assert_eq!(export["participation"], json!([]));
+    let summary = get(&server, "/api/students/s-ben/summary", &teacher_token, 200).await?;
+    assert_eq!((summary["reflections"].as_i64(), summary["participation"]["notes"].as_i64()), (Some(2), Some(4)));
+    // Only teachers export or delete.
+    let (status, _) = server.http("DELETE", "/api/students/s-ben", Some(&server.student("s-ben")), None).await?;
+    assert_eq!(status, 403);
+    Ok(())
+}
+
+const SECRET_A: &[u8; 32] = b"school-a-secret-school-a-secret!";
+const SECRET_B: &[u8; 32] = b"school-b-secret-school-b-secret!";
+
+async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = server_on(&db, |c| {
+        c.tenants = vec![school("a", SECRET_A, TenantLimits::default()), school("b", SECRET_B, TenantLimits::default())]
+    })
+    .await?;
+    let mint = |tenant: &str, role, sub: &str| {
+        server.tenants.mint(tenant, role, sub, "Someone", Duration::from_secs(3600)).expect("mints")
+    };
+    // The same pseudonymous id exists in both schools.
+    let mut codes = HashMap::new();
+    for (tenant, text) in [("a", "school a words"), ("b", "school b words")] {
+        let teacher_token = mint(tenant, Role::Teacher, "t-1");
+        let code = server.create_room(&teacher_token, 100.0, 4).await?;
+        let teacher = server.connect(&code, &teacher_token).await?;
+        let student = server.connect(&code, &mint(tenant, Role::Student, "s-1")).await?;
+        teacher.set_prompt("How was it?").await?;
+        let prompt = prompt_of(&student).await?;
+        student.reflect(*b"same-client-id-1", prompt, Some(2), Some(text)).await?;
+        codes.insert(tenant, code);
+    }
+    let teacher_a = mint("a", Role::Teacher, "t-1");
+    let teacher_b = mint("b", Role::Teacher, "t-1");
+    let sel_a = get(&server, &format!("/api/rooms/{}/sel", codes["a"]), &teacher_a, 200).await?;
+    let session_a = sel_a["session"]["id"].as_str().context("session id")?.to_owned();
+
+    // B reads nothing of A: not the room, not the session by id, not the student's rows.
+    let (status, body) = server.http("GET", &format!("/api/rooms/{}/sel", codes["a"]), Some(&teacher_b), None).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("wrong_tenant")));
+    get(&server, &format!("/api/sessions/{session_a}/sel"), &teacher_b, 404).await?;
+    let export_b = get(&server, "/api/students/s-1/export", &teacher_b, 200).await?;
+    assert!(!export_b.to_string().contains("school a words"), "{export_b}");
+    assert!(export_b["reflections"].as_array().is_some_and(|r| r.len() == 1 && r[0]["tenant_id"] == "b"));
+    let summary_b = get(&server, "/api/students/s-1/summary", &teacher_b, 200).await?;
+    assert_eq!(summary_b["reflections"], 1);
+    assert!(!summary_b.to_string().contains(&session_a));
+
+    // B's delete removes B's rows only.
+    let (status, deleted) = server.http("DELETE", "/api/students/s-1", Some(&teacher_b), None).await?;
+    assert_eq!((status, deleted["reflections"].as_u64()), (200, Some(1)));
+    let export_a = get(&server, "/api/students/s-1/export", &teacher_a, 200).await?;
+    let reflections = export_a["reflections"].as_array().context("reflections")?;
+    assert_eq!(reflections.len(), 1);
+    assert_eq!(reflections[0]["text"], "school a words");
+    Ok(())
+}
+
+/// Polls `check` (a real condition of the server) every 150 ms (within the API's rate limit)
+/// for up to `limit`.
+async fn until<F, Fut>(limit: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<bool>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    while !check().await? {
+        if tokio::time::Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    Ok(())
+}
+
+/// `GET /api/health` (no token needed).
+async fn health(server: &TestServer) -> Result<(u16, Value)> {
+    server.http("GET", "/api/health", None, None).await
+}
+
+async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let Class { server, teacher_token, code, teacher } = class(&db, |c| c.sel_queue = 4).await?;
+    let ana = Arc::new(server.connect(&code, &server.student("s-ana")).await?);
+    set_prompt(&server, &code, &teacher_token, "How do you feel?").await?;
+    let prompt = prompt_of(&ana).await?;
+    ana.wait_synced(SYNC).await?;
+    let applied = teacher.change(Change::Start { count_in_bars: 0 }).await?.applied.context("applied")?;
+    downbeat_tests::wait_for_epoch(&ana, applied.epoch).await?;
+    // Everything committed so far: the health is good.
+    let (status, body) = health(&server).await?;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
+
+    // Ana's join is written (within a second): the queue is empty when the outage begins.
+    let poller = server.teacher("t-poll");
+    let (s, teacher_auth) = (&server, poller.as_str());
+    until(Duration::from_secs(10), "the join written", move || async move {
+        let export = get(s, "/api/students/s-ana/export", teacher_auth, 200).await?;
+        Ok(export["participation"].as_array().is_some_and(|rows| !rows.is_empty()))
+    })
+    .await?;
+
+    let probe_beat = applied.effective_beat + 40;
+    let before = ana.local_time_of_beat(probe_beat).context("beat time")?;
+    let outage = db.make_unavailable().await;
+
+    // The first reflection waits in the writer, which keeps failing: health turns degraded.
+    let first = tokio::spawn({
+        let ana = ana.clone();
+        async move { ana.reflect([1; 16], prompt, Some(3), None).await }
+    });
+    until(Duration::from_secs(20), "degraded health", move || async move {
+        let (status, body) = health(s).await?;
+        Ok(status == 503 && body["status"] == "degraded")
+    })
+    .await?;
+
+    // Four more fit the queue; past the bound reflections are refused, retryably.
+    let mut queued = Vec::new();
+    for i in 2..=5u8 {
+        let ana = ana.clone();
+        queued.push(tokio::spawn(async move { ana.reflect([i; 16], prompt, Some(2), None).await }));
+    }
+    until(Duration::from_secs(10), "a full queue", move || async move {
+        let (_, body) = health(s).await?;
+        Ok(body["store"]["queued"].as_u64() == Some(5))
+    })
+    .await?;
+    assert_eq!(refused_code(ana.reflect([6; 16], prompt, Some(1), None).await), Some(ErrorCode::StoreUnavailable));
+    assert_eq!(refused_code(ana.reflect([7; 16], prompt, Some(1), None).await), Some(ErrorCode::StoreUnavailable));
+
+    // Meanwhile the room keeps time: beat frames keep coming, notes fan out, the timeline's
+    // beats are where they were.
+    let frames = ana.stats().frames;
+    ana.wait_frames(frames + 10, Duration::from_secs(5)).await?;
+    teacher.wait_synced(SYNC).await?;
+    teacher.play_note(67, 100, 0)?;
+    let note = tokio::time::timeout(SYNC, ana.next_note()).await?.context("session ended")?;
+    assert_eq!(note.from, teacher.member_id());
+    ana.play_note(60, 100, 0)?;
+    let after = ana.local_time_of_beat(probe_beat).context("beat time")?;
+    assert!(after.0.abs_diff(before.0) < 2_000_000, "beat moved by {} ns", after.0.abs_diff(before.0));
+    assert!(!first.is_finished(), "acknowledged while the database was down");
+
+    outage.end().await;
+    first.await?.context("the first reflection")?;
+    for (i, q) in queued.into_iter().enumerate() {
+        q.await?.with_context(|| format!("queued reflection {}", i + 2))?;
+    }
+    ana.reflect([6; 16], prompt, Some(1), None).await.context("a refused reflection, again")?;
+    ana.reflect([7; 16], prompt, Some(1), None).await.context("another refused one, again")?;
+    until(Duration::from_secs(10), "healthy again", move || async move { Ok(health(s).await?.0 == 200) }).await?;
+    // The note played during the outage is counted once the queue drained.
+    events_until(
+        &teacher,
+        |e| matches!(e, Event::Participation(n) if n.iter().any(|n| n.member_id == ana.member_id() && n.notes == 1)),
+    )
+    .await?;
+    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    let mut ids: Vec<&str> =
+        export["reflections"].as_array().context("reflections")?.iter().filter_map(|r| r["id"].as_str()).collect();
+    ids.sort_unstable();
+    let want: Vec<String> = (1..=7u8).map(|i| hex(&[i; 16])).collect();
+    assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
+    Ok(())
+}
