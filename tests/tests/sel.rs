@@ -558,3 +558,75 @@ async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend
     assert_eq!(ids, want.iter().map(String::as_str).collect::<Vec<_>>());
     Ok(())
 }
+
+on_both_backends!(retention_purges_each_schools_old_records_on_its_own_schedule);
+
+async fn retention_purges_each_schools_old_records_on_its_own_schedule(backend: Backend) -> Result<()> {
+    use downbeat_server::store::{Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow};
+    let db = TestDatabase::new(backend).await;
+    let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
+    let day = 86_400_000;
+    // Records from three days ago and from now, in a school that keeps them one day (a) and
+    // one that keeps them a year (b).
+    let mut batch = Batch::default();
+    for tenant in ["a", "b"] {
+        for (session, at) in [("old", now_ms - 3 * day), ("new", now_ms)] {
+            batch.sessions.push(RoomSessionRow {
+                tenant_id: tenant.into(),
+                id: session.into(),
+                room_code: "ABCDEFGH".into(),
+                room_name: "Music".into(),
+                teacher_id: "t-1".into(),
+                started_at_ms: at,
+                ended_at_ms: Some(at + 1000),
+            });
+            batch.participation.push(ParticipationRow {
+                tenant_id: tenant.into(),
+                room_session_id: session.into(),
+                seq: 1,
+                student_id: format!("s-{session}"),
+                kind: ParticipationKind::Notes,
+                at_ms: at,
+                counts: Counts { notes: 3, ..Counts::default() },
+            });
+            batch.reflections.push(ReflectionRow {
+                tenant_id: tenant.into(),
+                student_id: format!("s-{session}"),
+                id: "00".repeat(16),
+                room_session_id: session.into(),
+                prompt: "How was it?".into(),
+                mood: Some(3),
+                text: None,
+                created_at_ms: at,
+            });
+        }
+    }
+    let store = Store::open(db.url()).await?;
+    store.write(&batch).await?;
+
+    let mut a = school("a", SECRET_A, TenantLimits::default());
+    a.retention.sel_days = 1;
+    let b = school("b", SECRET_B, TenantLimits::default());
+    let server = server_on(&db, |c| {
+        c.tenants = vec![a, b];
+        c.sel_purge_interval_secs = 1;
+    })
+    .await?;
+    // The purge runs at start and then every second; it counts what it deleted.
+    let stats = server.stats.clone();
+    until(Duration::from_secs(10), "the purge", move || {
+        let purged = stats.sel_rows_purged.get();
+        async move { Ok(purged > 0) }
+    })
+    .await?;
+    assert_eq!(store.rows_mentioning("s-old").await?, 2, "only school b's old rows are left");
+    assert_eq!(store.rows_mentioning("s-new").await?, 4);
+    let a_old = store.export_student("a", "s-old").await?;
+    assert!(a_old.participation.is_empty() && a_old.reflections.is_empty());
+    let b_old = store.export_student("b", "s-old").await?;
+    assert_eq!((b_old.participation.len(), b_old.reflections.len()), (1, 1));
+    assert!(store.session_sel("a", "old").await?.is_none(), "an ended, empty session of a is purged");
+    assert!(store.session_sel("b", "old").await?.is_some());
+    store.close().await;
+    Ok(())
+}
