@@ -636,7 +636,7 @@ impl RoomTask {
     /// Queues `message` for one member (dropped if they are not connected).
     fn send_to(&mut self, member_id: u64, message: ServerMessage) {
         let Some(attached) = self.seats.get(&member_id).and_then(|s| s.attached.as_ref()) else { return };
-        if attached.control_tx.try_send(message).is_err() && self.evict_slow(member_id) {
+        if full(attached.control_tx.try_send(message)) && self.evict_slow(member_id) {
             self.broadcast(ServerMessage::MemberLeft { member_id, reason: LeaveReason::Closed }, None);
         }
     }
@@ -682,7 +682,7 @@ impl RoomTask {
             let mut slow = Vec::new();
             for (id, seat) in &self.seats {
                 let Some(attached) = &seat.attached else { continue };
-                if (everyone || to(*id, seat)) && attached.control_tx.try_send(message.clone()).is_err() {
+                if (everyone || to(*id, seat)) && full(attached.control_tx.try_send(message.clone())) {
                     slow.push(*id);
                 }
             }
@@ -716,6 +716,12 @@ impl RoomTask {
             self.stats.datagrams_send_failed.inc();
         }
     }
+}
+
+/// Whether a member's control queue refused a message for being full: a slow reader. (A
+/// closed queue is a session that is ending; its departure is on its way to the room.)
+fn full(sent: Result<(), mpsc::error::TrySendError<ServerMessage>>) -> bool {
+    matches!(sent, Err(mpsc::error::TrySendError::Full(_)))
 }
 
 fn not_a_member() -> Refusal {

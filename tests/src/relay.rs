@@ -1,5 +1,7 @@
 //! A UDP relay between clients and the server that a test can cut, to lose a connection the
-//! way a Chromebook's Wi-Fi does: packets simply stop, nobody closes anything.
+//! way a Chromebook's Wi-Fi does: packets simply stop, nobody closes anything. The way back
+//! alone can be cut too, as when Wi-Fi fails just after a request was sent: the server gets
+//! it, the client never hears the answer.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +17,7 @@ use tokio::task::JoinHandle;
 pub struct Relay {
     addr: SocketAddr,
     cut: Arc<AtomicBool>,
+    downlink_cut: Arc<AtomicBool>,
     task: JoinHandle<()>,
 }
 
@@ -24,8 +27,9 @@ impl Relay {
         let front = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
         let addr = front.local_addr()?;
         let cut = Arc::new(AtomicBool::new(false));
-        let task = tokio::spawn(run(front, server, cut.clone()));
-        Ok(Self { addr, cut, task })
+        let downlink_cut = Arc::new(AtomicBool::new(false));
+        let task = tokio::spawn(run(front, server, cut.clone(), downlink_cut.clone()));
+        Ok(Self { addr, cut, downlink_cut, task })
     }
 
     /// The address clients connect to.
@@ -36,6 +40,12 @@ impl Relay {
     /// Drops every packet from now on, both ways.
     pub fn cut(&self) {
         self.cut.store(true, Ordering::SeqCst);
+        self.downlink_cut.store(true, Ordering::SeqCst);
+    }
+
+    /// Drops every packet from the server to clients from now on; requests still arrive.
+    pub fn cut_downlink(&self) {
+        self.downlink_cut.store(true, Ordering::SeqCst);
     }
 }
 
@@ -45,7 +55,7 @@ impl Drop for Relay {
     }
 }
 
-async fn run(front: Arc<UdpSocket>, server: SocketAddr, cut: Arc<AtomicBool>) {
+async fn run(front: Arc<UdpSocket>, server: SocketAddr, cut: Arc<AtomicBool>, downlink_cut: Arc<AtomicBool>) {
     // One upstream socket per client address, so the server sees one peer per client.
     let mut upstreams: HashMap<SocketAddr, Arc<UdpSocket>> = HashMap::new();
     // Dropped (and so aborted) with this task.
@@ -62,7 +72,7 @@ async fn run(front: Arc<UdpSocket>, server: SocketAddr, cut: Arc<AtomicBool>) {
                 let Ok(socket) = UdpSocket::bind("127.0.0.1:0").await else { continue };
                 let socket = Arc::new(socket);
                 upstreams.insert(client, socket.clone());
-                let (back, front, cut) = (socket.clone(), front.clone(), cut.clone());
+                let (back, front, cut) = (socket.clone(), front.clone(), downlink_cut.clone());
                 tasks.spawn(async move {
                     let mut buf = vec![0u8; 65_536];
                     while let Ok((n, _)) = back.recv_from(&mut buf).await {

@@ -66,8 +66,10 @@ async fn main() -> anyhow::Result<()> {
         return Ok(());
     }
     let config = Config::from_args(cli.args).context("configuration")?;
+    // Logs go to stderr; stdout carries only the banner (and `token`'s output).
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
         .init();
     let server = Server::bind(config).await.context("starting the server")?;
     print!("{}", banner(&server)?);
