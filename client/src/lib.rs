@@ -393,6 +393,10 @@ impl Client {
     /// Students: sends a reflection answering prompt `prompt_id` and waits until the server
     /// has committed it. `id` identifies the reflection across retries: send the same id
     /// again (on this or a new session) until this returns `Ok`, and it is stored once.
+    ///
+    /// This waits for the acknowledgement without a deadline (the database may be slow, and
+    /// an acknowledgement can be lost if the room closes first): wrap it in a timeout and
+    /// retry with the same id.
     pub async fn reflect(
         &self,
         id: [u8; 16],
