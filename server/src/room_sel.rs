@@ -289,11 +289,10 @@ fn notice(member_id: u64, t: &Tally) -> ParticipationNotice {
 }
 
 /// Notices as one feed message (at most a room's worth).
-pub(crate) fn notices_message(notices: Vec<ParticipationNotice>) -> Option<downbeat_protocol::ServerMessage> {
+pub(crate) fn notices_message(mut notices: Vec<ParticipationNotice>) -> Option<downbeat_protocol::ServerMessage> {
     if notices.is_empty() {
         return None;
     }
-    let mut notices = notices;
     notices.truncate(MAX_MEMBERS);
     BoundedVec::try_from_vec(notices).ok().map(downbeat_protocol::ServerMessage::Participation)
 }

@@ -407,8 +407,9 @@ impl RoomTask {
         }
     }
 
-    /// Frees a seat and tells everyone left.
-    fn remove(&mut self, now: ServerNanos, member_id: u64, reason: LeaveReason) -> Option<Seat> {
+    /// Frees a seat (the engine's membership, the subject's index, a student's leave for SEL)
+    /// without telling anyone.
+    fn free_seat(&mut self, now: ServerNanos, member_id: u64) -> Option<Seat> {
         let seat = self.seats.remove(&member_id)?;
         self.by_subject.remove(&seat.subject);
         self.room.leave(member_id);
@@ -418,6 +419,12 @@ impl RoomTask {
         if self.seats.is_empty() {
             self.empty_since = Some(now);
         }
+        Some(seat)
+    }
+
+    /// Frees a seat and tells everyone left.
+    fn remove(&mut self, now: ServerNanos, member_id: u64, reason: LeaveReason) -> Option<Seat> {
+        let seat = self.free_seat(now, member_id)?;
         info!(member = member_id, members = self.seats.len(), ?reason, "member left");
         self.broadcast(ServerMessage::MemberLeft { member_id, reason }, None);
         Some(seat)
@@ -644,16 +651,7 @@ impl RoomTask {
     /// Frees the seat of a member whose control queue is full and closes its session, without
     /// telling anyone (the caller does). False if there was no such seat.
     fn evict_slow(&mut self, member_id: u64) -> bool {
-        let Some(mut seat) = self.seats.remove(&member_id) else { return false };
-        let now = self.clock.now();
-        self.by_subject.remove(&seat.subject);
-        self.room.leave(member_id);
-        if seat.member.role == wire::Role::Student {
-            self.room_sel.left(now, &seat.subject);
-        }
-        if self.seats.is_empty() {
-            self.empty_since = Some(now);
-        }
+        let Some(mut seat) = self.free_seat(self.clock.now(), member_id) else { return false };
         self.stats.slow_members_dropped.inc();
         warn!(member = member_id, "control queue full; disconnecting the member");
         if let Some(attached) = &mut seat.attached {

@@ -34,7 +34,7 @@ use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::room_sel::RoomSel;
 use crate::room_task::{RoomParts, RoomTask};
-use crate::sel::{Sel, unix_ms_now};
+use crate::sel::{Sel, unix_ms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use crate::store::RoomSessionRow;
@@ -176,6 +176,21 @@ pub(crate) struct RoomMeta {
     pub(crate) created_at: SystemTime,
     /// The room session's id in the SEL store (random, 128 bits, hex).
     pub(crate) sel_id: String,
+}
+
+impl RoomMeta {
+    /// The room session's row in the SEL store, as the room starts it.
+    pub(crate) fn session_row(&self) -> RoomSessionRow {
+        RoomSessionRow {
+            tenant_id: self.tenant.to_string(),
+            id: self.sel_id.clone(),
+            room_code: self.code.as_str().to_owned(),
+            room_name: self.name.to_string(),
+            teacher_id: self.owner.clone(),
+            started_at_ms: unix_ms(self.created_at),
+            ended_at_ms: None,
+        }
+    }
 }
 
 /// A cheap, cloneable way to reach one room's task.
@@ -396,15 +411,6 @@ impl Rooms {
         self.stats.rooms_created.inc();
         let span = info_span!("room", code = %handle.meta.code, tenant = %handle.meta.tenant);
         let meta = &handle.meta;
-        let session = RoomSessionRow {
-            tenant_id: meta.tenant.to_string(),
-            id: meta.sel_id.clone(),
-            room_code: meta.code.as_str().to_owned(),
-            room_name: meta.name.to_string(),
-            teacher_id: meta.owner.clone(),
-            started_at_ms: unix_ms_now(),
-            ended_at_ms: None,
-        };
         let task = RoomTask::new(RoomParts {
             meta: meta.clone(),
             room,
@@ -412,7 +418,7 @@ impl Rooms {
             clock: self.clock,
             stats: self.stats.clone(),
             sel: self.sel.clone(),
-            room_sel: RoomSel::new(session),
+            room_sel: RoomSel::new(meta.session_row()),
             own: handle.tx.downgrade(),
         });
         tokio::spawn(task.run(rx, self.shutdown.clone()).instrument(span));

@@ -16,7 +16,6 @@
 //! acknowledgement was lost duplicates nothing.
 
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime};
 
@@ -73,8 +72,6 @@ pub(crate) struct Health {
 struct Shared {
     degraded: AtomicBool,
     capacity: usize,
-    /// The last failure, for the log only (never row data).
-    last_error: Mutex<Option<String>>,
 }
 
 /// A cheap handle to the pipeline: submit jobs, read health, reach the store for queries.
@@ -96,7 +93,7 @@ impl Sel {
         shutdown: Shutdown,
     ) -> (Self, JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        let shared = Arc::new(Shared { degraded: AtomicBool::new(false), capacity, last_error: Mutex::new(None) });
+        let shared = Arc::new(Shared { degraded: AtomicBool::new(false), capacity });
         let writer = Writer { store: store.clone(), shared: shared.clone(), stats: stats.clone(), shutdown };
         let task = tokio::spawn(writer.run(rx));
         (Self { tx, store, shared, stats }, task)
@@ -233,7 +230,6 @@ impl Writer {
         } else {
             debug!(error = %e, "SEL database write failed again");
         }
-        *self.shared.last_error.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e.to_string());
     }
 }
 
@@ -251,7 +247,12 @@ fn merge(group: &[Job]) -> Batch {
 
 /// Now as Unix milliseconds (what SEL rows carry).
 pub(crate) fn unix_ms_now() -> i64 {
-    let since = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    unix_ms(SystemTime::now())
+}
+
+/// `t` as Unix milliseconds (0 before 1970).
+pub(crate) fn unix_ms(t: SystemTime) -> i64 {
+    let since = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
 }
 

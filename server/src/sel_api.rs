@@ -227,22 +227,7 @@ async fn room_sel(
         return Ok(Json(view));
     }
     // Created a moment ago: its row is not committed yet.
-    Ok(Json(SessionSelView {
-        session: RoomSessionRow {
-            tenant_id: who.tenant.to_string(),
-            id: meta.sel_id.clone(),
-            room_code: meta.code.as_str().to_owned(),
-            room_name: meta.name.to_string(),
-            teacher_id: meta.owner.clone(),
-            started_at_ms: meta
-                .created_at
-                .duration_since(std::time::SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX)),
-            ended_at_ms: None,
-        },
-        students: Vec::new(),
-        reflections: Vec::new(),
-    }))
+    Ok(Json(SessionSelView { session: meta.session_row(), students: Vec::new(), reflections: Vec::new() }))
 }
 
 /// A past or live room session by its id (from a student's summary).
