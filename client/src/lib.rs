@@ -28,11 +28,10 @@ use downbeat_engine::clock::{Config as SyncConfig, Estimate};
 use downbeat_engine::notes::ScheduledNote;
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
-    BoundedString, Change, ClientMessage, ClientNanos, ClientReport, ControlAck, ControlOp, ControlRequest, ErrorCode,
-    ErrorFrame, FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, ParticipationNotice,
-    Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerMessage,
-    ServerNanos, SyncQuality, Welcome, decode_frame_body, decode_server_datagram, encode_client_datagram, encode_frame,
-    frame_body_len,
+    BoundedString, Change, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, ErrorCode, ErrorFrame,
+    FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, ParticipationNotice, Prompt,
+    PromptText, Reflection, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerMessage, ServerNanos,
+    Welcome, decode_frame_body, decode_server_datagram, encode_client_datagram, encode_frame, frame_body_len,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -547,21 +546,7 @@ async fn report(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let report = {
-            let s = lock(&state);
-            let now = clock.now();
-            let stats = s.stats();
-            let sync = s.estimate(now).map_or(SyncQuality::default(), |e| SyncQuality {
-                synced: s.is_synced(now),
-                rtt_micros: u32::try_from(e.rtt_nanos / 1000).unwrap_or(u32::MAX),
-                uncertainty_micros: u32::try_from(e.uncertainty_nanos / 1000).unwrap_or(u32::MAX),
-            });
-            ClientReport {
-                sync,
-                notes_played: u32::try_from(stats.notes_scheduled).unwrap_or(u32::MAX),
-                notes_late: u32::try_from(stats.notes_late).unwrap_or(u32::MAX),
-            }
-        };
+        let report = lock(&state).report(clock.now());
         let Ok(frame) = encode_frame(&ClientMessage::Report(report)) else { return };
         if send.lock().await.write_all(&frame).await.is_err() {
             return;

@@ -13,8 +13,8 @@
 use std::collections::VecDeque;
 
 use downbeat_protocol::{
-    Beat, BoundedVec, ClientDatagram, ClientNanos, Note, NoteFrame, ServerDatagram, ServerNanos,
-    Timeline as WireTimeline, Welcome,
+    Beat, BoundedVec, ClientDatagram, ClientNanos, ClientReport, Note, NoteFrame, ServerDatagram, ServerNanos,
+    SyncQuality, Timeline as WireTimeline, Welcome,
 };
 
 use crate::clock::{self, Estimate, Estimator};
@@ -300,6 +300,22 @@ impl Client {
     /// Counters.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// What to tell the server (and so the teacher) about this client at `now`: its sync
+    /// quality and how many classmates' notes it scheduled or got too late. Counts saturate.
+    pub fn report(&self, now: ClientNanos) -> ClientReport {
+        let micros = |nanos: u64| u32::try_from(nanos / 1000).unwrap_or(u32::MAX);
+        let sync = self.estimate(now).map_or(SyncQuality::default(), |e| SyncQuality {
+            synced: self.is_synced(now),
+            rtt_micros: micros(e.rtt_nanos),
+            uncertainty_micros: micros(e.uncertainty_nanos),
+        });
+        ClientReport {
+            sync,
+            notes_played: u32::try_from(self.stats.notes_scheduled).unwrap_or(u32::MAX),
+            notes_late: u32::try_from(self.stats.notes_late).unwrap_or(u32::MAX),
+        }
     }
 
     /// The server clock at local time `now`.
