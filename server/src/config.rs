@@ -137,6 +137,26 @@ pub struct Args {
     /// [default: 3600].
     #[arg(long, env = "DOWNBEAT_SEL_PURGE_INTERVAL_SECS", value_name = "SECS")]
     pub sel_purge_interval_secs: Option<u64>,
+
+    /// Directory of the browser classroom pages served at `/`, `/teacher` and `/student`
+    /// [default: `web/` of the source checkout].
+    #[arg(long, env = "DOWNBEAT_WEB_DIR", value_name = "DIR")]
+    pub web_dir: Option<PathBuf>,
+
+    /// Directory of the built browser package served at `/pkg/` (`scripts/build-wasm` builds
+    /// it) [default: `client-wasm/pkg` of the source checkout].
+    #[arg(long, env = "DOWNBEAT_PKG_DIR", value_name = "DIR")]
+    pub pkg_dir: Option<PathBuf>,
+
+    /// The WebTransport URL pages are told to connect to (`/api/client-config`), for a server
+    /// reached under another name or port [default: `https://<the page's host>:<wt port>/`].
+    #[arg(long, env = "DOWNBEAT_PUBLIC_WT_URL", value_name = "URL")]
+    pub public_wt_url: Option<String>,
+
+    /// Also serve the pages and the API over HTTPS on this address, with the server's
+    /// certificate (loaded at startup) [default: no HTTPS listener].
+    #[arg(long, env = "DOWNBEAT_HTTPS_ADDR", value_name = "ADDR")]
+    pub https_addr: Option<SocketAddr>,
 }
 
 /// The resolved server configuration. Build one with [`parse_and_merge`], [`Config::load`], or
@@ -193,6 +213,20 @@ pub struct Config {
     pub sel_queue: usize,
     /// How often expired SEL records are purged, in seconds.
     pub sel_purge_interval_secs: u64,
+    /// The browser pages (`index.html`, `teacher.html`, `student.html`, scripts, styles).
+    /// Missing: the server still starts; the pages answer 404.
+    pub web_dir: PathBuf,
+    /// The built browser package (`scripts/build-wasm`), served at `/pkg/`. Missing: the
+    /// server still starts; `/pkg/` answers 404 saying how to build it.
+    pub pkg_dir: PathBuf,
+    /// The WebTransport URL pages are told to connect to; `None`: derived from each request's
+    /// `Host` and the WebTransport port.
+    pub public_wt_url: Option<String>,
+    /// An HTTPS listener serving the same routes, if any. Its certificate is the one in use
+    /// when the server starts (the production PEM files or the current development
+    /// certificate): rotation and `tls_reload_check_ms` reloads reach WebTransport only, so
+    /// restart the server to serve a replaced certificate over HTTPS.
+    pub https_addr: Option<SocketAddr>,
 }
 
 impl Default for Config {
@@ -222,9 +256,19 @@ impl Default for Config {
             database_url: None,
             sel_queue: 1024,
             sel_purge_interval_secs: 3600,
+            web_dir: PathBuf::from(DEFAULT_WEB_DIR),
+            pkg_dir: PathBuf::from(DEFAULT_PKG_DIR),
+            public_wt_url: None,
+            https_addr: None,
         }
     }
 }
+
+/// The default pages directory: `web/` of the source checkout this server was built from.
+pub const DEFAULT_WEB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../web");
+
+/// The default browser package directory: `client-wasm/pkg` of the source checkout.
+pub const DEFAULT_PKG_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../client-wasm/pkg");
 
 /// The default `aud` claim tokens must carry.
 pub const DEFAULT_AUDIENCE: &str = "downbeat";
@@ -677,6 +721,21 @@ impl Config {
         if self.database_url.as_deref().is_some_and(|url| url.trim().is_empty()) {
             return invalid("database_url is empty: give a postgres:// URL or a SQLite file, or leave it out");
         }
+        if let Some(url) = &self.public_wt_url {
+            let host = url.strip_prefix("https://").unwrap_or_default();
+            if host.is_empty()
+                || host.starts_with('/')
+                || url.len() > 2048
+                || url.chars().any(|c| c.is_whitespace() || c.is_control())
+            {
+                return invalid(format!(
+                    "public_wt_url {url:?} is not valid: give the https:// URL pages connect to, e.g. https://music.example.org:4433/"
+                ));
+            }
+        }
+        if self.https_addr.is_some_and(|https| https == self.http_addr && https.port() != 0) {
+            return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
+        }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -795,6 +854,10 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
             .sel_purge_interval_secs
             .or(file.sel_purge_interval_secs)
             .unwrap_or(d.sel_purge_interval_secs),
+        web_dir: args.web_dir.or(file.web_dir).unwrap_or(d.web_dir),
+        pkg_dir: args.pkg_dir.or(file.pkg_dir).unwrap_or(d.pkg_dir),
+        public_wt_url: args.public_wt_url.or(file.public_wt_url),
+        https_addr: args.https_addr.or(file.https_addr),
     };
     config.validate()?;
     Ok(config)
@@ -846,6 +909,44 @@ mod tests {
         assert_eq!(config.tls_reload_check_ms, 500);
         let err = check(&[], Some("tls_reload_check_ms = 0\n")).unwrap_err();
         assert!(err.contains("tls_reload_check_ms is 0"), "{err}");
+    }
+
+    #[test]
+    fn web_settings_merge_like_the_others() {
+        let config = check(&[], None).unwrap();
+        assert!(config.web_dir.ends_with("server/../web"), "{}", config.web_dir.display());
+        assert!(config.pkg_dir.ends_with("server/../client-wasm/pkg"), "{}", config.pkg_dir.display());
+        assert_eq!((config.public_wt_url.as_deref(), config.https_addr), (None, None));
+        let file = "web_dir = \"/srv/web\"\npkg_dir = \"/srv/pkg\"\npublic_wt_url = \"https://music.example/\"\nhttps_addr = \"[::]:4443\"\n";
+        let config = check(&[], Some(file)).unwrap();
+        assert_eq!((config.web_dir.to_str(), config.pkg_dir.to_str()), (Some("/srv/web"), Some("/srv/pkg")));
+        assert_eq!(config.public_wt_url.as_deref(), Some("https://music.example/"));
+        assert_eq!(config.https_addr, Some("[::]:4443".parse().unwrap()));
+        let cli = [
+            "--web-dir",
+            "pages",
+            "--pkg-dir",
+            "pkg",
+            "--public-wt-url",
+            "https://wt.example:8443/",
+            "--https-addr",
+            "127.0.0.1:9443",
+        ];
+        let config = check(&cli, Some(file)).unwrap();
+        assert_eq!((config.web_dir.to_str(), config.pkg_dir.to_str()), (Some("pages"), Some("pkg")));
+        assert_eq!(config.public_wt_url.as_deref(), Some("https://wt.example:8443/"));
+        assert_eq!(config.https_addr, Some("127.0.0.1:9443".parse().unwrap()));
+    }
+
+    #[test]
+    fn web_setting_mistakes_say_what_to_fix() {
+        for url in ["http://wt.example/", "https://", "https:///x", "https://a b/", "wt.example"] {
+            let err = check(&["--public-wt-url", url], None).unwrap_err();
+            assert!(err.contains("public_wt_url") && err.contains("https://"), "{url}: {err}");
+        }
+        let err = check(&["--http-addr", "127.0.0.1:4480", "--https-addr", "127.0.0.1:4480"], None).unwrap_err();
+        assert!(err.contains("https_addr is the same as http_addr"), "{err}");
+        assert!(check(&["--http-addr", "127.0.0.1:0", "--https-addr", "127.0.0.1:0"], None).is_ok());
     }
 
     #[test]

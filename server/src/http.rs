@@ -36,6 +36,7 @@ use crate::identity::PublishedHashes;
 use crate::rooms::{RoomHandle, Rooms};
 use crate::sel::Sel;
 use crate::stats::Stats;
+use crate::web::Web;
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 16 * 1024;
@@ -55,10 +56,13 @@ pub(crate) struct AppState {
     pub(crate) clock: ServerClock,
     pub(crate) limits: RequestLimits,
     pub(crate) sel: Sel,
+    pub(crate) web: Arc<Web>,
 }
 
-/// The API's routes.
+/// The API's routes, the browser pages and package ([`crate::web`]), with the cross-origin
+/// isolation headers on every response.
 pub(crate) fn router(state: AppState) -> Router {
+    let demo = state.tenants.is_demo();
     Router::new()
         .route("/api/ping", get(ping))
         .route("/api/cert-hashes", get(cert_hashes))
@@ -73,10 +77,12 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/api/rooms/{code}/members/{member}/assignment", put(assign))
         .route("/metrics", get(metrics))
         .merge(crate::sel_api::routes())
-        .fallback(not_found)
+        .merge(crate::web::routes(demo))
+        .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+        .layer(axum::middleware::map_response(crate::web::isolate))
 }
 
 /// The one error type of the API: a status, a stable code and a message safe to show.
@@ -698,10 +704,15 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn not_found() -> ApiError {
-    let mut e = ApiError::bad_request("no such endpoint");
+/// A `404 Not Found` answered like an unknown route (code `bad_request`), with `message`.
+pub(crate) fn not_found(message: impl Into<String>) -> ApiError {
+    let mut e = ApiError::bad_request(message);
     e.status = StatusCode::NOT_FOUND;
     e
+}
+
+async fn unknown_route() -> ApiError {
+    not_found("no such endpoint")
 }
 
 async fn method_not_allowed() -> ApiError {

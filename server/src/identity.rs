@@ -124,6 +124,12 @@ fn transport_config(config: &Config) -> Result<QuicTransportConfig, IdentityErro
 /// rustls server config for `key`, with the WebTransport ALPN. Refuses (never panics on) a
 /// key that does not fit the certificate.
 fn tls_config(key: &CertifiedKey) -> Result<TlsServerConfig, IdentityError> {
+    Ok(rustls_server_config(key, wtransport::tls::WEBTRANSPORT_ALPN)?)
+}
+
+/// A TLS 1.3 (ring) rustls server config presenting `key`'s chain, offering one ALPN
+/// protocol: WebTransport's for the QUIC endpoint, `http/1.1` for the HTTPS listener.
+pub(crate) fn rustls_server_config(key: &CertifiedKey, alpn: &[u8]) -> Result<TlsServerConfig, rustls::Error> {
     let chain: Vec<CertificateDer<'static>> = if key.chain_der.is_empty() {
         vec![CertificateDer::from(key.cert_der.clone())]
     } else {
@@ -132,11 +138,11 @@ fn tls_config(key: &CertifiedKey) -> Result<TlsServerConfig, IdentityError> {
     let private = PrivateKeyDer::try_from(key.key_der.clone())
         .unwrap_or_else(|_| PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_der.clone())));
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+    let mut tls = TlsServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_no_client_auth()
         .with_single_cert(chain, private)?;
-    tls.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
+    tls.alpn_protocols = vec![alpn.to_vec()];
     Ok(tls)
 }
 

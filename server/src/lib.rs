@@ -6,8 +6,10 @@
 //! - **WebTransport** ([`wtransport`], bound dual-stack): one reliable control stream per
 //!   session (hello, welcome, control changes, errors with stable codes) and unreliable
 //!   datagrams for NTP-style clock sync and for beat frames sent ahead of time.
-//! - **HTTP/1.1** ([`axum`], its own TCP port): health, the certificate hashes pages pin,
-//!   rooms (create, list, look up, close) and teacher controls, and `/metrics`.
+//! - **HTTP/1.1** ([`axum`], its own TCP port, optionally also over HTTPS): health, the
+//!   certificate hashes pages pin, rooms (create, list, look up, close) and teacher controls,
+//!   `/metrics`, and the browser classroom: its pages, the browser package, what a page needs
+//!   to connect, and demo sign-in. Every response is cross-origin isolated.
 //! - **Tenants and tokens** ([`auth`]): every school is a tenant with its own signing keys and
 //!   limits; sessions and requests carry a JWT whose verified claims give the tenant, a
 //!   pseudonymous subject, the role and a display name. One authorization function decides
@@ -52,6 +54,7 @@ mod session;
 mod shutdown;
 pub mod stats;
 pub mod store;
+mod web;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -98,6 +101,14 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The HTTPS listener could not be bound.
+    #[error("cannot listen for HTTPS on {addr}: {source} (is another server using the port? set --https-addr)")]
+    BindHttps {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The WebTransport UDP socket could not be bound.
     #[error(
         "cannot listen for WebTransport on UDP port {port}: {source} (is another server using the port? set --wt-port)"
@@ -133,6 +144,8 @@ pub struct Server {
     endpoint: Arc<Endpoint<ServerSide>>,
     http: TcpListener,
     http_addr: SocketAddr,
+    https: Option<web::TlsListener>,
+    https_addr: Option<SocketAddr>,
     wt_port: u16,
     source: identity::Source,
     hashes: Arc<PublishedHashes>,
@@ -148,6 +161,7 @@ impl std::fmt::Debug for Server {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Server")
             .field("http_addr", &self.http_addr)
+            .field("https_addr", &self.https_addr)
             .field("wt_port", &self.wt_port)
             .field("source", &self.source)
             .finish_non_exhaustive()
@@ -156,9 +170,11 @@ impl std::fmt::Debug for Server {
 
 impl Server {
     /// Validates `config`, loads or creates the TLS identity, and binds the WebTransport
-    /// (UDP, dual-stack) and HTTP (TCP) listeners.
+    /// (UDP, dual-stack), HTTP (TCP) and, if configured, HTTPS (TCP) listeners. Missing
+    /// pages or browser package directories are logged as warnings, not errors.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
+        web::warn_if_missing(&config);
         let clock = ServerClock::new();
         let stats = Arc::new(Stats::default());
         let (source, key) = identity::load(&config)?;
@@ -167,8 +183,17 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::BindWebTransport { port: config.wt_port, source })?
             .port();
-        let http = bind_http(config.http_addr).await?;
+        let http = bind_tcp(config.http_addr).await.map_err(|(addr, source)| ServerError::BindHttp { addr, source })?;
         let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: config.http_addr, source })?;
+        let (https, https_addr) = match config.https_addr {
+            Some(asked) => {
+                let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttps { addr, source })?;
+                let addr = tcp.local_addr().map_err(|source| ServerError::BindHttps { addr: asked, source })?;
+                let listener = web::TlsListener::new(tcp, &key).map_err(IdentityError::Tls)?;
+                (Some(listener), Some(addr))
+            }
+            None => (None, None),
+        };
         let tenants = Arc::new(Tenants::new(&config)?);
         let hashes = Arc::new(PublishedHashes::default());
         hashes.set(source.published());
@@ -200,6 +225,7 @@ impl Server {
         ));
         info!(
             http = %http_addr,
+            https = ?https_addr,
             webtransport_port = wt_port,
             production_tls = config.tls_cert.is_some(),
             "listening"
@@ -211,6 +237,8 @@ impl Server {
             endpoint,
             http,
             http_addr,
+            https,
+            https_addr,
             wt_port,
             source,
             hashes,
@@ -226,6 +254,13 @@ impl Server {
     /// The address the HTTP API listens on (the real port, also when 0 was asked for).
     pub fn http_addr(&self) -> SocketAddr {
         self.http_addr
+    }
+
+    /// The address the HTTPS listener (`--https-addr`) listens on, if there is one (the real
+    /// port, also when 0 was asked for). It serves what HTTP serves, with the certificate in
+    /// use at startup: certificate rotation and reloads reach WebTransport only.
+    pub fn https_addr(&self) -> Option<SocketAddr> {
+        self.https_addr
     }
 
     /// The UDP port WebTransport listens on (the real port, also when 0 was asked for).
@@ -284,6 +319,8 @@ impl Server {
             stats,
             endpoint,
             http,
+            https,
+            wt_port,
             source,
             hashes,
             tenants,
@@ -310,11 +347,21 @@ impl Server {
             clock,
             limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
             sel: sel.clone(),
+            web: Arc::new(web::Web::new(&config, wt_port)),
         });
         drop(sel);
         let mut http_signal = signal.clone();
+        let http_router = router.clone();
         let mut http_task = tokio::spawn(async move {
-            axum::serve(http, router).with_graceful_shutdown(async move { http_signal.wait().await }).await
+            let service = http_router.into_make_service_with_connect_info::<web::ClientAddr>();
+            axum::serve(http, service).with_graceful_shutdown(async move { http_signal.wait().await }).await
+        });
+        let mut https_task = https.map(|listener| {
+            let mut https_signal = signal.clone();
+            tokio::spawn(async move {
+                let service = router.into_make_service_with_connect_info::<web::ClientAddr>();
+                axum::serve(listener, service).with_graceful_shutdown(async move { https_signal.wait().await }).await
+            })
         });
         let identity_task =
             tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
@@ -330,22 +377,26 @@ impl Server {
             next_session_id: AtomicU64::new(1),
         });
 
-        // Shut down when asked, or if the HTTP server stops on its own.
+        // Shut down when asked, or if the HTTP or HTTPS server stops on its own.
         let watch = async {
-            let http_ended = tokio::select! {
+            let ended = tokio::select! {
                 () = shutdown => {
                     info!("shutting down");
-                    None
+                    (None, None)
                 }
                 ended = &mut http_task => {
                     warn!("HTTP server stopped; shutting down");
-                    Some(ended)
+                    (Some(ended), None)
+                }
+                ended = until_finished(&mut https_task) => {
+                    warn!("HTTPS server stopped; shutting down");
+                    (None, Some(ended))
                 }
             };
             trigger.fire();
-            http_ended
+            ended
         };
-        let ((), http_ended) = tokio::join!(session::accept_loop(&endpoint, ctx, signal), watch);
+        let ((), (http_ended, https_ended)) = tokio::join!(session::accept_loop(&endpoint, ctx, signal), watch);
 
         // `accept_loop` has returned, so no `Endpoint::accept` is pending: closing is safe.
         rooms.clear();
@@ -359,24 +410,49 @@ impl Server {
         if tokio::time::timeout(SHUTDOWN_WAIT, sel_writer).await.is_err() {
             warn!("SEL writes still pending at shutdown; the database did not take them in time");
         }
-        let http_ended = match http_ended {
-            Some(ended) => Ok(ended),
-            None => {
-                let ended = tokio::time::timeout(SHUTDOWN_WAIT, &mut http_task).await;
-                http_task.abort();
-                ended
-            }
-        };
-        let http_result = match http_ended {
-            Ok(Ok(result)) => result.map_err(ServerError::Http),
-            Ok(Err(_)) => Ok(()),
-            Err(_) => {
-                warn!("HTTP connections still open at shutdown; dropping them");
-                Ok(())
-            }
-        };
+        let (http_result, https_result) = tokio::join!(
+            finish_http(Some(http_task), http_ended, "HTTP"),
+            finish_http(https_task, https_ended, "HTTPS")
+        );
         info!("stopped");
-        http_result
+        http_result.and(https_result)
+    }
+}
+
+/// What an HTTP server task returns.
+type HttpEnded = Result<std::io::Result<()>, tokio::task::JoinError>;
+
+/// Waits for `task` to finish; never, if there is none.
+async fn until_finished(task: &mut Option<tokio::task::JoinHandle<std::io::Result<()>>>) -> HttpEnded {
+    match task {
+        Some(task) => task.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Lets an HTTP(S) server task (if any) finish its requests in flight after shutdown, up to
+/// [`SHUTDOWN_WAIT`], and says how it ended. `ended` is its end if it already ended.
+async fn finish_http(
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    ended: Option<HttpEnded>,
+    what: &str,
+) -> Result<(), ServerError> {
+    let ended = match (ended, task) {
+        (Some(ended), _) => Ok(ended),
+        (None, None) => return Ok(()),
+        (None, Some(mut task)) => {
+            let ended = tokio::time::timeout(SHUTDOWN_WAIT, &mut task).await;
+            task.abort();
+            ended
+        }
+    };
+    match ended {
+        Ok(Ok(result)) => result.map_err(ServerError::Http),
+        Ok(Err(_)) => Ok(()),
+        Err(_) => {
+            warn!("{what} connections still open at shutdown; dropping them");
+            Ok(())
+        }
     }
 }
 
@@ -411,15 +487,16 @@ fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<
     }
 }
 
-/// Binds the HTTP listener; an IPv6 wildcard falls back to IPv4 on hosts without IPv6.
-async fn bind_http(addr: SocketAddr) -> Result<TcpListener, ServerError> {
+/// Binds an HTTP(S) listener; an IPv6 wildcard falls back to IPv4 on hosts without IPv6. The
+/// error names the address that failed.
+async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, (SocketAddr, std::io::Error)> {
     match TcpListener::bind(addr).await {
         Ok(listener) => Ok(listener),
         Err(e) if addr.ip().is_unspecified() && addr.is_ipv6() && ipv6_unavailable(&e) => {
-            warn!(error = %e, "IPv6 bind failed; listening for HTTP on IPv4 only");
+            warn!(error = %e, %addr, "IPv6 bind failed; listening on IPv4 only");
             let v4 = SocketAddr::from((Ipv4Addr::UNSPECIFIED, addr.port()));
-            TcpListener::bind(v4).await.map_err(|source| ServerError::BindHttp { addr: v4, source })
+            TcpListener::bind(v4).await.map_err(|source| (v4, source))
         }
-        Err(source) => Err(ServerError::BindHttp { addr, source }),
+        Err(source) => Err((addr, source)),
     }
 }

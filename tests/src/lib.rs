@@ -25,6 +25,8 @@ use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 pub struct TestServer {
     /// HTTP address.
     pub http: SocketAddr,
+    /// HTTPS address, when the configuration asked for an HTTPS listener.
+    pub https: Option<SocketAddr>,
     /// WebTransport port.
     pub wt_port: u16,
     /// Certificate hashes to pin.
@@ -61,6 +63,7 @@ impl TestServer {
         let (stop, stopped) = oneshot::channel::<()>();
         let mut me = Self {
             http: server.http_addr(),
+            https: server.https_addr(),
             wt_port: server.webtransport_port(),
             hashes: server.cert_hashes(),
             tenants: server.tenants(),

@@ -88,6 +88,12 @@ fn banner(server: &Server) -> anyhow::Result<String> {
     let mut out = String::new();
     out.push_str("\nDownbeat is running.\n\n");
     out.push_str(&format!("  HTTP API:      {http}\n"));
+    let mut sites = vec![http.clone()];
+    sites.extend(server.https_addr().map(|https| format!("https://localhost:{}", https.port())));
+    for site in &sites {
+        out.push_str(&format!("  Teacher page:  {site}/teacher\n"));
+        out.push_str(&format!("  Student page:  {site}/student\n"));
+    }
     out.push_str(&format!(
         "  WebTransport:  {}  or  {}\n",
         server.webtransport_url("localhost"),

@@ -1,0 +1,193 @@
+//! Downbeat's browser client: a thin wasm-bindgen shell over `downbeat-protocol` and
+//! `downbeat-engine`, on the browser's WebTransport.
+//!
+//! [`connect`] opens a WebTransport session (pinning the server's self-signed certificate
+//! hashes when given), says hello with the page's signed token, and resolves to a
+//! [`Classroom`] once the server has welcomed it. From then on the classroom syncs its clock
+//! on datagrams with the same estimator as every native client (`performance.now()` is its
+//! local clock), applies every newer timeline, places classmates' notes at their shared
+//! playout instant, keeps presence, and reports its sync quality to the teacher. If the
+//! connection drops it reconnects with backoff, takes its seat back and syncs again.
+//!
+//! The timing questions a page asks: [`Classroom::server_now`], [`Classroom::beats_ahead`]
+//! (what a Web Audio lookahead scheduler should queue) and [`Classroom::audio_time_of`] (a
+//! shared-timeline instant as an `AudioContext` time, via `getOutputTimestamp` and
+//! `outputLatency`). All times cross into JavaScript as float milliseconds: *server time* is
+//! the room's shared clock, *local time* is the page's `performance.now()`.
+//!
+//! Everything here is compiled for `wasm32` only; on other targets the crate is empty. Build
+//! the ES module package with `scripts/build-wasm` (wasm-bindgen `--target web`).
+#![cfg(target_arch = "wasm32")]
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
+
+mod classroom;
+mod js;
+mod transport;
+mod view;
+
+pub use classroom::{Classroom, connect};
+
+use wasm_bindgen::prelude::*;
+
+#[wasm_bindgen(typescript_custom_section)]
+const TYPES: &'static str = r#"
+/** How to connect: `connect({ url, certificateHashes, token, code })`. */
+export interface ConnectOptions {
+  /** The server's WebTransport URL, e.g. `https://127.0.0.1:4433/` (`GET /api/client-config` gives it). */
+  url: string;
+  /** Hex SHA-256 hashes of the server's self-signed certificates (from `GET /api/client-config`
+   * or `/api/cert-hashes`); omit when the server has a certificate the browser trusts. */
+  certificateHashes?: string[];
+  /** The signed token (JWT) from the school's sign-in; the display name and role come from it. */
+  token: string;
+  /** The join code of the room to join (students and teachers). */
+  code?: string;
+  /** Teachers: create a room (instead of `code`). */
+  create?: { name: string; tempoBpm?: number; beatsPerBar?: number };
+  /** Reconnect with backoff after the connection drops, and sync again (default `true`). */
+  reconnect?: boolean;
+}
+
+/** A rejected promise or thrown error of this package. */
+export interface DownbeatError extends Error {
+  name: "DownbeatError";
+  /** Stable snake_case code: the server's codes (`room_not_found`, `forbidden`, `token_expired`,
+   * `room_full`, `tempo_out_of_range`, `no_prompt`, `store_unavailable`, ... see the README) or this
+   * package's: `connect_failed`, `closed`, `timeout`, `not_synced`, `protocol`, `invalid_argument`. */
+  code: string;
+}
+
+/** A member of the room, as this page was last told. */
+export interface Member {
+  id: number;
+  name: string;
+  role: "teacher" | "student";
+  muted: boolean;
+  /** Assigned part (e.g. "drums"), or null. */
+  part: string | null;
+  /** Assigned positions in the bar, 0 for the downbeat; empty: any. */
+  beats: number[];
+  /** The member's own report of its clock sync (every couple of seconds). */
+  sync: { synced: boolean; rttMs: number; uncertaintyMs: number };
+}
+
+/** A beat placed on both clocks. */
+export interface Beat {
+  /** Beat number on the shared timeline. */
+  index: number;
+  /** Position in the bar, 0 for the downbeat. */
+  beatInBar: number;
+  /** A count-in click rather than music. */
+  countIn: boolean;
+  /** When it sounds, server time (ms). */
+  serverTime: number;
+  /** When it sounds, `performance.now()` time (ms). */
+  localTime: number;
+}
+
+/** The timeline in force now. */
+export interface TimelineInfo {
+  /** Increases with every change. */
+  epoch: number;
+  running: boolean;
+  tempoBpm: number;
+  beatsPerBar: number;
+  /** Now is inside a count-in. */
+  countIn: boolean;
+  /** A decided change not yet in force (changes land on the next bar). */
+  next: { at: number; beat: number; running: boolean; tempoBpm: number; beatsPerBar: number } | null;
+}
+
+/** This page's clock sync. */
+export interface SyncInfo {
+  /** Synced well enough to schedule by. */
+  synced: boolean;
+  /** Smallest round trip in the window (ms). */
+  rttMs: number | null;
+  /** Statistical uncertainty of the offset (ms). */
+  uncertaintyMs: number | null;
+  /** Server minus local clock (ms). */
+  offsetMs: number | null;
+  driftPpm: number | null;
+  samples: number;
+}
+
+/** A classmate's note to sound. */
+export interface ScheduledNote {
+  /** Member id of the player. */
+  from: number;
+  seq: number;
+  midi: number;
+  velocity: number;
+  instrument: number;
+  /** When it was played, server time (ms). */
+  serverTime: number;
+  /** When everyone sounds it, server time (ms). */
+  playAt: number;
+  /** When to sound it, `performance.now()` time (ms). */
+  localTime: number;
+}
+
+/** A note this page played. */
+export interface PlayedNote {
+  seq: number;
+  midi: number;
+  velocity: number;
+  instrument: number;
+  serverTime: number;
+  /** When everyone (this page too) should sound it, server time (ms). */
+  playAt: number;
+}
+
+/** A timeline change the server accepted. */
+export interface Applied {
+  epoch: number;
+  /** When it takes effect, server time (ms): the next bar. */
+  effectiveAt: number;
+  /** The beat at which it takes effect. */
+  effectiveBeat: number;
+}
+
+export interface Prompt { id: number; text: string }
+
+export interface ReflectionNotice { memberId: number; id: string; promptId: number; mood: number | null; text: string | null }
+
+export interface ParticipationNotice {
+  memberId: number; notes: number; timed: number; onBeat: number; meanOffsetMs: number;
+  assigned: number; inPart: number; turns: number; score: number | null;
+}
+
+/** Events of a classroom and what their listeners receive. */
+export interface ClassroomEvents {
+  /** The whole member list, after any join, leave or update. */
+  "members": Member[];
+  "member-joined": Member;
+  "member-left": { id: number; reason: "left" | "removed" | "closed" };
+  "member-updated": Member;
+  /** A new timeline applied (tempo, meter, start, stop). */
+  "timeline": TimelineInfo;
+  /** A classmate's note, to schedule at `localTime` / `audioTimeOf(ctx, playAt)`. */
+  "note": ScheduledNote;
+  /** The teacher's reflection question changed (null: cleared). */
+  "prompt": Prompt | null;
+  /** Teachers: a student's reflection was saved. */
+  "reflection": ReflectionNotice;
+  /** Teachers: participation of those who played since the last update. */
+  "participation": ParticipationNotice[];
+  /** `synced` flipped. */
+  "sync": SyncInfo;
+  /** An error not tied to a request. */
+  "error": { code: string; message: string };
+  "reconnecting": { attempt: number; delayMs: number; reason: string };
+  "reconnected": { memberId: number };
+  /** The classroom is closed for good (room closed, removed, refused, or `close()`). */
+  "closed": { reason: string; code: string | null };
+}
+
+export interface Classroom {
+  /** Listens to an event. */
+  on<K extends keyof ClassroomEvents>(type: K, listener: (detail: ClassroomEvents[K]) => void): void;
+  /** Stops listening. */
+  off<K extends keyof ClassroomEvents>(type: K, listener: (detail: ClassroomEvents[K]) => void): void;
+}
+"#;
