@@ -1,0 +1,441 @@
+// A whole class in headless Chromium: a teacher and three students (each in their own browser
+// context), the real server, the real pages in web/ and the wasm client package.
+//
+// Run: (cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci) && node --test tests/browser/
+// Env: DOWNBEAT_BIN (server binary, default target/debug/downbeat), CHROMIUM (default
+// /usr/bin/chromium).
+//
+// The tests run in order and share one class: each one builds on the state the one before
+// left (joined, started, tempo changed, ...).
+
+import assert from 'node:assert/strict';
+import { mkdir, stat } from 'node:fs/promises';
+import path from 'node:path';
+import { after, before, describe, test } from 'node:test';
+import {
+  OUTPUT_DIR, launchBrowser, openUser, printDiagnostics, startServer, waitUntil, withDiagnostics,
+} from './harness.mjs';
+
+const STUDENTS = ['Ana', 'Ben', 'Chloe'];
+const TEACHER = 'Ms. Rivera';
+const OLD_BPM = 120;
+const NEW_BPM = 90;
+
+let server = null;
+let browser = null;
+let teacher = null;
+const students = {}; // name -> user { label, context, page, logs, memberId, truthOffset }
+let code = null;
+let startAck = null;
+
+const allUsers = () => [teacher, ...Object.values(students)].filter(Boolean);
+const studentUsers = () => STUDENTS.map((n) => students[n]);
+const guarded = (body) => withDiagnostics(() => server, allUsers, body);
+const fmt = (x, digits = 3) => (typeof x === 'number' ? x.toFixed(digits) : String(x));
+
+describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
+  before(async () => {
+    server = await startServer();
+    console.log(`server: ${server.base} (pid ${server.pid})`);
+    browser = await launchBrowser();
+    console.log(`browser: Chromium ${browser.version()}`);
+  });
+
+  after(async () => {
+    if (browser) await browser.close().catch(() => {});
+    if (server) await server.stop();
+  });
+
+  test('1. the teacher creates a room and three students join it by code', { timeout: 180_000 }, guarded(async () => {
+    teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
+    const startClass = teacher.page.getByTestId('start-class');
+    await startClass.waitFor({ state: 'visible' });
+    await waitUntil(teacher, 'the start-class button to be enabled',
+      () => !document.querySelector('[data-testid=start-class]').disabled);
+    await startClass.click();
+    code = await waitUntil(teacher, 'the join code', () => {
+      const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
+      return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
+    }, undefined, 60_000);
+    console.log(`join code: ${code}`);
+    assert.equal(await teacher.page.evaluate(() => window.downbeat.classroom.role), 'teacher');
+
+    for (const name of STUDENTS) {
+      const u = await openUser(browser, `${server.base}/student`, name);
+      students[name] = u;
+      await waitUntil(u, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
+      await u.page.getByTestId('code-input').fill(code);
+      await u.page.getByTestId('name-input').fill(name);
+      await u.page.getByTestId('join').click();
+      u.memberId = await waitUntil(u, 'the classroom to connect', () => {
+        const c = window.downbeat && window.downbeat.classroom;
+        return c && c.state === 'connected' ? c.memberId : false;
+      }, undefined, 60_000);
+      assert.equal(await u.page.evaluate(() => window.downbeat.classroom.role), 'student');
+    }
+
+    // The teacher's grid: one card per student, each with the student's member id.
+    await waitUntil(teacher, 'three student cards with every name', (names) => {
+      const cards = [...document.querySelectorAll('[data-testid=member-card]')];
+      return cards.length === names.length && names.every((n) => cards.some((c) => c.textContent.includes(n)));
+    }, STUDENTS);
+    const cards = await teacher.page.$$eval('[data-testid=member-card]', (els) =>
+      els.map((e) => ({ id: Number(e.dataset.memberId), name: e.querySelector('.member-name')?.textContent })));
+    for (const name of STUDENTS) {
+      const card = cards.find((c) => c.name === name);
+      assert.ok(card, `a card for ${name}`);
+      assert.equal(card.id, students[name].memberId, `${name}'s card carries their member id`);
+    }
+    const teacherName = await teacher.page.getByTestId('teacher-name').textContent();
+    assert.ok(teacherName.includes(TEACHER), `the teacher page names the teacher (${teacherName})`);
+
+    // Every student sees all four names.
+    for (const name of STUDENTS) {
+      await waitUntil(students[name], 'presence with all four names', (all) => {
+        const text = document.querySelector('[data-testid=presence]')?.textContent ?? '';
+        return all.every((n) => text.includes(n));
+      }, [TEACHER, ...STUDENTS]);
+    }
+    console.log(`joined: ${STUDENTS.map((n) => `${n}=#${students[n].memberId}`).join(' ')}`);
+  }));
+
+  test('2. clocks: each tab estimates the server clock within 1 ms and hears each beat at the same instant', { timeout: 180_000 }, guarded(async () => {
+    for (const u of studentUsers()) {
+      await waitUntil(u, 'classroom.synced()', () => window.downbeat.classroom.synced(), undefined, 60_000);
+    }
+    await teacher.page.getByTestId('start').click();
+    startAck = await waitUntil(teacher, 'the start acknowledgement', () => {
+      const a = window.downbeat.lastApplied;
+      return a && a.op === 'start' ? a : false;
+    });
+    console.log(`start: epoch ${startAck.epoch}, beat ${startAck.effectiveBeat} at server ${fmt(startAck.effectiveAt)} ms`);
+
+    // At least 12 beats after the start scheduled in every tab.
+    for (const u of studentUsers()) {
+      await waitUntil(u, '12 beats scheduled after the start', (at) =>
+        window.downbeat.trace.beats.filter((b) => b.serverTime >= at).length >= 12, startAck.effectiveAt, 60_000);
+    }
+
+    // Clock truth. The server reads its clock at some local instant x in [b, a] (before the
+    // response, after the request), so the estimate's true error lies in
+    // [est(b) - t, est(b) - t + (a - b)]. Resource Timing narrows [b, a] further to
+    // [requestStart, responseStart] of the same fetch (the request went out after the one,
+    // the response's first byte arrived before the other; same clock as performance.now()),
+    // so both brackets are computed and the narrower one is asserted.
+    let maxError = 0;
+    for (const u of studentUsers()) {
+      const samples = await u.page.evaluate(async () => {
+        const c = window.downbeat.classroom;
+        const out = [];
+        for (let i = 0; i < 40; i++) {
+          performance.clearResourceTimings();
+          const url = `/api/time?sample=${i}`;
+          const b = performance.now();
+          const r = await fetch(url, { cache: 'no-store' });
+          const a = performance.now();
+          const { server_now_ms: t } = await r.json();
+          const entry = performance.getEntriesByType('resource').find((e) => e.name.endsWith(url));
+          const rs = entry && entry.requestStart > 0 ? entry.requestStart : null;
+          const re = entry && entry.responseStart > 0 ? entry.responseStart : null;
+          const lo = rs !== null && rs > b ? rs : b;
+          const hi = re !== null && re < a ? re : a;
+          out.push({ b, a, t, est: c.serverTimeOf(b), lo, hi, estLo: c.serverTimeOf(lo) });
+        }
+        return out;
+      });
+      assert.equal(samples.length, 40);
+      // The fetch's own bracket, as asked: the sample with the smallest a - b.
+      const best = samples.reduce((x, y) => (y.a - y.b < x.a - x.b ? y : x));
+      const fetchLo = best.est - best.t;
+      const fetchHi = fetchLo + (best.a - best.b);
+      // The narrowest bracket of all (Resource Timing).
+      const tight = samples.reduce((x, y) => (y.hi - y.lo < x.hi - x.lo ? y : x));
+      const lo = tight.estLo - tight.t;
+      const hi = lo + (tight.hi - tight.lo);
+      u.truthOffset = tight.t - (tight.lo + tight.hi) / 2;
+      const sync = await u.page.evaluate(() => window.downbeat.classroom.sync());
+      console.log(`${u.label}: fetch bracket ${fmt(best.a - best.b)} ms wide: error in [${fmt(fetchLo)}, ${fmt(fetchHi)}] ms; ` +
+        `resource-timing bracket ${fmt(tight.hi - tight.lo)} ms wide: error in [${fmt(lo)}, ${fmt(hi)}] ms; ` +
+        `truth offset ${fmt(u.truthOffset)} ms; client: rtt ${fmt(sync.rttMs)} ms, ±${fmt(sync.uncertaintyMs)} ms, ${sync.samples} samples`);
+      assert.ok(Math.abs(lo) <= 1 && Math.abs(hi) <= 1,
+        `${u.label}: the estimate's error [${fmt(lo)}, ${fmt(hi)}] ms lies within ±1 ms`);
+      maxError = Math.max(maxError, Math.abs(lo), Math.abs(hi));
+    }
+
+    // Beat agreement on the true (server) clock.
+    const traces = {};
+    for (const u of studentUsers()) {
+      traces[u.label] = await u.page.evaluate(() => window.downbeat.trace.beats);
+    }
+    const byIndex = (beats) => new Map(beats.filter((b) => b.serverTime >= startAck.effectiveAt).map((b) => [b.index, b]));
+    const maps = studentUsers().map((u) => byIndex(traces[u.label]));
+    const common = [...maps[0].keys()].filter((i) => maps.every((m) => m.has(i))).sort((x, y) => x - y);
+    assert.ok(common.length >= 8, `at least 8 common beats after the start (got ${common.length})`);
+    let maxSpread = 0;
+    let maxAbs = 0;
+    for (const index of common) {
+      const beats = maps.map((m) => m.get(index));
+      const serverTimes = new Set(beats.map((b) => b.serverTime));
+      assert.equal(serverTimes.size, 1, `beat ${index} has one server instant in every tab`);
+      const trueTimes = studentUsers().map((u, k) => beats[k].localTime + u.truthOffset);
+      const spread = Math.max(...trueTimes) - Math.min(...trueTimes);
+      maxSpread = Math.max(maxSpread, spread);
+      for (const tt of trueTimes) maxAbs = Math.max(maxAbs, Math.abs(tt - beats[0].serverTime));
+      assert.ok(spread <= 1, `beat ${index}: the tabs' true instants spread ${fmt(spread)} ms (≤ 1 ms)`);
+    }
+    for (const u of studentUsers()) {
+      const n = traces[u.label].length;
+      const dup = n - new Set(traces[u.label].map((b) => `${b.index}@${b.serverTime}`)).size;
+      assert.equal(dup, 0, `${u.label}: every beat scheduled once`);
+    }
+
+    // Audio: audioTime against the context's own output timestamp (logged only; headless
+    // audio output is a fake device).
+    for (const u of studentUsers()) {
+      const audio = await u.page.evaluate(() => {
+        const ctx = window.downbeat.ctx;
+        const ts = ctx.getOutputTimestamp ? ctx.getOutputTimestamp() : null;
+        return {
+          state: ctx.state,
+          sampleRate: ctx.sampleRate,
+          baseLatency: ctx.baseLatency,
+          outputLatency: ctx.outputLatency,
+          contextTime: ts ? ts.contextTime : null,
+          performanceTime: ts ? ts.performanceTime : null,
+        };
+      });
+      let maxDiff = null;
+      if (audio.contextTime !== null && audio.performanceTime) {
+        for (const b of traces[u.label]) {
+          if (typeof b.audioTime !== 'number') continue;
+          const predicted = audio.contextTime + (b.localTime - audio.performanceTime) / 1000;
+          const diff = Math.abs(b.audioTime - predicted) * 1000;
+          maxDiff = maxDiff === null ? diff : Math.max(maxDiff, diff);
+        }
+      }
+      console.log(`${u.label}: audio ${audio.state}, ${audio.sampleRate} Hz, base latency ${fmt(audio.baseLatency * 1000)} ms, ` +
+        `output latency ${fmt(audio.outputLatency * 1000)} ms; max |audioTime - output-timestamp prediction| = ${fmt(maxDiff)} ms`);
+    }
+    console.log(`CLOCK: max estimate error ${fmt(maxError)} ms; max spread of a beat across tabs ${fmt(maxSpread)} ms ` +
+      `(${common.length} beats); max |true instant - beat's server time| ${fmt(maxAbs)} ms`);
+  }));
+
+  test('3. a tempo change takes effect on the same beat in every tab', { timeout: 180_000 }, guarded(async () => {
+    assert.ok(startAck, 'the class was started');
+    const prev = await teacher.page.evaluate(() => window.downbeat.lastApplied);
+    await teacher.page.getByTestId('tempo-input').fill(String(NEW_BPM));
+    await teacher.page.getByTestId('tempo-apply').click();
+    const ack = await waitUntil(teacher, 'the tempo acknowledgement', (prevEpoch) => {
+      const a = window.downbeat.lastApplied;
+      return a && a.op === 'tempo' && a.epoch !== prevEpoch ? a : false;
+    }, prev.epoch);
+    const E = ack.effectiveBeat;
+    console.log(`tempo ${NEW_BPM}: epoch ${ack.epoch}, from beat ${E} at server ${fmt(ack.effectiveAt)} ms`);
+
+    const oldInterval = 60_000 / OLD_BPM;
+    const newInterval = 60_000 / NEW_BPM;
+    const instants = [];
+    for (const u of studentUsers()) {
+      await waitUntil(u, `beats up to ${E + 4} scheduled`, (last) =>
+        window.downbeat.trace.beats.some((b) => b.index >= last), E + 4, 60_000);
+      const beats = await u.page.evaluate(() => window.downbeat.trace.beats);
+      const since = beats.filter((b) => b.serverTime >= startAck.effectiveAt).sort((x, y) => x.index - y.index);
+      let oldPairs = 0;
+      let newPairs = 0;
+      for (let k = 1; k < since.length; k++) {
+        const [p, q] = [since[k - 1], since[k]];
+        if (q.index !== p.index + 1) continue;
+        const interval = q.serverTime - p.serverTime;
+        if (q.index <= E) {
+          oldPairs++;
+          assert.ok(Math.abs(interval - oldInterval) <= 0.01,
+            `${u.label}: beats ${p.index}→${q.index} (before ${E}) are ${fmt(interval)} ms apart, expected ${fmt(oldInterval)}`);
+        } else {
+          newPairs++;
+          assert.ok(Math.abs(interval - newInterval) <= 0.01,
+            `${u.label}: beats ${p.index}→${q.index} (from ${E}) are ${fmt(interval)} ms apart, expected ${fmt(newInterval)}`);
+        }
+      }
+      assert.ok(oldPairs >= 3, `${u.label}: at least 3 beat intervals before the change (got ${oldPairs})`);
+      assert.ok(newPairs >= 3, `${u.label}: at least 3 beat intervals after the change (got ${newPairs})`);
+      const beatE = since.find((b) => b.index === E);
+      assert.ok(beatE, `${u.label} scheduled beat ${E}`);
+      instants.push(beatE.serverTime);
+      console.log(`${u.label}: beat ${E} at server ${fmt(beatE.serverTime, 6)} ms; ${oldPairs} old and ${newPairs} new intervals checked`);
+    }
+    assert.equal(new Set(instants).size, 1, `every tab puts beat ${E} at the same server instant (${instants.join(', ')})`);
+    assert.ok(Math.abs(instants[0] - ack.effectiveAt) < 0.001,
+      `beat ${E} sounds at the acknowledged instant (${fmt(instants[0], 6)} vs ${fmt(ack.effectiveAt, 6)})`);
+    await waitUntil(teacher, 'the teacher page to show the new tempo', (bpm) =>
+      (document.querySelector('[data-testid=timeline-info]')?.textContent ?? '').includes(`${bpm} beats per minute`), NEW_BPM);
+  }));
+
+  test('4. notes sound at the same instant everywhere; a muted student is heard by nobody', { timeout: 180_000 }, guarded(async () => {
+    const [ana, ben, chloe] = studentUsers();
+    for (const u of [ana, ben, chloe]) assert.equal(typeof u.truthOffset, 'number', `${u.label} has a measured clock`);
+
+    // Ana plays.
+    const anaBefore = await ana.page.evaluate(() => window.downbeat.trace.played.length);
+    await ana.page.getByTestId('pad-0').click();
+    const played = await waitUntil(ana, 'her note in trace.played', (n) => {
+      const p = window.downbeat.trace.played;
+      return p.length > n ? p[p.length - 1] : false;
+    }, anaBefore);
+    const heard = {};
+    for (const u of [ben, chloe]) {
+      heard[u.label] = await waitUntil(u, `Ana's note #${played.seq}`, ({ from, seq }) =>
+        window.downbeat.trace.notes.find((n) => n.from === from && n.seq === seq) ?? false,
+      { from: ana.memberId, seq: played.seq });
+    }
+    assert.equal(heard.Ben.playAt, heard.Chloe.playAt, 'Ben and Chloe sound it at the same server instant');
+    assert.ok(Math.abs(heard.Ben.playAt - played.playAt) < 0.001, `the receivers' playAt ${heard.Ben.playAt} is Ana's ${played.playAt}`);
+    assert.equal(heard.Ben.midi, played.midi);
+    const trueTimes = [
+      played.localTime + ana.truthOffset,
+      heard.Ben.localTime + ben.truthOffset,
+      heard.Chloe.localTime + chloe.truthOffset,
+    ];
+    const spread = Math.max(...trueTimes) - Math.min(...trueTimes);
+    console.log(`NOTE: Ana's note #${played.seq} playAt ${fmt(played.playAt)} ms; true instants ` +
+      `${trueTimes.map((t) => fmt(t - played.playAt)).join(' / ')} ms from playAt (Ana/Ben/Chloe); spread ${fmt(spread)} ms`);
+    assert.ok(spread <= 1, `Ana, Ben and Chloe sound the note within 1 ms (spread ${fmt(spread)} ms)`);
+
+    // The teacher mutes Ben from his card.
+    const card = teacher.page.locator(`[data-testid=member-card][data-member-id="${ben.memberId}"]`);
+    await card.getByTestId('mute-toggle').click();
+    await ben.page.getByTestId('muted-banner').waitFor({ state: 'visible' });
+    await waitUntil(ben, 'the pads to be disabled', () => document.querySelector('[data-testid=pad-0]').disabled);
+    await waitUntil(teacher, "Ben's card to show muted", (id) =>
+      document.querySelector(`[data-testid=member-card][data-member-id="${id}"] [data-testid=mute-toggle]`)
+        ?.getAttribute('aria-pressed') === 'true', ben.memberId);
+    for (const u of [ana, chloe]) {
+      await waitUntil(u, 'Ben shown muted in presence', (id) =>
+        !!document.querySelector(`[data-testid=presence] [data-member-id="${id}"].muted`), ben.memberId);
+    }
+
+    // Ben tries anyway: the key (the page ignores it) and then the client directly (the
+    // server must drop it).
+    await ben.page.keyboard.press('a');
+    const benPlayed = await ben.page.evaluate(() => window.downbeat.trace.played.length);
+    assert.equal(benPlayed, 0, 'a muted page plays nothing from its keys');
+    const attempt = await ben.page.evaluate(() => {
+      try {
+        const n = window.downbeat.classroom.playNote(62, 100, 0);
+        return { sent: true, seq: n.seq };
+      } catch (e) {
+        return { sent: false, code: e.code ?? String(e) };
+      }
+    });
+    console.log(`muted Ben's direct playNote: ${JSON.stringify(attempt)}`);
+
+    // A later note from Chloe reaches Ana (and the teacher): Ben's would have come first.
+    await chloe.page.getByTestId('pad-1').click();
+    const chloePlayed = await waitUntil(chloe, 'her note in trace.played', () => {
+      const p = window.downbeat.trace.played;
+      return p.length > 0 ? p[p.length - 1] : false;
+    });
+    for (const u of [ana, teacher]) {
+      await waitUntil(u, `Chloe's note #${chloePlayed.seq}`, ({ from, seq }) =>
+        window.downbeat.trace.notes.some((n) => n.from === from && n.seq === seq),
+      { from: chloe.memberId, seq: chloePlayed.seq });
+    }
+    for (const u of [ana, chloe, teacher]) {
+      const fromBen = await u.page.evaluate((id) => window.downbeat.trace.notes.filter((n) => n.from === id), ben.memberId);
+      assert.deepEqual(fromBen, [], `${u.label} received no note from muted Ben`);
+    }
+
+    // Unmuted again, Ben can play.
+    await card.getByTestId('mute-toggle').click();
+    await ben.page.getByTestId('muted-banner').waitFor({ state: 'hidden' });
+    await waitUntil(ben, 'the pads to be enabled', () => !document.querySelector('[data-testid=pad-0]').disabled);
+  }));
+
+  test('5. SEL: a prompt reaches Chloe, her reflection reaches the teacher', { timeout: 120_000 }, guarded(async () => {
+    const chloe = students.Chloe;
+    const prompt = 'How did you help your group today?';
+    const answer = 'I counted the beats out loud for Ben';
+    await teacher.page.getByTestId('prompt-input').fill(prompt);
+    await teacher.page.getByTestId('prompt-send').click();
+    await waitUntil(chloe, 'the prompt', (p) => document.querySelector('[data-testid=prompt-text]')?.textContent === p, prompt);
+    await chloe.page.getByTestId('mood-4').click();
+    await chloe.page.getByTestId('reflection-text').fill(answer);
+    await chloe.page.getByTestId('reflection-send').click();
+    await chloe.page.getByText('Thank you').waitFor({ state: 'visible' });
+    const item = teacher.page.getByTestId('sel-feed').getByTestId('reflection-item')
+      .filter({ hasText: 'Chloe' }).filter({ hasText: answer });
+    await item.first().waitFor({ state: 'visible' });
+    const text = await item.first().textContent();
+    assert.ok(text.includes('😄'), `the reflection shows Chloe's mood (${text})`);
+    console.log(`reflection in the teacher's feed: ${text.replace(/\s+/g, ' ').trim()}`);
+
+    // Participation from the notes played in test 4 reaches the teacher's feed and cards.
+    const ana = students.Ana;
+    const row = await waitUntil(teacher, "Ana's participation row", (id) => {
+      const tr = document.querySelector(`[data-testid=sel-feed] [data-testid=participation-row][data-member-id="${id}"]`);
+      return tr ? [...tr.children].map((td) => td.textContent.trim()).join(' | ') : false;
+    }, ana.memberId);
+    assert.ok(row.includes('Ana'), `the participation row names Ana (${row})`);
+    const stats = await teacher.page.locator(`[data-testid=member-card][data-member-id="${ana.memberId}"] [data-testid=member-stats]`).textContent();
+    assert.match(stats, /[1-9]\d* notes?/, `Ana's card counts her notes (${stats})`);
+    console.log(`participation row: ${row}; Ana's card: ${stats}`);
+  }));
+
+  test('6. screenshots of the running class', { timeout: 60_000 }, guarded(async () => {
+    await mkdir(OUTPUT_DIR, { recursive: true });
+    const teacherPng = path.join(OUTPUT_DIR, 'teacher.png');
+    const studentPng = path.join(OUTPUT_DIR, 'student.png');
+    // A student's card shows participation once the server has counted notes.
+    await students.Ana.page.getByTestId('pad-2').click();
+    await teacher.page.screenshot({ path: teacherPng, fullPage: true });
+    await students.Ana.page.screenshot({ path: studentPng, fullPage: true });
+    for (const p of [teacherPng, studentPng]) assert.ok((await stat(p)).size > 10_000, `${p} is a real image`);
+    console.log(`screenshots: ${teacherPng} ${studentPng}`);
+  }));
+
+  test('7. sign-in from a #token= fragment; a wrong code shows its error code', { timeout: 120_000 }, guarded(async () => {
+    const res = await fetch(`${server.base}/api/demo/tokens`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ role: 'student', name: 'Dana' }),
+    });
+    assert.equal(res.status, 200, 'the demo server mints a student token');
+    const { token } = await res.json();
+    const dana = await openUser(browser, `${server.base}/student#token=${token}`, 'Dana');
+    students.Dana = dana;
+    await waitUntil(dana, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
+    const page = await dana.page.evaluate(() => ({
+      hash: location.hash,
+      stored: Object.keys(sessionStorage).length,
+      nameHidden: document.querySelector('[data-testid=name-input]').closest('[hidden]') !== null,
+      greeting: document.querySelector('#known-row')?.textContent ?? '',
+    }));
+    assert.equal(page.hash, '', 'the token is cleared from the address bar');
+    assert.equal(page.stored, 1, 'the token is kept in sessionStorage');
+    assert.ok(page.nameHidden, 'no name is asked for with a token');
+    assert.ok(page.greeting.includes('Dana'), `the page greets Dana (${page.greeting.trim()})`);
+
+    // A code that names no room: the page says so, with the stable code.
+    await dana.page.getByTestId('code-input').fill('ZZZZ-ZZZZ');
+    await dana.page.getByTestId('join').click();
+    const error = await waitUntil(dana, 'the join error', () => {
+      const e = document.querySelector('[data-testid=error]');
+      return e && !e.hidden && e.textContent.trim() ? e.textContent.trim() : false;
+    });
+    assert.ok(error.includes('room_not_found'), `the error names its code (${error})`);
+    console.log(`wrong code: ${error}`);
+
+    await dana.page.getByTestId('code-input').fill(code.toLowerCase());
+    await dana.page.getByTestId('join').click();
+    dana.memberId = await waitUntil(dana, 'the classroom to connect', () => {
+      const c = window.downbeat && window.downbeat.classroom;
+      return c && c.state === 'connected' ? c.memberId : false;
+    }, undefined, 60_000);
+    await waitUntil(teacher, "Dana's card", (id) =>
+      !!document.querySelector(`[data-testid=member-card][data-member-id="${id}"]`), dana.memberId);
+  }));
+});
+
+process.on('unhandledRejection', (e) => {
+  printDiagnostics(server, allUsers());
+  throw e;
+});

@@ -1,0 +1,291 @@
+// Helpers for the browser end-to-end tests: the server as a child process, headless
+// Chromium through playwright-core (never a downloaded browser), one context per user, and
+// diagnostics printed when a test fails.
+
+import { spawn } from 'node:child_process';
+import { createHash } from 'node:crypto';
+import dgram from 'node:dgram';
+import { existsSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import tls from 'node:tls';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+export const REPO_ROOT = fileURLToPath(new URL('../../', import.meta.url));
+export const OUTPUT_DIR = fileURLToPath(new URL('./output/', import.meta.url));
+
+const MAX_LOG = 4 * 1024 * 1024;
+
+/** Keeps the last `MAX_LOG` characters of a stream. */
+class LogBuffer {
+  constructor() {
+    this.text = '';
+  }
+  push(chunk) {
+    this.text += chunk;
+    if (this.text.length > MAX_LOG) this.text = this.text.slice(-MAX_LOG);
+  }
+}
+
+/**
+ * Starts the server binary (`DOWNBEAT_BIN`, default `target/debug/downbeat` of the repo) on
+ * ephemeral ports with a fresh data directory, and waits for its banner's HTTP port.
+ */
+export async function startServer({ timeoutMs = 60_000, https = false, extraArgs = [] } = {}) {
+  const bin = path.resolve(REPO_ROOT, process.env.DOWNBEAT_BIN ?? 'target/debug/downbeat');
+  if (!existsSync(bin)) {
+    throw new Error(`server binary ${bin} not found: build it (cargo build -p downbeat-server) or set DOWNBEAT_BIN`);
+  }
+  const dataDir = await mkdtemp(path.join(os.tmpdir(), 'downbeat-browser-'));
+  const args = ['--data-dir', dataDir, '--http-addr', '127.0.0.1:0', '--wt-port', '0'];
+  if (https) args.push('--https-addr', '127.0.0.1:0');
+  args.push(...extraArgs);
+  const child = spawn(bin, args, {
+    cwd: REPO_ROOT,
+    env: { ...process.env, RUST_LOG: process.env.RUST_LOG ?? 'info', NO_COLOR: '1' },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+  const stdout = new LogBuffer();
+  const stderr = new LogBuffer();
+  child.stdout.setEncoding('utf8');
+  child.stderr.setEncoding('utf8');
+  child.stderr.on('data', (d) => stderr.push(d));
+  const killOnExit = () => child.kill('SIGKILL');
+  process.on('exit', killOnExit);
+  let exited = false;
+  const exitPromise = new Promise((resolve) => {
+    child.on('exit', (code, signal) => {
+      exited = true;
+      resolve({ code, signal });
+    });
+  });
+
+  const ports = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => {
+      reject(new Error(`no "HTTP API:" banner line from the server within ${timeoutMs} ms\nstdout:\n${stdout.text}\nstderr:\n${stderr.text}`));
+    }, timeoutMs);
+    child.stdout.on('data', (d) => {
+      stdout.push(d);
+      const m = /HTTP API:\s+http:\/\/localhost:(\d+)/.exec(stdout.text);
+      const s = /Teacher page:\s+https:\/\/localhost:(\d+)/.exec(stdout.text);
+      const w = /WebTransport:\s+https:\/\/localhost:(\d+)/.exec(stdout.text);
+      if (m && w && (!https || s)) {
+        clearTimeout(timer);
+        resolve({ http: Number(m[1]), https: s ? Number(s[1]) : null, wt: Number(w[1]) });
+      }
+    });
+    child.on('error', (e) => {
+      clearTimeout(timer);
+      reject(e);
+    });
+    exitPromise.then(({ code, signal }) => {
+      clearTimeout(timer);
+      reject(new Error(`the server exited (code ${code}, signal ${signal}) before its banner\nstderr:\n${stderr.text}`));
+    });
+  });
+
+  return {
+    port: ports.http,
+    base: `http://127.0.0.1:${ports.http}`,
+    httpsBase: ports.https === null ? null : `https://127.0.0.1:${ports.https}`,
+    httpsPort: ports.https,
+    wtPort: ports.wt,
+    pid: child.pid,
+    stdout: () => stdout.text,
+    stderr: () => stderr.text,
+    async stop() {
+      if (!exited) {
+        child.kill('SIGINT');
+        const timer = setTimeout(() => child.kill('SIGKILL'), 5000);
+        await exitPromise;
+        clearTimeout(timer);
+      }
+      process.off('exit', killOnExit);
+      await rm(dataDir, { recursive: true, force: true });
+    },
+  };
+}
+
+/** Headless Chromium from the system (`CHROMIUM`, default /usr/bin/chromium). */
+export async function launchBrowser({ extraArgs = [] } = {}) {
+  const executablePath = process.env.CHROMIUM ?? '/usr/bin/chromium';
+  if (!existsSync(executablePath)) {
+    throw new Error(`Chromium not found at ${executablePath}: install Debian's chromium or set CHROMIUM`);
+  }
+  return chromium.launch({
+    executablePath,
+    headless: true,
+    args: [
+      '--no-sandbox',
+      '--disable-gpu',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--autoplay-policy=no-user-gesture-required',
+      ...extraArgs,
+    ],
+  });
+}
+
+/**
+ * The base64 SHA-256 of the public key (SPKI) of the certificate a TLS server on 127.0.0.1
+ * presents: what Chromium's `--ignore-certificate-errors-spki-list` trusts, the way a school
+ * would install its own CA or a trusted certificate.
+ */
+export async function presentedSpkiHash(port) {
+  const socket = await new Promise((resolve, reject) => {
+    const s = tls.connect({ host: '127.0.0.1', port, servername: 'localhost', rejectUnauthorized: false }, () => resolve(s));
+    s.on('error', reject);
+  });
+  const certificate = socket.getPeerX509Certificate();
+  socket.end();
+  const spki = certificate.publicKey.export({ type: 'spki', format: 'der' });
+  return createHash('sha256').update(spki).digest('base64');
+}
+
+/**
+ * A user: their own browser context (own storage, like a separate Chromebook), one page
+ * opened at `url`, and the page's console and errors kept for diagnostics.
+ */
+export async function openUser(browser, url, label) {
+  const context = await browser.newContext({ viewport: { width: 1366, height: 768 } });
+  const page = await context.newPage();
+  page.setDefaultTimeout(30_000);
+  const logs = [];
+  const stamp = () => new Date().toISOString().slice(11, 23);
+  page.on('console', (m) => logs.push(`${stamp()} [${label}] console.${m.type()}: ${m.text()}`));
+  page.on('pageerror', (e) => logs.push(`${stamp()} [${label}] pageerror: ${e.stack || e.message}`));
+  page.on('requestfailed', (r) => logs.push(`${stamp()} [${label}] request failed: ${r.url()} ${r.failure()?.errorText ?? ''}`));
+  page.on('response', (r) => {
+    if (r.status() >= 400) logs.push(`${stamp()} [${label}] HTTP ${r.status()} ${r.url()}`);
+  });
+  await page.goto(url);
+  return { label, context, page, logs };
+}
+
+/**
+ * Waits until `fn(arg)` is truthy in the page (polling every 50 ms); on timeout the error
+ * says what was awaited and what the page looked like.
+ */
+export async function waitUntil(user, what, fn, arg, timeout = 30_000) {
+  try {
+    const handle = await user.page.waitForFunction(fn, arg, { polling: 50, timeout });
+    const value = await handle.jsonValue();
+    await handle.dispose();
+    return value;
+  } catch (e) {
+    const state = await pageState(user).catch((err) => `(page state unavailable: ${err.message})`);
+    throw new Error(`[${user.label}] timed out waiting for ${what}: ${e.message.split('\n')[0]}\npage state: ${state}`);
+  }
+}
+
+/** A one-line summary of a page for failure messages. */
+export async function pageState(user) {
+  return user.page.evaluate(() => {
+    const text = (sel) => document.querySelector(sel)?.textContent?.trim() ?? null;
+    const d = window.downbeat;
+    const c = d && d.classroom;
+    let sync = null;
+    try {
+      sync = c ? c.sync() : null;
+    } catch (e) {
+      sync = String(e);
+    }
+    return JSON.stringify({
+      url: location.href,
+      status: text('[data-testid=status]'),
+      error: text('[data-testid=error]'),
+      state: c ? c.state : null,
+      memberId: c ? c.memberId : null,
+      sync,
+      beats: d ? d.trace.beats.length : null,
+      notes: d ? d.trace.notes.length : null,
+      played: d ? d.trace.played.length : null,
+      lastApplied: d ? d.lastApplied ?? null : null,
+    });
+  });
+}
+
+/** Prints the server's log and every page's console when a test fails. */
+export function printDiagnostics(server, users) {
+  const out = [];
+  out.push('==================== diagnostics ====================');
+  for (const u of users) {
+    out.push(`---- ${u.label} console (${u.logs.length} lines) ----`);
+    out.push(...u.logs.slice(-200));
+  }
+  if (server) {
+    out.push('---- server stderr (tail) ----');
+    out.push(server.stderr().slice(-20_000));
+  }
+  out.push('=====================================================');
+  console.log(out.join('\n'));
+}
+
+/** Runs a test body; on failure prints diagnostics, then fails the test with the error. */
+export function withDiagnostics(getServer, getUsers, body) {
+  return async (t) => {
+    try {
+      await body(t);
+    } catch (e) {
+      printDiagnostics(getServer(), getUsers());
+      throw e;
+    }
+  };
+}
+
+/**
+ * A UDP relay on 127.0.0.1 between the browser and the server's WebTransport port: one
+ * upstream socket per browser address, so replies find their way back. `cut()` drops every
+ * packet both ways (Wi-Fi gone), `restore()` lets them through again.
+ */
+export async function startRelay() {
+  const front = dgram.createSocket('udp4');
+  const upstreams = new Map(); // "address:port" of the browser -> socket towards the server
+  let target = null;
+  let cut = false;
+  const counts = { forwarded: 0, dropped: 0 };
+  front.on('message', (packet, from) => {
+    if (cut || target === null) {
+      counts.dropped++;
+      return;
+    }
+    const key = `${from.address}:${from.port}`;
+    let up = upstreams.get(key);
+    if (!up) {
+      up = dgram.createSocket('udp4');
+      up.on('message', (reply) => {
+        if (cut) {
+          counts.dropped++;
+          return;
+        }
+        counts.forwarded++;
+        front.send(reply, from.port, from.address);
+      });
+      upstreams.set(key, up);
+    }
+    counts.forwarded++;
+    up.send(packet, target, '127.0.0.1');
+  });
+  await new Promise((resolve) => front.bind(0, '127.0.0.1', resolve));
+  return {
+    port: front.address().port,
+    counts,
+    forwardTo(port) {
+      target = port;
+    },
+    cut() {
+      cut = true;
+    },
+    restore() {
+      cut = false;
+    },
+    close() {
+      for (const up of upstreams.values()) up.close();
+      front.close();
+    },
+  };
+}

@@ -1,0 +1,73 @@
+// The pages over HTTPS: a school serves them with a certificate its Chromebooks trust, and the
+// page is then a secure context (WebTransport exists) and cross-origin isolated. Here the
+// server's own development certificate stands in for that, trusted through
+// --ignore-certificate-errors-spki-list (the key's hash, read off the TLS handshake) the way
+// an installed school CA would be; WebTransport still pins the hashes from /api/client-config.
+
+import assert from 'node:assert/strict';
+import { after, before, describe, test } from 'node:test';
+import {
+  launchBrowser, openUser, presentedSpkiHash, startServer, waitUntil, withDiagnostics,
+} from './harness.mjs';
+
+let server = null;
+let browser = null;
+const users = [];
+
+describe('the pages over HTTPS', { timeout: 5 * 60_000 }, () => {
+  before(async () => {
+    server = await startServer({ https: true });
+    const spki = await presentedSpkiHash(server.httpsPort);
+    console.log(`server: ${server.httpsBase} (certificate key sha-256 ${spki})`);
+    browser = await launchBrowser({ extraArgs: [`--ignore-certificate-errors-spki-list=${spki}`] });
+  });
+
+  after(async () => {
+    if (browser) await browser.close().catch(() => {});
+    if (server) await server.stop();
+  });
+
+  test('a teacher and a student hold a class from https:// pages', { timeout: 180_000 },
+    withDiagnostics(() => server, () => users, async () => {
+      const teacher = await openUser(browser, `${server.httpsBase}/teacher`, 'teacher (https)');
+      users.push(teacher);
+      const context = await teacher.page.evaluate(() => ({
+        protocol: location.protocol,
+        secure: window.isSecureContext,
+        isolated: window.crossOriginIsolated,
+        webTransport: typeof WebTransport,
+      }));
+      console.log(`teacher page: ${JSON.stringify(context)}`);
+      assert.deepEqual(context, { protocol: 'https:', secure: true, isolated: true, webTransport: 'function' });
+
+      await waitUntil(teacher, 'the start-class button to be enabled',
+        () => !document.querySelector('[data-testid=start-class]').disabled);
+      await teacher.page.getByTestId('start-class').click();
+      const code = await waitUntil(teacher, 'the join code', () => {
+        const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
+        return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
+      }, undefined, 60_000);
+
+      const student = await openUser(browser, `${server.httpsBase}/student`, 'Dev (https)');
+      users.push(student);
+      await waitUntil(student, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
+      await student.page.getByTestId('code-input').fill(code);
+      await student.page.getByTestId('name-input').fill('Dev');
+      await student.page.getByTestId('join').click();
+      await waitUntil(teacher, 'a card for Dev', () =>
+        [...document.querySelectorAll('[data-testid=member-card]')].some((c) => c.textContent.includes('Dev')));
+      await waitUntil(student, 'a synced clock', () => window.downbeat.classroom.synced(), undefined, 60_000);
+
+      await teacher.page.getByTestId('start').click();
+      const start = await waitUntil(teacher, 'the start acknowledgement', () => {
+        const a = window.downbeat.lastApplied;
+        return a && a.op === 'start' ? a : false;
+      });
+      const beats = await waitUntil(student, '4 beats scheduled after the start', (at) => {
+        const b = window.downbeat.trace.beats.filter((x) => x.serverTime >= at);
+        return b.length >= 4 ? b : false;
+      }, start.effectiveAt, 60_000);
+      assert.equal(beats[0].index, start.effectiveBeat, 'the first beat scheduled is the one the start named');
+      console.log(`https student scheduled beats ${beats.map((b) => b.index).join(', ')}`);
+    }));
+});

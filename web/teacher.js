@@ -1,0 +1,500 @@
+// The teacher's page: sign in, start a class, show the join code, run the music and see
+// who is in time, mute and assign parts, ask a reflection question and watch the SEL feed.
+
+import {
+  $, h, MOODS, BeatLights, Metronome, NameBook, Sound,
+  clearError, connectClassroom, formatCode, forgetToken, loadClient, loadConfig, mintDemoToken,
+  openAudio, scheduleNote, setStatus, showError, storeToken, syncBadge, takeToken, tokenClaims,
+  watchConnection,
+} from '/common.js';
+
+const trace = { beats: [], notes: [], played: [] };
+/** Test hooks: the classroom, the audio context (when sound is on), traces, the last ack. */
+window.downbeat = { classroom: null, ctx: null, trace, lastApplied: null, applied: [] };
+
+const MIN_BPM = 40;
+const MAX_BPM = 240;
+const METERS = [2, 3, 4, 5, 6, 7];
+
+const statusEl = $('#status');
+const errorEl = $('#error');
+
+let config = null;
+let token = null;
+let classroom = null;
+let sound = null;
+let metronome = null;
+let pending = null; // the last control not yet in effect: { what, beat, at }
+const names = new NameBook();
+const cards = new Map(); // member id -> { el, parts }
+const participation = new Map(); // member id -> latest row
+const reflectionIds = new Set();
+
+function fillMeterSelect(select, value) {
+  select.replaceChildren(...METERS.map((n) => h('option', { value: n, selected: n === value }, String(n))));
+}
+
+async function main() {
+  fillMeterSelect($('#setup-meter'), 4);
+  try {
+    config = await loadConfig();
+  } catch (e) {
+    setStatus(statusEl, 'Cannot reach the class server', 'error');
+    showError(errorEl, e);
+    return;
+  }
+  token = takeToken('teacher');
+  showSignIn();
+  $('#setup').hidden = false;
+  $('#setup-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    startClass();
+  });
+  $('#signout').addEventListener('click', () => {
+    forgetToken('teacher');
+    token = null;
+    showSignIn();
+  });
+  setStatus(statusEl, 'Loading the class app…', 'info');
+  try {
+    await loadClient();
+    setStatus(statusEl, 'Ready', 'ok');
+    $('#start-class').disabled = false;
+  } catch (e) {
+    setStatus(statusEl, 'The class app did not load', 'error');
+    showError(errorEl, e);
+  }
+}
+
+function showSignIn() {
+  const known = token ? tokenClaims(token) : null;
+  $('#signin-known').hidden = !known;
+  if (known) $('#known-name').textContent = known.name || known.sub || 'teacher';
+  $('#signin-demo').hidden = !!known || !config.demo;
+  $('#signin-paste').hidden = !!known || !!config.demo;
+}
+
+async function resolveToken() {
+  if (token) return token;
+  if (config.demo) {
+    const name = $('#teacher-name').value.trim() || 'Ms. Rivera';
+    token = await mintDemoToken('teacher', name);
+  } else {
+    token = $('#token-paste').value.trim();
+    if (!token) throw Object.assign(new Error('Paste your sign-in token first.'), { code: 'demo_off' });
+  }
+  storeToken('teacher', token);
+  return token;
+}
+
+async function startClass() {
+  clearError(errorEl);
+  const button = $('#start-class');
+  const tempoBpm = clampBpm(Number($('#setup-tempo').value));
+  const beatsPerBar = Number($('#setup-meter').value) || 4;
+  const name = $('#room-name').value.trim() || 'Music time';
+  button.disabled = true;
+  setStatus(statusEl, 'Starting the class…', 'info');
+  try {
+    const t = await resolveToken();
+    classroom = await connectClassroom(config, t, { create: { name, tempoBpm, beatsPerBar } });
+  } catch (e) {
+    button.disabled = false;
+    setStatus(statusEl, 'Not connected', 'error');
+    showError(errorEl, e);
+    if (e && (e.code === 'unauthorized' || e.code === 'token_expired')) {
+      forgetToken('teacher');
+      token = null;
+      showSignIn();
+    }
+    return;
+  }
+  window.downbeat.classroom = classroom;
+  $('#setup').hidden = true;
+  $('#class').hidden = false;
+  showClass(tempoBpm, beatsPerBar);
+}
+
+function clampBpm(n) {
+  if (!Number.isFinite(n)) return 120;
+  return Math.min(MAX_BPM, Math.max(MIN_BPM, Math.round(n)));
+}
+
+function showClass(tempoBpm, beatsPerBar) {
+  $('#join-code').textContent = formatCode(classroom.code);
+  $('#join-code').setAttribute('aria-label', `Join code ${formatCode(classroom.code).split('').join(' ')}`);
+  $('#join-url').textContent = `${location.host}/student`;
+  $('#room-title').textContent = classroom.roomName || '';
+  document.title = `${formatCode(classroom.code)} · Downbeat`;
+  $('#code-size').addEventListener('click', (ev) => {
+    const small = document.body.classList.toggle('code-small');
+    ev.currentTarget.setAttribute('aria-pressed', String(small));
+    ev.currentTarget.textContent = small ? 'Make code bigger' : 'Make code smaller';
+  });
+
+  watchConnection(classroom, statusEl, {
+    onClosed: () => {
+      metronome?.stop();
+      for (const b of document.querySelectorAll('#class button')) b.disabled = true;
+    },
+  });
+  classroom.on('error', (e) => showError(errorEl, e));
+
+  // Tempo: number and slider move together; Set tempo applies.
+  const tempoInput = $('#tempo-input');
+  const slider = $('#tempo-slider');
+  tempoInput.value = String(tempoBpm);
+  slider.value = String(tempoBpm);
+  slider.addEventListener('input', () => (tempoInput.value = slider.value));
+  tempoInput.addEventListener('input', () => {
+    const n = Number(tempoInput.value);
+    if (Number.isFinite(n)) slider.value = String(clampBpm(n));
+  });
+  tempoInput.addEventListener('keydown', (ev) => {
+    if (ev.key === 'Enter') applyTempo();
+  });
+  $('#tempo-apply').addEventListener('click', applyTempo);
+
+  fillMeterSelect($('#meter-input'), beatsPerBar);
+  $('#meter-apply').addEventListener('click', () =>
+    control('meter', $('#meter-apply'), () => classroom.setMeter(Number($('#meter-input').value)),
+      Number($('#meter-input').value)));
+  $('#start').addEventListener('click', () => control('start', $('#start'), () => classroom.start(1)));
+  $('#stop').addEventListener('click', () => control('stop', $('#stop'), () => classroom.stop()));
+  $('#sound-toggle').addEventListener('click', toggleSound);
+
+  // Presence.
+  const rerender = () => renderMembers(classroom.members());
+  for (const type of ['members', 'member-joined', 'member-left', 'member-updated']) classroom.on(type, rerender);
+  rerender();
+
+  // Notes from students: traced (and heard when sound is on), their card flashes.
+  classroom.on('note', (n) => {
+    scheduleNote(classroom, sound, trace, n);
+    const card = cards.get(n.from);
+    if (card) {
+      const delay = Math.max(0, n.localTime - performance.now());
+      setTimeout(() => flash(card.el, 'played'), delay);
+    }
+  });
+
+  // SEL.
+  $('#prompt-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    sendPrompt($('#prompt-input').value.trim());
+  });
+  $('#prompt-clear').addEventListener('click', () => sendPrompt(''));
+  classroom.on('prompt', showPrompt);
+  showPrompt(classroom.prompt());
+  classroom.on('reflection', addReflection);
+  classroom.on('participation', updateParticipation);
+
+  // Beat lights and the timeline line.
+  new BeatLights(classroom, $('#beat-lights')).start();
+  refresh();
+  setInterval(refresh, 250);
+  setStatus(statusEl, 'Connected · class is open', 'ok');
+}
+
+function applyTempo() {
+  const input = $('#tempo-input');
+  const bpm = Number(input.value);
+  if (!Number.isInteger(bpm) || bpm < MIN_BPM || bpm > MAX_BPM) {
+    showError(errorEl, { code: 'tempo_out_of_range' });
+    input.focus();
+    return;
+  }
+  control('tempo', $('#tempo-apply'), () => classroom.setTempo(bpm), bpm);
+}
+
+/** Runs a timeline control, shows its outcome, records the ack for tests. */
+async function control(op, button, run, value) {
+  clearError(errorEl);
+  button.disabled = true;
+  try {
+    const ack = await run();
+    const applied = {
+      op,
+      value: value ?? null,
+      epoch: ack.epoch,
+      effectiveAt: ack.effectiveAt,
+      effectiveBeat: ack.effectiveBeat,
+    };
+    window.downbeat.lastApplied = applied;
+    window.downbeat.applied.push(applied);
+    const what = { tempo: `Tempo ${value}`, meter: `${value} beats in a bar`, start: 'Start', stop: 'Stop' }[op];
+    pending = { what, beat: ack.effectiveBeat, at: ack.effectiveAt };
+    refresh();
+  } catch (e) {
+    showError(errorEl, e);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+function refresh() {
+  if (!classroom) return;
+  const tl = classroom.timeline();
+  const info = $('#timeline-info');
+  let text = 'Waiting for the class clock…';
+  if (tl) {
+    text = tl.running
+      ? `▶ Playing · ${Math.round(tl.tempoBpm * 100) / 100} beats per minute · ${tl.beatsPerBar} in a bar`
+      : `■ Stopped · ${Math.round(tl.tempoBpm * 100) / 100} beats per minute · ${tl.beatsPerBar} in a bar`;
+    document.body.classList.toggle('running', !!tl.running);
+    for (const card of cards.values()) refreshAssignBeats(card, tl.beatsPerBar);
+  }
+  const now = classroom.serverNow();
+  if (pending && now !== undefined && now < pending.at) {
+    text += ` — next: ${pending.what} on beat ${pending.beat} (in ${Math.ceil((pending.at - now) / 1000)} s)`;
+  } else {
+    pending = null;
+  }
+  if (info.textContent !== text) info.textContent = text;
+}
+
+async function toggleSound(ev) {
+  const button = ev.currentTarget;
+  if (!sound) {
+    const ctx = openAudio();
+    window.downbeat.ctx = ctx;
+    sound = new Sound(ctx);
+    metronome = new Metronome(classroom, sound, trace);
+    metronome.start();
+    button.setAttribute('aria-pressed', 'true');
+    button.textContent = '🔊 Sound on';
+    return;
+  }
+  const on = button.getAttribute('aria-pressed') !== 'true';
+  button.setAttribute('aria-pressed', String(on));
+  button.textContent = on ? '🔊 Sound on' : '🔈 Hear the class';
+  if (on) await sound.ctx.resume();
+  else await sound.ctx.suspend();
+}
+
+// ---------------------------------------------------------------- presence
+
+function renderMembers(members) {
+  names.update(members);
+  const students = members.filter((m) => m.role === 'student');
+  const self = members.find((m) => m.id === classroom.memberId);
+  $('#teacher-self').textContent = self ? self.name : '';
+  const others = members.filter((m) => m.role === 'teacher' && m.id !== classroom.memberId);
+  if (others.length) $('#teacher-self').textContent += ` (with ${others.map((m) => m.name).join(', ')})`;
+  $('#student-count').textContent = `(${students.length})`;
+  $('#no-students').hidden = students.length > 0;
+
+  const seen = new Set();
+  const grid = $('#members');
+  students
+    .slice()
+    .sort((a, b) => a.name.localeCompare(b.name) || a.id - b.id)
+    .forEach((m, i) => {
+      seen.add(m.id);
+      let card = cards.get(m.id);
+      if (!card) {
+        card = makeCard(m);
+        cards.set(m.id, card);
+      }
+      updateCard(card, m);
+      if (grid.children[i] !== card.el) grid.insertBefore(card.el, grid.children[i] ?? null);
+    });
+  for (const [id, card] of cards) {
+    if (!seen.has(id)) {
+      card.el.remove();
+      cards.delete(id);
+    }
+  }
+}
+
+function makeCard(m) {
+  const parts = {};
+  parts.name = h('h3', { class: 'member-name' });
+  parts.badge = h('span', { class: 'badge', 'data-testid': 'sync-badge' });
+  parts.state = h('p', { class: 'member-state', 'data-testid': 'member-state' });
+  parts.part = h('p', { class: 'member-part', 'data-testid': 'member-part' });
+  parts.stats = h('p', { class: 'member-stats', 'data-testid': 'member-stats' });
+  parts.mute = h('button', { type: 'button', class: 'mute-toggle', 'data-testid': 'mute-toggle', 'aria-pressed': 'false' });
+  parts.partInput = h('input', { type: 'text', maxlength: 32, 'data-testid': 'part-input', placeholder: 'drums' });
+  parts.beatsBox = h('div', { class: 'assign-beats' });
+  parts.assign = h('button', { type: 'button', 'data-testid': 'assign-apply' }, 'Assign');
+  parts.unassign = h('button', { type: 'button', class: 'secondary', 'data-testid': 'assign-clear' }, 'Clear');
+  parts.meter = 0;
+  const partId = `part-${m.id}`;
+  parts.partInput.id = partId;
+  const el = h(
+    'article',
+    { class: 'member-card', 'data-testid': 'member-card', 'data-member-id': m.id },
+    h('header', {}, parts.name, parts.badge),
+    parts.state,
+    parts.part,
+    parts.stats,
+    h('div', { class: 'card-actions' }, parts.mute),
+    h(
+      'details',
+      { class: 'assign' },
+      h('summary', {}, 'Assign part'),
+      h('label', { for: partId }, 'Part name'),
+      parts.partInput,
+      h('fieldset', {}, h('legend', {}, 'Plays on beats'), parts.beatsBox),
+      h('div', { class: 'row' }, parts.assign, parts.unassign),
+    ),
+  );
+  const card = { el, parts, member: m };
+  parts.mute.addEventListener('click', () => toggleMute(card));
+  parts.assign.addEventListener('click', () => assign(card, false));
+  parts.unassign.addEventListener('click', () => assign(card, true));
+  refreshAssignBeats(card, classroom.timeline()?.beatsPerBar ?? 4);
+  return card;
+}
+
+function refreshAssignBeats(card, meter) {
+  const p = card.parts;
+  if (p.meter === meter) return;
+  const checked = new Set(
+    [...p.beatsBox.querySelectorAll('input:checked')].map((i) => Number(i.value)),
+  );
+  if (p.meter === 0) for (const b of card.member.beats || []) checked.add(b);
+  p.meter = meter;
+  const boxes = [];
+  for (let i = 0; i < meter; i++) {
+    const id = `beat-${card.member.id}-${i}`;
+    boxes.push(
+      h('span', { class: 'beat-check' },
+        h('input', { type: 'checkbox', id, value: i, checked: checked.has(i), 'data-testid': `assign-beat-${i}` }),
+        h('label', { for: id }, String(i + 1))),
+    );
+  }
+  p.beatsBox.replaceChildren(...boxes);
+}
+
+function updateCard(card, m) {
+  const p = card.parts;
+  card.member = m;
+  card.el.setAttribute('aria-label', m.name);
+  p.name.textContent = m.name;
+  const badge = syncBadge(m.sync);
+  p.badge.className = `badge ${badge.cls}`;
+  p.badge.textContent = badge.label;
+  if (m.sync && m.sync.synced && typeof m.sync.uncertaintyMs === 'number') {
+    p.badge.title = `± ${m.sync.uncertaintyMs.toFixed(2)} ms, round trip ${m.sync.rttMs?.toFixed?.(1) ?? '?'} ms`;
+  }
+  card.el.classList.toggle('muted', !!m.muted);
+  p.state.textContent = m.muted ? '🔇 Muted' : '🎵 Can play';
+  p.mute.textContent = m.muted ? 'Unmute' : 'Mute';
+  p.mute.setAttribute('aria-pressed', String(!!m.muted));
+  p.mute.setAttribute('aria-label', `${m.muted ? 'Unmute' : 'Mute'} ${m.name}`);
+  p.part.textContent = m.part
+    ? `Part: ${m.part}${m.beats && m.beats.length ? ` · beats ${m.beats.map((b) => b + 1).join(', ')}` : ''}`
+    : 'No part yet';
+  const row = participation.get(m.id);
+  p.stats.textContent = row ? statsText(row) : '';
+}
+
+async function toggleMute(card) {
+  clearError(errorEl);
+  const button = card.parts.mute;
+  button.disabled = true;
+  try {
+    await classroom.mute(card.member.id, !card.member.muted);
+  } catch (e) {
+    showError(errorEl, e, `${card.member.name}: `);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+async function assign(card, clear) {
+  clearError(errorEl);
+  const p = card.parts;
+  const part = clear ? null : p.partInput.value.trim() || null;
+  const beats = clear ? [] : [...p.beatsBox.querySelectorAll('input:checked')].map((i) => Number(i.value));
+  if (!clear && !part) {
+    showError(errorEl, { code: 'bad_request', message: 'Type a part name first.' }, `${card.member.name}: `);
+    p.partInput.focus();
+    return;
+  }
+  p.assign.disabled = true;
+  try {
+    await classroom.assign(card.member.id, part, beats);
+    if (clear) {
+      p.partInput.value = '';
+      for (const i of p.beatsBox.querySelectorAll('input')) i.checked = false;
+    }
+  } catch (e) {
+    showError(errorEl, e, `${card.member.name}: `);
+  } finally {
+    p.assign.disabled = false;
+  }
+}
+
+function flash(el, cls) {
+  el.classList.remove(cls);
+  void el.offsetWidth; // restart the animation
+  el.classList.add(cls);
+  setTimeout(() => el.classList.remove(cls), 250);
+}
+
+// ---------------------------------------------------------------- SEL
+
+async function sendPrompt(text) {
+  clearError(errorEl);
+  if (new TextEncoder().encode(text).length > 200) {
+    showError(errorEl, { code: 'bad_request', message: 'That question is too long (200 letters at most).' });
+    return;
+  }
+  try {
+    await classroom.setPrompt(text);
+    if (!text) $('#prompt-input').value = '';
+  } catch (e) {
+    showError(errorEl, e);
+  }
+}
+
+function showPrompt(p) {
+  $('#prompt-current').textContent = p && p.text ? `Asked: “${p.text}”` : 'No question asked yet.';
+}
+
+function addReflection(r) {
+  if (reflectionIds.has(r.id)) return; // a retried reflection is announced again
+  reflectionIds.add(r.id);
+  $('#no-reflections').hidden = true;
+  const mood = typeof r.mood === 'number' ? MOODS[r.mood] : null;
+  const name = names.name(r.memberId);
+  const item = h(
+    'li',
+    { class: 'reflection-item', 'data-testid': 'reflection-item', 'data-member-id': r.memberId },
+    mood ? h('span', { class: 'mood', role: 'img', 'aria-label': mood.label }, mood.emoji) : h('span', { class: 'mood', 'aria-hidden': 'true' }, '💬'),
+    h('span', { class: 'reflection-body' },
+      h('strong', { class: 'reflection-name' }, name),
+      r.text ? h('span', { class: 'reflection-text' }, r.text) : h('span', { class: 'hint' }, mood ? mood.label : '')),
+    h('time', { class: 'reflection-time' }, new Date().toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' })),
+  );
+  $('#reflections').prepend(item);
+}
+
+function statsText(row) {
+  const pct = row.timed > 0 ? `${Math.round((100 * row.onBeat) / row.timed)}% on beat` : 'no beats yet';
+  const score = row.score === null || row.score === undefined ? '' : ` · score ${row.score}`;
+  return `${row.notes} ${row.notes === 1 ? 'note' : 'notes'} · ${pct}${score}`;
+}
+
+function updateParticipation(rows) {
+  for (const row of rows || []) participation.set(row.memberId, row);
+  const body = $('#participation');
+  const sorted = [...participation.values()].sort((a, b) => names.name(a.memberId).localeCompare(names.name(b.memberId)));
+  body.replaceChildren(
+    ...sorted.map((row) =>
+      h('tr', { 'data-testid': 'participation-row', 'data-member-id': row.memberId },
+        h('th', { scope: 'row' }, names.name(row.memberId)),
+        h('td', {}, String(row.notes)),
+        h('td', {}, row.timed > 0 ? `${Math.round((100 * row.onBeat) / row.timed)}%` : '–'),
+        h('td', {}, row.score === null || row.score === undefined ? '–' : String(row.score)))),
+  );
+  for (const row of rows || []) {
+    const card = cards.get(row.memberId);
+    if (card) card.parts.stats.textContent = statsText(row);
+  }
+}
+
+main();
