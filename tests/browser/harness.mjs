@@ -33,13 +33,13 @@ class LogBuffer {
  * Starts the server binary (`DOWNBEAT_BIN`, default `target/debug/downbeat` of the repo) on
  * ephemeral ports with a fresh data directory, and waits for its banner's HTTP port.
  */
-export async function startServer({ timeoutMs = 60_000, https = false, extraArgs = [] } = {}) {
+export async function startServer({ timeoutMs = 60_000, https = false, httpAddr = '127.0.0.1:0', extraArgs = [] } = {}) {
   const bin = path.resolve(REPO_ROOT, process.env.DOWNBEAT_BIN ?? 'target/debug/downbeat');
   if (!existsSync(bin)) {
     throw new Error(`server binary ${bin} not found: build it (cargo build -p downbeat-server) or set DOWNBEAT_BIN`);
   }
   const dataDir = await mkdtemp(path.join(os.tmpdir(), 'downbeat-browser-'));
-  const args = ['--data-dir', dataDir, '--http-addr', '127.0.0.1:0', '--wt-port', '0'];
+  const args = ['--data-dir', dataDir, '--http-addr', httpAddr, '--wt-port', '0'];
   if (https) args.push('--https-addr', '127.0.0.1:0');
   args.push(...extraArgs);
   const child = spawn(bin, args, {
