@@ -58,8 +58,12 @@ const MAX_RESTART: Duration = Duration::from_secs(3);
 /// Time between two attempts of one student. The server allows 10 control messages per
 /// second per session (burst 20); a little slower keeps every session under the limit.
 const PACE: Duration = Duration::from_millis(110);
-/// How long a student waits for one acknowledgement before giving up on the session.
-const REFLECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a student waits for one acknowledgement before giving up on the session. Only a
+/// hung session needs it: a closed one fails at once, and the kill ends every attempt in
+/// flight. It must outlast the staged crash (the relayed students' unanswered attempts wait
+/// from their send until the kill, through the database outage), or on a loaded machine an
+/// attempt gives up first and is no longer counted as cut by the crash.
+const REFLECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long joining a room (handshake, welcome, prompt) may take before it is retried.
 const JOIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the server may take to print its banner.
