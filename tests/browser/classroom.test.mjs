@@ -380,6 +380,33 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     console.log(`participation row: ${row}; Ana's card: ${stats}`);
   }));
 
+  test('5b. the teacher assigns Ana a part; her page and everyone\'s presence show it', { timeout: 120_000 }, guarded(async () => {
+    const ana = students.Ana;
+    const card = teacher.page.locator(`[data-testid=member-card][data-member-id="${ana.memberId}"]`);
+    await card.locator('summary').click();
+    await card.getByTestId('part-input').fill('drums');
+    await card.getByTestId('assign-beat-0').check();
+    await card.getByTestId('assign-beat-2').check();
+    await card.getByTestId('assign-apply').click();
+    const mine = await waitUntil(ana, 'her part on her page', () => {
+      const t = document.querySelector('[data-testid=my-part]')?.textContent ?? '';
+      return t.includes('drums') ? t : false;
+    });
+    console.log(`Ana's page: ${mine}`);
+    assert.match(mine, /beats 1 and 3/);
+    // Every page's presence (the package's members()) agrees on the assignment.
+    for (const u of [teacher, students.Ben, students.Chloe, ana]) {
+      const seen = await waitUntil(u, 'Ana\'s assignment in members()', (id) => {
+        const m = window.downbeat.classroom.members().find((x) => x.id === id);
+        return m && m.part === 'drums' ? { part: m.part, beats: m.beats } : false;
+      }, ana.memberId);
+      assert.deepEqual(seen, { part: 'drums', beats: [0, 2] }, `${u.label} sees Ana's part`);
+    }
+    await waitUntil(teacher, 'the card to show the part', (id) =>
+      document.querySelector(`[data-testid=member-card][data-member-id="${id}"] [data-testid=member-part]`)
+        ?.textContent.includes('drums'), ana.memberId);
+  }));
+
   test('6. screenshots of the running class', { timeout: 60_000 }, guarded(async () => {
     await mkdir(OUTPUT_DIR, { recursive: true });
     const teacherPng = path.join(OUTPUT_DIR, 'teacher.png');
