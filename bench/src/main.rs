@@ -5,11 +5,18 @@
 //! algorithms, free of this machine's scheduling noise: clock-offset error against the
 //! injected truth, beat onset spread across clients, and late beats, per network profile.
 //! The socket-level scenarios and the peers side by side come with the benchmark issue.
+//!
+//! `downbeat-bench netem` brings up the packet-level network emulator
+//! (`downbeat_bench::netem`) with a profile, and either runs its self-check or holds the
+//! network for manual use until Ctrl-C.
+
+#![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 use std::time::Instant;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use downbeat_bench::netem::{self, Emulator, EmulatorConfig};
 use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
 use downbeat_engine::{clock, room};
 use downbeat_protocol::{Change, MicroBpm, ServerNanos};
@@ -47,6 +54,57 @@ enum Scenario {
         #[arg(long)]
         json: Option<std::path::PathBuf>,
     },
+    /// Packet-level network emulator: a namespace for clients, TUN devices and an impaired
+    /// path per client and direction, for real UDP (QUIC) and TCP traffic.
+    ///
+    /// Needs root, /dev/net/tun and `ip` (iproute2). Clients run inside the namespace
+    /// (`ip netns exec dbnet-<id> ...`) and bind to their own address (10.77.<id>.<i+1>);
+    /// servers listen in the root namespace on 10.78.<id>.1 (or 0.0.0.0). Without --check it
+    /// prints the addresses and holds the network until Ctrl-C, then prints the counters.
+    Netem {
+        /// Network profile: loopback, lan, classroom-wifi or congested.
+        #[arg(long, default_value = "classroom-wifi")]
+        profile: String,
+        /// Simulated clients (one address and one path each way per client).
+        #[arg(long, default_value_t = 10)]
+        clients: usize,
+        /// Emulator id (0-255): names and addresses derive from it; emulators running at once
+        /// need different ids.
+        #[arg(long, default_value_t = 1)]
+        id: u8,
+        /// Seed (the same seed and the same packets give the same losses and delays).
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Add a 1 s outage on every client's paths this many seconds after start.
+        #[arg(long)]
+        outage_at: Option<f64>,
+        /// Microseconds the timer spins before a release instead of sleeping (accuracy vs CPU).
+        #[arg(long, default_value_t = 100)]
+        spin_us: u64,
+        /// Keep the emulator's threads on the normal scheduler (default: SCHED_FIFO priority
+        /// 10 via `chrt`, so a busy machine delays releases less).
+        #[arg(long)]
+        no_realtime: bool,
+        /// Run the self-check (UDP echoes from every client, measured against the model) and
+        /// exit.
+        #[arg(long)]
+        check: bool,
+        /// Self-check: probes per client.
+        #[arg(long, default_value_t = 1_000)]
+        count: u32,
+        /// Self-check: milliseconds between rounds of probes (one per client).
+        #[arg(long, default_value_t = 10.0)]
+        interval_ms: f64,
+        /// Write the self-check's figures (or, when holding, the final counters) as JSON here.
+        #[arg(long)]
+        json: Option<std::path::PathBuf>,
+    },
+    /// Programs the emulator runs inside the clients' namespace (internal).
+    #[command(hide = true)]
+    NetemHelper {
+        #[command(subcommand)]
+        mode: netem::helper::HelperMode,
+    },
 }
 
 fn profile(name: &str, power_save: bool) -> Result<Profile> {
@@ -67,7 +125,104 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
 }
 
 fn main() -> Result<()> {
-    let Scenario::Sim { profile: name, clients, seconds, bpm, seed, outage_at, json } = Cli::parse().scenario;
+    match Cli::parse().scenario {
+        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, json } => {
+            sim_scenario(profile, clients, seconds, bpm, seed, outage_at, json)
+        }
+        Scenario::Netem {
+            profile,
+            clients,
+            id,
+            seed,
+            outage_at,
+            spin_us,
+            no_realtime,
+            check,
+            count,
+            interval_ms,
+            json,
+        } => {
+            let Some(mut p) = netem::Profile::by_name(&profile) else {
+                bail!("unknown profile {profile:?}: use {}", netem::PROFILE_NAMES.join(", "))
+            };
+            if let Some(at) = outage_at {
+                let from = (at * SEC as f64) as u64;
+                p = p.with_outage_at(from, from + SEC);
+            }
+            let config = EmulatorConfig {
+                seed,
+                spin: std::time::Duration::from_micros(spin_us),
+                realtime_priority: if no_realtime { None } else { Some(10) },
+                ..EmulatorConfig::new(id, clients, p)
+            };
+            let check = check.then(|| netem::check::CheckConfig {
+                count,
+                interval_us: (interval_ms * 1e3) as u64,
+                ..netem::check::CheckConfig::default()
+            });
+            netem_scenario(config, check, json)
+        }
+        Scenario::NetemHelper { mode } => netem::helper::run(mode),
+    }
+}
+
+/// Brings the emulator up and runs the self-check or holds it until Ctrl-C.
+fn netem_scenario(
+    config: EmulatorConfig,
+    check: Option<netem::check::CheckConfig>,
+    json: Option<std::path::PathBuf>,
+) -> Result<()> {
+    // Ctrl-C must not kill the process before the emulator's drop removes its namespace.
+    let (ctrl_c_tx, ctrl_c) = std::sync::mpsc::channel();
+    std::thread::Builder::new().name("ctrl-c".into()).spawn(move || {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_io().build() else { return };
+        if rt.block_on(tokio::signal::ctrl_c()).is_ok() {
+            let _ = ctrl_c_tx.send(());
+        }
+    })?;
+    let emulator = Emulator::start(config)?;
+    let (client_dev, server_dev) = emulator.devices();
+    println!("netem up: {}", emulator.profile());
+    println!(
+        "  clients: namespace {} (device {client_dev}), addresses {}",
+        emulator.netns(),
+        match emulator.config().clients {
+            1 => emulator.client_addr(0).to_string(),
+            n => format!("{} .. {}", emulator.client_addr(0), emulator.client_addr(n - 1)),
+        }
+    );
+    println!("  server:  root namespace (device {server_dev}), address {}", emulator.server_addr());
+    if let Some(check) = check {
+        let exe = std::env::current_exe().context("finding this program to run the probe")?;
+        let report = netem::check::run_check(&emulator, &exe, &check)?;
+        println!("\n{}", report.table());
+        if let Some(path) = json {
+            std::fs::write(&path, serde_json::to_string_pretty(&report)?)?;
+        }
+        return Ok(());
+    }
+    println!(
+        "  run a client: ip netns exec {} <program> (bind it to its client address)\nholding the network; Ctrl-C to stop",
+        emulator.netns()
+    );
+    let _ = ctrl_c.recv();
+    let stats = emulator.stats();
+    println!("\n{}", serde_json::to_string_pretty(&stats)?);
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&stats)?)?;
+    }
+    Ok(())
+}
+
+fn sim_scenario(
+    name: String,
+    clients: usize,
+    seconds: u64,
+    bpm: u32,
+    seed: u64,
+    outage_at: Option<u64>,
+    json: Option<std::path::PathBuf>,
+) -> Result<()> {
     let started = Instant::now();
     let mut rng = Rng::new(seed);
     let mut members = Vec::new();
