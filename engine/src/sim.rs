@@ -113,7 +113,8 @@ pub enum Jitter {
 }
 
 impl Jitter {
-    fn sample(&self, rng: &mut Rng) -> u64 {
+    /// One draw of extra delay, ns.
+    pub fn sample(&self, rng: &mut Rng) -> u64 {
         match *self {
             Self::None => 0,
             Self::Uniform { max_nanos } => (rng.uniform() * max_nanos as f64) as u64,

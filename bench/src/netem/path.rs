@@ -193,7 +193,7 @@ mod tests {
     /// Quantiles (ms) of the engine's independent per-packet delay for a profile.
     fn engine_quantiles(p: &downbeat_engine::sim::Profile) -> [f64; 3] {
         let mut rng = Rng::new(99);
-        let jitter = Jitter::from_sim_for_tests(&p.up.jitter);
+        let jitter = &p.up.jitter;
         let mut d: Vec<u64> = (0..200_000).map(|_| p.up.base_nanos + jitter.sample(&mut rng)).collect();
         d.sort_unstable();
         [q(&d, 0.5), q(&d, 0.9), q(&d, 0.99)]

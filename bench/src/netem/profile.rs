@@ -16,66 +16,41 @@
 use std::fmt;
 
 use downbeat_engine::sim::{self, MS, Rng, SEC};
-use serde::Serialize;
+use serde::ser::SerializeMap as _;
+use serde::{Serialize, Serializer};
 
-/// Extra one-way delay drawn per packet on top of a path's base delay.
-#[derive(Clone, Debug, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Jitter {
-    /// None.
-    None,
-    /// Uniform in `[0, max_nanos)`.
-    Uniform {
-        /// Upper bound, ns.
-        max_nanos: u64,
-    },
-    /// Log-normal (heavy-tailed, like Wi-Fi): quantile q is `median * exp(z_q * sigma)`,
-    /// capped.
-    LogNormal {
-        /// Median extra delay, ns.
-        median_nanos: f64,
-        /// Shape.
-        sigma: f64,
-        /// Largest extra delay, ns.
-        cap_nanos: u64,
-    },
-}
+/// Extra one-way delay drawn per packet on top of a path's base delay: the engine's own
+/// [`sim::Jitter`], so both emulators draw it with one formula.
+pub use downbeat_engine::sim::Jitter;
 
-impl Jitter {
-    /// One draw, ns (the same formulas as the engine's simulation).
-    pub fn sample(&self, rng: &mut Rng) -> u64 {
-        match *self {
-            Self::None => 0,
-            Self::Uniform { max_nanos } => (rng.uniform() * max_nanos as f64) as u64,
-            Self::LogNormal { median_nanos, sigma, cap_nanos } => {
-                ((median_nanos * (sigma * rng.normal()).exp()) as u64).min(cap_nanos)
-            }
+/// Writes a jitter as `{"kind": "none" | "uniform" | "log-normal", ...its fields}`.
+fn serialize_jitter<S: Serializer>(jitter: &Jitter, serializer: S) -> Result<S::Ok, S::Error> {
+    let mut map = serializer.serialize_map(None)?;
+    match *jitter {
+        Jitter::None => map.serialize_entry("kind", "none")?,
+        Jitter::Uniform { max_nanos } => {
+            map.serialize_entry("kind", "uniform")?;
+            map.serialize_entry("max_nanos", &max_nanos)?;
+        }
+        Jitter::LogNormal { median_nanos, sigma, cap_nanos } => {
+            map.serialize_entry("kind", "log-normal")?;
+            map.serialize_entry("median_nanos", &median_nanos)?;
+            map.serialize_entry("sigma", &sigma)?;
+            map.serialize_entry("cap_nanos", &cap_nanos)?;
         }
     }
-
-    /// The engine's jitter, for tests that compare with it.
-    #[cfg(test)]
-    pub(crate) fn from_sim_for_tests(jitter: &sim::Jitter) -> Self {
-        Self::from_sim(jitter)
-    }
-
-    fn from_sim(jitter: &sim::Jitter) -> Self {
-        match *jitter {
-            sim::Jitter::None => Self::None,
-            sim::Jitter::Uniform { max_nanos } => Self::Uniform { max_nanos },
-            sim::Jitter::LogNormal { median_nanos, sigma, cap_nanos } => {
-                Self::LogNormal { median_nanos, sigma, cap_nanos }
-            }
-        }
-    }
+    map.end()
 }
 
-impl fmt::Display for Jitter {
+/// A jitter in words, for the printed profile.
+struct JitterText<'a>(&'a Jitter);
+
+impl fmt::Display for JitterText<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            Self::None => write!(f, "no jitter"),
-            Self::Uniform { max_nanos } => write!(f, "uniform jitter 0..{}", Ms(max_nanos)),
-            Self::LogNormal { median_nanos, sigma, cap_nanos } => write!(
+        match *self.0 {
+            Jitter::None => write!(f, "no jitter"),
+            Jitter::Uniform { max_nanos } => write!(f, "uniform jitter 0..{}", Ms(max_nanos)),
+            Jitter::LogNormal { median_nanos, sigma, cap_nanos } => write!(
                 f,
                 "log-normal jitter (median {}, sigma {sigma}, cap {})",
                 Ms(median_nanos as u64),
@@ -156,6 +131,7 @@ pub struct PathParams {
     /// Fixed one-way delay, ns.
     pub base_nanos: u64,
     /// Extra delay per packet.
+    #[serde(serialize_with = "serialize_jitter")]
     pub jitter: Jitter,
     /// Link stalls (the heavy tail), if any.
     pub stalls: Option<Stalls>,
@@ -199,7 +175,7 @@ impl PathParams {
     pub fn from_sim(path: &sim::Path) -> Self {
         Self {
             base_nanos: path.base_nanos,
-            jitter: Jitter::from_sim(&path.jitter),
+            jitter: path.jitter.clone(),
             stalls: None,
             min_gap_nanos: 0,
             loss: path.loss,
@@ -221,7 +197,7 @@ impl PathParams {
 
 impl fmt::Display for PathParams {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} + {}", Ms(self.base_nanos), self.jitter)?;
+        write!(f, "{} + {}", Ms(self.base_nanos), JitterText(&self.jitter))?;
         if let Some(stalls) = self.stalls {
             write!(f, " + {stalls}")?;
         }
@@ -353,7 +329,7 @@ impl Profile {
         let mut profile = Self::from_sim(name, p);
         profile.power_save_share = 0.3;
         let cap_nanos = match p.up.jitter {
-            sim::Jitter::LogNormal { cap_nanos, .. } => cap_nanos,
+            Jitter::LogNormal { cap_nanos, .. } => cap_nanos,
             _ => 1_500 * MS,
         };
         for path in [&mut profile.up, &mut profile.down] {
