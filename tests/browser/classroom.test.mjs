@@ -13,7 +13,8 @@ import { mkdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
-  OUTPUT_DIR, launchBrowser, openUser, printDiagnostics, startServer, waitUntil, withDiagnostics,
+  OUTPUT_DIR, joinClass, launchBrowser, openUser, printDiagnostics, startBeat, startClass, startServer, waitUntil,
+  withDiagnostics,
 } from './harness.mjs';
 
 const STUDENTS = ['Ana', 'Ben', 'Chloe'];
@@ -48,25 +49,14 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
 
   test('1. the teacher creates a room and three students join it by code', { timeout: 180_000 }, guarded(async () => {
     teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
-    const startClass = teacher.page.getByTestId('start-class');
-    await startClass.waitFor({ state: 'visible' });
-    await waitUntil(teacher, 'the start-class button to be enabled',
-      () => !document.querySelector('[data-testid=start-class]').disabled);
-    await startClass.click();
-    code = await waitUntil(teacher, 'the join code', () => {
-      const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
-      return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
-    }, undefined, 60_000);
+    code = await startClass(teacher);
     console.log(`join code: ${code}`);
     assert.equal(await teacher.page.evaluate(() => window.downbeat.classroom.role), 'teacher');
 
     for (const name of STUDENTS) {
       const u = await openUser(browser, `${server.base}/student`, name);
       students[name] = u;
-      await waitUntil(u, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
-      await u.page.getByTestId('code-input').fill(code);
-      await u.page.getByTestId('name-input').fill(name);
-      await u.page.getByTestId('join').click();
+      await joinClass(u, code, name);
       u.memberId = await waitUntil(u, 'the classroom to connect', () => {
         const c = window.downbeat && window.downbeat.classroom;
         return c && c.state === 'connected' ? c.memberId : false;
@@ -103,11 +93,7 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     for (const u of studentUsers()) {
       await waitUntil(u, 'classroom.synced()', () => window.downbeat.classroom.synced(), undefined, 60_000);
     }
-    await teacher.page.getByTestId('start').click();
-    startAck = await waitUntil(teacher, 'the start acknowledgement', () => {
-      const a = window.downbeat.lastApplied;
-      return a && a.op === 'start' ? a : false;
-    });
+    startAck = await startBeat(teacher);
     console.log(`start: epoch ${startAck.epoch}, beat ${startAck.effectiveBeat} at server ${fmt(startAck.effectiveAt)} ms`);
 
     // At least 12 beats after the start scheduled in every tab.

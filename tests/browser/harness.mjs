@@ -289,3 +289,31 @@ export async function startRelay() {
     },
   };
 }
+
+/** Clicks "Start class" on a teacher page and returns the join code it shows (`K7QF-M3XP`). */
+export async function startClass(teacher) {
+  await waitUntil(teacher, 'the start-class button to be enabled',
+    () => !document.querySelector('[data-testid=start-class]').disabled);
+  await teacher.page.getByTestId('start-class').click();
+  return waitUntil(teacher, 'the join code', () => {
+    const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
+    return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
+  }, undefined, 60_000);
+}
+
+/** Types the join code and name on a student page and clicks Join. */
+export async function joinClass(student, code, name) {
+  await waitUntil(student, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
+  await student.page.getByTestId('code-input').fill(code);
+  await student.page.getByTestId('name-input').fill(name);
+  await student.page.getByTestId('join').click();
+}
+
+/** Clicks Start on a teacher page and returns the server's acknowledgement of the start. */
+export async function startBeat(teacher) {
+  await teacher.page.getByTestId('start').click();
+  return waitUntil(teacher, 'the start acknowledgement', () => {
+    const a = window.downbeat.lastApplied;
+    return a && a.op === 'start' ? a : false;
+  });
+}

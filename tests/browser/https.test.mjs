@@ -7,7 +7,8 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  launchBrowser, openUser, presentedSpkiHash, startServer, waitUntil, withDiagnostics,
+  joinClass, launchBrowser, openUser, presentedSpkiHash, startBeat, startClass, startServer, waitUntil,
+  withDiagnostics,
 } from './harness.mjs';
 
 let server = null;
@@ -40,29 +41,16 @@ describe('the pages over HTTPS', { timeout: 5 * 60_000 }, () => {
       console.log(`teacher page: ${JSON.stringify(context)}`);
       assert.deepEqual(context, { protocol: 'https:', secure: true, isolated: true, webTransport: 'function' });
 
-      await waitUntil(teacher, 'the start-class button to be enabled',
-        () => !document.querySelector('[data-testid=start-class]').disabled);
-      await teacher.page.getByTestId('start-class').click();
-      const code = await waitUntil(teacher, 'the join code', () => {
-        const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
-        return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
-      }, undefined, 60_000);
+      const code = await startClass(teacher);
 
       const student = await openUser(browser, `${server.httpsBase}/student`, 'Dev (https)');
       users.push(student);
-      await waitUntil(student, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
-      await student.page.getByTestId('code-input').fill(code);
-      await student.page.getByTestId('name-input').fill('Dev');
-      await student.page.getByTestId('join').click();
+      await joinClass(student, code, 'Dev');
       await waitUntil(teacher, 'a card for Dev', () =>
         [...document.querySelectorAll('[data-testid=member-card]')].some((c) => c.textContent.includes('Dev')));
       await waitUntil(student, 'a synced clock', () => window.downbeat.classroom.synced(), undefined, 60_000);
 
-      await teacher.page.getByTestId('start').click();
-      const start = await waitUntil(teacher, 'the start acknowledgement', () => {
-        const a = window.downbeat.lastApplied;
-        return a && a.op === 'start' ? a : false;
-      });
+      const start = await startBeat(teacher);
       const beats = await waitUntil(student, '4 beats scheduled after the start', (at) => {
         const b = window.downbeat.trace.beats.filter((x) => x.serverTime >= at);
         return b.length >= 4 ? b : false;

@@ -4,7 +4,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { launchBrowser, openUser, startServer, waitUntil, withDiagnostics } from './harness.mjs';
+import {
+  joinClass, launchBrowser, openUser, startClass, startServer, waitUntil, withDiagnostics,
+} from './harness.mjs';
 
 let server = null;
 let browser = null;
@@ -26,13 +28,7 @@ describe('the pages from http://localhost', { timeout: 5 * 60_000 }, () => {
       const base = `http://localhost:${server.port}`;
       const teacher = await openUser(browser, `${base}/teacher`, 'teacher (localhost)');
       users.push(teacher);
-      await waitUntil(teacher, 'the start-class button to be enabled',
-        () => !document.querySelector('[data-testid=start-class]').disabled);
-      await teacher.page.getByTestId('start-class').click();
-      const code = await waitUntil(teacher, 'the join code', () => {
-        const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
-        return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
-      }, undefined, 60_000);
+      const code = await startClass(teacher);
 
       const student = await openUser(browser, `${base}/student`, 'Fay (localhost)');
       users.push(student);
@@ -48,10 +44,7 @@ describe('the pages from http://localhost', { timeout: 5 * 60_000 }, () => {
       console.log(`client config: ${config.webtransport_url}, ${config.certificate_hashes.length} pinned hashes`);
       assert.match(config.webtransport_url, /^https:\/\/localhost:\d+\/$/);
 
-      await waitUntil(student, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
-      await student.page.getByTestId('code-input').fill(code);
-      await student.page.getByTestId('name-input').fill('Fay');
-      await student.page.getByTestId('join').click();
+      await joinClass(student, code, 'Fay');
       await waitUntil(student, 'a synced clock', () => window.downbeat?.classroom?.synced(), undefined, 60_000);
       await waitUntil(teacher, 'a card for Fay', () =>
         [...document.querySelectorAll('[data-testid=member-card]')].some((c) => c.textContent.includes('Fay')));

@@ -4,7 +4,9 @@
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
-import { launchBrowser, openUser, startRelay, startServer, waitUntil, withDiagnostics } from './harness.mjs';
+import {
+  joinClass, launchBrowser, openUser, startBeat, startClass, startRelay, startServer, waitUntil, withDiagnostics,
+} from './harness.mjs';
 
 let relay = null;
 let server = null;
@@ -36,20 +38,11 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
     withDiagnostics(() => server, () => users, async () => {
       const teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
       users.push(teacher);
-      await waitUntil(teacher, 'the start-class button to be enabled',
-        () => !document.querySelector('[data-testid=start-class]').disabled);
-      await teacher.page.getByTestId('start-class').click();
-      const code = await waitUntil(teacher, 'the join code', () => {
-        const t = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
-        return /^[2-9A-HJ-NP-Z]{4}-[2-9A-HJ-NP-Z]{4}$/.test(t) ? t : false;
-      }, undefined, 60_000);
+      const code = await startClass(teacher);
 
       const student = await openUser(browser, `${server.base}/student`, 'Eli');
       users.push(student);
-      await waitUntil(student, 'the join button to be enabled', () => !document.querySelector('[data-testid=join]').disabled);
-      await student.page.getByTestId('code-input').fill(code);
-      await student.page.getByTestId('name-input').fill('Eli');
-      await student.page.getByTestId('join').click();
+      await joinClass(student, code, 'Eli');
       const before = await waitUntil(student, 'a synced clock', () => {
         const c = window.downbeat && window.downbeat.classroom;
         return c && c.synced() ? { memberId: c.memberId, code: c.code } : false;
@@ -96,11 +89,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
       await waitUntil(teacher, 'one card for Eli', () =>
         [...document.querySelectorAll('[data-testid=member-card]')].filter((c) => c.textContent.includes('Eli')).length === 1,
       undefined, 30_000);
-      await teacher.page.getByTestId('start').click();
-      const start = await waitUntil(teacher, 'the start acknowledgement', () => {
-        const a = window.downbeat.lastApplied;
-        return a && a.op === 'start' ? a : false;
-      });
+      const start = await startBeat(teacher);
       await waitUntil(student, 'beats scheduled after the start', (at) =>
         window.downbeat.trace.beats.filter((b) => b.serverTime >= at).length >= 2, start.effectiveAt, 60_000);
       console.log(`relay: ${JSON.stringify(relay.counts)}`);
