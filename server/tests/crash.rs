@@ -15,7 +15,10 @@
 //!   connections; SQLite's write lock is held elsewhere) and the kill is sent while a
 //!   reflection of the other half, sent since, is in flight: the server could not have
 //!   committed it, so it must not have acknowledged it either, and its retry must store it
-//!   once. A server that acknowledged before committing would lose it here.
+//!   once. A server that acknowledged before committing would lose it here. (A direct
+//!   student still waiting on a reflection sent before the outage sets it aside and sends
+//!   its next one, retrying the first after the restart: otherwise the staging could wait on
+//!   attempts that no database will answer before the kill.)
 //!
 //! Nothing here sleeps in place of a condition: the driver waits on the students' progress
 //! and the teacher's feed, and students learn of the restarted server through a [`watch`]
@@ -24,7 +27,7 @@
 //! retry.
 #![cfg(unix)]
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
@@ -405,6 +408,13 @@ struct Student {
     retries: Retries,
 }
 
+/// One reflection a student submits, under one id across all its attempts.
+struct Reflection {
+    id: [u8; 16],
+    mood: u8,
+    text: String,
+}
+
 /// A student's session in the room of one server start.
 struct Session {
     generation: u32,
@@ -420,6 +430,10 @@ enum Attempt {
     ServerGone {
         db_down: bool,
     },
+    /// A direct student's attempt sent before the database went down, which cannot be
+    /// answered before the restart: the student moves on to its next reflection (sent with the
+    /// database down) and retries this one later.
+    Parked,
     /// Retry on this session after the pause.
     Again(&'static str),
     /// Retry on a new session.
@@ -428,18 +442,24 @@ enum Attempt {
 
 impl Student {
     /// Submits [`PER_STUDENT`] reflections one after another, each under one random id kept
-    /// across retries, until each is acknowledged.
+    /// across retries, until each is acknowledged. A reflection parked by the database outage
+    /// goes to the back of the line and is retried after the others.
     async fn run(mut self) -> Result<StudentReport> {
         let mut acked = BTreeMap::new();
         let mut cut_by_crash = Vec::new();
         let mut session: Option<Session> = None;
         let mut pace = tokio::time::interval(PACE);
         pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        for n in 0..PER_STUDENT {
-            let id: [u8; 16] = rand::random();
+        let mut pending: VecDeque<Reflection> = (0..PER_STUDENT)
+            .map(|n| Reflection {
+                id: rand::random(),
+                mood: u8::try_from(n % 5).expect("a mood below 5"),
+                text: format!("{} reflection {n}", self.subject),
+            })
+            .collect();
+        while let Some(reflection) = pending.pop_front() {
+            let Reflection { id, mood, ref text } = reflection;
             let hex_id = hex::encode(id);
-            let mood = u8::try_from(n % 5).expect("a mood below 5");
-            let text = format!("{} reflection {n}", self.subject);
             loop {
                 pace.tick().await;
                 // A session on a server that was killed is dropped unused.
@@ -453,7 +473,7 @@ impl Student {
                         }
                     },
                 };
-                match self.attempt(&current, id, mood, &text).await? {
+                match self.attempt(&current, id, mood, text).await? {
                     Attempt::Acked => {
                         let generation = current.generation;
                         acked.insert(hex_id.clone(), Acked { generation, mood, text: text.clone() });
@@ -464,6 +484,12 @@ impl Student {
                     Attempt::ServerGone { db_down } => {
                         self.retries.count("server killed");
                         cut_by_crash.push(Cut { id: hex_id.clone(), db_down });
+                    }
+                    Attempt::Parked => {
+                        self.retries.count("parked by the database outage");
+                        session = Some(current);
+                        pending.push_back(reflection);
+                        break;
                     }
                     Attempt::Again(reason) => {
                         self.retries.count(reason);
@@ -531,12 +557,22 @@ impl Student {
                 p.direct_in_flight_db_down += 1;
             }
         });
+        // A direct attempt sent before the outage waits for a database that comes back only
+        // after the kill; the staging needs this student's next reflection in flight instead.
+        let parks = !relayed && !db_down;
+        let mut outage = self.progress.subscribe();
+        let db_went_down = async move {
+            if !parks || outage.wait_for(|p| p.db_down).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        };
         let outcome = tokio::select! {
             // The request goes out on the first poll, and an answer that arrived is taken even
             // if the server died just after sending it.
             biased;
-            outcome = tokio::time::timeout(REFLECT_TIMEOUT, reflect) => Some(outcome),
+            outcome = tokio::time::timeout(REFLECT_TIMEOUT, reflect) => Some(Some(outcome)),
             () = gone => None,
+            () = db_went_down => Some(None),
         };
         self.progress.send_modify(|p| {
             if relayed {
@@ -546,6 +582,7 @@ impl Student {
             }
         });
         let Some(outcome) = outcome else { return Ok(Attempt::ServerGone { db_down }) };
+        let Some(outcome) = outcome else { return Ok(Attempt::Parked) };
         Ok(match outcome {
             Ok(Ok(())) => Attempt::Acked,
             Ok(Err(ClientError::Refused { code: ErrorCode::StoreUnavailable, .. })) => {
