@@ -6,4 +6,11 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod downbeat;
+pub mod hostclock;
+pub mod machine;
+pub mod metrics;
 pub mod netem;
+pub mod peers;
+pub mod report;
+pub mod scenarios;

@@ -16,7 +16,9 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
+use downbeat_bench::metrics::RunReport;
 use downbeat_bench::netem::{self, Emulator, EmulatorConfig};
+use downbeat_bench::{report, scenarios};
 use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
 use downbeat_engine::{clock, room};
 use downbeat_protocol::{Change, MicroBpm, ServerNanos};
@@ -28,8 +30,129 @@ struct Cli {
     scenario: Scenario,
 }
 
+/// Options every socket scenario takes.
+#[derive(clap::Args, Debug, Clone)]
+struct CommonArgs {
+    /// Network: `loopback` (the kernel's loopback device, no emulator) or an emulator profile:
+    /// lan, classroom-wifi or congested (needs root).
+    #[arg(long, default_value = "loopback")]
+    profile: String,
+    /// Systems to run, in order, comma-separated: downbeat, socketio, ws.
+    #[arg(long, default_value = "downbeat,socketio,ws", value_delimiter = ',')]
+    systems: Vec<String>,
+    /// Seed for the emulator and the injected clocks.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Emulator id (0-255); emulators running at once need different ids.
+    #[arg(long, default_value_t = 40)]
+    netem_id: u8,
+    /// Where the JSON and PNG files go.
+    #[arg(long, default_value = "bench/results")]
+    out: std::path::PathBuf,
+}
+
+/// A classroom workload's shape.
+#[derive(clap::Args, Debug, Clone)]
+struct WorkloadArgs {
+    /// Rooms at once (the peers run one room of the same size).
+    #[arg(long, default_value_t = 1)]
+    rooms: usize,
+    /// Students per room.
+    #[arg(long, default_value_t = 30)]
+    students: usize,
+    /// Seconds the beat runs.
+    #[arg(long, default_value_t = 30.0)]
+    seconds: f64,
+    /// Tempo in BPM.
+    #[arg(long, default_value_t = 120)]
+    bpm: u32,
+}
+
 #[derive(Subcommand, Debug)]
 enum Scenario {
+    /// Clock sync: each simulated student has an injected clock offset (+-500 ms) and drift
+    /// (+-100 ppm); its estimate of server time is compared with the truth every 100 ms.
+    /// Reports the error p50/p99 from 2 s after joining and the time until every client
+    /// stays within 1 ms. Peers have no clock sync: their error is a beat's one-way delay.
+    Sync {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+    },
+    /// Beat onset spread: the latest minus the earliest true instant at which the students
+    /// sound the same beat, and beats scheduled late or never. Downbeat's students schedule
+    /// 200 ms ahead on the shared timeline; the peers' play each beat on arrival.
+    Onset {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        /// A 1 s outage on every path this many seconds in (emulated profiles only).
+        #[arg(long)]
+        outage_at: Option<f64>,
+    },
+    /// Note fan-out: every student plays notes; latency from playing to each classmate's
+    /// arrival (p50/p99/p99.9), deliveries lost, and the spread of the instants at which the
+    /// classmates sound one note.
+    Fanout {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        /// Notes per student per second.
+        #[arg(long, default_value_t = 2.0)]
+        notes_per_second: f64,
+    },
+    /// A class joining at once (slowest join, p50), then a storm of sessions connecting at
+    /// once for handshakes per second.
+    Join {
+        #[command(flatten)]
+        common: CommonArgs,
+        #[command(flatten)]
+        workload: WorkloadArgs,
+        /// Sessions in the storm (loopback; emulated profiles use one class).
+        #[arg(long, default_value_t = 600)]
+        storm: usize,
+    },
+    /// Capacity (Downbeat only): sessions held in rooms of 30 with beats flowing, server
+    /// memory per session, and server CPU per 1,000 datagrams over a steady window.
+    Capacity {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Sessions to hold.
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Seconds of the steady window measured.
+        #[arg(long, default_value_t = 10.0)]
+        hold_seconds: f64,
+    },
+    /// Every scenario on loopback and classroom-wifi, as BENCHMARKS.md reports them; with
+    /// --smoke, each in seconds (what CI runs to keep the harness working).
+    All {
+        /// Where the JSON, PNG and markdown files go.
+        #[arg(long, default_value = "bench/results")]
+        out: std::path::PathBuf,
+        /// Tiny workloads that only show the harness works.
+        #[arg(long)]
+        smoke: bool,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Profiles to run.
+        #[arg(long, default_value = "loopback,classroom-wifi", value_delimiter = ',')]
+        profiles: Vec<String>,
+        /// Systems to run.
+        #[arg(long, default_value = "downbeat,socketio,ws", value_delimiter = ',')]
+        systems: Vec<String>,
+    },
+    /// Runs simulated students for a socket scenario (internal).
+    #[command(hide = true)]
+    ClassHelper {
+        /// The class spec (JSON).
+        #[arg(long)]
+        spec: std::path::PathBuf,
+    },
     /// Clock sync and beat onset spread of N simulated clients in one room.
     Sim {
         /// Network profile: loopback, lan, classroom-wifi or congested.
@@ -163,7 +286,186 @@ fn main() -> Result<()> {
             netem_scenario(config, check, json)
         }
         Scenario::NetemHelper { mode } => netem::helper::run(mode),
+        Scenario::ClassHelper { spec } => downbeat_bench::downbeat::class::run_helper(&spec),
+        Scenario::Sync { common, workload } => {
+            let common = common.resolve()?;
+            publish(&common, &scenarios::sync(&common, &workload.with(0.0, None))?, &[])
+        }
+        Scenario::Onset { common, workload, outage_at } => {
+            let common = common.resolve()?;
+            publish(&common, &scenarios::onset(&common, &workload.with(0.0, outage_at))?, ONSET_PLOTS)
+        }
+        Scenario::Fanout { common, workload, notes_per_second } => {
+            let common = common.resolve()?;
+            publish(&common, &scenarios::fanout(&common, &workload.with(notes_per_second, None))?, FANOUT_PLOTS)
+        }
+        Scenario::Join { common, workload, storm } => {
+            let common = common.resolve()?;
+            publish(&common, &scenarios::join(&common, &workload.with(0.0, None), storm)?, &[])
+        }
+        Scenario::Capacity { common, sessions, hold_seconds } => {
+            let common = common.resolve()?;
+            publish(&common, &scenarios::capacity(&common, sessions, hold_seconds)?, &[])
+        }
+        Scenario::All { out, smoke, seed, profiles, systems } => all(&out, smoke, seed, &profiles, &systems),
     }
+}
+
+/// The CDFs the onset and fan-out reports draw: (distribution key, title, unit).
+const ONSET_PLOTS: &[(&str, &str, &str)] = &[("onset_spread_ms", "Beat onset spread across the class", "ms")];
+const FANOUT_PLOTS: &[(&str, &str, &str)] = &[("fanout_ms", "Note fan-out latency", "ms")];
+
+impl CommonArgs {
+    fn resolve(self) -> Result<scenarios::Common> {
+        let systems = self.systems.iter().map(|s| scenarios::System::parse(s)).collect::<Result<Vec<_>>>()?;
+        Ok(scenarios::Common {
+            profile: self.profile,
+            systems,
+            seed: self.seed,
+            netem_id: self.netem_id,
+            out: self.out,
+            command: command_line(),
+        })
+    }
+}
+
+impl WorkloadArgs {
+    fn with(&self, notes_per_second: f64, outage_at: Option<f64>) -> scenarios::Workload {
+        scenarios::Workload {
+            rooms: self.rooms,
+            students: self.students,
+            seconds: self.seconds,
+            bpm: self.bpm,
+            notes_per_second,
+            outage_at,
+        }
+    }
+}
+
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    format!("downbeat-bench {}", args.join(" "))
+}
+
+/// Prints the report's table, writes its JSON and plots; returns the markdown.
+fn publish(common: &scenarios::Common, report: &RunReport, plots: &[(&str, &str, &str)]) -> Result<()> {
+    publish_to(&common.out, report, plots).map(|markdown| println!("{markdown}"))
+}
+
+/// What a smoke run must show: every system produced the scenario's core figures and nobody
+/// failed to join. It checks that the harness works, never how fast anything is.
+fn smoke_check(report: &RunReport) -> Result<()> {
+    let core: &[&str] = match report.scenario.as_str() {
+        "onset" => &["onset_spread_p50_ms"],
+        "fanout" => &["fanout_p50_ms"],
+        "join" => &["join_all_ms", "handshakes_per_s"],
+        "capacity" => &["sessions_held", "rss_per_session_kib", "cpu_ms_per_1000_datagrams"],
+        // Peers have no clock sync; their stand-in needs beats after the first 2 s.
+        _ => &[],
+    };
+    for system in &report.systems {
+        for key in core
+            .iter()
+            .chain((report.scenario == "sync" && system.system == "downbeat").then_some(&"offset_error_p50_ms"))
+        {
+            let value = system.metrics.iter().find(|m| m.key == *key).and_then(|m| m.value);
+            let Some(value) = value.filter(|v| v.is_finite()) else {
+                bail!("smoke: {} {} has no {key}", report.scenario, system.display);
+            };
+            if *key == "sessions_held" && value < report.parameters["rooms"].as_f64().unwrap_or(0.0) {
+                bail!("smoke: capacity held only {value} sessions");
+            }
+        }
+        if let Some(failures) = system.metrics.iter().find(|m| m.key == "join_failures").and_then(|m| m.value)
+            && failures > 0.0
+        {
+            bail!("smoke: {failures} joins failed for {} in {}", system.display, report.scenario);
+        }
+    }
+    Ok(())
+}
+
+fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &str)]) -> Result<String> {
+    let mut markdown = report::markdown(report);
+    let json = report::write_json(report, out)?;
+    markdown.push_str(&format!("\nJSON: `{}`", json.display()));
+    for (key, title, unit) in plots {
+        if let Some(png) = report::plot_cdfs(report, key, title, unit, out)? {
+            markdown.push_str(&format!(
+                "\n\n![{title}]({})",
+                png.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned())
+            ));
+        }
+    }
+    Ok(markdown)
+}
+
+/// Every scenario on each profile; writes `results.md` in `out` with all the tables.
+fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], systems: &[String]) -> Result<()> {
+    let systems = systems.iter().map(|s| scenarios::System::parse(s)).collect::<Result<Vec<_>>>()?;
+    let mut sections = Vec::new();
+    let publish = |report: RunReport, plots: &[(&str, &str, &str)]| -> Result<String> {
+        if smoke {
+            smoke_check(&report)?;
+        }
+        publish_to(out, &report, plots)
+    };
+    let progress = report::Progress::new((profiles.len() * 5) as u64, "scenarios");
+    for profile in profiles {
+        let common = scenarios::Common {
+            profile: profile.clone(),
+            systems: systems.clone(),
+            seed,
+            netem_id: 40,
+            out: out.to_path_buf(),
+            command: command_line(),
+        };
+        let loopback = profile == "loopback";
+        let class = |seconds: f64| scenarios::Workload {
+            rooms: 1,
+            students: if smoke { 4 } else { 30 },
+            seconds: if smoke { 2.0 } else { seconds },
+            bpm: 120,
+            notes_per_second: 0.0,
+            outage_at: None,
+        };
+        progress.set_message(&format!("{profile}: sync"));
+        sections.push(publish(scenarios::sync(&common, &class(20.0))?, &[])?);
+        progress.inc(1);
+        progress.set_message(&format!("{profile}: onset"));
+        let outage = (!loopback && !smoke).then_some(30.0);
+        let onset = scenarios::Workload { outage_at: outage, ..class(60.0) };
+        sections.push(publish(scenarios::onset(&common, &onset)?, ONSET_PLOTS)?);
+        progress.inc(1);
+        progress.set_message(&format!("{profile}: fanout"));
+        // Side by side on one class (the peers' client drives one room), then Downbeat alone
+        // on performance.md's 20 rooms of 30.
+        let fan = scenarios::Workload { notes_per_second: 2.0, ..class(30.0) };
+        sections.push(publish(scenarios::fanout(&common, &fan)?, FANOUT_PLOTS)?);
+        if loopback {
+            let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
+            let rooms = scenarios::Workload { rooms: if smoke { 2 } else { 20 }, ..fan };
+            sections.push(publish(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
+        }
+        progress.inc(1);
+        progress.set_message(&format!("{profile}: join"));
+        let storm = if smoke { 20 } else { 600 };
+        sections.push(publish(scenarios::join(&common, &class(1.0), storm)?, &[])?);
+        progress.inc(1);
+        if loopback {
+            progress.set_message("capacity");
+            let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
+            let (sessions, hold) = if smoke { (60, 1.0) } else { (10_000, 10.0) };
+            sections.push(publish(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
+        }
+        progress.inc(1);
+    }
+    progress.finish();
+    let text = sections.join("\n\n");
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("results.md"), &text)?;
+    println!("{text}");
+    Ok(())
 }
 
 /// Brings the emulator up and runs the self-check or holds it until Ctrl-C.

@@ -89,6 +89,9 @@ pub struct ConnectOptions {
     pub handshake_timeout: Duration,
     /// How often sync quality and playout counts are reported; `None`: never.
     pub report_interval: Option<Duration>,
+    /// The local address to send from; `None`: any (the system picks). Benchmarks give each
+    /// simulated client its own address so a network emulator can tell them apart.
+    pub bind_address: Option<std::net::IpAddr>,
 }
 
 impl ConnectOptions {
@@ -103,6 +106,7 @@ impl ConnectOptions {
             sync: SyncConfig::default(),
             handshake_timeout: Duration::from_secs(10),
             report_interval: Some(Duration::from_secs(2)),
+            bind_address: None,
         }
     }
 
@@ -202,7 +206,11 @@ impl Client {
 
     /// Connects, timestamping with `clock`.
     pub async fn connect_with_clock(options: ConnectOptions, clock: Arc<dyn LocalClock>) -> Result<Self, ClientError> {
-        let builder = ClientConfig::builder().with_bind_default();
+        let bind = ClientConfig::builder();
+        let builder = match options.bind_address {
+            Some(ip) => bind.with_bind_address(std::net::SocketAddr::new(ip, 0)),
+            None => bind.with_bind_default(),
+        };
         let config = if options.cert_hashes.is_empty() {
             builder.with_native_certs().keep_alive_interval(Some(Duration::from_secs(3))).build()
         } else {

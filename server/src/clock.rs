@@ -42,6 +42,28 @@ impl ServerClock {
         ServerNanos(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
+    /// The reading of the host's `CLOCK_MONOTONIC`, in nanoseconds, at which this clock reads
+    /// zero. Every process on the host shares that clock, so a benchmark in another process
+    /// can turn its own instants into true server time and measure clients against it.
+    ///
+    /// Linux only (`std::time::Instant` is `CLOCK_MONOTONIC` there); `None` elsewhere, and
+    /// meaningless while tokio's clock is paused. Two back-to-back clock reads make it exact
+    /// to a fraction of a microsecond.
+    pub fn zero_on_host_monotonic(&self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            let host = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+            let now = std::time::Instant::now();
+            let host_nanos = u64::try_from(host.tv_sec).ok()? * 1_000_000_000 + u64::try_from(host.tv_nsec).ok()?;
+            let since_zero = u64::try_from(now.saturating_duration_since(self.base.into_std()).as_nanos()).ok()?;
+            host_nanos.checked_sub(since_zero)
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            None
+        }
+    }
+
     /// The [`Instant`] at which this clock reads `t` (for `sleep_until`). Saturates about
     /// 30 years out rather than overflowing.
     pub fn instant_of(&self, t: ServerNanos) -> Instant {
@@ -71,5 +93,22 @@ mod tests {
         assert_eq!(clock.since_base(clock.instant_of(t)), t);
         // Far-future times saturate instead of panicking.
         let _ = clock.instant_of(ServerNanos(u64::MAX));
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn zero_on_the_host_clock_matches_a_fresh_reading() {
+        let clock = ServerClock::new();
+        std::thread::sleep(Duration::from_millis(20));
+        let zero = clock.zero_on_host_monotonic().expect("linux");
+        let host = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+        let host_nanos = host.tv_sec as u64 * 1_000_000_000 + host.tv_nsec as u64;
+        let server_now = clock.now().0;
+        // The host clock now minus server time now is the zero, up to the reads in between.
+        let diff = (host_nanos - server_now) as i64 - zero as i64;
+        assert!(diff.abs() < 1_000_000, "zero {zero} is {diff} ns off");
+        // Repeated derivations agree closely.
+        let again = clock.zero_on_host_monotonic().expect("linux");
+        assert!((again as i64 - zero as i64).abs() < 100_000, "{again} vs {zero}");
     }
 }

@@ -177,6 +177,7 @@ impl Server {
         web::warn_if_missing(&config);
         let clock = ServerClock::new();
         let stats = Arc::new(Stats::default());
+        stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
         let (source, key) = identity::load(&config)?;
         let endpoint = Arc::new(bind_endpoint(&config, &key)?);
         let wt_port = endpoint

@@ -45,6 +45,11 @@ impl Gauge {
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
     }
+
+    /// Sets the value.
+    pub fn set(&self, value: u64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
 }
 
 /// Number of slots for per-code counts: every known code plus one for unknown codes.
@@ -130,6 +135,8 @@ impl Histogram {
 pub struct Stats {
     /// WebTransport sessions open now.
     pub sessions_active: Gauge,
+    /// The host's `CLOCK_MONOTONIC` in nanoseconds at server time zero (0 where unknown).
+    pub clock_zero_monotonic_nanos: Gauge,
     /// WebTransport sessions accepted since start.
     pub sessions_total: Counter,
     /// Connection attempts refused at a capacity limit (handshakes or sessions).
@@ -248,6 +255,12 @@ impl Stats {
         );
         metric("sel_rows_purged_total", "counter", "SEL rows deleted by retention.", self.sel_rows_purged.get());
         metric("sessions_active", "gauge", "WebTransport sessions open now.", self.sessions_active.get());
+        metric(
+            "clock_zero_monotonic_nanoseconds",
+            "gauge",
+            "The host's CLOCK_MONOTONIC reading in ns at which server time is zero (for benchmarks on the host).",
+            self.clock_zero_monotonic_nanos.get(),
+        );
         metric("sessions_total", "counter", "WebTransport sessions accepted.", self.sessions_total.get());
         metric(
             "handshakes_refused_total",

@@ -1,0 +1,266 @@
+//! The machine a run went on and what it cost: CPU model, memory and load from `/proc`, the
+//! share of CPU time the hypervisor stole during a run, and a child process's CPU time and
+//! resident memory.
+//!
+//! Linux only, read from `/proc`; where a file is missing or unreadable the figure stays at
+//! its default (0 or empty) rather than failing the run, except for [`ProcessMeter`], whose
+//! callers need to know that the process is gone.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, anyhow};
+
+use crate::metrics::Machine;
+
+/// Clock ticks per second of the times in `/proc/<pid>/stat` (`USER_HZ`). Linux reports them
+/// in 1/100 s on every architecture whatever the kernel's own tick rate is.
+const CLK_TCK: f64 = 100.0;
+
+/// Describes this machine now: logical CPUs, CPU model, memory, kernel release and the
+/// 1-minute load average. `steal_percent` is left 0: measure it over the run with
+/// [`StealMeter`].
+///
+/// `cpus` is the parallelism this process may use (`std::thread::available_parallelism`,
+/// which honours CPU affinity and cgroup quotas), falling back to the processors in
+/// `/proc/cpuinfo`.
+pub fn describe() -> Machine {
+    let cpuinfo = read("/proc/cpuinfo").unwrap_or_default();
+    let cpus =
+        std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or_else(|_| count_processors(&cpuinfo));
+    Machine {
+        cpus,
+        cpu_model: cpu_model(&cpuinfo).unwrap_or_else(|| "unknown".into()),
+        memory_gib: read("/proc/meminfo")
+            .and_then(|t| kib_field(&t, "MemTotal"))
+            .map_or(0.0, |kib| kib as f64 / (1024.0 * 1024.0)),
+        kernel: read("/proc/sys/kernel/osrelease").map(|t| t.trim().to_owned()).unwrap_or_default(),
+        steal_percent: 0.0,
+        load_average: read("/proc/loadavg").and_then(|t| load_average(&t)).unwrap_or(0.0),
+    }
+}
+
+/// Share of CPU time stolen by the hypervisor since [`StealMeter::start`], from the
+/// aggregate `cpu` line of `/proc/stat`.
+#[derive(Clone, Copy, Debug)]
+pub struct StealMeter {
+    start: Option<CpuTimes>,
+}
+
+impl StealMeter {
+    /// Reads the counters now.
+    pub fn start() -> Self {
+        Self { start: read_cpu_times() }
+    }
+
+    /// Stolen time as a percentage of all CPU time (user, nice, system, idle, iowait, irq,
+    /// softirq and steal) since [`StealMeter::start`]; 0 when `/proc/stat` cannot be read or
+    /// no time has passed.
+    pub fn percent(&self) -> f64 {
+        match (self.start, read_cpu_times()) {
+            (Some(start), Some(now)) => steal_percent(start, now),
+            _ => 0.0,
+        }
+    }
+}
+
+/// The aggregate `cpu` line's counters that matter here, in ticks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct CpuTimes {
+    /// user + nice + system + idle + iowait + irq + softirq + steal. Guest time is already
+    /// counted in user and nice, so the guest columns are left out.
+    total: u64,
+    steal: u64,
+}
+
+fn read_cpu_times() -> Option<CpuTimes> {
+    read("/proc/stat").and_then(|t| parse_cpu_times(&t))
+}
+
+/// Parses the aggregate `cpu ` line of `/proc/stat`. Kernels older than 2.6.11 have no steal
+/// column: missing columns count as 0.
+fn parse_cpu_times(stat: &str) -> Option<CpuTimes> {
+    let line = stat.lines().find(|l| l.split_whitespace().next() == Some("cpu"))?;
+    let columns: Vec<u64> = line.split_whitespace().skip(1).map(str::parse).collect::<Result<_, _>>().ok()?;
+    if columns.len() < 4 {
+        return None;
+    }
+    let first8 = &columns[..columns.len().min(8)];
+    Some(CpuTimes { total: first8.iter().sum(), steal: columns.get(7).copied().unwrap_or(0) })
+}
+
+fn steal_percent(start: CpuTimes, now: CpuTimes) -> f64 {
+    let total = now.total.saturating_sub(start.total);
+    if total == 0 {
+        return 0.0;
+    }
+    now.steal.saturating_sub(start.steal) as f64 / total as f64 * 100.0
+}
+
+/// CPU time and resident memory of one process (a peer server the benchmark started), read
+/// from `/proc/<pid>/stat` and `/proc/<pid>/status` on each call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcessMeter {
+    pid: u32,
+}
+
+impl ProcessMeter {
+    /// A meter for process `pid` (`std::process::Child::id`).
+    pub fn new(pid: u32) -> Self {
+        Self { pid }
+    }
+
+    /// The process measured.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// User plus system CPU seconds the process has used so far (its own threads, not its
+    /// waited-for children). Fails when the process is gone.
+    pub fn cpu_seconds(&self) -> Result<f64> {
+        let path = self.proc_path("stat");
+        let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (utime, stime) = parse_stat_cpu_ticks(&stat).ok_or_else(|| anyhow!("unexpected {}", path.display()))?;
+        Ok((utime + stime) as f64 / CLK_TCK)
+    }
+
+    /// The process's resident set size now, in bytes. Fails when the process is gone.
+    pub fn rss_bytes(&self) -> Result<u64> {
+        status_rss_bytes(&self.proc_path("status"))
+    }
+
+    fn proc_path(&self, file: &str) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/{file}", self.pid))
+    }
+}
+
+/// This process's resident set size now, in bytes.
+pub fn self_rss_bytes() -> Result<u64> {
+    status_rss_bytes(Path::new("/proc/self/status"))
+}
+
+fn status_rss_bytes(path: &Path) -> Result<u64> {
+    let status = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let kib = kib_field(&status, "VmRSS").ok_or_else(|| anyhow!("no VmRSS in {}", path.display()))?;
+    Ok(kib * 1024)
+}
+
+/// `(utime, stime)` in ticks from the text of `/proc/<pid>/stat`. The command name (field 2)
+/// is in parentheses and may itself hold spaces and parentheses, so the fields are counted
+/// from the LAST `)`: after it come state (field 3) ... utime (14) and stime (15).
+fn parse_stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let after_comm = &stat[stat.rfind(')')? + 1..];
+    let mut fields = after_comm.split_whitespace().skip(11);
+    let utime = fields.next()?.parse().ok()?;
+    let stime = fields.next()?.parse().ok()?;
+    Some((utime, stime))
+}
+
+/// A `Name:   1234 kB` figure of `/proc/meminfo` or `/proc/<pid>/status`, in KiB.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    text.lines().find_map(|line| {
+        let (key, rest) = line.split_once(':')?;
+        if key.trim() != name {
+            return None;
+        }
+        let mut words = rest.split_whitespace();
+        let value = words.next()?.parse().ok()?;
+        // Both files say `kB` and mean KiB; a figure without a unit would be a count.
+        matches!(words.next(), Some("kB")).then_some(value)
+    })
+}
+
+fn cpu_model(cpuinfo: &str) -> Option<String> {
+    cpuinfo.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == "model name").then(|| value.trim().to_owned())
+    })
+}
+
+fn count_processors(cpuinfo: &str) -> usize {
+    cpuinfo.lines().filter(|l| l.split_once(':').is_some_and(|(k, _)| k.trim() == "processor")).count().max(1)
+}
+
+fn load_average(loadavg: &str) -> Option<f64> {
+    loadavg.split_whitespace().next()?.parse().ok()
+}
+
+fn read(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cpu  10132153 290696 3084719 46828483 16683 0 25195 175628 0 0
+cpu0 1393280 32966 572056 13343292 6130 0 17875 0 0 0
+intr 1462898 0 0
+ctxt 3344
+";
+
+    #[test]
+    fn cpu_line_totals_the_first_eight_columns() {
+        let t = parse_cpu_times(STAT).expect("cpu line");
+        assert_eq!(t.total, 10132153 + 290696 + 3084719 + 46828483 + 16683 + 25195 + 175628);
+        assert_eq!(t.steal, 175628);
+        // `cpu0` must not be taken for the aggregate line.
+        assert_eq!(parse_cpu_times("cpu0 1 2 3 4 5 6 7 8\n"), None);
+        // An old kernel without steal (and guest) columns.
+        assert_eq!(parse_cpu_times("cpu 1 2 3 4 5 6 7\n"), Some(CpuTimes { total: 28, steal: 0 }));
+        assert_eq!(parse_cpu_times("cpu 1 x 3 4\n"), None);
+    }
+
+    #[test]
+    fn steal_is_a_share_of_the_total_delta() {
+        let start = CpuTimes { total: 1000, steal: 10 };
+        assert!((steal_percent(start, CpuTimes { total: 1400, steal: 30 }) - 5.0).abs() < 1e-12);
+        assert_eq!(steal_percent(start, start), 0.0);
+    }
+
+    #[test]
+    fn stat_fields_count_from_the_last_parenthesis() {
+        let plain = "4242 (node) S 1 4242 4242 0 -1 4194560 2735 0 0 0 153 47 0 0 20 0 11 0 8135 \
+                     1155391488 12161 18446744073709551615 1 1 0 0 0 0 0 4096 134234626 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(parse_stat_cpu_ticks(plain), Some((153, 47)));
+        // A command name with spaces and parentheses, even a `) ` that looks like the end.
+        let tricky = "77 (my (odd) prog) R 3 ) S x) R 1 77 77 0 -1 4194304 10 0 0 0 1234 567 0 0 20 0 1 0 5 \
+                      1000 200 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 0 0 0 0 0 0";
+        assert_eq!(parse_stat_cpu_ticks(tricky), Some((1234, 567)));
+        assert_eq!(parse_stat_cpu_ticks("12 (cut) S 1 2"), None);
+        assert_eq!(parse_stat_cpu_ticks("no parenthesis"), None);
+    }
+
+    #[test]
+    fn status_and_meminfo_figures() {
+        let status = "Name:\tnode\nVmPeak:\t 1200000 kB\nVmRSS:\t   48644 kB\nThreads:\t11\n";
+        assert_eq!(kib_field(status, "VmRSS"), Some(48644));
+        assert_eq!(kib_field(status, "VmSwap"), None);
+        assert_eq!(kib_field(status, "Threads"), None);
+        let meminfo = "MemTotal:       24576000 kB\nMemFree:         1000 kB\n";
+        assert_eq!(kib_field(meminfo, "MemTotal"), Some(24576000));
+    }
+
+    #[test]
+    fn cpuinfo_and_loadavg() {
+        let cpuinfo = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n\n\
+                       processor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n";
+        assert_eq!(cpu_model(cpuinfo).as_deref(), Some("AMD EPYC 7B13 64-Core Processor"));
+        assert_eq!(count_processors(cpuinfo), 2);
+        assert_eq!(cpu_model("processor : 0\n"), None);
+        assert_eq!(load_average("1.52 0.98 0.71 2/345 6789\n"), Some(1.52));
+    }
+
+    #[test]
+    fn reads_this_machine() {
+        let m = describe();
+        assert!(m.cpus >= 1);
+        assert!(m.memory_gib > 0.0);
+        assert!(!m.kernel.is_empty());
+        assert!(self_rss_bytes().expect("own rss") > 0);
+        let me = ProcessMeter::new(std::process::id());
+        assert!(me.cpu_seconds().expect("own cpu time") >= 0.0);
+        assert!(me.rss_bytes().expect("own rss") > 0);
+        let steal = StealMeter::start().percent();
+        assert!((0.0..=100.0).contains(&steal));
+    }
+}
