@@ -1,8 +1,15 @@
 //! `downbeat-bench` as a library: the pieces the benchmark binary and its tests share.
 //!
+//! - [`scenarios`]: the socket scenarios, each system in turn on one workload and network.
+//! - [`downbeat`]: the real server binary as a child process, and simulated classrooms of
+//!   native clients ([`downbeat::class`]) in a child process of their own.
+//! - [`peers`]: the Socket.IO and WebSocket-timer peers in `bench/peers/` and their client.
 //! - [`netem`]: a packet-level network emulator in user space (TUN devices and a network
 //!   namespace), so QUIC and TCP traffic between benchmark clients and servers cross the same
 //!   impaired path.
+//! - [`metrics`], [`report`], [`machine`], [`hostclock`]: what a run reports and how it is
+//!   rendered (JSON, markdown with ratios, PNG CDFs), the machine and its steal, and the host
+//!   clock every process shares.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 

@@ -1,14 +1,16 @@
-//! `downbeat-bench`: figures from simulated classrooms.
+//! `downbeat-bench`: figures from classrooms, simulated and on real sockets.
 //!
-//! This first scenario runs the real engine (room, clock-sync estimator, client state
-//! machine, codec) on the engine's virtual network, so its figures are those of the
-//! algorithms, free of this machine's scheduling noise: clock-offset error against the
-//! injected truth, beat onset spread across clients, and late beats, per network profile.
-//! The socket-level scenarios and the peers side by side come with the benchmark issue.
-//!
-//! `downbeat-bench netem` brings up the packet-level network emulator
-//! (`downbeat_bench::netem`) with a profile, and either runs its self-check or holds the
-//! network for manual use until Ctrl-C.
+//! - `sync`, `onset`, `fanout`, `join`, `capacity`: socket scenarios. Each runs Downbeat (the
+//!   real server binary, native clients with injected clocks) and the peers in `bench/peers/`
+//!   on the same workload, over the kernel's loopback or the packet emulator, and prints a
+//!   table with the ratios; JSON and PNG CDFs go to `--out`. `all` runs every scenario on
+//!   loopback and classroom-wifi (`--smoke`: seconds, what CI runs); `report` renders a
+//!   directory of runs again. See `downbeat_bench::scenarios`.
+//! - `sim`: the engine (room, clock-sync estimator, client state machine, codec) on the
+//!   engine's virtual network, so its figures are those of the algorithms, free of this
+//!   machine's scheduling noise.
+//! - `netem`: brings up the packet-level network emulator (`downbeat_bench::netem`) with a
+//!   profile, and either runs its self-check or holds it for manual use until Ctrl-C.
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
@@ -145,6 +147,12 @@ enum Scenario {
         /// Systems to run.
         #[arg(long, default_value = "downbeat,socketio,ws", value_delimiter = ',')]
         systems: Vec<String>,
+    },
+    /// Renders every run's JSON in a directory again (markdown tables and PNG plots) into
+    /// its `results.md`, in the order of the scenarios.
+    Report {
+        /// The directory with the JSON files.
+        dir: std::path::PathBuf,
     },
     /// Runs simulated students for a socket scenario (internal).
     #[command(hide = true)]
@@ -308,6 +316,7 @@ fn main() -> Result<()> {
             publish(&common, &scenarios::capacity(&common, sessions, hold_seconds)?, &[])
         }
         Scenario::All { out, smoke, seed, profiles, systems } => all(&out, smoke, seed, &profiles, &systems),
+        Scenario::Report { dir } => rerender(&dir),
     }
 }
 
@@ -398,6 +407,38 @@ fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &
         }
     }
     Ok(markdown)
+}
+
+/// Renders the JSON files in `dir` into `dir/results.md`.
+fn rerender(dir: &std::path::Path) -> Result<()> {
+    const ORDER: &[&str] = &["sync", "onset", "fanout", "join", "capacity"];
+    let mut reports = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.extension().is_some_and(|e| e == "json") {
+            let report: RunReport = serde_json::from_slice(&std::fs::read(&path)?)
+                .with_context(|| format!("{} is not a run report", path.display()))?;
+            reports.push(report);
+        }
+    }
+    let rank = |r: &RunReport| {
+        let rooms = r.parameters.get("rooms").and_then(serde_json::Value::as_u64).unwrap_or(1);
+        (r.profile != "loopback", ORDER.iter().position(|s| *s == r.scenario).unwrap_or(ORDER.len()), rooms)
+    };
+    reports.sort_by_key(rank);
+    let mut sections = Vec::new();
+    for report in &reports {
+        let plots = match report.scenario.as_str() {
+            "onset" => ONSET_PLOTS,
+            "fanout" => FANOUT_PLOTS,
+            _ => &[],
+        };
+        sections.push(publish_to(dir, report, plots)?);
+    }
+    let text = sections.join("\n\n");
+    std::fs::write(dir.join("results.md"), &text)?;
+    println!("{text}");
+    Ok(())
 }
 
 /// Every scenario on each profile; writes `results.md` in `out` with all the tables.
