@@ -446,7 +446,7 @@ fn rerender(dir: &std::path::Path) -> Result<()> {
 fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], systems: &[String]) -> Result<()> {
     let systems = systems.iter().map(|s| scenarios::System::parse(s)).collect::<Result<Vec<_>>>()?;
     let mut sections = Vec::new();
-    let publish = |report: RunReport, plots: &[(&str, &str, &str)]| -> Result<String> {
+    let checked = |report: RunReport, plots: &[(&str, &str, &str)]| -> Result<String> {
         if smoke {
             smoke_check(&report)?;
         }
@@ -472,33 +472,33 @@ fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], syste
             outage_at: None,
         };
         progress.set_message(&format!("{profile}: sync"));
-        sections.push(publish(scenarios::sync(&common, &class(20.0))?, &[])?);
+        sections.push(checked(scenarios::sync(&common, &class(20.0))?, &[])?);
         progress.inc(1);
         progress.set_message(&format!("{profile}: onset"));
         let outage = (!loopback && !smoke).then_some(30.0);
         let onset = scenarios::Workload { outage_at: outage, ..class(60.0) };
-        sections.push(publish(scenarios::onset(&common, &onset)?, ONSET_PLOTS)?);
+        sections.push(checked(scenarios::onset(&common, &onset)?, ONSET_PLOTS)?);
         progress.inc(1);
         progress.set_message(&format!("{profile}: fanout"));
         // Side by side on one class (the peers' client drives one room), then Downbeat alone
         // on performance.md's 20 rooms of 30.
         let fan = scenarios::Workload { notes_per_second: 2.0, ..class(30.0) };
-        sections.push(publish(scenarios::fanout(&common, &fan)?, FANOUT_PLOTS)?);
+        sections.push(checked(scenarios::fanout(&common, &fan)?, FANOUT_PLOTS)?);
         if loopback {
             let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
             let rooms = scenarios::Workload { rooms: if smoke { 2 } else { 20 }, ..fan };
-            sections.push(publish(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
+            sections.push(checked(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
         }
         progress.inc(1);
         progress.set_message(&format!("{profile}: join"));
         let storm = if smoke { 20 } else { 600 };
-        sections.push(publish(scenarios::join(&common, &class(1.0), storm)?, &[])?);
+        sections.push(checked(scenarios::join(&common, &class(1.0), storm)?, &[])?);
         progress.inc(1);
         if loopback {
             progress.set_message("capacity");
             let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
             let (sessions, hold) = if smoke { (60, 1.0) } else { (2_000, 10.0) };
-            sections.push(publish(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
+            sections.push(checked(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
         }
         progress.inc(1);
     }

@@ -90,6 +90,21 @@ impl Net {
         }
     }
 
+    /// Runs `run` while, when emulated and `outage_at` is given, every path goes down for
+    /// 1 s that many seconds after the start.
+    fn with_outage<T>(&self, outage_at: Option<f64>, run: impl FnOnce() -> T) -> T {
+        std::thread::scope(|scope| {
+            if let (Some(at), Some(emulator)) = (outage_at, self.emulator.as_ref()) {
+                scope.spawn(move || {
+                    // Workload timing, not synchronisation: the outage lands mid-run.
+                    std::thread::sleep(Duration::from_secs_f64(at));
+                    emulator.outage(Target::All, Duration::from_secs(1));
+                });
+            }
+            run()
+        })
+    }
+
     /// A command for a client program, inside the namespace when emulated.
     fn command(&self, program: &Path) -> Command {
         match &self.emulator {
@@ -187,18 +202,9 @@ fn run_downbeat(
     let before = server.metrics()?;
     let meter = ProcessMeter::new(server.pid());
     let cpu_before = meter.cpu_seconds()?;
-    let output = std::thread::scope(|scope| {
-        if let (Some(at), Some(emulator)) = (workload.outage_at, net.emulator.as_ref()) {
-            scope.spawn(move || {
-                // Workload timing, not synchronisation: the outage lands mid-run.
-                std::thread::sleep(Duration::from_secs_f64(at));
-                emulator.outage(Target::All, Duration::from_secs(1));
-            });
-        }
-        match hold {
-            Some(hold) => run_class(net.command(&exe), &spec, work.path(), |n| hold(&server, n)),
-            None => run_class(net.command(&exe), &spec, work.path(), |_| Ok(())),
-        }
+    let output = net.with_outage(workload.outage_at, || match hold {
+        Some(hold) => run_class(net.command(&exe), &spec, work.path(), |n| hold(&server, n)),
+        None => run_class(net.command(&exe), &spec, work.path(), |_| Ok(())),
     })?;
     let after = server.metrics()?;
     let cpu = meter.cpu_seconds()? - cpu_before;
@@ -230,15 +236,7 @@ fn run_peer(common: &Common, kind: PeerKind, workload: &Workload) -> Result<Peer
     run.notes_per_second = workload.notes_per_second;
     run.processes = 1;
     run.bind_addresses = (0..workload.people()).map(|i| net.client_addr(i)).collect();
-    let result = std::thread::scope(|scope| {
-        if let (Some(at), Some(emulator)) = (workload.outage_at, net.emulator.as_ref()) {
-            scope.spawn(move || {
-                std::thread::sleep(Duration::from_secs_f64(at));
-                emulator.outage(Target::All, Duration::from_secs(1));
-            });
-        }
-        run.run(net.emulator.as_ref())
-    });
+    let result = net.with_outage(workload.outage_at, || run.run(net.emulator.as_ref()));
     let _ = server.stop();
     result
 }
@@ -276,19 +274,16 @@ fn report(common: &Common, scenario: &str, title: &str, parameters: serde_json::
 }
 
 fn now_rfc3339() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}Z",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 fn downbeat_result(extra: serde_json::Value, metrics: Vec<Metric>, distributions: &[(&str, &[f64])]) -> SystemResult {

@@ -197,7 +197,7 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
     let limit = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let (stop_tx, stop) = tokio::sync::watch::channel(false);
     let (server_zero, sample_every) = (spec.server_zero, Duration::from_millis(spec.sample_ms));
-    let base = Instant::now();
+    // The injected clocks count from the moment the storm begins.
     let storm_began = Instant::now();
     let mut joins = tokio::task::JoinSet::new();
     let mut output = ClassOutput::default();
@@ -206,7 +206,7 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
             output.students += 1;
             let offset = ((rng.uniform() * 2.0 - 1.0) * spec.max_offset_ms * 1e6) as i64;
             let drift = (rng.uniform() * 2.0 - 1.0) * spec.max_drift_ppm;
-            let clock = InjectedClock::new(base, offset, drift);
+            let clock = InjectedClock::new(storm_began, offset, drift);
             let mut options = ConnectOptions::new(spec.url.clone(), student.token.clone(), &codes[r]);
             options.cert_hashes.clone_from(&hashes);
             options.bind_address = student.bind;
