@@ -16,7 +16,7 @@
 //!   what each role may do, for every entry point.
 //! - **Classrooms**: rooms joined by a short code, seats that survive a Wi-Fi blip, presence,
 //!   teacher controls on the beat, mute, parts, and notes every classmate hears at once.
-//! - **SEL data** ([`store`]): reflections children write, participation the server measures
+//! - **SEL data** ([`sel`]): reflections children write, participation the server measures
 //!   on the shared timeline, summaries and the teachers' live feed, export and deletion of one
 //!   child's data, and retention; on SQLite by default or PostgreSQL, written through a
 //!   bounded queue so beats and notes never wait on the database.
@@ -38,23 +38,20 @@
 //! # }
 //! ```
 
+mod api;
 pub mod auth;
 mod authz;
 pub mod clock;
 mod codes;
 pub mod config;
-mod http;
 mod identity;
 mod room_sel;
 mod room_task;
 mod rooms;
-mod sel;
-mod sel_api;
+pub mod sel;
 mod session;
 mod shutdown;
 pub mod stats;
-pub mod store;
-mod web;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
@@ -69,9 +66,9 @@ use tracing::{info, warn};
 use wtransport::endpoint::endpoint_side::Server as ServerSide;
 use wtransport::{Endpoint, ServerConfig, VarInt};
 
+pub use crate::api::{ApiError, status_for};
 pub use crate::clock::ServerClock;
 pub use crate::config::{Args, Config, ConfigError, parse_and_merge};
-pub use crate::http::{ApiError, status_for};
 pub use crate::identity::{IdentityError, PublishedHash};
 pub use crate::stats::Stats;
 
@@ -129,7 +126,7 @@ pub enum ServerError {
     },
     /// The SEL database could not be opened or migrated.
     #[error("SEL database: {0} (check --database-url)")]
-    Store(#[from] store::StoreError),
+    Store(#[from] sel::store::StoreError),
     /// The HTTP server failed while running.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
@@ -144,7 +141,7 @@ pub struct Server {
     endpoint: Arc<Endpoint<ServerSide>>,
     http: TcpListener,
     http_addr: SocketAddr,
-    https: Option<web::TlsListener>,
+    https: Option<api::TlsListener>,
     https_addr: Option<SocketAddr>,
     wt_port: u16,
     source: identity::Source,
@@ -174,7 +171,7 @@ impl Server {
     /// pages or browser package directories are logged as warnings, not errors.
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
-        web::warn_if_missing(&config);
+        api::warn_if_missing(&config);
         let clock = ServerClock::new();
         let stats = Arc::new(Stats::default());
         stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
@@ -190,7 +187,7 @@ impl Server {
             Some(asked) => {
                 let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttps { addr, source })?;
                 let addr = tcp.local_addr().map_err(|source| ServerError::BindHttps { addr: asked, source })?;
-                let listener = web::TlsListener::new(tcp, &key).map_err(IdentityError::Tls)?;
+                let listener = api::TlsListener::new(tcp, &key).map_err(IdentityError::Tls)?;
                 (Some(listener), Some(addr))
             }
             None => (None, None),
@@ -203,7 +200,7 @@ impl Server {
             std::fs::create_dir_all(&config.data_dir)
                 .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
         }
-        let store = store::Store::open(&config.database_url_or_default()).await?;
+        let store = sel::store::Store::open(&config.database_url_or_default()).await?;
         info!(backend = store.backend_name(), "SEL database ready");
         let (sel, sel_writer) = sel::Sel::spawn(store, config.sel_queue, stats.clone(), signal.clone());
         let rooms = Arc::new(Rooms::new(
@@ -340,7 +337,7 @@ impl Server {
             signal.clone(),
         ));
 
-        let router = http::router(http::AppState {
+        let router = api::router(api::AppState {
             rooms: rooms.clone(),
             tenants: tenants.clone(),
             hashes: hashes.clone(),
@@ -348,19 +345,19 @@ impl Server {
             clock,
             limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
             sel: sel.clone(),
-            web: Arc::new(web::Web::new(&config, wt_port)),
+            web: Arc::new(api::Web::new(&config, wt_port)),
         });
         drop(sel);
         let mut http_signal = signal.clone();
         let http_router = router.clone();
         let mut http_task = tokio::spawn(async move {
-            let service = http_router.into_make_service_with_connect_info::<web::ClientAddr>();
+            let service = http_router.into_make_service_with_connect_info::<api::ClientAddr>();
             axum::serve(http, service).with_graceful_shutdown(async move { http_signal.wait().await }).await
         });
         let mut https_task = https.map(|listener| {
             let mut https_signal = signal.clone();
             tokio::spawn(async move {
-                let service = router.into_make_service_with_connect_info::<web::ClientAddr>();
+                let service = router.into_make_service_with_connect_info::<api::ClientAddr>();
                 axum::serve(listener, service).with_graceful_shutdown(async move { https_signal.wait().await }).await
             })
         });

@@ -16,8 +16,10 @@ use downbeat_protocol::{
 };
 
 use crate::authz::Refusal;
+use crate::sel::store::{
+    Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow, SessionEnd,
+};
 use crate::sel::unix_ms_now;
-use crate::store::{Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow, SessionEnd};
 use downbeat_protocol::ErrorCode;
 
 /// How often counted participation is flushed while notes are played.

@@ -533,7 +533,7 @@ impl RoomTask {
                 let _ = tx.try_send(Command::ReflectionCommitted { member_id, request_id, notice });
             }
         });
-        let mut batch = crate::store::Batch::default();
+        let mut batch = crate::sel::store::Batch::default();
         batch.reflections.push(row);
         if self.sel.try_submit(Job { batch, on_commit: Some(on_commit) }).is_err() {
             self.stats.reflections_refused.inc();

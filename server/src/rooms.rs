@@ -34,10 +34,10 @@ use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::room_sel::RoomSel;
 use crate::room_task::{RoomParts, RoomTask};
+use crate::sel::store::RoomSessionRow;
 use crate::sel::{Sel, unix_ms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::RoomSessionRow;
 
 /// Commands a room queues before senders wait (sessions) or are refused (HTTP, datagrams).
 const COMMAND_QUEUE: usize = 512;

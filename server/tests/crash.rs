@@ -40,7 +40,7 @@ use downbeat_client::{Client, ClientError, ConnectOptions, Event};
 use downbeat_protocol::{ErrorCode, MicroBpm, Name, RoomSettings};
 use downbeat_server::Config;
 use downbeat_server::auth::{Role, Tenants};
-use downbeat_server::store::Store;
+use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::relay::Relay;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};

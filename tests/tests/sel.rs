@@ -15,7 +15,7 @@ use downbeat_protocol::{
 };
 use downbeat_server::auth::Role;
 use downbeat_server::config::TenantLimits;
-use downbeat_server::store::Store;
+use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::{TestServer, events_until, school};
 use serde_json::{Value, json};
@@ -562,7 +562,9 @@ async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend
 on_both_backends!(retention_purges_each_schools_old_records_on_its_own_schedule);
 
 async fn retention_purges_each_schools_old_records_on_its_own_schedule(backend: Backend) -> Result<()> {
-    use downbeat_server::store::{Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow};
+    use downbeat_server::sel::store::{
+        Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow,
+    };
     let db = TestDatabase::new(backend).await;
     let now_ms = i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis())?;
     let day = 86_400_000;

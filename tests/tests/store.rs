@@ -2,7 +2,7 @@
 //! on a fresh PostgreSQL database (`sqlite::name` and `postgres::name`).
 
 use anyhow::Result;
-use downbeat_server::store::{
+use downbeat_server::sel::store::{
     Batch, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow, SessionEnd, Store,
     StudentInSession, StudentSession,
 };

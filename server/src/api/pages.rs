@@ -1,7 +1,6 @@
 //! The browser classroom: the pages (`--web-dir`), the browser package (`--pkg-dir`, at
 //! `/pkg/`), what a page needs to connect (`/api/client-config`, `/api/time`), demo sign-in
-//! (`/api/demo/tokens`, embedded demo tenant only), the cross-origin isolation headers every
-//! response carries, and the optional HTTPS listener.
+//! (`/api/demo/tokens`, embedded demo tenant only).
 //!
 //! Files are served by a small handler of our own: a URL path is accepted only when every
 //! segment is a plain name (`[A-Za-z0-9._-]`, not starting with a dot), checked on the raw,
@@ -9,103 +8,38 @@
 //! the file system. Content types come from a fixed table; everything is `no-cache` with an
 //! `ETag`, so a rebuilt page or package is picked up on the next load.
 
-use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::Ipv6Addr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::connect_info::{ConnectInfo, Connected};
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::{IncomingStream, Listener};
 use axum::{Json, Router};
-use downbeat_certs::CertifiedKey;
-use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{ErrorCode, MAX_NAME_LEN};
 use serde::{Deserialize, Serialize};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinSet;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
-use tokio_rustls::server::TlsStream;
 use tracing::{debug, error, warn};
 
+use super::error::{ApiError, not_found};
+use super::extract::ApiJson;
+use super::listen::ClientAddr;
+use super::respond::allow_any_origin;
+use super::state::AppState;
 use crate::auth::{DEMO_TENANT_ID, Role};
 use crate::config::Config;
-use crate::http::{ApiError, ApiJson, AppState, allow_any_origin, not_found};
 
 /// How long a demo token lasts.
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
-/// Demo tokens per client network: sustained rate (per second) and burst. A whole class
-/// behind one school NAT signs in at once, so the burst covers a class and its teacher.
-const DEMO_TOKENS_PER_SECOND: u32 = 1;
-const DEMO_TOKEN_BURST: u32 = 60;
-/// Client networks whose demo-token buckets are remembered before full ones are forgotten.
-const MAX_TRACKED_NETWORKS: usize = 10_000;
 /// Most path segments in a served file's URL.
 const MAX_SEGMENTS: usize = 4;
 /// Longest served file URL path, in bytes.
 const MAX_FILE_PATH: usize = 256;
 /// What a missing browser package answers.
 const PKG_NOT_BUILT: &str = "the browser package is not built: run scripts/build-wasm";
-/// Time a client has to complete its TLS handshake on the HTTPS listener.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// TLS handshakes in progress at once on the HTTPS listener; past this, accepting waits.
-const MAX_TLS_HANDSHAKES: usize = 256;
-
-/// What the browser routes need beyond the API's state.
-#[derive(Debug)]
-pub(crate) struct Web {
-    web_dir: PathBuf,
-    pkg_dir: PathBuf,
-    public_wt_url: Option<String>,
-    wt_port: u16,
-    demo_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
-}
-
-impl Web {
-    pub(crate) fn new(config: &Config, wt_port: u16) -> Self {
-        Self {
-            web_dir: config.web_dir.clone(),
-            pkg_dir: config.pkg_dir.clone(),
-            public_wt_url: config.public_wt_url.clone(),
-            wt_port,
-            demo_buckets: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Takes one demo token from the bucket of `peer`'s network (an IPv4 address, or an IPv6
-    /// /64). Requests without a known peer share one bucket.
-    fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
-        let key = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
-        let mut buckets = self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= MAX_TRACKED_NETWORKS {
-            // Full buckets are the same as new ones: forgetting them changes nothing.
-            buckets.retain(|_, b| b.available(now) < DEMO_TOKEN_BURST);
-        }
-        buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(DEMO_TOKENS_PER_SECOND, DEMO_TOKEN_BURST, now))
-            .try_take(now)
-    }
-}
-
-/// The network a client address stands for in rate limits: IPv4 addresses (also when mapped
-/// into IPv6) as they are, IPv6 addresses by their /64.
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
-    }
-}
 
 /// Logs a warning for each of the pages and the package that is missing. The server runs
 /// without them (the API does not need them).
@@ -136,20 +70,6 @@ pub(crate) fn routes(demo: bool) -> Router<AppState> {
         .route("/api/client-config", get(client_config))
         .route("/api/time", get(time));
     if demo { router.route("/api/demo/tokens", post(demo_token)) } else { router }
-}
-
-/// Adds the cross-origin isolation headers (pages need them for `SharedArrayBuffer` and
-/// precise timers) and `nosniff` to every response. Answers every origin may read are
-/// `Cross-Origin-Resource-Policy: cross-origin`; all others `same-origin`.
-pub(crate) async fn isolate(mut response: Response) -> Response {
-    let headers = response.headers_mut();
-    let public = headers.get(header::ACCESS_CONTROL_ALLOW_ORIGIN).is_some_and(|v| v.as_bytes() == b"*");
-    let resource_policy = if public { "cross-origin" } else { "same-origin" };
-    headers.insert(HeaderName::from_static("cross-origin-opener-policy"), HeaderValue::from_static("same-origin"));
-    headers.insert(HeaderName::from_static("cross-origin-embedder-policy"), HeaderValue::from_static("require-corp"));
-    headers.insert(HeaderName::from_static("cross-origin-resource-policy"), HeaderValue::from_static(resource_policy));
-    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    response
 }
 
 async fn index(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -408,107 +328,6 @@ async fn demo_token(State(state): State<AppState>, request: Request) -> Result<R
     Ok(response)
 }
 
-/// The peer address of an HTTP or HTTPS connection, for per-client rate limits.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct ClientAddr(pub(crate) SocketAddr);
-
-impl Connected<IncomingStream<'_, TcpListener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for ClientAddr {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-/// The rustls config of the HTTPS listener: `key`'s chain, TLS 1.3 on ring, HTTP/1.1.
-fn https_tls_config(key: &CertifiedKey) -> Result<rustls::ServerConfig, rustls::Error> {
-    crate::identity::rustls_server_config(key, b"http/1.1")
-}
-
-/// A TCP listener that hands out TLS streams. Handshakes run concurrently (at most
-/// [`MAX_TLS_HANDSHAKES`], each within [`TLS_HANDSHAKE_TIMEOUT`]), so a slow or silent client
-/// never holds up the others. The certificate is fixed when the listener is made.
-pub(crate) struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-    handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
-}
-
-impl std::fmt::Debug for TlsListener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TlsListener")
-            .field("local_addr", &self.tcp.local_addr().ok())
-            .field("handshakes", &self.handshakes.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl TlsListener {
-    /// Serves TLS with `key` on `tcp`.
-    pub(crate) fn new(tcp: TcpListener, key: &CertifiedKey) -> Result<Self, rustls::Error> {
-        let acceptor = TlsAcceptor::from(Arc::new(https_tls_config(key)?));
-        Ok(Self { tcp, acceptor, handshakes: JoinSet::new() })
-    }
-}
-
-impl Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            // Both branches are cancel safe: a dropped `accept` loses no connection.
-            tokio::select! {
-                accepted = self.tcp.accept(), if self.handshakes.len() < MAX_TLS_HANDSHAKES => match accepted {
-                    Ok((stream, peer)) => {
-                        let acceptor = self.acceptor.clone();
-                        self.handshakes.spawn(async move {
-                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                                Ok(Ok(tls)) => Some((tls, peer)),
-                                Ok(Err(e)) => {
-                                    debug!(%peer, error = %e, "TLS handshake failed");
-                                    None
-                                }
-                                Err(_) => {
-                                    debug!(%peer, "TLS handshake timed out");
-                                    None
-                                }
-                            }
-                        });
-                    }
-                    Err(e) if is_connection_error(&e) => {}
-                    Err(e) => {
-                        // Out of file descriptors and the like: give the system a moment.
-                        error!(error = %e, "accepting an HTTPS connection failed");
-                        tokio::time::sleep(Duration::from_secs(1)).await;
-                    }
-                },
-                Some(done) = self.handshakes.join_next() => {
-                    if let Ok(Some(connection)) = done {
-                        return connection;
-                    }
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
-}
-
-/// Errors of one incoming connection, not of the listener.
-fn is_connection_error(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -575,29 +394,5 @@ mod tests {
         for (value, want) in cases {
             assert_eq!(host_without_port(value), want, "{value:?}");
         }
-    }
-
-    #[test]
-    fn networks_group_ipv6_by_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(network(a), network(b));
-        assert_ne!(network(a), network(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(network(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
-    }
-
-    #[test]
-    fn demo_tokens_are_limited_per_network() {
-        let web = Web::new(&Config::default(), 4433);
-        let one = Some("10.0.0.1".parse().unwrap());
-        let other = Some("10.0.0.2".parse().unwrap());
-        for _ in 0..DEMO_TOKEN_BURST {
-            assert!(web.take_demo_token(one, 0));
-        }
-        assert!(!web.take_demo_token(one, 0));
-        assert!(web.take_demo_token(other, 0));
-        assert!(web.take_demo_token(one, 1_000_000_000));
     }
 }

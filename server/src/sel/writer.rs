@@ -12,7 +12,7 @@
 //! While the database fails, the writer reports itself degraded (health, metrics) and the
 //! queue fills; past its bound, reflections are refused with the retryable
 //! `store_unavailable` and rooms keep their participation counts in memory until a flush is
-//! accepted. Writes are idempotent (see [`crate::store`]), so retrying a group whose commit
+//! accepted. Writes are idempotent (see [`crate::sel::store`]), so retrying a group whose commit
 //! acknowledgement was lost duplicates nothing.
 
 use std::sync::Arc;
@@ -24,9 +24,9 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::auth::Tenants;
+use crate::sel::store::{Batch, Store, StoreError};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use crate::store::{Batch, Store, StoreError};
 
 /// Most jobs written in one transaction.
 pub(crate) const MAX_GROUP: usize = 256;

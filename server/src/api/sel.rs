@@ -18,9 +18,13 @@ use downbeat_engine::sel::Tally;
 use downbeat_protocol::{ControlOp, ErrorCode, PromptText};
 use serde::{Deserialize, Serialize};
 
+use super::error::ApiError;
+use super::extract::{ApiJson, Auth, RoomPath};
+use super::respond::allow_any_origin;
+use super::rooms::{Done, control};
+use super::state::AppState;
 use crate::authz::Operation;
-use crate::http::{ApiError, ApiJson, AppState, Auth, Done, RoomPath, allow_any_origin, control};
-use crate::store::{Counts, ReflectionRow, RoomSessionRow, StoreError};
+use crate::sel::store::{Counts, ReflectionRow, RoomSessionRow, StoreError};
 
 /// How long an export or delete waits for SEL writes queued before it to commit.
 const BARRIER_PATIENCE: Duration = Duration::from_secs(5);

@@ -1,0 +1,102 @@
+//! Extractors whose rejections are [`ApiError`]s: the verified principal, JSON bodies and
+//! path parameters.
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request};
+use axum::http::request::Parts;
+use axum::http::{StatusCode, header};
+use downbeat_protocol::ErrorCode;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use super::state::AppState;
+use crate::auth::Principal;
+
+/// within its rate limit.
+#[derive(Debug)]
+pub(crate) struct Auth(pub(crate) Principal);
+
+impl FromRequestParts<AppState> for Auth {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let given = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, token)| token.trim());
+        let Some(token) = given else {
+            state.stats.refused.inc(ErrorCode::Unauthorized);
+            return Err(ApiError::new(
+                ErrorCode::Unauthorized,
+                "missing token: send the header `Authorization: Bearer <token>`",
+            ));
+        };
+        let principal = state.tenants.verify(token).map_err(|e| {
+            state.stats.refused.inc(e.code());
+            ApiError::new(e.code(), e.to_string())
+        })?;
+        if !state.take_request(&principal) {
+            state.stats.refused.inc(ErrorCode::RateLimited);
+            return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
+        }
+        Ok(Self(principal))
+    }
+}
+
+/// `/api/rooms/{code}/members/{member}` whose rejection is an [`ApiError`].
+#[derive(Debug)]
+pub(super) struct MemberPath(pub(super) String, pub(super) u64);
+
+impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, u64)>::from_request_parts(parts, state).await {
+            Ok(Path((code, member))) => Ok(Self(code, member)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
+/// `axum::Json` whose rejections are [`ApiError`]s.
+#[derive(Debug)]
+pub(crate) struct ApiJson<T>(pub(crate) T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(value)) => Ok(Self(value)),
+            Err(rejection) => Err(json_rejection(&rejection)),
+        }
+    }
+}
+
+fn json_rejection(rejection: &JsonRejection) -> ApiError {
+    let mut error = ApiError::bad_request(rejection.body_text());
+    // Keep the statuses that say something more precise than 400.
+    if matches!(rejection.status(), StatusCode::PAYLOAD_TOO_LARGE | StatusCode::UNSUPPORTED_MEDIA_TYPE) {
+        error.set_status(rejection.status());
+    }
+    error
+}
+
+/// `axum::extract::Path<String>` whose rejection is an [`ApiError`].
+#[derive(Debug)]
+pub(crate) struct RoomPath(pub(crate) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for RoomPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<String>::from_request_parts(parts, state).await {
+            Ok(Path(id)) => Ok(Self(id)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}

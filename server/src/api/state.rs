@@ -1,0 +1,162 @@
+//! What the API's handlers share: the registry, tenants, limits, and the pages' settings.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use downbeat_engine::limit::TokenBucket;
+use downbeat_protocol::ErrorCode;
+
+use super::error::ApiError;
+use crate::auth::{Principal, Tenants};
+use crate::authz::{Operation, Refusal, authorize};
+use crate::clock::ServerClock;
+use crate::config::Config;
+use crate::identity::PublishedHashes;
+use crate::rooms::{RoomHandle, Rooms};
+use crate::sel::Sel;
+use crate::stats::Stats;
+
+/// Principals whose request buckets are remembered before idle ones are forgotten.
+const MAX_TRACKED_PRINCIPALS: usize = 10_000;
+
+/// Per-principal request buckets for the HTTP API.
+pub(crate) type RequestLimits = Arc<Mutex<HashMap<(Arc<str>, String), TokenBucket>>>;
+
+/// What the handlers share.
+#[derive(Clone, Debug)]
+pub(crate) struct AppState {
+    pub(crate) rooms: Arc<Rooms>,
+    pub(crate) tenants: Arc<Tenants>,
+    pub(crate) hashes: Arc<PublishedHashes>,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) clock: ServerClock,
+    pub(crate) limits: RequestLimits,
+    pub(crate) sel: Sel,
+    pub(crate) web: Arc<Web>,
+}
+
+impl AppState {
+    /// Takes one request from the principal's bucket (its tenant's control limits).
+    pub(super) fn take_request(&self, who: &Principal) -> bool {
+        let Some(tenant) = self.tenants.tenant(&who.tenant) else { return false };
+        let limits = tenant.limits();
+        let now = self.clock.now().0;
+        let mut buckets = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_TRACKED_PRINCIPALS {
+            // Full buckets are the same as new ones: forgetting them changes nothing.
+            buckets.retain(|_, b| b.available(now) < limits.control_burst);
+        }
+        buckets
+            .entry((who.tenant.clone(), who.subject.clone()))
+            .or_insert_with(|| TokenBucket::new(limits.controls_per_second, limits.control_burst, now))
+            .try_take(now)
+    }
+
+    /// Counts a refusal made here and turns it into the response. (Refusals made by a room
+    /// task are counted there, for HTTP and the control stream alike.)
+    pub(crate) fn refused(&self, r: Refusal) -> ApiError {
+        self.stats.refused.inc(r.code);
+        r.into()
+    }
+
+    /// Whether `who` may do `op` (on no room), counting a refusal.
+    pub(crate) fn authorize(&self, who: &Principal, op: Operation<'_>) -> Result<(), ApiError> {
+        authorize(who, None, op).map_err(|r| self.refused(r))
+    }
+
+    /// The room `code` names for `who`, if `who` may do `op` there.
+    pub(crate) fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
+        let tenant =
+            self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
+        let room = self.rooms.lookup(tenant, who, code).map_err(|r| self.refused(r))?;
+        authorize(who, Some(&room.meta().tenant), op).map_err(|r| self.refused(r))?;
+        Ok(room)
+    }
+}
+
+/// Demo tokens per client network: sustained rate (per second) and burst. A whole class
+/// behind one school NAT signs in at once, so the burst covers a class and its teacher.
+const DEMO_TOKENS_PER_SECOND: u32 = 1;
+const DEMO_TOKEN_BURST: u32 = 60;
+/// Client networks whose demo-token buckets are remembered before full ones are forgotten.
+const MAX_TRACKED_NETWORKS: usize = 10_000;
+
+/// What the browser routes need beyond the API's state.
+#[derive(Debug)]
+pub(crate) struct Web {
+    pub(super) web_dir: PathBuf,
+    pub(super) pkg_dir: PathBuf,
+    pub(super) public_wt_url: Option<String>,
+    pub(super) wt_port: u16,
+    demo_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+}
+
+impl Web {
+    pub(crate) fn new(config: &Config, wt_port: u16) -> Self {
+        Self {
+            web_dir: config.web_dir.clone(),
+            pkg_dir: config.pkg_dir.clone(),
+            public_wt_url: config.public_wt_url.clone(),
+            wt_port,
+            demo_buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Takes one demo token from the bucket of `peer`'s network (an IPv4 address, or an IPv6
+    /// /64). Requests without a known peer share one bucket.
+    pub(super) fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
+        let key = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
+        let mut buckets = self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if buckets.len() >= MAX_TRACKED_NETWORKS {
+            // Full buckets are the same as new ones: forgetting them changes nothing.
+            buckets.retain(|_, b| b.available(now) < DEMO_TOKEN_BURST);
+        }
+        buckets
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(DEMO_TOKENS_PER_SECOND, DEMO_TOKEN_BURST, now))
+            .try_take(now)
+    }
+}
+
+/// The network a client address stands for in rate limits: IPv4 addresses (also when mapped
+/// into IPv6) as they are, IPv6 addresses by their /64.
+fn network(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(v4),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_group_ipv6_by_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(network(a), network(b));
+        assert_ne!(network(a), network(c));
+        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
+        assert_eq!(network(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
+    }
+
+    #[test]
+    fn demo_tokens_are_limited_per_network() {
+        let web = Web::new(&Config::default(), 4433);
+        let one = Some("10.0.0.1".parse().unwrap());
+        let other = Some("10.0.0.2".parse().unwrap());
+        for _ in 0..DEMO_TOKEN_BURST {
+            assert!(web.take_demo_token(one, 0));
+        }
+        assert!(!web.take_demo_token(one, 0));
+        assert!(web.take_demo_token(other, 0));
+        assert!(web.take_demo_token(one, 1_000_000_000));
+    }
+}
