@@ -1,5 +1,5 @@
-// Shared helpers for the Downbeat classroom pages: sign-in, connecting, friendly errors,
-// the metronome scheduler, synthesized sounds and the beat lights.
+// Shared helpers for the Downbeat classroom pages: booting, sign-in, connecting, friendly
+// errors, the metronome scheduler, synthesized sounds and the beat lights.
 //
 // Plain ES module, no build step. The client package is loaded lazily from /pkg/ so a page
 // can still explain what went wrong when it is missing.
@@ -115,6 +115,14 @@ export function setStatus(el, text, kind = 'info') {
   el.dataset.kind = kind;
 }
 
+/** Replays the CSS animation `cls` on `el` (removed again after `ms`). */
+export function flash(el, cls, ms) {
+  el.classList.remove(cls);
+  void el.offsetWidth; // restart the animation
+  el.classList.add(cls);
+  setTimeout(() => el.classList.remove(cls), ms);
+}
+
 // ---------------------------------------------------------------- sign-in and connecting
 
 /** `/api/client-config`: { webtransport_url, certificate_hashes, demo }. */
@@ -204,6 +212,106 @@ export async function connectClassroom(config, token, room) {
     opts.certificateHashes = config.certificate_hashes;
   }
   return connect(opts);
+}
+
+/**
+ * Who a page signs in as: the token kept for `role` in this tab, the rows that show the
+ * signed-in name or ask for a demo name or a pasted token, and forgetting a refused token.
+ * `rows` names the page's elements: `known`, `demo` and `paste` rows (selectors);
+ * `knownName(claims)` says who is signed in; `demoName()` reads the name typed on a demo
+ * server (it may throw an error with a `code` to show).
+ */
+export class SignIn {
+  constructor(role, config, rows) {
+    this.role = role;
+    this.config = config;
+    this.rows = rows;
+    this.current = takeToken(role);
+  }
+
+  /** Shows the signed-in name, or the demo name field, or the token paste field. */
+  show() {
+    const known = this.current ? tokenClaims(this.current) : null;
+    $(this.rows.known).hidden = !known;
+    if (known) $('#known-name').textContent = this.rows.knownName(known);
+    $(this.rows.demo).hidden = !!known || !this.config.demo;
+    $(this.rows.paste).hidden = !!known || !!this.config.demo;
+  }
+
+  /** The token to connect with: the kept one, a demo token for the typed name, or the pasted one. */
+  async token() {
+    if (this.current) return this.current;
+    if (this.config.demo) {
+      this.current = await mintDemoToken(this.role, this.rows.demoName());
+    } else {
+      const pasted = $('#token-paste').value.trim();
+      if (!pasted) throw Object.assign(new Error('Paste your sign-in token first.'), { code: 'demo_off' });
+      this.current = pasted;
+    }
+    storeToken(this.role, this.current);
+    return this.current;
+  }
+
+  /** Drops the token (signed out, or refused by the server) and asks again. */
+  forget() {
+    forgetToken(this.role);
+    this.current = null;
+    this.show();
+  }
+}
+
+/**
+ * Boots a page: loads the client config, shows the sign-in and the `form` section, wires its
+ * submit to `onSubmit(signIn)` and `#signout`, then loads the client package and enables
+ * `submit` with the `ready` status. `before()` runs just before the sign-in is first shown.
+ * Failures are shown in the status line and `errorEl`.
+ */
+export async function bootPage({ role, rows, statusEl, errorEl, section, form, submit, loading, ready, before, onSubmit }) {
+  let config;
+  try {
+    config = await loadConfig();
+  } catch (e) {
+    setStatus(statusEl, 'Cannot reach the class server', 'error');
+    showError(errorEl, e);
+    return;
+  }
+  const signIn = new SignIn(role, config, rows);
+  before?.();
+  signIn.show();
+  $(section).hidden = false;
+  $(form).addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    onSubmit(signIn);
+  });
+  $('#signout').addEventListener('click', () => signIn.forget());
+  setStatus(statusEl, loading, 'info');
+  try {
+    await loadClient();
+    setStatus(statusEl, ready, 'ok');
+    $(submit).disabled = false;
+  } catch (e) {
+    setStatus(statusEl, 'The class app did not load', 'error');
+    showError(errorEl, e);
+  }
+}
+
+/**
+ * Signs in and connects to `room` with `button` disabled and `connecting` in the status line.
+ * On failure: shows why, enables `button` again, forgets a token the server refused, and
+ * returns null.
+ */
+export async function signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting }) {
+  button.disabled = true;
+  setStatus(statusEl, connecting, 'info');
+  try {
+    return await connectClassroom(signIn.config, await signIn.token(), room);
+  } catch (e) {
+    button.disabled = false;
+    setStatus(statusEl, 'Not connected', 'error');
+    showError(errorEl, e);
+    if (e && (e.code === 'unauthorized' || e.code === 'token_expired')) signIn.forget();
+    return null;
+  }
 }
 
 /** Join codes: 8 symbols, shown as K7QF-M3XP; case, spaces and dashes ignored. */

@@ -3,9 +3,8 @@
 
 import {
   $, h, INSTRUMENTS, MOODS, BeatLights, Metronome, Sound,
-  clearError, connectClassroom, errorCode, formatCode, forgetToken, isValidCode,
-  loadClient, loadConfig, mintDemoToken, normalizeCode, openAudio, scheduleNote, setStatus,
-  showError, storeToken, syncBadge, takeToken, tokenClaims, watchConnection,
+  bootPage, clearError, errorCode, flash, formatCode, isValidCode, normalizeCode, openAudio,
+  scheduleNote, setStatus, showError, signInAndConnect, syncBadge, watchConnection,
 } from '/common.js';
 
 const trace = { beats: [], notes: [], played: [] };
@@ -23,13 +22,13 @@ const PADS = [
   { midi: 74, key: 'l', label: 'L' },
   { midi: 76, key: ';', label: ';' },
 ];
+/** How long a pad or a classmate's chip stays lit. */
+const FLASH_MS = 200;
 const NOTE_NAMES = ['C', 'C♯', 'D', 'D♯', 'E', 'F', 'F♯', 'G', 'G♯', 'A', 'A♯', 'B'];
 
 const statusEl = $('#status');
 const errorEl = $('#error');
 
-let config = null;
-let token = null;
 let classroom = null;
 let ctx = null;
 let sound = null;
@@ -42,65 +41,39 @@ let promptId = null;
 let errorTimer = 0;
 const padButtons = [];
 
-async function main() {
-  try {
-    config = await loadConfig();
-  } catch (e) {
-    setStatus(statusEl, 'Cannot reach the class server', 'error');
-    showError(errorEl, e);
-    return;
-  }
-  token = takeToken('student');
-  const fromQuery = new URLSearchParams(location.search).get('code');
-  if (fromQuery) $('#code-input').value = formatCode(fromQuery);
-  showSignIn();
-  $('#join').hidden = false;
-  $('#join-form').addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    join();
+function main() {
+  bootPage({
+    role: 'student',
+    rows: {
+      known: '#known-row',
+      demo: '#name-row',
+      paste: '#paste-row',
+      knownName: (claims) => claims.name || 'friend',
+      demoName: () => {
+        const name = $('#name-input').value.trim();
+        if (!name) {
+          $('#name-input').focus();
+          throw Object.assign(new Error('Type your name first.'), { code: 'need_name' });
+        }
+        return name;
+      },
+    },
+    statusEl,
+    errorEl,
+    section: '#join',
+    form: '#join-form',
+    submit: '#join-button',
+    loading: 'Loading…',
+    ready: 'Ready to join',
+    before: () => {
+      const fromQuery = new URLSearchParams(location.search).get('code');
+      if (fromQuery) $('#code-input').value = formatCode(fromQuery);
+    },
+    onSubmit: join,
   });
-  $('#signout').addEventListener('click', () => {
-    forgetToken('student');
-    token = null;
-    showSignIn();
-  });
-  setStatus(statusEl, 'Loading…', 'info');
-  try {
-    await loadClient();
-    setStatus(statusEl, 'Ready to join', 'ok');
-    $('#join-button').disabled = false;
-  } catch (e) {
-    setStatus(statusEl, 'The class app did not load', 'error');
-    showError(errorEl, e);
-  }
 }
 
-function showSignIn() {
-  const known = token ? tokenClaims(token) : null;
-  $('#known-row').hidden = !known;
-  if (known) $('#known-name').textContent = known.name || 'friend';
-  $('#name-row').hidden = !!known || !config.demo;
-  $('#paste-row').hidden = !!known || !!config.demo;
-}
-
-async function resolveToken() {
-  if (token) return token;
-  if (config.demo) {
-    const name = $('#name-input').value.trim();
-    if (!name) {
-      $('#name-input').focus();
-      throw Object.assign(new Error('Type your name first.'), { code: 'need_name' });
-    }
-    token = await mintDemoToken('student', name);
-  } else {
-    token = $('#token-paste').value.trim();
-    if (!token) throw Object.assign(new Error('Paste your sign-in token first.'), { code: 'demo_off' });
-  }
-  storeToken('student', token);
-  return token;
-}
-
-async function join() {
+async function join(signIn) {
   clearError(errorEl);
   // The click is the user gesture that lets audio start.
   ctx = openAudio(ctx);
@@ -112,22 +85,9 @@ async function join() {
     return;
   }
   const button = $('#join-button');
-  button.disabled = true;
-  setStatus(statusEl, 'Joining…', 'info');
-  try {
-    const t = await resolveToken();
-    classroom = await connectClassroom(config, t, { code });
-  } catch (e) {
-    button.disabled = false;
-    setStatus(statusEl, 'Not connected', 'error');
-    showError(errorEl, e);
-    if (e && (e.code === 'unauthorized' || e.code === 'token_expired')) {
-      forgetToken('student');
-      token = null;
-      showSignIn();
-    }
-    return;
-  }
+  const joined = await signInAndConnect(signIn, { code }, { button, statusEl, errorEl, connecting: 'Joining…' });
+  if (!joined) return;
+  classroom = joined;
   window.downbeat.classroom = classroom;
   $('#join').hidden = true;
   $('#play').hidden = false;
@@ -168,7 +128,7 @@ function startPlaying() {
   classroom.on('note', (n) => {
     scheduleNote(classroom, sound, trace, n);
     const chip = document.querySelector(`#presence [data-member-id="${n.from}"]`);
-    if (chip) setTimeout(() => flash(chip, 'played'), Math.max(0, n.localTime - performance.now()));
+    if (chip) setTimeout(() => flash(chip, 'played', FLASH_MS), Math.max(0, n.localTime - performance.now()));
   });
 
   promptId = null;
@@ -290,15 +250,8 @@ function playPad(i) {
     audioTime,
   });
   const b = padButtons[i];
-  flash(b, 'hit');
-  if (localTime !== undefined) setTimeout(() => flash(b, 'sounding'), Math.max(0, localTime - performance.now()));
-}
-
-function flash(el, cls) {
-  el.classList.remove(cls);
-  void el.offsetWidth;
-  el.classList.add(cls);
-  setTimeout(() => el.classList.remove(cls), 200);
+  flash(b, 'hit', FLASH_MS);
+  if (localTime !== undefined) setTimeout(() => flash(b, 'sounding', FLASH_MS), Math.max(0, localTime - performance.now()));
 }
 
 function flashError(e) {

@@ -3,9 +3,8 @@
 
 import {
   $, h, MOODS, BeatLights, Metronome, NameBook, Sound,
-  clearError, connectClassroom, formatCode, forgetToken, loadClient, loadConfig, mintDemoToken,
-  openAudio, scheduleNote, setStatus, showError, storeToken, syncBadge, takeToken, tokenClaims,
-  watchConnection,
+  bootPage, clearError, flash, formatCode, openAudio, scheduleNote, setStatus, showError,
+  signInAndConnect, syncBadge, watchConnection,
 } from '/common.js';
 
 const trace = { beats: [], notes: [], played: [] };
@@ -15,12 +14,12 @@ window.downbeat = { classroom: null, ctx: null, trace, lastApplied: null, applie
 const MIN_BPM = 40;
 const MAX_BPM = 240;
 const METERS = [2, 3, 4, 5, 6, 7];
+/** How long a student's card stays lit when their note sounds. */
+const FLASH_MS = 250;
 
 const statusEl = $('#status');
 const errorEl = $('#error');
 
-let config = null;
-let token = null;
 let classroom = null;
 let sound = null;
 let metronome = null;
@@ -34,81 +33,38 @@ function fillMeterSelect(select, value) {
   select.replaceChildren(...METERS.map((n) => h('option', { value: n, selected: n === value }, String(n))));
 }
 
-async function main() {
+function main() {
   fillMeterSelect($('#setup-meter'), 4);
-  try {
-    config = await loadConfig();
-  } catch (e) {
-    setStatus(statusEl, 'Cannot reach the class server', 'error');
-    showError(errorEl, e);
-    return;
-  }
-  token = takeToken('teacher');
-  showSignIn();
-  $('#setup').hidden = false;
-  $('#setup-form').addEventListener('submit', (ev) => {
-    ev.preventDefault();
-    startClass();
+  bootPage({
+    role: 'teacher',
+    rows: {
+      known: '#signin-known',
+      demo: '#signin-demo',
+      paste: '#signin-paste',
+      knownName: (claims) => claims.name || claims.sub || 'teacher',
+      demoName: () => $('#teacher-name').value.trim() || 'Ms. Rivera',
+    },
+    statusEl,
+    errorEl,
+    section: '#setup',
+    form: '#setup-form',
+    submit: '#start-class',
+    loading: 'Loading the class app…',
+    ready: 'Ready',
+    onSubmit: startClass,
   });
-  $('#signout').addEventListener('click', () => {
-    forgetToken('teacher');
-    token = null;
-    showSignIn();
-  });
-  setStatus(statusEl, 'Loading the class app…', 'info');
-  try {
-    await loadClient();
-    setStatus(statusEl, 'Ready', 'ok');
-    $('#start-class').disabled = false;
-  } catch (e) {
-    setStatus(statusEl, 'The class app did not load', 'error');
-    showError(errorEl, e);
-  }
 }
 
-function showSignIn() {
-  const known = token ? tokenClaims(token) : null;
-  $('#signin-known').hidden = !known;
-  if (known) $('#known-name').textContent = known.name || known.sub || 'teacher';
-  $('#signin-demo').hidden = !!known || !config.demo;
-  $('#signin-paste').hidden = !!known || !!config.demo;
-}
-
-async function resolveToken() {
-  if (token) return token;
-  if (config.demo) {
-    const name = $('#teacher-name').value.trim() || 'Ms. Rivera';
-    token = await mintDemoToken('teacher', name);
-  } else {
-    token = $('#token-paste').value.trim();
-    if (!token) throw Object.assign(new Error('Paste your sign-in token first.'), { code: 'demo_off' });
-  }
-  storeToken('teacher', token);
-  return token;
-}
-
-async function startClass() {
+async function startClass(signIn) {
   clearError(errorEl);
   const button = $('#start-class');
   const tempoBpm = clampBpm(Number($('#setup-tempo').value));
   const beatsPerBar = Number($('#setup-meter').value) || 4;
   const name = $('#room-name').value.trim() || 'Music time';
-  button.disabled = true;
-  setStatus(statusEl, 'Starting the class…', 'info');
-  try {
-    const t = await resolveToken();
-    classroom = await connectClassroom(config, t, { create: { name, tempoBpm, beatsPerBar } });
-  } catch (e) {
-    button.disabled = false;
-    setStatus(statusEl, 'Not connected', 'error');
-    showError(errorEl, e);
-    if (e && (e.code === 'unauthorized' || e.code === 'token_expired')) {
-      forgetToken('teacher');
-      token = null;
-      showSignIn();
-    }
-    return;
-  }
+  const room = { create: { name, tempoBpm, beatsPerBar } };
+  const started = await signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting: 'Starting the class…' });
+  if (!started) return;
+  classroom = started;
   window.downbeat.classroom = classroom;
   $('#setup').hidden = true;
   $('#class').hidden = false;
@@ -174,7 +130,7 @@ function showClass(tempoBpm, beatsPerBar) {
     const card = cards.get(n.from);
     if (card) {
       const delay = Math.max(0, n.localTime - performance.now());
-      setTimeout(() => flash(card.el, 'played'), delay);
+      setTimeout(() => flash(card.el, 'played', FLASH_MS), delay);
     }
   });
 
@@ -426,13 +382,6 @@ async function assign(card, clear) {
   } finally {
     p.assign.disabled = false;
   }
-}
-
-function flash(el, cls) {
-  el.classList.remove(cls);
-  void el.offsetWidth; // restart the animation
-  el.classList.add(cls);
-  setTimeout(() => el.classList.remove(cls), 250);
 }
 
 // ---------------------------------------------------------------- SEL

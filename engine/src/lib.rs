@@ -33,6 +33,7 @@ pub mod limit;
 pub mod notes;
 pub mod room;
 pub mod sel;
+#[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod timeline;
 

@@ -1,13 +1,19 @@
 //! Server configuration: command line, `DOWNBEAT_*` environment variables and an optional TOML
 //! file, merged in that order of precedence over built-in defaults.
 //!
-//! [`Args`] is what a user may say (every field optional, so the command line, the environment
-//! and the file can be merged field by field); [`Config`] is the resolved, validated result
-//! the server runs with. [`parse_and_merge`] is the pure function between them.
+//! Every setting is declared once, in the [`settings!`] table below: its name and type, its
+//! default, its help, its environment variable, and its flag or file key where those differ
+//! from the name. From that table come [`Args`] (what a user may say: every field optional, so
+//! the command line, the environment and the file can be merged field by field), [`Config`]
+//! (the resolved result the server runs with), [`Config::default`], the merge in
+//! [`parse_and_merge`], `--help`, and [`settings_markdown`] (the README's settings table, which
+//! a test keeps equal to it). Validation ([`Config::validate`]) stays hand-written: its
+//! messages say what to fix.
 
 use std::collections::HashSet;
 use std::fmt;
 use std::net::{Ipv6Addr, SocketAddr};
+use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,250 +23,280 @@ use serde::{Deserialize, Serialize};
 
 use downbeat_protocol::MAX_MEMBERS;
 
-/// What can be said on the command line, in `DOWNBEAT_*` variables, or in the TOML file given
-/// by `--config` (same names, snake_case, no `config` key). Every field is optional; unset
-/// fields fall back to the file, then to the defaults documented on [`Config`].
-#[derive(Clone, Debug, Default, Parser, Deserialize)]
-#[command(name = "downbeat", version, about = "Downbeat timing server for classroom music")]
-#[serde(deny_unknown_fields)]
-pub struct Args {
-    /// TOML file with any of the settings below (command line and environment win over it).
-    #[arg(long, env = "DOWNBEAT_CONFIG", value_name = "FILE")]
-    #[serde(skip)]
-    pub config: Option<PathBuf>,
+/// Declares the settings. Each entry is the setting's doc comment (its help), then
+/// `name: Type = default` (no `= default`: the setting is optional, `Option<Type>` in
+/// [`Config`]), then `env "VAR", value "NAME"` (the placeholder in `--help`), then optionally
+/// `flag "name"` (the long flag, when not the name in kebab case), `key "name"` (the TOML key,
+/// when not the name), `shown "text"` (the default as the docs say it, when not the value
+/// itself) and `clap(...)` (further clap arguments).
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $name:ident: $ty:ty $(= $default:expr)?,
+        env $env:literal, value $value:literal
+        $(, flag $flag:literal)? $(, key $key:literal)? $(, shown $shown:literal)? $(, clap($($clap:tt)*))?;
+    )*) => {
+        /// What can be said on the command line, in `DOWNBEAT_*` variables, or in the TOML file
+        /// given by `--config`. Every field is the [`Config`] field of the same name, optional;
+        /// unset fields fall back to the file, then to the defaults.
+        #[derive(Clone, Debug, Default, Parser, Deserialize)]
+        #[command(name = "downbeat", version, about = "Downbeat timing server for classroom music")]
+        #[serde(deny_unknown_fields)]
+        pub struct Args {
+            /// A TOML file with any of the other settings (the command line and the environment
+            /// win over it).
+            #[arg(long, env = "DOWNBEAT_CONFIG", value_name = "FILE", help = CONFIG_HELP)]
+            #[serde(skip)]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(long $(= $flag)?, env = $env, value_name = $value,
+                    help = help_text(&[$($doc),+], settings!(@shown $ty; $($shown)? ; $($default)?))
+                    $(, $($clap)*)?)]
+                $(#[serde(rename = $key)])?
+                pub $name: Option<$ty>,
+            )*
+            /// The schools (tenants) whose tokens are accepted: file only, as `[[tenants]]`
+            /// tables. None: an embedded demo tenant whose secret lives in the data directory.
+            #[arg(skip)]
+            pub tenants: Option<Vec<TenantConfig>>,
+        }
 
-    /// HTTP/1.1 listener for the API [default: [::]:4480].
-    #[arg(long, env = "DOWNBEAT_HTTP_ADDR", value_name = "ADDR")]
-    pub http_addr: Option<SocketAddr>,
+        /// The resolved server configuration. Build one with [`parse_and_merge`],
+        /// [`Config::load`], or `Config { .., ..Config::default() }` in tests;
+        /// [`Config::validate`] checks it. (Deserialized, a missing field takes its default.)
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+        #[serde(default)]
+        pub struct Config {
+            $(
+                $(#[doc = $doc])+
+                pub $name: settings!(@type $ty $(, $default)?),
+            )*
+            /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
+            /// [`crate::auth::Tenants::new`]).
+            pub tenants: Vec<TenantConfig>,
+        }
 
-    /// UDP port for WebTransport, bound dual-stack on every address [default: 4433].
-    #[arg(long, env = "DOWNBEAT_WT_PORT", value_name = "PORT")]
-    pub wt_port: Option<u16>,
+        impl Default for Config {
+            fn default() -> Self {
+                Self {
+                    $($name: settings!(@default $($default)?),)*
+                    tenants: Vec::new(),
+                }
+            }
+        }
 
-    /// Directory for server state (development certificates) [default: ./data].
-    #[arg(long, env = "DOWNBEAT_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
+        /// `args` over `file` over the defaults, setting by setting.
+        fn merge(args: Args, file: Args) -> Config {
+            Config {
+                $($name: settings!(@merge args.$name.or(file.$name) $(, $default)?),)*
+                tenants: args.tenants.or(file.tenants).unwrap_or_default(),
+            }
+        }
 
+        /// Every setting as the docs show it, in declaration order.
+        pub fn settings() -> Vec<Setting> {
+            vec![$(
+                Setting {
+                    flag: format!("--{}", settings!(@or stringify!($name).replace('_', "-") $(, $flag.to_owned())?)),
+                    env: $env,
+                    key: settings!(@or stringify!($name) $(, $key)?),
+                    value: $value,
+                    default: settings!(@shown $ty; $($shown)? ; $($default)?),
+                    help: help_text(&[$($doc),+], None),
+                },
+            )*]
+        }
+    };
+    (@type $ty:ty) => { Option<$ty> };
+    (@type $ty:ty, $default:expr) => { $ty };
+    (@default) => { None };
+    (@default $default:expr) => { $default };
+    (@merge $given:expr) => { $given };
+    (@merge $given:expr, $default:expr) => { $given.unwrap_or_else(|| $default) };
+    (@or $fallback:expr) => { $fallback };
+    (@or $fallback:expr, $given:expr) => { $given };
+    (@shown $ty:ty; $shown:literal ; $($default:expr)?) => { Some(String::from($shown)) };
+    (@shown $ty:ty; ; $default:expr) => {
+        Some(<$ty as ShowDefault>::show(&$default)).filter(|s| !s.is_empty()).map(|s| format!("`{s}`"))
+    };
+    (@shown $ty:ty; ;) => { None };
+}
+
+settings! {
+    /// HTTP/1.1 listener for the API.
+    http_addr: SocketAddr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 4480),
+        env "DOWNBEAT_HTTP_ADDR", value "ADDR";
+    /// UDP port for WebTransport, bound dual-stack on every address (0: any free port).
+    wt_port: u16 = 4433, env "DOWNBEAT_WT_PORT", value "PORT";
+    /// Directory for server state (development certificates, the demo tenant's secret, the
+    /// default SQLite database).
+    data_dir: PathBuf = PathBuf::from("./data"), env "DOWNBEAT_DATA_DIR", value "DIR";
     /// Production certificate chain (PEM). Needs --tls-key. Without both, a development
     /// certificate is generated, rotated, and its hash published for pages to pin.
-    #[arg(long, env = "DOWNBEAT_TLS_CERT", value_name = "FILE")]
-    pub tls_cert: Option<PathBuf>,
-
+    tls_cert: PathBuf, env "DOWNBEAT_TLS_CERT", value "FILE";
     /// Production private key (PEM). Needs --tls-cert.
-    #[arg(long, env = "DOWNBEAT_TLS_KEY", value_name = "FILE")]
-    pub tls_key: Option<PathBuf>,
-
-    /// How often the production certificate and key files are checked for replacement, in ms
-    /// [default: 10000]. Ignored for the development certificate.
-    #[arg(long, env = "DOWNBEAT_TLS_RELOAD_CHECK_MS", value_name = "MS")]
-    pub tls_reload_check_ms: Option<u64>,
-
+    tls_key: PathBuf, env "DOWNBEAT_TLS_KEY", value "FILE";
+    /// How often the production certificate and key files are checked for replacement, in ms.
+    /// Ignored for the development certificate.
+    tls_reload_check_ms: u64 = 10_000, env "DOWNBEAT_TLS_RELOAD_CHECK_MS", value "MS";
     /// Extra names or addresses for the development certificate (localhost, 127.0.0.1 and ::1
     /// are always included). Repeat or separate with commas.
-    #[arg(long = "hostname", env = "DOWNBEAT_HOSTNAMES", value_name = "NAME", value_delimiter = ',')]
-    #[serde(default)]
-    pub hostnames: Option<Vec<String>>,
-
-    /// How far ahead beats are sent and changes announced, in ms [default: 1500].
-    #[arg(long, env = "DOWNBEAT_LEAD_MS", value_name = "MS")]
-    pub lead_ms: Option<u64>,
-
-    /// Interval between beat datagrams to each member of a running room, in ms [default: 100].
-    #[arg(long, env = "DOWNBEAT_SEND_INTERVAL_MS", value_name = "MS")]
-    pub send_interval_ms: Option<u64>,
-
-    /// Most rooms at once [default: 1000].
-    #[arg(long, env = "DOWNBEAT_MAX_ROOMS", value_name = "N")]
-    pub max_rooms: Option<usize>,
-
-    /// Most members in one room, for every tenant (a tenant's own limit applies within it)
-    /// [default: 64].
-    #[arg(long, env = "DOWNBEAT_MAX_MEMBERS_PER_ROOM", value_name = "N")]
-    pub max_members_per_room: Option<usize>,
-
-    /// Most WebTransport sessions at once [default: 10000].
-    #[arg(long, env = "DOWNBEAT_MAX_SESSIONS", value_name = "N")]
-    pub max_sessions: Option<usize>,
-
-    /// Most QUIC/WebTransport handshakes in progress at once [default: 256].
-    #[arg(long, env = "DOWNBEAT_MAX_CONCURRENT_HANDSHAKES", value_name = "N")]
-    pub max_concurrent_handshakes: Option<usize>,
-
-    /// Time a new session has to open its control stream and say hello, in ms [default: 5000].
-    #[arg(long, env = "DOWNBEAT_HELLO_TIMEOUT_MS", value_name = "MS")]
-    pub hello_timeout_ms: Option<u64>,
-
-    /// QUIC idle timeout, in ms [default: 30000].
-    #[arg(long, env = "DOWNBEAT_IDLE_TIMEOUT_MS", value_name = "MS")]
-    pub idle_timeout_ms: Option<u64>,
-
-    /// QUIC keep-alive interval, in ms [default: 3000].
-    #[arg(long, env = "DOWNBEAT_KEEP_ALIVE_MS", value_name = "MS")]
-    pub keep_alive_ms: Option<u64>,
-
-    /// The `aud` claim every token must carry [default: downbeat]. In the file:
-    /// `token_audience`.
-    #[arg(long = "token-audience", env = "DOWNBEAT_TOKEN_AUDIENCE", value_name = "AUD")]
-    #[serde(rename = "token_audience")]
-    pub audience: Option<String>,
-
-    /// The schools (tenants) whose tokens are accepted: file only, as `[[tenants]]` tables.
-    /// None: an embedded demo tenant whose secret lives in the data directory.
-    #[arg(skip)]
-    pub tenants: Option<Vec<TenantConfig>>,
-
-    /// How long a room with nobody in it is kept before it expires, in seconds [default: 1800].
-    #[arg(long, env = "DOWNBEAT_ROOM_IDLE_EXPIRY_SECS", value_name = "SECS")]
-    pub room_idle_expiry_secs: Option<u64>,
-
-    /// How long a disconnected member's seat is held for them to reconnect, in ms
-    /// [default: 15000].
-    #[arg(long, env = "DOWNBEAT_SEAT_GRACE_MS", value_name = "MS")]
-    pub seat_grace_ms: Option<u64>,
-
-    /// How far behind the beat clock students' notes are played out, in ms [default: 80].
-    #[arg(long, env = "DOWNBEAT_PLAYOUT_DELAY_MS", value_name = "MS")]
-    pub playout_delay_ms: Option<u64>,
-
-    /// Where SEL data (reflections, participation) is stored: `postgres://user:pass@host/db`,
-    /// or a SQLite file (`sqlite://path` or a path) [default: `downbeat.sqlite3` in the data
-    /// directory].
-    #[arg(long, env = "DOWNBEAT_DATABASE_URL", value_name = "URL")]
-    pub database_url: Option<String>,
-
-    /// SEL writes queued while the database is slow or down before reflections are refused
-    /// with `store_unavailable` [default: 1024].
-    #[arg(long, env = "DOWNBEAT_SEL_QUEUE", value_name = "N")]
-    pub sel_queue: Option<usize>,
-
-    /// How often records past a tenant's retention period are purged, in seconds
-    /// [default: 3600].
-    #[arg(long, env = "DOWNBEAT_SEL_PURGE_INTERVAL_SECS", value_name = "SECS")]
-    pub sel_purge_interval_secs: Option<u64>,
-
-    /// Directory of the browser classroom pages served at `/`, `/teacher` and `/student`
-    /// [default: `web/` of the source checkout].
-    #[arg(long, env = "DOWNBEAT_WEB_DIR", value_name = "DIR")]
-    pub web_dir: Option<PathBuf>,
-
-    /// Directory of the built browser package served at `/pkg/` (`scripts/build-wasm` builds
-    /// it) [default: `client-wasm/pkg` of the source checkout].
-    #[arg(long, env = "DOWNBEAT_PKG_DIR", value_name = "DIR")]
-    pub pkg_dir: Option<PathBuf>,
-
-    /// The WebTransport URL pages are told to connect to (`/api/client-config`), for a server
-    /// reached under another name or port [default: `https://<the page's host>:<wt port>/`].
-    #[arg(long, env = "DOWNBEAT_PUBLIC_WT_URL", value_name = "URL")]
-    pub public_wt_url: Option<String>,
-
-    /// Also serve the pages and the API over HTTPS on this address, with the server's
-    /// certificate (loaded at startup) [default: no HTTPS listener].
-    #[arg(long, env = "DOWNBEAT_HTTPS_ADDR", value_name = "ADDR")]
-    pub https_addr: Option<SocketAddr>,
-}
-
-/// The resolved server configuration. Build one with [`parse_and_merge`], [`Config::load`], or
-/// `Config { .., ..Config::default() }` in tests; [`Config::validate`] checks it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Config {
-    /// HTTP/1.1 listener for the API.
-    pub http_addr: SocketAddr,
-    /// UDP port for WebTransport (0: any free port).
-    pub wt_port: u16,
-    /// Directory for server state.
-    pub data_dir: PathBuf,
-    /// Production certificate chain (PEM); `None` for a development certificate.
-    pub tls_cert: Option<PathBuf>,
-    /// Production private key (PEM); set exactly when `tls_cert` is.
-    pub tls_key: Option<PathBuf>,
-    /// How often the production PEM files are checked for replacement, in ms.
-    pub tls_reload_check_ms: u64,
-    /// Extra names for the development certificate, beyond the loopback names.
-    pub hostnames: Vec<String>,
+    hostnames: Vec<String> = Vec::new(), env "DOWNBEAT_HOSTNAMES", value "NAME", flag "hostname",
+        clap(value_delimiter = ',');
     /// How far ahead beats are sent and changes announced, in ms.
-    pub lead_ms: u64,
-    /// Beat datagram interval for a running room, in ms.
-    pub send_interval_ms: u64,
+    lead_ms: u64 = 1500, env "DOWNBEAT_LEAD_MS", value "MS";
+    /// Interval between beat datagrams to each member of a running room, in ms.
+    send_interval_ms: u64 = 100, env "DOWNBEAT_SEND_INTERVAL_MS", value "MS";
     /// Most rooms at once.
-    pub max_rooms: usize,
-    /// Most members in one room, whatever a tenant allows.
-    pub max_members_per_room: usize,
+    max_rooms: usize = 1000, env "DOWNBEAT_MAX_ROOMS", value "N";
+    /// Most members in one room, for every tenant (a tenant's own limit applies within it).
+    max_members_per_room: usize = 64, env "DOWNBEAT_MAX_MEMBERS_PER_ROOM", value "N";
     /// Most WebTransport sessions at once.
-    pub max_sessions: usize,
-    /// Most handshakes in progress at once.
-    pub max_concurrent_handshakes: usize,
-    /// Deadline for the control stream and hello, in ms.
-    pub hello_timeout_ms: u64,
+    max_sessions: usize = 10_000, env "DOWNBEAT_MAX_SESSIONS", value "N";
+    /// Most QUIC/WebTransport handshakes in progress at once.
+    max_concurrent_handshakes: usize = 256, env "DOWNBEAT_MAX_CONCURRENT_HANDSHAKES", value "N";
+    /// Time a new session has to open its control stream and say hello, in ms.
+    hello_timeout_ms: u64 = 5000, env "DOWNBEAT_HELLO_TIMEOUT_MS", value "MS";
     /// QUIC idle timeout, in ms.
-    pub idle_timeout_ms: u64,
+    idle_timeout_ms: u64 = 30_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
     /// QUIC keep-alive interval, in ms.
-    pub keep_alive_ms: u64,
+    keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
     /// The `aud` claim every token must carry.
-    pub audience: String,
-    /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
-    /// [`crate::auth::Tenants::new`]).
-    pub tenants: Vec<TenantConfig>,
-    /// How long an empty room is kept before it expires, in seconds.
-    pub room_idle_expiry_secs: u64,
-    /// How long a disconnected member's seat is held, in ms.
-    pub seat_grace_ms: u64,
+    audience: String = DEFAULT_AUDIENCE.to_owned(), env "DOWNBEAT_TOKEN_AUDIENCE", value "AUD",
+        flag "token-audience", key "token_audience";
+    /// How long a room with nobody in it is kept before it expires, in seconds.
+    room_idle_expiry_secs: u64 = 1800, env "DOWNBEAT_ROOM_IDLE_EXPIRY_SECS", value "SECS";
+    /// How long a disconnected member's seat is held for them to reconnect, in ms.
+    seat_grace_ms: u64 = 15_000, env "DOWNBEAT_SEAT_GRACE_MS", value "MS";
     /// How far behind the beat clock students' notes are played out, in ms.
-    pub playout_delay_ms: u64,
-    /// The SEL database; `None`: a SQLite file in the data directory
-    /// ([`Self::database_url_or_default`]).
-    pub database_url: Option<String>,
-    /// SEL writes queued before reflections are refused with `store_unavailable`.
-    pub sel_queue: usize,
-    /// How often expired SEL records are purged, in seconds.
-    pub sel_purge_interval_secs: u64,
-    /// The browser pages (`index.html`, `teacher.html`, `student.html`, scripts, styles).
+    playout_delay_ms: u64 = 80, env "DOWNBEAT_PLAYOUT_DELAY_MS", value "MS";
+    /// Where SEL data (reflections, participation) is stored: `postgres://user:pass@host/db`,
+    /// or a SQLite file (`sqlite://path` or a path).
+    database_url: String, env "DOWNBEAT_DATABASE_URL", value "URL",
+        shown "`downbeat.sqlite3` in the data directory";
+    /// SEL writes queued while the database is slow or down before reflections are refused
+    /// with `store_unavailable`.
+    sel_queue: usize = 1024, env "DOWNBEAT_SEL_QUEUE", value "N";
+    /// How often records past a tenant's retention period are purged, in seconds.
+    sel_purge_interval_secs: u64 = 3600, env "DOWNBEAT_SEL_PURGE_INTERVAL_SECS", value "SECS";
+    /// Directory of the browser classroom pages served at `/`, `/teacher` and `/student`.
     /// Missing: the server still starts; the pages answer 404.
-    pub web_dir: PathBuf,
-    /// The built browser package (`scripts/build-wasm`), served at `/pkg/`. Missing: the
-    /// server still starts; `/pkg/` answers 404 saying how to build it.
-    pub pkg_dir: PathBuf,
-    /// The WebTransport URL pages are told to connect to; `None`: derived from each request's
-    /// `Host` and the WebTransport port.
-    pub public_wt_url: Option<String>,
-    /// An HTTPS listener serving the same routes, if any. Its certificate is the one in use
-    /// when the server starts (the production PEM files or the current development
-    /// certificate): rotation and `tls_reload_check_ms` reloads reach WebTransport only, so
-    /// restart the server to serve a replaced certificate over HTTPS.
-    pub https_addr: Option<SocketAddr>,
+    web_dir: PathBuf = PathBuf::from(DEFAULT_WEB_DIR), env "DOWNBEAT_WEB_DIR", value "DIR",
+        shown "`web/` of the source checkout";
+    /// Directory of the built browser package served at `/pkg/` (`scripts/build-wasm` builds
+    /// it). Missing: the server still starts; `/pkg/` answers 404 saying how to build it.
+    pkg_dir: PathBuf = PathBuf::from(DEFAULT_PKG_DIR), env "DOWNBEAT_PKG_DIR", value "DIR",
+        shown "`client-wasm/pkg` of the source checkout";
+    /// The WebTransport URL pages are told to connect to (`/api/client-config`), for a server
+    /// reached under another name or port.
+    public_wt_url: String, env "DOWNBEAT_PUBLIC_WT_URL", value "URL",
+        shown "`https://<the page's host>:<wt port>/`";
+    /// Also serve the pages and the API over HTTPS on this address, with the server's
+    /// certificate as loaded at startup (rotation and reloads reach WebTransport only: restart
+    /// to serve a replaced certificate over HTTPS).
+    https_addr: SocketAddr, env "DOWNBEAT_HTTPS_ADDR", value "ADDR", shown "no HTTPS listener";
 }
 
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            http_addr: SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 4480),
-            wt_port: 4433,
-            data_dir: PathBuf::from("./data"),
-            tls_cert: None,
-            tls_key: None,
-            tls_reload_check_ms: 10_000,
-            hostnames: Vec::new(),
-            lead_ms: 1500,
-            send_interval_ms: 100,
-            max_rooms: 1000,
-            max_members_per_room: 64,
-            max_sessions: 10_000,
-            max_concurrent_handshakes: 256,
-            hello_timeout_ms: 5000,
-            idle_timeout_ms: 30_000,
-            keep_alive_ms: 3000,
-            audience: DEFAULT_AUDIENCE.to_owned(),
-            tenants: Vec::new(),
-            room_idle_expiry_secs: 1800,
-            seat_grace_ms: 15_000,
-            playout_delay_ms: 80,
-            database_url: None,
-            sel_queue: 1024,
-            sel_purge_interval_secs: 3600,
-            web_dir: PathBuf::from(DEFAULT_WEB_DIR),
-            pkg_dir: PathBuf::from(DEFAULT_PKG_DIR),
-            public_wt_url: None,
-            https_addr: None,
+/// What `--config` is for.
+const CONFIG_HELP: &str = "TOML file with any of the settings below (command line and environment win over it).";
+
+/// One setting as the docs show it (see [`settings`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Setting {
+    /// The long flag, `--lead-ms`.
+    pub flag: String,
+    /// The environment variable.
+    pub env: &'static str,
+    /// The key in the TOML file.
+    pub key: &'static str,
+    /// The value's placeholder, `MS`.
+    pub value: &'static str,
+    /// The default as the docs say it (markdown); `None`: unset unless given.
+    pub default: Option<String>,
+    /// What it does.
+    pub help: String,
+}
+
+/// The settings as a markdown table, the README's settings section (`downbeat settings-doc`
+/// prints it).
+pub fn settings_markdown() -> String {
+    let mut out = String::from("| flag | environment | file key | default | what |\n|---|---|---|---|---|\n");
+    let row = |out: &mut String, cells: [&str; 5]| {
+        out.push('|');
+        for cell in cells {
+            out.push(' ');
+            out.push_str(&cell.replace('|', "\\|"));
+            out.push_str(" |");
         }
+        out.push('\n');
+    };
+    row(&mut out, ["`--config FILE`", "`DOWNBEAT_CONFIG`", "", "", CONFIG_HELP]);
+    for s in settings() {
+        let default = s.default.unwrap_or_default();
+        let flag = format!("`{} {}`", s.flag, s.value);
+        let env = format!("`{}`", s.env);
+        let key = format!("`{}`", s.key);
+        row(&mut out, [&flag, &env, &key, &default, &s.help]);
+    }
+    row(
+        &mut out,
+        [
+            "",
+            "",
+            "`[[tenants]]`",
+            "the demo tenant",
+            "The schools whose tokens are accepted (file only; see \"Schools, tokens and roles\").",
+        ],
+    );
+    out
+}
+
+/// The README's section between `<!-- {name}: generated by `downbeat {name}-doc` -->` and
+/// `<!-- end of {name} -->`, for the tests that keep it equal to what the code generates.
+#[cfg(test)]
+pub(crate) fn readme_section(name: &str) -> &'static str {
+    let readme = include_str!("../../README.md");
+    let begin = format!("<!-- {name}: generated by `downbeat {name}-doc` -->\n");
+    let start = readme.find(&begin).expect("README has the section's markers") + begin.len();
+    let len = readme[start..].find(&format!("<!-- end of {name} -->")).expect("README closes the section");
+    &readme[start..start + len]
+}
+
+/// A setting's help: its doc comment's lines joined, then the default if any.
+fn help_text(doc: &[&str], default: Option<String>) -> String {
+    let mut text = doc.iter().map(|line| line.trim()).collect::<Vec<_>>().join(" ");
+    if let Some(default) = default {
+        text.push_str(&format!(" [default: {}]", default.replace('`', "")));
+    }
+    text
+}
+
+/// How a default value reads in `--help` and the docs.
+trait ShowDefault {
+    fn show(&self) -> String;
+}
+
+macro_rules! show_by_display {
+    ($($ty:ty),*) => {$(
+        impl ShowDefault for $ty {
+            fn show(&self) -> String {
+                self.to_string()
+            }
+        }
+    )*};
+}
+
+show_by_display!(u16, u64, usize, String, SocketAddr);
+
+impl ShowDefault for PathBuf {
+    fn show(&self) -> String {
+        self.display().to_string()
+    }
+}
+
+impl ShowDefault for Vec<String> {
+    fn show(&self) -> String {
+        self.join(",")
     }
 }
 
@@ -632,6 +668,13 @@ impl Config {
         fn invalid(msg: impl Into<String>) -> Result<(), ConfigError> {
             Err(ConfigError::Invalid(msg.into()))
         }
+        fn in_range(name: &str, value: u64, range: RangeInclusive<u64>, default: u64) -> Result<(), ConfigError> {
+            if range.contains(&value) {
+                return Ok(());
+            }
+            invalid(format!("{name} is {value}: use {} to {} (default {default})", range.start(), range.end()))
+        }
+        let d = Self::default();
         match (&self.tls_cert, &self.tls_key) {
             (Some(_), None) => {
                 return invalid(
@@ -645,15 +688,8 @@ impl Config {
             }
             _ => {}
         }
-        if !(1..=3_600_000).contains(&self.tls_reload_check_ms) {
-            return invalid(format!(
-                "tls_reload_check_ms is {}: use 1 to 3600000 (default 10000)",
-                self.tls_reload_check_ms
-            ));
-        }
-        if !(100..=60_000).contains(&self.lead_ms) {
-            return invalid(format!("lead_ms is {}: use 100 to 60000 (default 1500)", self.lead_ms));
-        }
+        in_range("tls_reload_check_ms", self.tls_reload_check_ms, 1..=3_600_000, d.tls_reload_check_ms)?;
+        in_range("lead_ms", self.lead_ms, 100..=60_000, d.lead_ms)?;
         if self.send_interval_ms < 10 || self.send_interval_ms * 2 > self.lead_ms {
             return invalid(format!(
                 "send_interval_ms is {}: use at least 10 and at most half of lead_ms ({}), so every beat is sent more than once before it sounds",
@@ -675,12 +711,8 @@ impl Config {
         if self.max_concurrent_handshakes == 0 {
             return invalid("max_concurrent_handshakes is 0: use at least 1");
         }
-        if !(100..=600_000).contains(&self.hello_timeout_ms) {
-            return invalid(format!("hello_timeout_ms is {}: use 100 to 600000 (default 5000)", self.hello_timeout_ms));
-        }
-        if !(1000..=600_000).contains(&self.idle_timeout_ms) {
-            return invalid(format!("idle_timeout_ms is {}: use 1000 to 600000 (default 30000)", self.idle_timeout_ms));
-        }
+        in_range("hello_timeout_ms", self.hello_timeout_ms, 100..=600_000, d.hello_timeout_ms)?;
+        in_range("idle_timeout_ms", self.idle_timeout_ms, 1000..=600_000, d.idle_timeout_ms)?;
         if self.keep_alive_ms == 0 || self.keep_alive_ms >= self.idle_timeout_ms {
             return invalid(format!(
                 "keep_alive_ms is {}: use at least 1 and less than idle_timeout_ms ({}), or idle sessions are dropped",
@@ -699,25 +731,14 @@ impl Config {
         }
         if !(1..=604_800).contains(&self.room_idle_expiry_secs) {
             return invalid(format!(
-                "room_idle_expiry_secs is {}: use 1 to 604800 (a week; default 1800)",
-                self.room_idle_expiry_secs
+                "room_idle_expiry_secs is {}: use 1 to 604800 (a week; default {})",
+                self.room_idle_expiry_secs, d.room_idle_expiry_secs
             ));
         }
-        if self.seat_grace_ms > 600_000 {
-            return invalid(format!("seat_grace_ms is {}: use 0 to 600000 (default 15000)", self.seat_grace_ms));
-        }
-        if !(10..=2000).contains(&self.playout_delay_ms) {
-            return invalid(format!("playout_delay_ms is {}: use 10 to 2000 (default 80)", self.playout_delay_ms));
-        }
-        if !(1..=1_000_000).contains(&self.sel_queue) {
-            return invalid(format!("sel_queue is {}: use 1 to 1000000 (default 1024)", self.sel_queue));
-        }
-        if !(1..=86_400).contains(&self.sel_purge_interval_secs) {
-            return invalid(format!(
-                "sel_purge_interval_secs is {}: use 1 to 86400 (default 3600)",
-                self.sel_purge_interval_secs
-            ));
-        }
+        in_range("seat_grace_ms", self.seat_grace_ms, 0..=600_000, d.seat_grace_ms)?;
+        in_range("playout_delay_ms", self.playout_delay_ms, 10..=2000, d.playout_delay_ms)?;
+        in_range("sel_queue", self.sel_queue as u64, 1..=1_000_000, d.sel_queue as u64)?;
+        in_range("sel_purge_interval_secs", self.sel_purge_interval_secs, 1..=86_400, d.sel_purge_interval_secs)?;
         if self.database_url.as_deref().is_some_and(|url| url.trim().is_empty()) {
             return invalid("database_url is empty: give a postgres:// URL or a SQLite file, or leave it out");
         }
@@ -819,46 +840,7 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         Some(text) => toml::from_str(text)?,
         None => Args::default(),
     };
-    let d = Config::default();
-    let config = Config {
-        http_addr: args.http_addr.or(file.http_addr).unwrap_or(d.http_addr),
-        wt_port: args.wt_port.or(file.wt_port).unwrap_or(d.wt_port),
-        data_dir: args.data_dir.or(file.data_dir).unwrap_or(d.data_dir),
-        tls_cert: args.tls_cert.or(file.tls_cert),
-        tls_key: args.tls_key.or(file.tls_key),
-        tls_reload_check_ms: args.tls_reload_check_ms.or(file.tls_reload_check_ms).unwrap_or(d.tls_reload_check_ms),
-        hostnames: args.hostnames.or(file.hostnames).unwrap_or(d.hostnames),
-        lead_ms: args.lead_ms.or(file.lead_ms).unwrap_or(d.lead_ms),
-        send_interval_ms: args.send_interval_ms.or(file.send_interval_ms).unwrap_or(d.send_interval_ms),
-        max_rooms: args.max_rooms.or(file.max_rooms).unwrap_or(d.max_rooms),
-        max_members_per_room: args.max_members_per_room.or(file.max_members_per_room).unwrap_or(d.max_members_per_room),
-        max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(d.max_sessions),
-        max_concurrent_handshakes: args
-            .max_concurrent_handshakes
-            .or(file.max_concurrent_handshakes)
-            .unwrap_or(d.max_concurrent_handshakes),
-        hello_timeout_ms: args.hello_timeout_ms.or(file.hello_timeout_ms).unwrap_or(d.hello_timeout_ms),
-        idle_timeout_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(d.idle_timeout_ms),
-        keep_alive_ms: args.keep_alive_ms.or(file.keep_alive_ms).unwrap_or(d.keep_alive_ms),
-        audience: args.audience.or(file.audience).unwrap_or(d.audience),
-        tenants: args.tenants.or(file.tenants).unwrap_or(d.tenants),
-        room_idle_expiry_secs: args
-            .room_idle_expiry_secs
-            .or(file.room_idle_expiry_secs)
-            .unwrap_or(d.room_idle_expiry_secs),
-        seat_grace_ms: args.seat_grace_ms.or(file.seat_grace_ms).unwrap_or(d.seat_grace_ms),
-        playout_delay_ms: args.playout_delay_ms.or(file.playout_delay_ms).unwrap_or(d.playout_delay_ms),
-        database_url: args.database_url.or(file.database_url),
-        sel_queue: args.sel_queue.or(file.sel_queue).unwrap_or(d.sel_queue),
-        sel_purge_interval_secs: args
-            .sel_purge_interval_secs
-            .or(file.sel_purge_interval_secs)
-            .unwrap_or(d.sel_purge_interval_secs),
-        web_dir: args.web_dir.or(file.web_dir).unwrap_or(d.web_dir),
-        pkg_dir: args.pkg_dir.or(file.pkg_dir).unwrap_or(d.pkg_dir),
-        public_wt_url: args.public_wt_url.or(file.public_wt_url),
-        https_addr: args.https_addr.or(file.https_addr),
-    };
+    let config = merge(args, file);
     config.validate()?;
     Ok(config)
 }
@@ -1176,6 +1158,33 @@ note_burst = 60
         let config = check(&[], Some(&tenant_file(""))).unwrap();
         let debug = format!("{config:?}");
         assert!(debug.contains("<redacted>") && !debug.contains(SECRET), "{debug}");
+    }
+
+    #[test]
+    fn the_readme_settings_table_is_the_generated_one() {
+        let want = settings_markdown();
+        assert_eq!(
+            readme_section("settings"),
+            want,
+            "regenerate it with `cargo run -p downbeat-server -- settings-doc`"
+        );
+    }
+
+    #[test]
+    fn the_documented_flags_and_variables_are_the_parsed_ones() {
+        let command = <Args as clap::CommandFactory>::command();
+        let parsed: Vec<(String, String)> = command
+            .get_arguments()
+            .filter_map(|arg| Some((format!("--{}", arg.get_long()?), arg.get_env()?.to_str()?.to_owned())))
+            .collect();
+        let mut documented = vec![("--config".to_owned(), "DOWNBEAT_CONFIG".to_owned())];
+        documented.extend(settings().into_iter().map(|s| (s.flag, s.env.to_owned())));
+        assert_eq!(parsed, documented);
+        // Each setting's file key sets it.
+        for s in settings() {
+            let err = check(&[], Some(&format!("{} = {{}}\n", s.key))).unwrap_err();
+            assert!(!err.contains("unknown field"), "{}: {err}", s.key);
+        }
     }
 
     #[test]

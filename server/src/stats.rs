@@ -114,10 +114,196 @@ impl Histogram {
     pub fn count(&self) -> u64 {
         self.count.get()
     }
+}
 
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP downbeat_{name} {help}");
-        let _ = writeln!(out, "# TYPE downbeat_{name} histogram");
+/// Declares the metrics. Each entry is the metric's doc comment (also its Prometheus help),
+/// then `field: Kind => "series"`: the [`Stats`] field other modules update, and the name
+/// `/metrics` renders it under (after `downbeat_`). A [`CodeCounters`] field may add
+/// `, total "series" "help"`: a counter of its sum over every code.
+macro_rules! stats {
+    ($(
+        $(#[doc = $doc:literal])+
+        $field:ident: $kind:ident => $name:literal $(, total $total:literal $total_help:literal)?;
+    )*) => {
+        /// Everything the server counts. Shared as `Arc<Stats>`; every update is one relaxed
+        /// atomic.
+        #[derive(Debug, Default)]
+        pub struct Stats {
+            $($(#[doc = $doc])+ pub $field: $kind,)*
+        }
+
+        impl Stats {
+            /// Every metric `/metrics` renders, in order.
+            pub const METRICS: &[Metric] = &[$(
+                $(Metric { name: $total, kind: Counter::KIND, label: Counter::LABEL, help: $total_help },)?
+                Metric { name: $name, kind: $kind::KIND, label: $kind::LABEL, help: concat!($($doc),+) },
+            )*];
+
+            /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+            pub fn render_prometheus(&self) -> String {
+                let mut out = String::with_capacity(4096);
+                $(
+                    $(header(&mut out, $total, Counter::KIND, $total_help);
+                    sample(&mut out, $total, "", self.$field.total());)?
+                    header(&mut out, $name, $kind::KIND, concat!($($doc),+));
+                    self.$field.render(&mut out, $name);
+                )*
+                out
+            }
+        }
+    };
+}
+
+stats! {
+    /// WebTransport sessions open now.
+    sessions_active: Gauge => "sessions_active";
+    /// The host's CLOCK_MONOTONIC reading in ns at which server time is zero (0 where unknown;
+    /// for benchmarks on the host).
+    clock_zero_monotonic_nanos: Gauge => "clock_zero_monotonic_nanoseconds";
+    /// WebTransport sessions accepted since start.
+    sessions_total: Counter => "sessions_total";
+    /// Connection attempts refused at a capacity limit (handshakes or sessions).
+    handshakes_refused: Counter => "handshakes_refused_total";
+    /// Refused hellos, by error code.
+    hello_failures: CodeCounters => "hello_failures_by_code_total",
+        total "hello_failures_total" "Sessions whose hello was refused.";
+    /// Datagrams received from clients.
+    datagrams_received: Counter => "datagrams_received_total";
+    /// Received datagrams that did not decode (dropped).
+    datagrams_malformed: Counter => "datagrams_malformed_total";
+    /// Received datagrams dropped by the per-session rate limit.
+    datagrams_rate_limited: Counter => "datagrams_rate_limited_total";
+    /// Datagrams handed to QUIC for sending.
+    datagrams_sent: Counter => "datagrams_sent_total";
+    /// Datagrams QUIC refused to send (peer gone, datagrams unsupported, too large).
+    datagrams_send_failed: Counter => "datagrams_send_failed_total";
+    /// Beat frames sent.
+    beat_frames_sent: Counter => "beat_frames_sent_total";
+    /// Beat frames that had to lose beats to fit the path's datagram size.
+    beat_frames_trimmed: Counter => "beat_frames_trimmed_total";
+    /// Clock-sync replies sent.
+    sync_replies_sent: Counter => "sync_replies_sent_total";
+    /// Control frames that did not decode (the session is closed).
+    frames_malformed: Counter => "frames_malformed_total";
+    /// Control frames whose header declared a body over the cap (the session is closed).
+    frames_too_large: Counter => "frames_too_large_total";
+    /// Members disconnected because their control queue was full.
+    slow_members_dropped: Counter => "slow_members_dropped_total";
+    /// Rooms open now.
+    rooms_active: Gauge => "rooms_active";
+    /// Rooms created since start.
+    rooms_created: Counter => "rooms_created_total";
+    /// Timeline changes applied.
+    changes_applied: Counter => "changes_applied_total";
+    /// Teacher controls applied (timeline changes included).
+    controls_applied: Counter => "controls_applied_total";
+    /// Requests refused (hellos, controls, HTTP), by error code.
+    refused: CodeCounters => "refused_total";
+    /// Sessions closed for repeatedly exceeding a rate limit.
+    sessions_closed_for_abuse: Counter => "sessions_closed_for_abuse_total";
+    /// Seats taken over by a new session of the same person while the old one was open.
+    sessions_replaced: Counter => "sessions_replaced_total";
+    /// Seats resumed within the grace period after a lost connection.
+    seats_resumed: Counter => "seats_resumed_total";
+    /// Seats freed because the grace period ended.
+    seats_expired: Counter => "seats_expired_total";
+    /// Note datagrams received.
+    note_datagrams_received: Counter => "note_datagrams_received_total";
+    /// New notes accepted and fanned out.
+    notes_accepted: Counter => "notes_accepted_total";
+    /// Redundant copies of notes already handled, ignored.
+    notes_duplicate: Counter => "notes_duplicate_total";
+    /// Note datagrams refused, by error code (muted, rate limited, out of range, room busy).
+    notes_dropped: CodeCounters => "note_datagrams_refused_total";
+    /// Notes not forwarded.
+    notes_dropped_total: Counter => "notes_dropped_total";
+    /// Note frames sent to receivers.
+    note_frames_sent: Counter => "note_frames_sent_total";
+    /// Notes clients reported scheduled on time.
+    notes_played_reported: Counter => "notes_played_reported_total";
+    /// Notes clients reported arriving after their playout instant.
+    notes_late_reported: Counter => "notes_late_reported_total";
+    /// Round-trip times clients report.
+    sync_rtt: Histogram => "sync_rtt_seconds";
+    /// Clock-offset uncertainty clients report (a bound on their sync error).
+    sync_uncertainty: Histogram => "sync_uncertainty_seconds";
+    /// SEL write jobs waiting for the database.
+    sel_queued: Gauge => "sel_queued";
+    /// 1 while the SEL database is failing writes, else 0.
+    sel_degraded: Gauge => "sel_degraded";
+    /// SEL transactions committed.
+    sel_commits: Counter => "sel_commits_total";
+    /// SEL transactions that failed (and were retried).
+    sel_write_failures: Counter => "sel_write_failures_total";
+    /// Reflections committed.
+    reflections_saved: Counter => "reflections_saved_total";
+    /// Reflections refused with store_unavailable because the SEL queue was full.
+    reflections_refused: Counter => "reflections_refused_total";
+    /// Participation events lost because the SEL queue stayed full as a room closed.
+    participation_dropped: Counter => "participation_dropped_total";
+    /// SEL rows deleted by the retention purge.
+    sel_rows_purged: Counter => "sel_rows_purged_total";
+}
+
+/// One metric as `/metrics` declares it (see [`Stats::METRICS`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Metric {
+    /// The series name after `downbeat_`.
+    pub name: &'static str,
+    /// `counter`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// The label that tells its samples apart (`code`, `le`), or empty.
+    pub label: &'static str,
+    /// The help line (as written in the declaration: trim it).
+    pub help: &'static str,
+}
+
+/// A kind of metric: its Prometheus type and how its samples are written.
+trait Render {
+    const KIND: &'static str;
+    const LABEL: &'static str = "";
+
+    /// Writes the samples (the `# HELP` and `# TYPE` lines are written before).
+    fn render(&self, out: &mut String, name: &str);
+}
+
+impl Render for Counter {
+    const KIND: &'static str = "counter";
+
+    fn render(&self, out: &mut String, name: &str) {
+        sample(out, name, "", self.get());
+    }
+}
+
+impl Render for Gauge {
+    const KIND: &'static str = "gauge";
+
+    fn render(&self, out: &mut String, name: &str) {
+        sample(out, name, "", self.get());
+    }
+}
+
+impl Render for CodeCounters {
+    const KIND: &'static str = "counter";
+    const LABEL: &'static str = "code";
+
+    /// One sample per code counted at least once.
+    fn render(&self, out: &mut String, name: &str) {
+        for code in ErrorCode::ALL {
+            let n = self.get(*code);
+            if n > 0 {
+                sample(out, name, &format!("{{code=\"{}\"}}", code.as_str()), n);
+            }
+        }
+    }
+}
+
+impl Render for Histogram {
+    const KIND: &'static str = "histogram";
+    const LABEL: &'static str = "le";
+
+    /// Cumulative buckets, sum and count, in seconds.
+    fn render(&self, out: &mut String, name: &str) {
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS_MICROS.iter().zip(&self.buckets) {
             cumulative += bucket.get();
@@ -130,249 +316,27 @@ impl Histogram {
     }
 }
 
-/// Everything the server counts. Shared as `Arc<Stats>`; every update is one relaxed atomic.
-#[derive(Debug, Default)]
-pub struct Stats {
-    /// WebTransport sessions open now.
-    pub sessions_active: Gauge,
-    /// The host's `CLOCK_MONOTONIC` in nanoseconds at server time zero (0 where unknown).
-    pub clock_zero_monotonic_nanos: Gauge,
-    /// WebTransport sessions accepted since start.
-    pub sessions_total: Counter,
-    /// Connection attempts refused at a capacity limit (handshakes or sessions).
-    pub handshakes_refused: Counter,
-    /// Sessions whose hello was refused, by code.
-    pub hello_failures: CodeCounters,
-    /// Datagrams received from clients.
-    pub datagrams_received: Counter,
-    /// Received datagrams that did not decode (dropped).
-    pub datagrams_malformed: Counter,
-    /// Received datagrams dropped by a session's rate limit.
-    pub datagrams_rate_limited: Counter,
-    /// Datagrams handed to QUIC for sending.
-    pub datagrams_sent: Counter,
-    /// Datagrams QUIC refused (peer gone, datagrams unsupported, too large).
-    pub datagrams_send_failed: Counter,
-    /// Beat frames sent.
-    pub beat_frames_sent: Counter,
-    /// Beat frames that had to lose beats to fit the path's datagram size.
-    pub beat_frames_trimmed: Counter,
-    /// Clock-sync replies sent.
-    pub sync_replies_sent: Counter,
-    /// Control frames that did not decode (the session is closed).
-    pub frames_malformed: Counter,
-    /// Control frames whose header declared a body over the cap (the session is closed).
-    pub frames_too_large: Counter,
-    /// Members disconnected because their control queue was full.
-    pub slow_members_dropped: Counter,
-    /// Rooms open now.
-    pub rooms_active: Gauge,
-    /// Rooms created since start.
-    pub rooms_created: Counter,
-    /// Timeline changes applied.
-    pub changes_applied: Counter,
-    /// Teacher controls applied (timeline changes included).
-    pub controls_applied: Counter,
-    /// Requests refused (hellos, controls, HTTP), by code.
-    pub refused: CodeCounters,
-    /// Sessions closed for repeatedly exceeding a rate limit.
-    pub sessions_closed_for_abuse: Counter,
-    /// Seats taken over by a new session of the same person while the old one was open.
-    pub sessions_replaced: Counter,
-    /// Seats resumed within the grace period after a lost connection.
-    pub seats_resumed: Counter,
-    /// Seats freed because the grace period ended.
-    pub seats_expired: Counter,
-    /// Note datagrams received.
-    pub note_datagrams_received: Counter,
-    /// New notes accepted and fanned out.
-    pub notes_accepted: Counter,
-    /// Redundant copies of notes already handled.
-    pub notes_duplicate: Counter,
-    /// Note datagrams refused, by code (muted, rate limited, out of range, room busy).
-    pub notes_dropped: CodeCounters,
-    /// Notes not forwarded.
-    pub notes_dropped_total: Counter,
-    /// Note frames sent to receivers.
-    pub note_frames_sent: Counter,
-    /// Notes clients reported scheduled on time.
-    pub notes_played_reported: Counter,
-    /// Notes clients reported arriving after their playout instant.
-    pub notes_late_reported: Counter,
-    /// Clients' reported round-trip times.
-    pub sync_rtt: Histogram,
-    /// Clients' reported clock-offset uncertainty (a bound on the sync error).
-    pub sync_uncertainty: Histogram,
-    /// SEL write jobs waiting for the database.
-    pub sel_queued: Gauge,
-    /// 1 while the SEL database is failing writes, else 0.
-    pub sel_degraded: Gauge,
-    /// SEL transactions committed.
-    pub sel_commits: Counter,
-    /// SEL transactions that failed (and were retried).
-    pub sel_write_failures: Counter,
-    /// Reflections committed.
-    pub reflections_saved: Counter,
-    /// Reflections refused with `store_unavailable` because the queue was full.
-    pub reflections_refused: Counter,
-    /// Participation events lost because the queue stayed full as a room closed.
-    pub participation_dropped: Counter,
-    /// SEL rows deleted by the retention purge.
-    pub sel_rows_purged: Counter,
+/// The `# HELP` and `# TYPE` lines of a metric.
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# HELP downbeat_{name} {}", help.trim());
+    let _ = writeln!(out, "# TYPE downbeat_{name} {kind}");
 }
 
-impl Stats {
-    /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
-    pub fn render_prometheus(&self) -> String {
-        let mut out = String::with_capacity(4096);
-        let mut metric = |name: &str, kind: &str, help: &str, value: u64| {
-            // Writing to a String cannot fail.
-            let _ = writeln!(out, "# HELP downbeat_{name} {help}");
-            let _ = writeln!(out, "# TYPE downbeat_{name} {kind}");
-            let _ = writeln!(out, "downbeat_{name} {value}");
-        };
-        metric("sel_queued", "gauge", "SEL write jobs waiting for the database.", self.sel_queued.get());
-        metric("sel_degraded", "gauge", "1 while the SEL database is failing writes.", self.sel_degraded.get());
-        metric("sel_commits_total", "counter", "SEL transactions committed.", self.sel_commits.get());
-        metric(
-            "sel_write_failures_total",
-            "counter",
-            "SEL transactions that failed and were retried.",
-            self.sel_write_failures.get(),
-        );
-        metric("reflections_saved_total", "counter", "Reflections committed.", self.reflections_saved.get());
-        metric(
-            "reflections_refused_total",
-            "counter",
-            "Reflections refused with store_unavailable (queue full).",
-            self.reflections_refused.get(),
-        );
-        metric(
-            "participation_dropped_total",
-            "counter",
-            "Participation events lost because the SEL queue stayed full as a room closed.",
-            self.participation_dropped.get(),
-        );
-        metric("sel_rows_purged_total", "counter", "SEL rows deleted by retention.", self.sel_rows_purged.get());
-        metric("sessions_active", "gauge", "WebTransport sessions open now.", self.sessions_active.get());
-        metric(
-            "clock_zero_monotonic_nanoseconds",
-            "gauge",
-            "The host's CLOCK_MONOTONIC reading in ns at which server time is zero (for benchmarks on the host).",
-            self.clock_zero_monotonic_nanos.get(),
-        );
-        metric("sessions_total", "counter", "WebTransport sessions accepted.", self.sessions_total.get());
-        metric(
-            "handshakes_refused_total",
-            "counter",
-            "Connection attempts refused at a capacity limit.",
-            self.handshakes_refused.get(),
-        );
-        metric("hello_failures_total", "counter", "Sessions whose hello was refused.", self.hello_failures.total());
-        metric("datagrams_received_total", "counter", "Datagrams received.", self.datagrams_received.get());
-        metric(
-            "datagrams_malformed_total",
-            "counter",
-            "Received datagrams that did not decode.",
-            self.datagrams_malformed.get(),
-        );
-        metric(
-            "datagrams_rate_limited_total",
-            "counter",
-            "Received datagrams dropped by the per-session rate limit.",
-            self.datagrams_rate_limited.get(),
-        );
-        metric("datagrams_sent_total", "counter", "Datagrams sent.", self.datagrams_sent.get());
-        metric(
-            "datagrams_send_failed_total",
-            "counter",
-            "Datagrams that could not be sent.",
-            self.datagrams_send_failed.get(),
-        );
-        metric("beat_frames_sent_total", "counter", "Beat frames sent.", self.beat_frames_sent.get());
-        metric(
-            "beat_frames_trimmed_total",
-            "counter",
-            "Beat frames shortened to fit the datagram size.",
-            self.beat_frames_trimmed.get(),
-        );
-        metric("sync_replies_sent_total", "counter", "Clock-sync replies sent.", self.sync_replies_sent.get());
-        metric("frames_malformed_total", "counter", "Control frames that did not decode.", self.frames_malformed.get());
-        metric("frames_too_large_total", "counter", "Control frames over the size cap.", self.frames_too_large.get());
-        metric(
-            "slow_members_dropped_total",
-            "counter",
-            "Members disconnected for a full control queue.",
-            self.slow_members_dropped.get(),
-        );
-        metric("rooms_active", "gauge", "Rooms open now.", self.rooms_active.get());
-        metric("rooms_created_total", "counter", "Rooms created.", self.rooms_created.get());
-        metric("changes_applied_total", "counter", "Timeline changes applied.", self.changes_applied.get());
-        metric("controls_applied_total", "counter", "Teacher controls applied.", self.controls_applied.get());
-        metric(
-            "sessions_closed_for_abuse_total",
-            "counter",
-            "Sessions closed for repeatedly exceeding a rate limit.",
-            self.sessions_closed_for_abuse.get(),
-        );
-        metric(
-            "sessions_replaced_total",
-            "counter",
-            "Seats taken over by a new session of the same person.",
-            self.sessions_replaced.get(),
-        );
-        metric("seats_resumed_total", "counter", "Seats resumed within the grace period.", self.seats_resumed.get());
-        metric("seats_expired_total", "counter", "Seats freed after the grace period.", self.seats_expired.get());
-        metric(
-            "note_datagrams_received_total",
-            "counter",
-            "Note datagrams received.",
-            self.note_datagrams_received.get(),
-        );
-        metric("notes_accepted_total", "counter", "Notes accepted and fanned out.", self.notes_accepted.get());
-        metric("notes_duplicate_total", "counter", "Redundant note copies ignored.", self.notes_duplicate.get());
-        metric("notes_dropped_total", "counter", "Notes not forwarded.", self.notes_dropped_total.get());
-        metric("note_frames_sent_total", "counter", "Note frames sent to receivers.", self.note_frames_sent.get());
-        metric(
-            "notes_played_reported_total",
-            "counter",
-            "Notes clients reported scheduled on time.",
-            self.notes_played_reported.get(),
-        );
-        metric(
-            "notes_late_reported_total",
-            "counter",
-            "Notes clients reported arriving after their playout instant.",
-            self.notes_late_reported.get(),
-        );
-        self.sync_rtt.render(&mut out, "sync_rtt_seconds", "Round-trip times clients report.");
-        self.sync_uncertainty.render(
-            &mut out,
-            "sync_uncertainty_seconds",
-            "Clock-offset uncertainty clients report (a bound on their sync error).",
-        );
-        by_code(&mut out, "refused_total", "Requests refused, by error code.", &self.refused);
-        by_code(
-            &mut out,
-            "note_datagrams_refused_total",
-            "Note datagrams refused, by error code.",
-            &self.notes_dropped,
-        );
-
-        by_code(&mut out, "hello_failures_by_code_total", "Refused hellos by error code.", &self.hello_failures);
-        out
-    }
+/// One sample line; `labels` is empty or `{..}`.
+fn sample(out: &mut String, name: &str, labels: &str, value: u64) {
+    let _ = writeln!(out, "downbeat_{name}{labels} {value}");
 }
 
-fn by_code(out: &mut String, name: &str, help: &str, counters: &CodeCounters) {
-    let _ = writeln!(out, "# HELP downbeat_{name} {help}");
-    let _ = writeln!(out, "# TYPE downbeat_{name} counter");
-    for code in ErrorCode::ALL {
-        let n = counters.get(*code);
-        if n > 0 {
-            let _ = writeln!(out, "downbeat_{name}{{code=\"{}\"}} {n}", code.as_str());
-        }
+/// The metrics as a markdown table, the README's metrics section (`downbeat metrics-doc`
+/// prints it).
+pub fn metrics_markdown() -> String {
+    let mut out = String::from("| series | type | what |\n|---|---|---|\n");
+    for m in Stats::METRICS {
+        let label = if m.label.is_empty() { String::new() } else { format!(" by `{}`", m.label) };
+        let _ = writeln!(out, "| `downbeat_{}` | {}{label} | {} |", m.name, m.kind, m.help.trim());
     }
+    out
 }
 
 #[cfg(test)]
@@ -428,5 +392,74 @@ mod tests {
         // Gauges never wrap below zero.
         stats.rooms_active.dec();
         assert_eq!(stats.rooms_active.get(), 0);
+    }
+
+    #[test]
+    fn metrics_renders_exactly_the_declared_series() {
+        let text = Stats::default().render_prometheus();
+        let rendered: Vec<(&str, &str)> =
+            text.lines().filter_map(|line| line.strip_prefix("# TYPE downbeat_")?.split_once(' ')).collect();
+        let declared: Vec<(&str, &str)> = Stats::METRICS.iter().map(|m| (m.name, m.kind)).collect();
+        assert_eq!(rendered, declared);
+        // The series dashboards and the bench read, as they were before the table.
+        let mut names: Vec<&str> = declared.iter().map(|(name, _)| *name).collect();
+        names.sort_unstable();
+        let mut before = [
+            "sel_queued",
+            "sel_degraded",
+            "sel_commits_total",
+            "sel_write_failures_total",
+            "reflections_saved_total",
+            "reflections_refused_total",
+            "participation_dropped_total",
+            "sel_rows_purged_total",
+            "sessions_active",
+            "clock_zero_monotonic_nanoseconds",
+            "sessions_total",
+            "handshakes_refused_total",
+            "hello_failures_total",
+            "datagrams_received_total",
+            "datagrams_malformed_total",
+            "datagrams_rate_limited_total",
+            "datagrams_sent_total",
+            "datagrams_send_failed_total",
+            "beat_frames_sent_total",
+            "beat_frames_trimmed_total",
+            "sync_replies_sent_total",
+            "frames_malformed_total",
+            "frames_too_large_total",
+            "slow_members_dropped_total",
+            "rooms_active",
+            "rooms_created_total",
+            "changes_applied_total",
+            "controls_applied_total",
+            "sessions_closed_for_abuse_total",
+            "sessions_replaced_total",
+            "seats_resumed_total",
+            "seats_expired_total",
+            "note_datagrams_received_total",
+            "notes_accepted_total",
+            "notes_duplicate_total",
+            "notes_dropped_total",
+            "note_frames_sent_total",
+            "notes_played_reported_total",
+            "notes_late_reported_total",
+            "sync_rtt_seconds",
+            "sync_uncertainty_seconds",
+            "refused_total",
+            "note_datagrams_refused_total",
+            "hello_failures_by_code_total",
+        ];
+        before.sort_unstable();
+        assert_eq!(names, before);
+        // Every help ends a sentence and fits on its `# HELP` line.
+        assert!(Stats::METRICS.iter().all(|m| m.help.trim().ends_with('.') && !m.help.contains('\n')));
+    }
+
+    #[test]
+    fn the_readme_metrics_table_is_the_generated_one() {
+        let want = metrics_markdown();
+        let readme = crate::config::readme_section("metrics");
+        assert_eq!(readme, want, "regenerate it with `cargo run -p downbeat-server -- metrics-doc`");
     }
 }

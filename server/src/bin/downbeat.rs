@@ -43,6 +43,12 @@ enum Command {
         #[command(flatten)]
         server: Box<Args>,
     },
+    /// Prints the settings as the markdown table in the README.
+    #[command(hide = true)]
+    SettingsDoc,
+    /// Prints the metrics as the markdown table in the README.
+    #[command(hide = true)]
+    MetricsDoc,
 }
 
 fn parse_role(s: &str) -> Result<Role, String> {
@@ -56,6 +62,14 @@ fn parse_role(s: &str) -> Result<Role, String> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::SettingsDoc) = cli.command {
+        print!("{}", downbeat_server::config::settings_markdown());
+        return Ok(());
+    }
+    if let Some(Command::MetricsDoc) = cli.command {
+        print!("{}", downbeat_server::stats::metrics_markdown());
+        return Ok(());
+    }
     if let Some(Command::Token { tenant, role, sub, name, ttl_hours, server }) = cli.command {
         let config = Config::from_args(*server).context("configuration")?;
         let tenants = Tenants::new(&config).context("tenants")?;
