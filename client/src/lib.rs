@@ -230,10 +230,10 @@ fn request_error(e: RequestError) -> ClientError {
     }
 }
 
-fn ended(end: session::End) -> ClientError {
+fn ended(end: &session::End) -> ClientError {
     match end {
-        session::End::Server { code, message } => ClientError::Refused { code, message },
-        session::End::Protocol(message) => ClientError::Protocol(message),
+        session::End::Server { code, message } => ClientError::Refused { code: *code, message: message.clone() },
+        session::End::Protocol(message) => ClientError::Protocol(message.clone()),
         session::End::Lost(_) | session::End::Closed => ClientError::Closed,
     }
 }
@@ -247,7 +247,7 @@ async fn greet(transport: &dyn Transport, session: &mut Session<Waiter>, hello: 
             None => session.handle_closed("the server ended the session before welcoming it"),
         }
         if let Some(greeted) = session.greeted() {
-            return greeted.cloned().map_err(|end| ended(end.clone()));
+            return greeted.cloned().map_err(ended);
         }
     }
 }
