@@ -1,16 +1,17 @@
 //! The classroom: one session at a time, its loops, reconnection, and the API pages call.
 
 use std::cell::{Cell, RefCell};
-use std::collections::{BTreeMap, HashMap};
 use std::rc::Rc;
 
-use downbeat_engine::client::{Client as Engine, Handled};
+use downbeat_engine::client::Handled;
 use downbeat_engine::clock::Config as SyncConfig;
-use downbeat_engine::timeline::tempo_from_bpm_f64;
+use downbeat_engine::session::{self, Answer, End, NoteError, Request, RequestError, Session};
+use downbeat_engine::timeline::{
+    MAX_BEATS_PER_BAR, MAX_COUNT_IN_BARS, MIN_BEATS_PER_BAR, check_meter, tempo_from_bpm_f64,
+};
 use downbeat_protocol::{
-    Assignment, BoundedString, BoundedVec, Change, ClientMessage, ControlAck, ControlOp, ControlRequest, ErrorCode,
-    Hello, JoinCode, MAX_MOOD, Member, PROTOCOL_VERSION, Prompt, Reflection, RoomRequest, RoomSettings, ServerMessage,
-    ServerNanos, Welcome,
+    Assignment, BoundedString, BoundedVec, Change, ControlAck, ControlOp, ErrorCode, JoinCode, MAX_MOOD, RoomRequest,
+    RoomSettings, ServerNanos, Welcome,
 };
 use futures_channel::oneshot;
 use futures_util::future::{Either, select};
@@ -20,7 +21,7 @@ use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, spawn_local};
 
 use crate::js::{self, CONNECT_FAILED, Failure, INVALID_ARGUMENT, NOT_SYNCED, TIMEOUT};
-use crate::transport::{self, ControlReader, Reader, Readers, Session};
+use crate::transport::{self, Transport};
 use crate::view::{self, to_js};
 
 /// How long to wait for the server's welcome.
@@ -35,21 +36,9 @@ const MAX_BACKOFF_MS: f64 = 10_000.0;
 /// Tries of a reflection refused with `store_unavailable` (the server's queue was full).
 const REFLECT_TRIES: u32 = 6;
 
-/// Codes after which reconnecting cannot help: the classroom closes.
-const FINAL_CODES: [ErrorCode; 9] = [
-    ErrorCode::RoomNotFound,
-    ErrorCode::RoomClosed,
-    ErrorCode::Removed,
-    ErrorCode::SessionReplaced,
-    ErrorCode::Unauthorized,
-    ErrorCode::TokenExpired,
-    ErrorCode::WrongTenant,
-    ErrorCode::UnsupportedVersion,
-    ErrorCode::BadRequest,
-];
-
+/// Whether reconnecting cannot help after `code` (the engine's [`session::FINAL_CODES`]).
 fn is_final(code: &str) -> bool {
-    FINAL_CODES.iter().any(|c| c.as_str() == code)
+    session::FINAL_CODES.iter().any(|c| c.as_str() == code)
 }
 
 #[derive(Deserialize)]
@@ -104,15 +93,21 @@ fn member_id(value: f64) -> Result<u64, Failure> {
     whole(value, (1u64 << 53) - 1, "a member id")
 }
 
+/// `meter` beats per bar is outside the engine's range.
+fn meter_out_of_range(meter: f64) -> Failure {
+    let message = format!("{meter} beats per bar is outside {MIN_BEATS_PER_BAR}-{MAX_BEATS_PER_BAR}");
+    Failure::server(ErrorCode::MeterOutOfRange, message)
+}
+
 fn room_settings(create: &CreateOptions) -> Result<RoomSettings, Failure> {
     let name = BoundedString::new(create.name.trim().to_owned()).map_err(|e| invalid(format!("room name: {e}")))?;
     let tempo =
         tempo_from_bpm_f64(create.tempo_bpm.unwrap_or(120.0)).map_err(|e| Failure::server(e.code(), e.to_string()))?;
     let meter = create.beats_per_bar.unwrap_or(4.0);
-    let beats_per_bar = u8::try_from(whole(meter, 16, "beatsPerBar")?)
+    let beats_per_bar = u8::try_from(whole(meter, u64::from(MAX_BEATS_PER_BAR), "beatsPerBar")?)
         .ok()
-        .filter(|m| (1..=16).contains(m))
-        .ok_or_else(|| Failure::server(ErrorCode::MeterOutOfRange, format!("{meter} beats per bar is outside 1-16")))?;
+        .and_then(|m| check_meter(m).ok())
+        .ok_or_else(|| meter_out_of_range(meter))?;
     Ok(RoomSettings { name, tempo, beats_per_bar })
 }
 
@@ -134,7 +129,8 @@ impl Status {
     }
 }
 
-type Answer = Result<ServerMessage, Failure>;
+/// What a request's promise waits on; the session hands it back with the answer.
+type Waiter = oneshot::Sender<Result<Answer, RequestError>>;
 
 /// Everything a classroom's loops and methods share. Borrows of the `RefCell`s never span an
 /// `await` or a listener call.
@@ -143,22 +139,18 @@ struct Inner {
     hashes: Vec<[u8; 32]>,
     token: RefCell<String>,
     reconnect: bool,
-    engine: RefCell<Engine>,
+    /// The current session's engine (the last one's, once it ended, until a reconnect).
+    session: RefCell<Session<Waiter>>,
+    /// The welcome of the current (or last) session.
     welcome: RefCell<Welcome>,
-    session: RefCell<Option<Rc<Session>>>,
+    /// The current session's transport; `None` once it ended.
+    transport: RefCell<Option<Rc<dyn Transport>>>,
     /// Bumped whenever a session starts or ends; loops of an older one stop.
     generation: Cell<u64>,
-    members: RefCell<BTreeMap<u64, Member>>,
-    prompt: RefCell<Option<Prompt>>,
-    pending: RefCell<HashMap<u32, oneshot::Sender<Answer>>>,
-    next_request: Cell<u32>,
     listeners: RefCell<Vec<(String, Function)>>,
     status: Cell<Status>,
-    synced: Cell<bool>,
     /// Woken when a reconnect succeeds or the classroom closes.
     waiters: RefCell<Vec<oneshot::Sender<()>>>,
-    /// Why the server is ending the current session, if it said so first.
-    ending: RefCell<Option<Failure>>,
 }
 
 /// Opens a session and joins (or, for a teacher with `create`, creates) a room.
@@ -185,81 +177,94 @@ pub async fn connect(
         (None, Some(create)) => RoomRequest::Create(room_settings(create)?),
         _ => return Err(invalid("give exactly one of `code` (join a room) and `create` (create one)").into()),
     };
-    let (session, readers, welcome) = handshake(&options.url, &hashes, &options.token, room).await?;
-    let mut engine = Engine::new(SyncConfig::default());
-    engine.handle_welcome(&welcome);
+    let (transport, session, welcome) = handshake(&options.url, &hashes, &options.token, room).await?;
     let inner = Rc::new(Inner {
         url: options.url,
         hashes,
         token: RefCell::new(options.token),
         reconnect: options.reconnect.unwrap_or(true),
-        engine: RefCell::new(engine),
-        members: RefCell::new(welcome.members.iter().map(|m| (m.id, m.clone())).collect()),
+        session: RefCell::new(session),
         welcome: RefCell::new(welcome),
-        session: RefCell::new(None),
+        transport: RefCell::new(None),
         generation: Cell::new(0),
-        prompt: RefCell::new(None),
-        pending: RefCell::new(HashMap::new()),
-        next_request: Cell::new(1),
         listeners: RefCell::new(Vec::new()),
         status: Cell::new(Status::Connected),
-        synced: Cell::new(false),
         waiters: RefCell::new(Vec::new()),
-        ending: RefCell::new(None),
     });
-    run_session(&inner, session, readers);
+    run_session(&inner, transport);
     Ok(Classroom { inner })
 }
 
-/// Opens a session, says hello, and waits for the welcome.
+/// Opens a session, says hello, and feeds the control stream to a new session engine until
+/// it is welcomed.
 async fn handshake(
     url: &str,
     hashes: &[[u8; 32]],
     token: &str,
     room: RoomRequest,
-) -> Result<(Session, Readers, Welcome), Failure> {
+) -> Result<(Rc<dyn Transport>, Session<Waiter>, Welcome), Failure> {
     let token = BoundedString::new(token.to_owned()).map_err(|e| invalid(format!("token: {e}")))?;
+    let (mut session, hello) = Session::connect(SyncConfig::default(), token, room);
     let work = async {
-        let (session, mut readers) = transport::open(url, hashes).await?;
-        session.send(&ClientMessage::Hello(Hello { version: PROTOCOL_VERSION, token, room })).await?;
-        let answer = readers.control.next().await;
-        let welcome = match answer {
-            Ok(Some(ServerMessage::Welcome(w))) => Ok(w),
-            Ok(Some(ServerMessage::Error(e))) => Err(Failure::server(e.code, e.message.into_string())),
-            Ok(Some(other)) => Err(Failure::protocol(format!("expected a welcome, got {other:?}"))),
-            Ok(None) => Err(Failure::new(CONNECT_FAILED, "the server ended the session before welcoming it")),
-            Err(e) => Err(e),
-        };
-        match welcome {
-            Ok(w) => Ok((session, readers, w)),
+        let transport = transport::open(url, hashes).await?;
+        match greet(&*transport, &mut session, &hello).await {
+            Ok(welcome) => Ok((transport, welcome)),
             Err(e) => {
-                session.close();
+                transport.close(0, "");
                 Err(e)
             }
         }
     };
-    match select(Box::pin(work), Box::pin(js::sleep(HANDSHAKE_TIMEOUT_MS))).await {
+    let greeted = match select(Box::pin(work), Box::pin(js::sleep(HANDSHAKE_TIMEOUT_MS))).await {
         Either::Left((result, _)) => result,
         Either::Right(((), _)) => Err(Failure::new(TIMEOUT, "timed out waiting for the server's welcome")),
+    };
+    let (transport, welcome) = greeted?;
+    Ok((transport, session, welcome))
+}
+
+/// Says hello and reads until the session is welcomed (its welcome) or ended (why).
+async fn greet(transport: &dyn Transport, session: &mut Session<Waiter>, hello: &[u8]) -> Result<Welcome, Failure> {
+    transport.send_control(hello).await?;
+    loop {
+        match transport.recv_control().await {
+            Some(bytes) => session.handle_control_bytes(&bytes),
+            None => session.handle_closed(""),
+        }
+        let Some(greeted) = session.greeted() else { continue };
+        return match greeted {
+            Ok(welcome) => Ok(welcome.clone()),
+            Err(End::Server { code, message }) => Err(Failure::server(*code, message.clone())),
+            Err(End::Protocol(message)) => Err(Failure::protocol(message)),
+            Err(_) => Err(Failure::new(CONNECT_FAILED, "the server ended the session before welcoming it")),
+        };
     }
 }
 
 /// Starts the loops of a freshly welcomed session.
-fn run_session(inner: &Rc<Inner>, session: Session, readers: Readers) {
+fn run_session(inner: &Rc<Inner>, transport: Rc<dyn Transport>) {
     let generation = inner.generation.get() + 1;
     inner.generation.set(generation);
-    let session = Rc::new(session);
-    *inner.session.borrow_mut() = Some(session.clone());
-    inner.ending.borrow_mut().take();
-    spawn_local(datagram_loop(inner.clone(), generation, readers.datagrams));
-    spawn_local(sync_loop(inner.clone(), generation, session.clone()));
-    spawn_local(report_loop(inner.clone(), generation, session.clone()));
-    spawn_local(control_loop(inner.clone(), generation, readers.control));
+    *inner.transport.borrow_mut() = Some(transport.clone());
+    spawn_local(datagram_loop(inner.clone(), generation, transport.clone()));
+    spawn_local(sync_loop(inner.clone(), generation, transport.clone()));
+    spawn_local(report_loop(inner.clone(), generation, transport.clone()));
+    spawn_local(control_loop(inner.clone(), generation, transport.clone()));
     let inner = inner.clone();
+    let closed = transport.closed();
     spawn_local(async move {
-        let _ = js::settle(session.closed()).await;
+        closed.await;
         lost(&inner, generation, "the connection closed");
     });
+}
+
+fn request_failure(e: RequestError) -> Failure {
+    match e {
+        RequestError::Refused { code, message } => Failure::server(code, message),
+        RequestError::Closed => Failure::closed(),
+        RequestError::Protocol(message) => Failure::protocol(message),
+        other => Failure::protocol(other),
+    }
 }
 
 impl Inner {
@@ -278,30 +283,27 @@ impl Inner {
     }
 
     fn emit_members(&self) {
-        let detail = {
-            let members = self.members.borrow();
-            to_js(&members.values().map(view::MemberView::from).collect::<Vec<_>>())
-        };
+        let detail = to_js(&self.session.borrow().members().map(view::MemberView::from).collect::<Vec<_>>());
         self.emit("members", &detail);
     }
 
     fn emit_timeline(&self) {
         let detail = {
-            let engine = self.engine.borrow();
-            to_js(&view::timeline(&engine, engine.server_time(js::local_now())))
+            let session = self.session.borrow();
+            let engine = session.client();
+            to_js(&view::timeline(engine, engine.server_time(js::local_now())))
         };
         self.emit("timeline", &detail);
     }
 
     /// Emits `sync` when `synced` flipped.
     fn check_synced(&self) {
-        let (changed, detail) = {
-            let engine = self.engine.borrow();
-            let now = js::local_now();
-            let synced = engine.is_synced(now);
-            (self.synced.replace(synced) != synced, to_js(&view::sync(&engine, now)))
+        let now = js::local_now();
+        let detail = {
+            let mut session = self.session.borrow_mut();
+            session.poll_synced(now).map(|_| to_js(&view::sync(session.client(), now)))
         };
-        if changed {
+        if let Some(detail) = detail {
             self.emit("sync", &detail);
         }
     }
@@ -310,20 +312,6 @@ impl Inner {
         for waiter in self.waiters.borrow_mut().drain(..) {
             let _ = waiter.send(());
         }
-    }
-
-    /// Ends the classroom for good.
-    fn finish(&self, reason: &str, code: Option<&str>) {
-        if self.status.replace(Status::Closed) == Status::Closed {
-            return;
-        }
-        self.generation.set(self.generation.get() + 1);
-        if let Some(session) = self.session.borrow_mut().take() {
-            session.close();
-        }
-        self.pending.borrow_mut().clear();
-        self.wake_waiters();
-        self.emit("closed", &to_js(&view::Closed { reason, code }));
     }
 
     /// Waits until the classroom is connected again (at once if it is); `false` once closed.
@@ -341,54 +329,121 @@ impl Inner {
         }
     }
 
-    /// Sends a request on the control stream and waits for the server's answer to it.
-    async fn request(&self, message: impl FnOnce(u32) -> ClientMessage) -> Answer {
-        let session = self.session.borrow().clone().ok_or_else(Failure::closed)?;
-        let request_id = self.next_request.get();
-        self.next_request.set(request_id.wrapping_add(1).max(1));
+    /// Sends a request on the control stream and waits for the session to hand back the
+    /// server's answer to it.
+    async fn request(&self, request: Request) -> Result<Answer, Failure> {
+        let transport = self.transport.borrow().clone().ok_or_else(Failure::closed)?;
+        let generation = self.generation.get();
         let (tx, rx) = oneshot::channel();
-        self.pending.borrow_mut().insert(request_id, tx);
-        if let Err(e) = session.send(&message(request_id)).await {
-            self.pending.borrow_mut().remove(&request_id);
+        let sent = self.session.borrow_mut().request(request, tx);
+        let (request_id, frame) = sent.map_err(|(e, _waiter)| request_failure(e))?;
+        if let Err(e) = transport.send_control(&frame).await {
+            // A session that ended meanwhile already failed the request; a newer one must
+            // not lose a request of its own with the same id.
+            if self.generation.get() == generation {
+                self.session.borrow_mut().cancel(request_id);
+            }
             return Err(e);
         }
-        // A session that ends drops the sender: the request fails as `closed`.
-        rx.await.unwrap_or_else(|_| Err(Failure::closed()))
+        // A session that ends fails the request as `closed`.
+        rx.await.unwrap_or(Err(RequestError::Closed)).map_err(request_failure)
     }
 
     async fn control(&self, op: ControlOp) -> Result<ControlAck, Failure> {
-        match self.request(|request_id| ClientMessage::Control(ControlRequest { request_id, op })).await? {
-            ServerMessage::ControlAck(ack) => Ok(ack),
+        match self.request(Request::Control(op)).await? {
+            Answer::Control(ack) => Ok(ack),
             other => Err(Failure::protocol(format!("expected an acknowledgement, got {other:?}"))),
-        }
-    }
-
-    fn answer(&self, request_id: u32, answer: Answer) {
-        if let Some(tx) = self.pending.borrow_mut().remove(&request_id) {
-            let _ = tx.send(answer);
         }
     }
 }
 
-/// The session of `generation` ended: reconnect, or close for good.
+/// Ends the classroom for good: closes the session (its requests fail as `closed`) and emits
+/// `closed`.
+fn finish(inner: &Rc<Inner>, reason: &str, code: Option<&str>) {
+    if inner.status.replace(Status::Closed) == Status::Closed {
+        return;
+    }
+    inner.generation.set(inner.generation.get() + 1);
+    if let Some(transport) = inner.transport.borrow_mut().take() {
+        transport.close(0, "");
+    }
+    inner.session.borrow_mut().close();
+    dispatch(inner);
+    inner.wake_waiters();
+    inner.emit("closed", &to_js(&view::Closed { reason, code }));
+}
+
+/// The transport of the session of `generation` ended: the session ends with what the server
+/// last said, or `reason`.
 fn lost(inner: &Rc<Inner>, generation: u64, reason: &str) {
     if !inner.current(generation) {
         return;
     }
-    inner.generation.set(generation + 1);
-    if let Some(session) = inner.session.borrow_mut().take() {
-        session.close();
+    inner.session.borrow_mut().handle_closed(reason);
+    dispatch(inner);
+}
+
+/// The current session ended: reconnect, or close for good.
+fn ended(inner: &Rc<Inner>, end: End) {
+    if inner.status.get() != Status::Connected {
+        return;
     }
-    inner.pending.borrow_mut().clear();
-    let ending = inner.ending.borrow_mut().take();
-    match ending {
-        Some(f) if is_final(&f.code) => inner.finish(&f.message, Some(&f.code)),
-        Some(f) if !inner.reconnect => inner.finish(&f.message, Some(&f.code)),
-        _ if !inner.reconnect => inner.finish(reason, None),
-        ending => {
-            inner.status.set(Status::Reconnecting);
-            let reason = ending.map_or_else(|| reason.to_owned(), |f| f.message);
-            spawn_local(reconnect(inner.clone(), reason));
+    let final_ = end.is_final();
+    let (reason, code) = match end {
+        End::Server { code, message } => (message, Some(code.as_str())),
+        End::Protocol(message) => (Failure::protocol(message).message, None),
+        End::Lost(reason) => (reason, None),
+        End::Closed => ("closed by the page".to_owned(), None),
+    };
+    if final_ || !inner.reconnect {
+        finish(inner, &reason, code);
+        return;
+    }
+    inner.generation.set(inner.generation.get() + 1);
+    if let Some(transport) = inner.transport.borrow_mut().take() {
+        transport.close(0, "");
+    }
+    inner.status.set(Status::Reconnecting);
+    spawn_local(reconnect(inner.clone(), reason));
+}
+
+/// Translates the session's events into promise results and page events, in order.
+fn dispatch(inner: &Rc<Inner>) {
+    loop {
+        // One event at a time: listeners may call back into the classroom.
+        let Some(event) = inner.session.borrow_mut().poll_event() else { return };
+        match event {
+            session::Event::RequestDone { waiter, result, .. } => {
+                // A promise nobody awaits any more does not mind.
+                let _ = waiter.send(result);
+            }
+            session::Event::Timeline { applied: true, .. } => inner.emit_timeline(),
+            session::Event::Error { code, message } => {
+                inner.emit("error", &to_js(&view::ErrorView { code: code.as_str(), message: &message }));
+            }
+            session::Event::MemberJoined(m) => {
+                inner.emit("member-joined", &to_js(&view::MemberView::from(&m)));
+                inner.emit_members();
+            }
+            session::Event::MemberUpdated(m) => {
+                inner.emit("member-updated", &to_js(&view::MemberView::from(&m)));
+                inner.emit_members();
+            }
+            session::Event::MemberLeft { member_id, reason } => {
+                inner.emit("member-left", &to_js(&view::Left { id: member_id, reason: view::leave_reason(reason) }));
+                inner.emit_members();
+            }
+            session::Event::Prompt(p) => inner.emit("prompt", &to_js(&view::prompt(p.as_ref()))),
+            session::Event::Reflection(notice) => {
+                inner.emit("reflection", &to_js(&view::ReflectionView::from(&notice)));
+            }
+            session::Event::Participation(notices) => {
+                let detail: Vec<_> = notices.iter().map(view::ParticipationView::from).collect();
+                inner.emit("participation", &to_js(&detail));
+            }
+            session::Event::Ended(end) => ended(inner, end),
+            // The welcome is read at the handshake; the room's closing is the session's end.
+            _ => {}
         }
     }
 }
@@ -407,21 +462,17 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
         }
         let token = inner.token.borrow().clone();
         match handshake(&inner.url, &inner.hashes, &token, RoomRequest::Join(code.clone())).await {
-            Ok((session, readers, welcome)) => {
+            Ok((transport, session, welcome)) => {
                 if inner.status.get() != Status::Reconnecting {
-                    session.close();
+                    transport.close(0, "");
                     return;
                 }
                 // A new session: sync from scratch, notes numbered from 1 again.
-                let mut engine = Engine::new(SyncConfig::default());
-                engine.handle_welcome(&welcome);
-                *inner.engine.borrow_mut() = engine;
-                *inner.members.borrow_mut() = welcome.members.iter().map(|m| (m.id, m.clone())).collect();
+                *inner.session.borrow_mut() = session;
                 let member_id = welcome.member_id;
                 *inner.welcome.borrow_mut() = welcome;
-                inner.synced.set(false);
                 inner.status.set(Status::Connected);
-                run_session(&inner, session, readers);
+                run_session(&inner, transport);
                 inner.wake_waiters();
                 inner.emit("reconnected", &to_js(&view::Reconnected { member_id }));
                 inner.emit_members();
@@ -429,7 +480,7 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
                 return;
             }
             Err(f) if is_final(&f.code) => {
-                inner.finish(&f.message, Some(&f.code));
+                finish(&inner, &f.message, Some(&f.code));
                 return;
             }
             Err(f) => reason = f.message,
@@ -438,26 +489,27 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
 }
 
 /// Beat frames, sync replies and classmates' notes.
-async fn datagram_loop(inner: Rc<Inner>, generation: u64, reader: Reader) {
-    while let Some(bytes) = reader.next().await {
+async fn datagram_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Transport>) {
+    while let Some(bytes) = transport.recv_datagram().await {
         // Stamp t3 before anything else.
         let t3 = js::local_now();
         if !inner.current(generation) {
             return;
         }
-        let datagram = match downbeat_protocol::decode_server_datagram(&bytes) {
-            Ok(d) => d,
+        let handled = {
+            let mut session = inner.session.borrow_mut();
+            session.handle_datagram(t3, &bytes).map(|handled| {
+                let notes: Vec<JsValue> =
+                    std::iter::from_fn(|| session.poll_note()).map(|n| to_js(&view::NoteView::from(&n))).collect();
+                (handled, notes)
+            })
+        };
+        let (handled, notes) = match handled {
+            Ok(handled) => handled,
             Err(e) => {
                 js::warn("downbeat: dropped an undecodable datagram", &JsValue::from_str(&e.to_string()));
                 continue;
             }
-        };
-        let (handled, notes) = {
-            let mut engine = inner.engine.borrow_mut();
-            let handled = engine.handle_datagram(t3, &datagram);
-            let notes: Vec<JsValue> =
-                std::iter::from_fn(|| engine.poll_note()).map(|n| to_js(&view::NoteView::from(&n))).collect();
-            (handled, notes)
         };
         if handled == Handled::NewTimeline {
             inner.emit_timeline();
@@ -470,15 +522,15 @@ async fn datagram_loop(inner: Rc<Inner>, generation: u64, reader: Reader) {
 }
 
 /// Sends clock-sync requests when the estimator asks for them.
-async fn sync_loop(inner: Rc<Inner>, generation: u64, session: Rc<Session>) {
+async fn sync_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Transport>) {
     while inner.current(generation) {
         let wait_ms = {
-            let mut engine = inner.engine.borrow_mut();
+            let mut session = inner.session.borrow_mut();
             let now = js::local_now();
-            while let Some(datagram) = engine.poll_datagram(now) {
-                session.send_datagram(&datagram);
+            while let Some(datagram) = session.poll_datagram(now) {
+                transport.send_datagram(&datagram);
             }
-            js::nanos_to_ms(engine.poll_timeout().0.saturating_sub(now.0))
+            js::nanos_to_ms(session.poll_timeout().0.saturating_sub(now.0))
         };
         inner.check_synced();
         js::sleep(wait_ms.clamp(1.0, MAX_SYNC_SLEEP_MS)).await;
@@ -486,93 +538,36 @@ async fn sync_loop(inner: Rc<Inner>, generation: u64, session: Rc<Session>) {
 }
 
 /// Tells the server (and so the teacher) how well this page is synced.
-async fn report_loop(inner: Rc<Inner>, generation: u64, session: Rc<Session>) {
+async fn report_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Transport>) {
     loop {
         js::sleep(REPORT_INTERVAL_MS).await;
         if !inner.current(generation) {
             return;
         }
-        let report = inner.engine.borrow().report(js::local_now());
-        if session.send(&ClientMessage::Report(report)).await.is_err() {
+        let Some(report) = inner.session.borrow().report(js::local_now()) else { return };
+        if transport.send_control(&report).await.is_err() {
             return;
         }
     }
 }
 
-/// Timelines, answers, presence, prompts and the teachers' SEL feed.
-async fn control_loop(inner: Rc<Inner>, generation: u64, mut reader: ControlReader) {
-    let reason = loop {
-        let message = match reader.next().await {
-            Ok(Some(m)) => m,
-            Ok(None) => break "the server ended the session".to_owned(),
-            Err(e) => break e.message,
-        };
+/// Feeds the control stream to the session and dispatches what it makes of it: timelines,
+/// answers, presence, prompts and the teachers' SEL feed.
+async fn control_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Transport>) {
+    // What arrived with the welcome (the prompt, say) is already in the session.
+    dispatch(&inner);
+    loop {
+        let bytes = transport.recv_control().await;
         if !inner.current(generation) {
             return;
         }
-        handle_control(&inner, message);
-    };
-    lost(&inner, generation, &reason);
-}
-
-fn handle_control(inner: &Inner, message: ServerMessage) {
-    match message {
-        ServerMessage::Timeline(t) => {
-            let handled = inner.engine.borrow_mut().handle_timeline(&t);
-            if handled == Handled::NewTimeline {
-                inner.emit_timeline();
+        match bytes {
+            Some(bytes) => {
+                inner.session.borrow_mut().handle_control_bytes(&bytes);
+                dispatch(&inner);
             }
+            None => return lost(&inner, generation, "the server ended the session"),
         }
-        ServerMessage::ControlAck(ack) => inner.answer(ack.request_id, Ok(ServerMessage::ControlAck(ack))),
-        ServerMessage::TokenRefreshed { request_id, expires_at } => {
-            inner.answer(request_id, Ok(ServerMessage::TokenRefreshed { request_id, expires_at }));
-        }
-        ServerMessage::ReflectionSaved { request_id, id } => {
-            inner.answer(request_id, Ok(ServerMessage::ReflectionSaved { request_id, id }));
-        }
-        ServerMessage::Error(e) => {
-            let failure = Failure::server(e.code, e.message.into_string());
-            match e.request_id {
-                Some(request_id) => inner.answer(request_id, Err(failure)),
-                None => {
-                    let detail = to_js(&view::ErrorView { code: &failure.code, message: &failure.message });
-                    *inner.ending.borrow_mut() = Some(failure);
-                    inner.emit("error", &detail);
-                }
-            }
-        }
-        ServerMessage::MemberJoined(m) => {
-            let detail = to_js(&view::MemberView::from(&m));
-            inner.members.borrow_mut().insert(m.id, m);
-            inner.emit("member-joined", &detail);
-            inner.emit_members();
-        }
-        ServerMessage::MemberUpdated(m) => {
-            let detail = to_js(&view::MemberView::from(&m));
-            inner.members.borrow_mut().insert(m.id, m);
-            inner.emit("member-updated", &detail);
-            inner.emit_members();
-        }
-        ServerMessage::MemberLeft { member_id, reason } => {
-            inner.members.borrow_mut().remove(&member_id);
-            inner.engine.borrow_mut().forget_sender(member_id);
-            inner.emit("member-left", &to_js(&view::Left { id: member_id, reason: view::leave_reason(reason) }));
-            inner.emit_members();
-        }
-        ServerMessage::RoomClosed { message } => {
-            *inner.ending.borrow_mut() = Some(Failure::server(ErrorCode::RoomClosed, message.into_string()));
-        }
-        ServerMessage::Prompt(p) => {
-            let detail = to_js(&view::prompt(p.as_ref()));
-            *inner.prompt.borrow_mut() = p;
-            inner.emit("prompt", &detail);
-        }
-        ServerMessage::Reflection(notice) => inner.emit("reflection", &to_js(&view::ReflectionView::from(&notice))),
-        ServerMessage::Participation(notices) => {
-            let detail: Vec<_> = notices.iter().map(view::ParticipationView::from).collect();
-            inner.emit("participation", &to_js(&detail));
-        }
-        ServerMessage::Welcome(_) => {}
     }
 }
 
@@ -637,25 +632,25 @@ impl Classroom {
     /// The server's clock now (ms), as estimated; `undefined` before the first sync sample.
     #[wasm_bindgen(js_name = serverNow)]
     pub fn server_now(&self) -> Option<f64> {
-        self.inner.engine.borrow().server_time(js::local_now()).map(|t| js::nanos_to_ms(t.0))
+        self.inner.session.borrow().client().server_time(js::local_now()).map(|t| js::nanos_to_ms(t.0))
     }
 
     /// Whether the clock is synced well enough to schedule by.
     pub fn synced(&self) -> bool {
-        self.inner.engine.borrow().is_synced(js::local_now())
+        self.inner.session.borrow().client().is_synced(js::local_now())
     }
 
     /// The server time (ms) at `performance.now()` time `localMs`.
     #[wasm_bindgen(js_name = serverTimeOf)]
     pub fn server_time_of(&self, #[wasm_bindgen(js_name = localMs)] local_ms: f64) -> Option<f64> {
-        self.inner.engine.borrow().server_time(js::ms_to_local(local_ms)).map(|t| js::nanos_to_ms(t.0))
+        self.inner.session.borrow().client().server_time(js::ms_to_local(local_ms)).map(|t| js::nanos_to_ms(t.0))
     }
 
     /// The `performance.now()` time (ms) at which the server clock reads `serverMs`.
     #[wasm_bindgen(js_name = localTimeOf)]
     pub fn local_time_of(&self, #[wasm_bindgen(js_name = serverMs)] server_ms: f64) -> Option<f64> {
         let at = ServerNanos(js::ms_to_nanos(server_ms));
-        self.inner.engine.borrow().local_time_of(at).map(|t| js::nanos_to_ms(t.0))
+        self.inner.session.borrow().client().local_time_of(at).map(|t| js::nanos_to_ms(t.0))
     }
 
     /// The `AudioContext` time to pass to `start()` so that a sound is heard at server time
@@ -695,34 +690,35 @@ impl Classroom {
     /// Web Audio lookahead scheduler should queue (each once, by `index`).
     #[wasm_bindgen(js_name = beatsAhead, unchecked_return_type = "Beat[]")]
     pub fn beats_ahead(&self, #[wasm_bindgen(js_name = horizonMs)] horizon_ms: f64) -> JsValue {
-        let engine = self.inner.engine.borrow();
-        let beats = engine.schedule(js::local_now(), js::ms_to_nanos(horizon_ms.max(0.0)));
+        let session = self.inner.session.borrow();
+        let beats = session.client().schedule(js::local_now(), js::ms_to_nanos(horizon_ms.max(0.0)));
         to_js(&beats.iter().map(view::BeatView::from).collect::<Vec<_>>())
     }
 
     /// The timeline in force now (and a decided change still to come).
     #[wasm_bindgen(unchecked_return_type = "TimelineInfo | undefined")]
     pub fn timeline(&self) -> JsValue {
-        let engine = self.inner.engine.borrow();
-        to_js(&view::timeline(&engine, engine.server_time(js::local_now())))
+        let session = self.inner.session.borrow();
+        let engine = session.client();
+        to_js(&view::timeline(engine, engine.server_time(js::local_now())))
     }
 
     /// This page's clock sync.
     #[wasm_bindgen(unchecked_return_type = "SyncInfo")]
     pub fn sync(&self) -> JsValue {
-        to_js(&view::sync(&self.inner.engine.borrow(), js::local_now()))
+        to_js(&view::sync(self.inner.session.borrow().client(), js::local_now()))
     }
 
     /// The room's members (this page included), as last told.
     #[wasm_bindgen(unchecked_return_type = "Member[]")]
     pub fn members(&self) -> JsValue {
-        to_js(&self.inner.members.borrow().values().map(view::MemberView::from).collect::<Vec<_>>())
+        to_js(&self.inner.session.borrow().members().map(view::MemberView::from).collect::<Vec<_>>())
     }
 
     /// The teacher's current reflection question, or `null`.
     #[wasm_bindgen(unchecked_return_type = "Prompt | null")]
     pub fn prompt(&self) -> JsValue {
-        to_js(&view::prompt(self.inner.prompt.borrow().as_ref()))
+        to_js(&view::prompt(self.inner.session.borrow().prompt()))
     }
 
     /// Plays a note now: stamps it on the shared clock and sends it to the room (repeating
@@ -733,27 +729,25 @@ impl Classroom {
     pub fn play_note(&self, midi: f64, velocity: Option<f64>, instrument: Option<f64>) -> Result<JsValue, JsValue> {
         let (velocity, instrument) = (velocity.unwrap_or(100.0), instrument.unwrap_or(0.0));
         let byte = |v: f64| whole(v, 255, "").ok().and_then(|v| u8::try_from(v).ok());
-        let (midi, velocity, instrument) = match (byte(midi), byte(velocity), byte(instrument)) {
-            (Some(m), Some(v), Some(i)) if downbeat_engine::notes::playable(m, v, i) => (m, v, i),
-            _ => {
-                let message = format!("note {midi}, velocity {velocity}, instrument {instrument} is out of MIDI range");
-                return Err(Failure::server(ErrorCode::NoteOutOfRange, message).into());
-            }
+        let (Some(m), Some(v), Some(i)) = (byte(midi), byte(velocity), byte(instrument)) else {
+            let message = format!("note {midi}, velocity {velocity}, instrument {instrument} is out of MIDI range");
+            return Err(Failure::server(ErrorCode::NoteOutOfRange, message).into());
         };
-        let session = self.inner.session.borrow().clone().ok_or_else(Failure::closed)?;
-        let mut engine = self.inner.engine.borrow_mut();
-        let (note, datagram) = engine
-            .play_note(js::local_now(), midi, velocity, instrument)
-            .ok_or_else(|| Failure::new(NOT_SYNCED, "the clock is not synced yet"))?;
-        session.send_datagram(&datagram);
-        Ok(to_js(&view::played(&note, engine.playout_delay_nanos())))
+        let mut session = self.inner.session.borrow_mut();
+        let (note, datagram) = session.play_note(js::local_now(), m, v, i).map_err(|e| match e {
+            NoteError::NotSynced => Failure::new(NOT_SYNCED, e.to_string()),
+            other => Failure::server(ErrorCode::NoteOutOfRange, other.to_string()),
+        })?;
+        let transport = self.inner.transport.borrow().clone().ok_or_else(Failure::closed)?;
+        transport.send_datagram(&datagram);
+        Ok(to_js(&view::played(&note, session.client().playout_delay_nanos())))
     }
 
     /// Teachers: starts the beat at the next bar, after `countInBars` bars of count-in
     /// (default 1).
     #[wasm_bindgen(unchecked_return_type = "Promise<Applied>")]
     pub fn start(&self, #[wasm_bindgen(js_name = countInBars)] count_in_bars: Option<f64>) -> Promise {
-        match whole(count_in_bars.unwrap_or(1.0), 8, "countInBars") {
+        match whole(count_in_bars.unwrap_or(1.0), u64::from(MAX_COUNT_IN_BARS), "countInBars") {
             Ok(bars) => self.change(Change::Start { count_in_bars: bars as u8 }),
             Err(e) => Promise::reject(&e.into_js()),
         }
@@ -777,12 +771,10 @@ impl Classroom {
     /// Teachers: changes the beats per bar (1-16) at the next bar.
     #[wasm_bindgen(js_name = setMeter, unchecked_return_type = "Promise<Applied>")]
     pub fn set_meter(&self, #[wasm_bindgen(js_name = beatsPerBar)] beats_per_bar: f64) -> Promise {
-        match u8::try_from(whole(beats_per_bar, 255, "beatsPerBar").unwrap_or(0)) {
-            Ok(meter) if (1..=16).contains(&meter) => self.change(Change::SetMeter(meter)),
-            _ => Promise::reject(
-                &Failure::server(ErrorCode::MeterOutOfRange, format!("{beats_per_bar} beats per bar is outside 1-16"))
-                    .into_js(),
-            ),
+        let meter = u8::try_from(whole(beats_per_bar, 255, "beatsPerBar").unwrap_or(0)).ok();
+        match meter.and_then(|m| check_meter(m).ok()) {
+            Some(meter) => self.change(Change::SetMeter(meter)),
+            None => Promise::reject(&meter_out_of_range(beats_per_bar).into_js()),
         }
     }
 
@@ -873,11 +865,9 @@ impl Classroom {
                     if !inner.connected().await {
                         return Err(Failure::closed());
                     }
-                    let text = text.clone();
-                    let message =
-                        |request_id| ClientMessage::Reflect(Reflection { request_id, id, prompt_id, mood, text });
-                    match inner.request(message).await {
-                        Ok(ServerMessage::ReflectionSaved { id: saved, .. }) if saved == id => return Ok(js::hex(&id)),
+                    let request = Request::Reflect { id, prompt_id, mood, text: text.clone() };
+                    match inner.request(request).await {
+                        Ok(Answer::ReflectionSaved) => return Ok(js::hex(&id)),
                         Ok(other) => {
                             return Err(Failure::protocol(format!("expected a reflection answer, got {other:?}")));
                         }
@@ -902,8 +892,8 @@ impl Classroom {
         promise(
             async move {
                 let bounded = BoundedString::new(token.clone()).map_err(|e| invalid(format!("token: {e}")))?;
-                match inner.request(|request_id| ClientMessage::RefreshToken { request_id, token: bounded }).await? {
-                    ServerMessage::TokenRefreshed { expires_at, .. } => {
+                match inner.request(Request::RefreshToken(bounded)).await? {
+                    Answer::TokenRefreshed { expires_at } => {
                         *inner.token.borrow_mut() = token;
                         Ok(expires_at)
                     }
@@ -928,13 +918,13 @@ impl Classroom {
 
     /// Leaves the room and closes the session; no reconnects. Emits `closed`.
     pub fn close(&self) {
-        self.inner.finish("closed by the page", None);
+        finish(&self.inner, "closed by the page", None);
     }
 }
 
 impl Drop for Classroom {
     fn drop(&mut self) {
         // `free()` from JS: nobody can listen any more, so end the session too.
-        self.inner.finish("closed by the page", None);
+        finish(&self.inner, "closed by the page", None);
     }
 }

@@ -9,6 +9,13 @@
 //! playout instant, keeps presence, and reports its sync quality to the teacher. If the
 //! connection drops it reconnects with backoff, takes its seat back and syncs again.
 //!
+//! What a session means is decided by the engine, the same as in native clients:
+//! `downbeat_engine::session::Session` (hello and welcome, presence, prompt, requests matched
+//! to answers, why a session ended) over `downbeat_engine::client::Client` (clock sync,
+//! timeline, notes). This crate moves bytes through a transport (`transport.rs` is the seam,
+//! `webtransport.rs` the browser's WebTransport behind it), runs one session's loops, decides
+//! when to reconnect, and translates the session's events into promises and page events.
+//!
 //! The timing questions a page asks: [`Classroom::server_now`], [`Classroom::beats_ahead`]
 //! (what a Web Audio lookahead scheduler should queue) and [`Classroom::audio_time_of`] (a
 //! shared-timeline instant as an `AudioContext` time, via `getOutputTimestamp` and
@@ -24,6 +31,7 @@ mod classroom;
 mod js;
 mod transport;
 mod view;
+mod webtransport;
 
 pub use classroom::{Classroom, connect};
 

@@ -1,16 +1,21 @@
-//! A native Downbeat client over WebTransport (wtransport).
+//! A native Downbeat client (tokio), over WebTransport (wtransport) today.
 //!
 //! [`Client::connect`] opens a session, sends the hello and waits for the welcome; from then on
 //! a driver task runs clock sync on datagrams, applies every newer timeline, and answers "at
-//! what instant of my local clock does beat n sound" ([`Client::local_time_of_beat`]). All the
-//! timing logic is the engine's [`downbeat_engine::client::Client`]; this crate only moves
-//! bytes and reads the [`LocalClock`], which tests replace with an [`InjectedClock`] of known
-//! offset and drift.
+//! what instant of my local clock does beat n sound" ([`Client::local_time_of_beat`]).
 //!
 //! It also keeps the room's presence, plays notes ([`Client::play_note`]) and yields
 //! classmates' notes placed on the local clock at their shared playout instant
 //! ([`Client::next_note`]), sends the teacher's controls, refreshes its token, and reports its
 //! sync quality every couple of seconds so the teacher sees who is in time.
+//!
+//! All of that is decided by the engine: [`downbeat_engine::session::Session`] (hello and
+//! welcome, presence, prompt, requests matched to answers, why a session ended) over
+//! [`downbeat_engine::client::Client`] (clock sync, timeline, notes). This crate only moves
+//! bytes through a transport (`transport.rs` is the seam, `webtransport.rs` the one
+//! implementation), reads the [`LocalClock`] (which tests replace with an [`InjectedClock`] of
+//! known offset and drift), and translates the session's events into futures (each request
+//! waits on a oneshot channel the session hands back with its answer) and the [`Event`] stream.
 //!
 //! Used by the end-to-end tests and the benchmark harness; it is also a reference for other
 //! native clients. It does not reconnect by itself: connecting again with the same token
@@ -18,26 +23,28 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod clock;
+mod transport;
+mod webtransport;
 
-use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use downbeat_engine::client::Client as State;
 use downbeat_engine::clock::{Config as SyncConfig, Estimate};
 use downbeat_engine::notes::ScheduledNote;
+use downbeat_engine::session::{self, Answer, NoteError, Request, RequestError, Session, State};
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
-    BoundedString, Change, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, ErrorCode, ErrorFrame,
-    FRAME_HEADER_LEN, Hello, JoinCode, LeaveReason, Member, Note, PROTOCOL_VERSION, ParticipationNotice, Prompt,
-    PromptText, Reflection, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerMessage, ServerNanos,
-    Welcome, decode_frame_body, decode_server_datagram, encode_client_datagram, encode_frame, frame_body_len,
+    BoundedString, Change, ClientNanos, ControlAck, ControlOp, ErrorCode, JoinCode, LeaveReason, Member, Note,
+    ParticipationNotice, Prompt, PromptText, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerNanos,
+    Welcome,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
-use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+
+use crate::transport::Transport;
 
 pub use clock::{InjectedClock, LocalClock, SystemClock};
+pub use webtransport::read_message;
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -140,32 +147,63 @@ pub enum Event {
     Participation(Vec<ParticipationNotice>),
 }
 
-/// The room's current reflection prompt, as this client was told.
-type CurrentPrompt = Arc<Mutex<Option<Prompt>>>;
+/// What a request's caller waits on; the session hands it back with the answer.
+type Waiter = oneshot::Sender<Result<Answer, RequestError>>;
 
-/// Answers to requests on the control stream, by request id.
-type Pending = Arc<Mutex<HashMap<u32, oneshot::Sender<Result<ServerMessage, ClientError>>>>>;
+/// The session engine and where its events go, behind one lock shared by the tasks and the
+/// methods of [`Client`]. The lock is never held across an `await`.
+struct Shared {
+    session: Session<Waiter>,
+    /// Dropped when the session ends, so [`Client::next_event`] ends too.
+    events: Option<mpsc::Sender<Event>>,
+}
 
-/// The room's members by id, as this client was told.
-type Presence = Arc<Mutex<BTreeMap<u64, Member>>>;
+impl Shared {
+    /// Translates the session's events: answers wake their caller, the rest go to the event
+    /// stream.
+    fn dispatch(&mut self) {
+        while let Some(event) = self.session.poll_event() {
+            let event = match event {
+                session::Event::RequestDone { waiter, result, .. } => {
+                    // A caller that stopped waiting does not mind.
+                    let _ = waiter.send(result);
+                    continue;
+                }
+                session::Event::Ended(end) => {
+                    tracing::debug!(?end, "session ended");
+                    self.events = None;
+                    continue;
+                }
+                session::Event::MemberJoined(m) => Event::MemberJoined(m),
+                session::Event::MemberLeft { member_id, reason } => Event::MemberLeft(member_id, reason),
+                session::Event::MemberUpdated(m) => Event::MemberUpdated(m),
+                session::Event::Timeline { epoch, .. } => Event::Timeline(epoch),
+                session::Event::RoomClosed(message) => Event::RoomClosed(message),
+                session::Event::Error { code, message } => Event::Error(code, message),
+                session::Event::Prompt(p) => Event::Prompt(p),
+                session::Event::Reflection(notice) => Event::Reflection(notice),
+                session::Event::Participation(notices) => Event::Participation(notices),
+                _ => continue,
+            };
+            if let Some(events) = &self.events {
+                // A consumer that does not read events loses them, never the session.
+                let _ = events.try_send(event);
+            }
+        }
+    }
+}
 
 /// A connected session. Dropping it closes the session.
 pub struct Client {
-    conn: Connection,
+    transport: Arc<dyn Transport>,
     clock: Arc<dyn LocalClock>,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Mutex<Shared>>,
     welcome: Welcome,
-    send: Arc<tokio::sync::Mutex<SendStream>>,
-    pending: Pending,
-    presence: Presence,
-    prompt: CurrentPrompt,
-    next_request: std::sync::atomic::AtomicU32,
     synced: watch::Receiver<bool>,
     frames: watch::Receiver<u64>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
     notes: tokio::sync::Mutex<mpsc::Receiver<ScheduledNote>>,
     tasks: Vec<JoinHandle<()>>,
-    _endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
 }
 
 impl std::fmt::Debug for Client {
@@ -177,25 +215,41 @@ impl std::fmt::Debug for Client {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
     // A panic while holding the lock cannot leave the engine state half-updated in a way that
     // matters more than losing the session, so take the data either way.
-    state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    shared.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Reads one server frame from a control stream: header, length check before allocating,
-/// body, decode. [`ClientError::Closed`] if the stream ends first.
-pub async fn read_message(recv: &mut RecvStream) -> Result<ServerMessage, ClientError> {
-    let mut header = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut header).await.map_err(|_| ClientError::Closed)?;
-    let len = frame_body_len(header).map_err(|e| ClientError::Protocol(e.to_string()))?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(|_| ClientError::Closed)?;
-    decode_frame_body(&body).map_err(|e| ClientError::Protocol(e.to_string()))
+fn request_error(e: RequestError) -> ClientError {
+    match e {
+        RequestError::Refused { code, message } => ClientError::Refused { code, message },
+        RequestError::Closed => ClientError::Closed,
+        RequestError::Protocol(message) => ClientError::Protocol(message),
+        other => ClientError::Protocol(other.to_string()),
+    }
 }
 
-fn refused(e: ErrorFrame) -> ClientError {
-    ClientError::Refused { code: e.code, message: e.message.into_string() }
+fn ended(end: &session::End) -> ClientError {
+    match end {
+        session::End::Server { code, message } => ClientError::Refused { code: *code, message: message.clone() },
+        session::End::Protocol(message) => ClientError::Protocol(message.clone()),
+        session::End::Lost(_) | session::End::Closed => ClientError::Closed,
+    }
+}
+
+/// Says hello on `transport` and feeds the control stream to `session` until it is welcomed.
+async fn greet(transport: &dyn Transport, session: &mut Session<Waiter>, hello: &[u8]) -> Result<Welcome, ClientError> {
+    transport.send_control(hello).await?;
+    loop {
+        match transport.recv_control().await {
+            Some(bytes) => session.handle_control_bytes(&bytes),
+            None => session.handle_closed("the server ended the session before welcoming it"),
+        }
+        if let Some(greeted) = session.greeted() {
+            return greeted.cloned().map_err(ended);
+        }
+    }
 }
 
 impl Client {
@@ -206,90 +260,44 @@ impl Client {
 
     /// Connects, timestamping with `clock`.
     pub async fn connect_with_clock(options: ConnectOptions, clock: Arc<dyn LocalClock>) -> Result<Self, ClientError> {
-        let bind = ClientConfig::builder();
-        let builder = match options.bind_address {
-            Some(ip) => bind.with_bind_address(std::net::SocketAddr::new(ip, 0)),
-            None => bind.with_bind_default(),
-        };
-        let config = if options.cert_hashes.is_empty() {
-            builder.with_native_certs().keep_alive_interval(Some(Duration::from_secs(3))).build()
-        } else {
-            builder
-                .with_server_certificate_hashes(options.cert_hashes.iter().map(|h| (*h).into()))
-                .keep_alive_interval(Some(Duration::from_secs(3)))
-                .build()
-        };
-        let endpoint = Endpoint::client(config).map_err(ClientError::Endpoint)?;
+        let token = BoundedString::new(options.token.clone())?;
+        let (mut session, hello) = Session::connect(options.sync.clone(), token, options.room.clone());
         let handshake = async {
-            let conn = endpoint.connect(&options.url).await.map_err(|e| ClientError::Connect(e.to_string()))?;
-            let opening = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
-            let (mut send, mut recv) = opening.await.map_err(|e| ClientError::Connect(e.to_string()))?;
-            let hello = ClientMessage::Hello(Hello {
-                version: PROTOCOL_VERSION,
-                token: BoundedString::new(options.token.clone())?,
-                room: options.room.clone(),
-            });
-            let bytes = encode_frame(&hello).map_err(|e| ClientError::Protocol(e.to_string()))?;
-            send.write_all(&bytes).await.map_err(|_| ClientError::Closed)?;
-            match read_message(&mut recv).await? {
-                ServerMessage::Welcome(w) => Ok((conn, send, recv, w)),
-                ServerMessage::Error(e) => Err(refused(e)),
-                other => Err(ClientError::Protocol(format!("expected a welcome, got {other:?}"))),
-            }
+            let transport = transport::open(&options).await?;
+            let welcome = greet(&*transport, &mut session, &hello).await?;
+            Ok::<_, ClientError>((transport, welcome))
         };
-        let (conn, send, recv, welcome) = tokio::time::timeout(options.handshake_timeout, handshake)
+        let (transport, welcome) = tokio::time::timeout(options.handshake_timeout, handshake)
             .await
             .map_err(|_| ClientError::Timeout("the welcome"))??;
 
-        let mut state = State::new(options.sync.clone());
-        state.handle_welcome(&welcome);
-        let state = Arc::new(Mutex::new(state));
-        let pending: Pending = Arc::default();
-        let presence: Presence = Arc::new(Mutex::new(welcome.members.iter().map(|m| (m.id, m.clone())).collect()));
-        let prompt = CurrentPrompt::default();
-        let send = Arc::new(tokio::sync::Mutex::new(send));
         let (synced_tx, synced) = watch::channel(false);
         let (frames_tx, frames) = watch::channel(0u64);
         let (events_tx, events) = mpsc::channel(4096);
         let (notes_tx, notes) = mpsc::channel(4096);
+        let shared = Arc::new(Mutex::new(Shared { session, events: Some(events_tx) }));
         let driver = Driver {
-            conn: conn.clone(),
+            transport: transport.clone(),
             clock: clock.clone(),
-            state: state.clone(),
+            shared: shared.clone(),
             synced: synced_tx,
             frames: frames_tx,
             notes: notes_tx,
         };
-        let mut tasks = vec![
-            tokio::spawn(driver.run()),
-            tokio::spawn(read_control(
-                recv,
-                state.clone(),
-                pending.clone(),
-                presence.clone(),
-                prompt.clone(),
-                events_tx,
-            )),
-        ];
+        let mut tasks = vec![tokio::spawn(driver.run()), tokio::spawn(read_control(transport.clone(), shared.clone()))];
         if let Some(interval) = options.report_interval {
-            tasks.push(tokio::spawn(report(send.clone(), clock.clone(), state.clone(), interval)));
+            tasks.push(tokio::spawn(report(transport.clone(), clock.clone(), shared.clone(), interval)));
         }
         Ok(Self {
-            conn,
+            transport,
             clock,
-            state,
+            shared,
             welcome,
-            send,
-            pending,
-            presence,
-            prompt,
-            next_request: std::sync::atomic::AtomicU32::new(1),
             synced,
             frames,
             events: tokio::sync::Mutex::new(events),
             notes: tokio::sync::Mutex::new(notes),
             tasks,
-            _endpoint: endpoint,
         })
     }
 
@@ -330,54 +338,56 @@ impl Client {
 
     /// The clock estimate now.
     pub fn estimate(&self) -> Option<Estimate> {
-        lock(&self.state).estimate(self.clock.now())
+        lock(&self.shared).session.client().estimate(self.clock.now())
     }
 
     /// The server clock now, as estimated.
     pub fn server_now(&self) -> Option<ServerNanos> {
-        lock(&self.state).server_time(self.clock.now())
+        lock(&self.shared).session.client().server_time(self.clock.now())
     }
 
     /// The server clock at local time `local`, as estimated.
     pub fn server_time_at(&self, local: ClientNanos) -> Option<ServerNanos> {
-        lock(&self.state).server_time(local)
+        lock(&self.shared).session.client().server_time(local)
     }
 
     /// The newest timeline.
     pub fn timeline(&self) -> Option<Timeline> {
-        lock(&self.state).timeline().cloned()
+        lock(&self.shared).session.client().timeline().cloned()
     }
 
     /// The local instant at which beat `beat` sounds.
     pub fn local_time_of_beat(&self, beat: i64) -> Option<ClientNanos> {
-        lock(&self.state).local_time_of_beat(beat)
+        lock(&self.shared).session.client().local_time_of_beat(beat)
     }
 
     /// Counters of what arrived on datagrams.
     pub fn stats(&self) -> downbeat_engine::client::Stats {
-        lock(&self.state).stats()
+        lock(&self.shared).session.client().stats()
     }
 
     /// The room's members as this client was last told (the welcome's snapshot, then every
     /// join, leave and update).
     pub fn presence(&self) -> Vec<Member> {
-        self.presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner).values().cloned().collect()
+        lock(&self.shared).session.members().cloned().collect()
     }
 
-    /// Sends a request and waits for the server's answer to it.
-    async fn request(&self, message: impl FnOnce(u32) -> ClientMessage) -> Result<ServerMessage, ClientError> {
-        let request_id = self.next_request.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    /// Sends a request and waits for the session to hand back the server's answer to it.
+    async fn request(&self, request: Request) -> Result<Answer, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(request_id, tx);
-        let frame = encode_frame(&message(request_id)).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.send.lock().await.write_all(&frame).await.map_err(|_| ClientError::Closed)?;
-        rx.await.map_err(|_| ClientError::Closed)?
+        let (request_id, frame) =
+            lock(&self.shared).session.request(request, tx).map_err(|(e, _waiter)| request_error(e))?;
+        if let Err(e) = self.transport.send_control(&frame).await {
+            lock(&self.shared).session.cancel(request_id);
+            return Err(e);
+        }
+        rx.await.map_err(|_| ClientError::Closed)?.map_err(request_error)
     }
 
     /// Sends a teacher control and waits for the acknowledgement (or the refusal).
     pub async fn control(&self, op: ControlOp) -> Result<ControlAck, ClientError> {
-        match self.request(|request_id| ClientMessage::Control(ControlRequest { request_id, op })).await? {
-            ServerMessage::ControlAck(ack) => Ok(ack),
+        match self.request(Request::Control(op)).await? {
+            Answer::Control(ack) => Ok(ack),
             other => Err(ClientError::Protocol(format!("expected an ack, got {other:?}"))),
         }
     }
@@ -389,7 +399,7 @@ impl Client {
 
     /// The room's current reflection prompt.
     pub fn prompt(&self) -> Option<Prompt> {
-        self.prompt.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+        lock(&self.shared).session.prompt().cloned()
     }
 
     /// Teachers: asks the room a reflection question (blank text clears it).
@@ -412,9 +422,8 @@ impl Client {
         text: Option<&str>,
     ) -> Result<(), ClientError> {
         let text = text.map(|t| ReflectionText::new(t.to_owned())).transpose()?;
-        let message = |request_id| ClientMessage::Reflect(Reflection { request_id, id, prompt_id, mood, text });
-        match self.request(message).await? {
-            ServerMessage::ReflectionSaved { id: saved, .. } if saved == id => Ok(()),
+        match self.request(Request::Reflect { id, prompt_id, mood, text }).await? {
+            Answer::ReflectionSaved => Ok(()),
             other => Err(ClientError::Protocol(format!("expected a reflection acknowledgement, got {other:?}"))),
         }
     }
@@ -422,8 +431,8 @@ impl Client {
     /// Presents a fresh token; returns its expiry (Unix seconds) once the server took it.
     pub async fn refresh_token(&self, token: &str) -> Result<u64, ClientError> {
         let token = BoundedString::new(token.to_owned())?;
-        match self.request(|request_id| ClientMessage::RefreshToken { request_id, token }).await? {
-            ServerMessage::TokenRefreshed { expires_at, .. } => Ok(expires_at),
+        match self.request(Request::RefreshToken(token)).await? {
+            Answer::TokenRefreshed { expires_at } => Ok(expires_at),
             other => Err(ClientError::Protocol(format!("expected a refresh answer, got {other:?}"))),
         }
     }
@@ -435,17 +444,12 @@ impl Client {
     /// 127) with [`ErrorCode::NoteOutOfRange`] without sending it, so it is never repeated
     /// with the next notes.
     pub fn play_note(&self, midi: u8, velocity: u8, instrument: u8) -> Result<Note, ClientError> {
-        if !downbeat_engine::notes::playable(midi, velocity, instrument) {
-            return Err(ClientError::Refused {
-                code: ErrorCode::NoteOutOfRange,
-                message: format!("note {midi}, velocity {velocity}, instrument {instrument} is out of MIDI range"),
-            });
-        }
-        let (note, datagram) = lock(&self.state)
-            .play_note(self.clock.now(), midi, velocity, instrument)
-            .ok_or(ClientError::Timeout("clock sync"))?;
-        let bytes = encode_client_datagram(&datagram).map_err(|e| ClientError::Protocol(e.to_string()))?;
-        self.conn.send_datagram(bytes).map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let played = lock(&self.shared).session.play_note(self.clock.now(), midi, velocity, instrument);
+        let (note, datagram) = played.map_err(|e| match e {
+            NoteError::NotSynced => ClientError::Timeout("clock sync"),
+            other => ClientError::Refused { code: ErrorCode::NoteOutOfRange, message: other.to_string() },
+        })?;
+        self.transport.send_datagram(&datagram)?;
         Ok(note)
     }
 
@@ -457,12 +461,12 @@ impl Client {
 
     /// Sends raw bytes on the control stream (for tests of the server's input handling).
     pub async fn send_raw_control(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.send.lock().await.write_all(bytes).await.map_err(|_| ClientError::Closed)
+        self.transport.send_control(bytes).await
     }
 
     /// Sends a raw datagram (for tests of the server's input handling).
     pub fn send_raw_datagram(&self, bytes: &[u8]) -> Result<(), ClientError> {
-        self.conn.send_datagram(bytes).map_err(|e| ClientError::Protocol(e.to_string()))
+        self.transport.send_datagram(bytes)
     }
 
     /// The next event, or `None` once the session is closed.
@@ -472,12 +476,12 @@ impl Client {
 
     /// Waits until the session is closed by either side; returns the close reason.
     pub async fn closed(&self) -> String {
-        self.conn.closed().await.to_string()
+        self.transport.closed().await
     }
 
     /// Closes the session.
     pub fn close(&self) {
-        self.conn.close(0u32.into(), b"bye");
+        self.transport.close(0, b"bye");
     }
 }
 
@@ -492,9 +496,9 @@ impl Drop for Client {
 
 /// Clock sync, beat frames and classmates' notes: the only loop that receives datagrams.
 struct Driver {
-    conn: Connection,
+    transport: Arc<dyn Transport>,
     clock: Arc<dyn LocalClock>,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Mutex<Shared>>,
     synced: watch::Sender<bool>,
     frames: watch::Sender<u64>,
     notes: mpsc::Sender<ScheduledNote>,
@@ -502,34 +506,30 @@ struct Driver {
 
 impl Driver {
     async fn run(self) {
-        let Self { conn, clock, state, synced, frames, notes } = self;
+        let Self { transport, clock, shared, synced, frames, notes } = self;
         loop {
             let wake = {
-                let mut s = lock(&state);
+                let mut s = lock(&shared);
                 let now = clock.now();
-                while let Some(d) = s.poll_datagram(now) {
-                    if let Ok(bytes) = encode_client_datagram(&d) {
-                        // A full send buffer drops the request; the estimator simply asks again.
-                        let _ = conn.send_datagram(bytes);
-                    }
+                while let Some(bytes) = s.session.poll_datagram(now) {
+                    // A full send buffer drops the request; the estimator simply asks again.
+                    let _ = transport.send_datagram(&bytes);
                 }
-                synced.send_if_modified(|v| {
-                    let now_synced = s.is_synced(now);
-                    std::mem::replace(v, now_synced) != now_synced
-                });
-                clock.instant_at(s.poll_timeout())
+                if let Some(now_synced) = s.session.poll_synced(now) {
+                    synced.send_replace(now_synced);
+                }
+                clock.instant_at(s.session.poll_timeout())
             };
             tokio::select! {
-                received = conn.receive_datagram() => {
-                    let Ok(datagram) = received else { return };
+                received = transport.recv_datagram() => {
+                    let Some(bytes) = received else { return };
                     // Stamp t3 before anything else.
                     let t3 = clock.now();
-                    match decode_server_datagram(&datagram.payload()) {
-                        Ok(d) => {
-                            let mut s = lock(&state);
-                            s.handle_datagram(t3, &d);
-                            frames.send_replace(s.stats().frames);
-                            while let Some(note) = s.poll_note() {
+                    let mut s = lock(&shared);
+                    match s.session.handle_datagram(t3, &bytes) {
+                        Ok(_) => {
+                            frames.send_replace(s.session.client().stats().frames);
+                            while let Some(note) = s.session.poll_note() {
                                 // A consumer that does not read notes loses them, never the session.
                                 let _ = notes.try_send(note);
                             }
@@ -543,102 +543,42 @@ impl Driver {
     }
 }
 
-/// Reports sync quality and playout counts every `interval`.
+/// Reports sync quality and playout counts every `interval` while the session is live.
 async fn report(
-    send: Arc<tokio::sync::Mutex<SendStream>>,
+    transport: Arc<dyn Transport>,
     clock: Arc<dyn LocalClock>,
-    state: Arc<Mutex<State>>,
+    shared: Arc<Mutex<Shared>>,
     interval: Duration,
 ) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let report = lock(&state).report(clock.now());
-        let Ok(frame) = encode_frame(&ClientMessage::Report(report)) else { return };
-        if send.lock().await.write_all(&frame).await.is_err() {
+        let Some(frame) = lock(&shared).session.report(clock.now()) else { return };
+        if transport.send_control(&frame).await.is_err() {
             return;
         }
     }
 }
 
-/// Reads the control stream: timelines, answers, errors and presence.
-async fn read_control(
-    mut recv: RecvStream,
-    state: Arc<Mutex<State>>,
-    pending: Pending,
-    presence: Presence,
-    prompt: CurrentPrompt,
-    events: mpsc::Sender<Event>,
-) {
-    let take = |id: u32| pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).remove(&id);
-    let members = || presence.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+/// Feeds the control stream to the session and dispatches what it makes of it, until the
+/// stream or the session ends.
+async fn read_control(transport: Arc<dyn Transport>, shared: Arc<Mutex<Shared>>) {
+    // What arrived with the welcome (the prompt, say) is already in the session.
+    lock(&shared).dispatch();
     loop {
-        let message = match read_message(&mut recv).await {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(error = %e, "control stream ended");
-                break;
-            }
+        let Some(bytes) = transport.recv_control().await else {
+            tracing::debug!("control stream ended");
+            let mut s = lock(&shared);
+            s.session.handle_closed("the control stream ended");
+            s.dispatch();
+            return;
         };
-        let event = match message {
-            ServerMessage::Timeline(t) => {
-                let epoch = t.epoch;
-                lock(&state).handle_timeline(&t);
-                Some(Event::Timeline(epoch))
-            }
-            ServerMessage::ControlAck(ack) => {
-                if let Some(tx) = take(ack.request_id) {
-                    let _ = tx.send(Ok(ServerMessage::ControlAck(ack)));
-                }
-                None
-            }
-            ServerMessage::TokenRefreshed { request_id, expires_at } => {
-                if let Some(tx) = take(request_id) {
-                    let _ = tx.send(Ok(ServerMessage::TokenRefreshed { request_id, expires_at }));
-                }
-                None
-            }
-            ServerMessage::Error(e) => match e.request_id.and_then(take) {
-                Some(tx) => {
-                    let _ = tx.send(Err(refused(e)));
-                    None
-                }
-                None => Some(Event::Error(e.code, e.message.into_string())),
-            },
-            ServerMessage::MemberJoined(m) => {
-                members().insert(m.id, m.clone());
-                Some(Event::MemberJoined(m))
-            }
-            ServerMessage::MemberUpdated(m) => {
-                members().insert(m.id, m.clone());
-                Some(Event::MemberUpdated(m))
-            }
-            ServerMessage::MemberLeft { member_id, reason } => {
-                members().remove(&member_id);
-                lock(&state).forget_sender(member_id);
-                Some(Event::MemberLeft(member_id, reason))
-            }
-            ServerMessage::RoomClosed { message } => Some(Event::RoomClosed(message.into_string())),
-            ServerMessage::Welcome(_) => None,
-            ServerMessage::Prompt(p) => {
-                p.clone_into(&mut prompt.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
-                Some(Event::Prompt(p))
-            }
-            ServerMessage::ReflectionSaved { request_id, id } => {
-                if let Some(tx) = take(request_id) {
-                    let _ = tx.send(Ok(ServerMessage::ReflectionSaved { request_id, id }));
-                }
-                None
-            }
-            ServerMessage::Reflection(notice) => Some(Event::Reflection(notice)),
-            ServerMessage::Participation(notices) => Some(Event::Participation(notices.into_vec())),
-        };
-        if let Some(event) = event {
-            // A consumer that does not read events loses them, never the session.
-            let _ = events.try_send(event);
+        let mut s = lock(&shared);
+        s.session.handle_control_bytes(&bytes);
+        s.dispatch();
+        if s.session.state() == State::Ended {
+            return;
         }
     }
-    // Fail whatever is still waiting.
-    pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clear();
 }

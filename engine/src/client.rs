@@ -2,7 +2,9 @@
 //!
 //! Feed it every datagram and control message the server sends, ask it which datagram to
 //! send next, and it answers "at what instant of my own clock does beat n sound". The same
-//! code runs in native clients and, compiled to wasm, in the browser.
+//! code runs in native clients and, compiled to wasm, in the browser, inside a
+//! [`crate::session::Session`] that gives the control stream its meaning (requests, presence,
+//! the prompt); the simulation and the benchmark drive it directly.
 //!
 //! Notes (see [`crate::notes`]): [`Client::play_note`] stamps a note the student played with
 //! the server-clock instant and a sequence number and returns the datagram to send (repeating

@@ -12,6 +12,9 @@
 //! - [`client`]: the client state machine: clock sync plus the newest timeline, answering "at
 //!   what instant of my own clock does beat n sound"; it stamps the notes its student plays and
 //!   schedules classmates' notes at their shared playout instant.
+//! - [`session`]: one client session on top of [`client`]: hello and welcome, presence, the
+//!   reflection prompt, numbered requests matched to the server's answers and refusals, and
+//!   why the session ended, as events a shell (native or browser, any transport) translates.
 //! - [`notes`]: what a note's playout instant is, the range checks, redundancy and
 //!   de-duplication shared by both sides.
 //! - [`sel`]: participation measured on the shared timeline (how far each note landed from
@@ -33,6 +36,7 @@ pub mod limit;
 pub mod notes;
 pub mod room;
 pub mod sel;
+pub mod session;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
 pub mod timeline;
