@@ -82,7 +82,10 @@ impl RoomTask {
         loop {
             let now = self.clock.now();
             let tick = self.room.handle_timeout(now);
-            self.stats.seats_expired.add(u64::from(tick.seats_expired));
+            if tick.seats_expired > 0 {
+                self.stats.seats_expired.add(u64::from(tick.seats_expired));
+                info!(seats = tick.seats_expired, "grace period over; seats freed");
+            }
             self.drain(now);
             if self.room.is_closed() {
                 break;
@@ -121,16 +124,24 @@ impl RoomTask {
             Command::Depart { member_id, session_id, how } => {
                 self.conns.remove(&session_id);
                 self.room.handle_depart(now, member_id, session_id, how);
+                debug!(member = member_id, ?how, "session left");
             }
             Command::Control { op, requester, reply } => {
-                let timeline = matches!(op, ControlOp::Timeline(_));
-                let result = self.room.handle_control(now, op, requester).map_err(Refusal::from);
+                let result = self.room.handle_control(now, op.clone(), requester).map_err(Refusal::from);
                 match &result {
                     Ok(applied) => {
                         self.stats.controls_applied.inc();
-                        if timeline {
-                            self.stats.changes_applied.inc();
-                            info!(applied = ?applied, "timeline changed");
+                        match op {
+                            ControlOp::Timeline(change) => {
+                                self.stats.changes_applied.inc();
+                                info!(?applied, ?change, "timeline changed");
+                            }
+                            ControlOp::Mute { member, muted } => info!(member, muted, "mute changed"),
+                            ControlOp::Remove { member } => info!(member, "member removed"),
+                            ControlOp::Prompt { .. } => {
+                                info!(prompt = self.room.prompt().map(|p| p.id), "reflection prompt set");
+                            }
+                            ControlOp::Assign { .. } | ControlOp::Close => {}
                         }
                     }
                     Err(refusal) => {

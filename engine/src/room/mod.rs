@@ -41,8 +41,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
-    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Reflection, ReflectionNotice, Role,
-    RoomInfo, ServerMessage, ServerNanos, SyncQuality, Welcome,
+    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, Reflection, ReflectionNotice,
+    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, Welcome,
 };
 use serde::{Deserialize, Serialize};
 
@@ -189,6 +189,11 @@ impl Room {
     /// Every seat's member, in join order, and whether a session holds it now.
     pub fn members(&self) -> impl Iterator<Item = (&Member, bool)> + '_ {
         self.seats.values().map(|s| (&s.member, s.attached.is_some()))
+    }
+
+    /// The current reflection prompt, if any.
+    pub fn prompt(&self) -> Option<&Prompt> {
+        self.prompts.current()
     }
 
     /// Whether the room closed (it takes no more input).

@@ -448,7 +448,9 @@ fn participation_is_counted_flushed_and_folded_back_when_the_queue_is_full() {
     assert_eq!(kinds, vec![RecordKind::Joined, RecordKind::Notes]);
     let seqs: Vec<i64> = flush.records.iter().map(|rec| rec.seq).collect();
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
-    assert_eq!(flush.records[1].tally.notes, 3);
+    // The start landed on the bar at 2 s: all three on the beat (the timeline decides).
+    assert_eq!(r.timeline().beat_at(at(2_000)).map(|b| r.timeline().time_of(b)), Some(Some(at(2_000))));
+    assert_eq!((flush.records[1].tally.notes, flush.records[1].tally.on_beat), (3, 3));
     assert!(matches!(flush.feed(), Some(ServerMessage::Participation(n)) if n[0].notes == 3));
     // The writer's queue was full: everything comes back in the next flush.
     r.handle_sel_refused(at(2_100), SelWork::Flush(flush.clone()));
