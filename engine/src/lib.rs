@@ -6,9 +6,12 @@
 //! - [`clock`]: the NTP-style clock-sync estimator every client runs (native and browser):
 //!   four timestamps per exchange, minimum-delay filtering, outlier rejection, drift by
 //!   regression, and a resync schedule that is faster while uncertain.
-//! - [`room`]: the server's per-room state machine: members, timeline changes, paced beat
-//!   frames sent ahead of time, and students' notes (validated, de-duplicated, muted or
-//!   rate-limited, fanned out with redundancy).
+//! - [`room`]: the server's per-room state machine: seats by token subject (grace period,
+//!   takeover), presence in one order, teacher controls and their checks, mute, notes
+//!   (validated, de-duplicated, muted or rate-limited, fanned out with redundancy) and the
+//!   abuse policy, idle expiry, and what to hand the SEL writer. Its [`room::Stage`] holds the
+//!   timeline and the paced beat frames sent ahead of time. A room's state is plain data
+//!   (serde), so it can move between processes.
 //! - [`client`]: the client state machine: clock sync plus the newest timeline, answering "at
 //!   what instant of my own clock does beat n sound"; it stamps the notes its student plays and
 //!   schedules classmates' notes at their shared playout instant.

@@ -14,7 +14,7 @@ const UNITS_PER_TOKEN: u128 = 1_000_000_000;
 /// A token bucket: `burst` tokens at most, refilled at `per_second` tokens per second.
 ///
 /// It starts full. See the module docs for the arithmetic.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TokenBucket {
     per_second: u32,
     burst: u32,

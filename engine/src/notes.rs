@@ -15,7 +15,7 @@
 //! - The client side ([`crate::client::Client::play_note`] and the note handling in
 //!   [`crate::client::Client::handle_datagram`]) builds note datagrams and turns classmates'
 //!   notes into [`ScheduledNote`]s.
-//! - The server side ([`crate::room::Room::handle_notes`]) validates ([`fields_in_range`],
+//! - The server side ([`crate::room::Stage::handle_notes`]) validates ([`fields_in_range`],
 //!   [`time_in_range`]), de-duplicates, applies mute and a per-member rate limit, and fans the
 //!   new notes out with the same redundancy.
 
@@ -75,7 +75,7 @@ pub struct ScheduledNote {
 }
 
 /// The last [`REDUNDANT_NOTES`] notes sent, for repeating in the next datagram.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Recent(VecDeque<Note>);
 
 impl Recent {

@@ -72,7 +72,7 @@ pub fn measure(timeline: &Timeline, played_at: ServerNanos, assigned: &[u8]) -> 
 ///
 /// All counts are of notes the room accepted (muted or rate-limited notes are not played, so
 /// they do not count). Sums of two tallies are tallies ([`Tally::add`]).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Tally {
     /// Notes played.
     pub notes: u64,
@@ -160,7 +160,7 @@ fn ratio(part: u64, whole: u64) -> Option<f64> {
 
 /// Remembers the last beat a student took a turn on, so several notes on one beat are one
 /// turn.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TurnTracker {
     last: Option<i64>,
 }

@@ -1,4 +1,4 @@
-//! A deterministic simulation of one room: the server's [`Room`], N [`Client`]s, and a
+//! A deterministic simulation of one room: the server's [`Stage`], N [`Client`]s, and a
 //! network between them, all on virtual time.
 //!
 //! True time is the server's clock. Each client's clock runs at `1 + drift` the true rate from
@@ -9,7 +9,7 @@
 //! repeats exactly. Datagrams cross the simulated network encoded with the real codec.
 //!
 //! Notes: [`Sim::schedule_note`] has a client's student play a note at a true instant. The
-//! client's datagram crosses its uplink to the room ([`Room::handle_notes`]), whose frame
+//! client's datagram crosses its uplink to the room ([`Stage::handle_notes`]), whose frame
 //! crosses every other client's downlink, where that client schedules the note or counts it
 //! late. The harness records every note played ([`Sim::notes_played`]), every server outcome
 //! ([`Sim::server_notes`]) and, per note and receiver, the true instant the receiver will sound
@@ -28,7 +28,7 @@ use downbeat_protocol::{
 
 use crate::client::{Client, Handled};
 use crate::clock;
-use crate::room::{self, NotesOutcome, Room};
+use crate::room::{self, NotesOutcome, Stage};
 use crate::timeline::TimelineError;
 
 /// Nanoseconds in a millisecond.
@@ -384,7 +384,9 @@ pub struct ServerNotes {
 pub struct Sim {
     now: u64,
     rng: Rng,
-    room: Room,
+    room: Stage,
+    /// Members the teacher muted (the server keeps mute on the seat, outside the stage).
+    muted: BTreeSet<u64>,
     clients: Vec<SimClient>,
     queue: BinaryHeap<Reverse<(u64, u64, Packet)>>,
     next_packet: u64,
@@ -413,7 +415,7 @@ impl Sim {
         beats_per_bar: u8,
         clients: Vec<(ClockModel, Profile)>,
     ) -> Self {
-        let mut room = Room::new(room_config, ServerNanos(0), tempo, beats_per_bar).expect("valid tempo and meter");
+        let mut room = Stage::new(room_config, ServerNanos(0), tempo, beats_per_bar).expect("valid tempo and meter");
         let clients = clients
             .into_iter()
             .enumerate()
@@ -442,6 +444,7 @@ impl Sim {
             now: 0,
             rng: Rng::new(seed),
             room,
+            muted: BTreeSet::new(),
             clients,
             queue: BinaryHeap::new(),
             next_packet: 0,
@@ -463,14 +466,28 @@ impl Sim {
         self.now
     }
 
-    /// The room.
-    pub fn room(&self) -> &Room {
+    /// The room's stage.
+    pub fn room(&self) -> &Stage {
         &self.room
     }
 
-    /// The room, to act as the teacher would (mute, say) between runs.
-    pub fn room_mut(&mut self) -> &mut Room {
+    /// The room's stage, to act as the teacher would between runs.
+    pub fn room_mut(&mut self) -> &mut Stage {
         &mut self.room
+    }
+
+    /// Mutes or unmutes `member`, as the teacher would between runs.
+    pub fn set_muted(&mut self, member: u64, muted: bool) {
+        if muted {
+            self.muted.insert(member);
+        } else {
+            self.muted.remove(&member);
+        }
+    }
+
+    /// Whether `member` is muted.
+    pub fn is_muted(&self, member: u64) -> bool {
+        self.muted.contains(&member)
     }
 
     /// The clients.
@@ -639,7 +656,8 @@ impl Sim {
     }
 
     fn server_handle_notes(&mut self, client: usize, notes: &[Note]) {
-        let outcome = self.room.handle_notes(ServerNanos(self.now), client as u64, notes);
+        let member = client as u64;
+        let outcome = self.room.handle_notes(ServerNanos(self.now), member, self.muted.contains(&member), notes);
         if let Some(frame) = &outcome.forward
             && let Ok(bytes) = encode_server_datagram(&ServerDatagram::Notes(frame.clone()))
         {

@@ -116,7 +116,7 @@ pub fn tempo_from_bpm_f64(bpm: f64) -> Result<MicroBpm, TimelineError> {
 }
 
 /// One stretch of the timeline. See the module docs for the beat formula.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Segment {
     /// When the segment takes effect.
     pub start: ServerNanos,
@@ -247,11 +247,30 @@ impl Applied {
 
 /// A room's timeline: the segment in force plus announced changes, and an epoch that grows
 /// with every change.
-#[derive(Clone, Debug, PartialEq, Eq)]
+///
+/// As data (a room's state moving between processes) it is checked again when read back:
+/// the same rules as [`Timeline::from_wire`], without its cap on segments not yet pruned.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(try_from = "TimelineData")]
 pub struct Timeline {
     epoch: u64,
     /// Never empty; strictly increasing `start`; non-decreasing `start_beat`.
     segments: Vec<Segment>,
+}
+
+/// A timeline as read back from data, before [`Timeline::checked`].
+#[derive(serde::Deserialize)]
+struct TimelineData {
+    epoch: u64,
+    segments: Vec<Segment>,
+}
+
+impl TryFrom<TimelineData> for Timeline {
+    type Error = TimelineError;
+
+    fn try_from(data: TimelineData) -> Result<Self, Self::Error> {
+        Self::checked(data.epoch, data.segments)
+    }
 }
 
 impl Timeline {
@@ -274,13 +293,23 @@ impl Timeline {
 
     /// Validates a timeline received from the wire.
     pub fn from_wire(timeline: &wire::Timeline) -> Result<Self, TimelineError> {
-        let mut segments = Vec::with_capacity(timeline.segments.len());
-        for s in timeline.segments.iter() {
+        let segments = timeline.segments.iter().map(|s| Segment {
+            start: s.start,
+            start_beat: s.start_beat,
+            tempo: s.tempo,
+            beats_per_bar: s.beats_per_bar,
+            running: s.running,
+            count_in_bars: s.count_in_bars,
+        });
+        Self::checked(timeline.epoch, segments.collect())
+    }
+
+    fn checked(epoch: u64, segments: Vec<Segment>) -> Result<Self, TimelineError> {
+        for (i, s) in segments.iter().enumerate() {
             check_tempo(s.tempo)?;
             check_meter(s.beats_per_bar)?;
             check_count_in(s.count_in_bars)?;
-            if let Some(prev) = segments.last().copied() {
-                let prev: Segment = prev;
+            if let Some(prev) = i.checked_sub(1).map(|p| segments[p]) {
                 if s.start <= prev.start {
                     return Err(TimelineError::Malformed("segment starts not increasing"));
                 }
@@ -288,19 +317,11 @@ impl Timeline {
                     return Err(TimelineError::Malformed("segment beats decreasing"));
                 }
             }
-            segments.push(Segment {
-                start: s.start,
-                start_beat: s.start_beat,
-                tempo: s.tempo,
-                beats_per_bar: s.beats_per_bar,
-                running: s.running,
-                count_in_bars: s.count_in_bars,
-            });
         }
         if segments.is_empty() {
             return Err(TimelineError::Malformed("no segments"));
         }
-        Ok(Self { epoch: timeline.epoch, segments })
+        Ok(Self { epoch, segments })
     }
 
     /// The wire form, every segment included.

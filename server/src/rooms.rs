@@ -20,9 +20,10 @@ use std::time::SystemTime;
 
 use downbeat_engine::limit::TokenBucket;
 use downbeat_engine::room::{self, Room};
+use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
-    self as wire, Applied, BoundedVec, ClientReport, ControlOp, ErrorCode, MAX_NOTES_PER_DATAGRAM, Member, Name, Note,
-    Reflection, ReflectionNotice, RoomSettings, ServerMessage, ServerNanos, Welcome,
+    self as wire, Applied, BoundedString, BoundedVec, ClientReport, ControlOp, ErrorCode, MAX_NOTES_PER_DATAGRAM,
+    Member, Name, Note, Reflection, ReflectionNotice, RoomSettings, ServerMessage, ServerNanos, Welcome,
 };
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span};
@@ -32,7 +33,6 @@ use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
-use crate::room_sel::RoomSel;
 use crate::room_task::{RoomParts, RoomTask};
 use crate::sel::store::RoomSessionRow;
 use crate::sel::{Sel, unix_ms};
@@ -92,17 +92,8 @@ pub(crate) struct Joining {
     pub(crate) kick: oneshot::Sender<Kick>,
 }
 
-/// How a session left its seat.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Departure {
-    /// The client closed the session: the seat is freed now.
-    Left,
-    /// The connection was lost: the seat is kept for the grace period.
-    Lost,
-    /// The server ended the session (expired token, malformed frame, abuse): the seat is
-    /// freed now and the room hears it was closed.
-    Closed,
-}
+/// How a session left its seat (decided by the room engine).
+pub(crate) use downbeat_engine::room::Departure;
 
 /// A room with its presence, as the HTTP API shows it.
 #[derive(Clone, Debug)]
@@ -341,10 +332,6 @@ impl Rooms {
         self.registry.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(crate) fn config(&self) -> &RoomsConfig {
-        &self.config
-    }
-
     /// Creates a stopped room owned by `owner` (already authorized as a teacher of `tenant`)
     /// and starts its task. Must be called within the tokio runtime.
     pub(crate) fn create(
@@ -362,10 +349,12 @@ impl Rooms {
             max_members: (limits.max_members_per_room as usize).min(self.config.engine.max_members),
             notes_per_second: limits.notes_per_second,
             note_burst: limits.note_burst,
+            seat_grace_nanos: self.config.seat_grace_nanos,
+            idle_expiry_nanos: self.config.idle_expiry_nanos,
             ..self.config.engine.clone()
         };
         let now = self.clock.now();
-        let room = Room::new(engine, now, settings.tempo, settings.beats_per_bar)
+        let timeline = Timeline::new(now, settings.tempo, settings.beats_per_bar)
             .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let handle = {
@@ -411,6 +400,8 @@ impl Rooms {
         self.stats.rooms_created.inc();
         let span = info_span!("room", code = %handle.meta.code, tenant = %handle.meta.tenant);
         let meta = &handle.meta;
+        let code = BoundedString::truncating(meta.code.as_str());
+        let room = Room::new(engine, now, code, settings.name.clone(), timeline);
         let task = RoomTask::new(RoomParts {
             meta: meta.clone(),
             room,
@@ -418,7 +409,6 @@ impl Rooms {
             clock: self.clock,
             stats: self.stats.clone(),
             sel: self.sel.clone(),
-            room_sel: RoomSel::new(meta.session_row()),
             own: handle.tx.downgrade(),
         });
         tokio::spawn(task.run(rx, self.shutdown.clone()).instrument(span));

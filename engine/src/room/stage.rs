@@ -1,7 +1,8 @@
-//! The server's per-room state machine: members, timeline changes, paced beat frames, and
-//! students' notes.
+//! The room's stage: the timeline, paced beat frames per attached member, and students'
+//! notes. [`super::Room`] drives it for every attached seat; the simulation harness drives it
+//! alone.
 //!
-//! For every member the room keeps its own send schedule: a frame every
+//! For every member the stage keeps its own send schedule: a frame every
 //! [`Config::send_interval_nanos`] while beats sound (or a change is pending), every
 //! [`Config::idle_send_interval_nanos`] while stopped. Each frame carries the whole timeline
 //! plus the beats of the next [`Config::lead_nanos`], so a lost, duplicated or reordered frame
@@ -9,10 +10,11 @@
 //! slow member never delays another; the I/O layer only ever hands frames to a non-blocking
 //! send.
 //!
-//! Notes ([`Room::handle_notes`]) are validated, de-duplicated by sequence number, dropped
-//! while the member is muted or beyond their rate limit (a [`TokenBucket`] per member), and
-//! fanned out as one [`NoteFrame`] for every other member, repeating the member's last
-//! [`notes::REDUNDANT_NOTES`] forwarded notes while they have yet to sound (see [`crate::notes`]).
+//! Notes ([`Stage::handle_notes`]) are validated, de-duplicated by sequence number, dropped
+//! while the member is muted (the caller says so: mute is a seat's, stored once) or beyond
+//! their rate limit (a [`TokenBucket`] per member), and fanned out as one [`NoteFrame`] for
+//! every other member, repeating the member's last [`notes::REDUNDANT_NOTES`] forwarded notes
+//! while they have yet to sound (see [`crate::notes`]).
 
 use std::collections::BTreeMap;
 
@@ -21,51 +23,12 @@ use downbeat_protocol::{
     ServerNanos,
 };
 
+use serde::{Deserialize, Serialize};
+
+use super::Config;
 use crate::limit::TokenBucket;
 use crate::notes::{self, Recent};
 use crate::timeline::{Applied, Timeline, TimelineError};
-
-/// Room settings; the server passes them explicitly.
-#[derive(Clone, Debug)]
-pub struct Config {
-    /// How far ahead beats are sent, and the least notice a change is given.
-    pub lead_nanos: u64,
-    /// Frame interval per member while beats sound or a change is pending.
-    pub send_interval_nanos: u64,
-    /// Frame interval per member while stopped with nothing pending.
-    pub idle_send_interval_nanos: u64,
-    /// Most beats per frame (capped at the wire limit).
-    pub beats_per_frame: usize,
-    /// Most members.
-    pub max_members: usize,
-    /// How long after a note's `played_at` every receiver sounds it (sent in the welcome).
-    pub playout_delay_nanos: u64,
-    /// Notes per second a member may sustain (their token bucket's refill rate).
-    pub notes_per_second: u32,
-    /// Notes a member may play in a burst (their token bucket's size).
-    pub note_burst: u32,
-    /// A note played longer ago than this is out of range.
-    pub note_past_window_nanos: u64,
-    /// A note played further in the future than this is out of range.
-    pub note_future_window_nanos: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Self {
-            lead_nanos: 1_500_000_000,
-            send_interval_nanos: 100_000_000,
-            idle_send_interval_nanos: 1_000_000_000,
-            beats_per_frame: 8,
-            max_members: 64,
-            playout_delay_nanos: 80_000_000,
-            notes_per_second: 20,
-            note_burst: 40,
-            note_past_window_nanos: 5_000_000_000,
-            note_future_window_nanos: 500_000_000,
-        }
-    }
-}
 
 /// A member operation was refused; nothing changed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -94,7 +57,7 @@ impl RoomError {
 }
 
 /// Why a member's notes were not forwarded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum NoteRefusal {
     /// The sender is not a member of the room.
     #[error("not a member of the room")]
@@ -122,7 +85,7 @@ impl NoteRefusal {
     }
 }
 
-/// What [`Room::handle_notes`] did with a datagram of notes.
+/// What [`Stage::handle_notes`] did with a datagram of notes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NotesOutcome {
     /// What to send to every member except `from`; None when nothing new was accepted.
@@ -151,7 +114,7 @@ impl NotesOutcome {
 }
 
 /// A frame to send to one member.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transmit {
     /// Who to send it to.
     pub member: u64,
@@ -159,13 +122,12 @@ pub struct Transmit {
     pub frame: BeatFrame,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct MemberState {
     /// Which join of this member this is (see [`NoteFrame::generation`]).
     generation: u32,
     next_send: ServerNanos,
     seq: u64,
-    muted: bool,
     note_bucket: TokenBucket,
     /// Highest note sequence number handled (accepted or dropped).
     highest_note_seq: u32,
@@ -179,7 +141,6 @@ impl MemberState {
             generation,
             next_send: now,
             seq: 0,
-            muted: false,
             note_bucket: TokenBucket::new(config.notes_per_second, config.note_burst, now.0),
             highest_note_seq: 0,
             forwarded: Recent::default(),
@@ -187,9 +148,9 @@ impl MemberState {
     }
 }
 
-/// One room.
-#[derive(Debug)]
-pub struct Room {
+/// The stage of one room.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Stage {
     config: Config,
     timeline: Timeline,
     members: BTreeMap<u64, MemberState>,
@@ -197,10 +158,15 @@ pub struct Room {
     joins: u32,
 }
 
-impl Room {
-    /// A stopped room.
+impl Stage {
+    /// A stopped stage.
     pub fn new(config: Config, now: ServerNanos, tempo: MicroBpm, beats_per_bar: u8) -> Result<Self, TimelineError> {
-        Ok(Self { config, timeline: Timeline::new(now, tempo, beats_per_bar)?, members: BTreeMap::new(), joins: 0 })
+        Ok(Self::with_timeline(config, Timeline::new(now, tempo, beats_per_bar)?))
+    }
+
+    /// A stage with `timeline` and no members.
+    pub fn with_timeline(config: Config, timeline: Timeline) -> Self {
+        Self { config, timeline, members: BTreeMap::new(), joins: 0 }
     }
 
     /// The room's settings.
@@ -221,8 +187,8 @@ impl Room {
         Ok(())
     }
 
-    /// Removes a member and everything the room knew of them (mute, note rate and sequence
-    /// state); false if it was not one.
+    /// Removes a member and everything the stage knew of them (note rate and sequence state);
+    /// false if it was not one.
     pub fn leave(&mut self, member: u64) -> bool {
         self.members.remove(&member).is_some()
     }
@@ -242,20 +208,8 @@ impl Room {
         self.members.keys().copied()
     }
 
-    /// Mutes or unmutes `member`: a muted member's notes are dropped, not forwarded, and are
-    /// not replayed when they are unmuted.
-    pub fn set_muted(&mut self, member: u64, muted: bool) -> Result<(), RoomError> {
-        let state = self.members.get_mut(&member).ok_or(RoomError::NotMember)?;
-        state.muted = muted;
-        Ok(())
-    }
-
-    /// Whether `member` is muted; `None` if it is not a member.
-    pub fn is_muted(&self, member: u64) -> Option<bool> {
-        self.members.get(&member).map(|m| m.muted)
-    }
-
-    /// Takes a datagram of notes from member `from` at `now`.
+    /// Takes a datagram of notes from member `from` at `now`; `muted` says the teacher muted
+    /// them.
     ///
     /// - Not a member: everything is dropped ([`NoteRefusal::NotMember`]).
     /// - If any note is out of range (see [`notes::fields_in_range`]; `played_at` more than
@@ -265,14 +219,14 @@ impl Room {
     ///   taken, no sequence number advances.
     /// - Notes are taken in sequence-number order. One at or below the highest sequence
     ///   number already handled is a copy (redundancy) and is ignored.
-    /// - A new note from a muted member is dropped ([`NoteRefusal::Muted`]); one beyond the
+    /// - A new note while `muted` is dropped ([`NoteRefusal::Muted`]); one beyond the
     ///   member's token bucket is dropped ([`NoteRefusal::RateLimited`]). Either way its
     ///   sequence number is handled, so its copies are ignored and unmuting replays nothing.
     /// - The frame to forward holds the new accepted notes, preceded by up to
     ///   [`notes::REDUNDANT_NOTES`] notes forwarded before whose playout instant
     ///   (`played_at + playout delay`) is still after `now`, oldest first, at most
     ///   [`MAX_NOTES_PER_DATAGRAM`] (the newest win).
-    pub fn handle_notes(&mut self, now: ServerNanos, from: u64, notes: &[Note]) -> NotesOutcome {
+    pub fn handle_notes(&mut self, now: ServerNanos, from: u64, muted: bool, notes: &[Note]) -> NotesOutcome {
         let Self { config, members, .. } = self;
         let Some(state) = members.get_mut(&from) else {
             return NotesOutcome::refused(notes.len(), NoteRefusal::NotMember);
@@ -294,7 +248,7 @@ impl Room {
                 continue;
             }
             state.highest_note_seq = note.seq;
-            if state.muted {
+            if muted {
                 outcome.dropped += 1;
                 outcome.refusal = Some(NoteRefusal::Muted);
             } else if !state.note_bucket.try_take(now.0) {
@@ -372,7 +326,7 @@ impl Room {
         Some(Transmit { member, frame })
     }
 
-    /// When [`Room::poll_transmit`] next has something; `None` with no members.
+    /// When [`Stage::poll_transmit`] next has something; `None` with no members.
     pub fn poll_timeout(&self) -> Option<ServerNanos> {
         self.members.values().map(|m| m.next_send).min()
     }
@@ -384,8 +338,8 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    fn room() -> Room {
-        Room::new(Config { max_members: 3, ..Config::default() }, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap()
+    fn room() -> Stage {
+        Stage::new(Config { max_members: 3, ..Config::default() }, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap()
     }
 
     #[test]
@@ -453,9 +407,9 @@ mod tests {
     }
 
     /// A room with members 1, 2 and 3 and the given note limits.
-    fn note_room(notes_per_second: u32, note_burst: u32) -> Room {
+    fn note_room(notes_per_second: u32, note_burst: u32) -> Stage {
         let config = Config { notes_per_second, note_burst, ..Config::default() };
-        let mut r = Room::new(config, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        let mut r = Stage::new(config, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
         for m in 1..=3 {
             r.join(ServerNanos(0), m).unwrap();
         }
@@ -472,42 +426,42 @@ mod tests {
         let n = |seq: u32, ms: u64| note(seq, T + ms * MS);
         let at = |ms: u64| ServerNanos(T + ms * MS + MS);
 
-        let o = r.handle_notes(at(0), 1, &[n(1, 0)]);
+        let o = r.handle_notes(at(0), 1, false, &[n(1, 0)]);
         assert_eq!(o.forward.as_ref().unwrap().from, 1);
         assert_eq!((seqs(&o), o.accepted, o.duplicates, o.dropped, o.refusal), (vec![1], 1, 0, 0, None));
         // The client repeats note 1; the server ignores its copy and repeats it itself.
-        let o = r.handle_notes(at(20), 1, &[n(1, 0), n(2, 20)]);
+        let o = r.handle_notes(at(20), 1, false, &[n(1, 0), n(2, 20)]);
         assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![1, 2], 1, 1));
-        let o = r.handle_notes(at(40), 1, &[n(1, 0), n(2, 20), n(3, 40)]);
+        let o = r.handle_notes(at(40), 1, false, &[n(1, 0), n(2, 20), n(3, 40)]);
         assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![1, 2, 3], 1, 2), "two back, both still to sound");
         // At 91 ms note 2 (sounds at 100 ms) is still to come, note 1 is not remembered.
-        let o = r.handle_notes(at(90), 1, &[n(2, 20), n(3, 40), n(4, 90)]);
+        let o = r.handle_notes(at(90), 1, false, &[n(2, 20), n(3, 40), n(4, 90)]);
         assert_eq!((seqs(&o), o.accepted, o.duplicates), (vec![2, 3, 4], 1, 2));
         // At 151 ms note 3 has sounded (120 ms): only note 4 (170 ms) is repeated.
-        let o = r.handle_notes(at(150), 1, &[n(5, 150)]);
+        let o = r.handle_notes(at(150), 1, false, &[n(5, 150)]);
         assert_eq!(seqs(&o), vec![4, 5]);
         // Long after, nothing is repeated.
-        let o = r.handle_notes(at(1_000), 1, &[n(6, 1_000)]);
+        let o = r.handle_notes(at(1_000), 1, false, &[n(6, 1_000)]);
         assert_eq!(seqs(&o), vec![6]);
         // Only copies: nothing to forward, and no refusal.
-        let o = r.handle_notes(at(1_010), 1, &[n(5, 150), n(6, 1_000)]);
+        let o = r.handle_notes(at(1_010), 1, false, &[n(5, 150), n(6, 1_000)]);
         assert_eq!((o.forward, o.accepted, o.duplicates, o.dropped, o.refusal), (None, 0, 2, 0, None));
         // Out of order within a datagram: taken in sequence order, both new.
-        let o = r.handle_notes(at(1_020), 1, &[n(8, 1_020), n(7, 1_015)]);
+        let o = r.handle_notes(at(1_020), 1, false, &[n(8, 1_020), n(7, 1_015)]);
         assert_eq!((seqs(&o), o.accepted), (vec![6, 7, 8], 2));
         // Each member has its own sequence numbers.
-        let o = r.handle_notes(at(1_020), 2, &[n(1, 1_020)]);
+        let o = r.handle_notes(at(1_020), 2, false, &[n(1, 1_020)]);
         assert_eq!((seqs(&o), o.forward.unwrap().from), (vec![1], 2));
     }
 
     #[test]
     fn the_forwarded_frame_is_capped_at_the_wire_limit() {
         let mut r = note_room(100, 100);
-        r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T)]);
+        r.handle_notes(ServerNanos(T), 1, false, &[note(1, T), note(2, T)]);
         let eight: Vec<Note> = (3..=10).map(|s| note(s, T + MS)).collect();
-        let o = r.handle_notes(ServerNanos(T + MS), 1, &eight);
+        let o = r.handle_notes(ServerNanos(T + MS), 1, false, &eight);
         assert_eq!((seqs(&o), o.accepted), ((3..=10).collect(), 8), "the newest win");
-        let o = r.handle_notes(ServerNanos(T + 2 * MS), 1, &[note(11, T + 2 * MS)]);
+        let o = r.handle_notes(ServerNanos(T + 2 * MS), 1, false, &[note(11, T + 2 * MS)]);
         assert_eq!(seqs(&o), vec![9, 10, 11]);
     }
 
@@ -515,16 +469,17 @@ mod tests {
     /// to both: the outcomes must match (no tokens taken, no sequence number advanced).
     fn refused_changes_nothing(bad: &[Note], expected: NoteRefusal) {
         let (mut a, mut b) = (note_room(1, 3), note_room(1, 3));
-        let o = a.handle_notes(ServerNanos(T), 1, bad);
+        let o = a.handle_notes(ServerNanos(T), 1, false, bad);
         assert_eq!(o.refusal, Some(expected), "{bad:?}");
         assert_eq!((o.forward, o.accepted, o.duplicates, o.dropped), (None, 0, 0, bad.len() as u32));
         let good: Vec<Note> = (1..=4).map(|s| note(s, T)).collect();
         for (now, notes) in [(T, &good[..]), (T + 1_000 * MS, &[note(5, T + 1_000 * MS)][..])] {
-            let (oa, ob) = (a.handle_notes(ServerNanos(now), 1, notes), b.handle_notes(ServerNanos(now), 1, notes));
+            let (oa, ob) =
+                (a.handle_notes(ServerNanos(now), 1, false, notes), b.handle_notes(ServerNanos(now), 1, false, notes));
             assert_eq!(oa, ob, "{bad:?}");
         }
         // And what that was: the burst of 3, the fourth rate-limited, one more a second later.
-        let o = b.handle_notes(ServerNanos(T + 1_000 * MS), 1, &[note(6, T + 1_000 * MS)]);
+        let o = b.handle_notes(ServerNanos(T + 1_000 * MS), 1, false, &[note(6, T + 1_000 * MS)]);
         assert_eq!(o.refusal, Some(NoteRefusal::RateLimited));
     }
 
@@ -550,17 +505,15 @@ mod tests {
         refused_changes_nothing(&nine, NoteRefusal::OutOfRange);
         // The window's edges are in range.
         let mut r = note_room(20, 40);
-        let o = r.handle_notes(ServerNanos(T), 1, &[note(1, T - past), note(2, T + future)]);
+        let o = r.handle_notes(ServerNanos(T), 1, false, &[note(1, T - past), note(2, T + future)]);
         assert_eq!((o.accepted, o.refusal), (2, None));
     }
 
     #[test]
     fn strangers_are_refused() {
         let mut r = note_room(20, 40);
-        let o = r.handle_notes(ServerNanos(T), 99, &[note(1, T), note(2, T)]);
+        let o = r.handle_notes(ServerNanos(T), 99, false, &[note(1, T), note(2, T)]);
         assert_eq!((o.forward, o.dropped, o.refusal), (None, 2, Some(NoteRefusal::NotMember)));
-        assert_eq!(r.set_muted(99, true), Err(RoomError::NotMember));
-        assert_eq!(r.is_muted(99), None);
         assert_eq!(RoomError::NotMember.code(), ErrorCode::MemberNotFound);
         assert_eq!(NoteRefusal::NotMember.code(), ErrorCode::MemberNotFound);
         assert_eq!(NoteRefusal::Muted.code(), ErrorCode::Forbidden);
@@ -571,44 +524,38 @@ mod tests {
     #[test]
     fn muted_notes_are_dropped_take_no_tokens_and_are_never_replayed() {
         let mut r = note_room(1, 2);
-        assert_eq!(r.is_muted(1), Some(false));
-        r.set_muted(1, true).unwrap();
-        assert_eq!(r.is_muted(1), Some(true));
         let five: Vec<Note> = (1..=5).map(|s| note(s, T)).collect();
-        let o = r.handle_notes(ServerNanos(T), 1, &five);
+        let o = r.handle_notes(ServerNanos(T), 1, true, &five);
         assert_eq!((o.forward, o.accepted, o.dropped, o.refusal), (None, 0, 5, Some(NoteRefusal::Muted)));
-        r.set_muted(1, false).unwrap();
-        // Copies of the muted notes are copies; the new ones use the untouched burst of 2.
-        let o = r.handle_notes(ServerNanos(T + MS), 1, &[note(4, T), note(5, T), note(6, T + MS), note(7, T + MS)]);
+        // Unmuted: copies of the muted notes are copies; the new ones use the untouched burst of 2.
+        let o =
+            r.handle_notes(ServerNanos(T + MS), 1, false, &[note(4, T), note(5, T), note(6, T + MS), note(7, T + MS)]);
         assert_eq!((seqs(&o), o.accepted, o.duplicates, o.refusal), (vec![6, 7], 2, 2, None));
         // Other members are unaffected by one member's mute.
-        r.set_muted(1, true).unwrap();
-        assert_eq!(r.handle_notes(ServerNanos(T + MS), 2, &[note(1, T)]).accepted, 1);
+        assert_eq!(r.handle_notes(ServerNanos(T + MS), 2, false, &[note(1, T)]).accepted, 1);
     }
 
     #[test]
     fn a_flood_is_rate_limited_and_the_dropped_notes_stay_dropped() {
         let mut r = note_room(1, 3);
         let eight: Vec<Note> = (1..=8).map(|s| note(s, T)).collect();
-        let o = r.handle_notes(ServerNanos(T), 1, &eight);
+        let o = r.handle_notes(ServerNanos(T), 1, false, &eight);
         assert_eq!((seqs(&o), o.accepted, o.dropped, o.refusal), (vec![1, 2, 3], 3, 5, Some(NoteRefusal::RateLimited)));
         // A second later one token: a copy of a dropped note is a copy, a new note takes it.
         let later = T + 1_000 * MS;
-        let o = r.handle_notes(ServerNanos(later), 1, &[note(8, T), note(9, later), note(10, later)]);
+        let o = r.handle_notes(ServerNanos(later), 1, false, &[note(8, T), note(9, later), note(10, later)]);
         assert_eq!((seqs(&o), o.accepted, o.duplicates, o.dropped), (vec![9], 1, 1, 1));
     }
 
     #[test]
     fn leaving_clears_the_member_s_note_state() {
         let mut r = note_room(1, 2);
-        r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T), note(3, T)]);
-        r.set_muted(1, true).unwrap();
+        r.handle_notes(ServerNanos(T), 1, false, &[note(1, T), note(2, T), note(3, T)]);
         assert!(r.leave(1));
-        assert_eq!(r.is_muted(1), None);
+        assert!(!r.contains(1));
         r.join(ServerNanos(T), 1).unwrap();
-        assert_eq!(r.is_muted(1), Some(false));
         // A new session numbers from 1 again, with a full bucket and nothing to repeat.
-        let o = r.handle_notes(ServerNanos(T), 1, &[note(1, T), note(2, T)]);
+        let o = r.handle_notes(ServerNanos(T), 1, false, &[note(1, T), note(2, T)]);
         assert_eq!((seqs(&o), o.accepted, o.refusal), (vec![1, 2], 2, None));
     }
 }

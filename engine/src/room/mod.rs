@@ -1,0 +1,740 @@
+//! One room as a state machine: seats, presence, teacher controls, notes and their fan-out,
+//! the note abuse policy, sync quality, idle expiry, and the decisions about SEL work.
+//!
+//! The server's room task only moves bytes: it feeds [`Room`] its inputs (`handle_*(now, ..)`),
+//! takes what to do from [`Room::poll_output`] and wakes at [`Room::poll_timeout`]. Every
+//! decision is made here, on virtual time in tests, and the state is plain data
+//! (serializable), so a room can be handed to another process.
+//!
+//! - **Seats, not sessions.** A seat is keyed by the token's subject. A member whose connection
+//!   is lost ([`Departure::Lost`]) keeps its seat (member id, part, mute) for
+//!   [`Config::seat_grace_nanos`], so a Chromebook whose Wi-Fi blips comes back without anyone
+//!   seeing it leave and join. A second session of the same subject takes the seat over and
+//!   the first is ended with `session_replaced`. Every input from a session names its session
+//!   id, and the room ignores a session that no longer holds its seat.
+//! - **One order.** Outputs are polled in one order and each names its recipients when it is
+//!   made, so presence rebuilt from the welcome plus the events agrees everywhere. The shell
+//!   queues control messages without waiting; a member whose queue is full comes back through
+//!   [`Room::handle_slow`], is dropped, and everyone hears it left.
+//! - **Mute is kept once**, on the seat's [`Member`], and survives a resumed seat. The
+//!   [`Stage`] (timeline, paced beat frames, note validation, de-duplication and rate) is told
+//!   it with every datagram.
+//! - **Note abuse.** Refused note datagrams (out of range, over the rate) drain a bucket of
+//!   [`ABUSE_BURST`] refilled at [`ABUSE_PER_SECOND`]; once empty the session is ended with
+//!   `rate_limited`. The member hears at most one note error per
+//!   [`NOTE_ERROR_INTERVAL_NANOS`].
+//! - **SEL decisions**: participation counted per student on the timeline, flushed about once
+//!   a second ([`Flush`]), and reflections checked against the room's prompts. The shell turns
+//!   them into store rows and queues them; what the queue refuses comes back through
+//!   [`Room::handle_sel_refused`].
+//! - A room with no seat closes after [`Config::idle_expiry_nanos`].
+
+mod output;
+mod participation;
+mod prompts;
+mod seats;
+mod stage;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use downbeat_protocol::{
+    Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
+    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, Reflection, ReflectionNotice,
+    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, Welcome,
+};
+use serde::{Deserialize, Serialize};
+
+pub use output::{
+    Closing, EndReason, Joined, NotesHandled, Output, Recipient, ReflectionWork, Refused, ReportHandled, Seated,
+    SelWork, Tick, encode_beats_to_fit, error_frame,
+};
+pub use participation::{FLUSH_INTERVAL_NANOS, Flush, Record, RecordKind};
+pub use seats::{ABUSE_BURST, ABUSE_PER_SECOND, NOTE_ERROR_INTERVAL_NANOS};
+pub use stage::{NoteRefusal, NotesOutcome, RoomError, Stage, Transmit};
+
+use participation::Participation;
+use prompts::Prompts;
+use seats::{Attached, Seat, coarse};
+
+use crate::timeline::{MAX_BEATS_PER_BAR, Timeline};
+
+/// Room settings; the server passes them explicitly.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Config {
+    /// How far ahead beats are sent, and the least notice a change is given.
+    pub lead_nanos: u64,
+    /// Frame interval per member while beats sound or a change is pending.
+    pub send_interval_nanos: u64,
+    /// Frame interval per member while stopped with nothing pending.
+    pub idle_send_interval_nanos: u64,
+    /// Most beats per frame (capped at the wire limit).
+    pub beats_per_frame: usize,
+    /// Most members (seats, held ones included).
+    pub max_members: usize,
+    /// How long after a note's `played_at` every receiver sounds it (sent in the welcome).
+    pub playout_delay_nanos: u64,
+    /// Notes per second a member may sustain (their token bucket's refill rate).
+    pub notes_per_second: u32,
+    /// Notes a member may play in a burst (their token bucket's size).
+    pub note_burst: u32,
+    /// A note played longer ago than this is out of range.
+    pub note_past_window_nanos: u64,
+    /// A note played further in the future than this is out of range.
+    pub note_future_window_nanos: u64,
+    /// A member whose connection is lost keeps its seat this long (0: freed at once).
+    pub seat_grace_nanos: u64,
+    /// A room with nobody in it closes after this long.
+    pub idle_expiry_nanos: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            lead_nanos: 1_500_000_000,
+            send_interval_nanos: 100_000_000,
+            idle_send_interval_nanos: 1_000_000_000,
+            beats_per_frame: 8,
+            max_members: 64,
+            playout_delay_nanos: 80_000_000,
+            notes_per_second: 20,
+            note_burst: 40,
+            note_past_window_nanos: 5_000_000_000,
+            note_future_window_nanos: 500_000_000,
+            seat_grace_nanos: 15_000_000_000,
+            idle_expiry_nanos: 1_800_000_000_000,
+        }
+    }
+}
+
+/// Who joins: from the verified token, and the session asking.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Join {
+    /// The session's id (unique on the server); later inputs from it name it.
+    pub session: u64,
+    /// The token's subject: one seat per subject.
+    pub subject: String,
+    /// Display name.
+    pub name: Name,
+    /// Role.
+    pub role: Role,
+    /// When the token expires (Unix seconds, told in the welcome).
+    pub token_expires_at: u64,
+}
+
+/// How a session left its seat.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Departure {
+    /// The client closed the session: the seat is freed now.
+    Left,
+    /// The connection was lost: the seat is kept for the grace period.
+    Lost,
+    /// The server ended the session (expired token, malformed frame, abuse): the seat is
+    /// freed now and the room hears it was closed.
+    Closed,
+}
+
+/// One room. See the module docs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Room {
+    config: Config,
+    code: JoinCode,
+    name: Name,
+    stage: Stage,
+    /// By member id, in the order members joined.
+    seats: BTreeMap<u64, Seat>,
+    by_subject: BTreeMap<String, u64>,
+    next_member_id: u64,
+    /// Since when nobody holds a seat.
+    empty_since: Option<ServerNanos>,
+    closed: bool,
+    /// [`Output::Closed`] was polled.
+    closed_told: bool,
+    prompts: Prompts,
+    participation: Participation,
+    out: VecDeque<Output>,
+}
+
+impl Room {
+    /// An empty room with join code `code`, called `name`, on `timeline`, created at `now`.
+    pub fn new(config: Config, now: ServerNanos, code: JoinCode, name: Name, timeline: Timeline) -> Self {
+        Self {
+            stage: Stage::with_timeline(config.clone(), timeline),
+            config,
+            code,
+            name,
+            seats: BTreeMap::new(),
+            by_subject: BTreeMap::new(),
+            next_member_id: 1,
+            empty_since: Some(now),
+            closed: false,
+            closed_told: false,
+            prompts: Prompts::default(),
+            participation: Participation::new(now),
+            out: VecDeque::new(),
+        }
+    }
+
+    /// The room's settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The timeline.
+    pub fn timeline(&self) -> &Timeline {
+        self.stage.timeline()
+    }
+
+    /// Every seat's member, in join order, and whether a session holds it now.
+    pub fn members(&self) -> impl Iterator<Item = (&Member, bool)> + '_ {
+        self.seats.values().map(|s| (&s.member, s.attached.is_some()))
+    }
+
+    /// The current reflection prompt, if any.
+    pub fn prompt(&self) -> Option<&Prompt> {
+        self.prompts.current()
+    }
+
+    /// Whether the room closed (it takes no more input).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The next thing to do, in order. Call until `None` after every input. Once the room
+    /// closed, [`Output::Closed`] comes after everything else.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front().or_else(|| {
+            (self.closed && !self.closed_told).then(|| {
+                self.closed_told = true;
+                Output::Closed
+            })
+        })
+    }
+
+    /// When [`Room::handle_timeout`] next has something to do: a beat frame, a grace period
+    /// or the idle expiry ending, a participation flush. `None` once closed.
+    pub fn poll_timeout(&self) -> Option<ServerNanos> {
+        if self.closed {
+            return None;
+        }
+        let grace = self.seats.values().filter_map(|s| s.grace_until).min();
+        let expiry = self.empty_since.map(|since| since.add_nanos(self.config.idle_expiry_nanos));
+        [self.stage.poll_timeout(), grace, expiry, self.participation.flush_due()].into_iter().flatten().min()
+    }
+
+    /// Does what is due at `now`: beat frames, seats whose grace period ended (everyone hears
+    /// they left), the idle expiry, the participation flush.
+    pub fn handle_timeout(&mut self, now: ServerNanos) -> Tick {
+        let mut tick = Tick::default();
+        if self.closed {
+            return tick;
+        }
+        while let Some(transmit) = self.stage.poll_transmit(now) {
+            if let Some(to) = self.recipient(transmit.member) {
+                self.out.push_back(Output::Beats { to, frame: transmit.frame });
+            }
+        }
+        let expired: Vec<u64> =
+            self.seats.iter().filter(|(_, s)| s.grace_until.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
+        for member in expired {
+            tick.seats_expired += 1;
+            self.remove(now, member, LeaveReason::Left);
+        }
+        if let Some(since) = self.empty_since
+            && now.0.saturating_sub(since.0) >= self.config.idle_expiry_nanos
+        {
+            self.close(Closing::Expired);
+            return tick;
+        }
+        if self.participation.flush_due().is_some_and(|due| due <= now)
+            && let Some(flush) = self.participation.take_flush(now, false)
+        {
+            self.out.push_back(Output::Sel(SelWork::Flush(flush)));
+        }
+        tick
+    }
+
+    /// Seats a member: the subject's held or open seat, or a new one. The welcome is for the
+    /// session to write first; the current prompt follows it in the outputs.
+    pub fn handle_join(&mut self, now: ServerNanos, join: Join) -> Result<Joined, Refused> {
+        if self.closed {
+            return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
+        }
+        let Join { session, subject, name, role, token_expires_at } = join;
+        let (member_id, seated) = match self.by_subject.get(&subject) {
+            Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role)?),
+            None => (self.seat(now, session, subject, name, role)?, Seated::New),
+        };
+        self.empty_since = None;
+        let welcome = self.welcome(now, member_id, role, token_expires_at);
+        if let Some(prompt) = self.prompts.current().cloned() {
+            self.send_to(member_id, ServerMessage::Prompt(Some(prompt)));
+        }
+        Ok(Joined { welcome, seated })
+    }
+
+    /// The same subject again: a reconnect within the grace period, or a new session taking
+    /// over from one still open. Same seat, no leave or join.
+    fn resume(
+        &mut self,
+        now: ServerNanos,
+        member_id: u64,
+        session: u64,
+        name: Name,
+        role: Role,
+    ) -> Result<Seated, Refused> {
+        let Some(seat) = self.seats.get_mut(&member_id) else {
+            return Err(Refused::new(ErrorCode::Internal, "seat index out of step"));
+        };
+        let old = seat.attached.replace(Attached { session, reported: ClientReport::default() });
+        seat.grace_until = None;
+        let changed = seat.member.name != name || seat.member.role != role;
+        seat.member.name = name;
+        seat.member.role = role;
+        seat.member.sync = SyncQuality::default();
+        let update = changed.then(|| seat.member.clone());
+        let seated = match old {
+            Some(old) => {
+                let to = Recipient { member: member_id, session: old.session };
+                self.out.push_back(Output::End { to, reason: EndReason::Replaced });
+                Seated::Replaced
+            }
+            None => Seated::Resumed,
+        };
+        // A fresh stage membership: the new session's notes count from 1 again. Cannot fail:
+        // the seat's own place was just freed.
+        self.stage.leave(member_id);
+        let _ = self.stage.join(now, member_id);
+        if let Some(update) = update {
+            self.send_all(ServerMessage::MemberUpdated(update), Some(member_id));
+        }
+        Ok(seated)
+    }
+
+    /// A new seat; everyone already seated hears `MemberJoined`.
+    fn seat(
+        &mut self,
+        now: ServerNanos,
+        session: u64,
+        subject: String,
+        name: Name,
+        role: Role,
+    ) -> Result<u64, Refused> {
+        if self.seats.len() >= self.config.max_members {
+            return Err(Refused::new(ErrorCode::RoomFull, "the room is full"));
+        }
+        let member_id = self.next_member_id;
+        self.stage.join(now, member_id).map_err(|e| Refused::new(e.code(), e.to_string()))?;
+        self.next_member_id += 1;
+        let member = Member {
+            id: member_id,
+            name,
+            role,
+            assignment: Assignment::default(),
+            muted: false,
+            sync: SyncQuality::default(),
+        };
+        self.send_all(ServerMessage::MemberJoined(member.clone()), None);
+        if role == Role::Student {
+            self.participation.joined(now, &subject, member_id);
+        }
+        self.by_subject.insert(subject.clone(), member_id);
+        self.seats.insert(member_id, Seat::new(now, member, subject, session));
+        Ok(member_id)
+    }
+
+    fn welcome(&self, now: ServerNanos, member_id: u64, role: Role, token_expires_at: u64) -> Welcome {
+        let members = self.seats.values().take(MAX_MEMBERS).map(|s| s.member.clone()).collect();
+        Welcome {
+            version: PROTOCOL_VERSION,
+            member_id,
+            role,
+            room: RoomInfo {
+                code: self.code.clone(),
+                name: self.name.clone(),
+                playout_delay_nanos: self.config.playout_delay_nanos,
+            },
+            timeline: self.timeline().to_wire_at(now),
+            // Cannot fail: `take(MAX_MEMBERS)`.
+            members: BoundedVec::try_from_vec(members).unwrap_or_default(),
+            lead_nanos: self.config.lead_nanos,
+            server_now: now,
+            token_expires_at,
+        }
+    }
+
+    /// Session `session` left the seat of `member` (nothing if it no longer holds it).
+    pub fn handle_depart(&mut self, now: ServerNanos, member: u64, session: u64, how: Departure) {
+        let grace = self.config.seat_grace_nanos;
+        let Some(seat) = self.seats.get_mut(&member).filter(|s| s.held_by(session)) else { return };
+        match how {
+            Departure::Lost if grace > 0 => {
+                seat.attached = None;
+                seat.grace_until = Some(now.add_nanos(grace));
+                self.stage.leave(member);
+            }
+            Departure::Lost | Departure::Left => {
+                self.remove(now, member, LeaveReason::Left);
+            }
+            Departure::Closed => {
+                self.remove(now, member, LeaveReason::Closed);
+            }
+        }
+    }
+
+    /// The shell could not queue a message for `slow` (their control queues are full): each
+    /// still holding its seat loses it, its session is closed at once, and everyone left hears
+    /// it left. These outputs come before any already waiting. The number dropped.
+    pub fn handle_slow(&mut self, now: ServerNanos, slow: &[Recipient]) -> u32 {
+        let waiting = std::mem::take(&mut self.out);
+        let mut dropped = Vec::new();
+        for &to in slow {
+            if self.seats.get(&to.member).is_some_and(|s| s.held_by(to.session)) {
+                self.free_seat(now, to.member);
+                self.out.push_back(Output::End { to, reason: EndReason::Backlog });
+                dropped.push(to.member);
+            }
+        }
+        for &member_id in &dropped {
+            self.send_all(ServerMessage::MemberLeft { member_id, reason: LeaveReason::Closed }, None);
+        }
+        self.out.extend(waiting);
+        u32::try_from(dropped.len()).unwrap_or(u32::MAX)
+    }
+
+    /// A teacher control (already authorized), from HTTP or from member `requester.0`'s
+    /// control stream with request id `requester.1` (then the ack or error is queued to them,
+    /// after what the control broadcast). Refusals change nothing.
+    pub fn handle_control(
+        &mut self,
+        now: ServerNanos,
+        op: ControlOp,
+        requester: Option<(u64, u32)>,
+    ) -> Result<Option<Applied>, Refused> {
+        let result = self.control(now, op);
+        if let Some((member, request_id)) = requester {
+            let answer = match &result {
+                Ok(applied) => ServerMessage::ControlAck(ControlAck { request_id, applied: *applied }),
+                Err(refused) => error_frame(refused.code, Some(request_id), &refused.message),
+            };
+            self.send_to(member, answer);
+        }
+        result
+    }
+
+    fn control(&mut self, now: ServerNanos, op: ControlOp) -> Result<Option<Applied>, Refused> {
+        if self.closed {
+            return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
+        }
+        match op {
+            ControlOp::Timeline(change) => {
+                let applied =
+                    self.stage.handle_change(now, change).map_err(|e| Refused::new(e.code(), e.to_string()))?;
+                let timeline = self.timeline().to_wire_at(now);
+                self.send_all(ServerMessage::Timeline(timeline), None);
+                Ok(Some(applied.to_wire()))
+            }
+            ControlOp::Mute { member, muted } => {
+                let seat = self.student(member, "only students can be muted")?;
+                seat.member.muted = muted;
+                let update = seat.member.clone();
+                self.send_all(ServerMessage::MemberUpdated(update), None);
+                Ok(None)
+            }
+            ControlOp::Assign { member, assignment } => {
+                check_assignment(&assignment)?;
+                let seat = self.seats.get_mut(&member).ok_or_else(not_a_member)?;
+                seat.member.assignment = assignment;
+                let update = seat.member.clone();
+                self.send_all(ServerMessage::MemberUpdated(update), None);
+                Ok(None)
+            }
+            ControlOp::Remove { member } => {
+                self.student(member, "only students can be removed")?;
+                self.expel(now, member, LeaveReason::Removed, EndReason::Removed);
+                Ok(None)
+            }
+            ControlOp::Close => {
+                self.close(Closing::Teacher);
+                Ok(None)
+            }
+            ControlOp::Prompt { text } => {
+                let prompt = self.prompts.set(text)?;
+                self.send_all(ServerMessage::Prompt(prompt), None);
+                Ok(None)
+            }
+        }
+    }
+
+    /// The seat of `member`, which must be a student.
+    fn student(&mut self, member: u64, message: &'static str) -> Result<&mut Seat, Refused> {
+        let seat = self.seats.get_mut(&member).ok_or_else(not_a_member)?;
+        if !seat.is_student() {
+            return Err(Refused::new(ErrorCode::Forbidden, message));
+        }
+        Ok(seat)
+    }
+
+    /// A datagram of notes from session `session` of `member`: accepted notes are counted for
+    /// SEL (students) and fanned out to every other attached member as one frame; refused
+    /// ones may earn the member a (throttled) error or, past the abuse limit, the end of the
+    /// session. `None` if the session does not hold the seat (nothing happened).
+    pub fn handle_notes(
+        &mut self,
+        now: ServerNanos,
+        member: u64,
+        session: u64,
+        notes: &[Note],
+    ) -> Option<NotesHandled> {
+        let muted = self.seats.get(&member).filter(|s| s.held_by(session))?.member.muted;
+        let outcome = self.stage.handle_notes(now, member, muted, notes);
+        let mut handled = NotesHandled {
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+            dropped: outcome.dropped,
+            refusal: outcome.refusal,
+            expelled: false,
+        };
+        if let Some(frame) = outcome.forward {
+            self.count_participation(now, member, &frame, outcome.accepted);
+            let to = self.recipients(|id, _| id != member);
+            if !to.is_empty() {
+                self.out.push_back(Output::Notes { to, frame });
+            }
+        }
+        let Some(refusal) = outcome.refusal else { return Some(handled) };
+        let seat = self.seats.get_mut(&member)?;
+        let abusive = matches!(refusal, NoteRefusal::RateLimited | NoteRefusal::OutOfRange);
+        if abusive && !seat.abuse.try_take(now.0) {
+            self.expel(now, member, LeaveReason::Closed, EndReason::NoteAbuse);
+            handled.expelled = true;
+            return Some(handled);
+        }
+        if seat.last_note_error.is_some_and(|t| now.0.saturating_sub(t.0) < NOTE_ERROR_INTERVAL_NANOS) {
+            return Some(handled);
+        }
+        seat.last_note_error = Some(now);
+        let message = match refusal {
+            NoteRefusal::Muted => "you are muted: your notes are not heard",
+            NoteRefusal::RateLimited => "too many notes: some were not heard",
+            NoteRefusal::OutOfRange => "a note's MIDI number, velocity, instrument or time is out of range",
+            NoteRefusal::NotMember => "notes refused",
+        };
+        self.send_to(member, error_frame(refusal.code(), None, message));
+        Some(handled)
+    }
+
+    /// Counts a student's newly accepted notes (the last `accepted` of `frame`) on the
+    /// timeline.
+    fn count_participation(&mut self, now: ServerNanos, member: u64, frame: &NoteFrame, accepted: u32) {
+        let Some(seat) = self.seats.get(&member).filter(|s| s.is_student()) else { return };
+        let new = frame.notes.len().saturating_sub(accepted as usize);
+        for note in &frame.notes[new..] {
+            self.participation.note(
+                now,
+                &seat.subject,
+                member,
+                self.stage.timeline(),
+                note.played_at,
+                &seat.member.assignment.beats,
+            );
+        }
+    }
+
+    /// A client report from session `session` of `member`: its sync quality becomes the
+    /// member's, and everyone hears it when it changed coarsely. What the cumulative playout
+    /// counts added; `None` if the session does not hold the seat.
+    pub fn handle_report(
+        &mut self,
+        _now: ServerNanos,
+        member: u64,
+        session: u64,
+        report: ClientReport,
+    ) -> Option<ReportHandled> {
+        let seat = self.seats.get_mut(&member)?;
+        let attached = seat.attached.as_mut().filter(|a| a.session == session)?;
+        let handled = ReportHandled {
+            notes_played: report.notes_played.saturating_sub(attached.reported.notes_played),
+            notes_late: report.notes_late.saturating_sub(attached.reported.notes_late),
+        };
+        attached.reported = report;
+        let before = coarse(seat.member.sync);
+        seat.member.sync = report.sync;
+        if coarse(report.sync) != before {
+            let update = seat.member.clone();
+            self.send_all(ServerMessage::MemberUpdated(update), None);
+        }
+        Some(handled)
+    }
+
+    /// A student's reflection from session `session` of `member`: checked against the room's
+    /// prompts and handed out as SEL work, acknowledged only once committed
+    /// ([`Room::handle_reflection_saved`]). A refusal is told to the member; its code is
+    /// returned for counting. Nothing happens if the session does not hold the seat.
+    pub fn handle_reflection(
+        &mut self,
+        _now: ServerNanos,
+        member: u64,
+        session: u64,
+        reflection: &Reflection,
+    ) -> Option<ErrorCode> {
+        let seat = self.seats.get(&member).filter(|s| s.held_by(session))?;
+        let checked = if seat.is_student() {
+            self.prompts.check(reflection)
+        } else {
+            Err(Refused::new(ErrorCode::Forbidden, "only students write reflections"))
+        };
+        let request_id = reflection.request_id;
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(refused) => {
+                self.send_to(member, error_frame(refused.code, Some(request_id), &refused.message));
+                return Some(refused.code);
+            }
+        };
+        let work = ReflectionWork {
+            member,
+            subject: seat.subject.clone(),
+            request_id,
+            prompt: checked.prompt,
+            id: reflection.id,
+            mood: reflection.mood,
+            notice: prompts::notice(member, reflection, checked.text.clone()),
+            text: checked.text,
+        };
+        self.out.push_back(Output::Sel(SelWork::Reflection(work)));
+        None
+    }
+
+    /// The SEL writer committed the reflection `request_id` of `member`: they hear it is saved
+    /// and the teachers see it.
+    pub fn handle_reflection_saved(&mut self, member: u64, request_id: u32, notice: ReflectionNotice) {
+        let id = notice.id;
+        self.send_to(member, ServerMessage::ReflectionSaved { request_id, id });
+        self.send_teachers(ServerMessage::Reflection(notice));
+    }
+
+    /// A feed update for the teachers, committed by the SEL writer ([`Flush::feed`]).
+    pub fn handle_feed(&mut self, message: ServerMessage) {
+        self.send_teachers(message);
+    }
+
+    /// The SEL writer's queue refused `work`: a flush is folded back for the next one; a
+    /// reflection's author hears it cannot be saved now.
+    pub fn handle_sel_refused(&mut self, now: ServerNanos, work: SelWork) {
+        match work {
+            SelWork::Flush(flush) => self.participation.restore(now, flush),
+            SelWork::Reflection(work) => {
+                let message = "reflections cannot be saved right now; try again in a moment";
+                self.send_to(work.member, error_frame(ErrorCode::StoreUnavailable, Some(work.request_id), message));
+            }
+        }
+    }
+
+    /// Forgets everything held about `subject` for SEL (their data is being deleted).
+    pub fn handle_forget(&mut self, subject: &str) {
+        self.participation.forget(subject);
+    }
+
+    /// The room session ends (the room closed, or the server shuts down): every student
+    /// still seated leaves, and the last flush closes the session. `None` if there is nothing
+    /// to write.
+    pub fn finish(&mut self, now: ServerNanos) -> Option<Flush> {
+        let seated: Vec<String> = self.seats.values().filter(|s| s.is_student()).map(|s| s.subject.clone()).collect();
+        for subject in seated {
+            self.participation.left(now, &subject);
+        }
+        self.participation.take_flush(now, true)
+    }
+
+    /// Frees a seat (its stage membership, the subject's index, a student's leave for SEL)
+    /// without telling anyone.
+    fn free_seat(&mut self, now: ServerNanos, member: u64) -> Option<Seat> {
+        let seat = self.seats.remove(&member)?;
+        self.by_subject.remove(&seat.subject);
+        self.stage.leave(member);
+        if seat.is_student() {
+            self.participation.left(now, &seat.subject);
+        }
+        if self.seats.is_empty() {
+            self.empty_since = Some(now);
+        }
+        Some(seat)
+    }
+
+    /// Frees a seat and tells everyone left.
+    fn remove(&mut self, now: ServerNanos, member: u64, reason: LeaveReason) -> Option<Seat> {
+        let seat = self.free_seat(now, member)?;
+        self.send_all(ServerMessage::MemberLeft { member_id: member, reason }, None);
+        Some(seat)
+    }
+
+    /// Frees a seat, tells everyone left, and ends its session (if attached).
+    fn expel(&mut self, now: ServerNanos, member: u64, reason: LeaveReason, end: EndReason) {
+        if let Some(seat) = self.remove(now, member, reason)
+            && let Some(attached) = seat.attached
+        {
+            let to = Recipient { member, session: attached.session };
+            self.out.push_back(Output::End { to, reason: end });
+        }
+    }
+
+    /// Closes the room: everyone is told why, then every session ends with `room_closed`.
+    fn close(&mut self, closing: Closing) {
+        self.send_all(ServerMessage::RoomClosed { message: BoundedString::truncating(closing.message()) }, None);
+        for to in self.recipients(|_, _| true) {
+            self.out.push_back(Output::End { to, reason: EndReason::RoomClosed(closing) });
+        }
+        self.closed = true;
+    }
+
+    fn recipient(&self, member: u64) -> Option<Recipient> {
+        let attached = self.seats.get(&member)?.attached?;
+        Some(Recipient { member, session: attached.session })
+    }
+
+    /// The attached members `to` picks, in member order.
+    fn recipients(&self, to: impl Fn(u64, &Seat) -> bool) -> Vec<Recipient> {
+        self.seats
+            .iter()
+            .filter(|(id, seat)| to(**id, seat))
+            .filter_map(|(&member, seat)| seat.attached.map(|a| Recipient { member, session: a.session }))
+            .collect()
+    }
+
+    /// Queues `message` for one member (nothing if they are not attached).
+    fn send_to(&mut self, member: u64, message: ServerMessage) {
+        if let Some(to) = self.recipient(member) {
+            self.out.push_back(Output::Message { to: vec![to], message });
+        }
+    }
+
+    /// Queues `message` for every attached member but `except`.
+    fn send_all(&mut self, message: ServerMessage, except: Option<u64>) {
+        let to = self.recipients(|id, _| Some(id) != except);
+        self.out.push_back(Output::Message { to, message });
+    }
+
+    /// Queues `message` for the attached teachers (the SEL feed).
+    fn send_teachers(&mut self, message: ServerMessage) {
+        let to = self.recipients(|_, seat| seat.member.role == Role::Teacher);
+        self.out.push_back(Output::Message { to, message });
+    }
+}
+
+fn not_a_member() -> Refused {
+    Refused::new(ErrorCode::MemberNotFound, "no member with this id is in the room")
+}
+
+fn check_assignment(assignment: &Assignment) -> Result<(), Refused> {
+    if let Some(part) = &assignment.part
+        && (part.trim().is_empty() || part.chars().any(char::is_control))
+    {
+        return Err(Refused::new(ErrorCode::BadRequest, "a part needs a name without control characters"));
+    }
+    if assignment.beats.iter().any(|b| *b >= MAX_BEATS_PER_BAR) {
+        return Err(Refused::new(ErrorCode::BadRequest, "assigned beats are positions in the bar, 0 to 15"));
+    }
+    Ok(())
+}

@@ -1,0 +1,79 @@
+//! The room's reflection prompts: the current question, and the recent ones a reflection may
+//! still answer after the teacher moved on.
+
+use std::collections::VecDeque;
+
+use downbeat_protocol::{ErrorCode, MAX_MOOD, Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText};
+use serde::{Deserialize, Serialize};
+
+use super::output::Refused;
+
+/// Prompts a reflection may still answer after the teacher moved on.
+const RECENT_PROMPTS: usize = 32;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Prompts {
+    recent: VecDeque<Prompt>,
+    current: Option<Prompt>,
+    next_id: u32,
+}
+
+impl Default for Prompts {
+    fn default() -> Self {
+        Self { recent: VecDeque::new(), current: None, next_id: 1 }
+    }
+}
+
+/// A reflection that answers one of the room's prompts.
+#[derive(Debug)]
+pub(crate) struct Checked {
+    pub(crate) prompt: PromptText,
+    pub(crate) text: Option<ReflectionText>,
+}
+
+impl Prompts {
+    /// The current prompt, if any.
+    pub(crate) fn current(&self) -> Option<&Prompt> {
+        self.current.as_ref()
+    }
+
+    /// Sets (or, with blank text, clears) the prompt; the new current prompt.
+    pub(crate) fn set(&mut self, text: PromptText) -> Result<Option<Prompt>, Refused> {
+        if text.chars().any(char::is_control) {
+            return Err(Refused::new(ErrorCode::BadRequest, "a prompt may not hold control characters"));
+        }
+        if text.trim().is_empty() {
+            self.current = None;
+            return Ok(None);
+        }
+        let prompt = Prompt { id: self.next_id, text };
+        self.next_id += 1;
+        if self.recent.len() == RECENT_PROMPTS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(prompt.clone());
+        self.current = Some(prompt.clone());
+        Ok(Some(prompt))
+    }
+
+    /// Checks a reflection: it answers a recent prompt, its mood is in range, and it says
+    /// something (blank text counts as none).
+    pub(crate) fn check(&self, r: &Reflection) -> Result<Checked, Refused> {
+        let Some(prompt) = self.recent.iter().find(|p| p.id == r.prompt_id) else {
+            return Err(Refused::new(ErrorCode::NoPrompt, "the teacher has not asked this question in this room"));
+        };
+        if r.mood.is_some_and(|m| m > MAX_MOOD) {
+            return Err(Refused::new(ErrorCode::BadRequest, "a mood is 0 to 4"));
+        }
+        let text = r.text.as_ref().filter(|t| !t.trim().is_empty());
+        if r.mood.is_none() && text.is_none() {
+            return Err(Refused::new(ErrorCode::BadRequest, "a reflection needs a mood, some words, or both"));
+        }
+        Ok(Checked { prompt: prompt.text.clone(), text: text.cloned() })
+    }
+}
+
+/// The feed's notice of a checked reflection by `member_id`.
+pub(crate) fn notice(member_id: u64, r: &Reflection, text: Option<ReflectionText>) -> ReflectionNotice {
+    ReflectionNotice { member_id, id: r.id, prompt_id: r.prompt_id, mood: r.mood, text }
+}

@@ -1,0 +1,63 @@
+//! A room's seats: one per token subject, held through a lost connection for the grace
+//! period, with the member everyone sees and the per-seat note policy.
+
+use downbeat_protocol::{ClientReport, Member, ServerNanos, SyncQuality};
+use serde::{Deserialize, Serialize};
+
+use crate::limit::TokenBucket;
+
+/// Refused note datagrams a member may send in a burst before the session is ended...
+pub const ABUSE_BURST: u32 = 50;
+/// ...and the sustained rate of refusals tolerated.
+pub const ABUSE_PER_SECOND: u32 = 5;
+/// At most one note error per this interval is told to a member (the rest are counted).
+pub const NOTE_ERROR_INTERVAL_NANOS: u64 = 1_000_000_000;
+
+/// One seat. Its member (id, part, mute) outlives a lost connection for the grace period.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Seat {
+    /// What everyone sees; `muted` is the one place mute is kept.
+    pub(crate) member: Member,
+    pub(crate) subject: String,
+    /// `None` while the connection is lost and the seat is held.
+    pub(crate) attached: Option<Attached>,
+    pub(crate) grace_until: Option<ServerNanos>,
+    pub(crate) last_note_error: Option<ServerNanos>,
+    /// Refused note datagrams tolerated before the session is ended.
+    pub(crate) abuse: TokenBucket,
+}
+
+/// The session holding a seat.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+pub(crate) struct Attached {
+    pub(crate) session: u64,
+    /// Playout counts last reported by this session (reports are cumulative).
+    pub(crate) reported: ClientReport,
+}
+
+impl Seat {
+    pub(crate) fn new(now: ServerNanos, member: Member, subject: String, session: u64) -> Self {
+        Self {
+            member,
+            subject,
+            attached: Some(Attached { session, reported: ClientReport::default() }),
+            grace_until: None,
+            last_note_error: None,
+            abuse: TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now.0),
+        }
+    }
+
+    /// Whether session `session` holds this seat now.
+    pub(crate) fn held_by(&self, session: u64) -> bool {
+        self.attached.is_some_and(|a| a.session == session)
+    }
+
+    pub(crate) fn is_student(&self) -> bool {
+        self.member.role == downbeat_protocol::Role::Student
+    }
+}
+
+/// Sync quality coarse enough that a change is worth telling everyone.
+pub(crate) fn coarse(q: SyncQuality) -> (bool, u32, u32) {
+    (q.synced, q.rtt_micros / 1000, q.uncertainty_micros / 250)
+}

@@ -1,0 +1,628 @@
+//! The room on virtual time: seats, presence, controls, notes, abuse, expiry, SEL decisions,
+//! and its state moved through serde.
+
+use std::collections::BTreeMap;
+
+use downbeat_protocol::{Change, MicroBpm, PartName, PromptText, ReflectionText, ServerDatagram};
+
+use super::*;
+
+const MS: u64 = 1_000_000;
+const SEC: u64 = 1_000 * MS;
+const GRACE_MS: u64 = 15_000;
+
+fn at(ms: u64) -> ServerNanos {
+    ServerNanos(ms * MS)
+}
+
+fn config() -> Config {
+    Config { seat_grace_nanos: GRACE_MS * MS, idle_expiry_nanos: 600 * SEC, max_members: 4, ..Config::default() }
+}
+
+fn room_with(config: Config) -> Room {
+    let timeline = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).expect("timeline");
+    Room::new(
+        config,
+        ServerNanos(0),
+        BoundedString::truncating("K7QFM3XP"),
+        BoundedString::truncating("Band"),
+        timeline,
+    )
+}
+
+fn room() -> Room {
+    room_with(config())
+}
+
+fn join(subject: &str, role: Role, session: u64) -> Join {
+    Join { session, subject: subject.to_owned(), name: BoundedString::truncating(subject), role, token_expires_at: 99 }
+}
+
+fn drain(r: &mut Room) -> Vec<Output> {
+    std::iter::from_fn(|| r.poll_output()).collect()
+}
+
+/// Joins and drains; the member id.
+fn seat(r: &mut Room, now: ServerNanos, subject: &str, role: Role, session: u64) -> u64 {
+    let joined = r.handle_join(now, join(subject, role, session)).expect("joined");
+    drain(r);
+    joined.welcome.member_id
+}
+
+/// The control messages session `session` was given, in order.
+fn heard(outputs: &[Output], session: u64) -> Vec<ServerMessage> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Message { to, message } if to.iter().any(|r| r.session == session) => Some(message.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ends(outputs: &[Output]) -> Vec<(Recipient, EndReason)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::End { to, reason } => Some((*to, *reason)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn note_frames(outputs: &[Output]) -> Vec<(Vec<Recipient>, NoteFrame)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Notes { to, frame } => Some((to.clone(), frame.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn note(seq: u32, played_at: ServerNanos) -> Note {
+    Note { seq, midi: 60, velocity: 100, instrument: 0, played_at }
+}
+
+fn error_codes(messages: &[ServerMessage]) -> Vec<ErrorCode> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            ServerMessage::Error(e) => Some(e.code),
+            _ => None,
+        })
+        .collect()
+}
+
+fn member(r: &Room, id: u64) -> Option<(Member, bool)> {
+    r.members().find(|(m, _)| m.id == id).map(|(m, attached)| (m.clone(), attached))
+}
+
+#[test]
+fn a_lost_connection_resumes_its_seat_without_anyone_seeing_it_leave_or_join() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(10), "s", Role::Student, 2);
+    r.handle_depart(at(1_000), student, 2, Departure::Lost);
+    assert_eq!(member(&r, student).map(|(_, attached)| attached), Some(false), "held, not attached");
+    r.handle_timeout(at(1_000 + GRACE_MS - 1));
+    let joined = r.handle_join(at(1_000 + GRACE_MS - 1), join("s", Role::Student, 3)).expect("resumed");
+    assert_eq!((joined.welcome.member_id, joined.seated), (student, Seated::Resumed));
+    let ids: Vec<u64> = joined.welcome.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, vec![teacher, student]);
+    let outputs = drain(&mut r);
+    assert!(ends(&outputs).is_empty());
+    let teacher_heard = heard(&outputs, 1);
+    assert!(
+        !teacher_heard.iter().any(|m| matches!(m, ServerMessage::MemberLeft { .. } | ServerMessage::MemberJoined(_))),
+        "{teacher_heard:?}"
+    );
+    // The grace period no longer runs: nothing expires later.
+    let tick = r.handle_timeout(at(1_000 + GRACE_MS + 10_000));
+    assert_eq!(tick.seats_expired, 0);
+    assert_eq!(member(&r, student).map(|(_, attached)| attached), Some(true));
+}
+
+#[test]
+fn a_grace_period_that_ends_frees_the_seat_and_everyone_hears_it() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    r.handle_depart(at(1_000), student, 2, Departure::Lost);
+    drain(&mut r);
+    let due = at(1_000 + GRACE_MS);
+    assert!(r.poll_timeout().is_some_and(|t| t <= due));
+    assert_eq!(r.handle_timeout(ServerNanos(due.0 - 1)).seats_expired, 0);
+    drain(&mut r);
+    assert_eq!(r.handle_timeout(due).seats_expired, 1);
+    let outputs = drain(&mut r);
+    assert!(heard(&outputs, 1).contains(&ServerMessage::MemberLeft { member_id: student, reason: LeaveReason::Left }));
+    assert!(member(&r, student).is_none());
+    // Coming back now is a new seat with a new id, and the teacher hears the join.
+    let joined = r.handle_join(at(20_000), join("s", Role::Student, 3)).expect("joined");
+    assert_eq!(joined.seated, Seated::New);
+    assert_ne!(joined.welcome.member_id, student);
+    assert!(heard(&drain(&mut r), 1).iter().any(|m| matches!(m, ServerMessage::MemberJoined(_))));
+}
+
+#[test]
+fn a_second_session_takes_the_seat_over_and_the_first_is_replaced() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let joined = r.handle_join(at(500), join("s", Role::Student, 3)).expect("took over");
+    assert_eq!((joined.welcome.member_id, joined.seated), (student, Seated::Replaced));
+    let outputs = drain(&mut r);
+    let replaced = Recipient { member: student, session: 2 };
+    assert_eq!(ends(&outputs), vec![(replaced, EndReason::Replaced)]);
+    assert_eq!(EndReason::Replaced.code(), ErrorCode::SessionReplaced);
+    assert!(!heard(&outputs, 1).iter().any(|m| matches!(m, ServerMessage::MemberLeft { .. })));
+    // The replaced session's late messages and its departure change nothing.
+    let late = [note(1, at(600))];
+    assert_eq!(r.handle_notes(at(600), student, 2, &late), None);
+    assert_eq!(r.handle_report(at(600), student, 2, ClientReport::default()), None);
+    r.handle_depart(at(700), student, 2, Departure::Left);
+    assert!(drain(&mut r).is_empty());
+    assert_eq!(member(&r, student).map(|(_, attached)| attached), Some(true));
+    // The new one's notes are heard, numbered from 1 again.
+    let handled = r.handle_notes(at(800), student, 3, &[note(1, at(800))]).expect("holds the seat");
+    assert_eq!(handled.accepted, 1);
+    let frames = note_frames(&drain(&mut r));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0, vec![Recipient { member: 1, session: 1 }]);
+}
+
+/// Presence as one session rebuilds it: the welcome's snapshot, then the events it heard.
+fn presence(welcome: &Welcome, heard: &[ServerMessage]) -> BTreeMap<u64, Member> {
+    let mut members: BTreeMap<u64, Member> = welcome.members.iter().map(|m| (m.id, m.clone())).collect();
+    for message in heard {
+        match message {
+            ServerMessage::MemberJoined(m) | ServerMessage::MemberUpdated(m) => {
+                members.insert(m.id, m.clone());
+            }
+            ServerMessage::MemberLeft { member_id, .. } => {
+                members.remove(member_id);
+            }
+            _ => {}
+        }
+    }
+    members
+}
+
+#[test]
+fn presence_from_the_welcome_and_the_events_agrees_everywhere() {
+    let mut r = room();
+    let mut outputs = Vec::new();
+    let mut welcomes = BTreeMap::new();
+    let mut join_at = |r: &mut Room, outputs: &mut Vec<Output>, ms: u64, subject: &str, role: Role, session: u64| {
+        let joined = r.handle_join(at(ms), join(subject, role, session)).expect("joined");
+        welcomes.insert(session, joined.welcome.clone());
+        outputs.extend(drain(r));
+        joined.welcome.member_id
+    };
+    join_at(&mut r, &mut outputs, 0, "t", Role::Teacher, 1);
+    let a = join_at(&mut r, &mut outputs, 10, "a", Role::Student, 2);
+    r.handle_control(at(20), ControlOp::Mute { member: a, muted: true }, None).expect("muted");
+    outputs.extend(drain(&mut r));
+    let b = join_at(&mut r, &mut outputs, 30, "b", Role::Student, 3);
+    let sync = SyncQuality { synced: true, rtt_micros: 4_000, uncertainty_micros: 300 };
+    r.handle_report(at(40), b, 3, ClientReport { sync, ..ClientReport::default() });
+    outputs.extend(drain(&mut r));
+    join_at(&mut r, &mut outputs, 50, "c", Role::Student, 4);
+    r.handle_depart(at(60), a, 2, Departure::Left);
+    outputs.extend(drain(&mut r));
+    let assignment = Assignment { part: Some(PartName::truncating("drums")), beats: BoundedVec::default() };
+    r.handle_control(at(70), ControlOp::Assign { member: b, assignment }, None).expect("assigned");
+    outputs.extend(drain(&mut r));
+
+    let truth: BTreeMap<u64, Member> = r.members().map(|(m, _)| (m.id, m.clone())).collect();
+    assert_eq!(truth.len(), 3);
+    assert!(truth[&b].sync.synced && truth[&b].assignment.part.is_some());
+    for session in [1, 3, 4] {
+        assert_eq!(presence(&welcomes[&session], &heard(&outputs, session)), truth, "session {session}");
+    }
+}
+
+#[test]
+fn a_muted_student_is_heard_by_nobody_even_after_resuming_the_seat() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    r.handle_control(at(10), ControlOp::Mute { member: student, muted: true }, Some((1, 7))).expect("muted");
+    let outputs = drain(&mut r);
+    assert!(heard(&outputs, 1).contains(&ServerMessage::ControlAck(ControlAck { request_id: 7, applied: None })));
+    assert_eq!(member(&r, student).map(|(m, _)| m.muted), Some(true));
+
+    let handled = r.handle_notes(at(100), student, 2, &[note(1, at(100)), note(2, at(100))]).expect("seat");
+    assert_eq!((handled.accepted, handled.dropped, handled.refusal), (0, 2, Some(NoteRefusal::Muted)));
+    let outputs = drain(&mut r);
+    assert!(note_frames(&outputs).is_empty());
+    assert_eq!(error_codes(&heard(&outputs, 2)), vec![ErrorCode::Forbidden]);
+
+    // The connection blips; the seat comes back still muted.
+    r.handle_depart(at(200), student, 2, Departure::Lost);
+    r.handle_join(at(300), join("s", Role::Student, 3)).expect("resumed");
+    drain(&mut r);
+    assert_eq!(member(&r, student).map(|(m, _)| m.muted), Some(true));
+    let handled = r.handle_notes(at(400), student, 3, &[note(1, at(400))]).expect("seat");
+    assert_eq!(handled.refusal, Some(NoteRefusal::Muted));
+    assert!(note_frames(&drain(&mut r)).is_empty());
+
+    r.handle_control(at(500), ControlOp::Mute { member: student, muted: false }, None).expect("unmuted");
+    drain(&mut r);
+    let handled = r.handle_notes(at(600), student, 3, &[note(2, at(600))]).expect("seat");
+    assert_eq!(handled.accepted, 1);
+    assert_eq!(note_frames(&drain(&mut r)).len(), 1);
+}
+
+#[test]
+fn controls_check_their_target_and_refusals_change_nothing() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let before: Vec<(Member, bool)> = r.members().map(|(m, a)| (m.clone(), a)).collect();
+    let part = |name: &str| Some(PartName::truncating(name));
+    let beats = |b: &[u8]| BoundedVec::try_from_vec(b.to_vec()).expect("few beats");
+    let refused = [
+        (
+            ControlOp::Assign { member: student, assignment: Assignment { part: part("  "), beats: beats(&[]) } },
+            ErrorCode::BadRequest,
+        ),
+        (
+            ControlOp::Assign { member: student, assignment: Assignment { part: part("a\nb"), beats: beats(&[]) } },
+            ErrorCode::BadRequest,
+        ),
+        (
+            ControlOp::Assign { member: student, assignment: Assignment { part: None, beats: beats(&[0, 16]) } },
+            ErrorCode::BadRequest,
+        ),
+        (ControlOp::Assign { member: 99, assignment: Assignment::default() }, ErrorCode::MemberNotFound),
+        (ControlOp::Mute { member: teacher, muted: true }, ErrorCode::Forbidden),
+        (ControlOp::Mute { member: 99, muted: true }, ErrorCode::MemberNotFound),
+        (ControlOp::Remove { member: teacher }, ErrorCode::Forbidden),
+        (ControlOp::Prompt { text: PromptText::truncating("why\u{7}") }, ErrorCode::BadRequest),
+        (ControlOp::Timeline(Change::SetTempo(MicroBpm(1))), ErrorCode::TempoOutOfRange),
+    ];
+    for (i, (op, code)) in refused.into_iter().enumerate() {
+        let request_id = i as u32;
+        let result = r.handle_control(at(10), op.clone(), Some((teacher, request_id)));
+        assert_eq!(result.map_err(|e| e.code), Err(code), "{op:?}");
+        let outputs = drain(&mut r);
+        assert_eq!(outputs.len(), 1, "only the answer: {outputs:?}");
+        let ServerMessage::Error(e) = &heard(&outputs, 1)[0] else { panic!("{outputs:?}") };
+        assert_eq!((e.code, e.request_id), (code, Some(request_id)));
+        assert_eq!(r.members().map(|(m, a)| (m.clone(), a)).collect::<Vec<_>>(), before);
+    }
+    // Within the limits: beat 15 for a student, and a teacher may hold a part too.
+    for member in [student, teacher] {
+        let assignment = Assignment { part: part("bass"), beats: beats(&[0, 15]) };
+        assert_eq!(r.handle_control(at(20), ControlOp::Assign { member, assignment }, None), Ok(None));
+    }
+    let outputs = drain(&mut r);
+    let updates = heard(&outputs, 2).into_iter().filter(|m| matches!(m, ServerMessage::MemberUpdated(_))).count();
+    assert_eq!(updates, 2);
+    // Removing a student ends their session and everyone hears why they left.
+    assert_eq!(r.handle_control(at(30), ControlOp::Remove { member: student }, None), Ok(None));
+    let outputs = drain(&mut r);
+    assert!(
+        heard(&outputs, 1).contains(&ServerMessage::MemberLeft { member_id: student, reason: LeaveReason::Removed })
+    );
+    assert_eq!(ends(&outputs), vec![(Recipient { member: student, session: 2 }, EndReason::Removed)]);
+}
+
+#[test]
+fn a_flood_of_refused_notes_ends_the_session_and_errors_are_throttled() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let bad = |seq: u32, now: ServerNanos| Note { midi: 200, ..note(seq, now) };
+    let mut errors = Vec::new();
+    // All at one instant: the abuse bucket does not refill.
+    let now = at(1_000);
+    for seq in 1..=ABUSE_BURST {
+        let handled = r.handle_notes(now, student, 2, &[bad(seq, now)]).expect("seat");
+        assert_eq!((handled.refusal, handled.expelled), (Some(NoteRefusal::OutOfRange), false));
+        errors.extend(error_codes(&heard(&drain(&mut r), 2)));
+    }
+    assert_eq!(errors, vec![ErrorCode::NoteOutOfRange], "one error per second");
+    let handled = r.handle_notes(now, student, 2, &[bad(99, now)]).expect("seat");
+    assert!(handled.expelled);
+    let outputs = drain(&mut r);
+    assert_eq!(ends(&outputs), vec![(Recipient { member: student, session: 2 }, EndReason::NoteAbuse)]);
+    assert_eq!(EndReason::NoteAbuse.code(), ErrorCode::RateLimited);
+    assert!(
+        heard(&outputs, 1).contains(&ServerMessage::MemberLeft { member_id: student, reason: LeaveReason::Closed })
+    );
+    assert!(member(&r, student).is_none());
+    assert_eq!(r.handle_notes(now, student, 2, &[note(1, now)]), None);
+}
+
+#[test]
+fn refused_notes_at_the_tolerated_rate_never_end_the_session() {
+    let mut r = room();
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    for k in 0..(3 * ABUSE_BURST) {
+        let now = at(u64::from(k) * 1_000 / u64::from(ABUSE_PER_SECOND));
+        let handled = r.handle_notes(now, student, 2, &[Note { velocity: 0, ..note(k + 1, now) }]).expect("seat");
+        assert!(!handled.expelled, "refusal {k}");
+    }
+}
+
+#[test]
+fn an_empty_room_expires_and_a_held_seat_keeps_it_open() {
+    let mut r = room();
+    let expiry = config().idle_expiry_nanos;
+    assert_eq!(r.poll_timeout(), Some(ServerNanos(0)), "the room session opens at once");
+    r.handle_timeout(ServerNanos(0));
+    drain(&mut r);
+    assert_eq!(r.poll_timeout(), Some(ServerNanos(expiry)));
+    // Someone comes and goes, their seat held for the grace period: the expiry counts from
+    // when the seat is freed.
+    let student = seat(&mut r, at(1_000), "s", Role::Student, 2);
+    r.handle_depart(at(2_000), student, 2, Departure::Lost);
+    r.handle_timeout(at(2_000 + GRACE_MS));
+    drain(&mut r);
+    let freed = at(2_000 + GRACE_MS);
+    r.handle_timeout(ServerNanos(freed.0 + expiry - 1));
+    assert!(!drain(&mut r).contains(&Output::Closed));
+    assert!(!r.is_closed());
+    r.handle_timeout(ServerNanos(freed.0 + expiry));
+    assert!(drain(&mut r).contains(&Output::Closed));
+    assert!(r.is_closed());
+    assert_eq!(r.poll_timeout(), None);
+    assert!(r.handle_join(ServerNanos(freed.0 + expiry), join("s", Role::Student, 3)).is_err());
+}
+
+#[test]
+fn a_teacher_closing_the_room_is_answered_then_everyone_is_ended() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    assert_eq!(r.handle_control(at(10), ControlOp::Close, Some((teacher, 3))), Ok(None));
+    let outputs = drain(&mut r);
+    let closing = EndReason::RoomClosed(Closing::Teacher);
+    let recipients = [Recipient { member: teacher, session: 1 }, Recipient { member: student, session: 2 }];
+    assert_eq!(ends(&outputs), recipients.iter().map(|&r| (r, closing)).collect::<Vec<_>>());
+    let teacher_heard = heard(&outputs, 1);
+    assert!(matches!(teacher_heard[0], ServerMessage::RoomClosed { .. }));
+    assert_eq!(teacher_heard[1], ServerMessage::ControlAck(ControlAck { request_id: 3, applied: None }));
+    assert_eq!(outputs.last(), Some(&Output::Closed), "last, after the answer");
+    // The last flush: both students' leave (one seated), and the session's end.
+    let flush = r.finish(at(20)).expect("something to write");
+    assert!(flush.closes);
+    assert!(flush.records.iter().any(|rec| rec.kind == RecordKind::Left && rec.subject == "s"));
+}
+
+#[test]
+fn a_slow_member_is_dropped_before_anything_else_goes_out() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let a = seat(&mut r, at(0), "a", Role::Student, 2);
+    let b = seat(&mut r, at(0), "b", Role::Student, 3);
+    r.handle_control(at(10), ControlOp::Prompt { text: PromptText::truncating("How did it go?") }, None).expect("set");
+    r.handle_control(at(10), ControlOp::Mute { member: a, muted: true }, None).expect("muted");
+    let Some(Output::Message { to, .. }) = r.poll_output() else { panic!("the prompt first") };
+    assert_eq!(to.len(), 3);
+    // `b`'s queue was full for the prompt.
+    let slow = Recipient { member: b, session: 3 };
+    assert_eq!(r.handle_slow(at(10), &[slow]), 1);
+    assert_eq!(r.handle_slow(at(10), &[slow]), 0, "already gone");
+    let rest = drain(&mut r);
+    assert_eq!(rest[0], Output::End { to: slow, reason: EndReason::Backlog });
+    let left = ServerMessage::MemberLeft { member_id: b, reason: LeaveReason::Closed };
+    assert_eq!(
+        rest[1],
+        Output::Message {
+            to: vec![Recipient { member: 1, session: 1 }, Recipient { member: a, session: 2 }],
+            message: left
+        }
+    );
+    assert!(matches!(&rest[2], Output::Message { message: ServerMessage::MemberUpdated(_), .. }));
+    assert!(EndReason::Backlog.at_once());
+}
+
+/// The participation flush handed out by the timeout at `now`, if any.
+fn flush_at(r: &mut Room, now: ServerNanos) -> Option<Flush> {
+    r.handle_timeout(now);
+    drain(r).into_iter().find_map(|o| match o {
+        Output::Sel(SelWork::Flush(f)) => Some(f),
+        _ => None,
+    })
+}
+
+#[test]
+fn participation_is_counted_flushed_and_folded_back_when_the_queue_is_full() {
+    let mut r = room();
+    r.handle_timeout(ServerNanos(0));
+    let Some(Output::Sel(SelWork::Flush(first))) = r.poll_output() else { panic!("the opening flush") };
+    assert!(first.opens && first.records.is_empty());
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    r.handle_control(at(0), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    drain(&mut r);
+    // Three notes at 2 s (well into the run).
+    for seq in 1..=3 {
+        r.handle_notes(at(2_000), student, 2, &[note(seq, at(2_000))]).expect("seat");
+    }
+    let flush = flush_at(&mut r, at(2_000)).expect("a flush");
+    let kinds: Vec<RecordKind> = flush.records.iter().map(|rec| rec.kind).collect();
+    assert_eq!(kinds, vec![RecordKind::Joined, RecordKind::Notes]);
+    let seqs: Vec<i64> = flush.records.iter().map(|rec| rec.seq).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    // The start landed on the bar at 2 s: all three on the beat (the timeline decides).
+    assert_eq!(r.timeline().beat_at(at(2_000)).map(|b| r.timeline().time_of(b)), Some(Some(at(2_000))));
+    assert_eq!((flush.records[1].tally.notes, flush.records[1].tally.on_beat), (3, 3));
+    assert!(matches!(flush.feed(), Some(ServerMessage::Participation(n)) if n[0].notes == 3));
+    // The writer's queue was full: everything comes back in the next flush.
+    r.handle_sel_refused(at(2_100), SelWork::Flush(flush.clone()));
+    let again = flush_at(&mut r, at(3_100)).expect("flushed again");
+    assert_eq!(again.records[0], flush.records[0], "the joined record as it was");
+    assert_eq!(again.records[1].tally, flush.records[1].tally);
+    assert_eq!(again.notices, flush.notices);
+}
+
+#[test]
+fn reflections_answer_a_recent_prompt_and_only_students_write_them() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let reflection = |prompt_id: u32, mood: Option<u8>, text: &str| Reflection {
+        request_id: 5,
+        id: [7; 16],
+        prompt_id,
+        mood,
+        text: Some(ReflectionText::truncating(text)),
+    };
+    assert_eq!(r.handle_reflection(at(1), student, 2, &reflection(1, Some(2), "fun")), Some(ErrorCode::NoPrompt));
+    r.handle_control(at(2), ControlOp::Prompt { text: PromptText::truncating("How was it?") }, None).expect("set");
+    drain(&mut r);
+    assert_eq!(r.handle_reflection(at(3), student, 2, &reflection(1, Some(9), "")), Some(ErrorCode::BadRequest));
+    assert_eq!(r.handle_reflection(at(3), student, 2, &reflection(1, None, "  ")), Some(ErrorCode::BadRequest));
+    assert_eq!(r.handle_reflection(at(3), teacher, 1, &reflection(1, Some(2), "hm")), Some(ErrorCode::Forbidden));
+    assert_eq!(r.handle_reflection(at(3), student, 9, &reflection(1, Some(2), "x")), None, "not its seat");
+    assert_eq!(error_codes(&heard(&drain(&mut r), 2)).len(), 2);
+    assert_eq!(r.handle_reflection(at(4), student, 2, &reflection(1, Some(3), "  ")), None);
+    let Some(Output::Sel(SelWork::Reflection(work))) = r.poll_output() else { panic!("reflection work") };
+    assert_eq!(
+        (work.subject.as_str(), work.prompt.as_str(), work.mood, work.text.clone()),
+        ("s", "How was it?", Some(3), None)
+    );
+    // Committed: the author hears it is saved and the teacher sees it.
+    r.handle_reflection_saved(student, work.request_id, work.notice.clone());
+    let outputs = drain(&mut r);
+    assert_eq!(heard(&outputs, 2), vec![ServerMessage::ReflectionSaved { request_id: 5, id: [7; 16] }]);
+    assert_eq!(heard(&outputs, 1), vec![ServerMessage::Reflection(work.notice.clone())]);
+    // Refused by a full queue: the author hears why.
+    r.handle_sel_refused(at(5), SelWork::Reflection(work));
+    assert_eq!(error_codes(&heard(&drain(&mut r), 2)), vec![ErrorCode::StoreUnavailable]);
+}
+
+/// A scripted class: inputs at given instants, every output recorded with its instant.
+fn play(r: &mut Room, script: &[(u64, Input)]) -> Vec<(u64, Output)> {
+    let mut log = Vec::new();
+    for (ms, input) in script {
+        let now = at(*ms);
+        while let Some(due) = r.poll_timeout().filter(|&t| t <= now) {
+            r.handle_timeout(due);
+            log.extend(drain(r).into_iter().map(|o| (due.0, o)));
+        }
+        match input {
+            Input::Join(j) => {
+                let joined = r.handle_join(now, j.clone()).map(|j| (j.welcome, j.seated));
+                log.push((
+                    now.0,
+                    Output::Message { to: vec![], message: ServerMessage::Welcome(joined.expect("joined").0) },
+                ));
+            }
+            Input::Depart(member, session, how) => r.handle_depart(now, *member, *session, *how),
+            Input::Notes(member, session, notes) => {
+                r.handle_notes(now, *member, *session, notes);
+            }
+            Input::Control(op) => {
+                let _ = r.handle_control(now, op.clone(), Some((1, 1)));
+            }
+            Input::Report(member, session, report) => {
+                r.handle_report(now, *member, *session, *report);
+            }
+        }
+        log.extend(drain(r).into_iter().map(|o| (now.0, o)));
+    }
+    log
+}
+
+#[derive(Clone, Debug)]
+enum Input {
+    Join(Join),
+    Depart(u64, u64, Departure),
+    Notes(u64, u64, Vec<Note>),
+    Control(ControlOp),
+    Report(u64, u64, ClientReport),
+}
+
+#[test]
+fn a_room_serialized_mid_song_and_restored_gives_the_same_next_outputs() {
+    let mut r = room();
+    let before = [
+        (0, Input::Join(join("t", Role::Teacher, 1))),
+        (10, Input::Join(join("a", Role::Student, 2))),
+        (20, Input::Join(join("b", Role::Student, 3))),
+        (30, Input::Join(join("c", Role::Student, 4))),
+        (40, Input::Control(ControlOp::Timeline(Change::Start { count_in_bars: 1 }))),
+        (50, Input::Control(ControlOp::Prompt { text: PromptText::truncating("Who kept time?") })),
+        (60, Input::Control(ControlOp::Mute { member: 3, muted: true })),
+        (3_000, Input::Notes(2, 2, vec![note(1, at(2_990)), note(2, at(3_000))])),
+        (3_100, Input::Notes(3, 3, vec![note(1, at(3_100))])),
+        (3_200, Input::Depart(4, 4, Departure::Lost)),
+        (3_300, Input::Notes(2, 2, vec![note(2, at(3_000)), note(3, at(3_290))])),
+    ];
+    let played = play(&mut r, &before);
+    assert!(played.iter().any(|(_, o)| matches!(o, Output::Beats { .. })));
+    assert_eq!(member(&r, 4).map(|(_, attached)| attached), Some(false), "c's seat is held in grace");
+
+    let bytes = postcard::to_allocvec(&r).expect("serializes");
+    let mut restored: Room = postcard::from_bytes(&bytes).expect("deserializes");
+
+    let after = [
+        (3_400, Input::Notes(2, 2, vec![note(4, at(3_390))])),
+        (
+            3_500,
+            Input::Report(
+                2,
+                2,
+                ClientReport {
+                    sync: SyncQuality { synced: true, rtt_micros: 3_000, uncertainty_micros: 400 },
+                    notes_played: 4,
+                    notes_late: 0,
+                },
+            ),
+        ),
+        (4_000, Input::Join(join("c", Role::Student, 5))),
+        (4_100, Input::Control(ControlOp::Timeline(Change::SetTempo(MicroBpm::from_bpm(90))))),
+        (5_000, Input::Depart(3, 3, Departure::Lost)),
+        (6_000, Input::Notes(4, 5, vec![note(1, at(5_990))])),
+        (25_000, Input::Control(ControlOp::Assign { member: 2, assignment: Assignment::default() })),
+    ];
+    let original = play(&mut r, &after);
+    let copy = play(&mut restored, &after);
+    assert!(original.iter().any(|(_, o)| matches!(o, Output::Sel(_))), "a flush in the window");
+    assert!(
+        original
+            .iter()
+            .any(|(_, o)| matches!(o, Output::Message { message: ServerMessage::MemberLeft { member_id: 3, .. }, .. })),
+        "b's grace ended"
+    );
+    assert!(original.len() > 100, "{}", original.len());
+    assert_eq!(original, copy);
+    assert_eq!(postcard::to_allocvec(&r).expect("serializes"), postcard::to_allocvec(&restored).expect("serializes"));
+}
+
+#[test]
+fn a_restored_timeline_is_checked_again() {
+    let timeline = Timeline::new(ServerNanos(5), MicroBpm::from_bpm(120), 4).expect("timeline");
+    let bytes = postcard::to_allocvec(&timeline).expect("serializes");
+    assert_eq!(postcard::from_bytes::<Timeline>(&bytes).expect("deserializes"), timeline);
+    let empty = postcard::to_allocvec(&(7u64, Vec::<crate::timeline::Segment>::new())).expect("serializes");
+    assert!(postcard::from_bytes::<Timeline>(&empty).is_err());
+}
+
+#[test]
+fn a_beat_frame_is_trimmed_to_the_datagram_size_and_keeps_its_timeline() {
+    let mut r = room();
+    seat(&mut r, at(0), "s", Role::Student, 2);
+    r.handle_control(at(0), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    drain(&mut r);
+    r.handle_timeout(at(2_500));
+    let Some(Output::Beats { frame, .. }) = drain(&mut r).into_iter().find(|o| matches!(o, Output::Beats { .. }))
+    else {
+        panic!("a beat frame")
+    };
+    assert!(frame.beats.len() >= 2);
+    let (whole, trimmed) = encode_beats_to_fit(frame.clone(), 1_200).expect("fits");
+    assert!(!trimmed);
+    let (smaller, trimmed) = encode_beats_to_fit(frame.clone(), whole.len() - 1).expect("fits with fewer beats");
+    assert!(trimmed && smaller.len() < whole.len());
+    let Ok(ServerDatagram::Beats(decoded)) = downbeat_protocol::decode_server_datagram(&smaller) else {
+        panic!("decodes")
+    };
+    assert_eq!((decoded.timeline, decoded.beats.len()), (frame.timeline.clone(), frame.beats.len() - 1));
+    assert_eq!(encode_beats_to_fit(frame, 10), None, "not even the timeline fits");
+}
