@@ -45,9 +45,7 @@ pub mod clock;
 mod codes;
 pub mod config;
 mod identity;
-mod room_sel;
-mod room_task;
-mod rooms;
+mod room;
 pub mod sel;
 mod session;
 mod shutdown;
@@ -74,7 +72,7 @@ pub use crate::stats::Stats;
 
 use crate::auth::Tenants;
 use crate::identity::PublishedHashes;
-use crate::rooms::{Rooms, RoomsConfig};
+use crate::room::{Rooms, RoomsConfig};
 use crate::session::SessionContext;
 
 /// How long shutdown waits for HTTP connections and QUIC close handshakes.

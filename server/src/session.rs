@@ -28,10 +28,10 @@ use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
-use crate::room_task::error_frame;
-use crate::rooms::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
+use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
+use downbeat_engine::room::error_frame;
 
 /// Messages a member's control queue holds before the room disconnects them as too slow.
 const CONTROL_QUEUE: usize = 64;

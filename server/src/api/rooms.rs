@@ -19,7 +19,7 @@ use super::extract::{ApiJson, Auth, MemberPath, RoomPath};
 use super::state::AppState;
 use crate::auth::Principal;
 use crate::authz::Operation;
-use crate::rooms::RoomHandle;
+use crate::room::RoomHandle;
 
 /// The room and control routes.
 pub(super) fn routes() -> Router<AppState> {

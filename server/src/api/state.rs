@@ -14,7 +14,7 @@ use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::config::Config;
 use crate::identity::PublishedHashes;
-use crate::rooms::{RoomHandle, Rooms};
+use crate::room::{RoomHandle, Rooms};
 use crate::sel::Sel;
 use crate::stats::Stats;
 

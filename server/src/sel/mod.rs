@@ -6,7 +6,7 @@
 //!   one writer task that commits in groups and retries, health, and the retention purge.
 //!
 //! A room's own SEL bookkeeping (its room session, prompts, per-student tallies) is the
-//! room's: see `crate::room_sel`.
+//! room's: see `crate::room`.
 
 pub mod store;
 mod writer;

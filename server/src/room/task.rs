@@ -9,7 +9,7 @@
 //! id, the engine's outputs name the session they are for, so a replaced session's connection
 //! is never mistaken for its successor's.
 //!
-//! SEL work leaves through [`crate::room_sel`] (rows) and [`Sel::try_submit`] (never waiting);
+//! SEL work leaves through [`super::sel`] (rows) and [`Sel::try_submit`] (never waiting);
 //! what the writer commits comes back as commands ([`Command::Feed`],
 //! [`Command::ReflectionCommitted`]).
 
@@ -21,15 +21,12 @@ use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, Serv
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
+use super::handle::{Command, Joining, Kick, Peer, RoomMeta, RoomView};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
-use crate::room_sel;
-use crate::rooms::{Command, Joining, Kick, Peer, RoomMeta, RoomView, Rooms};
 use crate::sel::{Job, Sel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-
-pub(crate) use downbeat_engine::room::error_frame;
 
 /// How long a closing room waits for room in the SEL queue for its last flush.
 const LAST_FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -51,7 +48,6 @@ struct Conn {
 pub(crate) struct RoomTask {
     meta: Arc<RoomMeta>,
     room: Room,
-    rooms: Arc<Rooms>,
     /// By session id.
     conns: HashMap<u64, Conn>,
     clock: ServerClock,
@@ -65,7 +61,6 @@ pub(crate) struct RoomTask {
 pub(crate) struct RoomParts {
     pub(crate) meta: Arc<RoomMeta>,
     pub(crate) room: Room,
-    pub(crate) rooms: Arc<Rooms>,
     pub(crate) clock: ServerClock,
     pub(crate) stats: Arc<Stats>,
     pub(crate) sel: Sel,
@@ -74,8 +69,8 @@ pub(crate) struct RoomParts {
 
 impl RoomTask {
     pub(crate) fn new(parts: RoomParts) -> Self {
-        let RoomParts { meta, room, rooms, clock, stats, sel, own } = parts;
-        Self { meta, room, rooms, conns: HashMap::new(), clock, stats, sel, own }
+        let RoomParts { meta, room, clock, stats, sel, own } = parts;
+        Self { meta, room, conns: HashMap::new(), clock, stats, sel, own }
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: Shutdown) {
@@ -105,14 +100,13 @@ impl RoomTask {
         // Flushed while the room is still registered, so a student's data deletion that
         // finds no room here finds every row of it already queued before its own write.
         if let Some(flush) = self.room.finish(self.clock.now()) {
-            let job = Job { batch: room_sel::flush_batch(&self.meta, &self.clock, &flush), on_commit: None };
+            let job = Job { batch: super::sel::flush_batch(&self.meta, &self.clock, &flush), on_commit: None };
             if let Err(job) = self.sel.submit_within(job, LAST_FLUSH_PATIENCE).await {
                 let lost = job.batch.participation.len() as u64;
                 self.stats.participation_dropped.add(lost);
                 warn!(rows = lost, "SEL queue full as the room closed; its last participation rows are lost");
             }
         }
-        self.rooms.closed(&self.meta);
         self.stats.rooms_active.dec();
         debug!("room task ended");
     }
@@ -273,7 +267,7 @@ impl RoomTask {
                     }
                 }
                 Output::Sel(work) => {
-                    if self.sel.try_submit(room_sel::job(&self.meta, &self.clock, &self.own, &work)).is_ok() {
+                    if self.sel.try_submit(super::sel::job(&self.meta, &self.clock, &self.own, &work)).is_ok() {
                         continue;
                     }
                     if let SelWork::Reflection(_) = work {

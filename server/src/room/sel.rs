@@ -10,10 +10,10 @@ use downbeat_engine::room::{Flush, RecordKind, ReflectionWork, SelWork};
 use downbeat_protocol::ServerNanos;
 use tokio::sync::mpsc;
 
+use super::handle::{Command, RoomMeta};
 use crate::clock::ServerClock;
-use crate::rooms::{Command, RoomMeta};
-use crate::sel::{Job, OnCommit, unix_ms_now};
 use crate::sel::store::{Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, SessionEnd};
+use crate::sel::{Job, OnCommit, unix_ms_now};
 
 /// The writer's job for `work` of the room `meta`; once committed, `room` hears of it (the
 /// teachers' feed, a reflection's acknowledgement).

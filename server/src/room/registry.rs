@@ -1,6 +1,6 @@
 //! The room registry: rooms by tenant and join code, their limits, and handles to their tasks.
 //!
-//! Each room runs in its own task ([`crate::room_task`]); everything else reaches it through a
+//! Each room runs in its own task (`super::task`); everything else reaches it through a
 //! [`RoomHandle`] and a bounded command queue. The registry's lock guards only its maps and is
 //! never held across an await.
 //!
@@ -14,28 +14,24 @@
 //! student cannot lock the staff out; their wrong codes count like anyone's.
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use downbeat_engine::limit::TokenBucket;
 use downbeat_engine::room::{self, Room};
 use downbeat_engine::timeline::Timeline;
-use downbeat_protocol::{
-    self as wire, Applied, BoundedString, BoundedVec, ClientReport, ControlOp, ErrorCode, MAX_NOTES_PER_DATAGRAM,
-    Member, Name, Note, Reflection, ReflectionNotice, RoomSettings, ServerMessage, ServerNanos, Welcome,
-};
+use downbeat_protocol::{BoundedString, ErrorCode, RoomSettings, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span};
 
+use super::handle::{Command, RoomHandle, RoomMeta};
+use super::task::{RoomParts, RoomTask};
 use crate::auth::{Principal, Role, Tenant};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
-use crate::room_task::{RoomParts, RoomTask};
-use crate::sel::store::RoomSessionRow;
-use crate::sel::{Sel, unix_ms};
+use crate::sel::Sel;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -45,226 +41,6 @@ const COMMAND_QUEUE: usize = 512;
 const CLOSED_MEMORY_NANOS: u64 = 24 * 3600 * 1_000_000_000;
 /// Most closed codes remembered per tenant.
 const CLOSED_MEMORY_PER_TENANT: usize = 10_000;
-
-/// What the room task needs from a member's connection. Implemented by
-/// [`wtransport::Connection`]; tests use a fake.
-pub(crate) trait Peer: Send + Sync + fmt::Debug + 'static {
-    /// Largest datagram the path takes now; `None` if the peer does not take datagrams.
-    fn max_datagram_size(&self) -> Option<usize>;
-    /// Queues a datagram without waiting; false if it was refused.
-    fn send_datagram(&self, bytes: &[u8]) -> bool;
-    /// Closes the session with `code` at once.
-    fn close(&self, code: ErrorCode, reason: &str);
-}
-
-impl Peer for wtransport::Connection {
-    fn max_datagram_size(&self) -> Option<usize> {
-        Self::max_datagram_size(self)
-    }
-
-    fn send_datagram(&self, bytes: &[u8]) -> bool {
-        Self::send_datagram(self, bytes).is_ok()
-    }
-
-    fn close(&self, code: ErrorCode, reason: &str) {
-        Self::close(self, wtransport::VarInt::from_u32(u32::from(code.as_u16())), reason.as_bytes());
-    }
-}
-
-/// The room tells a session to end: it says why on the control stream, then closes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Kick {
-    pub(crate) code: ErrorCode,
-    pub(crate) message: &'static str,
-}
-
-/// A session joining a room: who (from the verified token) and how to reach them.
-#[derive(Debug)]
-pub(crate) struct Joining {
-    /// Server-wide session id; tells a session's late leave from its successor's seat.
-    pub(crate) session_id: u64,
-    pub(crate) subject: String,
-    pub(crate) name: Name,
-    pub(crate) role: wire::Role,
-    pub(crate) token_expires_at: u64,
-    pub(crate) peer: Arc<dyn Peer>,
-    pub(crate) control_tx: mpsc::Sender<ServerMessage>,
-    pub(crate) kick: oneshot::Sender<Kick>,
-}
-
-/// How a session left its seat (decided by the room engine).
-pub(crate) use downbeat_engine::room::Departure;
-
-/// A room with its presence, as the HTTP API shows it.
-#[derive(Clone, Debug)]
-pub(crate) struct RoomView {
-    pub(crate) timeline: wire::Timeline,
-    pub(crate) members: Vec<(Member, bool)>,
-    pub(crate) playout_delay_nanos: u64,
-}
-
-#[derive(Debug)]
-pub(crate) enum Command {
-    Join {
-        joining: Joining,
-        reply: oneshot::Sender<Result<Welcome, Refusal>>,
-    },
-    Depart {
-        member_id: u64,
-        session_id: u64,
-        how: Departure,
-    },
-    /// From HTTP (`reply`) or from a member's control stream (`requester`: member and request
-    /// id; the room queues the ack or error to that member itself, in order with broadcasts).
-    Control {
-        op: ControlOp,
-        requester: Option<(u64, u32)>,
-        reply: Option<oneshot::Sender<Result<Option<Applied>, Refusal>>>,
-    },
-    Notes {
-        member_id: u64,
-        session_id: u64,
-        notes: BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>,
-    },
-    Report {
-        member_id: u64,
-        session_id: u64,
-        report: ClientReport,
-    },
-    View {
-        reply: oneshot::Sender<RoomView>,
-    },
-    /// A student's reflection (checked and queued by the room).
-    Reflect {
-        member_id: u64,
-        session_id: u64,
-        reflection: Reflection,
-    },
-    /// From the SEL writer: a reflection is committed (acknowledge it, tell the teachers).
-    ReflectionCommitted {
-        member_id: u64,
-        request_id: u32,
-        notice: ReflectionNotice,
-    },
-    /// From the SEL writer: a feed update for the teachers, now committed.
-    Feed(ServerMessage),
-    /// Drop everything held in memory about a student whose data is being deleted; answers
-    /// once done.
-    Forget {
-        subject: String,
-        reply: oneshot::Sender<()>,
-    },
-}
-
-/// What never changes about a room.
-#[derive(Debug)]
-pub(crate) struct RoomMeta {
-    pub(crate) code: JoinCode,
-    pub(crate) tenant: Arc<str>,
-    /// The subject of the teacher who created it.
-    pub(crate) owner: String,
-    pub(crate) name: Name,
-    pub(crate) created_at: SystemTime,
-    /// The room session's id in the SEL store (random, 128 bits, hex).
-    pub(crate) sel_id: String,
-}
-
-impl RoomMeta {
-    /// The room session's row in the SEL store, as the room starts it.
-    pub(crate) fn session_row(&self) -> RoomSessionRow {
-        RoomSessionRow {
-            tenant_id: self.tenant.to_string(),
-            id: self.sel_id.clone(),
-            room_code: self.code.as_str().to_owned(),
-            room_name: self.name.to_string(),
-            teacher_id: self.owner.clone(),
-            started_at_ms: unix_ms(self.created_at),
-            ended_at_ms: None,
-        }
-    }
-}
-
-/// A cheap, cloneable way to reach one room's task.
-#[derive(Clone, Debug)]
-pub(crate) struct RoomHandle {
-    meta: Arc<RoomMeta>,
-    tx: mpsc::Sender<Command>,
-}
-
-fn gone() -> Refusal {
-    Refusal::new(ErrorCode::RoomClosed, "the room was closed")
-}
-
-fn busy() -> Refusal {
-    Refusal::new(ErrorCode::ServerBusy, "the room is busy; try again")
-}
-
-impl RoomHandle {
-    pub(crate) fn meta(&self) -> &RoomMeta {
-        &self.meta
-    }
-
-    /// Seats a member; the welcome to send first on success.
-    pub(crate) async fn join(&self, joining: Joining) -> Result<Welcome, Refusal> {
-        let (reply, rx) = oneshot::channel();
-        self.tx.send(Command::Join { joining, reply }).await.map_err(|_| gone())?;
-        rx.await.unwrap_or_else(|_| Err(gone()))
-    }
-
-    /// The session `session_id` left the seat of `member_id` (no-op if it no longer holds it).
-    pub(crate) async fn depart(&self, member_id: u64, session_id: u64, how: Departure) {
-        let _ = self.tx.send(Command::Depart { member_id, session_id, how }).await;
-    }
-
-    /// Applies a teacher control (already authorized) asked over HTTP; refuses with
-    /// `server_busy` rather than waiting when the room's queue is full.
-    pub(crate) async fn control(&self, op: ControlOp) -> Result<Option<Applied>, Refusal> {
-        let (reply, rx) = oneshot::channel();
-        self.try_send(Command::Control { op, requester: None, reply: Some(reply) })?;
-        rx.await.unwrap_or_else(|_| Err(gone()))
-    }
-
-    /// Applies a teacher control (already authorized) from a member's control stream; the room
-    /// answers on that stream. False if the room is gone.
-    pub(crate) async fn control_from(&self, member_id: u64, request_id: u32, op: ControlOp) -> bool {
-        self.tx.send(Command::Control { op, requester: Some((member_id, request_id)), reply: None }).await.is_ok()
-    }
-
-    /// Hands notes to the room without waiting; false if the room's queue is full (dropped).
-    pub(crate) fn notes(
-        &self,
-        member_id: u64,
-        session_id: u64,
-        notes: BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>,
-    ) -> bool {
-        self.tx.try_send(Command::Notes { member_id, session_id, notes }).is_ok()
-    }
-
-    /// Hands a reflection to the room (it answers on the member's control stream). False if
-    /// the room is gone.
-    pub(crate) async fn reflect(&self, member_id: u64, session_id: u64, reflection: Reflection) -> bool {
-        self.tx.send(Command::Reflect { member_id, session_id, reflection }).await.is_ok()
-    }
-
-    /// Hands a client report to the room without waiting; dropped if the queue is full.
-    pub(crate) fn report(&self, member_id: u64, session_id: u64, report: ClientReport) {
-        let _ = self.tx.try_send(Command::Report { member_id, session_id, report });
-    }
-
-    /// The timeline and presence.
-    pub(crate) async fn view(&self) -> Result<RoomView, Refusal> {
-        let (reply, rx) = oneshot::channel();
-        self.try_send(Command::View { reply })?;
-        rx.await.map_err(|_| gone())
-    }
-
-    fn try_send(&self, command: Command) -> Result<(), Refusal> {
-        self.tx.try_send(command).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => busy(),
-            mpsc::error::TrySendError::Closed(_) => gone(),
-        })
-    }
-}
 
 /// Settings the registry passes to every room.
 #[derive(Clone, Debug)]
@@ -405,13 +181,20 @@ impl Rooms {
         let task = RoomTask::new(RoomParts {
             meta: meta.clone(),
             room,
-            rooms: self.clone(),
             clock: self.clock,
             stats: self.stats.clone(),
             sel: self.sel.clone(),
             own: handle.tx.downgrade(),
         });
-        tokio::spawn(task.run(rx, self.shutdown.clone()).instrument(span));
+        let (rooms, meta) = (self.clone(), meta.clone());
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(
+            async move {
+                task.run(rx, shutdown).await;
+                rooms.closed(&meta);
+            }
+            .instrument(span),
+        );
         info!(
             code = %handle.meta.code,
             tenant = %handle.meta.tenant,
@@ -478,7 +261,7 @@ impl Rooms {
         rooms
     }
 
-    /// Called by a room's task as it ends: the code stops being live and answers
+    /// Called as a room's task ends: the code stops being live and answers
     /// `room_closed` for a day.
     pub(crate) fn closed(&self, meta: &RoomMeta) {
         let now = self.clock.now();
