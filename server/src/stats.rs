@@ -3,7 +3,8 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use downbeat_protocol::ErrorCode;
+use downbeat_engine::room::{NotesHandled, ReportHandled, Seated};
+use downbeat_protocol::{ClientReport, ErrorCode};
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -243,6 +244,39 @@ stats! {
     participation_dropped: Counter => "participation_dropped_total";
     /// SEL rows deleted by the retention purge.
     sel_rows_purged: Counter => "sel_rows_purged_total";
+}
+
+/// Counting what a room's engine says it did (the room task's side of the counters above).
+impl Stats {
+    /// A datagram of notes the room handled.
+    pub(crate) fn count_notes(&self, handled: &NotesHandled) {
+        self.notes_accepted.add(u64::from(handled.accepted));
+        self.notes_duplicate.add(u64::from(handled.duplicates));
+        if let Some(refusal) = handled.refusal {
+            self.notes_dropped.inc(refusal.code());
+            self.notes_dropped_total.add(u64::from(handled.dropped.max(1)));
+        }
+        if handled.expelled {
+            self.sessions_closed_for_abuse.inc();
+        }
+    }
+
+    /// A client's report the room took.
+    pub(crate) fn count_report(&self, report: &ClientReport, handled: &ReportHandled) {
+        self.sync_rtt.observe_micros(report.sync.rtt_micros);
+        self.sync_uncertainty.observe_micros(report.sync.uncertainty_micros);
+        self.notes_played_reported.add(u64::from(handled.notes_played));
+        self.notes_late_reported.add(u64::from(handled.notes_late));
+    }
+
+    /// How a joining session was seated.
+    pub(crate) fn count_seated(&self, seated: Seated) {
+        match seated {
+            Seated::New => {}
+            Seated::Resumed => self.seats_resumed.inc(),
+            Seated::Replaced => self.sessions_replaced.inc(),
+        }
+    }
 }
 
 /// One metric as `/metrics` declares it (see [`Stats::METRICS`]).

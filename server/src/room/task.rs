@@ -16,7 +16,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, Seated, SelWork, encode_beats_to_fit};
+use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
 use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, ServerMessage, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -149,15 +149,9 @@ impl RoomTask {
             }
             Command::Notes { member_id, session_id, notes } => {
                 let Some(handled) = self.room.handle_notes(now, member_id, session_id, &notes) else { return };
-                self.stats.notes_accepted.add(u64::from(handled.accepted));
-                self.stats.notes_duplicate.add(u64::from(handled.duplicates));
-                if let Some(refusal) = handled.refusal {
-                    self.stats.notes_dropped.inc(refusal.code());
-                    self.stats.notes_dropped_total.add(u64::from(handled.dropped.max(1)));
-                }
+                self.stats.count_notes(&handled);
                 if handled.expelled {
                     warn!(member = member_id, "note abuse; closing the session");
-                    self.stats.sessions_closed_for_abuse.inc();
                 }
             }
             Command::Reflect { member_id, session_id, reflection } => {
@@ -174,11 +168,9 @@ impl RoomTask {
                 let _ = reply.send(());
             }
             Command::Report { member_id, session_id, report } => {
-                let Some(handled) = self.room.handle_report(now, member_id, session_id, report) else { return };
-                self.stats.sync_rtt.observe_micros(report.sync.rtt_micros);
-                self.stats.sync_uncertainty.observe_micros(report.sync.uncertainty_micros);
-                self.stats.notes_played_reported.add(u64::from(handled.notes_played));
-                self.stats.notes_late_reported.add(u64::from(handled.notes_late));
+                if let Some(handled) = self.room.handle_report(now, member_id, session_id, report) {
+                    self.stats.count_report(&report, &handled);
+                }
             }
             Command::View { reply } => {
                 let _ = reply.send(RoomView {
@@ -204,11 +196,7 @@ impl RoomTask {
             }
         };
         let member_id = joined.welcome.member_id;
-        match joined.seated {
-            Seated::New => {}
-            Seated::Resumed => self.stats.seats_resumed.inc(),
-            Seated::Replaced => self.stats.sessions_replaced.inc(),
-        }
+        self.stats.count_seated(joined.seated);
         info!(member = member_id, seated = ?joined.seated, "member seated");
         // Queued behind the welcome, which the session writes first.
         self.drain(now);
