@@ -104,6 +104,11 @@ pub struct Args {
     #[serde(rename = "token_audience")]
     pub audience: Option<String>,
 
+    /// Longest lifetime a token may have, in seconds: a token whose `exp` is further than this
+    /// from its `iat` or from now is refused [default: 86400].
+    #[arg(long, env = "DOWNBEAT_MAX_TOKEN_LIFETIME_SECS", value_name = "SECS")]
+    pub max_token_lifetime_secs: Option<u64>,
+
     /// The schools (tenants) whose tokens are accepted: file only, as `[[tenants]]` tables.
     /// None: an embedded demo tenant whose secret lives in the data directory.
     #[arg(skip)]
@@ -197,6 +202,8 @@ pub struct Config {
     pub keep_alive_ms: u64,
     /// The `aud` claim every token must carry.
     pub audience: String,
+    /// Longest lifetime a token may have (`exp - iat` and `exp - now`), in seconds.
+    pub max_token_lifetime_secs: u64,
     /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
     /// [`crate::auth::Tenants::new`]).
     pub tenants: Vec<TenantConfig>,
@@ -249,6 +256,7 @@ impl Default for Config {
             idle_timeout_ms: 30_000,
             keep_alive_ms: 3000,
             audience: DEFAULT_AUDIENCE.to_owned(),
+            max_token_lifetime_secs: 86_400,
             tenants: Vec::new(),
             room_idle_expiry_secs: 1800,
             seat_grace_ms: 15_000,
@@ -697,6 +705,12 @@ impl Config {
                 "token_audience is empty: set the `aud` claim your tokens carry (default {DEFAULT_AUDIENCE})"
             ));
         }
+        if !(60..=2_592_000).contains(&self.max_token_lifetime_secs) {
+            return invalid(format!(
+                "max_token_lifetime_secs is {}: use 60 to 2592000 (30 days; default 86400)",
+                self.max_token_lifetime_secs
+            ));
+        }
         if !(1..=604_800).contains(&self.room_idle_expiry_secs) {
             return invalid(format!(
                 "room_idle_expiry_secs is {}: use 1 to 604800 (a week; default 1800)",
@@ -771,6 +785,11 @@ impl Config {
         Duration::from_millis(self.keep_alive_ms)
     }
 
+    /// [`Self::max_token_lifetime_secs`] as a duration.
+    pub fn max_token_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_token_lifetime_secs)
+    }
+
     /// [`Self::room_idle_expiry_secs`] as a duration.
     pub fn room_idle_expiry(&self) -> Duration {
         Duration::from_secs(self.room_idle_expiry_secs)
@@ -841,6 +860,10 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         idle_timeout_ms: args.idle_timeout_ms.or(file.idle_timeout_ms).unwrap_or(d.idle_timeout_ms),
         keep_alive_ms: args.keep_alive_ms.or(file.keep_alive_ms).unwrap_or(d.keep_alive_ms),
         audience: args.audience.or(file.audience).unwrap_or(d.audience),
+        max_token_lifetime_secs: args
+            .max_token_lifetime_secs
+            .or(file.max_token_lifetime_secs)
+            .unwrap_or(d.max_token_lifetime_secs),
         tenants: args.tenants.or(file.tenants).unwrap_or(d.tenants),
         room_idle_expiry_secs: args
             .room_idle_expiry_secs
@@ -992,6 +1015,8 @@ mod tests {
             (&["--keep-alive-ms", "30000"], "less than idle_timeout_ms"),
             (&["--hostname", ""], "not a valid DNS name"),
             (&["--token-audience", ""], "token_audience is empty"),
+            (&["--max-token-lifetime-secs", "59"], "max_token_lifetime_secs is 59: use 60 to 2592000"),
+            (&["--max-token-lifetime-secs", "2592001"], "max_token_lifetime_secs is 2592001"),
             (&["--room-idle-expiry-secs", "0"], "room_idle_expiry_secs is 0: use 1 to 604800"),
             (&["--room-idle-expiry-secs", "604801"], "room_idle_expiry_secs is 604801"),
             (&["--seat-grace-ms", "600001"], "seat_grace_ms is 600001: use 0 to 600000"),

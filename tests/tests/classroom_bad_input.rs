@@ -283,6 +283,28 @@ async fn an_expired_token_is_token_expired() -> Result<()> {
     token_is_refused_everywhere(&class, &expired, ErrorCode::TokenExpired).await
 }
 
+/// Tokens past the server's maximum lifetime (a day by default), however far, and tokens issued
+/// in the future. The one expiring at `u64::MAX` used to be accepted and then panic its session
+/// task, whose seat was never freed.
+#[tokio::test]
+async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized() -> Result<()> {
+    let now = unix_now();
+    let cases = [
+        Claims { exp: now + 25 * 3600, ..demo_claims(Role::Teacher, "t-long") },
+        Claims { iat: Some(now - 3600), exp: now + 24 * 3600 - 60, ..demo_claims(Role::Teacher, "t-old") },
+        Claims { exp: u64::MAX, ..demo_claims(Role::Student, "s-forever") },
+        Claims { iat: Some(now + 600), ..demo_claims(Role::Student, "s-future") },
+    ];
+    for claims in cases {
+        let class = demo_class().await?;
+        let token = class.server.tenants.mint_claims("demo", &claims)?;
+        token_is_refused_everywhere(&class, &token, ErrorCode::Unauthorized)
+            .await
+            .with_context(|| format!("exp {} iat {:?}", claims.exp, claims.iat))?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_token_for_another_audience_is_unauthorized() -> Result<()> {
     let class = demo_class().await?;

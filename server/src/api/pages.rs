@@ -32,7 +32,7 @@ use super::state::AppState;
 use crate::auth::{DEMO_TENANT_ID, Role};
 use crate::config::Config;
 
-/// How long a demo token lasts.
+/// How long a demo token lasts (or the maximum token lifetime, if shorter).
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most path segments in a served file's URL.
 const MAX_SEGMENTS: usize = 4;
@@ -314,7 +314,8 @@ async fn demo_token(State(state): State<AppState>, request: Request) -> Result<R
         )));
     }
     let sub = format!("demo-{prefix}-{:08x}", rand::random::<u32>());
-    let minted = state.tenants.mint(DEMO_TENANT_ID, role, &sub, name, DEMO_TOKEN_TTL).and_then(|token| {
+    let ttl = DEMO_TOKEN_TTL.min(state.tenants.max_lifetime());
+    let minted = state.tenants.mint(DEMO_TENANT_ID, role, &sub, name, ttl).and_then(|token| {
         let principal = state.tenants.verify(&token)?;
         Ok((token, principal.expires_at_unix))
     });
