@@ -448,9 +448,10 @@ pub struct TenantLimits {
     pub max_members_per_room: u32,
     /// Failed join attempts per second, sustained, for the whole tenant: hellos and code
     /// lookups naming no live room of the tenant (a wrong, closed or another school's code).
-    /// This is what bounds guessing join codes; while it is exhausted every join attempt of
-    /// the tenant is refused with `rate_limited`. Successful joins are bounded by
-    /// `max_sessions` and room capacity instead.
+    /// This bounds guessing join codes school-wide; while it is exhausted students' join
+    /// attempts are refused with `rate_limited` (each person and each network address also
+    /// has a smaller bucket of its own, so one guesser alone never exhausts this one).
+    /// Successful joins are bounded by `max_sessions` and room capacity instead.
     pub joins_per_second: u32,
     /// Failed join attempts allowed in a burst.
     pub join_burst: u32,

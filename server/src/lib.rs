@@ -45,6 +45,7 @@ pub mod clock;
 mod codes;
 pub mod config;
 mod identity;
+mod limits;
 mod room_sel;
 mod room_task;
 mod rooms;

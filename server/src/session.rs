@@ -7,6 +7,7 @@
 //! datagram is dropped and counted while the session carries on.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -190,7 +191,7 @@ async fn handle_incoming(
     let span =
         info_span!("session", id = session_id, tenant = field::Empty, room = field::Empty, member = field::Empty);
     debug!(parent: &span, %remote, "session accepted");
-    Session { conn, session_id, ctx, shutdown }.run(deadline).instrument(span).await;
+    Session { conn, session_id, peer: remote.ip(), ctx, shutdown }.run(deadline).instrument(span).await;
     drop(session_permit);
 }
 
@@ -280,6 +281,8 @@ struct Joined {
 struct Session {
     conn: Connection,
     session_id: u64,
+    /// The client's address, for the failed-join limit.
+    peer: IpAddr,
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 }
@@ -354,7 +357,7 @@ impl Session {
             RoomRequest::Join(code) => self
                 .ctx
                 .rooms
-                .lookup(tenant, &principal, code)
+                .lookup(tenant, &principal, Some(self.peer), code)
                 .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
             RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
                 .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),

@@ -1,7 +1,11 @@
 //! Extractors whose rejections are [`ApiError`]s: the verified principal, JSON bodies and
 //! path parameters.
 
+use std::convert::Infallible;
+use std::net::IpAddr;
+
 use axum::Json;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
@@ -10,6 +14,7 @@ use downbeat_protocol::ErrorCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::listen::ClientAddr;
 use super::state::AppState;
 use crate::auth::Principal;
 
@@ -44,6 +49,19 @@ impl FromRequestParts<AppState> for Auth {
             return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
         }
         Ok(Self(principal))
+    }
+}
+
+/// The client's address, when the listener knows it (a router called directly, as in unit
+/// tests, has none).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerAddr(pub(crate) Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self(parts.extensions.get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip())))
     }
 }
 

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -25,8 +24,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 
 use super::error::{ApiError, not_found};
-use super::extract::ApiJson;
-use super::listen::ClientAddr;
+use super::extract::{ApiJson, PeerAddr};
 use super::respond::allow_any_origin;
 use super::state::AppState;
 use crate::auth::{DEMO_TENANT_ID, Role};
@@ -292,8 +290,11 @@ struct DemoToken {
 
 /// Signs a child or teacher in to the embedded demo tenant by display name: a fresh
 /// pseudonymous subject and a 12-hour token. Rate-limited per client network.
-async fn demo_token(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let peer = request.extensions().get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip());
+async fn demo_token(
+    State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
+    request: Request,
+) -> Result<Response, ApiError> {
     if !state.web.take_demo_token(peer, state.clock.now().0) {
         state.stats.refused.inc(ErrorCode::RateLimited);
         return Err(ApiError::new(

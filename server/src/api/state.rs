@@ -9,11 +9,13 @@ use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::ErrorCode;
 
 use super::error::ApiError;
+use super::extract::PeerAddr;
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::config::Config;
 use crate::identity::PublishedHashes;
+use crate::limits::{Buckets, Refill, network};
 use crate::rooms::{RoomHandle, Rooms};
 use crate::sel::Sel;
 use crate::stats::Stats;
@@ -66,11 +68,17 @@ impl AppState {
         authorize(who, None, op).map_err(|r| self.refused(r))
     }
 
-    /// The room `code` names for `who`, if `who` may do `op` there.
-    pub(crate) fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
+    /// The room `code` names for `who` (asking from `peer`), if `who` may do `op` there.
+    pub(crate) fn room_for(
+        &self,
+        who: &Principal,
+        peer: PeerAddr,
+        code: &str,
+        op: Operation<'_>,
+    ) -> Result<RoomHandle, ApiError> {
         let tenant =
             self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
-        let room = self.rooms.lookup(tenant, who, code).map_err(|r| self.refused(r))?;
+        let room = self.rooms.lookup(tenant, who, peer.0, code).map_err(|r| self.refused(r))?;
         authorize(who, Some(&room.meta().tenant), op).map_err(|r| self.refused(r))?;
         Ok(room)
     }
@@ -90,7 +98,7 @@ pub(crate) struct Web {
     pub(super) pkg_dir: PathBuf,
     pub(super) public_wt_url: Option<String>,
     pub(super) wt_port: u16,
-    demo_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    demo_buckets: Mutex<Buckets<IpAddr>>,
 }
 
 impl Web {
@@ -100,7 +108,11 @@ impl Web {
             pkg_dir: config.pkg_dir.clone(),
             public_wt_url: config.public_wt_url.clone(),
             wt_port,
-            demo_buckets: Mutex::new(HashMap::new()),
+            demo_buckets: Mutex::new(Buckets::new(
+                DEMO_TOKEN_BURST,
+                Refill { tokens: DEMO_TOKENS_PER_SECOND, secs: 1 },
+                MAX_TRACKED_NETWORKS,
+            )),
         }
     }
 
@@ -108,44 +120,13 @@ impl Web {
     /// /64). Requests without a known peer share one bucket.
     pub(super) fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
         let key = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
-        let mut buckets = self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= MAX_TRACKED_NETWORKS {
-            // Full buckets are the same as new ones: forgetting them changes nothing.
-            buckets.retain(|_, b| b.available(now) < DEMO_TOKEN_BURST);
-        }
-        buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(DEMO_TOKENS_PER_SECOND, DEMO_TOKEN_BURST, now))
-            .try_take(now)
-    }
-}
-
-/// The network a client address stands for in rate limits: IPv4 addresses (also when mapped
-/// into IPv6) as they are, IPv6 addresses by their /64.
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
+        self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(key, now)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn networks_group_ipv6_by_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(network(a), network(b));
-        assert_ne!(network(a), network(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(network(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
-    }
 
     #[test]
     fn demo_tokens_are_limited_per_network() {
