@@ -162,6 +162,24 @@ pub struct Args {
     /// certificate (loaded at startup) [default: no HTTPS listener].
     #[arg(long, env = "DOWNBEAT_HTTPS_ADDR", value_name = "ADDR")]
     pub https_addr: Option<SocketAddr>,
+
+    /// Most HTTP(S) connections open at once; more are closed as they arrive [default: 4096].
+    #[arg(long, env = "DOWNBEAT_HTTP_MAX_CONNECTIONS", value_name = "N")]
+    pub http_max_connections: Option<usize>,
+
+    /// Most HTTP(S) connections open at once from one client address (a school behind one
+    /// NAT shares one) [default: 256].
+    #[arg(long, env = "DOWNBEAT_HTTP_MAX_CONNECTIONS_PER_ADDRESS", value_name = "N")]
+    pub http_max_connections_per_address: Option<usize>,
+
+    /// Time an HTTP client has to send a request's header (and a TLS client its handshake);
+    /// also how long a kept-alive connection may sit idle, in ms [default: 10000].
+    #[arg(long, env = "DOWNBEAT_HTTP_HEADER_TIMEOUT_MS", value_name = "MS")]
+    pub http_header_timeout_ms: Option<u64>,
+
+    /// Time an HTTP request has to send its body and be answered, in ms [default: 30000].
+    #[arg(long, env = "DOWNBEAT_HTTP_REQUEST_TIMEOUT_MS", value_name = "MS")]
+    pub http_request_timeout_ms: Option<u64>,
 }
 
 /// The resolved server configuration. Build one with [`parse_and_merge`], [`Config::load`], or
@@ -234,6 +252,15 @@ pub struct Config {
     /// certificate): rotation and `tls_reload_check_ms` reloads reach WebTransport only, so
     /// restart the server to serve a replaced certificate over HTTPS.
     pub https_addr: Option<SocketAddr>,
+    /// Most HTTP(S) connections open at once.
+    pub http_max_connections: usize,
+    /// Most HTTP(S) connections open at once from one client address.
+    pub http_max_connections_per_address: usize,
+    /// Deadline for a request's header, a TLS handshake, and an idle kept-alive connection,
+    /// in ms.
+    pub http_header_timeout_ms: u64,
+    /// Deadline for a request's body and answer, in ms.
+    pub http_request_timeout_ms: u64,
 }
 
 impl Default for Config {
@@ -268,6 +295,10 @@ impl Default for Config {
             pkg_dir: PathBuf::from(DEFAULT_PKG_DIR),
             public_wt_url: None,
             https_addr: None,
+            http_max_connections: 4096,
+            http_max_connections_per_address: 256,
+            http_header_timeout_ms: 10_000,
+            http_request_timeout_ms: 30_000,
         }
     }
 }
@@ -751,6 +782,27 @@ impl Config {
         if self.https_addr.is_some_and(|https| https == self.http_addr && https.port() != 0) {
             return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
         }
+        if self.http_max_connections == 0 {
+            return invalid("http_max_connections is 0: use at least 1 (default 4096)");
+        }
+        if !(1..=self.http_max_connections).contains(&self.http_max_connections_per_address) {
+            return invalid(format!(
+                "http_max_connections_per_address is {}: use 1 to http_max_connections ({}; default 256)",
+                self.http_max_connections_per_address, self.http_max_connections
+            ));
+        }
+        if !(100..=600_000).contains(&self.http_header_timeout_ms) {
+            return invalid(format!(
+                "http_header_timeout_ms is {}: use 100 to 600000 (default 10000)",
+                self.http_header_timeout_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.http_request_timeout_ms) {
+            return invalid(format!(
+                "http_request_timeout_ms is {}: use 100 to 3600000 (default 30000)",
+                self.http_request_timeout_ms
+            ));
+        }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -789,6 +841,16 @@ impl Config {
     /// [`Self::max_token_lifetime_secs`] as a duration.
     pub fn max_token_lifetime(&self) -> Duration {
         Duration::from_secs(self.max_token_lifetime_secs)
+    }
+
+    /// [`Self::http_header_timeout_ms`] as a duration.
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+
+    /// [`Self::http_request_timeout_ms`] as a duration.
+    pub fn http_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms)
     }
 
     /// [`Self::room_idle_expiry_secs`] as a duration.
@@ -882,6 +944,19 @@ pub fn parse_and_merge(args: Args, file_text: Option<&str>) -> Result<Config, Co
         pkg_dir: args.pkg_dir.or(file.pkg_dir).unwrap_or(d.pkg_dir),
         public_wt_url: args.public_wt_url.or(file.public_wt_url),
         https_addr: args.https_addr.or(file.https_addr),
+        http_max_connections: args.http_max_connections.or(file.http_max_connections).unwrap_or(d.http_max_connections),
+        http_max_connections_per_address: args
+            .http_max_connections_per_address
+            .or(file.http_max_connections_per_address)
+            .unwrap_or(d.http_max_connections_per_address),
+        http_header_timeout_ms: args
+            .http_header_timeout_ms
+            .or(file.http_header_timeout_ms)
+            .unwrap_or(d.http_header_timeout_ms),
+        http_request_timeout_ms: args
+            .http_request_timeout_ms
+            .or(file.http_request_timeout_ms)
+            .unwrap_or(d.http_request_timeout_ms),
     };
     config.validate()?;
     Ok(config)
@@ -1018,6 +1093,14 @@ mod tests {
             (&["--token-audience", ""], "token_audience is empty"),
             (&["--max-token-lifetime-secs", "59"], "max_token_lifetime_secs is 59: use 60 to 2592000"),
             (&["--max-token-lifetime-secs", "2592001"], "max_token_lifetime_secs is 2592001"),
+            (&["--http-max-connections", "0"], "http_max_connections is 0"),
+            (&["--http-max-connections-per-address", "0"], "http_max_connections_per_address is 0"),
+            (
+                &["--http-max-connections", "8", "--http-max-connections-per-address", "9"],
+                "use 1 to http_max_connections (8",
+            ),
+            (&["--http-header-timeout-ms", "99"], "http_header_timeout_ms is 99: use 100 to 600000"),
+            (&["--http-request-timeout-ms", "3600001"], "http_request_timeout_ms is 3600001"),
             (&["--room-idle-expiry-secs", "0"], "room_idle_expiry_secs is 0: use 1 to 604800"),
             (&["--room-idle-expiry-secs", "604801"], "room_idle_expiry_secs is 604801"),
             (&["--seat-grace-ms", "600001"], "seat_grace_ms is 600001: use 0 to 600000"),

@@ -60,8 +60,9 @@ impl<K: Hash + Eq> Buckets<K> {
 
 /// The network a client address stands for in rate limits: IPv4 addresses (also when mapped
 /// into IPv6) as they are, IPv6 addresses by their /64 (what one household or device is
-/// given).
-pub(crate) fn network(ip: IpAddr) -> IpAddr {
+/// given). Callers whose address is unknown count as one network.
+pub(crate) fn network(peer: Option<IpAddr>) -> IpAddr {
+    let Some(ip) = peer else { return IpAddr::V6(Ipv6Addr::UNSPECIFIED) };
     match ip {
         IpAddr::V4(v4) => IpAddr::V4(v4),
         IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
@@ -79,13 +80,14 @@ mod tests {
 
     #[test]
     fn networks_group_ipv6_by_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let a = "2001:db8:1:2:aaaa::1".parse().ok();
+        let b = "2001:db8:1:2:bbbb::2".parse().ok();
+        let c = "2001:db8:1:3::1".parse().ok();
         assert_eq!(network(a), network(b));
         assert_ne!(network(a), network(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(network(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(network("::ffff:10.0.0.7".parse().ok()), "10.0.0.7".parse::<IpAddr>().unwrap());
+        assert_eq!(network(None), network(None));
+        assert_ne!(network(None), network(a));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -500,7 +500,7 @@ impl Rooms {
     ) -> Result<RoomHandle, Refusal> {
         let now = self.clock.now();
         let limits = tenant.limits();
-        let address = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
+        let address = network(peer);
         let mut registry = self.registry();
         let Registry { live, tenants, addresses, .. } = &mut *registry;
         let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms::new(limits, now));

@@ -26,6 +26,11 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A token that does not verify pays per address, as no token does.
+        let unverified = |e: ApiError| {
+            let PeerAddr(peer) = PeerAddr::of(parts);
+            if state.take_anonymous(peer) { e } else { super::anonymous_limited(state) }
+        };
         let given = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -35,14 +40,15 @@ impl FromRequestParts<AppState> for Auth {
             .map(|(_, token)| token.trim());
         let Some(token) = given else {
             state.stats.refused.inc(ErrorCode::Unauthorized);
-            return Err(ApiError::new(
+            let missing = ApiError::new(
                 ErrorCode::Unauthorized,
                 "missing token: send the header `Authorization: Bearer <token>`",
-            ));
+            );
+            return Err(if parts.headers.contains_key(header::AUTHORIZATION) { unverified(missing) } else { missing });
         };
         let principal = state.tenants.verify(token).map_err(|e| {
             state.stats.refused.inc(e.code());
-            ApiError::new(e.code(), e.to_string())
+            unverified(ApiError::new(e.code(), e.to_string()))
         })?;
         if !state.take_request(&principal) {
             state.stats.refused.inc(ErrorCode::RateLimited);
@@ -61,7 +67,13 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
     type Rejection = Infallible;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
-        Ok(Self(parts.extensions.get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip())))
+        Ok(Self::of(parts))
+    }
+}
+
+impl PeerAddr {
+    fn of(parts: &Parts) -> Self {
+        Self(parts.extensions.get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip()))
     }
 }
 

@@ -1,7 +1,7 @@
 //! What the API's handlers share: the registry, tenants, limits, and the pages' settings.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -56,6 +56,12 @@ impl AppState {
             .try_take(now)
     }
 
+    /// Takes a request without a (verified) token from the bucket of `peer`'s network.
+    pub(super) fn take_anonymous(&self, peer: Option<IpAddr>) -> bool {
+        let now = self.clock.now().0;
+        self.web.anonymous.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(network(peer), now)
+    }
+
     /// Counts a refusal made here and turns it into the response. (Refusals made by a room
     /// task are counted there, for HTTP and the control stream alike.)
     pub(crate) fn refused(&self, r: Refusal) -> ApiError {
@@ -88,7 +94,11 @@ impl AppState {
 /// behind one school NAT signs in at once, so the burst covers a class and its teacher.
 const DEMO_TOKENS_PER_SECOND: u32 = 1;
 const DEMO_TOKEN_BURST: u32 = 60;
-/// Client networks whose demo-token buckets are remembered before full ones are forgotten.
+/// Requests without a token per client network: burst and sustained rate. A class behind one
+/// school NAT loading the pages at once (a dozen files each) fits in the burst.
+const ANONYMOUS_BURST: u32 = 1000;
+const ANONYMOUS_PER_SECOND: u32 = 100;
+/// Client networks whose buckets are remembered before full ones are forgotten.
 const MAX_TRACKED_NETWORKS: usize = 10_000;
 
 /// What the browser routes need beyond the API's state.
@@ -99,6 +109,7 @@ pub(crate) struct Web {
     pub(super) public_wt_url: Option<String>,
     pub(super) wt_port: u16,
     demo_buckets: Mutex<Buckets<IpAddr>>,
+    anonymous: Mutex<Buckets<IpAddr>>,
 }
 
 impl Web {
@@ -113,14 +124,18 @@ impl Web {
                 Refill { tokens: DEMO_TOKENS_PER_SECOND, secs: 1 },
                 MAX_TRACKED_NETWORKS,
             )),
+            anonymous: Mutex::new(Buckets::new(
+                ANONYMOUS_BURST,
+                Refill { tokens: ANONYMOUS_PER_SECOND, secs: 1 },
+                MAX_TRACKED_NETWORKS,
+            )),
         }
     }
 
     /// Takes one demo token from the bucket of `peer`'s network (an IPv4 address, or an IPv6
     /// /64). Requests without a known peer share one bucket.
     pub(super) fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
-        let key = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
-        self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(key, now)
+        self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(network(peer), now)
     }
 }
 
