@@ -641,7 +641,7 @@ fn load_or_create_demo_secret(dir: &Path) -> Result<Vec<u8>, ConfigError> {
     if path.exists() {
         return read();
     }
-    std::fs::create_dir_all(dir).map_err(fail)?;
+    crate::private::private_dir(dir).map_err(fail)?;
     let mut secret = vec![0_u8; MIN_SECRET_BYTES];
     rand::rng().fill_bytes(&mut secret);
     let mut options = OpenOptions::new();

@@ -46,6 +46,7 @@ mod codes;
 pub mod config;
 mod identity;
 mod limits;
+mod private;
 mod room_sel;
 mod room_task;
 mod rooms;
@@ -199,7 +200,7 @@ impl Server {
         hashes.set(source.published());
         let (trigger, signal) = shutdown::channel();
         if config.database_url.is_none() {
-            std::fs::create_dir_all(&config.data_dir)
+            private::private_dir(&config.data_dir)
                 .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
         }
         let store = sel::store::Store::open(&config.database_url_or_default()).await?;
