@@ -2,7 +2,9 @@
 //!
 //! Each tenant's identity provider signs tokens with the tenant's keys; the server only
 //! verifies them. A token must carry `iss` (the tenant's issuer), `aud` (the server's
-//! audience), `exp`, `sub`, and the Downbeat claims `tenant`, `role` and `name`.
+//! audience), `exp`, `sub`, and the Downbeat claims `tenant`, `role` and `name`. No token lives
+//! longer than the server's maximum lifetime (`exp` minus `iat`, and `exp` minus now), and
+//! none says it was issued in the future.
 //!
 //! [`Tenants::verify`] trusts nothing in a token before its signature checks out: the header's
 //! algorithm must be on the allow-list and be the one algorithm of one of the named tenant's
@@ -173,6 +175,14 @@ pub enum AuthError {
     /// `nbf` is still ahead.
     #[error("the token is not valid yet (check the issuer's clock)")]
     NotYetValid,
+    /// `iat` is ahead of now by more than the leeway.
+    #[error("the token says it was issued in the future (check the issuer's clock)")]
+    IssuedInFuture,
+    /// `exp` is further from `iat`, or from now, than the server's maximum token lifetime.
+    #[error(
+        "the token is valid for longer than this server accepts (at most {0} s): ask the identity provider for a shorter-lived token"
+    )]
+    TooLongLived(u64),
     /// `aud` is not this server's audience.
     #[error("the token's audience (aud) is not this server's")]
     WrongAudience,
@@ -418,6 +428,8 @@ pub struct Tenants {
     audience: String,
     tenants: Vec<Tenant>,
     demo: bool,
+    /// Longest lifetime a token may have, in seconds.
+    max_lifetime_secs: u64,
 }
 
 impl Tenants {
@@ -427,6 +439,7 @@ impl Tenants {
     pub fn new(config: &Config) -> Result<Self, ConfigError> {
         config.validate()?;
         let audience = config.audience.clone();
+        let max_lifetime_secs = config.max_token_lifetime_secs;
         if config.tenants.is_empty() {
             let secret = load_or_create_demo_secret(&config.data_dir)?;
             let key = Key::hmac(None, Algorithm::HS256, &secret, DEMO_TENANT_ISSUER, &audience);
@@ -438,7 +451,7 @@ impl Tenants {
                 retention: TenantRetention::default(),
                 keys: vec![key],
             };
-            return Ok(Self { audience, tenants: vec![tenant], demo: true });
+            return Ok(Self { audience, tenants: vec![tenant], demo: true, max_lifetime_secs });
         }
         let mut tenants = Vec::with_capacity(config.tenants.len());
         for tenant in &config.tenants {
@@ -458,7 +471,7 @@ impl Tenants {
                 keys,
             });
         }
-        Ok(Self { audience, tenants, demo: false })
+        Ok(Self { audience, tenants, demo: false, max_lifetime_secs })
     }
 
     /// The tenant with this id.
@@ -481,11 +494,36 @@ impl Tenants {
         &self.audience
     }
 
+    /// The longest lifetime a token may have (`max_token_lifetime_secs`).
+    pub const fn max_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_lifetime_secs)
+    }
+
+    /// Refuses claims whose `iat` is in the future (beyond the leeway) or whose `exp` lies
+    /// further than the maximum lifetime from `iat` or from `now`. Saturating throughout, so
+    /// no `exp` or `iat` overflows anything.
+    fn check_lifetime(&self, claims: &Claims, now: u64) -> Result<(), AuthError> {
+        let max = self.max_lifetime_secs;
+        if let Some(iat) = claims.iat {
+            if iat > now.saturating_add(LEEWAY_SECS) {
+                return Err(AuthError::IssuedInFuture);
+            }
+            if claims.exp.saturating_sub(iat) > max {
+                return Err(AuthError::TooLongLived(max));
+            }
+        }
+        if claims.exp.saturating_sub(now) > max.saturating_add(LEEWAY_SECS) {
+            return Err(AuthError::TooLongLived(max));
+        }
+        Ok(())
+    }
+
     /// Verifies `token` and says whom it speaks for.
     ///
     /// The header's algorithm must be accepted; the unverified `tenant` claim only picks the
     /// keys to try (those with the header's algorithm, and its `kid` if it names one); then the
-    /// signature, `exp`/`nbf` (5 s leeway), `aud`, `iss` and the Downbeat claims are checked.
+    /// signature, `exp`/`nbf`/`iat` (5 s leeway), the lifetime, `aud`, `iss` and the Downbeat
+    /// claims are checked.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(AuthError::Malformed(format!("the token is longer than {MAX_TOKEN_BYTES} bytes")));
@@ -515,7 +553,10 @@ impl Tenants {
                 continue;
             }
             match jsonwebtoken::decode::<Claims>(token, &key.decoding, &key.validation) {
-                Ok(data) => return tenant.principal(data.claims),
+                Ok(data) => {
+                    self.check_lifetime(&data.claims, unix_now())?;
+                    return tenant.principal(data.claims);
+                }
                 // Another key of the same algorithm may have signed it (key rotation).
                 Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => {}
                 // The signature verified; a claim is wrong.
@@ -529,13 +570,20 @@ impl Tenants {
         }
     }
 
-    /// Mints a token for `sub` in `tenant`, valid for `ttl` (whole seconds, at least one),
-    /// signed with the tenant's first HS* key (the demo tenant has one).
+    /// Mints a token for `sub` in `tenant`, valid for `ttl` (whole seconds, at least one and at
+    /// most [`Self::max_lifetime`]), signed with the tenant's first HS* key (the demo tenant
+    /// has one).
     pub fn mint(&self, tenant: &str, role: Role, sub: &str, name: &str, ttl: Duration) -> Result<String, AuthError> {
         let found = self.tenant(tenant).ok_or_else(|| AuthError::UnknownTenant(tenant.to_owned()))?;
         check_claims_text(sub, name)?;
         if ttl.as_secs() == 0 {
             return Err(AuthError::CannotMint("the lifetime must be at least one second".to_owned()));
+        }
+        if ttl.as_secs() > self.max_lifetime_secs {
+            return Err(AuthError::CannotMint(format!(
+                "the lifetime is longer than max_token_lifetime_secs ({} s)",
+                self.max_lifetime_secs
+            )));
         }
         let now = unix_now();
         let claims = Claims {
@@ -593,7 +641,7 @@ fn load_or_create_demo_secret(dir: &Path) -> Result<Vec<u8>, ConfigError> {
     if path.exists() {
         return read();
     }
-    std::fs::create_dir_all(dir).map_err(fail)?;
+    crate::private::private_dir(dir).map_err(fail)?;
     let mut secret = vec![0_u8; MIN_SECRET_BYTES];
     rand::rng().fill_bytes(&mut secret);
     let mut options = OpenOptions::new();
@@ -757,6 +805,63 @@ mod tests {
         let claims = Claims { exp: unix_now() - 2, ..claims_for_a(Role::Student) };
         let token = tenants.mint_claims("a", &claims).unwrap();
         assert_eq!(tenants.verify(&token).unwrap().subject, "u-17");
+    }
+
+    #[test]
+    fn a_token_living_longer_than_the_maximum_is_refused() {
+        let tenants = two_schools();
+        let (now, day) = (unix_now(), 86_400);
+        let too_long = [
+            // Both exp - iat and exp - now are over a day.
+            Claims { exp: now + day + 60, ..claims_for_a(Role::Student) },
+            // Issued an hour ago for a day and a bit: exp - now is under a day, exp - iat is not.
+            Claims { iat: Some(now - 3600), exp: now + day - 600, ..claims_for_a(Role::Student) },
+            // No iat: exp - now alone decides.
+            Claims { iat: None, exp: now + day + 60, ..claims_for_a(Role::Student) },
+            // As far as the claim goes: refused, and nothing overflows.
+            Claims { exp: u64::MAX, ..claims_for_a(Role::Student) },
+            Claims { iat: Some(0), exp: u64::MAX, ..claims_for_a(Role::Student) },
+        ];
+        for claims in &too_long {
+            let token = tenants.mint_claims("a", claims).unwrap();
+            refused(&tenants, &token, &AuthError::TooLongLived(day), ErrorCode::Unauthorized);
+        }
+        let message = AuthError::TooLongLived(day).to_string();
+        assert!(message.contains("at most 86400 s") && message.contains("shorter-lived"), "{message}");
+        // Exactly the maximum is accepted, with or without iat.
+        for iat in [Some(now), None] {
+            let token = tenants.mint_claims("a", &Claims { iat, exp: now + day, ..claims_for_a(Role::Student) });
+            assert_eq!(tenants.verify(&token.unwrap()).unwrap().expires_at_unix, now + day);
+        }
+    }
+
+    #[test]
+    fn the_maximum_lifetime_is_a_setting_and_bounds_minting() {
+        let config = Config {
+            tenants: vec![tenant("a", vec![hs_key(SECRET_A, None)])],
+            max_token_lifetime_secs: 3600,
+            ..Config::default()
+        };
+        let tenants = Tenants::new(&config).unwrap();
+        assert_eq!(tenants.max_lifetime(), HOUR);
+        let token = tenants.mint("a", Role::Student, "u-1", "Ada", HOUR).unwrap();
+        assert!(tenants.verify(&token).is_ok());
+        let err = tenants.mint("a", Role::Student, "u-1", "Ada", 2 * HOUR).unwrap_err();
+        assert!(matches!(&err, AuthError::CannotMint(m) if m.contains("max_token_lifetime_secs")), "{err}");
+        let long = two_schools().mint("a", Role::Student, "u-1", "Ada", 2 * HOUR).unwrap();
+        refused(&tenants, &long, &AuthError::TooLongLived(3600), ErrorCode::Unauthorized);
+    }
+
+    #[test]
+    fn a_token_issued_in_the_future_is_refused() {
+        let tenants = two_schools();
+        let now = unix_now();
+        let claims = Claims { iat: Some(now + 600), exp: now + 3600, ..claims_for_a(Role::Teacher) };
+        let token = tenants.mint_claims("a", &claims).unwrap();
+        refused(&tenants, &token, &AuthError::IssuedInFuture, ErrorCode::Unauthorized);
+        // Within the leeway (clock skew between issuers) it is accepted.
+        let claims = Claims { iat: Some(now + 3), ..claims };
+        assert!(tenants.verify(&tenants.mint_claims("a", &claims).unwrap()).is_ok());
     }
 
     #[test]

@@ -164,6 +164,9 @@ settings! {
     /// The `aud` claim every token must carry.
     audience: String = DEFAULT_AUDIENCE.to_owned(), env "DOWNBEAT_TOKEN_AUDIENCE", value "AUD",
         flag "token-audience", key "token_audience";
+    /// Longest lifetime a token may have, in seconds: a token whose `exp` is further than this
+    /// from its `iat` or from now is refused.
+    max_token_lifetime_secs: u64 = 86_400, env "DOWNBEAT_MAX_TOKEN_LIFETIME_SECS", value "SECS";
     /// How long a room with nobody in it is kept before it expires, in seconds.
     room_idle_expiry_secs: u64 = 1800, env "DOWNBEAT_ROOM_IDLE_EXPIRY_SECS", value "SECS";
     /// How long a disconnected member's seat is held for them to reconnect, in ms.
@@ -195,6 +198,16 @@ settings! {
     /// certificate as loaded at startup (rotation and reloads reach WebTransport only: restart
     /// to serve a replaced certificate over HTTPS).
     https_addr: SocketAddr, env "DOWNBEAT_HTTPS_ADDR", value "ADDR", shown "no HTTPS listener";
+    /// Most HTTP(S) connections open at once; more are closed as they arrive.
+    http_max_connections: usize = 4096, env "DOWNBEAT_HTTP_MAX_CONNECTIONS", value "N";
+    /// Most HTTP(S) connections open at once from one client address (a school behind one
+    /// NAT shares one).
+    http_max_connections_per_address: usize = 256, env "DOWNBEAT_HTTP_MAX_CONNECTIONS_PER_ADDRESS", value "N";
+    /// Time an HTTP client has to send a request's header (and a TLS client its handshake);
+    /// also how long a kept-alive connection may sit idle, in ms.
+    http_header_timeout_ms: u64 = 10_000, env "DOWNBEAT_HTTP_HEADER_TIMEOUT_MS", value "MS";
+    /// Time an HTTP request has to send its body and be answered, in ms.
+    http_request_timeout_ms: u64 = 30_000, env "DOWNBEAT_HTTP_REQUEST_TIMEOUT_MS", value "MS";
 }
 
 /// What `--config` is for.
@@ -476,9 +489,10 @@ pub struct TenantLimits {
     pub max_members_per_room: u32,
     /// Failed join attempts per second, sustained, for the whole tenant: hellos and code
     /// lookups naming no live room of the tenant (a wrong, closed or another school's code).
-    /// This is what bounds guessing join codes; while it is exhausted every join attempt of
-    /// the tenant is refused with `rate_limited`. Successful joins are bounded by
-    /// `max_sessions` and room capacity instead.
+    /// This bounds guessing join codes school-wide; while it is exhausted students' join
+    /// attempts are refused with `rate_limited` (each person and each network address also
+    /// has a smaller bucket of its own, so one guesser alone never exhausts this one).
+    /// Successful joins are bounded by `max_sessions` and room capacity instead.
     pub joins_per_second: u32,
     /// Failed join attempts allowed in a burst.
     pub join_burst: u32,
@@ -729,6 +743,12 @@ impl Config {
                 "token_audience is empty: set the `aud` claim your tokens carry (default {DEFAULT_AUDIENCE})"
             ));
         }
+        if !(60..=2_592_000).contains(&self.max_token_lifetime_secs) {
+            return invalid(format!(
+                "max_token_lifetime_secs is {}: use 60 to 2592000 (30 days; default 86400)",
+                self.max_token_lifetime_secs
+            ));
+        }
         if !(1..=604_800).contains(&self.room_idle_expiry_secs) {
             return invalid(format!(
                 "room_idle_expiry_secs is {}: use 1 to 604800 (a week; default {})",
@@ -756,6 +776,27 @@ impl Config {
         }
         if self.https_addr.is_some_and(|https| https == self.http_addr && https.port() != 0) {
             return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
+        }
+        if self.http_max_connections == 0 {
+            return invalid("http_max_connections is 0: use at least 1 (default 4096)");
+        }
+        if !(1..=self.http_max_connections).contains(&self.http_max_connections_per_address) {
+            return invalid(format!(
+                "http_max_connections_per_address is {}: use 1 to http_max_connections ({}; default 256)",
+                self.http_max_connections_per_address, self.http_max_connections
+            ));
+        }
+        if !(100..=600_000).contains(&self.http_header_timeout_ms) {
+            return invalid(format!(
+                "http_header_timeout_ms is {}: use 100 to 600000 (default 10000)",
+                self.http_header_timeout_ms
+            ));
+        }
+        if !(100..=3_600_000).contains(&self.http_request_timeout_ms) {
+            return invalid(format!(
+                "http_request_timeout_ms is {}: use 100 to 3600000 (default 30000)",
+                self.http_request_timeout_ms
+            ));
         }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
@@ -790,6 +831,21 @@ impl Config {
     /// [`Self::keep_alive_ms`] as a duration.
     pub fn keep_alive(&self) -> Duration {
         Duration::from_millis(self.keep_alive_ms)
+    }
+
+    /// [`Self::max_token_lifetime_secs`] as a duration.
+    pub fn max_token_lifetime(&self) -> Duration {
+        Duration::from_secs(self.max_token_lifetime_secs)
+    }
+
+    /// [`Self::http_header_timeout_ms`] as a duration.
+    pub fn http_header_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_header_timeout_ms)
+    }
+
+    /// [`Self::http_request_timeout_ms`] as a duration.
+    pub fn http_request_timeout(&self) -> Duration {
+        Duration::from_millis(self.http_request_timeout_ms)
     }
 
     /// [`Self::room_idle_expiry_secs`] as a duration.
@@ -974,6 +1030,16 @@ mod tests {
             (&["--keep-alive-ms", "30000"], "less than idle_timeout_ms"),
             (&["--hostname", ""], "not a valid DNS name"),
             (&["--token-audience", ""], "token_audience is empty"),
+            (&["--max-token-lifetime-secs", "59"], "max_token_lifetime_secs is 59: use 60 to 2592000"),
+            (&["--max-token-lifetime-secs", "2592001"], "max_token_lifetime_secs is 2592001"),
+            (&["--http-max-connections", "0"], "http_max_connections is 0"),
+            (&["--http-max-connections-per-address", "0"], "http_max_connections_per_address is 0"),
+            (
+                &["--http-max-connections", "8", "--http-max-connections-per-address", "9"],
+                "use 1 to http_max_connections (8",
+            ),
+            (&["--http-header-timeout-ms", "99"], "http_header_timeout_ms is 99: use 100 to 600000"),
+            (&["--http-request-timeout-ms", "3600001"], "http_request_timeout_ms is 3600001"),
             (&["--room-idle-expiry-secs", "0"], "room_idle_expiry_secs is 0: use 1 to 604800"),
             (&["--room-idle-expiry-secs", "604801"], "room_idle_expiry_secs is 604801"),
             (&["--seat-grace-ms", "600001"], "seat_grace_ms is 600001: use 0 to 600000"),

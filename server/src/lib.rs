@@ -45,6 +45,8 @@ pub mod clock;
 mod codes;
 pub mod config;
 mod identity;
+mod limits;
+mod private;
 mod room;
 pub mod sel;
 mod session;
@@ -185,7 +187,8 @@ impl Server {
             Some(asked) => {
                 let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttps { addr, source })?;
                 let addr = tcp.local_addr().map_err(|source| ServerError::BindHttps { addr: asked, source })?;
-                let listener = api::TlsListener::new(tcp, &key).map_err(IdentityError::Tls)?;
+                let listener =
+                    api::TlsListener::new(tcp, &key, config.http_header_timeout()).map_err(IdentityError::Tls)?;
                 (Some(listener), Some(addr))
             }
             None => (None, None),
@@ -195,7 +198,7 @@ impl Server {
         hashes.set(source.published());
         let (trigger, signal) = shutdown::channel();
         if config.database_url.is_none() {
-            std::fs::create_dir_all(&config.data_dir)
+            private::private_dir(&config.data_dir)
                 .map_err(|source| ServerError::DataDir { path: config.data_dir.clone(), source })?;
         }
         let store = sel::store::Store::open(&config.database_url_or_default()).await?;
@@ -335,30 +338,24 @@ impl Server {
             signal.clone(),
         ));
 
-        let router = api::router(api::AppState {
-            rooms: rooms.clone(),
-            tenants: tenants.clone(),
-            hashes: hashes.clone(),
-            stats: stats.clone(),
-            clock,
-            limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
-            sel: sel.clone(),
-            web: Arc::new(api::Web::new(&config, wt_port)),
-        });
+        let http_limits = api::HttpLimits::new(&config);
+        let router = api::router(
+            api::AppState {
+                rooms: rooms.clone(),
+                tenants: tenants.clone(),
+                hashes: hashes.clone(),
+                stats: stats.clone(),
+                clock,
+                limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
+                sel: sel.clone(),
+                web: Arc::new(api::Web::new(&config, wt_port)),
+            },
+            config.http_request_timeout(),
+        );
         drop(sel);
-        let mut http_signal = signal.clone();
-        let http_router = router.clone();
-        let mut http_task = tokio::spawn(async move {
-            let service = http_router.into_make_service_with_connect_info::<api::ClientAddr>();
-            axum::serve(http, service).with_graceful_shutdown(async move { http_signal.wait().await }).await
-        });
-        let mut https_task = https.map(|listener| {
-            let mut https_signal = signal.clone();
-            tokio::spawn(async move {
-                let service = router.into_make_service_with_connect_info::<api::ClientAddr>();
-                axum::serve(listener, service).with_graceful_shutdown(async move { https_signal.wait().await }).await
-            })
-        });
+        let mut http_task = tokio::spawn(api::serve(http, router.clone(), http_limits, signal.clone()));
+        let mut https_task =
+            https.map(|listener| tokio::spawn(api::serve(listener, router, http_limits, signal.clone())));
         let identity_task =
             tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
         let ctx = Arc::new(SessionContext {
@@ -416,10 +413,10 @@ impl Server {
 }
 
 /// What an HTTP server task returns.
-type HttpEnded = Result<std::io::Result<()>, tokio::task::JoinError>;
+type HttpEnded = Result<(), tokio::task::JoinError>;
 
 /// Waits for `task` to finish; never, if there is none.
-async fn until_finished(task: &mut Option<tokio::task::JoinHandle<std::io::Result<()>>>) -> HttpEnded {
+async fn until_finished(task: &mut Option<tokio::task::JoinHandle<()>>) -> HttpEnded {
     match task {
         Some(task) => task.await,
         None => std::future::pending().await,
@@ -429,7 +426,7 @@ async fn until_finished(task: &mut Option<tokio::task::JoinHandle<std::io::Resul
 /// Lets an HTTP(S) server task (if any) finish its requests in flight after shutdown, up to
 /// [`SHUTDOWN_WAIT`], and says how it ended. `ended` is its end if it already ended.
 async fn finish_http(
-    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
     ended: Option<HttpEnded>,
     what: &str,
 ) -> Result<(), ServerError> {
@@ -443,8 +440,7 @@ async fn finish_http(
         }
     };
     match ended {
-        Ok(Ok(result)) => result.map_err(ServerError::Http),
-        Ok(Err(_)) => Ok(()),
+        Ok(_) => Ok(()),
         Err(_) => {
             warn!("{what} connections still open at shutdown; dropping them");
             Ok(())

@@ -7,6 +7,7 @@
 //! datagram is dropped and counted while the session carries on.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -190,7 +191,7 @@ async fn handle_incoming(
     let span =
         info_span!("session", id = session_id, tenant = field::Empty, room = field::Empty, member = field::Empty);
     debug!(parent: &span, %remote, "session accepted");
-    Session { conn, session_id, ctx, shutdown }.run(deadline).instrument(span).await;
+    Session { conn, session_id, peer: remote.ip(), ctx, shutdown }.run(deadline).instrument(span).await;
     drop(session_permit);
 }
 
@@ -234,10 +235,40 @@ fn close_code(code: ErrorCode) -> VarInt {
     VarInt::from_u32(u32::from(code.as_u16()))
 }
 
-/// A joined session: the seat it holds and how to reach its room.
-struct Joined {
+/// A seat a session holds in a room. However the session ends (returning, failing, its task
+/// panicking or being aborted), the room hears that the seat is free: [`Seat::leave`] says how,
+/// and a seat dropped without leaving is freed as closed by the server.
+#[derive(Debug)]
+struct Seat {
     room: RoomHandle,
     member_id: u64,
+    session_id: u64,
+    held: bool,
+}
+
+impl Seat {
+    fn new(room: RoomHandle, member_id: u64, session_id: u64) -> Self {
+        Self { room, member_id, session_id, held: true }
+    }
+
+    /// Gives the seat up, telling the room how (a no-op there if it no longer holds it).
+    async fn leave(mut self, how: Departure) {
+        self.held = false;
+        self.room.depart(self.member_id, self.session_id, how).await;
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if self.held {
+            self.room.depart_soon(self.member_id, self.session_id, Departure::Closed);
+        }
+    }
+}
+
+/// A joined session: the seat it holds and how to reach its room.
+struct Joined {
+    seat: Seat,
     principal: Principal,
     send: SendStream,
     recv: RecvStream,
@@ -250,6 +281,8 @@ struct Joined {
 struct Session {
     conn: Connection,
     session_id: u64,
+    /// The client's address, for the failed-join limit.
+    peer: IpAddr,
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 }
@@ -324,7 +357,7 @@ impl Session {
             RoomRequest::Join(code) => self
                 .ctx
                 .rooms
-                .lookup(tenant, &principal, code)
+                .lookup(tenant, &principal, Some(self.peer), code)
                 .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
             RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
                 .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
@@ -353,6 +386,7 @@ impl Session {
             Err(refusal) => return self.refuse(send, refusal).await,
         };
         let member_id = welcome.member_id;
+        let seat = Seat::new(room, member_id, self.session_id);
         Span::current().record("member", member_id);
         let written = match wire::encode_frame(&ServerMessage::Welcome(welcome)) {
             Ok(bytes) => send.write_all(&bytes).await.is_ok(),
@@ -362,12 +396,12 @@ impl Session {
             }
         };
         if !written {
-            room.depart(member_id, self.session_id, Departure::Lost).await;
+            seat.leave(Departure::Lost).await;
             self.conn.close(close_code(ErrorCode::Internal), b"");
             return None;
         }
         info!(role = ?principal.role, "joined");
-        Some(Joined { room, member_id, principal, send, recv, control_tx, control_rx, kick, _slot: slot })
+        Some(Joined { seat, principal, send, recv, control_tx, control_rx, kick, _slot: slot })
     }
 
     /// Tells the peer why its hello was refused, then closes the session with that code.
@@ -391,7 +425,8 @@ impl Session {
     /// The joined session: a writer task drains the control queue; this task reads control
     /// frames, answers clock sync and forwards notes until either side ends it.
     async fn serve(&self, joined: Joined) {
-        let Joined { room, member_id, principal, send, mut recv, control_tx, control_rx, kick, _slot } = joined;
+        let Joined { seat, principal, send, mut recv, control_tx, control_rx, kick, _slot } = joined;
+        let (room, member_id) = (seat.room.clone(), seat.member_id);
         let writer = tokio::spawn(write_loop(send, control_rx).instrument(Span::current()));
         let mut shutdown = self.shutdown.clone();
         let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
@@ -417,7 +452,7 @@ impl Session {
                     Some(_) => Departure::Lost,
                 };
                 debug!(?how, "session ended");
-                room.depart(member_id, self.session_id, how).await;
+                seat.leave(how).await;
                 writer.abort();
                 self.conn.close(VarInt::from_u32(0), b"");
                 return;
@@ -426,7 +461,7 @@ impl Session {
             End::Fatal(code, message) => (code, message),
         };
         // Frees the seat unless the room already did (kicked sessions no longer hold it).
-        room.depart(member_id, self.session_id, Departure::Closed).await;
+        seat.leave(Departure::Closed).await;
         debug!(code = code.as_str(), "closing session");
         let _ = control_tx.try_send(error_frame(code, None, message));
         drop(control_tx);
@@ -445,11 +480,20 @@ fn count_decode_error(stats: &Stats, e: DecodeError) {
     }
 }
 
-/// Resolves once the token (whose expiry, in Unix seconds, `rx` holds) has expired.
+/// Resolves once the token (whose expiry, in Unix seconds, `rx` holds) has expired. An expiry
+/// past what the system clock can represent never comes (and overflows nothing).
 async fn token_expiry(mut rx: watch::Receiver<u64>) {
     loop {
         let expires_at = *rx.borrow_and_update();
-        let deadline = SystemTime::UNIX_EPOCH + Duration::from_secs(expires_at) + EXPIRY_LEEWAY;
+        let deadline = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(expires_at))
+            .and_then(|at| at.checked_add(EXPIRY_LEEWAY));
+        let Some(deadline) = deadline else {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            continue;
+        };
         let left = deadline.duration_since(SystemTime::now()).unwrap_or_default();
         tokio::select! {
             () = tokio::time::sleep(left) => {
@@ -680,5 +724,110 @@ impl Datagrams<'_> {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use downbeat_protocol::{LeaveReason, MicroBpm, RoomSettings};
+
+    use crate::auth::{DEMO_TENANT_ID, Role};
+    use crate::config::Config;
+    use crate::room::RoomsConfig;
+    use crate::sel::Sel;
+    use crate::sel::store::Store;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_too_far_for_the_clock_never_comes_and_never_panics() {
+        let (tx, rx) = watch::channel(u64::MAX);
+        let expiry = tokio::spawn(token_expiry(rx));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!expiry.is_finished(), "a far-future expiry fired");
+        // A refreshed expiry in the past takes over.
+        tx.send_replace(1);
+        expiry.await.expect("the expiry task did not panic");
+    }
+
+    /// A member's connection in these tests: takes no datagrams and closes nothing.
+    #[derive(Debug)]
+    struct Offline;
+
+    impl Peer for Offline {
+        fn max_datagram_size(&self) -> Option<usize> {
+            None
+        }
+
+        fn send_datagram(&self, _: &[u8]) -> bool {
+            false
+        }
+
+        fn close(&self, _: ErrorCode, _: &str) {}
+    }
+
+    /// Seats `principal` in `room` as session `session_id`: its member id and control queue.
+    async fn seat(room: &RoomHandle, principal: &Principal, session_id: u64) -> (u64, mpsc::Receiver<ServerMessage>) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let joining = Joining {
+            session_id,
+            subject: principal.subject.clone(),
+            name: Name::truncating(&principal.name),
+            role: principal.role.into(),
+            token_expires_at: principal.expires_at_unix,
+            peer: Arc::new(Offline),
+            control_tx,
+            kick: oneshot::channel().0,
+        };
+        (room.join(joining).await.expect("seated").member_id, control_rx)
+    }
+
+    #[tokio::test]
+    async fn a_session_task_that_panics_frees_its_seat() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = Tenants::new(&Config { data_dir: dir.path().to_owned(), ..Config::default() }).unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("sel.sqlite3").display())).await.unwrap();
+        let stats = Arc::new(Stats::default());
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let (sel, _writer) = Sel::spawn(store, 16, stats.clone(), shutdown.clone());
+        let config = RoomsConfig {
+            engine: downbeat_engine::room::Config::default(),
+            max_rooms: 1,
+            idle_expiry_nanos: 3_600_000_000_000,
+            seat_grace_nanos: 60_000_000_000,
+        };
+        let rooms = Arc::new(Rooms::new(config, ServerClock::new(), stats, sel, shutdown));
+        let principal = |role, subject: &str| {
+            let token = tenants.mint(DEMO_TENANT_ID, role, subject, subject, Duration::from_secs(60)).unwrap();
+            tenants.verify(&token).unwrap()
+        };
+        let teacher = principal(Role::Teacher, "t-1");
+        let settings =
+            RoomSettings { name: Name::truncating("Room"), tempo: MicroBpm::from_bpm(100), beats_per_bar: 4 };
+        let room = rooms.create(tenants.tenant(DEMO_TENANT_ID).unwrap(), &teacher, &settings).unwrap();
+        let (_, mut teacher_rx) = seat(&room, &teacher, 1).await;
+        let (student, _student_rx) = seat(&room, &principal(Role::Student, "s-1"), 2).await;
+
+        // The session task holds the seat as `Session::hello` hands it over, then panics.
+        let held = Seat::new(room.clone(), student, 2);
+        let task = tokio::spawn(async move {
+            let _seat = held;
+            panic!("a bug in the session task");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+
+        let left = timeout(Duration::from_secs(10), async {
+            loop {
+                match teacher_rx.recv().await.expect("the room is open") {
+                    ServerMessage::MemberLeft { member_id, reason } => return (member_id, reason),
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("the teacher heard the student leave");
+        assert_eq!(left, (student, LeaveReason::Closed));
+        let members: Vec<u64> = room.view().await.unwrap().members.iter().map(|(m, _)| m.id).collect();
+        assert!(!members.contains(&student), "{members:?}");
     }
 }

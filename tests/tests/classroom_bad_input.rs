@@ -283,6 +283,28 @@ async fn an_expired_token_is_token_expired() -> Result<()> {
     token_is_refused_everywhere(&class, &expired, ErrorCode::TokenExpired).await
 }
 
+/// Tokens past the server's maximum lifetime (a day by default), however far, and tokens issued
+/// in the future. The one expiring at `u64::MAX` used to be accepted and then panic its session
+/// task, whose seat was never freed.
+#[tokio::test]
+async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized() -> Result<()> {
+    let now = unix_now();
+    let cases = [
+        Claims { exp: now + 25 * 3600, ..demo_claims(Role::Teacher, "t-long") },
+        Claims { iat: Some(now - 3600), exp: now + 24 * 3600 - 60, ..demo_claims(Role::Teacher, "t-old") },
+        Claims { exp: u64::MAX, ..demo_claims(Role::Student, "s-forever") },
+        Claims { iat: Some(now + 600), ..demo_claims(Role::Student, "s-future") },
+    ];
+    for claims in cases {
+        let class = demo_class().await?;
+        let token = class.server.tenants.mint_claims("demo", &claims)?;
+        token_is_refused_everywhere(&class, &token, ErrorCode::Unauthorized)
+            .await
+            .with_context(|| format!("exp {} iat {:?}", claims.exp, claims.iat))?;
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_token_for_another_audience_is_unauthorized() -> Result<()> {
     let class = demo_class().await?;
@@ -499,28 +521,46 @@ async fn forbidden_create_and_list_over_http_are_counted_as_refused() -> Result<
 // 3. Another school's code
 // ---------------------------------------------------------------------------------------------
 
+/// Another school's live code answers exactly as a code no room has: same code, message and
+/// status, at the hello and over HTTP, and the same cost to the asker's failed-join bucket, so
+/// codes cannot be probed across schools.
 #[tokio::test]
-async fn a_code_of_another_school_is_wrong_tenant_at_the_hello_and_over_http() -> Result<()> {
+async fn a_code_of_another_school_answers_like_no_room_at_the_hello_and_over_http() -> Result<()> {
     let server = two_schools(TenantLimits::default()).await?;
     let teacher_a = mint(&server, "a", Role::Teacher, "t-a");
     let code = server.create_room(&teacher_a, 100.0, 4).await?;
     let bystander = server.connect(&code, &mint(&server, "a", Role::Student, "s-a")).await?;
     let before = room_json(&server, &code, &teacher_a).await?;
     let presence = bystander.presence();
+    let mut rng = downbeat_engine::sim::Rng::new(23);
+    let missing = random_code(&mut rng, &code);
 
     let student_b = mint(&server, "b", Role::Student, "s-b");
-    assert_eq!(refused_hello(&server, &student_b, &code).await?.code, ErrorCode::WrongTenant);
-    assert_eq!(join_refusal(&server, &code, &student_b).await, ErrorCode::WrongTenant);
-    let (status, body) = server.http("GET", &format!("/api/rooms/{code}"), Some(&student_b), None).await?;
-    assert_eq!((status, code_of(&body)), (403, Some("wrong_tenant")), "{body}");
+    let (foreign, none) =
+        (refused_hello(&server, &student_b, &code).await?, refused_hello(&server, &student_b, &missing).await?);
+    assert_eq!(foreign.code, ErrorCode::RoomNotFound);
+    assert_eq!((foreign.code, foreign.message), (none.code, none.message), "the hello tells them apart");
+    let foreign = server.http("GET", &format!("/api/rooms/{code}"), Some(&student_b), None).await?;
+    let none = server.http("GET", &format!("/api/rooms/{missing}"), Some(&student_b), None).await?;
+    assert_eq!((foreign.0, code_of(&foreign.1)), (404, Some("room_not_found")), "{}", foreign.1);
+    assert_eq!(foreign, none, "HTTP tells them apart");
     // Not even school B's teacher reaches it.
     let teacher_b = mint(&server, "b", Role::Teacher, "t-b");
     for (method, path) in [("POST", format!("/api/rooms/{code}/start")), ("DELETE", format!("/api/rooms/{code}"))] {
         let (status, body) = server.http(method, &path, Some(&teacher_b), None).await?;
-        assert_eq!((status, code_of(&body)), (403, Some("wrong_tenant")), "{method} {path}: {body}");
+        assert_eq!((status, code_of(&body)), (404, Some("room_not_found")), "{method} {path}: {body}");
     }
-    assert_eq!(server.stats.refused.get(ErrorCode::WrongTenant), 5);
-    assert_eq!(server.stats.hello_failures.get(ErrorCode::WrongTenant), 2);
+    // Each cost the student one failed join, like a missing code: the fifth is the last one
+    // answered, then both kinds are refused alike.
+    let (status, body) = server.http("GET", &format!("/api/rooms/{code}"), Some(&student_b), None).await?;
+    assert_eq!((status, code_of(&body)), (404, Some("room_not_found")), "{body}");
+    let foreign = server.http("GET", &format!("/api/rooms/{code}"), Some(&student_b), None).await?;
+    let none = server.http("GET", &format!("/api/rooms/{missing}"), Some(&student_b), None).await?;
+    assert_eq!((foreign.0, code_of(&foreign.1)), (429, Some("rate_limited")), "{}", foreign.1);
+    assert_eq!(foreign, none);
+    assert_eq!(server.stats.refused.get(ErrorCode::WrongTenant), 0);
+    assert_eq!(server.stats.refused.get(ErrorCode::RoomNotFound), 7);
+    assert_eq!(server.stats.hello_failures.get(ErrorCode::RoomNotFound), 2);
 
     let after = room_json(&server, &code, &teacher_a).await?;
     assert_eq!((&after["members"], epoch_of(&after)), (&before["members"], epoch_of(&before)));
@@ -863,6 +903,50 @@ async fn guessing_join_codes_is_rate_limited_without_revealing_the_right_one() -
     let ack = teacher.change(Change::SetMeter(3)).await?;
     let events = events_until(&teacher, |e| matches!(e, Event::Timeline(_))).await?;
     assert_eq!(events, vec![Event::Timeline(ack.applied.context("a boundary")?.epoch)], "no join was heard");
+    Ok(())
+}
+
+/// One student guessing codes as fast as they can is stopped after a few, and never locks the
+/// rest of the school out: another student (on the same network address, as behind a school's
+/// NAT) still joins with the right code, and a teacher's wrong codes are answered and counted.
+#[tokio::test]
+async fn one_student_guessing_codes_does_not_lock_the_school_out() -> Result<()> {
+    let server = two_schools(TenantLimits::default()).await?;
+    let teacher_token = mint(&server, "a", Role::Teacher, "t-a");
+    let code = server.create_room(&teacher_token, 100.0, 4).await?;
+    let teacher = server.connect(&code, &teacher_token).await?;
+    let guesser = mint(&server, "a", Role::Student, "s-guesser");
+    let mut rng = downbeat_engine::sim::Rng::new(14);
+
+    // A student's bucket holds 5 failed joins and refills one every 10 s; 25 guesses on
+    // loopback take a small part of that.
+    for i in 0..25 {
+        let path = format!("/api/rooms/{}", random_code(&mut rng, &code));
+        let (status, body) = server.http("GET", &path, Some(&guesser), None).await?;
+        let want = if i < 5 { (404, Some("room_not_found")) } else { (429, Some("rate_limited")) };
+        assert_eq!((status, code_of(&body)), want, "guess {i}: {body}");
+    }
+    let (status, body) = server.http("GET", &format!("/api/rooms/{code}"), Some(&guesser), None).await?;
+    assert_eq!((status, code_of(&body)), (429, Some("rate_limited")), "the guesser learns nothing: {body}");
+
+    // Everyone else in the school is unaffected.
+    let classmate = mint(&server, "a", Role::Student, "s-classmate");
+    let (status, body) = server.http("GET", &format!("/api/rooms/{code}"), Some(&classmate), None).await?;
+    assert_eq!(status, 200, "{body}");
+    let joined = server.connect(&code, &classmate).await?;
+    wait_joined(&teacher, joined.member_id()).await?;
+    let refused = server.stats.refused.get(ErrorCode::RoomNotFound);
+    let path = format!("/api/rooms/{}", random_code(&mut rng, &code));
+    let (status, body) = server.http("GET", &path, Some(&teacher_token), None).await?;
+    assert_eq!((status, code_of(&body)), (404, Some("room_not_found")), "{body}");
+    assert_eq!(server.stats.refused.get(ErrorCode::RoomNotFound), refused + 1);
+    // A teacher's wrong codes take from their own bucket like a student's.
+    for i in 1..6 {
+        let path = format!("/api/rooms/{}", random_code(&mut rng, &code));
+        let (status, body) = server.http("GET", &path, Some(&teacher_token), None).await?;
+        let want = if i < 5 { (404, Some("room_not_found")) } else { (429, Some("rate_limited")) };
+        assert_eq!((status, code_of(&body)), want, "teacher's guess {i}: {body}");
+    }
     Ok(())
 }
 

@@ -431,7 +431,7 @@ async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> R
 
     // B reads nothing of A: not the room, not the session by id, not the student's rows.
     let (status, body) = server.http("GET", &format!("/api/rooms/{}/sel", codes["a"]), Some(&teacher_b), None).await?;
-    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("wrong_tenant")));
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("room_not_found")));
     get(&server, &format!("/api/sessions/{session_a}/sel"), &teacher_b, 404).await?;
     let export_b = get(&server, "/api/students/s-1/export", &teacher_b, 200).await?;
     assert!(!export_b.to_string().contains("school a words"), "{export_b}");

@@ -1,7 +1,11 @@
 //! Extractors whose rejections are [`ApiError`]s: the verified principal, JSON bodies and
 //! path parameters.
 
+use std::convert::Infallible;
+use std::net::IpAddr;
+
 use axum::Json;
+use axum::extract::connect_info::ConnectInfo;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
@@ -10,6 +14,7 @@ use downbeat_protocol::ErrorCode;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
+use super::listen::ClientAddr;
 use super::state::AppState;
 use crate::auth::Principal;
 
@@ -21,6 +26,11 @@ impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // A token that does not verify pays per address, as no token does.
+        let unverified = |e: ApiError| {
+            let PeerAddr(peer) = PeerAddr::of(parts);
+            if state.take_anonymous(peer) { e } else { super::anonymous_limited(state) }
+        };
         let given = parts
             .headers
             .get(header::AUTHORIZATION)
@@ -30,20 +40,40 @@ impl FromRequestParts<AppState> for Auth {
             .map(|(_, token)| token.trim());
         let Some(token) = given else {
             state.stats.refused.inc(ErrorCode::Unauthorized);
-            return Err(ApiError::new(
+            let missing = ApiError::new(
                 ErrorCode::Unauthorized,
                 "missing token: send the header `Authorization: Bearer <token>`",
-            ));
+            );
+            return Err(if parts.headers.contains_key(header::AUTHORIZATION) { unverified(missing) } else { missing });
         };
         let principal = state.tenants.verify(token).map_err(|e| {
             state.stats.refused.inc(e.code());
-            ApiError::new(e.code(), e.to_string())
+            unverified(ApiError::new(e.code(), e.to_string()))
         })?;
         if !state.take_request(&principal) {
             state.stats.refused.inc(ErrorCode::RateLimited);
             return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
         }
         Ok(Self(principal))
+    }
+}
+
+/// The client's address, when the listener knows it (a router called directly, as in unit
+/// tests, has none).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PeerAddr(pub(crate) Option<IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Infallible> {
+        Ok(Self::of(parts))
+    }
+}
+
+impl PeerAddr {
+    fn of(parts: &Parts) -> Self {
+        Self(parts.extensions.get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip()))
     }
 }
 

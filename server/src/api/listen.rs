@@ -15,8 +15,6 @@ use tokio_rustls::rustls;
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, error};
 
-/// Time a client has to complete its TLS handshake on the HTTPS listener.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// TLS handshakes in progress at once on the HTTPS listener; past this, accepting waits.
 const MAX_TLS_HANDSHAKES: usize = 256;
 
@@ -42,11 +40,12 @@ fn https_tls_config(key: &CertifiedKey) -> Result<rustls::ServerConfig, rustls::
 }
 
 /// A TCP listener that hands out TLS streams. Handshakes run concurrently (at most
-/// [`MAX_TLS_HANDSHAKES`], each within [`TLS_HANDSHAKE_TIMEOUT`]), so a slow or silent client
+/// [`MAX_TLS_HANDSHAKES`], each within the HTTP header timeout), so a slow or silent client
 /// never holds up the others. The certificate is fixed when the listener is made.
 pub(crate) struct TlsListener {
     tcp: TcpListener,
     acceptor: TlsAcceptor,
+    handshake_timeout: Duration,
     handshakes: JoinSet<Option<(TlsStream<TcpStream>, SocketAddr)>>,
 }
 
@@ -60,10 +59,15 @@ impl std::fmt::Debug for TlsListener {
 }
 
 impl TlsListener {
-    /// Serves TLS with `key` on `tcp`.
-    pub(crate) fn new(tcp: TcpListener, key: &CertifiedKey) -> Result<Self, rustls::Error> {
+    /// Serves TLS with `key` on `tcp`; a handshake not done within `handshake_timeout` is
+    /// dropped.
+    pub(crate) fn new(
+        tcp: TcpListener,
+        key: &CertifiedKey,
+        handshake_timeout: Duration,
+    ) -> Result<Self, rustls::Error> {
         let acceptor = TlsAcceptor::from(Arc::new(https_tls_config(key)?));
-        Ok(Self { tcp, acceptor, handshakes: JoinSet::new() })
+        Ok(Self { tcp, acceptor, handshake_timeout, handshakes: JoinSet::new() })
     }
 }
 
@@ -77,9 +81,9 @@ impl Listener for TlsListener {
             tokio::select! {
                 accepted = self.tcp.accept(), if self.handshakes.len() < MAX_TLS_HANDSHAKES => match accepted {
                     Ok((stream, peer)) => {
-                        let acceptor = self.acceptor.clone();
+                        let (acceptor, limit) = (self.acceptor.clone(), self.handshake_timeout);
                         self.handshakes.spawn(async move {
-                            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                            match tokio::time::timeout(limit, acceptor.accept(stream)).await {
                                 Ok(Ok(tls)) => Some((tls, peer)),
                                 Ok(Err(e)) => {
                                     debug!(%peer, error = %e, "TLS handshake failed");

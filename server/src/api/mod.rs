@@ -3,7 +3,9 @@
 //!
 //! Requests authenticate with `Authorization: Bearer <JWT>`; the token's verified tenant and
 //! role decide what is allowed, through the same [`crate::authz::authorize`] the control stream uses, and
-//! each principal's requests pass its tenant's control rate limit. Every error, including
+//! each principal's requests pass its tenant's control rate limit; requests without a token
+//! (or with one that does not verify) pass a limit per client address instead. Connections
+//! are capped and every request has deadlines ([`serve`]). Every error, including
 //! axum's own extractor rejections and unknown routes, is answered as
 //! `{"error":{"code":"..","message":".."}}` with a stable code from
 //! [`downbeat_protocol::ErrorCode`]; details go to the log, never internals to the client.
@@ -15,25 +17,33 @@ mod pages;
 mod respond;
 mod rooms;
 mod sel;
+mod serve;
 mod state;
 mod status;
 
+use std::time::Duration;
+
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse as _, Response};
+use downbeat_protocol::ErrorCode;
 
 use self::error::not_found;
 pub use self::error::{ApiError, status_for};
-pub(crate) use self::listen::{ClientAddr, TlsListener};
+pub(crate) use self::listen::TlsListener;
 pub(crate) use self::pages::warn_if_missing;
+pub(crate) use self::serve::{HttpLimits, serve};
 pub(crate) use self::state::{AppState, Web};
 
 /// Largest request body accepted.
 const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// The API's routes, the browser pages and package ([`pages`]), with the cross-origin
-/// isolation headers on every response.
-pub(crate) fn router(state: AppState) -> Router {
+/// isolation headers on every response, the per-address limit on requests without a token,
+/// and `request_timeout` on every request.
+pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
     let demo = state.tenants.is_demo();
     Router::new()
         .merge(status::routes())
@@ -43,8 +53,30 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_anonymous))
         .with_state(state)
-        .layer(axum::middleware::map_response(respond::isolate))
+        .layer(middleware::from_fn(move |request, next| serve::request_deadline(request_timeout, request, next)))
+        .layer(middleware::map_response(respond::isolate))
+}
+
+/// Takes a request without a token from its client address's bucket (a request with a token
+/// pays per person once it verifies, or per address if it does not: see [`extract::Auth`]).
+async fn limit_anonymous(
+    State(state): State<AppState>,
+    extract::PeerAddr(peer): extract::PeerAddr,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !request.headers().contains_key(header::AUTHORIZATION) && !state.take_anonymous(peer) {
+        return anonymous_limited(&state).into_response();
+    }
+    next.run(request).await
+}
+
+/// The refusal of a request over its address's limit, counted.
+pub(super) fn anonymous_limited(state: &AppState) -> ApiError {
+    state.stats.refused.inc(ErrorCode::RateLimited);
+    ApiError::new(ErrorCode::RateLimited, "too many requests from this network; slow down")
 }
 
 async fn unknown_route() -> ApiError {

@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
-use axum::extract::connect_info::ConnectInfo;
 use axum::extract::{FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -25,14 +24,13 @@ use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 
 use super::error::{ApiError, not_found};
-use super::extract::ApiJson;
-use super::listen::ClientAddr;
+use super::extract::{ApiJson, PeerAddr};
 use super::respond::allow_any_origin;
 use super::state::AppState;
 use crate::auth::{DEMO_TENANT_ID, Role};
 use crate::config::Config;
 
-/// How long a demo token lasts.
+/// How long a demo token lasts (or the maximum token lifetime, if shorter).
 const DEMO_TOKEN_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Most path segments in a served file's URL.
 const MAX_SEGMENTS: usize = 4;
@@ -292,8 +290,11 @@ struct DemoToken {
 
 /// Signs a child or teacher in to the embedded demo tenant by display name: a fresh
 /// pseudonymous subject and a 12-hour token. Rate-limited per client network.
-async fn demo_token(State(state): State<AppState>, request: Request) -> Result<Response, ApiError> {
-    let peer = request.extensions().get::<ConnectInfo<ClientAddr>>().map(|info| info.0.0.ip());
+async fn demo_token(
+    State(state): State<AppState>,
+    PeerAddr(peer): PeerAddr,
+    request: Request,
+) -> Result<Response, ApiError> {
     if !state.web.take_demo_token(peer, state.clock.now().0) {
         state.stats.refused.inc(ErrorCode::RateLimited);
         return Err(ApiError::new(
@@ -314,7 +315,8 @@ async fn demo_token(State(state): State<AppState>, request: Request) -> Result<R
         )));
     }
     let sub = format!("demo-{prefix}-{:08x}", rand::random::<u32>());
-    let minted = state.tenants.mint(DEMO_TENANT_ID, role, &sub, name, DEMO_TOKEN_TTL).and_then(|token| {
+    let ttl = DEMO_TOKEN_TTL.min(state.tenants.max_lifetime());
+    let minted = state.tenants.mint(DEMO_TENANT_ID, role, &sub, name, ttl).and_then(|token| {
         let principal = state.tenants.verify(&token)?;
         Ok((token, principal.expires_at_unix))
     });

@@ -15,7 +15,7 @@ use downbeat_protocol::{
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Auth, MemberPath, RoomPath};
+use super::extract::{ApiJson, Auth, MemberPath, PeerAddr, RoomPath};
 use super::state::AppState;
 use crate::auth::Principal;
 use crate::authz::Operation;
@@ -203,9 +203,10 @@ async fn list_rooms(State(state): State<AppState>, Auth(who): Auth) -> Result<Js
 async fn room(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
 ) -> Result<Json<RoomDetail>, ApiError> {
-    let room = state.room_for(&who, &code, Operation::ViewRoom)?;
+    let room = state.room_for(&who, peer, &code, Operation::ViewRoom)?;
     Ok(Json(detail(&room).await?))
 }
 
@@ -214,10 +215,11 @@ async fn room(
 pub(crate) async fn control(
     state: &AppState,
     who: &Principal,
+    peer: PeerAddr,
     code: &str,
     op: ControlOp,
 ) -> Result<Option<Applied>, ApiError> {
-    let room = state.room_for(who, code, Operation::Control(&op))?;
+    let room = state.room_for(who, peer, code, Operation::Control(&op))?;
     Ok(room.control(op).await?)
 }
 
@@ -230,9 +232,10 @@ struct Closed {
 async fn close_room(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
 ) -> Result<Json<Closed>, ApiError> {
-    let room = state.room_for(&who, &code, Operation::Control(&ControlOp::Close))?;
+    let room = state.room_for(&who, peer, &code, Operation::Control(&ControlOp::Close))?;
     room.control(ControlOp::Close).await?;
     Ok(Json(Closed { code: room.meta().code.display(), closed: true }))
 }
@@ -247,10 +250,11 @@ struct ChangeApplied {
 async fn change(
     state: &AppState,
     who: &Principal,
+    peer: PeerAddr,
     code: &str,
     change: Change,
 ) -> Result<Json<ChangeApplied>, ApiError> {
-    let applied = control(state, who, code, ControlOp::Timeline(change))
+    let applied = control(state, who, peer, code, ControlOp::Timeline(change))
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "a timeline change was applied without a boundary"))?;
     Ok(Json(ChangeApplied {
@@ -270,6 +274,7 @@ struct Start {
 async fn start(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
     body: axum::body::Bytes,
 ) -> Result<Json<ChangeApplied>, ApiError> {
@@ -279,15 +284,16 @@ async fn start(
     } else {
         serde_json::from_slice(&body).map_err(|e| ApiError::bad_request(format!("bad JSON body: {e}")))?
     };
-    change(&state, &who, &code, Change::Start { count_in_bars: start.count_in_bars }).await
+    change(&state, &who, peer, &code, Change::Start { count_in_bars: start.count_in_bars }).await
 }
 
 async fn stop(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
 ) -> Result<Json<ChangeApplied>, ApiError> {
-    change(&state, &who, &code, Change::Stop).await
+    change(&state, &who, peer, &code, Change::Stop).await
 }
 
 #[derive(Deserialize)]
@@ -299,11 +305,12 @@ struct SetTempo {
 async fn set_tempo(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
     ApiJson(body): ApiJson<SetTempo>,
 ) -> Result<Json<ChangeApplied>, ApiError> {
     let tempo = timeline::tempo_from_bpm_f64(body.tempo_bpm)?;
-    change(&state, &who, &code, Change::SetTempo(tempo)).await
+    change(&state, &who, peer, &code, Change::SetTempo(tempo)).await
 }
 
 #[derive(Deserialize)]
@@ -315,11 +322,12 @@ struct SetMeter {
 async fn set_meter(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
     ApiJson(body): ApiJson<SetMeter>,
 ) -> Result<Json<ChangeApplied>, ApiError> {
     let beats_per_bar = meter(body.beats_per_bar)?;
-    change(&state, &who, &code, Change::SetMeter(beats_per_bar)).await
+    change(&state, &who, peer, &code, Change::SetMeter(beats_per_bar)).await
 }
 
 #[derive(Serialize)]
@@ -336,10 +344,11 @@ struct Mute {
 async fn mute(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     MemberPath(code, member): MemberPath,
     ApiJson(body): ApiJson<Mute>,
 ) -> Result<Json<Done>, ApiError> {
-    control(&state, &who, &code, ControlOp::Mute { member, muted: body.muted }).await?;
+    control(&state, &who, peer, &code, ControlOp::Mute { member, muted: body.muted }).await?;
     Ok(Json(Done { ok: true }))
 }
 
@@ -355,6 +364,7 @@ struct Assign {
 async fn assign(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     MemberPath(code, member): MemberPath,
     ApiJson(body): ApiJson<Assign>,
 ) -> Result<Json<Done>, ApiError> {
@@ -364,15 +374,16 @@ async fn assign(
         .transpose()?;
     let beats = BoundedVec::try_from_vec(body.beats)
         .map_err(|_| ApiError::bad_request(format!("at most {MAX_ASSIGNED_BEATS} beats")))?;
-    control(&state, &who, &code, ControlOp::Assign { member, assignment: Assignment { part, beats } }).await?;
+    control(&state, &who, peer, &code, ControlOp::Assign { member, assignment: Assignment { part, beats } }).await?;
     Ok(Json(Done { ok: true }))
 }
 
 async fn remove_member(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     MemberPath(code, member): MemberPath,
 ) -> Result<Json<Done>, ApiError> {
-    control(&state, &who, &code, ControlOp::Remove { member }).await?;
+    control(&state, &who, peer, &code, ControlOp::Remove { member }).await?;
     Ok(Json(Done { ok: true }))
 }

@@ -19,7 +19,7 @@ use downbeat_protocol::{ControlOp, ErrorCode, PromptText};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Auth, RoomPath};
+use super::extract::{ApiJson, Auth, PeerAddr, RoomPath};
 use super::respond::allow_any_origin;
 use super::rooms::{Done, control};
 use super::state::AppState;
@@ -101,12 +101,13 @@ struct SetPrompt {
 async fn set_prompt(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
     ApiJson(body): ApiJson<SetPrompt>,
 ) -> Result<Json<Done>, ApiError> {
     let text = PromptText::new(body.text.trim().to_owned())
         .map_err(|_| ApiError::bad_request("a prompt is at most 200 bytes"))?;
-    control(&state, &who, &code, ControlOp::Prompt { text }).await?;
+    control(&state, &who, peer, &code, ControlOp::Prompt { text }).await?;
     Ok(Json(Done { ok: true }))
 }
 
@@ -223,9 +224,10 @@ async fn session_view(state: &AppState, tenant: &str, session_id: &str) -> Resul
 async fn room_sel(
     State(state): State<AppState>,
     Auth(who): Auth,
+    peer: PeerAddr,
     RoomPath(code): RoomPath,
 ) -> Result<Json<SessionSelView>, ApiError> {
-    let room = state.room_for(&who, &code, Operation::ReadSel)?;
+    let room = state.room_for(&who, peer, &code, Operation::ReadSel)?;
     let meta = room.meta();
     if let Some(view) = session_view(&state, &who.tenant, &meta.sel_id).await? {
         return Ok(Json(view));

@@ -1,7 +1,7 @@
 //! What the API's handlers share: the registry, tenants, limits, and the pages' settings.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -9,11 +9,13 @@ use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::ErrorCode;
 
 use super::error::ApiError;
+use super::extract::PeerAddr;
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::config::Config;
 use crate::identity::PublishedHashes;
+use crate::limits::{Buckets, Refill, network};
 use crate::room::{RoomHandle, Rooms};
 use crate::sel::Sel;
 use crate::stats::Stats;
@@ -54,6 +56,12 @@ impl AppState {
             .try_take(now)
     }
 
+    /// Takes a request without a (verified) token from the bucket of `peer`'s network.
+    pub(super) fn take_anonymous(&self, peer: Option<IpAddr>) -> bool {
+        let now = self.clock.now().0;
+        self.web.anonymous.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(network(peer), now)
+    }
+
     /// Counts a refusal made here and turns it into the response. (Refusals made by a room
     /// task are counted there, for HTTP and the control stream alike.)
     pub(crate) fn refused(&self, r: Refusal) -> ApiError {
@@ -66,11 +74,17 @@ impl AppState {
         authorize(who, None, op).map_err(|r| self.refused(r))
     }
 
-    /// The room `code` names for `who`, if `who` may do `op` there.
-    pub(crate) fn room_for(&self, who: &Principal, code: &str, op: Operation<'_>) -> Result<RoomHandle, ApiError> {
+    /// The room `code` names for `who` (asking from `peer`), if `who` may do `op` there.
+    pub(crate) fn room_for(
+        &self,
+        who: &Principal,
+        peer: PeerAddr,
+        code: &str,
+        op: Operation<'_>,
+    ) -> Result<RoomHandle, ApiError> {
         let tenant =
             self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
-        let room = self.rooms.lookup(tenant, who, code).map_err(|r| self.refused(r))?;
+        let room = self.rooms.lookup(tenant, who, peer.0, code).map_err(|r| self.refused(r))?;
         authorize(who, Some(&room.meta().tenant), op).map_err(|r| self.refused(r))?;
         Ok(room)
     }
@@ -80,7 +94,11 @@ impl AppState {
 /// behind one school NAT signs in at once, so the burst covers a class and its teacher.
 const DEMO_TOKENS_PER_SECOND: u32 = 1;
 const DEMO_TOKEN_BURST: u32 = 60;
-/// Client networks whose demo-token buckets are remembered before full ones are forgotten.
+/// Requests without a token per client network: burst and sustained rate. A class behind one
+/// school NAT loading the pages at once (a dozen files each) fits in the burst.
+const ANONYMOUS_BURST: u32 = 1000;
+const ANONYMOUS_PER_SECOND: u32 = 100;
+/// Client networks whose buckets are remembered before full ones are forgotten.
 const MAX_TRACKED_NETWORKS: usize = 10_000;
 
 /// What the browser routes need beyond the API's state.
@@ -90,7 +108,8 @@ pub(crate) struct Web {
     pub(super) pkg_dir: PathBuf,
     pub(super) public_wt_url: Option<String>,
     pub(super) wt_port: u16,
-    demo_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    demo_buckets: Mutex<Buckets<IpAddr>>,
+    anonymous: Mutex<Buckets<IpAddr>>,
 }
 
 impl Web {
@@ -100,52 +119,29 @@ impl Web {
             pkg_dir: config.pkg_dir.clone(),
             public_wt_url: config.public_wt_url.clone(),
             wt_port,
-            demo_buckets: Mutex::new(HashMap::new()),
+            demo_buckets: Mutex::new(Buckets::new(
+                DEMO_TOKEN_BURST,
+                Refill { tokens: DEMO_TOKENS_PER_SECOND, secs: 1 },
+                MAX_TRACKED_NETWORKS,
+            )),
+            anonymous: Mutex::new(Buckets::new(
+                ANONYMOUS_BURST,
+                Refill { tokens: ANONYMOUS_PER_SECOND, secs: 1 },
+                MAX_TRACKED_NETWORKS,
+            )),
         }
     }
 
     /// Takes one demo token from the bucket of `peer`'s network (an IPv4 address, or an IPv6
     /// /64). Requests without a known peer share one bucket.
     pub(super) fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
-        let key = peer.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network);
-        let mut buckets = self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if buckets.len() >= MAX_TRACKED_NETWORKS {
-            // Full buckets are the same as new ones: forgetting them changes nothing.
-            buckets.retain(|_, b| b.available(now) < DEMO_TOKEN_BURST);
-        }
-        buckets
-            .entry(key)
-            .or_insert_with(|| TokenBucket::new(DEMO_TOKENS_PER_SECOND, DEMO_TOKEN_BURST, now))
-            .try_take(now)
-    }
-}
-
-/// The network a client address stands for in rate limits: IPv4 addresses (also when mapped
-/// into IPv6) as they are, IPv6 addresses by their /64.
-fn network(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
-        },
+        self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(network(peer), now)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn networks_group_ipv6_by_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:bbbb::2".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(network(a), network(b));
-        assert_ne!(network(a), network(c));
-        let mapped: IpAddr = "::ffff:10.0.0.7".parse().unwrap();
-        assert_eq!(network(mapped), "10.0.0.7".parse::<IpAddr>().unwrap());
-    }
 
     #[test]
     fn demo_tokens_are_limited_per_network() {

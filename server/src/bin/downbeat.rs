@@ -128,10 +128,13 @@ fn banner(server: &Server) -> anyhow::Result<String> {
         out.push_str(&format!("  Tenants:       {}\n\nPress Ctrl-C to stop.\n\n", ids.join(", ")));
         return Ok(out);
     }
-    let day = Duration::from_secs(12 * 3600);
+    let day = Duration::from_secs(12 * 3600).min(tenants.max_lifetime());
     let teacher = tenants.mint("demo", Role::Teacher, "t-1", "Ms. Rivera", day)?;
     let student = tenants.mint("demo", Role::Student, "s-1", "Ana", day)?;
-    out.push_str("  Tenant:        demo (Demo School); dev tokens below last 12 hours\n\n");
+    out.push_str(&format!(
+        "  Tenant:        demo (Demo School); dev tokens below last {} hours\n\n",
+        day.as_secs() as f64 / 3600.0
+    ));
     out.push_str(&format!("Teacher token (t-1, Ms. Rivera):\n  {teacher}\n\n"));
     out.push_str(&format!("Student token (s-1, Ana):\n  {student}\n\n"));
     out.push_str("More tokens: downbeat token --tenant demo --role student --sub s-2 --name Ben\n\n");

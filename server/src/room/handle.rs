@@ -187,6 +187,21 @@ impl RoomHandle {
         let _ = self.tx.send(Command::Depart { member_id, session_id, how }).await;
     }
 
+    /// [`Self::depart`] without waiting, for a drop guard: queues the departure now, or hands
+    /// the wait to a new task while the room's queue is full. Nothing to do once the room is
+    /// gone (or outside a runtime, where no room runs either).
+    pub(crate) fn depart_soon(&self, member_id: u64, session_id: u64, how: Departure) {
+        let command = Command::Depart { member_id, session_id, how };
+        if let Err(mpsc::error::TrySendError::Full(command)) = self.tx.try_send(command)
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            let tx = self.tx.clone();
+            runtime.spawn(async move {
+                let _ = tx.send(command).await;
+            });
+        }
+    }
+
     /// Applies a teacher control (already authorized) asked over HTTP; refuses with
     /// `server_busy` rather than waiting when the room's queue is full.
     pub(crate) async fn control(&self, op: ControlOp) -> Result<Option<Applied>, Refusal> {

@@ -6,14 +6,23 @@
 //!
 //! Join codes are unique within a tenant. Looking a code up answers, in this order: the
 //! caller's tenant's live room; `room_closed` for a code of the caller's tenant that was closed
-//! or expired (remembered for a day); `wrong_tenant` for another tenant's live code;
-//! `room_not_found`. Every lookup that does not find a live room of the caller's tenant takes
-//! a token from the tenant's failed-join bucket, and an empty bucket refuses every student's
-//! lookup with `rate_limited` (even a right code, or its answer would tell a guesser which code
-//! is right). Teachers still reach their tenant's live rooms while it is empty, so a guessing
-//! student cannot lock the staff out; their wrong codes count like anyone's.
+//! or expired (remembered for a day); `room_not_found` for anything else, another tenant's live
+//! code included (answered and counted exactly alike, so codes cannot be probed across
+//! schools).
+//!
+//! A lookup that finds no live room of the caller's tenant is a failed join. Failed joins are
+//! counted in three buckets: the person's (tenant and subject: a few, then one every ten
+//! seconds), their network address's (across tenants), and the school's (its `joins_per_second`
+//! and `join_burst`). The person's bucket is much smaller than the others, so one student
+//! guessing codes runs out long before the school does and cannot lock anyone else out. While
+//! any of a student's three buckets is empty, every lookup of theirs is refused with
+//! `rate_limited`, a right code too: otherwise the answer would tell a guesser which code is
+//! right. Teachers reach their tenant's live rooms while the shared buckets are empty (others'
+//! guessing cannot lock the staff out), so every wrong code of a teacher takes a token from
+//! their own bucket even when it is refused, and an empty one refuses them like a student.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -31,6 +40,7 @@ use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
+use crate::limits::{Buckets, Refill, network};
 use crate::sel::Sel;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -41,6 +51,20 @@ const COMMAND_QUEUE: usize = 512;
 const CLOSED_MEMORY_NANOS: u64 = 24 * 3600 * 1_000_000_000;
 /// Most closed codes remembered per tenant.
 const CLOSED_MEMORY_PER_TENANT: usize = 10_000;
+/// Failed joins one person may make in a burst...
+const PERSON_JOIN_BURST: u32 = 5;
+/// ...and how fast they may go on: one every ten seconds.
+const PERSON_JOIN_REFILL: Refill = Refill { tokens: 1, secs: 10 };
+/// Failed joins one network address may make in a burst (fewer than a school's by default,
+/// so one machine with many identities cannot exhaust a school)...
+const ADDRESS_JOIN_BURST: u32 = 10;
+/// ...and how fast it may go on.
+const ADDRESS_JOIN_REFILL: Refill = Refill { tokens: 1, secs: 1 };
+/// People, and separately network addresses, whose failed-join buckets are remembered.
+const MAX_TRACKED_JOINERS: usize = 10_000;
+/// The one answer to a lookup refused for too many failed joins, whichever bucket is empty
+/// and whatever the code.
+const TOO_MANY_WRONG_CODES: &str = "too many wrong join codes were tried just now; wait a minute";
 
 /// Settings the registry passes to every room.
 #[derive(Clone, Debug)]
@@ -58,7 +82,10 @@ pub(crate) struct RoomsConfig {
 #[derive(Debug)]
 struct TenantRooms {
     live: usize,
+    /// The school's failed joins.
     failed_joins: TokenBucket,
+    /// Each person's failed joins, by subject.
+    people: Buckets<String>,
     closed: HashMap<JoinCode, ServerNanos>,
 }
 
@@ -67,17 +94,31 @@ impl TenantRooms {
         Self {
             live: 0,
             failed_joins: TokenBucket::new(limits.joins_per_second, limits.join_burst, now.0),
+            people: Buckets::new(PERSON_JOIN_BURST, PERSON_JOIN_REFILL, MAX_TRACKED_JOINERS),
             closed: HashMap::new(),
         }
     }
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Registry {
     /// Live rooms by code; codes are unique within a tenant, rarely shared across tenants.
     live: HashMap<JoinCode, Vec<RoomHandle>>,
     tenants: HashMap<Arc<str>, TenantRooms>,
+    /// Failed joins by network address, across tenants.
+    addresses: Buckets<IpAddr>,
     count: usize,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Self {
+            live: HashMap::new(),
+            tenants: HashMap::new(),
+            addresses: Buckets::new(ADDRESS_JOIN_BURST, ADDRESS_JOIN_REFILL, MAX_TRACKED_JOINERS),
+            count: 0,
+        }
+    }
 }
 
 /// All rooms. See the module docs.
@@ -141,7 +182,7 @@ impl Rooms {
                     "the server holds its maximum number of rooms; try again later",
                 ));
             }
-            let Registry { live, tenants, count } = &mut *registry;
+            let Registry { live, tenants, count, .. } = &mut *registry;
             let tenant_id: Arc<str> = Arc::from(tenant.id());
             let usage = tenants.entry(tenant_id.clone()).or_insert_with(|| TenantRooms::new(limits, now));
             if usage.live >= limits.max_rooms as usize {
@@ -205,31 +246,46 @@ impl Rooms {
         Ok(handle)
     }
 
-    /// Finds the room a member of `tenant` names by `input` (as typed). See the module docs
-    /// for the answers and the failed-join limit.
-    pub(crate) fn lookup(&self, tenant: &Tenant, who: &Principal, input: &str) -> Result<RoomHandle, Refusal> {
+    /// Finds the room a member of `tenant` names by `input` (as typed), asking from `peer`
+    /// (`None`: an unknown address, counted as one). See the module docs for the answers and
+    /// the failed-join limits.
+    pub(crate) fn lookup(
+        &self,
+        tenant: &Tenant,
+        who: &Principal,
+        peer: Option<IpAddr>,
+        input: &str,
+    ) -> Result<RoomHandle, Refusal> {
         let now = self.clock.now();
         let limits = tenant.limits();
+        let address = network(peer);
         let mut registry = self.registry();
-        let Registry { live, tenants, .. } = &mut *registry;
+        let Registry { live, tenants, addresses, .. } = &mut *registry;
         let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms::new(limits, now));
         let code = JoinCode::parse(input);
-        let found = code.as_ref().and_then(|code| live.get(code)).map(Vec::as_slice).unwrap_or_default();
-        let own = found.iter().find(|r| &*r.meta.tenant == tenant.id());
-        // Staff are not locked out of their rooms while someone guesses codes; their wrong
-        // codes still count below.
-        if let (Some(room), Role::Teacher) = (own, who.role) {
-            return Ok(room.clone());
+        let own = code
+            .as_ref()
+            .and_then(|code| live.get(code))
+            .and_then(|rooms| rooms.iter().find(|r| &*r.meta.tenant == tenant.id()));
+        let too_many = || Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES);
+        let teacher = who.role == Role::Teacher;
+        if usage.people.available(&who.subject, now.0) == 0 {
+            return Err(too_many());
         }
-        if usage.failed_joins.available(now.0) == 0 {
-            return Err(Refusal::new(
-                ErrorCode::RateLimited,
-                "too many wrong join codes were tried in your school just now; wait a minute",
-            ));
+        let shared_left = addresses.available(&address, now.0) > 0 && usage.failed_joins.available(now.0) > 0;
+        if !shared_left && !teacher {
+            return Err(too_many());
         }
         if let Some(room) = own {
             return Ok(room.clone());
         }
+        // A wrong code. A teacher pays for it even when it is refused below: they reached a
+        // right code however empty the shared buckets, so a free refusal would tell them apart.
+        usage.people.try_take(who.subject.clone(), now.0);
+        if !shared_left {
+            return Err(too_many());
+        }
+        addresses.try_take(address, now.0);
         usage.failed_joins.try_take(now.0);
         let Some(code) = code else {
             return Err(Refusal::new(
@@ -240,9 +296,6 @@ impl Rooms {
         usage.closed.retain(|_, at| now.0.saturating_sub(at.0) < CLOSED_MEMORY_NANOS);
         if usage.closed.contains_key(&code) {
             return Err(Refusal::new(ErrorCode::RoomClosed, "this room was closed"));
-        }
-        if !found.is_empty() {
-            return Err(Refusal::new(ErrorCode::WrongTenant, "this code belongs to a room of another school"));
         }
         Err(Refusal::new(ErrorCode::RoomNotFound, "no room has this code; check it with your teacher"))
     }

@@ -36,6 +36,7 @@ mod model;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -373,6 +374,22 @@ impl Store {
             } else {
                 SqliteConnectOptions::new().filename(url)
             };
+            // Children's data: the file is made 0600 before SQLite opens it, and SQLite gives
+            // the WAL and shared-memory files the database file's mode.
+            let file = options.get_filename();
+            if file != Path::new(":memory:") {
+                let private = |path: &Path| {
+                    crate::private::private_file(path).map_err(|e| StoreError::connecting(OP, sqlx::Error::Io(e)))
+                };
+                private(file)?;
+                for suffix in ["-wal", "-shm"] {
+                    let mut side = file.as_os_str().to_owned();
+                    side.push(suffix);
+                    if Path::new(&side).exists() {
+                        private(Path::new(&side))?;
+                    }
+                }
+            }
             let options = options
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
