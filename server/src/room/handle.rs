@@ -16,6 +16,7 @@ use crate::authz::Refusal;
 use crate::codes::JoinCode;
 use crate::sel::store::RoomSessionRow;
 use crate::sel::unix_ms;
+use crate::stats::Stats;
 
 /// What the room task needs from a member's connection. Implemented by
 /// [`wtransport::Connection`]; tests use a fake.
@@ -47,6 +48,60 @@ impl Peer for wtransport::Connection {
 pub(crate) struct Kick {
     pub(crate) code: ErrorCode,
     pub(crate) message: &'static str,
+}
+
+/// A session's connection as a room task reaches it: its datagrams, its bounded control
+/// queue, and the way to tell it to end. Nothing here ever waits.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    peer: Arc<dyn Peer>,
+    control_tx: mpsc::Sender<ServerMessage>,
+    kick: Option<oneshot::Sender<Kick>>,
+}
+
+impl Conn {
+    pub(crate) fn new(
+        peer: Arc<dyn Peer>,
+        control_tx: mpsc::Sender<ServerMessage>,
+        kick: oneshot::Sender<Kick>,
+    ) -> Self {
+        Self { peer, control_tx, kick: Some(kick) }
+    }
+
+    /// Queues a control message; false only if the queue is full (a slow reader). A closed
+    /// queue is a session that is ending: its departure is on its way to the room.
+    pub(crate) fn queue(&self, message: ServerMessage) -> bool {
+        !matches!(self.control_tx.try_send(message), Err(mpsc::error::TrySendError::Full(_)))
+    }
+
+    /// Hands a datagram to the transport without waiting, counting it; whether it was taken.
+    pub(crate) fn send_datagram(&self, bytes: &[u8], stats: &Stats) -> bool {
+        let sent = self.peer.send_datagram(bytes);
+        if sent {
+            stats.datagrams_sent.inc()
+        } else {
+            stats.datagrams_send_failed.inc()
+        }
+        sent
+    }
+
+    /// Largest datagram the path takes now.
+    pub(crate) fn max_datagram_size(&self) -> Option<usize> {
+        self.peer.max_datagram_size()
+    }
+
+    /// Ends the session with `code`: it says why on its control stream, then closes; closed
+    /// here at once when `at_once` (its queue is stuck) or when the session is already gone.
+    pub(crate) fn end(&mut self, code: ErrorCode, message: &'static str, at_once: bool) {
+        if at_once {
+            self.peer.close(code, message);
+        }
+        if let Some(kick) = self.kick.take()
+            && kick.send(Kick { code, message }).is_err()
+        {
+            self.peer.close(code, message);
+        }
+    }
 }
 
 /// A session joining a room: who (from the verified token) and how to reach them.

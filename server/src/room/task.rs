@@ -17,11 +17,11 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
-use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, ServerMessage, ServerNanos};
+use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::handle::{Command, Joining, Kick, Peer, RoomMeta, RoomView};
+use super::handle::{Command, Conn, Joining, RoomMeta, RoomView};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::sel::{Job, Sel};
@@ -35,14 +35,6 @@ impl From<room::Refused> for Refusal {
     fn from(refused: room::Refused) -> Self {
         Self::new(refused.code, refused.message)
     }
-}
-
-/// A session's connection, as the room's outputs reach it.
-#[derive(Debug)]
-struct Conn {
-    peer: Arc<dyn Peer>,
-    control_tx: mpsc::Sender<ServerMessage>,
-    kick: Option<oneshot::Sender<Kick>>,
 }
 
 pub(crate) struct RoomTask {
@@ -185,7 +177,7 @@ impl RoomTask {
 
     fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {
         let Joining { session_id, subject, name, role, token_expires_at, peer, control_tx, kick } = joining;
-        self.conns.insert(session_id, Conn { peer, control_tx, kick: Some(kick) });
+        self.conns.insert(session_id, Conn::new(peer, control_tx, kick));
         let join = Join { session: session_id, subject, name, role, token_expires_at };
         let joined = match self.room.handle_join(now, join) {
             Ok(joined) => joined,
@@ -214,9 +206,7 @@ impl RoomTask {
                 Output::Message { to, message } => {
                     let slow: Vec<Recipient> = to
                         .into_iter()
-                        .filter(|r| {
-                            self.conns.get(&r.session).is_some_and(|c| full(c.control_tx.try_send(message.clone())))
-                        })
+                        .filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone())))
                         .collect();
                     // Recipients dropped meanwhile are no longer the engine's: it ignores them.
                     let dropped = if slow.is_empty() { 0 } else { self.room.handle_slow(now, &slow) };
@@ -227,7 +217,7 @@ impl RoomTask {
                 }
                 Output::Beats { to, frame } => {
                     let Some(conn) = self.conns.get(&to.session) else { continue };
-                    let encoded = conn.peer.max_datagram_size().and_then(|max| encode_beats_to_fit(frame, max));
+                    let encoded = conn.max_datagram_size().and_then(|max| encode_beats_to_fit(frame, max));
                     let Some((bytes, trimmed)) = encoded else {
                         self.stats.datagrams_send_failed.inc();
                         continue;
@@ -235,7 +225,7 @@ impl RoomTask {
                     if trimmed {
                         self.stats.beat_frames_trimmed.inc();
                     }
-                    if self.send_datagram(conn, &bytes) {
+                    if conn.send_datagram(&bytes, &self.stats) {
                         self.stats.beat_frames_sent.inc();
                     }
                 }
@@ -249,7 +239,7 @@ impl RoomTask {
                         }
                     };
                     for conn in to.iter().filter_map(|r| self.conns.get(&r.session)) {
-                        if self.send_datagram(conn, &bytes) {
+                        if conn.send_datagram(&bytes, &self.stats) {
                             self.stats.note_frames_sent.inc();
                         }
                     }
@@ -267,37 +257,12 @@ impl RoomTask {
                     self.room.handle_sel_refused(now, work);
                 }
                 Output::End { to, reason } => {
-                    let Some(conn) = self.conns.get_mut(&to.session) else { continue };
-                    let (code, message) = (reason.code(), reason.message());
-                    if reason.at_once() {
-                        conn.peer.close(code, message);
-                    }
-                    // The session says why, then closes; if it is already gone, close here.
-                    if let Some(kick) = conn.kick.take()
-                        && kick.send(Kick { code, message }).is_err()
-                    {
-                        conn.peer.close(code, message);
+                    if let Some(conn) = self.conns.get_mut(&to.session) {
+                        conn.end(reason.code(), reason.message(), reason.at_once());
                     }
                 }
                 Output::Closed => info!("room closed"),
             }
         }
     }
-
-    /// Hands a datagram to QUIC without waiting, counting it; whether it was taken.
-    fn send_datagram(&self, conn: &Conn, bytes: &[u8]) -> bool {
-        let sent = conn.peer.send_datagram(bytes);
-        if sent {
-            self.stats.datagrams_sent.inc()
-        } else {
-            self.stats.datagrams_send_failed.inc()
-        }
-        sent
-    }
-}
-
-/// Whether a member's control queue refused a message for being full: a slow reader. (A
-/// closed queue is a session that is ending; its departure is on its way to the room.)
-fn full(sent: Result<(), mpsc::error::TrySendError<ServerMessage>>) -> bool {
-    matches!(sent, Err(mpsc::error::TrySendError::Full(_)))
 }
