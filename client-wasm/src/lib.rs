@@ -77,6 +77,8 @@ export interface Member {
   beats: number[];
   /** The member's own report of its clock sync (every couple of seconds). */
   sync: { synced: boolean; rttMs: number; uncertaintyMs: number };
+  /** What carries their session: WebSocket where the school's network blocks QUIC. */
+  transport: "webtransport" | "websocket";
 }
 
 /** A beat placed on both clocks. */
