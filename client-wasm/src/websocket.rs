@@ -15,7 +15,7 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 use downbeat_protocol::ws::{self, Unit};
-use downbeat_protocol::{FRAME_HEADER_LEN, frame_body_len};
+use downbeat_protocol::{ErrorCode, FRAME_HEADER_LEN, frame_body_len};
 use futures_util::future::{LocalBoxFuture, poll_fn, ready};
 use js_sys::{ArrayBuffer, Function, Promise, Uint8Array};
 use wasm_bindgen::closure::Closure;
@@ -32,9 +32,9 @@ const DATAGRAM_BACKLOG: usize = 64;
 const DATAGRAM_SEND_BUFFER: u32 = 8 * 1024;
 /// The close code a normal close sends (RFC 6455 allows only 1000 and 3000-4999 from pages).
 const NORMAL_CLOSURE: u16 = 1000;
-/// The close code sent when the server's message is not a well-formed unit (an application
-/// code: pages may not send 1002).
-const BAD_MESSAGE: u16 = 4000;
+/// The close code sent when the server's message is not a well-formed unit: 4000 plus the
+/// error code, as the server closes (pages may not send 1002).
+const BAD_MESSAGE: u16 = 4000 + ErrorCode::MalformedFrame.as_u16();
 
 /// An open WebSocket session.
 pub(crate) struct WebSocket {
