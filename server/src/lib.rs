@@ -338,6 +338,20 @@ impl Server {
             signal.clone(),
         ));
 
+        let ctx = Arc::new(SessionContext {
+            rooms: rooms.clone(),
+            tenants: tenants.clone(),
+            tenant_sessions: session::TenantSessions::default(),
+            stats: stats.clone(),
+            clock,
+            hello_timeout: config.hello_timeout(),
+            idle_timeout: config.idle_timeout(),
+            keep_alive: config.keep_alive(),
+            handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            next_session_id: AtomicU64::new(1),
+        });
+
         let http_limits = api::HttpLimits::new(&config);
         let router = api::router(
             api::AppState {
@@ -349,6 +363,8 @@ impl Server {
                 limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
                 sel: sel.clone(),
                 web: Arc::new(api::Web::new(&config, wt_port)),
+                sessions: ctx.clone(),
+                shutdown: signal.clone(),
             },
             config.http_request_timeout(),
         );
@@ -358,18 +374,6 @@ impl Server {
             https.map(|listener| tokio::spawn(api::serve(listener, router, http_limits, signal.clone())));
         let identity_task =
             tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
-        let ctx = Arc::new(SessionContext {
-            rooms: rooms.clone(),
-            tenants,
-            tenant_sessions: session::TenantSessions::default(),
-            stats,
-            clock,
-            hello_timeout: config.hello_timeout(),
-            handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
-            sessions: Arc::new(Semaphore::new(config.max_sessions)),
-            next_session_id: AtomicU64::new(1),
-        });
-
         // Shut down when asked, or if the HTTP or HTTPS server stops on its own.
         let watch = async {
             let ended = tokio::select! {
