@@ -58,7 +58,8 @@ export interface ConnectOptions {
   /** Which transport carries the session. `"auto"` (default): WebTransport first, WebSocket after
    * `transportHeadStartMs` (or at once if WebTransport fails sooner), and the first session the
    * server welcomes is kept; the winner is remembered per server in `localStorage`, so after a
-   * WebSocket win the next connect goes to WebSocket first, and a classroom on WebSocket retries
+   * WebSocket win the next connect goes straight to WebSocket (WebTransport only if WebSocket
+   * fails or takes over 2 s), and a classroom on WebSocket retries
    * WebTransport in the background (5 minutes after it last failed, without taking a seat) so
    * that the next connect uses it again once the network allows. `"webtransport"` or
    * `"websocket"`: only that one, and nothing remembered. */

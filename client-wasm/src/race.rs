@@ -14,8 +14,9 @@
 //! with `session_replaced`), which takes a hello stalled for seconds and then delivered.
 //!
 //! The winner is remembered per server (keyed by the WebTransport URL) in `localStorage`. After
-//! a WebSocket win the next connect tries WebSocket first, and WebTransport only gets its turn
-//! if WebSocket has not been welcomed within the head start. A classroom on WebSocket retries
+//! a WebSocket win the next connect goes straight to WebSocket; WebTransport only gets a turn
+//! if WebSocket fails, or has not been welcomed within [`REMEMBERED_HEAD_START_MS`] (a network
+//! that has since started to block TCP, say). A classroom on WebSocket retries
 //! WebTransport in the background, [`RETRY_WEBTRANSPORT_MS`] after it last failed (at least
 //! [`FIRST_RETRY_MS`] after connecting): it opens a session and closes it without a hello, which
 //! takes no seat. A retry that opens forgets the memory, so the next connect (or reconnect)
@@ -46,6 +47,9 @@ pub(crate) const FIRST_RETRY_MS: f64 = 10_000.0;
 const RETRY_TIMEOUT_MS: f64 = 10_000.0;
 /// The default head start of WebTransport over WebSocket.
 pub(crate) const DEFAULT_HEAD_START_MS: f64 = 500.0;
+/// The head start of a remembered WebSocket over WebTransport: long enough that a slow but
+/// working WebSocket is never raced.
+pub(crate) const REMEMBERED_HEAD_START_MS: f64 = 2_000.0;
 /// Where the winner is remembered: this prefix and the WebTransport URL.
 const MEMORY_PREFIX: &str = "downbeat.transport ";
 
@@ -84,16 +88,16 @@ pub(crate) async fn establish<T>(route: &Route, token: &Token, room: &RoomReques
 }
 
 async fn race<T>(route: &Route, token: &Token, room: &RoomRequest) -> Result<Greeted<T>, Failure> {
-    let (first, second) = match route.choice {
+    let (first, second, head_start_ms) = match route.choice {
         Choice::Only(kind) => return attempt(kind, route, None, token, room).await,
-        Choice::Auto if recall(route).is_some() => (Kind::WebSocket, Kind::WebTransport),
-        Choice::Auto => (Kind::WebTransport, Kind::WebSocket),
+        Choice::Auto if recall(route).is_some() => (Kind::WebSocket, Kind::WebTransport, REMEMBERED_HEAD_START_MS),
+        Choice::Auto => (Kind::WebTransport, Kind::WebSocket, route.head_start_ms),
     };
     let gate = Gate::default();
     // Futures do nothing until polled: the second attempt starts when the race first polls it.
     let first: LocalBoxFuture<'_, _> = Box::pin(attempt(first, route, Some(&gate), token, room));
     let second: LocalBoxFuture<'_, _> = Box::pin(attempt(second, route, Some(&gate), token, room));
-    let result = match select(first, Box::pin(js::sleep(route.head_start_ms))).await {
+    let result = match select(first, Box::pin(js::sleep(head_start_ms))).await {
         Either::Left((Ok(greeted), _)) => Ok(greeted),
         Either::Left((Err(e), _)) if !others_may_try(&e) => Err(e),
         Either::Left((Err(e), _)) => second.await.map_err(|other| both_failed(e, other)),

@@ -395,13 +395,16 @@ export async function startTcpRelay(targetPort) {
 /**
  * A UDP socket on 127.0.0.1 that takes every packet and answers none: a WebTransport URL
  * pointed at it behaves like a school filter that silently drops QUIC (no ICMP, no refusal).
- * `packets` counts what arrived.
+ * `packets` counts what arrived and `sources` holds each sender's "address:port" (Chromium
+ * opens every QUIC connection from a socket of its own, so a new source is a new attempt;
+ * an abandoned attempt keeps retransmitting its handshake for a few seconds).
  */
 export async function startBlackHole() {
   const socket = dgram.createSocket('udp4');
-  const hole = { port: 0, packets: 0, close: () => socket.close() };
-  socket.on('message', () => {
+  const hole = { port: 0, packets: 0, sources: new Set(), close: () => socket.close() };
+  socket.on('message', (_packet, from) => {
     hole.packets++;
+    hole.sources.add(`${from.address}:${from.port}`);
   });
   await new Promise((resolve) => socket.bind(0, '127.0.0.1', resolve));
   hole.port = socket.address().port;
