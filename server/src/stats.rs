@@ -492,6 +492,11 @@ mod tests {
             "refused_total",
             "note_datagrams_refused_total",
             "hello_failures_by_code_total",
+            // Since: the certificate in use and ACME.
+            "tls_certificate_expiry_timestamp_seconds",
+            "acme_certificates_issued_total",
+            "acme_failures_total",
+            "acme_failing",
         ];
         before.sort_unstable();
         assert_eq!(names, before);
