@@ -1,4 +1,5 @@
-//! A native Downbeat client (tokio), over WebTransport (wtransport) today.
+//! A native Downbeat client (tokio), over WebTransport (wtransport) or, where QUIC is
+//! blocked, WebSocket (tokio-tungstenite).
 //!
 //! [`Client::connect`] opens a session, sends the hello and waits for the welcome; from then on
 //! a driver task runs clock sync on datagrams, applies every newer timeline, and answers "at
@@ -12,8 +13,8 @@
 //! All of that is decided by the engine: [`downbeat_engine::session::Session`] (hello and
 //! welcome, presence, prompt, requests matched to answers, why a session ended) over
 //! [`downbeat_engine::client::Client`] (clock sync, timeline, notes). This crate only moves
-//! bytes through a transport (`transport.rs` is the seam, `webtransport.rs` the one
-//! implementation), reads the [`LocalClock`] (which tests replace with an [`InjectedClock`] of
+//! bytes through a transport (`transport.rs` is the seam; `webtransport.rs` and
+//! `websocket.rs` implement it, picked by the URL's scheme), reads the [`LocalClock`] (which tests replace with an [`InjectedClock`] of
 //! known offset and drift), and translates the session's events into futures (each request
 //! waits on a oneshot channel the session hands back with its answer) and the [`Event`] stream.
 //!
@@ -24,6 +25,7 @@
 
 mod clock;
 mod transport;
+mod websocket;
 mod webtransport;
 
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -81,7 +83,8 @@ pub enum ClientError {
 /// How to connect.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
-    /// `https://host:port` of the server's WebTransport endpoint.
+    /// `https://host:port` of the server's WebTransport endpoint, or its WebSocket endpoint
+    /// (`ws://host:port/api/ws` on its HTTP listener, `wss://…` on HTTPS) where QUIC is blocked.
     pub url: String,
     /// SHA-256 hashes of acceptable self-signed server certificates; empty to use the system
     /// roots (production certificates).

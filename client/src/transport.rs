@@ -3,8 +3,8 @@
 //! A transport is an open session to the server with one reliable, ordered control stream
 //! (length-prefixed frames, the same bytes whatever carries them) and unreliable datagrams.
 //! Everything above it (the session engine, the tasks of [`crate::Client`]) is the same for
-//! every transport; a second one (WebSocket, say) is one more file implementing [`Transport`]
-//! and a branch in [`open`]. WebTransport is the only one today ([`crate::webtransport`]).
+//! every transport: WebTransport ([`crate::webtransport`]) and WebSocket
+//! ([`crate::websocket`]), chosen by the URL's scheme.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -32,7 +32,11 @@ pub(crate) trait Transport: Send + Sync + 'static {
     fn closed(&self) -> Boxed<'_, String>;
 }
 
-/// Opens a session as `options` say (today: WebTransport to `options.url`).
+/// Opens a session as `options` say: WebSocket for a `ws://` or `wss://` URL, else
+/// WebTransport.
 pub(crate) async fn open(options: &ConnectOptions) -> Result<Arc<dyn Transport>, ClientError> {
+    if options.url.starts_with("ws://") || options.url.starts_with("wss://") {
+        return Ok(Arc::new(crate::websocket::WebSocket::open(options).await?));
+    }
     Ok(Arc::new(crate::webtransport::WebTransport::open(options).await?))
 }

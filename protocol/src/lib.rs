@@ -8,6 +8,9 @@
 //!   postcard frames, [`ClientMessage`] up and [`ServerMessage`] down, starting with a
 //!   [`Hello`] that names the [`PROTOCOL_VERSION`].
 //!
+//! WebTransport carries them as a bidirectional stream and QUIC datagrams; on networks that
+//! block QUIC, one WebSocket carries both, each message tagged ([`ws`]).
+//!
 //! Compatibility rules, enforced by review and by the fuzz targets in `fuzz/`:
 //! - postcard is not self-describing and encodes enum variants by index: variants are only ever
 //!   appended, never reordered or removed;
@@ -27,6 +30,7 @@ mod codec;
 mod error;
 mod time;
 mod wire;
+pub mod ws;
 
 pub use bounded::{BoundedString, BoundedVec, TooLong};
 pub use codec::{

@@ -151,15 +151,16 @@ settings! {
     max_rooms: usize = 1000, env "DOWNBEAT_MAX_ROOMS", value "N";
     /// Most members in one room, for every tenant (a tenant's own limit applies within it).
     max_members_per_room: usize = 64, env "DOWNBEAT_MAX_MEMBERS_PER_ROOM", value "N";
-    /// Most WebTransport sessions at once.
+    /// Most sessions at once (WebTransport and WebSocket together).
     max_sessions: usize = 10_000, env "DOWNBEAT_MAX_SESSIONS", value "N";
     /// Most QUIC/WebTransport handshakes in progress at once.
     max_concurrent_handshakes: usize = 256, env "DOWNBEAT_MAX_CONCURRENT_HANDSHAKES", value "N";
     /// Time a new session has to open its control stream and say hello, in ms.
     hello_timeout_ms: u64 = 5000, env "DOWNBEAT_HELLO_TIMEOUT_MS", value "MS";
-    /// QUIC idle timeout, in ms.
+    /// A session that receives nothing for this long is lost (QUIC's idle timeout; WebSocket
+    /// sessions time their reads), in ms.
     idle_timeout_ms: u64 = 30_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
-    /// QUIC keep-alive interval, in ms.
+    /// How often an idle session is kept alive (QUIC keep-alive; a WebSocket ping), in ms.
     keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
     /// The `aud` claim every token must carry.
     audience: String = DEFAULT_AUDIENCE.to_owned(), env "DOWNBEAT_TOKEN_AUDIENCE", value "AUD",
@@ -502,7 +503,7 @@ impl fmt::Display for KeyAlgorithm {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TenantLimits {
-    /// Most WebTransport sessions at once.
+    /// Most sessions at once (WebTransport and WebSocket together).
     pub max_sessions: u32,
     /// Most rooms at once.
     pub max_rooms: u32,

@@ -350,6 +350,20 @@ impl Server {
             signal.clone(),
         ));
 
+        let ctx = Arc::new(SessionContext {
+            rooms: rooms.clone(),
+            tenants: tenants.clone(),
+            tenant_sessions: session::TenantSessions::default(),
+            stats: stats.clone(),
+            clock,
+            hello_timeout: config.hello_timeout(),
+            idle_timeout: config.idle_timeout(),
+            keep_alive: config.keep_alive(),
+            handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
+            sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            next_session_id: AtomicU64::new(1),
+        });
+
         let http_limits = api::HttpLimits::new(&config);
         let router = api::router(
             api::AppState {
@@ -362,6 +376,8 @@ impl Server {
                 limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
                 sel: sel.clone(),
                 web: Arc::new(api::Web::new(&config, wt_port)),
+                sessions: ctx.clone(),
+                shutdown: signal.clone(),
             },
             config.http_request_timeout(),
         );
@@ -377,18 +393,6 @@ impl Server {
             health: tls_health,
         };
         let identity_task = tokio::spawn(identity::maintain(source, installer, hashes, signal.clone()));
-        let ctx = Arc::new(SessionContext {
-            rooms: rooms.clone(),
-            tenants,
-            tenant_sessions: session::TenantSessions::default(),
-            stats,
-            clock,
-            hello_timeout: config.hello_timeout(),
-            handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
-            sessions: Arc::new(Semaphore::new(config.max_sessions)),
-            next_session_id: AtomicU64::new(1),
-        });
-
         // Shut down when asked, or if the HTTP or HTTPS server stops on its own.
         let watch = async {
             let ended = tokio::select! {

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use downbeat_engine::room::{NotesHandled, ReportHandled, Seated};
 use downbeat_protocol::{ClientReport, ErrorCode};
 
+use crate::session::Carrier;
+
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
 pub struct Counter(AtomicU64);
@@ -124,7 +126,7 @@ impl Histogram {
 macro_rules! stats {
     ($(
         $(#[doc = $doc:literal])+
-        $field:ident: $kind:ident => $name:literal $(, total $total:literal $total_help:literal)?;
+        $field:ident: $kind:ty => $name:literal $(, total $total:literal $total_help:literal)?;
     )*) => {
         /// Everything the server counts. Shared as `Arc<Stats>`; every update is one relaxed
         /// atomic.
@@ -137,7 +139,7 @@ macro_rules! stats {
             /// Every metric `/metrics` renders, in order.
             pub const METRICS: &[Metric] = &[$(
                 $(Metric { name: $total, kind: Counter::KIND, label: Counter::LABEL, help: $total_help },)?
-                Metric { name: $name, kind: $kind::KIND, label: $kind::LABEL, help: concat!($($doc),+) },
+                Metric { name: $name, kind: <$kind as Render>::KIND, label: <$kind as Render>::LABEL, help: concat!($($doc),+) },
             )*];
 
             /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
@@ -146,8 +148,8 @@ macro_rules! stats {
                 $(
                     $(header(&mut out, $total, Counter::KIND, $total_help);
                     sample(&mut out, $total, "", self.$field.total());)?
-                    header(&mut out, $name, $kind::KIND, concat!($($doc),+));
-                    self.$field.render(&mut out, $name);
+                    header(&mut out, $name, <$kind as Render>::KIND, concat!($($doc),+));
+                    self.$field.render(&mut out, $name, "");
                 )*
                 out
             }
@@ -156,13 +158,22 @@ macro_rules! stats {
 }
 
 stats! {
-    /// WebTransport sessions open now.
+    /// Sessions open now (both transports).
     sessions_active: Gauge => "sessions_active";
     /// The host's CLOCK_MONOTONIC reading in ns at which server time is zero (0 where unknown;
     /// for benchmarks on the host).
     clock_zero_monotonic_nanos: Gauge => "clock_zero_monotonic_nanoseconds";
-    /// WebTransport sessions accepted since start.
+    /// Sessions accepted since start (both transports).
     sessions_total: Counter => "sessions_total";
+    /// Sessions open now, by transport.
+    transport_sessions_active: ByTransport<Gauge> => "transport_sessions_active";
+    /// Sessions accepted since start, by transport.
+    transport_sessions_total: ByTransport<Counter> => "transport_sessions_total";
+    /// Beat frames, sync replies and note frames a slow socket made stale and that were
+    /// dropped unsent, by transport (WebSocket; QUIC drops are in `datagrams_send_failed_total`).
+    transport_timing_dropped: ByTransport<Counter> => "transport_timing_dropped_total";
+    /// Clock-offset uncertainty clients report, by transport.
+    transport_sync_uncertainty: ByTransport<Histogram> => "transport_sync_uncertainty_seconds";
     /// Connection attempts refused at a capacity limit (handshakes or sessions).
     handshakes_refused: Counter => "handshakes_refused_total";
     /// Refused hellos, by error code.
@@ -306,23 +317,24 @@ trait Render {
     const KIND: &'static str;
     const LABEL: &'static str = "";
 
-    /// Writes the samples (the `# HELP` and `# TYPE` lines are written before).
-    fn render(&self, out: &mut String, name: &str);
+    /// Writes the samples (the `# HELP` and `# TYPE` lines are written before); `labels` are
+    /// written first in every sample's label set (`name="value",...`, or empty).
+    fn render(&self, out: &mut String, name: &str, labels: &str);
 }
 
 impl Render for Counter {
     const KIND: &'static str = "counter";
 
-    fn render(&self, out: &mut String, name: &str) {
-        sample(out, name, "", self.get());
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        sample(out, name, &braced(labels, ""), self.get());
     }
 }
 
 impl Render for Gauge {
     const KIND: &'static str = "gauge";
 
-    fn render(&self, out: &mut String, name: &str) {
-        sample(out, name, "", self.get());
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        sample(out, name, &braced(labels, ""), self.get());
     }
 }
 
@@ -331,11 +343,11 @@ impl Render for CodeCounters {
     const LABEL: &'static str = "code";
 
     /// One sample per code counted at least once.
-    fn render(&self, out: &mut String, name: &str) {
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
         for code in ErrorCode::ALL {
             let n = self.get(*code);
             if n > 0 {
-                sample(out, name, &format!("{{code=\"{}\"}}", code.as_str()), n);
+                sample(out, name, &braced(labels, &format!("code=\"{}\"", code.as_str())), n);
             }
         }
     }
@@ -346,16 +358,42 @@ impl Render for Histogram {
     const LABEL: &'static str = "le";
 
     /// Cumulative buckets, sum and count, in seconds.
-    fn render(&self, out: &mut String, name: &str) {
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS_MICROS.iter().zip(&self.buckets) {
             cumulative += bucket.get();
-            let _ = writeln!(out, "downbeat_{name}_bucket{{le=\"{}\"}} {cumulative}", *bound as f64 / 1e6);
+            let le = format!("le=\"{}\"", *bound as f64 / 1e6);
+            let _ = writeln!(out, "downbeat_{name}_bucket{} {cumulative}", braced(labels, &le));
         }
         cumulative += self.buckets[BUCKETS_MICROS.len()].get();
-        let _ = writeln!(out, "downbeat_{name}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let _ = writeln!(out, "downbeat_{name}_sum {}", self.sum_micros.get() as f64 / 1e6);
-        let _ = writeln!(out, "downbeat_{name}_count {}", self.count.get());
+        let _ = writeln!(out, "downbeat_{name}_bucket{} {cumulative}", braced(labels, "le=\"+Inf\""));
+        let plain = braced(labels, "");
+        let _ = writeln!(out, "downbeat_{name}_sum{plain} {}", self.sum_micros.get() as f64 / 1e6);
+        let _ = writeln!(out, "downbeat_{name}_count{plain} {}", self.count.get());
+    }
+}
+
+/// One metric per transport (see [`Carrier`]).
+#[derive(Debug, Default)]
+pub struct ByTransport<T>([T; 2]);
+
+impl<T> ByTransport<T> {
+    /// The metric of `carrier`.
+    pub(crate) fn get(&self, carrier: Carrier) -> &T {
+        &self.0[carrier as usize]
+    }
+}
+
+impl<T: Render> Render for ByTransport<T> {
+    const KIND: &'static str = T::KIND;
+    const LABEL: &'static str = "transport";
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        for carrier in Carrier::ALL {
+            let transport = format!("transport=\"{}\"", carrier.as_str());
+            let labels = if labels.is_empty() { transport } else { format!("{labels},{transport}") };
+            self.get(carrier).render(out, name, &labels);
+        }
     }
 }
 
@@ -364,6 +402,16 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     // Writing to a String cannot fail.
     let _ = writeln!(out, "# HELP downbeat_{name} {}", help.trim());
     let _ = writeln!(out, "# TYPE downbeat_{name} {kind}");
+}
+
+/// `{outer,inner}` with whichever are not empty; empty if both are.
+fn braced(outer: &str, inner: &str) -> String {
+    match (outer.is_empty(), inner.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("{{{outer}}}"),
+        (true, false) => format!("{{{inner}}}"),
+        (false, false) => format!("{{{outer},{inner}}}"),
+    }
 }
 
 /// One sample line; `labels` is empty or `{..}`.
@@ -432,6 +480,18 @@ mod tests {
         assert!(text.contains("downbeat_sync_rtt_seconds_bucket{le=\"+Inf\"} 4\n"));
         assert!(text.contains("downbeat_sync_rtt_seconds_count 4\n"));
         assert!(text.contains("downbeat_sync_rtt_seconds_sum 0.30144\n"));
+        // Per-transport series carry a `transport` label before any other.
+        stats.transport_sync_uncertainty.get(Carrier::WebSocket).observe_micros(700);
+        stats.transport_sessions_active.get(Carrier::WebTransport).inc();
+        let text = stats.render_prometheus();
+        assert!(
+            text.contains(
+                "downbeat_transport_sync_uncertainty_seconds_bucket{transport=\"websocket\",le=\"0.001\"} 1\n"
+            )
+        );
+        assert!(text.contains("downbeat_transport_sync_uncertainty_seconds_count{transport=\"webtransport\"} 0\n"));
+        assert!(text.contains("downbeat_transport_sessions_active{transport=\"webtransport\"} 1\n"));
+        assert!(text.contains("downbeat_transport_sessions_active{transport=\"websocket\"} 0\n"));
         // Gauges never wrap below zero.
         stats.rooms_active.dec();
         assert_eq!(stats.rooms_active.get(), 0);
@@ -492,6 +552,11 @@ mod tests {
             "refused_total",
             "note_datagrams_refused_total",
             "hello_failures_by_code_total",
+            // Added with WebSocket sessions.
+            "transport_sessions_active",
+            "transport_sessions_total",
+            "transport_timing_dropped_total",
+            "transport_sync_uncertainty_seconds",
             // Since: the certificate in use and ACME.
             "tls_certificate_expiry_timestamp_seconds",
             "acme_certificates_issued_total",

@@ -20,6 +20,39 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 
+/// What carries the native clients' sessions in a test.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// WebTransport (QUIC) to the server's UDP port.
+    WebTransport,
+    /// WebSocket to `/api/ws` on the server's HTTP listener.
+    WebSocket,
+}
+
+/// Runs each named test, an `async fn(Transport) -> anyhow::Result<()>` of the calling file,
+/// over both transports: as `webtransport::NAME` and `websocket::NAME`.
+#[macro_export]
+macro_rules! over_both_transports {
+    ($($name:ident),* $(,)?) => {
+        mod webtransport {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name($crate::Transport::WebTransport).await
+                }
+            )*
+        }
+        mod websocket {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() -> anyhow::Result<()> {
+                    super::$name($crate::Transport::WebSocket).await
+                }
+            )*
+        }
+    };
+}
+
 /// A server running on loopback for one test. Stops when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -37,6 +70,8 @@ pub struct TestServer {
     pub clock: ServerClock,
     /// Its counters.
     pub stats: std::sync::Arc<Stats>,
+    /// What [`Self::options`] connects over (WebTransport unless changed).
+    pub transport: Transport,
     http_client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -69,6 +104,7 @@ impl TestServer {
             tenants: server.tenants(),
             clock: server.clock(),
             stats: server.stats(),
+            transport: Transport::WebTransport,
             http_client: reqwest::Client::new(),
             stop: Some(stop),
             task: None,
@@ -95,6 +131,20 @@ impl TestServer {
         format!("https://{host}:{}/", self.wt_port)
     }
 
+    /// The same server, with native clients connecting over `transport`.
+    pub fn over(mut self, transport: Transport) -> Self {
+        self.transport = transport;
+        self
+    }
+
+    /// The URL native clients open sessions at, over [`Self::transport`], at `host`.
+    pub fn session_url(&self, host: &str) -> String {
+        match self.transport {
+            Transport::WebTransport => self.url(host),
+            Transport::WebSocket => format!("ws://{host}:{}/api/ws", self.http.port()),
+        }
+    }
+
     /// A demo-tenant token for `sub` with `role`, valid for an hour.
     pub fn token(&self, role: Role, sub: &str, name: &str) -> String {
         self.tenants.mint("demo", role, sub, name, Duration::from_secs(3600)).expect("the demo tenant mints")
@@ -110,9 +160,10 @@ impl TestServer {
         self.token(Role::Student, sub, &format!("Student {sub}"))
     }
 
-    /// Connect options to join room `code` with `token` and the pinned hashes; no reports.
+    /// Connect options to join room `code` with `token` over [`Self::transport`] and the pinned
+    /// hashes; no reports.
     pub fn options(&self, code: &str, token: &str) -> ConnectOptions {
-        let mut o = ConnectOptions::new(self.url("127.0.0.1"), token, code);
+        let mut o = ConnectOptions::new(self.session_url("127.0.0.1"), token, code);
         o.cert_hashes = self.hashes.clone();
         o.report_interval = None;
         o

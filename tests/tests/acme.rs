@@ -4,11 +4,11 @@
 //! server's HTTPS listener (`PEBBLE_VA_ALWAYS_VALID` is never set).
 //!
 //! It shows: the server obtains a certificate; a rustls client trusting only pebble's root
-//! (fetched from pebble's management interface) connects over HTTPS and over WebTransport
-//! without certificate hashes; the certificate is renewed with a WebTransport session open,
-//! which keeps receiving beats, while new connections get the new certificate; and a renewal
-//! that fails (pebble stopped) keeps the certificate in use and shows in `/metrics` and
-//! `/api/health`.
+//! (fetched from pebble's management interface) connects over HTTPS, WebSocket (`wss://`,
+//! `/api/ws` on the HTTPS listener) and WebTransport without certificate hashes; the
+//! certificate is renewed with a WebTransport and a WebSocket session open, which keep
+//! receiving beats, while new connections get the new certificate; and a renewal that fails
+//! (pebble stopped) keeps the certificate in use and shows in `/metrics` and `/api/health`.
 //!
 //! pebble issues certificates valid for 40 s here and the server renews with 20 s left, so a
 //! renewal comes about 20 s after each issuance. Every wait polls something observable
@@ -23,8 +23,10 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context, Result, bail, ensure};
 use downbeat_certs::DevIdentity;
 use downbeat_tests::{RawSession, TestServer};
+use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio_tungstenite::tungstenite::Message;
 use wtransport::config::DnsResolver;
 use wtransport::tls::rustls;
 use wtransport::{ClientConfig, Connection, Endpoint};
@@ -254,6 +256,61 @@ async fn webtransport(server: &TestServer, root_pem: &[u8]) -> Result<(RawSessio
     Ok((RawSession::from_parts(conn, send, recv, endpoint), sha))
 }
 
+/// A WebSocket session over `wss://DOMAIN/api/ws` on the HTTPS listener, trusting only
+/// pebble's root, welcomed into `room`: the socket and the SHA-256 of the certificate it got.
+async fn websocket(https: SocketAddr, root_pem: &[u8], token: &str, room: &str) -> Result<(WebSocket, String)> {
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls::pki_types::CertificateDer::pem_slice_iter(root_pem) {
+        roots.add(cert?)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(https).await?;
+    let name = rustls::pki_types::ServerName::try_from(DOMAIN)?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|chain| chain.first()).context("a peer certificate")?;
+    let sha = sha256_hex(leaf);
+    let url = format!("wss://{DOMAIN}:{}/api/ws", https.port());
+    let (mut socket, _) = tokio_tungstenite::client_async(url, tls).await.context("the WebSocket upgrade")?;
+    let hello = downbeat_protocol::encode_frame(&RawSession::hello(downbeat_protocol::PROTOCOL_VERSION, token, room))?;
+    socket.send(Message::Binary(downbeat_protocol::ws::control_message(&hello).into())).await?;
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .context("no welcome over WebSocket within 10 s")?
+            .context("the WebSocket ended")??;
+        let Message::Binary(bytes) = message else { continue };
+        if let downbeat_protocol::ws::Unit::Control(body) = downbeat_protocol::ws::split(&bytes)? {
+            match downbeat_protocol::decode_frame_body(body)? {
+                downbeat_protocol::ServerMessage::Welcome(_) => return Ok((socket, sha)),
+                other => bail!("expected a welcome over WebSocket, got {other:?}"),
+            }
+        }
+    }
+}
+
+type WebSocket = tokio_tungstenite::WebSocketStream<tokio_rustls::client::TlsStream<tokio::net::TcpStream>>;
+
+/// A beat (a datagram unit) on the WebSocket session within 5 s.
+async fn websocket_beat(socket: &mut WebSocket) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let message = tokio::time::timeout_at(deadline.into(), socket.next())
+            .await
+            .context("no datagram over WebSocket within 5 s")?
+            .context("the WebSocket ended")??;
+        if let Message::Binary(bytes) = message
+            && matches!(downbeat_protocol::ws::split(&bytes)?, downbeat_protocol::ws::Unit::Datagram(_))
+        {
+            return Ok(());
+        }
+    }
+}
+
 /// Polls `/api/health` until `done` holds for it, up to [`PATIENCE`].
 async fn health_until(server: &TestServer, ca: &Ca, what: &str, done: impl Fn(&Value) -> bool) -> Result<Value> {
     let deadline = Instant::now() + PATIENCE;
@@ -328,18 +385,25 @@ async fn acme_issues_serves_renews_with_sessions_open_and_survives_a_failed_rene
         Some(downbeat_protocol::ServerMessage::Welcome(_)) => {}
         other => bail!("expected a welcome, got {other:?}"),
     }
+    let student = server.student("s-1");
+    let (mut socket, first_ws) =
+        websocket(https, &ca.root_pem, &student, &room).await.context("wss with pebble's root")?;
     let (status, body) = server.http("POST", &format!("/api/rooms/{room}/start"), Some(&teacher), None).await?;
     assert_eq!(status, 200, "{body}");
     beat(&session).await.context("beats before the renewal")?;
+    websocket_beat(&mut socket).await.context("beats over WebSocket before the renewal")?;
 
     // Renew with the session open: a new certificate for new connections, the session goes on.
     let issued = server.stats.acme_certificates_issued.get();
     let renewed = health_until(&server, &ca, "a renewal", |h| {
-        h["tls"]["sha256"].as_str().is_some_and(|sha| sha != first_https && sha != first_wt)
+        h["tls"]["sha256"].as_str().is_some_and(|sha| sha != first_https && sha != first_wt && sha != first_ws)
     })
     .await?;
     assert!(server.stats.acme_certificates_issued.get() > issued);
     beat(&session).await.context("the session opened before the renewal still gets beats")?;
+    websocket_beat(&mut socket).await.context("the WebSocket opened before the renewal still gets beats")?;
+    let (_ws_now, ws_now) = websocket(https, &ca.root_pem, &server.student("s-2"), &room).await?;
+    assert_ne!(ws_now, first_ws, "new WebSocket sessions get the new certificate");
     let https_now = https_certificate(https, &ca.root_pem).await?;
     assert_ne!(https_now, first_https, "new HTTPS connections get the new certificate: {renewed}");
     let (_second, wt_now) = webtransport(&server, &ca.root_pem).await?;
@@ -361,6 +425,8 @@ async fn acme_issues_serves_renews_with_sessions_open_and_survives_a_failed_rene
     assert_eq!(https_certificate(https, &ca.root_pem).await?, kept);
     let (_third, wt_kept) = webtransport(&server, &ca.root_pem).await?;
     assert_eq!(wt_kept, kept, "WebTransport keeps the certificate in use too");
+    let (_ws_kept, ws_kept) = websocket(https, &ca.root_pem, &server.student("s-3"), &room).await?;
+    assert_eq!(ws_kept, kept, "so does WebSocket");
     let metrics = reqwest::get(format!("http://{}/metrics", server.http)).await?.text().await?;
     assert!(metrics.contains("\ndownbeat_acme_failing 1\n"), "{metrics}");
     let counted = metrics

@@ -2,7 +2,8 @@
 //! injected clock offsets and drift) join by code; start with count-in, a tempo change and stop
 //! land on bar boundaries in every client; a muted student's notes reach nobody; a note from
 //! one student is scheduled by every classmate at the same true instant; and presence is the
-//! same for everyone after joins, a leave, and a reconnect inside the grace period.
+//! same for everyone after joins, a leave, and a reconnect inside the grace period. Every test
+//! runs over WebTransport and over WebSocket.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -13,7 +14,7 @@ use downbeat_client::{Client, Event, InjectedClock, LocalClock};
 use downbeat_engine::sim::Rng;
 use downbeat_protocol::{Change, ControlOp, ErrorCode, LeaveReason, Member, MicroBpm, Role};
 use downbeat_tests::relay::Relay;
-use downbeat_tests::{TestServer, events_until};
+use downbeat_tests::{TestServer, Transport, events_until, over_both_transports};
 use tokio::sync::watch;
 
 const STUDENTS: usize = 30;
@@ -49,7 +50,11 @@ impl Recorded {
 
     async fn wait_epoch(&self, epoch: u64) -> Result<()> {
         let mut rx = self.epoch.clone();
-        tokio::time::timeout(WAIT, rx.wait_for(|e| *e >= epoch)).await.context("timeline epoch")??;
+        let waited = tokio::time::timeout(WAIT, rx.wait_for(|e| *e >= epoch)).await.context("timeline epoch")?;
+        if waited.is_err() {
+            let why = tokio::time::timeout(Duration::from_secs(1), self.client.closed()).await;
+            bail!("member {} ended before epoch {epoch}: {why:?}", self.client.member_id());
+        }
         Ok(())
     }
 
@@ -92,18 +97,18 @@ fn spread(instants: &[Instant]) -> Duration {
     *hi - *lo
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_teacher_and_thirty_students_play_together() -> Result<()> {
+async fn a_teacher_and_thirty_students_play_together(transport: Transport) -> Result<()> {
     let server = TestServer::start_with(|c| {
         c.seat_grace_ms = 20_000;
         // A lost connection is noticed within a second.
         c.idle_timeout_ms = 1_000;
         c.keep_alive_ms = 200;
     })
-    .await?;
+    .await?
+    .over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 120.0, 4).await?;
-    let relay = Relay::start(format!("127.0.0.1:{}", server.wt_port).parse()?).await?;
+    let relay = Relay::start_for(&server).await?;
 
     let mut rng = Rng::new(31);
     let base = Instant::now();
@@ -119,7 +124,7 @@ async fn a_teacher_and_thirty_students_play_together() -> Result<()> {
         let mut options = server.options(&code, &server.student(&format!("s-{i}")));
         if i == 0 {
             // Student 0 goes through a relay the test can cut, like a Chromebook's Wi-Fi.
-            options.url = format!("https://127.0.0.1:{}/", relay.addr().port());
+            options.url = relay.url(&server);
         }
         students.push(Recorded::new(Client::connect_with_clock(options, Arc::new(clock)).await?, clock));
     }
@@ -260,21 +265,21 @@ async fn a_teacher_and_thirty_students_play_together() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expires() -> Result<()> {
+async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expires(transport: Transport) -> Result<()> {
     let server = TestServer::start_with(|c| {
         c.seat_grace_ms = 300;
         c.idle_timeout_ms = 1_000;
         c.keep_alive_ms = 200;
         c.room_idle_expiry_secs = 1;
     })
-    .await?;
+    .await?
+    .over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 120.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
-    let relay = Relay::start(format!("127.0.0.1:{}", server.wt_port).parse()?).await?;
+    let relay = Relay::start_for(&server).await?;
     let mut options = server.options(&code, &server.student("s-1"));
-    options.url = format!("https://127.0.0.1:{}/", relay.addr().port());
+    options.url = relay.url(&server);
     let student = Client::connect(options).await?;
     let id = student.member_id();
     relay.cut();
@@ -302,10 +307,11 @@ async fn a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expir
     Ok(())
 }
 
-#[tokio::test]
-async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_student() -> Result<()> {
+async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_student(
+    transport: Transport,
+) -> Result<()> {
     use downbeat_protocol::{Assignment, BoundedVec, Name, PartName, RoomSettings};
-    let server = TestServer::start().await?;
+    let server = TestServer::start().await?.over(transport);
     let settings = RoomSettings { name: Name::truncating("Room 12"), tempo: MicroBpm::from_bpm(100), beats_per_bar: 3 };
     let mut options =
         downbeat_client::ConnectOptions::create(server.url("127.0.0.1"), server.teacher("t-1"), settings.clone());
@@ -340,10 +346,9 @@ async fn a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_stu
     Ok(())
 }
 
-#[tokio::test]
-async fn the_server_wide_member_cap_applies_within_every_tenant() -> Result<()> {
+async fn the_server_wide_member_cap_applies_within_every_tenant(transport: Transport) -> Result<()> {
     // The demo tenant allows 40; the server allows 2.
-    let server = TestServer::start_with(|c| c.max_members_per_room = 2).await?;
+    let server = TestServer::start_with(|c| c.max_members_per_room = 2).await?.over(transport);
     let teacher = server.teacher("t-1");
     let code = server.create_room(&teacher, 120.0, 4).await?;
     let _first = server.connect(&code, &teacher).await?;
@@ -357,3 +362,10 @@ async fn the_server_wide_member_cap_applies_within_every_tenant() -> Result<()> 
     }
     Ok(())
 }
+
+over_both_transports!(
+    a_teacher_and_thirty_students_play_together,
+    a_lost_seat_is_freed_when_the_grace_period_ends_and_an_empty_room_expires,
+    a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_student,
+    the_server_wide_member_cap_applies_within_every_tenant
+);

@@ -20,6 +20,7 @@ mod sel;
 mod serve;
 mod state;
 mod status;
+mod websocket;
 
 use std::time::Duration;
 
@@ -50,6 +51,7 @@ pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
         .merge(rooms::routes())
         .merge(sel::routes())
         .merge(pages::routes(demo))
+        .merge(websocket::routes())
         .fallback(unknown_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
@@ -67,7 +69,10 @@ async fn limit_anonymous(
     request: Request,
     next: Next,
 ) -> Response {
-    if !request.headers().contains_key(header::AUTHORIZATION) && !state.take_anonymous(peer) {
+    // A WebSocket session proves who it is in its hello, under the same limits as a
+    // WebTransport session (a class behind one address joins at once).
+    let session = request.uri().path() == websocket::PATH;
+    if !session && !request.headers().contains_key(header::AUTHORIZATION) && !state.take_anonymous(peer) {
         return anonymous_limited(&state).into_response();
     }
     next.run(request).await

@@ -68,6 +68,11 @@ struct Open {
     by_address: HashMap<IpAddr, usize>,
 }
 
+/// One open connection's place under the caps, held by every request on it (as a request
+/// extension) so that a connection upgraded to a WebSocket keeps it while the session lives.
+#[derive(Clone, Debug)]
+pub(crate) struct HeldConnection(#[allow(dead_code, reason = "held for its Drop")] Arc<Admitted>);
+
 /// One open connection; uncounts itself when dropped.
 #[derive(Debug)]
 struct Admitted {
@@ -125,9 +130,10 @@ where
         let router = router.clone();
         let mut closing = closing.clone();
         connections.spawn(async move {
-            let _admitted = admitted;
+            let held = HeldConnection(Arc::new(admitted));
             let service = router.map_request(move |mut request: Request<hyper::body::Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(ClientAddr(peer)));
+                request.extensions_mut().insert(held.clone());
                 request
             });
             // Longer than any request may take, so only a connection stuck on its bytes (a
@@ -135,7 +141,7 @@ where
             let io = TokioIo::new(IdleIo::new(io, limits.request_timeout + limits.header_timeout));
             let mut builder = http1::Builder::new();
             builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
-            let mut connection = pin!(builder.serve_connection(io, TowerToHyperService::new(service)));
+            let mut connection = pin!(builder.serve_connection(io, TowerToHyperService::new(service)).with_upgrades());
             let ended = tokio::select! {
                 ended = connection.as_mut() => ended,
                 // It only ever changes to true.

@@ -18,6 +18,8 @@ use crate::identity::{PublishedHashes, TlsHealth};
 use crate::limits::{Buckets, Refill, network};
 use crate::room::{RoomHandle, Rooms};
 use crate::sel::Sel;
+use crate::session::SessionContext;
+use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
 /// Principals whose request buckets are remembered before idle ones are forgotten.
@@ -38,6 +40,10 @@ pub(crate) struct AppState {
     pub(crate) limits: RequestLimits,
     pub(crate) sel: Sel,
     pub(crate) web: Arc<Web>,
+    /// What WebSocket sessions share with WebTransport ones.
+    pub(crate) sessions: Arc<SessionContext>,
+    /// Ends WebSocket sessions when the server shuts down.
+    pub(crate) shutdown: Shutdown,
 }
 
 impl AppState {

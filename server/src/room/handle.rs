@@ -23,10 +23,20 @@ use crate::stats::Stats;
 pub(crate) trait Peer: Send + Sync + fmt::Debug + 'static {
     /// Largest datagram the path takes now; `None` if the peer does not take datagrams.
     fn max_datagram_size(&self) -> Option<usize>;
-    /// Queues a datagram without waiting; false if it was refused.
-    fn send_datagram(&self, bytes: &[u8]) -> bool;
+    /// Queues a datagram of `kind` without waiting; false if it was refused.
+    fn send_datagram(&self, kind: DatagramKind, bytes: &[u8]) -> bool;
     /// Closes the session with `code` at once.
     fn close(&self, code: ErrorCode, reason: &str);
+}
+
+/// What a datagram the room sends carries: a transport that must queue datagrams keeps only
+/// the newest beat frame, since each one carries the whole timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum DatagramKind {
+    /// A beat frame.
+    Beats,
+    /// A classmate's notes.
+    Notes,
 }
 
 impl Peer for wtransport::Connection {
@@ -34,7 +44,7 @@ impl Peer for wtransport::Connection {
         Self::max_datagram_size(self)
     }
 
-    fn send_datagram(&self, bytes: &[u8]) -> bool {
+    fn send_datagram(&self, _: DatagramKind, bytes: &[u8]) -> bool {
         Self::send_datagram(self, bytes).is_ok()
     }
 
@@ -75,8 +85,8 @@ impl Conn {
     }
 
     /// Hands a datagram to the transport without waiting, counting it; whether it was taken.
-    pub(crate) fn send_datagram(&self, bytes: &[u8], stats: &Stats) -> bool {
-        let sent = self.peer.send_datagram(bytes);
+    pub(crate) fn send_datagram(&self, kind: DatagramKind, bytes: &[u8], stats: &Stats) -> bool {
+        let sent = self.peer.send_datagram(kind, bytes);
         if sent {
             stats.datagrams_sent.inc()
         } else {

@@ -18,5 +18,5 @@ mod registry;
 mod sel;
 mod task;
 
-pub(crate) use self::handle::{Departure, Joining, Kick, Peer, RoomHandle};
+pub(crate) use self::handle::{DatagramKind, Departure, Joining, Kick, Peer, RoomHandle};
 pub(crate) use self::registry::{Rooms, RoomsConfig};

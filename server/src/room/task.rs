@@ -21,7 +21,7 @@ use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, Serv
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::handle::{Command, Conn, Joining, RoomMeta, RoomView};
+use super::handle::{Command, Conn, DatagramKind, Joining, RoomMeta, RoomView};
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::sel::{Job, Sel};
@@ -225,7 +225,7 @@ impl RoomTask {
                     if trimmed {
                         self.stats.beat_frames_trimmed.inc();
                     }
-                    if conn.send_datagram(&bytes, &self.stats) {
+                    if conn.send_datagram(DatagramKind::Beats, &bytes, &self.stats) {
                         self.stats.beat_frames_sent.inc();
                     }
                 }
@@ -239,7 +239,7 @@ impl RoomTask {
                         }
                     };
                     for conn in to.iter().filter_map(|r| self.conns.get(&r.session)) {
-                        if conn.send_datagram(&bytes, &self.stats) {
+                        if conn.send_datagram(DatagramKind::Notes, &bytes, &self.stats) {
                             self.stats.note_frames_sent.inc();
                         }
                     }

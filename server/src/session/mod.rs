@@ -1,0 +1,763 @@
+//! Sessions: what every session does whatever carries it, and the two transports that carry
+//! it.
+//!
+//! The hello and its checks, control frames, clock sync, notes, token expiry and how a
+//! session ends are written once, here; [`webtransport`] (a QUIC session: one bidirectional
+//! stream and datagrams) and [`websocket`] (one WebSocket, for networks that block QUIC) only
+//! move bytes. So both transports have one authorization, one set of limits and the same error
+//! codes.
+//!
+//! Every session runs in one task (plus a writer task draining its queues) inside a tracing
+//! span with its member id and room. Nothing a peer sends can panic the server: lengths are
+//! checked before allocating, decode errors become stable error codes, and a bad datagram is
+//! dropped and counted while the session carries on.
+
+pub(crate) mod websocket;
+mod webtransport;
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use downbeat_engine::limit::TokenBucket;
+use downbeat_protocol::{
+    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, Name, PROTOCOL_VERSION, RoomRequest,
+    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Welcome,
+};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::timeout;
+use tracing::{Span, debug, field, info, info_span};
+
+use crate::auth::{Principal, Tenants};
+use crate::authz::{Operation, Refusal, authorize};
+use crate::clock::ServerClock;
+use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
+use crate::shutdown::Shutdown;
+use crate::stats::Stats;
+use downbeat_engine::room::error_frame;
+
+pub(crate) use self::webtransport::accept_loop;
+
+/// Messages a member's control queue holds before the room disconnects them as too slow.
+const CONTROL_QUEUE: usize = 64;
+/// How long a closing session waits for its last frames to be acknowledged.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long shutdown waits for sessions to say goodbye before aborting them.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
+/// Sustained datagrams per second a session may send (clock sync and notes); more are dropped.
+const DATAGRAMS_PER_SECOND: u32 = 100;
+/// Burst of datagrams allowed above the sustained rate.
+const DATAGRAM_BURST: u32 = 200;
+/// Client reports a session may send per second (sustained; a burst of 3); more are ignored.
+const REPORTS_PER_SECOND: u32 = 1;
+/// Refused control frames (rate limit) a session may send in a burst before it is closed...
+const ABUSE_BURST: u32 = 20;
+/// ...and the sustained rate of refusals tolerated.
+const ABUSE_PER_SECOND: u32 = 2;
+/// Slack on a token's expiry before the session is ended (clock skew between issuers).
+const EXPIRY_LEEWAY: Duration = Duration::from_secs(5);
+
+/// What carries a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Carrier {
+    /// A WebTransport (QUIC) session.
+    WebTransport,
+    /// A WebSocket (TCP), where QUIC is blocked.
+    WebSocket,
+}
+
+impl Carrier {
+    /// Both, in the order metrics list them.
+    pub(crate) const ALL: [Self; 2] = [Self::WebTransport, Self::WebSocket];
+
+    /// The name metrics and presence use.
+    pub(crate) const fn as_str(self) -> &'static str {
+        match self {
+            Self::WebTransport => "webtransport",
+            Self::WebSocket => "websocket",
+        }
+    }
+}
+
+/// What every session shares.
+#[derive(Debug)]
+pub(crate) struct SessionContext {
+    pub(crate) rooms: Arc<Rooms>,
+    pub(crate) tenants: Arc<Tenants>,
+    pub(crate) tenant_sessions: TenantSessions,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) clock: ServerClock,
+    pub(crate) hello_timeout: Duration,
+    /// A session that receives nothing for this long is lost (QUIC's idle timeout; WebSocket
+    /// sessions apply it to their reads).
+    pub(crate) idle_timeout: Duration,
+    /// How often the server makes sure an idle peer answers (QUIC's keep-alive; WebSocket
+    /// sessions send a ping).
+    pub(crate) keep_alive: Duration,
+    pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) sessions: Arc<Semaphore>,
+    pub(crate) next_session_id: AtomicU64,
+}
+
+/// Open sessions per tenant, against each tenant's `max_sessions`.
+#[derive(Debug, Default)]
+pub(crate) struct TenantSessions(Arc<Mutex<HashMap<Arc<str>, usize>>>);
+
+/// One counted session; uncounts itself when dropped.
+#[derive(Debug)]
+pub(crate) struct TenantSlot {
+    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
+    tenant: Arc<str>,
+}
+
+impl TenantSessions {
+    /// Counts a session of `tenant`, unless it already has `max` open.
+    pub(crate) fn acquire(&self, tenant: &Arc<str>, max: usize) -> Option<TenantSlot> {
+        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = counts.entry(tenant.clone()).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(TenantSlot { counts: self.0.clone(), tenant: tenant.clone() })
+    }
+}
+
+impl Drop for TenantSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.tenant) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.tenant);
+            }
+        }
+    }
+}
+
+/// Why reading a control frame failed.
+#[derive(Debug)]
+enum ReadError {
+    /// The stream or connection ended.
+    Closed,
+    /// The bytes were not a frame; the stream is out of step.
+    Decode(DecodeError),
+    /// A header arrived but its body did not follow in time.
+    Stalled,
+}
+
+/// A joined session: the seat it holds and how to reach its room.
+#[derive(Debug)]
+struct Joined {
+    seat: Seat,
+    principal: Principal,
+    control_tx: mpsc::Sender<ServerMessage>,
+    control_rx: mpsc::Receiver<ServerMessage>,
+    kick: oneshot::Receiver<Kick>,
+    _slot: TenantSlot,
+}
+
+/// What a transport does for a joined session; the rest is [`Session::serve`].
+trait Link: Send {
+    /// Starts the task that writes queued control messages (and whatever else the transport
+    /// sends from its own queues) until `rx` closes; it says goodbye with the code given to
+    /// [`Link::closing`], if any.
+    fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()>;
+
+    /// Reads what the peer sends, handing control frames to `control` and datagrams to
+    /// `datagrams`, until the peer ends the session or a frame ends it.
+    fn read<'a>(
+        &'a mut self,
+        control: &'a mut Control<'_>,
+        datagrams: &'a mut Datagrams<'_>,
+        control_tx: &'a mpsc::Sender<ServerMessage>,
+    ) -> impl Future<Output = End> + Send + 'a;
+
+    /// After [`End::Closed`]: whether the peer left or was lost.
+    fn departure(&self) -> impl Future<Output = Departure> + Send + '_;
+
+    /// The session is about to end with `code`: the writer's goodbye carries it.
+    fn closing(&self, code: ErrorCode, message: &'static str);
+
+    /// Closes at once (`None`: a normal close).
+    fn close(&self, code: Option<ErrorCode>, message: &str);
+}
+
+/// One session, whatever carries it.
+#[derive(Debug)]
+struct Session {
+    session_id: u64,
+    carrier: Carrier,
+    /// The client's address, for the failed-join limit.
+    peer: IpAddr,
+    ctx: Arc<SessionContext>,
+    shutdown: Shutdown,
+}
+
+/// Counts a session open while it lives, in all and per carrier.
+#[derive(Debug)]
+struct ActiveGuard(Arc<Stats>, Carrier);
+
+impl ActiveGuard {
+    fn new(stats: &Arc<Stats>, carrier: Carrier) -> Self {
+        stats.sessions_total.inc();
+        stats.sessions_active.inc();
+        stats.transport_sessions_total.get(carrier).inc();
+        stats.transport_sessions_active.get(carrier).inc();
+        Self(stats.clone(), carrier)
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.sessions_active.dec();
+        self.0.transport_sessions_active.get(self.1).dec();
+    }
+}
+
+impl Session {
+    /// A new session of `carrier` from `peer`, with its id and tracing span.
+    fn new(ctx: Arc<SessionContext>, carrier: Carrier, peer: IpAddr, shutdown: Shutdown) -> (Self, Span) {
+        let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!(
+            "session",
+            id = session_id,
+            transport = carrier.as_str(),
+            tenant = field::Empty,
+            room = field::Empty,
+            member = field::Empty
+        );
+        (Self { session_id, carrier, peer, ctx, shutdown }, span)
+    }
+
+    /// Checks the hello (`first`, the first control frame) and takes a seat, reachable through
+    /// `conn`: the session and the welcome to write, or why not (counted; `None` when the peer
+    /// left before saying hello).
+    async fn admit(
+        &self,
+        first: Result<ClientMessage, ReadError>,
+        conn: Arc<dyn Peer>,
+    ) -> Result<(Joined, Welcome), Option<Refusal>> {
+        let refused = |refusal: Refusal| {
+            let code = refusal.code;
+            self.ctx.stats.hello_failures.inc(code);
+            self.ctx.stats.refused.inc(code);
+            debug!(code = code.as_str(), message = %refusal.message, "hello refused");
+            Some(refusal)
+        };
+        let first = match first {
+            Ok(message) => message,
+            Err(ReadError::Closed) => {
+                debug!("closed before saying hello");
+                return Err(None);
+            }
+            Err(ReadError::Decode(e)) => {
+                count_decode_error(&self.ctx.stats, e);
+                return Err(refused(Refusal::new(e.code(), "the first frame did not decode")));
+            }
+            Err(ReadError::Stalled) => return Err(refused(Refusal::new(ErrorCode::HelloTimeout, "no hello in time"))),
+        };
+        let ClientMessage::Hello(hello) = first else {
+            return Err(refused(Refusal::new(ErrorCode::HelloRequired, "the first frame must be a hello")));
+        };
+        if hello.version != PROTOCOL_VERSION {
+            return Err(refused(Refusal::new(ErrorCode::UnsupportedVersion, "this server speaks protocol version 1")));
+        }
+        let principal =
+            self.ctx.tenants.verify(&hello.token).map_err(|e| refused(Refusal::new(e.code(), e.to_string())))?;
+        Span::current().record("tenant", &*principal.tenant);
+        let Some(tenant) = self.ctx.tenants.tenant(&principal.tenant) else {
+            return Err(refused(Refusal::new(ErrorCode::Unauthorized, "unknown school")));
+        };
+        let Some(slot) = self.ctx.tenant_sessions.acquire(&principal.tenant, tenant.limits().max_sessions as usize)
+        else {
+            let refusal =
+                Refusal::new(ErrorCode::TooManySessions, "your school has its maximum number of sessions open");
+            return Err(refused(refusal));
+        };
+        let room = match &hello.room {
+            RoomRequest::Join(code) => self
+                .ctx
+                .rooms
+                .lookup(tenant, &principal, Some(self.peer), code)
+                .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
+            RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
+                .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
+        };
+        let room = room.map_err(refused)?;
+        Span::current().record("room", room.meta().code.as_str());
+
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (kick_tx, kick) = oneshot::channel();
+        let joining = Joining {
+            session_id: self.session_id,
+            subject: principal.subject.clone(),
+            name: Name::truncating(&principal.name),
+            role: principal.role.into(),
+            token_expires_at: principal.expires_at_unix,
+            peer: conn,
+            control_tx: control_tx.clone(),
+            kick: kick_tx,
+        };
+        let welcome = room.join(joining).await.map_err(refused)?;
+        let seat = Seat::new(room, welcome.member_id, self.session_id);
+        Span::current().record("member", welcome.member_id);
+        info!(role = ?principal.role, "joined");
+        Ok((Joined { seat, principal, control_tx, control_rx, kick, _slot: slot }, welcome))
+    }
+
+    /// The joined session: the link's writer drains the control queue; the link reads control
+    /// frames, clock sync and notes until either side ends the session.
+    async fn serve(&self, mut link: impl Link, joined: Joined) {
+        let Joined { seat, principal, control_tx, control_rx, kick, _slot } = joined;
+        let (room, member_id) = (seat.room.clone(), seat.member_id);
+        let mut writer = link.spawn_writer(control_rx);
+        let mut shutdown = self.shutdown.clone();
+        let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
+        let member = Member { ctx: &self.ctx, room: &room, member_id, session_id: self.session_id };
+        let mut control = Control::new(member, self.carrier, principal, expiry_tx);
+        let mut datagrams = Datagrams::new(member);
+        let end = tokio::select! {
+            end = link.read(&mut control, &mut datagrams, &control_tx) => end,
+            // The writer only stops early when its transport failed.
+            _ = &mut writer => End::Closed,
+            () = shutdown.wait() => End::Shutdown,
+            () = token_expiry(expiry_rx) => End::Fatal(ErrorCode::TokenExpired, "the token expired; join again with a fresh one"),
+            kicked = kick => match kicked {
+                Ok(Kick { code, message }) => End::Fatal(code, message),
+                // The room ended without saying why (server shutdown).
+                Err(_) => End::Shutdown,
+            },
+        };
+        let (code, message) = match end {
+            End::Closed => {
+                let how = link.departure().await;
+                debug!(?how, "session ended");
+                seat.leave(how).await;
+                writer.abort();
+                link.close(None, "");
+                return;
+            }
+            End::Shutdown => (ErrorCode::ShuttingDown, "the server is shutting down"),
+            End::Fatal(code, message) => (code, message),
+        };
+        // Frees the seat unless the room already did (kicked sessions no longer hold it).
+        seat.leave(Departure::Closed).await;
+        debug!(code = code.as_str(), "closing session");
+        link.closing(code, message);
+        let _ = control_tx.try_send(error_frame(code, None, message));
+        drop(control_tx);
+        if timeout(FLUSH_TIMEOUT, &mut writer).await.is_err() {
+            debug!("control stream did not flush in time");
+            writer.abort();
+        }
+        link.close(Some(code), message);
+    }
+}
+
+/// The answer to a clock-sync request received at `t1`, stamped now: call it as late as
+/// possible before the write.
+fn sync_reply(clock: ServerClock, request: SyncRequest, t1: ServerNanos) -> Option<Vec<u8>> {
+    let reply = ServerDatagram::SyncReply(SyncReply { id: request.id, t0: request.t0, t1, t2: clock.now() });
+    wire::encode_server_datagram(&reply).ok()
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The peer closed the session or its connection was lost.
+    Closed,
+    /// The server is shutting down.
+    Shutdown,
+    /// A fatal error: tell the peer, then close with the code.
+    Fatal(ErrorCode, &'static str),
+}
+
+/// A seat a session holds in a room. However the session ends (returning, failing, its task
+/// panicking or being aborted), the room hears that the seat is free: [`Seat::leave`] says how,
+/// and a seat dropped without leaving is freed as closed by the server.
+#[derive(Debug)]
+struct Seat {
+    room: RoomHandle,
+    member_id: u64,
+    session_id: u64,
+    held: bool,
+}
+
+impl Seat {
+    fn new(room: RoomHandle, member_id: u64, session_id: u64) -> Self {
+        Self { room, member_id, session_id, held: true }
+    }
+
+    /// Gives the seat up, telling the room how (a no-op there if it no longer holds it).
+    async fn leave(mut self, how: Departure) {
+        self.held = false;
+        self.room.depart(self.member_id, self.session_id, how).await;
+    }
+}
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        if self.held {
+            self.room.depart_soon(self.member_id, self.session_id, Departure::Closed);
+        }
+    }
+}
+
+/// Counts a control frame that did not decode, by kind.
+fn count_decode_error(stats: &Stats, e: DecodeError) {
+    match e {
+        DecodeError::TooLarge { .. } => stats.frames_too_large.inc(),
+        _ => stats.frames_malformed.inc(),
+    }
+}
+
+/// Resolves once the token (whose expiry, in Unix seconds, `rx` holds) has expired. An expiry
+/// past what the system clock can represent never comes (and overflows nothing).
+async fn token_expiry(mut rx: watch::Receiver<u64>) {
+    loop {
+        let expires_at = *rx.borrow_and_update();
+        let deadline = SystemTime::UNIX_EPOCH
+            .checked_add(Duration::from_secs(expires_at))
+            .and_then(|at| at.checked_add(EXPIRY_LEEWAY));
+        let Some(deadline) = deadline else {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            continue;
+        };
+        let left = deadline.duration_since(SystemTime::now()).unwrap_or_default();
+        tokio::select! {
+            () = tokio::time::sleep(left) => {
+                // The wall clock may have been stepped while sleeping: check again.
+                if SystemTime::now() >= deadline {
+                    return;
+                }
+            }
+            changed = rx.changed() => if changed.is_err() {
+                std::future::pending::<()>().await;
+            },
+        }
+    }
+}
+
+/// Who a joined session is, for what handles its input.
+#[derive(Clone, Copy, Debug)]
+struct Member<'a> {
+    ctx: &'a SessionContext,
+    room: &'a RoomHandle,
+    member_id: u64,
+    session_id: u64,
+}
+
+/// The control side of a joined session: checks and forwards what the peer sends.
+#[derive(Debug)]
+struct Control<'a> {
+    ctx: &'a SessionContext,
+    room: &'a RoomHandle,
+    member_id: u64,
+    session_id: u64,
+    carrier: Carrier,
+    principal: Principal,
+    expiry: watch::Sender<u64>,
+    limit: TokenBucket,
+    reports: TokenBucket,
+    abuse: TokenBucket,
+}
+
+impl<'a> Control<'a> {
+    fn new(member: Member<'a>, carrier: Carrier, principal: Principal, expiry: watch::Sender<u64>) -> Self {
+        let Member { ctx, room, member_id, session_id } = member;
+        let limits = ctx.tenants.tenant(&principal.tenant).map(|t| *t.limits()).unwrap_or_default();
+        let now = ctx.clock.now().0;
+        Self {
+            ctx,
+            room,
+            member_id,
+            session_id,
+            carrier,
+            principal,
+            expiry,
+            limit: TokenBucket::new(limits.controls_per_second, limits.control_burst, now),
+            reports: TokenBucket::new(REPORTS_PER_SECOND, 3, now),
+            abuse: TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now),
+        }
+    }
+
+    /// Handles one control frame as read (or why reading failed); `Some` ends the session.
+    async fn handle(
+        &mut self,
+        read: Result<ClientMessage, ReadError>,
+        control_tx: &mpsc::Sender<ServerMessage>,
+    ) -> Option<End> {
+        let message = match read {
+            Ok(message) => message,
+            Err(ReadError::Closed) => return Some(End::Closed),
+            Err(ReadError::Decode(e)) => {
+                count_decode_error(&self.ctx.stats, e);
+                self.ctx.stats.refused.inc(e.code());
+                let message = match e {
+                    DecodeError::TooLarge { .. } => "frame larger than the limit",
+                    _ => "frame did not decode",
+                };
+                return Some(End::Fatal(e.code(), message));
+            }
+            Err(ReadError::Stalled) => {
+                self.ctx.stats.frames_malformed.inc();
+                return Some(End::Fatal(ErrorCode::MalformedFrame, "frame body did not arrive in time"));
+            }
+        };
+        let now = self.ctx.clock.now().0;
+        if let ClientMessage::Report(report) = message {
+            if self.reports.try_take(now) {
+                self.ctx
+                    .stats
+                    .transport_sync_uncertainty
+                    .get(self.carrier)
+                    .observe_micros(report.sync.uncertainty_micros);
+                self.room.report(self.member_id, self.session_id, report);
+            }
+            return None;
+        }
+        if !self.limit.try_take(now) {
+            self.ctx.stats.refused.inc(ErrorCode::RateLimited);
+            if !self.abuse.try_take(now) {
+                self.ctx.stats.sessions_closed_for_abuse.inc();
+                return Some(End::Fatal(ErrorCode::RateLimited, "too many control messages"));
+            }
+            let request_id = request_id_of(&message);
+            let reply = error_frame(ErrorCode::RateLimited, request_id, "too many control messages; slow down");
+            return control_tx.send(reply).await.is_err().then_some(End::Closed);
+        }
+        let reply = match message {
+            ClientMessage::Hello(_) => {
+                self.ctx.stats.refused.inc(ErrorCode::UnexpectedMessage);
+                error_frame(ErrorCode::UnexpectedMessage, None, "this session already said hello")
+            }
+            ClientMessage::Control(request) => {
+                let op = Operation::Control(&request.op);
+                match authorize(&self.principal, Some(&self.room.meta().tenant), op) {
+                    Ok(()) => {
+                        // The room answers on this stream, in order with its broadcasts.
+                        if !self.room.control_from(self.member_id, request.request_id, request.op).await {
+                            return Some(End::Fatal(ErrorCode::RoomClosed, "the room was closed"));
+                        }
+                        return None;
+                    }
+                    Err(refusal) => {
+                        self.ctx.stats.refused.inc(refusal.code);
+                        error_frame(refusal.code, Some(request.request_id), &refusal.message)
+                    }
+                }
+            }
+            ClientMessage::RefreshToken { request_id, token } => self.refresh(request_id, &token),
+            ClientMessage::Reflect(reflection) => {
+                // The room checks it against its prompts and answers on this stream once it
+                // is committed (or refused).
+                if !self.room.reflect(self.member_id, self.session_id, reflection).await {
+                    return Some(End::Fatal(ErrorCode::RoomClosed, "the room was closed"));
+                }
+                return None;
+            }
+            ClientMessage::Report(_) => return None,
+        };
+        // A closed queue: the room dropped this member (too slow) and the writer is gone.
+        control_tx.send(reply).await.is_err().then_some(End::Closed)
+    }
+
+    /// Takes a fresh token for the same tenant, subject and role; the session's expiry moves.
+    fn refresh(&mut self, request_id: u32, token: &str) -> ServerMessage {
+        let fresh = match self.ctx.tenants.verify(token) {
+            Ok(fresh) => fresh,
+            Err(e) => {
+                self.ctx.stats.refused.inc(e.code());
+                return error_frame(e.code(), Some(request_id), &e.to_string());
+            }
+        };
+        if fresh.tenant != self.principal.tenant
+            || fresh.subject != self.principal.subject
+            || fresh.role != self.principal.role
+        {
+            self.ctx.stats.refused.inc(ErrorCode::Forbidden);
+            return error_frame(
+                ErrorCode::Forbidden,
+                Some(request_id),
+                "a fresh token must name the same school, person and role",
+            );
+        }
+        let expires_at = fresh.expires_at_unix;
+        self.principal = fresh;
+        self.expiry.send_replace(expires_at);
+        debug!(expires_at, "token refreshed");
+        ServerMessage::TokenRefreshed { request_id, expires_at }
+    }
+}
+
+fn request_id_of(message: &ClientMessage) -> Option<u32> {
+    match message {
+        ClientMessage::Control(request) => Some(request.request_id),
+        ClientMessage::RefreshToken { request_id, .. } => Some(*request_id),
+        ClientMessage::Reflect(reflection) => Some(reflection.request_id),
+        ClientMessage::Hello(_) | ClientMessage::Report(_) => None,
+    }
+}
+
+/// The datagram side of a joined session: clock sync and notes.
+#[derive(Debug)]
+struct Datagrams<'a> {
+    ctx: &'a SessionContext,
+    room: &'a RoomHandle,
+    member_id: u64,
+    session_id: u64,
+    bucket: TokenBucket,
+}
+
+impl<'a> Datagrams<'a> {
+    fn new(member: Member<'a>) -> Self {
+        let Member { ctx, room, member_id, session_id } = member;
+        let bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, ctx.clock.now().0);
+        Self { ctx, room, member_id, session_id, bucket }
+    }
+
+    /// Handles a datagram received at `t1` (stamped the moment it was handed over, before
+    /// decoding): notes go to the room; a clock-sync request is returned for the transport to
+    /// answer with [`sync_reply`] as late as it can.
+    fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Option<SyncRequest> {
+        let stats = &self.ctx.stats;
+        stats.datagrams_received.inc();
+        if !self.bucket.try_take(t1.0) {
+            stats.datagrams_rate_limited.inc();
+            return None;
+        }
+        match wire::decode_client_datagram(datagram) {
+            Err(_) => stats.datagrams_malformed.inc(),
+            Ok(ClientDatagram::SyncRequest(request)) => return Some(request),
+            Ok(ClientDatagram::Notes(notes)) => {
+                stats.note_datagrams_received.inc();
+                if !self.room.notes(self.member_id, self.session_id, notes) {
+                    stats.notes_dropped.inc(ErrorCode::ServerBusy);
+                }
+            }
+        }
+        None
+    }
+
+    /// Counts a sync reply handed to the transport (or refused by it).
+    fn count_reply(&self, sent: bool) {
+        let stats = &self.ctx.stats;
+        if sent {
+            stats.datagrams_sent.inc();
+            stats.sync_replies_sent.inc();
+        } else {
+            stats.datagrams_send_failed.inc();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use downbeat_protocol::{LeaveReason, MicroBpm, RoomSettings};
+
+    use crate::auth::{DEMO_TENANT_ID, Role};
+    use crate::config::Config;
+    use crate::room::{DatagramKind, RoomsConfig};
+    use crate::sel::Sel;
+    use crate::sel::store::Store;
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expiry_too_far_for_the_clock_never_comes_and_never_panics() {
+        let (tx, rx) = watch::channel(u64::MAX);
+        let expiry = tokio::spawn(token_expiry(rx));
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+        assert!(!expiry.is_finished(), "a far-future expiry fired");
+        // A refreshed expiry in the past takes over.
+        tx.send_replace(1);
+        expiry.await.expect("the expiry task did not panic");
+    }
+
+    /// A member's connection in these tests: takes no datagrams and closes nothing.
+    #[derive(Debug)]
+    struct Offline;
+
+    impl Peer for Offline {
+        fn max_datagram_size(&self) -> Option<usize> {
+            None
+        }
+
+        fn send_datagram(&self, _: DatagramKind, _: &[u8]) -> bool {
+            false
+        }
+
+        fn close(&self, _: ErrorCode, _: &str) {}
+    }
+
+    /// Seats `principal` in `room` as session `session_id`: its member id and control queue.
+    async fn seat(room: &RoomHandle, principal: &Principal, session_id: u64) -> (u64, mpsc::Receiver<ServerMessage>) {
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let joining = Joining {
+            session_id,
+            subject: principal.subject.clone(),
+            name: Name::truncating(&principal.name),
+            role: principal.role.into(),
+            token_expires_at: principal.expires_at_unix,
+            peer: Arc::new(Offline),
+            control_tx,
+            kick: oneshot::channel().0,
+        };
+        (room.join(joining).await.expect("seated").member_id, control_rx)
+    }
+
+    #[tokio::test]
+    async fn a_session_task_that_panics_frees_its_seat() {
+        let dir = tempfile::tempdir().unwrap();
+        let tenants = Tenants::new(&Config { data_dir: dir.path().to_owned(), ..Config::default() }).unwrap();
+        let store = Store::open(&format!("sqlite://{}", dir.path().join("sel.sqlite3").display())).await.unwrap();
+        let stats = Arc::new(Stats::default());
+        let (_trigger, shutdown) = crate::shutdown::channel();
+        let (sel, _writer) = Sel::spawn(store, 16, stats.clone(), shutdown.clone());
+        let config = RoomsConfig {
+            engine: downbeat_engine::room::Config::default(),
+            max_rooms: 1,
+            idle_expiry_nanos: 3_600_000_000_000,
+            seat_grace_nanos: 60_000_000_000,
+        };
+        let rooms = Arc::new(Rooms::new(config, ServerClock::new(), stats, sel, shutdown));
+        let principal = |role, subject: &str| {
+            let token = tenants.mint(DEMO_TENANT_ID, role, subject, subject, Duration::from_secs(60)).unwrap();
+            tenants.verify(&token).unwrap()
+        };
+        let teacher = principal(Role::Teacher, "t-1");
+        let settings =
+            RoomSettings { name: Name::truncating("Room"), tempo: MicroBpm::from_bpm(100), beats_per_bar: 4 };
+        let room = rooms.create(tenants.tenant(DEMO_TENANT_ID).unwrap(), &teacher, &settings).unwrap();
+        let (_, mut teacher_rx) = seat(&room, &teacher, 1).await;
+        let (student, _student_rx) = seat(&room, &principal(Role::Student, "s-1"), 2).await;
+
+        // The session task holds the seat as `Session::hello` hands it over, then panics.
+        let held = Seat::new(room.clone(), student, 2);
+        let task = tokio::spawn(async move {
+            let _seat = held;
+            panic!("a bug in the session task");
+        });
+        assert!(task.await.unwrap_err().is_panic());
+
+        let left = timeout(Duration::from_secs(10), async {
+            loop {
+                match teacher_rx.recv().await.expect("the room is open") {
+                    ServerMessage::MemberLeft { member_id, reason } => return (member_id, reason),
+                    _ => continue,
+                }
+            }
+        })
+        .await
+        .expect("the teacher heard the student leave");
+        assert_eq!(left, (student, LeaveReason::Closed));
+        let members: Vec<u64> = room.view().await.unwrap().members.iter().map(|(m, _)| m.id).collect();
+        assert!(!members.contains(&student), "{members:?}");
+    }
+}

@@ -1,0 +1,275 @@
+//! Sessions over WebTransport: the accept loop with its capacity limits, the control stream
+//! (a bidirectional stream of length-prefixed frames) and QUIC datagrams.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, ServerMessage};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::{Instant, timeout, timeout_at};
+use tracing::{Instrument as _, Span, debug, info, warn};
+use wtransport::endpoint::IncomingSession;
+use wtransport::endpoint::endpoint_side::Server as ServerSide;
+use wtransport::error::ConnectionError;
+use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+
+use super::{
+    ActiveGuard, Carrier, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session,
+    SessionContext, sync_reply,
+};
+use crate::room::Departure;
+use crate::shutdown::Shutdown;
+use downbeat_engine::room::error_frame;
+
+/// Once a frame header has arrived, its body must follow within this time.
+const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Accepts sessions until shutdown, then waits (briefly) for them to close with
+/// [`ErrorCode::ShuttingDown`]. Returns before the endpoint is closed, which must not happen
+/// while `Endpoint::accept` is pending.
+pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<SessionContext>, mut shutdown: Shutdown) {
+    let mut sessions = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            biased;
+            () = shutdown.wait() => break,
+            Some(done) = sessions.join_next(), if !sessions.is_empty() => {
+                if done.is_err_and(|e| e.is_panic()) {
+                    warn!("a session task panicked");
+                }
+                continue;
+            }
+            incoming = endpoint.accept() => incoming,
+        };
+        // Refusing at the QUIC level costs one packet; a WebTransport 429 would first cost a
+        // whole handshake, which is what this limit protects.
+        let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
+            ctx.stats.handshakes_refused.inc();
+            debug!("too many handshakes in progress; refusing a connection");
+            incoming.refuse();
+            continue;
+        };
+        sessions.spawn(handle_incoming(incoming, permit, ctx.clone(), shutdown.clone()));
+    }
+    info!(open = sessions.len(), "closing sessions");
+    if timeout(SHUTDOWN_GRACE, async { while sessions.join_next().await.is_some() {} }).await.is_err() {
+        sessions.abort_all();
+    }
+}
+
+async fn handle_incoming(
+    incoming: IncomingSession,
+    handshake: OwnedSemaphorePermit,
+    ctx: Arc<SessionContext>,
+    shutdown: Shutdown,
+) {
+    let remote = incoming.remote_address();
+    let deadline = Instant::now() + ctx.hello_timeout;
+    let request = match timeout_at(deadline, incoming).await {
+        Ok(Ok(request)) => request,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "handshake timed out");
+            return;
+        }
+    };
+    let Ok(session_permit) = ctx.sessions.clone().try_acquire_owned() else {
+        ctx.stats.handshakes_refused.inc();
+        warn!("session limit reached; refusing a session");
+        let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
+        return;
+    };
+    let conn = match timeout_at(deadline, request.accept()).await {
+        Ok(Ok(conn)) => conn,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "session accept failed");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "session accept timed out");
+            return;
+        }
+    };
+    drop(handshake);
+    let _active = ActiveGuard::new(&ctx.stats, Carrier::WebTransport);
+    let (session, span) = Session::new(ctx, Carrier::WebTransport, remote.ip(), shutdown);
+    debug!(parent: &span, %remote, "session accepted");
+    run(session, conn, deadline).instrument(span).await;
+    drop(session_permit);
+}
+
+/// Reads one frame: header, length check before allocating, body, decode.
+async fn read_frame(recv: &mut RecvStream) -> Result<ClientMessage, ReadError> {
+    let mut header = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut header).await.map_err(|_| ReadError::Closed)?;
+    let len = wire::frame_body_len(header).map_err(ReadError::Decode)?;
+    let mut body = vec![0u8; len];
+    match timeout(FRAME_BODY_TIMEOUT, recv.read_exact(&mut body)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(_)) => return Err(ReadError::Closed),
+        Err(_) => return Err(ReadError::Stalled),
+    }
+    wire::decode_frame_body(&body).map_err(ReadError::Decode)
+}
+
+fn close_code(code: ErrorCode) -> VarInt {
+    VarInt::from_u32(u32::from(code.as_u16()))
+}
+
+/// Writes queued control messages as frames until the queue closes, then finishes the stream.
+async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>) {
+    while let Some(message) = rx.recv().await {
+        let bytes = match wire::encode_frame(&message) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                warn!(error = %e, "control message did not encode; skipped");
+                continue;
+            }
+        };
+        if send.write_all(&bytes).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish().await;
+}
+
+/// A WebTransport session from its first stream to its end.
+async fn run(session: Session, conn: Connection, deadline: Instant) {
+    let mut shutdown = session.shutdown.clone();
+    let joined = tokio::select! {
+        joined = hello(&session, &conn, deadline) => joined,
+        () = shutdown.wait() => {
+            conn.close(close_code(ErrorCode::ShuttingDown), b"shutting down");
+            return;
+        }
+    };
+    let Some((joined, send, recv)) = joined else { return };
+    session.serve(WtLink { conn, send: Some(send), recv }, joined).await;
+}
+
+/// Opens the control stream and handles the hello (see [`Session::admit`]). On success the
+/// welcome is written; on failure the peer was told why and the session closed.
+async fn hello(
+    session: &Session,
+    conn: &Connection,
+    deadline: Instant,
+) -> Option<(super::Joined, SendStream, RecvStream)> {
+    let (mut send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
+        Ok(Ok(streams)) => streams,
+        Ok(Err(e)) => {
+            debug!(error = %e, "closed before opening the control stream");
+            return None;
+        }
+        Err(_) => {
+            session.ctx.stats.hello_failures.inc(ErrorCode::HelloTimeout);
+            debug!("no control stream in time");
+            conn.close(close_code(ErrorCode::HelloTimeout), b"no control stream in time");
+            return None;
+        }
+    };
+    let first = timeout_at(deadline, read_frame(&mut recv)).await.unwrap_or(Err(ReadError::Stalled));
+    let (joined, welcome) = match session.admit(first, Arc::new(conn.clone())).await {
+        Ok(admitted) => admitted,
+        Err(refusal) => {
+            if let Some(refusal) = refusal {
+                refuse(conn, send, refusal.code, &refusal.message).await;
+            }
+            return None;
+        }
+    };
+    let written = match wire::encode_frame(&ServerMessage::Welcome(welcome)) {
+        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Err(e) => {
+            warn!(error = %e, "welcome did not encode");
+            false
+        }
+    };
+    if !written {
+        joined.seat.leave(Departure::Lost).await;
+        conn.close(close_code(ErrorCode::Internal), b"");
+        return None;
+    }
+    Some((joined, send, recv))
+}
+
+/// Tells the peer why its hello was refused, then closes the session with that code.
+async fn refuse(conn: &Connection, mut send: SendStream, code: ErrorCode, message: &str) {
+    if let Ok(bytes) = wire::encode_frame(&error_frame(code, None, message)) {
+        let _ = timeout(FLUSH_TIMEOUT, async {
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish().await;
+            }
+        })
+        .await;
+    }
+    conn.close(close_code(code), code.as_str().as_bytes());
+}
+
+/// A joined WebTransport session's streams.
+#[derive(Debug)]
+struct WtLink {
+    conn: Connection,
+    /// Until the writer takes it.
+    send: Option<SendStream>,
+    recv: RecvStream,
+}
+
+impl Link for WtLink {
+    fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()> {
+        let send = self.send.take().expect("the writer starts once");
+        tokio::spawn(write_loop(send, rx).instrument(Span::current()))
+    }
+
+    async fn read(
+        &mut self,
+        control: &mut Control<'_>,
+        datagrams: &mut Datagrams<'_>,
+        control_tx: &mpsc::Sender<ServerMessage>,
+    ) -> End {
+        let Self { conn, recv, .. } = self;
+        let clock = control.ctx.clock;
+        let frames = async {
+            loop {
+                if let Some(end) = control.handle(read_frame(recv).await, control_tx).await {
+                    return end;
+                }
+            }
+        };
+        let datagrams = async {
+            while let Ok(datagram) = conn.receive_datagram().await {
+                let t1 = clock.now();
+                if let Some(request) = datagrams.receive(&datagram, t1) {
+                    let sent = sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
+                    datagrams.count_reply(sent);
+                }
+            }
+        };
+        tokio::select! {
+            end = frames => end,
+            () = datagrams => End::Closed,
+        }
+    }
+
+    async fn departure(&self) -> Departure {
+        // Polled once: resolves only if the connection is already closed.
+        match timeout(Duration::ZERO, self.conn.closed()).await.ok() {
+            Some(ConnectionError::ApplicationClosed(_)) | None => Departure::Left,
+            Some(_) => Departure::Lost,
+        }
+    }
+
+    fn closing(&self, _code: ErrorCode, _message: &'static str) {
+        // The error frame queued last is the goodbye; the close below carries the code.
+    }
+
+    fn close(&self, code: Option<ErrorCode>, message: &str) {
+        match code {
+            Some(code) => self.conn.close(close_code(code), message.as_bytes()),
+            None => self.conn.close(VarInt::from_u32(0), b""),
+        }
+    }
+}
