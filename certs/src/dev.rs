@@ -370,7 +370,11 @@ fn generate_next(sans: &[San], current: &CertifiedKey) -> Result<CertifiedKey, C
 
 /// The certificate itself; `not_before` is rounded down to whole seconds, the precision of
 /// X.509 times, so the returned bounds are exactly the ones in the certificate.
-fn generate_with_validity(sans: &[San], not_before: SystemTime, validity: Duration) -> Result<CertifiedKey, CertError> {
+pub(crate) fn generate_with_validity(
+    sans: &[San],
+    not_before: SystemTime,
+    validity: Duration,
+) -> Result<CertifiedKey, CertError> {
     let out_of_range = || CertError::TimeOutOfRange(not_before);
     let start_secs = not_before.duration_since(UNIX_EPOCH).map_err(|_| out_of_range())?.as_secs();
     let end_secs = start_secs.checked_add(validity.as_secs()).ok_or_else(out_of_range)?;
@@ -399,6 +403,18 @@ fn generate_with_validity(sans: &[San], not_before: SystemTime, validity: Durati
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
 
+    let (not_before, not_after) =
+        (UNIX_EPOCH + Duration::from_secs(start_secs), UNIX_EPOCH + Duration::from_secs(end_secs));
+    self_signed(params, not_before, not_after)
+}
+
+/// Signs `params` with a new ECDSA P-256 key; `not_before` and `not_after` are the bounds
+/// `params` carries, as the returned key reports them.
+pub(crate) fn self_signed(
+    params: CertificateParams,
+    not_before: SystemTime,
+    not_after: SystemTime,
+) -> Result<CertifiedKey, CertError> {
     let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
     let cert = params.self_signed(&key)?;
     let cert_der = cert.der().to_vec();
@@ -406,8 +422,8 @@ fn generate_with_validity(sans: &[San], not_before: SystemTime, validity: Durati
         chain_der: vec![cert_der.clone()],
         cert_der,
         key_der: key.serialize_der(),
-        not_before: UNIX_EPOCH + Duration::from_secs(start_secs),
-        not_after: UNIX_EPOCH + Duration::from_secs(end_secs),
+        not_before,
+        not_after,
     })
 }
 

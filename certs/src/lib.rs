@@ -12,6 +12,10 @@
 //! - **Production**: [`load_pem_files`] reads a certificate chain and private key that a
 //!   browser trusts (for example from an ACME client), and [`pem_files_stamp`] lets the
 //!   server notice when those files are replaced and reload them.
+//! - **ACME**: [`acme`] holds the certificate side of the server's ACME client: a key and CSR
+//!   for the domain, the TLS-ALPN-01 challenge certificate, a placeholder served until the
+//!   first issuance, when a certificate is due for renewal, and the [`acme::AcmeStore`]
+//!   directory for the account and the issued certificate.
 //!
 //! Both produce a [`CertifiedKey`]: DER bytes plus the validity period, and the SHA-256 hash
 //! that pages pin.
@@ -20,8 +24,8 @@
 //!
 //! - It never reads the clock: every time-dependent call takes `now`, so rotation and expiry
 //!   are tested with made-up times.
-//! - It does no I/O beyond `std::fs` on the paths it is given: no network, no ACME, no
-//!   background tasks or timers. The server decides when to call
+//! - It does no I/O beyond `std::fs` on the paths it is given: no network (the ACME protocol
+//!   itself is the server's), no background tasks or timers. The server decides when to call
 //!   [`DevIdentity::rotate_if_due`] or to poll [`pem_files_stamp`].
 //! - It does not know about `wtransport` or `tokio`; the server turns the DER bytes into
 //!   its own TLS types.
@@ -29,6 +33,7 @@
 //!   and the files are the operator's choice. It only checks that they parse and that the
 //!   key belongs to the leaf certificate.
 
+pub mod acme;
 mod der;
 mod dev;
 mod files;

@@ -195,10 +195,28 @@ settings! {
     /// reached under another name or port.
     public_wt_url: String, env "DOWNBEAT_PUBLIC_WT_URL", value "URL",
         shown "`https://<the page's host>:<wt port>/`";
-    /// Also serve the pages and the API over HTTPS on this address, with the server's
-    /// certificate as loaded at startup (rotation and reloads reach WebTransport only: restart
-    /// to serve a replaced certificate over HTTPS).
+    /// Also serve the pages and the API over HTTPS on this address, with the certificate
+    /// WebTransport uses (rotations, reloads and ACME renewals reach both at once).
     https_addr: SocketAddr, env "DOWNBEAT_HTTPS_ADDR", value "ADDR", shown "no HTTPS listener";
+    /// Obtain and renew the certificate for this DNS name with ACME (TLS-ALPN-01 on the HTTPS
+    /// listener, which must be reachable on port 443 under this name). Needs --https-addr;
+    /// excludes --tls-cert/--tls-key.
+    acme_domain: String, env "DOWNBEAT_ACME_DOMAIN", value "NAME", shown "no ACME";
+    /// Contact e-mail given to the ACME CA (expiry and policy notices).
+    acme_email: String, env "DOWNBEAT_ACME_EMAIL", value "EMAIL", shown "no contact";
+    /// The ACME directory URL.
+    acme_directory: String = DEFAULT_ACME_DIRECTORY.to_owned(), env "DOWNBEAT_ACME_DIRECTORY", value "URL",
+        shown "Let's Encrypt (`https://acme-v02.api.letsencrypt.org/directory`)";
+    /// A PEM file of extra roots trusted for the ACME directory's own HTTPS (a private or test
+    /// CA such as pebble), besides the built-in Mozilla roots.
+    acme_directory_ca: PathBuf, env "DOWNBEAT_ACME_DIRECTORY_CA", value "FILE", shown "the Mozilla roots only";
+    /// Renew the ACME certificate when this much of its validity is left, in seconds (never in
+    /// the first half of its lifetime).
+    acme_renew_before_secs: u64 = 30 * 24 * 3600, env "DOWNBEAT_ACME_RENEW_BEFORE_SECS", value "SECS",
+        shown "`2592000` (30 days)";
+    /// Wait before retrying a failed ACME order, in seconds; doubles with each failure in a
+    /// row, up to six hours. The current certificate is served meanwhile.
+    acme_retry_secs: u64 = 600, env "DOWNBEAT_ACME_RETRY_SECS", value "SECS";
     /// Most HTTP(S) connections open at once; more are closed as they arrive.
     http_max_connections: usize = 4096, env "DOWNBEAT_HTTP_MAX_CONNECTIONS", value "N";
     /// Most HTTP(S) connections open at once from one client address (a school behind one
@@ -319,6 +337,9 @@ pub const DEFAULT_WEB_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../web")
 
 /// The default browser package directory: `client-wasm/pkg` of the source checkout.
 pub const DEFAULT_PKG_DIR: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../client-wasm/pkg");
+
+/// Let's Encrypt's production ACME directory, the default of `acme_directory`.
+pub const DEFAULT_ACME_DIRECTORY: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// The default `aud` claim tokens must carry.
 pub const DEFAULT_AUDIENCE: &str = "downbeat";
@@ -704,6 +725,32 @@ impl Config {
             _ => {}
         }
         in_range("tls_reload_check_ms", self.tls_reload_check_ms, 1..=3_600_000, d.tls_reload_check_ms)?;
+        if let Some(domain) = &self.acme_domain {
+            if self.tls_cert.is_some() {
+                return invalid(
+                    "acme_domain and tls_cert are both set: give either a domain (ACME obtains the certificate) or the certificate files",
+                );
+            }
+            if self.https_addr.is_none() {
+                return invalid(format!(
+                    "acme_domain is set but https_addr is not: ACME validates {domain} over TLS on the HTTPS listener; set --https-addr [::]:443"
+                ));
+            }
+            if let Err(e) = downbeat_certs::acme::key_and_csr(domain) {
+                return invalid(format!("acme_domain: {e}"));
+            }
+            if !self.acme_directory.starts_with("https://") {
+                return invalid(format!("acme_directory {:?} is not an https:// URL", self.acme_directory));
+            }
+            if self
+                .acme_email
+                .as_deref()
+                .is_some_and(|email| !email.contains('@') || email.contains(char::is_whitespace))
+            {
+                return invalid("acme_email is not an e-mail address");
+            }
+        }
+        in_range("acme_retry_secs", self.acme_retry_secs, 1..=86_400, d.acme_retry_secs)?;
         in_range("lead_ms", self.lead_ms, 100..=60_000, d.lead_ms)?;
         if self.send_interval_ms < 10 || self.send_interval_ms * 2 > self.lead_ms {
             return invalid(format!(
@@ -817,6 +864,16 @@ impl Config {
     /// [`Self::tls_reload_check_ms`] as a duration.
     pub fn tls_reload_check(&self) -> Duration {
         Duration::from_millis(self.tls_reload_check_ms)
+    }
+
+    /// [`Self::acme_renew_before_secs`] as a duration.
+    pub fn acme_renew_before(&self) -> Duration {
+        Duration::from_secs(self.acme_renew_before_secs)
+    }
+
+    /// [`Self::acme_retry_secs`] as a duration.
+    pub fn acme_retry(&self) -> Duration {
+        Duration::from_secs(self.acme_retry_secs)
     }
 
     /// [`Self::hello_timeout_ms`] as a duration.
@@ -938,6 +995,40 @@ mod tests {
         assert_eq!(config.send_interval_ms, 100);
         assert_eq!(config.hostnames, ["music.local"]);
         assert_eq!(config.dev_cert_hostnames(), ["localhost", "127.0.0.1", "::1", "music.local"]);
+    }
+
+    #[test]
+    fn acme_needs_an_https_listener_a_dns_name_and_no_certificate_files() {
+        let config = check(
+            &["--acme-domain", "music.example.org", "--https-addr", "[::]:443", "--acme-email", "it@example.org"],
+            None,
+        )
+        .unwrap();
+        assert_eq!(config.acme_domain.as_deref(), Some("music.example.org"));
+        assert_eq!(config.acme_directory, DEFAULT_ACME_DIRECTORY);
+        assert_eq!(config.acme_renew_before(), Duration::from_secs(30 * 24 * 3600));
+        let err = check(&["--acme-domain", "music.example.org"], None).unwrap_err();
+        assert!(err.contains("https_addr is not"), "{err}");
+        let err = check(&["--acme-domain", "127.0.0.1", "--https-addr", "[::]:443"], None).unwrap_err();
+        assert!(err.contains("acme_domain"), "{err}");
+        let err = check(
+            &[
+                "--acme-domain",
+                "music.example.org",
+                "--https-addr",
+                "[::]:443",
+                "--tls-cert",
+                "a.pem",
+                "--tls-key",
+                "a.key",
+            ],
+            None,
+        )
+        .unwrap_err();
+        assert!(err.contains("acme_domain and tls_cert"), "{err}");
+        let file = "acme_domain = \"music.example.org\"\nhttps_addr = \"[::]:443\"\nacme_directory = \"http://plain.example/dir\"\n";
+        let err = check(&[], Some(file)).unwrap_err();
+        assert!(err.contains("not an https:// URL"), "{err}");
     }
 
     #[test]

@@ -1,19 +1,25 @@
 //! The server's TLS identity: where it comes from, how it becomes a wtransport config, how it
-//! is swapped without dropping sessions, and which hashes are published for pages to pin.
+//! is swapped without dropping sessions (the [`Installer`] puts a new certificate into the
+//! WebTransport endpoint and the HTTPS listener at once), which hashes are published for pages
+//! to pin, and what `/api/health` says about it ([`TlsHealth`]).
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime};
 
 use downbeat_certs::{CertError, CertifiedKey, DevIdentity, FileStamp};
+use serde::Serialize;
 use tracing::{error, info, warn};
 use wtransport::config::{QuicTransportConfig, ServerConfigBuilder, TlsServerConfig};
 use wtransport::tls::rustls;
 use wtransport::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use wtransport::{Endpoint, ServerConfig};
 
+use crate::acme::Acme;
+use crate::api::CertResolver;
 use crate::config::Config;
 use crate::shutdown::Shutdown;
+use crate::stats::Stats;
 
 /// How often a development identity is checked for rotation.
 const DEV_ROTATION_CHECK: Duration = Duration::from_secs(3600);
@@ -62,6 +68,86 @@ impl PublishedHashes {
     }
 }
 
+/// What `/api/health` says about the certificate in use. Written by whoever installs one
+/// (and by the ACME task about its orders), read by the health route.
+#[derive(Debug, Default)]
+pub(crate) struct TlsHealth(RwLock<TlsView>);
+
+/// The certificate in use, as `/api/health` shows it.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct TlsView {
+    /// `development`, `files` or `acme`.
+    pub(crate) source: &'static str,
+    /// SHA-256 of the certificate in use, hex.
+    pub(crate) sha256: String,
+    /// When it expires, in seconds since the Unix epoch.
+    pub(crate) not_after_unix: u64,
+    /// ACME's state, when the certificate comes from ACME.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) acme: Option<AcmeView>,
+}
+
+/// ACME's state in `/api/health`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub(crate) struct AcmeView {
+    /// The domain the certificate is for.
+    pub(crate) domain: String,
+    /// Whether a certificate from the CA is in use (before the first issuance the server
+    /// presents a self-signed placeholder that no browser trusts).
+    pub(crate) issued: bool,
+    /// Orders that failed in a row (0: the last one succeeded or none failed yet).
+    pub(crate) failures_in_a_row: u32,
+    /// What the last failure was, as a stable word (`directory_unreachable`,
+    /// `account_refused`, `validation_failed`, `order_failed`, `storage_failed`), while
+    /// failing; the details are in the log.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) last_error: Option<&'static str>,
+    /// When the next order is due, in seconds since the Unix epoch.
+    pub(crate) next_attempt_unix: u64,
+}
+
+impl TlsHealth {
+    /// The health of `key` from `source`, as loaded at startup.
+    pub(crate) fn new(source: &Source, key: &CertifiedKey) -> Self {
+        Self(RwLock::new(TlsView {
+            source: source.name(),
+            sha256: key.sha256_hex(),
+            not_after_unix: unix_secs(key.not_after),
+            acme: match source {
+                Source::Acme(acme) => Some(acme.view(0, None, acme.renewal_due())),
+                _ => None,
+            },
+        }))
+    }
+
+    /// What to show now.
+    pub(crate) fn view(&self) -> TlsView {
+        self.0.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Changes what is shown.
+    pub(crate) fn update(&self, change: impl FnOnce(&mut TlsView)) {
+        change(&mut self.0.write().unwrap_or_else(std::sync::PoisonError::into_inner));
+    }
+}
+
+impl TlsView {
+    /// Why the server cannot serve browsers properly, if it cannot: no certificate from the
+    /// CA yet, or the one in use has expired. A failing renewal while the certificate is
+    /// still valid is shown in `acme` but is not a reason: nothing is broken yet.
+    pub(crate) fn degraded_reason(&self, now: SystemTime) -> Option<&'static str> {
+        if self.acme.as_ref().is_some_and(|acme| !acme.issued) {
+            return Some("certificate_pending");
+        }
+        (unix_secs(now) >= self.not_after_unix).then_some("certificate_expired")
+    }
+}
+
+/// Seconds since the Unix epoch (0 before it).
+pub(crate) fn unix_secs(time: SystemTime) -> u64 {
+    time.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
 /// Where the identity comes from.
 #[derive(Debug)]
 pub(crate) enum Source {
@@ -69,11 +155,28 @@ pub(crate) enum Source {
     Dev(Box<DevIdentity>),
     /// Operator-provided PEM files, reloaded when they change.
     Pem { cert: PathBuf, key: PathBuf, stamp: Option<FileStamp> },
+    /// Obtained and renewed with ACME by [`crate::acme::maintain`].
+    Acme(Box<Acme>),
+}
+
+impl Source {
+    /// How `/api/health` names the source.
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Dev(_) => "development",
+            Self::Pem { .. } => "files",
+            Self::Acme(_) => "acme",
+        }
+    }
 }
 
 /// Loads (or creates) the identity the config asks for: the source, the key to serve now,
 /// and the hashes to publish.
 pub(crate) fn load(config: &Config) -> Result<(Source, CertifiedKey), IdentityError> {
+    if config.acme_domain.is_some() {
+        let (acme, key) = Acme::load(config)?;
+        return Ok((Source::Acme(Box::new(acme)), key));
+    }
     match (&config.tls_cert, &config.tls_key) {
         (Some(cert), Some(key)) => {
             // Stamp first: if the files change between the two calls, the next poll reloads.
@@ -99,8 +202,52 @@ impl Source {
                 .into_iter()
                 .map(|k| PublishedHash { sha256: k.sha256(), not_after: k.not_after })
                 .collect(),
-            Self::Pem { .. } => Vec::new(),
+            Self::Pem { .. } | Self::Acme(_) => Vec::new(),
         }
+    }
+}
+
+/// Puts a new certificate in use everywhere at once: the WebTransport endpoint's config is
+/// reloaded and the HTTPS listener's resolver swapped. Open sessions and connections keep the
+/// certificate they started with; new handshakes get the new one.
+pub(crate) struct Installer {
+    pub(crate) endpoint: Arc<Endpoint<wtransport::endpoint::endpoint_side::Server>>,
+    pub(crate) https: Option<Arc<CertResolver>>,
+    pub(crate) config: Config,
+    pub(crate) stats: Arc<Stats>,
+    pub(crate) health: Arc<TlsHealth>,
+}
+
+impl std::fmt::Debug for Installer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Installer").field("https", &self.https.is_some()).finish_non_exhaustive()
+    }
+}
+
+impl Installer {
+    /// Installs `key`; on an error nothing changed.
+    pub(crate) fn install(&self, key: &CertifiedKey) -> Result<(), IdentityError> {
+        let config = server_config(ServerConfig::builder().with_bind_default(0), key, &self.config)?;
+        self.endpoint.reload_config(config, false).map_err(|e| {
+            error!(error = %e, "reloading the endpoint config failed");
+            IdentityError::Transport("reload failed")
+        })?;
+        if let Some(https) = &self.https {
+            // The same chain and key were just accepted for WebTransport, so this cannot
+            // refuse them in practice; if it did, HTTPS would keep the old certificate.
+            https.set(key)?;
+        }
+        self.shown(key);
+        Ok(())
+    }
+
+    /// Records `key` as the certificate in use, for `/metrics` and `/api/health`.
+    pub(crate) fn shown(&self, key: &CertifiedKey) {
+        self.stats.tls_certificate_not_after.set(unix_secs(key.not_after));
+        self.health.update(|view| {
+            view.sha256 = key.sha256_hex();
+            view.not_after_unix = unix_secs(key.not_after);
+        });
     }
 }
 
@@ -127,9 +274,9 @@ fn tls_config(key: &CertifiedKey) -> Result<TlsServerConfig, IdentityError> {
     Ok(rustls_server_config(key, wtransport::tls::WEBTRANSPORT_ALPN)?)
 }
 
-/// A TLS 1.3 (ring) rustls server config presenting `key`'s chain, offering one ALPN
-/// protocol: WebTransport's for the QUIC endpoint, `http/1.1` for the HTTPS listener.
-pub(crate) fn rustls_server_config(key: &CertifiedKey, alpn: &[u8]) -> Result<TlsServerConfig, rustls::Error> {
+/// `key`'s chain (leaf first; the leaf alone if no chain is given) and private key as rustls
+/// takes them.
+pub(crate) fn rustls_chain_and_key(key: &CertifiedKey) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
     let chain: Vec<CertificateDer<'static>> = if key.chain_der.is_empty() {
         vec![CertificateDer::from(key.cert_der.clone())]
     } else {
@@ -137,6 +284,13 @@ pub(crate) fn rustls_server_config(key: &CertifiedKey, alpn: &[u8]) -> Result<Tl
     };
     let private = PrivateKeyDer::try_from(key.key_der.clone())
         .unwrap_or_else(|_| PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.key_der.clone())));
+    (chain, private)
+}
+
+/// A TLS 1.3 (ring) rustls server config presenting `key`'s chain, offering one ALPN
+/// protocol: WebTransport's.
+fn rustls_server_config(key: &CertifiedKey, alpn: &[u8]) -> Result<TlsServerConfig, rustls::Error> {
+    let (chain, private) = rustls_chain_and_key(key);
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = TlsServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -155,20 +309,21 @@ pub(crate) fn server_config(
     Ok(builder.with_custom_tls_and_transport(tls_config(key)?, transport_config(config)?).build())
 }
 
-/// Keeps the endpoint's identity fresh until shutdown: rotates the development certificate
-/// (checked hourly) or reloads changed production PEM files (checked every `tls_reload_check_ms`, 10 s by default). Existing
-/// sessions keep their connection; only new handshakes see the new certificate. A failed
-/// reload is logged and the old identity kept.
+/// Keeps the identity fresh until shutdown: rotates the development certificate (checked
+/// hourly), reloads changed production PEM files (checked every `tls_reload_check_ms`, 10 s by
+/// default), or hands an ACME source to [`crate::acme::maintain`]. Existing sessions keep
+/// their connection; only new handshakes see the new certificate. A failed reload is logged
+/// and the old identity kept.
 pub(crate) async fn maintain(
     mut source: Source,
-    endpoint: Arc<Endpoint<wtransport::endpoint::endpoint_side::Server>>,
+    installer: Installer,
     published: Arc<PublishedHashes>,
-    config: Config,
     mut shutdown: Shutdown,
 ) {
     let period = match source {
         Source::Dev(_) => DEV_ROTATION_CHECK,
-        Source::Pem { .. } => config.tls_reload_check(),
+        Source::Pem { .. } => installer.config.tls_reload_check(),
+        Source::Acme(acme) => return crate::acme::maintain(*acme, installer, shutdown).await,
     };
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -179,6 +334,7 @@ pub(crate) async fn maintain(
             _ = ticker.tick() => {}
         }
         let new_key = match &mut source {
+            Source::Acme(_) => None,
             Source::Dev(identity) => match identity.rotate_if_due(SystemTime::now()) {
                 Ok(true) => Some(identity.current.clone()),
                 Ok(false) => None,
@@ -210,13 +366,7 @@ pub(crate) async fn maintain(
             }
         };
         let Some(new_key) = new_key else { continue };
-        let reloaded = server_config(ServerConfig::builder().with_bind_default(0), &new_key, &config).and_then(|c| {
-            endpoint.reload_config(c, false).map_err(|e| {
-                error!(error = %e, "reloading the endpoint config failed");
-                IdentityError::Transport("reload failed")
-            })
-        });
-        match reloaded {
+        match installer.install(&new_key) {
             Ok(()) => {
                 published.set(source.published());
                 info!(sha256 = %new_key.sha256_hex(), "TLS certificate replaced; open sessions continue");

@@ -21,8 +21,9 @@
 //!   child's data, and retention; on SQLite by default or PostgreSQL, written through a
 //!   bounded queue so beats and notes never wait on the database.
 //! - **Certificates**: a self-signed development identity (rotated before Chrome's 14-day
-//!   limit, hashes published) or production PEM files (reloaded when they change); either
-//!   is swapped without dropping open sessions.
+//!   limit, hashes published), production PEM files (reloaded when they change), or a
+//!   certificate obtained and renewed with ACME (TLS-ALPN-01 on the HTTPS listener); any of
+//!   them is swapped in WebTransport and HTTPS at once without dropping open sessions.
 //!
 //! The timing logic itself lives in `downbeat-engine`, which never reads a clock; this crate
 //! is the I/O shell around it and reads time only through [`ServerClock`]. Rooms live in
@@ -38,6 +39,7 @@
 //! # }
 //! ```
 
+mod acme;
 mod api;
 pub mod auth;
 mod authz;
@@ -73,7 +75,7 @@ pub use crate::identity::{IdentityError, PublishedHash};
 pub use crate::stats::Stats;
 
 use crate::auth::Tenants;
-use crate::identity::PublishedHashes;
+use crate::identity::{PublishedHashes, TlsHealth};
 use crate::room::{Rooms, RoomsConfig};
 use crate::session::SessionContext;
 
@@ -143,9 +145,11 @@ pub struct Server {
     http_addr: SocketAddr,
     https: Option<api::TlsListener>,
     https_addr: Option<SocketAddr>,
+    https_certs: Option<Arc<api::CertResolver>>,
     wt_port: u16,
     source: identity::Source,
     hashes: Arc<PublishedHashes>,
+    tls_health: Arc<TlsHealth>,
     tenants: Arc<Tenants>,
     rooms: Arc<Rooms>,
     sel: sel::Sel,
@@ -183,16 +187,19 @@ impl Server {
             .port();
         let http = bind_tcp(config.http_addr).await.map_err(|(addr, source)| ServerError::BindHttp { addr, source })?;
         let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: config.http_addr, source })?;
-        let (https, https_addr) = match config.https_addr {
+        let (https, https_addr, https_certs) = match config.https_addr {
             Some(asked) => {
                 let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttps { addr, source })?;
                 let addr = tcp.local_addr().map_err(|source| ServerError::BindHttps { addr: asked, source })?;
-                let listener =
-                    api::TlsListener::new(tcp, &key, config.http_header_timeout()).map_err(IdentityError::Tls)?;
-                (Some(listener), Some(addr))
+                let certs = Arc::new(api::CertResolver::new(&key).map_err(IdentityError::Tls)?);
+                let listener = api::TlsListener::new(tcp, certs.clone(), config.http_header_timeout())
+                    .map_err(IdentityError::Tls)?;
+                (Some(listener), Some(addr), Some(certs))
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        let tls_health = Arc::new(TlsHealth::new(&source, &key));
+        stats.tls_certificate_not_after.set(identity::unix_secs(key.not_after));
         let tenants = Arc::new(Tenants::new(&config)?);
         let hashes = Arc::new(PublishedHashes::default());
         hashes.set(source.published());
@@ -227,6 +234,7 @@ impl Server {
             https = ?https_addr,
             webtransport_port = wt_port,
             production_tls = config.tls_cert.is_some(),
+            acme = ?config.acme_domain,
             "listening"
         );
         Ok(Self {
@@ -238,9 +246,11 @@ impl Server {
             http_addr,
             https,
             https_addr,
+            https_certs,
             wt_port,
             source,
             hashes,
+            tls_health,
             tenants,
             rooms,
             sel,
@@ -256,8 +266,8 @@ impl Server {
     }
 
     /// The address the HTTPS listener (`--https-addr`) listens on, if there is one (the real
-    /// port, also when 0 was asked for). It serves what HTTP serves, with the certificate in
-    /// use at startup: certificate rotation and reloads reach WebTransport only.
+    /// port, also when 0 was asked for). It serves what HTTP serves, with the certificate
+    /// WebTransport uses (rotations, reloads and ACME renewals reach both).
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https_addr
     }
@@ -319,9 +329,11 @@ impl Server {
             endpoint,
             http,
             https,
+            https_certs,
             wt_port,
             source,
             hashes,
+            tls_health,
             tenants,
             rooms,
             sel,
@@ -358,6 +370,7 @@ impl Server {
                 rooms: rooms.clone(),
                 tenants: tenants.clone(),
                 hashes: hashes.clone(),
+                tls: tls_health.clone(),
                 stats: stats.clone(),
                 clock,
                 limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
@@ -372,8 +385,14 @@ impl Server {
         let mut http_task = tokio::spawn(api::serve(http, router.clone(), http_limits, signal.clone()));
         let mut https_task =
             https.map(|listener| tokio::spawn(api::serve(listener, router, http_limits, signal.clone())));
-        let identity_task =
-            tokio::spawn(identity::maintain(source, endpoint.clone(), hashes, config.clone(), signal.clone()));
+        let installer = identity::Installer {
+            endpoint: endpoint.clone(),
+            https: https_certs,
+            config: config.clone(),
+            stats: stats.clone(),
+            health: tls_health,
+        };
+        let identity_task = tokio::spawn(identity::maintain(source, installer, hashes, signal.clone()));
         // Shut down when asked, or if the HTTP or HTTPS server stops on its own.
         let watch = async {
             let ended = tokio::select! {

@@ -255,6 +255,15 @@ stats! {
     participation_dropped: Counter => "participation_dropped_total";
     /// SEL rows deleted by the retention purge.
     sel_rows_purged: Counter => "sel_rows_purged_total";
+    /// When the TLS certificate in use (HTTPS and WebTransport) expires, in seconds since the
+    /// Unix epoch.
+    tls_certificate_not_after: Gauge => "tls_certificate_expiry_timestamp_seconds";
+    /// Certificates obtained with ACME and put in use (the first one and renewals).
+    acme_certificates_issued: Counter => "acme_certificates_issued_total";
+    /// ACME orders that failed (the certificate in use is kept and the order retried).
+    acme_failures: Counter => "acme_failures_total";
+    /// 1 while the last ACME order failed, else 0.
+    acme_failing: Gauge => "acme_failing";
 }
 
 /// Counting what a room's engine says it did (the room task's side of the counters above).
@@ -548,6 +557,11 @@ mod tests {
             "transport_sessions_total",
             "transport_timing_dropped_total",
             "transport_sync_uncertainty_seconds",
+            // Since: the certificate in use and ACME.
+            "tls_certificate_expiry_timestamp_seconds",
+            "acme_certificates_issued_total",
+            "acme_failures_total",
+            "acme_failing",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

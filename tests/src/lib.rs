@@ -116,6 +116,11 @@ impl TestServer {
         Ok(me)
     }
 
+    /// The server's data directory (a temporary one, removed with the server).
+    pub fn data_dir(&self) -> &std::path::Path {
+        self._data.path()
+    }
+
     /// `https://host:port/` of the WebTransport endpoint.
     pub fn url(&self, host: &str) -> String {
         format!("https://{host}:{}/", self.wt_port)
@@ -240,6 +245,17 @@ impl std::fmt::Debug for RawSession {
 }
 
 impl RawSession {
+    /// A session opened some other way (its own TLS settings), with its control stream and
+    /// the endpoint it came from.
+    pub fn from_parts(
+        conn: Connection,
+        send: SendStream,
+        recv: RecvStream,
+        endpoint: Endpoint<wtransport::endpoint::endpoint_side::Client>,
+    ) -> Self {
+        Self { conn, send, recv, _endpoint: endpoint }
+    }
+
     /// Writes raw bytes to the control stream.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<()> {
         self.send.write_all(bytes).await?;

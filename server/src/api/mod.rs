@@ -33,7 +33,7 @@ use downbeat_protocol::ErrorCode;
 
 use self::error::not_found;
 pub use self::error::{ApiError, status_for};
-pub(crate) use self::listen::TlsListener;
+pub(crate) use self::listen::{CertResolver, TlsListener};
 pub(crate) use self::pages::warn_if_missing;
 pub(crate) use self::serve::{HttpLimits, serve};
 pub(crate) use self::state::{AppState, Web};

@@ -1,4 +1,4 @@
-//! The SEL part of the HTTP API: health, reflection prompts, summaries, and one student's
+//! The SEL part of the HTTP API: reflection prompts, summaries, and one student's
 //! export and deletion. Teacher-only and tenant-scoped: the tenant comes from the verified
 //! token and every store query is filtered by it, so a teacher of one school reads nothing of
 //! another, whatever ids they send.
@@ -20,7 +20,6 @@ use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
 use super::extract::{ApiJson, Auth, PeerAddr, RoomPath};
-use super::respond::allow_any_origin;
 use super::rooms::{Done, control};
 use super::state::AppState;
 use crate::authz::Operation;
@@ -33,7 +32,6 @@ const MAX_STUDENT_ID: usize = 128;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
-        .route("/api/health", get(health))
         .route("/api/rooms/{code}/prompt", post(set_prompt))
         .route("/api/rooms/{code}/sel", get(room_sel))
         .route("/api/sessions/{id}/sel", get(session_sel))
@@ -73,23 +71,6 @@ impl<S: Send + Sync> FromRequestParts<S> for StudentPath {
         }
         Ok(Self(id))
     }
-}
-
-#[derive(Serialize)]
-struct HealthView {
-    status: &'static str,
-    store: crate::sel::Health,
-}
-
-/// `200 {"status":"ok"}`, or `503 {"status":"degraded"}` while SEL writes fail (beats and
-/// notes carry on regardless).
-async fn health(State(state): State<AppState>) -> Response {
-    let store = state.sel.health();
-    let (status, word) =
-        if store.degraded { (StatusCode::SERVICE_UNAVAILABLE, "degraded") } else { (StatusCode::OK, "ok") };
-    let mut response = (status, Json(HealthView { status: word, store })).into_response();
-    allow_any_origin(&mut response);
-    response
 }
 
 #[derive(Deserialize)]

@@ -14,7 +14,7 @@ use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::config::Config;
-use crate::identity::PublishedHashes;
+use crate::identity::{PublishedHashes, TlsHealth};
 use crate::limits::{Buckets, Refill, network};
 use crate::room::{RoomHandle, Rooms};
 use crate::sel::Sel;
@@ -34,6 +34,7 @@ pub(crate) struct AppState {
     pub(crate) rooms: Arc<Rooms>,
     pub(crate) tenants: Arc<Tenants>,
     pub(crate) hashes: Arc<PublishedHashes>,
+    pub(crate) tls: Arc<TlsHealth>,
     pub(crate) stats: Arc<Stats>,
     pub(crate) clock: ServerClock,
     pub(crate) limits: RequestLimits,

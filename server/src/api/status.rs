@@ -1,9 +1,10 @@
-//! Public status routes: ping, the certificate hashes pages pin, and `/metrics`.
+//! Public status routes: ping, health (the SEL store and the TLS certificate), the
+//! certificate hashes pages pin, and `/metrics`.
 
 use std::time::SystemTime;
 
 use axum::extract::State;
-use axum::http::{HeaderValue, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -16,6 +17,7 @@ use super::state::AppState;
 pub(super) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/ping", get(ping))
+        .route("/api/health", get(health))
         .route("/api/cert-hashes", get(cert_hashes))
         .route("/metrics", get(metrics))
 }
@@ -27,6 +29,35 @@ struct Status {
 
 async fn ping() -> Response {
     let mut response = Json(Status { status: "ok" }).into_response();
+    allow_any_origin(&mut response);
+    response
+}
+
+#[derive(Serialize)]
+struct HealthView {
+    status: &'static str,
+    /// Why `degraded`: `store_failing`, `certificate_pending`, `certificate_expired`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    reasons: Vec<&'static str>,
+    store: crate::sel::Health,
+    tls: crate::identity::TlsView,
+}
+
+/// `200 {"status":"ok"}`, or `503 {"status":"degraded"}` while SEL writes fail, before the
+/// first ACME certificate is issued, or once the certificate in use has expired (beats and
+/// notes carry on regardless). A failing ACME renewal shows in `tls.acme` while the
+/// certificate is still valid.
+async fn health(State(state): State<AppState>) -> Response {
+    let store = state.sel.health();
+    let tls = state.tls.view();
+    let reasons: Vec<&'static str> =
+        [store.degraded.then_some("store_failing"), tls.degraded_reason(SystemTime::now())]
+            .into_iter()
+            .flatten()
+            .collect();
+    let (status, word) =
+        if reasons.is_empty() { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "degraded") };
+    let mut response = (status, Json(HealthView { status: word, reasons, store, tls })).into_response();
     allow_any_origin(&mut response);
     response
 }
