@@ -17,7 +17,7 @@ use downbeat_server::auth::Role;
 use downbeat_server::config::TenantLimits;
 use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
-use downbeat_tests::{TestServer, events_until, school};
+use downbeat_tests::{TestServer, Transport, events_until, school};
 use serde_json::{Value, json};
 
 /// Runs `$name(backend)` as two tests, one per backend.
@@ -39,6 +39,7 @@ macro_rules! on_both_backends {
 
 on_both_backends!(
     reflections_are_saved_once_and_reach_the_teachers_feed,
+    reflections_over_websocket_are_saved_once_and_reach_the_teachers_feed,
     participation_and_accuracy_match_what_thirty_students_played,
     export_and_delete_cover_every_row_of_one_student,
     no_teacher_reads_or_deletes_another_schools_data,
@@ -66,7 +67,16 @@ struct Class {
 }
 
 async fn class(db: &TestDatabase, adjust: impl FnOnce(&mut downbeat_server::Config)) -> Result<Class> {
-    let server = server_on(db, adjust).await?;
+    class_over(db, Transport::WebTransport, adjust).await
+}
+
+/// [`class`], its clients connecting over `transport`.
+async fn class_over(
+    db: &TestDatabase,
+    transport: Transport,
+    adjust: impl FnOnce(&mut downbeat_server::Config),
+) -> Result<Class> {
+    let server = server_on(db, adjust).await?.over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 120.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
@@ -111,8 +121,17 @@ fn student_in<'a>(sel: &'a Value, student: &str) -> Option<&'a Value> {
 }
 
 async fn reflections_are_saved_once_and_reach_the_teachers_feed(backend: Backend) -> Result<()> {
+    reflections_are_saved_once(backend, Transport::WebTransport).await
+}
+
+/// The same whatever carries the sessions: acknowledged only once committed.
+async fn reflections_over_websocket_are_saved_once_and_reach_the_teachers_feed(backend: Backend) -> Result<()> {
+    reflections_are_saved_once(backend, Transport::WebSocket).await
+}
+
+async fn reflections_are_saved_once(backend: Backend, transport: Transport) -> Result<()> {
     let db = TestDatabase::new(backend).await;
-    let Class { server, teacher_token, code, teacher } = class(&db, |_| {}).await?;
+    let Class { server, teacher_token, code, teacher } = class_over(&db, transport, |_| {}).await?;
     let ana = server.connect(&code, &server.student("s-ana")).await?;
     let id = *b"reflection-ana-1";
 
