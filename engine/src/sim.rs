@@ -888,6 +888,47 @@ mod tests {
         assert!((150.0..350.0).contains(&q(0.99)), "p99 {}", q(0.99));
     }
 
+    /// Writes `len`-byte segments at `times` over a fixed 5 ms path each way that is down in
+    /// `outages`; when the receiver hands each over.
+    fn tcp_deliveries(times: &[u64], outages: Vec<(u64, u64)>) -> (Vec<u64>, TcpStats) {
+        let config = TcpConfig::default();
+        let path = Path { outages, ..Path::fixed(5 * MS) };
+        let back = Path::fixed(5 * MS);
+        let (mut pipe, mut state, mut stats, mut rng) =
+            (TcpPipe::default(), PathState::default(), TcpStats::default(), Rng::new(1));
+        let delivered = times
+            .iter()
+            .map(|&t| {
+                let link = Link { config: &config, path: &path, state: &mut state, back: &back, stats: &mut stats };
+                pipe.write(link, &mut rng, t, 100)
+            })
+            .collect();
+        (delivered, stats)
+    }
+
+    #[test]
+    fn tcp_retransmits_a_loss_after_the_rto_and_holds_what_follows() {
+        // Lost before any RTT sample: retransmitted after the initial 1 s; the next segment
+        // arrives at 15 ms and waits for it.
+        let (delivered, stats) = tcp_deliveries(&[0, 10 * MS], vec![(0, 1)]);
+        assert_eq!(delivered, vec![SEC + 5 * MS, SEC + 5 * MS]);
+        assert_eq!((stats.retransmissions, stats.held_back), (1, 1));
+    }
+
+    #[test]
+    fn tcp_backs_off_through_an_outage() {
+        // Ten round trips of 10 ms make the RTO 10 ms + 200 ms (4 * rttvar is below the
+        // minimum); a 1 s outage then loses attempts at 1 s, 1.21 s and 1.63 s, and the one at
+        // 2.47 s gets through. A segment written during the outage is recovered with it.
+        let mut times: Vec<u64> = (0..10).map(|k| k * 50 * MS).collect();
+        times.extend([SEC, 1_500 * MS]);
+        let (delivered, stats) = tcp_deliveries(&times, vec![(SEC, 2 * SEC)]);
+        assert_eq!(delivered[9], 455 * MS);
+        assert_eq!(delivered[10], 2_470 * MS + 5 * MS);
+        assert_eq!(delivered[11], 2_470 * MS + 5 * MS);
+        assert_eq!(stats.retransmissions, 4);
+    }
+
     #[test]
     fn clock_model_inverts() {
         let c = ClockModel { offset_nanos: -400 * MS as i64, drift_ppm: -87.5 };

@@ -490,6 +490,12 @@ struct Timing {
     /// does by the time its audio scheduler queues it.
     beats: u64,
     late: u64,
+    /// Of those, the ones whose client held the right timeline but had no clock estimate or
+    /// one placing the beat in the past.
+    late_by_clock: u64,
+    /// Per change and client: from the teacher asking to the client holding the change (to
+    /// the 50 ms step of the run), sorted. The lead must exceed this plus `SCHEDULE_AHEAD`.
+    notice: Vec<u64>,
     /// Over TCP: retransmissions, and timing messages the server replaced while backed up.
     retransmissions: u64,
     dropped: u64,
@@ -499,10 +505,13 @@ impl Timing {
     fn add(&mut self, other: Self) {
         self.errors.extend(other.errors);
         self.spreads.extend(other.spreads);
+        self.notice.extend(other.notice);
         self.errors.sort_unstable();
         self.spreads.sort_unstable();
+        self.notice.sort_unstable();
         self.beats += other.beats;
         self.late += other.late;
+        self.late_by_clock += other.late_by_clock;
         self.retransmissions += other.retransmissions;
         self.dropped += other.dropped;
     }
@@ -518,14 +527,19 @@ impl Timing {
     fn line(&self, name: &str) -> String {
         let us = |n: u64| n as f64 / 1e3;
         format!(
-            "{name}: clock error p50 {:.0} us, p99 {:.0} us; onset spread p99 {:.0} us; late beats {} of {} ({:.3} %); \
-             retransmissions {}, dropped {}",
+            "{name}: clock error p50 {:.0} us, p99 {:.0} us; onset spread p99 {:.0} us; late beats {} of {} ({:.3} %, {} of them \
+             by the clock); \
+             a change reaches a client within p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; retransmissions {}, dropped {}",
             us(Self::quantile(&self.errors, 0.5)),
             us(Self::quantile(&self.errors, 0.99)),
             us(Self::quantile(&self.spreads, 0.99)),
             self.late,
             self.beats,
             self.late_fraction() * 100.0,
+            self.late_by_clock,
+            us(Self::quantile(&self.notice, 0.5)) / 1e3,
+            us(Self::quantile(&self.notice, 0.99)) / 1e3,
+            us(Self::quantile(&self.notice, 1.0)) / 1e3,
             self.retransmissions,
             self.dropped
         )
@@ -564,10 +578,27 @@ fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_n
         at += (rng.range(1.0, 4.0) * SEC as f64) as u64;
     }
     let mut timing = Timing::default();
+    // Per change asked so far: when, its epoch, and which clients hold it yet.
+    let mut changes: Vec<(u64, u64, Vec<bool>)> = Vec::new();
     let step = 50 * MS;
     let mut t = 2 * SEC;
     while t < 60 * SEC {
         sim.run_until(t);
+        for (asked, applied) in &sim.change_results()[changes.len()..] {
+            changes.push((
+                *asked,
+                applied.as_ref().expect("changes in range are accepted").epoch,
+                vec![false; CLIENTS],
+            ));
+        }
+        for (asked, epoch, held) in &mut changes {
+            for (i, held) in held.iter_mut().enumerate().filter(|(_, h)| !**h) {
+                if sim.clients()[i].client.timeline().is_some_and(|tl| tl.epoch() >= *epoch) {
+                    *held = true;
+                    timing.notice.push(t - *asked);
+                }
+            }
+        }
         if t.is_multiple_of(100 * MS) {
             for i in 0..CLIENTS {
                 // No estimate yet counts as the worst error.
@@ -583,7 +614,10 @@ fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_n
                 let placed = sim.clients()[i].client.timeline().and_then(|tl| tl.time_of(beat.index));
                 match sim.true_instant_of_beat(i, beat.index) {
                     Some(true_at) if placed == Some(beat.at) && true_at >= t => instants.push(true_at),
-                    _ => timing.late += 1,
+                    _ => {
+                        timing.late += 1;
+                        timing.late_by_clock += u64::from(placed == Some(beat.at));
+                    }
                 }
             }
             if let (Some(lo), Some(hi)) = (instants.iter().min(), instants.iter().max()) {
@@ -594,6 +628,7 @@ fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_n
     }
     timing.errors.sort_unstable();
     timing.spreads.sort_unstable();
+    timing.notice.sort_unstable();
     for c in sim.clients() {
         timing.retransmissions += c.tcp_stats().retransmissions;
         timing.dropped += c.tcp_stats().dropped;
@@ -628,6 +663,19 @@ fn over_tcp_classroom_wifi_keeps_clock_error_onsets_and_late_beats_within_the_go
 }
 
 #[test]
+fn over_tcp_a_backed_up_server_keeps_only_the_newest_timing_messages() {
+    // A send buffer of a few frames: through the outage and every retransmission the server
+    // replaces waiting beat frames and sync replies instead of queueing them, and no beat is
+    // late for it.
+    let tcp = Carrier::Tcp(TcpConfig { send_buffer_bytes: 600, ..TcpConfig::default() });
+    let t = timing_over("classroom-wifi, TCP, 600 B send buffer", &[55], Profile::classroom_wifi, &tcp, LEAD);
+    assert!(t.dropped > 0, "the outbox replaced waiting messages");
+    assert!(Timing::quantile(&t.errors, 0.99) <= 2 * MS);
+    assert!(Timing::quantile(&t.spreads, 0.99) <= 5 * MS);
+    assert!(t.late_fraction() <= 0.001, "{} late beats of {}", t.late, t.beats);
+}
+
+#[test]
 fn over_tcp_congested_wifi_keeps_the_median_but_not_the_tail() {
     // Congested Wi-Fi's jitter (p99 ~750 ms one way) and 5 % loss hold a TCP stream up most of
     // the time: no exchange crosses fast for seconds after joining or after the outage, so the
@@ -651,7 +699,7 @@ fn smallest_lead_over_tcp() {
     for (name, profile) in
         [("classroom-wifi", Profile::classroom_wifi as fn(bool) -> Profile), ("congested", Profile::congested)]
     {
-        for lead_ms in [300, 400, 500, 600, 800, 1_000, 1_250, 1_500, 2_000, 2_500] {
+        for lead_ms in [300, 500, 800, 1_000, 1_500, 2_000] {
             timing_over(&format!("{name}, TCP"), &[51, 52, 53], profile, &tcp, lead_ms * MS);
         }
     }
