@@ -125,7 +125,10 @@ export function flash(el, cls, ms) {
 
 // ---------------------------------------------------------------- sign-in and connecting
 
-/** `/api/client-config`: { webtransport_url, certificate_hashes, demo }. */
+/**
+ * `/api/client-config`: { webtransport_url, certificate_hashes, demo } and, where the server's
+ * WebSocket is not at /api/ws on this page's host, websocket_url.
+ */
 export async function loadConfig() {
   const res = await fetch('/api/client-config', { cache: 'no-store' });
   if (!res.ok) throw Object.assign(new Error(`client-config: HTTP ${res.status}`), { code: 'load_failed' });
@@ -204,13 +207,17 @@ export function loadClient() {
   return pkgPromise;
 }
 
-/** Connects to a room: `room` is `{ code }` or `{ create: {...} }`. */
+/**
+ * Connects to a room: `room` is `{ code }` or `{ create: {...} }`. The package races
+ * WebTransport against WebSocket (for networks that block QUIC) and remembers the winner.
+ */
 export async function connectClassroom(config, token, room) {
   const { connect } = await loadClient();
   const opts = { url: config.webtransport_url, token, reconnect: true, ...room };
   if (config.certificate_hashes && config.certificate_hashes.length) {
     opts.certificateHashes = config.certificate_hashes;
   }
+  if (config.websocket_url) opts.webSocketUrl = config.websocket_url;
   return connect(opts);
 }
 

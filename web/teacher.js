@@ -332,9 +332,13 @@ function updateCard(card, m) {
   const badge = syncBadge(m.sync);
   p.badge.className = `badge ${badge.cls}`;
   p.badge.textContent = badge.label;
-  if (m.sync && m.sync.synced && typeof m.sync.uncertaintyMs === 'number') {
-    p.badge.title = `± ${m.sync.uncertaintyMs.toFixed(2)} ms, round trip ${m.sync.rttMs?.toFixed?.(1) ?? '?'} ms`;
-  }
+  // WebSocket: this child's network blocks WebTransport (QUIC); timing still holds, a little
+  // less tightly.
+  const via = m.transport === 'websocket' ? ' over WebSocket' : '';
+  p.badge.title = m.sync && m.sync.synced && typeof m.sync.uncertaintyMs === 'number'
+    ? `± ${m.sync.uncertaintyMs.toFixed(2)} ms, round trip ${m.sync.rttMs?.toFixed?.(1) ?? '?'} ms${via}`
+    : `not in time yet${via}`;
+  p.badge.dataset.transport = m.transport || 'webtransport';
   card.el.classList.toggle('muted', !!m.muted);
   p.state.textContent = m.muted ? '🔇 Muted' : '🎵 Can play';
   p.mute.textContent = m.muted ? 'Unmute' : 'Mute';

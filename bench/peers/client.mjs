@@ -1,5 +1,6 @@
 #!/usr/bin/env node
-// Load generator and measurement client for both peers (see README.md for the output schema).
+// Load generator and measurement client for the three peers (see README.md for the output
+// schema).
 //
 // Simulates N students, each with its own connection, in one Node process or split over
 // several (`--processes`), plus one teacher connection (not measured) that waits for the
@@ -7,6 +8,11 @@
 // `--seconds`. Every student records, on the shared monotonic clock, the instant its beat
 // handler runs (the instant a "play on arrival" client plays the beat) and the instant each
 // note from another student arrives. Notes carry their sender's send instant.
+//
+// Against the timesync peer, students are the careful page instead (timesync-client.mjs): an
+// injected local clock synced by timesync before joining, beats scheduled ahead on the synced
+// clock, notes played at their `playAt`. They also record the true instant each beat and note
+// is scheduled for, when it was decided, and their clock error every 100 ms.
 
 import { spawn } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
@@ -16,11 +22,12 @@ import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { io as ioClient } from 'socket.io-client';
 import { WebSocket } from 'ws';
-import { nowNs, percentile, stringifyWithBigInt } from './common.mjs';
+import { LEAD_MS, nowNs, percentile, stringifyWithBigInt, timeOf } from './common.mjs';
+import { InjectedClock, LOOKAHEAD_MS, PLAYOUT_DELAY_MS, TICK_MS, startTimesync } from './timesync-client.mjs';
 
-const USAGE = `usage: node client.mjs --peer socketio|ws --url URL [options]
+const USAGE = `usage: node client.mjs --peer socketio|ws|timesync --url URL [options]
 
-  --peer socketio|ws        which peer server this talks to (required)
+  --peer socketio|ws|timesync  which peer server this talks to (required)
   --url URL                 the server (http://host:port or ws://host:port; both accepted)
   --clients N               students to simulate (default 5)
   --room CODE               room code (default "bench")
@@ -38,6 +45,7 @@ const USAGE = `usage: node client.mjs --peer socketio|ws --url URL [options]
   --drain-ms MS             keep listening this long after "stopped" (default 300)
   --timeout-seconds T       give up after T s in all (default seconds + 60)
   --out FILE                write the JSON there (default: one line on stdout)
+  --seed S                  seed of the timesync students' injected clocks (default 1)
   --summary                 print a human summary to stderr
 `;
 
@@ -62,6 +70,7 @@ function parseOptions(argv) {
       'timeout-seconds': { type: 'string' },
       out: { type: 'string' },
       summary: { type: 'boolean', default: false },
+      seed: { type: 'string', default: '1' },
       'ns-as-strings': { type: 'boolean', default: false },
       help: { type: 'boolean', short: 'h', default: false },
     },
@@ -78,7 +87,7 @@ function parseOptions(argv) {
     }
     return v;
   };
-  if (values.peer !== 'socketio' && values.peer !== 'ws') throw new Error('--peer must be socketio or ws');
+  if (!['socketio', 'ws', 'timesync'].includes(values.peer)) throw new Error('--peer must be socketio, ws or timesync');
   if (!values.url) throw new Error('--url is required');
   const seconds = num('seconds');
   const clients = num('clients', { integer: true });
@@ -107,6 +116,7 @@ function parseOptions(argv) {
     timeoutSeconds: values['timeout-seconds'] === undefined ? seconds + 60 : num('timeout-seconds'),
     out: values.out,
     summary: values.summary,
+    seed: num('seed', { integer: true }),
     nsAsStrings: values['ns-as-strings'],
     rawArgs: argv,
   };
@@ -117,7 +127,7 @@ function parseOptions(argv) {
 // with the arrival instant read first thing in the app-level handler, after the message is
 // decoded (Socket.IO decodes before calling handlers, so the ws side parses JSON first too).
 
-const EVENTS = ['presence', 'started', 'tempo', 'stopped', 'beat', 'note'];
+const EVENTS = ['presence', 'started', 'tempo', 'stopped', 'beat', 'note', 'timesync'];
 
 function connectSocketIo(url, localAddress, onEvent) {
   const httpUrl = url.replace(/^ws(s?):/, 'http$1:');
@@ -207,13 +217,15 @@ function connectWs(url, localAddress, onEvent) {
 }
 
 const connect = (peer, url, localAddress, onEvent) =>
-  (peer === 'socketio' ? connectSocketIo : connectWs)(url, localAddress, onEvent);
+  (peer === 'ws' ? connectWs : connectSocketIo)(url, localAddress, onEvent);
 
 // ---------------------------------------------------------------------------------------------
 // One process's run: its students and, unless --no-teacher, the teacher.
 
 async function runLocal(opts) {
   const n = opts.clients;
+  // The timesync peer's students sync their clocks and schedule ahead (timesync-client.mjs).
+  const scheduled = opts.peer === 'timesync';
   const ids = Array.from({ length: n }, (_, i) => opts.clientIdBase + i);
   const addressFor = (id) => (opts.bindAddresses.length ? opts.bindAddresses[id % opts.bindAddresses.length] : undefined);
 
@@ -234,7 +246,22 @@ async function runLocal(opts) {
     let rec = notes.get(key);
     if (!rec) {
       rec = { from, seq, sent_ns: null, arrivals_ns: new Array(n).fill(null) };
+      if (scheduled) rec.playouts_ns = new Array(n).fill(null);
       notes.set(key, rec);
+    }
+    return rec;
+  };
+
+  const beatRecord = (index) => {
+    let rec = beats.get(index);
+    if (!rec) {
+      rec = { index, server_sent_ns: null, arrivals_ns: new Array(n).fill(null) };
+      if (scheduled) {
+        rec.at_ns = null;
+        rec.onsets_ns = new Array(n).fill(null);
+        rec.decided_ns = new Array(n).fill(null);
+      }
+      beats.set(index, rec);
     }
     return rec;
   };
@@ -250,6 +277,15 @@ async function runLocal(opts) {
     phaseTimer: null,
     seq: 0,
     stopped: false,
+    // The timesync peer's page: its clock, timesync, the newest timeline, the last beat it
+    // scheduled, when its socket connected and its first sync round ended, its clock errors.
+    clock: scheduled ? new InjectedClock(opts.seed, id) : null,
+    sync: null,
+    timeline: null,
+    lastScheduled: null,
+    welcomedNs: null,
+    syncedMs: null,
+    clockErrors: [],
   }));
 
   const startNotes = (s) => {
@@ -260,7 +296,10 @@ async function runLocal(opts) {
       const rec = noteRecord(s.id, seq);
       const sentNs = nowNs();
       rec.sent_ns = sentNs;
-      s.conn.send('note', { from: s.id, seq, sentNs: sentNs.toString(), pitch: 60 + (seq % 12) });
+      const note = { from: s.id, seq, sentNs: sentNs.toString(), pitch: 60 + (seq % 12) };
+      // The careful page stamps its note with the instant everyone plays it, on the server's clock.
+      if (scheduled) note.playAt = s.sync.serverNowMs() + PLAYOUT_DELAY_MS;
+      s.conn.send('note', note);
     };
     // A random phase per student, so the room's notes are spread over the period.
     s.phaseTimer = setTimeout(() => {
@@ -278,20 +317,29 @@ async function runLocal(opts) {
   };
 
   const onStudentEvent = (s) => (type, msg, arrival) => {
+    // Every timeline the timesync peer sends is its newest (one TCP stream keeps them in order).
+    if (scheduled && msg && typeof msg === 'object' && msg.timeline) s.timeline = msg.timeline;
     switch (type) {
+      case 'timesync':
+        s.sync?.receive(msg);
+        break;
       case 'beat': {
-        let rec = beats.get(msg.index);
-        if (!rec) {
-          rec = { index: msg.index, server_sent_ns: BigInt(msg.sentNs), arrivals_ns: new Array(n).fill(null) };
-          beats.set(msg.index, rec);
-        }
+        const rec = beatRecord(msg.index);
+        if (rec.server_sent_ns === null) rec.server_sent_ns = BigInt(msg.sentNs);
+        if (scheduled && rec.at_ns === null) rec.at_ns = BigInt(Math.round(msg.at * 1e6));
         if (rec.arrivals_ns[s.index] === null) rec.arrivals_ns[s.index] = arrival;
         break;
       }
       case 'note': {
         const rec = noteRecord(msg.from, msg.seq);
         if (rec.sent_ns === null && typeof msg.sentNs === 'string') rec.sent_ns = BigInt(msg.sentNs);
-        if (rec.arrivals_ns[s.index] === null) rec.arrivals_ns[s.index] = arrival;
+        if (rec.arrivals_ns[s.index] === null) {
+          rec.arrivals_ns[s.index] = arrival;
+          // Scheduled at its playAt, converted to this page's clock (in the past when late).
+          if (scheduled && typeof msg.playAt === 'number' && s.sync?.hasOffset()) {
+            rec.playouts_ns[s.index] = s.clock.trueNsAt(s.sync.localMsOf(msg.playAt));
+          }
+        }
         break;
       }
       case 'started':
@@ -329,14 +377,60 @@ async function runLocal(opts) {
     for (const wake of stopWaiters) wake();
   }, opts.timeoutSeconds * 1000);
 
-  // Students connect and join, all at once.
+  // The timesync peer's pages: every 25 ms each schedules the beats of the next 200 ms on its
+  // synced clock, from the one after the last it scheduled (so a beat that fell into the past
+  // meanwhile is scheduled late), as Downbeat's students do; every 100 ms its clock error
+  // against the truth is sampled, as Downbeat's are.
+  const scheduleBeats = () => {
+    for (const s of students) {
+      if (!s.conn || !s.timeline || !s.sync?.hasOffset()) continue;
+      const serverNow = s.sync.serverNowMs();
+      let next = s.lastScheduled === null ? s.timeline.segments[0].from : s.lastScheduled + 1;
+      if (s.lastScheduled === null) {
+        while (timeOf(s.timeline, next) !== null && timeOf(s.timeline, next) < serverNow) next += 1;
+      }
+      const decided = nowNs();
+      for (;;) {
+        const at = timeOf(s.timeline, next);
+        if (at === null || at > serverNow + LOOKAHEAD_MS) break;
+        const rec = beatRecord(next);
+        rec.at_ns = BigInt(Math.round(at * 1e6));
+        rec.onsets_ns[s.index] = s.clock.trueNsAt(s.sync.localMsOf(at));
+        rec.decided_ns[s.index] = decided;
+        s.lastScheduled = next;
+        next += 1;
+      }
+    }
+  };
+  const sampleClocks = () => {
+    const t = nowNs();
+    for (const s of students) {
+      if (!s.conn || !s.sync?.hasOffset()) continue;
+      const estimate = s.clock.localMsAt(t) + s.sync.ts.offset;
+      s.clockErrors.push([t, BigInt(Math.round((estimate - Number(t) / 1e6) * 1e6))]);
+    }
+  };
+  const scheduler = scheduled ? setInterval(scheduleBeats, TICK_MS) : null;
+  const sampler = scheduled ? setInterval(sampleClocks, 100) : null;
+
+  // Students connect and join, all at once. The timesync peer's pages join once their first
+  // sync round has ended; their join time leaves that wait out (it is `synced_ms`).
   await Promise.all(
     students.map(async (s) => {
       const t0 = nowNs();
       try {
         s.conn = await connect(opts.peer, opts.url, addressFor(s.id), onStudentEvent(s));
+        const connected = nowNs();
+        let joinFrom = t0;
+        if (scheduled) {
+          s.welcomedNs = connected;
+          s.sync = startTimesync(s.conn, s.clock);
+          await s.sync.firstRound;
+          s.syncedMs = Number(nowNs() - t0) / 1e6;
+          joinFrom = nowNs() - (connected - t0);
+        }
         const ack = await s.conn.join(opts.room, 'student', `s-${s.id}`);
-        s.connectMs = Number(nowNs() - t0) / 1e6;
+        s.connectMs = Number(nowNs() - joinFrom) / 1e6;
         s.serverAddress = ack.address ?? null;
       } catch (err) {
         s.error = String(err?.message ?? err);
@@ -373,8 +467,11 @@ async function runLocal(opts) {
     teacher = await connect(opts.peer, opts.url, opts.bindAddresses[0], onTeacherEvent);
     const ack = await teacher.join(opts.room, 'teacher', 'teacher');
     present = Math.max(present, ack.students);
-    while (present < opts.waitFor) {
-      if (timedOut) throw new Error(`only ${present} of ${opts.waitFor} students joined in time`);
+    // Students of this process that could not connect will not come (they are in
+    // `connect_errors`); the class starts without them rather than never.
+    const expected = opts.waitFor - failed.length;
+    while (present < expected) {
+      if (timedOut) throw new Error(`only ${present} of ${expected} students joined in time`);
       await new Promise((resolve) => {
         wake = resolve;
       });
@@ -391,6 +488,9 @@ async function runLocal(opts) {
   clearTimeout(deadline);
   for (const s of students) stopNotes(s);
   await new Promise((resolve) => setTimeout(resolve, opts.drainMs));
+  clearInterval(scheduler);
+  clearInterval(sampler);
+  for (const s of students) s.sync?.stop();
   for (const s of students) s.conn?.close();
   teacher?.close();
 
@@ -413,6 +513,20 @@ async function runLocal(opts) {
     connect_ms: students.map((s) => s.connectMs),
     server_addresses: students.map((s) => s.serverAddress),
     connect_errors: failed.map((s) => ({ client: s.id, error: s.error })),
+    ...(scheduled ? scheduledFields(students) : {}),
+  };
+}
+
+/** The timesync peer's own fields: its settings and, per student, sync and clock errors. */
+function scheduledFields(students) {
+  return {
+    lead_ms: LEAD_MS,
+    lookahead_ms: LOOKAHEAD_MS,
+    tick_ms: TICK_MS,
+    playout_delay_ms: PLAYOUT_DELAY_MS,
+    welcomed_ns: students.map((s) => s.welcomedNs),
+    synced_ms: students.map((s) => s.syncedMs),
+    clock_errors_ns: students.map((s) => s.clockErrors),
   };
 }
 
@@ -484,14 +598,25 @@ function merge(opts, parts) {
   const beats = new Map();
   const notes = new Map();
   let offset = 0;
+  // Per-student arrays (the timesync peer has more of them) are placed at each part's offset.
+  const place = (rec, from, fields) => {
+    for (const field of fields) {
+      if (!from[field]) continue;
+      rec[field] ??= new Array(total).fill(null);
+      from[field].forEach((a, i) => (rec[field][offset + i] = a));
+    }
+  };
   for (const p of parts) {
     for (const b of p.beats) {
       let rec = beats.get(b.index);
       if (!rec) {
         rec = { index: b.index, server_sent_ns: b.server_sent_ns, arrivals_ns: new Array(total).fill(null) };
+        if (b.at_ns !== undefined) rec.at_ns = b.at_ns;
         beats.set(b.index, rec);
       }
-      b.arrivals_ns.forEach((a, i) => (rec.arrivals_ns[offset + i] = a));
+      rec.server_sent_ns ??= b.server_sent_ns;
+      if (rec.at_ns === null) rec.at_ns = b.at_ns;
+      place(rec, b, ['arrivals_ns', 'onsets_ns', 'decided_ns']);
     }
     for (const note of p.notes) {
       const key = `${note.from}:${note.seq}`;
@@ -501,10 +626,11 @@ function merge(opts, parts) {
         notes.set(key, rec);
       }
       if (rec.sent_ns === null) rec.sent_ns = note.sent_ns;
-      note.arrivals_ns.forEach((a, i) => (rec.arrivals_ns[offset + i] = a));
+      place(rec, note, ['arrivals_ns', 'playouts_ns']);
     }
     offset += p.clients;
   }
+  const scheduled = parts.some((p) => p.clock_errors_ns);
   const pick = (field) => parts.map((p) => p[field]).find((v) => v !== null && v !== undefined) ?? null;
   return {
     peer: opts.peer,
@@ -525,6 +651,17 @@ function merge(opts, parts) {
     connect_ms: parts.flatMap((p) => p.connect_ms),
     server_addresses: parts.flatMap((p) => p.server_addresses),
     connect_errors: parts.flatMap((p) => p.connect_errors),
+    ...(scheduled
+      ? {
+          lead_ms: parts[0].lead_ms,
+          lookahead_ms: parts[0].lookahead_ms,
+          tick_ms: parts[0].tick_ms,
+          playout_delay_ms: parts[0].playout_delay_ms,
+          welcomed_ns: parts.flatMap((p) => p.welcomed_ns),
+          synced_ms: parts.flatMap((p) => p.synced_ms),
+          clock_errors_ns: parts.flatMap((p) => p.clock_errors_ns),
+        }
+      : {}),
   };
 }
 
@@ -572,7 +709,21 @@ export function summarize(result) {
     }
     if (local.has(note.from)) expected += result.clients - 1;
   }
+  // The timesync peer: where its students scheduled each beat, and their clock errors.
+  const scheduledFigures = {};
+  if (result.clock_errors_ns) {
+    const onsetSpreads = [];
+    for (const b of result.beats) {
+      const on = b.onsets_ns.filter((o) => o !== null).map(BigInt);
+      if (on.length < 2 || BigInt(b.at_ns) > BigInt(result.stopped_ns ?? b.at_ns)) continue;
+      onsetSpreads.push(Number(on.reduce((x, y) => (y > x ? y : x)) - on.reduce((x, y) => (y < x ? y : x))) / 1e3);
+    }
+    scheduledFigures.beat_onset_spread_us = stats(onsetSpreads);
+    scheduledFigures.clock_error_us = stats(result.clock_errors_ns.flat().map(([, e]) => Math.abs(Number(e)) / 1e3));
+    scheduledFigures.synced_ms = stats(result.synced_ms.filter((v) => v !== null));
+  }
   return {
+    ...scheduledFigures,
     beats: result.beats.length,
     beat_missing_arrivals: missing,
     beat_arrival_spread_us: stats(spreads),
@@ -597,6 +748,12 @@ async function main() {
     process.exit(2);
   }
   const result = opts.processes > 1 ? await runParent(opts) : await runLocal(opts);
+  if (!opts.nsAsStrings) {
+    // The timesync peer's students schedule beats from the timeline, before the beat's own
+    // message arrives; a beat whose message reached none of them (the run ended first) has no
+    // send instant and is left out. Parts written for a parent keep them: a sibling may have it.
+    result.beats = result.beats.filter((b) => b.server_sent_ns !== null);
+  }
   const json = opts.nsAsStrings
     ? JSON.stringify(result, (_k, v) => (typeof v === 'bigint' ? v.toString() : v))
     : stringifyWithBigInt(result);

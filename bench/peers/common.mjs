@@ -70,6 +70,17 @@ export function announceAndHandleSignals(httpServer, close, log) {
 }
 
 /**
+ * Listens on `host:port`, then prints the port and wires SIGINT/SIGTERM to `close` (see
+ * `announceAndHandleSignals`).
+ */
+export function listen(httpServer, host, port, close, log) {
+  httpServer.listen(port, host, () => {
+    announceAndHandleSignals(httpServer, close, log);
+    log(`listening on ${host}:${httpServer.address().port}`);
+  });
+}
+
+/**
  * JSON with BigInt values written as plain integer literals (exact, unlike Number past 2^53),
  * so that serde_json reads them as u64/i64.
  */
@@ -87,4 +98,23 @@ export function percentile(sorted, p) {
   if (sorted.length === 0) return null;
   const rank = Math.ceil((p / 100) * sorted.length);
   return sorted[Math.min(sorted.length - 1, Math.max(0, rank - 1))];
+}
+
+/**
+ * How far ahead the timesync peer's server sends beats and places changes, in ms: Downbeat's
+ * lead (`engine::room::Config::lead_nanos`, 1.5 s).
+ */
+export const LEAD_MS = 1500;
+
+/**
+ * Beat n's instant in ms on the clock of a timesync peer's timeline, or null before it starts
+ * or from its end on. A timeline is `{segments: [{from, at, bpm}] sorted by from, end}`: beat
+ * n of a segment sounds at `at + (n - from) · 60000 / bpm`, and `end` (or null) is the first
+ * beat that does not sound.
+ */
+export function timeOf(timeline, n) {
+  let seg = null;
+  for (const s of timeline.segments) if (s.from <= n) seg = s;
+  if (!seg || (timeline.end !== null && n >= timeline.end)) return null;
+  return seg.at + ((n - seg.from) * 60000) / seg.bpm;
 }

@@ -1,5 +1,6 @@
 // Smoke of the peers (seconds): each server on port 0, 5 students for 3 s at 120 BPM playing
-// notes, and checks on the raw JSON. It keeps the peers working; it measures nothing.
+// notes, and checks on the raw JSON. It keeps the peers working; it measures nothing. The
+// timesync peer's students first sync their clocks (about 4 s), then schedule ahead.
 //
 //   npm ci && node --test smoke.mjs
 
@@ -15,7 +16,7 @@ import { summarize } from './client.mjs';
 import { stringifyWithBigInt } from './common.mjs';
 
 const here = dirname(fileURLToPath(import.meta.url));
-const SERVERS = { socketio: 'socketio-server.mjs', ws: 'ws-server.mjs' };
+const SERVERS = { socketio: 'socketio-server.mjs', ws: 'ws-server.mjs', timesync: 'timesync-server.mjs' };
 
 /** Starts a peer server on port 0 and resolves with { port, stop() → exit code }. */
 function startServer(peer) {
@@ -76,6 +77,7 @@ function check(result, text, { clients, minBeats }) {
     assert.equal(b.arrivals_ns.length, clients);
     for (const a of b.arrivals_ns) if (a !== null) assert.ok(isNs(a) && a >= b.server_sent_ns);
   }
+  if (result.peer === 'timesync') checkScheduled(result, clients);
   assert.deepEqual(
     result.beats.map((b) => b.index),
     [...result.beats.keys()].map((i) => i + result.beats[0].index),
@@ -95,6 +97,24 @@ function check(result, text, { clients, minBeats }) {
         assert.ok(a >= note.sent_ns);
       }
     });
+  }
+}
+
+/** The timesync peer: every student synced, and scheduled every beat that sounds in the run. */
+function checkScheduled(result, clients) {
+  assert.equal(result.lead_ms, 1500);
+  assert.ok(result.synced_ms.every((ms) => typeof ms === 'number' && ms > 0), 'every student synced');
+  assert.ok(result.clock_errors_ns.every((samples) => samples.length > 0), 'clock errors sampled');
+  const sounding = result.beats.filter((b) => b.at_ns <= result.stopped_ns);
+  assert.ok(sounding.length >= 2, `${sounding.length} beats sound in the run`);
+  for (const b of sounding) {
+    assert.ok(isNs(b.at_ns) && b.at_ns > b.server_sent_ns, 'a beat is sent ahead of its instant');
+    assert.equal(b.onsets_ns.length, clients);
+    assert.ok(b.onsets_ns.every(isNs), `beat ${b.index} scheduled by every student`);
+    assert.ok(b.decided_ns.every(isNs));
+  }
+  for (const note of result.notes) {
+    note.arrivals_ns.forEach((a, i) => assert.equal(note.playouts_ns[i] === null, a === null, 'a note heard is scheduled'));
   }
 }
 
@@ -133,5 +153,9 @@ test('peers', { concurrency: true }, async (t) => {
     t.test('socketio: 5 clients over 2 processes', (t) =>
       runPeer(t, 'socketio', { clients: 5, seconds: 2, processes: 2, minBeats: 3 })),
     t.test('ws: 5 clients over 2 processes', (t) => runPeer(t, 'ws', { clients: 5, seconds: 2, processes: 2, minBeats: 3 })),
+    t.test('timesync: 5 clients, 3 s, 120 BPM, notes', (t) =>
+      runPeer(t, 'timesync', { clients: 5, seconds: 3, minBeats: 4 })),
+    t.test('timesync: 5 clients over 2 processes', (t) =>
+      runPeer(t, 'timesync', { clients: 5, seconds: 2, processes: 2, minBeats: 3 })),
   ]);
 });

@@ -18,7 +18,7 @@
 
 import http from 'node:http';
 import { WebSocket, WebSocketServer } from 'ws';
-import { announceAndHandleSignals, makeLog, nowNs, serverArgs, validBpm } from './common.mjs';
+import { listen, makeLog, nowNs, serverArgs, validBpm } from './common.mjs';
 
 const { host, port, verbose } = serverArgs(process.argv.slice(2), 'ws-server.mjs');
 const log = makeLog('ws', verbose);
@@ -158,16 +158,10 @@ wss.on('connection', (ws, req) => {
   ws.on('error', (err) => log(`socket error: ${err.message}`));
 });
 
-httpServer.listen(port, host, () => {
-  announceAndHandleSignals(
-    httpServer,
-    () =>
-      new Promise((resolve) => {
-        for (const room of rooms.values()) stopRoom(room);
-        for (const client of wss.clients) client.terminate();
-        wss.close(() => httpServer.close(() => resolve()));
-      }),
-    log,
-  );
-  log(`listening on ${host}:${httpServer.address().port}`);
-});
+const close = () =>
+  new Promise((resolve) => {
+    for (const room of rooms.values()) stopRoom(room);
+    for (const client of wss.clients) client.terminate();
+    wss.close(() => httpServer.close(() => resolve()));
+  });
+listen(httpServer, host, port, close, log);

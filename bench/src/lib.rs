@@ -3,7 +3,8 @@
 //! - [`scenarios`]: the socket scenarios, each system in turn on one workload and network.
 //! - [`downbeat`]: the real server binary as a child process, and simulated classrooms of
 //!   native clients ([`downbeat::class`]) in a child process of their own.
-//! - [`peers`]: the Socket.IO and WebSocket-timer peers in `bench/peers/` and their client.
+//! - [`peers`]: the peers in `bench/peers/` (Socket.IO, WebSocket timer, Socket.IO + timesync)
+//!   and their client.
 //! - [`netem`]: a packet-level network emulator in user space (TUN devices and a network
 //!   namespace), so QUIC and TCP traffic between benchmark clients and servers cross the same
 //!   impaired path.

@@ -80,6 +80,16 @@ pub struct Metric {
     pub note: Option<String>,
 }
 
+/// "Time until every client is within 1 ms": the slowest client's, or not applicable when
+/// some client never stayed within 1 ms.
+pub fn converged_metric(slowest_s: Option<f64>) -> Metric {
+    let (key, label) = ("converged_s", "time until every client is within 1 ms");
+    match slowest_s {
+        Some(s) => Metric::lower(key, label, "s", s),
+        None => Metric::not_applicable(key, label, "s", Better::Lower, "some client never stayed within 1 ms"),
+    }
+}
+
 impl Metric {
     /// A measured figure where lower is better.
     pub fn lower(key: &str, label: &str, unit: &str, value: f64) -> Self {

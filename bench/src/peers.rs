@@ -1,10 +1,13 @@
-//! The two peer systems Downbeat is compared with (`bench/peers/`, Node programs): starting
+//! The three peer systems Downbeat is compared with (`bench/peers/`, Node programs): starting
 //! their servers, running their load and measurement client (`client.mjs`), reading its JSON,
 //! and turning that into the same [`SystemResult`] figures the Downbeat side reports.
 //!
 //! Every instant in a [`PeerRun`] is an exact integer of nanoseconds on `CLOCK_MONOTONIC`, the
-//! clock shared by every process on the host (see `bench/peers/README.md`). Peers have no clock
-//! sync and play every beat and note when it arrives, so their "onset" is an arrival instant.
+//! clock shared by every process on the host (see `bench/peers/README.md`). Two peers have no
+//! clock sync and play every beat and note when it arrives, so their "onset" is an arrival
+//! instant. The third ([`PeerKind::Timesync`]) syncs an injected clock with `timesync` and
+//! schedules ahead, as Downbeat's students do, so its figures are measured as Downbeat's are:
+//! clock error against the truth, and the true instants beats and notes are scheduled for.
 //!
 //! The figures are pure functions of a [`PeerRun`] ([`sync_result`], [`onset_result`],
 //! [`fanout_result`], [`join_result`]). Students whose join failed are left out of the beat
@@ -27,7 +30,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::metrics::{Better, Metric, Summary, SystemResult};
+use crate::metrics::{Better, Metric, Summary, SystemResult, converged_metric};
 use crate::netem::Emulator;
 
 /// The oldest Node.js major version the peers run on (`package.json`'s `engines`).
@@ -54,17 +57,23 @@ pub enum PeerKind {
     /// Peer 2: a plain WebSocket server with a `setTimeout` chain per room, `ws-server.mjs`.
     #[serde(rename = "ws")]
     Ws,
+    /// Peer 3: Socket.IO plus `timesync` clock sync plus lookahead scheduling on the synced
+    /// clock, `timesync-server.mjs`: the strongest design without Downbeat.
+    #[serde(rename = "timesync")]
+    Timesync,
 }
 
 impl PeerKind {
-    /// Both peers, in table order.
-    pub const ALL: [Self; 2] = [Self::SocketIo, Self::Ws];
+    /// Every peer, in table order.
+    pub const ALL: [Self; 3] = [Self::SocketIo, Self::Ws, Self::Timesync];
 
-    /// Stable name: the `system` of its results and `client.mjs --peer` (`socketio`, `ws`).
+    /// Stable name: the `system` of its results and `client.mjs --peer` (`socketio`, `ws`,
+    /// `timesync`).
     pub fn name(self) -> &'static str {
         match self {
             Self::SocketIo => "socketio",
             Self::Ws => "ws",
+            Self::Timesync => "timesync",
         }
     }
 
@@ -73,6 +82,7 @@ impl PeerKind {
         match self {
             Self::SocketIo => "Socket.IO",
             Self::Ws => "WebSocket timer",
+            Self::Timesync => "Socket.IO + timesync",
         }
     }
 
@@ -81,7 +91,13 @@ impl PeerKind {
         match self {
             Self::SocketIo => "socketio-server.mjs",
             Self::Ws => "ws-server.mjs",
+            Self::Timesync => "timesync-server.mjs",
         }
+    }
+
+    /// Whether its students sync their clocks and schedule ahead (rather than play on arrival).
+    pub fn schedules_ahead(self) -> bool {
+        self == Self::Timesync
     }
 }
 
@@ -95,7 +111,10 @@ impl FromStr for PeerKind {
     type Err = anyhow::Error;
 
     fn from_str(s: &str) -> Result<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s).ok_or_else(|| anyhow!("unknown peer '{s}' (socketio or ws)"))
+        Self::ALL
+            .into_iter()
+            .find(|k| k.name() == s)
+            .ok_or_else(|| anyhow!("unknown peer '{s}' (socketio, ws or timesync)"))
     }
 }
 
@@ -123,7 +142,7 @@ pub fn check_installed() -> Result<()> {
         _ => bail!("the peers need Node.js {NODE_MIN_MAJOR} or later, but `node --version` says '{version}'"),
     }
     let modules = peers_dir().join("node_modules");
-    for package in ["socket.io", "socket.io-client", "ws"] {
+    for package in ["socket.io", "socket.io-client", "ws", "timesync"] {
         if !modules.join(package).join("package.json").is_file() {
             bail!(
                 "the peers' npm packages are not installed ({} has no {package}): run `cd bench/peers && npm ci`",
@@ -522,6 +541,16 @@ pub struct BeatRecord {
     pub server_sent_ns: u64,
     /// Per student (the run's student order), its arrival instant, ns; `None` if it never came.
     pub arrivals_ns: Vec<Option<u64>>,
+    /// Scheduling peers: the server instant the beat sounds at, ns.
+    #[serde(default)]
+    pub at_ns: Option<u64>,
+    /// Scheduling peers, per student: the true instant it scheduled the beat for, ns.
+    #[serde(default)]
+    pub onsets_ns: Vec<Option<u64>>,
+    /// Scheduling peers, per student: the true instant it decided that, ns (after the onset:
+    /// late).
+    #[serde(default)]
+    pub decided_ns: Vec<Option<u64>>,
 }
 
 /// One note and when each student got it.
@@ -536,6 +565,10 @@ pub struct NoteRecord {
     pub sent_ns: Option<u64>,
     /// Per student, its arrival instant, ns; the sender's own entry is always `None`.
     pub arrivals_ns: Vec<Option<u64>>,
+    /// Scheduling peers, per student: the true instant it scheduled the note for (its
+    /// `playAt` on that student's synced clock), ns; before the arrival means too late to play.
+    #[serde(default)]
+    pub playouts_ns: Vec<Option<u64>>,
 }
 
 /// A student that could not connect or join.
@@ -597,6 +630,26 @@ pub struct PeerRun {
     /// Students that could not connect or join.
     #[serde(default)]
     pub connect_errors: Vec<ConnectError>,
+    /// Scheduling peers: how far ahead the server sends beats and places changes, ms.
+    #[serde(default)]
+    pub lead_ms: Option<f64>,
+    /// Scheduling peers: how far ahead students schedule beats, ms.
+    #[serde(default)]
+    pub lookahead_ms: Option<f64>,
+    /// Scheduling peers: a note sounds this long after it is played, ms.
+    #[serde(default)]
+    pub playout_delay_ms: Option<f64>,
+    /// Scheduling peers, per student: when its socket connected, ns (clock errors count from
+    /// 2 s after it, as Downbeat's count from its welcome).
+    #[serde(default)]
+    pub welcomed_ns: Vec<Option<u64>>,
+    /// Scheduling peers, per student: connect start to its first completed sync round, ms.
+    #[serde(default)]
+    pub synced_ms: Vec<Option<f64>>,
+    /// Scheduling peers, per student: (instant, estimate of the server clock − truth), ns,
+    /// every 100 ms from its first offset on.
+    #[serde(default)]
+    pub clock_errors_ns: Vec<Vec<(u64, i64)>>,
 }
 
 impl PeerRun {
@@ -615,6 +668,27 @@ impl PeerRun {
         }
         if let Some(m) = run.notes.iter().find(|m| m.arrivals_ns.len() != n) {
             bail!("note {}:{} has {} arrivals for {n} students", m.from, m.seq, m.arrivals_ns.len());
+        }
+        if run.peer.schedules_ahead() {
+            let per_student = [
+                ("welcomed_ns", run.welcomed_ns.len()),
+                ("synced_ms", run.synced_ms.len()),
+                ("clock_errors_ns", run.clock_errors_ns.len()),
+            ];
+            if let Some((field, len)) = per_student.iter().find(|(_, len)| *len != n) {
+                bail!("{field} has {len} entries for {n} students");
+            }
+            if let Some(b) = run.beats.iter().find(|b| b.onsets_ns.len() != n || b.decided_ns.len() != n) {
+                bail!(
+                    "beat {} has {} onsets and {} decisions for {n} students",
+                    b.index,
+                    b.onsets_ns.len(),
+                    b.decided_ns.len()
+                );
+            }
+            if let Some(m) = run.notes.iter().find(|m| m.playouts_ns.len() != n) {
+                bail!("note {}:{} has {} playouts for {n} students", m.from, m.seq, m.playouts_ns.len());
+            }
         }
         Ok(run)
     }
@@ -674,10 +748,16 @@ fn summary(samples: &[f64]) -> Option<Summary> {
     (s.count > 0).then_some(s)
 }
 
-/// Clock error: a peer has no clock sync, and its client knows server time only by a beat's
-/// arrival, so the error is each beat's one-way delay (arrival − server send), over the beats
-/// sent from 2 s after the start on (as Downbeat's "after 2 s").
+/// Clock error. The arrival peers have no clock sync, and their client knows server time only
+/// by a beat's arrival, so their error is each beat's one-way delay (arrival − server send),
+/// over the beats sent from 2 s after the start on (as Downbeat's "after 2 s"). A scheduling
+/// peer is measured as Downbeat is: |its estimate of the server clock − truth| every 100 ms
+/// from 2 s after each student connected; a student has converged from the first sample after
+/// which its error stays within 1 ms.
 pub fn sync_result(run: &PeerRun) -> SystemResult {
+    if run.peer.schedules_ahead() {
+        return scheduled_sync_result(run);
+    }
     const NOTE: &str =
         "no clock sync: a beat's arrival is the client's only view of server time; error = one-way delay";
     let from = run.started_ns.or_else(|| run.beats.first().map(|b| b.server_sent_ns));
@@ -689,41 +769,78 @@ pub fn sync_result(run: &PeerRun) -> SystemResult {
             errors.extend(b.arrivals_ns.iter().flatten().map(|&a| ms_between(b.server_sent_ns, a).abs()));
         }
     }
+    let never = Metric::not_applicable(
+        "converged_s",
+        "time until every client is within 1 ms",
+        "s",
+        Better::Lower,
+        "never: no clock sync",
+    );
+    let mut result = sync_figures(run, errors, NOTE, never);
+    result.extra["beats_after_2s"] = json!(beats);
+    result
+}
+
+fn scheduled_sync_result(run: &PeerRun) -> SystemResult {
+    const NOTE: &str =
+        "timesync's estimate of the server clock against the truth, every 100 ms from 2 s after connecting";
+    let mut errors = Vec::new();
+    let mut converged = Vec::new();
+    for i in (0..run.clients).filter(|&i| run.connected(i)) {
+        let samples = &run.clock_errors_ns[i];
+        let Some(welcomed) = run.welcomed_ns[i] else { continue };
+        let settled = welcomed + SYNC_SETTLE_NS;
+        errors.extend(samples.iter().filter(|&&(t, _)| t >= settled).map(|&(_, e)| e.unsigned_abs() as f64 / 1e6));
+        let last_bad = samples.iter().rposition(|&(_, e)| e.unsigned_abs() > 1_000_000);
+        let from = match last_bad {
+            None => samples.first(),
+            Some(k) => samples.get(k + 1),
+        };
+        converged.push(from.map(|&(t, _)| t.saturating_sub(welcomed) as f64 / 1e9));
+    }
+    let all = converged.iter().try_fold(0.0f64, |m, c| c.map(|c| m.max(c))).filter(|_| !converged.is_empty());
+    let mut result = sync_figures(run, errors, NOTE, converged_metric(all));
+    result.extra["converged_s"] = json!(converged);
+    result
+}
+
+/// The clock-error figures of `errors` (|error| in ms) and the convergence figure.
+fn sync_figures(run: &PeerRun, errors: Vec<f64>, note: &str, converged: Metric) -> SystemResult {
     let s = summary(&errors);
     let mut result = base(run.peer);
     result.metrics = vec![
-        lower("offset_error_p50_ms", "clock error vs truth p50", "ms", s.map(|s| s.p50), NOTE),
-        lower("offset_error_p99_ms", "clock error vs truth p99", "ms", s.map(|s| s.p99), NOTE),
-        Metric::not_applicable(
-            "converged_s",
-            "time until every client is within 1 ms",
-            "s",
-            Better::Lower,
-            "never: no clock sync",
-        ),
+        lower("offset_error_p50_ms", "clock error vs truth p50", "ms", s.map(|s| s.p50), note),
+        lower("offset_error_p99_ms", "clock error vs truth p99", "ms", s.map(|s| s.p99), note),
+        converged,
     ];
-    result.distributions.insert("offset_error_ms".to_owned(), errors.clone());
     result.extra = json!({
-        "beats_after_2s": beats,
         "samples": errors.len(),
         "clients": run.clients,
         "connect_errors": run.connect_errors.len(),
     });
+    result.distributions.insert("offset_error_ms".to_owned(), errors);
     result
 }
 
-/// Beat onsets: a peer's student plays a beat when it arrives, so a beat's onset spread is
-/// the spread of its arrivals (max − min over the students that got it, at least two), over
-/// the beats the server sent between `start` and `stop`. Beat 0 counts like any other: both
-/// peers send it at once on `start`, as an ordinary beat the class hears.
+/// Beat onsets. An arrival peer's student plays a beat when it arrives, so a beat's onset
+/// spread is the spread of its arrivals (max − min over the students that got it, at least
+/// two), over the beats the server sent between `start` and `stop`. Beat 0 counts like any
+/// other: both send it at once on `start`, as an ordinary beat the class hears.
 ///
-/// A beat is late for a student when it arrives more than 6 ms after that student's own
-/// median beat latency, or never; the percentage is over beats × students that joined.
-/// Server drift is |last beat's send − (first beat's send + n · 60/bpm)|, over the first tempo
-/// segment only when the tempo changed (each peer applies a change at a different point of its
-/// timer, so no single grid spans segments).
+/// A beat is late for an arrival peer's student when it arrives more than 6 ms after that
+/// student's own median beat latency, or never; the percentage is over beats × students that
+/// joined. Server drift is |last beat's send − (first beat's send + n · 60/bpm)|, over the
+/// first tempo segment only when the tempo changed (each peer applies a change at a different
+/// point of its timer, so no single grid spans segments).
+///
+/// A scheduling peer is measured as Downbeat is: the spread of the true instants its students
+/// scheduled a beat for, over the beats that sound between `start` and `stop`; a beat is late
+/// for a student that decided it after its instant, and missing for one that never scheduled
+/// it while a classmate did.
 pub fn onset_result(run: &PeerRun) -> SystemResult {
-    const SPREAD_NOTE: &str = "plays on arrival: spread of a beat's arrivals across the class";
+    if run.peer.schedules_ahead() {
+        return scheduled_onset_result(run);
+    }
     let beats: Vec<&BeatRecord> = run.beats_in_run().collect();
     let students: Vec<usize> = (0..run.clients).filter(|&i| run.connected(i)).collect();
 
@@ -753,34 +870,97 @@ pub fn onset_result(run: &PeerRun) -> SystemResult {
     let late_percent = (slots > 0).then(|| 100.0 * (late + missing) as f64 / slots as f64);
 
     let (drift, drift_note) = server_drift_ms(run);
+    let mut result = onset_figures(
+        run,
+        spreads,
+        "plays on arrival: spread of a beat's arrivals across the class",
+        late_percent,
+        "peers play on arrival: a beat is late when it arrives more than 6 ms (an audible \
+         displacement) after that client's own median beat latency, or never arrives; \
+         percentage over beats × clients",
+        lower("server_drift_ms", "beat timer drift over the run", "ms", drift, &drift_note),
+    );
+    result.extra["beats"] = json!(beats.len());
+    result.extra["beats_received"] = json!(run.beats.len());
+    result.extra["clients_joined"] = json!(students.len());
+    result.extra["late_beats"] = json!(late);
+    result.extra["missing_beats"] = json!(missing);
+    result.extra["tempo_changes"] = json!(run.tempo_changes.len());
+    result
+}
+
+fn scheduled_onset_result(run: &PeerRun) -> SystemResult {
+    let students: Vec<usize> = (0..run.clients).filter(|&i| run.connected(i)).collect();
+    let in_run = |at: u64| run.started_ns.is_none_or(|s| at >= s) && run.stopped_ns.is_none_or(|t| at <= t);
+    let (mut spreads, mut onset_vs_server) = (Vec::new(), Vec::new());
+    let (mut scheduled, mut late, mut missing, mut beats) = (0usize, 0usize, 0usize, 0usize);
+    for b in &run.beats {
+        let Some(at) = b.at_ns.filter(|&at| in_run(at)) else { continue };
+        let onsets: Vec<(u64, u64)> =
+            students.iter().filter_map(|&i| Some((b.onsets_ns[i]?, b.decided_ns[i]?))).collect();
+        if onsets.is_empty() {
+            continue;
+        }
+        beats += 1;
+        scheduled += onsets.len();
+        missing += students.len() - onsets.len();
+        late += onsets.iter().filter(|(onset, decided)| decided > onset).count();
+        onset_vs_server.extend(onsets.iter().map(|&(onset, _)| ms_between(at, onset)));
+        let lo = onsets.iter().map(|o| o.0).min();
+        let hi = onsets.iter().map(|o| o.0).max();
+        if let (Some(lo), Some(hi), true) = (lo, hi, onsets.len() >= 2) {
+            spreads.push(ms_between(lo, hi));
+        }
+    }
+    let judged = scheduled + missing;
+    let late_percent = (judged > 0).then(|| 100.0 * (late + missing) as f64 / judged as f64);
+    let mut result = onset_figures(
+        run,
+        spreads,
+        "true instants at which the students schedule the beat (timesync offset, lookahead)",
+        late_percent,
+        "schedules ahead: a beat is late when a client schedules it after its instant, missing when it \
+         never does (as Downbeat's)",
+        Metric::not_applicable(
+            "server_drift_ms",
+            "beat timer drift over the run",
+            "ms",
+            Better::Lower,
+            "no timer drift: beat n sounds at the timeline's instant for it; the send timer only decides \
+             when it is sent",
+        ),
+    );
+    result.extra["beats"] = json!(beats);
+    result.extra["beats_checked"] = json!(scheduled);
+    result.extra["beats_late"] = json!(late);
+    result.extra["beats_missing"] = json!(missing);
+    result.extra["clients_joined"] = json!(students.len());
+    result.extra["onset_vs_server_ms"] = json!(Summary::of(&onset_vs_server));
+    result.extra["lead_ms"] = json!(run.lead_ms);
+    result.extra["lookahead_ms"] = json!(run.lookahead_ms);
+    result
+}
+
+/// The onset figures of `spreads` (ms), the late percentage and the drift figure.
+fn onset_figures(
+    run: &PeerRun,
+    spreads: Vec<f64>,
+    spread_note: &str,
+    late_percent: Option<f64>,
+    late_note: &str,
+    drift: Metric,
+) -> SystemResult {
     let s = summary(&spreads);
     let mut result = base(run.peer);
     result.metrics = vec![
-        lower("onset_spread_p50_ms", "beat onset spread p50", "ms", s.map(|s| s.p50), SPREAD_NOTE),
-        lower("onset_spread_p99_ms", "beat onset spread p99", "ms", s.map(|s| s.p99), SPREAD_NOTE),
-        lower("onset_spread_max_ms", "beat onset spread max", "ms", s.map(|s| s.max), SPREAD_NOTE),
-        lower(
-            "late_beats_percent",
-            "late or missing beats",
-            "%",
-            late_percent,
-            "peers play on arrival: a beat is late when it arrives more than 6 ms (an audible \
-             displacement) after that client's own median beat latency, or never arrives; \
-             percentage over beats × clients",
-        ),
-        lower("server_drift_ms", "beat timer drift over the run", "ms", drift, &drift_note),
+        lower("onset_spread_p50_ms", "beat onset spread p50", "ms", s.map(|s| s.p50), spread_note),
+        lower("onset_spread_p99_ms", "beat onset spread p99", "ms", s.map(|s| s.p99), spread_note),
+        lower("onset_spread_max_ms", "beat onset spread max", "ms", s.map(|s| s.max), spread_note),
+        lower("late_beats_percent", "late or missing beats", "%", late_percent, late_note),
+        drift,
     ];
     result.distributions.insert("onset_spread_ms".to_owned(), spreads);
-    result.extra = json!({
-        "beats": beats.len(),
-        "beats_received": run.beats.len(),
-        "clients": run.clients,
-        "clients_joined": students.len(),
-        "late_beats": late,
-        "missing_beats": missing,
-        "tempo_changes": run.tempo_changes.len(),
-        "connect_errors": run.connect_errors.len(),
-    });
+    result.extra = json!({ "clients": run.clients, "connect_errors": run.connect_errors.len() });
     result
 }
 
@@ -810,54 +990,66 @@ fn server_drift_ms(run: &PeerRun) -> (Option<f64>, String) {
 
 /// Notes: fan-out latency is arrival − send per (note, receiver), over every student that
 /// joined except the sender; a receiver that never got it is a lost delivery. Playout spread
-/// is, per note, max − min of its arrivals (peers play on arrival), for notes that reached at
-/// least two students.
+/// is, per note, max − min of the instants its receivers sound it, for notes that at least
+/// two students sound: an arrival peer's students sound it on arrival; a scheduling peer's
+/// at its `playAt` on their synced clocks, and one that arrives after that instant is not
+/// played in sync and counts as lost, out of the latency figures (as Downbeat's).
 pub fn fanout_result(run: &PeerRun) -> SystemResult {
+    let scheduled = run.peer.schedules_ahead();
     let mut latencies = Vec::new();
     let mut spreads = Vec::new();
-    let (mut expected, mut lost) = (0usize, 0usize);
+    let (mut expected, mut lost, mut late) = (0usize, 0usize, 0usize);
     for note in &run.notes {
         let sender = run.position_of(note.from);
-        let mut got = Vec::new();
+        let mut sounded = Vec::new();
         for i in (0..run.clients).filter(|&i| run.connected(i) && Some(i) != sender) {
             expected += 1;
-            match note.arrivals_ns[i] {
-                Some(a) => {
-                    got.push(a);
-                    if let Some(sent) = note.sent_ns {
-                        latencies.push(ms_between(sent, a));
-                    }
-                }
-                None => lost += 1,
+            let Some(a) = note.arrivals_ns[i] else {
+                lost += 1;
+                continue;
+            };
+            let sounds = if scheduled { note.playouts_ns[i].filter(|&p| p >= a) } else { Some(a) };
+            let Some(sounds) = sounds else {
+                late += 1;
+                continue;
+            };
+            sounded.push(sounds);
+            if let Some(sent) = note.sent_ns {
+                latencies.push(ms_between(sent, a));
             }
         }
-        if let (Some(&min), Some(&max), true) = (got.iter().min(), got.iter().max(), got.len() >= 2) {
+        if let (Some(&min), Some(&max), true) = (sounded.iter().min(), sounded.iter().max(), sounded.len() >= 2) {
             spreads.push(ms_between(min, max));
         }
     }
-    let lost_percent = (expected > 0).then(|| 100.0 * lost as f64 / expected as f64);
+    let percent = |k: usize| (expected > 0).then(|| 100.0 * k as f64 / expected as f64);
+    let (fanout_note, lost_note, spread_note) = if scheduled {
+        (
+            "arrival − send, per note and receiver, over the notes played in time".to_owned(),
+            format!(
+                "not played by a classmate: {:.2} % arrived after their shared playout instant (played + {} ms) \
+                 and were not played in sync (as Downbeat's); they are not in the latency figures",
+                percent(late).unwrap_or(0.0),
+                run.playout_delay_ms.unwrap_or(0.0)
+            ),
+            "true instants at which the classmates schedule the note (its playAt on their synced clocks)",
+        )
+    } else {
+        (
+            "arrival − send, per note and receiver".to_owned(),
+            "deliveries that never arrived, over every joined student but the sender".to_owned(),
+            "plays on arrival: spread of arrivals",
+        )
+    };
     let s = summary(&latencies);
     let spread = summary(&spreads);
-    const FANOUT_NOTE: &str = "arrival − send, per note and receiver";
     let mut result = base(run.peer);
     result.metrics = vec![
-        lower("fanout_p50_ms", "note fan-out latency p50", "ms", s.map(|s| s.p50), FANOUT_NOTE),
-        lower("fanout_p99_ms", "note fan-out latency p99", "ms", s.map(|s| s.p99), FANOUT_NOTE),
-        lower("fanout_p999_ms", "note fan-out latency p99.9", "ms", s.map(|s| s.p999), FANOUT_NOTE),
-        lower(
-            "notes_lost_percent",
-            "note deliveries lost",
-            "%",
-            lost_percent,
-            "deliveries that never arrived, over every joined student but the sender",
-        ),
-        lower(
-            "playout_spread_p99_ms",
-            "synchronized playout spread p99",
-            "ms",
-            spread.map(|s| s.p99),
-            "plays on arrival: spread of arrivals",
-        ),
+        lower("fanout_p50_ms", "note fan-out latency p50", "ms", s.map(|s| s.p50), &fanout_note),
+        lower("fanout_p99_ms", "note fan-out latency p99", "ms", s.map(|s| s.p99), &fanout_note),
+        lower("fanout_p999_ms", "note fan-out latency p99.9", "ms", s.map(|s| s.p999), &fanout_note),
+        lower("notes_lost_percent", "note deliveries lost", "%", percent(lost + late), &lost_note),
+        lower("playout_spread_p99_ms", "synchronized playout spread p99", "ms", spread.map(|s| s.p99), spread_note),
     ];
     result.distributions =
         BTreeMap::from([("fanout_ms".to_owned(), latencies), ("playout_spread_ms".to_owned(), spreads)]);
@@ -865,6 +1057,7 @@ pub fn fanout_result(run: &PeerRun) -> SystemResult {
         "notes": run.notes.len(),
         "deliveries_expected": expected,
         "deliveries_lost": lost,
+        "deliveries_late": late,
         "clients": run.clients,
         "clients_joined": run.connected_count(),
         "connect_errors": run.connect_errors.len(),
@@ -872,9 +1065,31 @@ pub fn fanout_result(run: &PeerRun) -> SystemResult {
     result
 }
 
-/// Joining: connect + join acknowledged per student (a peer has no clock sync to wait for).
-/// The slowest join is over the students that joined; failures are counted on their own.
+/// Joining: connect + join acknowledged per student. The slowest join is over the students
+/// that joined; failures are counted on their own. A scheduling peer's students wait for
+/// their first timesync round between connecting and joining: that wait is left out of the
+/// join times and is its "joined and clock-synced" figure instead (the slowest student's).
 pub fn join_result(run: &PeerRun) -> SystemResult {
+    let mut result = arrival_join_result(run);
+    if run.peer.schedules_ahead() {
+        let synced: Vec<f64> = run.synced_ms.iter().flatten().copied().collect();
+        result.metrics[2] = lower(
+            "synced_all_ms",
+            "whole class joined and clock-synced",
+            "ms",
+            summary(&synced).map(|s| s.max),
+            "connect to the last student's first timesync round (5 requests, 1 s apart)",
+        );
+        for m in &mut result.metrics[..2] {
+            m.note = Some("joined = connected and join acknowledged, the wait for timesync left out".to_owned());
+        }
+        result.distributions.insert("synced_ms".to_owned(), synced);
+    }
+    result
+}
+
+/// Joining of a peer with no clock sync to wait for.
+fn arrival_join_result(run: &PeerRun) -> SystemResult {
     const JOIN_NOTE: &str = "joined = connected and join acknowledged; no clock sync to wait for";
     let times: Vec<f64> = run.connect_ms.iter().flatten().copied().collect();
     let nulls = run.connect_ms.len() - times.len();
@@ -976,6 +1191,124 @@ mod tests {
         assert!("x".parse::<PeerKind>().is_err());
         assert!(peers_dir().join(PeerKind::SocketIo.script()).is_file());
         assert!(peers_dir().join("client.mjs").is_file());
+        assert_eq!("timesync".parse::<PeerKind>().expect("parses"), PeerKind::Timesync);
+        assert!(PeerKind::Timesync.schedules_ahead() && !PeerKind::Ws.schedules_ahead());
+        for kind in PeerKind::ALL {
+            assert!(peers_dir().join(kind.script()).is_file(), "{kind}");
+        }
+    }
+
+    /// The timesync peer: three students (ids 0..3) connected at T0; start at T0 + 1 s, stop at
+    /// T0 + 4 s. Beats sound at T0 + 2.5 s + n · 500 ms (beat 4, at 4.5 s, is after the stop).
+    fn scheduled_run() -> PeerRun {
+        let at = |n: u64| T0 + 2500 * MS + n * 500 * MS;
+        // (onset − at, decided − at) in ms per student; None: never scheduled.
+        let beat = |n: u64, students: [Option<(i64, i64)>; 3]| {
+            let shift = |base: u64, d: i64| base.checked_add_signed(d * MS as i64).expect("in range");
+            json!({
+                "index": n,
+                "server_sent_ns": at(n) - 1500 * MS,
+                "arrivals_ns": [at(n) - 1499 * MS, at(n) - 1499 * MS, at(n) - 1499 * MS],
+                "at_ns": at(n),
+                "onsets_ns": students.map(|s| s.map(|(o, _)| shift(at(n), o))),
+                "decided_ns": students.map(|s| s.map(|(_, d)| shift(at(n), d))),
+            })
+        };
+        // Errors (ms) sampled at 1, 2.5 and 3 s after connecting.
+        let errors = |e: [f64; 3]| {
+            json!([
+                [T0 + 1000 * MS, (e[0] * 1e6) as i64],
+                [T0 + 2500 * MS, (e[1] * 1e6) as i64],
+                [T0 + 3000 * MS, (e[2] * 1e6) as i64],
+            ])
+        };
+        let text = json!({
+            "peer": "timesync", "clients": 3, "client_ids": [0, 1, 2], "bpm": 120,
+            "started_ns": T0 + 1000 * MS, "stopped_ns": T0 + 4000 * MS,
+            "beats": [
+                beat(0, [Some((0, -200)), Some((1, -190)), Some((-1, -180))]),
+                beat(1, [Some((0, -200)), Some((2, 3)), Some((0, -180))]),
+                beat(2, [Some((0, -200)), None, Some((0, -180))]),
+                beat(3, [Some((0, -200)), Some((0, -200)), Some((3, -180))]),
+                beat(4, [Some((9, -200)), Some((0, -200)), Some((0, -180))]),
+            ],
+            "notes": [
+                // Played at T0 + 3 s, sounds at + 80 ms: student 1 in time, 2 arrives too late.
+                {"from": 0, "seq": 0, "sent_ns": T0 + 3000 * MS,
+                 "arrivals_ns": [null, T0 + 3010 * MS, T0 + 3090 * MS],
+                 "playouts_ns": [null, T0 + 3080 * MS, T0 + 3081 * MS]},
+                // From 1: both in time, scheduled 0.5 ms apart; nobody lost it.
+                {"from": 1, "seq": 0, "sent_ns": T0 + 3100 * MS,
+                 "arrivals_ns": [T0 + 3104 * MS, null, T0 + 3106 * MS],
+                 "playouts_ns": [T0 + 3180 * MS, null, T0 + 3180 * MS + MS / 2]},
+                // From 2: never reached 0.
+                {"from": 2, "seq": 0, "sent_ns": T0 + 3200 * MS,
+                 "arrivals_ns": [null, T0 + 3202 * MS, null],
+                 "playouts_ns": [null, T0 + 3280 * MS, null]},
+            ],
+            "connect_ms": [10.0, 20.0, 30.0],
+            "lead_ms": 1500, "lookahead_ms": 200, "playout_delay_ms": 80,
+            "welcomed_ns": [T0, T0, T0],
+            "synced_ms": [4100.0, 4300.0, 4200.0],
+            "clock_errors_ns": [errors([3.0, 0.5, -0.25]), errors([0.1, -2.0, 0.75]), errors([0.2, 0.3, -0.4])],
+        })
+        .to_string();
+        PeerRun::from_json(&text).expect("parses")
+    }
+
+    #[test]
+    fn scheduled_peer_is_measured_as_downbeat_is() {
+        let run = scheduled_run();
+        let sync = sync_result(&run);
+        assert_eq!((sync.system.as_str(), sync.display.as_str()), ("timesync", "Socket.IO + timesync"));
+        // From 2 s after connecting: 0.5, 0.25, 2, 0.75, 0.3, 0.4 ms.
+        let mut d = sync.distributions["offset_error_ms"].clone();
+        d.sort_by(f64::total_cmp);
+        assert_eq!(d, vec![0.25, 0.3, 0.4, 0.5, 0.75, 2.0]);
+        assert!(close(value(&sync, "offset_error_p50_ms"), 0.4));
+        // Within 1 ms for good from 2.5 s, 3 s and 1 s: every client by 3 s.
+        assert!(close(value(&sync, "converged_s"), 3.0));
+
+        let onset = onset_result(&run);
+        // Beats 0..=3 sound before the stop. Spreads 2, 2 (beat 1), 0 (beat 2), 3.
+        let mut d = onset.distributions["onset_spread_ms"].clone();
+        d.sort_by(f64::total_cmp);
+        assert_eq!(d, vec![0.0, 2.0, 2.0, 3.0]);
+        assert!(close(value(&onset, "onset_spread_max_ms"), 3.0));
+        // Student 1 decided beat 1 after its onset (late) and never scheduled beat 2: 2 of 12.
+        assert!(close(value(&onset, "late_beats_percent"), 100.0 * 2.0 / 12.0));
+        assert_eq!(value(&onset, "server_drift_ms"), None);
+        assert_eq!(onset.extra["beats_missing"], 1);
+
+        let fanout = fanout_result(&run);
+        // In time: 10 ms (0 → 1), 4 and 6 ms (1 → 0, 2), 2 ms (2 → 1).
+        let mut d = fanout.distributions["fanout_ms"].clone();
+        d.sort_by(f64::total_cmp);
+        assert_eq!(d, vec![2.0, 4.0, 6.0, 10.0]);
+        // 6 deliveries: one late (0 → 2), one lost (2 → 0).
+        assert!(close(value(&fanout, "notes_lost_percent"), 100.0 * 2.0 / 6.0));
+        let lost = fanout.metrics.iter().find(|m| m.key == "notes_lost_percent").and_then(|m| m.note.clone());
+        assert!(lost.is_some_and(|n| n.contains("16.67 % arrived after")), "{:?}", fanout.metrics);
+        // Played together: note 1 by 0 and 2, 0.5 ms apart (notes 0 and 2 have one receiver in time).
+        assert_eq!(fanout.distributions["playout_spread_ms"], vec![0.5]);
+
+        let join = join_result(&run);
+        assert!(close(value(&join, "join_all_ms"), 30.0));
+        assert!(close(value(&join, "synced_all_ms"), 4300.0));
+        assert!(close(value(&join, "join_failures"), 0.0));
+    }
+
+    #[test]
+    fn scheduled_peer_arrays_match_the_students() {
+        let run = scheduled_run();
+        let mut text = serde_json::to_value(&run).expect("serializes");
+        text["synced_ms"] = json!([1.0]);
+        assert!(PeerRun::from_json(&text.to_string()).is_err());
+        let mut text = serde_json::to_value(&run).expect("serializes");
+        text["beats"][0]["onsets_ns"] = json!([]);
+        assert!(PeerRun::from_json(&text.to_string()).is_err());
+        // The other peers' files have none of these fields.
+        assert!(beats_run().beats.iter().all(|b| b.onsets_ns.is_empty() && b.at_ns.is_none()));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::json;
 use crate::downbeat::class::{ClassOutput, ClassSpec, RoomSpec, StudentSpec};
 use crate::downbeat::{ServerLimits, ServerProcess, run_class};
 use crate::machine::{ProcessMeter, StealMeter, describe};
-use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult};
+use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult, converged_metric};
 use crate::netem::{Emulator, EmulatorConfig, Profile, Target};
 use crate::peers::{self, ClientRun, PeerKind, PeerRun, PeerServer};
 
@@ -28,14 +28,15 @@ pub enum System {
 }
 
 impl System {
-    /// Parses `downbeat`, `socketio` or `ws`.
+    /// Parses `downbeat` or a peer's name (`socketio`, `ws`, `timesync`).
     pub fn parse(name: &str) -> Result<Self> {
-        Ok(match name {
-            "downbeat" => Self::Downbeat,
-            "socketio" => Self::Peer(PeerKind::SocketIo),
-            "ws" => Self::Peer(PeerKind::Ws),
-            other => bail!("unknown system {other:?}: use downbeat, socketio or ws"),
-        })
+        if name == "downbeat" {
+            return Ok(Self::Downbeat);
+        }
+        match name.parse::<PeerKind>() {
+            Ok(kind) => Ok(Self::Peer(kind)),
+            Err(_) => bail!("unknown system {name:?}: use downbeat, socketio, ws or timesync"),
+        }
     }
 }
 
@@ -342,20 +343,11 @@ pub fn sync(common: &Common, workload: &Workload) -> Result<RunReport> {
             let (output, extra) = run_downbeat(common, workload, None)?;
             let errors = Summary::of(&output.offset_error_ms);
             let converged = output.converged_s.iter().try_fold(0.0f64, |m, c| c.map(|c| m.max(c)));
-            let mut metrics = vec![
+            let metrics = vec![
                 Metric::lower("offset_error_p50_ms", "clock error vs truth p50", "ms", errors.p50),
                 Metric::lower("offset_error_p99_ms", "clock error vs truth p99", "ms", errors.p99),
+                converged_metric(converged),
             ];
-            metrics.push(match converged {
-                Some(s) => Metric::lower("converged_s", "time until every client is within 1 ms", "s", s),
-                None => Metric::not_applicable(
-                    "converged_s",
-                    "time until every client is within 1 ms",
-                    "s",
-                    Better::Lower,
-                    "some client never stayed within 1 ms",
-                ),
-            });
             Ok(downbeat_result(
                 with_class_extra(extra, &output),
                 metrics,

@@ -1,6 +1,7 @@
 //! The peer runner end to end on plain loopback (no emulator, no root): each peer server is
 //! started, `client.mjs` runs a short class against it, and its JSON is read and turned into
-//! figures. A correctness smoke of the runner: it checks what happened, never how fast.
+//! figures. A correctness smoke of the runner: it checks what happened, never how fast. The
+//! timesync peer's students also sync their clocks (about 4 s) and schedule ahead.
 //!
 //! Needs Node.js 20+ and `cd bench/peers && npm ci` (scripts/test does both before nextest).
 //! Without them it fails and says so: it never skips.
@@ -42,9 +43,25 @@ fn check(kind: PeerKind, run: &PeerRun) {
     let (started, stopped) = (run.started_ns.expect("started"), run.stopped_ns.expect("stopped"));
     assert!(started < stopped);
 
-    // Beats: numbered from 0, sent within the run, and at least 4 of them reached everyone.
+    // Beats: numbered from 0, sent within the run (the timesync peer's up to one lead ahead of
+    // their instant, and the last ones after the stop, which ends the timeline one lead on),
+    // and at least 4 of them reached everyone.
     assert_eq!(run.beats.first().map(|b| b.index), Some(0), "{kind}");
-    assert!(run.beats.iter().all(|b| (started..=stopped).contains(&b.server_sent_ns)), "{kind}");
+    if kind.schedules_ahead() {
+        for b in &run.beats {
+            let at = b.at_ns.unwrap_or_else(|| panic!("{kind}: beat {} has no instant", b.index));
+            assert!(b.server_sent_ns >= started && b.server_sent_ns < at, "{kind}: beat {}", b.index);
+            assert!(at - b.server_sent_ns <= 1_500_000_000, "{kind}: beat {} sent over a lead early", b.index);
+        }
+        // Every student scheduled the beats that sound within the run.
+        let sounding: Vec<_> = run.beats.iter().filter(|b| b.at_ns.is_some_and(|at| at <= stopped)).collect();
+        assert!(sounding.len() >= 2, "{kind}: {} beats sound within the run", sounding.len());
+        for b in sounding {
+            assert!(b.onsets_ns.iter().all(Option::is_some), "{kind}: beat {} not scheduled by all", b.index);
+        }
+    } else {
+        assert!(run.beats.iter().all(|b| (started..=stopped).contains(&b.server_sent_ns)), "{kind}");
+    }
     let everywhere = run.beats.iter().filter(|b| b.arrivals_ns.iter().all(Option::is_some)).count();
     assert!(everywhere >= 4, "{kind}: only {everywhere} of {} beats reached every student", run.beats.len());
     for b in &run.beats {
@@ -76,23 +93,34 @@ fn check(kind: PeerKind, run: &PeerRun) {
     for r in [&sync, &onset, &fanout, &join] {
         assert_eq!((r.system.as_str(), r.display.as_str()), (kind.name(), kind.display()));
     }
-    for key in ["onset_spread_p50_ms", "onset_spread_p99_ms", "onset_spread_max_ms", "server_drift_ms"] {
+    for key in ["onset_spread_p50_ms", "onset_spread_p99_ms", "onset_spread_max_ms"] {
         assert!(value(&onset, key).is_some(), "{kind}: {key} missing");
     }
+    // A server timer's drift is the arrival peers' figure; the timesync peer computes instants.
+    assert_eq!(value(&onset, "server_drift_ms").is_some(), !kind.schedules_ahead(), "{kind}");
     assert_eq!(value(&onset, "late_beats_percent").map(f64::is_finite), Some(true));
     for key in ["fanout_p50_ms", "fanout_p99_ms", "fanout_p999_ms", "playout_spread_p99_ms"] {
         assert!(value(&fanout, key).is_some(), "{kind}: {key} missing");
     }
-    assert_eq!(value(&fanout, "notes_lost_percent"), Some(0.0), "{kind}");
-    assert_eq!(fanout.distributions["fanout_ms"].len(), run.notes.len() * (CLIENTS - 1), "{kind}");
-    assert!(value(&sync, "offset_error_p50_ms").is_some(), "{kind}");
-    assert_eq!(value(&sync, "converged_s"), None);
+    assert_eq!(fanout.extra["deliveries_lost"], 0, "{kind}");
+    if kind.schedules_ahead() {
+        // Notes that arrive after their playAt are not played in sync: not in the latencies.
+        let late = fanout.extra["deliveries_late"].as_u64().expect("a count") as usize;
+        assert_eq!(fanout.distributions["fanout_ms"].len() + late, run.notes.len() * (CLIENTS - 1), "{kind}");
+        assert!(value(&sync, "offset_error_p50_ms").is_some(), "{kind}");
+        assert!(value(&join, "synced_all_ms").is_some(), "{kind}");
+    } else {
+        assert_eq!(value(&fanout, "notes_lost_percent"), Some(0.0), "{kind}");
+        assert_eq!(fanout.distributions["fanout_ms"].len(), run.notes.len() * (CLIENTS - 1), "{kind}");
+        assert!(value(&sync, "offset_error_p50_ms").is_some(), "{kind}");
+        assert_eq!(value(&sync, "converged_s"), None);
+    }
     assert!(value(&join, "join_all_ms").is_some());
     assert_eq!(value(&join, "join_failures"), Some(0.0));
 }
 
 #[test]
-fn both_peers_run_a_short_class_on_loopback() {
+fn every_peer_runs_a_short_class_on_loopback() {
     let runs: Vec<(PeerKind, thread::Result<PeerRun>)> = thread::scope(|s| {
         let handles: Vec<_> = PeerKind::ALL.map(|kind| (kind, s.spawn(move || run_class(kind)))).into();
         handles.into_iter().map(|(kind, h)| (kind, h.join())).collect()

@@ -4,7 +4,6 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use downbeat_engine::client::Handled;
-use downbeat_engine::clock::Config as SyncConfig;
 use downbeat_engine::session::{self, Answer, End, NoteError, Request, RequestError, Session};
 use downbeat_engine::timeline::{
     MAX_BEATS_PER_BAR, MAX_COUNT_IN_BARS, MIN_BEATS_PER_BAR, check_meter, tempo_from_bpm_f64,
@@ -14,18 +13,16 @@ use downbeat_protocol::{
     RoomSettings, ServerNanos, Welcome,
 };
 use futures_channel::oneshot;
-use futures_util::future::{Either, select};
 use js_sys::{Function, Promise};
 use serde::Deserialize;
 use wasm_bindgen::prelude::*;
 use wasm_bindgen_futures::{future_to_promise, spawn_local};
 
-use crate::js::{self, CONNECT_FAILED, Failure, INVALID_ARGUMENT, NOT_SYNCED, TIMEOUT};
-use crate::transport::{self, Transport};
+use crate::js::{self, Failure, INVALID_ARGUMENT, NOT_SYNCED};
+use crate::race::{self, Choice, Route};
+use crate::transport::{Endpoints, Kind, Transport};
 use crate::view::{self, to_js};
 
-/// How long to wait for the server's welcome.
-const HANDSHAKE_TIMEOUT_MS: f64 = 10_000.0;
 /// How often sync quality and playout counts are reported to the teacher.
 const REPORT_INTERVAL_MS: f64 = 2_000.0;
 /// Longest sleep of the sync loop, so a changed schedule is picked up soon.
@@ -44,9 +41,16 @@ fn is_final(code: &str) -> bool {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ConnectOptions {
-    url: String,
+    #[serde(default)]
+    url: Option<String>,
     #[serde(default)]
     certificate_hashes: Vec<String>,
+    #[serde(default)]
+    web_socket_url: Option<String>,
+    #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
+    transport_head_start_ms: Option<f64>,
     token: String,
     #[serde(default)]
     code: Option<String>,
@@ -99,6 +103,52 @@ fn meter_out_of_range(meter: f64) -> Failure {
     Failure::server(ErrorCode::MeterOutOfRange, message)
 }
 
+/// The server's WebSocket URL when the page gave none: `/api/ws` on the page's own host
+/// (`wss:` from an HTTPS page, `ws:` from an HTTP one).
+fn page_websocket_url() -> Option<String> {
+    let (protocol, host) = js::page_location()?;
+    let scheme = match protocol.as_str() {
+        "https:" => "wss:",
+        "http:" => "ws:",
+        _ => return None,
+    };
+    Some(format!("{scheme}//{host}/api/ws"))
+}
+
+/// Where the server is and which transports to try, from the page's options.
+fn route(options: &ConnectOptions) -> Result<Route, Failure> {
+    let hashes = options
+        .certificate_hashes
+        .iter()
+        .map(|h| js::parse_hash(h).ok_or_else(|| invalid(format!("{h:?} is not a hex SHA-256 hash"))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let webtransport = options.url.clone().map(|url| (url, hashes));
+    let websocket = options.web_socket_url.clone().or_else(page_websocket_url);
+    let choice = match options.transport.as_deref().unwrap_or("auto") {
+        // Racing needs both; with one URL only, that transport is the only choice.
+        "auto" if webtransport.is_some() && websocket.is_some() => Choice::Auto,
+        "auto" if websocket.is_some() => Choice::Only(Kind::WebSocket),
+        "auto" | "webtransport" => Choice::Only(Kind::WebTransport),
+        "websocket" => Choice::Only(Kind::WebSocket),
+        other => {
+            return Err(invalid(format!("transport {other:?} is not \"auto\", \"webtransport\" or \"websocket\"")));
+        }
+    };
+    if choice == Choice::Only(Kind::WebTransport) && webtransport.is_none() {
+        return Err(invalid("connect options: `url` (the WebTransport URL) is missing"));
+    }
+    if choice == Choice::Only(Kind::WebSocket) && websocket.is_none() {
+        return Err(invalid(
+            "connect options: no `webSocketUrl`, and this page has no http(s) address to derive it from",
+        ));
+    }
+    let head_start_ms = options.transport_head_start_ms.unwrap_or(race::DEFAULT_HEAD_START_MS);
+    if !(head_start_ms.is_finite() && head_start_ms >= 0.0) {
+        return Err(invalid(format!("transportHeadStartMs must be a number of milliseconds, not {head_start_ms}")));
+    }
+    Ok(Route { endpoints: Endpoints { webtransport, websocket }, choice, head_start_ms })
+}
+
 fn room_settings(create: &CreateOptions) -> Result<RoomSettings, Failure> {
     let name = BoundedString::new(create.name.trim().to_owned()).map_err(|e| invalid(format!("room name: {e}")))?;
     let tempo =
@@ -135,8 +185,7 @@ type Waiter = oneshot::Sender<Result<Answer, RequestError>>;
 /// Everything a classroom's loops and methods share. Borrows of the `RefCell`s never span an
 /// `await` or a listener call.
 struct Inner {
-    url: String,
-    hashes: Vec<[u8; 32]>,
+    route: Route,
     token: RefCell<String>,
     reconnect: bool,
     /// The current session's engine (the last one's, once it ended, until a reconnect).
@@ -145,6 +194,10 @@ struct Inner {
     welcome: RefCell<Welcome>,
     /// The current session's transport; `None` once it ended.
     transport: RefCell<Option<Rc<dyn Transport>>>,
+    /// Which transport the current (or last) session is on.
+    kind: Cell<Kind>,
+    /// Whether WebTransport is being retried in the background.
+    retrying: Cell<bool>,
     /// Bumped whenever a session starts or ends; loops of an older one stop.
     generation: Cell<u64>,
     listeners: RefCell<Vec<(String, Function)>>,
@@ -164,11 +217,7 @@ pub async fn connect(
 ) -> Result<Classroom, JsValue> {
     let options: ConnectOptions =
         serde_wasm_bindgen::from_value(options).map_err(|e| invalid(format!("connect options: {e}")))?;
-    let hashes = options
-        .certificate_hashes
-        .iter()
-        .map(|h| js::parse_hash(h).ok_or_else(|| invalid(format!("{h:?} is not a hex SHA-256 hash"))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let route = route(&options)?;
     let room = match (&options.code, &options.create) {
         (Some(code), None) => {
             let code = code.trim().to_uppercase();
@@ -177,68 +226,27 @@ pub async fn connect(
         (None, Some(create)) => RoomRequest::Create(room_settings(create)?),
         _ => return Err(invalid("give exactly one of `code` (join a room) and `create` (create one)").into()),
     };
-    let (transport, session, welcome) = handshake(&options.url, &hashes, &options.token, room).await?;
+    let greeted = race::establish(&route, &bounded_token(&options.token)?, &room).await?;
     let inner = Rc::new(Inner {
-        url: options.url,
-        hashes,
+        route,
         token: RefCell::new(options.token),
         reconnect: options.reconnect.unwrap_or(true),
-        session: RefCell::new(session),
-        welcome: RefCell::new(welcome),
+        session: RefCell::new(greeted.session),
+        welcome: RefCell::new(greeted.welcome),
         transport: RefCell::new(None),
+        kind: Cell::new(greeted.kind),
+        retrying: Cell::new(false),
         generation: Cell::new(0),
         listeners: RefCell::new(Vec::new()),
         status: Cell::new(Status::Connected),
         waiters: RefCell::new(Vec::new()),
     });
-    run_session(&inner, transport);
+    run_session(&inner, greeted.transport);
     Ok(Classroom { inner })
 }
 
-/// Opens a session, says hello, and feeds the control stream to a new session engine until
-/// it is welcomed.
-async fn handshake(
-    url: &str,
-    hashes: &[[u8; 32]],
-    token: &str,
-    room: RoomRequest,
-) -> Result<(Rc<dyn Transport>, Session<Waiter>, Welcome), Failure> {
-    let token = BoundedString::new(token.to_owned()).map_err(|e| invalid(format!("token: {e}")))?;
-    let (mut session, hello) = Session::connect(SyncConfig::default(), token, room);
-    let work = async {
-        let transport = transport::open(url, hashes).await?;
-        match greet(&*transport, &mut session, &hello).await {
-            Ok(welcome) => Ok((transport, welcome)),
-            Err(e) => {
-                transport.close(0, "");
-                Err(e)
-            }
-        }
-    };
-    let greeted = match select(Box::pin(work), Box::pin(js::sleep(HANDSHAKE_TIMEOUT_MS))).await {
-        Either::Left((result, _)) => result,
-        Either::Right(((), _)) => Err(Failure::new(TIMEOUT, "timed out waiting for the server's welcome")),
-    };
-    let (transport, welcome) = greeted?;
-    Ok((transport, session, welcome))
-}
-
-/// Says hello and reads until the session is welcomed (its welcome) or ended (why).
-async fn greet(transport: &dyn Transport, session: &mut Session<Waiter>, hello: &[u8]) -> Result<Welcome, Failure> {
-    transport.send_control(hello).await?;
-    loop {
-        match transport.recv_control().await {
-            Some(bytes) => session.handle_control_bytes(&bytes),
-            None => session.handle_closed(""),
-        }
-        let Some(greeted) = session.greeted() else { continue };
-        return match greeted {
-            Ok(welcome) => Ok(welcome.clone()),
-            Err(End::Server { code, message }) => Err(Failure::server(*code, message.clone())),
-            Err(End::Protocol(message)) => Err(Failure::protocol(message)),
-            Err(_) => Err(Failure::new(CONNECT_FAILED, "the server ended the session before welcoming it")),
-        };
-    }
+fn bounded_token(token: &str) -> Result<downbeat_protocol::Token, Failure> {
+    BoundedString::new(token.to_owned()).map_err(|e| invalid(format!("token: {e}")))
 }
 
 /// Starts the loops of a freshly welcomed session.
@@ -250,11 +258,34 @@ fn run_session(inner: &Rc<Inner>, transport: Rc<dyn Transport>) {
     spawn_local(sync_loop(inner.clone(), generation, transport.clone()));
     spawn_local(report_loop(inner.clone(), generation, transport.clone()));
     spawn_local(control_loop(inner.clone(), generation, transport.clone()));
-    let inner = inner.clone();
     let closed = transport.closed();
+    spawn_local({
+        let inner = inner.clone();
+        async move {
+            closed.await;
+            lost(&inner, generation, "the connection closed");
+        }
+    });
+    retry_webtransport(inner);
+}
+
+/// On WebSocket in `auto` mode: retries WebTransport in the background (see [`race`]), once
+/// per classroom at a time.
+fn retry_webtransport(inner: &Rc<Inner>) {
+    if inner.route.choice != Choice::Auto || inner.kind.get() != Kind::WebSocket || inner.retrying.replace(true) {
+        return;
+    }
+    let weak = Rc::downgrade(inner);
+    let route = inner.route.clone();
     spawn_local(async move {
-        closed.await;
-        lost(&inner, generation, "the connection closed");
+        let wanted = || {
+            weak.upgrade()
+                .is_some_and(|inner| inner.status.get() != Status::Closed && inner.kind.get() == Kind::WebSocket)
+        };
+        race::retry_webtransport(route, wanted).await;
+        if let Some(inner) = weak.upgrade() {
+            inner.retrying.set(false);
+        }
     });
 }
 
@@ -460,19 +491,24 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
         if inner.status.get() != Status::Reconnecting {
             return;
         }
-        let token = inner.token.borrow().clone();
-        match handshake(&inner.url, &inner.hashes, &token, RoomRequest::Join(code.clone())).await {
-            Ok((transport, session, welcome)) => {
+        let token = bounded_token(&inner.token.borrow());
+        let greeted = match token {
+            Ok(token) => race::establish(&inner.route, &token, &RoomRequest::Join(code.clone())).await,
+            Err(e) => Err(e),
+        };
+        match greeted {
+            Ok(greeted) => {
                 if inner.status.get() != Status::Reconnecting {
-                    transport.close(0, "");
+                    greeted.transport.close(0, "");
                     return;
                 }
                 // A new session: sync from scratch, notes numbered from 1 again.
-                *inner.session.borrow_mut() = session;
-                let member_id = welcome.member_id;
-                *inner.welcome.borrow_mut() = welcome;
+                *inner.session.borrow_mut() = greeted.session;
+                let member_id = greeted.welcome.member_id;
+                *inner.welcome.borrow_mut() = greeted.welcome;
+                inner.kind.set(greeted.kind);
                 inner.status.set(Status::Connected);
-                run_session(&inner, transport);
+                run_session(&inner, greeted.transport);
                 inner.wake_waiters();
                 inner.emit("reconnected", &to_js(&view::Reconnected { member_id }));
                 inner.emit_members();
@@ -621,6 +657,13 @@ impl Classroom {
     #[wasm_bindgen(getter, js_name = playoutDelayMs)]
     pub fn playout_delay_ms(&self) -> f64 {
         js::nanos_to_ms(self.inner.welcome.borrow().room.playout_delay_nanos)
+    }
+
+    /// Which transport the current (or last) session is on: `"webtransport"`, or `"websocket"`
+    /// where the network blocks QUIC (or the `transport` option asked for it).
+    #[wasm_bindgen(getter, unchecked_return_type = "\"webtransport\" | \"websocket\"")]
+    pub fn transport(&self) -> String {
+        self.inner.kind.get().as_str().to_owned()
     }
 
     /// `"connected"`, `"reconnecting"` or `"closed"`.

@@ -1,5 +1,5 @@
-//! Small bridges to the JavaScript world: the page's clock, timers, randomness, errors and
-//! reading object fields. Everything works in a window and in a worker (it goes through the
+//! Small bridges to the JavaScript world: the page's clock, timers, randomness, errors,
+//! reading object fields, the page's own address and `localStorage`. Everything works in a window and in a worker (it goes through the
 //! global object, never `window`).
 
 use std::fmt;
@@ -78,6 +78,43 @@ fn get(target: &JsValue, key: &str) -> JsValue {
 /// A numeric field of `target`, if it is a finite number.
 pub(crate) fn number_field(target: &JsValue, key: &str) -> Option<f64> {
     get(target, key).as_f64().filter(|v| v.is_finite())
+}
+
+/// Calls `target[method](...args)`; `undefined` when it is not a function or it threw.
+fn call(target: &JsValue, method: &str, args: &[&JsValue]) -> JsValue {
+    let Some(f) = get(target, method).dyn_into::<Function>().ok() else { return JsValue::UNDEFINED };
+    let array: js_sys::Array = args.iter().copied().collect();
+    f.apply(target, &array).unwrap_or(JsValue::UNDEFINED)
+}
+
+/// The page's `location.protocol` (`"https:"`) and `location.host` (`"example.org:8443"`).
+pub(crate) fn page_location() -> Option<(String, String)> {
+    let location = get(&global(), "location");
+    Some((get(&location, "protocol").as_string()?, get(&location, "host").as_string()?))
+}
+
+/// `localStorage`, where there is one and the page may use it (reading the property throws
+/// when storage is blocked; workers have none).
+fn local_storage() -> Option<JsValue> {
+    Reflect::get(&global(), &JsValue::from_str("localStorage")).ok().filter(JsValue::is_object)
+}
+
+/// The value stored under `key` in `localStorage`.
+pub(crate) fn storage_get(key: &str) -> Option<String> {
+    call(&local_storage()?, "getItem", &[&JsValue::from_str(key)]).as_string()
+}
+
+/// Stores `value` under `key` (quietly nothing where storage is blocked or full).
+pub(crate) fn storage_set(key: &str, value: &str) {
+    if let Some(storage) = local_storage() {
+        call(&storage, "setItem", &[&JsValue::from_str(key), &JsValue::from_str(value)]);
+    }
+}
+
+pub(crate) fn storage_remove(key: &str) {
+    if let Some(storage) = local_storage() {
+        call(&storage, "removeItem", &[&JsValue::from_str(key)]);
+    }
 }
 
 /// `performance.now()` in milliseconds.

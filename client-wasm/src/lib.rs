@@ -1,9 +1,10 @@
 //! Downbeat's browser client: a thin wasm-bindgen shell over `downbeat-protocol` and
-//! `downbeat-engine`, on the browser's WebTransport.
+//! `downbeat-engine`, on the browser's WebTransport, or WebSocket where the network blocks QUIC.
 //!
 //! [`connect`] opens a WebTransport session (pinning the server's self-signed certificate
-//! hashes when given), says hello with the page's signed token, and resolves to a
-//! [`Classroom`] once the server has welcomed it. From then on the classroom syncs its clock
+//! hashes when given) and, after a head start, a WebSocket one too; it says hello with the
+//! page's signed token, keeps the first session the server welcomes (remembering which
+//! transport won for next time), and resolves to a [`Classroom`]. From then on the classroom syncs its clock
 //! on datagrams with the same estimator as every native client (`performance.now()` is its
 //! local clock), applies every newer timeline, places classmates' notes at their shared
 //! playout instant, keeps presence, and reports its sync quality to the teacher. If the
@@ -15,6 +16,8 @@
 //! timeline, notes). This crate moves bytes through a transport (`transport.rs` is the seam,
 //! `webtransport.rs` the browser's WebTransport behind it), runs one session's loops, decides
 //! when to reconnect, and translates the session's events into promises and page events.
+//! `websocket.rs` carries the same session over a WebSocket, and `race.rs` decides which
+//! transport a connect uses.
 //!
 //! The timing questions a page asks: [`Classroom::server_now`], [`Classroom::beats_ahead`]
 //! (what a Web Audio lookahead scheduler should queue) and [`Classroom::audio_time_of`] (a
@@ -29,8 +32,10 @@
 
 mod classroom;
 mod js;
+mod race;
 mod transport;
 mod view;
+mod websocket;
 mod webtransport;
 
 pub use classroom::{Classroom, connect};
@@ -41,11 +46,26 @@ use wasm_bindgen::prelude::*;
 const TYPES: &'static str = r#"
 /** How to connect: `connect({ url, certificateHashes, token, code })`. */
 export interface ConnectOptions {
-  /** The server's WebTransport URL, e.g. `https://127.0.0.1:4433/` (`GET /api/client-config` gives it). */
-  url: string;
+  /** The server's WebTransport URL, e.g. `https://127.0.0.1:4433/` (`GET /api/client-config` gives it).
+   * Needed unless `transport` is `"websocket"`. */
+  url?: string;
   /** Hex SHA-256 hashes of the server's self-signed certificates (from `GET /api/client-config`
    * or `/api/cert-hashes`); omit when the server has a certificate the browser trusts. */
   certificateHashes?: string[];
+  /** The server's WebSocket URL (default: `/api/ws` on this page's host, `wss:` from an HTTPS
+   * page and `ws:` from an HTTP one; give it when the timing server is elsewhere). */
+  webSocketUrl?: string;
+  /** Which transport carries the session. `"auto"` (default): WebTransport first, WebSocket after
+   * `transportHeadStartMs` (or at once if WebTransport fails sooner), and the first session the
+   * server welcomes is kept; the winner is remembered per server in `localStorage`, so after a
+   * WebSocket win the next connect goes straight to WebSocket (WebTransport only if WebSocket
+   * fails or takes over 2 s), and a classroom on WebSocket retries
+   * WebTransport in the background (5 minutes after it last failed, without taking a seat) so
+   * that the next connect uses it again once the network allows. `"webtransport"` or
+   * `"websocket"`: only that one, and nothing remembered. */
+  transport?: "auto" | "webtransport" | "websocket";
+  /** How long WebTransport is tried alone before WebSocket starts too (ms, default 500). */
+  transportHeadStartMs?: number;
   /** The signed token (JWT) from the school's sign-in; the display name and role come from it. */
   token: string;
   /** The join code of the room to join (students and teachers). */
@@ -77,6 +97,8 @@ export interface Member {
   beats: number[];
   /** The member's own report of its clock sync (every couple of seconds). */
   sync: { synced: boolean; rttMs: number; uncertaintyMs: number };
+  /** What carries their session: WebSocket where the school's network blocks QUIC. */
+  transport: "webtransport" | "websocket";
 }
 
 /** A beat placed on both clocks. */

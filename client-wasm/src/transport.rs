@@ -2,15 +2,15 @@
 //!
 //! A transport is an open session to the server with one reliable, ordered control stream
 //! (length-prefixed frames, the same bytes whatever carries them) and unreliable datagrams.
-//! The session engine and the classroom's loops are the same for every transport; a second
-//! one (WebSocket, say) is one more file implementing [`Transport`] and a branch in [`open`].
-//! WebTransport is the only one today ([`crate::webtransport`]).
+//! The session engine and the classroom's loops are the same for every transport. There are
+//! two: WebTransport ([`crate::webtransport`]) and, for networks that block QUIC, WebSocket
+//! ([`crate::websocket`]); which one a classroom uses is decided in [`crate::race`].
 
 use std::rc::Rc;
 
 use futures_util::future::LocalBoxFuture;
 
-use crate::js::Failure;
+use crate::js::{Failure, INVALID_ARGUMENT};
 
 /// An open session to the server. The browser runs everything on one thread, so futures need
 /// not be `Send`.
@@ -32,8 +32,44 @@ pub(crate) trait Transport {
     fn closed(&self) -> LocalBoxFuture<'static, ()>;
 }
 
-/// Opens a session to `url`, pinning `hashes` (SHA-256 of acceptable self-signed
-/// certificates; empty: the browser's trust store). Today: WebTransport.
-pub(crate) async fn open(url: &str, hashes: &[[u8; 32]]) -> Result<Rc<dyn Transport>, Failure> {
-    Ok(Rc::new(crate::webtransport::WebTransport::open(url, hashes).await?))
+/// Which transport carries a session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    WebTransport,
+    WebSocket,
+}
+
+impl Kind {
+    /// The name pages see (`classroom.transport`, the `transport` option).
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::WebTransport => "webtransport",
+            Self::WebSocket => "websocket",
+        }
+    }
+}
+
+/// Where the server is, on each transport.
+#[derive(Clone, Debug)]
+pub(crate) struct Endpoints {
+    /// The WebTransport URL and the certificate hashes to pin (SHA-256 of acceptable
+    /// self-signed certificates; empty: the browser's trust store).
+    pub(crate) webtransport: Option<(String, Vec<[u8; 32]>)>,
+    /// The WebSocket URL (`ws:` or `wss:`).
+    pub(crate) websocket: Option<String>,
+}
+
+/// Opens a session of `kind` to the server at `endpoints`.
+pub(crate) async fn open(kind: Kind, endpoints: &Endpoints) -> Result<Rc<dyn Transport>, Failure> {
+    let missing = || Failure::new(INVALID_ARGUMENT, format!("no {} URL to connect to", kind.as_str()));
+    Ok(match kind {
+        Kind::WebTransport => {
+            let (url, hashes) = endpoints.webtransport.as_ref().ok_or_else(missing)?;
+            Rc::new(crate::webtransport::WebTransport::open(url, hashes).await?)
+        }
+        Kind::WebSocket => {
+            let url = endpoints.websocket.as_ref().ok_or_else(missing)?;
+            Rc::new(crate::websocket::WebSocket::open(url).await?)
+        }
+    })
 }

@@ -56,6 +56,7 @@ pub(crate) struct MemberView<'a> {
     part: Option<&'a str>,
     beats: &'a [u8],
     sync: MemberSync,
+    transport: &'static str,
 }
 
 impl<'a> From<&'a Member> for MemberView<'a> {
@@ -68,6 +69,7 @@ impl<'a> From<&'a Member> for MemberView<'a> {
             part: m.assignment.part.as_ref().map(|p| p.as_str()),
             beats: m.assignment.beats.as_slice(),
             sync: m.sync.into(),
+            transport: m.transport.as_str(),
         }
     }
 }

@@ -44,6 +44,9 @@ impl WebTransport {
         }
         let transport = web_sys::WebTransport::new_with_options(url, &options)
             .map_err(|e| failed("cannot open a session to", js::describe(&e)))?;
+        // Abandoned before it opened (a failure, or the race cancelling this attempt): close it
+        // rather than leave the browser trying.
+        let mut pending = Pending(Some(transport.clone()));
         // A session that never opens also rejects `closed`; observe it so the browser does not
         // report an unhandled rejection.
         spawn_local(ignore(transport.closed().unchecked_into()));
@@ -59,7 +62,19 @@ impl WebTransport {
         let duplex = transport.datagrams();
         let datagrams = duplex.writable().get_writer().map_err(|e| failed("datagrams of", js::describe(&e)))?;
         let datagram_reader = Reader::new(&duplex.readable()).map_err(|e| failed("datagrams of", e))?;
+        pending.0 = None;
         Ok(Self { transport, datagrams, control, datagram_reader, control_reader })
+    }
+}
+
+/// A session being opened, closed if its opening is abandoned.
+struct Pending(Option<web_sys::WebTransport>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if let Some(transport) = self.0.take() {
+            transport.close();
+        }
     }
 }
 

@@ -619,6 +619,7 @@ mod tests {
             assignment: Default::default(),
             muted: false,
             sync: SyncQuality::default(),
+            transport: Default::default(),
         }
     }
 

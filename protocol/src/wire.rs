@@ -391,6 +391,31 @@ pub struct Member {
     pub muted: bool,
     /// Their last reported sync quality.
     pub sync: SyncQuality,
+    /// What carries their session.
+    pub transport: Transport,
+}
+
+/// What carries a session: WebTransport, or WebSocket where a network blocks QUIC.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Transport {
+    /// A WebTransport (QUIC) session.
+    #[default]
+    WebTransport,
+    /// A WebSocket (TCP) session ([`crate::ws`]).
+    WebSocket,
+}
+
+impl Transport {
+    /// Both, in a fixed order (also their indices as `usize`).
+    pub const ALL: [Self; 2] = [Self::WebTransport, Self::WebSocket];
+
+    /// The name presence, metrics and the browser package use.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::WebTransport => "webtransport",
+            Self::WebSocket => "websocket",
+        }
+    }
 }
 
 /// The room, as its members see it.

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use downbeat_engine::room::{NotesHandled, ReportHandled, Seated};
 use downbeat_protocol::{ClientReport, ErrorCode};
 
-use crate::session::Carrier;
+use downbeat_protocol::Transport;
 
 /// A monotonically increasing count.
 #[derive(Debug, Default)]
@@ -364,13 +364,13 @@ impl Render for Histogram {
     }
 }
 
-/// One metric per transport (see [`Carrier`]).
+/// One metric per transport (see [`Transport`]).
 #[derive(Debug, Default)]
 pub struct ByTransport<T>([T; 2]);
 
 impl<T> ByTransport<T> {
     /// The metric of `carrier`.
-    pub(crate) fn get(&self, carrier: Carrier) -> &T {
+    pub fn get(&self, carrier: Transport) -> &T {
         &self.0[carrier as usize]
     }
 }
@@ -380,7 +380,7 @@ impl<T: Render> Render for ByTransport<T> {
     const LABEL: &'static str = "transport";
 
     fn render(&self, out: &mut String, name: &str, labels: &str) {
-        for carrier in Carrier::ALL {
+        for carrier in Transport::ALL {
             let transport = format!("transport=\"{}\"", carrier.as_str());
             let labels = if labels.is_empty() { transport } else { format!("{labels},{transport}") };
             self.get(carrier).render(out, name, &labels);
@@ -472,8 +472,8 @@ mod tests {
         assert!(text.contains("downbeat_sync_rtt_seconds_count 4\n"));
         assert!(text.contains("downbeat_sync_rtt_seconds_sum 0.30144\n"));
         // Per-transport series carry a `transport` label before any other.
-        stats.transport_sync_uncertainty.get(Carrier::WebSocket).observe_micros(700);
-        stats.transport_sessions_active.get(Carrier::WebTransport).inc();
+        stats.transport_sync_uncertainty.get(Transport::WebSocket).observe_micros(700);
+        stats.transport_sessions_active.get(Transport::WebTransport).inc();
         let text = stats.render_prometheus();
         assert!(
             text.contains(

@@ -13,8 +13,8 @@ import { mkdir, stat } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
-  OUTPUT_DIR, joinClass, launchBrowser, openUser, printDiagnostics, startBeat, startClass, startServer, waitUntil,
-  withDiagnostics,
+  OUTPUT_DIR, joinClass, launchBrowser, measureClock, openUser, printDiagnostics, startBeat, startClass, startServer,
+  waitUntil, withDiagnostics,
 } from './harness.mjs';
 
 const STUDENTS = ['Ana', 'Ben', 'Chloe'];
@@ -102,46 +102,16 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
         window.downbeat.trace.beats.filter((b) => b.serverTime >= at).length >= 12, startAck.effectiveAt, 60_000);
     }
 
-    // Clock truth. The server reads its clock at some local instant x in [b, a] (before the
-    // response, after the request), so the estimate's true error lies in
-    // [est(b) - t, est(b) - t + (a - b)]. Resource Timing narrows [b, a] further to
-    // [requestStart, responseStart] of the same fetch (the request went out after the one,
-    // the response's first byte arrived before the other; same clock as performance.now()),
-    // so both brackets are computed and the narrower one is asserted.
+    // Clock truth (see measureClock): both brackets are computed and the narrower one is
+    // asserted.
     let maxError = 0;
     for (const u of studentUsers()) {
-      const samples = await u.page.evaluate(async () => {
-        const c = window.downbeat.classroom;
-        const out = [];
-        for (let i = 0; i < 40; i++) {
-          performance.clearResourceTimings();
-          const url = `/api/time?sample=${i}`;
-          const b = performance.now();
-          const r = await fetch(url, { cache: 'no-store' });
-          const a = performance.now();
-          const { server_now_ms: t } = await r.json();
-          const entry = performance.getEntriesByType('resource').find((e) => e.name.endsWith(url));
-          const rs = entry && entry.requestStart > 0 ? entry.requestStart : null;
-          const re = entry && entry.responseStart > 0 ? entry.responseStart : null;
-          const lo = rs !== null && rs > b ? rs : b;
-          const hi = re !== null && re < a ? re : a;
-          out.push({ b, a, t, est: c.serverTimeOf(b), lo, hi, estLo: c.serverTimeOf(lo) });
-        }
-        return out;
-      });
-      assert.equal(samples.length, 40);
-      // The fetch's own bracket, as asked: the sample with the smallest a - b.
-      const best = samples.reduce((x, y) => (y.a - y.b < x.a - x.b ? y : x));
-      const fetchLo = best.est - best.t;
-      const fetchHi = fetchLo + (best.a - best.b);
-      // The narrowest bracket of all (Resource Timing).
-      const tight = samples.reduce((x, y) => (y.hi - y.lo < x.hi - x.lo ? y : x));
-      const lo = tight.estLo - tight.t;
-      const hi = lo + (tight.hi - tight.lo);
-      u.truthOffset = tight.t - (tight.lo + tight.hi) / 2;
+      const { samples, fetchWidth, fetchLo, fetchHi, width, lo, hi, truthOffset } = await measureClock(u);
+      assert.equal(samples, 40);
+      u.truthOffset = truthOffset;
       const sync = await u.page.evaluate(() => window.downbeat.classroom.sync());
-      console.log(`${u.label}: fetch bracket ${fmt(best.a - best.b)} ms wide: error in [${fmt(fetchLo)}, ${fmt(fetchHi)}] ms; ` +
-        `resource-timing bracket ${fmt(tight.hi - tight.lo)} ms wide: error in [${fmt(lo)}, ${fmt(hi)}] ms; ` +
+      console.log(`${u.label}: fetch bracket ${fmt(fetchWidth)} ms wide: error in [${fmt(fetchLo)}, ${fmt(fetchHi)}] ms; ` +
+        `resource-timing bracket ${fmt(width)} ms wide: error in [${fmt(lo)}, ${fmt(hi)}] ms; ` +
         `truth offset ${fmt(u.truthOffset)} ms; client: rtt ${fmt(sync.rttMs)} ms, ±${fmt(sync.uncertaintyMs)} ms, ${sync.samples} samples`);
       assert.ok(Math.abs(lo) <= 1 && Math.abs(hi) <= 1,
         `${u.label}: the estimate's error [${fmt(lo)}, ${fmt(hi)}] ms lies within ±1 ms`);

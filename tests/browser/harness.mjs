@@ -7,6 +7,7 @@ import { createHash } from 'node:crypto';
 import dgram from 'node:dgram';
 import { existsSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import tls from 'node:tls';
@@ -152,6 +153,11 @@ export async function presentedSpkiHash(port) {
  */
 export async function openUser(browser, url, label) {
   const context = await browser.newContext({ viewport: { width: 1366, height: 768 } });
+  return openTab(context, url, label);
+}
+
+/** Another tab of a user's browser context (same storage), opened at `url`. */
+export async function openTab(context, url, label) {
   const page = await context.newPage();
   page.setDefaultTimeout(30_000);
   const logs = [];
@@ -180,6 +186,55 @@ export async function waitUntil(user, what, fn, arg, timeout = 30_000) {
     const state = await pageState(user).catch((err) => `(page state unavailable: ${err.message})`);
     throw new Error(`[${user.label}] timed out waiting for ${what}: ${e.message.split('\n')[0]}\npage state: ${state}`);
   }
+}
+
+/**
+ * Clock truth for the classroom of a page (`window.downbeat.classroom`), from `count`
+ * fetches of `/api/time`. The server reads its clock at some local instant x in [b, a]
+ * (before the response, after the request), so the estimate's true error lies in
+ * [est(b) - t, est(b) - t + (a - b)]. Resource Timing narrows [b, a] further to
+ * [requestStart, responseStart] of the same fetch (the request went out after the one, the
+ * response's first byte arrived before the other; same clock as performance.now()).
+ *
+ * Returns the number of samples; the fetch's own narrowest bracket (`fetchWidth` ms wide, the
+ * error within [`fetchLo`, `fetchHi`]); the narrowest Resource Timing bracket (`width`, [`lo`,
+ * `hi`]); and `truthOffset`, what to add to a `performance.now()` time of this page to get the
+ * server's true clock.
+ */
+export async function measureClock(user, count = 40) {
+  const samples = await user.page.evaluate(async (n) => {
+    const c = window.downbeat.classroom;
+    const out = [];
+    for (let i = 0; i < n; i++) {
+      performance.clearResourceTimings();
+      const url = `/api/time?sample=${i}`;
+      const b = performance.now();
+      const r = await fetch(url, { cache: 'no-store' });
+      const a = performance.now();
+      const { server_now_ms: t } = await r.json();
+      const entry = performance.getEntriesByType('resource').find((e) => e.name.endsWith(url));
+      const rs = entry && entry.requestStart > 0 ? entry.requestStart : null;
+      const re = entry && entry.responseStart > 0 ? entry.responseStart : null;
+      const lo = rs !== null && rs > b ? rs : b;
+      const hi = re !== null && re < a ? re : a;
+      out.push({ b, a, t, est: c.serverTimeOf(b), lo, hi, estLo: c.serverTimeOf(lo) });
+    }
+    return out;
+  }, count);
+  const best = samples.reduce((x, y) => (y.a - y.b < x.a - x.b ? y : x));
+  const fetchLo = best.est - best.t;
+  const tight = samples.reduce((x, y) => (y.hi - y.lo < x.hi - x.lo ? y : x));
+  const lo = tight.estLo - tight.t;
+  return {
+    samples: samples.length,
+    fetchWidth: best.a - best.b,
+    fetchLo,
+    fetchHi: fetchLo + (best.a - best.b),
+    width: tight.hi - tight.lo,
+    lo,
+    hi: lo + (tight.hi - tight.lo),
+    truthOffset: tight.t - (tight.lo + tight.hi) / 2,
+  };
 }
 
 /** A one-line summary of a page for failure messages. */
@@ -288,6 +343,72 @@ export async function startRelay() {
       front.close();
     },
   };
+}
+
+/**
+ * A TCP relay on 127.0.0.1 to the server's HTTP port, for a page (and the WebSocket it derives
+ * from the page's address) that must lose the network together with the UDP relay. `cut()`
+ * stalls every connection, new ones included, the way TCP stalls when the Wi-Fi is gone: bytes
+ * and closes wait, nothing is refused; `restore()` delivers what waited and lets bytes flow.
+ */
+export async function startTcpRelay(targetPort) {
+  let cut = false;
+  const held = new Set(); // deliveries waiting for restore()
+  const sockets = new Set();
+  const forward = (src, dst) => {
+    const deliver = (chunk) => (chunk === null ? dst.end() : dst.write(chunk));
+    src.on('data', (chunk) => (cut ? held.add(() => deliver(chunk)) : deliver(chunk)));
+    src.on('end', () => (cut ? held.add(() => deliver(null)) : deliver(null)));
+    src.on('close', () => (cut ? held.add(() => dst.destroy()) : dst.destroy()));
+    src.on('error', () => {});
+  };
+  const front = net.createServer((client) => {
+    const upstream = net.connect(targetPort, '127.0.0.1');
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on('close', () => sockets.delete(s));
+    }
+    forward(client, upstream);
+    forward(upstream, client);
+  });
+  await new Promise((resolve) => front.listen(0, '127.0.0.1', resolve));
+  const port = front.address().port;
+  return {
+    port,
+    base: `http://127.0.0.1:${port}`,
+    cut() {
+      cut = true;
+    },
+    restore() {
+      cut = false;
+      const waiting = [...held];
+      held.clear();
+      for (const deliver of waiting) deliver();
+    },
+    close() {
+      for (const s of sockets) s.destroy();
+      front.close();
+    },
+  };
+}
+
+/**
+ * A UDP socket on 127.0.0.1 that takes every packet and answers none: a WebTransport URL
+ * pointed at it behaves like a school filter that silently drops QUIC (no ICMP, no refusal).
+ * `packets` counts what arrived and `sources` holds each sender's "address:port" (Chromium
+ * opens every QUIC connection from a socket of its own, so a new source is a new attempt;
+ * an abandoned attempt keeps retransmitting its handshake for a few seconds).
+ */
+export async function startBlackHole() {
+  const socket = dgram.createSocket('udp4');
+  const hole = { port: 0, packets: 0, sources: new Set(), close: () => socket.close() };
+  socket.on('message', (_packet, from) => {
+    hole.packets++;
+    hole.sources.add(`${from.address}:${from.port}`);
+  });
+  await new Promise((resolve) => socket.bind(0, '127.0.0.1', resolve));
+  hole.port = socket.address().port;
+  return hole;
 }
 
 /** Clicks "Start class" on a teacher page and returns the join code it shows (`K7QF-M3XP`). */

@@ -1,14 +1,17 @@
 // Reconnection in the browser: the Wi-Fi drops (a UDP relay between Chromium and the server
-// stops passing packets), the package notices, reports `reconnecting`, and once packets flow
+// stops passing packets, and a TCP relay, through which the student's page and its WebSocket
+// reach the server, stalls), the package notices, reports `reconnecting`, and once packets flow
 // again it reconnects by itself with backoff, takes the same seat back and syncs again.
 
 import assert from 'node:assert/strict';
 import { after, before, describe, test } from 'node:test';
 import {
-  joinClass, launchBrowser, openUser, startBeat, startClass, startRelay, startServer, waitUntil, withDiagnostics,
+  joinClass, launchBrowser, openUser, startBeat, startClass, startRelay, startServer, startTcpRelay, waitUntil,
+  withDiagnostics,
 } from './harness.mjs';
 
 let relay = null;
+let tcp = null;
 let server = null;
 let browser = null;
 const users = [];
@@ -25,6 +28,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
       ],
     });
     relay.forwardTo(server.wtPort);
+    tcp = await startTcpRelay(server.port);
     browser = await launchBrowser();
   });
 
@@ -32,6 +36,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
     if (browser) await browser.close().catch(() => {});
     if (server) await server.stop();
     if (relay) relay.close();
+    if (tcp) tcp.close();
   });
 
   test('a student reconnects by itself, keeps its seat and syncs again', { timeout: 180_000 },
@@ -40,7 +45,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
       users.push(teacher);
       const code = await startClass(teacher);
 
-      const student = await openUser(browser, `${server.base}/student`, 'Eli');
+      const student = await openUser(browser, `${tcp.base}/student`, 'Eli');
       users.push(student);
       await joinClass(student, code, 'Eli');
       const before = await waitUntil(student, 'a synced clock', () => {
@@ -57,6 +62,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
       });
 
       relay.cut();
+      tcp.cut();
       const cutAt = Date.now();
       const reconnecting = await waitUntil(student, 'the classroom to notice and start reconnecting', () => {
         const e = window.reconnectLog.find((x) => x.type === 'reconnecting');
@@ -69,6 +75,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
         window.reconnectLog.filter((x) => x.type === 'reconnecting').length >= 2, undefined, 30_000);
 
       relay.restore();
+      tcp.restore();
       const restoredAt = Date.now();
       const after = await waitUntil(student, 'the classroom to reconnect and sync again', () => {
         const c = window.downbeat.classroom;
@@ -89,6 +96,9 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
       await waitUntil(teacher, 'one card for Eli', () =>
         [...document.querySelectorAll('[data-testid=member-card]')].filter((c) => c.textContent.includes('Eli')).length === 1,
       undefined, 30_000);
+      // The teacher's session went through the relay too: it reconnects on its own schedule.
+      await waitUntil(teacher, 'the teacher connected again', () => window.downbeat.classroom.state === 'connected',
+        undefined, 60_000);
       const start = await startBeat(teacher);
       await waitUntil(student, 'beats scheduled after the start', (at) =>
         window.downbeat.trace.beats.filter((b) => b.serverTime >= at).length >= 2, start.effectiveAt, 60_000);

@@ -20,14 +20,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 
-/// What carries the native clients' sessions in a test.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Transport {
-    /// WebTransport (QUIC) to the server's UDP port.
-    WebTransport,
-    /// WebSocket to `/api/ws` on the server's HTTP listener.
-    WebSocket,
-}
+/// What carries the native clients' sessions in a test (WebTransport to the server's UDP
+/// port, or WebSocket to `/api/ws` on its HTTP listener).
+pub use downbeat_protocol::Transport;
 
 /// Runs each named test, an `async fn(Transport) -> anyhow::Result<()>` of the calling file,
 /// over both transports: as `webtransport::NAME` and `websocket::NAME`.
@@ -288,6 +283,84 @@ impl RawSession {
             token: BoundedString::truncating(token),
             room: downbeat_protocol::RoomRequest::Join(BoundedString::truncating(code)),
         })
+    }
+}
+
+/// A WebSocket session to `/api/ws` driven message by message.
+#[derive(Debug)]
+pub struct RawWebSocket {
+    /// The socket.
+    pub socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+}
+
+impl TestServer {
+    /// Opens a raw WebSocket session on the HTTP listener, sending nothing; `recv_buffer` sets
+    /// the socket's receive buffer (small: a peer that reads slowly fills up fast).
+    pub async fn raw_websocket(&self, recv_buffer: Option<u32>) -> Result<RawWebSocket> {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if let Some(size) = recv_buffer {
+            socket.set_recv_buffer_size(size)?;
+        }
+        let tcp = socket.connect(self.http).await?;
+        let url = format!("ws://{}/api/ws", self.http);
+        let (socket, _) = tokio_tungstenite::client_async(url, tcp).await?;
+        Ok(RawWebSocket { socket })
+    }
+}
+
+impl RawWebSocket {
+    /// Sends one message as it is.
+    pub async fn send(&mut self, message: tokio_tungstenite::tungstenite::Message) -> Result<()> {
+        use futures_util::SinkExt as _;
+        self.socket.send(message).await?;
+        Ok(())
+    }
+
+    /// Sends one control frame, tagged as the protocol says.
+    pub async fn send_message(&mut self, message: &downbeat_protocol::ClientMessage) -> Result<()> {
+        let frame = downbeat_protocol::encode_frame(message)?;
+        self.send(tokio_tungstenite::tungstenite::Message::Binary(
+            downbeat_protocol::ws::control_message(&frame).into(),
+        ))
+        .await
+    }
+
+    /// The next control message from the server; `Err` with the close code (or 0) once the
+    /// server closes. Datagrams, pings and pongs are skipped.
+    pub async fn next_message(&mut self) -> Result<downbeat_protocol::ServerMessage, u16> {
+        use futures_util::StreamExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        loop {
+            let Ok(Some(Ok(message))) = tokio::time::timeout(Duration::from_secs(10), self.socket.next()).await else {
+                return Err(0);
+            };
+            match message {
+                Message::Binary(bytes) => {
+                    if let Ok(downbeat_protocol::ws::Unit::Control(body)) = downbeat_protocol::ws::split(&bytes) {
+                        return downbeat_protocol::decode_frame_body(body).map_err(|_| 0);
+                    }
+                }
+                Message::Close(frame) => return Err(frame.map_or(0, |f| f.code.into())),
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads until an error frame and then the close: the error's code and the close code.
+    pub async fn expect_error_and_close(&mut self) -> Result<(downbeat_protocol::ErrorCode, u16)> {
+        let code = loop {
+            match self.next_message().await {
+                Ok(downbeat_protocol::ServerMessage::Error(e)) => break e.code,
+                Ok(_) => continue,
+                Err(close) => bail!("closed ({close}) without an error frame"),
+            }
+        };
+        loop {
+            match self.next_message().await {
+                Ok(_) => continue,
+                Err(close) => return Ok((code, close)),
+            }
+        }
     }
 }
 

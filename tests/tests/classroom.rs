@@ -246,6 +246,7 @@ async fn a_teacher_and_thirty_students_play_together(transport: Transport) -> Re
         assert_eq!(r.presence_at(marker.epoch)?, expected, "member {}", r.client.member_id());
     }
     assert_eq!(expected.len(), STUDENTS, "the teacher and 29 students");
+    assert!(expected.values().all(|m| m.transport == transport), "presence shows each one's transport");
     assert!(!expected.contains_key(&left_id));
     assert!(expected[&muted].muted);
     assert!(expected.contains_key(&blip_id));

@@ -42,7 +42,7 @@ use std::collections::{BTreeMap, VecDeque};
 use downbeat_protocol::{
     Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
     LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, Reflection, ReflectionNotice,
-    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, Welcome,
+    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, Transport, Welcome,
 };
 use serde::{Deserialize, Serialize};
 
@@ -121,6 +121,8 @@ pub struct Join {
     pub role: Role,
     /// When the token expires (Unix seconds, told in the welcome).
     pub token_expires_at: u64,
+    /// What carries the session (shown in presence).
+    pub transport: Transport,
 }
 
 /// How a session left its seat.
@@ -261,10 +263,10 @@ impl Room {
         if self.closed {
             return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
         }
-        let Join { session, subject, name, role, token_expires_at } = join;
+        let Join { session, subject, name, role, token_expires_at, transport } = join;
         let (member_id, seated) = match self.by_subject.get(&subject) {
-            Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role)?),
-            None => (self.seat(now, session, subject, name, role)?, Seated::New),
+            Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role, transport)?),
+            None => (self.seat(now, session, subject, name, role, transport)?, Seated::New),
         };
         self.empty_since = None;
         let welcome = self.welcome(now, member_id, role, token_expires_at);
@@ -283,15 +285,17 @@ impl Room {
         session: u64,
         name: Name,
         role: Role,
+        transport: Transport,
     ) -> Result<Seated, Refused> {
         let Some(seat) = self.seats.get_mut(&member_id) else {
             return Err(Refused::new(ErrorCode::Internal, "seat index out of step"));
         };
         let old = seat.attached.replace(Attached { session, reported: ClientReport::default() });
         seat.grace_until = None;
-        let changed = seat.member.name != name || seat.member.role != role;
+        let changed = seat.member.name != name || seat.member.role != role || seat.member.transport != transport;
         seat.member.name = name;
         seat.member.role = role;
+        seat.member.transport = transport;
         seat.member.sync = SyncQuality::default();
         let update = changed.then(|| seat.member.clone());
         let seated = match old {
@@ -320,6 +324,7 @@ impl Room {
         subject: String,
         name: Name,
         role: Role,
+        transport: Transport,
     ) -> Result<u64, Refused> {
         if self.seats.len() >= self.config.max_members {
             return Err(Refused::new(ErrorCode::RoomFull, "the room is full"));
@@ -334,6 +339,7 @@ impl Room {
             assignment: Assignment::default(),
             muted: false,
             sync: SyncQuality::default(),
+            transport,
         };
         self.send_all(ServerMessage::MemberJoined(member.clone()), None);
         if role == Role::Student {

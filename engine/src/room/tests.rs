@@ -35,7 +35,14 @@ fn room() -> Room {
 }
 
 fn join(subject: &str, role: Role, session: u64) -> Join {
-    Join { session, subject: subject.to_owned(), name: BoundedString::truncating(subject), role, token_expires_at: 99 }
+    Join {
+        session,
+        subject: subject.to_owned(),
+        name: BoundedString::truncating(subject),
+        role,
+        token_expires_at: 99,
+        transport: Transport::WebTransport,
+    }
 }
 
 fn drain(r: &mut Room) -> Vec<Output> {

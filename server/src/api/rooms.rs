@@ -111,6 +111,7 @@ struct MemberView {
     synced: bool,
     rtt_us: u32,
     uncertainty_us: u32,
+    transport: &'static str,
 }
 
 impl MemberView {
@@ -129,6 +130,7 @@ impl MemberView {
             synced: m.sync.synced,
             rtt_us: m.sync.rtt_micros,
             uncertainty_us: m.sync.uncertainty_micros,
+            transport: m.transport.as_str(),
         }
     }
 }

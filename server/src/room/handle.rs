@@ -123,6 +123,7 @@ pub(crate) struct Joining {
     pub(crate) name: Name,
     pub(crate) role: wire::Role,
     pub(crate) token_expires_at: u64,
+    pub(crate) transport: wire::Transport,
     pub(crate) peer: Arc<dyn Peer>,
     pub(crate) control_tx: mpsc::Sender<ServerMessage>,
     pub(crate) kick: oneshot::Sender<Kick>,

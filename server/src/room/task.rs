@@ -176,9 +176,9 @@ impl RoomTask {
     }
 
     fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {
-        let Joining { session_id, subject, name, role, token_expires_at, peer, control_tx, kick } = joining;
+        let Joining { session_id, subject, name, role, token_expires_at, transport, peer, control_tx, kick } = joining;
         self.conns.insert(session_id, Conn::new(peer, control_tx, kick));
-        let join = Join { session: session_id, subject, name, role, token_expires_at };
+        let join = Join { session: session_id, subject, name, role, token_expires_at, transport };
         let joined = match self.room.handle_join(now, join) {
             Ok(joined) => joined,
             Err(refused) => {

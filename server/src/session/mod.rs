@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime};
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
     self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, Name, PROTOCOL_VERSION, RoomRequest,
-    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Welcome,
+    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport, Welcome,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -59,28 +59,6 @@ const ABUSE_BURST: u32 = 20;
 const ABUSE_PER_SECOND: u32 = 2;
 /// Slack on a token's expiry before the session is ended (clock skew between issuers).
 const EXPIRY_LEEWAY: Duration = Duration::from_secs(5);
-
-/// What carries a session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Carrier {
-    /// A WebTransport (QUIC) session.
-    WebTransport,
-    /// A WebSocket (TCP), where QUIC is blocked.
-    WebSocket,
-}
-
-impl Carrier {
-    /// Both, in the order metrics list them.
-    pub(crate) const ALL: [Self; 2] = [Self::WebTransport, Self::WebSocket];
-
-    /// The name metrics and presence use.
-    pub(crate) const fn as_str(self) -> &'static str {
-        match self {
-            Self::WebTransport => "webtransport",
-            Self::WebSocket => "websocket",
-        }
-    }
-}
 
 /// What every session shares.
 #[derive(Debug)]
@@ -190,7 +168,7 @@ trait Link: Send {
 #[derive(Debug)]
 struct Session {
     session_id: u64,
-    carrier: Carrier,
+    carrier: Transport,
     /// The client's address, for the failed-join limit.
     peer: IpAddr,
     ctx: Arc<SessionContext>,
@@ -199,10 +177,10 @@ struct Session {
 
 /// Counts a session open while it lives, in all and per carrier.
 #[derive(Debug)]
-struct ActiveGuard(Arc<Stats>, Carrier);
+struct ActiveGuard(Arc<Stats>, Transport);
 
 impl ActiveGuard {
-    fn new(stats: &Arc<Stats>, carrier: Carrier) -> Self {
+    fn new(stats: &Arc<Stats>, carrier: Transport) -> Self {
         stats.sessions_total.inc();
         stats.sessions_active.inc();
         stats.transport_sessions_total.get(carrier).inc();
@@ -220,7 +198,7 @@ impl Drop for ActiveGuard {
 
 impl Session {
     /// A new session of `carrier` from `peer`, with its id and tracing span.
-    fn new(ctx: Arc<SessionContext>, carrier: Carrier, peer: IpAddr, shutdown: Shutdown) -> (Self, Span) {
+    fn new(ctx: Arc<SessionContext>, carrier: Transport, peer: IpAddr, shutdown: Shutdown) -> (Self, Span) {
         let session_id = ctx.next_session_id.fetch_add(1, Ordering::Relaxed);
         let span = info_span!(
             "session",
@@ -298,6 +276,7 @@ impl Session {
             name: Name::truncating(&principal.name),
             role: principal.role.into(),
             token_expires_at: principal.expires_at_unix,
+            transport: self.carrier,
             peer: conn,
             control_tx: control_tx.clone(),
             kick: kick_tx,
@@ -460,7 +439,7 @@ struct Control<'a> {
     room: &'a RoomHandle,
     member_id: u64,
     session_id: u64,
-    carrier: Carrier,
+    carrier: Transport,
     principal: Principal,
     expiry: watch::Sender<u64>,
     limit: TokenBucket,
@@ -469,7 +448,7 @@ struct Control<'a> {
 }
 
 impl<'a> Control<'a> {
-    fn new(member: Member<'a>, carrier: Carrier, principal: Principal, expiry: watch::Sender<u64>) -> Self {
+    fn new(member: Member<'a>, carrier: Transport, principal: Principal, expiry: watch::Sender<u64>) -> Self {
         let Member { ctx, room, member_id, session_id } = member;
         let limits = ctx.tenants.tenant(&principal.tenant).map(|t| *t.limits()).unwrap_or_default();
         let now = ctx.clock.now().0;
@@ -705,6 +684,7 @@ mod tests {
             name: Name::truncating(&principal.name),
             role: principal.role.into(),
             token_expires_at: principal.expires_at_unix,
+            transport: Transport::WebTransport,
             peer: Arc::new(Offline),
             control_tx,
             kick: oneshot::channel().0,

@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use downbeat_protocol::ws::{self, Unit};
 use downbeat_protocol::{
-    self as wire, ClientMessage, ErrorCode, MAX_DATAGRAM_LEN, ServerMessage, ServerNanos, SyncRequest,
+    self as wire, ClientMessage, ErrorCode, MAX_DATAGRAM_LEN, ServerMessage, ServerNanos, SyncRequest, Transport,
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -29,7 +29,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, warn};
 
 use super::{
-    ActiveGuard, Carrier, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, Session, SessionContext, sync_reply,
+    ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, Session, SessionContext, sync_reply,
 };
 use crate::clock::ServerClock;
 use crate::room::{DatagramKind, Departure, Peer};
@@ -70,9 +70,9 @@ pub(crate) async fn run<H: Send>(
     permit: OwnedSemaphorePermit,
     hold: H,
 ) {
-    let _active = ActiveGuard::new(&ctx.stats, Carrier::WebSocket);
+    let _active = ActiveGuard::new(&ctx.stats, Transport::WebSocket);
     let deadline = Instant::now() + ctx.hello_timeout;
-    let (session, span) = Session::new(ctx, Carrier::WebSocket, peer, shutdown);
+    let (session, span) = Session::new(ctx, Transport::WebSocket, peer, shutdown);
     debug!(parent: &span, %peer, "WebSocket session accepted");
     serve(session, socket, deadline).instrument(span).await;
     drop((permit, hold));
@@ -308,7 +308,7 @@ impl Outbox {
     }
 
     fn dropped(&self) {
-        self.stats.transport_timing_dropped.get(Carrier::WebSocket).inc();
+        self.stats.transport_timing_dropped.get(Transport::WebSocket).inc();
     }
 
     /// A sync request received at `t1`, answered by the writer (replacing an older one).

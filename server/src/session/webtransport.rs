@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, ServerMessage};
+use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, ServerMessage, Transport};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -15,8 +15,8 @@ use wtransport::error::ConnectionError;
 use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 
 use super::{
-    ActiveGuard, Carrier, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session,
-    SessionContext, sync_reply,
+    ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
+    sync_reply,
 };
 use crate::room::Departure;
 use crate::shutdown::Shutdown;
@@ -95,8 +95,8 @@ async fn handle_incoming(
         }
     };
     drop(handshake);
-    let _active = ActiveGuard::new(&ctx.stats, Carrier::WebTransport);
-    let (session, span) = Session::new(ctx, Carrier::WebTransport, remote.ip(), shutdown);
+    let _active = ActiveGuard::new(&ctx.stats, Transport::WebTransport);
+    let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
     debug!(parent: &span, %remote, "session accepted");
     run(session, conn, deadline).instrument(span).await;
     drop(session_permit);
