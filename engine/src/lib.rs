@@ -25,7 +25,9 @@
 //! - [`limit`]: an exact integer token bucket (per-member note rate).
 //! - [`sim`]: a deterministic simulation harness (virtual time, a lossy, jittery, asymmetric
 //!   network, client clocks with offset and drift) used by the tests and the benchmark; it
-//!   carries beats, clock sync and notes, and records the true instant every note sounds.
+//!   carries beats, clock sync and notes as datagrams (WebTransport) or over a TCP-like
+//!   connection (WebSocket: retransmissions, head-of-line blocking, the server's outbox), and
+//!   records the true instant every note sounds.
 //!
 //! What this crate deliberately does not do: it never reads a clock, sleeps, spawns, or touches
 //! a socket. Every entry point takes `now` as an argument (`handle_*`) and hands back what to

@@ -15,21 +15,33 @@
 //! ([`Sim::server_notes`]) and, per note and receiver, the true instant the receiver will sound
 //! it or that it was late ([`Sim::notes_heard`]).
 //!
+//! Carriers: by default a client's traffic crosses its path as datagrams, as on WebTransport.
+//! [`SimClient::carrier`] set to [`Carrier::Tcp`] carries it over a TCP-like connection
+//! instead, as under a WebSocket (see [`tcp`]): losses become retransmission delays,
+//! everything behind a missing segment waits, and the server keeps only the newest timing
+//! messages while its send buffer is full.
+//!
 //! Used by the engine's tests and by the benchmark harness.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
 
+use downbeat_protocol::ws::{self, Unit};
 use downbeat_protocol::{
     BoundedString, BoundedVec, Change, ClientDatagram, ClientNanos, MicroBpm, Note, PROTOCOL_VERSION, Role, RoomInfo,
-    ServerDatagram, ServerNanos, SyncReply, Welcome, decode_client_datagram, decode_server_datagram,
-    encode_client_datagram, encode_server_datagram,
+    ServerDatagram, ServerNanos, Welcome, decode_client_datagram, decode_server_datagram, encode_client_datagram,
+    encode_server_datagram,
 };
 
 use crate::client::{Client, Handled};
 use crate::clock;
 use crate::room::{self, NotesOutcome, Stage};
 use crate::timeline::TimelineError;
+
+pub mod tcp;
+
+pub use tcp::{Carrier, TcpConfig, TcpStats};
+use tcp::{Link, Outbox, Parked, TcpPipe};
 
 /// Nanoseconds in a millisecond.
 pub const MS: u64 = 1_000_000;
@@ -167,6 +179,11 @@ impl Path {
             power_save: None,
         }
     }
+
+    /// The long-run fraction of packets lost (random losses plus bursts), outages aside.
+    pub fn mean_loss(&self) -> f64 {
+        (self.loss + self.burst_start * self.burst_mean_len.max(1.0)).min(1.0)
+    }
 }
 
 /// Both directions of a client's path.
@@ -247,6 +264,20 @@ impl PathState {
         if rng.chance(path.loss) {
             return None;
         }
+        Some(self.arrival(path, rng, now))
+    }
+
+    /// When a retransmission sent at `now` arrives, or `None` if it is lost too: it goes out
+    /// long after the loss it repairs, so it meets the path's mean loss rate, not the burst.
+    fn retransmit(&mut self, path: &Path, rng: &mut Rng, now: u64) -> Option<u64> {
+        if path.outages.iter().any(|&(a, b)| (a..b).contains(&now)) || rng.chance(path.mean_loss()) {
+            return None;
+        }
+        Some(self.arrival(path, rng, now))
+    }
+
+    /// When a packet sent at `now` that is not lost arrives.
+    fn arrival(&mut self, path: &Path, rng: &mut Rng, now: u64) -> u64 {
         let mut at = now + path.base_nanos + path.jitter.sample(rng);
         if let Some(ps) = path.power_save {
             let asleep = self.last_activity.is_none_or(|t| now.saturating_sub(t) > ps.idle_nanos);
@@ -255,7 +286,7 @@ impl PathState {
             }
             self.last_activity = Some(at);
         }
-        Some(at)
+        at
     }
 }
 
@@ -306,8 +337,21 @@ pub struct SimClient {
     pub clock: ClockModel,
     /// Its path.
     pub profile: Profile,
+    /// How its traffic crosses the path (datagrams unless set; set it before the first run).
+    pub carrier: Carrier,
     up: PathState,
     down: PathState,
+    up_tcp: TcpPipe,
+    down_tcp: TcpPipe,
+    outbox: Outbox,
+    tcp_stats: TcpStats,
+}
+
+impl SimClient {
+    /// Its TCP connection's counters (zero on datagrams).
+    pub fn tcp_stats(&self) -> TcpStats {
+        self.tcp_stats
+    }
 }
 
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -437,7 +481,18 @@ impl Sim {
                     server_now: ServerNanos(0),
                     token_expires_at: 0,
                 });
-                SimClient { client, clock, profile, up: PathState::default(), down: PathState::default() }
+                SimClient {
+                    client,
+                    clock,
+                    profile,
+                    carrier: Carrier::Datagrams,
+                    up: PathState::default(),
+                    down: PathState::default(),
+                    up_tcp: TcpPipe::default(),
+                    down_tcp: TcpPipe::default(),
+                    outbox: Outbox::default(),
+                    tcp_stats: TcpStats::default(),
+                }
             })
             .collect();
         Self {
@@ -544,6 +599,24 @@ impl Sim {
         self.stats.sent += 1;
         self.stats.max_datagram_len = self.stats.max_datagram_len.max(bytes.len());
         let c = &mut self.clients[client];
+        if let Carrier::Tcp(config) = &c.carrier {
+            let message = ws::datagram_message(&bytes);
+            let (pipe, path, state, back) = if up {
+                (&mut c.up_tcp, &c.profile.up, &mut c.up, &c.profile.down)
+            } else {
+                (&mut c.down_tcp, &c.profile.down, &mut c.down, &c.profile.up)
+            };
+            let link = Link { config, path, state, back, stats: &mut c.tcp_stats };
+            let at = pipe.write(link, &mut self.rng, self.now, message.len());
+            let packet = if up {
+                Packet::ToServer { client, bytes: message }
+            } else {
+                Packet::ToClient { client, bytes: message }
+            };
+            self.next_packet += 1;
+            self.queue.push(Reverse((at, self.next_packet, packet)));
+            return;
+        }
         let arrival = if up {
             c.up.transit(&c.profile.up, &mut self.rng, self.now)
         } else {
@@ -581,6 +654,10 @@ impl Sim {
             }
             for i in 0..self.clients.len() {
                 next = next.min(self.client_wake(i));
+                let c = &self.clients[i];
+                if let Some(at) = c.down_tcp.next_ack().filter(|_| !c.outbox.is_empty()) {
+                    next = next.min(at);
+                }
             }
             if next > end {
                 self.now = end;
@@ -593,6 +670,7 @@ impl Sim {
 
     fn step(&mut self) {
         let now = self.now;
+        self.flush_outboxes();
         while self.changes.last().is_some_and(|c| c.0 <= now) {
             if let Some((at, change)) = self.changes.pop() {
                 let result = self.room.handle_change(ServerNanos(now), change);
@@ -607,22 +685,17 @@ impl Sim {
         while self.queue.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
             let Some(Reverse((_, _, packet))) = self.queue.pop() else { break };
             match packet {
-                Packet::ToServer { client, bytes } => match decode_client_datagram(&bytes) {
-                    Ok(ClientDatagram::SyncRequest(req)) => {
-                        let t1 = ServerNanos(now);
-                        let reply = SyncReply { id: req.id, t0: req.t0, t1, t2: t1.add_nanos(self.server_hold_nanos) };
-                        if let Ok(bytes) = encode_server_datagram(&ServerDatagram::SyncReply(reply)) {
-                            // The reply leaves after the server's hold time.
-                            self.now += self.server_hold_nanos;
-                            self.send(client, false, bytes);
-                            self.now = now;
+                Packet::ToServer { client, bytes } => {
+                    match self.datagram_of(client, &bytes).map(decode_client_datagram) {
+                        Some(Ok(ClientDatagram::SyncRequest(req))) => {
+                            self.server_write(client, Parked::Sync(req, ServerNanos(now)));
                         }
+                        Some(Ok(ClientDatagram::Notes(notes))) => self.server_handle_notes(client, &notes),
+                        _ => {}
                     }
-                    Ok(ClientDatagram::Notes(notes)) => self.server_handle_notes(client, &notes),
-                    Err(_) => {}
-                },
+                }
                 Packet::ToClient { client, bytes } => {
-                    if let Ok(d) = decode_server_datagram(&bytes) {
+                    if let Some(Ok(d)) = self.datagram_of(client, &bytes).map(decode_server_datagram) {
                         self.client_handle(client, &d);
                     }
                 }
@@ -630,7 +703,7 @@ impl Sim {
         }
         while let Some(t) = self.room.poll_transmit(ServerNanos(now)) {
             if let Ok(bytes) = encode_server_datagram(&ServerDatagram::Beats(t.frame)) {
-                self.send(t.member as usize, false, bytes);
+                self.server_write(t.member as usize, Parked::Beats(bytes));
             }
         }
         for i in 0..self.clients.len() {
@@ -640,6 +713,78 @@ impl Sim {
                     self.send(i, true, bytes);
                 }
             }
+        }
+    }
+
+    /// The datagram a packet to or from `client` carries: the packet itself, or over TCP the
+    /// WebSocket message's datagram unit.
+    fn datagram_of<'a>(&self, client: usize, bytes: &'a [u8]) -> Option<&'a [u8]> {
+        match self.clients[client].carrier {
+            Carrier::Datagrams => Some(bytes),
+            Carrier::Tcp(_) => match ws::split(bytes) {
+                Ok(Unit::Datagram(datagram)) => Some(datagram),
+                _ => None,
+            },
+        }
+    }
+
+    /// The server sends `message` to `client`: at once on datagrams, or over TCP into the
+    /// socket's send buffer when it fits and nothing waits before it, else into the outbox.
+    fn server_write(&mut self, client: usize, message: Parked) {
+        let now = self.now;
+        let len = self.encode(&message, now).map_or(0, |b| b.len());
+        let c = &mut self.clients[client];
+        if let Carrier::Tcp(config) = &c.carrier {
+            let buffered = c.down_tcp.buffered(now);
+            if !c.outbox.is_empty() || (buffered > 0 && buffered + len > config.send_buffer_bytes) {
+                if c.outbox.park(message) {
+                    c.tcp_stats.dropped += 1;
+                }
+                return;
+            }
+        }
+        self.write_now(client, message);
+    }
+
+    /// Writes what waits in the outboxes while it fits into the send buffers.
+    fn flush_outboxes(&mut self) {
+        let now = self.now;
+        for i in 0..self.clients.len() {
+            while let Some(message) = self.clients[i].outbox.peek() {
+                let len = self.encode(&message, now).map_or(0, |b| b.len());
+                let c = &mut self.clients[i];
+                let Carrier::Tcp(config) = &c.carrier else { break };
+                let buffered = c.down_tcp.buffered(now);
+                if buffered > 0 && buffered + len > config.send_buffer_bytes {
+                    break;
+                }
+                c.outbox.pop();
+                self.write_now(i, message);
+            }
+        }
+    }
+
+    /// The bytes of `message` written at `now` (a sync reply is stamped after the hold time).
+    fn encode(&self, message: &Parked, now: u64) -> Option<Vec<u8>> {
+        match message {
+            Parked::Sync(request, t1) => {
+                let reply = Parked::reply(*request, *t1, now + self.server_hold_nanos);
+                encode_server_datagram(&ServerDatagram::SyncReply(reply)).ok()
+            }
+            Parked::Beats(bytes) | Parked::Notes(bytes) => Some(bytes.clone()),
+        }
+    }
+
+    fn write_now(&mut self, client: usize, message: Parked) {
+        let now = self.now;
+        let Some(bytes) = self.encode(&message, now) else { return };
+        if matches!(message, Parked::Sync(..)) {
+            // The reply leaves after the server's hold time, stamped just before.
+            self.now += self.server_hold_nanos;
+            self.send(client, false, bytes);
+            self.now = now;
+        } else {
+            self.send(client, false, bytes);
         }
     }
 
@@ -663,7 +808,7 @@ impl Sim {
         {
             let to: Vec<u64> = self.room.members().filter(|&m| m != frame.from).collect();
             for member in to {
-                self.send(member as usize, false, bytes.clone());
+                self.server_write(member as usize, Parked::Notes(bytes.clone()));
             }
         }
         self.server_notes.push(ServerNotes { at: self.now, from: client, outcome });
@@ -741,6 +886,47 @@ mod tests {
         assert!((3.0..6.0).contains(&q(0.5)), "median {}", q(0.5));
         assert!((14.0..28.0).contains(&q(0.9)), "p90 {}", q(0.9));
         assert!((150.0..350.0).contains(&q(0.99)), "p99 {}", q(0.99));
+    }
+
+    /// Writes `len`-byte segments at `times` over a fixed 5 ms path each way that is down in
+    /// `outages`; when the receiver hands each over.
+    fn tcp_deliveries(times: &[u64], outages: Vec<(u64, u64)>) -> (Vec<u64>, TcpStats) {
+        let config = TcpConfig::default();
+        let path = Path { outages, ..Path::fixed(5 * MS) };
+        let back = Path::fixed(5 * MS);
+        let (mut pipe, mut state, mut stats, mut rng) =
+            (TcpPipe::default(), PathState::default(), TcpStats::default(), Rng::new(1));
+        let delivered = times
+            .iter()
+            .map(|&t| {
+                let link = Link { config: &config, path: &path, state: &mut state, back: &back, stats: &mut stats };
+                pipe.write(link, &mut rng, t, 100)
+            })
+            .collect();
+        (delivered, stats)
+    }
+
+    #[test]
+    fn tcp_retransmits_a_loss_after_the_rto_and_holds_what_follows() {
+        // Lost before any RTT sample: retransmitted after the initial 1 s; the next segment
+        // arrives at 15 ms and waits for it.
+        let (delivered, stats) = tcp_deliveries(&[0, 10 * MS], vec![(0, 1)]);
+        assert_eq!(delivered, vec![SEC + 5 * MS, SEC + 5 * MS]);
+        assert_eq!((stats.retransmissions, stats.held_back), (1, 1));
+    }
+
+    #[test]
+    fn tcp_backs_off_through_an_outage() {
+        // Ten round trips of 10 ms make the RTO 10 ms + 200 ms (4 * rttvar is below the
+        // minimum); a 1 s outage then loses attempts at 1 s, 1.21 s and 1.63 s, and the one at
+        // 2.47 s gets through. A segment written during the outage is recovered with it.
+        let mut times: Vec<u64> = (0..10).map(|k| k * 50 * MS).collect();
+        times.extend([SEC, 1_500 * MS]);
+        let (delivered, stats) = tcp_deliveries(&times, vec![(SEC, 2 * SEC)]);
+        assert_eq!(delivered[9], 455 * MS);
+        assert_eq!(delivered[10], 2_470 * MS + 5 * MS);
+        assert_eq!(delivered[11], 2_470 * MS + 5 * MS);
+        assert_eq!(stats.retransmissions, 4);
     }
 
     #[test]

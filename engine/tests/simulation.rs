@@ -3,8 +3,8 @@
 
 use downbeat_engine::clock;
 use downbeat_engine::room::{self, NoteRefusal};
-use downbeat_engine::sim::{ClockModel, Hearing, MS, Profile, Rng, SEC, Sim};
-use downbeat_protocol::{Change, MicroBpm};
+use downbeat_engine::sim::{Carrier, ClockModel, Hearing, MS, Profile, Rng, SEC, Sim, TcpConfig};
+use downbeat_protocol::{Change, MicroBpm, ServerNanos};
 
 const CLIENTS: usize = 30;
 
@@ -477,4 +477,230 @@ fn a_flood_is_cut_to_the_token_bucket() {
     sim.schedule_note(7 * SEC, 0, 64);
     sim.run_until(8 * SEC);
     assert_eq!(sim.server_notes().last().unwrap().outcome.accepted, 1);
+}
+
+/// Clock error, beat onsets and late beats of one class over one carrier. See [`timing_run`].
+#[derive(Debug, Default)]
+struct Timing {
+    /// Absolute offset errors of every client, every 100 ms from 2 s, sorted.
+    errors: Vec<u64>,
+    /// Per beat: latest minus earliest true instant over the clients that placed it, sorted.
+    spreads: Vec<u64>,
+    /// (Beat, client) pairs checked, and those the client had not placed where the server
+    /// does by the time its audio scheduler queues it.
+    beats: u64,
+    late: u64,
+    /// Of those, the ones whose client held the right timeline but had no clock estimate or
+    /// one placing the beat in the past.
+    late_by_clock: u64,
+    /// Per change and client: from the teacher asking to the client holding the change (to
+    /// the 50 ms step of the run), sorted. The lead must exceed this plus `SCHEDULE_AHEAD`.
+    notice: Vec<u64>,
+    /// Over TCP: retransmissions, and timing messages the server replaced while backed up.
+    retransmissions: u64,
+    dropped: u64,
+}
+
+impl Timing {
+    fn add(&mut self, other: Self) {
+        self.errors.extend(other.errors);
+        self.spreads.extend(other.spreads);
+        self.notice.extend(other.notice);
+        self.errors.sort_unstable();
+        self.spreads.sort_unstable();
+        self.notice.sort_unstable();
+        self.beats += other.beats;
+        self.late += other.late;
+        self.late_by_clock += other.late_by_clock;
+        self.retransmissions += other.retransmissions;
+        self.dropped += other.dropped;
+    }
+
+    fn quantile(sorted: &[u64], q: f64) -> u64 {
+        sorted[((sorted.len() as f64 * q) as usize).min(sorted.len() - 1)]
+    }
+
+    fn late_fraction(&self) -> f64 {
+        self.late as f64 / self.beats as f64
+    }
+
+    fn line(&self, name: &str) -> String {
+        let us = |n: u64| n as f64 / 1e3;
+        format!(
+            "{name}: clock error p50 {:.0} us, p99 {:.0} us; onset spread p99 {:.0} us; late beats {} of {} ({:.3} %, {} of them \
+             by the clock); \
+             a change reaches a client within p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; retransmissions {}, dropped {}",
+            us(Self::quantile(&self.errors, 0.5)),
+            us(Self::quantile(&self.errors, 0.99)),
+            us(Self::quantile(&self.spreads, 0.99)),
+            self.late,
+            self.beats,
+            self.late_fraction() * 100.0,
+            self.late_by_clock,
+            us(Self::quantile(&self.notice, 0.5)) / 1e3,
+            us(Self::quantile(&self.notice, 0.99)) / 1e3,
+            us(Self::quantile(&self.notice, 1.0)) / 1e3,
+            self.retransmissions,
+            self.dropped
+        )
+    }
+}
+
+/// How long before a beat a client's audio scheduler queues it (as the bench's `sim` does).
+const SCHEDULE_AHEAD: u64 = 100 * MS;
+
+/// A class on `profile` over `carrier` for 60 s with a 1 s outage on every path at 30 s: the
+/// beat starts at 1 s and the teacher changes tempo or meter every 1 to 4 s, so every change
+/// must reach every client within `lead - SCHEDULE_AHEAD`. A (beat, client) pair is late when,
+/// `SCHEDULE_AHEAD` before the beat, the client does not place it where the server does (its
+/// timeline is stale) or places it in the past.
+fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_nanos: u64) -> Timing {
+    let config = room::Config { lead_nanos, ..room::Config::default() };
+    let mut sim = sim_with_config(seed, config, CLIENTS, |i, _| {
+        let mut p = profile(i % 10 < 3);
+        p.up.outages.push((30 * SEC, 31 * SEC));
+        p.down.outages.push((30 * SEC, 31 * SEC));
+        p
+    });
+    for c in sim.clients_mut() {
+        c.carrier = carrier.clone();
+    }
+    let mut rng = Rng::new(seed ^ 0x7e_a0);
+    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
+    let mut at = 3 * SEC;
+    while at < 58 * SEC {
+        let change = if rng.chance(0.7) {
+            Change::SetTempo(MicroBpm(rng.range(80e6, 160e6) as u32))
+        } else {
+            Change::SetMeter(rng.range(2.0, 7.0) as u8)
+        };
+        sim.schedule_change(at, change);
+        at += (rng.range(1.0, 4.0) * SEC as f64) as u64;
+    }
+    let mut timing = Timing::default();
+    // Per change asked so far: when, its epoch, and which clients hold it yet.
+    let mut changes: Vec<(u64, u64, Vec<bool>)> = Vec::new();
+    let step = 50 * MS;
+    let mut t = 2 * SEC;
+    while t < 60 * SEC {
+        sim.run_until(t);
+        for (asked, applied) in &sim.change_results()[changes.len()..] {
+            changes.push((
+                *asked,
+                applied.as_ref().expect("changes in range are accepted").epoch,
+                vec![false; CLIENTS],
+            ));
+        }
+        for (asked, epoch, held) in &mut changes {
+            for (i, held) in held.iter_mut().enumerate().filter(|(_, h)| !**h) {
+                if sim.clients()[i].client.timeline().is_some_and(|tl| tl.epoch() >= *epoch) {
+                    *held = true;
+                    timing.notice.push(t - *asked);
+                }
+            }
+        }
+        if t.is_multiple_of(100 * MS) {
+            for i in 0..CLIENTS {
+                // No estimate yet counts as the worst error.
+                timing.errors.push(sim.offset_error_nanos(i).map_or(u64::MAX, i64::unsigned_abs));
+            }
+        }
+        let server = sim.room().timeline().clone();
+        let window = (ServerNanos(t + SCHEDULE_AHEAD), ServerNanos(t + SCHEDULE_AHEAD + step));
+        for beat in server.beats_in(window.0, window.1) {
+            let mut instants = Vec::new();
+            for i in 0..CLIENTS {
+                timing.beats += 1;
+                let placed = sim.clients()[i].client.timeline().and_then(|tl| tl.time_of(beat.index));
+                match sim.true_instant_of_beat(i, beat.index) {
+                    Some(true_at) if placed == Some(beat.at) && true_at >= t => instants.push(true_at),
+                    _ => {
+                        timing.late += 1;
+                        timing.late_by_clock += u64::from(placed == Some(beat.at));
+                    }
+                }
+            }
+            if let (Some(lo), Some(hi)) = (instants.iter().min(), instants.iter().max()) {
+                timing.spreads.push(hi - lo);
+            }
+        }
+        t += step;
+    }
+    timing.errors.sort_unstable();
+    timing.spreads.sort_unstable();
+    timing.notice.sort_unstable();
+    for c in sim.clients() {
+        timing.retransmissions += c.tcp_stats().retransmissions;
+        timing.dropped += c.tcp_stats().dropped;
+    }
+    timing
+}
+
+fn timing_over(name: &str, seeds: &[u64], profile: fn(bool) -> Profile, carrier: &Carrier, lead: u64) -> Timing {
+    let mut all = Timing::default();
+    for &seed in seeds {
+        all.add(timing_run(seed, profile, carrier, lead));
+    }
+    eprintln!("{}", all.line(&format!("{name}, lead {} ms", lead / MS)));
+    all
+}
+
+const LEAD: u64 = 1_500 * MS;
+
+#[test]
+fn over_tcp_classroom_wifi_keeps_clock_error_onsets_and_late_beats_within_the_goals() {
+    let tcp = Carrier::Tcp(TcpConfig::default());
+    let datagrams =
+        timing_over("classroom-wifi, datagrams", &[51, 52], Profile::classroom_wifi, &Carrier::Datagrams, LEAD);
+    let over_tcp = timing_over("classroom-wifi, TCP", &[51, 52], Profile::classroom_wifi, &tcp, LEAD);
+    assert!(over_tcp.retransmissions > 0, "the run exercised retransmission");
+    for (name, t) in [("datagrams", &datagrams), ("TCP", &over_tcp)] {
+        let (p99, spread) = (Timing::quantile(&t.errors, 0.99), Timing::quantile(&t.spreads, 0.99));
+        assert!(p99 <= 2 * MS, "{name}: clock error p99 {p99} ns");
+        assert!(spread <= 5 * MS, "{name}: onset spread p99 {spread} ns");
+        assert!(t.late_fraction() <= 0.001, "{name}: {} late beats of {}", t.late, t.beats);
+    }
+}
+
+#[test]
+fn over_tcp_a_backed_up_server_keeps_only_the_newest_timing_messages() {
+    // A send buffer of a few frames: through the outage and every retransmission the server
+    // replaces waiting beat frames and sync replies instead of queueing them, and no beat is
+    // late for it.
+    let tcp = Carrier::Tcp(TcpConfig { send_buffer_bytes: 600, ..TcpConfig::default() });
+    let t = timing_over("classroom-wifi, TCP, 600 B send buffer", &[55], Profile::classroom_wifi, &tcp, LEAD);
+    assert!(t.dropped > 0, "the outbox replaced waiting messages");
+    assert!(Timing::quantile(&t.errors, 0.99) <= 2 * MS);
+    assert!(Timing::quantile(&t.spreads, 0.99) <= 5 * MS);
+    assert!(t.late_fraction() <= 0.001, "{} late beats of {}", t.late, t.beats);
+}
+
+#[test]
+fn over_tcp_congested_wifi_keeps_the_median_but_not_the_tail() {
+    // Congested Wi-Fi's jitter (p99 ~750 ms one way) and 5 % loss hold a TCP stream up most of
+    // the time: no exchange crosses fast for seconds after joining or after the outage, so the
+    // tail misses the classroom goals that datagrams still meet.
+    let tcp = Carrier::Tcp(TcpConfig::default());
+    let datagrams = timing_over("congested, datagrams", &[53, 54], Profile::congested, &Carrier::Datagrams, LEAD);
+    let over_tcp = timing_over("congested, TCP", &[53, 54], Profile::congested, &tcp, LEAD);
+    assert!(Timing::quantile(&datagrams.errors, 0.99) <= 2 * MS);
+    assert!(Timing::quantile(&datagrams.spreads, 0.99) <= 5 * MS);
+    assert!(datagrams.late_fraction() <= 0.001);
+    assert!(Timing::quantile(&over_tcp.errors, 0.5) <= MS, "TCP: median clock error");
+    assert!(Timing::quantile(&over_tcp.spreads, 0.5) <= 5 * MS, "TCP: median onset spread");
+    assert!(over_tcp.late_fraction() <= 0.03, "TCP: {} late beats of {}", over_tcp.late, over_tcp.beats);
+}
+
+/// The smallest lead with late beats within 0.1 % over TCP (run by hand: `--ignored`).
+#[test]
+#[ignore = "a sweep for the report, not a check"]
+fn smallest_lead_over_tcp() {
+    let tcp = Carrier::Tcp(TcpConfig::default());
+    for (name, profile) in
+        [("classroom-wifi", Profile::classroom_wifi as fn(bool) -> Profile), ("congested", Profile::congested)]
+    {
+        for lead_ms in [300, 500, 800, 1_000, 1_500, 2_000] {
+            timing_over(&format!("{name}, TCP"), &[51, 52, 53], profile, &tcp, lead_ms * MS);
+        }
+    }
 }
