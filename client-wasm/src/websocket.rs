@@ -34,7 +34,7 @@ const DATAGRAM_SEND_BUFFER: u32 = 8 * 1024;
 const NORMAL_CLOSURE: u16 = 1000;
 /// The close code sent when the server's message is not a well-formed unit: 4000 plus the
 /// error code, as the server closes (pages may not send 1002).
-const BAD_MESSAGE: u16 = 4000 + ErrorCode::MalformedFrame.as_u16();
+const BAD_MESSAGE: u16 = ws::close_code(ErrorCode::MalformedFrame);
 
 /// An open WebSocket session.
 pub(crate) struct WebSocket {

@@ -91,10 +91,9 @@ impl WebSocket {
                 };
                 match message {
                     Message::Binary(bytes) => match ws::split(&bytes) {
-                        // The engine decodes the frame again from its header.
-                        Ok(Unit::Control(body)) => {
-                            let frame_len = downbeat_protocol::FRAME_HEADER_LEN + body.len();
-                            let _ = control_tx.send(bytes[bytes.len() - frame_len..].to_vec());
+                        // The engine decodes the whole frame (after the tag) again from its header.
+                        Ok(Unit::Control(_)) => {
+                            let _ = control_tx.send(bytes[1..].to_vec());
                         }
                         Ok(Unit::Datagram(datagram)) => {
                             let _ = datagram_tx.try_send(datagram.to_vec());
@@ -155,8 +154,10 @@ impl Transport for WebSocket {
     }
 
     fn close(&self, code: u32, reason: &[u8]) {
-        let code =
-            if code == 0 { CloseCode::Normal } else { CloseCode::from(4000u16.saturating_add(code.min(999) as u16)) };
+        let code = match u16::try_from(code).unwrap_or(u16::MAX) {
+            0 => CloseCode::Normal,
+            n => CloseCode::from(ws::close_code(downbeat_protocol::ErrorCode::from_u16(n))),
+        };
         let reason = String::from_utf8_lossy(reason).into_owned();
         let _ = self.out.try_send(Message::Close(Some(CloseFrame { code, reason: reason.into() })));
     }

@@ -11,7 +11,8 @@
 //! sender never queues timing traffic behind a slow socket (the server keeps only the newest
 //! beat frame and sync reply waiting per session). Text messages and unknown tags are refused
 //! with [`crate::ErrorCode::MalformedFrame`]; a message longer than [`MAX_MESSAGE_LEN`] with
-//! [`crate::ErrorCode::FrameTooLarge`].
+//! [`crate::ErrorCode::FrameTooLarge`]. A session ended with an error closes with
+//! [`close_code`].
 
 use alloc::vec::Vec;
 
@@ -29,6 +30,13 @@ pub const MAX_MESSAGE_LEN: usize = {
     let datagram = 1 + MAX_DATAGRAM_LEN;
     if frame > datagram { frame } else { datagram }
 };
+
+/// The close code of a session ended with `code`: 4000 plus the error's number (the private
+/// range of RFC 6455, which pages may send too), so a browser's `CloseEvent.code` names it.
+pub const fn close_code(code: crate::ErrorCode) -> u16 {
+    let n = code.as_u16();
+    4000 + if n > 999 { 999 } else { n }
+}
 
 /// What one WebSocket message carries.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

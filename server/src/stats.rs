@@ -289,6 +289,16 @@ impl Stats {
         self.notes_late_reported.add(u64::from(handled.notes_late));
     }
 
+    /// A clock-sync reply handed to the transport, or refused by it.
+    pub(crate) fn count_sync_reply(&self, sent: bool) {
+        if sent {
+            self.datagrams_sent.inc();
+            self.sync_replies_sent.inc();
+        } else {
+            self.datagrams_send_failed.inc();
+        }
+    }
+
     /// How a joining session was seated.
     pub(crate) fn count_seated(&self, seated: Seated) {
         match seated {

@@ -623,17 +623,6 @@ impl<'a> Datagrams<'a> {
         }
         None
     }
-
-    /// Counts a sync reply handed to the transport (or refused by it).
-    fn count_reply(&self, sent: bool) {
-        let stats = &self.ctx.stats;
-        if sent {
-            stats.datagrams_sent.inc();
-            stats.sync_replies_sent.inc();
-        } else {
-            stats.datagrams_send_failed.inc();
-        }
-    }
 }
 
 #[cfg(test)]

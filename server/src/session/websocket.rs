@@ -45,12 +45,6 @@ const WRITE_DEADLINE: Duration = Duration::from_secs(10);
 /// the largest frames is never needed at once, a few beat frames and replies are.
 const MAX_WRITE_BUFFER: usize = 256 * 1024;
 
-/// Close code of a session ended with `code`: 4000 plus the error code (the private range of
-/// RFC 6455), so a browser's `CloseEvent.code` names it too.
-pub(crate) fn close_code(code: ErrorCode) -> u16 {
-    4000u16.saturating_add(code.as_u16().min(999))
-}
-
 /// The WebSocket settings every upgrade gets: messages capped at the protocol's largest.
 pub(crate) fn limits(upgrade: axum::extract::ws::WebSocketUpgrade) -> axum::extract::ws::WebSocketUpgrade {
     upgrade
@@ -229,7 +223,7 @@ impl WsLink {
 }
 
 fn close_frame(code: ErrorCode) -> CloseFrame {
-    CloseFrame { code: close_code(code), reason: code.as_str().into() }
+    CloseFrame { code: ws::close_code(code), reason: code.as_str().into() }
 }
 
 impl Link for WsLink {
@@ -413,11 +407,10 @@ async fn write_loop(
                         Some(reply) => send(&mut sink, ws::datagram_message(&reply)).await,
                         None => false,
                     };
+                    outbox.stats.count_sync_reply(sent);
                     if !sent {
                         return;
                     }
-                    outbox.stats.datagrams_sent.inc();
-                    outbox.stats.sync_replies_sent.inc();
                 }
                 for datagram in beats.into_iter().chain(notes) {
                     if !send(&mut sink, ws::datagram_message(&datagram)).await {

@@ -231,7 +231,8 @@ impl Link for WtLink {
         control_tx: &mpsc::Sender<ServerMessage>,
     ) -> End {
         let Self { conn, recv, .. } = self;
-        let clock = control.ctx.clock;
+        let ctx = control.ctx;
+        let clock = ctx.clock;
         let frames = async {
             loop {
                 if let Some(end) = control.handle(read_frame(recv).await, control_tx).await {
@@ -244,7 +245,7 @@ impl Link for WtLink {
                 let t1 = clock.now();
                 if let Some(request) = datagrams.receive(&datagram, t1) {
                     let sent = sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
-                    datagrams.count_reply(sent);
+                    ctx.stats.count_sync_reply(sent);
                 }
             }
         };
