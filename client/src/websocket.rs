@@ -24,8 +24,10 @@ use crate::{ClientError, ConnectOptions};
 
 /// Datagrams received and not yet read before new ones are dropped.
 const DATAGRAM_BACKLOG: usize = 64;
-/// Messages waiting to be written (control frames wait for room; datagrams are dropped).
-const WRITE_BACKLOG: usize = 64;
+/// Messages waiting to be written (control frames wait for room; datagrams are dropped). About
+/// what QUIC's datagram send buffer holds (1 MiB in quinn) of the client's largest datagrams,
+/// so a burst of notes is dropped, or not, alike on both transports.
+const WRITE_BACKLOG: usize = 1024;
 
 /// A socket of either kind.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -101,8 +103,14 @@ impl WebSocket {
                         Err(e) => break format!("the server sent a bad message: {e}"),
                     },
                     Message::Close(frame) => {
-                        break frame
-                            .map_or_else(|| "closed".to_owned(), |f| format!("closed ({}): {}", f.code, f.reason));
+                        // Said as over WebTransport: the error's own number, not 4000 + it.
+                        break match frame.map(|f| (u16::from(f.code), f.reason)) {
+                            Some((code @ 4000..=4999, reason)) => {
+                                format!("closed by the server: {reason} (code {})", code - 4000)
+                            }
+                            Some((code, reason)) => format!("closed (WebSocket close code {code}): {reason}"),
+                            None => "closed".to_owned(),
+                        };
                     }
                     Message::Text(_) => break "the server sent a text message".to_owned(),
                     Message::Ping(_) | Message::Pong(_) | Message::Frame(_) => {}

@@ -307,6 +307,8 @@ impl RawSession {
 pub struct RawWebSocket {
     /// The socket.
     pub socket: tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    /// The code of the server's close frame, once [`Self::read_control`] has read it.
+    pub close_code: Option<u16>,
 }
 
 impl TestServer {
@@ -320,7 +322,7 @@ impl TestServer {
         let tcp = socket.connect(self.http).await?;
         let url = format!("ws://{}/api/ws", self.http);
         let (socket, _) = tokio_tungstenite::client_async(url, tcp).await?;
-        Ok(RawWebSocket { socket })
+        Ok(RawWebSocket { socket, close_code: None })
     }
 }
 
@@ -362,6 +364,28 @@ impl RawWebSocket {
         }
     }
 
+    /// The next control frame, skipping datagrams, pings and pongs; `None` once the server's
+    /// close frame (kept in [`Self::close_code`]) or the end of the socket arrives.
+    pub async fn read_control(&mut self) -> Result<Option<downbeat_protocol::ServerMessage>> {
+        use futures_util::StreamExt as _;
+        use tokio_tungstenite::tungstenite::Message;
+        while let Some(message) = self.socket.next().await {
+            match message? {
+                Message::Binary(bytes) => {
+                    if let downbeat_protocol::ws::Unit::Control(body) = downbeat_protocol::ws::split(&bytes)? {
+                        return Ok(Some(downbeat_protocol::decode_frame_body(body)?));
+                    }
+                }
+                Message::Close(frame) => {
+                    self.close_code = frame.map(|f| f.code.into());
+                    return Ok(None);
+                }
+                _ => {}
+            }
+        }
+        Ok(None)
+    }
+
     /// Reads until an error frame and then the close: the error's code and the close code.
     pub async fn expect_error_and_close(&mut self) -> Result<(downbeat_protocol::ErrorCode, u16)> {
         let code = loop {
@@ -377,6 +401,66 @@ impl RawWebSocket {
                 Err(close) => return Ok((code, close)),
             }
         }
+    }
+}
+
+/// A session over [`TestServer::transport`] driven frame by frame, for feeding the server what
+/// a misbehaving client would send: the same control frames either way.
+#[derive(Debug)]
+pub enum RawLink {
+    /// A WebTransport session and its control stream.
+    WebTransport(RawSession),
+    /// A WebSocket session to `/api/ws`.
+    WebSocket(RawWebSocket),
+}
+
+impl TestServer {
+    /// Opens a raw session over [`Self::transport`], sending nothing.
+    pub async fn raw_link(&self) -> Result<RawLink> {
+        Ok(match self.transport {
+            Transport::WebTransport => RawLink::WebTransport(self.raw_session().await?),
+            Transport::WebSocket => RawLink::WebSocket(self.raw_websocket(None).await?),
+        })
+    }
+}
+
+impl RawLink {
+    /// Sends one control frame.
+    pub async fn write_message(&mut self, message: &downbeat_protocol::ClientMessage) -> Result<()> {
+        match self {
+            Self::WebTransport(raw) => raw.write_message(message).await,
+            Self::WebSocket(raw) => raw.send_message(message).await,
+        }
+    }
+
+    /// The next control frame from the server, or `None` once it closed the session (its
+    /// close code is then kept for [`Self::closed`]). Waits as long as it takes.
+    pub async fn read_message(&mut self) -> Result<Option<downbeat_protocol::ServerMessage>> {
+        match self {
+            Self::WebTransport(raw) => raw.read_message().await,
+            Self::WebSocket(raw) => raw.read_control().await,
+        }
+    }
+
+    /// Waits (at most 10 s) for the server to close the session and returns the error number
+    /// it closed with: QUIC's application close code, or a WebSocket close code less 4000.
+    pub async fn closed(&mut self) -> Result<u16> {
+        let closed = async {
+            match self {
+                Self::WebTransport(raw) => match raw.conn.closed().await {
+                    wtransport::error::ConnectionError::ApplicationClosed(close) => {
+                        Ok(u16::try_from(close.code().into_inner())?)
+                    }
+                    other => bail!("closed, but not by the server application: {other}"),
+                },
+                Self::WebSocket(raw) => {
+                    while raw.read_control().await?.is_some() {}
+                    let code = raw.close_code.context("the socket ended without a close frame")?;
+                    code.checked_sub(4000).with_context(|| format!("close code {code} is not an error's"))
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), closed).await.context("waiting for the server to close")?
     }
 }
 

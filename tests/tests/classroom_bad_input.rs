@@ -7,6 +7,9 @@
 //! broadcast something) that the next event a member sees is the one a later, valid request
 //! caused. Nothing here sleeps to synchronise: tests wait on events, acks and error frames, each
 //! bounded by a timeout.
+//!
+//! Everything a session can be sent runs over both transports (`webtransport::…` and
+//! `websocket::…`): one session type serves both, so both must refuse alike.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -20,10 +23,9 @@ use downbeat_protocol::{
 use downbeat_server::Config;
 use downbeat_server::auth::{Claims, Role, Tenants};
 use downbeat_server::config::TenantLimits;
-use downbeat_tests::{RawSession, TestServer, events_until, school};
+use downbeat_tests::{RawLink, RawSession, TestServer, Transport, events_until, over_both_transports, school};
 use serde_json::{Value, json};
 use tokio::time::timeout;
-use wtransport::error::ConnectionError;
 
 /// Upper bound on any single wait in these tests.
 const WAIT: Duration = Duration::from_secs(10);
@@ -144,7 +146,7 @@ async fn wait_joined(client: &Client, id: u64) -> Result<()> {
 }
 
 /// Reads frames until an error frame arrives and returns it.
-async fn error_frame(raw: &mut RawSession) -> Result<ErrorFrame> {
+async fn error_frame(raw: &mut RawLink) -> Result<ErrorFrame> {
     let read = async {
         loop {
             match raw.read_message().await? {
@@ -157,22 +159,14 @@ async fn error_frame(raw: &mut RawSession) -> Result<ErrorFrame> {
     timeout(WAIT, read).await.context("waiting for an error frame")?
 }
 
-/// Waits for the QUIC connection to be closed by the server and returns its close code.
-async fn close_code(conn: &wtransport::Connection) -> Result<u64> {
-    match timeout(WAIT, conn.closed()).await.context("waiting for the connection to close")? {
-        ConnectionError::ApplicationClosed(close) => Ok(close.code().into_inner()),
-        other => bail!("closed, but not by the server application: {other}"),
-    }
-}
-
 /// A hello with `token` for `code` on a fresh raw session: returns the error frame, after
 /// checking the connection was then closed with the same code.
 async fn refused_hello(server: &TestServer, token: &str, code: &str) -> Result<ErrorFrame> {
-    let mut raw = server.raw_session().await?;
+    let mut raw = server.raw_link().await?;
     raw.write_message(&RawSession::hello(PROTOCOL_VERSION, token, code)).await?;
     let frame = error_frame(&mut raw).await?;
     assert_eq!(frame.request_id, None, "a hello refusal answers no request");
-    assert_eq!(close_code(&raw.conn).await?, u64::from(frame.code.as_u16()), "closed with the code it sent");
+    assert_eq!(raw.closed().await?, frame.code.as_u16(), "closed with the code it sent");
     Ok(frame)
 }
 
@@ -196,8 +190,8 @@ struct Class {
     bystander: Client,
 }
 
-async fn demo_class() -> Result<Class> {
-    let server = TestServer::start().await?;
+async fn demo_class(transport: Transport) -> Result<Class> {
+    let server = TestServer::start().await?.over(transport);
     let teacher = server.teacher("t-1");
     let code = server.create_room(&teacher, 100.0, 4).await?;
     let bystander = server.connect(&code, &server.student("s-bystander")).await?;
@@ -257,9 +251,8 @@ async fn token_is_refused_everywhere(class: &Class, token: &str, want: ErrorCode
 // 1. Tokens at the hello and over HTTP
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_token_signed_with_another_secret_is_unauthorized() -> Result<()> {
-    let class = demo_class().await?;
+async fn a_token_signed_with_another_secret_is_unauthorized(transport: Transport) -> Result<()> {
+    let class = demo_class(transport).await?;
     // Another server's demo tenant: same tenant id, issuer and audience, another 32-byte secret.
     let elsewhere = tempfile::tempdir()?;
     let forger = Tenants::new(&Config { data_dir: elsewhere.path().to_owned(), ..Config::default() })?;
@@ -267,17 +260,15 @@ async fn a_token_signed_with_another_secret_is_unauthorized() -> Result<()> {
     token_is_refused_everywhere(&class, &forged, ErrorCode::Unauthorized).await
 }
 
-#[tokio::test]
-async fn an_alg_none_token_is_unauthorized() -> Result<()> {
-    let class = demo_class().await?;
+async fn an_alg_none_token_is_unauthorized(transport: Transport) -> Result<()> {
+    let class = demo_class(transport).await?;
     let header = b64url(br#"{"alg":"none","typ":"JWT"}"#);
     let payload = b64url(&serde_json::to_vec(&demo_claims(Role::Teacher, "t-1"))?);
     token_is_refused_everywhere(&class, &format!("{header}.{payload}."), ErrorCode::Unauthorized).await
 }
 
-#[tokio::test]
-async fn an_expired_token_is_token_expired() -> Result<()> {
-    let class = demo_class().await?;
+async fn an_expired_token_is_token_expired(transport: Transport) -> Result<()> {
+    let class = demo_class(transport).await?;
     let claims = Claims { exp: unix_now() - 3600, ..demo_claims(Role::Student, "s-late") };
     let expired = class.server.tenants.mint_claims("demo", &claims)?;
     token_is_refused_everywhere(&class, &expired, ErrorCode::TokenExpired).await
@@ -286,8 +277,7 @@ async fn an_expired_token_is_token_expired() -> Result<()> {
 /// Tokens past the server's maximum lifetime (a day by default), however far, and tokens issued
 /// in the future. The one expiring at `u64::MAX` used to be accepted and then panic its session
 /// task, whose seat was never freed.
-#[tokio::test]
-async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized() -> Result<()> {
+async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized(transport: Transport) -> Result<()> {
     let now = unix_now();
     let cases = [
         Claims { exp: now + 25 * 3600, ..demo_claims(Role::Teacher, "t-long") },
@@ -296,7 +286,7 @@ async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized() -> Re
         Claims { iat: Some(now + 600), ..demo_claims(Role::Student, "s-future") },
     ];
     for claims in cases {
-        let class = demo_class().await?;
+        let class = demo_class(transport).await?;
         let token = class.server.tenants.mint_claims("demo", &claims)?;
         token_is_refused_everywhere(&class, &token, ErrorCode::Unauthorized)
             .await
@@ -305,17 +295,15 @@ async fn a_token_living_too_long_or_issued_in_the_future_is_unauthorized() -> Re
     Ok(())
 }
 
-#[tokio::test]
-async fn a_token_for_another_audience_is_unauthorized() -> Result<()> {
-    let class = demo_class().await?;
+async fn a_token_for_another_audience_is_unauthorized(transport: Transport) -> Result<()> {
+    let class = demo_class(transport).await?;
     let claims = Claims { aud: "another-app".to_owned(), ..demo_claims(Role::Teacher, "t-1") };
     let token = class.server.tenants.mint_claims("demo", &claims)?;
     token_is_refused_everywhere(&class, &token, ErrorCode::Unauthorized).await
 }
 
-#[tokio::test]
-async fn a_token_signed_by_school_b_claiming_school_a_is_unauthorized() -> Result<()> {
-    let server = two_schools(TenantLimits::default()).await?;
+async fn a_token_signed_by_school_b_claiming_school_a_is_unauthorized(transport: Transport) -> Result<()> {
+    let server = two_schools(TenantLimits::default()).await?.over(transport);
     let teacher = mint(&server, "a", Role::Teacher, "t-a");
     let code = server.create_room(&teacher, 100.0, 4).await?;
     let bystander = server.connect(&code, &mint(&server, "a", Role::Student, "s-bystander")).await?;
@@ -352,9 +340,8 @@ async fn a_token_signed_by_school_b_claiming_school_a_is_unauthorized() -> Resul
     Ok(())
 }
 
-#[tokio::test]
-async fn a_student_token_edited_to_say_teacher_is_unauthorized() -> Result<()> {
-    let class = demo_class().await?;
+async fn a_student_token_edited_to_say_teacher_is_unauthorized(transport: Transport) -> Result<()> {
+    let class = demo_class(transport).await?;
     let token = class.server.student("s-mallory");
     let parts: Vec<&str> = token.split('.').collect();
     assert_eq!(parts.len(), 3);
@@ -370,8 +357,8 @@ async fn a_student_token_edited_to_say_teacher_is_unauthorized() -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 
 /// A stopped demo room with a connected teacher and a connected student target.
-async fn room_with_target() -> Result<(TestServer, String, String, Client, Client)> {
-    let server = TestServer::start().await?;
+async fn room_with_target(transport: Transport) -> Result<(TestServer, String, String, Client, Client)> {
+    let server = TestServer::start().await?.over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 100.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
@@ -412,10 +399,9 @@ async fn only_the_probe_changed_the_room(teacher: &Client, others: &[&Client], e
     Ok(())
 }
 
-#[tokio::test]
-async fn a_student_sending_each_teacher_control_is_forbidden_and_nothing_changes() -> Result<()> {
-    let (server, code, teacher_token, teacher, target) = room_with_target().await?;
-    let mut mallory = server.raw_session().await?;
+async fn a_student_sending_each_teacher_control_is_forbidden_and_nothing_changes(transport: Transport) -> Result<()> {
+    let (server, code, teacher_token, teacher, target) = room_with_target(transport).await?;
+    let mut mallory = server.raw_link().await?;
     mallory.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-mallory"), &code)).await?;
     let Some(ServerMessage::Welcome(welcome)) = mallory.read_message().await? else { bail!("no welcome") };
     wait_joined(&teacher, welcome.member_id).await?;
@@ -460,7 +446,7 @@ async fn a_student_sending_each_teacher_control_is_forbidden_and_nothing_changes
 
 #[tokio::test]
 async fn a_student_asking_each_teacher_endpoint_over_http_is_forbidden_and_nothing_changes() -> Result<()> {
-    let (server, code, teacher_token, teacher, target) = room_with_target().await?;
+    let (server, code, teacher_token, teacher, target) = room_with_target(Transport::WebTransport).await?;
     let student = server.student("s-mallory");
     let before = room_json(&server, &code, &teacher_token).await?;
     let presence = teacher.presence();
@@ -524,9 +510,8 @@ async fn forbidden_create_and_list_over_http_are_counted_as_refused() -> Result<
 /// Another school's live code answers exactly as a code no room has: same code, message and
 /// status, at the hello and over HTTP, and the same cost to the asker's failed-join bucket, so
 /// codes cannot be probed across schools.
-#[tokio::test]
-async fn a_code_of_another_school_answers_like_no_room_at_the_hello_and_over_http() -> Result<()> {
-    let server = two_schools(TenantLimits::default()).await?;
+async fn a_code_of_another_school_answers_like_no_room_at_the_hello_and_over_http(transport: Transport) -> Result<()> {
+    let server = two_schools(TenantLimits::default()).await?.over(transport);
     let teacher_a = mint(&server, "a", Role::Teacher, "t-a");
     let code = server.create_room(&teacher_a, 100.0, 4).await?;
     let bystander = server.connect(&code, &mint(&server, "a", Role::Student, "s-a")).await?;
@@ -576,9 +561,8 @@ async fn a_code_of_another_school_answers_like_no_room_at_the_hello_and_over_htt
 // 4. A closed room
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_closed_room_ends_its_sessions_and_refuses_later_joins_and_lookups() -> Result<()> {
-    let server = TestServer::start().await?;
+async fn a_closed_room_ends_its_sessions_and_refuses_later_joins_and_lookups(transport: Transport) -> Result<()> {
+    let server = TestServer::start().await?.over(transport);
     let teacher = server.teacher("t-1");
     let code = server.create_room(&teacher, 100.0, 4).await?;
     let students =
@@ -620,10 +604,9 @@ async fn a_closed_room_ends_its_sessions_and_refuses_later_joins_and_lookups() -
 // 5. A full room
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn a_full_room_refuses_the_next_member_and_keeps_its_presence() -> Result<()> {
+async fn a_full_room_refuses_the_next_member_and_keeps_its_presence(transport: Transport) -> Result<()> {
     let limits = TenantLimits { max_members_per_room: 3, ..TenantLimits::default() };
-    let server = two_schools(limits).await?;
+    let server = two_schools(limits).await?.over(transport);
     let teacher = mint(&server, "a", Role::Teacher, "t-a");
     let code = server.create_room(&teacher, 100.0, 4).await?;
     let mut seated = Vec::new();
@@ -668,9 +651,8 @@ async fn a_full_room_refuses_the_next_member_and_keeps_its_presence() -> Result<
 // 6. Out-of-range changes and notes
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test]
-async fn out_of_range_tempo_meter_and_count_in_are_refused_on_the_control_stream() -> Result<()> {
-    let (server, code, teacher_token, teacher, bystander) = room_with_target().await?;
+async fn out_of_range_tempo_meter_and_count_in_are_refused_on_the_control_stream(transport: Transport) -> Result<()> {
+    let (server, code, teacher_token, teacher, bystander) = room_with_target(transport).await?;
     let before = room_json(&server, &code, &teacher_token).await?;
     let cases = [
         (Change::SetTempo(MicroBpm(300_000_001)), ErrorCode::TempoOutOfRange),
@@ -697,7 +679,7 @@ async fn out_of_range_tempo_meter_and_count_in_are_refused_on_the_control_stream
 
 #[tokio::test]
 async fn out_of_range_tempo_meter_and_count_in_are_refused_over_http() -> Result<()> {
-    let (server, code, teacher_token, teacher, bystander) = room_with_target().await?;
+    let (server, code, teacher_token, teacher, bystander) = room_with_target(Transport::WebTransport).await?;
     let before = room_json(&server, &code, &teacher_token).await?;
     let cases = [
         ("tempo", json!({"tempo_bpm": 300.5}), 400, "tempo_out_of_range"),
@@ -726,8 +708,8 @@ async fn out_of_range_tempo_meter_and_count_in_are_refused_over_http() -> Result
 }
 
 /// A sender and a classmate in a demo room, both with synced clocks.
-async fn players() -> Result<(TestServer, Client, Client)> {
-    let server = TestServer::start().await?;
+async fn players(transport: Transport) -> Result<(TestServer, Client, Client)> {
+    let server = TestServer::start().await?.over(transport);
     let code = server.create_room(&server.teacher("t-1"), 100.0, 4).await?;
     let classmate = server.connect(&code, &server.student("s-listener")).await?;
     let sender = server.connect(&code, &server.student("s-player")).await?;
@@ -739,8 +721,8 @@ async fn players() -> Result<(TestServer, Client, Client)> {
 
 /// `bad` (seq 1, played now) in its own datagram is refused with note_out_of_range; a good
 /// note played after the refusal is the first and only note the classmate gets.
-async fn a_bad_note_never_reaches_a_classmate(bad: impl FnOnce(Note) -> Note) -> Result<()> {
-    let (server, sender, classmate) = players().await?;
+async fn a_bad_note_never_reaches_a_classmate(transport: Transport, bad: impl FnOnce(Note) -> Note) -> Result<()> {
+    let (server, sender, classmate) = players(transport).await?;
     let played_at = sender.server_now().context("synced")?;
     let note = bad(Note { seq: 1, midi: 60, velocity: 100, instrument: 0, played_at });
     let datagram = encode_client_datagram(&ClientDatagram::Notes(BoundedVec::try_from_vec(vec![note])?))?;
@@ -766,24 +748,21 @@ async fn a_bad_note_never_reaches_a_classmate(bad: impl FnOnce(Note) -> Note) ->
     Ok(())
 }
 
-#[tokio::test]
-async fn a_note_with_midi_128_is_refused_and_never_reaches_a_classmate() -> Result<()> {
-    a_bad_note_never_reaches_a_classmate(|n| Note { midi: 128, ..n }).await
+async fn a_note_with_midi_128_is_refused_and_never_reaches_a_classmate(transport: Transport) -> Result<()> {
+    a_bad_note_never_reaches_a_classmate(transport, |n| Note { midi: 128, ..n }).await
 }
 
-#[tokio::test]
-async fn a_note_with_velocity_0_is_refused_and_never_reaches_a_classmate() -> Result<()> {
-    a_bad_note_never_reaches_a_classmate(|n| Note { velocity: 0, ..n }).await
+async fn a_note_with_velocity_0_is_refused_and_never_reaches_a_classmate(transport: Transport) -> Result<()> {
+    a_bad_note_never_reaches_a_classmate(transport, |n| Note { velocity: 0, ..n }).await
 }
 
 // ---------------------------------------------------------------------------------------------
 // 7. A note flood
 // ---------------------------------------------------------------------------------------------
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_note_flood_reaches_classmates_only_up_to_the_burst_and_rate() -> Result<()> {
+async fn a_note_flood_reaches_classmates_only_up_to_the_burst_and_rate(transport: Transport) -> Result<()> {
     const FLOOD: u32 = 200;
-    let (server, sender, classmate) = players().await?;
+    let (server, sender, classmate) = players(transport).await?;
     let limits = *server.tenants.tenant("demo").context("demo tenant")?.limits();
     let (burst, rate) = (u64::from(limits.note_burst), u64::from(limits.notes_per_second));
     assert!(u64::from(FLOOD) > 2 * burst, "the flood must be well over the burst");
@@ -854,17 +833,16 @@ fn random_code(rng: &mut downbeat_engine::sim::Rng, not: &str) -> String {
     }
 }
 
-#[tokio::test]
-async fn guessing_join_codes_is_rate_limited_without_revealing_the_right_one() -> Result<()> {
+async fn guessing_join_codes_is_rate_limited_without_revealing_the_right_one(transport: Transport) -> Result<()> {
     let limits = TenantLimits { joins_per_second: 1, join_burst: 5, ..TenantLimits::default() };
-    let server = two_schools(limits).await?;
+    let server = two_schools(limits).await?.over(transport);
     let teacher_token = mint(&server, "a", Role::Teacher, "t-a");
     let code = server.create_room(&teacher_token, 100.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
     let guesser = mint(&server, "a", Role::Student, "s-guesser");
     // Handshakes first, so the hellos below land while the bucket is still empty.
-    let mut wrong_hello = server.raw_session().await?;
-    let mut right_hello = server.raw_session().await?;
+    let mut wrong_hello = server.raw_link().await?;
+    let mut right_hello = server.raw_link().await?;
     let presence = teacher.presence();
     let mut rng = downbeat_engine::sim::Rng::new(8);
 
@@ -885,8 +863,8 @@ async fn guessing_join_codes_is_rate_limited_without_revealing_the_right_one() -
     let (wrong, right) = (error_frame(&mut wrong_hello).await?, error_frame(&mut right_hello).await?);
     assert_eq!((wrong.code, right.code), (ErrorCode::RateLimited, ErrorCode::RateLimited));
     assert_eq!(wrong.message, right.message, "the hello does not tell them apart either");
-    let limited = u64::from(ErrorCode::RateLimited.as_u16());
-    assert_eq!((close_code(&wrong_hello.conn).await?, close_code(&right_hello.conn).await?), (limited, limited));
+    let limited = ErrorCode::RateLimited.as_u16();
+    assert_eq!((wrong_hello.closed().await?, right_hello.closed().await?), (limited, limited));
     assert_eq!(server.stats.refused.get(ErrorCode::RateLimited), 4);
     assert_eq!(server.stats.refused.get(ErrorCode::RoomNotFound), 5);
 
@@ -959,9 +937,10 @@ fn token_expiring(server: &TestServer, sub: &str, exp: u64) -> Result<String> {
     Ok(server.tenants.mint_claims("demo", &Claims { exp, ..demo_claims(Role::Student, sub) })?)
 }
 
-#[tokio::test]
-async fn a_refreshed_session_outlives_its_first_token_and_an_unrefreshed_one_is_ended() -> Result<()> {
-    let server = TestServer::start().await?;
+async fn a_refreshed_session_outlives_its_first_token_and_an_unrefreshed_one_is_ended(
+    transport: Transport,
+) -> Result<()> {
+    let server = TestServer::start().await?.over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 100.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
@@ -996,9 +975,10 @@ async fn a_refreshed_session_outlives_its_first_token_and_an_unrefreshed_one_is_
     Ok(())
 }
 
-#[tokio::test]
-async fn a_refresh_naming_another_person_or_role_is_refused_and_the_session_continues() -> Result<()> {
-    let server = TestServer::start().await?;
+async fn a_refresh_naming_another_person_or_role_is_refused_and_the_session_continues(
+    transport: Transport,
+) -> Result<()> {
+    let server = TestServer::start().await?.over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 100.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
@@ -1035,9 +1015,8 @@ async fn a_refresh_naming_another_person_or_role_is_refused_and_the_session_cont
 
 /// A session the server ends (here: an expired token) is announced to the room as
 /// `LeaveReason::Closed`, not as a student leaving (a regression test).
-#[tokio::test]
-async fn an_expired_session_is_announced_as_closed_by_the_server() -> Result<()> {
-    let server = TestServer::start().await?;
+async fn an_expired_session_is_announced_as_closed_by_the_server(transport: Transport) -> Result<()> {
+    let server = TestServer::start().await?.over(transport);
     let teacher_token = server.teacher("t-1");
     let code = server.create_room(&teacher_token, 100.0, 4).await?;
     let teacher = server.connect(&code, &teacher_token).await?;
@@ -1047,3 +1026,25 @@ async fn an_expired_session_is_announced_as_closed_by_the_server() -> Result<()>
     assert_eq!(events.last(), Some(&Event::MemberLeft(stale.member_id(), LeaveReason::Closed)), "{events:?}");
     Ok(())
 }
+
+over_both_transports!(
+    a_token_signed_with_another_secret_is_unauthorized,
+    an_alg_none_token_is_unauthorized,
+    an_expired_token_is_token_expired,
+    a_token_living_too_long_or_issued_in_the_future_is_unauthorized,
+    a_token_for_another_audience_is_unauthorized,
+    a_token_signed_by_school_b_claiming_school_a_is_unauthorized,
+    a_student_token_edited_to_say_teacher_is_unauthorized,
+    a_student_sending_each_teacher_control_is_forbidden_and_nothing_changes,
+    a_code_of_another_school_answers_like_no_room_at_the_hello_and_over_http,
+    a_closed_room_ends_its_sessions_and_refuses_later_joins_and_lookups,
+    a_full_room_refuses_the_next_member_and_keeps_its_presence,
+    out_of_range_tempo_meter_and_count_in_are_refused_on_the_control_stream,
+    a_note_with_midi_128_is_refused_and_never_reaches_a_classmate,
+    a_note_with_velocity_0_is_refused_and_never_reaches_a_classmate,
+    a_note_flood_reaches_classmates_only_up_to_the_burst_and_rate,
+    guessing_join_codes_is_rate_limited_without_revealing_the_right_one,
+    a_refreshed_session_outlives_its_first_token_and_an_unrefreshed_one_is_ended,
+    a_refresh_naming_another_person_or_role_is_refused_and_the_session_continues,
+    an_expired_session_is_announced_as_closed_by_the_server,
+);

@@ -149,3 +149,58 @@ async fn a_socket_that_never_reads_is_dropped_when_it_stops_answering() -> Resul
     drop(stalled);
     Ok(())
 }
+
+/// A session the server ends says why even to a peer that is still sending: closing a socket
+/// that holds unread data resets the connection, and the reset makes the peer's kernel throw
+/// away the goodbye before the peer reads it. Here a student pings every millisecond while the
+/// teacher closes the room, in ten rooms one after the other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_still_sending_when_its_session_ends_still_reads_why() -> Result<()> {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let (server, _, _, _client) = class().await?;
+    for round in 0..10 {
+        // A teacher per room: one teacher's twenty requests at once would be rate limited.
+        let teacher = server.teacher(&format!("t-round-{round}"));
+        let code = server.create_room(&teacher, 100.0, 4).await?;
+        let raw = joined(&server, &code, &format!("s-{round}"), None).await?;
+        let (mut sink, mut stream) = raw.socket.split();
+        let pinger = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(1));
+            loop {
+                tick.tick().await;
+                if sink.send(Message::Ping(vec![0; 64].into())).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let (status, body) = server.http("DELETE", &format!("/api/rooms/{code}"), Some(&teacher), None).await?;
+        assert_eq!(status, 200, "{body}");
+        let mut heard = Vec::new();
+        let close = tokio::time::timeout(WAIT, async {
+            while let Some(message) = stream.next().await {
+                match message? {
+                    Message::Binary(bytes) => {
+                        if let Ok(downbeat_protocol::ws::Unit::Control(body)) = downbeat_protocol::ws::split(&bytes) {
+                            heard.push(downbeat_protocol::decode_frame_body::<ServerMessage>(body)?);
+                        }
+                    }
+                    Message::Close(frame) => return Ok(frame.map(|f| u16::from(f.code))),
+                    _ => {}
+                }
+            }
+            anyhow::Ok(None)
+        })
+        .await;
+        pinger.abort();
+        let close = close
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .map_err(|e| anyhow::anyhow!("round {round}: {e} after {heard:?}"))?;
+        assert!(
+            matches!(heard.as_slice(), [ServerMessage::RoomClosed { .. }, ServerMessage::Error(e)] if e.code == ErrorCode::RoomClosed),
+            "round {round}: {heard:?}"
+        );
+        assert_eq!(close, Some(close_code(ErrorCode::RoomClosed)), "round {round}");
+    }
+    Ok(())
+}

@@ -162,6 +162,10 @@ trait Link: Send {
 
     /// Closes at once (`None`: a normal close).
     fn close(&self, code: Option<ErrorCode>, message: &str);
+
+    /// After the goodbye was written: waits, at most [`FLUSH_TIMEOUT`], until the peer can no
+    /// longer lose it (the transport's own closing handshake), before the link is dropped.
+    fn linger(&mut self) -> impl Future<Output = ()> + Send + '_;
 }
 
 /// One session, whatever carries it.
@@ -334,6 +338,7 @@ impl Session {
             writer.abort();
         }
         link.close(Some(code), message);
+        link.linger().await;
     }
 }
 

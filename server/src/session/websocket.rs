@@ -219,7 +219,26 @@ impl WsLink {
             self.write(Message::Close(Some(close_frame(code)))).await;
         })
         .await;
+        drain(&mut self.stream, self.left).await;
     }
+}
+
+/// Reads and drops what the peer still sends until it answers our close frame (or at most
+/// [`FLUSH_TIMEOUT`]; at once if it already closed). Closing a TCP socket that holds unread
+/// data resets the connection, and a reset makes the peer's kernel throw away what its
+/// application has not read yet: the goodbye itself, when a peer's sync requests crossed it.
+async fn drain(stream: &mut SplitStream<WebSocket>, left: bool) {
+    if left {
+        return;
+    }
+    let _ = timeout(FLUSH_TIMEOUT, async {
+        while let Some(Ok(message)) = stream.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 fn close_frame(code: ErrorCode) -> CloseFrame {
@@ -268,6 +287,10 @@ impl Link for WsLink {
 
     fn close(&self, _code: Option<ErrorCode>, _message: &str) {
         // The writer said goodbye (or could not); dropping the socket closes it.
+    }
+
+    async fn linger(&mut self) {
+        drain(&mut self.stream, self.left).await;
     }
 }
 

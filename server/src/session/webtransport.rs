@@ -273,4 +273,8 @@ impl Link for WtLink {
             None => self.conn.close(VarInt::from_u32(0), b""),
         }
     }
+
+    async fn linger(&mut self) {
+        // The stream was finished before the close, and QUIC delivers a close frame itself.
+    }
 }
