@@ -283,13 +283,19 @@ fn power_save_holds_downlink_packets_for_the_beacon_grid() {
     let report: SinkReport = serde_json::from_str(&sink.finish()).expect("a sink report");
     assert_eq!(report.arrivals.len(), 12, "{report:?}");
     let epoch = emulator.epoch_wall_nanos();
+    // What is checked is which side of the beacon grid each probe fell on, not how fast the
+    // emulator and the sink process forward it (a_fixed_delay_shows_in_the_round_trip measures
+    // that): a fifth of a beacon interval leaves room for a loaded machine's scheduling delays,
+    // while a probe released off the grid (or held when awake) would land anywhere in the
+    // interval, so six of them all passing by chance has odds of (1/5)^6, about 1 in 15,600.
+    let tolerance = beacon / 5;
     for &(seq, at) in &report.arrivals {
         let phase = (at - epoch) % beacon;
         if seq % 2 == 0 {
-            assert!(phase < 5 * MS, "probe {seq} arrived {:.2} ms after a beacon", phase as f64 / 1e6);
+            assert!(phase < tolerance, "probe {seq} arrived {:.2} ms after a beacon", phase as f64 / 1e6);
         } else {
             let waited = at - awake_sent[seq as usize / 2];
-            assert!(waited < 5 * MS, "awake probe {seq} took {:.2} ms", waited as f64 / 1e6);
+            assert!(waited < tolerance, "awake probe {seq} took {:.2} ms", waited as f64 / 1e6);
         }
     }
     assert_eq!(emulator.stats().down.held_power_save, 6);
