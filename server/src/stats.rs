@@ -578,6 +578,10 @@ mod tests {
             "acme_certificates_issued_total",
             "acme_failures_total",
             "acme_failing",
+            // Since: network checks (probe sessions).
+            "probes_active",
+            "probes_started_total",
+            "probes_refused_total",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

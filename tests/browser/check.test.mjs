@@ -25,9 +25,13 @@ async function check(browser, server, label, users) {
   const text = await user.page.getByTestId('verdict').textContent();
   const detail = await user.page.getByTestId('verdict-detail').textContent();
   const wallMs = Date.now() - loadedAt;
-  const show = (r) => (r ? `${r.reachable ? 'reachable' : `unreachable (${r.code})`}, connect ${r.connectMs?.toFixed(1)} ms, ` +
-    `rtt p50 ${r.rttMs?.p50?.toFixed(2)} ms p95 ${r.rttMs?.p95?.toFixed(2)} ms, error bound ${r.errorBoundMs?.toFixed(2)} ms, ` +
-    `${r.samples}/${r.sent} replies, ${r.quality}` : 'not run');
+  const ms = (x) => (typeof x === 'number' ? `${x.toFixed(2)} ms` : '-');
+  const show = (r) => {
+    if (!r) return 'not run';
+    if (!r.reachable) return `unreachable (${r.code}): ${r.message}`;
+    return `reachable, answered after ${ms(r.connectMs)}, rtt p50 ${ms(r.rttMs?.p50)} p95 ${ms(r.rttMs?.p95)}, ` +
+      `clock error bound ${ms(r.errorBoundMs)}, ${r.samples}/${r.sent} replies, ${r.quality}`;
+  };
   console.log(`[${label}] verdict after ${state.elapsedMs.toFixed(0)} ms in the page (${wallMs} ms from navigation): ` +
     `"${text}" ${detail}\n  webtransport: ${show(state.results.webtransport)}\n  websocket: ${show(state.results.websocket)}\n` +
     `  audio: ${JSON.stringify(state.audio)}`);
