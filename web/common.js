@@ -57,6 +57,9 @@ const FRIENDLY = {
   internal: 'The class server had a problem. Try again.',
   load_failed: "The class app didn't load. Ask your teacher to check the server.",
   demo_off: 'This server needs a sign-in token from your school.',
+  too_many_probes: 'Too many network checks are running right now. Try again in a minute.',
+  probe_only: 'The network check was refused by the server.',
+  probe_over: 'The network check has finished.',
 };
 
 /** A short, friendly message for any error (DownbeatError or otherwise). */

@@ -80,7 +80,7 @@ struct ReflectionInput {
     text: Option<String>,
 }
 
-fn invalid(message: impl Into<String>) -> Failure {
+pub(crate) fn invalid(message: impl Into<String>) -> Failure {
     Failure::new(INVALID_ARGUMENT, message)
 }
 
@@ -115,15 +115,27 @@ fn page_websocket_url() -> Option<String> {
     Some(format!("{scheme}//{host}/api/ws"))
 }
 
-/// Where the server is and which transports to try, from the page's options.
-fn route(options: &ConnectOptions) -> Result<Route, Failure> {
-    let hashes = options
-        .certificate_hashes
+/// Where the server is on each transport, from a page's `url`, `certificateHashes` and
+/// `webSocketUrl` (default: [`page_websocket_url`]).
+pub(crate) fn endpoints(
+    url: Option<&str>,
+    certificate_hashes: &[String],
+    web_socket_url: Option<&str>,
+) -> Result<Endpoints, Failure> {
+    let hashes = certificate_hashes
         .iter()
         .map(|h| js::parse_hash(h).ok_or_else(|| invalid(format!("{h:?} is not a hex SHA-256 hash"))))
         .collect::<Result<Vec<_>, _>>()?;
-    let webtransport = options.url.clone().map(|url| (url, hashes));
-    let websocket = options.web_socket_url.clone().or_else(page_websocket_url);
+    Ok(Endpoints {
+        webtransport: url.map(|url| (url.to_owned(), hashes)),
+        websocket: web_socket_url.map(str::to_owned).or_else(page_websocket_url),
+    })
+}
+
+/// Where the server is and which transports to try, from the page's options.
+fn route(options: &ConnectOptions) -> Result<Route, Failure> {
+    let Endpoints { webtransport, websocket } =
+        endpoints(options.url.as_deref(), &options.certificate_hashes, options.web_socket_url.as_deref())?;
     let choice = match options.transport.as_deref().unwrap_or("auto") {
         // Racing needs both; with one URL only, that transport is the only choice.
         "auto" if webtransport.is_some() && websocket.is_some() => Choice::Auto,

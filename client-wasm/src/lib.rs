@@ -19,6 +19,10 @@
 //! `websocket.rs` carries the same session over a WebSocket, and `race.rs` decides which
 //! transport a connect uses.
 //!
+//! [`probe`] is the network check (the server's `/check` page): a session on one transport that
+//! needs no token and only syncs the clock for a few seconds, resolving to whether the server
+//! was reached there, the round trips and the clock-sync quality.
+//!
 //! The timing questions a page asks: [`Classroom::server_now`], [`Classroom::beats_ahead`]
 //! (what a Web Audio lookahead scheduler should queue) and [`Classroom::audio_time_of`] (a
 //! shared-timeline instant as an `AudioContext` time, via `getOutputTimestamp` and
@@ -32,6 +36,7 @@
 
 mod classroom;
 mod js;
+mod probe;
 mod race;
 mod transport;
 mod view;
@@ -39,6 +44,7 @@ mod websocket;
 mod webtransport;
 
 pub use classroom::{Classroom, connect};
+pub use probe::probe;
 
 use wasm_bindgen::prelude::*;
 
@@ -74,6 +80,56 @@ export interface ConnectOptions {
   create?: { name: string; tempoBpm?: number; beatsPerBar?: number };
   /** Reconnect with backoff after the connection drops, and sync again (default `true`). */
   reconnect?: boolean;
+}
+
+/** How to check the network: `probe({ transport, url, certificateHashes, webSocketUrl, durationMs })`.
+ * No token: a check works before anyone signs in. */
+export interface ProbeOptions {
+  /** Which transport to check (run one probe per transport to compare them). */
+  transport: "webtransport" | "websocket";
+  /** The server's WebTransport URL (from `GET /api/client-config`); needed for `"webtransport"`. */
+  url?: string;
+  /** Hex SHA-256 hashes of the server's self-signed certificates, as for `connect()`. */
+  certificateHashes?: string[];
+  /** The server's WebSocket URL (default: `/api/ws` on this page's host), as for `connect()`. */
+  webSocketUrl?: string;
+  /** How long to sync once the server answered (ms, default 3000; the server's
+   * `--probe-duration-ms` caps it). */
+  durationMs?: number;
+  /** How long opening the session and the server's answer may take (ms, default 10000). A
+   * network that silently drops UDP makes WebTransport hang until then (or until the browser
+   * gives up, about 4 s in Chromium). */
+  timeoutMs?: number;
+}
+
+/** What `probe()` found. */
+export interface ProbeResult {
+  transport: "webtransport" | "websocket";
+  /** The server answered on this transport and replied to clock sync. */
+  reachable: boolean;
+  /** Why not, as a stable code (null when reachable): `connect_failed` (no session: blocked,
+   * refused, or a certificate problem), `timeout`, `not_synced` (the session opened but no
+   * clock-sync reply came back), `closed`, `protocol`, or the server's (`too_many_probes`,
+   * `server_busy`, `shutting_down`, ...). */
+  code: string | null;
+  /** Details, for people who read logs. */
+  message: string | null;
+  /** From the start of the probe to the server's answer (ms). */
+  connectMs: number | null;
+  /** Round trips of the clock-sync exchanges (ms). */
+  rttMs: { min: number; p50: number; p95: number } | null;
+  /** The clock estimate's statistical uncertainty (ms). */
+  uncertaintyMs: number | null;
+  /** A bound on the clock error: the uncertainty plus half the smallest round trip (ms). */
+  errorBoundMs: number | null;
+  /** The estimate counts as synced (enough samples, uncertainty under 1 ms). */
+  synced: boolean;
+  /** `"good"`: synced with an error bound up to 10 ms; `"fair"`: up to 25 ms; `"poor"`:
+   * otherwise, or a 95th-percentile round trip over 500 ms. Null without any sample. */
+  quality: "good" | "fair" | "poor" | null;
+  /** Clock-sync replies received and requests sent. */
+  samples: number;
+  sent: number;
 }
 
 /** A rejected promise or thrown error of this package. */

@@ -18,12 +18,16 @@
 //! known offset and drift), and translates the session's events into futures (each request
 //! waits on a oneshot channel the session hands back with its answer) and the [`Event`] stream.
 //!
+//! [`probe::probe`] runs a network check (a probe session, no token) the way the browser's
+//! `/check` page does.
+//!
 //! Used by the end-to-end tests and the benchmark harness; it is also a reference for other
 //! native clients. It does not reconnect by itself: connecting again with the same token
 //! within the server's grace period takes the same seat back.
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 mod clock;
+pub mod probe;
 mod transport;
 mod websocket;
 mod webtransport;

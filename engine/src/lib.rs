@@ -18,6 +18,9 @@
 //! - [`session`]: one client session on top of [`client`]: hello and welcome, presence, the
 //!   reflection prompt, numbered requests matched to the server's answers and refusals, and
 //!   why the session ended, as events a shell (native or browser, any transport) translates.
+//! - [`probe`]: a network check: a session that needs no token and only syncs its clock for a
+//!   few seconds, summed up as round trips, the estimator's uncertainty and a sync quality
+//!   (what the `/check` page shows for each transport).
 //! - [`notes`]: what a note's playout instant is, the range checks, redundancy and
 //!   de-duplication shared by both sides.
 //! - [`sel`]: participation measured on the shared timeline (how far each note landed from
@@ -39,6 +42,7 @@ pub mod client;
 pub mod clock;
 pub mod limit;
 pub mod notes;
+pub mod probe;
 pub mod room;
 pub mod sel;
 pub mod session;

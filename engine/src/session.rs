@@ -435,7 +435,8 @@ impl<T> Session<T> {
 
     fn handle_live(&mut self, message: ServerMessage) {
         let event = match message {
-            ServerMessage::Welcome(_) => return,
+            // A welcome again, or a probe's answer: not for a joined session.
+            ServerMessage::Welcome(_) | ServerMessage::ProbeStarted { .. } => return,
             ServerMessage::Timeline(t) => {
                 let applied = self.client.handle_timeline(&t) == Handled::NewTimeline;
                 Event::Timeline { epoch: t.epoch, applied }

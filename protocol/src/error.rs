@@ -112,6 +112,12 @@ error_codes! {
     StoreUnavailable = 30, "store_unavailable";
     /// The reflection answers no prompt of this room.
     NoPrompt = 31, "no_prompt";
+    /// A network check (a probe session) sent something other than clock sync.
+    ProbeOnly = 32, "probe_only";
+    /// Too many network checks are running, from this network or on the whole server.
+    TooManyProbes = 33, "too_many_probes";
+    /// The network check's time is up (its normal end).
+    ProbeOver = 34, "probe_over";
 }
 
 impl fmt::Display for ErrorCode {

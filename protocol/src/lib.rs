@@ -6,7 +6,8 @@
 //!   lost, duplicated or reordered at no cost ([`ClientDatagram`], [`ServerDatagram`]);
 //! - **the control stream** (one reliable bidirectional stream per session): length-prefixed
 //!   postcard frames, [`ClientMessage`] up and [`ServerMessage`] down, starting with a
-//!   [`Hello`] that names the [`PROTOCOL_VERSION`].
+//!   [`Hello`] that names the [`PROTOCOL_VERSION`] (or, for a network check that needs no
+//!   token and may only sync its clock, [`ClientMessage::Probe`]).
 //!
 //! WebTransport carries them as a bidirectional stream and QUIC datagrams; on networks that
 //! block QUIC, one WebSocket carries both, each message tagged ([`ws`]).

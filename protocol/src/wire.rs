@@ -307,6 +307,16 @@ pub enum ClientMessage {
     /// A student's reflection. Answered by [`ServerMessage::ReflectionSaved`] once it is
     /// committed to the database, or by an error with `request_id`.
     Reflect(Reflection),
+    /// Instead of a [`Hello`], as the first frame: a network check (a *probe*), which needs no
+    /// token. Answered by [`ServerMessage::ProbeStarted`]; the session may then only sync its
+    /// clock (sync requests on the datagram path, exactly as a joined session does) for at most
+    /// the duration given, and ends with [`ErrorCode::ProbeOver`]. Anything else ends it with
+    /// [`ErrorCode::ProbeOnly`]; too many probes at once are refused with
+    /// [`ErrorCode::TooManyProbes`].
+    Probe {
+        /// Must equal the server's [`crate::PROTOCOL_VERSION`].
+        version: u16,
+    },
 }
 
 /// A student's answer to the room's reflection prompt: a mood check-in, free text, or both.
@@ -543,4 +553,10 @@ pub enum ServerMessage {
     /// Teachers only: participation of the members who played since the last update, as of
     /// the last committed flush (about once a second while notes are played).
     Participation(BoundedVec<ParticipationNotice, MAX_MEMBERS>),
+    /// Answer to a good [`ClientMessage::Probe`]: clock sync may start; the server ends the
+    /// probe with [`ErrorCode::ProbeOver`] after `duration_ms`.
+    ProbeStarted {
+        /// How long the probe may run, in milliseconds.
+        duration_ms: u32,
+    },
 }

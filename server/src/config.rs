@@ -162,6 +162,14 @@ settings! {
     idle_timeout_ms: u64 = 30_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
     /// How often an idle session is kept alive (QUIC keep-alive; a WebSocket ping), in ms.
     keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
+    /// How long a network check (a probe session, the `/check` page's) may sync its clock
+    /// before the server ends it with `probe_over`, in ms.
+    probe_duration_ms: u64 = 10_000, env "DOWNBEAT_PROBE_DURATION_MS", value "MS";
+    /// Most network checks running at once from one client network (an IPv4 address or an
+    /// IPv6 /64); more are refused with `too_many_probes`.
+    max_probes_per_address: usize = 4, env "DOWNBEAT_MAX_PROBES_PER_ADDRESS", value "N";
+    /// Most network checks running at once on the server.
+    max_probes: usize = 64, env "DOWNBEAT_MAX_PROBES", value "N";
     /// The `aud` claim every token must carry.
     audience: String = DEFAULT_AUDIENCE.to_owned(), env "DOWNBEAT_TOKEN_AUDIENCE", value "AUD",
         flag "token-audience", key "token_audience";
@@ -183,7 +191,8 @@ settings! {
     sel_queue: usize = 1024, env "DOWNBEAT_SEL_QUEUE", value "N";
     /// How often records past a tenant's retention period are purged, in seconds.
     sel_purge_interval_secs: u64 = 3600, env "DOWNBEAT_SEL_PURGE_INTERVAL_SECS", value "SECS";
-    /// Directory of the browser classroom pages served at `/`, `/teacher` and `/student`.
+    /// Directory of the browser classroom pages served at `/`, `/teacher` and `/student`, and
+    /// of the network check at `/check`.
     /// Missing: the server still starts; the pages answer 404.
     web_dir: PathBuf = PathBuf::from(DEFAULT_WEB_DIR), env "DOWNBEAT_WEB_DIR", value "DIR",
         shown "`web/` of the source checkout";
@@ -770,6 +779,11 @@ impl Config {
         if self.max_sessions == 0 {
             return invalid("max_sessions is 0: use at least 1");
         }
+        // Up to an hour (the wire carries it as u32 milliseconds).
+        in_range("probe_duration_ms", self.probe_duration_ms, 1..=3_600_000, d.probe_duration_ms)?;
+        if self.max_probes_per_address == 0 || self.max_probes == 0 {
+            return invalid("max_probes_per_address and max_probes must be at least 1, or the /check page cannot work");
+        }
         if self.max_concurrent_handshakes == 0 {
             return invalid("max_concurrent_handshakes is 0: use at least 1");
         }
@@ -884,6 +898,11 @@ impl Config {
     /// [`Self::idle_timeout_ms`] as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// [`Self::probe_duration_ms`] as a duration.
+    pub fn probe_duration(&self) -> Duration {
+        Duration::from_millis(self.probe_duration_ms)
     }
 
     /// [`Self::keep_alive_ms`] as a duration.
@@ -1117,6 +1136,9 @@ mod tests {
             (&["--max-members-per-room", "257"], "use 1 to 256"),
             (&["--max-sessions", "0"], "max_sessions is 0"),
             (&["--max-concurrent-handshakes", "0"], "max_concurrent_handshakes is 0"),
+            (&["--probe-duration-ms", "0"], "probe_duration_ms is 0: use 1 to 3600000"),
+            (&["--max-probes", "0"], "max_probes must be at least 1"),
+            (&["--max-probes-per-address", "0"], "max_probes_per_address and max_probes must be at least 1"),
             (&["--hello-timeout-ms", "0"], "hello_timeout_ms is 0"),
             (&["--idle-timeout-ms", "10"], "idle_timeout_ms is 10"),
             (&["--keep-alive-ms", "30000"], "less than idle_timeout_ms"),

@@ -361,6 +361,11 @@ impl Server {
             keep_alive: config.keep_alive(),
             handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            probes: session::probe::Probes::new(
+                config.max_probes_per_address,
+                config.max_probes,
+                config.probe_duration(),
+            ),
             next_session_id: AtomicU64::new(1),
         });
 

@@ -174,6 +174,12 @@ stats! {
     transport_timing_dropped: ByTransport<Counter> => "transport_timing_dropped_total";
     /// Clock-offset uncertainty clients report, by transport.
     transport_sync_uncertainty: ByTransport<Histogram> => "transport_sync_uncertainty_seconds";
+    /// Network checks (probe sessions) running now.
+    probes_active: Gauge => "probes_active";
+    /// Network checks started since start, by transport.
+    probes_started: ByTransport<Counter> => "probes_started_total";
+    /// Network checks refused at the probe caps (`too_many_probes`), by transport.
+    probes_refused: ByTransport<Counter> => "probes_refused_total";
     /// Connection attempts refused at a capacity limit (handshakes or sessions).
     handshakes_refused: Counter => "handshakes_refused_total";
     /// Refused hellos, by error code.
@@ -572,6 +578,10 @@ mod tests {
             "acme_certificates_issued_total",
             "acme_failures_total",
             "acme_failing",
+            // Since: network checks (probe sessions).
+            "probes_active",
+            "probes_started_total",
+            "probes_refused_total",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

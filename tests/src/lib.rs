@@ -205,10 +205,17 @@ impl TestServer {
 
     /// Opens a raw session and its control stream, sending nothing.
     pub async fn raw_session(&self) -> Result<RawSession> {
-        let config = ClientConfig::builder()
-            .with_bind_default()
-            .with_server_certificate_hashes(self.hashes.iter().map(|h| (*h).into()))
-            .build();
+        self.raw_session_from(None).await
+    }
+
+    /// Opens a raw session from local address `from` (any, if `None`), sending nothing.
+    pub async fn raw_session_from(&self, from: Option<std::net::IpAddr>) -> Result<RawSession> {
+        let bind = ClientConfig::builder();
+        let bind = match from {
+            Some(ip) => bind.with_bind_address(SocketAddr::new(ip, 0)),
+            None => bind.with_bind_default(),
+        };
+        let config = bind.with_server_certificate_hashes(self.hashes.iter().map(|h| (*h).into())).build();
         let endpoint = Endpoint::client(config)?;
         let conn = endpoint.connect(self.url("127.0.0.1")).await?;
         let (send, recv) = conn.open_bi().await?.await?;
@@ -315,9 +322,21 @@ impl TestServer {
     /// Opens a raw WebSocket session on the HTTP listener, sending nothing; `recv_buffer` sets
     /// the socket's receive buffer (small: a peer that reads slowly fills up fast).
     pub async fn raw_websocket(&self, recv_buffer: Option<u32>) -> Result<RawWebSocket> {
+        self.raw_websocket_from(recv_buffer, None).await
+    }
+
+    /// [`Self::raw_websocket`] from local IPv4 address `from` (any, if `None`).
+    pub async fn raw_websocket_from(
+        &self,
+        recv_buffer: Option<u32>,
+        from: Option<std::net::IpAddr>,
+    ) -> Result<RawWebSocket> {
         let socket = tokio::net::TcpSocket::new_v4()?;
         if let Some(size) = recv_buffer {
             socket.set_recv_buffer_size(size)?;
+        }
+        if let Some(ip) = from {
+            socket.bind(SocketAddr::new(ip, 0))?;
         }
         let tcp = socket.connect(self.http).await?;
         let url = format!("ws://{}/api/ws", self.http);
@@ -417,10 +436,23 @@ pub enum RawLink {
 impl TestServer {
     /// Opens a raw session over [`Self::transport`], sending nothing.
     pub async fn raw_link(&self) -> Result<RawLink> {
+        self.raw_link_from(None).await
+    }
+
+    /// Opens a raw session over [`Self::transport`] from local address `from` (a loopback
+    /// address other than 127.0.0.1 looks like another client network), sending nothing.
+    pub async fn raw_link_from(&self, from: Option<std::net::IpAddr>) -> Result<RawLink> {
         Ok(match self.transport {
-            Transport::WebTransport => RawLink::WebTransport(self.raw_session().await?),
-            Transport::WebSocket => RawLink::WebSocket(self.raw_websocket(None).await?),
+            Transport::WebTransport => RawLink::WebTransport(self.raw_session_from(from).await?),
+            Transport::WebSocket => RawLink::WebSocket(self.raw_websocket_from(None, from).await?),
         })
+    }
+
+    /// Options for a network check of this server over [`Self::transport`] (pinned hashes).
+    pub fn probe_options(&self) -> downbeat_client::probe::ProbeOptions {
+        let mut options = downbeat_client::probe::ProbeOptions::new(self.session_url("127.0.0.1"));
+        options.cert_hashes = self.hashes.clone();
+        options
     }
 }
 
@@ -430,6 +462,17 @@ impl RawLink {
         match self {
             Self::WebTransport(raw) => raw.write_message(message).await,
             Self::WebSocket(raw) => raw.send_message(message).await,
+        }
+    }
+
+    /// Sends one datagram (a QUIC datagram, or a tagged WebSocket message).
+    pub async fn send_datagram(&mut self, datagram: &[u8]) -> Result<()> {
+        match self {
+            Self::WebTransport(raw) => Ok(raw.conn.send_datagram(datagram)?),
+            Self::WebSocket(raw) => {
+                let message = downbeat_protocol::ws::datagram_message(datagram);
+                raw.send(tokio_tungstenite::tungstenite::Message::Binary(message.into())).await
+            }
         }
     }
 

@@ -67,7 +67,9 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         | ErrorCode::TooManyPendingChanges
         | ErrorCode::RoomFull
         | ErrorCode::SessionReplaced => StatusCode::CONFLICT,
-        ErrorCode::TooManyRooms | ErrorCode::RateLimited | ErrorCode::TooManySessions => StatusCode::TOO_MANY_REQUESTS,
+        ErrorCode::TooManyRooms | ErrorCode::RateLimited | ErrorCode::TooManySessions | ErrorCode::TooManyProbes => {
+            StatusCode::TOO_MANY_REQUESTS
+        }
         ErrorCode::ServerBusy | ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }

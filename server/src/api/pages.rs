@@ -63,6 +63,7 @@ pub(crate) fn routes(demo: bool) -> Router<AppState> {
         .route("/", get(index))
         .route("/teacher", get(teacher))
         .route("/student", get(student))
+        .route("/check", get(check))
         .route("/{file}", get(web_file))
         .route("/pkg/{*file}", get(pkg_file))
         .route("/api/client-config", get(client_config))
@@ -80,6 +81,11 @@ async fn teacher(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
 
 async fn student(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     page(&state, "student.html", &headers).await
+}
+
+/// The network check: can this device reach the server, on which transport, how well timed.
+async fn check(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    page(&state, "check.html", &headers).await
 }
 
 /// One of the named pages; its absence says where pages come from.

@@ -107,6 +107,7 @@ fn banner(server: &Server) -> anyhow::Result<String> {
     for site in &sites {
         out.push_str(&format!("  Teacher page:  {site}/teacher\n"));
         out.push_str(&format!("  Student page:  {site}/student\n"));
+        out.push_str(&format!("  Network check: {site}/check\n"));
     }
     out.push_str(&format!(
         "  WebTransport:  {}  or  {}\n",

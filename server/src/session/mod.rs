@@ -7,11 +7,15 @@
 //! move bytes. So both transports have one authorization, one set of limits and the same error
 //! codes.
 //!
+//! A session's first frame is a hello (it joins a room) or a probe (a network check that may
+//! only sync its clock for a while: [`probe`]); both kinds end through the same path.
+//!
 //! Every session runs in one task (plus a writer task draining its queues) inside a tracing
 //! span with its member id and room. Nothing a peer sends can panic the server: lengths are
 //! checked before allocating, decode errors become stable error codes, and a bad datagram is
 //! dropped and counted while the session carries on.
 
+pub(crate) mod probe;
 pub(crate) mod websocket;
 mod webtransport;
 
@@ -21,10 +25,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
+use self::probe::{ProbeSlot, Probes};
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
     self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, Name, PROTOCOL_VERSION, RoomRequest,
-    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport, Welcome,
+    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -77,6 +82,7 @@ pub(crate) struct SessionContext {
     pub(crate) keep_alive: Duration,
     pub(crate) handshakes: Arc<Semaphore>,
     pub(crate) sessions: Arc<Semaphore>,
+    pub(crate) probes: Probes,
     pub(crate) next_session_id: AtomicU64,
 }
 
@@ -138,7 +144,26 @@ struct Joined {
     _slot: TenantSlot,
 }
 
-/// What a transport does for a joined session; the rest is [`Session::serve`].
+/// What a session was admitted as (its first answer is written before it is served).
+#[derive(Debug)]
+enum Admitted {
+    /// A member of a room (answered with the welcome): [`Session::serve`].
+    Joined(Joined),
+    /// A network check (answered with [`ServerMessage::ProbeStarted`]): [`Session::probe`].
+    Probe(ProbeSlot),
+}
+
+impl Admitted {
+    /// The first answer could not be written: the seat (if any) is given up as lost.
+    async fn abandon(self) {
+        if let Self::Joined(joined) = self {
+            joined.seat.leave(Departure::Lost).await;
+        }
+    }
+}
+
+/// What a transport does for an admitted session; the rest is [`Session::serve`] and
+/// [`Session::probe`].
 trait Link: Send {
     /// Starts the task that writes queued control messages (and whatever else the transport
     /// sends from its own queues) until `rx` closes; it says goodbye with the code given to
@@ -215,14 +240,15 @@ impl Session {
         (Self { session_id, carrier, peer, ctx, shutdown }, span)
     }
 
-    /// Checks the hello (`first`, the first control frame) and takes a seat, reachable through
-    /// `conn`: the session and the welcome to write, or why not (counted; `None` when the peer
-    /// left before saying hello).
+    /// Checks the first control frame (`first`): a hello takes a seat, reachable through
+    /// `conn`; a probe takes a place under the probe caps. Returns what the session holds and
+    /// must answer first (the welcome, or the probe's start), or why not (counted; `None` when
+    /// the peer left before saying anything).
     async fn admit(
         &self,
         first: Result<ClientMessage, ReadError>,
         conn: Arc<dyn Peer>,
-    ) -> Result<(Joined, Welcome), Option<Refusal>> {
+    ) -> Result<(Admitted, ServerMessage), Option<Refusal>> {
         let refused = |refusal: Refusal| {
             let code = refusal.code;
             self.ctx.stats.hello_failures.inc(code);
@@ -242,8 +268,10 @@ impl Session {
             }
             Err(ReadError::Stalled) => return Err(refused(Refusal::new(ErrorCode::HelloTimeout, "no hello in time"))),
         };
-        let ClientMessage::Hello(hello) = first else {
-            return Err(refused(Refusal::new(ErrorCode::HelloRequired, "the first frame must be a hello")));
+        let hello = match first {
+            ClientMessage::Hello(hello) => hello,
+            ClientMessage::Probe { version } => return self.admit_probe(version),
+            _ => return Err(refused(Refusal::new(ErrorCode::HelloRequired, "the first frame must be a hello"))),
         };
         if hello.version != PROTOCOL_VERSION {
             return Err(refused(Refusal::new(ErrorCode::UnsupportedVersion, "this server speaks protocol version 1")));
@@ -289,7 +317,35 @@ impl Session {
         let seat = Seat::new(room, welcome.member_id, self.session_id);
         Span::current().record("member", welcome.member_id);
         info!(role = ?principal.role, "joined");
-        Ok((Joined { seat, principal, control_tx, control_rx, kick, _slot: slot }, welcome))
+        let joined = Joined { seat, principal, control_tx, control_rx, kick, _slot: slot };
+        Ok((Admitted::Joined(joined), ServerMessage::Welcome(welcome)))
+    }
+
+    /// A probe's first frame: no token, no room; a place under the caps.
+    fn admit_probe(&self, version: u16) -> Result<(Admitted, ServerMessage), Option<Refusal>> {
+        let refused = |refusal: Refusal| {
+            self.ctx.stats.refused.inc(refusal.code);
+            debug!(code = refusal.code.as_str(), message = %refusal.message, "probe refused");
+            Some(refusal)
+        };
+        if version != PROTOCOL_VERSION {
+            return Err(refused(Refusal::new(ErrorCode::UnsupportedVersion, "this server speaks protocol version 1")));
+        }
+        let Some(slot) = self.ctx.probes.admit(self.peer, self.carrier, &self.ctx.stats) else {
+            let message = "too many network checks are running; try again in a minute";
+            return Err(refused(Refusal::new(ErrorCode::TooManyProbes, message)));
+        };
+        debug!("network check started");
+        let duration_ms = u32::try_from(self.ctx.probes.duration.as_millis()).unwrap_or(u32::MAX);
+        Ok((Admitted::Probe(slot), ServerMessage::ProbeStarted { duration_ms }))
+    }
+
+    /// Serves what the session was admitted as, once its answer is written.
+    async fn run(&self, link: impl Link, admitted: Admitted) {
+        match admitted {
+            Admitted::Joined(joined) => self.serve(link, joined).await,
+            Admitted::Probe(slot) => self.probe(link, slot).await,
+        }
     }
 
     /// The joined session: the link's writer drains the control queue; the link reads control
@@ -301,8 +357,8 @@ impl Session {
         let mut shutdown = self.shutdown.clone();
         let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
         let member = Member { ctx: &self.ctx, room: &room, member_id, session_id: self.session_id };
-        let mut control = Control::new(member, self.carrier, principal, expiry_tx);
-        let mut datagrams = Datagrams::new(member);
+        let mut control = Control::Member(Box::new(MemberControl::new(member, self.carrier, principal, expiry_tx)));
+        let mut datagrams = Datagrams::new(&self.ctx, Some(member));
         let end = tokio::select! {
             end = link.read(&mut control, &mut datagrams, &control_tx) => end,
             // The writer only stops early when its transport failed.
@@ -315,11 +371,45 @@ impl Session {
                 Err(_) => End::Shutdown,
             },
         };
+        drop((control, datagrams));
+        self.finish(link, writer, control_tx, end, Held::Seat(seat)).await;
+    }
+
+    /// The probe: the link reads clock sync (and nothing else) until its time is up or either
+    /// side ends it.
+    async fn probe(&self, mut link: impl Link, slot: ProbeSlot) {
+        let (control_tx, control_rx) = mpsc::channel(1);
+        let mut writer = link.spawn_writer(control_rx);
+        let mut shutdown = self.shutdown.clone();
+        let mut control = Control::Probe(&self.ctx);
+        let mut datagrams = Datagrams::new(&self.ctx, None);
+        let end = tokio::select! {
+            end = link.read(&mut control, &mut datagrams, &control_tx) => end,
+            _ = &mut writer => End::Closed,
+            () = shutdown.wait() => End::Shutdown,
+            () = tokio::time::sleep(self.ctx.probes.duration) => End::Fatal(ErrorCode::ProbeOver, "the network check is over"),
+        };
+        drop((control, datagrams));
+        self.finish(link, writer, control_tx, end, Held::Probe(slot)).await;
+    }
+
+    /// How every session ends: what it holds is given back first (a seat is left, telling the
+    /// room how; a probe's place is freed before the probe hears it ended), then the peer is
+    /// told why (an error frame through the writer, then the transport's close with the code)
+    /// and the link lingers until the goodbye cannot be lost.
+    async fn finish(
+        &self,
+        mut link: impl Link,
+        mut writer: JoinHandle<()>,
+        control_tx: mpsc::Sender<ServerMessage>,
+        end: End,
+        held: Held,
+    ) {
         let (code, message) = match end {
             End::Closed => {
                 let how = link.departure().await;
                 debug!(?how, "session ended");
-                seat.leave(how).await;
+                held.give_back(how).await;
                 writer.abort();
                 link.close(None, "");
                 return;
@@ -328,7 +418,7 @@ impl Session {
             End::Fatal(code, message) => (code, message),
         };
         // Frees the seat unless the room already did (kicked sessions no longer hold it).
-        seat.leave(Departure::Closed).await;
+        held.give_back(Departure::Closed).await;
         debug!(code = code.as_str(), "closing session");
         link.closing(code, message);
         let _ = control_tx.try_send(error_frame(code, None, message));
@@ -347,6 +437,23 @@ impl Session {
 fn sync_reply(clock: ServerClock, request: SyncRequest, t1: ServerNanos) -> Option<Vec<u8>> {
     let reply = ServerDatagram::SyncReply(SyncReply { id: request.id, t0: request.t0, t1, t2: clock.now() });
     wire::encode_server_datagram(&reply).ok()
+}
+
+/// What an ending session gives back.
+#[derive(Debug)]
+enum Held {
+    Seat(Seat),
+    Probe(ProbeSlot),
+}
+
+impl Held {
+    /// Gives it back: a seat is left (`how` tells the room), a probe's place freed.
+    async fn give_back(self, how: Departure) {
+        match self {
+            Self::Seat(seat) => seat.leave(how).await,
+            Self::Probe(slot) => drop(slot),
+        }
+    }
 }
 
 /// How a session ended.
@@ -437,9 +544,63 @@ struct Member<'a> {
     session_id: u64,
 }
 
+/// The control side of a session: what it does with the frames its peer sends.
+#[derive(Debug)]
+enum Control<'a> {
+    /// A member's: checked and forwarded.
+    Member(Box<MemberControl<'a>>),
+    /// A probe's: none is allowed.
+    Probe(&'a SessionContext),
+}
+
+impl<'a> Control<'a> {
+    /// What every session shares.
+    fn ctx(&self) -> &'a SessionContext {
+        match self {
+            Self::Member(member) => member.ctx,
+            Self::Probe(ctx) => ctx,
+        }
+    }
+
+    /// Handles one control frame as read (or why reading failed); `Some` ends the session.
+    async fn handle(
+        &mut self,
+        read: Result<ClientMessage, ReadError>,
+        control_tx: &mpsc::Sender<ServerMessage>,
+    ) -> Option<End> {
+        match self {
+            Self::Member(member) => member.handle(read, control_tx).await,
+            Self::Probe(ctx) => Some(probe::control(ctx, read)),
+        }
+    }
+}
+
+/// A control frame as read, or how the session ends because it could not be read (a frame
+/// that did not decode, was too large or stalled is counted; a closed stream is the peer
+/// leaving).
+fn read_failure(ctx: &SessionContext, read: Result<ClientMessage, ReadError>) -> Result<ClientMessage, End> {
+    match read {
+        Ok(message) => Ok(message),
+        Err(ReadError::Closed) => Err(End::Closed),
+        Err(ReadError::Decode(e)) => {
+            count_decode_error(&ctx.stats, e);
+            ctx.stats.refused.inc(e.code());
+            let message = match e {
+                DecodeError::TooLarge { .. } => "frame larger than the limit",
+                _ => "frame did not decode",
+            };
+            Err(End::Fatal(e.code(), message))
+        }
+        Err(ReadError::Stalled) => {
+            ctx.stats.frames_malformed.inc();
+            Err(End::Fatal(ErrorCode::MalformedFrame, "frame body did not arrive in time"))
+        }
+    }
+}
+
 /// The control side of a joined session: checks and forwards what the peer sends.
 #[derive(Debug)]
-struct Control<'a> {
+struct MemberControl<'a> {
     ctx: &'a SessionContext,
     room: &'a RoomHandle,
     member_id: u64,
@@ -452,7 +613,7 @@ struct Control<'a> {
     abuse: TokenBucket,
 }
 
-impl<'a> Control<'a> {
+impl<'a> MemberControl<'a> {
     fn new(member: Member<'a>, carrier: Transport, principal: Principal, expiry: watch::Sender<u64>) -> Self {
         let Member { ctx, room, member_id, session_id } = member;
         let limits = ctx.tenants.tenant(&principal.tenant).map(|t| *t.limits()).unwrap_or_default();
@@ -477,22 +638,9 @@ impl<'a> Control<'a> {
         read: Result<ClientMessage, ReadError>,
         control_tx: &mpsc::Sender<ServerMessage>,
     ) -> Option<End> {
-        let message = match read {
+        let message = match read_failure(self.ctx, read) {
             Ok(message) => message,
-            Err(ReadError::Closed) => return Some(End::Closed),
-            Err(ReadError::Decode(e)) => {
-                count_decode_error(&self.ctx.stats, e);
-                self.ctx.stats.refused.inc(e.code());
-                let message = match e {
-                    DecodeError::TooLarge { .. } => "frame larger than the limit",
-                    _ => "frame did not decode",
-                };
-                return Some(End::Fatal(e.code(), message));
-            }
-            Err(ReadError::Stalled) => {
-                self.ctx.stats.frames_malformed.inc();
-                return Some(End::Fatal(ErrorCode::MalformedFrame, "frame body did not arrive in time"));
-            }
+            Err(end) => return Some(end),
         };
         let now = self.ctx.clock.now().0;
         if let ClientMessage::Report(report) = message {
@@ -517,7 +665,7 @@ impl<'a> Control<'a> {
             return control_tx.send(reply).await.is_err().then_some(End::Closed);
         }
         let reply = match message {
-            ClientMessage::Hello(_) => {
+            ClientMessage::Hello(_) | ClientMessage::Probe { .. } => {
                 self.ctx.stats.refused.inc(ErrorCode::UnexpectedMessage);
                 error_frame(ErrorCode::UnexpectedMessage, None, "this session already said hello")
             }
@@ -585,48 +733,50 @@ fn request_id_of(message: &ClientMessage) -> Option<u32> {
         ClientMessage::Control(request) => Some(request.request_id),
         ClientMessage::RefreshToken { request_id, .. } => Some(*request_id),
         ClientMessage::Reflect(reflection) => Some(reflection.request_id),
-        ClientMessage::Hello(_) | ClientMessage::Report(_) => None,
+        ClientMessage::Hello(_) | ClientMessage::Report(_) | ClientMessage::Probe { .. } => None,
     }
 }
 
-/// The datagram side of a joined session: clock sync and notes.
+/// The datagram side of a session: clock sync, and a member's notes.
 #[derive(Debug)]
 struct Datagrams<'a> {
     ctx: &'a SessionContext,
-    room: &'a RoomHandle,
-    member_id: u64,
-    session_id: u64,
+    /// Whose notes go to which room; `None` for a probe, which may send none.
+    member: Option<Member<'a>>,
     bucket: TokenBucket,
 }
 
 impl<'a> Datagrams<'a> {
-    fn new(member: Member<'a>) -> Self {
-        let Member { ctx, room, member_id, session_id } = member;
+    fn new(ctx: &'a SessionContext, member: Option<Member<'a>>) -> Self {
         let bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, ctx.clock.now().0);
-        Self { ctx, room, member_id, session_id, bucket }
+        Self { ctx, member, bucket }
     }
 
     /// Handles a datagram received at `t1` (stamped the moment it was handed over, before
     /// decoding): notes go to the room; a clock-sync request is returned for the transport to
-    /// answer with [`sync_reply`] as late as it can.
-    fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Option<SyncRequest> {
+    /// answer with [`sync_reply`] as late as it can. `Err`: the session ends (a probe sent
+    /// notes).
+    fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Result<Option<SyncRequest>, End> {
         let stats = &self.ctx.stats;
         stats.datagrams_received.inc();
         if !self.bucket.try_take(t1.0) {
             stats.datagrams_rate_limited.inc();
-            return None;
+            return Ok(None);
         }
         match wire::decode_client_datagram(datagram) {
             Err(_) => stats.datagrams_malformed.inc(),
-            Ok(ClientDatagram::SyncRequest(request)) => return Some(request),
+            Ok(ClientDatagram::SyncRequest(request)) => return Ok(Some(request)),
             Ok(ClientDatagram::Notes(notes)) => {
+                let Some(Member { room, member_id, session_id, .. }) = self.member else {
+                    return Err(probe::not_sync(self.ctx));
+                };
                 stats.note_datagrams_received.inc();
-                if !self.room.notes(self.member_id, self.session_id, notes) {
+                if !room.notes(member_id, session_id, notes) {
                     stats.notes_dropped.inc(ErrorCode::ServerBusy);
                 }
             }
         }
-        None
+        Ok(None)
     }
 }
 

@@ -93,7 +93,7 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
             return;
         }
     };
-    let (joined, welcome) = match session.admit(first, outbox).await {
+    let (admitted, answer) = match session.admit(first, outbox).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
@@ -102,21 +102,22 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
             return;
         }
     };
-    let welcomed = match wire::encode_frame(&ServerMessage::Welcome(welcome)) {
+    let answered = match wire::encode_frame(&answer) {
         Ok(frame) => link.write(Message::Binary(ws::control_message(&frame).into())).await,
         Err(e) => {
-            warn!(error = %e, "welcome did not encode");
+            warn!(error = %e, "the first answer did not encode");
             false
         }
     };
-    if !welcomed {
-        joined.seat.leave(Departure::Lost).await;
+    if !answered {
+        admitted.abandon().await;
         return;
     }
-    session.serve(link, joined).await;
+    session.run(link, admitted).await;
 }
 
-/// Reads the first unit, which must be a control frame (the hello); pings and pongs aside.
+/// Reads the first unit, which must be a control frame (the hello or a probe); pings and pongs
+/// aside.
 async fn read_control(stream: &mut SplitStream<WebSocket>, left: &mut bool) -> Result<ClientMessage, ReadError> {
     // The hello's own deadline bounds this wait.
     match next_unit(stream, left, Duration::MAX).await? {
@@ -263,8 +264,10 @@ impl Link for WsLink {
             let t1 = self.clock.now();
             let read = match unit {
                 Ok(Received::Datagram(datagram)) => {
-                    if let Some(request) = datagrams.receive(&datagram, t1) {
-                        self.outbox.sync_reply(request, t1);
+                    match datagrams.receive(&datagram, t1) {
+                        Ok(Some(request)) => self.outbox.sync_reply(request, t1),
+                        Ok(None) => {}
+                        Err(end) => return end,
                     }
                     continue;
                 }

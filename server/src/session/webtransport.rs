@@ -147,17 +147,18 @@ async fn run(session: Session, conn: Connection, deadline: Instant) {
             return;
         }
     };
-    let Some((joined, send, recv)) = joined else { return };
-    session.serve(WtLink { conn, send: Some(send), recv }, joined).await;
+    let Some((admitted, send, recv)) = joined else { return };
+    session.run(WtLink { conn, send: Some(send), recv }, admitted).await;
 }
 
-/// Opens the control stream and handles the hello (see [`Session::admit`]). On success the
-/// welcome is written; on failure the peer was told why and the session closed.
+/// Opens the control stream and handles the hello or probe (see [`Session::admit`]). On
+/// success the first answer (welcome or probe start) is written; on failure the peer was told
+/// why and the session closed.
 async fn hello(
     session: &Session,
     conn: &Connection,
     deadline: Instant,
-) -> Option<(super::Joined, SendStream, RecvStream)> {
+) -> Option<(super::Admitted, SendStream, RecvStream)> {
     let (mut send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
@@ -172,7 +173,7 @@ async fn hello(
         }
     };
     let first = timeout_at(deadline, read_frame(&mut recv)).await.unwrap_or(Err(ReadError::Stalled));
-    let (joined, welcome) = match session.admit(first, Arc::new(conn.clone())).await {
+    let (admitted, answer) = match session.admit(first, Arc::new(conn.clone())).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
@@ -181,19 +182,19 @@ async fn hello(
             return None;
         }
     };
-    let written = match wire::encode_frame(&ServerMessage::Welcome(welcome)) {
+    let written = match wire::encode_frame(&answer) {
         Ok(bytes) => send.write_all(&bytes).await.is_ok(),
         Err(e) => {
-            warn!(error = %e, "welcome did not encode");
+            warn!(error = %e, "the first answer did not encode");
             false
         }
     };
     if !written {
-        joined.seat.leave(Departure::Lost).await;
+        admitted.abandon().await;
         conn.close(close_code(ErrorCode::Internal), b"");
         return None;
     }
-    Some((joined, send, recv))
+    Some((admitted, send, recv))
 }
 
 /// Tells the peer why its hello was refused, then closes the session with that code.
@@ -231,7 +232,7 @@ impl Link for WtLink {
         control_tx: &mpsc::Sender<ServerMessage>,
     ) -> End {
         let Self { conn, recv, .. } = self;
-        let ctx = control.ctx;
+        let ctx = control.ctx();
         let clock = ctx.clock;
         let frames = async {
             loop {
@@ -243,15 +244,21 @@ impl Link for WtLink {
         let datagrams = async {
             while let Ok(datagram) = conn.receive_datagram().await {
                 let t1 = clock.now();
-                if let Some(request) = datagrams.receive(&datagram, t1) {
-                    let sent = sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
-                    ctx.stats.count_sync_reply(sent);
+                match datagrams.receive(&datagram, t1) {
+                    Ok(Some(request)) => {
+                        let sent =
+                            sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
+                        ctx.stats.count_sync_reply(sent);
+                    }
+                    Ok(None) => {}
+                    Err(end) => return end,
                 }
             }
+            End::Closed
         };
         tokio::select! {
             end = frames => end,
-            () = datagrams => End::Closed,
+            end = datagrams => end,
         }
     }
 
