@@ -71,31 +71,35 @@ const ACCEPTED_ALGORITHMS: [Algorithm; 8] = [
     Algorithm::PS256,
 ];
 
-/// What a user may do in a room.
+/// Who a user is to their school (see [`crate::authz`] for what each may do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
-    /// Creates and runs rooms.
+    /// Creates and runs rooms, and reads the SEL data of the rooms they run.
     Teacher,
     /// Joins rooms and plays.
     Student,
+    /// The school's data steward: exports and deletes a child's data and reads any room's
+    /// SEL data; never joins or runs a room.
+    Admin,
 }
 
 impl Role {
-    /// The claim value: `"teacher"` or `"student"`.
+    /// The claim value: `"teacher"`, `"student"` or `"admin"`.
     pub const fn as_str(self) -> &'static str {
         match self {
             Self::Teacher => "teacher",
             Self::Student => "student",
+            Self::Admin => "admin",
         }
     }
-}
 
-impl From<Role> for downbeat_protocol::Role {
-    fn from(role: Role) -> Self {
-        match role {
-            Role::Teacher => Self::Teacher,
-            Role::Student => Self::Student,
+    /// The role a member of a room has on the wire; `None` for admins, who never join one.
+    pub const fn member_role(self) -> Option<downbeat_protocol::Role> {
+        match self {
+            Self::Teacher => Some(downbeat_protocol::Role::Teacher),
+            Self::Student => Some(downbeat_protocol::Role::Student),
+            Self::Admin => None,
         }
     }
 }
@@ -1077,7 +1081,7 @@ mod tests {
     fn an_unknown_role_is_malformed() {
         let tenants = two_schools();
         let mut payload = serde_json::to_value(claims_for_a(Role::Teacher)).unwrap();
-        payload["role"] = "admin".into();
+        payload["role"] = "principal".into();
         refused_as_malformed(&tenants, &sign_json(Algorithm::HS256, &payload, SECRET_A));
     }
 
@@ -1123,7 +1127,9 @@ mod tests {
 
     #[test]
     fn role_names_are_lowercase() {
-        assert_eq!(downbeat_protocol::Role::from(Role::Teacher), downbeat_protocol::Role::Teacher);
+        assert_eq!(Role::Teacher.member_role(), Some(downbeat_protocol::Role::Teacher));
+        assert_eq!(Role::Admin.member_role(), None);
+        assert_eq!(serde_json::from_str::<Role>(r#""admin""#).unwrap(), Role::Admin);
         assert_eq!(Role::from(downbeat_protocol::Role::Student), Role::Student);
         assert_eq!(Role::Teacher.as_str(), "teacher");
         assert_eq!(serde_json::to_string(&Role::Student).unwrap(), r#""student""#);

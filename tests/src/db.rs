@@ -9,6 +9,7 @@
 //!
 //! [`TestDatabase::make_unavailable`] takes the database away from its clients the way
 //! production loses it, so tests can see writes fail as retryable and then recover.
+//! [`on_both_backends!`](crate::on_both_backends) runs an end-to-end test on each backend.
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -298,6 +299,25 @@ fn redact(url: &str) -> String {
         }
         None => url.to_owned(),
     }
+}
+
+/// Runs each `async fn $name(Backend) -> anyhow::Result<()>` as two tests, `$name::sqlite` and
+/// `$name::postgres`, each on a two-thread runtime (a server and its clients).
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($name:ident),* $(,)?) => {$(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() -> anyhow::Result<()> {
+                super::$name($crate::db::Backend::Sqlite).await
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() -> anyhow::Result<()> {
+                super::$name($crate::db::Backend::Postgres).await
+            }
+        }
+    )*};
 }
 
 #[cfg(test)]

@@ -155,6 +155,11 @@ impl TestServer {
         self.token(Role::Student, sub, &format!("Student {sub}"))
     }
 
+    /// An admin's token (the school's data steward; subject `sub`, named after it).
+    pub fn admin(&self, sub: &str) -> String {
+        self.token(Role::Admin, sub, &format!("Admin {sub}"))
+    }
+
     /// Connect options to join room `code` with `token` over [`Self::transport`] and the pinned
     /// hashes; no reports.
     pub fn options(&self, code: &str, token: &str) -> ConnectOptions {

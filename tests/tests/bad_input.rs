@@ -34,6 +34,10 @@ async fn setup() -> anyhow::Result<(TestServer, String, downbeat_client::Client)
 #[tokio::test]
 async fn garbage_datagrams_are_dropped_and_counted_and_the_session_stays_up() -> anyhow::Result<()> {
     let (server, room, bystander) = setup().await?;
+    // A co-teacher of the room, so its controls are its to make.
+    let owner = server.teacher("t-bystander");
+    let path = format!("/api/rooms/{room}/co-teachers/t-noisy");
+    assert_eq!(server.http("PUT", &path, Some(&owner), None).await?.0, 200);
     let noisy = server.connect(&room, &server.teacher("t-noisy")).await?;
     let mut rng = downbeat_engine::sim::Rng::new(9);
     let mut sent = 0u64;

@@ -1,8 +1,8 @@
 //! SEL end to end, over real sockets, on SQLite and on PostgreSQL: reflections acknowledged
 //! only once committed and stored once however often they are retried, participation and
 //! on-beat accuracy measured by the server matching what 30 students really played, the
-//! teachers' live feed, one student's export and hard delete, tenant isolation, and a database
-//! outage that beats and notes never notice.
+//! teachers' live feed, one student's export and hard delete (by the school's admin), tenant
+//! isolation, and a database outage that beats and notes never notice.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -17,32 +17,15 @@ use downbeat_server::auth::Role;
 use downbeat_server::config::TenantLimits;
 use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
-use downbeat_tests::{TestServer, Transport, events_until, school};
+use downbeat_tests::{TestServer, Transport, events_until, on_both_backends, school};
 use serde_json::{Value, json};
-
-/// Runs `$name(backend)` as two tests, one per backend.
-macro_rules! on_both_backends {
-    ($($name:ident),* $(,)?) => {$(
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn sqlite() -> anyhow::Result<()> {
-                super::$name(super::Backend::Sqlite).await
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn postgres() -> anyhow::Result<()> {
-                super::$name(super::Backend::Postgres).await
-            }
-        }
-    )*};
-}
 
 on_both_backends!(
     reflections_are_saved_once_and_reach_the_teachers_feed,
     reflections_over_websocket_are_saved_once_and_reach_the_teachers_feed,
     participation_and_accuracy_match_what_thirty_students_played,
     export_and_delete_cover_every_row_of_one_student,
-    no_teacher_reads_or_deletes_another_schools_data,
+    nobody_reads_or_deletes_another_schools_data,
     a_database_outage_never_touches_beats_and_drains_after,
 );
 
@@ -371,7 +354,9 @@ async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> R
     })
     .await?;
 
-    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    // Export and delete are the school admin's.
+    let admin = server.admin("a-1");
+    let export = get(&server, "/api/students/s-ana/export", &admin, 200).await?;
     assert_eq!(export["student_id"], "s-ana");
     assert_eq!(export["reflections"].as_array().map(Vec::len), Some(2));
     let rows = export["participation"].as_array().context("participation")?;
@@ -392,7 +377,7 @@ async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> R
             heard += 1;
         }
     }
-    let (status, deleted) = server.http("DELETE", "/api/students/s-ana", Some(&teacher_token), None).await?;
+    let (status, deleted) = server.http("DELETE", "/api/students/s-ana", Some(&admin), None).await?;
     assert_eq!(status, 200, "{deleted}");
     assert_eq!(deleted["reflections"], 2);
     assert!(deleted["participation"].as_u64().is_some_and(|n| n >= 2), "{deleted}");
@@ -408,21 +393,23 @@ async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> R
     assert_eq!(store.rows_mentioning("s-ana").await?, 0);
     assert!(store.rows_mentioning("s-ben").await? >= 4);
     store.close().await;
-    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    let export = get(&server, "/api/students/s-ana/export", &admin, 200).await?;
     assert_eq!(export["reflections"], json!([]));
     assert_eq!(export["participation"], json!([]));
     let summary = get(&server, "/api/students/s-ben/summary", &teacher_token, 200).await?;
     assert_eq!((summary["reflections"].as_i64(), summary["participation"]["notes"].as_i64()), (Some(2), Some(4)));
-    // Only teachers export or delete.
-    let (status, _) = server.http("DELETE", "/api/students/s-ben", Some(&server.student("s-ben")), None).await?;
-    assert_eq!(status, 403);
+    // Only admins export or delete: not a student, not the class's own teacher.
+    for token in [server.student("s-ben"), teacher_token] {
+        let (status, _) = server.http("DELETE", "/api/students/s-ben", Some(&token), None).await?;
+        assert_eq!(status, 403);
+    }
     Ok(())
 }
 
 const SECRET_A: &[u8; 32] = b"school-a-secret-school-a-secret!";
 const SECRET_B: &[u8; 32] = b"school-b-secret-school-b-secret!";
 
-async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> Result<()> {
+async fn nobody_reads_or_deletes_another_schools_data(backend: Backend) -> Result<()> {
     let db = TestDatabase::new(backend).await;
     let server = server_on(&db, |c| {
         c.tenants = vec![school("a", SECRET_A, TenantLimits::default()), school("b", SECRET_B, TenantLimits::default())]
@@ -445,6 +432,7 @@ async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> R
     }
     let teacher_a = mint("a", Role::Teacher, "t-1");
     let teacher_b = mint("b", Role::Teacher, "t-1");
+    let (admin_a, admin_b) = (mint("a", Role::Admin, "a-1"), mint("b", Role::Admin, "a-1"));
     let sel_a = get(&server, &format!("/api/rooms/{}/sel", codes["a"]), &teacher_a, 200).await?;
     let session_a = sel_a["session"]["id"].as_str().context("session id")?.to_owned();
 
@@ -452,7 +440,9 @@ async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> R
     let (status, body) = server.http("GET", &format!("/api/rooms/{}/sel", codes["a"]), Some(&teacher_b), None).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("room_not_found")));
     get(&server, &format!("/api/sessions/{session_a}/sel"), &teacher_b, 404).await?;
-    let export_b = get(&server, "/api/students/s-1/export", &teacher_b, 200).await?;
+    let (status, body) = server.http("GET", &format!("/api/sessions/{session_a}/sel"), Some(&admin_b), None).await?;
+    assert_eq!(status, 404, "{body}");
+    let export_b = get(&server, "/api/students/s-1/export", &admin_b, 200).await?;
     assert!(!export_b.to_string().contains("school a words"), "{export_b}");
     assert!(export_b["reflections"].as_array().is_some_and(|r| r.len() == 1 && r[0]["tenant_id"] == "b"));
     let summary_b = get(&server, "/api/students/s-1/summary", &teacher_b, 200).await?;
@@ -460,9 +450,9 @@ async fn no_teacher_reads_or_deletes_another_schools_data(backend: Backend) -> R
     assert!(!summary_b.to_string().contains(&session_a));
 
     // B's delete removes B's rows only.
-    let (status, deleted) = server.http("DELETE", "/api/students/s-1", Some(&teacher_b), None).await?;
+    let (status, deleted) = server.http("DELETE", "/api/students/s-1", Some(&admin_b), None).await?;
     assert_eq!((status, deleted["reflections"].as_u64()), (200, Some(1)));
-    let export_a = get(&server, "/api/students/s-1/export", &teacher_a, 200).await?;
+    let export_a = get(&server, "/api/students/s-1/export", &admin_a, 200).await?;
     let reflections = export_a["reflections"].as_array().context("reflections")?;
     assert_eq!(reflections.len(), 1);
     assert_eq!(reflections[0]["text"], "school a words");
@@ -505,10 +495,10 @@ async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend
     assert_eq!((status, body["status"].as_str()), (200, Some("ok")));
 
     // Ana's join is written (within a second): the queue is empty when the outage begins.
-    let poller = server.teacher("t-poll");
-    let (s, teacher_auth) = (&server, poller.as_str());
+    let poller = server.admin("a-poll");
+    let (s, admin_auth) = (&server, poller.as_str());
     until(Duration::from_secs(10), "the join written", move || async move {
-        let export = get(s, "/api/students/s-ana/export", teacher_auth, 200).await?;
+        let export = get(s, "/api/students/s-ana/export", admin_auth, 200).await?;
         Ok(export["participation"].as_array().is_some_and(|rows| !rows.is_empty()))
     })
     .await?;
@@ -569,7 +559,7 @@ async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend
         |e| matches!(e, Event::Participation(n) if n.iter().any(|n| n.member_id == ana.member_id() && n.notes == 1)),
     )
     .await?;
-    let export = get(&server, "/api/students/s-ana/export", &teacher_token, 200).await?;
+    let export = get(&server, "/api/students/s-ana/export", &poller, 200).await?;
     let mut ids: Vec<&str> =
         export["reflections"].as_array().context("reflections")?.iter().filter_map(|r| r["id"].as_str()).collect();
     ids.sort_unstable();

@@ -57,13 +57,15 @@ async fn no_name_or_reflection_text_is_logged() -> Result<()> {
     zelda.play_note(60, 100, 0)?;
     zelda.reflect([9; 16], prompt, Some(4), Some(WORDS)).await?;
     downbeat_tests::events_until(&teacher, |e| matches!(e, downbeat_client::Event::Reflection(_))).await?;
-    for (method, path) in [
-        ("GET", format!("/api/rooms/{code}/sel")),
-        ("GET", "/api/students/s-zq/summary".to_owned()),
-        ("GET", "/api/students/s-zq/export".to_owned()),
-        ("DELETE", "/api/students/s-zq".to_owned()),
+    // Export and delete are the school admin's.
+    let admin_token = server.admin("a-1");
+    for (method, path, token) in [
+        ("GET", format!("/api/rooms/{code}/sel"), &teacher_token),
+        ("GET", "/api/students/s-zq/summary".to_owned(), &teacher_token),
+        ("GET", "/api/students/s-zq/export".to_owned(), &admin_token),
+        ("DELETE", "/api/students/s-zq".to_owned(), &admin_token),
     ] {
-        let (status, body) = server.http(method, &path, Some(&teacher_token), None).await?;
+        let (status, body) = server.http(method, &path, Some(token), None).await?;
         ensure!(status == 200, "{method} {path}: {status} {body}");
     }
     let (status, _) = server

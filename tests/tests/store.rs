@@ -3,8 +3,8 @@
 
 use anyhow::Result;
 use downbeat_server::sel::store::{
-    Batch, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow, SessionEnd, Store,
-    StudentInSession, StudentSession,
+    Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow,
+    SessionEnd, Store, StudentInSession, StudentSession,
 };
 use downbeat_tests::db::{Backend, TestDatabase};
 
@@ -41,6 +41,7 @@ on_both_backends!(
     tenants_never_see_each_other,
     purge_removes_what_is_older_than_the_cutoff,
     an_outage_fails_writes_as_retryable_until_it_ends,
+    co_teachers_are_kept_with_their_session_in_order,
 );
 
 const T: &str = "school-a";
@@ -140,6 +141,7 @@ fn classroom(tenant: &str) -> Batch {
             reflection(tenant, "stu-3", "r-1", "rs-1", "I listened", 18_000),
             reflection(tenant, "stu-1", "r-2", "rs-2", "We were together", 60_000),
         ],
+        co_teachers: Vec::new(),
     }
 }
 
@@ -486,5 +488,60 @@ async fn an_outage_fails_writes_as_retryable_until_it_ends(backend: Backend) -> 
     assert_eq!(store.student_summary(T, "stu-1").await?.counts, counts(9));
     store.close().await;
     db.drop_now().await;
+    Ok(())
+}
+
+fn co_teacher(tenant: &str, room_session: &str, teacher: &str, present: bool) -> CoTeacherChange {
+    CoTeacherChange {
+        tenant_id: tenant.into(),
+        room_session_id: room_session.into(),
+        teacher_id: teacher.into(),
+        present,
+    }
+}
+
+/// Co-teachers added and removed are applied in order (within a batch and when retried),
+/// read back with their session, limit a summary to the sessions a reader's filter accepts,
+/// and are purged with their session.
+async fn co_teachers_are_kept_with_their_session_in_order(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let store = open(&db).await?;
+    store.write(&classroom(T)).await?;
+    let changes = Batch {
+        co_teachers: vec![
+            co_teacher(T, "rs-1", "t-co", true),
+            co_teacher(T, "rs-1", "t-gone", true),
+            co_teacher(T, "rs-1", "t-gone", false),
+            co_teacher(T, "rs-1", "t-back", false),
+            co_teacher(T, "rs-1", "t-back", true),
+            co_teacher("school-b", "rs-1", "t-b", true),
+        ],
+        ..Batch::default()
+    };
+    store.write(&changes).await?;
+    store.write(&changes).await?;
+    let sel = store.session_sel(T, "rs-1").await?.expect("rs-1 is stored");
+    assert_eq!(sel.co_teachers, ["t-back", "t-co"]);
+    assert_eq!(store.session_sel(T, "rs-2").await?.map(|s| s.co_teachers), Some(Vec::new()));
+
+    // A summary limited to the sessions `t-co` ran: rs-1 only, its totals alone.
+    let all = store.student_summary(T, "stu-1").await?;
+    let ran = |t: &downbeat_server::sel::store::SessionTeachers| t.co_teachers.iter().any(|c| c == "t-co");
+    let mine = store.student_summary_where(T, "stu-1", ran).await?;
+    assert_eq!(mine.sessions.len(), 1);
+    assert_eq!(mine.sessions[0].room_session_id, "rs-1");
+    assert_eq!((mine.sessions_attended, mine.reflections, mine.counts), (1, 1, sum(&[counts(1), counts(3)])));
+    assert_eq!(all.sessions.len(), 2);
+    let owners = store.student_summary_where(T, "stu-1", |t| t.teacher_id == "teacher-1").await?;
+    assert_eq!(owners, all);
+    let nobody = store.student_summary_where(T, "stu-1", |_| false).await?;
+    assert_eq!((nobody.sessions.len(), nobody.reflections, nobody.counts), (0, 0, Counts::default()));
+
+    // rs-1 (ended at 20_000) goes with its rows, and its co-teachers with it; school b's stay.
+    store.purge_before(T, 100_000).await?;
+    assert_eq!(store.session_sel(T, "rs-1").await?, None);
+    assert_eq!(store.rows_mentioning("t-co").await?, 0);
+    assert_eq!(store.rows_mentioning("t-b").await?, 1);
+    store.close().await;
     Ok(())
 }

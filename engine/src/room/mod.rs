@@ -27,6 +27,9 @@
 //!   a second ([`Flush`]), and reflections checked against the room's prompts. The shell turns
 //!   them into store rows and queues them; what the queue refuses comes back through
 //!   [`Room::handle_sel_refused`].
+//!   The live feed (reflections and participation as committed) goes to the members the
+//!   server marks for it ([`Join::sel_feed`], [`Room::handle_sel_feed`]): the room's own
+//!   teachers, not every teacher seated in it.
 //! - A room with no seat closes after [`Config::idle_expiry_nanos`].
 
 mod output;
@@ -123,6 +126,10 @@ pub struct Join {
     pub token_expires_at: u64,
     /// What carries the session (shown in presence).
     pub transport: Transport,
+    /// Whether the member hears the SEL feed (reflections and participation as they are
+    /// committed): decided by the server's authorization, changed later by
+    /// [`Room::handle_sel_feed`].
+    pub sel_feed: bool,
 }
 
 /// How a session left its seat.
@@ -263,11 +270,14 @@ impl Room {
         if self.closed {
             return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
         }
-        let Join { session, subject, name, role, token_expires_at, transport } = join;
+        let Join { session, subject, name, role, token_expires_at, transport, sel_feed } = join;
         let (member_id, seated) = match self.by_subject.get(&subject) {
             Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role, transport)?),
             None => (self.seat(now, session, subject, name, role, transport)?, Seated::New),
         };
+        if let Some(seat) = self.seats.get_mut(&member_id) {
+            seat.sel_feed = sel_feed;
+        }
         self.empty_since = None;
         let welcome = self.welcome(now, member_id, role, token_expires_at);
         if let Some(prompt) = self.prompts.current().cloned() {
@@ -626,6 +636,14 @@ impl Room {
         self.send_teachers(message);
     }
 
+    /// From now on the seat of `subject` (if any) hears the SEL feed or not: a co-teacher
+    /// added or removed by the room's owner.
+    pub fn handle_sel_feed(&mut self, subject: &str, sel_feed: bool) {
+        if let Some(seat) = self.by_subject.get(subject).and_then(|id| self.seats.get_mut(id)) {
+            seat.sel_feed = sel_feed;
+        }
+    }
+
     /// The SEL writer's queue refused `work`: a flush is folded back for the next one; a
     /// reflection's author hears it cannot be saved now.
     pub fn handle_sel_refused(&mut self, now: ServerNanos, work: SelWork) {
@@ -722,9 +740,9 @@ impl Room {
         self.out.push_back(Output::Message { to, message });
     }
 
-    /// Queues `message` for the attached teachers (the SEL feed).
+    /// Queues `message` for the attached members who hear the SEL feed (the room's teachers).
     fn send_teachers(&mut self, message: ServerMessage) {
-        let to = self.recipients(|_, seat| seat.member.role == Role::Teacher);
+        let to = self.recipients(|_, seat| seat.sel_feed);
         self.out.push_back(Output::Message { to, message });
     }
 }

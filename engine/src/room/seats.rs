@@ -25,6 +25,9 @@ pub(crate) struct Seat {
     pub(crate) last_note_error: Option<ServerNanos>,
     /// Refused note datagrams tolerated before the session is ended.
     pub(crate) abuse: TokenBucket,
+    /// Whether this member hears the SEL feed (set by each join of the subject).
+    #[serde(default)]
+    pub(crate) sel_feed: bool,
 }
 
 /// The session holding a seat.
@@ -44,6 +47,7 @@ impl Seat {
             grace_until: None,
             last_note_error: None,
             abuse: TokenBucket::new(ABUSE_PER_SECOND, ABUSE_BURST, now.0),
+            sel_feed: false,
         }
     }
 

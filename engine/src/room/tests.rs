@@ -42,6 +42,7 @@ fn join(subject: &str, role: Role, session: u64) -> Join {
         role,
         token_expires_at: 99,
         transport: Transport::WebTransport,
+        sel_feed: role == Role::Teacher,
     }
 }
 
@@ -501,6 +502,36 @@ fn reflections_answer_a_recent_prompt_and_only_students_write_them() {
     // Refused by a full queue: the author hears why.
     r.handle_sel_refused(at(5), SelWork::Reflection(work));
     assert_eq!(error_codes(&heard(&drain(&mut r), 2)), vec![ErrorCode::StoreUnavailable]);
+}
+
+#[test]
+fn the_sel_feed_reaches_only_the_members_marked_for_it() {
+    let mut r = room();
+    seat(&mut r, at(0), "owner", Role::Teacher, 1);
+    // A teacher the server did not mark (another class's teacher visiting).
+    r.handle_join(at(0), Join { sel_feed: false, ..join("visitor", Role::Teacher, 2) }).expect("seated");
+    drain(&mut r);
+    let student = seat(&mut r, at(0), "s", Role::Student, 3);
+    let notice =
+        |mood| ReflectionNotice { member_id: student, id: [1; 16], prompt_id: 1, mood: Some(mood), text: None };
+    r.handle_feed(ServerMessage::Reflection(notice(1)));
+    let outputs = drain(&mut r);
+    assert_eq!(heard(&outputs, 1), vec![ServerMessage::Reflection(notice(1))]);
+    assert!(heard(&outputs, 2).is_empty() && heard(&outputs, 3).is_empty());
+    // Made a co-teacher, then not any more.
+    r.handle_sel_feed("visitor", true);
+    r.handle_feed(ServerMessage::Reflection(notice(2)));
+    assert_eq!(heard(&drain(&mut r), 2), vec![ServerMessage::Reflection(notice(2))]);
+    r.handle_sel_feed("visitor", false);
+    r.handle_feed(ServerMessage::Reflection(notice(3)));
+    let outputs = drain(&mut r);
+    assert!(heard(&outputs, 2).is_empty());
+    assert_eq!(heard(&outputs, 1), vec![ServerMessage::Reflection(notice(3))]);
+    // A resumed seat takes its new join's mark.
+    r.handle_join(at(1), join("visitor", Role::Teacher, 4)).expect("resumed");
+    drain(&mut r);
+    r.handle_feed(ServerMessage::Reflection(notice(4)));
+    assert_eq!(heard(&drain(&mut r), 4), vec![ServerMessage::Reflection(notice(4))]);
 }
 
 /// A scripted class: inputs at given instants, every output recorded with its instant.

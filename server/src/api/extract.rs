@@ -92,6 +92,32 @@ impl<S: Send + Sync> FromRequestParts<S> for MemberPath {
     }
 }
 
+/// Longest person id (a token subject) in a path, in bytes.
+const MAX_SUBJECT: usize = 128;
+
+/// A person id (a token's `sub`) from a path: 1 to 128 bytes without control characters.
+pub(super) fn subject(id: String) -> Result<String, ApiError> {
+    if id.is_empty() || id.len() > MAX_SUBJECT || id.chars().any(char::is_control) {
+        return Err(ApiError::bad_request("a person's id is 1 to 128 bytes without control characters"));
+    }
+    Ok(id)
+}
+
+/// `/api/rooms/{code}/co-teachers/{sub}` whose rejection is an [`ApiError`].
+#[derive(Debug)]
+pub(super) struct CoTeacherPath(pub(super) String, pub(super) String);
+
+impl<S: Send + Sync> FromRequestParts<S> for CoTeacherPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match Path::<(String, String)>::from_request_parts(parts, state).await {
+            Ok(Path((code, sub))) => Ok(Self(code, subject(sub)?)),
+            Err(rejection) => Err(ApiError::bad_request(rejection.body_text())),
+        }
+    }
+}
+
 /// `axum::Json` whose rejections are [`ApiError`]s.
 #[derive(Debug)]
 pub(crate) struct ApiJson<T>(pub(crate) T);

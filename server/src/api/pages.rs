@@ -312,7 +312,8 @@ async fn demo_token(
     let (role, prefix) = match body.role.as_str() {
         "teacher" => (Role::Teacher, "t"),
         "student" => (Role::Student, "s"),
-        _ => return Err(ApiError::bad_request("role must be \"teacher\" or \"student\"")),
+        "admin" => (Role::Admin, "a"),
+        _ => return Err(ApiError::bad_request("role must be \"teacher\", \"student\" or \"admin\"")),
     };
     let name = body.name.trim();
     if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {

@@ -1,12 +1,12 @@
 //! Rooms and teacher controls: create, list, look up, close, timeline changes, mute,
-//! assignment and removal.
+//! assignment and removal, and the owner's co-teachers.
 
 use axum::routing::{delete, get, post, put};
 use axum::{Json, Router};
 use std::time::SystemTime;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{Method, StatusCode};
 use downbeat_engine::timeline;
 use downbeat_protocol::{
     self as wire, Applied, Assignment, BoundedVec, Change, ControlOp, ErrorCode, MAX_ASSIGNED_BEATS, Member, Name,
@@ -15,7 +15,7 @@ use downbeat_protocol::{
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Auth, MemberPath, PeerAddr, RoomPath};
+use super::extract::{ApiJson, Auth, CoTeacherPath, MemberPath, PeerAddr, RoomPath};
 use super::state::AppState;
 use crate::auth::Principal;
 use crate::authz::Operation;
@@ -33,6 +33,7 @@ pub(super) fn routes() -> Router<AppState> {
         .route("/api/rooms/{code}/members/{member}", delete(remove_member))
         .route("/api/rooms/{code}/members/{member}/mute", post(mute))
         .route("/api/rooms/{code}/members/{member}/assignment", put(assign))
+        .route("/api/rooms/{code}/co-teachers/{sub}", put(co_teacher).delete(co_teacher))
 }
 
 #[derive(Serialize)]
@@ -198,7 +199,7 @@ struct RoomList {
 
 async fn list_rooms(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<RoomList>, ApiError> {
     state.authorize(&who, Operation::ListRooms)?;
-    let rooms = state.rooms.owned_by(&who.tenant, &who.subject);
+    let rooms = state.rooms.run_by(&who.tenant, &who.subject);
     Ok(Json(RoomList { rooms: rooms.iter().map(RoomSummary::new).collect() }))
 }
 
@@ -388,4 +389,26 @@ async fn remove_member(
 ) -> Result<Json<Done>, ApiError> {
     control(&state, &who, peer, &code, ControlOp::Remove { member }).await?;
     Ok(Json(Done { ok: true }))
+}
+
+#[derive(Serialize)]
+struct CoTeachers {
+    code: String,
+    /// Whether this request changed anything (adding a co-teacher twice changes nothing).
+    changed: bool,
+    co_teachers: Vec<String>,
+}
+
+/// `PUT` adds, `DELETE` removes: the owner's co-teachers. Both are idempotent.
+async fn co_teacher(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    peer: PeerAddr,
+    method: Method,
+    CoTeacherPath(code, sub): CoTeacherPath,
+) -> Result<Json<CoTeachers>, ApiError> {
+    let room = state.room_for(&who, peer, &code, Operation::ManageCoTeachers)?;
+    let changed = room.co_teacher(sub, method == Method::PUT).await.map_err(|r| state.refused(r))?;
+    let meta = room.meta();
+    Ok(Json(CoTeachers { code: meta.code.display(), changed, co_teachers: meta.co_teachers().clone() }))
 }

@@ -1,7 +1,9 @@
 //! The SEL part of the HTTP API: reflection prompts, summaries, and one student's
-//! export and deletion. Teacher-only and tenant-scoped: the tenant comes from the verified
-//! token and every store query is filtered by it, so a teacher of one school reads nothing of
-//! another, whatever ids they send.
+//! export and deletion. Tenant-scoped: the tenant comes from the verified token and every
+//! store query is filtered by it, so nobody of one school reads anything of another, whatever
+//! ids they send. Within a school, [`crate::authz`] decides: a room's data (live or past) is
+//! for the teachers who run or ran it and the school's admins, a student's summary holds only
+//! the sessions its reader may read, and export and delete are for admins.
 //!
 //! Student ids are the pseudonymous token subjects; no name is ever stored or returned here.
 
@@ -19,16 +21,14 @@ use downbeat_protocol::{ControlOp, ErrorCode, PromptText};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{ApiJson, Auth, PeerAddr, RoomPath};
+use super::extract::{ApiJson, Auth, PeerAddr, RoomPath, subject};
 use super::rooms::{Done, control};
 use super::state::AppState;
-use crate::authz::Operation;
-use crate::sel::store::{Counts, ReflectionRow, RoomSessionRow, StoreError};
+use crate::authz::{Operation, RoomAccess, authorize, sessions_readable_by};
+use crate::sel::store::{Counts, ReflectionRow, RoomSessionRow, SessionSel, SessionTeachers, StoreError};
 
 /// How long an export or delete waits for SEL writes queued before it to commit.
 const BARRIER_PATIENCE: Duration = Duration::from_secs(5);
-/// Longest student id (a token subject), in bytes.
-const MAX_STUDENT_ID: usize = 128;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -66,10 +66,29 @@ impl<S: Send + Sync> FromRequestParts<S> for StudentPath {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-        if id.is_empty() || id.len() > MAX_STUDENT_ID || id.chars().any(char::is_control) {
-            return Err(ApiError::bad_request("a student id is 1 to 128 bytes without control characters"));
-        }
-        Ok(Self(id))
+        Ok(Self(subject(id)?))
+    }
+}
+
+/// A stored room session as authorization sees it: its school, owner and co-teachers as
+/// recorded.
+struct PastSession<'a> {
+    tenant: &'a str,
+    owner: &'a str,
+    co_teachers: &'a [String],
+}
+
+impl RoomAccess for PastSession<'_> {
+    fn tenant(&self) -> &str {
+        self.tenant
+    }
+
+    fn owner(&self) -> &str {
+        self.owner
+    }
+
+    fn has_co_teacher(&self, subject: &str) -> bool {
+        self.co_teachers.iter().any(|s| s == subject)
     }
 }
 
@@ -146,7 +165,18 @@ async fn student_summary(
     StudentPath(student): StudentPath,
 ) -> Result<Json<StudentSummaryView>, ApiError> {
     state.authorize(&who, Operation::ReadSel)?;
-    let s = state.sel.store().student_summary(&who.tenant, &student).await?;
+    let store = state.sel.store();
+    let s = match sessions_readable_by(&who) {
+        None => store.student_summary(&who.tenant, &student).await?,
+        // Only the sessions this teacher ran, by the same rule as a room's data.
+        Some(_) => {
+            let readable = |t: &SessionTeachers| {
+                let session = PastSession { tenant: &who.tenant, owner: &t.teacher_id, co_teachers: &t.co_teachers };
+                authorize(&who, Some(&session), Operation::ReadSel).is_ok()
+            };
+            store.student_summary_where(&who.tenant, &student, readable).await?
+        }
+    };
     Ok(Json(StudentSummaryView {
         student_id: s.student_id,
         sessions_attended: s.sessions_attended,
@@ -179,26 +209,29 @@ struct StudentInSessionView {
 #[derive(Serialize)]
 struct SessionSelView {
     session: RoomSessionRow,
+    co_teachers: Vec<String>,
     students: Vec<StudentInSessionView>,
     reflections: Vec<ReflectionRow>,
 }
 
-async fn session_view(state: &AppState, tenant: &str, session_id: &str) -> Result<Option<SessionSelView>, ApiError> {
-    let Some(s) = state.sel.store().session_sel(tenant, session_id).await? else { return Ok(None) };
-    Ok(Some(SessionSelView {
-        session: s.session,
-        students: s
-            .students
-            .into_iter()
-            .map(|x| StudentInSessionView {
-                student_id: x.student_id,
-                first_joined_at_ms: x.first_joined_at_ms,
-                reflections: x.reflections,
-                participation: x.counts.into(),
-            })
-            .collect(),
-        reflections: s.reflections,
-    }))
+impl From<SessionSel> for SessionSelView {
+    fn from(s: SessionSel) -> Self {
+        Self {
+            session: s.session,
+            co_teachers: s.co_teachers,
+            students: s
+                .students
+                .into_iter()
+                .map(|x| StudentInSessionView {
+                    student_id: x.student_id,
+                    first_joined_at_ms: x.first_joined_at_ms,
+                    reflections: x.reflections,
+                    participation: x.counts.into(),
+                })
+                .collect(),
+            reflections: s.reflections,
+        }
+    }
 }
 
 /// The live room's session (as committed so far: participation lags by about a second).
@@ -210,26 +243,34 @@ async fn room_sel(
 ) -> Result<Json<SessionSelView>, ApiError> {
     let room = state.room_for(&who, peer, &code, Operation::ReadSel)?;
     let meta = room.meta();
-    if let Some(view) = session_view(&state, &who.tenant, &meta.sel_id).await? {
-        return Ok(Json(view));
-    }
-    // Created a moment ago: its row is not committed yet.
-    Ok(Json(SessionSelView { session: meta.session_row(), students: Vec::new(), reflections: Vec::new() }))
+    let session = state.sel.store().session_sel(&who.tenant, &meta.sel_id).await?;
+    // The live room's co-teachers, which the store may hold a moment later.
+    let co_teachers = meta.co_teachers().clone();
+    let Some(s) = session else {
+        // Created a moment ago: its row is not committed yet.
+        let session = meta.session_row();
+        return Ok(Json(SessionSelView { session, co_teachers, students: Vec::new(), reflections: Vec::new() }));
+    };
+    Ok(Json(SessionSelView { co_teachers, ..SessionSelView::from(s) }))
 }
 
-/// A past or live room session by its id (from a student's summary).
+/// A past or live room session by its id (from a student's summary): for the teachers who
+/// ran it, as recorded with it, and the school's admins.
 async fn session_sel(
     State(state): State<AppState>,
     Auth(who): Auth,
     RoomPath(id): RoomPath,
 ) -> Result<Json<SessionSelView>, ApiError> {
     state.authorize(&who, Operation::ReadSel)?;
-    let not_found = || {
+    let Some(s) = state.sel.store().session_sel(&who.tenant, &id).await? else {
         let mut e = ApiError::bad_request("no room session of your school has this id");
         e.set_status(StatusCode::NOT_FOUND);
-        e
+        return Err(e);
     };
-    session_view(&state, &who.tenant, &id).await?.map(Json).ok_or_else(not_found)
+    let session =
+        PastSession { tenant: &s.session.tenant_id, owner: &s.session.teacher_id, co_teachers: &s.co_teachers };
+    authorize(&who, Some(&session), Operation::ReadSel).map_err(|r| state.refused(r))?;
+    Ok(Json(s.into()))
 }
 
 /// Everything stored about one student, as a JSON download. Waits for writes already queued,

@@ -92,7 +92,7 @@ impl AppState {
         let tenant =
             self.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
         let room = self.rooms.lookup(tenant, who, peer.0, code).map_err(|r| self.refused(r))?;
-        authorize(who, Some(&room.meta().tenant), op).map_err(|r| self.refused(r))?;
+        authorize(who, Some(room.meta()), op).map_err(|r| self.refused(r))?;
         Ok(room)
     }
 }

@@ -26,7 +26,7 @@ enum Command {
         /// The tenant (school) id.
         #[arg(long, default_value = "demo")]
         tenant: String,
-        /// `teacher` or `student`.
+        /// `teacher`, `student` or `admin`.
         #[arg(long, value_parser = parse_role)]
         role: Role,
         /// Pseudonymous subject id, stable for this person (e.g. `t-1`, `s-17`).
@@ -55,7 +55,8 @@ fn parse_role(s: &str) -> Result<Role, String> {
     match s {
         "teacher" => Ok(Role::Teacher),
         "student" => Ok(Role::Student),
-        _ => Err(format!("{s:?} is not a role: use teacher or student")),
+        "admin" => Ok(Role::Admin),
+        _ => Err(format!("{s:?} is not a role: use teacher, student or admin")),
     }
 }
 

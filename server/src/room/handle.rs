@@ -1,9 +1,10 @@
 //! How the rest of the server reaches a room's task: the [`RoomHandle`] and the [`Command`]s
 //! it queues, what a joining session brings ([`Joining`], a [`Peer`] for its datagrams), what
-//! never changes about a room ([`RoomMeta`]), and its view for the HTTP API ([`RoomView`]).
+//! is known about a room outside its task ([`RoomMeta`]: what never changes, and its
+//! co-teachers), and its view for the HTTP API ([`RoomView`]).
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use downbeat_protocol::{
@@ -12,7 +13,8 @@ use downbeat_protocol::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use crate::authz::Refusal;
+use crate::auth::Principal;
+use crate::authz::{Refusal, RoomAccess};
 use crate::codes::JoinCode;
 use crate::sel::store::RoomSessionRow;
 use crate::sel::unix_ms;
@@ -60,10 +62,11 @@ pub(crate) struct Kick {
     pub(crate) message: &'static str,
 }
 
-/// A session's connection as a room task reaches it: its datagrams, its bounded control
-/// queue, and the way to tell it to end. Nothing here ever waits.
+/// A session's connection as a room task reaches it: who it is, its datagrams, its bounded
+/// control queue, and the way to tell it to end. Nothing here ever waits.
 #[derive(Debug)]
 pub(crate) struct Conn {
+    pub(crate) who: Principal,
     peer: Arc<dyn Peer>,
     control_tx: mpsc::Sender<ServerMessage>,
     kick: Option<oneshot::Sender<Kick>>,
@@ -71,11 +74,12 @@ pub(crate) struct Conn {
 
 impl Conn {
     pub(crate) fn new(
+        who: Principal,
         peer: Arc<dyn Peer>,
         control_tx: mpsc::Sender<ServerMessage>,
         kick: oneshot::Sender<Kick>,
     ) -> Self {
-        Self { peer, control_tx, kick: Some(kick) }
+        Self { who, peer, control_tx, kick: Some(kick) }
     }
 
     /// Queues a control message; false only if the queue is full (a slow reader). A closed
@@ -119,10 +123,8 @@ impl Conn {
 pub(crate) struct Joining {
     /// Server-wide session id; tells a session's late leave from its successor's seat.
     pub(crate) session_id: u64,
-    pub(crate) subject: String,
-    pub(crate) name: Name,
-    pub(crate) role: wire::Role,
-    pub(crate) token_expires_at: u64,
+    /// From the verified token (a teacher or a student: admins never join).
+    pub(crate) who: Principal,
     pub(crate) transport: wire::Transport,
     pub(crate) peer: Arc<dyn Peer>,
     pub(crate) control_tx: mpsc::Sender<ServerMessage>,
@@ -185,6 +187,13 @@ pub(crate) enum Command {
     },
     /// From the SEL writer: a feed update for the teachers, now committed.
     Feed(ServerMessage),
+    /// Adds (`present`) or removes a co-teacher (already authorized); answers whether
+    /// anything changed.
+    CoTeacher {
+        subject: String,
+        present: bool,
+        reply: oneshot::Sender<Result<bool, Refusal>>,
+    },
     /// Drop everything held in memory about a student whose data is being deleted; answers
     /// once done.
     Forget {
@@ -193,7 +202,10 @@ pub(crate) enum Command {
     },
 }
 
-/// What never changes about a room.
+/// Most co-teachers a room has at once.
+pub(crate) const MAX_CO_TEACHERS: usize = 8;
+
+/// What is known about a room outside its task: what never changes, and its co-teachers.
 #[derive(Debug)]
 pub(crate) struct RoomMeta {
     pub(crate) code: JoinCode,
@@ -204,9 +216,32 @@ pub(crate) struct RoomMeta {
     pub(crate) created_at: SystemTime,
     /// The room session's id in the SEL store (random, 128 bits, hex).
     pub(crate) sel_id: String,
+    /// The teachers the owner added (subjects, at most [`MAX_CO_TEACHERS`]). Read by
+    /// authorization anywhere; changed only by the room's task, in order with its commands.
+    pub(crate) co_teachers: Mutex<Vec<String>>,
+}
+
+impl RoomAccess for RoomMeta {
+    fn tenant(&self) -> &str {
+        &self.tenant
+    }
+
+    fn owner(&self) -> &str {
+        &self.owner
+    }
+
+    fn has_co_teacher(&self, subject: &str) -> bool {
+        self.co_teachers().iter().any(|s| s == subject)
+    }
 }
 
 impl RoomMeta {
+    /// The co-teachers, locked (never held across an await).
+    pub(crate) fn co_teachers(&self) -> MutexGuard<'_, Vec<String>> {
+        // Every change leaves the list whole before it can panic.
+        self.co_teachers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The room session's row in the SEL store, as the room starts it.
     pub(crate) fn session_row(&self) -> RoomSessionRow {
         RoomSessionRow {
@@ -280,6 +315,14 @@ impl RoomHandle {
     /// answers on that stream. False if the room is gone.
     pub(crate) async fn control_from(&self, member_id: u64, request_id: u32, op: ControlOp) -> bool {
         self.tx.send(Command::Control { op, requester: Some((member_id, request_id)), reply: None }).await.is_ok()
+    }
+
+    /// Adds (`present`) or removes a co-teacher (already authorized as the owner's request);
+    /// whether anything changed (both are idempotent).
+    pub(crate) async fn co_teacher(&self, subject: String, present: bool) -> Result<bool, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.try_send(Command::CoTeacher { subject, present, reply })?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
     }
 
     /// Hands notes to the room without waiting; false if the room's queue is full (dropped).

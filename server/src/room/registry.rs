@@ -17,8 +17,8 @@
 //! guessing codes runs out long before the school does and cannot lock anyone else out. While
 //! any of a student's three buckets is empty, every lookup of theirs is refused with
 //! `rate_limited`, a right code too: otherwise the answer would tell a guesser which code is
-//! right. Teachers reach their tenant's live rooms while the shared buckets are empty (others'
-//! guessing cannot lock the staff out), so every wrong code of a teacher takes a token from
+//! right. Teachers and admins reach their tenant's live rooms while the shared buckets are
+//! empty (others' guessing cannot lock the staff out), so every wrong code of a teacher takes a token from
 //! their own bucket even when it is refused, and an empty one refuses them like a student.
 
 use std::collections::HashMap;
@@ -36,7 +36,7 @@ use tracing::{Instrument as _, info, info_span};
 use super::handle::{Command, RoomHandle, RoomMeta};
 use super::task::{RoomParts, RoomTask};
 use crate::auth::{Principal, Role, Tenant};
-use crate::authz::Refusal;
+use crate::authz::{Refusal, RoomAccess as _};
 use crate::clock::ServerClock;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
@@ -206,6 +206,7 @@ impl Rooms {
                 name: settings.name.clone(),
                 created_at: SystemTime::now(),
                 sel_id: hex::encode(rand::random::<[u8; 16]>()),
+                co_teachers: Mutex::new(Vec::new()),
             });
             let handle = RoomHandle { meta, tx };
             live.entry(code).or_default().push(handle.clone());
@@ -268,7 +269,8 @@ impl Rooms {
             .and_then(|code| live.get(code))
             .and_then(|rooms| rooms.iter().find(|r| &*r.meta.tenant == tenant.id()));
         let too_many = || Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES);
-        let teacher = who.role == Role::Teacher;
+        // Staff (teachers and admins) are not locked out by students' guessing.
+        let teacher = who.role != Role::Student;
         if usage.people.available(&who.subject, now.0) == 0 {
             return Err(too_many());
         }
@@ -300,14 +302,14 @@ impl Rooms {
         Err(Refusal::new(ErrorCode::RoomNotFound, "no room has this code; check it with your teacher"))
     }
 
-    /// The live rooms of `tenant` owned by `owner`, newest first.
-    pub(crate) fn owned_by(&self, tenant: &str, owner: &str) -> Vec<RoomHandle> {
+    /// The live rooms of `tenant` that `teacher` owns or co-teaches, newest first.
+    pub(crate) fn run_by(&self, tenant: &str, teacher: &str) -> Vec<RoomHandle> {
         let mut rooms: Vec<_> = self
             .registry()
             .live
             .values()
             .flatten()
-            .filter(|r| &*r.meta.tenant == tenant && r.meta.owner == owner)
+            .filter(|r| &*r.meta.tenant == tenant && (r.meta.owner == teacher || r.meta.has_co_teacher(teacher)))
             .cloned()
             .collect();
         rooms.sort_by(|a, b| b.meta.created_at.cmp(&a.meta.created_at).then_with(|| a.meta.code.cmp(&b.meta.code)));

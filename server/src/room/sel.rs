@@ -12,7 +12,9 @@ use tokio::sync::mpsc;
 
 use super::handle::{Command, RoomMeta};
 use crate::clock::ServerClock;
-use crate::sel::store::{Batch, Counts, ParticipationKind, ParticipationRow, ReflectionRow, SessionEnd};
+use crate::sel::store::{
+    Batch, CoTeacherChange, Counts, ParticipationKind, ParticipationRow, ReflectionRow, SessionEnd,
+};
 use crate::sel::{Job, OnCommit, unix_ms_now};
 
 /// The writer's job for `work` of the room `meta`; once committed, `room` hears of it (the
@@ -75,6 +77,18 @@ pub(crate) fn flush_batch(meta: &RoomMeta, clock: &ServerClock, flush: &Flush) -
             ended_at_ms: now_ms,
         });
     }
+    batch
+}
+
+/// A co-teacher of the room `meta` added (`present`) or removed.
+pub(crate) fn co_teacher_batch(meta: &RoomMeta, subject: &str, present: bool) -> Batch {
+    let mut batch = Batch::default();
+    batch.co_teachers.push(CoTeacherChange {
+        tenant_id: meta.tenant.to_string(),
+        room_session_id: meta.sel_id.clone(),
+        teacher_id: subject.to_owned(),
+        present,
+    });
     batch
 }
 

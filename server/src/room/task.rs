@@ -12,17 +12,22 @@
 //! SEL work leaves through [`super::sel`] (rows) and [`Sel::try_submit`] (never waiting);
 //! what the writer commits comes back as commands ([`Command::Feed`],
 //! [`Command::ReflectionCommitted`]).
+//!
+//! Co-teachers change here, in order with every other command: the list in [`RoomMeta`]
+//! (which authorization reads), the store's record of the room session, and which seated
+//! members hear the SEL feed, each decided again by [`crate::authz::authorize`] for every
+//! session of the subject.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
-use downbeat_protocol::{self as wire, ControlOp, ErrorCode, ServerDatagram, ServerNanos};
+use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::handle::{Command, Conn, DatagramKind, Joining, RoomMeta, RoomView};
-use crate::authz::Refusal;
+use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, RoomMeta, RoomView};
+use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::sel::{Job, Sel};
 use crate::shutdown::Shutdown;
@@ -155,6 +160,9 @@ impl RoomTask {
                 self.room.handle_reflection_saved(member_id, request_id, notice);
             }
             Command::Feed(message) => self.room.handle_feed(message),
+            Command::CoTeacher { subject, present, reply } => {
+                let _ = reply.send(self.co_teacher(subject, present));
+            }
             Command::Forget { subject, reply } => {
                 self.room.handle_forget(&subject);
                 let _ = reply.send(());
@@ -176,9 +184,21 @@ impl RoomTask {
     }
 
     fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {
-        let Joining { session_id, subject, name, role, token_expires_at, transport, peer, control_tx, kick } = joining;
-        self.conns.insert(session_id, Conn::new(peer, control_tx, kick));
-        let join = Join { session: session_id, subject, name, role, token_expires_at, transport };
+        let Joining { session_id, who, transport, peer, control_tx, kick } = joining;
+        let Some(role) = who.role.member_role() else {
+            let _ = reply.send(Err(Refusal::new(ErrorCode::Forbidden, "admins do not join rooms")));
+            return;
+        };
+        let join = Join {
+            session: session_id,
+            subject: who.subject.clone(),
+            name: Name::truncating(&who.name),
+            role,
+            token_expires_at: who.expires_at_unix,
+            transport,
+            sel_feed: authorize(&who, Some(&*self.meta), Operation::ReadSel).is_ok(),
+        };
+        self.conns.insert(session_id, Conn::new(who, peer, control_tx, kick));
         let joined = match self.room.handle_join(now, join) {
             Ok(joined) => joined,
             Err(refused) => {
@@ -197,6 +217,52 @@ impl RoomTask {
             self.conns.remove(&session_id);
             self.room.handle_depart(now, member_id, session_id, Departure::Left);
         }
+    }
+
+    /// Adds (`present`) or removes the co-teacher `subject` (the owner's request, authorized):
+    /// recorded for the room session in the SEL store first (refused with nothing changed
+    /// when its queue is full), then made, and the subject's seated sessions hear the SEL feed
+    /// or stop hearing it. Whether anything changed.
+    fn co_teacher(&mut self, subject: String, present: bool) -> Result<bool, Refusal> {
+        if present && subject == self.meta.owner {
+            return Err(Refusal::new(ErrorCode::BadRequest, "the room's owner runs it already"));
+        }
+        {
+            let mut co_teachers = self.meta.co_teachers();
+            if co_teachers.contains(&subject) == present {
+                return Ok(false);
+            }
+            if present && co_teachers.len() >= MAX_CO_TEACHERS {
+                return Err(Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("a room has at most {MAX_CO_TEACHERS} co-teachers; remove one first"),
+                ));
+            }
+            let job = Job { batch: super::sel::co_teacher_batch(&self.meta, &subject, present), on_commit: None };
+            if self.sel.try_submit(job).is_err() {
+                return Err(Refusal::new(
+                    ErrorCode::StoreUnavailable,
+                    "the SEL database is behind; try adding or removing the co-teacher again shortly",
+                ));
+            }
+            if present {
+                co_teachers.push(subject.clone());
+            } else {
+                co_teachers.retain(|s| *s != subject);
+            }
+        }
+        info!(present, co_teachers = self.meta.co_teachers().len(), "co-teachers changed");
+        // Every session of the subject has the same principal's role; the last one decides.
+        let feed = self
+            .conns
+            .values()
+            .filter(|c| c.who.subject == subject)
+            .map(|c| authorize(&c.who, Some(&*self.meta), Operation::ReadSel).is_ok())
+            .last();
+        if let Some(feed) = feed {
+            self.room.handle_sel_feed(&subject, feed);
+        }
+        Ok(true)
     }
 
     /// Carries out everything the engine asks for, in its order.

@@ -99,15 +99,15 @@ impl Sel {
         (Self { tx, store, shared, stats }, task)
     }
 
-    /// Queues `job` without waiting; gives it back if the queue is full (or the writer is
-    /// gone, at shutdown).
-    pub(crate) fn try_submit(&self, job: Job) -> Result<(), Job> {
+    /// Queues `job` without waiting; gives it back (boxed: refusals are rare, queued jobs
+    /// are not) if the queue is full (or the writer is gone, at shutdown).
+    pub(crate) fn try_submit(&self, job: Job) -> Result<(), Box<Job>> {
         match self.tx.try_send(job) {
             Ok(()) => {
                 self.stats.sel_queued.inc();
                 Ok(())
             }
-            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => Err(job),
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => Err(Box::new(job)),
         }
     }
 
@@ -233,7 +233,8 @@ impl Writer {
     }
 }
 
-/// One batch of every job's rows (their order kept: room sessions first within each).
+/// One batch of every job's rows (their order kept: room sessions first within each, and
+/// co-teachers added and removed in the order they were).
 fn merge(group: &[Job]) -> Batch {
     let mut batch = Batch::default();
     for job in group {
@@ -241,6 +242,7 @@ fn merge(group: &[Job]) -> Batch {
         batch.session_ends.extend(job.batch.session_ends.iter().cloned());
         batch.participation.extend(job.batch.participation.iter().cloned());
         batch.reflections.extend(job.batch.reflections.iter().cloned());
+        batch.co_teachers.extend(job.batch.co_teachers.iter().cloned());
     }
     batch
 }

@@ -28,8 +28,8 @@ use std::time::{Duration, SystemTime};
 use self::probe::{ProbeSlot, Probes};
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
-    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, Name, PROTOCOL_VERSION, RoomRequest,
-    ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
+    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, PROTOCOL_VERSION, RoomRequest, ServerDatagram,
+    ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
 };
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -293,7 +293,7 @@ impl Session {
                 .ctx
                 .rooms
                 .lookup(tenant, &principal, Some(self.peer), code)
-                .and_then(|room| authorize(&principal, Some(&room.meta().tenant), Operation::Join).map(|()| room)),
+                .and_then(|room| authorize(&principal, Some(room.meta()), Operation::Join).map(|()| room)),
             RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
                 .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
         };
@@ -304,10 +304,7 @@ impl Session {
         let (kick_tx, kick) = oneshot::channel();
         let joining = Joining {
             session_id: self.session_id,
-            subject: principal.subject.clone(),
-            name: Name::truncating(&principal.name),
-            role: principal.role.into(),
-            token_expires_at: principal.expires_at_unix,
+            who: principal.clone(),
             transport: self.carrier,
             peer: conn,
             control_tx: control_tx.clone(),
@@ -671,7 +668,7 @@ impl<'a> MemberControl<'a> {
             }
             ClientMessage::Control(request) => {
                 let op = Operation::Control(&request.op);
-                match authorize(&self.principal, Some(&self.room.meta().tenant), op) {
+                match authorize(&self.principal, Some(self.room.meta()), op) {
                     Ok(()) => {
                         // The room answers on this stream, in order with its broadcasts.
                         if !self.room.control_from(self.member_id, request.request_id, request.op).await {
@@ -784,7 +781,7 @@ impl<'a> Datagrams<'a> {
 mod tests {
     use super::*;
 
-    use downbeat_protocol::{LeaveReason, MicroBpm, RoomSettings};
+    use downbeat_protocol::{LeaveReason, MicroBpm, Name, RoomSettings};
 
     use crate::auth::{DEMO_TENANT_ID, Role};
     use crate::config::Config;
@@ -824,10 +821,7 @@ mod tests {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let joining = Joining {
             session_id,
-            subject: principal.subject.clone(),
-            name: Name::truncating(&principal.name),
-            role: principal.role.into(),
-            token_expires_at: principal.expires_at_unix,
+            who: principal.clone(),
             transport: Transport::WebTransport,
             peer: Arc::new(Offline),
             control_tx,

@@ -13,7 +13,8 @@
 //! - **Idempotent writes.** A [`Batch`] is committed in one transaction, and every row in it
 //!   carries its own key: room sessions by `(tenant, id)`, participation by `(tenant, room
 //!   session, seq)`, reflections by `(tenant, student, client id)`, each inserted with `ON
-//!   CONFLICT DO NOTHING`; a session's end is an update that only fills an empty end. So a
+//!   CONFLICT DO NOTHING`; a session's end is an update that only fills an empty end; a
+//!   co-teacher added or removed is an insert or a delete of its key, applied in order. So a
 //!   batch retried after a crash, a timeout or a lost commit acknowledgement changes nothing
 //!   the first attempt already wrote, and a reflection keeps its first content.
 //! - **Acknowledged means committed.** [`Store::write`] returns `Ok` only after the commit
@@ -23,6 +24,10 @@
 //!   [`BUSY_TIMEOUT`] instead of failing on a lock upgrade.
 //! - **Tenant scoping.** Every key starts with `tenant_id` and every read and delete filters
 //!   by it, so a tenant never reaches another's rows, even with a known id.
+//! - **Whose sessions.** A room session keeps its owner (`teacher_id`) and its co-teachers,
+//!   so reads of past sessions can be limited to the teachers who ran them
+//!   ([`Store::student_summary_where`], [`SessionSel::co_teachers`]); deciding who may read
+//!   is the caller's.
 //! - **Errors safe to log and to retry on.** [`StoreError::is_retryable`] tells an outage
 //!   (worth keeping the batch and trying later) from a refusal; its text holds no password
 //!   and no row data.
@@ -34,7 +39,7 @@ mod error;
 mod model;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
@@ -46,8 +51,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub use error::{Detail, MigrationProblem, StoreError};
 pub use model::{
-    Batch, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow, SessionEnd, SessionSel,
-    StudentExport, StudentInSession, StudentSession, StudentSummary, UnknownKind,
+    Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow,
+    SessionEnd, SessionSel, SessionTeachers, StudentExport, StudentInSession, StudentSession, StudentSummary,
+    UnknownKind,
 };
 
 /// How long a SQLite statement waits for another connection's write lock before failing as
@@ -231,6 +237,22 @@ const INSERT_REFLECTION: &str = concat!(
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, student_id, id) DO NOTHING"
 );
 
+const ADD_CO_TEACHER: &str = "INSERT INTO room_session_co_teachers (tenant_id, room_session_id, teacher_id) \
+     VALUES ($1, $2, $3) ON CONFLICT (tenant_id, room_session_id, teacher_id) DO NOTHING";
+
+const REMOVE_CO_TEACHER: &str =
+    "DELETE FROM room_session_co_teachers WHERE tenant_id = $1 AND room_session_id = $2 AND teacher_id = $3";
+
+const SESSION_CO_TEACHERS: &str = "SELECT teacher_id FROM room_session_co_teachers \
+     WHERE tenant_id = $1 AND room_session_id = $2 ORDER BY teacher_id";
+
+/// The co-teachers of the room sessions a student has any row in.
+const CO_TEACHERS_OF_STUDENT: &str = "SELECT room_session_id, teacher_id FROM room_session_co_teachers \
+     WHERE tenant_id = $1 AND room_session_id IN (\
+     SELECT room_session_id FROM participation WHERE tenant_id = $1 AND student_id = $2 \
+     UNION SELECT room_session_id FROM reflections WHERE tenant_id = $1 AND student_id = $2) \
+     ORDER BY room_session_id, teacher_id";
+
 /// Room sessions a student has any row in, oldest first.
 const SESSIONS_OF_STUDENT: &str = concat!(
     "SELECT ",
@@ -281,14 +303,26 @@ const DELETE_STUDENT_REFLECTIONS: &str = "DELETE FROM reflections WHERE tenant_i
 
 const PURGE_PARTICIPATION: &str = "DELETE FROM participation WHERE tenant_id = $1 AND at_ms < $2";
 const PURGE_REFLECTIONS: &str = "DELETE FROM reflections WHERE tenant_id = $1 AND created_at_ms < $2";
-/// Ended sessions older than the cutoff, unless a row still refers to them (a reflection
-/// written after the session ended, say).
-const PURGE_SESSIONS: &str = "DELETE FROM room_sessions WHERE tenant_id = $1 \
-     AND ended_at_ms IS NOT NULL AND ended_at_ms < $2 \
-     AND NOT EXISTS (SELECT 1 FROM participation AS p \
-         WHERE p.tenant_id = room_sessions.tenant_id AND p.room_session_id = room_sessions.id) \
-     AND NOT EXISTS (SELECT 1 FROM reflections AS r \
-         WHERE r.tenant_id = room_sessions.tenant_id AND r.room_session_id = room_sessions.id)";
+/// Which ended sessions are purged: older than the cutoff, unless a row still refers to them
+/// (a reflection written after the session ended, say).
+macro_rules! purged_sessions {
+    () => {
+        "SELECT id FROM room_sessions WHERE tenant_id = $1 \
+         AND ended_at_ms IS NOT NULL AND ended_at_ms < $2 \
+         AND NOT EXISTS (SELECT 1 FROM participation AS p \
+             WHERE p.tenant_id = room_sessions.tenant_id AND p.room_session_id = room_sessions.id) \
+         AND NOT EXISTS (SELECT 1 FROM reflections AS r \
+             WHERE r.tenant_id = room_sessions.tenant_id AND r.room_session_id = room_sessions.id)"
+    };
+}
+/// The co-teachers of the sessions purged next.
+const PURGE_CO_TEACHERS: &str = concat!(
+    "DELETE FROM room_session_co_teachers WHERE tenant_id = $1 AND room_session_id IN (",
+    purged_sessions!(),
+    ")"
+);
+const PURGE_SESSIONS: &str =
+    concat!("DELETE FROM room_sessions WHERE tenant_id = $1 AND id IN (", purged_sessions!(), ")");
 
 type SessionTuple = (String, String, String, String, String, i64, Option<i64>);
 type ParticipationTuple = (String, String, i64, String, String, i64, i64, i64, i64, i64, i64, i64, i64);
@@ -483,6 +517,16 @@ impl Store {
                     .await
                     .map_err(failed)?;
             }
+            let (add_co_teacher, remove_co_teacher) = (d.sql(ADD_CO_TEACHER), d.sql(REMOVE_CO_TEACHER));
+            for c in &batch.co_teachers {
+                sqlx::query(if c.present { &add_co_teacher } else { &remove_co_teacher })
+                    .bind(c.tenant_id.as_str())
+                    .bind(c.room_session_id.as_str())
+                    .bind(c.teacher_id.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
             for r in &batch.reflections {
                 sqlx::query(&insert_reflection)
                     .bind(r.tenant_id.as_str())
@@ -508,11 +552,38 @@ impl Store {
     /// `sessions_attended` counts the sessions with a `joined` row; counts add up `notes`
     /// rows; reflections are counted per student and per session.
     pub async fn student_summary(&self, tenant: &str, student: &str) -> Result<StudentSummary, StoreError> {
+        self.summary(tenant, student, None).await
+    }
+
+    /// [`Self::student_summary`] over only the room sessions whose teachers `readable`
+    /// accepts: its sessions, totals and counts hold nothing of any other session (nor of
+    /// rows whose session was purged).
+    pub async fn student_summary_where(
+        &self,
+        tenant: &str,
+        student: &str,
+        readable: impl Fn(&SessionTeachers) -> bool + Sync,
+    ) -> Result<StudentSummary, StoreError> {
+        self.summary(tenant, student, Some(&readable)).await
+    }
+
+    async fn summary(
+        &self,
+        tenant: &str,
+        student: &str,
+        readable: Option<&(dyn Fn(&SessionTeachers) -> bool + Sync)>,
+    ) -> Result<StudentSummary, StoreError> {
         const OP: &str = "student_summary";
         let failed = |e| StoreError::from_sqlx(OP, e);
-        let (sessions, sums, reflections) = with_backend!(self, |pool, d| {
+        let (sessions, co_teachers, sums, reflections) = with_backend!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
             let sessions: Vec<SessionTuple> = sqlx::query_as(&d.sql(SESSIONS_OF_STUDENT))
+                .bind(tenant)
+                .bind(student)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let co_teachers: Vec<(String, String)> = sqlx::query_as(&d.sql(CO_TEACHERS_OF_STUDENT))
                 .bind(tenant)
                 .bind(student)
                 .fetch_all(&mut *tx)
@@ -531,11 +602,28 @@ impl Store {
                 .await
                 .map_err(failed)?;
             tx.commit().await.map_err(failed)?;
-            (sessions, sums, reflections)
+            (sessions, co_teachers, sums, reflections)
         });
 
-        let sums: BTreeMap<String, Sums> = sums.into_iter().map(sums_entry).collect();
-        let reflections: BTreeMap<String, i64> = reflections.into_iter().collect();
+        let mut sessions: Vec<RoomSessionRow> = sessions.into_iter().map(session_row).collect();
+        let mut sums: BTreeMap<String, Sums> = sums.into_iter().map(sums_entry).collect();
+        let mut reflections: BTreeMap<String, i64> = reflections.into_iter().collect();
+        if let Some(readable) = readable {
+            let mut teachers: BTreeMap<&str, SessionTeachers> = sessions
+                .iter()
+                .map(|s| (s.id.as_str(), SessionTeachers { teacher_id: s.teacher_id.clone(), co_teachers: Vec::new() }))
+                .collect();
+            for (session, teacher) in co_teachers {
+                if let Some(t) = teachers.get_mut(session.as_str()) {
+                    t.co_teachers.push(teacher);
+                }
+            }
+            let kept: BTreeSet<String> =
+                teachers.into_iter().filter(|(_, t)| readable(t)).map(|(id, _)| id.to_owned()).collect();
+            sessions.retain(|s| kept.contains(&s.id));
+            sums.retain(|id, _| kept.contains(id));
+            reflections.retain(|id, _| kept.contains(id));
+        }
         let mut summary = StudentSummary {
             student_id: student.to_owned(),
             sessions_attended: 0,
@@ -550,7 +638,7 @@ impl Store {
                 summary.sessions_attended += 1;
             }
         }
-        for row in sessions.into_iter().rev().map(session_row) {
+        for row in sessions.into_iter().rev() {
             summary.sessions.push(StudentSession {
                 counts: sums.get(&row.id).map(|s| s.counts).unwrap_or_default(),
                 reflections: reflections.get(&row.id).copied().unwrap_or(0),
@@ -564,12 +652,12 @@ impl Store {
         Ok(summary)
     }
 
-    /// A room session of `tenant` with its students (by id) and reflections (oldest first),
-    /// or `None` if `tenant` has no such session.
+    /// A room session of `tenant` with its co-teachers, students (by id) and reflections
+    /// (oldest first), or `None` if `tenant` has no such session.
     pub async fn session_sel(&self, tenant: &str, room_session_id: &str) -> Result<Option<SessionSel>, StoreError> {
         const OP: &str = "session_sel";
         let failed = |e| StoreError::from_sqlx(OP, e);
-        let (session, sums, reflections) = with_backend!(self, |pool, d| {
+        let (session, co_teachers, sums, reflections) = with_backend!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
             let session: Option<SessionTuple> = sqlx::query_as(&d.sql(SESSION))
                 .bind(tenant)
@@ -580,6 +668,12 @@ impl Store {
             let Some(session) = session else {
                 return Ok(None);
             };
+            let co_teachers: Vec<String> = sqlx::query_scalar(&d.sql(SESSION_CO_TEACHERS))
+                .bind(tenant)
+                .bind(room_session_id)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(failed)?;
             let sums: Vec<SumsTuple> = sqlx::query_as(&d.sql(SESSION_PARTICIPATION_BY_STUDENT))
                 .bind(tenant)
                 .bind(room_session_id)
@@ -593,7 +687,7 @@ impl Store {
                 .await
                 .map_err(failed)?;
             tx.commit().await.map_err(failed)?;
-            (session, sums, reflections)
+            (session, co_teachers, sums, reflections)
         });
 
         let reflections: Vec<ReflectionRow> = reflections.into_iter().map(reflection_row).collect();
@@ -618,7 +712,12 @@ impl Store {
                 })
                 .reflections += 1;
         }
-        Ok(Some(SessionSel { session: session_row(session), students: students.into_values().collect(), reflections }))
+        Ok(Some(SessionSel {
+            session: session_row(session),
+            co_teachers,
+            students: students.into_values().collect(),
+            reflections,
+        }))
     }
 
     /// Everything `tenant` stores about `student`: the room sessions the student has rows in
@@ -687,7 +786,8 @@ impl Store {
     }
 
     /// Retention: deletes `tenant`'s participation and reflections older than `cutoff_ms`,
-    /// and its room sessions that ended before it and have no rows left, in one transaction.
+    /// and its room sessions that ended before it and have no rows left (with their
+    /// co-teachers), in one transaction.
     /// Returns the number of rows deleted.
     pub async fn purge_before(&self, tenant: &str, cutoff_ms: i64) -> Result<u64, StoreError> {
         const OP: &str = "purge_before";
@@ -695,7 +795,7 @@ impl Store {
         let deleted = with_backend!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_write()).await.map_err(|e| StoreError::connecting(OP, e))?;
             let mut deleted = 0;
-            for sql in [PURGE_PARTICIPATION, PURGE_REFLECTIONS, PURGE_SESSIONS] {
+            for sql in [PURGE_PARTICIPATION, PURGE_REFLECTIONS, PURGE_CO_TEACHERS, PURGE_SESSIONS] {
                 deleted += sqlx::query(&d.sql(sql))
                     .bind(tenant)
                     .bind(cutoff_ms)

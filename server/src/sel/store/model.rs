@@ -206,6 +206,21 @@ pub struct ReflectionRow {
     pub created_at_ms: i64,
 }
 
+/// A co-teacher added to (`present`) or removed from a room session by its owner. The rows
+/// left when the session ends are the teachers who co-taught it (the owner is the session's
+/// `teacher_id`); both are idempotent, and changes are applied in order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CoTeacherChange {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session.
+    pub room_session_id: String,
+    /// The co-teacher's pseudonymous subject.
+    pub teacher_id: String,
+    /// Added (`true`) or removed.
+    pub present: bool,
+}
+
 /// Everything one [`Store::write`](super::Store::write) commits at once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Batch {
@@ -217,6 +232,8 @@ pub struct Batch {
     pub participation: Vec<ParticipationRow>,
     /// Reflections (inserted once per `(tenant, student, id)`).
     pub reflections: Vec<ReflectionRow>,
+    /// Co-teachers added and removed, applied in this order.
+    pub co_teachers: Vec<CoTeacherChange>,
 }
 
 impl Batch {
@@ -226,6 +243,7 @@ impl Batch {
             && self.session_ends.is_empty()
             && self.participation.is_empty()
             && self.reflections.is_empty()
+            && self.co_teachers.is_empty()
     }
 }
 
@@ -263,6 +281,15 @@ pub struct StudentSummary {
     pub sessions: Vec<StudentSession>,
 }
 
+/// A room session's teachers: who may read its SEL data besides the school's admins.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SessionTeachers {
+    /// The owner, the teacher who created the room.
+    pub teacher_id: String,
+    /// Its co-teachers as the session ended (or now, while it runs), by subject.
+    pub co_teachers: Vec<String>,
+}
+
 /// One student in a room session's view.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct StudentInSession {
@@ -281,6 +308,8 @@ pub struct StudentInSession {
 pub struct SessionSel {
     /// The room session.
     pub session: RoomSessionRow,
+    /// Its co-teachers, by subject (the owner is the session's `teacher_id`).
+    pub co_teachers: Vec<String>,
     /// Every student with rows in it, by student id.
     pub students: Vec<StudentInSession>,
     /// Its reflections, oldest first.
