@@ -1,11 +1,12 @@
 //! `downbeat-bench`: figures from classrooms, simulated and on real sockets.
 //!
 //! - `sync`, `onset`, `fanout`, `join`, `capacity`: socket scenarios. Each runs Downbeat (the
-//!   real server binary, native clients with injected clocks) and the peers in `bench/peers/`
-//!   on the same workload, over the kernel's loopback or the packet emulator, and prints a
-//!   table with the ratios; JSON and PNG CDFs go to `--out`. `all` runs every scenario on
-//!   loopback and classroom-wifi (`--smoke`: seconds, what CI runs); `report` renders a
-//!   directory of runs again. See `downbeat_bench::scenarios`.
+//!   real server binary, native clients with injected clocks) over WebTransport and over
+//!   WebSocket, and the peers in `bench/peers/`, on the same workload, over the kernel's
+//!   loopback or the packet emulator, and prints a table with the ratios; JSON and PNG CDFs go
+//!   to `--out`. `all` runs the scenarios (`--scenarios`) on loopback and classroom-wifi
+//!   (`--smoke`: seconds, what CI runs); `report` renders a directory of runs again. See
+//!   `downbeat_bench::scenarios`.
 //! - `sim`: the engine (room, clock-sync estimator, client state machine, codec) on the
 //!   engine's virtual network, so its figures are those of the algorithms, free of this
 //!   machine's scheduling noise.
@@ -16,7 +17,7 @@
 
 use std::time::Instant;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use downbeat_bench::metrics::RunReport;
 use downbeat_bench::netem::{self, Emulator, EmulatorConfig};
@@ -24,6 +25,12 @@ use downbeat_bench::{report, scenarios};
 use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
 use downbeat_engine::{clock, room};
 use downbeat_protocol::{Change, MicroBpm, ServerNanos};
+
+/// Every system, in table order: Downbeat over each transport, then the peers.
+const DEFAULT_SYSTEMS: &str = "downbeat,downbeat-websocket,socketio,ws,timesync";
+
+/// The socket scenarios `all` runs, in order.
+const SCENARIOS: &[&str] = &["sync", "onset", "fanout", "join", "capacity"];
 
 #[derive(Parser, Debug)]
 #[command(version, about = "Downbeat benchmark harness")]
@@ -39,8 +46,9 @@ struct CommonArgs {
     /// lan, classroom-wifi or congested (needs root).
     #[arg(long, default_value = "loopback")]
     profile: String,
-    /// Systems to run, in order, comma-separated: downbeat, socketio, ws, timesync.
-    #[arg(long, default_value = "downbeat,socketio,ws,timesync", value_delimiter = ',')]
+    /// Systems to run, in order, comma-separated: downbeat (over WebTransport),
+    /// downbeat-websocket, socketio, ws, timesync. Ratios compare each with the first.
+    #[arg(long, default_value = DEFAULT_SYSTEMS, value_delimiter = ',')]
     systems: Vec<String>,
     /// Seed for the emulator and the injected clocks.
     #[arg(long, default_value_t = 1)]
@@ -119,8 +127,9 @@ enum Scenario {
         #[arg(long, default_value_t = 600)]
         storm: usize,
     },
-    /// Capacity (Downbeat only): sessions held in rooms of 30 with beats flowing, server
-    /// memory per session, and server CPU per 1,000 datagrams over a steady window.
+    /// Capacity (Downbeat only, each transport in --systems; WebTransport when none): sessions
+    /// held in rooms of 30 with beats flowing, server memory per session, and server CPU per
+    /// 1,000 datagrams over a steady window.
     Capacity {
         #[command(flatten)]
         common: CommonArgs,
@@ -132,8 +141,9 @@ enum Scenario {
         #[arg(long, default_value_t = 10.0)]
         hold_seconds: f64,
     },
-    /// Every scenario on loopback and classroom-wifi, as BENCHMARKS.md reports them; with
-    /// --smoke, each in seconds (what CI runs to keep the harness working).
+    /// The scenarios (every one unless --scenarios names some) on loopback and classroom-wifi
+    /// (or --profiles), as BENCHMARKS.md reports them; with --smoke, each in seconds (what CI
+    /// runs to keep the harness working).
     All {
         /// Where the JSON, PNG and markdown files go.
         #[arg(long, default_value = "bench/results")]
@@ -147,9 +157,13 @@ enum Scenario {
         /// Profiles to run.
         #[arg(long, default_value = "loopback,classroom-wifi", value_delimiter = ',')]
         profiles: Vec<String>,
-        /// Systems to run.
-        #[arg(long, default_value = "downbeat,socketio,ws,timesync", value_delimiter = ',')]
+        /// Systems to run (see `sync --help`).
+        #[arg(long, default_value = DEFAULT_SYSTEMS, value_delimiter = ',')]
         systems: Vec<String>,
+        /// Scenarios to run, comma-separated: sync, onset, fanout, join, capacity (capacity on
+        /// loopback only, Downbeat over WebTransport).
+        #[arg(long, default_value = "sync,onset,fanout,join,capacity", value_delimiter = ',')]
+        scenarios: Vec<String>,
     },
     /// Renders every run's JSON in a directory again (markdown tables and PNG plots) into
     /// its `results.md`, in the order of the scenarios.
@@ -318,7 +332,9 @@ fn main() -> Result<()> {
             let common = common.resolve()?;
             publish(&common, &scenarios::capacity(&common, sessions, hold_seconds)?, &[])
         }
-        Scenario::All { out, smoke, seed, profiles, systems } => all(&out, smoke, seed, &profiles, &systems),
+        Scenario::All { out, smoke, seed, profiles, systems, scenarios } => {
+            all(&out, smoke, seed, &profiles, &systems, &scenarios)
+        }
         Scenario::Report { dir } => rerender(&dir),
     }
 }
@@ -337,8 +353,14 @@ impl CommonArgs {
             netem_id: self.netem_id,
             out: self.out,
             command: command_line(),
+            bench_binary: bench_binary()?,
         })
     }
+}
+
+/// This program: it runs Downbeat's students (`class-helper`).
+fn bench_binary() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("finding this program to run the class helper")
 }
 
 impl WorkloadArgs {
@@ -376,7 +398,7 @@ fn smoke_check(report: &RunReport) -> Result<()> {
         _ => &[],
     };
     for system in &report.systems {
-        let synced = system.system == "downbeat" || system.system == "timesync";
+        let synced = scenarios::System::parse(&system.system).is_ok_and(scenarios::System::syncs_clocks);
         for key in core.iter().chain((report.scenario == "sync" && synced).then_some(&"offset_error_p50_ms")) {
             let value = system.metrics.iter().find(|m| m.key == *key).and_then(|m| m.value);
             let Some(value) = value.filter(|v| v.is_finite()) else {
@@ -412,7 +434,6 @@ fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &
 
 /// Renders the JSON files in `dir` into `dir/results.md`.
 fn rerender(dir: &std::path::Path) -> Result<()> {
-    const ORDER: &[&str] = &["sync", "onset", "fanout", "join", "capacity"];
     let mut reports = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let path = entry?.path();
@@ -424,7 +445,7 @@ fn rerender(dir: &std::path::Path) -> Result<()> {
     }
     let rank = |r: &RunReport| {
         let rooms = r.parameters.get("rooms").and_then(serde_json::Value::as_u64).unwrap_or(1);
-        (r.profile != "loopback", ORDER.iter().position(|s| *s == r.scenario).unwrap_or(ORDER.len()), rooms)
+        (r.profile != "loopback", SCENARIOS.iter().position(|s| *s == r.scenario).unwrap_or(SCENARIOS.len()), rooms)
     };
     reports.sort_by_key(rank);
     let mut sections = Vec::new();
@@ -442,9 +463,20 @@ fn rerender(dir: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-/// Every scenario on each profile; writes `results.md` in `out` with all the tables.
-fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], systems: &[String]) -> Result<()> {
+/// The scenarios of `all` on each profile; writes `results.md` in `out` with all the tables.
+fn all(
+    out: &std::path::Path,
+    smoke: bool,
+    seed: u64,
+    profiles: &[String],
+    systems: &[String],
+    chosen: &[String],
+) -> Result<()> {
     let systems = systems.iter().map(|s| scenarios::System::parse(s)).collect::<Result<Vec<_>>>()?;
+    for name in chosen {
+        ensure!(SCENARIOS.contains(&name.as_str()), "unknown scenario {name:?}: use {}", SCENARIOS.join(", "));
+    }
+    let runs = |name: &str| chosen.iter().any(|c| c == name);
     let mut sections = Vec::new();
     let checked = |report: RunReport, plots: &[(&str, &str, &str)]| -> Result<String> {
         if smoke {
@@ -452,7 +484,7 @@ fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], syste
         }
         publish_to(out, &report, plots)
     };
-    let progress = report::Progress::new((profiles.len() * 5) as u64, "scenarios");
+    let progress = report::Progress::new((profiles.len() * chosen.len()) as u64, "scenarios");
     for profile in profiles {
         let common = scenarios::Common {
             profile: profile.clone(),
@@ -461,6 +493,7 @@ fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], syste
             netem_id: 40,
             out: out.to_path_buf(),
             command: command_line(),
+            bench_binary: bench_binary()?,
         };
         let loopback = profile == "loopback";
         let class = |seconds: f64| scenarios::Workload {
@@ -471,36 +504,46 @@ fn all(out: &std::path::Path, smoke: bool, seed: u64, profiles: &[String], syste
             notes_per_second: 0.0,
             outage_at: None,
         };
-        progress.set_message(&format!("{profile}: sync"));
-        sections.push(checked(scenarios::sync(&common, &class(20.0))?, &[])?);
-        progress.inc(1);
-        progress.set_message(&format!("{profile}: onset"));
-        let outage = (!loopback && !smoke).then_some(30.0);
-        let onset = scenarios::Workload { outage_at: outage, ..class(60.0) };
-        sections.push(checked(scenarios::onset(&common, &onset)?, ONSET_PLOTS)?);
-        progress.inc(1);
-        progress.set_message(&format!("{profile}: fanout"));
-        // Side by side on one class (the peers' client drives one room), then Downbeat alone
-        // on performance.md's 20 rooms of 30.
-        let fan = scenarios::Workload { notes_per_second: 2.0, ..class(30.0) };
-        sections.push(checked(scenarios::fanout(&common, &fan)?, FANOUT_PLOTS)?);
-        if loopback {
-            let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
-            let rooms = scenarios::Workload { rooms: if smoke { 2 } else { 20 }, ..fan };
-            sections.push(checked(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
+        // Downbeat over WebTransport alone, for the runs only it makes (many rooms, capacity).
+        let downbeat_only = scenarios::Common { systems: vec![scenarios::System::DOWNBEAT], ..common.clone() };
+        if runs("sync") {
+            progress.set_message(&format!("{profile}: sync"));
+            sections.push(checked(scenarios::sync(&common, &class(20.0))?, &[])?);
+            progress.inc(1);
         }
-        progress.inc(1);
-        progress.set_message(&format!("{profile}: join"));
-        let storm = if smoke { 20 } else { 600 };
-        sections.push(checked(scenarios::join(&common, &class(1.0), storm)?, &[])?);
-        progress.inc(1);
-        if loopback {
-            progress.set_message("capacity");
-            let downbeat_only = scenarios::Common { systems: vec![scenarios::System::Downbeat], ..common.clone() };
-            let (sessions, hold) = if smoke { (60, 1.0) } else { (2_000, 10.0) };
-            sections.push(checked(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
+        if runs("onset") {
+            progress.set_message(&format!("{profile}: onset"));
+            let outage = (!loopback && !smoke).then_some(30.0);
+            let onset = scenarios::Workload { outage_at: outage, ..class(60.0) };
+            sections.push(checked(scenarios::onset(&common, &onset)?, ONSET_PLOTS)?);
+            progress.inc(1);
         }
-        progress.inc(1);
+        if runs("fanout") {
+            progress.set_message(&format!("{profile}: fanout"));
+            // Side by side on one class (the peers' client drives one room), then Downbeat
+            // alone on performance.md's 20 rooms of 30.
+            let fan = scenarios::Workload { notes_per_second: 2.0, ..class(30.0) };
+            sections.push(checked(scenarios::fanout(&common, &fan)?, FANOUT_PLOTS)?);
+            if loopback {
+                let rooms = scenarios::Workload { rooms: if smoke { 2 } else { 20 }, ..fan };
+                sections.push(checked(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
+            }
+            progress.inc(1);
+        }
+        if runs("join") {
+            progress.set_message(&format!("{profile}: join"));
+            let storm = if smoke { 20 } else { 600 };
+            sections.push(checked(scenarios::join(&common, &class(1.0), storm)?, &[])?);
+            progress.inc(1);
+        }
+        if runs("capacity") {
+            if loopback {
+                progress.set_message("capacity");
+                let (sessions, hold) = if smoke { (60, 1.0) } else { (2_000, 10.0) };
+                sections.push(checked(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
+            }
+            progress.inc(1);
+        }
     }
     progress.finish();
     let text = sections.join("\n\n");

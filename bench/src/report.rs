@@ -23,10 +23,14 @@ use crate::metrics::{Better, Metric, RunReport};
 /// Rows follow the first system's metrics, then keys only later systems have. After each
 /// system but the first comes a ratio column comparing it with the first (Downbeat),
 /// oriented so that above ×1 means Downbeat does better: `peer / downbeat` for
-/// [`Better::Lower`], `downbeat / peer` for [`Better::Higher`]. A ratio is `n/a` when
-/// either value is missing, negative or not finite; `both 0` when both are 0; `∞` when
-/// the divisor alone is 0 (a 0 where the other system has a positive figure: as far as the
-/// measurement resolves, infinitely better; the two figures stand beside it).
+/// [`Better::Lower`], `downbeat / peer` for [`Better::Higher`]. When the report opens with
+/// Downbeat over two transports (two leading systems named `downbeat…`), the second one's
+/// ratio compares it with the first (what the second transport costs), and every later
+/// column's ratio cell holds two ratios, `×a · ×b`: against the first and against the
+/// second. A ratio is `n/a` when either value is missing, negative or not finite; `both 0`
+/// when both are 0; `∞` when the divisor alone is 0 (a 0 where the other system has a
+/// positive figure: as far as the measurement resolves, infinitely better; the two figures
+/// stand beside it).
 ///
 /// A missing value shows `n/a`; a metric's note (why it is missing, or how it was measured
 /// for that system) becomes a numbered footnote `[n]` below the table, one number per
@@ -41,6 +45,7 @@ pub fn markdown(report: &RunReport) -> String {
     out.push_str("\n\n");
 
     let systems = &report.systems;
+    let baselines = baselines(report);
     let mut footnotes = Footnotes::default();
     if systems.is_empty() {
         out.push_str("No system reported any figures.\n");
@@ -67,6 +72,7 @@ pub fn markdown(report: &RunReport) -> String {
             };
             let _ = write!(out, "| {} |", cell_text(&label));
             let downbeat = metrics[0];
+            let better = downbeat.map_or(first_present.better, |m| m.better);
             for (i, metric) in metrics.iter().enumerate() {
                 let mut cell = match metric.and_then(|m| m.value) {
                     Some(v) => format_value(v),
@@ -77,14 +83,22 @@ pub fn markdown(report: &RunReport) -> String {
                 }
                 let _ = write!(out, " {} |", cell_text(&cell));
                 if i > 0 {
-                    let better = downbeat.map_or(first_present.better, |m| m.better);
-                    let ratio = ratio(downbeat.and_then(|m| m.value), metric.and_then(|m| m.value), better);
-                    let _ = write!(out, " {ratio} |");
+                    let value = metric.and_then(|m| m.value);
+                    let ratios: Vec<String> =
+                        (0..baselines.min(i)).map(|b| ratio(metrics[b].and_then(|m| m.value), value, better)).collect();
+                    let _ = write!(out, " {} |", ratios.join(" · "));
                 }
             }
             out.push('\n');
         }
-        if systems.len() > 1 {
+        if baselines == 2 && systems.len() > 2 {
+            let _ = writeln!(
+                out,
+                "\nratio: how many times better {} does than the system in the column before it (above ×1: {0} \
+                 better); after {}'s column, two ratios: against {0} · against {1}.",
+                systems[0].display, systems[1].display
+            );
+        } else if systems.len() > 1 {
             let _ = writeln!(
                 out,
                 "\nratio: how many times better {} does than the system in the column before it (above ×1: {0} better).",
@@ -139,6 +153,13 @@ impl Footnotes {
         self.texts.push(text.to_owned());
         self.texts.len()
     }
+}
+
+/// How many leading systems later columns are compared with: 2 when the first two are
+/// Downbeat (over two transports), else 1.
+fn baselines(report: &RunReport) -> usize {
+    let downbeat = |i: usize| report.systems.get(i).is_some_and(|s| s.system.starts_with("downbeat"));
+    if downbeat(0) && downbeat(1) { 2 } else { 1 }
 }
 
 /// Metric keys in table order: the first system's, then any new ones of later systems.
@@ -634,6 +655,33 @@ mod tests {
         assert!(md.contains("steal 0.4 %, load 1.50. Wall time 125.2 s"));
         assert!(md.contains("Command: `downbeat-bench onset --profile classroom-wifi`"));
         assert!(md.trim_end().ends_with("- noisy neighbour"));
+    }
+
+    #[test]
+    fn markdown_two_transports_give_peers_two_ratios() {
+        let mut report = sample_report();
+        // Downbeat's first two metrics, at twice the spread and half the clients.
+        let mut websocket =
+            system("downbeat-websocket", "Downbeat (WebSocket)", report.systems[0].metrics[..2].to_vec());
+        websocket.metrics[0].value = Some(2.468);
+        websocket.metrics[1].value = Some(6172.8);
+        report.systems.insert(1, websocket);
+        let md = markdown(&report);
+        assert!(
+            md.contains(
+                "| metric | Downbeat | Downbeat (WebSocket) | ratio | Socket.IO | ratio | WebSocket timer | ratio |"
+            ),
+            "{md}"
+        );
+        // The WebSocket column against the first; each peer against both.
+        assert!(
+            md.contains(
+                "| beat onset spread p99 (ms) | 1.23 | 2.47 | ×2.0 | 45.6 | ×37.0 · ×18.5 | 0.617 | ×0.50 · ×0.25 |"
+            ),
+            "{md}"
+        );
+        assert!(md.contains("| late beats (%) | 0 | n/a | n/a | 3 | ∞ · n/a | n/a [1] | n/a · n/a |"), "{md}");
+        assert!(md.contains("two ratios: against Downbeat · against Downbeat (WebSocket)."), "{md}");
     }
 
     #[test]

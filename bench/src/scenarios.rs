@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail, ensure};
+use downbeat_protocol::Transport;
 use downbeat_server::auth::Role;
 use serde_json::json;
 
@@ -21,21 +22,60 @@ use crate::peers::{self, ClientRun, PeerKind, PeerRun, PeerServer};
 /// A system under test.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum System {
-    /// This server with its native clients.
-    Downbeat,
+    /// This server with its native clients, over WebTransport (QUIC datagrams and a stream) or
+    /// WebSocket (one TCP connection to the HTTP listener's `/api/ws`).
+    Downbeat(Transport),
     /// A peer from `bench/peers`.
     Peer(PeerKind),
 }
 
+/// The names [`System::parse`] takes, for messages.
+pub const SYSTEM_NAMES: &str = "downbeat, downbeat-websocket, socketio, ws or timesync";
+
 impl System {
-    /// Parses `downbeat` or a peer's name (`socketio`, `ws`, `timesync`).
+    /// Downbeat over WebTransport.
+    pub const DOWNBEAT: Self = Self::Downbeat(Transport::WebTransport);
+    /// Downbeat over WebSocket.
+    pub const DOWNBEAT_WEBSOCKET: Self = Self::Downbeat(Transport::WebSocket);
+
+    /// Parses `downbeat` (WebTransport; also `downbeat-webtransport`), `downbeat-websocket` or
+    /// a peer's name (`socketio`, `ws`, `timesync`).
     pub fn parse(name: &str) -> Result<Self> {
-        if name == "downbeat" {
-            return Ok(Self::Downbeat);
+        match name {
+            "downbeat" | "downbeat-webtransport" => return Ok(Self::DOWNBEAT),
+            "downbeat-websocket" => return Ok(Self::DOWNBEAT_WEBSOCKET),
+            _ => {}
         }
         match name.parse::<PeerKind>() {
             Ok(kind) => Ok(Self::Peer(kind)),
-            Err(_) => bail!("unknown system {name:?}: use downbeat, socketio, ws or timesync"),
+            Err(_) => bail!("unknown system {name:?}: use {SYSTEM_NAMES}"),
+        }
+    }
+
+    /// The name in the command line and the JSON (`downbeat` is WebTransport, as before the
+    /// WebSocket transport existed).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Downbeat(Transport::WebTransport) => "downbeat",
+            Self::Downbeat(Transport::WebSocket) => "downbeat-websocket",
+            Self::Peer(kind) => kind.name(),
+        }
+    }
+
+    /// The column heading in the report tables.
+    pub fn display(self) -> &'static str {
+        match self {
+            Self::Downbeat(Transport::WebTransport) => "Downbeat (WebTransport)",
+            Self::Downbeat(Transport::WebSocket) => "Downbeat (WebSocket)",
+            Self::Peer(kind) => kind.display(),
+        }
+    }
+
+    /// Whether its students sync their clocks (the clock-error figures apply).
+    pub fn syncs_clocks(self) -> bool {
+        match self {
+            Self::Downbeat(_) => true,
+            Self::Peer(kind) => kind.schedules_ahead(),
         }
     }
 }
@@ -55,6 +95,8 @@ pub struct Common {
     pub out: PathBuf,
     /// The command line, for the report.
     pub command: String,
+    /// The `downbeat-bench` program, which runs Downbeat's students (`class-helper`).
+    pub bench_binary: PathBuf,
 }
 
 /// The network one system's run crosses.
@@ -154,17 +196,27 @@ impl Workload {
 /// What the capacity scenario does while every session is held: measure the server.
 type Hold<'a> = dyn FnMut(&ServerProcess, usize) -> Result<()> + 'a;
 
-/// Runs Downbeat's class helper on `workload`; returns its output and the server's process.
+/// Runs Downbeat's class helper on `workload` over `transport`; returns its output and
+/// figures of the server's process.
+///
+/// The server's HTTP listener, where WebSocket sessions arrive (`/api/ws`), listens on the
+/// address the students reach (the emulator's server address when emulated), as the peers'
+/// servers do: the WebSocket's TCP segments then cross the same impaired paths as the QUIC
+/// datagrams (which reach the WebTransport endpoint, bound on every address, there too).
 fn run_downbeat(
     common: &Common,
+    transport: Transport,
     workload: &Workload,
     hold: Option<&mut Hold<'_>>,
 ) -> Result<(ClassOutput, serde_json::Value)> {
     let net = Net::up(common, workload.people())?;
-    let server = ServerProcess::start(ServerLimits {
-        sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
-        rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
-    })?;
+    let server = ServerProcess::start(
+        ServerLimits {
+            sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
+            rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
+        },
+        net.server_host(),
+    )?;
     let mut rooms = Vec::new();
     let mut address = 0;
     for r in 0..workload.rooms {
@@ -181,7 +233,10 @@ fn run_downbeat(
         rooms.push(RoomSpec { teacher_token: server.token(Role::Teacher, &format!("t-{r}"))?, teacher_bind, students });
     }
     let spec = ClassSpec {
-        url: server.url(net.server_host()),
+        url: match transport {
+            Transport::WebTransport => server.url(net.server_host()),
+            Transport::WebSocket => server.websocket_url(),
+        },
         cert_hashes: server.cert_hashes().to_vec(),
         server_zero: server.zero(),
         rooms,
@@ -199,13 +254,13 @@ fn run_downbeat(
         hold: hold.is_some(),
     };
     let work = tempfile::tempdir()?;
-    let exe = std::env::current_exe()?;
+    let exe = &common.bench_binary;
     let before = server.metrics()?;
     let meter = ProcessMeter::new(server.pid());
     let cpu_before = meter.cpu_seconds()?;
     let output = net.with_outage(workload.outage_at, || match hold {
-        Some(hold) => run_class(net.command(&exe), &spec, work.path(), |n| hold(&server, n)),
-        None => run_class(net.command(&exe), &spec, work.path(), |_| Ok(())),
+        Some(hold) => run_class(net.command(exe), &spec, work.path(), |n| hold(&server, n)),
+        None => run_class(net.command(exe), &spec, work.path(), |_| Ok(())),
     })?;
     let after = server.metrics()?;
     let cpu = meter.cpu_seconds()? - cpu_before;
@@ -214,7 +269,15 @@ fn run_downbeat(
     let received = after.get("downbeat_datagrams_received_total").unwrap_or(&0.0)
         - before.get("downbeat_datagrams_received_total").unwrap_or(&0.0);
     let netem = net.emulator.as_ref().map(|e| serde_json::to_value(e.stats()).unwrap_or_default());
+    let counter = |name: &str| after.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0);
+    let label = format!("{{transport=\"{}\"}}", transport.as_str());
     let extra = json!({
+        "transport": transport.as_str(),
+        "url": spec.url,
+        // WebSocket only: beat frames and sync replies the server dropped rather than queue
+        // behind a slow socket (QUIC's refused sends are in datagrams_send_failed).
+        "timing_dropped": counter(&format!("downbeat_transport_timing_dropped_total{label}")),
+        "datagrams_send_failed": counter("downbeat_datagrams_send_failed_total"),
         "server_cpu_seconds": cpu,
         "datagrams_sent": sent,
         "datagrams_received": received,
@@ -287,10 +350,15 @@ fn now_rfc3339() -> String {
     )
 }
 
-fn downbeat_result(extra: serde_json::Value, metrics: Vec<Metric>, distributions: &[(&str, &[f64])]) -> SystemResult {
+fn downbeat_result(
+    system: System,
+    extra: serde_json::Value,
+    metrics: Vec<Metric>,
+    distributions: &[(&str, &[f64])],
+) -> SystemResult {
     SystemResult {
-        system: "downbeat".into(),
-        display: "Downbeat".into(),
+        system: system.name().into(),
+        display: system.display().into(),
         metrics,
         distributions: distributions.iter().map(|(k, v)| ((*k).to_owned(), v.to_vec())).collect(),
         extra,
@@ -321,7 +389,7 @@ fn run_systems(
     let began = Instant::now();
     let steal = StealMeter::start();
     for &system in &common.systems {
-        report.systems.push(each(system).with_context(|| format!("running {system:?}"))?);
+        report.systems.push(each(system).with_context(|| format!("running {}", system.name()))?);
     }
     report.wall_seconds = began.elapsed().as_secs_f64();
     report.machine.steal_percent = steal.percent();
@@ -339,8 +407,8 @@ pub fn sync(common: &Common, workload: &Workload) -> Result<RunReport> {
     check_clients(common, workload)?;
     let report = report(common, "sync", "Clock sync: error against the truth", workload.json());
     run_systems(common, report, |system| match system {
-        System::Downbeat => {
-            let (output, extra) = run_downbeat(common, workload, None)?;
+        System::Downbeat(transport) => {
+            let (output, extra) = run_downbeat(common, transport, workload, None)?;
             let errors = Summary::of(&output.offset_error_ms);
             let converged = output.converged_s.iter().try_fold(0.0f64, |m, c| c.map(|c| m.max(c)));
             let metrics = vec![
@@ -349,6 +417,7 @@ pub fn sync(common: &Common, workload: &Workload) -> Result<RunReport> {
                 converged_metric(converged),
             ];
             Ok(downbeat_result(
+                system,
                 with_class_extra(extra, &output),
                 metrics,
                 &[("offset_error_ms", &output.offset_error_ms)],
@@ -363,8 +432,8 @@ pub fn onset(common: &Common, workload: &Workload) -> Result<RunReport> {
     check_clients(common, workload)?;
     let report = report(common, "onset", "Beat onset spread: one beat across the class", workload.json());
     run_systems(common, report, |system| match system {
-        System::Downbeat => {
-            let (output, extra) = run_downbeat(common, workload, None)?;
+        System::Downbeat(transport) => {
+            let (output, extra) = run_downbeat(common, transport, workload, None)?;
             let spread = Summary::of(&output.onset_spread_ms);
             let judged = output.beats_checked + output.beats_missing;
             let late = if judged == 0 {
@@ -389,6 +458,7 @@ pub fn onset(common: &Common, workload: &Workload) -> Result<RunReport> {
                 ),
             ];
             Ok(downbeat_result(
+                system,
                 with_class_extra(extra, &output),
                 metrics,
                 &[("onset_spread_ms", &output.onset_spread_ms)],
@@ -403,8 +473,8 @@ pub fn fanout(common: &Common, workload: &Workload) -> Result<RunReport> {
     check_clients(common, workload)?;
     let report = report(common, "fanout", "Note fan-out: a child's note reaching the class", workload.json());
     run_systems(common, report, |system| match system {
-        System::Downbeat => {
-            let (output, extra) = run_downbeat(common, workload, None)?;
+        System::Downbeat(transport) => {
+            let (output, extra) = run_downbeat(common, transport, workload, None)?;
             let fan = Summary::of(&output.fanout_ms);
             let playout = Summary::of(&output.playout_spread_ms);
             let lost = if output.deliveries_expected == 0 {
@@ -431,6 +501,7 @@ pub fn fanout(common: &Common, workload: &Workload) -> Result<RunReport> {
                     .with_note("Downbeat: true instants at which the classmates schedule the note"),
             ];
             Ok(downbeat_result(
+                system,
                 with_class_extra(extra, &output),
                 metrics,
                 &[("fanout_ms", &output.fanout_ms), ("playout_spread_ms", &output.playout_spread_ms)],
@@ -458,16 +529,24 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
     let storm_workload = Workload { rooms: storm.div_ceil(workload.students.max(1)), ..*workload };
     let storm_workload = if common.profile == "loopback" { storm_workload } else { Workload { rooms: 1, ..*workload } };
     run_systems(common, report, |system| match system {
-        System::Downbeat => {
-            let (output, extra) =
-                run_downbeat(common, &Workload { seconds: 1.0, notes_per_second: 0.0, ..*workload }, None)?;
+        System::Downbeat(transport) => {
+            let class = Workload { seconds: 1.0, notes_per_second: 0.0, ..*workload };
+            let (output, extra) = run_downbeat(common, transport, &class, None)?;
             let welcomed = Summary::of(&output.welcome_ms);
             let slowest_welcome = output.welcome_ms.iter().copied().fold(0.0f64, f64::max);
-            let (storm_output, _) = run_downbeat(common, &storm_workload, Some(&mut |_, _| Ok(())))?;
+            let (storm_output, _) = run_downbeat(common, transport, &storm_workload, Some(&mut |_, _| Ok(())))?;
             let rate = storm_output.joined as f64 / (storm_output.all_joined_ms / 1e3).max(1e-9);
+            let handshake = match transport {
+                Transport::WebTransport => {
+                    "Downbeat over WebTransport: QUIC and TLS handshake, session, hello and welcome"
+                }
+                Transport::WebSocket => {
+                    "Downbeat over WebSocket: TCP handshake, WebSocket upgrade (no TLS, as the peers), hello and welcome"
+                }
+            };
             let metrics = vec![
                 Metric::lower("join_all_ms", "whole class joined (slowest)", "ms", slowest_welcome)
-                    .with_note("Downbeat: QUIC and TLS handshake, session, hello and welcome"),
+                    .with_note(handshake),
                 Metric::lower("join_p50_ms", "join time p50", "ms", welcomed.p50),
                 Metric::lower("synced_all_ms", "whole class joined and clock-synced", "ms", output.all_joined_ms)
                     .with_note("from the first connect to the last student's clock synced"),
@@ -476,7 +555,7 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
             ];
             let mut extra = with_class_extra(extra, &output);
             extra["storm"] = json!({"sessions": storm_output.students, "joined": storm_output.joined, "ms": storm_output.all_joined_ms, "errors": storm_output.join_errors.len()});
-            Ok(downbeat_result(extra, metrics, &[("join_ms", &output.synced_ms)]))
+            Ok(downbeat_result(system, extra, metrics, &[("join_ms", &output.synced_ms)]))
         }
         System::Peer(kind) => {
             let class = run_peer(common, kind, &Workload { seconds: 1.0, notes_per_second: 0.0, ..*workload })?;
@@ -499,7 +578,9 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
     })
 }
 
-/// Capacity: sessions held with beats flowing, memory per session, CPU per datagram.
+/// Capacity: sessions held with beats flowing, memory per session, CPU per datagram, for
+/// each Downbeat system in `common.systems` (WebTransport when there is none; the peers
+/// have no capacity run).
 pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<RunReport> {
     let rooms = sessions.div_ceil(30);
     let workload = Workload {
@@ -516,6 +597,37 @@ pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<R
     let mut report = report(common, "capacity", "Capacity: sessions held with beats flowing", parameters);
     let began = Instant::now();
     let steal = StealMeter::start();
+    let baseline = {
+        // A fresh server's footprint, before any session.
+        let server = ServerProcess::start(ServerLimits::default(), IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+        std::thread::sleep(Duration::from_millis(500));
+        ProcessMeter::new(server.pid()).rss_bytes()?
+    };
+    let mut systems: Vec<System> =
+        common.systems.iter().copied().filter(|s| matches!(s, System::Downbeat(_))).collect();
+    if systems.is_empty() {
+        systems.push(System::DOWNBEAT);
+    }
+    for system in systems {
+        let System::Downbeat(transport) = system else { continue };
+        let result = capacity_of(common, system, transport, &workload, hold_seconds, baseline)
+            .with_context(|| format!("running {}", system.name()))?;
+        report.systems.push(result);
+    }
+    report.wall_seconds = began.elapsed().as_secs_f64();
+    report.machine.steal_percent = steal.percent();
+    Ok(report)
+}
+
+/// One Downbeat system's capacity run; `baseline` is a fresh server's RSS in bytes.
+fn capacity_of(
+    common: &Common,
+    system: System,
+    transport: Transport,
+    workload: &Workload,
+    hold_seconds: f64,
+    baseline: u64,
+) -> Result<SystemResult> {
     let mut measured = serde_json::Value::Null;
     let mut hold = |server: &ServerProcess, held: usize| -> Result<()> {
         let meter = ProcessMeter::new(server.pid());
@@ -534,17 +646,21 @@ pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<R
         });
         Ok(())
     };
-    let baseline = {
-        // A fresh server's footprint, before any session.
-        let server = ServerProcess::start(ServerLimits::default())?;
-        std::thread::sleep(Duration::from_millis(500));
-        ProcessMeter::new(server.pid()).rss_bytes()?
-    };
-    let (output, extra) = run_downbeat(common, &workload, Some(&mut hold))?;
+    let (output, extra) = run_downbeat(common, transport, workload, Some(&mut hold))?;
     let held = measured["sessions_active"].as_f64().unwrap_or(0.0);
     let rss = measured["rss_bytes"].as_f64().unwrap_or(0.0);
     let datagrams = measured["datagrams"].as_f64().unwrap_or(0.0);
     let cpu = measured["cpu_seconds"].as_f64().unwrap_or(0.0);
+    let mut per_datagram = Metric::lower(
+        "cpu_ms_per_1000_datagrams",
+        "server CPU per 1,000 datagrams",
+        "ms",
+        if datagrams > 0.0 { cpu * 1e6 / datagrams } else { 0.0 },
+    );
+    if transport == Transport::WebSocket {
+        per_datagram = per_datagram
+            .with_note("WebSocket: binary messages with datagram semantics (beat frames, sync requests and replies)");
+    }
     let metrics = vec![
         Metric::higher("sessions_held", "sessions held", "", held),
         Metric::lower(
@@ -554,12 +670,7 @@ pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<R
             (rss - baseline as f64) / held.max(1.0) / 1024.0,
         )
         .with_note("server RSS growth over a fresh server's, divided by sessions held"),
-        Metric::lower(
-            "cpu_ms_per_1000_datagrams",
-            "server CPU per 1,000 datagrams",
-            "ms",
-            if datagrams > 0.0 { cpu * 1e6 / datagrams } else { 0.0 },
-        ),
+        per_datagram,
         Metric::higher(
             "datagrams_per_s",
             "datagrams per second (sent + received)",
@@ -571,8 +682,5 @@ pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<R
     let mut extra = with_class_extra(extra, &output);
     extra["measured"] = measured;
     extra["baseline_rss_bytes"] = json!(baseline);
-    report.systems.push(downbeat_result(extra, metrics, &[]));
-    report.wall_seconds = began.elapsed().as_secs_f64();
-    report.machine.steal_percent = steal.percent();
-    Ok(report)
+    Ok(downbeat_result(system, extra, metrics, &[]))
 }

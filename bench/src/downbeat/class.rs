@@ -1,6 +1,7 @@
 //! Simulated classrooms on real sockets: the program `downbeat-bench class-helper` runs in
 //! the clients' network namespace (or on loopback) and drives Downbeat's native client, the
-//! same engine code a browser runs, for every teacher and student of a [`ClassSpec`].
+//! same engine code a browser runs, for every teacher and student of a [`ClassSpec`], over
+//! WebTransport or WebSocket as the spec's URL says.
 //!
 //! Each student gets an [`InjectedClock`] with a known offset and drift, so the helper knows
 //! the truth: true server time at an instant is the host's monotonic clock minus the
@@ -27,7 +28,8 @@ use crate::hostclock::HostClock;
 /// What the helper runs: the server to reach, the rooms with their people, the workload.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ClassSpec {
-    /// `https://host:port/` of the server's WebTransport endpoint.
+    /// `https://host:port/` of the server's WebTransport endpoint, or `ws://host:port/api/ws`
+    /// of its WebSocket endpoint: every teacher and student connects over that transport.
     pub url: String,
     /// Hex SHA-256 of the server's certificates.
     pub cert_hashes: Vec<String>,

@@ -6,7 +6,7 @@ pub mod class;
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -61,6 +61,7 @@ pub fn server_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 pub struct ServerProcess {
     child: Child,
+    http_host: IpAddr,
     http_port: u16,
     wt_port: u16,
     hashes: Vec<String>,
@@ -70,8 +71,11 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// Starts the server and waits for its banner and its first metrics.
-    pub fn start(limits: ServerLimits) -> Result<Self> {
+    /// Starts the server and waits for its banner and its first metrics. Its HTTP listener
+    /// (the API, `/metrics` and WebSocket sessions at `/api/ws`) listens on `http_host` (the
+    /// address WebSocket students reach: the emulator's server address when emulated, so
+    /// their TCP crosses it); WebTransport listens on every address.
+    pub fn start(limits: ServerLimits, http_host: IpAddr) -> Result<Self> {
         let dir = tempfile::tempdir().context("a data directory for the server")?;
         let secret: [u8; 32] = rand::random();
         let config_text = format!(
@@ -101,7 +105,9 @@ impl ServerProcess {
             .arg(&config_path)
             .arg("--data-dir")
             .arg(dir.path())
-            .args(["--http-addr", "127.0.0.1:0", "--wt-port", "0"])
+            .arg("--http-addr")
+            .arg(SocketAddr::new(http_host, 0).to_string())
+            .args(["--wt-port", "0"])
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -116,7 +122,7 @@ impl ServerProcess {
                 return Err(e);
             }
         };
-        let mut server = Self { child, http_port, wt_port, hashes, zero: 0, tenants, _dir: dir };
+        let mut server = Self { child, http_host, http_port, wt_port, hashes, zero: 0, tenants, _dir: dir };
         let metrics = server.metrics()?;
         server.zero = metrics.get("downbeat_clock_zero_monotonic_nanoseconds").copied().unwrap_or(0.0) as u64;
         ensure!(server.zero > 0, "the server did not publish its clock zero (not Linux?)");
@@ -131,6 +137,11 @@ impl ServerProcess {
     /// The WebTransport URL on `host`.
     pub fn url(&self, host: IpAddr) -> String {
         format!("https://{host}:{}/", self.wt_port)
+    }
+
+    /// The WebSocket URL (`ws://` on the HTTP listener: no TLS, as the peers).
+    pub fn websocket_url(&self) -> String {
+        format!("ws://{}/api/ws", SocketAddr::new(self.http_host, self.http_port))
     }
 
     /// The pinned certificate hashes, hex.
@@ -148,18 +159,23 @@ impl ServerProcess {
         Ok(self.tenants.mint(TENANT, role, sub, sub, Duration::from_secs(6 * 3600))?)
     }
 
-    /// The server's Prometheus metrics (unlabelled series only), by name.
+    /// The server's Prometheus metrics, by series: the name, with its labels as the server
+    /// writes them when it has any (`downbeat_transport_sessions_active{transport="websocket"}`).
+    /// Fetched from this host's own address, so never through the emulator.
     pub fn metrics(&self) -> Result<HashMap<String, f64>> {
-        let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, self.http_port)).context("connecting for metrics")?;
+        let mut stream = TcpStream::connect((self.http_host, self.http_port)).context("connecting for metrics")?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+        stream.write_all(
+            format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", SocketAddr::new(self.http_host, self.http_port))
+                .as_bytes(),
+        )?;
         let mut text = String::new();
         stream.read_to_string(&mut text)?;
         let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("an HTTP answer")?;
         Ok(body
             .lines()
-            .filter(|l| !l.starts_with('#') && !l.contains('{'))
-            .filter_map(|l| l.split_once(' '))
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.rsplit_once(' '))
             .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
             .collect())
     }
