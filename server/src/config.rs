@@ -21,7 +21,7 @@ use base64::Engine as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use downbeat_protocol::MAX_MEMBERS;
+use downbeat_protocol::{MAX_MEMBERS, TextKind, check_text};
 
 /// Declares the settings. Each entry is the setting's doc comment (its help), then
 /// `name: Type = default` (no `= default`: the setting is optional, `Option<Type>` in
@@ -507,7 +507,7 @@ pub struct TenantLimits {
     pub max_sessions: u32,
     /// Most rooms at once.
     pub max_rooms: u32,
-    /// Most members in one room (at most 256).
+    /// Most members in one room (at most [`MAX_MEMBERS`], 100).
     pub max_members_per_room: u32,
     /// Failed join attempts per second, sustained, for the whole tenant: hellos and code
     /// lookups naming no live room of the tenant (a wrong, closed or another school's code).
@@ -570,6 +570,9 @@ impl TenantConfig {
         }
         if self.name.trim().is_empty() {
             return Err(format!("tenant {id:?}: name is empty: give the school's display name"));
+        }
+        if let Err(bad) = check_text(&self.name, TextKind::Line) {
+            return Err(format!("tenant {id:?}: name: {bad}"));
         }
         if self.issuer.is_empty() {
             return Err(format!(
@@ -639,7 +642,7 @@ impl TenantConfig {
         }
         if usize::try_from(l.max_members_per_room).map_or(true, |n| n > MAX_MEMBERS) {
             return Err(format!(
-                "tenant {id:?}: limits.max_members_per_room is {}: use 1 to {MAX_MEMBERS} (a welcome lists every member)",
+                "tenant {id:?}: limits.max_members_per_room is {}: use 1 to {MAX_MEMBERS} (the welcome to a full room lists every member in one frame)",
                 l.max_members_per_room
             ));
         }
@@ -763,7 +766,7 @@ impl Config {
         }
         if !(1..=MAX_MEMBERS).contains(&self.max_members_per_room) {
             return invalid(format!(
-                "max_members_per_room is {}: use 1 to {MAX_MEMBERS} (a welcome lists every member)",
+                "max_members_per_room is {}: use 1 to {MAX_MEMBERS} (the welcome to a full room lists every member in one frame)",
                 self.max_members_per_room
             ));
         }
@@ -1114,7 +1117,10 @@ mod tests {
             (&["--send-interval-ms", "900"], "at most half of lead_ms"),
             (&["--send-interval-ms", "1"], "send_interval_ms is 1"),
             (&["--max-rooms", "0"], "max_rooms is 0"),
-            (&["--max-members-per-room", "257"], "use 1 to 256"),
+            (
+                &["--max-members-per-room", "101"],
+                "max_members_per_room is 101: use 1 to 100 (the welcome to a full room",
+            ),
             (&["--max-sessions", "0"], "max_sessions is 0"),
             (&["--max-concurrent-handshakes", "0"], "max_concurrent_handshakes is 0"),
             (&["--hello-timeout-ms", "0"], "hello_timeout_ms is 0"),
@@ -1290,7 +1296,7 @@ note_burst = 60
             ),
             (tenant_file("joins_per_second = 0\n"), "limits.joins_per_second is 0"),
             (tenant_file("control_burst = 0\n"), "limits.control_burst is 0"),
-            (tenant_file("max_members_per_room = 300\n"), "limits.max_members_per_room is 300: use 1 to 256"),
+            (tenant_file("max_members_per_room = 101\n"), "limits.max_members_per_room is 101: use 1 to 100"),
             (tenant_file("[tenants.retention]\nsel_days = 0\n"), "retention.sel_days is 0"),
         ];
         for (file, want) in &cases {

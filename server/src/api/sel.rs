@@ -15,7 +15,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use downbeat_engine::sel::Tally;
-use downbeat_protocol::{ControlOp, ErrorCode, PromptText};
+use downbeat_protocol::{ControlOp, ErrorCode, PromptText, TextKind, check_text};
 use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
@@ -66,7 +66,7 @@ impl<S: Send + Sync> FromRequestParts<S> for StudentPath {
         let Path(id) = Path::<String>::from_request_parts(parts, state)
             .await
             .map_err(|rejection| ApiError::bad_request(rejection.body_text()))?;
-        if id.is_empty() || id.len() > MAX_STUDENT_ID || id.chars().any(char::is_control) {
+        if id.is_empty() || id.len() > MAX_STUDENT_ID || check_text(&id, TextKind::Line).is_err() {
             return Err(ApiError::bad_request("a student id is 1 to 128 bytes without control characters"));
         }
         Ok(Self(id))
