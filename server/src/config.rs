@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -123,9 +123,10 @@ macro_rules! settings {
 }
 
 settings! {
-    /// HTTP/1.1 listener for the API.
-    http_addr: SocketAddr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 4480),
-        env "DOWNBEAT_HTTP_ADDR", value "ADDR";
+    /// HTTP/1.1 listener for the API and the pages. The demo tenant listens on this machine
+    /// only unless given an address (see "Reaching the pages from a real classroom").
+    http_addr: SocketAddr, env "DOWNBEAT_HTTP_ADDR", value "ADDR",
+        shown "`127.0.0.1:4480` for the demo tenant, `[::]:4480` with `[[tenants]]`";
     /// UDP port for WebTransport, bound dual-stack on every address (0: any free port).
     wt_port: u16 = 4433, env "DOWNBEAT_WT_PORT", value "PORT";
     /// Directory for server state (development certificates, the demo tenant's secret, the
@@ -227,6 +228,56 @@ settings! {
     http_header_timeout_ms: u64 = 10_000, env "DOWNBEAT_HTTP_HEADER_TIMEOUT_MS", value "MS";
     /// Time an HTTP request has to send its body and be answered, in ms.
     http_request_timeout_ms: u64 = 30_000, env "DOWNBEAT_HTTP_REQUEST_TIMEOUT_MS", value "MS";
+    /// The demo tenant's teacher secret: signing in as a teacher through `/api/demo/tokens`
+    /// needs it (students sign in by name alone). The banner prints the teacher page's URL with
+    /// it. 16 to 256 characters from `A-Z a-z 0-9 - . _ ~`. Only for the demo tenant.
+    demo_teacher_secret: DemoSecret, env "DOWNBEAT_DEMO_TEACHER_SECRET", value "SECRET",
+        shown "random, new at every start";
+}
+
+/// The HTTP port when `http_addr` is not given.
+pub const DEFAULT_HTTP_PORT: u16 = 4480;
+
+/// Shortest and longest demo teacher secret, in characters.
+const DEMO_SECRET_LEN: RangeInclusive<usize> = 16..=256;
+
+/// The demo tenant's teacher secret ([`Config::demo_teacher_secret`]). `Debug` shows
+/// `<redacted>`, so a logged configuration never holds it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DemoSecret(String);
+
+impl DemoSecret {
+    /// A new random secret: 32 random bytes, base64url (43 characters).
+    pub fn random() -> Self {
+        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()))
+    }
+
+    /// The secret, as it goes into the teacher page's URL and the sign-in request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is long enough and only of characters a URL fragment carries unchanged.
+    fn is_valid(&self) -> bool {
+        DEMO_SECRET_LEN.contains(&self.0.len())
+            && self.0.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    }
+}
+
+impl fmt::Debug for DemoSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for DemoSecret {
+    type Err = std::convert::Infallible;
+
+    /// Takes any text; [`Config::validate`] says what is wrong with it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
 }
 
 /// What `--config` is for.
@@ -825,7 +876,7 @@ impl Config {
                 ));
             }
         }
-        if self.https_addr.is_some_and(|https| https == self.http_addr && https.port() != 0) {
+        if self.https_addr.is_some_and(|https| https == self.http_listen_addr() && https.port() != 0) {
             return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
         }
         if self.http_max_connections == 0 {
@@ -849,6 +900,20 @@ impl Config {
                 self.http_request_timeout_ms
             ));
         }
+        if let Some(secret) = &self.demo_teacher_secret {
+            if !self.tenants.is_empty() {
+                return invalid(
+                    "demo_teacher_secret is set but [[tenants]] are configured: it is only for the embedded demo tenant; remove it",
+                );
+            }
+            if !secret.is_valid() {
+                return invalid(format!(
+                    "demo_teacher_secret is not valid: use {} to {} characters from A-Z a-z 0-9 - . _ ~ (or leave it out for a random one)",
+                    DEMO_SECRET_LEN.start(),
+                    DEMO_SECRET_LEN.end()
+                ));
+            }
+        }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -857,6 +922,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The address the HTTP listener binds: [`Self::http_addr`] if given, else port
+    /// [`DEFAULT_HTTP_PORT`] on loopback (`127.0.0.1`) for the demo tenant, whose pages hand out
+    /// tokens to whoever reaches them, and on every address (`[::]`) for configured schools.
+    pub fn http_listen_addr(&self) -> SocketAddr {
+        self.http_addr.unwrap_or_else(|| {
+            let ip: IpAddr =
+                if self.tenants.is_empty() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            SocketAddr::new(ip, DEFAULT_HTTP_PORT)
+        })
     }
 
     /// [`Self::lead_ms`] as a duration.
@@ -981,7 +1057,8 @@ mod tests {
     fn defaults_are_valid() {
         let config = check(&[], None).unwrap();
         assert_eq!(config, Config::default());
-        assert_eq!(config.http_addr.to_string(), "[::]:4480");
+        assert_eq!(config.http_addr, None);
+        assert_eq!(config.http_listen_addr().to_string(), "127.0.0.1:4480");
         assert_eq!(config.wt_port, 4433);
         assert_eq!(config.lead_ms, 1500);
         assert_eq!(config.tls_reload_check_ms, 10_000);
@@ -1202,6 +1279,39 @@ max_rooms = 20
 note_burst = 60
 {extra}"#
         )
+    }
+
+    #[test]
+    fn the_demo_listens_on_loopback_and_schools_everywhere_unless_told() {
+        assert_eq!(check(&[], None).unwrap().http_listen_addr().to_string(), "127.0.0.1:4480");
+        let schools = check(&[], Some(&tenant_file(""))).unwrap();
+        assert_eq!(schools.http_listen_addr().to_string(), "[::]:4480");
+        let told = check(&["--http-addr", "0.0.0.0:8080"], None).unwrap();
+        assert_eq!(told.http_listen_addr().to_string(), "0.0.0.0:8080");
+        let told = check(&["--http-addr", "127.0.0.1:8080"], Some(&tenant_file(""))).unwrap();
+        assert_eq!(told.http_listen_addr().to_string(), "127.0.0.1:8080");
+        // The HTTPS listener may not take the default one.
+        let err = check(&["--https-addr", "127.0.0.1:4480"], None).unwrap_err();
+        assert!(err.contains("https_addr is the same as http_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_demo_teacher_secret_is_checked_and_never_shown() {
+        let secret = "correct-horse-battery.staple~42";
+        let config = check(&["--demo-teacher-secret", secret], None).unwrap();
+        assert_eq!(config.demo_teacher_secret.as_ref().map(DemoSecret::expose), Some(secret));
+        assert!(!format!("{config:?}").contains(secret), "Debug shows the secret");
+        let from_file = check(&[], Some(&format!("demo_teacher_secret = \"{secret}\"\n"))).unwrap();
+        assert_eq!(from_file.demo_teacher_secret, config.demo_teacher_secret);
+        for bad in ["short", "has spaces in it, sixteen+", "percent%20encoded-secret", &"x".repeat(257)] {
+            let err = check(&["--demo-teacher-secret", bad], None).unwrap_err();
+            assert!(err.contains("demo_teacher_secret is not valid") && err.contains("16 to 256"), "{bad}: {err}");
+        }
+        let err = check(&["--demo-teacher-secret", secret], Some(&tenant_file(""))).unwrap_err();
+        assert!(err.contains("only for the embedded demo tenant"), "{err}");
+        // A random one is long, valid and new every time.
+        let (a, b) = (DemoSecret::random(), DemoSecret::random());
+        assert!(a.is_valid() && a.expose().len() == 43 && a != b);
     }
 
     /// 32 bytes ("thirty-two-bytes-of-test-secret!"), base64url without padding.

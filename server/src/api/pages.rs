@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use downbeat_protocol::{ErrorCode, MAX_NAME_LEN};
+use downbeat_protocol::{ErrorCode, MAX_NAME_LEN, TextKind, check_text};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 
@@ -279,6 +279,9 @@ async fn time(State(state): State<AppState>) -> Response {
 struct DemoTokenRequest {
     role: String,
     name: String,
+    /// The demo teacher secret: needed for a teacher token, ignored for a student's.
+    #[serde(default)]
+    secret: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -289,7 +292,9 @@ struct DemoToken {
 }
 
 /// Signs a child or teacher in to the embedded demo tenant by display name: a fresh
-/// pseudonymous subject and a 12-hour token. Rate-limited per client network.
+/// pseudonymous subject and a 12-hour token. A teacher must also give the demo teacher secret
+/// (the banner's teacher page URL carries it), else `forbidden`. Rate-limited per client
+/// network, wrong secrets included.
 async fn demo_token(
     State(state): State<AppState>,
     PeerAddr(peer): PeerAddr,
@@ -308,10 +313,17 @@ async fn demo_token(
         "student" => (Role::Student, "s"),
         _ => return Err(ApiError::bad_request("role must be \"teacher\" or \"student\"")),
     };
+    if role == Role::Teacher && !state.web.is_demo_teacher_secret(body.secret.as_deref()) {
+        state.stats.refused.inc(ErrorCode::Forbidden);
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "a teacher signs in to the demo with the teacher secret: open the teacher page link the server printed at start",
+        ));
+    }
     let name = body.name.trim();
-    if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || check_text(name, TextKind::Line).is_err() {
         return Err(ApiError::bad_request(format!(
-            "a name is 1 to {MAX_NAME_LEN} bytes (after trimming spaces) without control characters"
+            "a name is 1 to {MAX_NAME_LEN} bytes (after trimming spaces) on one line without control characters"
         )));
     }
     let sub = format!("demo-{prefix}-{:08x}", rand::random::<u32>());
