@@ -64,6 +64,7 @@ const FRIENDLY = {
 
 /** A short, friendly message for any error (DownbeatError or otherwise). */
 export function friendlyError(err) {
+  if (err && typeof err.friendly === 'string') return err.friendly;
   const code = errorCode(err);
   return FRIENDLY[code] ?? (err && err.message) ?? String(err);
 }
@@ -138,18 +139,33 @@ export async function loadConfig() {
   return res.json();
 }
 
+/** Where this tab keeps the demo teacher secret. */
+const DEMO_SECRET_KEY = 'downbeat.demoTeacherSecret';
+
 /**
- * The page's token: from `#token=<jwt>` (stored in sessionStorage, fragment cleared), else
- * the one stored earlier in this tab, else null.
+ * What the URL fragment carried, read once as the page loads: `#token=<jwt>` and `#secret=`
+ * (the demo's teacher link, as the server's banner prints it). The secret is kept in
+ * sessionStorage for asking the demo for a teacher token, and the fragment is removed from
+ * the address bar at once, so neither is bookmarked, shared or shown on a projector.
+ * (Browsers never send a fragment to the server.)
+ */
+const FRAGMENT = (() => {
+  const params = new URLSearchParams(location.hash.replace(/^#/, ''));
+  const token = params.get('token')?.trim() || null;
+  const secret = params.get('secret')?.trim() || null;
+  if (secret) sessionStorage.setItem(DEMO_SECRET_KEY, secret);
+  if (token || secret) history.replaceState(null, '', location.pathname + location.search);
+  return { token };
+})();
+
+/**
+ * The page's token: from `#token=<jwt>` (stored in sessionStorage), else the one stored
+ * earlier in this tab, else null.
  */
 export function takeToken(page) {
   const key = `downbeat.token.${page}`;
-  const params = new URLSearchParams(location.hash.replace(/^#/, ''));
-  const fromHash = params.get('token');
-  if (fromHash) {
-    sessionStorage.setItem(key, fromHash.trim());
-    history.replaceState(null, '', location.pathname + location.search);
-  }
+  if (FRAGMENT.token) sessionStorage.setItem(key, FRAGMENT.token);
+  FRAGMENT.token = null;
   return sessionStorage.getItem(key);
 }
 
@@ -174,19 +190,30 @@ export function tokenClaims(token) {
   }
 }
 
-/** On a demo server: a fresh token for a teacher or a student with this display name. */
+/**
+ * On a demo server: a fresh token for a teacher or a student with this display name. A
+ * teacher sends the demo teacher secret from the teacher link (see `FRAGMENT`); without the
+ * right one the server answers `forbidden`.
+ */
 export async function mintDemoToken(role, name) {
+  const request = { role, name };
+  const secret = role === 'teacher' ? sessionStorage.getItem(DEMO_SECRET_KEY) : null;
+  if (secret) request.secret = secret;
   const res = await fetch('/api/demo/tokens', {
     method: 'POST',
     headers: { 'Content-Type': 'application/json' },
-    body: JSON.stringify({ role, name }),
+    body: JSON.stringify(request),
   });
   const body = await res.json().catch(() => ({}));
   if (!res.ok) {
     const e = body && body.error;
-    throw Object.assign(new Error((e && e.message) || `HTTP ${res.status}`), {
+    const err = Object.assign(new Error((e && e.message) || `HTTP ${res.status}`), {
       code: (e && e.code) || 'unauthorized',
     });
+    if (role === 'teacher' && err.code === 'forbidden') {
+      err.friendly = 'Teachers sign in with the teacher link the server printed when it started. Open that link.';
+    }
+    throw err;
   }
   return body.token;
 }

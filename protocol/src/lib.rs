@@ -29,6 +29,8 @@ extern crate alloc;
 mod bounded;
 mod codec;
 mod error;
+mod size;
+mod text;
 mod time;
 mod wire;
 pub mod ws;
@@ -39,6 +41,8 @@ pub use codec::{
     decode_server_datagram, encode_client_datagram, encode_frame, encode_server_datagram, frame_body_len,
 };
 pub use error::ErrorCode;
+pub use size::MAX_WELCOME_LEN;
+pub use text::{BadText, TextKind, check_text};
 pub use time::{ClientNanos, MicroBpm, ServerNanos};
 pub use wire::*;
 
@@ -68,8 +72,10 @@ pub const MAX_NOTES_PER_DATAGRAM: usize = 8;
 pub const MAX_NAME_LEN: usize = 64;
 /// Longest human-readable error message, in bytes.
 pub const MAX_ERROR_MESSAGE_LEN: usize = 256;
-/// Most members a room snapshot lists.
-pub const MAX_MEMBERS: usize = 256;
+/// Most members a room holds, and so a room snapshot lists: the most whose welcome, at the
+/// longest names and parts, still fits one frame ([`MAX_WELCOME_LEN`] <= [`MAX_FRAME_LEN`],
+/// checked at compile time).
+pub const MAX_MEMBERS: usize = 100;
 /// Longest reflection prompt a teacher sets, in bytes.
 pub const MAX_PROMPT_LEN: usize = 200;
 /// Longest free-text reflection, in bytes of UTF-8 (about a paragraph).

@@ -24,7 +24,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use downbeat_protocol::ErrorCode;
+use downbeat_protocol::{ErrorCode, TextKind, check_text};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore as _;
@@ -405,17 +405,17 @@ impl Tenant {
     }
 }
 
-/// Checks `sub` (1 to 128 bytes) and `name` (1 to 64 bytes): neither may hold control
-/// characters.
+/// Checks `sub` (1 to 128 bytes) and `name` (1 to 64 bytes): each is one line without
+/// control characters ([`TextKind::Line`]).
 fn check_claims_text(sub: &str, name: &str) -> Result<(), AuthError> {
     fn ok(text: &str, max: usize) -> bool {
-        (1..=max).contains(&text.len()) && !text.chars().any(char::is_control)
+        (1..=max).contains(&text.len()) && check_text(text, TextKind::Line).is_ok()
     }
     if !ok(sub, MAX_SUB_BYTES) {
-        return Err(AuthError::BadClaim("sub must be 1 to 128 bytes without control characters"));
+        return Err(AuthError::BadClaim("sub must be 1 to 128 bytes on one line without control characters"));
     }
     if !ok(name, MAX_NAME_BYTES) {
-        return Err(AuthError::BadClaim("name must be 1 to 64 bytes without control characters"));
+        return Err(AuthError::BadClaim("name must be 1 to 64 bytes on one line without control characters"));
     }
     Ok(())
 }

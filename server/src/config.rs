@@ -12,7 +12,7 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::net::{Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,7 @@ use base64::Engine as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 
-use downbeat_protocol::MAX_MEMBERS;
+use downbeat_protocol::{MAX_MEMBERS, TextKind, check_text};
 
 /// Declares the settings. Each entry is the setting's doc comment (its help), then
 /// `name: Type = default` (no `= default`: the setting is optional, `Option<Type>` in
@@ -123,9 +123,10 @@ macro_rules! settings {
 }
 
 settings! {
-    /// HTTP/1.1 listener for the API.
-    http_addr: SocketAddr = SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), 4480),
-        env "DOWNBEAT_HTTP_ADDR", value "ADDR";
+    /// HTTP/1.1 listener for the API and the pages. The demo tenant listens on this machine
+    /// only unless given an address (see "Reaching the pages from a real classroom").
+    http_addr: SocketAddr, env "DOWNBEAT_HTTP_ADDR", value "ADDR",
+        shown "`127.0.0.1:4480` for the demo tenant, `[::]:4480` with `[[tenants]]`";
     /// UDP port for WebTransport, bound dual-stack on every address (0: any free port).
     wt_port: u16 = 4433, env "DOWNBEAT_WT_PORT", value "PORT";
     /// Directory for server state (development certificates, the demo tenant's secret, the
@@ -236,6 +237,56 @@ settings! {
     http_header_timeout_ms: u64 = 10_000, env "DOWNBEAT_HTTP_HEADER_TIMEOUT_MS", value "MS";
     /// Time an HTTP request has to send its body and be answered, in ms.
     http_request_timeout_ms: u64 = 30_000, env "DOWNBEAT_HTTP_REQUEST_TIMEOUT_MS", value "MS";
+    /// The demo tenant's teacher secret: signing in as a teacher through `/api/demo/tokens`
+    /// needs it (students sign in by name alone). The banner prints the teacher page's URL with
+    /// it. 16 to 256 characters from `A-Z a-z 0-9 - . _ ~`. Only for the demo tenant.
+    demo_teacher_secret: DemoSecret, env "DOWNBEAT_DEMO_TEACHER_SECRET", value "SECRET",
+        shown "random, new at every start";
+}
+
+/// The HTTP port when `http_addr` is not given.
+pub const DEFAULT_HTTP_PORT: u16 = 4480;
+
+/// Shortest and longest demo teacher secret, in characters.
+const DEMO_SECRET_LEN: RangeInclusive<usize> = 16..=256;
+
+/// The demo tenant's teacher secret ([`Config::demo_teacher_secret`]). `Debug` shows
+/// `<redacted>`, so a logged configuration never holds it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DemoSecret(String);
+
+impl DemoSecret {
+    /// A new random secret: 32 random bytes, base64url (43 characters).
+    pub fn random() -> Self {
+        Self(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(rand::random::<[u8; 32]>()))
+    }
+
+    /// The secret, as it goes into the teacher page's URL and the sign-in request.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether it is long enough and only of characters a URL fragment carries unchanged.
+    fn is_valid(&self) -> bool {
+        DEMO_SECRET_LEN.contains(&self.0.len())
+            && self.0.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~'))
+    }
+}
+
+impl fmt::Debug for DemoSecret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for DemoSecret {
+    type Err = std::convert::Infallible;
+
+    /// Takes any text; [`Config::validate`] says what is wrong with it.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_owned()))
+    }
 }
 
 /// What `--config` is for.
@@ -516,7 +567,7 @@ pub struct TenantLimits {
     pub max_sessions: u32,
     /// Most rooms at once.
     pub max_rooms: u32,
-    /// Most members in one room (at most 256).
+    /// Most members in one room (at most [`MAX_MEMBERS`], 100).
     pub max_members_per_room: u32,
     /// Failed join attempts per second, sustained, for the whole tenant: hellos and code
     /// lookups naming no live room of the tenant (a wrong, closed or another school's code).
@@ -579,6 +630,9 @@ impl TenantConfig {
         }
         if self.name.trim().is_empty() {
             return Err(format!("tenant {id:?}: name is empty: give the school's display name"));
+        }
+        if let Err(bad) = check_text(&self.name, TextKind::Line) {
+            return Err(format!("tenant {id:?}: name: {bad}"));
         }
         if self.issuer.is_empty() {
             return Err(format!(
@@ -648,7 +702,7 @@ impl TenantConfig {
         }
         if usize::try_from(l.max_members_per_room).map_or(true, |n| n > MAX_MEMBERS) {
             return Err(format!(
-                "tenant {id:?}: limits.max_members_per_room is {}: use 1 to {MAX_MEMBERS} (a welcome lists every member)",
+                "tenant {id:?}: limits.max_members_per_room is {}: use 1 to {MAX_MEMBERS} (the welcome to a full room lists every member in one frame)",
                 l.max_members_per_room
             ));
         }
@@ -772,7 +826,7 @@ impl Config {
         }
         if !(1..=MAX_MEMBERS).contains(&self.max_members_per_room) {
             return invalid(format!(
-                "max_members_per_room is {}: use 1 to {MAX_MEMBERS} (a welcome lists every member)",
+                "max_members_per_room is {}: use 1 to {MAX_MEMBERS} (the welcome to a full room lists every member in one frame)",
                 self.max_members_per_room
             ));
         }
@@ -836,7 +890,7 @@ impl Config {
                 ));
             }
         }
-        if self.https_addr.is_some_and(|https| https == self.http_addr && https.port() != 0) {
+        if self.https_addr.is_some_and(|https| https == self.http_listen_addr() && https.port() != 0) {
             return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
         }
         if self.http_max_connections == 0 {
@@ -860,6 +914,20 @@ impl Config {
                 self.http_request_timeout_ms
             ));
         }
+        if let Some(secret) = &self.demo_teacher_secret {
+            if !self.tenants.is_empty() {
+                return invalid(
+                    "demo_teacher_secret is set but [[tenants]] are configured: it is only for the embedded demo tenant; remove it",
+                );
+            }
+            if !secret.is_valid() {
+                return invalid(format!(
+                    "demo_teacher_secret is not valid: use {} to {} characters from A-Z a-z 0-9 - . _ ~ (or leave it out for a random one)",
+                    DEMO_SECRET_LEN.start(),
+                    DEMO_SECRET_LEN.end()
+                ));
+            }
+        }
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -868,6 +936,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The address the HTTP listener binds: [`Self::http_addr`] if given, else port
+    /// [`DEFAULT_HTTP_PORT`] on loopback (`127.0.0.1`) for the demo tenant, whose pages hand out
+    /// tokens to whoever reaches them, and on every address (`[::]`) for configured schools.
+    pub fn http_listen_addr(&self) -> SocketAddr {
+        self.http_addr.unwrap_or_else(|| {
+            let ip: IpAddr =
+                if self.tenants.is_empty() { Ipv4Addr::LOCALHOST.into() } else { Ipv6Addr::UNSPECIFIED.into() };
+            SocketAddr::new(ip, DEFAULT_HTTP_PORT)
+        })
     }
 
     /// [`Self::lead_ms`] as a duration.
@@ -997,7 +1076,8 @@ mod tests {
     fn defaults_are_valid() {
         let config = check(&[], None).unwrap();
         assert_eq!(config, Config::default());
-        assert_eq!(config.http_addr.to_string(), "[::]:4480");
+        assert_eq!(config.http_addr, None);
+        assert_eq!(config.http_listen_addr().to_string(), "127.0.0.1:4480");
         assert_eq!(config.wt_port, 4433);
         assert_eq!(config.lead_ms, 1500);
         assert_eq!(config.tls_reload_check_ms, 10_000);
@@ -1133,7 +1213,10 @@ mod tests {
             (&["--send-interval-ms", "900"], "at most half of lead_ms"),
             (&["--send-interval-ms", "1"], "send_interval_ms is 1"),
             (&["--max-rooms", "0"], "max_rooms is 0"),
-            (&["--max-members-per-room", "257"], "use 1 to 256"),
+            (
+                &["--max-members-per-room", "101"],
+                "max_members_per_room is 101: use 1 to 100 (the welcome to a full room",
+            ),
             (&["--max-sessions", "0"], "max_sessions is 0"),
             (&["--max-concurrent-handshakes", "0"], "max_concurrent_handshakes is 0"),
             (&["--probe-duration-ms", "0"], "probe_duration_ms is 0: use 1 to 3600000"),
@@ -1218,6 +1301,39 @@ max_rooms = 20
 note_burst = 60
 {extra}"#
         )
+    }
+
+    #[test]
+    fn the_demo_listens_on_loopback_and_schools_everywhere_unless_told() {
+        assert_eq!(check(&[], None).unwrap().http_listen_addr().to_string(), "127.0.0.1:4480");
+        let schools = check(&[], Some(&tenant_file(""))).unwrap();
+        assert_eq!(schools.http_listen_addr().to_string(), "[::]:4480");
+        let told = check(&["--http-addr", "0.0.0.0:8080"], None).unwrap();
+        assert_eq!(told.http_listen_addr().to_string(), "0.0.0.0:8080");
+        let told = check(&["--http-addr", "127.0.0.1:8080"], Some(&tenant_file(""))).unwrap();
+        assert_eq!(told.http_listen_addr().to_string(), "127.0.0.1:8080");
+        // The HTTPS listener may not take the default one.
+        let err = check(&["--https-addr", "127.0.0.1:4480"], None).unwrap_err();
+        assert!(err.contains("https_addr is the same as http_addr"), "{err}");
+    }
+
+    #[test]
+    fn a_demo_teacher_secret_is_checked_and_never_shown() {
+        let secret = "correct-horse-battery.staple~42";
+        let config = check(&["--demo-teacher-secret", secret], None).unwrap();
+        assert_eq!(config.demo_teacher_secret.as_ref().map(DemoSecret::expose), Some(secret));
+        assert!(!format!("{config:?}").contains(secret), "Debug shows the secret");
+        let from_file = check(&[], Some(&format!("demo_teacher_secret = \"{secret}\"\n"))).unwrap();
+        assert_eq!(from_file.demo_teacher_secret, config.demo_teacher_secret);
+        for bad in ["short", "has spaces in it, sixteen+", "percent%20encoded-secret", &"x".repeat(257)] {
+            let err = check(&["--demo-teacher-secret", bad], None).unwrap_err();
+            assert!(err.contains("demo_teacher_secret is not valid") && err.contains("16 to 256"), "{bad}: {err}");
+        }
+        let err = check(&["--demo-teacher-secret", secret], Some(&tenant_file(""))).unwrap_err();
+        assert!(err.contains("only for the embedded demo tenant"), "{err}");
+        // A random one is long, valid and new every time.
+        let (a, b) = (DemoSecret::random(), DemoSecret::random());
+        assert!(a.is_valid() && a.expose().len() == 43 && a != b);
     }
 
     /// 32 bytes ("thirty-two-bytes-of-test-secret!"), base64url without padding.
@@ -1312,7 +1428,7 @@ note_burst = 60
             ),
             (tenant_file("joins_per_second = 0\n"), "limits.joins_per_second is 0"),
             (tenant_file("control_burst = 0\n"), "limits.control_burst is 0"),
-            (tenant_file("max_members_per_room = 300\n"), "limits.max_members_per_room is 300: use 1 to 256"),
+            (tenant_file("max_members_per_room = 101\n"), "limits.max_members_per_room is 101: use 1 to 100"),
             (tenant_file("[tenants.retention]\nsel_days = 0\n"), "retention.sel_days is 0"),
         ];
         for (file, want) in &cases {

@@ -151,6 +151,7 @@ pub struct Server {
     hashes: Arc<PublishedHashes>,
     tls_health: Arc<TlsHealth>,
     tenants: Arc<Tenants>,
+    demo_teacher_secret: Option<config::DemoSecret>,
     rooms: Arc<Rooms>,
     sel: sel::Sel,
     sel_writer: tokio::task::JoinHandle<()>,
@@ -185,8 +186,9 @@ impl Server {
             .local_addr()
             .map_err(|source| ServerError::BindWebTransport { port: config.wt_port, source })?
             .port();
-        let http = bind_tcp(config.http_addr).await.map_err(|(addr, source)| ServerError::BindHttp { addr, source })?;
-        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: config.http_addr, source })?;
+        let asked = config.http_listen_addr();
+        let http = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttp { addr, source })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp { addr: asked, source })?;
         let (https, https_addr, https_certs) = match config.https_addr {
             Some(asked) => {
                 let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindHttps { addr, source })?;
@@ -201,6 +203,8 @@ impl Server {
         let tls_health = Arc::new(TlsHealth::new(&source, &key));
         stats.tls_certificate_not_after.set(identity::unix_secs(key.not_after));
         let tenants = Arc::new(Tenants::new(&config)?);
+        let demo_teacher_secret =
+            tenants.is_demo().then(|| config.demo_teacher_secret.clone().unwrap_or_else(config::DemoSecret::random));
         let hashes = Arc::new(PublishedHashes::default());
         hashes.set(source.published());
         let (trigger, signal) = shutdown::channel();
@@ -252,6 +256,7 @@ impl Server {
             hashes,
             tls_health,
             tenants,
+            demo_teacher_secret,
             rooms,
             sel,
             sel_writer,
@@ -303,6 +308,13 @@ impl Server {
         self.tenants.clone()
     }
 
+    /// The demo tenant's teacher secret (configured, or random for this run), which
+    /// `/api/demo/tokens` asks of teachers; `None` when schools are configured. Show it only to
+    /// the person who started the server: the banner puts it in the teacher page's URL.
+    pub fn demo_teacher_secret(&self) -> Option<&str> {
+        self.demo_teacher_secret.as_ref().map(config::DemoSecret::expose)
+    }
+
     /// The server clock (what `ServerNanos` on the wire are measured against).
     pub fn clock(&self) -> ServerClock {
         self.clock
@@ -335,6 +347,7 @@ impl Server {
             hashes,
             tls_health,
             tenants,
+            demo_teacher_secret,
             rooms,
             sel,
             sel_writer,
@@ -380,7 +393,7 @@ impl Server {
                 clock,
                 limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
                 sel: sel.clone(),
-                web: Arc::new(api::Web::new(&config, wt_port)),
+                web: Arc::new(api::Web::new(&config, wt_port, demo_teacher_secret.as_ref())),
                 sessions: ctx.clone(),
                 shutdown: signal.clone(),
             },

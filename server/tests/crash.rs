@@ -31,7 +31,6 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::os::unix::process::ExitStatusExt as _;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -44,7 +43,7 @@ use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::relay::Relay;
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 
@@ -628,22 +627,13 @@ impl ServerProcess {
     /// returns how long that took.
     async fn start(data_dir: &Path, database_url: &str) -> Result<(Self, Duration)> {
         let began = Instant::now();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_downbeat"));
-        // Settings the environment might carry must not reach the server.
-        for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("DOWNBEAT_") {
-                command.env_remove(key);
-            }
-        }
+        // Settings the environment might carry do not reach the server.
+        let mut command = downbeat_tests::server_command(env!("CARGO_BIN_EXE_downbeat"));
         command
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http-addr", "127.0.0.1:0", "--wt-port", "0", "--database-url", database_url])
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+            .env("RUST_LOG", "warn");
         let mut child = command.spawn().context("spawning the server")?;
         let pid = child.id().unwrap_or_default();
         let stdout = child.stdout.take().context("stdout")?;

@@ -47,8 +47,35 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     if (server) await server.stop();
   });
 
+  test('0. a teacher page opened without the teacher link cannot start a class', { timeout: 120_000 }, guarded(async () => {
+    const stranger = await openUser(browser, `${server.base}/teacher`, 'stranger');
+    try {
+      await waitUntil(stranger, 'the start-class button to be enabled',
+        () => !document.querySelector('[data-testid=start-class]').disabled);
+      await stranger.page.getByTestId('start-class').click();
+      const error = await waitUntil(stranger, 'the sign-in to be refused', () => {
+        const el = document.querySelector('[data-testid=error]');
+        return el && !el.hidden && el.textContent.includes('forbidden') ? el.textContent : false;
+      });
+      console.log(`without the teacher link: ${error.trim()}`);
+      assert.match(error, /teacher link/);
+      assert.equal(await stranger.page.evaluate(() => window.downbeat?.classroom ?? null), null);
+    } finally {
+      await stranger.context.close();
+    }
+  }));
+
   test('1. the teacher creates a room and three students join it by code', { timeout: 180_000 }, guarded(async () => {
-    teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
+    teacher = await openUser(browser, server.teacherPage(), 'teacher');
+    // The teacher link's secret is kept for the tab and gone from the address bar.
+    const kept = await teacher.page.evaluate(() => ({
+      hash: location.hash,
+      href: location.href,
+      secret: sessionStorage.getItem('downbeat.demoTeacherSecret'),
+    }));
+    assert.equal(kept.hash, '');
+    assert.ok(!kept.href.includes(server.teacherSecret), kept.href);
+    assert.equal(kept.secret, server.teacherSecret);
     code = await startClass(teacher);
     console.log(`join code: ${code}`);
     assert.equal(await teacher.page.evaluate(() => window.downbeat.classroom.role), 'teacher');

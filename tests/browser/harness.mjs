@@ -63,18 +63,25 @@ export async function startServer({ timeoutMs = 60_000, https = false, httpAddr 
     });
   });
 
+  // A host in a banner URL: a name, an IPv4 address or a bracketed IPv6 address.
+  const host = String.raw`(?:\[[^\]\s]*\]|[^\s:/]+)`;
   const ports = await new Promise((resolve, reject) => {
     const timer = setTimeout(() => {
-      reject(new Error(`no "HTTP API:" banner line from the server within ${timeoutMs} ms\nstdout:\n${stdout.text}\nstderr:\n${stderr.text}`));
+      reject(new Error(`no complete banner from the server within ${timeoutMs} ms\nstdout:\n${stdout.text}\nstderr:\n${stderr.text}`));
     }, timeoutMs);
     child.stdout.on('data', (d) => {
       stdout.push(d);
-      const m = /HTTP API:\s+http:\/\/localhost:(\d+)/.exec(stdout.text);
-      const s = /Teacher page:\s+https:\/\/localhost:(\d+)/.exec(stdout.text);
+      if (!stdout.text.includes('Press Ctrl-C to stop.')) return;
+      const m = new RegExp(String.raw`HTTP API:\s+http://${host}:(\d+)`).exec(stdout.text);
+      const s = new RegExp(String.raw`Teacher page:\s+https://${host}:(\d+)`).exec(stdout.text);
       const w = /WebTransport:\s+https:\/\/localhost:(\d+)/.exec(stdout.text);
+      // The demo's teacher link carries the teacher secret in its fragment.
+      const secret = /Teacher page:\s+http:\/\/\S+\/teacher#secret=([A-Za-z0-9._~-]+)/.exec(stdout.text);
+      clearTimeout(timer);
       if (m && w && (!https || s)) {
-        clearTimeout(timer);
-        resolve({ http: Number(m[1]), https: s ? Number(s[1]) : null, wt: Number(w[1]) });
+        resolve({ http: Number(m[1]), https: s ? Number(s[1]) : null, wt: Number(w[1]), secret: secret ? secret[1] : null });
+      } else {
+        reject(new Error(`the banner lacks a port (http ${!!m}, https ${!!s}, webtransport ${!!w}):\n${stdout.text}`));
       }
     });
     child.on('error', (e) => {
@@ -93,6 +100,12 @@ export async function startServer({ timeoutMs = 60_000, https = false, httpAddr 
     httpsBase: ports.https === null ? null : `https://127.0.0.1:${ports.https}`,
     httpsPort: ports.https,
     wtPort: ports.wt,
+    /** The demo teacher secret from the banner's teacher link (null for configured schools). */
+    teacherSecret: ports.secret,
+    /** The teacher page at `base` as the banner links it: with the teacher secret, if any. */
+    teacherPage(base = this.base) {
+      return ports.secret === null ? `${base}/teacher` : `${base}/teacher#secret=${ports.secret}`;
+    },
     pid: child.pid,
     stdout: () => stdout.text,
     stderr: () => stderr.text,

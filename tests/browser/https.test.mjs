@@ -30,7 +30,7 @@ describe('the pages over HTTPS', { timeout: 5 * 60_000 }, () => {
 
   test('a teacher and a student hold a class from https:// pages', { timeout: 180_000 },
     withDiagnostics(() => server, () => users, async () => {
-      const teacher = await openUser(browser, `${server.httpsBase}/teacher`, 'teacher (https)');
+      const teacher = await openUser(browser, server.teacherPage(server.httpsBase), 'teacher (https)');
       users.push(teacher);
       const context = await teacher.page.evaluate(() => ({
         protocol: location.protocol,

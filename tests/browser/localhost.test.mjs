@@ -26,7 +26,7 @@ describe('the pages from http://localhost', { timeout: 5 * 60_000 }, () => {
   test('a student page on localhost is secure, isolated, and joins a class', { timeout: 120_000 },
     withDiagnostics(() => server, () => users, async () => {
       const base = `http://localhost:${server.port}`;
-      const teacher = await openUser(browser, `${base}/teacher`, 'teacher (localhost)');
+      const teacher = await openUser(browser, server.teacherPage(base), 'teacher (localhost)');
       users.push(teacher);
       const code = await startClass(teacher);
 

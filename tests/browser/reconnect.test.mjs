@@ -41,7 +41,7 @@ describe('reconnecting after the network drops', { timeout: 5 * 60_000 }, () => 
 
   test('a student reconnects by itself, keeps its seat and syncs again', { timeout: 180_000 },
     withDiagnostics(() => server, () => users, async () => {
-      const teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
+      const teacher = await openUser(browser, server.teacherPage(), 'teacher');
       users.push(teacher);
       const code = await startClass(teacher);
 

@@ -85,7 +85,7 @@ describe('a network that silently drops QUIC', { timeout: 5 * 60_000 }, () => {
 
   test('a student joins over WebSocket, hears a beat within 2 s, and goes straight to WebSocket next time',
     { timeout: 180_000 }, withDiagnostics(() => server, () => users, async () => {
-      const teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
+      const teacher = await openUser(browser, server.teacherPage(), 'teacher');
       users.push(teacher);
       const code = await startClass(teacher);
       const start = await startBeat(teacher);
@@ -155,7 +155,7 @@ describe('WebSocket and WebTransport in one room', { timeout: 5 * 60_000 }, () =
 
   test('a WebSocket tab and a WebTransport tab schedule every beat within 2 ms on the true clock',
     { timeout: 180_000 }, withDiagnostics(() => server, () => users, async () => {
-      const teacher = await openUser(browser, `${server.base}/teacher`, 'teacher');
+      const teacher = await openUser(browser, server.teacherPage(), 'teacher');
       users.push(teacher);
       const code = await startClass(teacher);
       const tabs = [];

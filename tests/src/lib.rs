@@ -48,6 +48,24 @@ macro_rules! over_both_transports {
     };
 }
 
+/// A command that runs the server binary at `bin` (a test's `env!("CARGO_BIN_EXE_downbeat")`)
+/// with no `DOWNBEAT_*` setting this process's environment might carry, stdin closed, stdout
+/// and stderr piped, killed when dropped.
+pub fn server_command(bin: &str) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(bin);
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("DOWNBEAT_") {
+            command.env_remove(key);
+        }
+    }
+    command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true);
+    command
+}
+
 /// A server running on loopback for one test. Stops when dropped.
 #[derive(Debug)]
 pub struct TestServer {
@@ -61,6 +79,8 @@ pub struct TestServer {
     pub hashes: Vec<[u8; 32]>,
     /// The tenants (the demo tenant unless configured), to mint tokens.
     pub tenants: Arc<Tenants>,
+    /// The demo teacher secret `/api/demo/tokens` asks of teachers (`None` with schools).
+    pub demo_teacher_secret: Option<String>,
     /// The server's clock (to compare clients against the truth).
     pub clock: ServerClock,
     /// Its counters.
@@ -83,7 +103,7 @@ impl TestServer {
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Self> {
         let data = tempfile::tempdir()?;
         let mut config = Config {
-            http_addr: "127.0.0.1:0".parse()?,
+            http_addr: Some("127.0.0.1:0".parse()?),
             wt_port: 0,
             data_dir: data.path().to_path_buf(),
             ..Config::default()
@@ -97,6 +117,7 @@ impl TestServer {
             wt_port: server.webtransport_port(),
             hashes: server.cert_hashes(),
             tenants: server.tenants(),
+            demo_teacher_secret: server.demo_teacher_secret().map(str::to_owned),
             clock: server.clock(),
             stats: server.stats(),
             transport: Transport::WebTransport,

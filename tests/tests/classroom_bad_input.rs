@@ -17,8 +17,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result, bail};
 use downbeat_client::{Client, ClientError, Event};
 use downbeat_protocol::{
-    Assignment, BoundedVec, Change, ClientDatagram, ClientMessage, ControlOp, ControlRequest, ErrorCode, ErrorFrame,
-    LeaveReason, MicroBpm, Note, PROTOCOL_VERSION, PartName, ServerMessage, encode_client_datagram,
+    Assignment, BoundedString, BoundedVec, Change, ClientDatagram, ClientMessage, ControlOp, ControlRequest, ErrorCode,
+    ErrorFrame, Hello, LeaveReason, MicroBpm, Name, Note, PROTOCOL_VERSION, PartName, RoomRequest, RoomSettings,
+    ServerMessage, encode_client_datagram,
 };
 use downbeat_server::Config;
 use downbeat_server::auth::{Claims, Role, Tenants};
@@ -482,6 +483,55 @@ async fn a_student_asking_each_teacher_endpoint_over_http_is_forbidden_and_nothi
     assert_eq!((teacher.presence(), target.presence()), (presence.clone(), presence));
     let (status, list) = server.http("GET", "/api/rooms", Some(&teacher_token), None).await?;
     assert_eq!((status, list["rooms"].as_array().map(Vec::len)), (200, Some(1)), "{list}");
+    only_the_probe_changed_the_room(&teacher, &[&target], epoch_of(&before)).await?;
+    Ok(())
+}
+
+/// NUL and control characters in a room's name (created at the hello or over HTTP), a part
+/// or a prompt are refused with `bad_request` and change nothing; the refused hello's session
+/// is closed with that code. (Reflections: `sel.rs`, on both databases.)
+async fn text_with_nul_or_control_characters_is_refused_and_changes_nothing(transport: Transport) -> Result<()> {
+    let (server, code, teacher_token, teacher, target) = room_with_target(transport).await?;
+    let before = room_json(&server, &code, &teacher_token).await?;
+    let presence = teacher.presence();
+
+    for name in ["Room\0 12", "Room\n12", "Room\u{2028}12", "\u{1b}[31mRoom"] {
+        let mut raw = server.raw_link().await?;
+        let settings = RoomSettings { name: Name::truncating(name), tempo: MicroBpm::from_bpm(100), beats_per_bar: 4 };
+        raw.write_message(&ClientMessage::Hello(Hello {
+            version: PROTOCOL_VERSION,
+            token: BoundedString::truncating(&teacher_token),
+            room: RoomRequest::Create(settings),
+        }))
+        .await?;
+        let frame = error_frame(&mut raw).await?;
+        assert_eq!(frame.code, ErrorCode::BadRequest, "{name:?}: {}", frame.message.as_str());
+        assert!(frame.message.as_str().starts_with("a room name:"), "{}", frame.message.as_str());
+        assert_eq!(raw.closed().await?, ErrorCode::BadRequest.as_u16());
+        let body = json!({"name": name, "tempo_bpm": 100.0, "beats_per_bar": 4});
+        let (status, answer) = server.http("POST", "/api/rooms", Some(&teacher_token), Some(body)).await?;
+        assert_eq!((status, code_of(&answer)), (400, Some("bad_request")), "{name:?}: {answer}");
+    }
+    assert_eq!(server.stats.rooms_created.get(), 1, "no room was made");
+
+    let t = target.member_id();
+    for part in ["drums\0", "dr\tums", "drums\u{2029}"] {
+        let assignment = Assignment { part: Some(PartName::truncating(part)), beats: BoundedVec::new() };
+        let refused = teacher.control(ControlOp::Assign { member: t, assignment }).await;
+        assert_eq!(refused_code(refused), ErrorCode::BadRequest, "{part:?}");
+        let path = format!("/api/rooms/{code}/members/{t}/assignment");
+        let (status, answer) = server.http("PUT", &path, Some(&teacher_token), Some(json!({"part": part}))).await?;
+        assert_eq!((status, code_of(&answer)), (400, Some("bad_request")), "{part:?}: {answer}");
+    }
+    for prompt in ["Why?\0", "Why?\u{7f}"] {
+        assert_eq!(refused_code(teacher.set_prompt(prompt).await), ErrorCode::BadRequest, "{prompt:?}");
+    }
+    assert_eq!(server.stats.controls_applied.get(), 0);
+
+    let after = room_json(&server, &code, &teacher_token).await?;
+    assert_eq!((&after["members"], epoch_of(&after)), (&before["members"], epoch_of(&before)));
+    assert_eq!((teacher.presence(), target.presence()), (presence.clone(), presence));
+    assert_eq!(target.prompt(), None);
     only_the_probe_changed_the_room(&teacher, &[&target], epoch_of(&before)).await?;
     Ok(())
 }
@@ -1047,4 +1097,5 @@ over_both_transports!(
     a_refreshed_session_outlives_its_first_token_and_an_unrefreshed_one_is_ended,
     a_refresh_naming_another_person_or_role_is_refused_and_the_session_continues,
     an_expired_session_is_announced_as_closed_by_the_server,
+    text_with_nul_or_control_characters_is_refused_and_changes_nothing,
 );

@@ -27,9 +27,12 @@ on_both_backends!(
     export_and_delete_cover_every_row_of_one_student,
     nobody_reads_or_deletes_another_schools_data,
     a_database_outage_never_touches_beats_and_drains_after,
+    a_reflection_with_a_nul_is_refused_and_every_school_still_writes,
 );
 
 const SYNC: Duration = Duration::from_secs(10);
+/// The longest a reflection's answer may take where the test needs one.
+const ANSWER: Duration = Duration::from_secs(10);
 
 /// A server whose SEL store is `db`.
 async fn server_on(db: &TestDatabase, adjust: impl FnOnce(&mut downbeat_server::Config)) -> Result<TestServer> {
@@ -409,15 +412,23 @@ async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> R
 const SECRET_A: &[u8; 32] = b"school-a-secret-school-a-secret!";
 const SECRET_B: &[u8; 32] = b"school-b-secret-school-b-secret!";
 
-async fn nobody_reads_or_deletes_another_schools_data(backend: Backend) -> Result<()> {
-    let db = TestDatabase::new(backend).await;
-    let server = server_on(&db, |c| {
+/// A server over `db` with two schools, `a` and `b`.
+async fn two_schools(db: &TestDatabase) -> Result<TestServer> {
+    server_on(db, |c| {
         c.tenants = vec![school("a", SECRET_A, TenantLimits::default()), school("b", SECRET_B, TenantLimits::default())]
     })
-    .await?;
-    let mint = |tenant: &str, role, sub: &str| {
-        server.tenants.mint(tenant, role, sub, "Someone", Duration::from_secs(3600)).expect("mints")
-    };
+    .await
+}
+
+/// A token of `tenant` for `sub` with `role`, valid for an hour.
+fn mint(server: &TestServer, tenant: &str, role: Role, sub: &str) -> String {
+    server.tenants.mint(tenant, role, sub, "Someone", Duration::from_secs(3600)).expect("mints")
+}
+
+async fn nobody_reads_or_deletes_another_schools_data(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = two_schools(&db).await?;
+    let mint = |tenant: &str, role, sub: &str| mint(&server, tenant, role, sub);
     // The same pseudonymous id exists in both schools.
     let mut codes = HashMap::new();
     for (tenant, text) in [("a", "school a words"), ("b", "school b words")] {
@@ -456,6 +467,72 @@ async fn nobody_reads_or_deletes_another_schools_data(backend: Backend) -> Resul
     let reflections = export_a["reflections"].as_array().context("reflections")?;
     assert_eq!(reflections.len(), 1);
     assert_eq!(reflections[0]["text"], "school a words");
+    Ok(())
+}
+
+/// `answer`, or an error once [`ANSWER`] has passed (a poisoned store never answers).
+async fn answered<T>(what: &str, answer: impl Future<Output = T>) -> Result<T> {
+    tokio::time::timeout(ANSWER, answer).await.with_context(|| format!("no answer to {what} within {ANSWER:?}"))
+}
+
+/// One NUL in a reflection (PostgreSQL cannot store it in text: the row would be unwritable,
+/// and with it the writer's whole group) is refused with `bad_request` before it reaches the
+/// store; so are other control characters, in reflections and prompts, over the control
+/// stream and over HTTP. Later reflections, from this school and another, are acknowledged,
+/// and health stays ok.
+async fn a_reflection_with_a_nul_is_refused_and_every_school_still_writes(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = two_schools(&db).await?;
+    let mint = |tenant: &str, role, sub: &str| mint(&server, tenant, role, sub);
+    let mut classes = Vec::new();
+    for tenant in ["a", "b"] {
+        let teacher_token = mint(tenant, Role::Teacher, "t-1");
+        let code = server.create_room(&teacher_token, 100.0, 4).await?;
+        let teacher = server.connect(&code, &teacher_token).await?;
+        let student = server.connect(&code, &mint(tenant, Role::Student, "s-1")).await?;
+        classes.push((tenant, teacher_token, code, teacher, student));
+    }
+    let (_, teacher_token, code, teacher, student) = &classes[0];
+
+    // Prompts with control characters are refused on the control stream and over HTTP.
+    for bad in ["How\0was it?", "How was\rit?", "\u{1b}[2J How was it?"] {
+        assert_eq!(refused_code(teacher.set_prompt(bad).await.map(drop)), Some(ErrorCode::BadRequest), "{bad:?}");
+        let (status, body) = server
+            .http("POST", &format!("/api/rooms/{code}/prompt"), Some(teacher_token), Some(json!({ "text": bad })))
+            .await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (400, Some("bad_request")), "{bad:?}: {body}");
+    }
+    assert_eq!(student.prompt(), None, "no refused prompt reached the class");
+    // Prose may hold newlines and tabs.
+    let question = "How was it?\n\t(one word is fine)";
+    teacher.set_prompt(question).await?;
+    let prompt = prompt_of(student).await?;
+
+    for bad in ["I helped\0Ben", "\0", "bell\u{7}", "back\u{8}space", "carriage\rreturn"] {
+        let refused = answered("a bad reflection", student.reflect(*b"reflection-bad-1", prompt, Some(3), Some(bad)));
+        assert_eq!(refused_code(refused.await?), Some(ErrorCode::BadRequest), "{bad:?}");
+    }
+    // The refused id is still free: nothing was stored under it.
+    let good = student.reflect(*b"reflection-bad-1", prompt, Some(3), Some("I helped Ben\n\tand Ana"));
+    answered("a good reflection", good).await??;
+    // Another school's reflection after the bad ones is acknowledged too.
+    let (_, teacher_b, _, teacher_b_client, student_b) = &classes[1];
+    teacher_b_client.set_prompt("And you?").await?;
+    let prompt_b = prompt_of(student_b).await?;
+    let other = student_b.reflect(*b"reflection-b----", prompt_b, None, Some("good"));
+    answered("another school's reflection", other).await??;
+    // Health says ok: the store never failed.
+    let (status, body) = health(&server).await?;
+    assert_eq!((status, body["status"].as_str()), (200, Some("ok")), "{body}");
+    assert_eq!(body["store"]["degraded"], false, "{body}");
+
+    let sel = get(&server, &format!("/api/rooms/{code}/sel"), teacher_token, 200).await?;
+    let reflections = sel["reflections"].as_array().context("reflections")?;
+    assert_eq!(reflections.len(), 1, "{sel}");
+    assert_eq!(reflections[0]["text"], "I helped Ben\n\tand Ana");
+    assert_eq!(reflections[0]["prompt"], question);
+    let export_b = get(&server, "/api/students/s-1/export", teacher_b, 200).await?;
+    assert_eq!(export_b["reflections"].as_array().map(Vec::len), Some(1), "{export_b}");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The browser classroom over real sockets: pages and the browser package with their content
 //! types, cross-origin isolation on every response, no way out of the served directories,
-//! what a page needs to connect, the server clock, demo sign-in, and the HTTPS listener.
+//! what a page needs to connect, the server clock, demo sign-in (teachers only with the demo
+//! teacher secret), the demo's loopback-only default address, and the HTTPS listener.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -361,10 +362,17 @@ async fn demo_sign_in(server: &TestServer, body: Value) -> Result<(u16, Value)> 
     server.http("POST", "/api/demo/tokens", None, Some(body)).await
 }
 
+/// The server's demo teacher secret.
+fn teacher_secret(server: &TestServer) -> Result<String> {
+    server.demo_teacher_secret.clone().context("a demo server has a teacher secret")
+}
+
 #[tokio::test]
 async fn demo_sign_in_mints_working_tokens() -> Result<()> {
     let server = TestServer::start().await?;
-    let (status, teacher) = demo_sign_in(&server, json!({"role": "teacher", "name": "  Ms. Rivera "})).await?;
+    let secret = teacher_secret(&server)?;
+    let (status, teacher) =
+        demo_sign_in(&server, json!({"role": "teacher", "name": "  Ms. Rivera ", "secret": secret})).await?;
     assert_eq!(status, 200, "{teacher}");
     let token = teacher["token"].as_str().context("token")?;
     let sub = teacher["sub"].as_str().context("sub")?;
@@ -405,6 +413,92 @@ async fn demo_sign_in_mints_working_tokens() -> Result<()> {
 }
 
 #[tokio::test]
+async fn a_demo_teacher_or_admin_token_needs_the_teacher_secret_and_students_need_none() -> Result<()> {
+    let server = TestServer::start().await?;
+    let secret = teacher_secret(&server)?;
+    // A random one for this run: 32 bytes, base64url.
+    assert_eq!(secret.len(), 43, "{secret}");
+    let near_miss = format!("{}{}", &secret[..42], if secret.ends_with('A') { 'B' } else { 'A' });
+    let wrong = [
+        json!({"role": "teacher", "name": "Mallory"}),
+        json!({"role": "teacher", "name": "Mallory", "secret": null}),
+        json!({"role": "teacher", "name": "Mallory", "secret": ""}),
+        json!({"role": "teacher", "name": "Mallory", "secret": "guess"}),
+        json!({"role": "teacher", "name": "Mallory", "secret": &secret[..42]}),
+        json!({"role": "teacher", "name": "Mallory", "secret": near_miss}),
+        json!({"role": "teacher", "name": "Mallory", "secret": format!("{secret}x")}),
+        json!({"role": "teacher", "name": "Mallory", "secret": secret.to_uppercase()}),
+        // An admin exports and deletes children's data: the same secret guards it.
+        json!({"role": "admin", "name": "Mallory"}),
+        json!({"role": "admin", "name": "Mallory", "secret": "guess"}),
+    ];
+    for body in &wrong {
+        let (status, answer) = demo_sign_in(&server, body.clone()).await?;
+        assert_eq!((status, answer["error"]["code"].as_str()), (403, Some("forbidden")), "{body}: {answer}");
+        assert!(answer.get("token").is_none(), "{answer}");
+        let message = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains("teacher secret") && !message.contains(&secret), "{message}");
+    }
+    assert_eq!(server.stats.refused.get(downbeat_protocol::ErrorCode::Forbidden), wrong.len() as u64);
+
+    // With the secret, a teacher token that runs the class.
+    let (status, answer) =
+        demo_sign_in(&server, json!({"role": "teacher", "name": "Ms. Rivera", "secret": secret})).await?;
+    assert_eq!(status, 200, "{answer}");
+    let teacher = answer["token"].as_str().context("token")?;
+    assert_eq!(server.tenants.verify(teacher)?.role, Role::Teacher);
+    let code = server.create_room(teacher, 100.0, 4).await?;
+    let (status, answer) = demo_sign_in(&server, json!({"role": "admin", "name": "Data", "secret": secret})).await?;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(server.tenants.verify(answer["token"].as_str().context("token")?)?.role, Role::Admin);
+
+    // Students sign in by name alone, and a secret (right or wrong) makes them no teacher.
+    for body in [
+        json!({"role": "student", "name": "Ana"}),
+        json!({"role": "student", "name": "Ben", "secret": "guess"}),
+        json!({"role": "student", "name": "Chloe", "secret": secret}),
+    ] {
+        let (status, answer) = demo_sign_in(&server, body.clone()).await?;
+        assert_eq!(status, 200, "{body}: {answer}");
+        let token = answer["token"].as_str().context("token")?;
+        assert_eq!(server.tenants.verify(token)?.role, Role::Student, "{body}");
+        drop(server.connect(&code, token).await?);
+    }
+
+    // A configured secret is the one asked for.
+    let chosen = "our-staff-room-secret-2026";
+    let server = TestServer::start_with(|c| c.demo_teacher_secret = Some(chosen.parse().expect("any text"))).await?;
+    assert_eq!(server.demo_teacher_secret.as_deref(), Some(chosen));
+    let (status, _) = demo_sign_in(&server, json!({"role": "teacher", "name": "T", "secret": secret})).await?;
+    assert_eq!(status, 403, "another run's secret is refused");
+    let (status, _) = demo_sign_in(&server, json!({"role": "teacher", "name": "T", "secret": chosen})).await?;
+    assert_eq!(status, 200);
+    Ok(())
+}
+
+/// The demo binds its HTTP listener to loopback unless told otherwise: this binds the real
+/// default port, 4480, so it fails if another server holds that port on this machine.
+#[tokio::test]
+async fn the_demo_listens_on_loopback_only_by_default() -> Result<()> {
+    let server = TestServer::start_with(|c| c.http_addr = None).await?;
+    assert_eq!(server.http, "127.0.0.1:4480".parse::<SocketAddr>()?);
+    assert_eq!(server.http("GET", "/api/ping", None, None).await?.0, 200);
+    // From this machine's own non-loopback address (the one it would reach the internet
+    // from, if it has one; connecting a UDP socket sends nothing), the port is closed.
+    let probe = std::net::UdpSocket::bind("0.0.0.0:0")?;
+    let outward = probe.connect("192.0.2.1:9").and_then(|()| probe.local_addr()).map(|a| a.ip());
+    match outward {
+        Ok(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
+            let reached = tokio::net::TcpStream::connect((ip, 4480)).await;
+            assert!(reached.is_err(), "the demo's HTTP port answers on {ip}");
+            eprintln!("port 4480 closed on {ip}, as it should be");
+        }
+        other => eprintln!("no non-loopback address to probe from ({other:?}); the bound address was checked"),
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn demo_sign_in_refuses_bad_names_and_roles() -> Result<()> {
     let server = TestServer::start().await?;
     let cases = [
@@ -414,6 +508,8 @@ async fn demo_sign_in_refuses_bad_names_and_roles() -> Result<()> {
         json!({"role": "student", "name": "é".repeat(33)}),
         json!({"role": "student", "name": "Ana\nBen"}),
         json!({"role": "principal", "name": "Ana"}),
+        json!({"role": "student", "name": "Ana\u{0}"}),
+        json!({"role": "student", "name": "Ana\u{2028}Ben"}),
         json!({"role": "Teacher", "name": "Ana"}),
         json!({"role": "student"}),
         json!({"name": "Ana"}),

@@ -45,7 +45,7 @@ use std::collections::{BTreeMap, VecDeque};
 use downbeat_protocol::{
     Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
     LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, Reflection, ReflectionNotice,
-    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, Transport, Welcome,
+    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, TextKind, Transport, Welcome, check_text,
 };
 use serde::{Deserialize, Serialize};
 
@@ -753,9 +753,9 @@ fn not_a_member() -> Refused {
 
 fn check_assignment(assignment: &Assignment) -> Result<(), Refused> {
     if let Some(part) = &assignment.part
-        && (part.trim().is_empty() || part.chars().any(char::is_control))
+        && (part.trim().is_empty() || check_text(part, TextKind::Line).is_err())
     {
-        return Err(Refused::new(ErrorCode::BadRequest, "a part needs a name without control characters"));
+        return Err(Refused::new(ErrorCode::BadRequest, "a part needs a name on one line without control characters"));
     }
     if assignment.beats.iter().any(|b| *b >= MAX_BEATS_PER_BAR) {
         return Err(Refused::new(ErrorCode::BadRequest, "assigned beats are positions in the bar, 0 to 15"));

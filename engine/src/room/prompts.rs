@@ -3,7 +3,9 @@
 
 use std::collections::VecDeque;
 
-use downbeat_protocol::{ErrorCode, MAX_MOOD, Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText};
+use downbeat_protocol::{
+    ErrorCode, MAX_MOOD, Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText, TextKind, check_text,
+};
 use serde::{Deserialize, Serialize};
 
 use super::output::Refused;
@@ -39,8 +41,8 @@ impl Prompts {
 
     /// Sets (or, with blank text, clears) the prompt; the new current prompt.
     pub(crate) fn set(&mut self, text: PromptText) -> Result<Option<Prompt>, Refused> {
-        if text.chars().any(char::is_control) {
-            return Err(Refused::new(ErrorCode::BadRequest, "a prompt may not hold control characters"));
+        if let Err(bad) = check_text(&text, TextKind::Prose) {
+            return Err(Refused::new(ErrorCode::BadRequest, format!("a prompt: {bad}")));
         }
         if text.trim().is_empty() {
             self.current = None;
@@ -56,9 +58,13 @@ impl Prompts {
         Ok(Some(prompt))
     }
 
-    /// Checks a reflection: it answers a recent prompt, its mood is in range, and it says
+    /// Checks a reflection: its text has no control characters but newlines and tabs, it
+    /// answers a recent prompt, its mood is in range, and it says
     /// something (blank text counts as none).
     pub(crate) fn check(&self, r: &Reflection) -> Result<Checked, Refused> {
+        if let Some(Err(bad)) = r.text.as_deref().map(|t| check_text(t, TextKind::Prose)) {
+            return Err(Refused::new(ErrorCode::BadRequest, format!("a reflection: {bad}")));
+        }
         let Some(prompt) = self.recent.iter().find(|p| p.id == r.prompt_id) else {
             return Err(Refused::new(ErrorCode::NoPrompt, "the teacher has not asked this question in this room"));
         };

@@ -10,7 +10,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Request};
 use axum::http::request::Parts;
 use axum::http::{StatusCode, header};
-use downbeat_protocol::ErrorCode;
+use downbeat_protocol::{ErrorCode, TextKind, check_text};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -97,7 +97,7 @@ const MAX_SUBJECT: usize = 128;
 
 /// A person id (a token's `sub`) from a path: 1 to 128 bytes without control characters.
 pub(super) fn subject(id: String) -> Result<String, ApiError> {
-    if id.is_empty() || id.len() > MAX_SUBJECT || id.chars().any(char::is_control) {
+    if id.is_empty() || id.len() > MAX_SUBJECT || check_text(&id, TextKind::Line).is_err() {
         return Err(ApiError::bad_request("a person's id is 1 to 128 bytes without control characters"));
     }
     Ok(id)

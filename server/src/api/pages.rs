@@ -19,7 +19,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use downbeat_protocol::{ErrorCode, MAX_NAME_LEN};
+use downbeat_protocol::{ErrorCode, MAX_NAME_LEN, TextKind, check_text};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, error, warn};
 
@@ -285,6 +285,10 @@ async fn time(State(state): State<AppState>) -> Response {
 struct DemoTokenRequest {
     role: String,
     name: String,
+    /// The demo teacher secret: needed for a teacher's or an admin's token, ignored for a
+    /// student's.
+    #[serde(default)]
+    secret: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -295,7 +299,10 @@ struct DemoToken {
 }
 
 /// Signs a child or teacher in to the embedded demo tenant by display name: a fresh
-/// pseudonymous subject and a 12-hour token. Rate-limited per client network.
+/// pseudonymous subject and a 12-hour token. A teacher or an admin (who exports and deletes
+/// children's data) must also give the demo teacher secret (the banner's teacher page URL
+/// carries it), else `forbidden`. Rate-limited per client
+/// network, wrong secrets included.
 async fn demo_token(
     State(state): State<AppState>,
     PeerAddr(peer): PeerAddr,
@@ -315,10 +322,17 @@ async fn demo_token(
         "admin" => (Role::Admin, "a"),
         _ => return Err(ApiError::bad_request("role must be \"teacher\", \"student\" or \"admin\"")),
     };
+    if role != Role::Student && !state.web.is_demo_teacher_secret(body.secret.as_deref()) {
+        state.stats.refused.inc(ErrorCode::Forbidden);
+        return Err(ApiError::new(
+            ErrorCode::Forbidden,
+            "a teacher signs in to the demo with the teacher secret: open the teacher page link the server printed at start",
+        ));
+    }
     let name = body.name.trim();
-    if name.is_empty() || name.len() > MAX_NAME_LEN || name.chars().any(char::is_control) {
+    if name.is_empty() || name.len() > MAX_NAME_LEN || check_text(name, TextKind::Line).is_err() {
         return Err(ApiError::bad_request(format!(
-            "a name is 1 to {MAX_NAME_LEN} bytes (after trimming spaces) without control characters"
+            "a name is 1 to {MAX_NAME_LEN} bytes (after trimming spaces) on one line without control characters"
         )));
     }
     let sub = format!("demo-{prefix}-{:08x}", rand::random::<u32>());

@@ -10,7 +10,7 @@ use axum::http::{Method, StatusCode};
 use downbeat_engine::timeline;
 use downbeat_protocol::{
     self as wire, Applied, Assignment, BoundedVec, Change, ControlOp, ErrorCode, MAX_ASSIGNED_BEATS, Member, Name,
-    PartName, RoomSettings,
+    PartName, RoomSettings, TextKind, check_text,
 };
 use serde::{Deserialize, Serialize};
 
@@ -184,8 +184,8 @@ async fn create_room(
     let name = body.name.unwrap_or_else(|| format!("{}'s room", who.name));
     let name = Name::new(name.trim().to_owned())
         .ok()
-        .filter(|n| !n.is_empty() && !n.chars().any(char::is_control))
-        .ok_or_else(|| ApiError::bad_request("a room name is 1 to 64 bytes without control characters"))?;
+        .filter(|n| !n.is_empty() && check_text(n, TextKind::Line).is_ok())
+        .ok_or_else(|| ApiError::bad_request("a room name is 1 to 64 bytes on one line without control characters"))?;
     let tenant =
         state.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
     let room = state.rooms.create(tenant, &who, &RoomSettings { name, tempo, beats_per_bar })?;

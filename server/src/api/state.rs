@@ -7,13 +7,15 @@ use std::sync::{Arc, Mutex};
 
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::ErrorCode;
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
 
 use super::error::ApiError;
 use super::extract::PeerAddr;
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
-use crate::config::Config;
+use crate::config::{Config, DemoSecret};
 use crate::identity::{PublishedHashes, TlsHealth};
 use crate::limits::{Buckets, Refill, network};
 use crate::room::{RoomHandle, Rooms};
@@ -117,15 +119,34 @@ pub(crate) struct Web {
     pub(super) wt_port: u16,
     demo_buckets: Mutex<Buckets<IpAddr>>,
     anonymous: Mutex<Buckets<IpAddr>>,
+    demo_teacher: Option<SecretDigest>,
+}
+
+/// The SHA-256 of a secret: what a presented secret is compared with, in constant time and
+/// whatever its length (`Debug` shows nothing of it).
+struct SecretDigest([u8; 32]);
+
+impl SecretDigest {
+    fn of(secret: &str) -> Self {
+        Self(Sha256::digest(secret.as_bytes()).into())
+    }
+}
+
+impl std::fmt::Debug for SecretDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretDigest(<redacted>)")
+    }
 }
 
 impl Web {
-    pub(crate) fn new(config: &Config, wt_port: u16) -> Self {
+    /// `demo_teacher_secret`: what demo teachers must present (`None`: not the demo tenant).
+    pub(crate) fn new(config: &Config, wt_port: u16, demo_teacher_secret: Option<&DemoSecret>) -> Self {
         Self {
             web_dir: config.web_dir.clone(),
             pkg_dir: config.pkg_dir.clone(),
             public_wt_url: config.public_wt_url.clone(),
             wt_port,
+            demo_teacher: demo_teacher_secret.map(|s| SecretDigest::of(s.expose())),
             demo_buckets: Mutex::new(Buckets::new(
                 DEMO_TOKEN_BURST,
                 Refill { tokens: DEMO_TOKENS_PER_SECOND, secs: 1 },
@@ -144,6 +165,16 @@ impl Web {
     pub(super) fn take_demo_token(&self, peer: Option<IpAddr>, now: u64) -> bool {
         self.demo_buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner).try_take(network(peer), now)
     }
+
+    /// Whether `given` is the demo teacher secret. Both are hashed and the digests compared in
+    /// constant time, so neither the time taken nor an early exit tells how much of a guess
+    /// was right, or how long the secret is.
+    pub(super) fn is_demo_teacher_secret(&self, given: Option<&str>) -> bool {
+        match (&self.demo_teacher, given) {
+            (Some(expected), Some(given)) => bool::from(SecretDigest::of(given).0.ct_eq(&expected.0)),
+            _ => false,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -152,7 +183,7 @@ mod tests {
 
     #[test]
     fn demo_tokens_are_limited_per_network() {
-        let web = Web::new(&Config::default(), 4433);
+        let web = Web::new(&Config::default(), 4433, None);
         let one = Some("10.0.0.1".parse().unwrap());
         let other = Some("10.0.0.2".parse().unwrap());
         for _ in 0..DEMO_TOKEN_BURST {
@@ -161,5 +192,18 @@ mod tests {
         assert!(!web.take_demo_token(one, 0));
         assert!(web.take_demo_token(other, 0));
         assert!(web.take_demo_token(one, 1_000_000_000));
+    }
+
+    #[test]
+    fn only_the_demo_teacher_secret_itself_passes() {
+        let secret: DemoSecret = "sixteen-chars-ok-and-more".parse().unwrap();
+        let web = Web::new(&Config::default(), 4433, Some(&secret));
+        assert!(web.is_demo_teacher_secret(Some("sixteen-chars-ok-and-more")));
+        for wrong in [None, Some(""), Some("sixteen-chars-ok-and-mor"), Some("sixteen-chars-ok-and-more "), Some("x")] {
+            assert!(!web.is_demo_teacher_secret(wrong), "{wrong:?}");
+        }
+        // Without a demo tenant there is no secret to match.
+        assert!(!Web::new(&Config::default(), 4433, None).is_demo_teacher_secret(Some("sixteen-chars-ok-and-more")));
+        assert!(!format!("{web:?}").contains("sixteen"));
     }
 }

@@ -1,6 +1,7 @@
 //! `downbeat`: runs the timing server until Ctrl-C, or mints development tokens
 //! (`downbeat token ...`). All logic lives in the library.
 
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -87,26 +88,51 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let server = Server::bind(config).await.context("starting the server")?;
+    let stop = ctrl_c().context("listening for Ctrl-C")?;
     print!("{}", banner(&server)?);
-    server
-        .run(async {
-            let _ = tokio::signal::ctrl_c().await;
+    server.run(stop).await.context("running the server")
+}
+
+/// Resolves at the first Ctrl-C (SIGINT). It listens from the call on, so a Ctrl-C as soon as
+/// the banner is out stops the server gracefully rather than killing the process.
+fn ctrl_c() -> std::io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        Ok(async move {
+            interrupt.recv().await;
         })
-        .await
-        .context("running the server")
+    }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// `scheme://host:port` of a listener bound to `addr`, as a browser on this machine opens it:
+/// `localhost` for a wildcard address, else the address itself.
+fn site(scheme: &str, addr: SocketAddr) -> String {
+    match addr.ip() {
+        ip if ip.is_unspecified() => format!("{scheme}://localhost:{}", addr.port()),
+        IpAddr::V4(ip) => format!("{scheme}://{ip}:{}", addr.port()),
+        IpAddr::V6(ip) => format!("{scheme}://[{ip}]:{}", addr.port()),
+    }
 }
 
 /// What to tell the person who started the server: where it is, what to pin, how to begin.
+/// The demo teacher secret appears here only, in the teacher pages' URL fragments (which
+/// browsers never send, so no request log holds it either).
 fn banner(server: &Server) -> anyhow::Result<String> {
-    let http = format!("http://localhost:{}", server.http_addr().port());
+    let http = site("http", server.http_addr());
     let hashes = server.cert_hashes();
     let mut out = String::new();
     out.push_str("\nDownbeat is running.\n\n");
     out.push_str(&format!("  HTTP API:      {http}\n"));
     let mut sites = vec![http.clone()];
-    sites.extend(server.https_addr().map(|https| format!("https://localhost:{}", https.port())));
+    sites.extend(server.https_addr().map(|https| site("https", https)));
+    let fragment = server.demo_teacher_secret().map(|secret| format!("#secret={secret}")).unwrap_or_default();
     for site in &sites {
-        out.push_str(&format!("  Teacher page:  {site}/teacher\n"));
+        out.push_str(&format!("  Teacher page:  {site}/teacher{fragment}\n"));
         out.push_str(&format!("  Student page:  {site}/student\n"));
         out.push_str(&format!("  Network check: {site}/check\n"));
     }
@@ -134,9 +160,10 @@ fn banner(server: &Server) -> anyhow::Result<String> {
     let teacher = tenants.mint("demo", Role::Teacher, "t-1", "Ms. Rivera", day)?;
     let student = tenants.mint("demo", Role::Student, "s-1", "Ana", day)?;
     out.push_str(&format!(
-        "  Tenant:        demo (Demo School); dev tokens below last {} hours\n\n",
+        "  Tenant:        demo (Demo School); dev tokens below last {} hours\n",
         day.as_secs() as f64 / 3600.0
     ));
+    out.push_str("                 (the teacher page's link holds the teacher secret: keep it to yourself)\n\n");
     out.push_str(&format!("Teacher token (t-1, Ms. Rivera):\n  {teacher}\n\n"));
     out.push_str(&format!("Student token (s-1, Ana):\n  {student}\n\n"));
     out.push_str("More tokens: downbeat token --tenant demo --role student --sub s-2 --name Ben\n\n");

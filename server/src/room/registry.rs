@@ -29,7 +29,7 @@ use std::time::SystemTime;
 use downbeat_engine::limit::TokenBucket;
 use downbeat_engine::room::{self, Room};
 use downbeat_engine::timeline::Timeline;
-use downbeat_protocol::{BoundedString, ErrorCode, RoomSettings, ServerNanos};
+use downbeat_protocol::{BoundedString, ErrorCode, RoomSettings, ServerNanos, TextKind, check_text};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span};
 
@@ -157,6 +157,9 @@ impl Rooms {
         owner: &Principal,
         settings: &RoomSettings,
     ) -> Result<RoomHandle, Refusal> {
+        if let Err(bad) = check_text(&settings.name, TextKind::Line) {
+            return Err(Refusal::new(ErrorCode::BadRequest, format!("a room name: {bad}")));
+        }
         if self.shutdown.is_fired() {
             return Err(Refusal::new(ErrorCode::ShuttingDown, "the server is shutting down"));
         }
