@@ -208,6 +208,10 @@ settings! {
     /// Also serve the pages and the API over HTTPS on this address, with the certificate
     /// WebTransport uses (rotations, reloads and ACME renewals reach both at once).
     https_addr: SocketAddr, env "DOWNBEAT_HTTPS_ADDR", value "ADDR", shown "no HTTPS listener";
+    /// Serve `/metrics` on this address only (plain HTTP, e.g. on an operator network), not on
+    /// the HTTP and HTTPS listeners, which then answer it 404.
+    metrics_addr: SocketAddr, env "DOWNBEAT_METRICS_ADDR", value "ADDR",
+        shown "`/metrics` on the HTTP and HTTPS listeners";
     /// Obtain and renew the certificate for this DNS name with ACME (TLS-ALPN-01 on the HTTPS
     /// listener, which must be reachable on port 443 under this name). Needs --https-addr;
     /// excludes --tls-cert/--tls-key.
@@ -893,6 +897,12 @@ impl Config {
         if self.https_addr.is_some_and(|https| https == self.http_listen_addr() && https.port() != 0) {
             return invalid("https_addr is the same as http_addr: give the HTTPS listener its own port");
         }
+        if let Some(metrics) = self.metrics_addr
+            && metrics.port() != 0
+            && (metrics == self.http_listen_addr() || Some(metrics) == self.https_addr)
+        {
+            return invalid("metrics_addr is the same as http_addr or https_addr: give /metrics its own port");
+        }
         if self.http_max_connections == 0 {
             return invalid("http_max_connections is 0: use at least 1 (default 4096)");
         }
@@ -1165,6 +1175,20 @@ mod tests {
         assert_eq!((config.web_dir.to_str(), config.pkg_dir.to_str()), (Some("pages"), Some("pkg")));
         assert_eq!(config.public_wt_url.as_deref(), Some("https://wt.example:8443/"));
         assert_eq!(config.https_addr, Some("127.0.0.1:9443".parse().unwrap()));
+    }
+
+    #[test]
+    fn metrics_get_an_address_of_their_own() {
+        let config = check(&["--metrics-addr", "10.0.0.5:9100"], None).unwrap();
+        assert_eq!(config.metrics_addr, Some("10.0.0.5:9100".parse().unwrap()));
+        assert_eq!(check(&[], None).unwrap().metrics_addr, None);
+        for clash in [
+            &["--http-addr", "127.0.0.1:8080", "--metrics-addr", "127.0.0.1:8080"][..],
+            &["--https-addr", "127.0.0.1:8443", "--metrics-addr", "127.0.0.1:8443"][..],
+        ] {
+            let err = check(clash, None).unwrap_err();
+            assert!(err.contains("metrics_addr is the same"), "{clash:?}: {err}");
+        }
     }
 
     #[test]

@@ -61,6 +61,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::serve::ListenerExt as _;
 use downbeat_protocol::ErrorCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -108,6 +109,14 @@ pub enum ServerError {
         /// Why.
         source: std::io::Error,
     },
+    /// The metrics listener (`--metrics-addr`) could not be bound.
+    #[error("cannot listen for /metrics on {addr}: {source} (is another server using the port? set --metrics-addr)")]
+    BindMetrics {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
     /// The WebTransport UDP socket could not be bound.
     #[error(
         "cannot listen for WebTransport on UDP port {port}: {source} (is another server using the port? set --wt-port)"
@@ -146,6 +155,8 @@ pub struct Server {
     https: Option<api::TlsListener>,
     https_addr: Option<SocketAddr>,
     https_certs: Option<Arc<api::CertResolver>>,
+    metrics: Option<TcpListener>,
+    metrics_addr: Option<SocketAddr>,
     wt_port: u16,
     source: identity::Source,
     hashes: Arc<PublishedHashes>,
@@ -200,6 +211,14 @@ impl Server {
             }
             None => (None, None, None),
         };
+        let (metrics, metrics_addr) = match config.metrics_addr {
+            Some(asked) => {
+                let tcp = bind_tcp(asked).await.map_err(|(addr, source)| ServerError::BindMetrics { addr, source })?;
+                let addr = tcp.local_addr().map_err(|source| ServerError::BindMetrics { addr: asked, source })?;
+                (Some(tcp), Some(addr))
+            }
+            None => (None, None),
+        };
         let tls_health = Arc::new(TlsHealth::new(&source, &key));
         stats.tls_certificate_not_after.set(identity::unix_secs(key.not_after));
         let tenants = Arc::new(Tenants::new(&config)?);
@@ -236,6 +255,7 @@ impl Server {
         info!(
             http = %http_addr,
             https = ?https_addr,
+            metrics = ?metrics_addr,
             webtransport_port = wt_port,
             production_tls = config.tls_cert.is_some(),
             acme = ?config.acme_domain,
@@ -251,6 +271,8 @@ impl Server {
             https,
             https_addr,
             https_certs,
+            metrics,
+            metrics_addr,
             wt_port,
             source,
             hashes,
@@ -275,6 +297,12 @@ impl Server {
     /// WebTransport uses (rotations, reloads and ACME renewals reach both).
     pub fn https_addr(&self) -> Option<SocketAddr> {
         self.https_addr
+    }
+
+    /// The address `/metrics` alone is served on (`--metrics-addr`), if it has its own
+    /// listener (the real port, also when 0 was asked for).
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The UDP port WebTransport listens on (the real port, also when 0 was asked for).
@@ -342,6 +370,7 @@ impl Server {
             http,
             https,
             https_certs,
+            metrics,
             wt_port,
             source,
             hashes,
@@ -383,23 +412,27 @@ impl Server {
         });
 
         let http_limits = api::HttpLimits::new(&config);
-        let router = api::router(
-            api::AppState {
-                rooms: rooms.clone(),
-                tenants: tenants.clone(),
-                hashes: hashes.clone(),
-                tls: tls_health.clone(),
-                stats: stats.clone(),
-                clock,
-                limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
-                sel: sel.clone(),
-                web: Arc::new(api::Web::new(&config, wt_port, demo_teacher_secret.as_ref())),
-                sessions: ctx.clone(),
-                shutdown: signal.clone(),
-            },
-            config.http_request_timeout(),
-        );
+        let state = api::AppState {
+            rooms: rooms.clone(),
+            tenants: tenants.clone(),
+            hashes: hashes.clone(),
+            tls: tls_health.clone(),
+            stats: stats.clone(),
+            clock,
+            limits: Arc::new(Mutex::new(std::collections::HashMap::new())),
+            sel: sel.clone(),
+            web: Arc::new(api::Web::new(&config, wt_port, demo_teacher_secret.as_ref())),
+            sessions: ctx.clone(),
+            shutdown: signal.clone(),
+        };
+        let router = api::router(state.clone(), config.http_request_timeout(), metrics.is_none());
+        let mut metrics_task = metrics.map(|listener| {
+            let router = api::metrics_router(state.clone(), config.http_request_timeout());
+            tokio::spawn(api::serve(listener, router, http_limits, signal.clone()))
+        });
+        drop(state);
         drop(sel);
+        let http = http.tap_io(api::no_delay);
         let mut http_task = tokio::spawn(api::serve(http, router.clone(), http_limits, signal.clone()));
         let mut https_task =
             https.map(|listener| tokio::spawn(api::serve(listener, router, http_limits, signal.clone())));
@@ -411,26 +444,31 @@ impl Server {
             health: tls_health,
         };
         let identity_task = tokio::spawn(identity::maintain(source, installer, hashes, signal.clone()));
-        // Shut down when asked, or if the HTTP or HTTPS server stops on its own.
+        // Shut down when asked, or if the HTTP, HTTPS or metrics server stops on its own.
         let watch = async {
             let ended = tokio::select! {
                 () = shutdown => {
                     info!("shutting down");
-                    (None, None)
+                    (None, None, None)
                 }
                 ended = &mut http_task => {
                     warn!("HTTP server stopped; shutting down");
-                    (Some(ended), None)
+                    (Some(ended), None, None)
                 }
                 ended = until_finished(&mut https_task) => {
                     warn!("HTTPS server stopped; shutting down");
-                    (None, Some(ended))
+                    (None, Some(ended), None)
+                }
+                ended = until_finished(&mut metrics_task) => {
+                    warn!("metrics server stopped; shutting down");
+                    (None, None, Some(ended))
                 }
             };
             trigger.fire();
             ended
         };
-        let ((), (http_ended, https_ended)) = tokio::join!(session::accept_loop(&endpoint, ctx, signal), watch);
+        let ((), (http_ended, https_ended, metrics_ended)) =
+            tokio::join!(session::accept_loop(&endpoint, ctx, signal), watch);
 
         // `accept_loop` has returned, so no `Endpoint::accept` is pending: closing is safe.
         rooms.clear();
@@ -444,12 +482,13 @@ impl Server {
         if tokio::time::timeout(SHUTDOWN_WAIT, sel_writer).await.is_err() {
             warn!("SEL writes still pending at shutdown; the database did not take them in time");
         }
-        let (http_result, https_result) = tokio::join!(
+        let (http_result, https_result, metrics_result) = tokio::join!(
             finish_http(Some(http_task), http_ended, "HTTP"),
-            finish_http(https_task, https_ended, "HTTPS")
+            finish_http(https_task, https_ended, "HTTPS"),
+            finish_http(metrics_task, metrics_ended, "metrics")
         );
         info!("stopped");
-        http_result.and(https_result)
+        http_result.and(https_result).and(metrics_result)
     }
 }
 

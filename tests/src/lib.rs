@@ -73,6 +73,8 @@ pub struct TestServer {
     pub http: SocketAddr,
     /// HTTPS address, when the configuration asked for an HTTPS listener.
     pub https: Option<SocketAddr>,
+    /// The address serving `/metrics` alone, when the configuration gave it one.
+    pub metrics: Option<SocketAddr>,
     /// WebTransport port.
     pub wt_port: u16,
     /// Certificate hashes to pin.
@@ -114,6 +116,7 @@ impl TestServer {
         let mut me = Self {
             http: server.http_addr(),
             https: server.https_addr(),
+            metrics: server.metrics_addr(),
             wt_port: server.webtransport_port(),
             hashes: server.cert_hashes(),
             tenants: server.tenants(),

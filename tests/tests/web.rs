@@ -1,7 +1,8 @@
 //! The browser classroom over real sockets: pages and the browser package with their content
 //! types, cross-origin isolation on every response, no way out of the served directories,
 //! what a page needs to connect, the server clock, demo sign-in (teachers only with the demo
-//! teacher secret), the demo's loopback-only default address, and the HTTPS listener.
+//! teacher secret), the demo's loopback-only default address, `/metrics` on its own address, and
+//! the HTTPS listener.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -196,6 +197,29 @@ async fn every_response_is_cross_origin_isolated() -> Result<()> {
         assert_eq!(response.status().as_u16(), want, "{what}");
         assert_isolated(response.headers(), public, &what);
     }
+    Ok(())
+}
+
+/// `--metrics-addr` moves `/metrics` to a listener of its own (an operator network): the
+/// listeners pages and clients reach answer it like any unknown route, and the metrics
+/// listener serves nothing else.
+#[tokio::test]
+async fn metrics_on_their_own_address_are_served_there_only() -> Result<()> {
+    let server = TestServer::start_with(|c| c.metrics_addr = Some("127.0.0.1:0".parse().expect("an address"))).await?;
+    let metrics = server.metrics.context("a metrics listener")?;
+    assert_ne!(metrics, server.http);
+    let (status, _, body) = get(&format!("http://{metrics}/metrics"), &[]).await?;
+    let text = String::from_utf8(body)?;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\ndownbeat_sessions_active"), "{text}");
+    for url in [format!("http://{}/metrics", server.http), format!("http://{metrics}/api/ping")] {
+        let (status, _, body) = get(&url, &[]).await?;
+        assert_eq!((status, error_of(&body).0.as_str()), (404, "bad_request"), "{url}");
+    }
+    // Without the setting, /metrics is on the HTTP listener as before.
+    let server = TestServer::start().await?;
+    assert_eq!(server.metrics, None);
+    assert_eq!(get(&format!("http://{}/metrics", server.http), &[]).await?.0, 200);
     Ok(())
 }
 

@@ -159,7 +159,8 @@ impl Listener for TlsListener {
             // Both branches are cancel safe: a dropped `accept` loses no connection.
             tokio::select! {
                 accepted = self.tcp.accept(), if self.handshakes.len() < MAX_TLS_HANDSHAKES => match accepted {
-                    Ok((stream, peer)) => {
+                    Ok((mut stream, peer)) => {
+                        super::serve::no_delay(&mut stream);
                         let (acceptor, limit) = (self.acceptor.clone(), self.handshake_timeout);
                         self.handshakes.spawn(async move {
                             match tokio::time::timeout(limit, acceptor.accept(stream)).await {

@@ -35,7 +35,7 @@ use self::error::not_found;
 pub use self::error::{ApiError, status_for};
 pub(crate) use self::listen::{CertResolver, TlsListener};
 pub(crate) use self::pages::warn_if_missing;
-pub(crate) use self::serve::{HttpLimits, serve};
+pub(crate) use self::serve::{HttpLimits, no_delay, serve};
 pub(crate) use self::state::{AppState, Web};
 
 /// Largest request body accepted.
@@ -43,11 +43,12 @@ const MAX_BODY_BYTES: usize = 16 * 1024;
 
 /// The API's routes, the browser pages and package ([`pages`]), with the cross-origin
 /// isolation headers on every response, the per-address limit on requests without a token,
-/// and `request_timeout` on every request.
-pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
+/// and `request_timeout` on every request. `/metrics` is among them when `with_metrics`
+/// (it has no listener of its own: see [`metrics_router`]).
+pub(crate) fn router(state: AppState, request_timeout: Duration, with_metrics: bool) -> Router {
     let demo = state.tenants.is_demo();
     Router::new()
-        .merge(status::routes())
+        .merge(status::routes(with_metrics))
         .merge(rooms::routes())
         .merge(sel::routes())
         .merge(pages::routes(demo))
@@ -59,6 +60,17 @@ pub(crate) fn router(state: AppState, request_timeout: Duration) -> Router {
         .with_state(state)
         .layer(middleware::from_fn(move |request, next| serve::request_deadline(request_timeout, request, next)))
         .layer(middleware::map_response(respond::isolate))
+}
+
+/// `/metrics` alone, for its own listener (`--metrics-addr`, an operator network): other
+/// paths answer like unknown routes, and every request has `request_timeout`.
+pub(crate) fn metrics_router(state: AppState, request_timeout: Duration) -> Router {
+    Router::new()
+        .merge(status::metrics_routes())
+        .fallback(unknown_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(middleware::from_fn(move |request, next| serve::request_deadline(request_timeout, request, next)))
 }
 
 /// Takes a request without a token from its client address's bucket (a request with a token

@@ -108,6 +108,15 @@ impl Drop for Admitted {
     }
 }
 
+/// Turns Nagle's algorithm off on an accepted connection. A WebSocket session's sync replies,
+/// beat frames and notes are small messages that must leave at once: with Nagle on, a write
+/// behind an unacknowledged one waits for the peer's delayed ACK (about 40 ms).
+pub(crate) fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(error = %e, "TCP_NODELAY could not be set on a connection");
+    }
+}
+
 /// Serves `router` on `listener` within `limits` until `shutdown`, then waits for the
 /// requests in flight.
 pub(crate) async fn serve<L>(mut listener: L, router: Router, limits: HttpLimits, mut shutdown: Shutdown)

@@ -13,13 +13,18 @@ use serde::Serialize;
 use super::respond::allow_any_origin;
 use super::state::AppState;
 
-/// The status routes.
-pub(super) fn routes() -> Router<AppState> {
-    Router::new()
+/// The status routes, with `/metrics` unless it has its own listener (`--metrics-addr`).
+pub(super) fn routes(with_metrics: bool) -> Router<AppState> {
+    let routes = Router::new()
         .route("/api/ping", get(ping))
         .route("/api/health", get(health))
-        .route("/api/cert-hashes", get(cert_hashes))
-        .route("/metrics", get(metrics))
+        .route("/api/cert-hashes", get(cert_hashes));
+    if with_metrics { routes.merge(metrics_routes()) } else { routes }
+}
+
+/// `/metrics` alone, for the HTTP listeners or for its own (`--metrics-addr`).
+pub(super) fn metrics_routes() -> Router<AppState> {
+    Router::new().route("/metrics", get(metrics))
 }
 
 #[derive(Serialize)]
