@@ -40,11 +40,12 @@ use crate::clock;
 use crate::notes::{self, ScheduledNote};
 
 /// Codes after which connecting again cannot help: a shell that reconnects gives up on them.
-pub const FINAL_CODES: [ErrorCode; 9] = [
+pub const FINAL_CODES: [ErrorCode; 10] = [
     ErrorCode::RoomNotFound,
     ErrorCode::RoomClosed,
     ErrorCode::Removed,
     ErrorCode::SessionReplaced,
+    ErrorCode::DataDeleted,
     ErrorCode::Unauthorized,
     ErrorCode::TokenExpired,
     ErrorCode::WrongTenant,

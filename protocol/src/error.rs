@@ -118,6 +118,14 @@ error_codes! {
     TooManyProbes = 33, "too_many_probes";
     /// The network check's time is up (its normal end).
     ProbeOver = 34, "probe_over";
+    /// A school's admin deleted this person's data while they were in the room: the session
+    /// ended and nothing more of it is stored.
+    DataDeleted = 35, "data_deleted";
+    /// The database refused to store this (a retry of the same would be refused the same
+    /// way): nothing was stored.
+    StoreRefused = 36, "store_refused";
+    /// This student already answered this prompt as often as a room takes.
+    TooManyReflections = 37, "too_many_reflections";
 }
 
 impl fmt::Display for ErrorCode {

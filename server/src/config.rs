@@ -156,6 +156,21 @@ settings! {
     max_sessions: usize = 10_000, env "DOWNBEAT_MAX_SESSIONS", value "N";
     /// Most QUIC/WebTransport handshakes in progress at once.
     max_concurrent_handshakes: usize = 256, env "DOWNBEAT_MAX_CONCURRENT_HANDSHAKES", value "N";
+    /// Most QUIC/WebTransport handshakes in progress at once from one client network (an IPv4
+    /// address or an IPv6 /64); more are refused at the QUIC level, as past
+    /// `max_concurrent_handshakes`. A whole school behind one address joining at once stays
+    /// far below it, since each handshake takes milliseconds.
+    max_handshakes_per_address: usize = 32, env "DOWNBEAT_MAX_HANDSHAKES_PER_ADDRESS", value "N";
+    /// Handshakes in progress past which a new QUIC connection must first prove its address
+    /// (a stateless Retry: one round trip more, no state kept), so a flood from forged
+    /// addresses costs one packet each. 0: always.
+    retry_above_handshakes: usize = 64, env "DOWNBEAT_RETRY_ABOVE_HANDSHAKES", value "N";
+    /// Most sessions at once from one client network (WebTransport and WebSocket together);
+    /// more are refused with `server_busy`. A school behind one NAT address must fit.
+    max_sessions_per_address: usize = 2_000, env "DOWNBEAT_MAX_SESSIONS_PER_ADDRESS", value "N";
+    /// Reflections one student may write to one prompt of a room (each is stored; a retry of
+    /// one is no new one); more are refused with `too_many_reflections`.
+    max_reflections_per_prompt: usize = 5, env "DOWNBEAT_MAX_REFLECTIONS_PER_PROMPT", value "N";
     /// Time a new session has to open its control stream and say hello, in ms.
     hello_timeout_ms: u64 = 5000, env "DOWNBEAT_HELLO_TIMEOUT_MS", value "MS";
     /// A session that receives nothing for this long is lost (QUIC's idle timeout; WebSocket
@@ -842,6 +857,12 @@ impl Config {
         if self.max_probes_per_address == 0 || self.max_probes == 0 {
             return invalid("max_probes_per_address and max_probes must be at least 1, or the /check page cannot work");
         }
+        if self.max_reflections_per_prompt == 0 {
+            return invalid("max_reflections_per_prompt is 0: use at least 1, or students cannot answer prompts");
+        }
+        if self.max_handshakes_per_address == 0 || self.max_sessions_per_address == 0 {
+            return invalid("max_handshakes_per_address and max_sessions_per_address must be at least 1");
+        }
         if self.max_concurrent_handshakes == 0 {
             return invalid("max_concurrent_handshakes is 0: use at least 1");
         }
@@ -1245,6 +1266,8 @@ mod tests {
             (&["--max-concurrent-handshakes", "0"], "max_concurrent_handshakes is 0"),
             (&["--probe-duration-ms", "0"], "probe_duration_ms is 0: use 1 to 3600000"),
             (&["--max-probes", "0"], "max_probes must be at least 1"),
+            (&["--max-sessions-per-address", "0"], "max_sessions_per_address must be at least 1"),
+            (&["--max-handshakes-per-address", "0"], "max_handshakes_per_address and"),
             (&["--max-probes-per-address", "0"], "max_probes_per_address and max_probes must be at least 1"),
             (&["--hello-timeout-ms", "0"], "hello_timeout_ms is 0"),
             (&["--idle-timeout-ms", "10"], "idle_timeout_ms is 10"),

@@ -251,6 +251,12 @@ impl Installer {
     }
 }
 
+/// Bytes a peer may send on one stream before the server has read them (four largest frames).
+const STREAM_WINDOW: u32 = 64 * 1024;
+/// Bytes a peer may send on all its streams together before the server has read them, and
+/// unacknowledged bytes the server sends to one peer.
+const SESSION_WINDOW: u32 = 256 * 1024;
+
 /// The QUIC transport settings every config (first bind and every reload) carries.
 fn transport_config(config: &Config) -> Result<QuicTransportConfig, IdentityError> {
     let mut transport = QuicTransportConfig::default();
@@ -262,6 +268,12 @@ fn transport_config(config: &Config) -> Result<QuicTransportConfig, IdentityErro
     // unidirectional streams per side. Anything beyond a few is a peer wasting our memory.
     transport.max_concurrent_bidi_streams(wtransport::quinn::VarInt::from_u32(4));
     transport.max_concurrent_uni_streams(wtransport::quinn::VarInt::from_u32(8));
+    // A client sends one control stream of frames of at most 16 KiB, mostly far smaller: a
+    // window of a few frames is all it needs, and bounds what a peer makes the server buffer.
+    // What the server sends is bounded by the same reasoning (a welcome, then events).
+    transport.stream_receive_window(wtransport::quinn::VarInt::from_u32(STREAM_WINDOW));
+    transport.receive_window(wtransport::quinn::VarInt::from_u32(SESSION_WINDOW));
+    transport.send_window(u64::from(SESSION_WINDOW));
     // Datagrams are small and a few per second per session; keep each session's buffers small.
     transport.datagram_receive_buffer_size(Some(64 * 1024));
     transport.datagram_send_buffer_size(64 * 1024);

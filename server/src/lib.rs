@@ -241,6 +241,7 @@ impl Server {
                     send_interval_nanos: config.send_interval_ms * 1_000_000,
                     max_members: config.max_members_per_room,
                     playout_delay_nanos: config.playout_delay_ms * 1_000_000,
+                    max_reflections_per_prompt: config.max_reflections_per_prompt,
                     ..downbeat_engine::room::Config::default()
                 },
                 max_rooms: config.max_rooms,
@@ -402,7 +403,11 @@ impl Server {
             idle_timeout: config.idle_timeout(),
             keep_alive: config.keep_alive(),
             handshakes: Arc::new(Semaphore::new(config.max_concurrent_handshakes)),
+            max_handshakes: config.max_concurrent_handshakes,
+            handshakes_per_network: limits::PerNetwork::new(config.max_handshakes_per_address),
+            retry_above_handshakes: config.retry_above_handshakes,
             sessions: Arc::new(Semaphore::new(config.max_sessions)),
+            sessions_per_network: limits::PerNetwork::new(config.max_sessions_per_address),
             probes: session::probe::Probes::new(
                 config.max_probes_per_address,
                 config.max_probes,

@@ -1,4 +1,5 @@
-//! Rate limits kept per caller: a token bucket for each key (a person, a network), and the
+//! Rate limits kept per caller: a token bucket for each key (a person, a network), places
+//! held per client network ([`PerNetwork`]: handshakes and sessions in progress), and the
 //! network a client address stands for.
 //!
 //! A [`Buckets`] map remembers at most a fixed number of keys. A full bucket is the same as a
@@ -8,6 +9,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use downbeat_engine::limit::TokenBucket;
 
@@ -55,6 +57,61 @@ impl<K: Hash + Eq> Buckets<K> {
         let Refill { tokens, .. } = self.refill;
         let burst = self.burst;
         self.buckets.entry(key).or_insert_with(|| TokenBucket::new(tokens, burst, now)).try_take(now)
+    }
+}
+
+/// At most `cap` places held at once per client network ([`network`]); a [`NetworkPlace`]
+/// gives its place back when dropped, however its holder ends.
+#[derive(Clone, Debug)]
+pub(crate) struct PerNetwork {
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    cap: usize,
+}
+
+/// One place under a [`PerNetwork`] cap.
+#[derive(Debug)]
+pub(crate) struct NetworkPlace {
+    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    network: IpAddr,
+}
+
+impl PerNetwork {
+    pub(crate) fn new(cap: usize) -> Self {
+        Self { held: Arc::default(), cap }
+    }
+
+    /// A place for `peer`, unless its network already holds `cap`.
+    pub(crate) fn try_take(&self, peer: IpAddr) -> Option<NetworkPlace> {
+        let network = network(Some(peer));
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = held.entry(network).or_default();
+        if *n >= self.cap {
+            if *n == 0 {
+                held.remove(&network);
+            }
+            return None;
+        }
+        *n += 1;
+        Some(NetworkPlace { held: self.held.clone(), network })
+    }
+
+    /// Places `peer`'s network holds now.
+    #[cfg(test)]
+    pub(crate) fn held_by(&self, peer: IpAddr) -> usize {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(&network(Some(peer))).copied().unwrap_or_default()
+    }
+}
+
+impl Drop for NetworkPlace {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.network) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.network);
+            }
+        }
     }
 }
 
@@ -115,5 +172,24 @@ mod tests {
         // A second later every bucket is full again and may be forgotten.
         assert!(buckets.try_take(4, SECOND));
         assert_eq!(buckets.buckets.len(), 1);
+    }
+
+    #[test]
+    fn places_per_network_are_capped_and_come_back_when_dropped() {
+        let caps = PerNetwork::new(2);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        let a = caps.try_take(ip("10.0.0.1")).expect("first");
+        let _b = caps.try_take(ip("10.0.0.1")).expect("second");
+        assert!(caps.try_take(ip("10.0.0.1")).is_none(), "a third from one address");
+        assert!(caps.try_take(ip("::ffff:10.0.0.1")).is_none(), "the same address, mapped");
+        let _c = caps.try_take(ip("10.0.0.2")).expect("another address");
+        let _d = caps.try_take(ip("2001:db8::1")).expect("an IPv6 /64");
+        let _e = caps.try_take(ip("2001:db8::2")).expect("the same /64, second");
+        assert!(caps.try_take(ip("2001:db8::ffff")).is_none(), "the same /64, third");
+        drop(a);
+        assert_eq!(caps.held_by(ip("10.0.0.1")), 1);
+        let _f = caps.try_take(ip("10.0.0.1")).expect("a place came back");
+        assert_eq!(caps.held_by(ip("192.0.2.9")), 0);
+        assert!(PerNetwork::new(0).try_take(ip("10.0.0.1")).is_none());
     }
 }

@@ -253,6 +253,10 @@ stats! {
     sel_commits: Counter => "sel_commits_total";
     /// SEL transactions that failed (and were retried).
     sel_write_failures: Counter => "sel_write_failures_total";
+    /// SEL jobs the database refused for their own rows (a reflection among them is refused with store_refused); the rest of their group was written.
+    sel_jobs_refused: Counter => "sel_jobs_refused_total";
+    /// QUIC connections asked to prove their address first (a stateless Retry) because many handshakes were in progress.
+    handshakes_retried: Counter => "handshakes_retried_total";
     /// Reflections committed.
     reflections_saved: Counter => "reflections_saved_total";
     /// Reflections refused with store_unavailable because the SEL queue was full.
@@ -582,6 +586,9 @@ mod tests {
             "probes_active",
             "probes_started_total",
             "probes_refused_total",
+            // Since: the SEL writer fails only the job the database refuses.
+            "sel_jobs_refused_total",
+            "handshakes_retried_total",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

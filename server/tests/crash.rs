@@ -633,6 +633,8 @@ impl ServerProcess {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--http-addr", "127.0.0.1:0", "--wt-port", "0", "--database-url", database_url])
+            // Each student writes all its reflections to one prompt.
+            .args(["--max-reflections-per-prompt", &PER_STUDENT.to_string()])
             .env("RUST_LOG", "warn");
         let mut child = command.spawn().context("spawning the server")?;
         let pid = child.id().unwrap_or_default();

@@ -119,6 +119,34 @@ impl TestDatabase {
         Ok(())
     }
 
+    /// Runs `sql` in the test database itself, over a connection of its own (to change its
+    /// schema under a running server, e.g. a rule that refuses some rows).
+    pub async fn execute(&self, sql: &str) -> anyhow::Result<()> {
+        match &self.kind {
+            // On SQLite the administrator's connection is one to the test file.
+            Kind::Sqlite { .. } => return self.admin_execute(sql).await,
+            Kind::Postgres { .. } => {
+                let mut conn = PgConnection::connect_with(&PgConnectOptions::from_str(&self.url)?).await?;
+                sqlx::raw_sql(sql).execute(&mut conn).await?;
+                conn.close().await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes the PostgreSQL database read-only (`default_transaction_read_only`, as on a
+    /// standby or a database an operator froze) and ends every open session, so new ones
+    /// pick it up; [`Outage::end`] makes it writable again. On SQLite, `None`.
+    ///
+    /// # Panics
+    ///
+    /// If it cannot be set up.
+    pub async fn make_read_only(&self) -> Option<Outage> {
+        let Kind::Postgres { admin_url, name, .. } = &self.kind else { return None };
+        alter_database(admin_url, name, "SET default_transaction_read_only = on").await;
+        Some(Outage { kind: OutageKind::ReadOnly { admin_url: admin_url.clone(), name: name.clone() } })
+    }
+
     /// The PostgreSQL database's name (`None` on SQLite).
     pub fn postgres_name(&self) -> Option<&str> {
         match &self.kind {
@@ -146,31 +174,7 @@ impl TestDatabase {
                 Outage { kind: OutageKind::Sqlite(conn) }
             }
             Kind::Postgres { admin_url, name, .. } => {
-                let mut admin = admin_connect(admin_url).await;
-                admin
-                    .execute(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS false").as_str())
-                    .await
-                    .expect("closing the database to connections");
-                // pg_terminate_backend only signals: wait until the sessions are gone, so the
-                // outage is complete when this returns.
-                let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                                 WHERE datname = $1 AND pid <> pg_backend_pid()";
-                let remaining = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1";
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-                loop {
-                    sqlx::query(terminate).bind(name).execute(&mut admin).await.expect("terminating sessions");
-                    let n: i64 = sqlx::query_scalar(remaining)
-                        .bind(name)
-                        .fetch_one(&mut admin)
-                        .await
-                        .expect("counting sessions");
-                    if n == 0 {
-                        break;
-                    }
-                    assert!(tokio::time::Instant::now() < deadline, "{n} sessions outlived pg_terminate_backend");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                let _ = admin.close().await;
+                alter_database(admin_url, name, "ALLOW_CONNECTIONS false").await;
                 Outage { kind: OutageKind::Postgres { admin_url: admin_url.clone(), name: name.clone() } }
             }
         }
@@ -213,6 +217,7 @@ pub struct Outage {
 enum OutageKind {
     Sqlite(SqliteConnection),
     Postgres { admin_url: String, name: String },
+    ReadOnly { admin_url: String, name: String },
 }
 
 impl Outage {
@@ -235,7 +240,41 @@ impl Outage {
                     .expect("opening the database to connections again");
                 let _ = admin.close().await;
             }
+            // Sessions opened while it was read-only keep the setting: they are ended too.
+            OutageKind::ReadOnly { admin_url, name } => {
+                alter_database(&admin_url, &name, "RESET default_transaction_read_only").await;
+            }
         }
+    }
+}
+
+/// Runs `ALTER DATABASE name change` as the administrator, then ends every session of the
+/// database, so the change holds for every later one.
+async fn alter_database(admin_url: &str, name: &str, change: &str) {
+    let mut admin = admin_connect(admin_url).await;
+    admin
+        .execute(format!("ALTER DATABASE {name} {change}").as_str())
+        .await
+        .unwrap_or_else(|e| panic!("ALTER DATABASE {name} {change}: {e}"));
+    terminate_sessions(&mut admin, name).await;
+    let _ = admin.close().await;
+}
+
+/// Ends every session of the database `name` and waits until they are gone
+/// (`pg_terminate_backend` only signals), so a change made before holds for every later one.
+async fn terminate_sessions(admin: &mut PgConnection, name: &str) {
+    let terminate = "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE datname = $1 AND pid <> pg_backend_pid()";
+    let remaining = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = $1";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        sqlx::query(terminate).bind(name).execute(&mut *admin).await.expect("terminating sessions");
+        let n: i64 = sqlx::query_scalar(remaining).bind(name).fetch_one(&mut *admin).await.expect("counting sessions");
+        if n == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} sessions outlived pg_terminate_backend");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -239,12 +239,29 @@ impl TestServer {
 
     /// Opens a raw session from local address `from` (any, if `None`), sending nothing.
     pub async fn raw_session_from(&self, from: Option<std::net::IpAddr>) -> Result<RawSession> {
+        self.raw_session_with(from, None).await
+    }
+
+    /// Opens a raw session that lets the server send at most `window` bytes on a stream
+    /// before it reads them (QUIC flow control, as a greedy or broken peer may advertise),
+    /// sending nothing.
+    pub async fn raw_session_with_window(&self, window: u32) -> Result<RawSession> {
+        self.raw_session_with(None, Some(window)).await
+    }
+
+    async fn raw_session_with(&self, from: Option<std::net::IpAddr>, window: Option<u32>) -> Result<RawSession> {
         let bind = ClientConfig::builder();
         let bind = match from {
             Some(ip) => bind.with_bind_address(SocketAddr::new(ip, 0)),
             None => bind.with_bind_default(),
         };
-        let config = bind.with_server_certificate_hashes(self.hashes.iter().map(|h| (*h).into())).build();
+        let mut config = bind.with_server_certificate_hashes(self.hashes.iter().map(|h| (*h).into())).build();
+        if let Some(window) = window {
+            use wtransport::quinn::{TransportConfig, VarInt};
+            let mut transport = TransportConfig::default();
+            transport.stream_receive_window(VarInt::from_u32(window));
+            config.quic_config_mut().transport_config(std::sync::Arc::new(transport));
+        }
         let endpoint = Endpoint::client(config)?;
         let conn = endpoint.connect(self.url("127.0.0.1")).await?;
         let (send, recv) = conn.open_bi().await?.await?;

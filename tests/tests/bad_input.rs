@@ -165,3 +165,107 @@ async fn refused_controls_get_codes_and_change_nothing() -> anyhow::Result<()> {
     assert_eq!(body["timeline"]["epoch"].as_u64(), Some(before.epoch()), "nothing changed");
     Ok(())
 }
+
+/// The members the room lists over HTTP.
+async fn members(server: &TestServer, code: &str) -> anyhow::Result<usize> {
+    let (status, room) = server.http("GET", &format!("/api/rooms/{code}"), Some(&server.teacher("t-1")), None).await?;
+    assert_eq!(status, 200, "{room}");
+    Ok(room["members"].as_array().map_or(0, Vec::len))
+}
+
+/// Waits (at most 10 s) for the server to close `raw` and returns its application code.
+async fn closed_with(raw: &RawSession) -> anyhow::Result<u64> {
+    match tokio::time::timeout(Duration::from_secs(10), raw.conn.closed()).await? {
+        wtransport::error::ConnectionError::ApplicationClosed(close) => Ok(close.code().into_inner()),
+        other => anyhow::bail!("closed, but not by the server application: {other}"),
+    }
+}
+
+/// A peer that keeps its QUIC receive window shut never takes its welcome: the server gives
+/// up on it after the hello's time with `server_busy`, and the seat it was given is free
+/// again. A peer that took its welcome but stopped reading is closed with `server_busy` once a
+/// control frame waited longer than the idle timeout, and its seat is freed at once, the class
+/// seeing it leave. (Before, each held its seat and its school's session slot for as long as
+/// it kept the connection alive.)
+#[tokio::test]
+async fn a_peer_that_stops_taking_control_frames_loses_its_seat() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| {
+        c.hello_timeout_ms = 500;
+        c.idle_timeout_ms = 1_000;
+        c.keep_alive_ms = 300;
+    })
+    .await?;
+    let teacher_token = server.teacher("t-1");
+    let code = server.create_room(&teacher_token, 100.0, 4).await?;
+    let teacher = server.connect(&code, &teacher_token).await?;
+    let (status, _) = server.http("POST", &format!("/api/rooms/{code}/start"), Some(&teacher_token), None).await?;
+    assert_eq!(status, 200);
+
+    // Enough window to set the session up, not enough for the welcome.
+    let mut shut = server.raw_session_with_window(48).await?;
+    shut.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-shut"), &code)).await?;
+    assert_eq!(closed_with(&shut).await?, u64::from(ErrorCode::ServerBusy.as_u16()));
+    assert_eq!(members(&server, &code).await?, 1, "only the teacher is seated");
+
+    // Takes the welcome, then reads nothing more while prompts fill its window.
+    let mut greedy = server.raw_session_with_window(2_048).await?;
+    greedy.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-greedy"), &code)).await?;
+    let Some(ServerMessage::Welcome(welcome)) = greedy.read_message().await? else { anyhow::bail!("no welcome") };
+    assert_eq!(members(&server, &code).await?, 2);
+    // 15 prompts of about 190 bytes each are more than its window (and within the teacher's
+    // burst of controls).
+    for i in 0..15 {
+        teacher.set_prompt(&format!("{i:>3} {}", "la ".repeat(60))).await?;
+    }
+    assert_eq!(closed_with(&greedy).await?, u64::from(ErrorCode::ServerBusy.as_u16()));
+    let left =
+        |e: &downbeat_client::Event| matches!(e, downbeat_client::Event::MemberLeft(id, _) if *id == welcome.member_id);
+    downbeat_tests::events_until(&teacher, left).await?;
+    assert_eq!(members(&server, &code).await?, 1, "the seat is free");
+    // The teacher was never held up.
+    bystander_still_served(&server, &teacher).await
+}
+
+/// One network may hold only so many sessions (WebTransport and WebSocket together; a school
+/// behind one NAT address fits under the default): past the cap, a WebTransport session is
+/// refused before it starts and a WebSocket upgrade answers `server_busy`, while another
+/// address is served, and a place comes back when a session ends.
+#[tokio::test]
+async fn one_network_holds_at_most_its_share_of_sessions() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.max_sessions_per_address = 2).await?;
+    let here: std::net::IpAddr = "127.0.0.1".parse()?;
+    let first = server.raw_session_from(Some(here)).await?;
+    let _second = server.raw_websocket_from(None, Some(here)).await?;
+    assert!(server.raw_session_from(Some(here)).await.is_err(), "a third WebTransport session");
+    let refused = server.raw_websocket_from(None, Some(here)).await;
+    let message = format!("{:#}", refused.expect_err("a third WebSocket session"));
+    assert!(message.contains("503"), "{message}");
+    // Another address is served.
+    let _elsewhere = server.raw_session_from(Some("127.0.0.2".parse()?)).await?;
+    // A place comes back once a session ends.
+    first.conn.close(wtransport::VarInt::from_u32(0), b"");
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match server.raw_session_from(Some(here)).await {
+            Ok(_) => break,
+            // The server frees the place once it has seen the close: poll until it has.
+            Err(_) if tokio::time::Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(e.context("the place never came back")),
+        }
+    }
+    Ok(())
+}
+
+/// While the server is told to ask every new QUIC connection for address validation (as it
+/// does once handshakes pile up), clients still connect: they answer the Retry and go on.
+#[tokio::test]
+async fn under_handshake_pressure_clients_prove_their_address_and_connect() -> anyhow::Result<()> {
+    let server = TestServer::start_with(|c| c.retry_above_handshakes = 0).await?;
+    let teacher = server.teacher("t-1");
+    let code = server.create_room(&teacher, 100.0, 4).await?;
+    let client = server.connect(&code, &teacher).await?;
+    client.wait_synced(Duration::from_secs(10)).await?;
+    assert!(server.stats.handshakes_retried.get() >= 1);
+    Ok(())
+}

@@ -384,8 +384,19 @@ async fn export_and_delete_cover_every_row_of_one_student(backend: Backend) -> R
     assert_eq!(status, 200, "{deleted}");
     assert_eq!(deleted["reflections"], 2);
     assert!(deleted["participation"].as_u64().is_some_and(|n| n >= 2), "{deleted}");
+    // Ana was seated: her session ended with its own code, and the class saw her leave.
+    let mut told = Vec::new();
+    while let Some(event) = tokio::time::timeout(SYNC, ana.next_event()).await? {
+        told.push(event);
+    }
+    assert!(matches!(told.last(), Some(Event::Error(ErrorCode::DataDeleted, _))), "{told:?}");
+    let ana_id = ana.member_id();
+    events_until(&teacher, |e| matches!(e, Event::MemberLeft(id, _) if *id == ana_id)).await?;
+    assert!(ana.reflect([99; 16], prompt, Some(1), None).await.is_err(), "a reflection after the delete");
+    drop(ana);
 
-    // Ben's data is untouched; Ana's is gone from every table, also after the next flushes.
+    // Ben's data is untouched; Ana's is gone from every table, her leave included, also
+    // after the next flushes.
     ben.play_note(60, 90, 0)?;
     events_until(
         &teacher,
@@ -560,7 +571,12 @@ async fn health(server: &TestServer) -> Result<(u16, Value)> {
 
 async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend) -> Result<()> {
     let db = TestDatabase::new(backend).await;
-    let Class { server, teacher_token, code, teacher } = class(&db, |c| c.sel_queue = 4).await?;
+    // Ana writes seven reflections to one prompt: more than the default cap.
+    let Class { server, teacher_token, code, teacher } = class(&db, |c| {
+        c.sel_queue = 4;
+        c.max_reflections_per_prompt = 10;
+    })
+    .await?;
     let ana = Arc::new(server.connect(&code, &server.student("s-ana")).await?);
     set_prompt(&server, &code, &teacher_token, "How do you feel?").await?;
     let prompt = prompt_of(&ana).await?;
@@ -716,5 +732,131 @@ async fn retention_purges_each_schools_old_records_on_its_own_schedule(backend: 
     assert!(store.session_sel("a", "old").await?.is_none(), "an ended, empty session of a is purged");
     assert!(store.session_sel("b", "old").await?.is_some());
     store.close().await;
+    Ok(())
+}
+
+on_both_backends!(a_row_the_database_refuses_fails_only_its_own_reflection);
+
+/// The ids of the reflections `tenant`'s admin exports for `student`, sorted.
+async fn exported_ids(server: &TestServer, tenant: &str, student: &str) -> Result<Vec<String>> {
+    let path = format!("/api/students/{student}/export");
+    let export = get(server, &path, &mint(server, tenant, Role::Admin, "a-export"), 200).await?;
+    let mut ids: Vec<String> = export["reflections"]
+        .as_array()
+        .context("reflections")?
+        .iter()
+        .filter_map(|r| r["id"].as_str().map(str::to_owned))
+        .collect();
+    ids.sort_unstable();
+    Ok(ids)
+}
+
+/// The database refuses one reflection's row for what it holds (a rule added to the schema
+/// here; in the field, a value the database cannot store). It is queued behind an outage in
+/// one group with another school's reflection, so the writer's transaction fails: the
+/// writer writes the jobs one by one, that reflection alone is refused with `store_refused`,
+/// every other one is acknowledged and stored once, health is ok again, and later writes go
+/// on (today one such row stops every school's writes for good).
+async fn a_row_the_database_refuses_fails_only_its_own_reflection(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = two_schools(&db).await?;
+    let mut students = Vec::new();
+    for tenant in ["a", "b"] {
+        let teacher_token = mint(&server, tenant, Role::Teacher, "t-1");
+        let code = server.create_room(&teacher_token, 100.0, 4).await?;
+        let student = Arc::new(server.connect(&code, &mint(&server, tenant, Role::Student, "s-1")).await?);
+        set_prompt(&server, &code, &teacher_token, "How was it?").await?;
+        let prompt = prompt_of(&student).await?;
+        students.push((student, prompt));
+    }
+    // Both joins written: from here on only the reflections below are queued.
+    let s = &server;
+    for tenant in ["a", "b"] {
+        let admin = mint(s, tenant, Role::Admin, "a-poll");
+        until(Duration::from_secs(10), "the joins written", move || {
+            let admin = admin.clone();
+            async move {
+                let export = get(s, "/api/students/s-1/export", &admin, 200).await?;
+                Ok(export["participation"].as_array().is_some_and(|rows| !rows.is_empty()))
+            }
+        })
+        .await?;
+    }
+    let rule = match backend {
+        Backend::Sqlite => {
+            "CREATE TRIGGER refuse_unwritable BEFORE INSERT ON reflections WHEN NEW.text = 'unwritable' \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test''s rule'); END"
+        }
+        Backend::Postgres => {
+            "ALTER TABLE reflections ADD CONSTRAINT refuse_unwritable CHECK (text IS DISTINCT FROM 'unwritable')"
+        }
+    };
+    db.execute(rule).await?;
+
+    let outage = db.make_unavailable().await;
+    let reflect = |i: usize, id: u8, text: &'static str| {
+        let (student, prompt) = students[i].clone();
+        tokio::spawn(async move { student.reflect([id; 16], prompt, Some(2), Some(text)).await })
+    };
+    // The first is the group the writer retries; the next two queue behind it as one group.
+    let first = reflect(0, 1, "first");
+    until(
+        Duration::from_secs(20),
+        "degraded health",
+        move || async move { Ok(health(s).await?.1["status"] == "degraded") },
+    )
+    .await?;
+    let unwritable = reflect(0, 2, "unwritable");
+    let other_school = reflect(1, 3, "from school b");
+    until(Duration::from_secs(10), "three queued", move || async move {
+        Ok(health(s).await?.1["store"]["queued"].as_u64() == Some(3))
+    })
+    .await?;
+    outage.end().await;
+
+    answered("the first reflection", first).await???;
+    answered("the other school's reflection", other_school).await???;
+    assert_eq!(refused_code(answered("the unwritable reflection", unwritable).await??), Some(ErrorCode::StoreRefused));
+    until(Duration::from_secs(10), "healthy again", move || async move { Ok(health(s).await?.0 == 200) }).await?;
+    // Later writes go on, and the refused id was never stored.
+    let (student_a, prompt) = students[0].clone();
+    answered("a later reflection", student_a.reflect([4; 16], prompt, None, Some("later"))).await??;
+    assert_eq!(exported_ids(&server, "a", "s-1").await?, vec![hex(&[1; 16]), hex(&[4; 16])]);
+    assert_eq!(exported_ids(&server, "b", "s-1").await?, vec![hex(&[3; 16])]);
+    let (_, body) = health(&server).await?;
+    assert_eq!((body["status"].as_str(), body["store"]["queued"].as_u64()), (Some("ok"), Some(0)), "{body}");
+    let metrics = reqwest::get(format!("http://{}/metrics", server.http)).await?.text().await?;
+    assert!(metrics.lines().any(|l| l == "downbeat_sel_jobs_refused_total 1"), "{metrics}");
+    Ok(())
+}
+
+/// A PostgreSQL database turned read-only (a standby after a failover, or an operator's
+/// freeze): writes are refused with SQLSTATE 25006, which is the database's state, not the
+/// rows': health turns degraded, reflections wait unacknowledged, and once it is writable
+/// again everything queued is stored and health recovers by itself.
+#[tokio::test]
+async fn a_read_only_database_degrades_and_recovers_by_itself_postgres() -> Result<()> {
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let Class { server, teacher_token, code, .. } = class(&db, |_| {}).await?;
+    let ana = Arc::new(server.connect(&code, &server.student("s-ana")).await?);
+    set_prompt(&server, &code, &teacher_token, "How do you feel?").await?;
+    let prompt = prompt_of(&ana).await?;
+    let frozen = db.make_read_only().await.context("PostgreSQL has a read-only mode")?;
+    let waiting = tokio::spawn({
+        let ana = ana.clone();
+        async move { ana.reflect([9; 16], prompt, Some(3), None).await }
+    });
+    let s = &server;
+    until(Duration::from_secs(20), "degraded health", move || async move {
+        let (status, body) = health(s).await?;
+        Ok(status == 503 && body["status"] == "degraded")
+    })
+    .await?;
+    assert!(!waiting.is_finished(), "acknowledged while the database was read-only");
+    frozen.end().await;
+    answered("the reflection that waited", waiting).await???;
+    until(Duration::from_secs(10), "healthy again", move || async move { Ok(health(s).await?.0 == 200) }).await?;
+    let export = get(&server, "/api/students/s-ana/export", &server.admin("a-1"), 200).await?;
+    assert_eq!(export["reflections"].as_array().map(Vec::len), Some(1), "{export}");
     Ok(())
 }

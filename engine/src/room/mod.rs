@@ -30,6 +30,14 @@
 //!   The live feed (reflections and participation as committed) goes to the members the
 //!   server marks for it ([`Join::sel_feed`], [`Room::handle_sel_feed`]): the room's own
 //!   teachers, not every teacher seated in it.
+//! - **What a peer can make the server store is capped**: a student answers one prompt at most
+//!   [`Config::max_reflections_per_prompt`] times (default [`MAX_REFLECTIONS_PER_PROMPT`]) (`too_many_reflections`; a retry of the same
+//!   reflection id is not a new one), and one person takes at most [`MAX_JOINS_PER_WINDOW`]
+//!   new seats in [`JOIN_WINDOW_NANOS`] (`rate_limited`; a reconnect to a held seat is no
+//!   new seat), since each writes participation rows and tells the class.
+//! - **Deletion is final**: a person whose data an admin deletes loses their seat at once,
+//!   their session ends with `data_deleted`, and nothing more about them is written
+//!   ([`Room::handle_forget`]).
 //! - A room with no seat closes after [`Config::idle_expiry_nanos`].
 
 mod output;
@@ -54,12 +62,13 @@ pub use output::{
     SelWork, Tick, encode_beats_to_fit, error_frame,
 };
 pub use participation::{FLUSH_INTERVAL_NANOS, Flush, Record, RecordKind};
-pub use seats::{ABUSE_BURST, ABUSE_PER_SECOND, NOTE_ERROR_INTERVAL_NANOS};
+pub use prompts::MAX_REFLECTIONS_PER_PROMPT;
+pub use seats::{ABUSE_BURST, ABUSE_PER_SECOND, JOIN_WINDOW_NANOS, MAX_JOINS_PER_WINDOW, NOTE_ERROR_INTERVAL_NANOS};
 pub use stage::{NoteRefusal, NotesOutcome, RoomError, Stage, Transmit};
 
 use participation::Participation;
 use prompts::Prompts;
-use seats::{Attached, Seat, coarse};
+use seats::{Attached, Churn, Seat, coarse};
 
 use crate::timeline::{MAX_BEATS_PER_BAR, Timeline};
 
@@ -90,6 +99,13 @@ pub struct Config {
     pub seat_grace_nanos: u64,
     /// A room with nobody in it closes after this long.
     pub idle_expiry_nanos: u64,
+    /// Reflections one student may write to one prompt (a retry of one is no new one).
+    #[serde(default = "default_reflections_per_prompt")]
+    pub max_reflections_per_prompt: usize,
+}
+
+fn default_reflections_per_prompt() -> usize {
+    MAX_REFLECTIONS_PER_PROMPT
 }
 
 impl Default for Config {
@@ -107,6 +123,7 @@ impl Default for Config {
             note_future_window_nanos: 500_000_000,
             seat_grace_nanos: 15_000_000_000,
             idle_expiry_nanos: 1_800_000_000_000,
+            max_reflections_per_prompt: MAX_REFLECTIONS_PER_PROMPT,
         }
     }
 }
@@ -162,6 +179,9 @@ pub struct Room {
     closed_told: bool,
     prompts: Prompts,
     participation: Participation,
+    /// Recent new seats per subject (join and leave churn).
+    #[serde(default)]
+    churn: Churn,
     out: VecDeque<Output>,
 }
 
@@ -181,6 +201,7 @@ impl Room {
             closed_told: false,
             prompts: Prompts::default(),
             participation: Participation::new(now),
+            churn: Churn::default(),
             out: VecDeque::new(),
         }
     }
@@ -273,7 +294,10 @@ impl Room {
         let Join { session, subject, name, role, token_expires_at, transport, sel_feed } = join;
         let (member_id, seated) = match self.by_subject.get(&subject) {
             Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role, transport)?),
-            None => (self.seat(now, session, subject, name, role, transport)?, Seated::New),
+            None => {
+                self.churn.admit(now, &subject, self.config.max_members)?;
+                (self.seat(now, session, subject, name, role, transport)?, Seated::New)
+            }
         };
         if let Some(seat) = self.seats.get_mut(&member_id) {
             seat.sel_feed = sel_feed;
@@ -597,7 +621,7 @@ impl Room {
     ) -> Option<ErrorCode> {
         let seat = self.seats.get(&member).filter(|s| s.held_by(session))?;
         let checked = if seat.is_student() {
-            self.prompts.check(reflection)
+            self.prompts.check(&seat.subject, reflection, self.config.max_reflections_per_prompt)
         } else {
             Err(Refused::new(ErrorCode::Forbidden, "only students write reflections"))
         };
@@ -631,6 +655,13 @@ impl Room {
         self.send_teachers(ServerMessage::Reflection(notice));
     }
 
+    /// The database refused the row of the reflection `request_id` of `member` for what it
+    /// holds: they hear `store_refused` (a retry of the same would be refused the same way).
+    pub fn handle_reflection_unwritable(&mut self, member: u64, request_id: u32) {
+        let message = "the school's database refused to store this reflection";
+        self.send_to(member, error_frame(ErrorCode::StoreRefused, Some(request_id), message));
+    }
+
     /// A feed update for the teachers, committed by the SEL writer ([`Flush::feed`]).
     pub fn handle_feed(&mut self, message: ServerMessage) {
         self.send_teachers(message);
@@ -656,9 +687,18 @@ impl Room {
         }
     }
 
-    /// Forgets everything held about `subject` for SEL (their data is being deleted).
-    pub fn handle_forget(&mut self, subject: &str) {
+    /// `subject`'s data is being deleted: their seat, if they hold one, is freed and its
+    /// session ended with `data_deleted` (everyone hears they left), and everything held about
+    /// them for SEL is forgotten, their leave included, so nothing about them is written
+    /// afterwards. Every reflection of theirs handed out before this is already with the
+    /// shell, ahead of the deletion.
+    pub fn handle_forget(&mut self, now: ServerNanos, subject: &str) {
+        if let Some(&member) = self.by_subject.get(subject) {
+            self.expel(now, member, LeaveReason::Closed, EndReason::DataDeleted);
+        }
         self.participation.forget(subject);
+        self.prompts.forget(subject);
+        self.churn.remove(subject);
     }
 
     /// The room session ends (the room closed, or the server shuts down): every student

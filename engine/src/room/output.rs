@@ -75,6 +75,8 @@ pub enum EndReason {
     Backlog,
     /// The room closed.
     RoomClosed(Closing),
+    /// The member's data was deleted while they were seated.
+    DataDeleted,
 }
 
 impl EndReason {
@@ -86,6 +88,7 @@ impl EndReason {
             Self::NoteAbuse => ErrorCode::RateLimited,
             Self::Backlog => ErrorCode::ServerBusy,
             Self::RoomClosed(_) => ErrorCode::RoomClosed,
+            Self::DataDeleted => ErrorCode::DataDeleted,
         }
     }
 
@@ -97,6 +100,7 @@ impl EndReason {
             Self::NoteAbuse => "too many refused notes",
             Self::Backlog => "control stream backlog",
             Self::RoomClosed(closing) => closing.message(),
+            Self::DataDeleted => "your school deleted your data from the class server",
         }
     }
 

@@ -1,7 +1,7 @@
 //! The room's reflection prompts: the current question, and the recent ones a reflection may
 //! still answer after the teacher moved on.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     ErrorCode, MAX_MOOD, Prompt, PromptText, Reflection, ReflectionNotice, ReflectionText, TextKind, check_text,
@@ -12,17 +12,23 @@ use super::output::Refused;
 
 /// Prompts a reflection may still answer after the teacher moved on.
 const RECENT_PROMPTS: usize = 32;
+/// Reflections one student may write to one prompt by default (each stored): a child may add
+/// a thought or two, not fill the database.
+pub const MAX_REFLECTIONS_PER_PROMPT: usize = 5;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub(crate) struct Prompts {
     recent: VecDeque<Prompt>,
     current: Option<Prompt>,
     next_id: u32,
+    /// Per recent prompt id, the reflection ids each student wrote to it.
+    #[serde(default)]
+    answered: BTreeMap<u32, BTreeMap<String, Vec<[u8; 16]>>>,
 }
 
 impl Default for Prompts {
     fn default() -> Self {
-        Self { recent: VecDeque::new(), current: None, next_id: 1 }
+        Self { recent: VecDeque::new(), current: None, next_id: 1, answered: BTreeMap::new() }
     }
 }
 
@@ -50,18 +56,21 @@ impl Prompts {
         }
         let prompt = Prompt { id: self.next_id, text };
         self.next_id += 1;
-        if self.recent.len() == RECENT_PROMPTS {
-            self.recent.pop_front();
+        if self.recent.len() == RECENT_PROMPTS
+            && let Some(old) = self.recent.pop_front()
+        {
+            self.answered.remove(&old.id);
         }
         self.recent.push_back(prompt.clone());
         self.current = Some(prompt.clone());
         Ok(Some(prompt))
     }
 
-    /// Checks a reflection: its text has no control characters but newlines and tabs, it
-    /// answers a recent prompt, its mood is in range, and it says
-    /// something (blank text counts as none).
-    pub(crate) fn check(&self, r: &Reflection) -> Result<Checked, Refused> {
+    /// Checks a reflection by `subject`: its text has no control characters but newlines and
+    /// tabs, it answers a recent prompt, its mood is in range, it says something (blank text
+    /// counts as none), and it is one of the first `most` ids the student wrote to that prompt
+    /// (a retry of one of them is no new one). A reflection that passes is counted.
+    pub(crate) fn check(&mut self, subject: &str, r: &Reflection, most: usize) -> Result<Checked, Refused> {
         if let Some(Err(bad)) = r.text.as_deref().map(|t| check_text(t, TextKind::Prose)) {
             return Err(Refused::new(ErrorCode::BadRequest, format!("a reflection: {bad}")));
         }
@@ -75,7 +84,25 @@ impl Prompts {
         if r.mood.is_none() && text.is_none() {
             return Err(Refused::new(ErrorCode::BadRequest, "a reflection needs a mood, some words, or both"));
         }
-        Ok(Checked { prompt: prompt.text.clone(), text: text.cloned() })
+        let checked = Checked { prompt: prompt.text.clone(), text: text.cloned() };
+        let ids = self.answered.entry(r.prompt_id).or_default().entry(subject.to_owned()).or_default();
+        if !ids.contains(&r.id) {
+            if ids.len() >= most {
+                return Err(Refused::new(
+                    ErrorCode::TooManyReflections,
+                    format!("you already answered this question {most} times"),
+                ));
+            }
+            ids.push(r.id);
+        }
+        Ok(checked)
+    }
+
+    /// Forgets what `subject` answered (their data is being deleted).
+    pub(crate) fn forget(&mut self, subject: &str) {
+        for by_subject in self.answered.values_mut() {
+            by_subject.remove(subject);
+        }
     }
 }
 

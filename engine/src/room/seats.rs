@@ -1,10 +1,19 @@
 //! A room's seats: one per token subject, held through a lost connection for the grace
 //! period, with the member everyone sees and the per-seat note policy.
 
-use downbeat_protocol::{ClientReport, Member, ServerNanos, SyncQuality};
+use std::collections::{BTreeMap, VecDeque};
+
+use downbeat_protocol::{ClientReport, ErrorCode, Member, ServerNanos, SyncQuality};
 use serde::{Deserialize, Serialize};
 
+use super::output::Refused;
 use crate::limit::TokenBucket;
+
+/// New seats one person may take in a room within [`JOIN_WINDOW_NANOS`]: a reconnect to a
+/// seat still held is no new seat, so only joining and leaving again and again reaches it.
+pub const MAX_JOINS_PER_WINDOW: usize = 12;
+/// The window [`MAX_JOINS_PER_WINDOW`] counts over: ten minutes.
+pub const JOIN_WINDOW_NANOS: u64 = 600_000_000_000;
 
 /// Refused note datagrams a member may send in a burst before the session is ended...
 pub const ABUSE_BURST: u32 = 50;
@@ -64,4 +73,40 @@ impl Seat {
 /// Sync quality coarse enough that a change is worth telling everyone.
 pub(crate) fn coarse(q: SyncQuality) -> (bool, u32, u32) {
     (q.synced, q.rtt_micros / 1000, q.uncertainty_micros / 250)
+}
+
+/// When each person recently took a new seat, to cap join and leave churn: every new seat
+/// writes participation rows and tells the whole class.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Churn {
+    joins: BTreeMap<String, VecDeque<ServerNanos>>,
+}
+
+impl Churn {
+    /// Counts a new seat for `subject` at `now`, or refuses it with `rate_limited` if they
+    /// took [`MAX_JOINS_PER_WINDOW`] within the window. `seats` bounds what is kept: past a
+    /// few times that many people, those whose joins all left the window are forgotten.
+    pub(crate) fn admit(&mut self, now: ServerNanos, subject: &str, seats: usize) -> Result<(), Refused> {
+        let in_window = |t: &ServerNanos| t.0.saturating_add(JOIN_WINDOW_NANOS) > now.0;
+        if self.joins.len() > seats.saturating_mul(4) {
+            self.joins.retain(|_, times| times.back().is_some_and(in_window));
+        }
+        let times = self.joins.entry(subject.to_owned()).or_default();
+        while times.front().is_some_and(|t| !in_window(t)) {
+            times.pop_front();
+        }
+        if times.len() >= MAX_JOINS_PER_WINDOW {
+            return Err(Refused::new(
+                ErrorCode::RateLimited,
+                "you joined and left this class too often; wait a few minutes and join again",
+            ));
+        }
+        times.push_back(now);
+        Ok(())
+    }
+
+    /// Forgets `subject` (their data is being deleted).
+    pub(crate) fn remove(&mut self, subject: &str) {
+        self.joins.remove(subject);
+    }
 }

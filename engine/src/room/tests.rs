@@ -664,3 +664,111 @@ fn a_beat_frame_is_trimmed_to_the_datagram_size_and_keeps_its_timeline() {
     assert_eq!((decoded.timeline, decoded.beats.len()), (frame.timeline.clone(), frame.beats.len() - 1));
     assert_eq!(encode_beats_to_fit(frame, 10), None, "not even the timeline fits");
 }
+
+#[test]
+fn a_student_answers_a_prompt_a_few_times_and_retries_are_no_new_answers() {
+    let mut r = room();
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let other = seat(&mut r, at(0), "o", Role::Student, 3);
+    r.handle_control(at(1), ControlOp::Prompt { text: PromptText::truncating("How was it?") }, None).expect("set");
+    drain(&mut r);
+    let reflection = |id: u8| Reflection {
+        request_id: u32::from(id),
+        id: [id; 16],
+        prompt_id: 1,
+        mood: Some(2),
+        text: Some(ReflectionText::truncating("fun")),
+    };
+    let works =
+        |outputs: &[Output]| outputs.iter().filter(|o| matches!(o, Output::Sel(SelWork::Reflection(_)))).count();
+    for id in 1..=u8::try_from(MAX_REFLECTIONS_PER_PROMPT).expect("small") {
+        assert_eq!(r.handle_reflection(at(2), student, 2, &reflection(id)), None);
+    }
+    // A retry of one already counted is handed out again (the store keeps it once).
+    assert_eq!(r.handle_reflection(at(3), student, 2, &reflection(1)), None);
+    assert_eq!(works(&drain(&mut r)), MAX_REFLECTIONS_PER_PROMPT + 1);
+    // One more is refused with its own code and nothing is handed out.
+    assert_eq!(r.handle_reflection(at(4), student, 2, &reflection(99)), Some(ErrorCode::TooManyReflections));
+    let outputs = drain(&mut r);
+    assert_eq!(works(&outputs), 0);
+    assert_eq!(error_codes(&heard(&outputs, 2)), vec![ErrorCode::TooManyReflections]);
+    // Another student and another prompt count on their own.
+    assert_eq!(r.handle_reflection(at(5), other, 3, &reflection(99)), None);
+    r.handle_control(at(6), ControlOp::Prompt { text: PromptText::truncating("And now?") }, None).expect("set");
+    drain(&mut r);
+    assert_eq!(r.handle_reflection(at(7), student, 2, &Reflection { prompt_id: 2, ..reflection(99) }), None);
+}
+
+#[test]
+fn joining_and_leaving_again_and_again_is_capped_but_reconnects_are_not() {
+    let mut r = room_with(Config { seat_grace_nanos: 0, ..config() });
+    let mut session = 10;
+    let mut join_and_leave = |r: &mut Room, now: ServerNanos| {
+        session += 1;
+        let joined = r.handle_join(now, join("s", Role::Student, session));
+        if let Ok(joined) = &joined {
+            r.handle_depart(now, joined.welcome.member_id, session, Departure::Left);
+        }
+        drain(r);
+        joined.map(|_| ()).map_err(|refused| refused.code)
+    };
+    for i in 0..MAX_JOINS_PER_WINDOW {
+        assert_eq!(join_and_leave(&mut r, at(1_000 * i as u64)), Ok(()));
+    }
+    assert_eq!(join_and_leave(&mut r, at(20_000)), Err(ErrorCode::RateLimited));
+    assert!(r.members().next().is_none(), "the refused join took no seat");
+    // Someone else is not held back.
+    assert_eq!(r.handle_join(at(20_000), join("o", Role::Student, 99)).map(|_| ()).map_err(|e| e.code), Ok(()));
+    drain(&mut r);
+    // Once the first joins leave the window, joining works again.
+    assert_eq!(join_and_leave(&mut r, ServerNanos(JOIN_WINDOW_NANOS + 1)), Ok(()));
+
+    // Reconnects to a held seat are no new seats: a flaky Chromebook is never refused.
+    let mut r = room();
+    let member = seat(&mut r, at(0), "s", Role::Student, 1);
+    for session in 2..(2 + 3 * MAX_JOINS_PER_WINDOW as u64) {
+        r.handle_depart(at(session), member, session - 1, Departure::Lost);
+        let joined = r.handle_join(at(session), join("s", Role::Student, session)).expect("resumed");
+        assert_eq!(joined.seated, Seated::Resumed);
+        drain(&mut r);
+    }
+}
+
+#[test]
+fn a_student_whose_data_is_deleted_loses_their_seat_and_nothing_more_is_written() {
+    let mut r = room();
+    r.handle_timeout(ServerNanos(0));
+    drain(&mut r);
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    r.handle_control(at(0), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    r.handle_control(at(0), ControlOp::Prompt { text: PromptText::truncating("How was it?") }, None).expect("set");
+    drain(&mut r);
+    r.handle_notes(at(2_000), student, 2, &[note(1, at(2_000))]).expect("seat");
+
+    r.handle_forget(at(2_100), "s");
+    let outputs = drain(&mut r);
+    assert_eq!(ends(&outputs), vec![(Recipient { member: student, session: 2 }, EndReason::DataDeleted)]);
+    assert_eq!(EndReason::DataDeleted.code(), ErrorCode::DataDeleted);
+    assert!(
+        heard(&outputs, 1).contains(&ServerMessage::MemberLeft { member_id: student, reason: LeaveReason::Closed }),
+        "the class sees them leave"
+    );
+    assert!(member(&r, student).is_none() && member(&r, teacher).is_some());
+    // Their session's late messages change nothing, and no flush names them, their leave
+    // included.
+    let reflection = Reflection { request_id: 1, id: [1; 16], prompt_id: 1, mood: Some(1), text: None };
+    assert_eq!(r.handle_reflection(at(2_200), student, 2, &reflection), None);
+    assert!(r.handle_notes(at(2_200), student, 2, &[note(2, at(2_200))]).is_none());
+    r.handle_depart(at(2_300), student, 2, Departure::Left);
+    for now in [at(3_000), at(4_000)] {
+        r.handle_timeout(now);
+        for output in drain(&mut r) {
+            if let Output::Sel(work) = output {
+                let SelWork::Flush(flush) = work else { panic!("no reflection of theirs is handed out") };
+                assert!(flush.records.iter().all(|rec| rec.subject != "s"), "{flush:?}");
+            }
+        }
+    }
+    assert!(r.finish(at(5_000)).is_none_or(|f| f.records.iter().all(|rec| rec.subject != "s")));
+}

@@ -61,19 +61,22 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::WrongTenant => StatusCode::FORBIDDEN,
         ErrorCode::RoomNotFound | ErrorCode::MemberNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::RoomClosed => StatusCode::GONE,
+        ErrorCode::RoomClosed | ErrorCode::DataDeleted => StatusCode::GONE,
         ErrorCode::AlreadyRunning
         | ErrorCode::NotRunning
         | ErrorCode::TooManyPendingChanges
         | ErrorCode::RoomFull
         | ErrorCode::SessionReplaced => StatusCode::CONFLICT,
-        ErrorCode::TooManyRooms | ErrorCode::RateLimited | ErrorCode::TooManySessions | ErrorCode::TooManyProbes => {
-            StatusCode::TOO_MANY_REQUESTS
-        }
+        ErrorCode::TooManyRooms
+        | ErrorCode::RateLimited
+        | ErrorCode::TooManySessions
+        | ErrorCode::TooManyProbes
+        | ErrorCode::TooManyReflections => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::ServerBusy | ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }
         ErrorCode::NoPrompt => StatusCode::CONFLICT,
+        ErrorCode::StoreRefused => StatusCode::UNPROCESSABLE_ENTITY,
         ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::BAD_REQUEST,
     }

@@ -10,7 +10,7 @@ use axum::extract::{Extension, State};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
 use downbeat_protocol::ErrorCode;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::error::ApiError;
 use super::extract::PeerAddr;
@@ -43,7 +43,16 @@ async fn upgrade(
         return ApiError::new(ErrorCode::ServerBusy, "this server has its maximum number of sessions open")
             .into_response();
     };
-    let (ctx, shutdown) = (sessions.clone(), state.shutdown.clone());
     let peer = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    websocket::limits(upgrade).on_upgrade(move |socket| websocket::run(socket, ctx, peer, shutdown, permit, held))
+    let Some(place) = sessions.sessions_per_network.try_take(peer) else {
+        sessions.stats.handshakes_refused.inc();
+        debug!(%peer, "session limit of this network reached; refusing a WebSocket session");
+        return ApiError::new(ErrorCode::ServerBusy, "this network has its maximum number of sessions open")
+            .into_response();
+    };
+    let (ctx, shutdown) = (sessions.clone(), state.shutdown.clone());
+    websocket::limits(upgrade).on_upgrade(move |socket| async move {
+        websocket::run(socket, ctx, peer, shutdown, permit, held).await;
+        drop(place);
+    })
 }

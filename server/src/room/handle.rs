@@ -185,6 +185,11 @@ pub(crate) enum Command {
         request_id: u32,
         notice: ReflectionNotice,
     },
+    /// From the SEL writer: the database refused a reflection's row (tell its author).
+    ReflectionRefused {
+        member_id: u64,
+        request_id: u32,
+    },
     /// From the SEL writer: a feed update for the teachers, now committed.
     Feed(ServerMessage),
     /// Adds (`present`) or removes a co-teacher (already authorized); answers whether
@@ -194,8 +199,8 @@ pub(crate) enum Command {
         present: bool,
         reply: oneshot::Sender<Result<bool, Refusal>>,
     },
-    /// Drop everything held in memory about a student whose data is being deleted; answers
-    /// once done.
+    /// A person whose data is being deleted: end their seat's session (`data_deleted`) and
+    /// drop everything held in memory about them; answers once done.
     Forget {
         subject: String,
         reply: oneshot::Sender<()>,

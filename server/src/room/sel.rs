@@ -29,16 +29,19 @@ pub(crate) fn job(meta: &RoomMeta, clock: &ServerClock, room: &mpsc::WeakSender<
         })
     };
     match work {
-        SelWork::Flush(flush) => {
-            Job { batch: flush_batch(meta, clock, flush), on_commit: flush.feed().map(|m| tell(Command::Feed(m))) }
-        }
+        SelWork::Flush(flush) => Job {
+            batch: flush_batch(meta, clock, flush),
+            on_commit: flush.feed().map(|m| tell(Command::Feed(m))),
+            on_refuse: None,
+        },
         SelWork::Reflection(r) => {
             let committed = Command::ReflectionCommitted {
                 member_id: r.member,
                 request_id: r.request_id,
                 notice: r.notice.clone(),
             };
-            Job { batch: reflection_batch(meta, r), on_commit: Some(tell(committed)) }
+            let refused = Command::ReflectionRefused { member_id: r.member, request_id: r.request_id };
+            Job { batch: reflection_batch(meta, r), on_commit: Some(tell(committed)), on_refuse: Some(tell(refused)) }
         }
     }
 }

@@ -97,7 +97,7 @@ impl RoomTask {
         // Flushed while the room is still registered, so a student's data deletion that
         // finds no room here finds every row of it already queued before its own write.
         if let Some(flush) = self.room.finish(self.clock.now()) {
-            let job = Job { batch: super::sel::flush_batch(&self.meta, &self.clock, &flush), on_commit: None };
+            let job = Job::rows(super::sel::flush_batch(&self.meta, &self.clock, &flush));
             if let Err(job) = self.sel.submit_within(job, LAST_FLUSH_PATIENCE).await {
                 let lost = job.batch.participation.len() as u64;
                 self.stats.participation_dropped.add(lost);
@@ -159,12 +159,16 @@ impl RoomTask {
             Command::ReflectionCommitted { member_id, request_id, notice } => {
                 self.room.handle_reflection_saved(member_id, request_id, notice);
             }
+            Command::ReflectionRefused { member_id, request_id } => {
+                self.stats.refused.inc(ErrorCode::StoreRefused);
+                self.room.handle_reflection_unwritable(member_id, request_id);
+            }
             Command::Feed(message) => self.room.handle_feed(message),
             Command::CoTeacher { subject, present, reply } => {
                 let _ = reply.send(self.co_teacher(subject, present));
             }
             Command::Forget { subject, reply } => {
-                self.room.handle_forget(&subject);
+                self.room.handle_forget(now, &subject);
                 let _ = reply.send(());
             }
             Command::Report { member_id, session_id, report } => {
@@ -238,7 +242,7 @@ impl RoomTask {
                     format!("a room has at most {MAX_CO_TEACHERS} co-teachers; remove one first"),
                 ));
             }
-            let job = Job { batch: super::sel::co_teacher_batch(&self.meta, &subject, present), on_commit: None };
+            let job = Job::rows(super::sel::co_teacher_batch(&self.meta, &subject, present));
             if self.sel.try_submit(job).is_err() {
                 return Err(Refusal::new(
                     ErrorCode::StoreUnavailable,

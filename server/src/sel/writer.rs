@@ -3,16 +3,25 @@
 //!
 //! Nothing on the beat or note path ever waits on the database. Rooms and sessions hand work
 //! to [`Sel::try_submit`], which never waits: it either queues the job or gives it back at
-//! once when the queue is full. The writer takes every job queued (up to [`MAX_GROUP`]), writes
-//! them in one transaction, and on failure keeps the same group and retries with backoff
-//! until it commits, so a job that was queued is stored once the database is back. Each job's
-//! `on_commit` runs only after its transaction committed: that is when a reflection is
-//! acknowledged and when the teachers' live feed hears about it.
+//! once when the queue is full. The writer takes every job queued (up to [`MAX_GROUP`]) and
+//! writes them in one transaction. Each job's `on_commit` runs only after its transaction
+//! committed: that is when a reflection is acknowledged and when the teachers' live feed
+//! hears about it.
 //!
-//! While the database fails, the writer reports itself degraded (health, metrics) and the
-//! queue fills; past its bound, reflections are refused with the retryable
-//! `store_unavailable` and rooms keep their participation counts in memory until a flush is
-//! accepted. Writes are idempotent (see [`crate::sel::store`]), so retrying a group whose commit
+//! How a failed group is handled depends on why it failed:
+//!
+//! - **The database is unavailable** (unreachable, busy, full, read-only, failing I/O, or
+//!   refusing for a reason that is not the rows): the writer keeps the same group and retries
+//!   with backoff until it commits, so a job that was queued is stored once the database is
+//!   back. Meanwhile it reports itself degraded (health, metrics) and the queue fills; past
+//!   its bound, reflections are refused with the retryable `store_unavailable` and rooms keep
+//!   their participation counts in memory until a flush is accepted.
+//! - **The database refused rows for what they hold** (a constraint, a value it cannot
+//!   store: [`StoreError::is_refused_data`]): the writer writes the group's jobs one by one,
+//!   so only the job holding those rows fails. Its `on_refuse` runs (a reflection's author
+//!   hears `store_refused`), and every other school's and student's writes go on.
+//!
+//! Writes are idempotent (see [`crate::sel::store`]), so retrying a group whose commit
 //! acknowledgement was lost duplicates nothing.
 
 use std::sync::Arc;
@@ -38,10 +47,28 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Runs after the job's rows are committed (on the writer task; must not block).
 pub(crate) type OnCommit = Box<dyn FnOnce() + Send>;
 
-/// Rows to store and what to do once they are.
+/// Rows to store and what to do once they are, or once the database refused them.
 pub(crate) struct Job {
     pub(crate) batch: Batch,
     pub(crate) on_commit: Option<OnCommit>,
+    /// Runs (on the writer task) if the database refused these rows for what they hold.
+    pub(crate) on_refuse: Option<OnCommit>,
+}
+
+impl Job {
+    /// `batch`, with nothing to run once it is written.
+    pub(crate) fn rows(batch: Batch) -> Self {
+        Self { batch, on_commit: None, on_refuse: None }
+    }
+}
+
+/// How writing a batch ended.
+enum Written {
+    Committed,
+    /// The database refused the rows themselves ([`StoreError::is_refused_data`]).
+    Refused(StoreError),
+    /// Shutdown came while the database was still failing.
+    GaveUp,
 }
 
 impl std::fmt::Debug for Job {
@@ -129,7 +156,7 @@ impl Sel {
         let on_commit: OnCommit = Box::new(move || {
             let _ = tx.send(());
         });
-        if self.try_submit(Job { batch: Batch::default(), on_commit: Some(on_commit) }).is_err() {
+        if self.try_submit(Job { batch: Batch::default(), on_commit: Some(on_commit), on_refuse: None }).is_err() {
             return false;
         }
         matches!(tokio::time::timeout(patience, rx).await, Ok(Ok(())))
@@ -174,28 +201,74 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let batch = merge(&group);
-            if !self.commit(&batch).await {
-                let lost = group.len();
-                warn!(jobs = lost, "shutting down with SEL writes not committed");
+            let n = group.len();
+            let written = match self.commit(&merge(&group)).await {
+                Written::Committed => {
+                    group.drain(..).for_each(|job| self.committed(job));
+                    true
+                }
+                Written::Refused(e) if n == 1 => {
+                    group.drain(..).for_each(|job| self.refused(job, &e));
+                    true
+                }
+                // Some job's rows are refused: write them one by one, so only that job fails.
+                Written::Refused(_) => self.one_by_one(&mut group).await,
+                Written::GaveUp => false,
+            };
+            if !written {
+                warn!(jobs = group.len(), "shutting down with SEL writes not committed");
                 break;
             }
-            let n = group.len();
-            for job in group.drain(..) {
-                self.stats.sel_queued.dec();
-                if let Some(on_commit) = job.on_commit {
-                    on_commit();
-                }
-            }
-            debug!(jobs = n, "SEL group committed");
+            debug!(jobs = n, "SEL group written");
         }
         rx.close();
         debug!("SEL writer ended");
     }
 
-    /// Writes `group` in one transaction, retrying until it commits. False if shutdown came
-    /// while the database was still failing.
-    async fn commit(&self, batch: &Batch) -> bool {
+    /// Writes each job of `group` alone, in order, emptying it; false (with the jobs not
+    /// written left in it) if shutdown came while the database was failing.
+    async fn one_by_one(&self, group: &mut Vec<Job>) -> bool {
+        let jobs: Vec<Job> = std::mem::take(group);
+        let mut jobs = jobs.into_iter();
+        while let Some(job) = jobs.next() {
+            match self.commit(&job.batch).await {
+                Written::Committed => self.committed(job),
+                Written::Refused(e) => self.refused(job, &e),
+                Written::GaveUp => {
+                    group.push(job);
+                    group.extend(jobs);
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    fn committed(&self, job: Job) {
+        self.stats.sel_queued.dec();
+        if let Some(on_commit) = job.on_commit {
+            on_commit();
+        }
+    }
+
+    fn refused(&self, job: Job, e: &StoreError) {
+        self.stats.sel_queued.dec();
+        self.stats.sel_jobs_refused.inc();
+        // Counts only: the rows are children's data, and the error holds none of them.
+        warn!(
+            error = %e,
+            participation = job.batch.participation.len(),
+            reflections = job.batch.reflections.len(),
+            "the SEL database refused a job's rows; the job fails alone"
+        );
+        if let Some(on_refuse) = job.on_refuse {
+            on_refuse();
+        }
+    }
+
+    /// Writes `batch` in one transaction, retrying while the database is unavailable, until
+    /// it commits or the database refuses the rows themselves.
+    async fn commit(&self, batch: &Batch) -> Written {
         let mut backoff = FIRST_BACKOFF;
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -203,11 +276,14 @@ impl Writer {
                 Ok(()) => {
                     self.stats.sel_commits.inc();
                     self.stats.reflections_saved.add(batch.reflections.len() as u64);
-                    if self.shared.degraded.swap(false, Ordering::Relaxed) {
-                        self.stats.sel_degraded.dec();
-                        info!("SEL database writes work again");
-                    }
-                    return true;
+                    self.works_again();
+                    return Written::Committed;
+                }
+                // The database answered, so it works: the rows are the trouble.
+                Err(e) if e.is_refused_data() => {
+                    self.stats.sel_write_failures.inc();
+                    self.works_again();
+                    return Written::Refused(e);
                 }
                 Err(e) => self.failed(&e),
             }
@@ -215,10 +291,21 @@ impl Writer {
                 () = tokio::time::sleep(backoff) => {}
                 () = shutdown.wait() => {
                     // One last try, then give up: the process is ending.
-                    return self.store.write(batch).await.is_ok();
+                    return match self.store.write(batch).await {
+                        Ok(()) => Written::Committed,
+                        Err(e) if e.is_refused_data() => Written::Refused(e),
+                        Err(_) => Written::GaveUp,
+                    };
                 }
             }
             backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn works_again(&self) {
+        if self.shared.degraded.swap(false, Ordering::Relaxed) {
+            self.stats.sel_degraded.dec();
+            info!("SEL database writes work again");
         }
     }
 

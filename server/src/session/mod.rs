@@ -39,6 +39,7 @@ use tracing::{Span, debug, field, info, info_span};
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
+use crate::limits::PerNetwork;
 use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -80,8 +81,17 @@ pub(crate) struct SessionContext {
     /// How often the server makes sure an idle peer answers (QUIC's keep-alive; WebSocket
     /// sessions send a ping).
     pub(crate) keep_alive: Duration,
+    /// QUIC handshakes in progress, in all (at most `max_handshakes`)...
     pub(crate) handshakes: Arc<Semaphore>,
+    pub(crate) max_handshakes: usize,
+    /// ...and per client network.
+    pub(crate) handshakes_per_network: PerNetwork,
+    /// Handshakes in progress past which new QUIC connections must prove their address first.
+    pub(crate) retry_above_handshakes: usize,
+    /// Sessions (both transports), in all...
     pub(crate) sessions: Arc<Semaphore>,
+    /// ...and per client network.
+    pub(crate) sessions_per_network: PerNetwork,
     pub(crate) probes: Probes,
     pub(crate) next_session_id: AtomicU64,
 }
@@ -154,10 +164,11 @@ enum Admitted {
 }
 
 impl Admitted {
-    /// The first answer could not be written: the seat (if any) is given up as lost.
-    async fn abandon(self) {
+    /// The first answer could not be written: the seat (if any) is given up, `how` telling the
+    /// room whether it may be held for a reconnect (`Lost`) or is freed now.
+    async fn abandon(self, how: Departure) {
         if let Self::Joined(joined) = self {
-            joined.seat.leave(Departure::Lost).await;
+            joined.seat.leave(how).await;
         }
     }
 }

@@ -110,7 +110,7 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
         }
     };
     if !answered {
-        admitted.abandon().await;
+        admitted.abandon(Departure::Lost).await;
         return;
     }
     session.run(link, admitted).await;

@@ -18,6 +18,7 @@ use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
     sync_reply,
 };
+use crate::limits::NetworkPlace;
 use crate::room::Departure;
 use crate::shutdown::Shutdown;
 use downbeat_engine::room::error_frame;
@@ -42,15 +43,30 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<Sessio
             }
             incoming = endpoint.accept() => incoming,
         };
+        // Under pressure a connection first proves its address with a stateless Retry (one
+        // packet, nothing kept), so forged source addresses cannot hold handshakes.
+        let in_progress = ctx.max_handshakes.saturating_sub(ctx.handshakes.available_permits());
+        if in_progress >= ctx.retry_above_handshakes && !incoming.remote_address_validated() {
+            ctx.stats.handshakes_retried.inc();
+            incoming.retry();
+            continue;
+        }
         // Refusing at the QUIC level costs one packet; a WebTransport 429 would first cost a
-        // whole handshake, which is what this limit protects.
+        // whole handshake, which is what these limits protect.
+        let remote = incoming.remote_address();
+        let Some(place) = ctx.handshakes_per_network.try_take(remote.ip()) else {
+            ctx.stats.handshakes_refused.inc();
+            debug!(%remote, "too many handshakes in progress from this network; refusing a connection");
+            incoming.refuse();
+            continue;
+        };
         let Ok(permit) = ctx.handshakes.clone().try_acquire_owned() else {
             ctx.stats.handshakes_refused.inc();
             debug!("too many handshakes in progress; refusing a connection");
             incoming.refuse();
             continue;
         };
-        sessions.spawn(handle_incoming(incoming, permit, ctx.clone(), shutdown.clone()));
+        sessions.spawn(handle_incoming(incoming, (permit, place), ctx.clone(), shutdown.clone()));
     }
     info!(open = sessions.len(), "closing sessions");
     if timeout(SHUTDOWN_GRACE, async { while sessions.join_next().await.is_some() {} }).await.is_err() {
@@ -60,7 +76,7 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<Sessio
 
 async fn handle_incoming(
     incoming: IncomingSession,
-    handshake: OwnedSemaphorePermit,
+    handshake: (OwnedSemaphorePermit, NetworkPlace),
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 ) {
@@ -83,6 +99,12 @@ async fn handle_incoming(
         let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
         return;
     };
+    let Some(network_place) = ctx.sessions_per_network.try_take(remote.ip()) else {
+        ctx.stats.handshakes_refused.inc();
+        debug!(%remote, "session limit of this network reached; refusing a session");
+        let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
+        return;
+    };
     let conn = match timeout_at(deadline, request.accept()).await {
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
@@ -99,7 +121,7 @@ async fn handle_incoming(
     let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
     debug!(parent: &span, %remote, "session accepted");
     run(session, conn, deadline).instrument(span).await;
-    drop(session_permit);
+    drop((session_permit, network_place));
 }
 
 /// Reads one frame: header, length check before allocating, body, decode.
@@ -121,7 +143,10 @@ fn close_code(code: ErrorCode) -> VarInt {
 }
 
 /// Writes queued control messages as frames until the queue closes, then finishes the stream.
-async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>) {
+/// A frame not written within `deadline` (a peer that stopped reading, or keeps its receive
+/// window shut) ends the session with `server_busy`: the session then ends as closed by the
+/// server and its seat is freed at once.
+async fn write_loop(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>, deadline: Duration) {
     while let Some(message) = rx.recv().await {
         let bytes = match wire::encode_frame(&message) {
             Ok(bytes) => bytes,
@@ -130,8 +155,14 @@ async fn write_loop(mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>)
                 continue;
             }
         };
-        if send.write_all(&bytes).await.is_err() {
-            return;
+        match timeout(deadline, send.write_all(&bytes)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => return,
+            Err(_) => {
+                debug!(?deadline, "a control frame was not taken in time; closing the session");
+                conn.close(close_code(ErrorCode::ServerBusy), b"the control stream stopped moving");
+                return;
+            }
         }
     }
     let _ = send.finish().await;
@@ -148,7 +179,8 @@ async fn run(session: Session, conn: Connection, deadline: Instant) {
         }
     };
     let Some((admitted, send, recv)) = joined else { return };
-    session.run(WtLink { conn, send: Some(send), recv }, admitted).await;
+    let write_deadline = session.ctx.idle_timeout;
+    session.run(WtLink { conn, send: Some(send), recv, write_deadline }, admitted).await;
 }
 
 /// Opens the control stream and handles the hello or probe (see [`Session::admit`]). On
@@ -182,16 +214,25 @@ async fn hello(
             return None;
         }
     };
+    // The answer has the hello's time again to be taken: a peer keeping its receive window
+    // shut must not hold the seat it was just given.
     let written = match wire::encode_frame(&answer) {
-        Ok(bytes) => send.write_all(&bytes).await.is_ok(),
+        Ok(bytes) => match timeout(session.ctx.hello_timeout, send.write_all(&bytes)).await {
+            Ok(result) => result.map_err(|_| ErrorCode::Internal),
+            Err(_) => Err(ErrorCode::ServerBusy),
+        },
         Err(e) => {
             warn!(error = %e, "the first answer did not encode");
-            false
+            Err(ErrorCode::Internal)
         }
     };
-    if !written {
-        admitted.abandon().await;
-        conn.close(close_code(ErrorCode::Internal), b"");
+    if let Err(code) = written {
+        debug!(code = code.as_str(), "the first answer was not written");
+        // A peer that kept its window shut is closed by us: its seat is freed now. One whose
+        // connection broke may come back to it.
+        let how = if code == ErrorCode::ServerBusy { Departure::Closed } else { Departure::Lost };
+        admitted.abandon(how).await;
+        conn.close(close_code(code), code.as_str().as_bytes());
         return None;
     }
     Some((admitted, send, recv))
@@ -217,12 +258,14 @@ struct WtLink {
     /// Until the writer takes it.
     send: Option<SendStream>,
     recv: RecvStream,
+    /// The longest one control frame may take to be written (the idle timeout).
+    write_deadline: Duration,
 }
 
 impl Link for WtLink {
     fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()> {
         let send = self.send.take().expect("the writer starts once");
-        tokio::spawn(write_loop(send, rx).instrument(Span::current()))
+        tokio::spawn(write_loop(self.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()))
     }
 
     async fn read(
@@ -266,6 +309,8 @@ impl Link for WtLink {
         // Polled once: resolves only if the connection is already closed.
         match timeout(Duration::ZERO, self.conn.closed()).await.ok() {
             Some(ConnectionError::ApplicationClosed(_)) | None => Departure::Left,
+            // Only the writer closes it on this side: the peer stopped taking control frames.
+            Some(ConnectionError::LocallyClosed) => Departure::Closed,
             Some(_) => Departure::Lost,
         }
     }

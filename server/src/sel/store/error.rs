@@ -41,6 +41,16 @@ impl StoreError {
         }
     }
 
+    /// The database refused the rows themselves (a constraint, a value it cannot store):
+    /// writing the same rows again fails the same way, while other rows still go in. The
+    /// writer fails only the job holding them.
+    pub fn is_refused_data(&self) -> bool {
+        match self {
+            Self::Failed(d) => d.cause.refuses_data(),
+            _ => false,
+        }
+    }
+
     /// Classifies a driver error from a statement of `op`.
     pub(crate) fn from_sqlx(op: &'static str, error: sqlx::Error) -> Self {
         Self::from_detail(Detail::new(op, &error))
@@ -177,6 +187,7 @@ impl Cause {
                     | 6  // SQLITE_LOCKED
                     | 10 // SQLITE_IOERR
                     | 13 // SQLITE_FULL
+                    | 8  // SQLITE_READONLY (the file or its directory was made read-only)
                     | 14 // SQLITE_CANTOPEN
                     | 15 // SQLITE_PROTOCOL (a WAL lock race)
                 )
@@ -190,8 +201,27 @@ impl Cause {
                     || code == "40001" // serialization failure
                     || code == "40P01" // deadlock detected
                     || code == "55P03" // lock not available
+                    || code == "25006" // read-only transaction: a standby, or writes turned off for now
             }
             Self::Configuration | Self::Decode | Self::Database | Self::Other => false,
+        }
+    }
+
+    /// The rows were refused for what they hold, not for the state of the database.
+    fn refuses_data(&self) -> bool {
+        match self {
+            Self::Sqlite(code) => code.parse::<i32>().is_ok_and(|c| {
+                matches!(
+                    c & 0xff,
+                    // SQLITE_TOOBIG (18), SQLITE_CONSTRAINT (19, a trigger's RAISE included),
+                    // SQLITE_MISMATCH (20)
+                    18..=20
+                )
+            }),
+            // Class 22: data exception (a NUL in text, a value out of range); class 23:
+            // integrity constraint violation.
+            Self::Postgres(code) => code.starts_with("22") || code.starts_with("23"),
+            _ => false,
         }
     }
 }
