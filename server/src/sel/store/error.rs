@@ -272,3 +272,43 @@ impl fmt::Display for MigrationProblem {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(cause: Cause) -> StoreError {
+        let unavailable = cause.unavailable();
+        StoreError::from_detail(Detail { op: "write", cause, unavailable })
+    }
+
+    #[test]
+    fn a_database_that_cannot_write_now_is_retried_and_rows_it_refuses_fail_alone() {
+        let sqlite = |code: i32| failed(Cause::Sqlite(code.to_string()));
+        let postgres = |code: &str| failed(Cause::Postgres(code.to_owned()));
+        // Unavailable (the writer waits and retries): busy, locked, full, read-only, I/O; a
+        // connection lost, a disk full, a standby or a frozen database.
+        for e in [sqlite(5), sqlite(6), sqlite(13), sqlite(8), sqlite(1032), sqlite(10), postgres("08006")]
+            .into_iter()
+            .chain([postgres("53100"), postgres("25006"), postgres("57P01"), failed(Cause::Io(io::ErrorKind::Other))])
+        {
+            assert!(e.is_retryable() && !e.is_refused_data(), "{e}");
+        }
+        // The rows themselves (the writer fails only their job): constraints (a trigger's
+        // RAISE, a unique or check constraint), too big, mismatched; a NUL in text, a value
+        // out of range, a check violation.
+        for e in [sqlite(19), sqlite(1811), sqlite(2067), sqlite(18), sqlite(20)].into_iter().chain([
+            postgres("22021"),
+            postgres("22003"),
+            postgres("23514"),
+            postgres("23505"),
+        ]) {
+            assert!(!e.is_retryable() && e.is_refused_data(), "{e}");
+        }
+        // Neither: the database is wrong for this version (a missing table, a permission);
+        // the writer keeps the group and retries, so nothing queued is dropped.
+        for e in [sqlite(1), postgres("42P01"), postgres("42501"), failed(Cause::Decode)] {
+            assert!(!e.is_retryable() && !e.is_refused_data(), "{e}");
+        }
+    }
+}
