@@ -59,6 +59,11 @@ struct CommonArgs {
     /// Where the JSON and PNG files go.
     #[arg(long, default_value = "bench/results")]
     out: std::path::PathBuf,
+    /// Seconds Downbeat's students may take to join; past it, those still joining are given
+    /// up (counted as join errors) and the run goes on with the sessions that are up, so a
+    /// saturated `capacity` run ends by itself with the figures it has.
+    #[arg(long, default_value_t = 600.0)]
+    join_deadline_seconds: f64,
 }
 
 /// A classroom workload's shape.
@@ -354,6 +359,8 @@ impl CommonArgs {
             out: self.out,
             command: command_line(),
             bench_binary: bench_binary()?,
+            join_deadline: std::time::Duration::try_from_secs_f64(self.join_deadline_seconds)
+                .context("--join-deadline-seconds must be a positive number of seconds")?,
         })
     }
 }
@@ -494,6 +501,7 @@ fn all(
             out: out.to_path_buf(),
             command: command_line(),
             bench_binary: bench_binary()?,
+            join_deadline: downbeat_bench::downbeat::class::default_join_deadline(),
         };
         let loopback = profile == "loopback";
         let class = |seconds: f64| scenarios::Workload {

@@ -97,6 +97,9 @@ pub struct Common {
     pub command: String,
     /// The `downbeat-bench` program, which runs Downbeat's students (`class-helper`).
     pub bench_binary: PathBuf,
+    /// How long Downbeat's students may take to join before the run goes on without those
+    /// still joining.
+    pub join_deadline: Duration,
 }
 
 /// The network one system's run crosses.
@@ -252,6 +255,7 @@ fn run_downbeat(
         settle_ms: 2000,
         concurrency: 128,
         hold: hold.is_some(),
+        join_deadline: common.join_deadline,
     };
     let work = tempfile::tempdir()?;
     let exe = &common.bench_binary;
@@ -554,7 +558,7 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
                 Metric::higher("handshakes_per_s", "handshakes per second (storm)", "/s", rate),
             ];
             let mut extra = with_class_extra(extra, &output);
-            extra["storm"] = json!({"sessions": storm_output.students, "joined": storm_output.joined, "ms": storm_output.all_joined_ms, "errors": storm_output.join_errors.len()});
+            extra["storm"] = json!({"sessions": storm_output.students, "joined": storm_output.joined, "ms": storm_output.all_joined_ms, "errors": storm_output.students - storm_output.joined});
             Ok(downbeat_result(system, extra, metrics, &[("join_ms", &output.synced_ms)]))
         }
         System::Peer(kind) => {

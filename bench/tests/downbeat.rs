@@ -24,6 +24,7 @@ fn common(profile: &str, netem_id: u8, out: &std::path::Path) -> Common {
         out: out.to_path_buf(),
         command: "bench/tests/downbeat.rs".into(),
         bench_binary: env!("CARGO_BIN_EXE_downbeat-bench").into(),
+        join_deadline: downbeat_bench::downbeat::class::default_join_deadline(),
     }
 }
 
@@ -93,4 +94,24 @@ fn websocket_sync_and_onset_on_loopback() {
 #[test]
 fn websocket_sync_and_onset_through_classroom_wifi() {
     sync_and_onset("classroom-wifi", 210);
+}
+
+/// A capacity run whose sessions cannot all join in time (here: a deadline already passed
+/// when the join storm begins, since no QUIC handshake completes before the first poll) ends
+/// by itself: the sessions still joining are given up and counted, the server is measured
+/// with what is up, and a report comes back instead of a run that waits forever.
+#[test]
+fn a_capacity_run_past_its_join_deadline_ends_with_the_figures_it_has() {
+    let out = tempfile::tempdir().expect("a directory for the reports");
+    let common = Common {
+        systems: vec![System::DOWNBEAT],
+        join_deadline: std::time::Duration::ZERO,
+        ..common("loopback", 41, out.path())
+    };
+    let report = scenarios::capacity(&common, 60, 0.5).unwrap_or_else(|e| panic!("capacity: {e:#}"));
+    assert_eq!(report.systems.len(), 1);
+    let extra = &report.systems[0].extra;
+    assert_eq!((extra["students"].as_u64(), extra["joined"].as_u64()), (Some(60), Some(0)), "{extra}");
+    let errors = extra["join_errors"].as_array().expect("join errors");
+    assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("60 sessions still joining"))), "{errors:?}");
 }

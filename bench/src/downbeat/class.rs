@@ -62,6 +62,16 @@ pub struct ClassSpec {
     /// Hold the sessions after joining (beats running, no notes, no measuring) until stdin
     /// closes, printing `held N` once every session is up: the capacity scenario.
     pub hold: bool,
+    /// The join phase ends after this long however many sessions are up: those still joining
+    /// are given up (counted in `join_errors`) and the run goes on with the rest, so a
+    /// saturated run ends by itself with the figures it has.
+    #[serde(default = "default_join_deadline")]
+    pub join_deadline: Duration,
+}
+
+/// The join phase's deadline when a spec names none.
+pub fn default_join_deadline() -> Duration {
+    Duration::from_secs(600)
 }
 
 /// One room: its teacher creates it, then the students join.
@@ -240,7 +250,27 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
     }
     let mut students = Vec::new();
     let mut last = storm_began;
-    while let Some(joined) = joins.join_next().await {
+    // A bar (or, off a terminal, a line every 10 s) while a big class joins.
+    let progress = (output.students > 100).then(|| crate::report::Progress::new(output.students as u64, "joining"));
+    let deadline = tokio::time::Instant::from_std(storm_began + spec.join_deadline);
+    loop {
+        let joined = match tokio::time::timeout_at(deadline, joins.join_next()).await {
+            Ok(Some(joined)) => joined,
+            Ok(None) => break,
+            Err(_) => {
+                let left = joins.len();
+                joins.abort_all();
+                // One line for all of them: `joined` against `students` says how many.
+                output.join_errors.push(format!(
+                    "{left} sessions still joining when the join deadline ({:?}) passed",
+                    spec.join_deadline
+                ));
+                if let Some(progress) = &progress {
+                    progress.set_message(&format!("join deadline passed: {left} given up"));
+                }
+                break;
+            }
+        };
         match joined? {
             Ok((student, synced)) => {
                 output.welcome_ms.push(ms(student.welcomed - student.started));
@@ -252,6 +282,15 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
             }
             Err(e) => output.join_errors.push(e),
         }
+        if let Some(progress) = &progress {
+            progress.inc(1);
+            if !output.join_errors.is_empty() {
+                progress.set_message(&format!("{} failed", output.join_errors.len()));
+            }
+        }
+    }
+    if let Some(progress) = &progress {
+        progress.finish();
     }
     output.joined = students.len();
     output.all_joined_ms = ms(last - storm_began);
