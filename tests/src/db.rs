@@ -136,14 +136,16 @@ impl TestDatabase {
 
     /// Makes the PostgreSQL database read-only (`default_transaction_read_only`, as on a
     /// standby or a database an operator froze) and ends every open session, so new ones
-    /// pick it up; [`Outage::end`] makes it writable again. On SQLite, `None`.
+    /// pick it up; [`Outage::end`] makes it writable again for sessions opened from then on
+    /// (open ones keep read-only, as PostgreSQL does: the client must reconnect). On SQLite,
+    /// `None`.
     ///
     /// # Panics
     ///
     /// If it cannot be set up.
     pub async fn make_read_only(&self) -> Option<Outage> {
         let Kind::Postgres { admin_url, name, .. } = &self.kind else { return None };
-        alter_database(admin_url, name, "SET default_transaction_read_only = on").await;
+        alter_database(admin_url, name, "SET default_transaction_read_only = on", true).await;
         Some(Outage { kind: OutageKind::ReadOnly { admin_url: admin_url.clone(), name: name.clone() } })
     }
 
@@ -174,7 +176,7 @@ impl TestDatabase {
                 Outage { kind: OutageKind::Sqlite(conn) }
             }
             Kind::Postgres { admin_url, name, .. } => {
-                alter_database(admin_url, name, "ALLOW_CONNECTIONS false").await;
+                alter_database(admin_url, name, "ALLOW_CONNECTIONS false", true).await;
                 Outage { kind: OutageKind::Postgres { admin_url: admin_url.clone(), name: name.clone() } }
             }
         }
@@ -233,30 +235,28 @@ impl Outage {
                 conn.close().await.expect("closing the lock connection");
             }
             OutageKind::Postgres { admin_url, name } => {
-                let mut admin = admin_connect(&admin_url).await;
-                admin
-                    .execute(format!("ALTER DATABASE {name} ALLOW_CONNECTIONS true").as_str())
-                    .await
-                    .expect("opening the database to connections again");
-                let _ = admin.close().await;
+                alter_database(&admin_url, &name, "ALLOW_CONNECTIONS true", false).await;
             }
-            // Sessions opened while it was read-only keep the setting: they are ended too.
+            // Sessions opened while it was read-only keep the setting: healing them is the
+            // client's work (as after an operator's freeze), so they are left as they are.
             OutageKind::ReadOnly { admin_url, name } => {
-                alter_database(&admin_url, &name, "RESET default_transaction_read_only").await;
+                alter_database(&admin_url, &name, "RESET default_transaction_read_only", false).await;
             }
         }
     }
 }
 
-/// Runs `ALTER DATABASE name change` as the administrator, then ends every session of the
-/// database, so the change holds for every later one.
-async fn alter_database(admin_url: &str, name: &str, change: &str) {
+/// Runs `ALTER DATABASE name change` as the administrator, then (if `terminate`) ends every
+/// session of the database, so the change holds for every session from then on.
+async fn alter_database(admin_url: &str, name: &str, change: &str, terminate: bool) {
     let mut admin = admin_connect(admin_url).await;
     admin
         .execute(format!("ALTER DATABASE {name} {change}").as_str())
         .await
         .unwrap_or_else(|e| panic!("ALTER DATABASE {name} {change}: {e}"));
-    terminate_sessions(&mut admin, name).await;
+    if terminate {
+        terminate_sessions(&mut admin, name).await;
+    }
     let _ = admin.close().await;
 }
 

@@ -830,10 +830,11 @@ async fn a_row_the_database_refuses_fails_only_its_own_reflection(backend: Backe
     Ok(())
 }
 
-/// A PostgreSQL database turned read-only (a standby after a failover, or an operator's
-/// freeze): writes are refused with SQLSTATE 25006, which is the database's state, not the
-/// rows': health turns degraded, reflections wait unacknowledged, and once it is writable
-/// again everything queued is stored and health recovers by itself.
+/// A PostgreSQL database turned read-only (an operator's freeze, or a standby): writes are
+/// refused with SQLSTATE 25006, which is the database's state, not the rows': health turns
+/// degraded and reflections wait unacknowledged. Once it is writable again, everything queued
+/// is stored and health recovers by itself, although the server's open connections still
+/// carry the read-only default: the store replaces connections that saw a read-only refusal.
 #[tokio::test]
 async fn a_read_only_database_degrades_and_recovers_by_itself_postgres() -> Result<()> {
     let db = TestDatabase::new(Backend::Postgres).await;

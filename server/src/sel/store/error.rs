@@ -51,6 +51,19 @@ impl StoreError {
         }
     }
 
+    /// The database refused to write because it is read-only now (a standby, or writes
+    /// turned off): PostgreSQL's `25006`, SQLite's `SQLITE_READONLY` family.
+    pub fn is_read_only(&self) -> bool {
+        match self {
+            Self::Unavailable(d) | Self::Failed(d) => match &d.cause {
+                Cause::Postgres(code) => code == "25006",
+                Cause::Sqlite(code) => code.parse::<i32>().is_ok_and(|c| c & 0xff == 8),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
+
     /// Classifies a driver error from a statement of `op`.
     pub(crate) fn from_sqlx(op: &'static str, error: sqlx::Error) -> Self {
         Self::from_detail(Detail::new(op, &error))
@@ -310,5 +323,8 @@ mod tests {
         for e in [sqlite(1), postgres("42P01"), postgres("42501"), failed(Cause::Decode)] {
             assert!(!e.is_retryable() && !e.is_refused_data(), "{e}");
         }
+        // Read-only, so the store reconnects rather than keeping connections that saw it.
+        assert!(postgres("25006").is_read_only() && sqlite(8).is_read_only() && sqlite(1032).is_read_only());
+        assert!(!postgres("53100").is_read_only() && !sqlite(13).is_read_only());
     }
 }

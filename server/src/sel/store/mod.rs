@@ -43,6 +43,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use sqlx::migrate::Migrator;
@@ -76,6 +78,11 @@ static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone)]
 pub struct Store {
     backend: Backend,
+    /// Set by a write the database refused as read-only, cleared by the next write that
+    /// commits: meanwhile pooled connections are closed when released rather than kept.
+    /// PostgreSQL reads `default_transaction_read_only` when a session starts, so a database
+    /// made writable again only heals connections opened afterwards.
+    recycle: Arc<AtomicBool>,
 }
 
 /// The pool, by backend. Deliberately without `Debug`: PostgreSQL's options hold the password.
@@ -389,13 +396,19 @@ impl Store {
     /// several processes, is fine: applied migrations are skipped.
     pub async fn open(url: &str) -> Result<Self, StoreError> {
         const OP: &str = "open";
+        let recycle = Arc::new(AtomicBool::new(false));
         let backend = if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let options = PgConnectOptions::from_str(url)
                 .map_err(|_| StoreError::InvalidUrl("not a usable PostgreSQL URL"))?
                 .application_name("downbeat");
+            let recycle = recycle.clone();
             let pool = PgPoolOptions::new()
                 .max_connections(POSTGRES_CONNECTIONS)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                .after_release(move |_, _| {
+                    let keep = !recycle.load(Ordering::Relaxed);
+                    Box::pin(async move { Ok(keep) })
+                })
                 .connect_with(options)
                 .await
                 .map_err(|e| StoreError::connecting(OP, e))?;
@@ -437,7 +450,7 @@ impl Store {
                 .map_err(|e| StoreError::connecting(OP, e))?;
             Backend::Sqlite(pool)
         };
-        let store = Self { backend };
+        let store = Self { backend, recycle };
         with_backend!(store, |pool, _d| MIGRATOR.run(pool).await.map_err(StoreError::from_migrate)?);
         Ok(store)
     }
@@ -470,7 +483,8 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
-        let failed = |e| StoreError::from_sqlx(OP, e);
+        // Runs before the transaction (and its connection) is dropped.
+        let failed = |e| self.noted(StoreError::from_sqlx(OP, e));
         with_backend!(self, |pool, d| {
             let (insert_session, end_session) = (d.sql(INSERT_SESSION), d.sql(END_SESSION));
             let (insert_participation, insert_reflection) = (d.sql(INSERT_PARTICIPATION), d.sql(INSERT_REFLECTION));
@@ -543,7 +557,16 @@ impl Store {
             }
             tx.commit().await.map_err(failed)?;
         });
+        self.recycle.store(false, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Notes a read-only refusal (see `recycle`); gives `e` back.
+    fn noted(&self, e: StoreError) -> StoreError {
+        if e.is_read_only() {
+            self.recycle.store(true, Ordering::Relaxed);
+        }
+        e
     }
 
     /// A student's participation in `tenant`: totals and every room session the student has
