@@ -538,8 +538,13 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
             let (output, extra) = run_downbeat(common, transport, &class, None)?;
             let welcomed = Summary::of(&output.welcome_ms);
             let slowest_welcome = output.welcome_ms.iter().copied().fold(0.0f64, f64::max);
-            let (storm_output, _) = run_downbeat(common, transport, &storm_workload, Some(&mut |_, _| Ok(())))?;
+            let (storm_output, storm_extra) =
+                run_downbeat(common, transport, &storm_workload, Some(&mut |_, _| Ok(())))?;
             let rate = storm_output.joined as f64 / (storm_output.all_joined_ms / 1e3).max(1e-9);
+            // The server's own CPU over the storm run (its process alone, from /proc), apart
+            // from the clients': what one handshake costs the server.
+            let server_cpu_ms = storm_extra["server_cpu_seconds"].as_f64().unwrap_or(0.0) * 1e3;
+            let per_handshake = server_cpu_ms / (storm_output.joined.max(1) as f64);
             let handshake = match transport {
                 Transport::WebTransport => {
                     "Downbeat over WebTransport: QUIC and TLS handshake, session, hello and welcome"
@@ -556,6 +561,10 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
                     .with_note("from the first connect to the last student's clock synced"),
                 Metric::lower("join_failures", "joins failed", "", (output.students - output.joined) as f64),
                 Metric::higher("handshakes_per_s", "handshakes per second (storm)", "/s", rate),
+                Metric::lower("server_cpu_ms_per_handshake", "server CPU per handshake (storm)", "ms", per_handshake)
+                    .with_note(
+                        "the server process's CPU (/proc) over the storm run, its rooms' creation included, per session joined",
+                    ),
             ];
             let mut extra = with_class_extra(extra, &output);
             extra["storm"] = json!({"sessions": storm_output.students, "joined": storm_output.joined, "ms": storm_output.all_joined_ms, "errors": storm_output.students - storm_output.joined});
