@@ -60,58 +60,81 @@ impl<K: Hash + Eq> Buckets<K> {
     }
 }
 
-/// At most `cap` places held at once per client network ([`network`]); a [`NetworkPlace`]
-/// gives its place back when dropped, however its holder ends.
-#[derive(Clone, Debug)]
+/// Places held per key (a tenant, a client network), each given back when its [`Place`]
+/// drops, however its holder ends.
+#[derive(Debug)]
+pub(crate) struct Places<K: Hash + Eq> {
+    held: Arc<Mutex<HashMap<K, usize>>>,
+}
+
+impl<K: Hash + Eq> Default for Places<K> {
+    fn default() -> Self {
+        Self { held: Arc::default() }
+    }
+}
+
+/// One place taken from [`Places`].
+#[derive(Debug)]
+pub(crate) struct Place<K: Hash + Eq> {
+    held: Arc<Mutex<HashMap<K, usize>>>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Clone> Places<K> {
+    /// A place for `key`, unless it already holds `cap`.
+    pub(crate) fn try_take(&self, key: &K, cap: usize) -> Option<Place<K>> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.get(key).copied().unwrap_or_default() >= cap {
+            return None;
+        }
+        *held.entry(key.clone()).or_default() += 1;
+        Some(Place { held: self.held.clone(), key: key.clone() })
+    }
+
+    /// Places `key` holds now.
+    #[cfg(test)]
+    pub(crate) fn held_by(&self, key: &K) -> usize {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.get(key).copied().unwrap_or_default()
+    }
+}
+
+impl<K: Hash + Eq> Drop for Place<K> {
+    fn drop(&mut self) {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = held.get_mut(&self.key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// At most `cap` places held at once per client network ([`network`]).
+#[derive(Debug)]
 pub(crate) struct PerNetwork {
-    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    places: Places<IpAddr>,
     cap: usize,
 }
 
 /// One place under a [`PerNetwork`] cap.
-#[derive(Debug)]
-pub(crate) struct NetworkPlace {
-    held: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    network: IpAddr,
-}
+pub(crate) type NetworkPlace = Place<IpAddr>;
 
 impl PerNetwork {
     pub(crate) fn new(cap: usize) -> Self {
-        Self { held: Arc::default(), cap }
+        Self { places: Places::default(), cap }
     }
 
     /// A place for `peer`, unless its network already holds `cap`.
     pub(crate) fn try_take(&self, peer: IpAddr) -> Option<NetworkPlace> {
-        let network = network(Some(peer));
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = held.entry(network).or_default();
-        if *n >= self.cap {
-            if *n == 0 {
-                held.remove(&network);
-            }
-            return None;
-        }
-        *n += 1;
-        Some(NetworkPlace { held: self.held.clone(), network })
+        self.places.try_take(&network(Some(peer)), self.cap)
     }
 
     /// Places `peer`'s network holds now.
     #[cfg(test)]
     pub(crate) fn held_by(&self, peer: IpAddr) -> usize {
-        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        held.get(&network(Some(peer))).copied().unwrap_or_default()
-    }
-}
-
-impl Drop for NetworkPlace {
-    fn drop(&mut self) {
-        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(n) = held.get_mut(&self.network) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                held.remove(&self.network);
-            }
-        }
+        self.places.held_by(&network(Some(peer)))
     }
 }
 

@@ -10,7 +10,6 @@ use axum::extract::{Extension, State};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::get;
 use downbeat_protocol::ErrorCode;
-use tracing::{debug, warn};
 
 use super::error::ApiError;
 use super::extract::PeerAddr;
@@ -37,22 +36,11 @@ async fn upgrade(
         return ApiError::bad_request("this endpoint takes a WebSocket upgrade").into_response();
     };
     let sessions = &state.sessions;
-    let Ok(permit) = sessions.sessions.clone().try_acquire_owned() else {
-        sessions.stats.handshakes_refused.inc();
-        warn!("session limit reached; refusing a WebSocket session");
-        return ApiError::new(ErrorCode::ServerBusy, "this server has its maximum number of sessions open")
-            .into_response();
-    };
     let peer = peer.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-    let Some(place) = sessions.sessions_per_network.try_take(peer) else {
-        sessions.stats.handshakes_refused.inc();
-        debug!(%peer, "session limit of this network reached; refusing a WebSocket session");
-        return ApiError::new(ErrorCode::ServerBusy, "this network has its maximum number of sessions open")
-            .into_response();
+    let places = match sessions.session_places(peer) {
+        Ok(places) => places,
+        Err(full) => return ApiError::new(ErrorCode::ServerBusy, full.message()).into_response(),
     };
     let (ctx, shutdown) = (sessions.clone(), state.shutdown.clone());
-    websocket::limits(upgrade).on_upgrade(move |socket| async move {
-        websocket::run(socket, ctx, peer, shutdown, permit, held).await;
-        drop(place);
-    })
+    websocket::limits(upgrade).on_upgrade(move |socket| websocket::run(socket, ctx, peer, shutdown, places, held))
 }

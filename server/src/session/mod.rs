@@ -19,10 +19,9 @@ pub(crate) mod probe;
 pub(crate) mod websocket;
 mod webtransport;
 
-use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use self::probe::{ProbeSlot, Probes};
@@ -31,15 +30,15 @@ use downbeat_protocol::{
     self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, PROTOCOL_VERSION, RoomRequest, ServerDatagram,
     ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
 };
-use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::timeout;
-use tracing::{Span, debug, field, info, info_span};
+use tracing::{Span, debug, field, info, info_span, warn};
 
 use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
-use crate::limits::PerNetwork;
+use crate::limits::{NetworkPlace, PerNetwork, Place, Places};
 use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -96,41 +95,55 @@ pub(crate) struct SessionContext {
     pub(crate) next_session_id: AtomicU64,
 }
 
-/// Open sessions per tenant, against each tenant's `max_sessions`.
-#[derive(Debug, Default)]
-pub(crate) struct TenantSessions(Arc<Mutex<HashMap<Arc<str>, usize>>>);
-
-/// One counted session; uncounts itself when dropped.
+/// A session's places under the server's session limit and its client network's, held for
+/// as long as it lives (whichever transport carries it).
 #[derive(Debug)]
-pub(crate) struct TenantSlot {
-    counts: Arc<Mutex<HashMap<Arc<str>, usize>>>,
-    tenant: Arc<str>,
+pub(crate) struct SessionPlaces {
+    _server: OwnedSemaphorePermit,
+    _network: NetworkPlace,
 }
 
-impl TenantSessions {
-    /// Counts a session of `tenant`, unless it already has `max` open.
-    pub(crate) fn acquire(&self, tenant: &Arc<str>, max: usize) -> Option<TenantSlot> {
-        let mut counts = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = counts.entry(tenant.clone()).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(TenantSlot { counts: self.0.clone(), tenant: tenant.clone() })
-    }
+/// Which limit refused a new session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SessionsFull {
+    /// `max_sessions`.
+    Server,
+    /// `max_sessions_per_address`.
+    Network,
 }
 
-impl Drop for TenantSlot {
-    fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = counts.get_mut(&self.tenant) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.tenant);
-            }
+impl SessionsFull {
+    /// What the refused client is told.
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Self::Server => "this server has its maximum number of sessions open",
+            Self::Network => "this network has its maximum number of sessions open",
         }
     }
 }
+
+impl SessionContext {
+    /// Places for a new session from `peer`, or the limit that refuses it (counted).
+    pub(crate) fn session_places(&self, peer: IpAddr) -> Result<SessionPlaces, SessionsFull> {
+        let Ok(server) = self.sessions.clone().try_acquire_owned() else {
+            self.stats.handshakes_refused.inc();
+            warn!("session limit reached; refusing a session");
+            return Err(SessionsFull::Server);
+        };
+        let Some(network) = self.sessions_per_network.try_take(peer) else {
+            self.stats.handshakes_refused.inc();
+            debug!(%peer, "session limit of this network reached; refusing a session");
+            return Err(SessionsFull::Network);
+        };
+        Ok(SessionPlaces { _server: server, _network: network })
+    }
+}
+
+/// Open sessions per tenant, against each tenant's `max_sessions`.
+pub(crate) type TenantSessions = Places<Arc<str>>;
+
+/// One counted session of a tenant; uncounts itself when dropped.
+pub(crate) type TenantSlot = Place<Arc<str>>;
 
 /// Why reading a control frame failed.
 #[derive(Debug)]
@@ -293,7 +306,7 @@ impl Session {
         let Some(tenant) = self.ctx.tenants.tenant(&principal.tenant) else {
             return Err(refused(Refusal::new(ErrorCode::Unauthorized, "unknown school")));
         };
-        let Some(slot) = self.ctx.tenant_sessions.acquire(&principal.tenant, tenant.limits().max_sessions as usize)
+        let Some(slot) = self.ctx.tenant_sessions.try_take(&principal.tenant, tenant.limits().max_sessions as usize)
         else {
             let refusal =
                 Refusal::new(ErrorCode::TooManySessions, "your school has its maximum number of sessions open");

@@ -7,38 +7,31 @@
 //! address, or an IPv6 /64) and in all; a [`ProbeSlot`] holds one place and gives it back
 //! when dropped, however the session ends.
 
-use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 
 use downbeat_protocol::{ClientMessage, ErrorCode, Transport};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{End, ReadError, SessionContext, read_failure};
-use crate::limits::network;
+use crate::limits::{NetworkPlace, PerNetwork};
 use crate::stats::Stats;
 
 /// The caps and the probes running now.
 #[derive(Debug)]
 pub(crate) struct Probes {
-    running: Arc<Mutex<Running>>,
-    per_network: usize,
-    total: usize,
+    per_network: PerNetwork,
+    total: Arc<Semaphore>,
     /// How long a probe may sync before the server ends it with [`ErrorCode::ProbeOver`].
     pub(crate) duration: Duration,
 }
 
-#[derive(Debug, Default)]
-struct Running {
-    total: usize,
-    by_network: HashMap<IpAddr, usize>,
-}
-
-/// One running probe's place under the caps; given back when dropped.
+/// One running probe's places under the caps; given back when dropped.
 #[derive(Debug)]
 pub(crate) struct ProbeSlot {
-    running: Arc<Mutex<Running>>,
-    network: IpAddr,
+    _network: NetworkPlace,
+    _total: OwnedSemaphorePermit,
     stats: Arc<Stats>,
 }
 
@@ -46,37 +39,25 @@ impl Probes {
     /// At most `per_network` probes from one client network and `total` in all, each for at
     /// most `duration`.
     pub(crate) fn new(per_network: usize, total: usize, duration: Duration) -> Self {
-        Self { running: Arc::default(), per_network, total, duration }
+        Self { per_network: PerNetwork::new(per_network), total: Arc::new(Semaphore::new(total)), duration }
     }
 
     /// A place for a probe from `peer` over `carrier`, unless a cap is reached (counted either
     /// way).
     pub(crate) fn admit(&self, peer: IpAddr, carrier: Transport, stats: &Arc<Stats>) -> Option<ProbeSlot> {
-        let network = network(Some(peer));
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        let from_network = running.by_network.get(&network).copied().unwrap_or_default();
-        if running.total >= self.total || from_network >= self.per_network {
+        let places = self.per_network.try_take(peer).zip(self.total.clone().try_acquire_owned().ok());
+        let Some((network, total)) = places else {
             stats.probes_refused.get(carrier).inc();
             return None;
-        }
-        running.total += 1;
-        *running.by_network.entry(network).or_default() += 1;
+        };
         stats.probes_started.get(carrier).inc();
         stats.probes_active.inc();
-        Some(ProbeSlot { running: self.running.clone(), network, stats: stats.clone() })
+        Some(ProbeSlot { _network: network, _total: total, stats: stats.clone() })
     }
 }
 
 impl Drop for ProbeSlot {
     fn drop(&mut self) {
-        let mut running = self.running.lock().unwrap_or_else(PoisonError::into_inner);
-        running.total = running.total.saturating_sub(1);
-        if let Some(n) = running.by_network.get_mut(&self.network) {
-            *n -= 1;
-            if *n == 0 {
-                running.by_network.remove(&self.network);
-            }
-        }
         self.stats.probes_active.dec();
     }
 }

@@ -23,13 +23,14 @@ use downbeat_protocol::{
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
-use tokio::sync::{Notify, OwnedSemaphorePermit, mpsc};
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, warn};
 
 use super::{
-    ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, Session, SessionContext, sync_reply,
+    ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, Session, SessionContext, SessionPlaces,
+    sync_reply,
 };
 use crate::clock::ServerClock;
 use crate::room::{DatagramKind, Departure, Peer};
@@ -54,14 +55,14 @@ pub(crate) fn limits(upgrade: axum::extract::ws::WebSocketUpgrade) -> axum::extr
         .max_write_buffer_size(MAX_WRITE_BUFFER)
 }
 
-/// Runs an upgraded WebSocket as a session; `permit` is its place under the server's session
-/// limit and `hold` anything else it keeps while open (its HTTP connection's place).
+/// Runs an upgraded WebSocket as a session; `places` are its places under the session limits
+/// and `hold` anything else it keeps while open (its HTTP connection's place).
 pub(crate) async fn run<H: Send>(
     socket: WebSocket,
     ctx: Arc<SessionContext>,
     peer: IpAddr,
     shutdown: Shutdown,
-    permit: OwnedSemaphorePermit,
+    places: SessionPlaces,
     hold: H,
 ) {
     let _active = ActiveGuard::new(&ctx.stats, Transport::WebSocket);
@@ -69,7 +70,7 @@ pub(crate) async fn run<H: Send>(
     let (session, span) = Session::new(ctx, Transport::WebSocket, peer, shutdown);
     debug!(parent: &span, %peer, "WebSocket session accepted");
     serve(session, socket, deadline).instrument(span).await;
-    drop((permit, hold));
+    drop((places, hold));
 }
 
 async fn serve(session: Session, socket: WebSocket, deadline: Instant) {

@@ -93,15 +93,7 @@ async fn handle_incoming(
             return;
         }
     };
-    let Ok(session_permit) = ctx.sessions.clone().try_acquire_owned() else {
-        ctx.stats.handshakes_refused.inc();
-        warn!("session limit reached; refusing a session");
-        let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
-        return;
-    };
-    let Some(network_place) = ctx.sessions_per_network.try_take(remote.ip()) else {
-        ctx.stats.handshakes_refused.inc();
-        debug!(%remote, "session limit of this network reached; refusing a session");
+    let Ok(places) = ctx.session_places(remote.ip()) else {
         let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
         return;
     };
@@ -121,7 +113,7 @@ async fn handle_incoming(
     let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
     debug!(parent: &span, %remote, "session accepted");
     run(session, conn, deadline).instrument(span).await;
-    drop((session_permit, network_place));
+    drop(places);
 }
 
 /// Reads one frame: header, length check before allocating, body, decode.
