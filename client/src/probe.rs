@@ -66,6 +66,10 @@ pub async fn probe(options: &ProbeOptions) -> Result<Summary, ClientError> {
     while probe.state() == State::Running {
         let wake = probe.poll_timeout().map_or_else(Instant::now, |at| clock.instant_at(at).into());
         tokio::select! {
+            // Control first: when the server ends the probe, its goodbye (probe_over) is queued
+            // before the transport's channels close, and picking the closed datagram channel
+            // first would report a lost connection instead of the server's reason.
+            biased;
             bytes = transport.recv_control() => match bytes {
                 Some(bytes) => probe.handle_control_bytes(clock.now(), &bytes),
                 None => probe.handle_closed("the server ended the session"),
