@@ -1,6 +1,7 @@
 //! `downbeat-bench` as a library: the pieces the benchmark binary and its tests share.
 //!
 //! - [`scenarios`]: the socket scenarios, each system in turn on one workload and network.
+//! - [`abuse`]: a class playing while the server is attacked, phase by phase.
 //! - [`downbeat`]: the real server binary as a child process, and simulated classrooms of
 //!   native clients ([`downbeat::class`]) in a child process of their own.
 //! - [`peers`]: the peers in `bench/peers/` (Socket.IO, WebSocket timer, Socket.IO + timesync)
@@ -14,6 +15,7 @@
 
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
+pub mod abuse;
 pub mod downbeat;
 pub mod hostclock;
 pub mod machine;

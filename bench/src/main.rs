@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use downbeat_bench::metrics::RunReport;
 use downbeat_bench::netem::{self, Emulator, EmulatorConfig};
-use downbeat_bench::{report, scenarios};
+use downbeat_bench::{abuse, report, scenarios};
 use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
 use downbeat_engine::{clock, room};
 use downbeat_protocol::{Change, MicroBpm, ServerNanos};
@@ -145,6 +145,28 @@ enum Scenario {
         /// Seconds of the steady window measured.
         #[arg(long, default_value_t = 10.0)]
         hold_seconds: f64,
+    },
+    /// A class of 30 playing while the server is attacked, phase by phase: quiet, 2,000 slow
+    /// HTTP connections, 300 stalled QUIC handshakes, one student flooding notes and joins,
+    /// storms of 10,000 connections, the database's disk full. Per phase: the class's beat
+    /// onset spread against the quiet phase's, late beats, latecomers' joins, and whether
+    /// every acknowledged reflection is stored. Loopback; needs root (a tmpfs for the disk).
+    Abuse {
+        #[command(flatten)]
+        config: abuse::AbuseConfig,
+        /// Where the JSON and markdown go.
+        #[arg(long, default_value = "bench/results/abuse")]
+        out: std::path::PathBuf,
+        /// Seconds-long phases and small attacks: shows the harness works (what CI runs).
+        #[arg(long)]
+        smoke: bool,
+    },
+    /// Runs one attack of the abuse scenario (internal).
+    #[command(hide = true)]
+    AttackHelper {
+        /// The attack (JSON).
+        #[arg(long)]
+        spec: std::path::PathBuf,
     },
     /// The scenarios (every one unless --scenarios names some) on loopback and classroom-wifi
     /// (or --profiles), as BENCHMARKS.md reports them; with --smoke, each in seconds (what CI
@@ -317,6 +339,33 @@ fn main() -> Result<()> {
         }
         Scenario::NetemHelper { mode } => netem::helper::run(mode),
         Scenario::ClassHelper { spec } => downbeat_bench::downbeat::class::run_helper(&spec),
+        Scenario::AttackHelper { spec } => downbeat_bench::abuse::attack::run_helper(&spec),
+        Scenario::Abuse { mut config, out, smoke } => {
+            config.bench_binary = bench_binary()?;
+            config.command = command_line();
+            if smoke {
+                config = abuse::AbuseConfig {
+                    phase_seconds: 4.0,
+                    gap_seconds: 1.0,
+                    students: 5,
+                    slow_http: 100,
+                    stalled_quic: 40,
+                    storm: 500,
+                    flood_notes_per_second: 200,
+                    latecomers: 1,
+                    disk_mib: 16,
+                    ..config
+                };
+            }
+            let report = abuse::run(&config)?;
+            let markdown = publish_to(&out, &report, &[])?;
+            std::fs::write(out.join("results.md"), &markdown)?;
+            println!("{markdown}");
+            if smoke {
+                abuse::smoke_check(&report)?;
+            }
+            Ok(())
+        }
         Scenario::Sync { common, workload } => {
             let common = common.resolve()?;
             publish(&common, &scenarios::sync(&common, &workload.with(0.0, None))?, &[])
@@ -425,7 +474,7 @@ fn smoke_check(report: &RunReport) -> Result<()> {
 }
 
 fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &str)]) -> Result<String> {
-    let mut markdown = report::markdown(report);
+    let mut markdown = if report.scenario == "abuse" { abuse::markdown(report) } else { report::markdown(report) };
     let json = report::write_json(report, out)?;
     markdown.push_str(&format!("\nJSON: `{}`", json.display()));
     for (key, title, unit) in plots {

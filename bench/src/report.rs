@@ -113,6 +113,13 @@ pub fn markdown(report: &RunReport) -> String {
         }
     }
 
+    out.push_str(&run_footer(report));
+    out
+}
+
+/// The paragraph under a run's table: the profile, the machine, the command, the notes.
+pub fn run_footer(report: &RunReport) -> String {
+    let mut out = String::new();
     let m = &report.machine;
     let _ = writeln!(
         out,

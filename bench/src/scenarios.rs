@@ -13,7 +13,7 @@ use downbeat_server::auth::Role;
 use serde_json::json;
 
 use crate::downbeat::class::{ClassOutput, ClassSpec, RoomSpec, StudentSpec};
-use crate::downbeat::{ServerLimits, ServerProcess, run_class};
+use crate::downbeat::{Ready, ServerLimits, ServerProcess, run_class};
 use crate::machine::{ProcessMeter, StealMeter, describe};
 use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult, converged_metric};
 use crate::netem::{Emulator, EmulatorConfig, Profile, Target};
@@ -256,6 +256,10 @@ fn run_downbeat(
         concurrency: 128,
         hold: hold.is_some(),
         join_deadline: common.join_deadline,
+        until_stdin_closes: false,
+        beat_log: false,
+        reflect_every_ms: 0,
+        reflection_chars: 0,
     };
     let work = tempfile::tempdir()?;
     let exe = &common.bench_binary;
@@ -263,7 +267,10 @@ fn run_downbeat(
     let meter = ProcessMeter::new(server.pid());
     let cpu_before = meter.cpu_seconds()?;
     let output = net.with_outage(workload.outage_at, || match hold {
-        Some(hold) => run_class(net.command(exe), &spec, work.path(), |n| hold(&server, n)),
+        Some(hold) => run_class(net.command(exe), &spec, work.path(), |ready| match ready {
+            Ready::Held(n) => hold(&server, n),
+            Ready::Playing(_) => Ok(()),
+        }),
         None => run_class(net.command(exe), &spec, work.path(), |_| Ok(())),
     })?;
     let after = server.metrics()?;

@@ -207,6 +207,9 @@ stats! {
     frames_too_large: Counter => "frames_too_large_total";
     /// Members disconnected because their control queue was full.
     slow_members_dropped: Counter => "slow_members_dropped_total";
+    /// SEL feed updates a teacher missed because their control queue was full (the teacher
+    /// stays; what the update said is stored).
+    feed_dropped: Counter => "feed_dropped_total";
     /// Rooms open now.
     rooms_active: Gauge => "rooms_active";
     /// Rooms created since start.
@@ -552,6 +555,7 @@ mod tests {
             "frames_malformed_total",
             "frames_too_large_total",
             "slow_members_dropped_total",
+            "feed_dropped_total",
             "rooms_active",
             "rooms_created_total",
             "changes_applied_total",

@@ -67,6 +67,21 @@ pub struct ClassSpec {
     /// saturated run ends by itself with the figures it has.
     #[serde(default = "default_join_deadline")]
     pub join_deadline: Duration,
+    /// The beat runs until stdin closes rather than for `seconds` (the parent does something
+    /// to the server meanwhile: the abuse scenario). The helper prints `playing CODE...`
+    /// when the measured window begins.
+    #[serde(default)]
+    pub until_stdin_closes: bool,
+    /// Keep one [`BeatLog`] per room and beat, so a run can be cut into phases afterwards.
+    #[serde(default)]
+    pub beat_log: bool,
+    /// Each student writes a reflection this often while the beat runs, in ms (0: never);
+    /// each teacher asks a prompt when the beat starts.
+    #[serde(default)]
+    pub reflect_every_ms: u64,
+    /// Characters of each reflection's text (at most the protocol's limit).
+    #[serde(default)]
+    pub reflection_chars: usize,
 }
 
 /// The join phase's deadline when a spec names none.
@@ -139,6 +154,40 @@ pub struct ClassOutput {
     pub deliveries_late: u64,
     /// When the measured window (beats running) began and ended, host monotonic ns.
     pub window: (u64, u64),
+    /// With [`ClassSpec::beat_log`]: every room's beats checked, in no order.
+    #[serde(default)]
+    pub beat_log: Vec<BeatLog>,
+    /// With [`ClassSpec::reflect_every_ms`]: every reflection sent and what became of it.
+    #[serde(default)]
+    pub reflections: Vec<ReflectionLog>,
+}
+
+/// One room's beat as its students scheduled it.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct BeatLog {
+    /// The server's instant for the beat, host monotonic ns.
+    pub at: u64,
+    /// Latest minus earliest true instant its students scheduled it, ms (0 with one student).
+    pub spread_ms: f64,
+    /// Students who scheduled it.
+    pub checked: u32,
+    /// Of those, scheduled after its instant.
+    pub late: u32,
+    /// Students of the room who never scheduled it.
+    pub missing: u32,
+}
+
+/// One reflection a student sent.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct ReflectionLog {
+    /// Its text (unique in a run).
+    pub text: String,
+    /// When it was sent, host monotonic ns.
+    pub sent: u64,
+    /// When the server acknowledged it as stored, host monotonic ns.
+    pub acknowledged: Option<u64>,
+    /// Why it was refused (the error as the client reports it).
+    pub error: Option<String>,
 }
 
 /// One student's session and clock.
@@ -164,6 +213,17 @@ struct NoteRecord {
 /// Notes by (room, sender's member id, sequence number): member ids are per room.
 type Notes = Arc<Mutex<HashMap<(usize, u64, u32), NoteRecord>>>;
 
+/// Every reflection sent, updated when its answer comes.
+type Reflections = Arc<Mutex<Vec<ReflectionLog>>>;
+
+/// What the students of a run share.
+struct Shared {
+    notes: Notes,
+    reflections: Reflections,
+    /// Everyone waits here before the notes in flight are given time to arrive.
+    barrier: Arc<Barrier>,
+}
+
 /// Runs the helper: reads the spec from `spec_path`, writes the output as JSON to stdout.
 pub fn run_helper(spec_path: &std::path::Path) -> Result<()> {
     let spec: ClassSpec = serde_json::from_slice(&std::fs::read(spec_path).context("reading the class spec")?)?;
@@ -173,8 +233,9 @@ pub fn run_helper(spec_path: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-fn hashes(spec: &ClassSpec) -> Result<Vec<[u8; 32]>> {
-    spec.cert_hashes
+/// Certificate hashes from hex.
+pub fn decode_hashes(hex_hashes: &[String]) -> Result<Vec<[u8; 32]>> {
+    hex_hashes
         .iter()
         .map(|h| {
             let bytes = hex::decode(h)?;
@@ -189,7 +250,7 @@ fn ms(d: Duration) -> f64 {
 
 async fn run(spec: ClassSpec) -> Result<ClassOutput> {
     let host = HostClock::new();
-    let hashes = hashes(&spec)?;
+    let hashes = decode_hashes(&spec.cert_hashes)?;
     let mut rng = Rng::new(spec.seed);
     let settings =
         RoomSettings { name: Name::truncating("Bench"), tempo: MicroBpm::from_bpm(spec.bpm), beats_per_bar: 4 };
@@ -298,6 +359,9 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
     // Every teacher starts the beat (it takes effect at a bar line after the lead).
     for teacher in &teachers {
         teacher.change(Change::Start { count_in_bars: 0 }).await.context("starting the beat")?;
+        if spec.reflect_every_ms > 0 {
+            teacher.set_prompt("How did keeping the beat feel today?").await.context("asking a prompt")?;
+        }
     }
     if spec.hold {
         // Beats flow to every room while the parent measures.
@@ -309,21 +373,41 @@ async fn run(spec: ClassSpec) -> Result<ClassOutput> {
     }
 
     let began = Instant::now();
-    let end = began + Duration::from_secs_f64(spec.seconds);
+    // The window ends after `seconds`, or when the parent closes stdin.
+    let (end_tx, ended) = tokio::sync::watch::channel(false);
+    let ender = if spec.until_stdin_closes {
+        println!("playing {}", codes.join(" "));
+        tokio::task::spawn_blocking(move || {
+            let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut Vec::new());
+            let _ = end_tx.send(true);
+            Instant::now()
+        })
+    } else {
+        let seconds = Duration::from_secs_f64(spec.seconds);
+        tokio::spawn(async move {
+            tokio::time::sleep(seconds).await;
+            let _ = end_tx.send(true);
+            Instant::now()
+        })
+    };
     let notes: Notes = Arc::default();
+    let reflections: Reflections = Arc::default();
     let students = Arc::new(students);
     let barrier = Arc::new(Barrier::new(students.len()));
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..students.len() {
         let phase = rng.uniform();
-        tasks.spawn(student_loop(students.clone(), i, spec.clone(), host, notes.clone(), phase, barrier.clone(), end));
+        let shared = Shared { notes: notes.clone(), reflections: reflections.clone(), barrier: barrier.clone() };
+        tasks.spawn(student_loop(students.clone(), i, spec.clone(), host, shared, phase, ended.clone()));
     }
     let mut per_student = Vec::new();
     while let Some(done) = tasks.join_next().await {
         per_student.push(done??);
     }
     let _ = stop_tx.send(true);
+    let end = ender.await?;
     output.window = (host.monotonic_of(began), host.monotonic_of(end));
+    output.reflections = std::mem::take(&mut *reflections.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
     reduce(&mut output, &spec, &students, per_student, &notes, host);
     drop(teachers);
     Ok(output)
@@ -367,17 +451,16 @@ struct Recorded {
     beats: HashMap<i64, (u64, u64, u64)>,
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn student_loop(
     students: Arc<Vec<Student>>,
     i: usize,
     spec: ClassSpec,
     host: HostClock,
-    notes: Notes,
+    shared: Shared,
     phase: f64,
-    barrier: Arc<Barrier>,
-    end: Instant,
+    ended: tokio::sync::watch::Receiver<bool>,
 ) -> Result<Recorded> {
+    let Shared { notes, reflections, barrier } = shared;
     let student = &students[i];
     let client = &student.client;
     let mut recorded = Recorded { index: i, ..Recorded::default() };
@@ -386,6 +469,9 @@ async fn student_loop(
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let note_every = (spec.notes_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.notes_per_second));
     let mut next_note = note_every.map(|every| began + every.mul_f64(phase));
+    let reflect_every = (spec.reflect_every_ms > 0).then(|| Duration::from_millis(spec.reflect_every_ms));
+    let mut next_reflection = reflect_every.map(|every| began + every.mul_f64(phase));
+    let mut written = 0_u32;
     let mut last_scheduled: Option<i64> = None;
     let member = client.member_id();
     let hear = {
@@ -403,7 +489,7 @@ async fn student_loop(
             }
         })
     };
-    while Instant::now() < end {
+    while !*ended.borrow() {
         tick.tick().await;
         let now = Instant::now();
         // The scheduler: every beat up to the lookahead, each once, from the one after the
@@ -438,12 +524,47 @@ async fn student_loop(
                 record.room = student.room;
             }
         }
+        if let (Some(at), Some(every), Some(prompt)) = (next_reflection, reflect_every, client.prompt())
+            && now >= at
+        {
+            next_reflection = Some(at + every);
+            written += 1;
+            let text = reflection_text(i, written, spec.reflection_chars);
+            // Its own task: an answer waits for the database, and the scheduler must not.
+            tokio::spawn(reflect(client.clone(), prompt.id, text, host, reflections.clone()));
+        }
     }
     // Notes still in flight get their playout delay to arrive, then everyone stops.
     barrier.wait().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     hear.abort();
     Ok(recorded)
+}
+
+/// A reflection's text: unique in a run (student and count), padded to `chars`.
+fn reflection_text(student: usize, n: u32, chars: usize) -> String {
+    let mut text = format!("bench reflection s{student} n{n}");
+    let chars = chars.min(downbeat_protocol::MAX_REFLECTION_LEN);
+    while text.len() < chars {
+        text.push(if text.len() % 7 == 0 { ' ' } else { 'a' });
+    }
+    text
+}
+
+/// Sends one reflection and records what became of it.
+async fn reflect(client: Arc<Client>, prompt: u32, text: String, host: HostClock, reflections: Reflections) {
+    let index = {
+        let mut all = reflections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.push(ReflectionLog { text: text.clone(), sent: host.now(), ..ReflectionLog::default() });
+        all.len() - 1
+    };
+    let result = client.reflect(rand::random(), prompt, None, Some(&text)).await;
+    let answered = host.now();
+    let mut all = reflections.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    match result {
+        Ok(()) => all[index].acknowledged = Some(answered),
+        Err(e) => all[index].error = Some(e.to_string()),
+    }
 }
 
 fn reduce(
@@ -495,6 +616,15 @@ fn reduce(
             out.onset_spread_ms.push(to_ms((hi - lo) as i64));
         }
         out.onset_vs_server_ms.extend(entries.iter().map(|e| to_ms(e.2 as i64 - e.3 as i64)));
+        if spec.beat_log {
+            out.beat_log.push(BeatLog {
+                at: server,
+                spread_ms: to_ms((hi - lo) as i64),
+                checked: entries.len() as u32,
+                late: entries.iter().filter(|e| e.2 < e.1).count() as u32,
+                missing: (per_room[room] - entries.len()) as u32,
+            });
+        }
     }
     // Notes.
     out.deliveries_late = students.iter().map(|s| s.client.stats().notes_late).sum();

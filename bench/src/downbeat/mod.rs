@@ -35,6 +35,20 @@ impl Default for ServerLimits {
     }
 }
 
+/// How to start a [`ServerProcess`].
+#[derive(Clone, Debug)]
+pub struct ServerOptions {
+    /// Sessions and rooms.
+    pub limits: ServerLimits,
+    /// Where the HTTP listener listens (see [`ServerProcess::start`]).
+    pub http_host: IpAddr,
+    /// Where the data directory (its SQLite database included) is made: a fresh directory
+    /// inside this one (default: the system's temporary directory).
+    pub data_dir: Option<PathBuf>,
+    /// More top-level settings, as lines of the configuration file (`key = value\n`).
+    pub settings: String,
+}
+
 /// The `downbeat` binary next to this program (`target/<profile>/downbeat`), or the one
 /// `DOWNBEAT_BIN` names.
 pub fn server_binary() -> Result<PathBuf> {
@@ -76,10 +90,20 @@ impl ServerProcess {
     /// address WebSocket students reach: the emulator's server address when emulated, so
     /// their TCP crosses it); WebTransport listens on every address.
     pub fn start(limits: ServerLimits, http_host: IpAddr) -> Result<Self> {
-        let dir = tempfile::tempdir().context("a data directory for the server")?;
+        Self::start_with(ServerOptions { limits, http_host, data_dir: None, settings: String::new() })
+    }
+
+    /// [`ServerProcess::start`] with every option.
+    pub fn start_with(options: ServerOptions) -> Result<Self> {
+        let ServerOptions { limits, http_host, data_dir, settings } = options;
+        let dir = match data_dir {
+            Some(parent) => tempfile::tempdir_in(parent),
+            None => tempfile::tempdir(),
+        }
+        .context("a data directory for the server")?;
         let secret: [u8; 32] = rand::random();
         let config_text = format!(
-            "max_sessions = {sessions}\nmax_rooms = {rooms}\nmax_members_per_room = 64\n\n\
+            "{settings}max_sessions = {sessions}\nmax_rooms = {rooms}\nmax_members_per_room = 64\n\n\
              [[tenants]]\nid = \"{TENANT}\"\nname = \"Benchmark school\"\nissuer = \"downbeat-bench\"\n\
              [[tenants.keys]]\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n\
              [tenants.limits]\nmax_sessions = {sessions}\nmax_rooms = {rooms}\nmax_members_per_room = 64\n",
@@ -108,7 +132,7 @@ impl ServerProcess {
             .arg("--http-addr")
             .arg(SocketAddr::new(http_host, 0).to_string())
             .args(["--wt-port", "0"])
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
@@ -137,6 +161,16 @@ impl ServerProcess {
     /// The WebTransport URL on `host`.
     pub fn url(&self, host: IpAddr) -> String {
         format!("https://{host}:{}/", self.wt_port)
+    }
+
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.http_host, self.http_port)
+    }
+
+    /// The data directory (the SQLite database is `downbeat.sqlite3` in it).
+    pub fn data_dir(&self) -> &Path {
+        self._dir.path()
     }
 
     /// The WebSocket URL (`ws://` on the HTTP listener: no TLS, as the peers).
@@ -223,14 +257,24 @@ fn read_banner(stdout: std::process::ChildStdout) -> Result<(u16, u16, Vec<Strin
     Ok((http.context("the banner's HTTP port")?, wt.context("the banner's WebTransport port")?, hashes))
 }
 
+/// What the class helper says once its sessions are up and the beat runs.
+#[derive(Clone, Debug)]
+pub enum Ready {
+    /// Hold mode: this many sessions are held.
+    Held(usize),
+    /// `until_stdin_closes`: the measured window began; the rooms' codes.
+    Playing(Vec<String>),
+}
+
 /// Runs the class helper (this program, `class-helper`) with `spec`: through `command`
-/// (inside the emulator's namespace, or plain), and returns its output. `on_held` is called
-/// in hold mode once every session is up; the helper ends when it returns.
+/// (inside the emulator's namespace, or plain), and returns its output. `on_ready` is called
+/// in hold mode once every session is up, and with `until_stdin_closes` once the measured
+/// window begins; the helper's beat ends when it returns.
 pub fn run_class(
     mut command: Command,
     spec: &class::ClassSpec,
     work_dir: &Path,
-    on_held: impl FnOnce(usize) -> Result<()>,
+    on_ready: impl FnOnce(Ready) -> Result<()>,
 ) -> Result<class::ClassOutput> {
     let spec_path = work_dir.join("class-spec.json");
     std::fs::write(&spec_path, serde_json::to_vec(spec)?)?;
@@ -245,16 +289,27 @@ pub fn run_class(
     let mut child = command.spawn().context("starting the class helper")?;
     let stdin = child.stdin.take();
     let mut stdout = BufReader::new(child.stdout.take().context("the helper's stdout")?);
-    let mut held = None;
     let mut last = String::new();
     loop {
         let mut line = String::new();
         if stdout.read_line(&mut line)? == 0 {
             break;
         }
-        if let Some(n) = line.trim().strip_prefix("held ") {
-            held = Some(n.parse::<usize>()?);
-            let result = on_held(held.unwrap_or(0));
+        let ready = if let Some(n) = line.trim().strip_prefix("held ") {
+            Some(Ready::Held(n.parse::<usize>()?))
+        } else {
+            line.trim()
+                .strip_prefix("playing")
+                .map(|codes| Ready::Playing(codes.split_whitespace().map(str::to_owned).collect()))
+        };
+        if let Some(ready) = ready {
+            ensure!(
+                matches!(ready, Ready::Held(_)) == spec.hold,
+                "the helper said {:?} to a spec with hold = {}",
+                line.trim(),
+                spec.hold
+            );
+            let result = on_ready(ready);
             drop(stdin);
             result?;
             // `stdin` is gone now; keep reading the output.
@@ -264,7 +319,6 @@ pub fn run_class(
     }
     let status = child.wait()?;
     ensure!(status.success(), "the class helper failed ({status}) after {:?}", began.elapsed());
-    ensure!(held.is_none() || spec.hold, "the helper held sessions unasked");
     serde_json::from_str(last.trim()).context("the class helper's output")
 }
 

@@ -783,7 +783,7 @@ impl Room {
     /// Queues `message` for the attached members who hear the SEL feed (the room's teachers).
     fn send_teachers(&mut self, message: ServerMessage) {
         let to = self.recipients(|_, seat| seat.sel_feed);
-        self.out.push_back(Output::Message { to, message });
+        self.out.push_back(Output::Feed { to, message });
     }
 }
 

@@ -32,6 +32,17 @@ pub enum Output {
         /// What they hear.
         message: ServerMessage,
     },
+    /// Queue `message`, an update of the teachers' SEL feed (a reflection committed, a
+    /// participation tally), on the control stream of each of `to`, never waiting. A
+    /// recipient whose queue is full misses it and stays: what it says is stored (the
+    /// session's view has it), and a burst of them (the writes a database outage held back,
+    /// committed at once) must not cost a teacher their seat.
+    Feed {
+        /// Who hears it (the room's teachers who follow the feed).
+        to: Vec<Recipient>,
+        /// What they hear.
+        message: ServerMessage,
+    },
     /// Send a beat frame datagram to one member, trimmed to the path's datagram size
     /// ([`encode_beats_to_fit`]).
     Beats {

@@ -62,7 +62,11 @@ fn heard(outputs: &[Output], session: u64) -> Vec<ServerMessage> {
     outputs
         .iter()
         .filter_map(|o| match o {
-            Output::Message { to, message } if to.iter().any(|r| r.session == session) => Some(message.clone()),
+            Output::Message { to, message } | Output::Feed { to, message }
+                if to.iter().any(|r| r.session == session) =>
+            {
+                Some(message.clone())
+            }
             _ => None,
         })
         .collect()
@@ -499,6 +503,12 @@ fn reflections_answer_a_recent_prompt_and_only_students_write_them() {
     let outputs = drain(&mut r);
     assert_eq!(heard(&outputs, 2), vec![ServerMessage::ReflectionSaved { request_id: 5, id: [7; 16] }]);
     assert_eq!(heard(&outputs, 1), vec![ServerMessage::Reflection(work.notice.clone())]);
+    // The teacher's copy is a feed update (one a full queue may leave out), the author's
+    // acknowledgement is not.
+    assert!(outputs.iter().any(|o| matches!(o, Output::Feed { message: ServerMessage::Reflection(_), .. })));
+    assert!(
+        outputs.iter().any(|o| matches!(o, Output::Message { message: ServerMessage::ReflectionSaved { .. }, .. }))
+    );
     // Refused by a full queue: the author hears why.
     r.handle_sel_refused(at(5), SelWork::Reflection(work));
     assert_eq!(error_codes(&heard(&drain(&mut r), 2)), vec![ErrorCode::StoreUnavailable]);

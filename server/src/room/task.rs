@@ -285,6 +285,16 @@ impl RoomTask {
                         warn!(members = dropped, "control queue full; disconnecting");
                     }
                 }
+                Output::Feed { to, message } => {
+                    let missed = to
+                        .iter()
+                        .filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone())))
+                        .count();
+                    if missed > 0 {
+                        self.stats.feed_dropped.add(missed as u64);
+                        debug!(teachers = missed, "control queue full; a feed update was left out");
+                    }
+                }
                 Output::Beats { to, frame } => {
                     let Some(conn) = self.conns.get(&to.session) else { continue };
                     let encoded = conn.max_datagram_size().and_then(|max| encode_beats_to_fit(frame, max));

@@ -128,24 +128,29 @@ impl Sel {
 
     /// Queues `job` without waiting; gives it back (boxed: refusals are rare, queued jobs
     /// are not) if the queue is full (or the writer is gone, at shutdown).
+    ///
+    /// The queue gauge counts the job before it is sent: the writer may commit it (and count
+    /// it out) before `try_send` returns, and a gauge counted out below zero stays at zero.
     pub(crate) fn try_submit(&self, job: Job) -> Result<(), Box<Job>> {
+        self.stats.sel_queued.inc();
         match self.tx.try_send(job) {
-            Ok(()) => {
-                self.stats.sel_queued.inc();
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => {
+                self.stats.sel_queued.dec();
+                Err(Box::new(job))
             }
-            Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) => Err(Box::new(job)),
         }
     }
 
     /// Queues `job`, waiting up to `patience` for room (a closing room's last flush).
     pub(crate) async fn submit_within(&self, job: Job, patience: Duration) -> Result<(), Job> {
+        self.stats.sel_queued.inc();
         match self.tx.send_timeout(job, patience).await {
-            Ok(()) => {
-                self.stats.sel_queued.inc();
-                Ok(())
+            Ok(()) => Ok(()),
+            Err(mpsc::error::SendTimeoutError::Timeout(job) | mpsc::error::SendTimeoutError::Closed(job)) => {
+                self.stats.sel_queued.dec();
+                Err(job)
             }
-            Err(mpsc::error::SendTimeoutError::Timeout(job) | mpsc::error::SendTimeoutError::Closed(job)) => Err(job),
         }
     }
 

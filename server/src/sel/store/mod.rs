@@ -47,6 +47,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use sqlx::Connection as _;
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
@@ -445,6 +446,17 @@ impl Store {
             let pool = SqlitePoolOptions::new()
                 .max_connections(SQLITE_CONNECTIONS)
                 .acquire_timeout(ACQUIRE_TIMEOUT)
+                // On a full disk (SQLITE_FULL), an I/O error or a busy deadlock, SQLite rolls
+                // the whole transaction back by itself; sqlx's own ROLLBACK then fails, and it
+                // goes on believing the connection is in a transaction, refusing every later
+                // BEGIN on it. Such a connection is closed rather than reused (the ping first
+                // lets the dropped transaction's queued ROLLBACK run).
+                .after_release(|conn, _| {
+                    Box::pin(async move {
+                        conn.ping().await?;
+                        Ok(!conn.is_in_transaction())
+                    })
+                })
                 .connect_with(options)
                 .await
                 .map_err(|e| StoreError::connecting(OP, e))?;
@@ -911,6 +923,52 @@ mod tests {
         assert_eq!((mode.as_str(), sync, busy), ("wal", 2, 5000));
         drop(conn);
         assert_eq!(format!("{store:?}"), "Store { backend: \"sqlite\", .. }");
+        store.close().await;
+    }
+
+    /// Sets `PRAGMA max_page_count` on every connection of the SQLite pool (it is a setting
+    /// of each connection, not of the file).
+    async fn limit_pages(pool: &SqlitePool, pages: i64) {
+        let mut held = Vec::new();
+        for _ in 0..SQLITE_CONNECTIONS {
+            let mut conn = pool.acquire().await.expect("a connection");
+            sqlx::raw_sql(&format!("PRAGMA max_page_count = {pages}")).execute(&mut *conn).await.expect("limiting");
+            held.push(conn);
+        }
+    }
+
+    /// SQLite's full disk (`SQLITE_FULL`, here from `max_page_count`, as from a disk with no
+    /// space left) rolls the whole transaction back by itself: the connection must come back
+    /// usable, so writes work again once there is room.
+    #[tokio::test]
+    async fn a_full_sqlite_database_takes_writes_again_once_there_is_room() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = Store::open(dir.path().join("sel.db").to_str().expect("a UTF-8 path")).await.expect("opens");
+        let Backend::Sqlite(pool) = &store.backend else { panic!("a path opens SQLite") };
+        let row = |n: u32| ReflectionRow {
+            tenant_id: "t".into(),
+            student_id: format!("s-{n}"),
+            id: format!("r-{n}"),
+            room_session_id: "rs".into(),
+            prompt: "p".into(),
+            mood: None,
+            text: Some("x".repeat(900)),
+            created_at_ms: 1,
+        };
+        store.write(&Batch { reflections: vec![row(0)], ..Batch::default() }).await.expect("room at first");
+        let mut conn = pool.acquire().await.expect("a connection");
+        let pages: i64 = sqlx::query_scalar("PRAGMA page_count").fetch_one(&mut *conn).await.expect("pages");
+        drop(conn);
+        limit_pages(pool, pages).await;
+        let big = Batch { reflections: (1..50).map(row).collect(), ..Batch::default() };
+        let error = store.write(&big).await.expect_err("no room");
+        assert!(error.is_retryable(), "a full database is waited out: {error:?}");
+        for _ in 0..3 {
+            let again = store.write(&big).await.expect_err("still no room");
+            assert!(again.is_retryable(), "{again:?}");
+        }
+        limit_pages(pool, 1 << 30).await;
+        store.write(&big).await.expect("room again");
         store.close().await;
     }
 
