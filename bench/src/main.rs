@@ -225,6 +225,11 @@ enum Scenario {
         /// Add one 1 s outage on every client's path at this second.
         #[arg(long)]
         outage_at: Option<u64>,
+        /// Change the tempo (+10 %) at this many seconds: with --outage-at, a change whose
+        /// frames must get through the outage (the simulation carries datagrams only, no
+        /// control stream).
+        #[arg(long)]
+        change_at: Option<f64>,
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -301,8 +306,8 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 fn main() -> Result<()> {
     match Cli::parse().scenario {
-        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, json } => {
-            sim_scenario(profile, clients, seconds, bpm, seed, outage_at, json)
+        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, change_at, json } => {
+            sim_scenario(profile, clients, seconds, bpm, seed, (outage_at, change_at), json)
         }
         Scenario::Netem {
             profile,
@@ -664,7 +669,7 @@ fn sim_scenario(
     seconds: u64,
     bpm: u32,
     seed: u64,
-    outage_at: Option<u64>,
+    (outage_at, change_at): (Option<u64>, Option<f64>),
     json: Option<std::path::PathBuf>,
 ) -> Result<()> {
     let started = Instant::now();
@@ -683,6 +688,9 @@ fn sim_scenario(
     let mut sim =
         Sim::new(seed, room::Config::default(), &clock::Config::default(), MicroBpm::from_bpm(bpm), 4, members);
     sim.schedule_change(0, Change::Start { count_in_bars: 0 });
+    if let Some(at) = change_at {
+        sim.schedule_change((at * SEC as f64) as u64, Change::SetTempo(MicroBpm::from_bpm(bpm + bpm / 10)));
+    }
 
     let (mut offset_errors, mut spreads) = (Vec::new(), Vec::new());
     let (mut late, mut scheduled, mut missing) = (0u64, 0u64, 0u64);
@@ -738,6 +746,7 @@ fn sim_scenario(
         "bpm": bpm,
         "seed": seed,
         "outage_at_s": outage_at,
+        "change_at_s": change_at,
         "offset_error_us": {"p50": us(quantile(&offset_errors, 0.5)), "p99": us(quantile(&offset_errors, 0.99)), "max": us(quantile(&offset_errors, 1.0))},
         "converged_within_1ms_s": {"p50": converge[clients / 2] as f64 / 1e9, "max": converge[clients - 1] as f64 / 1e9},
         "onset_spread_us": {"p50": us(quantile(&spreads, 0.5)), "p99": us(quantile(&spreads, 0.99)), "max": us(quantile(&spreads, 1.0))},
