@@ -190,6 +190,13 @@ async fn a_teacher_and_thirty_students_play_together(transport: Transport) -> Re
         assert_eq!(scheduled.from, students[6].client.member_id(), "only the unmuted student's note arrives");
         assert_eq!(scheduled.note, marker);
     }
+    // The marker can overtake the muted note (another connection; over WebSocket another
+    // TCP stream): wait for the server to have refused it.
+    let deadline = Instant::now() + WAIT;
+    while server.stats.notes_dropped.get(ErrorCode::Forbidden) < refused_before + 1 {
+        anyhow::ensure!(Instant::now() < deadline, "the muted student's note was never refused");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     assert_eq!(server.stats.notes_dropped.get(ErrorCode::Forbidden), refused_before + 1);
     let told = students[5].events();
     assert!(told.iter().any(|e| matches!(e, Event::MemberUpdated(m) if m.id == muted && m.muted)), "{told:?}");

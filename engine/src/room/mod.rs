@@ -295,8 +295,10 @@ impl Room {
         let (member_id, seated) = match self.by_subject.get(&subject) {
             Some(&member_id) => (member_id, self.resume(now, member_id, session, name, role, transport)?),
             None => {
-                self.churn.admit(now, &subject, self.config.max_members)?;
-                (self.seat(now, session, subject, name, role, transport)?, Seated::New)
+                self.churn.check(now, &subject, self.config.max_members)?;
+                let member_id = self.seat(now, session, subject.clone(), name, role, transport)?;
+                self.churn.record(now, &subject);
+                (member_id, Seated::New)
             }
         };
         if let Some(seat) = self.seats.get_mut(&member_id) {

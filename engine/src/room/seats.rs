@@ -83,15 +83,17 @@ pub(crate) struct Churn {
 }
 
 impl Churn {
-    /// Counts a new seat for `subject` at `now`, or refuses it with `rate_limited` if they
-    /// took [`MAX_JOINS_PER_WINDOW`] within the window. `seats` bounds what is kept: past a
-    /// few times that many people, those whose joins all left the window are forgotten.
-    pub(crate) fn admit(&mut self, now: ServerNanos, subject: &str, seats: usize) -> Result<(), Refused> {
+    /// Refuses a new seat for `subject` at `now` with `rate_limited` if they took
+    /// [`MAX_JOINS_PER_WINDOW`] within the window; [`Churn::record`] counts one once taken (a
+    /// join refused for another reason, such as a full room, takes nothing). `seats` bounds
+    /// what is kept: past a few times that many people, those whose joins all left the window
+    /// are forgotten.
+    pub(crate) fn check(&mut self, now: ServerNanos, subject: &str, seats: usize) -> Result<(), Refused> {
         let in_window = |t: &ServerNanos| t.0.saturating_add(JOIN_WINDOW_NANOS) > now.0;
         if self.joins.len() > seats.saturating_mul(4) {
             self.joins.retain(|_, times| times.back().is_some_and(in_window));
         }
-        let times = self.joins.entry(subject.to_owned()).or_default();
+        let Some(times) = self.joins.get_mut(subject) else { return Ok(()) };
         while times.front().is_some_and(|t| !in_window(t)) {
             times.pop_front();
         }
@@ -101,8 +103,12 @@ impl Churn {
                 "you joined and left this class too often; wait a few minutes and join again",
             ));
         }
-        times.push_back(now);
         Ok(())
+    }
+
+    /// Counts a new seat `subject` took at `now` (after [`Churn::check`]).
+    pub(crate) fn record(&mut self, now: ServerNanos, subject: &str) {
+        self.joins.entry(subject.to_owned()).or_default().push_back(now);
     }
 
     /// Forgets `subject` (their data is being deleted).

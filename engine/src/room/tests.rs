@@ -744,6 +744,22 @@ fn joining_and_leaving_again_and_again_is_capped_but_reconnects_are_not() {
     }
 }
 
+/// Joins a full room refuses take no seat, so they count nothing against the join cap: a
+/// student waiting at the door of a full class gets in once a seat frees.
+#[test]
+fn joins_refused_by_a_full_room_do_not_count_against_the_join_cap() {
+    let mut r = room_with(Config { max_members: 1, ..config() });
+    let holder = seat(&mut r, at(0), "holder", Role::Student, 1);
+    for i in 0..(2 * MAX_JOINS_PER_WINDOW as u64) {
+        let refused = r.handle_join(at(i), join("s", Role::Student, 10 + i)).map(|_| ()).map_err(|e| e.code);
+        assert_eq!(refused, Err(ErrorCode::RoomFull));
+    }
+    r.handle_depart(at(100), holder, 1, Departure::Left);
+    drain(&mut r);
+    let joined = r.handle_join(at(200), join("s", Role::Student, 99)).map(|j| j.seated).map_err(|e| e.code);
+    assert_eq!(joined, Ok(Seated::New));
+}
+
 #[test]
 fn a_student_whose_data_is_deleted_loses_their_seat_and_nothing_more_is_written() {
     let mut r = room();
