@@ -329,7 +329,9 @@ async fn stalled_quic(
     Ok(())
 }
 
-fn flood_options(url: &str, token: &str, code: &str, hashes: &[[u8; 32]], from: IpAddr) -> ConnectOptions {
+/// How the abuse scenario's extra students (the flooder, the latecomers) connect: from `from`,
+/// a 10 s handshake deadline, no reports.
+pub(super) fn student_options(url: &str, token: &str, code: &str, hashes: &[[u8; 32]], from: IpAddr) -> ConnectOptions {
     let mut options = ConnectOptions::new(url.to_owned(), token.to_owned(), code);
     options.cert_hashes = hashes.to_vec();
     options.bind_address = Some(from);
@@ -353,7 +355,7 @@ async fn flood(
 ) -> Result<Vec<String>> {
     let hashes = crate::downbeat::class::decode_hashes(cert_hashes)?;
     let client = Arc::new(
-        Client::connect(flood_options(url, token, code, &hashes, from))
+        Client::connect(student_options(url, token, code, &hashes, from))
             .await
             .context("the flooding student joining")?,
     );
@@ -388,7 +390,7 @@ async fn flood(
                 let wrong: String = (0..8)
                     .map(|k| if k < 5 { '2' } else { char::from(alphabet[((guess >> (5 * (7 - k))) % 32) as usize]) })
                     .collect();
-                let outcome = match Client::connect(flood_options(&url, &token, &wrong, &hashes, from)).await {
+                let outcome = match Client::connect(student_options(&url, &token, &wrong, &hashes, from)).await {
                     Ok(_) => "joins_admitted".to_owned(),
                     Err(ClientError::Refused { code, .. }) => format!("joins_refused_{}", code.as_str()),
                     Err(_) => "joins_failed".to_owned(),

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
-use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram, ServerNanos};
+use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram, ServerMessage, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
@@ -269,15 +269,18 @@ impl RoomTask {
         Ok(true)
     }
 
+    /// Queues `message` on the control stream of each of `to`; the recipients whose queue was
+    /// full.
+    fn queue_to(&self, to: Vec<Recipient>, message: &ServerMessage) -> Vec<Recipient> {
+        to.into_iter().filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone()))).collect()
+    }
+
     /// Carries out everything the engine asks for, in its order.
     fn drain(&mut self, now: ServerNanos) {
         while let Some(output) = self.room.poll_output() {
             match output {
                 Output::Message { to, message } => {
-                    let slow: Vec<Recipient> = to
-                        .into_iter()
-                        .filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone())))
-                        .collect();
+                    let slow = self.queue_to(to, &message);
                     // Recipients dropped meanwhile are no longer the engine's: it ignores them.
                     let dropped = if slow.is_empty() { 0 } else { self.room.handle_slow(now, &slow) };
                     if dropped > 0 {
@@ -286,10 +289,7 @@ impl RoomTask {
                     }
                 }
                 Output::Feed { to, message } => {
-                    let missed = to
-                        .iter()
-                        .filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone())))
-                        .count();
+                    let missed = self.queue_to(to, &message).len();
                     if missed > 0 {
                         self.stats.feed_dropped.add(missed as u64);
                         debug!(teachers = missed, "control queue full; a feed update was left out");

@@ -449,14 +449,10 @@ impl Store {
                 // On a full disk (SQLITE_FULL), an I/O error or a busy deadlock, SQLite rolls
                 // the whole transaction back by itself; sqlx's own ROLLBACK then fails, and it
                 // goes on believing the connection is in a transaction, refusing every later
-                // BEGIN on it. Such a connection is closed rather than reused (the ping first
-                // lets the dropped transaction's queued ROLLBACK run).
-                .after_release(|conn, _| {
-                    Box::pin(async move {
-                        conn.ping().await?;
-                        Ok(!conn.is_in_transaction())
-                    })
-                })
+                // BEGIN on it. Such a connection is closed rather than reused. (The pool pings
+                // every connection it takes back, which lets a dropped transaction's queued
+                // ROLLBACK run first, so the check here sees its outcome.)
+                .before_acquire(|conn, _| Box::pin(async move { Ok(!conn.is_in_transaction()) }))
                 .connect_with(options)
                 .await
                 .map_err(|e| StoreError::connecting(OP, e))?;
