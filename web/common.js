@@ -48,6 +48,10 @@ const FRIENDLY = {
   store_unavailable: "We couldn't save that just now. Try again in a moment.",
   store_refused: "The school's database couldn't store that. Try writing it differently.",
   too_many_reflections: 'You already answered this question a few times. Wait for the next one.',
+  already_recording: 'The class is already being recorded.',
+  not_recording: 'Nothing is being recorded right now.',
+  too_many_recordings: 'This class has as many recordings as it can keep. Start a new class to record more.',
+  recording_not_found: "That recording isn't there any more.",
   data_deleted: 'Your school removed your data from the class, so this session ended.',
   no_prompt: 'There is no question to answer right now.',
   note_out_of_range: "That note couldn't be played.",
@@ -245,6 +249,7 @@ export function loadClient() {
  * WebTransport against WebSocket (for networks that block QUIC) and remembers the winner.
  */
 export async function connectClassroom(config, token, room) {
+  sessionTokenValue = token;
   const { connect } = await loadClient();
   const opts = { url: config.webtransport_url, token, reconnect: true, ...room };
   if (config.certificate_hashes && config.certificate_hashes.length) {
@@ -252,6 +257,13 @@ export async function connectClassroom(config, token, room) {
   }
   if (config.websocket_url) opts.webSocketUrl = config.websocket_url;
   return connect(opts);
+}
+
+let sessionTokenValue = null;
+
+/** The token the page's classroom connected with, for the API calls it makes (downloads). */
+export function sessionToken() {
+  return sessionTokenValue;
 }
 
 /**

@@ -135,6 +135,11 @@ function startPlaying() {
   classroom.on('prompt', showPrompt);
   showPrompt(classroom.prompt());
 
+  // A recording is never silent: the class sees it run.
+  const showRecording = (r) => ($('#recording-badge').hidden = !r);
+  classroom.on('recording', showRecording);
+  showRecording(classroom.recording());
+
   refreshSync();
   setStatus(statusEl, `Connected to ${formatCode(classroom.code)}`, 'ok');
 }

@@ -4,7 +4,7 @@
 import {
   $, h, MOODS, BeatLights, Metronome, NameBook, Sound,
   bootPage, clearError, flash, formatCode, openAudio, scheduleNote, setStatus, showError,
-  signInAndConnect, syncBadge, watchConnection,
+  sessionToken, signInAndConnect, syncBadge, watchConnection,
 } from '/common.js';
 
 const trace = { beats: [], notes: [], played: [] };
@@ -144,6 +144,13 @@ function showClass(tempoBpm, beatsPerBar) {
   showPrompt(classroom.prompt());
   classroom.on('reflection', addReflection);
   classroom.on('participation', updateParticipation);
+
+  // Recordings.
+  $('#record').addEventListener('click', () => recordingControl(() => classroom.startRecording()));
+  $('#record-stop').addEventListener('click', () => recordingControl(() => classroom.stopRecording()));
+  classroom.on('recording', showRecording);
+  showRecording(classroom.recording());
+  listRecordings();
 
   // Beat lights and the timeline line.
   new BeatLights(classroom, $('#beat-lights')).start();
@@ -385,6 +392,70 @@ async function assign(card, clear) {
     showError(errorEl, e, `${card.member.name}: `);
   } finally {
     p.assign.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- Recordings
+
+async function recordingControl(op) {
+  clearError(errorEl);
+  try {
+    await op();
+  } catch (e) {
+    showError(errorEl, e);
+  }
+}
+
+function showRecording(r) {
+  $('#record').disabled = Boolean(r);
+  $('#record-stop').disabled = !r;
+  $('#recording-state').textContent = r ? `● Recording take ${r.take}: everyone sees it.` : 'Not recording.';
+  $('#recording-state').classList.toggle('on', Boolean(r));
+  if (!r) listRecordings();
+}
+
+/** The API with the page's token; the JSON answer, or throws its error. */
+async function api(path) {
+  const res = await fetch(path, { headers: { Authorization: `Bearer ${sessionToken()}` } });
+  if (!res.ok) {
+    const body = await res.json().catch(() => ({}));
+    throw body.error || { code: 'internal' };
+  }
+  return res;
+}
+
+async function listRecordings() {
+  if (!classroom) return;
+  let list;
+  try {
+    list = await (await api(`/api/rooms/${classroom.code}/recordings`)).json();
+  } catch (e) {
+    showError(errorEl, e);
+    return;
+  }
+  $('#no-recordings').hidden = list.recordings.length > 0;
+  $('#recordings').replaceChildren(...list.recordings.map((t) => {
+    const seconds = t.length_ms == null ? null : Math.round(t.length_ms / 1000);
+    const what = `Take ${t.take} · ${t.notes} notes${seconds == null ? '' : ` · ${seconds} s`}`;
+    const download = h('button', { type: 'button', class: 'secondary', 'data-testid': 'recording-download' }, 'Download MIDI');
+    download.addEventListener('click', () => downloadTake(t));
+    return h('li', { class: 'recording-item', 'data-testid': 'recording-item', 'data-take': t.take }, h('span', {}, what), download);
+  }));
+}
+
+/** Fetches a take's MIDI file with the token and saves it from the page (no name leaves it). */
+async function downloadTake(take) {
+  clearError(errorEl);
+  try {
+    const blob = await (await api(take.midi)).blob();
+    const url = URL.createObjectURL(blob);
+    const a = h('a', { href: url, download: `${formatCode(classroom.code)}-take-${take.take}.mid` });
+    document.body.append(a);
+    a.click();
+    a.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  } catch (e) {
+    showError(errorEl, e);
   }
 }
 

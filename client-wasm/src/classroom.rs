@@ -477,6 +477,7 @@ fn dispatch(inner: &Rc<Inner>) {
                 inner.emit_members();
             }
             session::Event::Prompt(p) => inner.emit("prompt", &to_js(&view::prompt(p.as_ref()))),
+            session::Event::Recording(r) => inner.emit("recording", &to_js(&view::recording(r))),
             session::Event::Reflection(notice) => {
                 inner.emit("reflection", &to_js(&view::ReflectionView::from(&notice)));
             }
@@ -776,6 +777,13 @@ impl Classroom {
         to_js(&view::prompt(self.inner.session.borrow().prompt()))
     }
 
+    /// The recording running in the room (`{ take }`), or `null`. Show it: everyone in the
+    /// room is told (event `recording`).
+    #[wasm_bindgen(unchecked_return_type = "Recording | null")]
+    pub fn recording(&self) -> JsValue {
+        to_js(&view::recording(self.inner.session.borrow().recording()))
+    }
+
     /// Plays a note now: stamps it on the shared clock and sends it to the room (repeating
     /// the last notes, so one lost datagram loses nothing). Sound it yourself at
     /// `audioTimeOf(ctx, playAt)`, when everyone else does. Throws `note_out_of_range`,
@@ -876,6 +884,19 @@ impl Classroom {
     #[wasm_bindgen(unchecked_return_type = "Promise<void>")]
     pub fn remove(&self, member: f64) -> Promise {
         self.op(member_id(member).map(|member| ControlOp::Remove { member }))
+    }
+
+    /// Teachers: starts recording the class (every note the room hears, and the timeline).
+    /// Throws `already_recording`, `too_many_recordings`.
+    #[wasm_bindgen(js_name = startRecording, unchecked_return_type = "Promise<void>")]
+    pub fn start_recording(&self) -> Promise {
+        self.op(Ok(ControlOp::StartRecording))
+    }
+
+    /// Teachers: stops the recording. Throws `not_recording`.
+    #[wasm_bindgen(js_name = stopRecording, unchecked_return_type = "Promise<void>")]
+    pub fn stop_recording(&self) -> Promise {
+        self.op(Ok(ControlOp::StopRecording))
     }
 
     /// Teachers: closes the room for everyone.

@@ -236,6 +236,9 @@ export interface Applied {
 
 export interface Prompt { id: number; text: string }
 
+/** A recording running in the room (its take number in this class). */
+export interface Recording { take: number }
+
 export interface ReflectionNotice { memberId: number; id: string; promptId: number; mood: number | null; text: string | null }
 
 export interface ParticipationNotice {
@@ -256,6 +259,8 @@ export interface ClassroomEvents {
   "note": ScheduledNote;
   /** The teacher's reflection question changed (null: cleared). */
   "prompt": Prompt | null;
+  /** A recording started (or stopped: null). Everyone is told; show it. */
+  "recording": Recording | null;
   /** Teachers: a student's reflection was saved. */
   "reflection": ReflectionNotice;
   /** Teachers: participation of those who played since the last update. */

@@ -4,7 +4,8 @@
 use downbeat_engine::client::{Client as Engine, ScheduledBeat};
 use downbeat_engine::notes::ScheduledNote;
 use downbeat_protocol::{
-    Applied, LeaveReason, Member, Note, ParticipationNotice, Prompt, ReflectionNotice, Role, ServerNanos, SyncQuality,
+    Applied, LeaveReason, Member, Note, ParticipationNotice, Prompt, RecordingInfo, ReflectionNotice, Role,
+    ServerNanos, SyncQuality,
 };
 use serde::Serialize;
 use wasm_bindgen::JsValue;
@@ -255,6 +256,16 @@ pub(crate) struct PromptView<'a> {
 
 pub(crate) fn prompt(p: Option<&Prompt>) -> Option<PromptView<'_>> {
     p.map(|p| PromptView { id: p.id, text: p.text.as_str() })
+}
+
+/// A recording that runs in the room.
+#[derive(Serialize)]
+pub(crate) struct RecordingView {
+    take: u32,
+}
+
+pub(crate) fn recording(r: Option<RecordingInfo>) -> Option<RecordingView> {
+    r.map(|r| RecordingView { take: r.take })
 }
 
 #[derive(Serialize)]

@@ -41,8 +41,8 @@ use downbeat_engine::session::{self, Answer, NoteError, Request, RequestError, S
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlAck, ControlOp, ErrorCode, JoinCode, LeaveReason, Member, Note,
-    ParticipationNotice, Prompt, PromptText, ReflectionNotice, ReflectionText, RoomRequest, RoomSettings, ServerNanos,
-    Welcome,
+    ParticipationNotice, Prompt, PromptText, RecordingInfo, ReflectionNotice, ReflectionText, RoomRequest,
+    RoomSettings, ServerNanos, Welcome,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -148,6 +148,8 @@ pub enum Event {
     Error(ErrorCode, String),
     /// The teacher set (or cleared) the reflection prompt.
     Prompt(Option<Prompt>),
+    /// A recording of the room started (`Some`) or stopped (`None`): everyone is told.
+    Recording(Option<RecordingInfo>),
     /// Teachers only: a student's reflection was saved.
     Reflection(ReflectionNotice),
     /// Teachers only: participation so far of the members who played since the last update.
@@ -188,6 +190,7 @@ impl Shared {
                 session::Event::RoomClosed(message) => Event::RoomClosed(message),
                 session::Event::Error { code, message } => Event::Error(code, message),
                 session::Event::Prompt(p) => Event::Prompt(p),
+                session::Event::Recording(r) => Event::Recording(r),
                 session::Event::Reflection(notice) => Event::Reflection(notice),
                 session::Event::Participation(notices) => Event::Participation(notices),
                 _ => continue,
@@ -407,6 +410,11 @@ impl Client {
     /// The room's current reflection prompt.
     pub fn prompt(&self) -> Option<Prompt> {
         lock(&self.shared).session.prompt().cloned()
+    }
+
+    /// The recording running in the room, if any (everyone is told).
+    pub fn recording(&self) -> Option<RecordingInfo> {
+        lock(&self.shared).session.recording()
     }
 
     /// Teachers: asks the room a reflection question (blank text clears it).

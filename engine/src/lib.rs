@@ -48,6 +48,7 @@ pub mod sel;
 pub mod session;
 #[cfg(any(test, feature = "sim"))]
 pub mod sim;
+pub mod take;
 pub mod timeline;
 
 pub use downbeat_protocol as protocol;

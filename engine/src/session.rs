@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     ClientDatagram, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, DecodeError, ErrorCode,
-    FrameDecoder, Hello, Member, Note, PROTOCOL_VERSION, ParticipationNotice, Prompt, Reflection, ReflectionNotice,
-    ReflectionText, RoomRequest, ServerMessage, Token, Welcome, decode_server_datagram, encode_client_datagram,
-    encode_frame,
+    FrameDecoder, Hello, Member, Note, PROTOCOL_VERSION, ParticipationNotice, Prompt, RecordingInfo, Reflection,
+    ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome, decode_server_datagram,
+    encode_client_datagram, encode_frame,
 };
 
 use crate::client::{Client, Handled};
@@ -202,6 +202,8 @@ pub enum Event<T> {
     },
     /// The teacher set (or cleared) the reflection prompt.
     Prompt(Option<Prompt>),
+    /// A recording of the room started (`Some`) or stopped (`None`): show it to everyone.
+    Recording(Option<RecordingInfo>),
     /// Teachers only: a student's reflection was saved.
     Reflection(ReflectionNotice),
     /// Teachers only: participation so far of the members who played since the last update.
@@ -261,6 +263,7 @@ pub struct Session<T = ()> {
     welcome: Option<Welcome>,
     members: BTreeMap<u64, Member>,
     prompt: Option<Prompt>,
+    recording: Option<RecordingInfo>,
     pending: BTreeMap<u32, Pending<T>>,
     next_request: u32,
     decoder: FrameDecoder,
@@ -282,6 +285,7 @@ impl<T> Session<T> {
             welcome: None,
             members: BTreeMap::new(),
             prompt: None,
+            recording: None,
             pending: BTreeMap::new(),
             next_request: 1,
             decoder: FrameDecoder::new(),
@@ -328,6 +332,11 @@ impl<T> Session<T> {
     /// The room's current reflection prompt, as told.
     pub fn prompt(&self) -> Option<&Prompt> {
         self.prompt.as_ref()
+    }
+
+    /// The recording running in the room, as told.
+    pub fn recording(&self) -> Option<RecordingInfo> {
+        self.recording
     }
 
     /// The timing state machine: clock sync, the newest timeline, notes.
@@ -484,6 +493,10 @@ impl<T> Session<T> {
             ServerMessage::Prompt(p) => {
                 self.prompt.clone_from(&p);
                 Event::Prompt(p)
+            }
+            ServerMessage::Recording(r) => {
+                self.recording = r;
+                Event::Recording(r)
             }
             ServerMessage::Reflection(notice) => Event::Reflection(notice),
             ServerMessage::Participation(notices) => Event::Participation(notices.into_vec()),

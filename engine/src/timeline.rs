@@ -27,7 +27,7 @@ pub const MAX_COUNT_IN_BARS: u8 = 8;
 pub const MAX_SEGMENTS: usize = wire::MAX_SEGMENTS;
 
 /// Nanoseconds per beat at 1 micro-BPM: 60 s * 1e9 ns * 1e6.
-const NANOS_PER_BEAT_AT_ONE_MICRO_BPM: i128 = 60_000_000_000_000_000;
+pub(crate) const NANOS_PER_BEAT_AT_ONE_MICRO_BPM: i128 = 60_000_000_000_000_000;
 
 /// A change that was refused; the timeline is unchanged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]

@@ -126,6 +126,14 @@ error_codes! {
     StoreRefused = 36, "store_refused";
     /// This student already answered this prompt as often as a room takes.
     TooManyReflections = 37, "too_many_reflections";
+    /// The room is already recording: stop the take first.
+    AlreadyRecording = 38, "already_recording";
+    /// The room is not recording.
+    NotRecording = 39, "not_recording";
+    /// The room session holds as many recordings as it may.
+    TooManyRecordings = 40, "too_many_recordings";
+    /// No recording of your school has this id (or it was purged).
+    RecordingNotFound = 41, "recording_not_found";
 }
 
 impl fmt::Display for ErrorCode {

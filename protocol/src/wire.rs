@@ -255,6 +255,12 @@ pub enum ControlOp {
         /// The question.
         text: PromptText,
     },
+    /// Start recording the room: every note it accepts and every timeline change, until
+    /// [`ControlOp::StopRecording`] (or the room closes). Everyone hears
+    /// [`ServerMessage::Recording`]: a class is never recorded without knowing.
+    StartRecording,
+    /// Stop the recording.
+    StopRecording,
 }
 
 /// A control request on the control stream.
@@ -559,4 +565,16 @@ pub enum ServerMessage {
         /// How long the probe may run, in milliseconds.
         duration_ms: u32,
     },
+    /// Whether the room is being recorded: sent to everyone when a recording starts or stops,
+    /// and after the welcome while one runs.
+    Recording(Option<RecordingInfo>),
+}
+
+/// A recording that is running.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordingInfo {
+    /// The take's number in this room session (from 1).
+    pub take: u32,
+    /// When it started, on the server clock.
+    pub started_at: ServerNanos,
 }

@@ -64,6 +64,7 @@ impl Operation<'_> {
             Self::Control(ControlOp::Remove { .. }) => "remove members",
             Self::Control(ControlOp::Close) => "close the room",
             Self::Control(ControlOp::Prompt { .. }) => "ask reflection questions",
+            Self::Control(ControlOp::StartRecording | ControlOp::StopRecording) => "record the class",
             Self::ManageCoTeachers => "add or remove co-teachers",
             Self::ReadSel => "read reflections and participation",
             Self::ManageStudentData => "export or delete a student's data",
@@ -185,7 +186,7 @@ mod tests {
         }
     }
 
-    fn controls() -> [ControlOp; 6] {
+    fn controls() -> [ControlOp; 8] {
         [
             ControlOp::Timeline(Change::Stop),
             ControlOp::Mute { member: 2, muted: true },
@@ -193,6 +194,8 @@ mod tests {
             ControlOp::Remove { member: 2 },
             ControlOp::Close,
             ControlOp::Prompt { text: downbeat_protocol::PromptText::truncating("How did we do?") },
+            ControlOp::StartRecording,
+            ControlOp::StopRecording,
         ]
     }
 

@@ -9,7 +9,7 @@
 // left (joined, started, tempo changed, ...).
 
 import assert from 'node:assert/strict';
-import { mkdir, stat } from 'node:fs/promises';
+import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
@@ -32,6 +32,52 @@ let startAck = null;
 const allUsers = () => [teacher, ...Object.values(students)].filter(Boolean);
 const studentUsers = () => STUDENTS.map((n) => students[n]);
 const guarded = (body) => withDiagnostics(() => server, allUsers, body);
+/** A Standard MIDI File's format and tracks: each track's name and note-ons (tick, key). */
+function readMidi(bytes) {
+  const text = (at, n) => String.fromCharCode(...bytes.subarray(at, at + n));
+  assert.equal(text(0, 4), 'MThd', 'a MIDI header');
+  const format = bytes.readUInt16BE(8);
+  const count = bytes.readUInt16BE(10);
+  const tracks = [];
+  let at = 8 + bytes.readUInt32BE(4);
+  for (let i = 0; i < count; i++) {
+    assert.equal(text(at, 4), 'MTrk', `track ${i}`);
+    const end = at + 8 + bytes.readUInt32BE(at + 4);
+    const track = { name: '', notes: [] };
+    let p = at + 8;
+    let tick = 0;
+    let status = 0;
+    const varlen = () => {
+      let v = 0;
+      for (;;) {
+        const b = bytes[p++];
+        v = (v << 7) | (b & 0x7f);
+        if (!(b & 0x80)) return v;
+      }
+    };
+    while (p < end) {
+      tick += varlen();
+      if (bytes[p] & 0x80) status = bytes[p++];
+      if (status === 0xff) {
+        const type = bytes[p++];
+        const len = varlen();
+        if (type === 0x03) track.name = bytes.subarray(p, p + len).toString('utf8');
+        p += len;
+      } else if (status === 0xf0 || status === 0xf7) {
+        p += varlen();
+      } else {
+        const kind = status & 0xf0;
+        const data = kind === 0xc0 || kind === 0xd0 ? 1 : 2;
+        if (kind === 0x90 && bytes[p + 1] > 0) track.notes.push({ tick, key: bytes[p] });
+        p += data;
+      }
+    }
+    tracks.push(track);
+    at = end;
+  }
+  return { format, tracks };
+}
+
 const fmt = (x, digits = 3) => (typeof x === 'number' ? x.toFixed(digits) : String(x));
 
 describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
@@ -388,6 +434,45 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     await waitUntil(teacher, 'the card to show the part', (id) =>
       document.querySelector(`[data-testid=member-card][data-member-id="${id}"] [data-testid=member-part]`)
         ?.textContent.includes('drums'), ana.memberId);
+  }));
+
+  test('5c. the teacher records: every tab shows it, and the take downloads as a MIDI file', { timeout: 120_000 }, guarded(async () => {
+    const ana = students.Ana;
+    await teacher.page.getByTestId('record').click();
+    for (const u of studentUsers()) {
+      await u.page.getByTestId('recording-badge').waitFor({ state: 'visible' });
+    }
+    await teacher.page.getByTestId('recording-state').filter({ hasText: 'Recording take 1' }).waitFor();
+    // Ana (on drums since 5b) plays three notes; the teacher hears all three.
+    const heardBefore = await teacher.page.evaluate((id) => window.downbeat.trace.notes.filter((n) => n.from === id).length, ana.memberId);
+    const playedBefore = await ana.page.evaluate(() => window.downbeat.trace.played.length);
+    for (const pad of ['pad-0', 'pad-2', 'pad-4']) await ana.page.getByTestId(pad).click();
+    const playedKeys = await waitUntil(ana, 'her three notes in trace.played', (n) => {
+      const p = window.downbeat.trace.played;
+      return p.length >= n + 3 ? p.slice(n, n + 3).map((x) => x.midi) : false;
+    }, playedBefore);
+    await waitUntil(teacher, "Ana's three notes", ({ id, n }) =>
+      window.downbeat.trace.notes.filter((x) => x.from === id).length >= n, { id: ana.memberId, n: heardBefore + 3 });
+    await teacher.page.getByTestId('record-stop').click();
+    for (const u of studentUsers()) {
+      await u.page.getByTestId('recording-badge').waitFor({ state: 'hidden' });
+    }
+    const item = teacher.page.getByTestId('recording-item').filter({ hasText: 'Take 1 · 3 notes' });
+    await item.waitFor({ state: 'visible' });
+    const [download] = await Promise.all([
+      teacher.page.waitForEvent('download'),
+      item.getByTestId('recording-download').click(),
+    ]);
+    const bytes = await readFile(await download.path());
+    await mkdir(OUTPUT_DIR, { recursive: true });
+    await writeFile(path.join(OUTPUT_DIR, 'take-1.mid'), bytes);
+    const midi = readMidi(bytes);
+    console.log(`take 1: ${download.suggestedFilename()}, ${bytes.length} bytes, tracks ${JSON.stringify(midi.tracks.map((t) => [t.name, t.notes.length]))}`);
+    assert.equal(midi.format, 1, 'a format 1 Standard MIDI File');
+    assert.deepEqual(midi.tracks.map((t) => [t.name, t.notes.length]), [['tempo and meter', 0], ['drums', 3]],
+      "a tempo track, and Ana's notes in her part's track (named by the part, not by her)");
+    assert.deepEqual(midi.tracks[1].notes.map((n) => n.key), playedKeys, 'the pitches Ana played, in order');
+    assert.ok(midi.tracks[1].notes.every((n, i, all) => i === 0 || n.tick >= all[i - 1].tick), 'notes in time order');
   }));
 
   test('6. screenshots of the running class', { timeout: 60_000 }, guarded(async () => {

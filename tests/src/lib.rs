@@ -140,6 +140,16 @@ impl TestServer {
         Ok(me)
     }
 
+    /// Starts a server whose SEL store is `db`, letting the caller adjust the rest.
+    pub async fn start_on(db: &db::TestDatabase, adjust: impl FnOnce(&mut Config)) -> Result<Self> {
+        let url = db.url().to_owned();
+        Self::start_with(|c| {
+            c.database_url = Some(url);
+            adjust(c);
+        })
+        .await
+    }
+
     /// The server's data directory (a temporary one, removed with the server).
     pub fn data_dir(&self) -> &std::path::Path {
         self._data.path()
@@ -220,6 +230,19 @@ impl TestServer {
         let text = resp.text().await?;
         let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).context(text)? };
         Ok((status, value))
+    }
+
+    /// `GET path` with `token`: the status, the `Content-Type` and the body's bytes.
+    pub async fn http_bytes(&self, path: &str, token: &str) -> Result<(u16, String, Vec<u8>)> {
+        let resp = self.http_client.get(format!("http://{}{}", self.http, path)).bearer_auth(token).send().await?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        Ok((status, content_type, resp.bytes().await?.to_vec()))
     }
 
     /// Creates a room over HTTP as `teacher` and returns its join code.

@@ -36,12 +36,7 @@ const ANSWER: Duration = Duration::from_secs(10);
 
 /// A server whose SEL store is `db`.
 async fn server_on(db: &TestDatabase, adjust: impl FnOnce(&mut downbeat_server::Config)) -> Result<TestServer> {
-    let url = db.url().to_owned();
-    TestServer::start_with(|c| {
-        c.database_url = Some(url);
-        adjust(c);
-    })
-    .await
+    TestServer::start_on(db, adjust).await
 }
 
 /// A server over one database with a room at 120 BPM in 4/4 and its teacher connected.

@@ -142,6 +142,7 @@ fn classroom(tenant: &str) -> Batch {
             reflection(tenant, "stu-1", "r-2", "rs-2", "We were together", 60_000),
         ],
         co_teachers: Vec::new(),
+        ..Batch::default()
     }
 }
 
@@ -369,7 +370,7 @@ async fn delete_removes_every_mention(backend: Backend) -> Result<()> {
     let export_2 = store.export_student(T, "stu-2").await?;
 
     let deleted = store.delete_student(T, "stu-1").await?;
-    assert_eq!(deleted, Deleted { participation: 7, reflections: 2 });
+    assert_eq!(deleted, Deleted { participation: 7, reflections: 2, recorded_notes: 0 });
     assert_eq!(store.rows_mentioning("stu-1").await?, 0);
     assert_eq!(store.rows_mentioning("It felt good to keep the beat").await?, 0);
     let gone = store.export_student(T, "stu-1").await?;
@@ -424,7 +425,10 @@ async fn tenants_never_see_each_other(backend: Backend) -> Result<()> {
     assert_eq!(store.session_sel(a, "rs-1").await?, a_sel);
 
     // Deleting in B leaves A alone.
-    assert_eq!(store.delete_student(b, "stu-1").await?, Deleted { participation: 2, reflections: 1 });
+    assert_eq!(
+        store.delete_student(b, "stu-1").await?,
+        Deleted { participation: 2, reflections: 1, recorded_notes: 0 }
+    );
     assert_eq!(store.student_summary(a, "stu-1").await?, a_summary);
     store.close().await;
     Ok(())

@@ -43,6 +43,7 @@
 mod output;
 mod participation;
 mod prompts;
+mod recording;
 mod seats;
 mod stage;
 #[cfg(test)]
@@ -52,8 +53,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
-    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, Reflection, ReflectionNotice,
-    Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, TextKind, Transport, Welcome, check_text,
+    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, RecordingInfo, Reflection,
+    ReflectionNotice, Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, TextKind, Transport, Welcome,
+    check_text,
 };
 use serde::{Deserialize, Serialize};
 
@@ -63,11 +65,13 @@ pub use output::{
 };
 pub use participation::{FLUSH_INTERVAL_NANOS, Flush, Record, RecordKind};
 pub use prompts::MAX_REFLECTIONS_PER_PROMPT;
+pub use recording::{MAX_HELD_ROWS, MAX_TAKE_NOTES, MAX_TAKES, RecordingWork, TakeNote, TakeRow, TakeSegment};
 pub use seats::{ABUSE_BURST, ABUSE_PER_SECOND, JOIN_WINDOW_NANOS, MAX_JOINS_PER_WINDOW, NOTE_ERROR_INTERVAL_NANOS};
 pub use stage::{NoteRefusal, NotesOutcome, RoomError, Stage, Transmit};
 
 use participation::Participation;
 use prompts::Prompts;
+use recording::{Recorded, Recorder};
 use seats::{Attached, Churn, Seat, coarse};
 
 use crate::timeline::{MAX_BEATS_PER_BAR, Timeline};
@@ -182,6 +186,9 @@ pub struct Room {
     /// Recent new seats per subject (join and leave churn).
     #[serde(default)]
     churn: Churn,
+    /// Takes of this room session.
+    #[serde(default)]
+    recorder: Recorder,
     out: VecDeque<Output>,
 }
 
@@ -202,6 +209,7 @@ impl Room {
             prompts: Prompts::default(),
             participation: Participation::new(now),
             churn: Churn::default(),
+            recorder: Recorder::default(),
             out: VecDeque::new(),
         }
     }
@@ -224,6 +232,11 @@ impl Room {
     /// The current reflection prompt, if any.
     pub fn prompt(&self) -> Option<&Prompt> {
         self.prompts.current()
+    }
+
+    /// The recording running now, if any.
+    pub fn recording(&self) -> Option<RecordingInfo> {
+        self.recorder.info()
     }
 
     /// Whether the room closed (it takes no more input).
@@ -250,7 +263,10 @@ impl Room {
         }
         let grace = self.seats.values().filter_map(|s| s.grace_until).min();
         let expiry = self.empty_since.map(|since| since.add_nanos(self.config.idle_expiry_nanos));
-        [self.stage.poll_timeout(), grace, expiry, self.participation.flush_due()].into_iter().flatten().min()
+        [self.stage.poll_timeout(), grace, expiry, self.participation.flush_due(), self.recorder.flush_due()]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// Does what is due at `now`: beat frames, seats whose grace period ended (everyone hears
@@ -282,6 +298,11 @@ impl Room {
         {
             self.out.push_back(Output::Sel(SelWork::Flush(flush)));
         }
+        if self.recorder.flush_due().is_some_and(|due| due <= now)
+            && let Some(work) = self.recorder.take_flush()
+        {
+            self.out.push_back(Output::Sel(SelWork::Recording(work)));
+        }
         tick
     }
 
@@ -308,6 +329,9 @@ impl Room {
         let welcome = self.welcome(now, member_id, role, token_expires_at);
         if let Some(prompt) = self.prompts.current().cloned() {
             self.send_to(member_id, ServerMessage::Prompt(Some(prompt)));
+        }
+        if let Some(recording) = self.recorder.info() {
+            self.send_to(member_id, ServerMessage::Recording(Some(recording)));
         }
         Ok(Joined { welcome, seated })
     }
@@ -473,6 +497,7 @@ impl Room {
             ControlOp::Timeline(change) => {
                 let applied =
                     self.stage.handle_change(now, change).map_err(|e| Refused::new(e.code(), e.to_string()))?;
+                self.recorder.timeline(now, self.stage.timeline());
                 let timeline = self.timeline().to_wire_at(now);
                 self.send_all(ServerMessage::Timeline(timeline), None);
                 Ok(Some(applied.to_wire()))
@@ -506,6 +531,29 @@ impl Room {
                 self.send_all(ServerMessage::Prompt(prompt), None);
                 Ok(None)
             }
+            ControlOp::StartRecording => {
+                let info = self.recorder.start(now, self.stage.timeline())?;
+                self.send_all(ServerMessage::Recording(Some(info)), None);
+                Ok(None)
+            }
+            ControlOp::StopRecording => {
+                self.stop_recording(now)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Stops the take running and tells everyone; its rows go to the writer at once.
+    fn stop_recording(&mut self, now: ServerNanos) -> Result<(), Refused> {
+        self.recorder.stop(now)?;
+        self.send_all(ServerMessage::Recording(None), None);
+        self.flush_recording();
+        Ok(())
+    }
+
+    fn flush_recording(&mut self) {
+        if let Some(work) = self.recorder.take_flush() {
+            self.out.push_back(Output::Sel(SelWork::Recording(work)));
         }
     }
 
@@ -540,6 +588,7 @@ impl Room {
         };
         if let Some(frame) = outcome.forward {
             self.count_participation(now, member, &frame, outcome.accepted);
+            self.record(now, member, &frame, outcome.accepted);
             let to = self.recipients(|id, _| id != member);
             if !to.is_empty() {
                 self.out.push_back(Output::Notes { to, frame });
@@ -581,6 +630,22 @@ impl Room {
                 note.played_at,
                 &seat.member.assignment.beats,
             );
+        }
+    }
+
+    /// Records a member's newly accepted notes (the last `accepted` of `frame`) while a take
+    /// runs; a take that fills up stops, and everyone hears it.
+    fn record(&mut self, now: ServerNanos, member: u64, frame: &NoteFrame, accepted: u32) {
+        let Some(seat) = self.seats.get(&member) else { return };
+        let new = frame.notes.len().saturating_sub(accepted as usize);
+        let mut full = false;
+        for note in &frame.notes[new..] {
+            let part = seat.member.assignment.part.as_ref();
+            full |= self.recorder.note(now, &seat.subject, member, part, note) == Recorded::Full;
+        }
+        if full {
+            self.send_all(ServerMessage::Recording(None), None);
+            self.flush_recording();
         }
     }
 
@@ -682,6 +747,7 @@ impl Room {
     pub fn handle_sel_refused(&mut self, now: ServerNanos, work: SelWork) {
         match work {
             SelWork::Flush(flush) => self.participation.restore(now, flush),
+            SelWork::Recording(work) => self.recorder.restore(now, work),
             SelWork::Reflection(work) => {
                 let message = "reflections cannot be saved right now; try again in a moment";
                 self.send_to(work.member, error_frame(ErrorCode::StoreUnavailable, Some(work.request_id), message));
@@ -700,18 +766,23 @@ impl Room {
         }
         self.participation.forget(subject);
         self.prompts.forget(subject);
+        self.recorder.forget(subject);
         self.churn.remove(subject);
     }
 
     /// The room session ends (the room closed, or the server shuts down): every student
-    /// still seated leaves, and the last flush closes the session. `None` if there is nothing
-    /// to write.
-    pub fn finish(&mut self, now: ServerNanos) -> Option<Flush> {
+    /// still seated leaves, a take still running stops, and the last flushes close the
+    /// session. What is left to write, in order.
+    pub fn finish(&mut self, now: ServerNanos) -> Vec<SelWork> {
         let seated: Vec<String> = self.seats.values().filter(|s| s.is_student()).map(|s| s.subject.clone()).collect();
         for subject in seated {
             self.participation.left(now, &subject);
         }
-        self.participation.take_flush(now, true)
+        // Nothing to stop is fine.
+        let _ = self.recorder.stop(now);
+        let mut work: Vec<SelWork> = self.recorder.take_flush().map(SelWork::Recording).into_iter().collect();
+        work.extend(self.participation.take_flush(now, true).map(SelWork::Flush));
+        work
     }
 
     /// Frees a seat (its stage membership, the subject's index, a student's leave for SEL)

@@ -149,6 +149,8 @@ pub enum SelWork {
     /// A student's checked reflection, to store and then acknowledge with
     /// [`super::Room::handle_reflection_saved`].
     Reflection(ReflectionWork),
+    /// Rows of the room's recordings (see [`super::RecordingWork`]).
+    Recording(super::RecordingWork),
 }
 
 /// A checked reflection: what the store keeps, and the feed's notice once committed.

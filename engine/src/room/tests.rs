@@ -400,7 +400,8 @@ fn a_teacher_closing_the_room_is_answered_then_everyone_is_ended() {
     assert_eq!(teacher_heard[1], ServerMessage::ControlAck(ControlAck { request_id: 3, applied: None }));
     assert_eq!(outputs.last(), Some(&Output::Closed), "last, after the answer");
     // The last flush: both students' leave (one seated), and the session's end.
-    let flush = r.finish(at(20)).expect("something to write");
+    let work = r.finish(at(20));
+    let [SelWork::Flush(flush)] = work.as_slice() else { panic!("one flush to write, got {work:?}") };
     assert!(flush.closes);
     assert!(flush.records.iter().any(|rec| rec.kind == RecordKind::Left && rec.subject == "s"));
 }
@@ -796,5 +797,157 @@ fn a_student_whose_data_is_deleted_loses_their_seat_and_nothing_more_is_written(
             }
         }
     }
-    assert!(r.finish(at(5_000)).is_none_or(|f| f.records.iter().all(|rec| rec.subject != "s")));
+    for work in r.finish(at(5_000)) {
+        let SelWork::Flush(f) = work else { panic!("only participation to write") };
+        assert!(f.records.iter().all(|rec| rec.subject != "s"));
+    }
+}
+
+/// Every recording row handed to the writer in `outputs`.
+fn take_rows(outputs: &[Output]) -> Vec<TakeRow> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Sel(SelWork::Recording(work)) => Some(work.rows.clone()),
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+#[test]
+fn a_take_records_every_accepted_note_and_timeline_once_and_everyone_sees_it_run() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let muted = seat(&mut r, at(0), "m", Role::Student, 3);
+    r.handle_control(at(0), ControlOp::Mute { member: muted, muted: true }, None).expect("muted");
+    let part = Assignment { part: Some(PartName::truncating("drums")), beats: BoundedVec::default() };
+    r.handle_control(at(0), ControlOp::Assign { member: student, assignment: part }, None).expect("assigned");
+    // Played before any take: not recorded.
+    r.handle_notes(at(100), student, 2, &[note(1, at(100))]).expect("seat");
+    drain(&mut r);
+
+    assert_eq!(r.handle_control(at(1_000), ControlOp::StartRecording, Some((teacher, 5))), Ok(None));
+    let outputs = drain(&mut r);
+    let running = RecordingInfo { take: 1, started_at: at(1_000) };
+    for session in [1, 2, 3] {
+        assert!(heard(&outputs, session).contains(&ServerMessage::Recording(Some(running))), "session {session}");
+    }
+    assert_eq!(r.recording(), Some(running));
+    // A second start is refused and changes nothing.
+    let refused = r.handle_control(at(1_001), ControlOp::StartRecording, None).expect_err("already");
+    assert_eq!(refused.code, ErrorCode::AlreadyRecording);
+    // A latecomer hears the take runs, after its welcome.
+    let late = r.handle_join(at(1_100), join("late", Role::Student, 4)).expect("joined").welcome.member_id;
+    assert!(heard(&drain(&mut r), 4).contains(&ServerMessage::Recording(Some(running))));
+
+    // Notes: the student's (two new, one a copy), the teacher's, the muted student's
+    // (refused), one played before the start that arrives late (not in the take).
+    r.handle_notes(at(1_200), student, 2, &[note(2, at(1_150)), note(3, at(1_200))]).expect("seat");
+    r.handle_notes(at(1_210), student, 2, &[note(3, at(1_200))]).expect("seat");
+    r.handle_notes(at(1_300), teacher, 1, &[note(1, at(1_290))]).expect("seat");
+    r.handle_notes(at(1_300), muted, 3, &[note(1, at(1_300))]).expect("seat");
+    r.handle_notes(at(1_400), late, 4, &[note(1, at(990))]).expect("seat");
+    r.handle_control(at(1_500), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    drain(&mut r);
+    r.handle_control(at(4_000), ControlOp::StopRecording, Some((teacher, 6))).expect("stopped");
+    let outputs = drain(&mut r);
+    assert!(heard(&outputs, 3).contains(&ServerMessage::Recording(None)));
+    assert_eq!(r.recording(), None);
+    let stopped_again = r.handle_control(at(4_001), ControlOp::StopRecording, None).expect_err("not recording");
+    assert_eq!(stopped_again.code, ErrorCode::NotRecording);
+
+    // Everything the take holds went to the writer by the stop, in order.
+    let mut rows = take_rows(&outputs);
+    r.handle_timeout(at(3_000));
+    rows.splice(0..0, take_rows(&drain(&mut r)));
+    let rows_before_stop: Vec<TakeRow> = rows.clone();
+    assert!(matches!(rows_before_stop[0], TakeRow::Started { take: 1, at: started } if started == at(1_000)));
+    let timelines: Vec<u64> = rows
+        .iter()
+        .filter_map(|row| match row {
+            TakeRow::Timeline { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(timelines.len(), 2, "as it started and after the start");
+    assert!(timelines[0] < timelines[1]);
+    let notes: Vec<(u32, u64, Option<String>, i64)> = rows
+        .iter()
+        .filter_map(|row| match row {
+            TakeRow::Note(n) => Some((n.seq, n.member, n.part.as_ref().map(ToString::to_string), n.offset_nanos)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        notes,
+        vec![
+            (1, student, Some("drums".to_owned()), (150 * MS) as i64),
+            (2, student, Some("drums".to_owned()), (200 * MS) as i64),
+            (3, teacher, None, (290 * MS) as i64),
+        ]
+    );
+    assert!(
+        matches!(rows.last(), Some(TakeRow::Stopped { take: 1, notes: 3, length_nanos, .. }) if *length_nanos == 3 * SEC)
+    );
+}
+
+#[test]
+fn a_take_the_writer_refused_comes_back_whole_and_a_deleted_students_notes_are_forgotten() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let a = seat(&mut r, at(0), "a", Role::Student, 2);
+    let b = seat(&mut r, at(0), "b", Role::Student, 3);
+    r.handle_control(at(0), ControlOp::StartRecording, None).expect("started");
+    r.handle_notes(at(10), a, 2, &[note(1, at(10))]).expect("seat");
+    r.handle_notes(at(20), b, 3, &[note(1, at(20))]).expect("seat");
+    r.handle_timeout(at(1_000));
+    let first = take_rows(&drain(&mut r));
+    assert_eq!(first.len(), 4, "started, timeline, two notes");
+    r.handle_sel_refused(at(1_000), SelWork::Recording(RecordingWork { rows: first.clone() }));
+    r.handle_notes(at(1_100), a, 2, &[note(2, at(1_100))]).expect("seat");
+    r.handle_forget(at(1_200), "b");
+    r.handle_control(at(1_300), ControlOp::StopRecording, Some((teacher, 1))).expect("stopped");
+    let again = take_rows(&drain(&mut r));
+    let subjects: Vec<&str> = again
+        .iter()
+        .filter_map(|row| match row {
+            TakeRow::Note(n) => Some(n.subject.as_str()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subjects, vec!["a", "a"], "the refused rows first, b's note forgotten");
+    assert_eq!(again[..2], first[..2]);
+}
+
+#[test]
+fn a_full_take_stops_by_itself_and_a_closing_room_stops_its_take() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    r.handle_control(at(0), ControlOp::StartRecording, None).expect("started");
+    drain(&mut r);
+    let mut stopped = None;
+    for seq in 1..=MAX_TAKE_NOTES {
+        let now = ServerNanos(u64::from(seq) * 50 * MS);
+        r.handle_notes(now, teacher, 1, &[note(seq, now)]).expect("seat");
+        let outputs = drain(&mut r);
+        if heard(&outputs, 1).contains(&ServerMessage::Recording(None)) {
+            stopped = Some((seq, take_rows(&outputs)));
+            break;
+        }
+    }
+    let (seq, rows) = stopped.expect("the take stopped");
+    assert_eq!(seq, MAX_TAKE_NOTES);
+    assert!(matches!(rows.last(), Some(TakeRow::Stopped { notes, .. }) if *notes == MAX_TAKE_NOTES));
+
+    // A take running when the room closes stops with it, before the last participation.
+    r.handle_control(at(6_000_000), ControlOp::StartRecording, None).expect("second take");
+    r.handle_control(at(6_000_001), ControlOp::Close, None).expect("closed");
+    drain(&mut r);
+    let work = r.finish(at(6_000_002));
+    assert!(
+        matches!(&work[0], SelWork::Recording(w) if matches!(w.rows.last(), Some(TakeRow::Stopped { take: 2, .. })))
+    );
+    assert!(matches!(&work[1], SelWork::Flush(f) if f.closes));
 }

@@ -60,18 +60,21 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {
         ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::WrongTenant => StatusCode::FORBIDDEN,
-        ErrorCode::RoomNotFound | ErrorCode::MemberNotFound => StatusCode::NOT_FOUND,
+        ErrorCode::RoomNotFound | ErrorCode::MemberNotFound | ErrorCode::RecordingNotFound => StatusCode::NOT_FOUND,
         ErrorCode::RoomClosed | ErrorCode::DataDeleted => StatusCode::GONE,
         ErrorCode::AlreadyRunning
         | ErrorCode::NotRunning
         | ErrorCode::TooManyPendingChanges
         | ErrorCode::RoomFull
-        | ErrorCode::SessionReplaced => StatusCode::CONFLICT,
+        | ErrorCode::SessionReplaced
+        | ErrorCode::AlreadyRecording
+        | ErrorCode::NotRecording => StatusCode::CONFLICT,
         ErrorCode::TooManyRooms
         | ErrorCode::RateLimited
         | ErrorCode::TooManySessions
         | ErrorCode::TooManyProbes
-        | ErrorCode::TooManyReflections => StatusCode::TOO_MANY_REQUESTS,
+        | ErrorCode::TooManyReflections
+        | ErrorCode::TooManyRecordings => StatusCode::TOO_MANY_REQUESTS,
         ErrorCode::ServerBusy | ErrorCode::ShuttingDown | ErrorCode::StoreUnavailable => {
             StatusCode::SERVICE_UNAVAILABLE
         }

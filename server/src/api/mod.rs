@@ -14,6 +14,7 @@ mod error;
 mod extract;
 mod listen;
 mod pages;
+mod recordings;
 mod respond;
 mod rooms;
 mod sel;
@@ -51,6 +52,7 @@ pub(crate) fn router(state: AppState, request_timeout: Duration, with_metrics: b
         .merge(status::routes(with_metrics))
         .merge(rooms::routes())
         .merge(sel::routes())
+        .merge(recordings::routes())
         .merge(pages::routes(demo))
         .merge(websocket::routes())
         .fallback(unknown_route)

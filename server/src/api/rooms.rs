@@ -161,6 +161,15 @@ struct RoomDetail {
     playout_delay_ms: f64,
     members: Vec<MemberView>,
     timeline: TimelineView,
+    /// The take being recorded now, if any.
+    recording: Option<RecordingView>,
+}
+
+/// A take running in a live room.
+#[derive(Serialize)]
+pub(super) struct RecordingView {
+    pub(super) take: u32,
+    pub(super) started_at_ns: u64,
 }
 
 async fn detail(room: &RoomHandle) -> Result<RoomDetail, ApiError> {
@@ -170,6 +179,7 @@ async fn detail(room: &RoomHandle) -> Result<RoomDetail, ApiError> {
         playout_delay_ms: view.playout_delay_nanos as f64 / 1e6,
         members: view.members.iter().map(|(m, connected)| MemberView::new(m, *connected)).collect(),
         timeline: (&view.timeline).into(),
+        recording: view.recording.map(|r| RecordingView { take: r.take, started_at_ns: r.started_at.0 }),
     })
 }
 

@@ -28,7 +28,7 @@ use crate::authz::{Operation, RoomAccess, authorize, sessions_readable_by};
 use crate::sel::store::{Counts, ReflectionRow, RoomSessionRow, SessionSel, SessionTeachers, StoreError};
 
 /// How long an export or delete waits for SEL writes queued before it to commit.
-const BARRIER_PATIENCE: Duration = Duration::from_secs(5);
+pub(super) const BARRIER_PATIENCE: Duration = Duration::from_secs(5);
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
@@ -51,7 +51,7 @@ impl From<StoreError> for ApiError {
     }
 }
 
-fn store_behind() -> ApiError {
+pub(super) fn store_behind() -> ApiError {
     ApiError::new(ErrorCode::StoreUnavailable, "SEL writes are behind; try again shortly")
 }
 
@@ -72,10 +72,10 @@ impl<S: Send + Sync> FromRequestParts<S> for StudentPath {
 
 /// A stored room session as authorization sees it: its school, owner and co-teachers as
 /// recorded.
-struct PastSession<'a> {
-    tenant: &'a str,
-    owner: &'a str,
-    co_teachers: &'a [String],
+pub(super) struct PastSession<'a> {
+    pub(super) tenant: &'a str,
+    pub(super) owner: &'a str,
+    pub(super) co_teachers: &'a [String],
 }
 
 impl RoomAccess for PastSession<'_> {
@@ -299,6 +299,7 @@ struct DeletedView {
     deleted: bool,
     participation: u64,
     reflections: u64,
+    recorded_notes: u64,
 }
 
 /// Hard-deletes every row about one student. Live rooms first drop what they hold in memory
@@ -314,6 +315,16 @@ async fn delete_student(
         return Err(store_behind());
     }
     let deleted = state.sel.store().delete_student(&who.tenant, &student).await?;
-    tracing::info!(participation = deleted.participation, reflections = deleted.reflections, "student data deleted");
-    Ok(Json(DeletedView { deleted: true, participation: deleted.participation, reflections: deleted.reflections }))
+    tracing::info!(
+        participation = deleted.participation,
+        reflections = deleted.reflections,
+        recorded_notes = deleted.recorded_notes,
+        "student data deleted"
+    );
+    Ok(Json(DeletedView {
+        deleted: true,
+        participation: deleted.participation,
+        reflections: deleted.reflections,
+        recorded_notes: deleted.recorded_notes,
+    }))
 }

@@ -140,6 +140,7 @@ pub(crate) struct RoomView {
     pub(crate) timeline: wire::Timeline,
     pub(crate) members: Vec<(Member, bool)>,
     pub(crate) playout_delay_nanos: u64,
+    pub(crate) recording: Option<wire::RecordingInfo>,
 }
 
 #[derive(Debug)]

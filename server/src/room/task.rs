@@ -96,12 +96,13 @@ impl RoomTask {
         }
         // Flushed while the room is still registered, so a student's data deletion that
         // finds no room here finds every row of it already queued before its own write.
-        if let Some(flush) = self.room.finish(self.clock.now()) {
-            let job = Job::rows(super::sel::flush_batch(&self.meta, &self.clock, &flush));
+        for work in self.room.finish(self.clock.now()) {
+            let job = Job::rows(super::sel::batch(&self.meta, &self.clock, &work));
             if let Err(job) = self.sel.submit_within(job, LAST_FLUSH_PATIENCE).await {
                 let lost = job.batch.participation.len() as u64;
                 self.stats.participation_dropped.add(lost);
-                warn!(rows = lost, "SEL queue full as the room closed; its last participation rows are lost");
+                let notes = job.batch.recorded_notes.len();
+                warn!(rows = lost, notes, "SEL queue full as the room closed; its last rows are lost");
             }
         }
         self.stats.rooms_active.dec();
@@ -132,6 +133,8 @@ impl RoomTask {
                             ControlOp::Prompt { .. } => {
                                 info!(prompt = self.room.prompt().map(|p| p.id), "reflection prompt set");
                             }
+                            ControlOp::StartRecording => info!(recording = ?self.room.recording(), "recording started"),
+                            ControlOp::StopRecording => info!("recording stopped"),
                             ControlOp::Assign { .. } | ControlOp::Close => {}
                         }
                     }
@@ -181,6 +184,7 @@ impl RoomTask {
                     timeline: self.room.timeline().to_wire_at(now),
                     members: self.room.members().map(|(m, attached)| (m.clone(), attached)).collect(),
                     playout_delay_nanos: self.room.config().playout_delay_nanos,
+                    recording: self.room.recording(),
                 });
             }
         }

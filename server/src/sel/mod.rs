@@ -8,6 +8,7 @@
 //! A room's own SEL bookkeeping (its room session, prompts, per-student tallies) is the
 //! room's: see `crate::room`.
 
+pub(crate) mod midi;
 pub mod store;
 mod writer;
 

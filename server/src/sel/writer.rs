@@ -78,6 +78,7 @@ impl std::fmt::Debug for Job {
             .field("sessions", &self.batch.sessions.len())
             .field("participation", &self.batch.participation.len())
             .field("reflections", &self.batch.reflections.len())
+            .field("recorded_notes", &self.batch.recorded_notes.len())
             .finish_non_exhaustive()
     }
 }
@@ -330,11 +331,7 @@ impl Writer {
 fn merge(group: &[Job]) -> Batch {
     let mut batch = Batch::default();
     for job in group {
-        batch.sessions.extend(job.batch.sessions.iter().cloned());
-        batch.session_ends.extend(job.batch.session_ends.iter().cloned());
-        batch.participation.extend(job.batch.participation.iter().cloned());
-        batch.reflections.extend(job.batch.reflections.iter().cloned());
-        batch.co_teachers.extend(job.batch.co_teachers.iter().cloned());
+        batch.extend_from(&job.batch);
     }
     batch
 }

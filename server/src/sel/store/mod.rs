@@ -1,4 +1,5 @@
-//! The SEL store: participation, room sessions and reflections in SQLite or PostgreSQL.
+//! The SEL store: participation, room sessions, reflections and recordings in SQLite or
+//! PostgreSQL.
 //!
 //! # Design
 //!
@@ -54,9 +55,9 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePo
 
 pub use error::{Detail, MigrationProblem, StoreError};
 pub use model::{
-    Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow,
-    SessionEnd, SessionSel, SessionTeachers, StudentExport, StudentInSession, StudentSession, StudentSummary,
-    UnknownKind,
+    Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, RecordedNoteRow, RecordingRow,
+    RecordingStop, RecordingTimelineRow, ReflectionRow, RoomSessionRow, SessionEnd, SessionSel, SessionTeachers,
+    StudentExport, StudentInSession, StudentSession, StudentSummary, Take, TakeSummary, UnknownKind,
 };
 
 /// How long a SQLite statement waits for another connection's write lock before failing as
@@ -206,6 +207,19 @@ macro_rules! reflection_columns {
     };
 }
 
+macro_rules! recording_columns {
+    () => {
+        "tenant_id, room_session_id, take, started_at_ms, stopped_at_ms, length_nanos"
+    };
+}
+
+macro_rules! recorded_note_columns {
+    () => {
+        "tenant_id, room_session_id, take, seq, student_id, member_id, part, midi, velocity, instrument, \
+         offset_nanos, at_ms"
+    };
+}
+
 /// Sums of the counts of `notes` rows, the number of `joined` rows and the first join, as
 /// BIGINT on both backends.
 macro_rules! participation_sums {
@@ -245,6 +259,58 @@ const INSERT_REFLECTION: &str = concat!(
     ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8) ON CONFLICT (tenant_id, student_id, id) DO NOTHING"
 );
 
+const INSERT_RECORDING: &str = concat!(
+    "INSERT INTO recordings (",
+    recording_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant_id, room_session_id, take) DO NOTHING"
+);
+
+/// The first stop written wins, so a retried stop is a no-op.
+const STOP_RECORDING: &str = "UPDATE recordings SET stopped_at_ms = $4, length_nanos = $5 \
+     WHERE tenant_id = $1 AND room_session_id = $2 AND take = $3 AND stopped_at_ms IS NULL";
+
+const INSERT_RECORDING_TIMELINE: &str = "INSERT INTO recording_timelines \
+     (tenant_id, room_session_id, take, epoch, segments) VALUES ($1, $2, $3, $4, $5) \
+     ON CONFLICT (tenant_id, room_session_id, take, epoch) DO NOTHING";
+
+const INSERT_RECORDED_NOTE: &str = concat!(
+    "INSERT INTO recorded_notes (",
+    recorded_note_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+     ON CONFLICT (tenant_id, room_session_id, take, seq) DO NOTHING"
+);
+
+const SESSION_RECORDINGS: &str = concat!(
+    "SELECT ",
+    recording_columns!(),
+    ", (SELECT COUNT(*) FROM recorded_notes AS n WHERE n.tenant_id = r.tenant_id \
+     AND n.room_session_id = r.room_session_id AND n.take = r.take) \
+     FROM recordings AS r WHERE tenant_id = $1 AND room_session_id = $2 ORDER BY take"
+);
+
+const RECORDING: &str = concat!(
+    "SELECT ",
+    recording_columns!(),
+    " FROM recordings WHERE tenant_id = $1 AND room_session_id = $2 AND take = $3"
+);
+
+const RECORDING_TIMELINES: &str = "SELECT tenant_id, room_session_id, take, epoch, segments \
+     FROM recording_timelines WHERE tenant_id = $1 AND room_session_id = $2 AND take = $3 ORDER BY epoch";
+
+const RECORDING_NOTES: &str = concat!(
+    "SELECT ",
+    recorded_note_columns!(),
+    " FROM recorded_notes WHERE tenant_id = $1 AND room_session_id = $2 AND take = $3 ORDER BY seq"
+);
+
+const STUDENT_RECORDED_NOTES: &str = concat!(
+    "SELECT ",
+    recorded_note_columns!(),
+    " FROM recorded_notes WHERE tenant_id = $1 AND student_id = $2 ORDER BY room_session_id, take, seq"
+);
+
+const DELETE_STUDENT_RECORDED_NOTES: &str = "DELETE FROM recorded_notes WHERE tenant_id = $1 AND student_id = $2";
+
 const ADD_CO_TEACHER: &str = "INSERT INTO room_session_co_teachers (tenant_id, room_session_id, teacher_id) \
      VALUES ($1, $2, $3) ON CONFLICT (tenant_id, room_session_id, teacher_id) DO NOTHING";
 
@@ -267,7 +333,8 @@ const SESSIONS_OF_STUDENT: &str = concat!(
     session_columns!(),
     " FROM room_sessions WHERE tenant_id = $1 AND id IN (\
      SELECT room_session_id FROM participation WHERE tenant_id = $1 AND student_id = $2 \
-     UNION SELECT room_session_id FROM reflections WHERE tenant_id = $1 AND student_id = $2) \
+     UNION SELECT room_session_id FROM reflections WHERE tenant_id = $1 AND student_id = $2 \
+     UNION SELECT room_session_id FROM recorded_notes WHERE tenant_id = $1 AND student_id = $2) \
      ORDER BY started_at_ms, id"
 );
 
@@ -311,6 +378,23 @@ const DELETE_STUDENT_REFLECTIONS: &str = "DELETE FROM reflections WHERE tenant_i
 
 const PURGE_PARTICIPATION: &str = "DELETE FROM participation WHERE tenant_id = $1 AND at_ms < $2";
 const PURGE_REFLECTIONS: &str = "DELETE FROM reflections WHERE tenant_id = $1 AND created_at_ms < $2";
+const PURGE_RECORDED_NOTES: &str = "DELETE FROM recorded_notes WHERE tenant_id = $1 AND at_ms < $2";
+/// Takes that started before the cutoff and hold no note any more (their timelines first).
+macro_rules! purged_recordings {
+    () => {
+        "SELECT room_session_id, take FROM recordings AS r WHERE tenant_id = $1 AND started_at_ms < $2 \
+         AND NOT EXISTS (SELECT 1 FROM recorded_notes AS n WHERE n.tenant_id = r.tenant_id \
+             AND n.room_session_id = r.room_session_id AND n.take = r.take)"
+    };
+}
+const PURGE_RECORDING_TIMELINES: &str = concat!(
+    "DELETE FROM recording_timelines WHERE tenant_id = $1 AND EXISTS (SELECT 1 FROM (",
+    purged_recordings!(),
+    ") AS p WHERE p.room_session_id = recording_timelines.room_session_id AND p.take = recording_timelines.take)"
+);
+const PURGE_RECORDINGS: &str = "DELETE FROM recordings WHERE tenant_id = $1 AND started_at_ms < $2 \
+     AND NOT EXISTS (SELECT 1 FROM recorded_notes AS n WHERE n.tenant_id = recordings.tenant_id \
+         AND n.room_session_id = recordings.room_session_id AND n.take = recordings.take)";
 /// Which ended sessions are purged: older than the cutoff, unless a row still refers to them
 /// (a reflection written after the session ended, say).
 macro_rules! purged_sessions {
@@ -320,7 +404,9 @@ macro_rules! purged_sessions {
          AND NOT EXISTS (SELECT 1 FROM participation AS p \
              WHERE p.tenant_id = room_sessions.tenant_id AND p.room_session_id = room_sessions.id) \
          AND NOT EXISTS (SELECT 1 FROM reflections AS r \
-             WHERE r.tenant_id = room_sessions.tenant_id AND r.room_session_id = room_sessions.id)"
+             WHERE r.tenant_id = room_sessions.tenant_id AND r.room_session_id = room_sessions.id) \
+         AND NOT EXISTS (SELECT 1 FROM recordings AS k \
+             WHERE k.tenant_id = room_sessions.tenant_id AND k.room_session_id = room_sessions.id)"
     };
 }
 /// The co-teachers of the sessions purged next.
@@ -333,10 +419,54 @@ const PURGE_SESSIONS: &str =
     concat!("DELETE FROM room_sessions WHERE tenant_id = $1 AND id IN (", purged_sessions!(), ")");
 
 type SessionTuple = (String, String, String, String, String, i64, Option<i64>);
+type RecordingTuple = (String, String, i64, i64, Option<i64>, Option<i64>);
+type RecordingTimelineTuple = (String, String, i64, i64, String);
+type RecordedNoteTuple = (String, String, i64, i64, String, i64, Option<String>, i64, i64, i64, i64, i64);
 type ParticipationTuple = (String, String, i64, String, String, i64, i64, i64, i64, i64, i64, i64, i64);
 type ReflectionTuple = (String, String, String, String, String, Option<i64>, Option<String>, i64);
 /// A group key, the seven sums, the number of joins and the first join.
 type SumsTuple = (String, i64, i64, i64, i64, i64, i64, i64, i64, Option<i64>);
+
+fn recording_row(t: RecordingTuple) -> RecordingRow {
+    let (tenant_id, room_session_id, take, started_at_ms, stopped_at_ms, length_nanos) = t;
+    RecordingRow { tenant_id, room_session_id, take, started_at_ms, stopped_at_ms, length_nanos }
+}
+
+fn recording_timeline_row(t: RecordingTimelineTuple) -> RecordingTimelineRow {
+    let (tenant_id, room_session_id, take, epoch, segments) = t;
+    RecordingTimelineRow { tenant_id, room_session_id, take, epoch, segments }
+}
+
+fn recorded_note_row(t: RecordedNoteTuple) -> RecordedNoteRow {
+    let (
+        tenant_id,
+        room_session_id,
+        take,
+        seq,
+        student_id,
+        member_id,
+        part,
+        midi,
+        velocity,
+        instrument,
+        offset_nanos,
+        at_ms,
+    ) = t;
+    RecordedNoteRow {
+        tenant_id,
+        room_session_id,
+        take,
+        seq,
+        student_id,
+        member_id,
+        part,
+        midi,
+        velocity,
+        instrument,
+        offset_nanos,
+        at_ms,
+    }
+}
 
 fn session_row(t: SessionTuple) -> RoomSessionRow {
     let (tenant_id, id, room_code, room_name, teacher_id, started_at_ms, ended_at_ms) = t;
@@ -563,6 +693,61 @@ impl Store {
                     .await
                     .map_err(failed)?;
             }
+            let (insert_recording, stop_recording) = (d.sql(INSERT_RECORDING), d.sql(STOP_RECORDING));
+            for r in &batch.recordings {
+                sqlx::query(&insert_recording)
+                    .bind(r.tenant_id.as_str())
+                    .bind(r.room_session_id.as_str())
+                    .bind(r.take)
+                    .bind(r.started_at_ms)
+                    .bind(r.stopped_at_ms)
+                    .bind(r.length_nanos)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
+            let insert_timeline = d.sql(INSERT_RECORDING_TIMELINE);
+            for t in &batch.recording_timelines {
+                sqlx::query(&insert_timeline)
+                    .bind(t.tenant_id.as_str())
+                    .bind(t.room_session_id.as_str())
+                    .bind(t.take)
+                    .bind(t.epoch)
+                    .bind(t.segments.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
+            let insert_note = d.sql(INSERT_RECORDED_NOTE);
+            for n in &batch.recorded_notes {
+                sqlx::query(&insert_note)
+                    .bind(n.tenant_id.as_str())
+                    .bind(n.room_session_id.as_str())
+                    .bind(n.take)
+                    .bind(n.seq)
+                    .bind(n.student_id.as_str())
+                    .bind(n.member_id)
+                    .bind(n.part.as_deref())
+                    .bind(n.midi)
+                    .bind(n.velocity)
+                    .bind(n.instrument)
+                    .bind(n.offset_nanos)
+                    .bind(n.at_ms)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
+            for s in &batch.recording_stops {
+                sqlx::query(&stop_recording)
+                    .bind(s.tenant_id.as_str())
+                    .bind(s.room_session_id.as_str())
+                    .bind(s.take)
+                    .bind(s.stopped_at_ms)
+                    .bind(s.length_nanos)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            }
             tx.commit().await.map_err(failed)?;
         });
         self.recycle.store(false, Ordering::Relaxed);
@@ -757,7 +942,7 @@ impl Store {
     pub async fn export_student(&self, tenant: &str, student: &str) -> Result<StudentExport, StoreError> {
         const OP: &str = "export_student";
         let failed = |e| StoreError::from_sqlx(OP, e);
-        let (sessions, participation, reflections) = with_backend!(self, |pool, d| {
+        let (sessions, participation, reflections, notes) = with_backend!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
             let sessions: Vec<SessionTuple> = sqlx::query_as(&d.sql(SESSIONS_OF_STUDENT))
                 .bind(tenant)
@@ -777,8 +962,14 @@ impl Store {
                 .fetch_all(&mut *tx)
                 .await
                 .map_err(failed)?;
+            let notes: Vec<RecordedNoteTuple> = sqlx::query_as(&d.sql(STUDENT_RECORDED_NOTES))
+                .bind(tenant)
+                .bind(student)
+                .fetch_all(&mut *tx)
+                .await
+                .map_err(failed)?;
             tx.commit().await.map_err(failed)?;
-            (sessions, participation, reflections)
+            (sessions, participation, reflections, notes)
         });
         Ok(StudentExport {
             tenant_id: tenant.to_owned(),
@@ -786,11 +977,13 @@ impl Store {
             room_sessions: sessions.into_iter().map(session_row).collect(),
             participation: participation.into_iter().map(|t| participation_row(OP, t)).collect::<Result<_, _>>()?,
             reflections: reflections.into_iter().map(reflection_row).collect(),
+            recorded_notes: notes.into_iter().map(recorded_note_row).collect(),
         })
     }
 
-    /// Deletes every participation row and reflection of `student` in `tenant`, in one
-    /// transaction (a hard delete; room sessions, which belong to the teacher, stay).
+    /// Deletes every participation row, reflection and recorded note of `student` in
+    /// `tenant`, in one transaction (a hard delete; room sessions and takes, which belong to
+    /// the teacher, stay without the student's notes).
     pub async fn delete_student(&self, tenant: &str, student: &str) -> Result<Deleted, StoreError> {
         const OP: &str = "delete_student";
         let failed = |e| StoreError::from_sqlx(OP, e);
@@ -810,15 +1003,23 @@ impl Store {
                 .await
                 .map_err(failed)?
                 .rows_affected();
+            let recorded_notes = sqlx::query(&d.sql(DELETE_STUDENT_RECORDED_NOTES))
+                .bind(tenant)
+                .bind(student)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?
+                .rows_affected();
             tx.commit().await.map_err(failed)?;
-            Deleted { participation, reflections }
+            Deleted { participation, reflections, recorded_notes }
         });
         Ok(deleted)
     }
 
-    /// Retention: deletes `tenant`'s participation and reflections older than `cutoff_ms`,
-    /// and its room sessions that ended before it and have no rows left (with their
-    /// co-teachers), in one transaction.
+    /// Retention: deletes `tenant`'s participation, reflections and recorded notes older than
+    /// `cutoff_ms`, its takes that started before it and hold no note any more (with their
+    /// timelines), and its room sessions that ended before it and have no rows left (with
+    /// their co-teachers), in one transaction.
     /// Returns the number of rows deleted.
     pub async fn purge_before(&self, tenant: &str, cutoff_ms: i64) -> Result<u64, StoreError> {
         const OP: &str = "purge_before";
@@ -826,7 +1027,15 @@ impl Store {
         let deleted = with_backend!(self, |pool, d| {
             let mut tx = pool.begin_with(d.begin_write()).await.map_err(|e| StoreError::connecting(OP, e))?;
             let mut deleted = 0;
-            for sql in [PURGE_PARTICIPATION, PURGE_REFLECTIONS, PURGE_CO_TEACHERS, PURGE_SESSIONS] {
+            for sql in [
+                PURGE_PARTICIPATION,
+                PURGE_REFLECTIONS,
+                PURGE_RECORDED_NOTES,
+                PURGE_RECORDING_TIMELINES,
+                PURGE_RECORDINGS,
+                PURGE_CO_TEACHERS,
+                PURGE_SESSIONS,
+            ] {
                 deleted += sqlx::query(&d.sql(sql))
                     .bind(tenant)
                     .bind(cutoff_ms)
@@ -839,6 +1048,70 @@ impl Store {
             deleted
         });
         Ok(deleted)
+    }
+
+    /// The takes of the room session `room_session_id` of `tenant`, oldest first, with the
+    /// notes each holds now.
+    pub async fn recordings(&self, tenant: &str, room_session_id: &str) -> Result<Vec<TakeSummary>, StoreError> {
+        const OP: &str = "recordings";
+        let failed = |e| StoreError::from_sqlx(OP, e);
+        type Row = (String, String, i64, i64, Option<i64>, Option<i64>, i64);
+        let rows: Vec<Row> = with_backend!(self, |pool, d| {
+            sqlx::query_as(&d.sql(SESSION_RECORDINGS))
+                .bind(tenant)
+                .bind(room_session_id)
+                .fetch_all(pool)
+                .await
+                .map_err(failed)?
+        });
+        Ok(rows
+            .into_iter()
+            .map(|(a, b, c, d, e, f, notes)| TakeSummary { recording: recording_row((a, b, c, d, e, f)), notes })
+            .collect())
+    }
+
+    /// Take `take` of the room session `room_session_id` of `tenant`, whole, as of one
+    /// snapshot; `None` if there is no such take.
+    pub async fn recording(&self, tenant: &str, room_session_id: &str, take: i64) -> Result<Option<Take>, StoreError> {
+        const OP: &str = "recording";
+        let failed = |e| StoreError::from_sqlx(OP, e);
+        let found = with_backend!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
+            let recording: Option<RecordingTuple> = sqlx::query_as(&d.sql(RECORDING))
+                .bind(tenant)
+                .bind(room_session_id)
+                .bind(take)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let found = match recording {
+                None => None,
+                Some(recording) => {
+                    let timelines: Vec<RecordingTimelineTuple> = sqlx::query_as(&d.sql(RECORDING_TIMELINES))
+                        .bind(tenant)
+                        .bind(room_session_id)
+                        .bind(take)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?;
+                    let notes: Vec<RecordedNoteTuple> = sqlx::query_as(&d.sql(RECORDING_NOTES))
+                        .bind(tenant)
+                        .bind(room_session_id)
+                        .bind(take)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?;
+                    Some((recording, timelines, notes))
+                }
+            };
+            tx.commit().await.map_err(failed)?;
+            found
+        });
+        Ok(found.map(|(recording, timelines, notes)| Take {
+            recording: recording_row(recording),
+            timelines: timelines.into_iter().map(recording_timeline_row).collect(),
+            notes: notes.into_iter().map(recorded_note_row).collect(),
+        }))
     }
 
     /// For tests and audits: the number of rows, in every table of the schema (sqlx's

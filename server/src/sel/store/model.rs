@@ -221,6 +221,103 @@ pub struct CoTeacherChange {
     pub present: bool,
 }
 
+/// A recording (take) of a room session started.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordingRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session recorded.
+    pub room_session_id: String,
+    /// The take's number in the room session, from 1.
+    pub take: i64,
+    /// When it started.
+    pub started_at_ms: i64,
+    /// When it stopped; `None` while it runs (or if the server died before it stopped).
+    pub stopped_at_ms: Option<i64>,
+    /// Its length in nanoseconds, once stopped.
+    pub length_nanos: Option<i64>,
+}
+
+/// A take stopped (the first stop written wins).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordingStop {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session.
+    pub room_session_id: String,
+    /// The take.
+    pub take: i64,
+    /// When it stopped.
+    pub stopped_at_ms: i64,
+    /// Its length in nanoseconds.
+    pub length_nanos: i64,
+}
+
+/// The timeline a take ran on, at one epoch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordingTimelineRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session.
+    pub room_session_id: String,
+    /// The take.
+    pub take: i64,
+    /// The timeline's epoch.
+    pub epoch: i64,
+    /// Its segments as JSON (see the migration).
+    pub segments: String,
+}
+
+/// A note a take holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordedNoteRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The room session.
+    pub room_session_id: String,
+    /// The take.
+    pub take: i64,
+    /// Its number in the take: the idempotency key.
+    pub seq: i64,
+    /// Who played it (pseudonymous subject; a teacher's too).
+    pub student_id: String,
+    /// Their member id in the room.
+    pub member_id: i64,
+    /// Their assigned part, if any.
+    pub part: Option<String>,
+    /// MIDI note number.
+    pub midi: i64,
+    /// MIDI velocity.
+    pub velocity: i64,
+    /// General MIDI program.
+    pub instrument: i64,
+    /// Nanoseconds from the take's start to when it was played.
+    pub offset_nanos: i64,
+    /// When the room accepted it (retention).
+    pub at_ms: i64,
+}
+
+/// A take read back whole.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Take {
+    /// The take.
+    pub recording: RecordingRow,
+    /// Its timelines, by epoch.
+    pub timelines: Vec<RecordingTimelineRow>,
+    /// Its notes, by number.
+    pub notes: Vec<RecordedNoteRow>,
+}
+
+/// A take in a list: the row and how many notes it holds now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct TakeSummary {
+    /// The take.
+    #[serde(flatten)]
+    pub recording: RecordingRow,
+    /// Notes stored.
+    pub notes: i64,
+}
+
 /// Everything one [`Store::write`](super::Store::write) commits at once.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Batch {
@@ -234,9 +331,42 @@ pub struct Batch {
     pub reflections: Vec<ReflectionRow>,
     /// Co-teachers added and removed, applied in this order.
     pub co_teachers: Vec<CoTeacherChange>,
+    /// Takes started (inserted once).
+    pub recordings: Vec<RecordingRow>,
+    /// Takes' timelines (inserted once per epoch).
+    pub recording_timelines: Vec<RecordingTimelineRow>,
+    /// Takes' notes (inserted once per `(tenant, room session, take, seq)`).
+    pub recorded_notes: Vec<RecordedNoteRow>,
+    /// Takes stopped (after `recordings`).
+    pub recording_stops: Vec<RecordingStop>,
 }
 
 impl Batch {
+    /// Appends every row of `other` (each kind after this batch's rows of that kind).
+    pub fn extend_from(&mut self, other: &Self) {
+        // Destructured, so a new kind of row cannot be forgotten here.
+        let Self {
+            sessions,
+            session_ends,
+            participation,
+            reflections,
+            co_teachers,
+            recordings,
+            recording_timelines,
+            recorded_notes,
+            recording_stops,
+        } = other;
+        self.sessions.extend_from_slice(sessions);
+        self.session_ends.extend_from_slice(session_ends);
+        self.participation.extend_from_slice(participation);
+        self.reflections.extend_from_slice(reflections);
+        self.co_teachers.extend_from_slice(co_teachers);
+        self.recordings.extend_from_slice(recordings);
+        self.recording_timelines.extend_from_slice(recording_timelines);
+        self.recorded_notes.extend_from_slice(recorded_notes);
+        self.recording_stops.extend_from_slice(recording_stops);
+    }
+
     /// Nothing to write.
     pub fn is_empty(&self) -> bool {
         self.sessions.is_empty()
@@ -244,6 +374,10 @@ impl Batch {
             && self.participation.is_empty()
             && self.reflections.is_empty()
             && self.co_teachers.is_empty()
+            && self.recordings.is_empty()
+            && self.recording_timelines.is_empty()
+            && self.recorded_notes.is_empty()
+            && self.recording_stops.is_empty()
     }
 }
 
@@ -329,6 +463,8 @@ pub struct StudentExport {
     pub participation: Vec<ParticipationRow>,
     /// The student's reflections, oldest first.
     pub reflections: Vec<ReflectionRow>,
+    /// The notes of the student's in recordings, by room session, take and number.
+    pub recorded_notes: Vec<RecordedNoteRow>,
 }
 
 /// What a deletion removed.
@@ -338,4 +474,6 @@ pub struct Deleted {
     pub participation: u64,
     /// Reflections.
     pub reflections: u64,
+    /// Notes in recordings.
+    pub recorded_notes: u64,
 }
