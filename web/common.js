@@ -52,6 +52,8 @@ const FRIENDLY = {
   not_recording: 'Nothing is being recorded right now.',
   too_many_recordings: 'This class has as many recordings as it can keep. Start a new class to record more.',
   recording_not_found: "That recording isn't there any more.",
+  already_playing: 'A recording is already playing. Stop it first.',
+  not_playing: 'Nothing is playing back right now.',
   data_deleted: 'Your school removed your data from the class, so this session ended.',
   no_prompt: 'There is no question to answer right now.',
   note_out_of_range: "That note couldn't be played.",

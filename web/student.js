@@ -137,6 +137,7 @@ function startPlaying() {
 
   // A recording is never silent: the class sees it run.
   const showRecording = (r) => ($('#recording-badge').hidden = !r);
+  classroom.on('playback', (p) => ($('#playback-badge').hidden = !p));
   classroom.on('recording', showRecording);
   showRecording(classroom.recording());
 

@@ -150,6 +150,9 @@ function showClass(tempoBpm, beatsPerBar) {
   $('#record-stop').addEventListener('click', () => recordingControl(() => classroom.stopRecording()));
   classroom.on('recording', showRecording);
   showRecording(classroom.recording());
+  $('#playback-stop').addEventListener('click', () => recordingControl(() => classroom.stopPlayback()));
+  classroom.on('playback', showPlayback);
+  showPlayback(classroom.playback());
   listRecordings();
 
   // Beat lights and the timeline line.
@@ -414,6 +417,16 @@ function showRecording(r) {
   if (!r) listRecordings();
 }
 
+function showPlayback(p) {
+  $('#playback-state').hidden = !p;
+  if (p) {
+    $('#playback-text').textContent = p.stopsAt == null
+      ? `▶ Playing take ${p.take} back to the class`
+      : `▶ Take ${p.take} stops at the next bar`;
+  }
+  $('#playback-stop').disabled = !p || p.stopsAt != null;
+}
+
 /** The API with the page's token; the JSON answer, or throws its error. */
 async function api(path) {
   const res = await fetch(path, { headers: { Authorization: `Bearer ${sessionToken()}` } });
@@ -437,9 +450,12 @@ async function listRecordings() {
   $('#recordings').replaceChildren(...list.recordings.map((t) => {
     const seconds = t.length_ms == null ? null : Math.round(t.length_ms / 1000);
     const what = `Take ${t.take} · ${t.notes} notes${seconds == null ? '' : ` · ${seconds} s`}`;
+    const play = h('button', { type: 'button', 'data-testid': 'recording-play' }, '▶ Play');
+    play.addEventListener('click', () => recordingControl(() => classroom.playRecording(t.take)));
     const download = h('button', { type: 'button', class: 'secondary', 'data-testid': 'recording-download' }, 'Download MIDI');
     download.addEventListener('click', () => downloadTake(t));
-    return h('li', { class: 'recording-item', 'data-testid': 'recording-item', 'data-take': t.take }, h('span', {}, what), download);
+    return h('li', { class: 'recording-item', 'data-testid': 'recording-item', 'data-take': t.take },
+      h('span', {}, what), h('span', { class: 'row' }, play, download));
   }));
 }
 

@@ -478,6 +478,7 @@ fn dispatch(inner: &Rc<Inner>) {
             }
             session::Event::Prompt(p) => inner.emit("prompt", &to_js(&view::prompt(p.as_ref()))),
             session::Event::Recording(r) => inner.emit("recording", &to_js(&view::recording(r))),
+            session::Event::Playback(p) => inner.emit("playback", &to_js(&view::playback(p))),
             session::Event::Reflection(notice) => {
                 inner.emit("reflection", &to_js(&view::ReflectionView::from(&notice)));
             }
@@ -842,8 +843,13 @@ impl Classroom {
     }
 
     fn change(&self, change: Change) -> Promise {
+        self.applied(ControlOp::Timeline(change))
+    }
+
+    /// `op`, resolving with where it lands.
+    fn applied(&self, op: ControlOp) -> Promise {
         let inner = self.inner.clone();
-        promise(async move { inner.control(ControlOp::Timeline(change)).await }, |ack| match ack.applied {
+        promise(async move { inner.control(op).await }, |ack| match ack.applied {
             Some(applied) => to_js(&view::AppliedView::from(applied)),
             None => JsValue::NULL,
         })
@@ -897,6 +903,34 @@ impl Classroom {
     #[wasm_bindgen(js_name = stopRecording, unchecked_return_type = "Promise<void>")]
     pub fn stop_recording(&self) -> Promise {
         self.op(Ok(ControlOp::StopRecording))
+    }
+
+    /// Teachers: plays take `take` of this class back into the room from the next bar (the
+    /// beat starts if stopped; `tempoBpm` changes the tempo at the same bar). Every tab
+    /// hears each recorded note at one instant, as `note` events. Resolves like `start()`.
+    /// Throws `recording_not_found`, `already_playing`.
+    #[wasm_bindgen(js_name = playRecording, unchecked_return_type = "Promise<Applied>")]
+    pub fn play_recording(&self, take: f64, #[wasm_bindgen(js_name = tempoBpm)] tempo_bpm: Option<f64>) -> Promise {
+        let take = match whole(take, u64::from(u32::MAX), "take") {
+            Ok(take) => u32::try_from(take).unwrap_or(u32::MAX),
+            Err(e) => return Promise::reject(&e.into_js()),
+        };
+        match tempo_bpm.map(tempo_from_bpm_f64).transpose() {
+            Ok(tempo) => self.applied(ControlOp::PlayRecording { take, tempo }),
+            Err(e) => Promise::reject(&Failure::server(e.code(), e.to_string()).into_js()),
+        }
+    }
+
+    /// Teachers: stops the playback at the next bar. Throws `not_playing`.
+    #[wasm_bindgen(js_name = stopPlayback, unchecked_return_type = "Promise<Applied>")]
+    pub fn stop_playback(&self) -> Promise {
+        self.applied(ControlOp::StopPlayback)
+    }
+
+    /// The recording playing back (`{ take, startsAt, stopsAt }`, server ms), or `null`.
+    #[wasm_bindgen(unchecked_return_type = "Playback | null")]
+    pub fn playback(&self) -> JsValue {
+        to_js(&view::playback(self.inner.session.borrow().playback()))
     }
 
     /// Teachers: closes the room for everyone.

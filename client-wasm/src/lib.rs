@@ -239,6 +239,9 @@ export interface Prompt { id: number; text: string }
 /** A recording running in the room (its take number in this class). */
 export interface Recording { take: number }
 
+/** A recording playing back: server times (ms) of its first beat and, once asked, its stop. */
+export interface Playback { take: number; startsAt: number; stopsAt: number | null }
+
 export interface ReflectionNotice { memberId: number; id: string; promptId: number; mood: number | null; text: string | null }
 
 export interface ParticipationNotice {
@@ -261,6 +264,8 @@ export interface ClassroomEvents {
   "prompt": Prompt | null;
   /** A recording started (or stopped: null). Everyone is told; show it. */
   "recording": Recording | null;
+  /** A recording plays back (its notes arrive as `note`s from member 0); null: it is over. */
+  "playback": Playback | null;
   /** Teachers: a student's reflection was saved. */
   "reflection": ReflectionNotice;
   /** Teachers: participation of those who played since the last update. */

@@ -4,8 +4,8 @@
 use downbeat_engine::client::{Client as Engine, ScheduledBeat};
 use downbeat_engine::notes::ScheduledNote;
 use downbeat_protocol::{
-    Applied, LeaveReason, Member, Note, ParticipationNotice, Prompt, RecordingInfo, ReflectionNotice, Role,
-    ServerNanos, SyncQuality,
+    Applied, LeaveReason, Member, Note, ParticipationNotice, PlaybackInfo, Prompt, RecordingInfo, ReflectionNotice,
+    Role, ServerNanos, SyncQuality,
 };
 use serde::Serialize;
 use wasm_bindgen::JsValue;
@@ -266,6 +266,19 @@ pub(crate) struct RecordingView {
 
 pub(crate) fn recording(r: Option<RecordingInfo>) -> Option<RecordingView> {
     r.map(|r| RecordingView { take: r.take })
+}
+
+/// A recording playing back: its take, and server times (ms) of its start and stop.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PlaybackView {
+    take: u32,
+    starts_at: f64,
+    stops_at: Option<f64>,
+}
+
+pub(crate) fn playback(p: Option<PlaybackInfo>) -> Option<PlaybackView> {
+    p.map(|p| PlaybackView { take: p.take, starts_at: ms(p.starts_at), stops_at: p.stops_at.map(ms) })
 }
 
 #[derive(Serialize)]

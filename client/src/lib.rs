@@ -41,8 +41,8 @@ use downbeat_engine::session::{self, Answer, NoteError, Request, RequestError, S
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlAck, ControlOp, ErrorCode, JoinCode, LeaveReason, Member, Note,
-    ParticipationNotice, Prompt, PromptText, RecordingInfo, ReflectionNotice, ReflectionText, RoomRequest,
-    RoomSettings, ServerNanos, Welcome,
+    ParticipationNotice, PlaybackInfo, Prompt, PromptText, RecordingInfo, ReflectionNotice, ReflectionText,
+    RoomRequest, RoomSettings, ServerNanos, Welcome,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -150,6 +150,9 @@ pub enum Event {
     Prompt(Option<Prompt>),
     /// A recording of the room started (`Some`) or stopped (`None`): everyone is told.
     Recording(Option<RecordingInfo>),
+    /// A recording plays back (`None`: it is over); its notes arrive like a classmate's, from
+    /// member id [`downbeat_engine::room::PLAYBACK_FROM`].
+    Playback(Option<PlaybackInfo>),
     /// Teachers only: a student's reflection was saved.
     Reflection(ReflectionNotice),
     /// Teachers only: participation so far of the members who played since the last update.
@@ -191,6 +194,7 @@ impl Shared {
                 session::Event::Error { code, message } => Event::Error(code, message),
                 session::Event::Prompt(p) => Event::Prompt(p),
                 session::Event::Recording(r) => Event::Recording(r),
+                session::Event::Playback(p) => Event::Playback(p),
                 session::Event::Reflection(notice) => Event::Reflection(notice),
                 session::Event::Participation(notices) => Event::Participation(notices),
                 _ => continue,
@@ -415,6 +419,11 @@ impl Client {
     /// The recording running in the room, if any (everyone is told).
     pub fn recording(&self) -> Option<RecordingInfo> {
         lock(&self.shared).session.recording()
+    }
+
+    /// The recording playing back in the room, if any.
+    pub fn playback(&self) -> Option<PlaybackInfo> {
+        lock(&self.shared).session.playback()
     }
 
     /// Teachers: asks the room a reflection question (blank text clears it).

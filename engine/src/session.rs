@@ -30,8 +30,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     ClientDatagram, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, DecodeError, ErrorCode,
-    FrameDecoder, Hello, Member, Note, PROTOCOL_VERSION, ParticipationNotice, Prompt, RecordingInfo, Reflection,
-    ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome, decode_server_datagram,
+    FrameDecoder, Hello, Member, Note, PROTOCOL_VERSION, ParticipationNotice, PlaybackInfo, Prompt, RecordingInfo,
+    Reflection, ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome, decode_server_datagram,
     encode_client_datagram, encode_frame,
 };
 
@@ -204,6 +204,8 @@ pub enum Event<T> {
     Prompt(Option<Prompt>),
     /// A recording of the room started (`Some`) or stopped (`None`): show it to everyone.
     Recording(Option<RecordingInfo>),
+    /// A recording plays back (`None`: it is over).
+    Playback(Option<PlaybackInfo>),
     /// Teachers only: a student's reflection was saved.
     Reflection(ReflectionNotice),
     /// Teachers only: participation so far of the members who played since the last update.
@@ -264,6 +266,7 @@ pub struct Session<T = ()> {
     members: BTreeMap<u64, Member>,
     prompt: Option<Prompt>,
     recording: Option<RecordingInfo>,
+    playback: Option<PlaybackInfo>,
     pending: BTreeMap<u32, Pending<T>>,
     next_request: u32,
     decoder: FrameDecoder,
@@ -286,6 +289,7 @@ impl<T> Session<T> {
             members: BTreeMap::new(),
             prompt: None,
             recording: None,
+            playback: None,
             pending: BTreeMap::new(),
             next_request: 1,
             decoder: FrameDecoder::new(),
@@ -337,6 +341,11 @@ impl<T> Session<T> {
     /// The recording running in the room, as told.
     pub fn recording(&self) -> Option<RecordingInfo> {
         self.recording
+    }
+
+    /// The recording playing back in the room, as told.
+    pub fn playback(&self) -> Option<PlaybackInfo> {
+        self.playback
     }
 
     /// The timing state machine: clock sync, the newest timeline, notes.
@@ -497,6 +506,10 @@ impl<T> Session<T> {
             ServerMessage::Recording(r) => {
                 self.recording = r;
                 Event::Recording(r)
+            }
+            ServerMessage::Playback(p) => {
+                self.playback = p;
+                Event::Playback(p)
             }
             ServerMessage::Reflection(notice) => Event::Reflection(notice),
             ServerMessage::Participation(notices) => Event::Participation(notices.into_vec()),

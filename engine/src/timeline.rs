@@ -382,6 +382,32 @@ impl Timeline {
         s.running.then(|| s.time_of(beat))
     }
 
+    /// The instant `beat + part / whole` of a beat sounds (between beat `beat` and the next,
+    /// at the tempo of the segment `beat` belongs to), or `None` if `beat` does not sound.
+    pub fn time_of_fraction(&self, beat: i64, part: u64, whole: u64) -> Option<ServerNanos> {
+        let i = self.segments.iter().rposition(|s| s.start_beat <= beat)?;
+        let s = &self.segments[i];
+        if !s.running {
+            return None;
+        }
+        let (at, next) = (s.time_of(beat), s.time_of(beat.saturating_add(1)));
+        let within = u128::from(next.0.saturating_sub(at.0)) * u128::from(part) / u128::from(whole.max(1));
+        Some(at.add_nanos(u64::try_from(within).unwrap_or(u64::MAX)))
+    }
+
+    /// The first bar boundary at least `lead_nanos` after `now` (and no earlier than any
+    /// change announced), where a change asked now would take effect; `None` while the beat
+    /// is (or will be) stopped.
+    pub fn next_boundary(&self, now: ServerNanos, lead_nanos: u64) -> Option<(ServerNanos, i64)> {
+        let last = self.last();
+        if !last.running {
+            return None;
+        }
+        let earliest = now.add_nanos(lead_nanos).max(last.start);
+        let beat = last.downbeat_at_or_after(last.beat_ceil_at(earliest));
+        Some((last.time_of(beat), beat))
+    }
+
     /// The last beat that sounded at or before `t`, if the timeline is running at `t`.
     pub fn beat_at(&self, t: ServerNanos) -> Option<i64> {
         let s = self.segment_at(t);

@@ -134,6 +134,10 @@ error_codes! {
     TooManyRecordings = 40, "too_many_recordings";
     /// No recording of your school has this id (or it was purged).
     RecordingNotFound = 41, "recording_not_found";
+    /// A recording is already playing back in the room: stop it first.
+    AlreadyPlaying = 42, "already_playing";
+    /// No recording is playing back.
+    NotPlaying = 43, "not_playing";
 }
 
 impl fmt::Display for ErrorCode {

@@ -261,6 +261,18 @@ pub enum ControlOp {
     StartRecording,
     /// Stop the recording.
     StopRecording,
+    /// Play take `take` of this room session back into the room: from the next bar boundary
+    /// (starting the beat if it is stopped, at `tempo` if given), each recorded note sounds
+    /// for everyone at one instant on the shared timeline, like a live note. Everyone hears
+    /// [`ServerMessage::Playback`].
+    PlayRecording {
+        /// The take.
+        take: u32,
+        /// A tempo to play it at (the room's tempo changes at the same boundary).
+        tempo: Option<MicroBpm>,
+    },
+    /// Stop the playback at the next bar boundary.
+    StopPlayback,
 }
 
 /// A control request on the control stream.
@@ -568,6 +580,22 @@ pub enum ServerMessage {
     /// Whether the room is being recorded: sent to everyone when a recording starts or stops,
     /// and after the welcome while one runs.
     Recording(Option<RecordingInfo>),
+    /// A recording plays back (sent to everyone when it starts, when a stop is asked and, as
+    /// `None`, when it is over; after the welcome while one plays).
+    Playback(Option<PlaybackInfo>),
+}
+
+/// A recording playing back in the room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlaybackInfo {
+    /// The take.
+    pub take: u32,
+    /// When its first beat sounds.
+    pub starts_at: ServerNanos,
+    /// The beat it starts on (a downbeat).
+    pub start_beat: i64,
+    /// When it stops, once a stop was asked for (a bar boundary).
+    pub stops_at: Option<ServerNanos>,
 }
 
 /// A recording that is running.

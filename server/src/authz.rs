@@ -65,6 +65,7 @@ impl Operation<'_> {
             Self::Control(ControlOp::Close) => "close the room",
             Self::Control(ControlOp::Prompt { .. }) => "ask reflection questions",
             Self::Control(ControlOp::StartRecording | ControlOp::StopRecording) => "record the class",
+            Self::Control(ControlOp::PlayRecording { .. } | ControlOp::StopPlayback) => "play recordings back",
             Self::ManageCoTeachers => "add or remove co-teachers",
             Self::ReadSel => "read reflections and participation",
             Self::ManageStudentData => "export or delete a student's data",
@@ -186,7 +187,7 @@ mod tests {
         }
     }
 
-    fn controls() -> [ControlOp; 8] {
+    fn controls() -> [ControlOp; 10] {
         [
             ControlOp::Timeline(Change::Stop),
             ControlOp::Mute { member: 2, muted: true },
@@ -196,6 +197,8 @@ mod tests {
             ControlOp::Prompt { text: downbeat_protocol::PromptText::truncating("How did we do?") },
             ControlOp::StartRecording,
             ControlOp::StopRecording,
+            ControlOp::PlayRecording { take: 1, tempo: None },
+            ControlOp::StopPlayback,
         ]
     }
 

@@ -473,6 +473,30 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
       "a tempo track, and Ana's notes in her part's track (named by the part, not by her)");
     assert.deepEqual(midi.tracks[1].notes.map((n) => n.key), playedKeys, 'the pitches Ana played, in order');
     assert.ok(midi.tracks[1].notes.every((n, i, all) => i === 0 || n.tick >= all[i - 1].tick), 'notes in time order');
+
+    // Played back: every tab (the teacher's and the three students') hears Ana's three
+    // notes, each at one true instant.
+    await item.getByTestId('recording-play').click();
+    for (const u of studentUsers()) await u.page.getByTestId('playback-badge').waitFor({ state: 'visible' });
+    const heard = {};
+    for (const u of allUsers()) {
+      heard[u.label] = await waitUntil(u, 'the three played-back notes', () => {
+        const back = window.downbeat.trace.notes.filter((n) => n.from === 0);
+        return back.length >= 3 ? back.slice(0, 3).map((n) => ({ midi: n.midi, playAt: n.playAt, localTime: n.localTime })) : false;
+      });
+    }
+    for (let i = 0; i < 3; i++) {
+      // True instants from the students' measured clocks (test 2); the teacher's tab agrees on playAt.
+      const trueTimes = studentUsers().map((u) => heard[u.label][i].localTime + u.truthOffset);
+      const spread = Math.max(...trueTimes) - Math.min(...trueTimes);
+      console.log(`PLAYBACK: note ${i + 1} (midi ${heard[teacher.label][i].midi}) true instants spread ${fmt(spread)} ms over ${trueTimes.length} tabs`);
+      assert.ok(spread <= 1, `every tab sounds played-back note ${i + 1} within 1 ms (spread ${fmt(spread)} ms)`);
+      for (const u of allUsers()) {
+        assert.equal(heard[u.label][i].midi, playedKeys[i], `${u.label} hears Ana's pitch`);
+        assert.equal(heard[u.label][i].playAt, heard[teacher.label][i].playAt, `${u.label} schedules it at the same server instant`);
+      }
+    }
+    for (const u of studentUsers()) await u.page.getByTestId('playback-badge').waitFor({ state: 'hidden', timeout: 30_000 });
   }));
 
   test('6. screenshots of the running class', { timeout: 60_000 }, guarded(async () => {

@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use downbeat_client::{Client, ClientError, Event};
+use downbeat_client::{Client, ClientError, Event, InjectedClock, LocalClock};
+use downbeat_engine::room::PLAYBACK_FROM;
+use downbeat_engine::sim::Rng;
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{
     Assignment, BoundedVec, Change, ClientNanos, ControlOp, ErrorCode, MicroBpm, PartName, ServerNanos,
@@ -22,10 +24,12 @@ use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::{TestServer, events_until, on_both_backends, school};
 use midly::{MetaMessage, MidiMessage, Smf, TrackEventKind};
-use serde_json::Value;
+use serde_json::{Value, json};
+use std::time::Instant;
 
 on_both_backends!(
     a_class_of_thirty_is_recorded_once_and_its_midi_file_keeps_the_shared_timeline,
+    a_take_plays_back_at_one_instant_for_thirty_one_clients_and_stops_on_a_bar_for_all,
     what_may_not_be_done_with_recordings_is_refused_with_a_stable_code,
 );
 
@@ -306,6 +310,142 @@ async fn a_class_of_thirty_is_recorded_once_and_its_midi_file_keeps_the_shared_t
     Ok(())
 }
 
+/// A client on a clock of its own (offset up to ±0.5 s, drift up to ±100 ppm), so the test
+/// knows the true instant of every local reading.
+struct Clocked {
+    client: Client,
+    clock: InjectedClock,
+}
+
+/// The playback's notes `clocked` schedules (from [`PLAYBACK_FROM`]) until `done` says it has
+/// all it expects: their true instants by sequence number.
+async fn playback_heard(
+    clocked: &Clocked,
+    mut done: impl FnMut(&BTreeMap<u32, (Instant, ServerNanos, u8)>) -> bool,
+) -> Result<BTreeMap<u32, (Instant, ServerNanos, u8)>> {
+    let mut heard = BTreeMap::new();
+    while !done(&heard) {
+        let n = tokio::time::timeout(SYNC, clocked.client.next_note()).await?.context("session closed")?;
+        if n.from == PLAYBACK_FROM {
+            heard.insert(n.note.seq, (clocked.clock.instant_at(n.local_at), n.server_at, n.note.midi));
+        }
+    }
+    Ok(heard)
+}
+
+async fn a_take_plays_back_at_one_instant_for_thirty_one_clients_and_stops_on_a_bar_for_all(
+    backend: Backend,
+) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = TestServer::start_on(&db, |_| {}).await?;
+    let teacher_token = server.teacher("t-1");
+    let code = server.create_room(&teacher_token, 120.0, 4).await?;
+    let mut rng = Rng::new(17);
+    let base = Instant::now();
+    let mut everyone = Vec::new();
+    for i in 0..31 {
+        let clock = InjectedClock::new(base, rng.range(-500e6, 500e6) as i64, rng.range(-100.0, 100.0));
+        let token = if i == 0 { teacher_token.clone() } else { server.student(&format!("s-{i:02}")) };
+        let client = Client::connect_with_clock(server.options(&code, &token), Arc::new(clock)).await?;
+        everyone.push(Clocked { client, clock });
+    }
+    for c in &everyone {
+        c.client.wait_synced(SYNC).await?;
+    }
+    let teacher = &everyone[0].client;
+
+    // A take of ten notes over about five seconds (five students, two notes each), recorded
+    // while the beat runs.
+    let started = teacher.change(Change::Start { count_in_bars: 0 }).await?.applied.context("applied")?;
+    let first_beat = teacher.local_time_of_beat(started.effective_beat).context("first beat")?;
+    tokio::time::sleep(Duration::from_nanos(first_beat.0.saturating_sub(teacher.clock().now().0))).await;
+    teacher.control(ControlOp::StartRecording).await?;
+    let t0 = tokio::time::Instant::now();
+    let mut played = Vec::new();
+    for k in 0..10_usize {
+        tokio::time::sleep_until(t0 + Duration::from_millis(550 * k as u64)).await;
+        played.push(everyone[1 + k / 2].client.play_note(60 + k as u8, 100, 0)?.played_at);
+    }
+    let want: BTreeMap<u64, u32> = (1..=5).map(|i| (everyone[i].client.member_id(), 2)).collect();
+    let mut counted = BTreeMap::new();
+    events_until(teacher, |e| {
+        if let Event::Participation(notices) = e {
+            counted.extend(notices.iter().map(|n| (n.member_id, n.notes)));
+        }
+        counted == want
+    })
+    .await?;
+    teacher.control(ControlOp::StopRecording).await?;
+
+    // Played back: every client schedules each of the ten notes at one true instant, from a
+    // bar boundary on.
+    let (status, body) = server
+        .http("POST", &format!("/api/rooms/{code}/playback"), Some(&teacher_token), Some(json!({ "take": 1 })))
+        .await?;
+    ensure!(status == 200, "playback answered {status}: {body}");
+    let start_beat = body["effective_beat"].as_i64().context("effective_beat")?;
+    let timeline = teacher.timeline().context("timeline")?;
+    assert_eq!(timeline.beat_in_bar(start_beat), Some(0), "a bar boundary");
+    let starts_at = timeline.time_of(start_beat).context("sounds")?;
+    let mut heard = Vec::new();
+    for c in &everyone {
+        heard.push(playback_heard(c, |h| h.len() == 10).await?);
+    }
+    let mut worst = Duration::ZERO;
+    for seq in 1..=10 {
+        let instants: Vec<Instant> = heard.iter().map(|h| h[&seq].0).collect();
+        let spread = *instants.iter().max().context("max")? - *instants.iter().min().context("min")?;
+        worst = worst.max(spread);
+    }
+    println!("ten played-back notes, each scheduled by 31 clients within {worst:?}");
+    assert!(worst <= Duration::from_millis(1), "{worst:?}");
+    // In the order played, the first on or after the start boundary, none before.
+    let pitches: Vec<u8> = heard[0].values().map(|(_, _, midi)| *midi).collect();
+    assert_eq!(pitches, (60..70).collect::<Vec<u8>>());
+    assert!(heard[0].values().all(|(_, at, _)| *at >= starts_at), "nothing before the start");
+    // The take's rhythm, within a tick (1/480 of a beat) each way.
+    let at: Vec<u64> = heard[0].values().map(|(_, at, _)| at.0).collect();
+    for (k, w) in at.windows(2).enumerate() {
+        let (got, want) = (w[1] - w[0], played[k + 1].0 - played[k].0);
+        assert!(got.abs_diff(want) <= 2_100_000, "gap {k}: {got} ns played back, {want} ns played");
+    }
+    events_until(teacher, |e| matches!(e, Event::Playback(None))).await?;
+
+    // Again, stopped once its first note arrived: everyone gets the same notes, those before
+    // the stop's bar, and nothing after it.
+    let (status, body) = server
+        .http("POST", &format!("/api/rooms/{code}/playback"), Some(&teacher_token), Some(json!({ "take": 1 })))
+        .await?;
+    ensure!(status == 200, "playback answered {status}: {body}");
+    let first_note = playback_heard(&everyone[0], |h| !h.is_empty()).await?;
+    let (status, stop) =
+        server.http("DELETE", &format!("/api/rooms/{code}/playback"), Some(&teacher_token), None).await?;
+    ensure!(status == 200, "stopping answered {status}: {stop}");
+    let stop_beat = stop["effective_beat"].as_i64().context("effective_beat")?;
+    assert_eq!(teacher.timeline().context("timeline")?.beat_in_bar(stop_beat), Some(0), "on a bar");
+    let stop_at = stop["effective_at_ns"].as_u64().context("effective_at_ns")?;
+    // Over at the stop's bar. Every note before it went out at least half a lead earlier than
+    // that, so each client holds all it will get once it hears the playback is over.
+    let mut sets = Vec::new();
+    for (i, c) in everyone.iter().enumerate() {
+        events_until(&c.client, |e| matches!(e, Event::Playback(None))).await?;
+        let mut seqs: Vec<u32> = if i == 0 { first_note.keys().copied().collect() } else { Vec::new() };
+        while let Ok(Some(n)) = tokio::time::timeout(Duration::from_millis(1), c.client.next_note()).await {
+            if n.from == PLAYBACK_FROM {
+                assert!(n.server_at.0 < stop_at, "a note at or after the stop");
+                seqs.push(n.note.seq);
+            }
+        }
+        seqs.sort_unstable();
+        seqs.dedup();
+        sets.push(seqs);
+    }
+    let stopped = &sets[0];
+    assert!(!stopped.is_empty() && stopped.len() < 10, "stopped mid-way: {stopped:?}");
+    assert!(sets.iter().all(|s| s == stopped), "everyone got the same notes: {sets:?}");
+    Ok(())
+}
+
 const SECRET_A: &[u8; 32] = b"school-a-secret-school-a-secret!";
 const SECRET_B: &[u8; 32] = b"school-b-secret-school-b-secret!";
 
@@ -375,6 +515,27 @@ async fn what_may_not_be_done_with_recordings_is_refused_with_a_stable_code(back
     }
     let (status, body) =
         server.http("GET", &format!("/api/sessions/{session}/recordings/2.mid"), Some(&teacher_token), None).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("recording_not_found")), "{body}");
+
+    // Playback: the room's teachers only, of a take that is there, at a tempo in range.
+    let playback = format!("/api/rooms/{code}/playback");
+    let take = |n: u32| Some(json!({ "take": n }));
+    let (status, body) = server.http("POST", &playback, Some(&student_token), take(1)).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+    let (status, body) = server.http("DELETE", &playback, Some(&teacher_token), None).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (409, Some("not_playing")), "{body}");
+    let (status, body) = server.http("POST", &playback, Some(&teacher_token), take(2)).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (404, Some("recording_not_found")), "{body}");
+    let (status, body) =
+        server.http("POST", &playback, Some(&teacher_token), Some(json!({ "take": 1, "tempo_bpm": 900 }))).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (400, Some("tempo_out_of_range")), "{body}");
+    assert!(teacher.playback().is_none());
+    assert!(!teacher.timeline().context("timeline")?.last().running, "a refused playback starts nothing");
+    // A take retention purged is gone for playback too.
+    let store = Store::open(db.url()).await?;
+    store.purge_before("a", i64::MAX).await?;
+    store.close().await;
+    let (status, body) = server.http("POST", &playback, Some(&teacher_token), take(1)).await?;
     assert_eq!((status, body["error"]["code"].as_str()), (404, Some("recording_not_found")), "{body}");
     Ok(())
 }

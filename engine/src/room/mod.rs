@@ -42,6 +42,7 @@
 
 mod output;
 mod participation;
+mod playback;
 mod prompts;
 mod recording;
 mod seats;
@@ -52,10 +53,10 @@ mod tests;
 use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
-    Applied, Assignment, BoundedString, BoundedVec, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
-    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, Prompt, RecordingInfo, Reflection,
-    ReflectionNotice, Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, TextKind, Transport, Welcome,
-    check_text,
+    Applied, Assignment, BoundedString, BoundedVec, Change, ClientReport, ControlAck, ControlOp, ErrorCode, JoinCode,
+    LeaveReason, MAX_MEMBERS, Member, Name, Note, NoteFrame, PROTOCOL_VERSION, PlaybackInfo, Prompt, RecordingInfo,
+    Reflection, ReflectionNotice, Role, RoomInfo, ServerMessage, ServerNanos, SyncQuality, TextKind, Transport,
+    Welcome, check_text,
 };
 use serde::{Deserialize, Serialize};
 
@@ -64,12 +65,14 @@ pub use output::{
     SelWork, Tick, encode_beats_to_fit, error_frame,
 };
 pub use participation::{FLUSH_INTERVAL_NANOS, Flush, Record, RecordKind};
+pub use playback::{MAX_PLAYBACK_NOTES, PLAYBACK_FROM, PlaybackNote};
 pub use prompts::MAX_REFLECTIONS_PER_PROMPT;
 pub use recording::{MAX_HELD_ROWS, MAX_TAKE_NOTES, MAX_TAKES, RecordingWork, TakeNote, TakeRow, TakeSegment};
 pub use seats::{ABUSE_BURST, ABUSE_PER_SECOND, JOIN_WINDOW_NANOS, MAX_JOINS_PER_WINDOW, NOTE_ERROR_INTERVAL_NANOS};
 pub use stage::{NoteRefusal, NotesOutcome, RoomError, Stage, Transmit};
 
 use participation::Participation;
+use playback::Playback;
 use prompts::Prompts;
 use recording::{Recorded, Recorder};
 use seats::{Attached, Churn, Seat, coarse};
@@ -189,6 +192,12 @@ pub struct Room {
     /// Takes of this room session.
     #[serde(default)]
     recorder: Recorder,
+    /// The take playing back, if any.
+    #[serde(default)]
+    playback: Option<Playback>,
+    /// Playbacks started (each one's note generation).
+    #[serde(default)]
+    playbacks: u32,
     out: VecDeque<Output>,
 }
 
@@ -210,6 +219,8 @@ impl Room {
             participation: Participation::new(now),
             churn: Churn::default(),
             recorder: Recorder::default(),
+            playback: None,
+            playbacks: 0,
             out: VecDeque::new(),
         }
     }
@@ -239,6 +250,11 @@ impl Room {
         self.recorder.info()
     }
 
+    /// The take playing back now, if any.
+    pub fn playback(&self) -> Option<PlaybackInfo> {
+        self.playback.as_ref().map(|p| p.info)
+    }
+
     /// Whether the room closed (it takes no more input).
     pub fn is_closed(&self) -> bool {
         self.closed
@@ -263,7 +279,8 @@ impl Room {
         }
         let grace = self.seats.values().filter_map(|s| s.grace_until).min();
         let expiry = self.empty_since.map(|since| since.add_nanos(self.config.idle_expiry_nanos));
-        [self.stage.poll_timeout(), grace, expiry, self.participation.flush_due(), self.recorder.flush_due()]
+        let playback = self.playback.as_ref().and_then(|p| p.next_send(self.stage.timeline(), self.config.lead_nanos));
+        [self.stage.poll_timeout(), grace, expiry, self.participation.flush_due(), self.recorder.flush_due(), playback]
             .into_iter()
             .flatten()
             .min()
@@ -281,6 +298,7 @@ impl Room {
                 self.out.push_back(Output::Beats { to, frame: transmit.frame });
             }
         }
+        self.play(now);
         let expired: Vec<u64> =
             self.seats.iter().filter(|(_, s)| s.grace_until.is_some_and(|t| t <= now)).map(|(id, _)| *id).collect();
         for member in expired {
@@ -332,6 +350,9 @@ impl Room {
         }
         if let Some(recording) = self.recorder.info() {
             self.send_to(member_id, ServerMessage::Recording(Some(recording)));
+        }
+        if let Some(playback) = self.playback() {
+            self.send_to(member_id, ServerMessage::Playback(Some(playback)));
         }
         Ok(Joined { welcome, seated })
     }
@@ -540,6 +561,123 @@ impl Room {
                 self.stop_recording(now)?;
                 Ok(None)
             }
+            ControlOp::PlayRecording { .. } => {
+                // The take's notes live in the database: the shell loads them and calls
+                // `handle_playback`.
+                Err(Refused::new(ErrorCode::Internal, "a playback needs the take's notes"))
+            }
+            ControlOp::StopPlayback => {
+                let lead = self.config.lead_nanos;
+                let Some(playback) = self.playback.as_mut().filter(|p| !p.stopping()) else {
+                    return Err(Refused::new(ErrorCode::NotPlaying, "nothing is playing back"));
+                };
+                // Strictly more than a lead away: a note sounding exactly one lead from now may
+                // have gone out already.
+                let Some((at, beat)) = self.stage.timeline().next_boundary(now, lead + 1) else {
+                    // The beat stops anyway: so does the playback, with it.
+                    return Err(Refused::new(
+                        ErrorCode::NotRunning,
+                        "the beat is stopping: the playback stops with it",
+                    ));
+                };
+                playback.stop_at(beat, at);
+                let info = playback.info;
+                self.send_all(ServerMessage::Playback(Some(info)), None);
+                Ok(Some(Applied { epoch: self.stage.timeline().epoch(), effective_at: at, effective_beat: beat }))
+            }
+        }
+    }
+
+    /// Plays take `take` back from the next bar boundary: starts the beat if it is stopped,
+    /// at `tempo` if given (both at that boundary, announced one lead ahead), then sends
+    /// `notes` ahead on the note path (see `playback`). `notes` is the shell's refusal when it
+    /// could not load the take (`recording_not_found`, `store_unavailable`). Answered like
+    /// [`Room::handle_control`].
+    pub fn handle_playback(
+        &mut self,
+        now: ServerNanos,
+        take: u32,
+        tempo: Option<downbeat_protocol::MicroBpm>,
+        notes: Result<Vec<PlaybackNote>, Refused>,
+        requester: Option<(u64, u32)>,
+    ) -> Result<Applied, Refused> {
+        let result = self.start_playback(now, take, tempo, notes);
+        if let Some((member, request_id)) = requester {
+            let answer = match &result {
+                Ok(applied) => ServerMessage::ControlAck(ControlAck { request_id, applied: Some(*applied) }),
+                Err(refused) => error_frame(refused.code, Some(request_id), &refused.message),
+            };
+            self.send_to(member, answer);
+        }
+        result
+    }
+
+    fn start_playback(
+        &mut self,
+        now: ServerNanos,
+        take: u32,
+        tempo: Option<downbeat_protocol::MicroBpm>,
+        notes: Result<Vec<PlaybackNote>, Refused>,
+    ) -> Result<Applied, Refused> {
+        if self.closed {
+            return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
+        }
+        let notes = notes?;
+        if self.playback.is_some() {
+            return Err(Refused::new(ErrorCode::AlreadyPlaying, "a recording is already playing back"));
+        }
+        // Checked on a copy first: a refused tempo changes nothing.
+        let mut changes = Vec::new();
+        if !self.stage.timeline().last().running {
+            changes.push(Change::Start { count_in_bars: 0 });
+        }
+        if let Some(tempo) = tempo {
+            changes.push(Change::SetTempo(tempo));
+        }
+        let mut trial = self.stage.timeline().clone();
+        for change in &changes {
+            trial.apply(now, *change, self.config.lead_nanos).map_err(|e| Refused::new(e.code(), e.to_string()))?;
+        }
+        let mut applied = None;
+        for change in changes {
+            applied = Some(self.stage.handle_change(now, change).map_err(|e| Refused::new(e.code(), e.to_string()))?);
+        }
+        let (starts_at, start_beat) = self
+            .stage
+            .timeline()
+            .next_boundary(now, self.config.lead_nanos)
+            .ok_or_else(|| Refused::new(ErrorCode::Internal, "the beat did not start"))?;
+        if applied.is_some() {
+            self.recorder.timeline(now, self.stage.timeline());
+            let timeline = self.timeline().to_wire_at(now);
+            self.send_all(ServerMessage::Timeline(timeline), None);
+        }
+        self.playbacks += 1;
+        let playback = Playback::new(take, self.playbacks, start_beat, starts_at, notes);
+        let info = playback.info;
+        self.playback = Some(playback);
+        self.send_all(ServerMessage::Playback(Some(info)), None);
+        self.play(now);
+        Ok(Applied { epoch: self.stage.timeline().epoch(), effective_at: starts_at, effective_beat: start_beat })
+    }
+
+    /// Sends the playback's notes due at `now` to every attached member; tells everyone once
+    /// it is over.
+    fn play(&mut self, now: ServerNanos) {
+        let (lead, delay) = (self.config.lead_nanos, self.config.playout_delay_nanos);
+        let Some(playback) = self.playback.as_mut() else { return };
+        let (frames, over) = playback.poll(now, self.stage.timeline(), lead, delay);
+        if over {
+            self.playback = None;
+        }
+        let to = self.recipients(|_, _| true);
+        if !to.is_empty() {
+            for frame in frames {
+                self.out.push_back(Output::Notes { to: to.clone(), frame });
+            }
+        }
+        if over {
+            self.send_all(ServerMessage::Playback(None), None);
         }
     }
 

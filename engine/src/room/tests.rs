@@ -951,3 +951,123 @@ fn a_full_take_stops_by_itself_and_a_closing_room_stops_its_take() {
     );
     assert!(matches!(&work[1], SelWork::Flush(f) if f.closes));
 }
+
+/// Every playback note frame in `outputs`: (recipients, note) per note.
+fn playback_notes(outputs: &[Output]) -> Vec<(Vec<Recipient>, Note)> {
+    outputs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Notes { to, frame } if frame.from == PLAYBACK_FROM => {
+                Some(frame.notes.iter().map(|n| (to.clone(), *n)).collect::<Vec<_>>())
+            }
+            _ => None,
+        })
+        .flatten()
+        .collect()
+}
+
+/// Runs the room from `from` to `to` in steps of `step_ms`, returning every output with the
+/// instant it came out.
+fn run(r: &mut Room, from: u64, to: u64, step_ms: u64) -> Vec<(ServerNanos, Output)> {
+    let mut seen = Vec::new();
+    let mut t = from;
+    while t <= to {
+        r.handle_timeout(at(t));
+        seen.extend(drain(r).into_iter().map(|o| (at(t), o)));
+        t += step_ms;
+    }
+    seen
+}
+
+fn pnote(tick: u64, midi: u8) -> PlaybackNote {
+    PlaybackNote { tick, midi, velocity: 90, instrument: 0 }
+}
+
+#[test]
+fn a_playback_starts_the_beat_on_a_boundary_and_every_member_gets_each_note_twice_ahead_of_its_instant() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    seat(&mut r, at(0), "a", Role::Student, 2);
+    seat(&mut r, at(0), "b", Role::Student, 3);
+    // Stopped: the playback starts the beat, at 60 BPM, one lead away.
+    let notes = vec![pnote(0, 60), pnote(240, 62), pnote(480, 64), pnote(1_920 + 120, 65)];
+    let applied = r
+        .handle_playback(at(100), 1, Some(MicroBpm::from_bpm(60)), Ok(notes.clone()), Some((teacher, 9)))
+        .expect("playing");
+    let lead = r.config().lead_nanos;
+    assert!(applied.effective_at.0 >= 100 * MS + lead);
+    assert_eq!(r.timeline().beat_in_bar(applied.effective_beat), Some(0), "a bar boundary");
+    let outputs = drain(&mut r);
+    let info = r.playback().expect("playing");
+    assert_eq!((info.take, info.start_beat, info.starts_at), (1, applied.effective_beat, applied.effective_at));
+    for session in [1, 2, 3] {
+        let heard = heard(&outputs, session);
+        assert!(heard.contains(&ServerMessage::Playback(Some(info))), "session {session}");
+        assert!(heard.iter().any(|m| matches!(m, ServerMessage::Timeline(_))), "the beat starts for everyone");
+    }
+    assert!(
+        heard(&outputs, 1).contains(&ServerMessage::ControlAck(ControlAck { request_id: 9, applied: Some(applied) }))
+    );
+    // A second one is refused, and one of a take that is not there.
+    assert_eq!(
+        r.handle_playback(at(101), 1, None, Ok(Vec::new()), None).map_err(|e| e.code),
+        Err(ErrorCode::AlreadyPlaying)
+    );
+    assert_eq!(
+        r.handle_playback(at(101), 2, None, Err(Refused::new(ErrorCode::RecordingNotFound, "none")), None)
+            .map_err(|e| e.code),
+        Err(ErrorCode::RecordingNotFound)
+    );
+
+    let mut seen: Vec<(ServerNanos, Output)> = outputs.into_iter().map(|o| (at(100), o)).collect();
+    seen.extend(run(&mut r, 100, 12_000, 5));
+    let mut copies: BTreeMap<u32, Vec<ServerNanos>> = BTreeMap::new();
+    for (now, o) in &seen {
+        for (to, n) in playback_notes(std::slice::from_ref(o)) {
+            assert_eq!(to.iter().map(|r| r.session).collect::<Vec<_>>(), vec![1, 2, 3], "every member");
+            let want = notes[n.seq as usize - 1];
+            assert_eq!(n.midi, want.midi);
+            // At 60 BPM a beat is a second: tick 240 is half a beat.
+            let sounds = applied.effective_at.0 + want.tick * SEC / 480;
+            assert_eq!(n.played_at.0 + r.config().playout_delay_nanos, sounds, "note {}", n.seq);
+            assert!(now.0 + lead / 2 <= sounds, "sent at least half a lead ahead");
+            copies.entry(n.seq).or_default().push(*now);
+        }
+    }
+    assert_eq!(copies.len(), 4);
+    assert!(copies.values().all(|c| c.len() == 2), "each note twice: {copies:?}");
+    // Over once the last note sounded: everyone hears it.
+    let over = seen.iter().find(|(_, o)| heard(std::slice::from_ref(o), 2).contains(&ServerMessage::Playback(None)));
+    let last = applied.effective_at.0 + (1_920 + 120) * SEC / 480;
+    assert!(over.is_some_and(|(t, _)| t.0 >= last && t.0 < last + 10 * MS), "{over:?}");
+    assert_eq!(r.playback(), None);
+}
+
+#[test]
+fn a_stopped_playback_sends_nothing_from_the_stop_boundary_on() {
+    let mut r = room();
+    seat(&mut r, at(0), "t", Role::Teacher, 1);
+    r.handle_control(at(0), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    drain(&mut r);
+    // 120 BPM: a note every half beat for 40 beats.
+    let notes: Vec<PlaybackNote> = (0..80).map(|i| pnote(i * 240, 60)).collect();
+    let applied = r.handle_playback(at(3_000), 1, None, Ok(notes), None).expect("playing");
+    let mut seen = run(&mut r, 3_000, 8_000, 5);
+    let stop = r.handle_control(at(8_000), ControlOp::StopPlayback, None).expect("stopping").expect("a boundary");
+    assert_eq!(r.timeline().beat_in_bar(stop.effective_beat), Some(0));
+    assert!(stop.effective_at.0 >= 8 * SEC + r.config().lead_nanos);
+    assert_eq!(
+        r.handle_control(at(8_001), ControlOp::StopPlayback, None).map_err(|e| e.code),
+        Err(ErrorCode::NotPlaying)
+    );
+    seen.extend(run(&mut r, 8_000, 30_000, 5));
+    let sent: Vec<Note> =
+        seen.iter().flat_map(|(_, o)| playback_notes(std::slice::from_ref(o))).map(|(_, n)| n).collect();
+    let sounds = |n: &Note| n.played_at.0 + r.config().playout_delay_nanos;
+    assert!(sent.iter().all(|n| sounds(n) < stop.effective_at.0), "nothing at or after the stop");
+    let last = sent.iter().map(|n| n.seq).max().expect("notes");
+    // Every note before the stop went out (twice): beats from the start to the stop, two a beat.
+    assert_eq!(i64::from(last), (stop.effective_beat - applied.effective_beat) * 2);
+    assert_eq!(sent.len(), last as usize * 2);
+    assert_eq!(r.playback(), None, "over at the stop");
+}

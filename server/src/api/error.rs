@@ -68,7 +68,9 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         | ErrorCode::RoomFull
         | ErrorCode::SessionReplaced
         | ErrorCode::AlreadyRecording
-        | ErrorCode::NotRecording => StatusCode::CONFLICT,
+        | ErrorCode::NotRecording
+        | ErrorCode::AlreadyPlaying
+        | ErrorCode::NotPlaying => StatusCode::CONFLICT,
         ErrorCode::TooManyRooms
         | ErrorCode::RateLimited
         | ErrorCode::TooManySessions

@@ -13,12 +13,13 @@ use axum::http::request::Parts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use downbeat_engine::timeline;
 use downbeat_protocol::{ControlOp, ErrorCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::ApiError;
-use super::extract::{Auth, PeerAddr, RoomPath};
-use super::rooms::{Done, RecordingView, control};
+use super::extract::{ApiJson, Auth, PeerAddr, RoomPath};
+use super::rooms::{ChangeApplied, Done, RecordingView, control};
 use super::sel::{BARRIER_PATIENCE, PastSession, store_behind};
 use super::state::AppState;
 use crate::auth::Principal;
@@ -29,6 +30,7 @@ use crate::sel::store::TakeSummary;
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/rooms/{code}/recording", post(start).delete(stop))
+        .route("/api/rooms/{code}/playback", post(play).delete(stop_playback))
         .route("/api/rooms/{code}/recordings", get(room_recordings))
         .route("/api/sessions/{id}/recordings", get(session_recordings))
         .route("/api/sessions/{id}/recordings/{file}", get(download))
@@ -60,6 +62,43 @@ async fn stop(
 ) -> Result<Json<Done>, ApiError> {
     control(&state, &who, peer, &code, ControlOp::StopRecording).await?;
     Ok(Json(Done { ok: true }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Play {
+    take: u32,
+    #[serde(default)]
+    tempo_bpm: Option<f64>,
+}
+
+/// Plays a take of this room session back into the room from the next bar boundary.
+async fn play(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    peer: PeerAddr,
+    RoomPath(code): RoomPath,
+    ApiJson(body): ApiJson<Play>,
+) -> Result<Json<ChangeApplied>, ApiError> {
+    let tempo = body.tempo_bpm.map(timeline::tempo_from_bpm_f64).transpose()?;
+    let op = ControlOp::PlayRecording { take: body.take, tempo };
+    let applied = control(&state, &who, peer, &code, op)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "a playback started without a boundary"))?;
+    Ok(Json(applied.into()))
+}
+
+/// Stops the playback at the next bar boundary.
+async fn stop_playback(
+    State(state): State<AppState>,
+    Auth(who): Auth,
+    peer: PeerAddr,
+    RoomPath(code): RoomPath,
+) -> Result<Json<ChangeApplied>, ApiError> {
+    let applied = control(&state, &who, peer, &code, ControlOp::StopPlayback)
+        .await?
+        .ok_or_else(|| ApiError::new(ErrorCode::Internal, "a playback stopped without a boundary"))?;
+    Ok(Json(applied.into()))
 }
 
 #[derive(Serialize)]

@@ -163,6 +163,17 @@ struct RoomDetail {
     timeline: TimelineView,
     /// The take being recorded now, if any.
     recording: Option<RecordingView>,
+    /// The take playing back now, if any.
+    playback: Option<PlaybackView>,
+}
+
+/// A take playing back in a live room.
+#[derive(Serialize)]
+struct PlaybackView {
+    take: u32,
+    starts_at_ns: u64,
+    start_beat: i64,
+    stops_at_ns: Option<u64>,
 }
 
 /// A take running in a live room.
@@ -180,6 +191,12 @@ async fn detail(room: &RoomHandle) -> Result<RoomDetail, ApiError> {
         members: view.members.iter().map(|(m, connected)| MemberView::new(m, *connected)).collect(),
         timeline: (&view.timeline).into(),
         recording: view.recording.map(|r| RecordingView { take: r.take, started_at_ns: r.started_at.0 }),
+        playback: view.playback.map(|p| PlaybackView {
+            take: p.take,
+            starts_at_ns: p.starts_at.0,
+            start_beat: p.start_beat,
+            stops_at_ns: p.stops_at.map(|t| t.0),
+        }),
     })
 }
 
@@ -254,7 +271,7 @@ async fn close_room(
 }
 
 #[derive(Serialize)]
-struct ChangeApplied {
+pub(super) struct ChangeApplied {
     epoch: u64,
     effective_at_ns: u64,
     effective_beat: i64,
@@ -270,11 +287,13 @@ async fn change(
     let applied = control(state, who, peer, code, ControlOp::Timeline(change))
         .await?
         .ok_or_else(|| ApiError::new(ErrorCode::Internal, "a timeline change was applied without a boundary"))?;
-    Ok(Json(ChangeApplied {
-        epoch: applied.epoch,
-        effective_at_ns: applied.effective_at.0,
-        effective_beat: applied.effective_beat,
-    }))
+    Ok(Json(ChangeApplied::from(applied)))
+}
+
+impl From<Applied> for ChangeApplied {
+    fn from(applied: Applied) -> Self {
+        Self { epoch: applied.epoch, effective_at_ns: applied.effective_at.0, effective_beat: applied.effective_beat }
+    }
 }
 
 #[derive(Deserialize, Default)]

@@ -141,6 +141,7 @@ pub(crate) struct RoomView {
     pub(crate) members: Vec<(Member, bool)>,
     pub(crate) playout_delay_nanos: u64,
     pub(crate) recording: Option<wire::RecordingInfo>,
+    pub(crate) playback: Option<wire::PlaybackInfo>,
 }
 
 #[derive(Debug)]
@@ -158,6 +159,15 @@ pub(crate) enum Command {
     /// id; the room queues the ack or error to that member itself, in order with broadcasts).
     Control {
         op: ControlOp,
+        requester: Option<(u64, u32)>,
+        reply: Option<oneshot::Sender<Result<Option<Applied>, Refusal>>>,
+    },
+    /// A take's notes loaded for [`ControlOp::PlayRecording`] (or why they could not be),
+    /// back from the task that read them.
+    Playback {
+        take: u32,
+        tempo: Option<wire::MicroBpm>,
+        notes: Result<Vec<downbeat_engine::room::PlaybackNote>, downbeat_engine::room::Refused>,
         requester: Option<(u64, u32)>,
         reply: Option<oneshot::Sender<Result<Option<Applied>, Refusal>>>,
     },

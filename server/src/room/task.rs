@@ -35,6 +35,8 @@ use crate::stats::Stats;
 
 /// How long a closing room waits for room in the SEL queue for its last flush.
 const LAST_FLUSH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
+/// How long a playback waits for the recording's queued writes.
+const PLAYBACK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl From<room::Refused> for Refusal {
     fn from(refused: room::Refused) -> Self {
@@ -118,6 +120,26 @@ impl RoomTask {
                 self.room.handle_depart(now, member_id, session_id, how);
                 debug!(member = member_id, ?how, "session left");
             }
+            Command::Control { op: ControlOp::PlayRecording { take, tempo }, requester, reply } => {
+                self.load_playback(take, tempo, requester, reply);
+            }
+            Command::Playback { take, tempo, notes, requester, reply } => {
+                let result =
+                    self.room.handle_playback(now, take, tempo, notes, requester).map(Some).map_err(Refusal::from);
+                match &result {
+                    Ok(applied) => {
+                        self.stats.controls_applied.inc();
+                        info!(take, ?applied, "playback started");
+                    }
+                    Err(refusal) => {
+                        self.stats.refused.inc(refusal.code);
+                        debug!(code = refusal.code.as_str(), message = %refusal.message, "playback refused");
+                    }
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(result);
+                }
+            }
             Command::Control { op, requester, reply } => {
                 let result = self.room.handle_control(now, op.clone(), requester).map_err(Refusal::from);
                 match &result {
@@ -135,6 +157,9 @@ impl RoomTask {
                             }
                             ControlOp::StartRecording => info!(recording = ?self.room.recording(), "recording started"),
                             ControlOp::StopRecording => info!("recording stopped"),
+                            ControlOp::StopPlayback => info!(?applied, "playback stopping"),
+                            // Loaded first, then applied as `Command::Playback`.
+                            ControlOp::PlayRecording { .. } => {}
                             ControlOp::Assign { .. } | ControlOp::Close => {}
                         }
                     }
@@ -185,10 +210,42 @@ impl RoomTask {
                     members: self.room.members().map(|(m, attached)| (m.clone(), attached)).collect(),
                     playout_delay_nanos: self.room.config().playout_delay_nanos,
                     recording: self.room.recording(),
+                    playback: self.room.playback(),
                 });
             }
         }
         self.drain(now);
+    }
+
+    /// Reads take `take` of this room session (once the writes queued before it are
+    /// committed) on a task of its own, and hands its notes back as [`Command::Playback`]:
+    /// the room never waits on the database.
+    fn load_playback(
+        &self,
+        take: u32,
+        tempo: Option<wire::MicroBpm>,
+        requester: Option<(u64, u32)>,
+        reply: Option<oneshot::Sender<Result<Option<wire::Applied>, Refusal>>>,
+    ) {
+        let (sel, own, meta) = (self.sel.clone(), self.own.clone(), self.meta.clone());
+        tokio::spawn(async move {
+            let refused = |code, message: &'static str| room::Refused { code, message: message.into() };
+            let notes = if sel.barrier(PLAYBACK_PATIENCE).await {
+                match sel.store().recording(&meta.tenant, &meta.sel_id, i64::from(take)).await {
+                    Ok(Some(take)) => Ok(crate::sel::midi::playback_notes(&take)),
+                    Ok(None) => Err(refused(ErrorCode::RecordingNotFound, "no such recording in this class")),
+                    Err(e) => {
+                        warn!(error = %e, "reading a recording for playback failed");
+                        Err(refused(ErrorCode::StoreUnavailable, "the recording cannot be read right now"))
+                    }
+                }
+            } else {
+                Err(refused(ErrorCode::StoreUnavailable, "recordings are behind; try again shortly"))
+            };
+            if let Some(tx) = own.upgrade() {
+                let _ = tx.send(Command::Playback { take, tempo, notes, requester, reply }).await;
+            }
+        });
     }
 
     fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {

@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-use downbeat_engine::room::TakeSegment;
+use downbeat_engine::room::{PlaybackNote, TakeSegment};
 use downbeat_engine::take::{TICKS_PER_BEAT, TickMap, history};
 use downbeat_protocol::MicroBpm;
 use midly::num::{u4, u7, u15, u24, u28};
@@ -81,6 +81,30 @@ pub(crate) fn tick_map(take: &Take) -> TickMap {
     let length = take.recording.length_nanos.unwrap_or(last_note).max(last_note);
     let history = history(&timelines, u64::try_from(length).unwrap_or(0));
     TickMap::new(&history, TICKS_PER_BEAT)
+}
+
+/// The notes of `take` for a playback: ticks from the downbeat before its first note (the
+/// empty bars before it left out), in time order.
+pub(crate) fn playback_notes(take: &Take) -> Vec<PlaybackNote> {
+    let map = tick_map(take);
+    let mut notes: Vec<(u64, &RecordedNoteRow)> = take.notes.iter().map(|n| (map.tick_at(n.offset_nanos), n)).collect();
+    notes.sort_by_key(|(tick, n)| (*tick, n.seq));
+    let Some(&(first, _)) = notes.first() else { return Vec::new() };
+    // The bar of the piece the first note falls in, counted from where that piece starts.
+    let piece = map.pieces().iter().rev().find(|p| p.tick <= first).copied();
+    let (origin, bar) = piece.map_or((0, u64::from(TICKS_PER_BEAT) * 4), |p| {
+        (p.tick, u64::from(p.beats_per_bar.max(1)) * u64::from(TICKS_PER_BEAT))
+    });
+    let skip = origin + (first - origin) / bar * bar;
+    notes
+        .into_iter()
+        .map(|(tick, n)| PlaybackNote {
+            tick: tick - skip,
+            midi: byte7(n.midi).as_int(),
+            velocity: byte7(n.velocity).as_int().max(1),
+            instrument: byte7(n.instrument).as_int(),
+        })
+        .collect()
 }
 
 /// What a track of the file holds: a part's notes, or those of a member without a part.

@@ -1233,6 +1233,9 @@ mod tests {
         let error = store.write(&big).await.expect_err("no room");
         assert!(error.is_retryable(), "a full database is waited out: {error:?}");
         for _ in 0..3 {
+            // The pool replaces a connection it closed after the failure with a fresh one,
+            // which has no page limit: set it on every connection again.
+            limit_pages(pool, pages).await;
             let again = store.write(&big).await.expect_err("still no room");
             assert!(again.is_retryable(), "{again:?}");
         }
