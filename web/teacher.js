@@ -128,6 +128,9 @@ function showClass(tempoBpm, beatsPerBar) {
   classroom.on('note', (n) => {
     scheduleNote(classroom, sound, trace, n);
     const card = cards.get(n.from);
+    // Where the note landed on the shared timeline, as the server counts it.
+    const placed = card ? classroom.beatOffset(n.serverTime) : null;
+    if (placed) card.parts.strip.add(placed);
     if (card) {
       const delay = Math.max(0, n.localTime - performance.now());
       setTimeout(() => flash(card.el, 'played', FLASH_MS), delay);
@@ -280,6 +283,7 @@ function makeCard(m) {
   parts.state = h('p', { class: 'member-state', 'data-testid': 'member-state' });
   parts.part = h('p', { class: 'member-part', 'data-testid': 'member-part' });
   parts.stats = h('p', { class: 'member-stats', 'data-testid': 'member-stats' });
+  parts.strip = timingStrip();
   parts.mute = h('button', { type: 'button', class: 'mute-toggle', 'data-testid': 'mute-toggle', 'aria-pressed': 'false' });
   parts.partInput = h('input', { type: 'text', maxlength: 32, 'data-testid': 'part-input', placeholder: 'drums' });
   parts.beatsBox = h('div', { class: 'assign-beats' });
@@ -295,6 +299,7 @@ function makeCard(m) {
     parts.state,
     parts.part,
     parts.stats,
+    parts.strip.el,
     h('div', { class: 'card-actions' }, parts.mute),
     h(
       'details',
@@ -519,8 +524,76 @@ function statsText(row) {
   return `${row.notes} ${row.notes === 1 ? 'note' : 'notes'} · ${pct}${score}`;
 }
 
+// ---------------------------------------------------------------- Timing pictures
+
+const SVG = 'http://www.w3.org/2000/svg';
+/** Notes a card's strip shows, newest last. */
+const STRIP_NOTES = 16;
+/** Offsets shown on a strip: ±150 ms (further ones sit on the edge). */
+const STRIP_RANGE_MS = 150;
+/** On the beat: within 60 ms (as the server counts). */
+const ON_BEAT_MS = 60;
+
+function svg(tag, attrs = {}) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, String(v));
+  return el;
+}
+
+/**
+ * A student's recent notes against the beat: one dot per note, left to right, above the line
+ * when early and below when late; the band is "on the beat".
+ */
+function timingStrip() {
+  const width = 8 + STRIP_NOTES * 10;
+  const height = 40;
+  const mid = height / 2;
+  const scale = (mid - 4) / STRIP_RANGE_MS;
+  const el = svg('svg', {
+    class: 'timing-strip', 'data-testid': 'timing-strip', viewBox: `0 0 ${width} ${height}`,
+    width, height, role: 'img', 'aria-label': 'No notes yet',
+  });
+  el.append(
+    svg('rect', { class: 'on-beat-band', x: 0, y: mid - ON_BEAT_MS * scale, width, height: 2 * ON_BEAT_MS * scale }),
+    svg('line', { class: 'beat-line', x1: 0, x2: width, y1: mid, y2: mid }),
+  );
+  const dots = svg('g', {});
+  el.append(dots);
+  const offsets = [];
+  return {
+    el,
+    add({ offsetMs, onBeat }) {
+      offsets.push({ offsetMs, onBeat });
+      if (offsets.length > STRIP_NOTES) offsets.shift();
+      dots.replaceChildren(...offsets.map((o, i) => {
+        const y = mid + Math.max(-STRIP_RANGE_MS, Math.min(STRIP_RANGE_MS, o.offsetMs)) * scale;
+        return svg('circle', { cx: 8 + i * 10, cy: y, r: 3.5, class: o.onBeat ? 'dot on' : 'dot off' });
+      }));
+      const on = offsets.filter((o) => o.onBeat).length;
+      const mean = offsets.reduce((s, o) => s + o.offsetMs, 0) / offsets.length;
+      const lean = Math.abs(mean) < 10 ? 'right with the beat' : mean < 0 ? `${Math.round(-mean)} ms early` : `${Math.round(mean)} ms late`;
+      el.setAttribute('aria-label', `Last ${offsets.length} notes: ${on} on the beat, on average ${lean}`);
+    },
+  };
+}
+
+/** The class's on-beat share this session, from the server's counts (the SEL feed). */
+function showClassShare() {
+  let timed = 0;
+  let onBeat = 0;
+  for (const row of participation.values()) {
+    timed += row.timed;
+    onBeat += row.onBeat;
+  }
+  if (timed === 0) return;
+  const share = Math.round((100 * onBeat) / timed);
+  $('#class-share-text').textContent = `Class on the beat: ${share}% of ${timed} timed notes`;
+  $('#class-share-bar').style.width = `${share}%`;
+}
+
 function updateParticipation(rows) {
   for (const row of rows || []) participation.set(row.memberId, row);
+  showClassShare();
   const body = $('#participation');
   const sorted = [...participation.values()].sort((a, b) => names.name(a.memberId).localeCompare(names.name(b.memberId)));
   body.replaceChildren(

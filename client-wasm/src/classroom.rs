@@ -710,6 +710,21 @@ impl Classroom {
         self.inner.session.borrow().client().local_time_of(at).map(|t| js::nanos_to_ms(t.0))
     }
 
+    /// Where server time `serverMs` (a note's `serverTime`, when it was played) falls on the
+    /// shared timeline: `{ offsetMs, onBeat }`, its distance from the nearest sounding beat
+    /// (negative: early) and whether that is on the beat, exactly as the server counts a note
+    /// for participation; `null` where no beat sounds.
+    #[wasm_bindgen(js_name = beatOffset, unchecked_return_type = "BeatOffset | null")]
+    pub fn beat_offset(&self, #[wasm_bindgen(js_name = serverMs)] server_ms: f64) -> JsValue {
+        let session = self.inner.session.borrow();
+        let Some(timeline) = session.client().timeline() else { return JsValue::NULL };
+        let at = ServerNanos(js::ms_to_nanos(server_ms));
+        match downbeat_engine::sel::measure(timeline, at, &[]) {
+            Some(placement) => to_js(&view::beat_offset(placement)),
+            None => JsValue::NULL,
+        }
+    }
+
     /// The `AudioContext` time to pass to `start()` so that a sound is heard at server time
     /// `serverMs`. Uses `getOutputTimestamp()` (which already includes the output latency)
     /// once the context is running, else `currentTime` minus `outputLatency`/`baseLatency`.

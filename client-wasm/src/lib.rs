@@ -236,6 +236,9 @@ export interface Applied {
 
 export interface Prompt { id: number; text: string }
 
+/** Where a note landed: its distance from the nearest beat (negative: early) and whether that is on the beat (within 60 ms). */
+export interface BeatOffset { offsetMs: number; onBeat: boolean }
+
 /** A recording running in the room (its take number in this class). */
 export interface Recording { take: number }
 

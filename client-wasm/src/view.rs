@@ -258,6 +258,20 @@ pub(crate) fn prompt(p: Option<&Prompt>) -> Option<PromptView<'_>> {
     p.map(|p| PromptView { id: p.id, text: p.text.as_str() })
 }
 
+/// Where an instant falls on the shared timeline, as the server counts a note.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct BeatOffsetView {
+    /// Signed distance from the nearest sounding beat (negative: early).
+    offset_ms: f64,
+    /// Within 60 ms of it.
+    on_beat: bool,
+}
+
+pub(crate) fn beat_offset(p: downbeat_engine::sel::Placement) -> BeatOffsetView {
+    BeatOffsetView { offset_ms: p.offset_nanos as f64 / 1e6, on_beat: p.on_beat }
+}
+
 /// A recording that runs in the room.
 #[derive(Serialize)]
 pub(crate) struct RecordingView {

@@ -505,6 +505,23 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     const studentPng = path.join(OUTPUT_DIR, 'student.png');
     // A student's card shows participation once the server has counted notes.
     await students.Ana.page.getByTestId('pad-2').click();
+    // The teacher's pictures: Ana's card shows her recent notes against the beat (a dot per
+    // note the teacher heard from her, up to 16), and the class's on-beat share from the
+    // server's counts.
+    const strip = await waitUntil(teacher, "Ana's timing strip", (id) => {
+      const heard = window.downbeat.trace.notes.filter((n) => n.from === id).length;
+      const el = document.querySelector(`[data-testid=member-card][data-member-id="${id}"] [data-testid=timing-strip]`);
+      const dots = el ? el.querySelectorAll('circle').length : 0;
+      return heard >= 4 && dots === Math.min(16, heard) ? { dots, label: el.getAttribute('aria-label') } : false;
+    }, students.Ana.memberId);
+    console.log(`Ana's timing strip: ${strip.dots} dots; "${strip.label}"`);
+    assert.match(strip.label, /^Last \d+ notes: \d+ on the beat, on average /);
+    const share = await waitUntil(teacher, 'the class on-beat share', () => {
+      const t = document.querySelector('[data-testid=class-share]')?.textContent ?? '';
+      return /Class on the beat: \d+% of [1-9]\d* timed notes/.test(t) ? t.trim() : false;
+    });
+    console.log(`class share: ${share}`);
+    await teacher.page.locator('[data-testid=member-card]').first().scrollIntoViewIfNeeded();
     await teacher.page.screenshot({ path: teacherPng, fullPage: true });
     await students.Ana.page.screenshot({ path: studentPng, fullPage: true });
     for (const p of [teacherPng, studentPng]) assert.ok((await stat(p)).size > 10_000, `${p} is a real image`);
