@@ -684,8 +684,9 @@ impl Room {
     /// Stops the take running and tells everyone; its rows go to the writer at once.
     fn stop_recording(&mut self, now: ServerNanos) -> Result<(), Refused> {
         self.recorder.stop(now)?;
-        self.send_all(ServerMessage::Recording(None), None);
+        // The rows first: whoever hears the take stopped finds them queued for the store.
         self.flush_recording();
+        self.send_all(ServerMessage::Recording(None), None);
         Ok(())
     }
 
@@ -782,8 +783,8 @@ impl Room {
             full |= self.recorder.note(now, &seat.subject, member, part, note) == Recorded::Full;
         }
         if full {
-            self.send_all(ServerMessage::Recording(None), None);
             self.flush_recording();
+            self.send_all(ServerMessage::Recording(None), None);
         }
     }
 

@@ -855,6 +855,14 @@ fn a_take_records_every_accepted_note_and_timeline_once_and_everyone_sees_it_run
     let outputs = drain(&mut r);
     assert!(heard(&outputs, 3).contains(&ServerMessage::Recording(None)));
     assert_eq!(r.recording(), None);
+    // The rows are handed out before anyone hears the take stopped: whoever reads the store
+    // after that finds them queued.
+    let queued = outputs.iter().position(|o| matches!(o, Output::Sel(SelWork::Recording(_)))).expect("rows");
+    let told = outputs
+        .iter()
+        .position(|o| matches!(o, Output::Message { message: ServerMessage::Recording(None), .. }))
+        .expect("told");
+    assert!(queued < told, "rows at {queued}, the stop told at {told}");
     let stopped_again = r.handle_control(at(4_001), ControlOp::StopRecording, None).expect_err("not recording");
     assert_eq!(stopped_again.code, ErrorCode::NotRecording);
 

@@ -136,6 +136,9 @@ impl RoomTask {
                         debug!(code = refusal.code.as_str(), message = %refusal.message, "playback refused");
                     }
                 }
+                // What the control queued goes out first (its SEL rows among it), so a caller
+                // who reads the store after the answer finds them queued.
+                self.drain(now);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
@@ -168,6 +171,9 @@ impl RoomTask {
                         debug!(code = refusal.code.as_str(), message = %refusal.message, "control refused");
                     }
                 }
+                // What the control queued goes out first (its SEL rows among it), so a caller
+                // who reads the store after the answer finds them queued.
+                self.drain(now);
                 if let Some(reply) = reply {
                     let _ = reply.send(result);
                 }
