@@ -500,14 +500,19 @@ impl Room {
         requester: Option<(u64, u32)>,
     ) -> Result<Option<Applied>, Refused> {
         let result = self.control(now, op);
-        if let Some((member, request_id)) = requester {
-            let answer = match &result {
-                Ok(applied) => ServerMessage::ControlAck(ControlAck { request_id, applied: *applied }),
-                Err(refused) => error_frame(refused.code, Some(request_id), &refused.message),
-            };
-            self.send_to(member, answer);
-        }
+        self.answer(requester, result.as_ref().map(|applied| *applied));
         result
+    }
+
+    /// Queues the ack (with where it lands) or the refusal of a control to the member who
+    /// asked on their control stream, if one did.
+    fn answer(&mut self, requester: Option<(u64, u32)>, result: Result<Option<Applied>, &Refused>) {
+        let Some((member, request_id)) = requester else { return };
+        let answer = match result {
+            Ok(applied) => ServerMessage::ControlAck(ControlAck { request_id, applied }),
+            Err(refused) => error_frame(refused.code, Some(request_id), &refused.message),
+        };
+        self.send_to(member, answer);
     }
 
     fn control(&mut self, now: ServerNanos, op: ControlOp) -> Result<Option<Applied>, Refused> {
@@ -602,13 +607,7 @@ impl Room {
         requester: Option<(u64, u32)>,
     ) -> Result<Applied, Refused> {
         let result = self.start_playback(now, take, tempo, notes);
-        if let Some((member, request_id)) = requester {
-            let answer = match &result {
-                Ok(applied) => ServerMessage::ControlAck(ControlAck { request_id, applied: Some(*applied) }),
-                Err(refused) => error_frame(refused.code, Some(request_id), &refused.message),
-            };
-            self.send_to(member, answer);
-        }
+        self.answer(requester, result.as_ref().map(|applied| Some(*applied)));
         result
     }
 

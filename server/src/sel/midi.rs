@@ -155,7 +155,6 @@ const ON: u8 = 2;
 /// `take` as a Standard MIDI File.
 pub(crate) fn take_to_midi(take: &Take) -> Vec<u8> {
     let map = tick_map(take);
-    let mut names: Vec<Vec<u8>> = Vec::new();
     let mut tempo_track: Vec<(u64, MetaMessage<'static>)> = Vec::new();
     for (i, piece) in map.pieces().iter().enumerate() {
         let micros_per_beat = 60_000_000_000_000_u64 / u64::from(piece.tempo.0.max(1));
@@ -193,9 +192,6 @@ pub(crate) fn take_to_midi(take: &Take) -> Vec<u8> {
         tracks.push((key.name(), u4::new(channel), events));
     }
 
-    for (name, _, _) in &tracks {
-        names.push(name.as_bytes().to_vec());
-    }
     let mut smf = Smf::new(Header::new(Format::Parallel, Timing::Metrical(u15::new(TICKS_PER_BEAT))));
     let mut track0 =
         vec![TrackEvent { delta: u28::new(0), kind: TrackEventKind::Meta(MetaMessage::TrackName(b"tempo and meter")) }];
@@ -206,9 +202,11 @@ pub(crate) fn take_to_midi(take: &Take) -> Vec<u8> {
     }
     track0.push(TrackEvent { delta: u28::new(0), kind: TrackEventKind::Meta(MetaMessage::EndOfTrack) });
     smf.tracks.push(track0);
-    for ((_, channel, events), name) in tracks.iter().zip(&names) {
-        let mut track =
-            vec![TrackEvent { delta: u28::new(0), kind: TrackEventKind::Meta(MetaMessage::TrackName(name)) }];
+    for (name, channel, events) in &tracks {
+        let mut track = vec![TrackEvent {
+            delta: u28::new(0),
+            kind: TrackEventKind::Meta(MetaMessage::TrackName(name.as_bytes())),
+        }];
         let mut last = 0;
         for at in events {
             let message = match at.order {
