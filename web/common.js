@@ -54,6 +54,7 @@ const FRIENDLY = {
   recording_not_found: "That recording isn't there any more.",
   already_playing: 'A recording is already playing. Stop it first.',
   not_playing: 'Nothing is playing back right now.',
+  ended_by_operator: 'The server team ended this session. Join the class again to carry on.',
   data_deleted: 'Your school removed your data from the class, so this session ended.',
   no_prompt: 'There is no question to answer right now.',
   note_out_of_range: "That note couldn't be played.",

@@ -8,8 +8,11 @@ import {
 } from '/common.js';
 
 const trace = { beats: [], notes: [], played: [] };
-/** Test hooks: the classroom, the audio context (when sound is on), traces, the last ack. */
-window.downbeat = { classroom: null, ctx: null, trace, lastApplied: null, applied: [] };
+/**
+ * Test hooks: the classroom, the audio context (when sound is on), traces, the last ack, the
+ * past session last charted.
+ */
+window.downbeat = { classroom: null, ctx: null, trace, lastApplied: null, applied: [], pastSession: null };
 
 const MIN_BPM = 40;
 const MAX_BPM = 240;
@@ -157,6 +160,9 @@ function showClass(tempoBpm, beatsPerBar) {
   classroom.on('playback', showPlayback);
   showPlayback(classroom.playback());
   listRecordings();
+
+  // Past sessions and their charts.
+  $('#past-load').addEventListener('click', listPastSessions);
 
   // Beat lights and the timeline line.
   new BeatLights(classroom, $('#beat-lights')).start();
@@ -453,8 +459,7 @@ async function listRecordings() {
   }
   $('#no-recordings').hidden = list.recordings.length > 0;
   $('#recordings').replaceChildren(...list.recordings.map((t) => {
-    const seconds = t.length_ms == null ? null : Math.round(t.length_ms / 1000);
-    const what = `Take ${t.take} · ${t.notes} notes${seconds == null ? '' : ` · ${seconds} s`}`;
+    const what = `Take ${t.take} · ${t.notes} notes${t.length_ms == null ? '' : ` · ${takeLength(t.length_ms)}`}`;
     const play = h('button', { type: 'button', 'data-testid': 'recording-play' }, '▶ Play');
     play.addEventListener('click', () => recordingControl(() => classroom.playRecording(t.take)));
     const download = h('button', { type: 'button', class: 'secondary', 'data-testid': 'recording-download' }, 'Download MIDI');
@@ -462,6 +467,13 @@ async function listRecordings() {
     return h('li', { class: 'recording-item', 'data-testid': 'recording-item', 'data-take': t.take },
       h('span', {}, what), h('span', { class: 'row' }, play, download));
   }));
+}
+
+/** A take's length: whole seconds, with a tenth under 10 s, and never "0 s". */
+function takeLength(ms) {
+  if (ms < 1000) return 'under 1 s';
+  if (ms < 9_950) return `${(ms / 1000).toFixed(1)} s`;
+  return `${Math.round(ms / 1000)} s`;
 }
 
 /** Fetches a take's MIDI file with the token and saves it from the page (no name leaves it). */
@@ -608,6 +620,209 @@ function updateParticipation(rows) {
     const card = cards.get(row.memberId);
     if (card) card.parts.stats.textContent = statsText(row);
   }
+}
+
+// ---------------------------------------------------------------- Past sessions
+
+/** The class chart's size and margins (axis labels sit in the margins). */
+const CHART = { width: 640, height: 230, left: 46, right: 14, top: 14, bottom: 42 };
+/** A child's early/late scale: ±100 ms (further sits on the edge). */
+const LEAN_RANGE_MS = 100;
+/** Closer to the beat than this on average counts as "right with the beat" (as on the strips). */
+const LEAN_EVEN_MS = 10;
+
+/** `ms` from a session's start as m:ss. */
+function clock(ms) {
+  const s = Math.round(ms / 1000);
+  return `${Math.floor(s / 60)}:${String(s % 60).padStart(2, '0')}`;
+}
+
+/** A length in words: "25 min", "40 s". */
+function duration(ms) {
+  return ms >= 60_000 ? `${Math.round(ms / 60_000)} min` : `${Math.max(1, Math.round(ms / 1000))} s`;
+}
+
+function percent(ratio) {
+  return `${Math.round(100 * ratio)}%`;
+}
+
+/** Which way a child leans on average, in words. */
+function leanText(ms) {
+  if (ms === null || ms === undefined) return 'no timed notes';
+  if (Math.abs(ms) < LEAN_EVEN_MS) return 'right with the beat on average';
+  return ms < 0 ? `${Math.round(-ms)} ms early on average` : `${Math.round(ms)} ms late on average`;
+}
+
+function isThisClass(s) {
+  return s.ended_at_ms == null && classroom && formatCode(s.room_code) === formatCode(classroom.code);
+}
+
+function sessionLabel(s) {
+  const when = new Date(s.started_at_ms).toLocaleString([], {
+    weekday: 'short', day: 'numeric', month: 'short', hour: '2-digit', minute: '2-digit',
+  });
+  const length = s.ended_at_ms == null
+    ? (isThisClass(s) ? 'this class, still open' : 'still open')
+    : duration(s.ended_at_ms - s.started_at_ms);
+  const children = `${s.students} ${s.students === 1 ? 'child' : 'children'}`;
+  return `${s.room_name || formatCode(s.room_code)} · ${when} · ${length} · ${children} · ${s.notes} ${s.notes === 1 ? 'note' : 'notes'}`;
+}
+
+/** Lists the sessions this teacher ran (newest first), each a button that charts it. */
+async function listPastSessions() {
+  clearError(errorEl);
+  let list;
+  try {
+    list = await (await api('/api/sessions')).json();
+  } catch (e) {
+    showError(errorEl, e);
+    return;
+  }
+  $('#past-load').textContent = 'Refresh the list';
+  $('#no-past').hidden = list.sessions.length > 0;
+  $('#past-sessions').replaceChildren(...list.sessions.map((s) => {
+    const button = h('button', {
+      type: 'button', class: 'past-choice secondary', 'data-testid': 'past-session', 'data-session-id': s.id,
+      'aria-pressed': 'false',
+    }, sessionLabel(s));
+    button.addEventListener('click', () => showPastSession(s, button));
+    return h('li', { class: 'past-item' }, button);
+  }));
+}
+
+/** Charts one session: the class's on-beat share over time and each child's. */
+async function showPastSession(s, button) {
+  clearError(errorEl);
+  let data;
+  try {
+    data = await (await api(`/api/sessions/${encodeURIComponent(s.id)}/sel`)).json();
+  } catch (e) {
+    showError(errorEl, e);
+    return;
+  }
+  window.downbeat.pastSession = data;
+  for (const b of document.querySelectorAll('[data-testid=past-session]')) b.setAttribute('aria-pressed', String(b === button));
+  $('#past-chart-title').textContent = sessionLabel(s);
+  const summary = timelineSummary(data.timeline);
+  $('#past-chart-plot').replaceChildren(classChart(data.timeline, summary));
+  $('#past-chart-caption').textContent = summary;
+  $('#past-chart-rows').replaceChildren(...data.timeline.buckets.map((b) => {
+    const p = b.participation;
+    return h('tr', {},
+      h('th', { scope: 'row' }, `${clock(b.from_ms)}–${clock(b.to_ms)}`),
+      h('td', {}, p.timed > 0 ? percent(p.on_beat_ratio) : '–'),
+      h('td', {}, String(p.timed)),
+      h('td', {}, String(b.students)));
+  }));
+  const students = data.students.filter((st) => st.participation.notes > 0 || st.first_joined_at_ms != null)
+    .sort((a, b) => a.student_id.localeCompare(b.student_id));
+  $('#past-students').replaceChildren(...students.map(childRow));
+  if (!students.length) $('#past-students').append(h('li', { class: 'hint' }, 'No children joined this session.'));
+  $('#past-chart').hidden = false;
+}
+
+/** The chart in words, for screen readers and the caption. */
+function timelineSummary(timeline) {
+  const played = timeline.buckets.filter((b) => b.participation.timed > 0);
+  if (!played.length) return 'No notes were played with the beat in this session.';
+  let timed = 0;
+  let onBeat = 0;
+  for (const b of played) {
+    timed += b.participation.timed;
+    onBeat += b.participation.on_beat;
+  }
+  const best = played.reduce((a, b) => (b.participation.on_beat_ratio > a.participation.on_beat_ratio ? b : a));
+  const worst = played.reduce((a, b) => (b.participation.on_beat_ratio < a.participation.on_beat_ratio ? b : a));
+  const span = timeline.buckets.length * timeline.bucket_ms;
+  return `The class played on the beat ${percent(onBeat / timed)} of the time (${timed} timed notes) `
+    + `in the first ${duration(span)}, in steps of ${duration(timeline.bucket_ms)}. `
+    + `Best: ${percent(best.participation.on_beat_ratio)} from ${clock(best.from_ms)}; `
+    + `lowest: ${percent(worst.participation.on_beat_ratio)} from ${clock(worst.from_ms)}.`;
+}
+
+/**
+ * The class's on-beat share over the session: one bar per stretch with timed notes (none
+ * where nobody played with the beat), 0 to 100% up, minutes from the start across.
+ */
+function classChart(timeline, summary) {
+  const { width, height, left, right, top, bottom } = CHART;
+  const plotW = width - left - right;
+  const plotH = height - top - bottom;
+  const buckets = timeline.buckets;
+  const slot = plotW / Math.max(1, buckets.length);
+  const gap = Math.min(2, slot / 6);
+  const y = (share) => top + plotH * (1 - share);
+  const el = svg('svg', {
+    class: 'past-chart-svg', 'data-testid': 'past-chart-svg', viewBox: `0 0 ${width} ${height}`,
+    role: 'img', 'aria-label': summary,
+  });
+  const title = svg('title', {});
+  title.textContent = summary;
+  el.append(title);
+  for (const share of [0, 0.5, 1]) {
+    el.append(svg('line', { class: share === 0 ? 'axis' : 'grid', x1: left, x2: width - right, y1: y(share), y2: y(share) }));
+    const label = svg('text', { class: 'tick', x: left - 6, y: y(share) + 4, 'text-anchor': 'end' });
+    label.textContent = percent(share);
+    el.append(label);
+  }
+  const yTitle = svg('text', { class: 'axis-title', x: 12, y: top + plotH / 2, transform: `rotate(-90 12 ${top + plotH / 2})`, 'text-anchor': 'middle' });
+  yTitle.textContent = 'on the beat';
+  el.append(yTitle);
+  buckets.forEach((b, i) => {
+    const p = b.participation;
+    if (!(p.timed > 0)) return;
+    const share = p.on_beat_ratio;
+    const barH = Math.max(1.5, plotH * share);
+    const bar = svg('rect', {
+      class: `bar ${share >= 0.5 ? 'good' : 'low'}`, 'data-testid': 'past-chart-bar', 'data-from-ms': b.from_ms,
+      x: left + i * slot + gap, y: top + plotH - barH, width: Math.max(1, slot - 2 * gap), height: barH,
+    });
+    const tip = svg('title', {});
+    tip.textContent = `${clock(b.from_ms)}–${clock(b.to_ms)}: ${percent(share)} of ${p.timed} timed notes on the beat`;
+    bar.append(tip);
+    el.append(bar);
+  });
+  // Time labels: at most 6, on stretch boundaries, and the end.
+  const every = Math.max(1, Math.ceil(buckets.length / 6));
+  for (let i = 0; i <= buckets.length; i += every) {
+    const label = svg('text', { class: 'tick', x: left + i * slot, y: height - bottom + 16, 'text-anchor': 'middle' });
+    label.textContent = clock(i * timeline.bucket_ms);
+    el.append(label);
+  }
+  const xTitle = svg('text', { class: 'axis-title', x: left + plotW / 2, y: height - 6, 'text-anchor': 'middle' });
+  xTitle.textContent = 'time since the class opened (min:s)';
+  el.append(xTitle);
+  return el;
+}
+
+/** One child: a bar of their on-beat share, and a dot for how early or late they were. */
+function childRow(st) {
+  const p = st.participation;
+  const width = 160;
+  const height = 30;
+  const timed = p.timed > 0;
+  const text = timed
+    ? `${percent(p.on_beat_ratio)} on the beat · ${leanText(p.mean_signed_offset_ms)}`
+    : p.notes > 0 ? 'no notes while the beat played' : 'did not play';
+  const el = svg('svg', {
+    class: 'child-bar', 'data-testid': 'past-student-bar', viewBox: `0 0 ${width} ${height}`, width, height,
+    role: 'img', 'aria-label': `${st.student_id}: ${text}`,
+  });
+  el.append(svg('rect', { class: 'track', x: 0, y: 2, width, height: 10, rx: 3 }));
+  if (timed) el.append(svg('rect', { class: 'fill', x: 0, y: 2, width: width * p.on_beat_ratio, height: 10, rx: 3 }));
+  const mid = width / 2;
+  el.append(
+    svg('line', { class: 'lean-scale', x1: 4, x2: width - 4, y1: 22, y2: 22 }),
+    svg('line', { class: 'lean-beat', x1: mid, x2: mid, y1: 16, y2: 28 }),
+  );
+  if (timed && p.mean_signed_offset_ms != null) {
+    const lean = Math.max(-LEAN_RANGE_MS, Math.min(LEAN_RANGE_MS, p.mean_signed_offset_ms));
+    el.append(svg('circle', { class: 'lean-dot', cx: mid + (lean / LEAN_RANGE_MS) * (mid - 6), cy: 22, r: 4 }));
+  }
+  return h('li', { class: 'past-student', 'data-testid': 'past-student', 'data-student-id': st.student_id },
+    h('span', { class: 'past-student-id' }, st.student_id),
+    el,
+    h('span', { class: 'past-student-text' }, text));
 }
 
 main();

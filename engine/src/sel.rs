@@ -82,6 +82,11 @@ pub struct Tally {
     pub on_beat: u64,
     /// Sum of |offset| of timed notes, in microseconds.
     pub offset_abs_sum_micros: u64,
+    /// Sum of the signed offsets of timed notes, in microseconds (negative: early), so the
+    /// mean says whether a player tends to rush or drag. Each note's offset is truncated to
+    /// whole microseconds toward zero, as for [`Self::offset_abs_sum_micros`].
+    #[serde(default)]
+    pub offset_sum_micros: i64,
     /// Timed notes played while the student had assigned beats.
     pub assigned: u64,
     /// Assigned notes on one of the student's own beats (playing in their part).
@@ -99,6 +104,7 @@ impl Tally {
         let Some(p) = placement else { return };
         self.timed += 1;
         self.offset_abs_sum_micros += p.offset_nanos.unsigned_abs() / 1000;
+        self.offset_sum_micros = self.offset_sum_micros.saturating_add(p.offset_nanos / 1000);
         if p.on_beat {
             self.on_beat += 1;
         }
@@ -119,6 +125,7 @@ impl Tally {
         self.timed += other.timed;
         self.on_beat += other.on_beat;
         self.offset_abs_sum_micros += other.offset_abs_sum_micros;
+        self.offset_sum_micros = self.offset_sum_micros.saturating_add(other.offset_sum_micros);
         self.assigned += other.assigned;
         self.in_part += other.in_part;
         self.turns += other.turns;
@@ -132,6 +139,13 @@ impl Tally {
     /// Mean distance from the beat of timed notes, in microseconds.
     pub fn mean_offset_micros(&self) -> Option<u64> {
         (self.timed > 0).then(|| self.offset_abs_sum_micros / self.timed)
+    }
+
+    /// Mean signed offset from the beat of timed notes, in microseconds: negative when the
+    /// player tends to be early, positive when late.
+    pub fn mean_signed_offset_micros(&self) -> Option<i64> {
+        let timed = i64::try_from(self.timed).ok().filter(|&t| t > 0)?;
+        Some(self.offset_sum_micros / timed)
     }
 
     /// The share of timed notes on the beat, 0 to 1.
@@ -263,6 +277,7 @@ mod tests {
                 timed: 5,
                 on_beat: 4,
                 offset_abs_sum_micros: 5_000 + 30_000 + 5_000 + 250_000,
+                offset_sum_micros: 5_000 + 30_000 + 5_000 + 250_000,
                 assigned: 5,
                 in_part: 3,
                 turns: 2,
@@ -279,5 +294,24 @@ mod tests {
         tally.add(&Tally { notes: 2, ..Tally::default() });
         assert_eq!(tally.notes, 6);
         assert_eq!(Tally { notes: 3, ..Tally::default() }.collaboration_score(), None);
+    }
+
+    #[test]
+    fn the_signed_mean_says_early_or_late() {
+        let (t, zero) = running();
+        let mut tally = Tally::default();
+        let mut turns = TurnTracker::default();
+        // 30 ms early, 10 ms late, 20 ms early: on average 40 / 3 ms early.
+        for at in [ServerNanos(zero.0 - 30 * MS), zero.add_nanos(510 * MS), zero.add_nanos(980 * MS)] {
+            count_note(&mut tally, &mut turns, &t, at, &[]);
+        }
+        assert_eq!((tally.offset_sum_micros, tally.offset_abs_sum_micros), (-40_000, 60_000));
+        assert_eq!(tally.mean_signed_offset_micros(), Some(-13_333));
+        assert_eq!(tally.mean_offset_micros(), Some(20_000));
+        // Sub-microsecond remainders are truncated toward zero, as for the distance.
+        let mut tally = Tally::default();
+        count_note(&mut tally, &mut turns, &t, ServerNanos(zero.0 - 1_999), &[]);
+        assert_eq!((tally.offset_sum_micros, tally.offset_abs_sum_micros), (-1, 1));
+        assert_eq!(Tally::default().mean_signed_offset_micros(), None);
     }
 }

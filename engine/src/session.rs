@@ -40,7 +40,7 @@ use crate::clock;
 use crate::notes::{self, ScheduledNote};
 
 /// Codes after which connecting again cannot help: a shell that reconnects gives up on them.
-pub const FINAL_CODES: [ErrorCode; 10] = [
+pub const FINAL_CODES: [ErrorCode; 11] = [
     ErrorCode::RoomNotFound,
     ErrorCode::RoomClosed,
     ErrorCode::Removed,
@@ -51,6 +51,7 @@ pub const FINAL_CODES: [ErrorCode; 10] = [
     ErrorCode::WrongTenant,
     ErrorCode::UnsupportedVersion,
     ErrorCode::BadRequest,
+    ErrorCode::EndedByOperator,
 ];
 
 /// Whether connecting again cannot help after the server ended a session with `code`.

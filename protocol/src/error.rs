@@ -138,6 +138,8 @@ error_codes! {
     AlreadyPlaying = 42, "already_playing";
     /// No recording is playing back.
     NotPlaying = 43, "not_playing";
+    /// A server operator ended this session (from the inspector); joining again works.
+    EndedByOperator = 44, "ended_by_operator";
 }
 
 impl fmt::Display for ErrorCode {

@@ -14,6 +14,10 @@
 //! Without configured tenants the server runs one **demo tenant** whose HS256 secret is made
 //! once and kept in the data directory, so tokens minted with [`Tenants::mint`] survive
 //! restarts.
+//!
+//! The server's **operators** are a realm of their own, shaped like a tenant
+//! ([`OPERATOR_REALM`], the `[operators]` table, or demo operators beside the demo tenant): only
+//! their keys give [`Role::Operator`], and they give no other role.
 
 use std::fmt;
 use std::fs::OpenOptions;
@@ -30,6 +34,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore as _;
 use serde::{Deserialize, Serialize};
 
+pub use crate::config::OPERATOR_REALM;
 use crate::config::{
     Config, ConfigError, KeyAlgorithm, MIN_SECRET_BYTES, TenantConfig, TenantKeyConfig, TenantLimits, TenantRetention,
     decode_secret,
@@ -52,6 +57,12 @@ pub const DEMO_TENANT_ISSUER: &str = "downbeat-dev";
 
 /// File in the data directory holding the demo tenant's secret (base64url).
 pub const DEMO_SECRET_FILE: &str = "demo-tenant.secret";
+
+/// The demo operators' issuer (`iss`), beside the demo tenant.
+pub const DEMO_OPERATOR_ISSUER: &str = "downbeat-dev-operators";
+
+/// File in the data directory holding the demo operators' secret (base64url).
+pub const DEMO_OPERATOR_SECRET_FILE: &str = "demo-operator.secret";
 
 /// Longest `sub` claim, in bytes.
 const MAX_SUB_BYTES: usize = 128;
@@ -82,6 +93,10 @@ pub enum Role {
     /// The school's data steward: exports and deletes a child's data and reads any room's
     /// SEL data; never joins or runs a room.
     Admin,
+    /// Runs the server, not a school: uses the inspector only. Its tokens come from the
+    /// operators' keys ([`OPERATOR_REALM`]), never from a school's, and reach no school's
+    /// rooms or data through the school API.
+    Operator,
 }
 
 impl Role {
@@ -91,15 +106,17 @@ impl Role {
             Self::Teacher => "teacher",
             Self::Student => "student",
             Self::Admin => "admin",
+            Self::Operator => "operator",
         }
     }
 
-    /// The role a member of a room has on the wire; `None` for admins, who never join one.
+    /// The role a member of a room has on the wire; `None` for admins and operators, who
+    /// never join one.
     pub const fn member_role(self) -> Option<downbeat_protocol::Role> {
         match self {
             Self::Teacher => Some(downbeat_protocol::Role::Teacher),
             Self::Student => Some(downbeat_protocol::Role::Student),
-            Self::Admin => None,
+            Self::Admin | Self::Operator => None,
         }
     }
 }
@@ -389,10 +406,14 @@ impl Tenant {
         &self.retention
     }
 
-    /// The principal for claims whose signature and standard claims were verified.
+    /// The principal for claims whose signature and standard claims were verified. Only the
+    /// operators' realm gives the operator role, and it gives no other.
     fn principal(&self, claims: Claims) -> Result<Principal, AuthError> {
         if claims.tenant != *self.id {
             return Err(AuthError::TenantMismatch);
+        }
+        if (claims.role == Role::Operator) != (&*self.id == OPERATOR_REALM) {
+            return Err(AuthError::BadClaim("the operator role comes only with the operators' keys, and only it does"));
         }
         check_claims_text(&claims.sub, &claims.name)?;
         Ok(Principal {
@@ -402,6 +423,20 @@ impl Tenant {
             name: claims.name,
             expires_at_unix: claims.exp,
         })
+    }
+}
+
+impl Tenant {
+    /// A tenant (or the operators' realm) of `config` with its built `keys`.
+    fn realm(config: &TenantConfig, keys: Vec<Key>) -> Self {
+        Self {
+            id: config.id.as_str().into(),
+            name: config.name.clone(),
+            issuer: config.issuer.clone(),
+            limits: config.limits,
+            retention: config.retention,
+            keys,
+        }
     }
 }
 
@@ -431,6 +466,9 @@ struct UnverifiedTenant {
 pub struct Tenants {
     audience: String,
     tenants: Vec<Tenant>,
+    /// The server's operators, shaped like a tenant ([`OPERATOR_REALM`]); `None`: nobody may
+    /// use the inspector.
+    operators: Option<Tenant>,
     demo: bool,
     /// Longest lifetime a token may have, in seconds.
     max_lifetime_secs: u64,
@@ -444,8 +482,29 @@ impl Tenants {
         config.validate()?;
         let audience = config.audience.clone();
         let max_lifetime_secs = config.max_token_lifetime_secs;
+        let operators = match &config.operators {
+            Some(operators) => {
+                let realm = operators.as_tenant();
+                let keys = realm
+                    .keys
+                    .iter()
+                    .enumerate()
+                    .map(|(index, key)| Key::from_config(&realm, index, key, &audience))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(ConfigError::Invalid)?;
+                Some(Tenant::realm(&realm, keys))
+            }
+            None if config.tenants.is_empty() => {
+                let secret = load_or_create_demo_secret(&config.data_dir, DEMO_OPERATOR_SECRET_FILE)?;
+                let key = Key::hmac(None, Algorithm::HS256, &secret, DEMO_OPERATOR_ISSUER, &audience);
+                let realm =
+                    crate::config::OperatorsConfig { issuer: DEMO_OPERATOR_ISSUER.to_owned(), keys: Vec::new() };
+                Some(Tenant::realm(&realm.as_tenant(), vec![key]))
+            }
+            None => None,
+        };
         if config.tenants.is_empty() {
-            let secret = load_or_create_demo_secret(&config.data_dir)?;
+            let secret = load_or_create_demo_secret(&config.data_dir, DEMO_SECRET_FILE)?;
             let key = Key::hmac(None, Algorithm::HS256, &secret, DEMO_TENANT_ISSUER, &audience);
             let tenant = Tenant {
                 id: DEMO_TENANT_ID.into(),
@@ -455,7 +514,7 @@ impl Tenants {
                 retention: TenantRetention::default(),
                 keys: vec![key],
             };
-            return Ok(Self { audience, tenants: vec![tenant], demo: true, max_lifetime_secs });
+            return Ok(Self { audience, tenants: vec![tenant], operators, demo: true, max_lifetime_secs });
         }
         let mut tenants = Vec::with_capacity(config.tenants.len());
         for tenant in &config.tenants {
@@ -466,21 +525,30 @@ impl Tenants {
                 .map(|(index, key)| Key::from_config(tenant, index, key, &audience))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(ConfigError::Invalid)?;
-            tenants.push(Tenant {
-                id: tenant.id.as_str().into(),
-                name: tenant.name.clone(),
-                issuer: tenant.issuer.clone(),
-                limits: tenant.limits,
-                retention: tenant.retention,
-                keys,
-            });
+            tenants.push(Tenant::realm(tenant, keys));
         }
-        Ok(Self { audience, tenants, demo: false, max_lifetime_secs })
+        Ok(Self { audience, tenants, operators, demo: false, max_lifetime_secs })
     }
 
-    /// The tenant with this id.
+    /// The tenant (school) with this id; never the operators' realm.
     pub fn tenant(&self, id: &str) -> Option<&Tenant> {
         self.tenants.iter().find(|tenant| &*tenant.id == id)
+    }
+
+    /// The school with this id, or the operators' realm for [`OPERATOR_REALM`].
+    fn realm(&self, id: &str) -> Option<&Tenant> {
+        if id == OPERATOR_REALM { self.operators.as_ref() } else { self.tenant(id) }
+    }
+
+    /// Whether anyone may use the inspector (operators are configured, or the demo's).
+    pub const fn has_operators(&self) -> bool {
+        self.operators.is_some()
+    }
+
+    /// The limits requests of principals of `id` pass: the school's, or the defaults for the
+    /// operators' realm.
+    pub fn limits_of(&self, id: &str) -> Option<&TenantLimits> {
+        self.realm(id).map(Tenant::limits)
     }
 
     /// Every tenant, in configuration order.
@@ -546,8 +614,7 @@ impl Tenants {
                 ErrorKind::Json(_) => AuthError::Malformed("the `tenant` claim is missing or not a string".to_owned()),
                 _ => AuthError::from_jwt(&e),
             })?;
-        let tenant =
-            self.tenant(&unverified.claims.tenant).ok_or(AuthError::UnknownTenant(unverified.claims.tenant))?;
+        let tenant = self.realm(&unverified.claims.tenant).ok_or(AuthError::UnknownTenant(unverified.claims.tenant))?;
         let mut algorithm_known = false;
         for key in tenant.keys.iter().filter(|key| key.algorithm == header.alg) {
             algorithm_known = true;
@@ -578,7 +645,7 @@ impl Tenants {
     /// most [`Self::max_lifetime`]), signed with the tenant's first HS* key (the demo tenant
     /// has one).
     pub fn mint(&self, tenant: &str, role: Role, sub: &str, name: &str, ttl: Duration) -> Result<String, AuthError> {
-        let found = self.tenant(tenant).ok_or_else(|| AuthError::UnknownTenant(tenant.to_owned()))?;
+        let found = self.realm(tenant).ok_or_else(|| AuthError::UnknownTenant(tenant.to_owned()))?;
         check_claims_text(sub, name)?;
         if ttl.as_secs() == 0 {
             return Err(AuthError::CannotMint("the lifetime must be at least one second".to_owned()));
@@ -607,7 +674,7 @@ impl Tenants {
     /// Signs `claims` exactly as given (nothing is checked, so tests can make expired or
     /// otherwise wrong tokens) with `tenant`'s first HS* key.
     pub fn mint_claims(&self, tenant: &str, claims: &Claims) -> Result<String, AuthError> {
-        let found = self.tenant(tenant).ok_or_else(|| AuthError::UnknownTenant(tenant.to_owned()))?;
+        let found = self.realm(tenant).ok_or_else(|| AuthError::UnknownTenant(tenant.to_owned()))?;
         let Some((key, encoding)) = found.keys.iter().find_map(|key| key.encoding.as_ref().map(|enc| (key, enc)))
         else {
             return Err(AuthError::CannotMint(format!(
@@ -626,10 +693,10 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Reads the demo tenant's secret from `dir`, or creates it (32 random bytes, base64url,
-/// mode 0600 on Unix) if there is none yet.
-fn load_or_create_demo_secret(dir: &Path) -> Result<Vec<u8>, ConfigError> {
-    let path = dir.join(DEMO_SECRET_FILE);
+/// Reads a demo secret (the demo tenant's, the demo operators') from `file` in `dir`, or
+/// creates it (32 random bytes, base64url, mode 0600 on Unix) if there is none yet.
+fn load_or_create_demo_secret(dir: &Path, file: &str) -> Result<Vec<u8>, ConfigError> {
+    let path = dir.join(file);
     let fail = |source: io::Error| ConfigError::DemoSecret { path: path.clone(), source };
     let read = || -> Result<Vec<u8>, ConfigError> {
         let text = std::fs::read_to_string(&path).map_err(fail)?;
@@ -1083,6 +1150,69 @@ mod tests {
         let mut payload = serde_json::to_value(claims_for_a(Role::Teacher)).unwrap();
         payload["role"] = "principal".into();
         refused_as_malformed(&tenants, &sign_json(Algorithm::HS256, &payload, SECRET_A));
+    }
+
+    #[test]
+    fn only_the_operators_keys_make_operators_and_they_make_nothing_else() {
+        const SECRET_OPS: &[u8; 32] = b"operators-secret-0123456789abcde";
+        let operators = crate::config::OperatorsConfig {
+            issuer: "https://sso.district.example/ops".to_owned(),
+            keys: vec![hs_key(SECRET_OPS, None)],
+        };
+        let config = Config {
+            tenants: vec![tenant("a", vec![hs_key(SECRET_A, None)])],
+            operators: Some(operators),
+            ..Config::default()
+        };
+        let tenants = Tenants::new(&config).unwrap();
+        assert!(tenants.has_operators());
+        let token = tenants.mint(OPERATOR_REALM, Role::Operator, "op-1", "Olu", HOUR).unwrap();
+        let who = tenants.verify(&token).unwrap();
+        assert_eq!((&*who.tenant, who.role, who.subject.as_str()), (OPERATOR_REALM, Role::Operator, "op-1"));
+        // The realm is no school: lookups for schools never find it.
+        assert!(tenants.tenant(OPERATOR_REALM).is_none());
+        assert!(tenants.limits_of(OPERATOR_REALM).is_some());
+        // A school's key cannot make an operator...
+        let forged = tenants.mint("a", Role::Operator, "t-1", "Eve", HOUR).unwrap();
+        assert!(matches!(tenants.verify(&forged), Err(AuthError::BadClaim(_))));
+        // ...nor the operators' key a school's role, even naming the realm.
+        for role in [Role::Teacher, Role::Student, Role::Admin] {
+            let token = tenants.mint(OPERATOR_REALM, role, "op-1", "Olu", HOUR).unwrap();
+            assert!(matches!(tenants.verify(&token), Err(AuthError::BadClaim(_))), "{role}");
+        }
+        // An operator token signed with a school's secret but naming the realm fails its keys.
+        let claims = Claims {
+            iss: "https://sso.district.example/ops".to_owned(),
+            tenant: OPERATOR_REALM.to_owned(),
+            ..claims_for_a(Role::Operator)
+        };
+        let payload = serde_json::to_value(&claims).unwrap();
+        refused(
+            &tenants,
+            &sign_json(Algorithm::HS256, &payload, SECRET_A),
+            &AuthError::BadSignature,
+            ErrorCode::Unauthorized,
+        );
+        // Without [operators], configured schools have no operators at all.
+        let schools_only = two_schools();
+        assert!(!schools_only.has_operators());
+        assert_eq!(schools_only.verify(&token).unwrap_err(), AuthError::UnknownTenant(OPERATOR_REALM.to_owned()));
+        // A school may not take the realm's id.
+        let taken = Config { tenants: vec![tenant(OPERATOR_REALM, vec![hs_key(SECRET_A, None)])], ..Config::default() };
+        let err = Tenants::new(&taken).unwrap_err().to_string();
+        assert!(err.contains("reserved for the server's operators"), "{err}");
+    }
+
+    #[test]
+    fn the_demo_has_operators_whose_secret_is_kept_beside_the_tenants() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Config { data_dir: dir.path().to_owned(), ..Config::default() };
+        let first = Tenants::new(&config).unwrap();
+        let token = first.mint(OPERATOR_REALM, Role::Operator, "op-1", "Demo operator", HOUR).unwrap();
+        assert!(dir.path().join(DEMO_OPERATOR_SECRET_FILE).exists());
+        assert_eq!(Tenants::new(&config).unwrap().verify(&token).unwrap().role, Role::Operator);
+        assert_eq!(Role::Operator.as_str(), "operator");
+        assert_eq!(Role::Operator.member_role(), None);
     }
 
     #[test]

@@ -16,6 +16,10 @@
 //! | a student's summary | | sessions they ran | sessions they ran | all |
 //! | export or delete a student's data | | | | ✓ |
 //!
+//! Operators (the server's, not a school's: [`Role::Operator`]) do nothing in this table: they
+//! use the inspector ([`Operation::Inspect`]), which shows rooms and sessions by member id and
+//! transport figures, never a child's name or anything a child wrote.
+//!
 //! Nobody reaches another tenant's rooms. Admins are the school's data stewards, not
 //! anyone's teacher: they read and manage data but never join, create or run a room, so a
 //! data role cannot disrupt a lesson and a teacher's token cannot reach every child's record.
@@ -49,6 +53,9 @@ pub(crate) enum Operation<'a> {
     ReadSel,
     /// Export or delete one student's data.
     ManageStudentData,
+    /// Use the inspector: see every school's rooms and sessions (ids and figures only) and act
+    /// on them.
+    Inspect,
 }
 
 impl Operation<'_> {
@@ -69,6 +76,7 @@ impl Operation<'_> {
             Self::ManageCoTeachers => "add or remove co-teachers",
             Self::ReadSel => "read reflections and participation",
             Self::ManageStudentData => "export or delete a student's data",
+            Self::Inspect => "use the inspector",
         }
     }
 }
@@ -104,13 +112,24 @@ impl Refusal {
 /// Whether `who` may do `op` in `room` (`None` for operations on no room: creating and
 /// listing rooms, a student's summary, export and delete). Refusals change nothing.
 pub(crate) fn authorize(who: &Principal, room: Option<&dyn RoomAccess>, op: Operation<'_>) -> Result<(), Refusal> {
+    let forbidden = |message: String| Err(Refusal::new(ErrorCode::Forbidden, message));
+    let role = who.role;
+    match (role, op) {
+        (Role::Operator, Operation::Inspect) => return Ok(()),
+        (_, Operation::Inspect) => return forbidden(format!("only the server's operators may {}", op.name())),
+        (Role::Operator, _) => {
+            return forbidden(format!(
+                "operators run the server from the inspector; they may not {} (nor read children's data)",
+                op.name()
+            ));
+        }
+        _ => {}
+    }
     if let Some(room) = room
         && room.tenant() != &*who.tenant
     {
         return Err(Refusal::new(ErrorCode::WrongTenant, "this room belongs to another school"));
     }
-    let forbidden = |message: String| Err(Refusal::new(ErrorCode::Forbidden, message));
-    let role = who.role;
     match op {
         Operation::ViewRoom => Ok(()),
         Operation::Join if role == Role::Admin => {
@@ -137,10 +156,12 @@ pub(crate) fn authorize(who: &Principal, room: Option<&dyn RoomAccess>, op: Oper
             (Role::Teacher, Some(_)) => {
                 forbidden(format!("only this room's teacher and co-teachers may {}", op.name()))
             }
-            (Role::Student, _) => forbidden(format!("only teachers may {}", op.name())),
+            (Role::Student | Role::Operator, _) => forbidden(format!("only teachers may {}", op.name())),
         },
         Operation::ManageStudentData if role == Role::Admin => Ok(()),
         Operation::ManageStudentData => forbidden(format!("only the school's admins may {}", op.name())),
+        // Decided above.
+        Operation::Inspect => forbidden(format!("only the server's operators may {}", op.name())),
     }
 }
 
@@ -281,6 +302,36 @@ mod tests {
             {
                 assert_eq!(authorize(&who, Some(&room), op).unwrap_err().code, ErrorCode::WrongTenant);
             }
+        }
+    }
+
+    #[test]
+    fn operators_inspect_and_do_nothing_else() {
+        // Even an operator token that names the room's school and its owner's subject.
+        let room = Room { tenant: "a", owner: "t-1", co_teachers: vec!["t-1"] };
+        let operator = principal("a", Role::Operator, "t-1");
+        assert_eq!(authorize(&operator, None, Operation::Inspect), Ok(()));
+        let close = ControlOp::Close;
+        let school_ops = [
+            Operation::CreateRoom,
+            Operation::ListRooms,
+            Operation::ViewRoom,
+            Operation::Join,
+            Operation::Control(&close),
+            Operation::ManageCoTeachers,
+            Operation::ReadSel,
+            Operation::ManageStudentData,
+        ];
+        for op in school_ops {
+            for room in [None, Some(&room as &dyn RoomAccess)] {
+                let refusal = authorize(&operator, room, op).unwrap_err();
+                assert_eq!(refusal.code, ErrorCode::Forbidden, "{op:?}");
+                assert!(refusal.message.starts_with("operators run the server"), "{}", refusal.message);
+            }
+        }
+        for role in [Role::Teacher, Role::Student, Role::Admin] {
+            let refusal = authorize(&principal("a", role, "t-1"), None, Operation::Inspect).unwrap_err();
+            assert_eq!(refusal.code, ErrorCode::Forbidden);
         }
     }
 }

@@ -66,6 +66,15 @@ impl ServerClock {
 
     /// The [`Instant`] at which this clock reads `t` (for `sleep_until`). Saturates about
     /// 30 years out rather than overflowing.
+    /// The wall-clock time (Unix milliseconds) of server instant `t`, past or future, placed
+    /// from now.
+    pub fn unix_ms_of(&self, t: ServerNanos) -> i64 {
+        let now = self.now();
+        let now_ms = crate::sel::unix_ms_now();
+        let ms = |nanos: u64| i64::try_from(nanos / 1_000_000).unwrap_or(i64::MAX);
+        if t >= now { now_ms.saturating_add(ms(t.0 - now.0)) } else { now_ms.saturating_sub(ms(now.0 - t.0)) }
+    }
+
     pub fn instant_of(&self, t: ServerNanos) -> Instant {
         const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
         let offset = Duration::from_nanos(t.0).min(FAR);

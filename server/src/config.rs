@@ -59,6 +59,9 @@ macro_rules! settings {
             /// tables. None: an embedded demo tenant whose secret lives in the data directory.
             #[arg(skip)]
             pub tenants: Option<Vec<TenantConfig>>,
+            /// The server's operators (the inspector): file only, as an `[operators]` table.
+            #[arg(skip)]
+            pub operators: Option<OperatorsConfig>,
         }
 
         /// The resolved server configuration. Build one with [`parse_and_merge`],
@@ -74,6 +77,10 @@ macro_rules! settings {
             /// The schools whose tokens are accepted. Empty: the embedded demo tenant (see
             /// [`crate::auth::Tenants::new`]).
             pub tenants: Vec<TenantConfig>,
+            /// The keys of the server's operators, who use the inspector (`/inspect`). None:
+            /// with the demo tenant, a demo operator key kept in the data directory; with
+            /// configured schools, no operators.
+            pub operators: Option<OperatorsConfig>,
         }
 
         impl Default for Config {
@@ -81,6 +88,7 @@ macro_rules! settings {
                 Self {
                     $($name: settings!(@default $($default)?),)*
                     tenants: Vec::new(),
+                    operators: None,
                 }
             }
         }
@@ -90,6 +98,7 @@ macro_rules! settings {
             Config {
                 $($name: settings!(@merge args.$name.or(file.$name) $(, $default)?),)*
                 tenants: args.tenants.or(file.tenants).unwrap_or_default(),
+                operators: args.operators.or(file.operators),
             }
         }
 
@@ -425,6 +434,46 @@ pub const DEFAULT_AUDIENCE: &str = "downbeat";
 
 /// Fewest bytes an HS* secret may have (the HS256 output size; RFC 7518 section 3.2).
 pub const MIN_SECRET_BYTES: usize = 32;
+
+/// The `tenant` claim of operators' tokens: the realm of the server's operators, which no
+/// school may take as its id.
+pub const OPERATOR_REALM: &str = "operators";
+
+/// Who operates the server (the inspector, `/inspect`): an `[operators]` table. Their tokens
+/// carry `tenant = "operators"`, `role = "operator"`, this `iss` and the server's `aud`, and are
+/// signed with one of these keys (a `[[operators.keys]]` table each, like a school's).
+///
+/// ```toml
+/// [operators]
+/// issuer = "https://sso.district.example/operators"
+/// [[operators.keys]]
+/// algorithm = "ES256"
+/// public_key_file = "operators.pem"
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorsConfig {
+    /// The `iss` claim operators' tokens carry, exactly.
+    pub issuer: String,
+    /// The keys their tokens may be signed with (at least one).
+    #[serde(default)]
+    pub keys: Vec<TenantKeyConfig>,
+}
+
+impl OperatorsConfig {
+    /// The operators as a realm shaped like a school, so their keys are checked and built by
+    /// the same code.
+    pub fn as_tenant(&self) -> TenantConfig {
+        TenantConfig {
+            id: OPERATOR_REALM.to_owned(),
+            name: "Operators".to_owned(),
+            issuer: self.issuer.clone(),
+            keys: self.keys.clone(),
+            limits: TenantLimits::default(),
+            retention: TenantRetention::default(),
+        }
+    }
+}
 
 /// One school whose identity provider issues tokens for this server: a `[[tenants]]` table.
 ///
@@ -965,6 +1014,17 @@ impl Config {
             if !ids.insert(tenant.id.as_str()) {
                 return invalid(format!("tenant id {:?} is used twice: give every [[tenants]] its own id", tenant.id));
             }
+            if tenant.id == OPERATOR_REALM {
+                return invalid(format!(
+                    "tenant id {OPERATOR_REALM:?} is reserved for the server's operators: give the school another id"
+                ));
+            }
+        }
+        if let Some(operators) = &self.operators {
+            operators.as_tenant().validate(0).map_err(|e| {
+                let e = e.replace("tenant \"operators\"", "[operators]");
+                ConfigError::Invalid(e.replace("[[tenants.keys]]", "[[operators.keys]]"))
+            })?;
         }
         Ok(())
     }
@@ -1385,6 +1445,24 @@ note_burst = 60
 
     /// 32 bytes ("thirty-two-bytes-of-test-secret!"), base64url without padding.
     const SECRET: &str = "dGhpcnR5LXR3by1ieXRlcy1vZi10ZXN0LXNlY3JldCE";
+
+    #[test]
+    fn operators_come_from_the_file_and_are_checked_like_a_school() {
+        let secret = "b3BlcmF0b3JzLXNlY3JldC0wMTIzNDU2Nzg5YWJjZGU";
+        let ops = format!(
+            "[operators]\nissuer = \"https://sso.district.example/ops\"\n[[operators.keys]]\nalgorithm = \"HS256\"\nsecret = \"{secret}\"\n"
+        );
+        let config = check(&[], Some(&tenant_file(&ops))).unwrap();
+        let operators = config.operators.expect("operators");
+        assert_eq!(operators.issuer, "https://sso.district.example/ops");
+        assert_eq!(operators.keys.len(), 1);
+        let err = check(&[], Some(&tenant_file("[operators]\nissuer = \"x\"\n"))).unwrap_err();
+        assert!(err.contains("[operators] has no keys"), "{err}");
+        let err = check(&[], Some(&tenant_file(&ops.replace("HS256", "ES256")))).unwrap_err();
+        assert!(err.contains("[operators] key 0 (ES256)"), "{err}");
+        let err = check(&[], Some(&tenant_file("").replace("lincoln-elementary", "operators"))).unwrap_err();
+        assert!(err.contains("reserved for the server's operators"), "{err}");
+    }
 
     #[test]
     fn tenants_come_from_the_file() {

@@ -266,6 +266,8 @@ stats! {
     reflections_refused: Counter => "reflections_refused_total";
     /// Participation events lost because the SEL queue stayed full as a room closed.
     participation_dropped: Counter => "participation_dropped_total";
+    /// Recorded notes dropped because the SEL queue stayed full while a take ran and its held rows reached their cap (the oldest notes go; the take keeps the rest).
+    recorded_notes_dropped: Counter => "recorded_notes_dropped_total";
     /// SEL rows deleted by the retention purge.
     sel_rows_purged: Counter => "sel_rows_purged_total";
     /// When the TLS certificate in use (HTTPS and WebTransport) expires, in seconds since the
@@ -593,6 +595,8 @@ mod tests {
             // Since: the SEL writer fails only the job the database refuses.
             "sel_jobs_refused_total",
             "handshakes_retried_total",
+            // Since: recordings.
+            "recorded_notes_dropped_total",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

@@ -80,6 +80,37 @@ function readMidi(bytes) {
 
 const fmt = (x, digits = 3) => (typeof x === 'number' ? x.toFixed(digits) : String(x));
 
+/**
+ * Has `user` play `count` notes, each `offsetMs` from one of the next beats (count-in
+ * excluded), scheduled on the page's synced clock; resolves with the notes played.
+ */
+async function playOnBeats(user, count, offsetMs) {
+  return user.page.evaluate(async ({ count, offsetMs }) => {
+    const c = window.downbeat.classroom;
+    const taken = new Set();
+    const plays = [];
+    const deadline = performance.now() + 15_000;
+    while (taken.size < count && performance.now() < deadline) {
+      for (const b of c.beatsAhead(1_000)) {
+        const wait = b.localTime + offsetMs - performance.now();
+        if (taken.size >= count || taken.has(b.index) || b.countIn || wait < 50) continue;
+        taken.add(b.index);
+        plays.push(new Promise((resolve) => setTimeout(() => resolve(c.playNote(64, 90, 0)), wait)));
+      }
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+    return (await Promise.all(plays)).length;
+  }, { count, offsetMs });
+}
+
+/** The timed notes the teacher's class share counts so far (from the server's feed). */
+async function classTimed(teacherUser) {
+  return teacherUser.page.evaluate(() => {
+    const m = /of (\d+) timed notes/.exec(document.querySelector('[data-testid=class-share]')?.textContent ?? '');
+    return m ? Number(m[1]) : 0;
+  });
+}
+
 describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
   before(async () => {
     server = await startServer();
@@ -526,6 +557,131 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     await students.Ana.page.screenshot({ path: studentPng, fullPage: true });
     for (const p of [teacherPng, studentPng]) assert.ok((await stat(p)).size > 10_000, `${p} is a real image`);
     console.log(`screenshots: ${teacherPng} ${studentPng}`);
+  }));
+
+  test('6b. past sessions: the teacher charts this class\'s session so far', { timeout: 60_000 }, guarded(async () => {
+    await mkdir(OUTPUT_DIR, { recursive: true });
+    const png = path.join(OUTPUT_DIR, 'teacher-past-session.png');
+    // Two bursts on the beat some seconds apart (Chloe a little early, Ana a little late the
+    // second time), counted by the server before the chart is opened.
+    const before = await classTimed(teacher);
+    const bursts = [[['Ana', 4, 0], ['Chloe', 4, -25]], [['Ana', 3, 30], ['Chloe', 3, 0]]];
+    let played = 0;
+    for (const [i, burst] of bursts.entries()) {
+      if (i > 0) await new Promise((resolve) => setTimeout(resolve, 6_000));
+      const counts = await Promise.all(burst.map(([name, n, offset]) => playOnBeats(students[name], n, offset)));
+      played += counts.reduce((a, b) => a + b, 0);
+    }
+    assert.equal(played, 14, 'every planned note was played');
+    await waitUntil(teacher, 'the server to count the notes', (want) => {
+      const m = /of (\d+) timed notes/.exec(document.querySelector('[data-testid=class-share]')?.textContent ?? '');
+      return m && Number(m[1]) >= want;
+    }, before + played);
+    await teacher.page.getByTestId('past-load').click();
+    // This class is the teacher's only session: listed first, still open.
+    const choice = teacher.page.getByTestId('past-session').first();
+    await choice.waitFor({ state: 'visible' });
+    const label = await choice.textContent();
+    console.log(`past session: ${label}`);
+    assert.match(label, /this class, still open · 3 children · \d+ notes/);
+    await choice.click();
+    const chart = await waitUntil(teacher, 'the session chart', () => {
+      const data = window.downbeat.pastSession;
+      const box = document.querySelector('[data-testid=past-chart]');
+      if (!data || !box || box.hidden) return false;
+      const svg = box.querySelector('[data-testid=past-chart-svg]');
+      const buckets = data.timeline.buckets;
+      const students = data.students.filter((s) => s.participation.timed > 0);
+      return {
+        bars: svg.querySelectorAll('[data-testid=past-chart-bar]').length,
+        withNotes: buckets.filter((b) => b.participation.timed > 0).length,
+        buckets: buckets.length,
+        bucketMs: data.timeline.bucket_ms,
+        timedInBuckets: buckets.reduce((n, b) => n + b.participation.timed, 0),
+        timedByStudents: students.reduce((n, s) => n + s.participation.timed, 0),
+        studentsPlaying: students.length,
+        best: Math.max(...buckets.map((b) => b.participation.on_beat_ratio ?? 0)),
+        role: svg.getAttribute('role'),
+        alt: svg.getAttribute('aria-label') ?? '',
+        caption: box.querySelector('[data-testid=past-chart-caption]').textContent,
+        tableRows: box.querySelectorAll('[data-testid=past-chart-table] tbody tr').length,
+        childBars: [...box.querySelectorAll('[data-testid=past-student-bar]')].map((b) => b.getAttribute('aria-label')),
+      };
+    });
+    console.log(`past session chart: ${JSON.stringify(chart)}`);
+    assert.ok(chart.withNotes >= 2, 'the class played with the beat in more than one stretch');
+    assert.ok(chart.best >= 0.5, `the bursts on the beat show (best stretch ${chart.best})`);
+    assert.equal(chart.bars, chart.withNotes, 'one bar per stretch with timed notes');
+    assert.equal(chart.tableRows, chart.buckets, 'one table row per stretch');
+    assert.equal(chart.timedInBuckets, chart.timedByStudents, "the stretches hold every child's timed notes");
+    assert.equal(chart.role, 'img');
+    assert.match(chart.alt, /^The class played on the beat \d+% of the time \(\d+ timed notes\)/, 'a text alternative');
+    assert.equal(chart.caption, chart.alt, 'the caption says what the chart shows');
+    assert.equal(chart.childBars.length, 3, 'a bar for each child who joined');
+    assert.equal(chart.studentsPlaying >= 1, true);
+    for (const alt of chart.childBars) assert.match(alt, /: (\d+% on the beat · .+|did not play|no notes while the beat played)$/);
+    const panel = teacher.page.getByTestId('past-panel');
+    await panel.scrollIntoViewIfNeeded();
+    await panel.screenshot({ path: png });
+    assert.ok((await stat(png)).size > 10_000, `${png} is a real image`);
+    console.log(`screenshot: ${png}`);
+  }));
+
+  test('6c. the operators\' inspector shows the room, its sessions and live counters; a test note reaches every tab', { timeout: 120_000 }, guarded(async () => {
+    assert.ok(server.operatorToken, 'the demo banner links the inspector with an operator token');
+    const ops = await openUser(browser, `${server.base}/inspect#token=${server.operatorToken}`, 'operator');
+    try {
+      // The room with its four sessions (the teacher and three students), by member id only.
+      const plain = (c) => c.replace(/-/g, '');
+      const rows = await waitUntil(ops, 'the room and its four sessions', (code) => {
+        const card = [...document.querySelectorAll('[data-testid=room]')].find((el) => el.dataset.code.replace(/-/g, '') === code);
+        const rows = card ? [...card.querySelectorAll('[data-testid=session-row]')] : [];
+        return rows.length === 4 && rows.every((r) => r.dataset.sessionId) ? rows.map((r) => r.innerText.replace(/\s+/g, ' ')) : false;
+      }, plain(code));
+      console.log(`inspector rows:\n  ${rows.join('\n  ')}`);
+      assert.ok(rows.every((r) => / webtransport /.test(r)), 'every session shows its transport');
+      const text = await ops.page.evaluate(() => document.body.innerText);
+      for (const name of [...STUDENTS, TEACHER]) assert.ok(!text.includes(name), `the inspector shows no name (${name})`);
+      // Live counters: the datagrams sent grow from one refresh to the next.
+      const counter = () => Number(document.querySelector('[data-metric=downbeat_datagrams_sent_total] td')?.textContent) || false;
+      const first = await waitUntil(ops, 'the datagram counter', counter);
+      const later = await waitUntil(ops, 'the datagram counter to grow', (n) => {
+        const v = Number(document.querySelector('[data-metric=downbeat_datagrams_sent_total] td')?.textContent);
+        return v > n ? v : false;
+      }, first);
+      console.log(`datagrams sent: ${first} then ${later}`);
+
+      // Observing the room, then a test note: every tab schedules it at one instant.
+      const room = ops.page.locator(`[data-testid=room][data-code="${code}"]`);
+      await room.getByTestId('observe').click();
+      await waitUntil(ops, "the observer's first event", () => !!document.querySelector('[data-testid=events] [data-event=observing]'));
+      await room.getByTestId('test-note-midi').fill('67');
+      await room.getByTestId('test-note').click();
+      const heard = {};
+      for (const u of allUsers()) {
+        heard[u.label] = await waitUntil(u, 'the test note', () =>
+          window.downbeat.trace.notes.find((n) => n.from === Number.MAX_SAFE_INTEGER && n.midi === 67) ?? false);
+      }
+      const playAts = Object.values(heard).map((n) => n.playAt);
+      assert.ok(playAts.every((p) => p === playAts[0]), `one playAt everywhere: ${playAts.join(', ')}`);
+      const trueTimes = studentUsers().map((u) => heard[u.label].localTime + u.truthOffset);
+      const spread = Math.max(...trueTimes) - Math.min(...trueTimes);
+      console.log(`TEST NOTE: playAt ${fmt(playAts[0])} ms; true instants ${trueTimes.map((t) => fmt(t - playAts[0])).join(' / ')} ms from playAt (Ana/Ben/Chloe); spread ${fmt(spread)} ms`);
+      assert.ok(spread <= 1, `the tabs sound the test note within 1 ms (spread ${fmt(spread)} ms)`);
+      await waitUntil(ops, 'the test note in the observed events', () =>
+        [...document.querySelectorAll('[data-testid=events] [data-event=notes]')].some((li) => li.textContent.includes('the test: 67')));
+      await waitUntil(ops, 'the audit log to show the observation and the test note', () => {
+        const rows = [...document.querySelectorAll('[data-testid=audit-row]')];
+        return ['observe', 'test_note'].every((a) => rows.some((r) => r.dataset.action === a && r.dataset.outcome === 'ok'));
+      });
+      await mkdir(OUTPUT_DIR, { recursive: true });
+      const png = path.join(OUTPUT_DIR, 'inspector.png');
+      await ops.page.screenshot({ path: png, fullPage: true });
+      assert.ok((await stat(png)).size > 10_000, `${png} is a real image`);
+      console.log(`screenshot: ${png}`);
+    } finally {
+      await ops.context.close();
+    }
   }));
 
   test('7. sign-in from a #token= fragment; a wrong code shows its error code', { timeout: 120_000 }, guarded(async () => {

@@ -77,9 +77,17 @@ export async function startServer({ timeoutMs = 60_000, https = false, httpAddr 
       const w = /WebTransport:\s+https:\/\/localhost:(\d+)/.exec(stdout.text);
       // The demo's teacher link carries the teacher secret in its fragment.
       const secret = /Teacher page:\s+http:\/\/\S+\/teacher#secret=([A-Za-z0-9._~-]+)/.exec(stdout.text);
+      // The demo's inspector link carries an operator's token in its fragment.
+      const inspector = /Inspector:\s+http:\/\/\S+\/inspect#token=([A-Za-z0-9._-]+)/.exec(stdout.text);
       clearTimeout(timer);
       if (m && w && (!https || s)) {
-        resolve({ http: Number(m[1]), https: s ? Number(s[1]) : null, wt: Number(w[1]), secret: secret ? secret[1] : null });
+        resolve({
+          http: Number(m[1]),
+          https: s ? Number(s[1]) : null,
+          wt: Number(w[1]),
+          secret: secret ? secret[1] : null,
+          operatorToken: inspector ? inspector[1] : null,
+        });
       } else {
         reject(new Error(`the banner lacks a port (http ${!!m}, https ${!!s}, webtransport ${!!w}):\n${stdout.text}`));
       }
@@ -102,6 +110,8 @@ export async function startServer({ timeoutMs = 60_000, https = false, httpAddr 
     wtPort: ports.wt,
     /** The demo teacher secret from the banner's teacher link (null for configured schools). */
     teacherSecret: ports.secret,
+    /** The demo operator's token from the banner's inspector link (null for configured schools). */
+    operatorToken: ports.operatorToken,
     /** The teacher page at `base` as the banner links it: with the teacher secret, if any. */
     teacherPage(base = this.base) {
       return ports.secret === null ? `${base}/teacher` : `${base}/teacher#secret=${ports.secret}`;

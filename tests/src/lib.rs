@@ -189,6 +189,15 @@ impl TestServer {
         self.token(Role::Student, sub, &format!("Student {sub}"))
     }
 
+    /// An operator's token (the server's operators' realm: the demo's, or one configured with
+    /// [`operators`]), subject `sub`.
+    pub fn operator(&self, sub: &str) -> String {
+        let realm = downbeat_server::auth::OPERATOR_REALM;
+        self.tenants
+            .mint(realm, Role::Operator, sub, &format!("Operator {sub}"), Duration::from_secs(3600))
+            .expect("the operators' realm mints")
+    }
+
     /// An admin's token (the school's data steward; subject `sub`, named after it).
     pub fn admin(&self, sub: &str) -> String {
         self.token(Role::Admin, sub, &format!("Admin {sub}"))
@@ -230,6 +239,22 @@ impl TestServer {
         let text = resp.text().await?;
         let value = if text.is_empty() { Value::Null } else { serde_json::from_str(&text).context(text)? };
         Ok((status, value))
+    }
+
+    /// `method path` as `token` with `body`; must answer `expect`: the status and, for an
+    /// error, its stable code (`None` for a success).
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+        expect: (u16, Option<&str>),
+    ) -> Result<Value> {
+        let (status, answer) = self.http(method, path, Some(token), body).await?;
+        let code = answer["error"]["code"].as_str();
+        anyhow::ensure!((status, code) == expect, "{method} {path} answered {status} {answer}, not {expect:?}");
+        Ok(answer)
     }
 
     /// `GET path` with `token`: the status, the `Content-Type` and the body's bytes.
@@ -582,21 +607,35 @@ pub fn school(
     secret: &[u8; 32],
     limits: downbeat_server::config::TenantLimits,
 ) -> downbeat_server::config::TenantConfig {
-    use base64::Engine as _;
-    use downbeat_server::config::{KeyAlgorithm, TenantConfig, TenantKeyConfig, TenantRetention};
+    use downbeat_server::config::{TenantConfig, TenantRetention};
     TenantConfig {
         id: id.to_owned(),
         name: format!("School {id}"),
         issuer: format!("https://sso.{id}.example"),
-        keys: vec![TenantKeyConfig {
-            kid: None,
-            algorithm: KeyAlgorithm::Hs256,
-            secret: Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)),
-            public_key_pem: None,
-            public_key_file: None,
-        }],
+        keys: vec![hs256_key(secret)],
         limits,
         retention: TenantRetention::default(),
+    }
+}
+
+/// An HS256 key whose secret is `secret`.
+fn hs256_key(secret: &[u8; 32]) -> downbeat_server::config::TenantKeyConfig {
+    use base64::Engine as _;
+    use downbeat_server::config::{KeyAlgorithm, TenantKeyConfig};
+    TenantKeyConfig {
+        kid: None,
+        algorithm: KeyAlgorithm::Hs256,
+        secret: Some(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)),
+        public_key_pem: None,
+        public_key_file: None,
+    }
+}
+
+/// The server's operators with one HS256 key, `secret`.
+pub fn operators(secret: &[u8; 32]) -> downbeat_server::config::OperatorsConfig {
+    downbeat_server::config::OperatorsConfig {
+        issuer: "https://sso.district.example/operators".to_owned(),
+        keys: vec![hs256_key(secret)],
     }
 }
 

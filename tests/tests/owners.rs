@@ -4,13 +4,13 @@
 //! school admins', and only admins export or delete a child's data. Another teacher of the
 //! same school is refused with `forbidden` and changes nothing.
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, bail};
 use downbeat_client::{Client, ClientError, Event};
 use downbeat_protocol::{Change, ControlOp, ErrorCode};
 use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::{TestServer, events_until, on_both_backends};
-use serde_json::{Value, json};
+use serde_json::json;
 
 on_both_backends!(
     another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them,
@@ -21,21 +21,6 @@ on_both_backends!(
 async fn server_on(db: &TestDatabase) -> Result<TestServer> {
     let url = db.url().to_owned();
     TestServer::start_with(|c| c.database_url = Some(url)).await
-}
-
-/// `method path` as `token` with `body`; must answer `expect` (and, for an error, `code`).
-async fn call(
-    server: &TestServer,
-    method: &str,
-    path: &str,
-    token: &str,
-    body: Option<Value>,
-    expect: (u16, Option<&str>),
-) -> Result<Value> {
-    let (status, answer) = server.http(method, path, Some(token), body).await?;
-    let code = answer["error"]["code"].as_str();
-    ensure!((status, code) == expect, "{method} {path} answered {status} {answer}, not {expect:?}");
-    Ok(answer)
 }
 
 const OK: (u16, Option<&str>) = (200, None);
@@ -51,7 +36,7 @@ fn refused<T>(result: Result<T, ClientError>) -> Option<ErrorCode> {
 
 /// The room's timeline epoch and whether it runs, as the owner sees it over HTTP.
 async fn timeline(server: &TestServer, code: &str, token: &str) -> Result<(u64, bool)> {
-    let room = call(server, "GET", &format!("/api/rooms/{code}"), token, None, OK).await?;
+    let room = server.call("GET", &format!("/api/rooms/{code}"), token, None, OK).await?;
     let epoch = room["timeline"]["epoch"].as_u64().context("epoch")?;
     let running = room["timeline"]["segments"].as_array().context("segments")?.iter().any(|s| s["running"] == true);
     Ok((epoch, running))
@@ -96,16 +81,16 @@ async fn another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them
         ("GET", format!("{room}/sel"), None),
         ("PUT", format!("{room}/co-teachers/t-other"), None),
     ] {
-        call(&server, method, &path, &other_token, body, FORBIDDEN).await?;
+        server.call(method, &path, &other_token, body, FORBIDDEN).await?;
     }
     // Nothing changed: the room is open and stopped, Ana is seated and not muted.
     assert_eq!(timeline(&server, &code, &owner_token).await?, before);
     assert!(!before.1);
-    let members = call(&server, "GET", &room, &owner_token, None, OK).await?;
+    let members = server.call("GET", &room, &owner_token, None, OK).await?;
     let ana_seen = members["members"].as_array().context("members")?.iter().find(|m| m["id"] == student_id);
     assert_eq!(ana_seen.map(|m| m["muted"].clone()), Some(json!(false)));
     // The room's own listing is the owner's; the other teacher lists nothing.
-    let listed = call(&server, "GET", "/api/rooms", &other_token, None, OK).await?;
+    let listed = server.call("GET", "/api/rooms", &other_token, None, OK).await?;
     assert_eq!(listed["rooms"], json!([]));
 
     // The live feed reaches the owner only.
@@ -123,18 +108,18 @@ async fn another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them
     assert!(!heard_a_reflection_before_prompt(&other, "And now?").await?, "the feed reached another teacher");
 
     // The owner adds the other teacher (twice: the second changes nothing).
-    let added = call(&server, "PUT", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
+    let added = server.call("PUT", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
     assert_eq!((&added["changed"], &added["co_teachers"]), (&json!(true), &json!(["t-other"])));
-    let again = call(&server, "PUT", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
+    let again = server.call("PUT", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
     assert_eq!((&again["changed"], &again["co_teachers"]), (&json!(false), &json!(["t-other"])));
     // Now they run it, on both paths, read its data and hear its feed.
     let applied = other.change(start).await?.applied.context("start applied")?;
     assert!(applied.epoch > before.0);
-    call(&server, "POST", &format!("{room}/tempo"), &other_token, Some(json!({"tempo_bpm": 100})), OK).await?;
-    let sel = call(&server, "GET", &format!("{room}/sel"), &other_token, None, OK).await?;
+    server.call("POST", &format!("{room}/tempo"), &other_token, Some(json!({"tempo_bpm": 100})), OK).await?;
+    let sel = server.call("GET", &format!("{room}/sel"), &other_token, None, OK).await?;
     assert_eq!(sel["reflections"].as_array().map(Vec::len), Some(1), "{sel}");
     assert_eq!(sel["co_teachers"], json!(["t-other"]));
-    let listed = call(&server, "GET", "/api/rooms", &other_token, None, OK).await?;
+    let listed = server.call("GET", "/api/rooms", &other_token, None, OK).await?;
     assert_eq!(listed["rooms"].as_array().map(Vec::len), Some(1));
     owner.set_prompt("One more?").await?;
     let prompt = loop {
@@ -148,18 +133,18 @@ async fn another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them
     ana.reflect([2; 16], prompt, Some(0), None).await?;
     events_until(&other, |e| matches!(e, Event::Reflection(n) if n.id == [2; 16])).await?;
     // A co-teacher runs the room but does not choose its teachers.
-    call(&server, "PUT", &format!("{room}/co-teachers/t-third"), &other_token, None, FORBIDDEN).await?;
+    server.call("PUT", &format!("{room}/co-teachers/t-third"), &other_token, None, FORBIDDEN).await?;
 
     // Removed (twice), they are a visitor again.
-    let removed = call(&server, "DELETE", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
+    let removed = server.call("DELETE", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
     assert_eq!((&removed["changed"], &removed["co_teachers"]), (&json!(true), &json!([])));
-    let again = call(&server, "DELETE", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
+    let again = server.call("DELETE", &format!("{room}/co-teachers/t-other"), &owner_token, None, OK).await?;
     assert_eq!(again["changed"], json!(false));
     let running = timeline(&server, &code, &owner_token).await?;
     assert_eq!(refused(other.change(Change::Stop).await), Some(ErrorCode::Forbidden));
-    call(&server, "POST", &format!("{room}/stop"), &other_token, None, FORBIDDEN).await?;
-    call(&server, "GET", &format!("{room}/sel"), &other_token, None, FORBIDDEN).await?;
-    call(&server, "DELETE", &room, &other_token, None, FORBIDDEN).await?;
+    server.call("POST", &format!("{room}/stop"), &other_token, None, FORBIDDEN).await?;
+    server.call("GET", &format!("{room}/sel"), &other_token, None, FORBIDDEN).await?;
+    server.call("DELETE", &room, &other_token, None, FORBIDDEN).await?;
     assert_eq!(timeline(&server, &code, &owner_token).await?, running);
     ana.reflect([3; 16], prompt, Some(3), None).await?;
     events_until(&owner, |e| matches!(e, Event::Reflection(n) if n.id == [3; 16])).await?;
@@ -168,9 +153,9 @@ async fn another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them
 
     // An admin reads the room's data but neither runs nor joins it.
     let admin = server.admin("a-1");
-    call(&server, "GET", &format!("{room}/sel"), &admin, None, OK).await?;
-    call(&server, "POST", &format!("{room}/stop"), &admin, None, FORBIDDEN).await?;
-    call(&server, "PUT", &format!("{room}/co-teachers/a-1"), &admin, None, FORBIDDEN).await?;
+    server.call("GET", &format!("{room}/sel"), &admin, None, OK).await?;
+    server.call("POST", &format!("{room}/stop"), &admin, None, FORBIDDEN).await?;
+    server.call("PUT", &format!("{room}/co-teachers/a-1"), &admin, None, FORBIDDEN).await?;
     match server.connect(&code, &admin).await {
         Err(e) => match e.downcast_ref::<ClientError>() {
             Some(ClientError::Refused { code: ErrorCode::Forbidden, .. }) => {}
@@ -181,9 +166,9 @@ async fn another_teacher_neither_runs_nor_reads_a_room_until_the_owner_adds_them
 
     // The list is bounded.
     for i in 0..8 {
-        call(&server, "PUT", &format!("{room}/co-teachers/t-{i}"), &owner_token, None, OK).await?;
+        server.call("PUT", &format!("{room}/co-teachers/t-{i}"), &owner_token, None, OK).await?;
     }
-    call(&server, "PUT", &format!("{room}/co-teachers/t-8"), &owner_token, None, (400, Some("bad_request"))).await?;
+    server.call("PUT", &format!("{room}/co-teachers/t-8"), &owner_token, None, (400, Some("bad_request"))).await?;
     // Only the owner closes it.
     owner.control(ControlOp::Close).await?;
     Ok(())
@@ -217,17 +202,17 @@ async fn only_admins_export_or_delete_a_child(backend: Backend) -> Result<()> {
 
     // The class's own teacher and a student: refused, and nothing is deleted.
     for token in [&owner_token, &server.student("s-ana")] {
-        call(&server, "GET", "/api/students/s-ana/export", token, None, FORBIDDEN).await?;
-        call(&server, "DELETE", "/api/students/s-ana", token, None, FORBIDDEN).await?;
+        server.call("GET", "/api/students/s-ana/export", token, None, FORBIDDEN).await?;
+        server.call("DELETE", "/api/students/s-ana", token, None, FORBIDDEN).await?;
     }
     let store = Store::open(db.url()).await?;
     assert!(store.rows_mentioning("s-ana").await? >= 1);
 
     // The school's admin exports and deletes.
     let admin = server.admin("a-1");
-    let export = call(&server, "GET", "/api/students/s-ana/export", &admin, None, OK).await?;
+    let export = server.call("GET", "/api/students/s-ana/export", &admin, None, OK).await?;
     assert_eq!(export["reflections"].as_array().map(Vec::len), Some(1), "{export}");
-    let deleted = call(&server, "DELETE", "/api/students/s-ana", &admin, None, OK).await?;
+    let deleted = server.call("DELETE", "/api/students/s-ana", &admin, None, OK).await?;
     assert_eq!(deleted["reflections"], 1);
     assert_eq!(store.rows_mentioning("s-ana").await?, 0);
     store.close().await;
@@ -240,31 +225,31 @@ async fn a_past_session_is_read_by_the_teachers_who_ran_it(backend: Backend) -> 
     let (owner_token, code, owner, ana) = class(&server, "t-owner").await?;
     let room = format!("/api/rooms/{code}");
     // A co-teacher to the end, and one removed before it.
-    call(&server, "PUT", &format!("{room}/co-teachers/t-co"), &owner_token, None, OK).await?;
-    call(&server, "PUT", &format!("{room}/co-teachers/t-gone"), &owner_token, None, OK).await?;
-    call(&server, "DELETE", &format!("{room}/co-teachers/t-gone"), &owner_token, None, OK).await?;
+    server.call("PUT", &format!("{room}/co-teachers/t-co"), &owner_token, None, OK).await?;
+    server.call("PUT", &format!("{room}/co-teachers/t-gone"), &owner_token, None, OK).await?;
+    server.call("DELETE", &format!("{room}/co-teachers/t-gone"), &owner_token, None, OK).await?;
     // Committed after the room session's own row (written as it opened) and its co-teachers.
     answer(&owner, &ana, "we kept together").await?;
-    let live = call(&server, "GET", &format!("{room}/sel"), &owner_token, None, OK).await?;
+    let live = server.call("GET", &format!("{room}/sel"), &owner_token, None, OK).await?;
     let session = live["session"]["id"].as_str().context("session id")?.to_owned();
-    call(&server, "DELETE", &room, &owner_token, None, OK).await?;
+    server.call("DELETE", &room, &owner_token, None, OK).await?;
     drop((owner, ana));
 
     let past = format!("/api/sessions/{session}/sel");
     for token in [owner_token.clone(), server.teacher("t-co"), server.admin("a-1")] {
-        let sel = call(&server, "GET", &past, &token, None, OK).await?;
+        let sel = server.call("GET", &past, &token, None, OK).await?;
         assert_eq!(sel["reflections"][0]["text"], "we kept together", "{sel}");
         assert_eq!(sel["session"]["teacher_id"], "t-owner");
         assert_eq!(sel["co_teachers"], json!(["t-co"]));
     }
     for token in [server.teacher("t-other"), server.teacher("t-gone"), server.student("s-ana")] {
-        call(&server, "GET", &past, &token, None, FORBIDDEN).await?;
+        server.call("GET", &past, &token, None, FORBIDDEN).await?;
     }
 
     // A student's summary holds the sessions its reader may read, and nothing of others.
     let summary = |token: String| {
         let server = &server;
-        async move { call(server, "GET", "/api/students/s-ana/summary", &token, None, OK).await }
+        async move { server.call("GET", "/api/students/s-ana/summary", &token, None, OK).await }
     };
     for token in [owner_token.clone(), server.teacher("t-co"), server.admin("a-1")] {
         let s = summary(token).await?;

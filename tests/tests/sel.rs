@@ -28,6 +28,7 @@ on_both_backends!(
     nobody_reads_or_deletes_another_schools_data,
     a_database_outage_never_touches_beats_and_drains_after,
     a_reflection_with_a_nul_is_refused_and_every_school_still_writes,
+    a_past_sessions_timeline_counts_what_the_class_played,
 );
 
 const SYNC: Duration = Duration::from_secs(10);
@@ -854,5 +855,236 @@ async fn a_read_only_database_degrades_and_recovers_by_itself_postgres() -> Resu
     until(Duration::from_secs(10), "healthy again", move || async move { Ok(health(s).await?.0 == 200) }).await?;
     let export = get(&server, "/api/students/s-ana/export", &server.admin("a-1"), 200).await?;
     assert_eq!(export["reflections"].as_array().map(Vec::len), Some(1), "{export}");
+    Ok(())
+}
+
+/// The counts of a stretch of a session's timeline, or of a student's participation, that a
+/// chart shows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Tallied {
+    notes: i64,
+    timed: i64,
+    on_beat: i64,
+    offset_abs_sum_micros: i64,
+    offset_sum_micros: i64,
+}
+
+impl Tallied {
+    fn of(participation: &Value) -> Result<Self> {
+        let field = |name: &str| participation[name].as_i64().with_context(|| format!("{name} in {participation}"));
+        Ok(Self {
+            notes: field("notes")?,
+            timed: field("timed")?,
+            on_beat: field("on_beat")?,
+            offset_abs_sum_micros: field("offset_abs_sum_micros")?,
+            offset_sum_micros: field("offset_sum_micros")?,
+        })
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.notes += other.notes;
+        self.timed += other.timed;
+        self.on_beat += other.on_beat;
+        self.offset_abs_sum_micros += other.offset_abs_sum_micros;
+        self.offset_sum_micros += other.offset_sum_micros;
+    }
+
+    /// One timed note `offset_nanos` from its beat, counted as the server counts it.
+    fn count(&mut self, offset_nanos: i64) {
+        self.notes += 1;
+        self.timed += 1;
+        self.on_beat += i64::from(offset_nanos.unsigned_abs() <= 60_000_000);
+        self.offset_abs_sum_micros += (offset_nanos.unsigned_abs() / 1000) as i64;
+        self.offset_sum_micros += offset_nanos / 1000;
+    }
+}
+
+/// Plays `plan` (beats after `first`, offsets in ms) on `client`'s synced clock; what the
+/// server must count.
+async fn play_plan(client: &Client, first: i64, plan: &[(i64, i64)]) -> Result<Tallied> {
+    let timeline = client.timeline().context("timeline")?;
+    let mut truth = Tallied::default();
+    for &(beat, offset_ms) in plan {
+        let beat = first + beat;
+        let local = client.local_time_of_beat(beat).context("beat time")?;
+        let at = ClientNanos((local.0 as i64 + offset_ms * 1_000_000) as u64);
+        let played_at = play_at(client, at).await?;
+        let sounds = timeline.time_of(beat).context("beat sounds")?;
+        truth.count(played_at.0 as i64 - sounds.0 as i64);
+    }
+    Ok(truth)
+}
+
+/// A past session's chart: the class plays two bursts 10 s apart (in different stretches of
+/// the timeline), the room closes, and its timeline adds up to exactly what the students
+/// played, burst by burst, and stretch by stretch to the rows stored; each student's
+/// on-beat share and mean early or late offset are theirs. Only the teachers who ran it and
+/// the school's admins read it or see it listed: another school's teacher gets what an
+/// unknown id gets, a student and another teacher of the school are refused.
+async fn a_past_sessions_timeline_counts_what_the_class_played(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let server = two_schools(&db).await?;
+    let mint = |tenant: &str, role, sub: &str| mint(&server, tenant, role, sub);
+    let teacher_token = mint("a", Role::Teacher, "t-1");
+    let code = server.create_room(&teacher_token, 120.0, 4).await?;
+    let teacher = server.connect(&code, &teacher_token).await?;
+    let subjects = ["s-early", "s-late", "s-mixed"];
+    let mut students = Vec::new();
+    for sub in subjects {
+        students.push(Arc::new(server.connect(&code, &mint("a", Role::Student, sub)).await?));
+    }
+    for student in &students {
+        student.wait_synced(SYNC).await?;
+    }
+    let applied = teacher.change(Change::Start { count_in_bars: 0 }).await?.applied.context("applied")?;
+    for student in &students {
+        downbeat_tests::wait_for_epoch(student, applied.epoch).await?;
+    }
+    let first = applied.effective_beat + 2;
+    // (beat, ms from it): early, late, and one on and one off the beat.
+    let plans: [[&[(i64, i64)]; 2]; 3] = [
+        [&[(0, -30), (1, -20)], &[(20, -40)]],
+        [&[(0, 25), (2, 45)], &[(20, 10), (21, 90)]],
+        [&[(1, -100), (3, 5)], &[(22, -5)]],
+    ];
+    let mut bursts = [Tallied::default(); 2];
+    let mut per_student: BTreeMap<&str, Tallied> = BTreeMap::new();
+    for (burst, total) in bursts.iter_mut().enumerate() {
+        let mut players = Vec::new();
+        for (student, plan) in students.iter().zip(&plans) {
+            let (student, plan) = (student.clone(), plan[burst].to_vec());
+            players.push(tokio::spawn(async move { play_plan(&student, first, &plan).await }));
+        }
+        for (sub, player) in subjects.iter().zip(players) {
+            let truth = player.await??;
+            total.add(&truth);
+            per_student.entry(sub).or_default().add(&truth);
+        }
+        // Committed (the feed follows the commit) before the next burst is played.
+        let want: Vec<(u64, i64)> =
+            students.iter().zip(subjects).map(|(s, sub)| (s.member_id(), per_student[sub].notes)).collect();
+        let mut latest: HashMap<u64, u32> = HashMap::new();
+        events_until(&teacher, |e| {
+            if let Event::Participation(notices) = e {
+                latest.extend(notices.iter().map(|n| (n.member_id, n.notes)));
+            }
+            want.iter().all(|(m, n)| latest.get(m).is_some_and(|got| i64::from(*got) == *n))
+        })
+        .await?;
+    }
+
+    // The room closes: the session is past once its end is written.
+    let (status, body) = server.http("DELETE", &format!("/api/rooms/{code}"), Some(&teacher_token), None).await?;
+    ensure!(status == 200, "closing answered {status}: {body}");
+    let listed = get(&server, "/api/sessions", &teacher_token, 200).await?;
+    let id = listed["sessions"][0]["id"].as_str().context("a listed session")?.to_owned();
+    assert_eq!(listed["sessions"].as_array().map(Vec::len), Some(1), "{listed}");
+    assert_eq!(listed["sessions"][0]["room_code"].as_str().map(|c| c.replace('-', "")), Some(code.replace('-', "")));
+    assert_eq!(listed["sessions"][0]["students"], 3);
+    assert_eq!(listed["sessions"][0]["notes"], bursts[0].notes + bursts[1].notes);
+    let (s, path) = (&server, format!("/api/sessions/{id}/sel"));
+    let (t, p) = (teacher_token.as_str(), path.as_str());
+    until(Duration::from_secs(10), "the session's end", move || async move {
+        Ok(get(s, p, t, 200).await?["session"]["ended_at_ms"].as_i64().is_some())
+    })
+    .await?;
+    let sel = get(&server, &path, &teacher_token, 200).await?;
+    assert!(!sel.to_string().contains("Someone"), "no name in the view: {sel}");
+
+    // The timeline: stretches of 5 s from the session's start (it lasted well under 5 min).
+    let timeline = &sel["timeline"];
+    assert_eq!(timeline["bucket_ms"], 5_000, "{timeline}");
+    let buckets = timeline["buckets"].as_array().context("buckets")?;
+    let mut counted = Vec::new();
+    for (i, b) in buckets.iter().enumerate() {
+        assert_eq!(b["from_ms"].as_i64(), Some(i as i64 * 5_000), "{b}");
+        assert_eq!(b["to_ms"].as_i64(), Some((i as i64 + 1) * 5_000), "{b}");
+        counted.push(Tallied::of(&b["participation"])?);
+    }
+    // Every note, once: the stretches before the second burst hold the first exactly.
+    let mut total = Tallied::default();
+    let mut split = None;
+    for (i, c) in counted.iter().enumerate() {
+        total.add(c);
+        if total == bursts[0] && split.is_none() {
+            split = Some(i + 1);
+        }
+    }
+    let mut both = bursts[0];
+    both.add(&bursts[1]);
+    assert_eq!(total, both, "{timeline}");
+    let split = split.with_context(|| format!("no stretch ends the first burst: {timeline}"))?;
+    let mut second = Tallied::default();
+    counted[split..].iter().for_each(|c| second.add(c));
+    assert_eq!(second, bursts[1], "{timeline}");
+    assert!(counted.last().is_some_and(|c| c.notes > 0), "the last stretch has notes: {timeline}");
+    // The empty stretches between the bursts are there, so the time axis is true.
+    assert!(buckets.len() >= 3, "{timeline}");
+    assert!(buckets.iter().all(|b| b["students"].as_i64().is_some_and(|n| (0..=3).contains(&n))));
+    let on_beat_ratio = |b: &Value| b["participation"]["on_beat_ratio"].as_f64();
+    for (b, c) in buckets.iter().zip(&counted) {
+        let want = (c.timed > 0).then(|| c.on_beat as f64 / c.timed as f64);
+        assert_eq!(on_beat_ratio(b), want, "{b}");
+    }
+
+    // Stretch by stretch, the rows as stored (read back in the export), grouped here.
+    let started = sel["session"]["started_at_ms"].as_i64().context("started")?;
+    let admin = mint("a", Role::Admin, "a-1");
+    let mut stored: BTreeMap<i64, Tallied> = BTreeMap::new();
+    for sub in subjects {
+        let export = get(&server, &format!("/api/students/{sub}/export"), &admin, 200).await?;
+        for row in export["participation"].as_array().context("rows")?.iter().filter(|r| r["kind"] == "notes") {
+            let at = row["at_ms"].as_i64().context("at_ms")?;
+            stored.entry((at - started).max(0) / 5_000).or_default().add(&Tallied::of(&row["counts"])?);
+        }
+    }
+    for (i, c) in counted.iter().enumerate() {
+        assert_eq!(stored.get(&(i as i64)).copied().unwrap_or_default(), *c, "stretch {i}");
+    }
+
+    // Each student: their on-beat share and mean early or late offset.
+    for sub in subjects {
+        let truth = per_student[sub];
+        let p = &student_in(&sel, sub).with_context(|| format!("{sub} in {sel}"))?["participation"];
+        let got = Tallied::of(p)?;
+        assert_eq!(got, truth, "{sub}");
+        assert_eq!(p["on_beat_ratio"].as_f64(), Some(truth.on_beat as f64 / truth.timed as f64), "{sub}");
+        let signed = p["mean_signed_offset_ms"].as_f64().context("signed mean")?;
+        assert_eq!(signed, (truth.offset_sum_micros / truth.timed) as f64 / 1000.0, "{sub}");
+    }
+    let lean = |sub: &str| student_in(&sel, sub).and_then(|s| s["participation"]["mean_signed_offset_ms"].as_f64());
+    assert!(lean("s-early").is_some_and(|ms| ms < -20.0), "early: {:?}", lean("s-early"));
+    assert!(lean("s-late").is_some_and(|ms| ms > 20.0), "late: {:?}", lean("s-late"));
+
+    // Who may read it: its teacher and the school's admins; another school's teacher gets
+    // exactly what an unknown id gets; a student and another teacher are refused.
+    get(&server, &path, &admin, 200).await?;
+    let teacher_b = mint("b", Role::Teacher, "t-1");
+    let (status, other_school) = server.http("GET", &path, Some(&teacher_b), None).await?;
+    let (unknown_status, unknown) =
+        server.http("GET", "/api/sessions/no-such-session/sel", Some(&teacher_b), None).await?;
+    assert_eq!((status, &other_school), (unknown_status, &unknown));
+    assert_eq!(status, 404, "{other_school}");
+    let (status, body) = server.http("GET", &path, Some(&mint("b", Role::Admin, "a-1")), None).await?;
+    assert_eq!((status, &body), (404, &unknown));
+    for token in [mint("a", Role::Student, "s-early"), mint("a", Role::Teacher, "t-2")] {
+        let (status, body) = server.http("GET", &path, Some(&token), None).await?;
+        assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
+        assert!(body.get("timeline").is_none());
+    }
+    // The list: the session is its teacher's and the admin's, nobody else's.
+    let ids = |listed: &Value| -> Vec<String> {
+        listed["sessions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    assert_eq!(ids(&get(&server, "/api/sessions", &admin, 200).await?), [id]);
+    assert!(ids(&get(&server, "/api/sessions", &mint("a", Role::Teacher, "t-2"), 200).await?).is_empty());
+    assert!(ids(&get(&server, "/api/sessions", &teacher_b, 200).await?).is_empty());
+    let (status, body) = server.http("GET", "/api/sessions", Some(&mint("a", Role::Student, "s-early")), None).await?;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")), "{body}");
     Ok(())
 }

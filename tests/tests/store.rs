@@ -4,7 +4,7 @@
 use anyhow::Result;
 use downbeat_server::sel::store::{
     Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, ReflectionRow, RoomSessionRow,
-    SessionEnd, Store, StudentInSession, StudentSession,
+    SessionEnd, SessionTimeline, Store, StudentInSession, StudentSession, TimelineBucket, timeline_bucket_ms,
 };
 use downbeat_tests::db::{Backend, TestDatabase};
 
@@ -42,6 +42,7 @@ on_both_backends!(
     purge_removes_what_is_older_than_the_cutoff,
     an_outage_fails_writes_as_retryable_until_it_ends,
     co_teachers_are_kept_with_their_session_in_order,
+    sessions_are_listed_for_who_ran_them_and_cut_into_a_timeline,
 );
 
 const T: &str = "school-a";
@@ -92,6 +93,7 @@ fn counts(k: i64) -> Counts {
         timed: 9 * k,
         on_beat: 7 * k,
         offset_abs_sum_micros: 123_456 * k,
+        offset_sum_micros: -23_456 * k,
         assigned: 5 * k,
         in_part: 4 * k,
         turns: 3 * k,
@@ -548,4 +550,97 @@ async fn co_teachers_are_kept_with_their_session_in_order(backend: Backend) -> R
     assert_eq!(store.rows_mentioning("t-b").await?, 1);
     store.close().await;
     Ok(())
+}
+
+/// The sessions a teacher ran (owned or co-taught), the school's for its admins, newest
+/// first; a session's notes rows in stretches from its start, the empty ones included, on
+/// both backends' integer division.
+async fn sessions_are_listed_for_who_ran_them_and_cut_into_a_timeline(backend: Backend) -> Result<()> {
+    let db = TestDatabase::new(backend).await;
+    let store = open(&db).await?;
+    store.write(&classroom(T)).await?;
+    store.write(&classroom("school-b")).await?;
+    let more = Batch {
+        sessions: vec![session(T, "rs-3", 100_000)],
+        participation: vec![
+            event(T, "rs-3", 1, "stu-1", ParticipationKind::Joined, 100_100),
+            // Stamped before the session's start (a clock step): counted in the first stretch.
+            notes(T, "rs-3", 2, "stu-1", 99_000, counts(1)),
+            notes(T, "rs-3", 3, "stu-1", 117_000, counts(2)),
+            notes(T, "rs-3", 4, "stu-2", 119_999, counts(3)),
+        ],
+        co_teachers: vec![co_teacher(T, "rs-1", "t-co", true)],
+        ..Batch::default()
+    };
+    store.write(&more).await?;
+
+    let listed = |sessions: &[downbeat_server::sel::store::SessionListing]| -> Vec<(String, i64, i64)> {
+        sessions.iter().map(|s| (s.session.id.clone(), s.students, s.notes)).collect()
+    };
+    let all = store.sessions(T, None, 50).await?;
+    let want = |id: &str, students, notes| (id.to_owned(), students, notes);
+    assert_eq!(listed(&all), vec![want("rs-3", 1, 60), want("rs-2", 1, 50), want("rs-1", 2, 60)]);
+    assert_eq!(all[2].co_teachers, ["t-co"]);
+    assert_eq!(all[2].session, RoomSessionRow { ended_at_ms: Some(20_000), ..session(T, "rs-1", 1_000) });
+    assert_eq!(listed(&store.sessions(T, Some("teacher-1"), 2).await?), vec![want("rs-3", 1, 60), want("rs-2", 1, 50)]);
+    let co = store.sessions(T, Some("t-co"), 50).await?;
+    assert_eq!((listed(&co), co[0].co_teachers.clone()), (vec![want("rs-1", 2, 60)], vec!["t-co".to_owned()]));
+    assert!(store.sessions(T, Some("t-other"), 50).await?.is_empty());
+    assert!(store.sessions(T, Some("stu-1"), 50).await?.is_empty());
+    assert!(store.sessions("school-c", None, 50).await?.is_empty());
+
+    // rs-1 started at 1 000 ms; notes counted at 5 000 (two students) and 9 000: stretches of
+    // 5 s from the start.
+    let bucket = |from_ms, students, counts| TimelineBucket { from_ms, students, counts };
+    let rs1 = store.session_timeline(T, "rs-1", 60).await?.expect("rs-1 is stored");
+    assert_eq!(
+        rs1,
+        SessionTimeline {
+            bucket_ms: 5_000,
+            buckets: vec![bucket(0, 2, sum(&[counts(1), counts(2)])), bucket(5_000, 1, counts(3))]
+        }
+    );
+    // One stretch at most: 10 s wide.
+    let one = store.session_timeline(T, "rs-1", 1).await?.expect("rs-1 is stored");
+    assert_eq!(one.bucket_ms, 10_000);
+    assert_eq!(one.buckets, vec![bucket(0, 2, sum(&[counts(1), counts(2), counts(3)]))]);
+    // rs-3: 19 999 ms of notes in 5 s stretches, two of them empty.
+    let rs3 = store.session_timeline(T, "rs-3", 60).await?.expect("rs-3 is stored");
+    let empty = Counts::default();
+    assert_eq!(
+        rs3.buckets,
+        vec![
+            bucket(0, 1, counts(1)),
+            bucket(5_000, 0, empty),
+            bucket(10_000, 0, empty),
+            bucket(15_000, 2, sum(&[counts(2), counts(3)])),
+        ]
+    );
+    // A session without notes has no stretches; none of another school or unknown.
+    store.write(&Batch { sessions: vec![session(T, "rs-quiet", 5)], ..Batch::default() }).await?;
+    let quiet = store.session_timeline(T, "rs-quiet", 60).await?.expect("rs-quiet is stored");
+    assert!(quiet.buckets.is_empty());
+    assert_eq!(store.session_timeline("school-c", "rs-1", 60).await?, None);
+    assert_eq!(store.session_timeline(T, "rs-404", 60).await?, None);
+    store.close().await;
+    Ok(())
+}
+
+#[test]
+fn timeline_widths_keep_within_the_asked_stretches() {
+    assert_eq!(timeline_bucket_ms(0, 60), 5_000);
+    assert_eq!(timeline_bucket_ms(-5, 60), 5_000);
+    // Stretches 0 to 59 of 5 s, then 10 s wide.
+    assert_eq!(timeline_bucket_ms(299_999, 60), 5_000);
+    assert_eq!(timeline_bucket_ms(300_000, 60), 10_000);
+    // A 45-minute lesson: one stretch a minute.
+    assert_eq!(timeline_bucket_ms(45 * 60_000, 60), 60_000);
+    // A day: whole hours.
+    assert_eq!(timeline_bucket_ms(24 * 3_600_000, 10), 3 * 3_600_000);
+    for span in [0, 1, 4_999, 5_000, 59_999, 3_600_000, 86_400_000, 7 * 86_400_000] {
+        for max in [1, 2, 7, 60] {
+            let width = timeline_bucket_ms(span, max);
+            assert!(span / width < max as i64, "{span} ms in {max}: {width} ms wide");
+        }
+    }
 }

@@ -198,7 +198,29 @@ pub struct Room {
     /// Playbacks started (each one's note generation).
     #[serde(default)]
     playbacks: u32,
+    /// Operators' test notes sent (each one's note generation).
+    #[serde(default)]
+    test_notes: u32,
     out: VecDeque<Output>,
+}
+
+/// The member id an operator's test notes come from: no member has it (ids count up from 1),
+/// nor does a playback ([`PLAYBACK_FROM`]). It is the largest integer JavaScript numbers hold
+/// exactly, so browsers read it as it is.
+pub const TEST_NOTE_FROM: u64 = (1 << 53) - 1;
+
+/// The velocity of an operator's test note.
+pub const TEST_NOTE_VELOCITY: u8 = 100;
+
+/// A seat as the operators' inspector sees it: the member and, while a session holds the seat,
+/// that session's id and its last report.
+#[derive(Clone, Copy, Debug)]
+pub struct SeatView<'a> {
+    /// The member (the inspector shows its id, role, part, mute, sync and transport).
+    pub member: &'a Member,
+    /// The session holding it and that session's last report; `None` while the seat is held
+    /// for a reconnect.
+    pub session: Option<(u64, ClientReport)>,
 }
 
 impl Room {
@@ -221,6 +243,7 @@ impl Room {
             recorder: Recorder::default(),
             playback: None,
             playbacks: 0,
+            test_notes: 0,
             out: VecDeque::new(),
         }
     }
@@ -238,6 +261,13 @@ impl Room {
     /// Every seat's member, in join order, and whether a session holds it now.
     pub fn members(&self) -> impl Iterator<Item = (&Member, bool)> + '_ {
         self.seats.values().map(|s| (&s.member, s.attached.is_some()))
+    }
+
+    /// Every seat with the session holding it, in join order (for the inspector).
+    pub fn seats(&self) -> impl Iterator<Item = SeatView<'_>> + '_ {
+        self.seats
+            .values()
+            .map(|s| SeatView { member: &s.member, session: s.attached.map(|a| (a.session, a.reported)) })
     }
 
     /// The current reflection prompt, if any.
@@ -611,6 +641,45 @@ impl Room {
         result
     }
 
+    /// An operator's test note: `midi` on `instrument` at [`TEST_NOTE_VELOCITY`], sent at once
+    /// on the note path from [`TEST_NOTE_FROM`] to every attached member, to sound on the
+    /// first beat at least one lead away (one lead from now while the beat is stopped), like a
+    /// classmate's note. The instant it sounds, or why not (`room_closed`,
+    /// `note_out_of_range`).
+    pub fn handle_test_note(&mut self, now: ServerNanos, midi: u8, instrument: u8) -> Result<ServerNanos, Refused> {
+        if self.closed {
+            return Err(Refused::new(ErrorCode::RoomClosed, "the room was closed"));
+        }
+        if !crate::notes::playable(midi, TEST_NOTE_VELOCITY, instrument) {
+            return Err(Refused::new(ErrorCode::NoteOutOfRange, "a test note's MIDI number and instrument are 0-127"));
+        }
+        let earliest = now.add_nanos(self.config.lead_nanos);
+        let timeline = self.stage.timeline();
+        let on_beat = timeline
+            .beat_at(earliest)
+            .and_then(|beat| if timeline.time_of(beat) == Some(earliest) { Some(beat) } else { beat.checked_add(1) })
+            .and_then(|beat| timeline.time_of(beat));
+        let sounds_at = on_beat.unwrap_or(earliest);
+        self.test_notes = self.test_notes.wrapping_add(1);
+        let note = Note {
+            seq: 1,
+            midi,
+            velocity: TEST_NOTE_VELOCITY,
+            instrument,
+            played_at: ServerNanos(sounds_at.0.saturating_sub(self.config.playout_delay_nanos)),
+        };
+        let frame = NoteFrame {
+            from: TEST_NOTE_FROM,
+            generation: self.test_notes,
+            notes: BoundedVec::try_from_vec(vec![note]).unwrap_or_default(),
+        };
+        let to = self.recipients(|_, _| true);
+        if !to.is_empty() {
+            self.out.push_back(Output::Notes { to, frame });
+        }
+        Ok(sounds_at)
+    }
+
     fn start_playback(
         &mut self,
         now: ServerNanos,
@@ -891,6 +960,12 @@ impl Room {
                 self.send_to(work.member, error_frame(ErrorCode::StoreUnavailable, Some(work.request_id), message));
             }
         }
+    }
+
+    /// Recorded notes dropped since the last call because the SEL writer's queue stayed full
+    /// and the recorder held too many rows (the take keeps the rest), for the shell's metrics.
+    pub fn take_recorded_notes_dropped(&mut self) -> u64 {
+        self.recorder.take_dropped()
     }
 
     /// `subject`'s data is being deleted: their seat, if they hold one, is freed and its

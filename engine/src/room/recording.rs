@@ -121,7 +121,7 @@ pub(crate) struct Recorder {
     /// Takes started this room session.
     takes: u32,
     held: Vec<TakeRow>,
-    /// Notes dropped because `held` was full.
+    /// Notes dropped because `held` was full, not yet reported ([`Recorder::take_dropped`]).
     dropped: u64,
     flush_due: Option<ServerNanos>,
 }
@@ -242,6 +242,12 @@ impl Recorder {
         self.dirty(now);
     }
 
+    /// The notes dropped because too many rows were held (the writer's queue stayed full)
+    /// since the last call: the shell counts them in its metrics.
+    pub(crate) fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+
     /// Forgets every note of `subject` not yet handed over (their data is being deleted).
     pub(crate) fn forget(&mut self, subject: &str) {
         self.held.retain(|row| !matches!(row, TakeRow::Note(n) if n.subject == subject));
@@ -299,4 +305,40 @@ fn timeline_row(running: &Running, timeline: &Timeline) -> TakeRow {
         })
         .collect();
     TakeRow::Timeline { take: running.take, epoch: timeline.epoch(), segments }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note_row(seq: u32) -> TakeRow {
+        TakeRow::Note(TakeNote {
+            take: 1,
+            seq,
+            subject: "s".to_owned(),
+            member: 2,
+            part: None,
+            midi: 60,
+            velocity: 100,
+            instrument: 0,
+            offset_nanos: i64::from(seq),
+            accepted_at: ServerNanos(u64::from(seq)),
+        })
+    }
+
+    #[test]
+    fn notes_dropped_past_the_held_rows_are_counted_once() {
+        let mut recorder = Recorder::default();
+        assert_eq!(recorder.take_dropped(), 0);
+        let mut rows = vec![TakeRow::Started { take: 1, at: ServerNanos(0) }];
+        rows.extend((1..=(MAX_HELD_ROWS as u32 + 4)).map(note_row));
+        recorder.restore(ServerNanos(1), RecordingWork { rows });
+        // The start is kept; the five oldest notes go.
+        assert_eq!(recorder.take_dropped(), 5);
+        assert_eq!(recorder.take_dropped(), 0, "reported once");
+        let work = recorder.take_flush().expect("rows held");
+        assert_eq!(work.rows.len(), MAX_HELD_ROWS);
+        assert!(matches!(work.rows[0], TakeRow::Started { .. }));
+        assert!(matches!(&work.rows[1], TakeRow::Note(n) if n.seq == 6));
+    }
 }

@@ -1079,3 +1079,57 @@ fn a_stopped_playback_sends_nothing_from_the_stop_boundary_on() {
     assert_eq!(sent.len(), last as usize * 2);
     assert_eq!(r.playback(), None, "over at the stop");
 }
+
+#[test]
+fn an_operators_test_note_reaches_every_member_on_the_next_beat_from_nobody_in_the_room() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let student = seat(&mut r, at(0), "s", Role::Student, 2);
+    let (lead, delay) = (r.config().lead_nanos, r.config().playout_delay_nanos);
+
+    // Stopped: one lead from now.
+    let sounds_at = r.handle_test_note(at(1_000), 72, 0).expect("sent");
+    assert_eq!(sounds_at, at(1_000).add_nanos(lead));
+    let frames = note_frames(&drain(&mut r));
+    let [(to, frame)] = frames.as_slice() else { panic!("{frames:?}") };
+    let mut members: Vec<u64> = to.iter().map(|t| t.member).collect();
+    members.sort_unstable();
+    assert_eq!(members, [teacher, student]);
+    assert_eq!((frame.from, frame.generation), (TEST_NOTE_FROM, 1));
+    let [note] = frame.notes.as_slice() else { panic!("{frame:?}") };
+    assert_eq!((note.seq, note.midi, note.velocity), (1, 72, TEST_NOTE_VELOCITY));
+    assert_eq!(crate::notes::playout_instant(note, delay), sounds_at);
+
+    // Running: on the first beat at least one lead away; a new generation each time.
+    r.handle_control(at(2_000), ControlOp::Timeline(Change::Start { count_in_bars: 0 }), None).expect("started");
+    drain(&mut r);
+    let now = at(5_123);
+    let sounds_at = r.handle_test_note(now, 60, 9).expect("sent");
+    let timeline = r.timeline();
+    let beat = timeline.beat_at(sounds_at).expect("on a beat");
+    assert_eq!(timeline.time_of(beat), Some(sounds_at));
+    assert!(sounds_at >= now.add_nanos(lead));
+    assert!(timeline.time_of(beat - 1).expect("beat before") < now.add_nanos(lead));
+    let frames = note_frames(&drain(&mut r));
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].1.generation, 2);
+
+    // Out of range or closed: refused, nothing sent.
+    assert_eq!(r.handle_test_note(now, 128, 0).unwrap_err().code, ErrorCode::NoteOutOfRange);
+    assert_eq!(r.handle_test_note(now, 60, 200).unwrap_err().code, ErrorCode::NoteOutOfRange);
+    assert!(drain(&mut r).is_empty());
+
+    // The inspector's view of the seats: each member with its session and last report.
+    let report = ClientReport {
+        sync: SyncQuality { synced: true, rtt_micros: 2_500, uncertainty_micros: 300 },
+        notes_played: 4,
+        notes_late: 1,
+    };
+    r.handle_report(now, student, 2, report).expect("reported");
+    let seats: Vec<(u64, Option<(u64, ClientReport)>)> = r.seats().map(|s| (s.member.id, s.session)).collect();
+    assert_eq!(seats, [(teacher, Some((1, ClientReport::default()))), (student, Some((2, report)))]);
+
+    r.handle_control(now, ControlOp::Close, None).expect("closed");
+    drain(&mut r);
+    assert_eq!(r.handle_test_note(now, 60, 0).unwrap_err().code, ErrorCode::RoomClosed);
+}

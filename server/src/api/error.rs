@@ -61,7 +61,7 @@ pub fn status_for(code: ErrorCode) -> StatusCode {
         ErrorCode::Unauthorized | ErrorCode::TokenExpired => StatusCode::UNAUTHORIZED,
         ErrorCode::Forbidden | ErrorCode::WrongTenant => StatusCode::FORBIDDEN,
         ErrorCode::RoomNotFound | ErrorCode::MemberNotFound | ErrorCode::RecordingNotFound => StatusCode::NOT_FOUND,
-        ErrorCode::RoomClosed | ErrorCode::DataDeleted => StatusCode::GONE,
+        ErrorCode::RoomClosed | ErrorCode::DataDeleted | ErrorCode::EndedByOperator => StatusCode::GONE,
         ErrorCode::AlreadyRunning
         | ErrorCode::NotRunning
         | ErrorCode::TooManyPendingChanges

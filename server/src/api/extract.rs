@@ -18,44 +18,72 @@ use super::listen::ClientAddr;
 use super::state::AppState;
 use crate::auth::Principal;
 
-/// within its rate limit.
+/// The verified principal of a school's token (a teacher, a student or an admin), within its
+/// rate limit. Operators' tokens are refused here (`forbidden`): they open the
+/// inspector ([`Operator`]) and nothing of a school.
 #[derive(Debug)]
 pub(crate) struct Auth(pub(crate) Principal);
+
+/// The verified principal of an operator's token, within its rate limit; any other token is
+/// refused (`forbidden`).
+#[derive(Debug)]
+pub(crate) struct Operator(pub(crate) Principal);
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let who = verified(parts, state)?;
+        state.authorize(&who, crate::authz::Operation::Inspect)?;
+        Ok(Self(who))
+    }
+}
 
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        // A token that does not verify pays per address, as no token does.
-        let unverified = |e: ApiError| {
-            let PeerAddr(peer) = PeerAddr::of(parts);
-            if state.take_anonymous(peer) { e } else { super::anonymous_limited(state) }
-        };
-        let given = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, token)| token.trim());
-        let Some(token) = given else {
-            state.stats.refused.inc(ErrorCode::Unauthorized);
-            let missing = ApiError::new(
-                ErrorCode::Unauthorized,
-                "missing token: send the header `Authorization: Bearer <token>`",
-            );
-            return Err(if parts.headers.contains_key(header::AUTHORIZATION) { unverified(missing) } else { missing });
-        };
-        let principal = state.tenants.verify(token).map_err(|e| {
-            state.stats.refused.inc(e.code());
-            unverified(ApiError::new(e.code(), e.to_string()))
-        })?;
-        if !state.take_request(&principal) {
-            state.stats.refused.inc(ErrorCode::RateLimited);
-            return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
+        let who = verified(parts, state)?;
+        if who.role == crate::auth::Role::Operator {
+            state.stats.refused.inc(ErrorCode::Forbidden);
+            return Err(ApiError::new(
+                ErrorCode::Forbidden,
+                "an operator's token opens the inspector (/api/inspect), never a school's rooms or children's data",
+            ));
         }
-        Ok(Self(principal))
+        Ok(Self(who))
     }
+}
+
+/// The principal of the request's bearer token, verified and within its rate limit.
+fn verified(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
+    // A token that does not verify pays per address, as no token does.
+    let unverified = |e: ApiError| {
+        let PeerAddr(peer) = PeerAddr::of(parts);
+        if state.take_anonymous(peer) { e } else { super::anonymous_limited(state) }
+    };
+    let given = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let Some(token) = given else {
+        state.stats.refused.inc(ErrorCode::Unauthorized);
+        let missing =
+            ApiError::new(ErrorCode::Unauthorized, "missing token: send the header `Authorization: Bearer <token>`");
+        return Err(if parts.headers.contains_key(header::AUTHORIZATION) { unverified(missing) } else { missing });
+    };
+    let principal = state.tenants.verify(token).map_err(|e| {
+        state.stats.refused.inc(e.code());
+        unverified(ApiError::new(e.code(), e.to_string()))
+    })?;
+    if !state.take_request(&principal) {
+        state.stats.refused.inc(ErrorCode::RateLimited);
+        return Err(ApiError::new(ErrorCode::RateLimited, "too many requests; slow down"));
+    }
+    Ok(principal)
 }
 
 /// The client's address, when the listener knows it (a router called directly, as in unit

@@ -12,6 +12,7 @@
 
 mod error;
 mod extract;
+mod inspect;
 mod listen;
 mod pages;
 mod recordings;
@@ -53,6 +54,7 @@ pub(crate) fn router(state: AppState, request_timeout: Duration, with_metrics: b
         .merge(rooms::routes())
         .merge(sel::routes())
         .merge(recordings::routes())
+        .merge(inspect::routes())
         .merge(pages::routes(demo))
         .merge(websocket::routes())
         .fallback(unknown_route)

@@ -64,6 +64,7 @@ pub(crate) fn routes(demo: bool) -> Router<AppState> {
         .route("/teacher", get(teacher))
         .route("/student", get(student))
         .route("/check", get(check))
+        .route("/inspect", get(inspect))
         .route("/{file}", get(web_file))
         .route("/pkg/{*file}", get(pkg_file))
         .route("/api/client-config", get(client_config))
@@ -86,6 +87,11 @@ async fn student(State(state): State<AppState>, headers: HeaderMap) -> Result<Re
 /// The network check: can this device reach the server, on which transport, how well timed.
 async fn check(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
     page(&state, "check.html", &headers).await
+}
+
+/// The operators' inspector (its API needs an operator's token).
+async fn inspect(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    page(&state, "inspect.html", &headers).await
 }
 
 /// One of the named pages; its absence says where pages come from.

@@ -25,15 +25,24 @@ use super::extract::{ApiJson, Auth, PeerAddr, RoomPath, subject};
 use super::rooms::{Done, control};
 use super::state::AppState;
 use crate::authz::{Operation, RoomAccess, authorize, sessions_readable_by};
-use crate::sel::store::{Counts, ReflectionRow, RoomSessionRow, SessionSel, SessionTeachers, StoreError};
+use crate::sel::store::{
+    Counts, ReflectionRow, RoomSessionRow, SessionListing, SessionSel, SessionTeachers, SessionTimeline, StoreError,
+};
 
 /// How long an export or delete waits for SEL writes queued before it to commit.
 pub(super) const BARRIER_PATIENCE: Duration = Duration::from_secs(5);
+
+/// Most stretches a room session's timeline is cut into (a 45-minute lesson: 45 minutes).
+pub(super) const MAX_TIMELINE_BUCKETS: usize = 60;
+
+/// Most room sessions `GET /api/sessions` lists.
+pub(super) const MAX_SESSIONS_LISTED: u32 = 50;
 
 pub(crate) fn routes() -> Router<AppState> {
     Router::new()
         .route("/api/rooms/{code}/prompt", post(set_prompt))
         .route("/api/rooms/{code}/sel", get(room_sel))
+        .route("/api/sessions", get(list_sessions))
         .route("/api/sessions/{id}/sel", get(session_sel))
         .route("/api/students/{id}", axum::routing::delete(delete_student))
         .route("/api/students/{id}/summary", get(student_summary))
@@ -120,6 +129,9 @@ struct Participation {
     on_beat_ratio: Option<f64>,
     /// Mean distance of timed notes from the nearest beat, in ms.
     mean_offset_ms: Option<f64>,
+    /// Mean signed offset of timed notes from the nearest beat, in ms: negative when early
+    /// on average, positive when late.
+    mean_signed_offset_ms: Option<f64>,
     /// In-part notes / assigned notes.
     in_part_ratio: Option<f64>,
     /// See the README.
@@ -133,6 +145,7 @@ impl From<Counts> for Participation {
             counts,
             on_beat_ratio: tally.on_beat_ratio(),
             mean_offset_ms: tally.mean_offset_micros().map(|us| us as f64 / 1000.0),
+            mean_signed_offset_ms: tally.mean_signed_offset_micros().map(|us| us as f64 / 1000.0),
             in_part_ratio: (tally.assigned > 0).then(|| tally.in_part as f64 / tally.assigned as f64),
             collaboration_score: tally.collaboration_score(),
         }
@@ -206,17 +219,64 @@ struct StudentInSessionView {
     participation: Participation,
 }
 
+/// One stretch of a room session's timeline.
+#[derive(Serialize)]
+struct BucketView {
+    /// Where it starts and ends, in ms from the session's start.
+    from_ms: i64,
+    to_ms: i64,
+    /// Students whose notes were counted in it.
+    students: i64,
+    participation: Participation,
+}
+
+/// A room session's participation over time, for a chart.
+#[derive(Serialize)]
+struct TimelineView {
+    bucket_ms: i64,
+    buckets: Vec<BucketView>,
+}
+
+impl From<SessionTimeline> for TimelineView {
+    fn from(t: SessionTimeline) -> Self {
+        let bucket_ms = t.bucket_ms;
+        Self {
+            bucket_ms,
+            buckets: t
+                .buckets
+                .into_iter()
+                .map(|b| BucketView {
+                    from_ms: b.from_ms,
+                    to_ms: b.from_ms.saturating_add(bucket_ms),
+                    students: b.students,
+                    participation: b.counts.into(),
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TimelineView {
+    /// No notes counted yet.
+    fn empty() -> Self {
+        Self { bucket_ms: crate::sel::store::timeline_bucket_ms(0, MAX_TIMELINE_BUCKETS), buckets: Vec::new() }
+    }
+}
+
 #[derive(Serialize)]
 struct SessionSelView {
     session: RoomSessionRow,
     co_teachers: Vec<String>,
     students: Vec<StudentInSessionView>,
     reflections: Vec<ReflectionRow>,
+    /// The class's participation over the session, in stretches of one width.
+    timeline: TimelineView,
 }
 
-impl From<SessionSel> for SessionSelView {
-    fn from(s: SessionSel) -> Self {
+impl SessionSelView {
+    fn new(s: SessionSel, timeline: Option<SessionTimeline>) -> Self {
         Self {
+            timeline: timeline.map_or_else(TimelineView::empty, TimelineView::from),
             session: s.session,
             co_teachers: s.co_teachers,
             students: s
@@ -243,34 +303,84 @@ async fn room_sel(
 ) -> Result<Json<SessionSelView>, ApiError> {
     let room = state.room_for(&who, peer, &code, Operation::ReadSel)?;
     let meta = room.meta();
-    let session = state.sel.store().session_sel(&who.tenant, &meta.sel_id).await?;
+    let store = state.sel.store();
+    let session = store.session_sel(&who.tenant, &meta.sel_id).await?;
     // The live room's co-teachers, which the store may hold a moment later.
     let co_teachers = meta.co_teachers().clone();
     let Some(s) = session else {
         // Created a moment ago: its row is not committed yet.
         let session = meta.session_row();
-        return Ok(Json(SessionSelView { session, co_teachers, students: Vec::new(), reflections: Vec::new() }));
+        let (students, reflections, timeline) = (Vec::new(), Vec::new(), TimelineView::empty());
+        return Ok(Json(SessionSelView { session, co_teachers, students, reflections, timeline }));
     };
-    Ok(Json(SessionSelView { co_teachers, ..SessionSelView::from(s) }))
+    let timeline = store.session_timeline(&who.tenant, &meta.sel_id, MAX_TIMELINE_BUCKETS).await?;
+    Ok(Json(SessionSelView { co_teachers, ..SessionSelView::new(s, timeline) }))
 }
 
-/// A past or live room session by its id (from a student's summary): for the teachers who
-/// ran it, as recorded with it, and the school's admins.
+/// A past or live room session by its id (from a student's summary or the list of sessions):
+/// for the teachers who ran it, as recorded with it, and the school's admins. With its
+/// timeline (read after the rest: for a live session it may hold a flush more).
 async fn session_sel(
     State(state): State<AppState>,
     Auth(who): Auth,
     RoomPath(id): RoomPath,
 ) -> Result<Json<SessionSelView>, ApiError> {
     state.authorize(&who, Operation::ReadSel)?;
-    let Some(s) = state.sel.store().session_sel(&who.tenant, &id).await? else {
+    let store = state.sel.store();
+    let no_such_session = || {
         let mut e = ApiError::bad_request("no room session of your school has this id");
         e.set_status(StatusCode::NOT_FOUND);
-        return Err(e);
+        e
+    };
+    let Some(s) = store.session_sel(&who.tenant, &id).await? else {
+        return Err(no_such_session());
     };
     let session =
         PastSession { tenant: &s.session.tenant_id, owner: &s.session.teacher_id, co_teachers: &s.co_teachers };
     authorize(&who, Some(&session), Operation::ReadSel).map_err(|r| state.refused(r))?;
-    Ok(Json(s.into()))
+    let timeline = store.session_timeline(&who.tenant, &id, MAX_TIMELINE_BUCKETS).await?;
+    Ok(Json(SessionSelView::new(s, timeline)))
+}
+
+#[derive(Serialize)]
+struct SessionListingView {
+    #[serde(flatten)]
+    session: RoomSessionRow,
+    co_teachers: Vec<String>,
+    /// Students who joined.
+    students: i64,
+    /// Notes they played.
+    notes: i64,
+}
+
+#[derive(Serialize)]
+struct SessionsView {
+    sessions: Vec<SessionListingView>,
+}
+
+/// The room sessions the caller may read, newest first (at most [`MAX_SESSIONS_LISTED`]):
+/// a teacher's own (owned or co-taught, as recorded with each), every one of the school for
+/// its admins. Ids for `GET /api/sessions/{id}/sel`.
+async fn list_sessions(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<SessionsView>, ApiError> {
+    state.authorize(&who, Operation::ReadSel)?;
+    let listed = state.sel.store().sessions(&who.tenant, sessions_readable_by(&who), MAX_SESSIONS_LISTED).await?;
+    // The store picked them by the same rule; each is still checked as a room's data is.
+    let readable = |l: &SessionListing| {
+        let session =
+            PastSession { tenant: &l.session.tenant_id, owner: &l.session.teacher_id, co_teachers: &l.co_teachers };
+        authorize(&who, Some(&session), Operation::ReadSel).is_ok()
+    };
+    let sessions = listed
+        .into_iter()
+        .filter(readable)
+        .map(|l| SessionListingView {
+            session: l.session,
+            co_teachers: l.co_teachers,
+            students: l.students,
+            notes: l.notes,
+        })
+        .collect();
+    Ok(Json(SessionsView { sessions }))
 }
 
 /// Everything stored about one student, as a JSON download. Waits for writes already queued,

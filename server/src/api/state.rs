@@ -51,8 +51,7 @@ pub(crate) struct AppState {
 impl AppState {
     /// Takes one request from the principal's bucket (its tenant's control limits).
     pub(super) fn take_request(&self, who: &Principal) -> bool {
-        let Some(tenant) = self.tenants.tenant(&who.tenant) else { return false };
-        let limits = tenant.limits();
+        let Some(limits) = self.tenants.limits_of(&who.tenant) else { return false };
         let now = self.clock.now().0;
         let mut buckets = self.limits.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if buckets.len() >= MAX_TRACKED_PRINCIPALS {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use downbeat_server::auth::{Role, Tenants};
+use downbeat_server::auth::{OPERATOR_REALM, Role, Tenants};
 use downbeat_server::{Args, Config, Server};
 use tracing_subscriber::EnvFilter;
 
@@ -27,7 +27,7 @@ enum Command {
         /// The tenant (school) id.
         #[arg(long, default_value = "demo")]
         tenant: String,
-        /// `teacher`, `student` or `admin`.
+        /// `teacher`, `student`, `admin`, or `operator` (with `--tenant operators`).
         #[arg(long, value_parser = parse_role)]
         role: Role,
         /// Pseudonymous subject id, stable for this person (e.g. `t-1`, `s-17`).
@@ -57,7 +57,8 @@ fn parse_role(s: &str) -> Result<Role, String> {
         "teacher" => Ok(Role::Teacher),
         "student" => Ok(Role::Student),
         "admin" => Ok(Role::Admin),
-        _ => Err(format!("{s:?} is not a role: use teacher, student or admin")),
+        "operator" => Ok(Role::Operator),
+        _ => Err(format!("{s:?} is not a role: use teacher, student, admin or operator")),
     }
 }
 
@@ -159,11 +160,15 @@ fn banner(server: &Server) -> anyhow::Result<String> {
     let day = Duration::from_secs(12 * 3600).min(tenants.max_lifetime());
     let teacher = tenants.mint("demo", Role::Teacher, "t-1", "Ms. Rivera", day)?;
     let student = tenants.mint("demo", Role::Student, "s-1", "Ana", day)?;
+    let operator = tenants.mint(OPERATOR_REALM, Role::Operator, "op-1", "Demo operator", day)?;
     out.push_str(&format!(
         "  Tenant:        demo (Demo School); dev tokens below last {} hours\n",
         day.as_secs() as f64 / 3600.0
     ));
-    out.push_str("                 (the teacher page's link holds the teacher secret: keep it to yourself)\n\n");
+    out.push_str(&format!("  Inspector:     {http}/inspect#token={operator}\n"));
+    out.push_str(
+        "                 (the teacher page's and the inspector's links hold secrets: keep them to yourself)\n\n",
+    );
     out.push_str(&format!("Teacher token (t-1, Ms. Rivera):\n  {teacher}\n\n"));
     out.push_str(&format!("Student token (s-1, Ana):\n  {student}\n\n"));
     out.push_str("More tokens: downbeat token --tenant demo --role student --sub s-2 --name Ben\n\n");

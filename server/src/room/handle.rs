@@ -9,10 +9,12 @@ use std::time::SystemTime;
 
 use downbeat_protocol::{
     self as wire, Applied, BoundedVec, ClientReport, ControlOp, ErrorCode, MAX_NOTES_PER_DATAGRAM, Member, Name, Note,
-    Reflection, ReflectionNotice, ServerMessage, Welcome,
+    Reflection, ReflectionNotice, ServerMessage, ServerNanos, Welcome,
 };
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 
+use super::inspect::{PathFigures, RoomInspection, SessionCounters};
 use crate::auth::Principal;
 use crate::authz::{Refusal, RoomAccess};
 use crate::codes::JoinCode;
@@ -29,6 +31,10 @@ pub(crate) trait Peer: Send + Sync + fmt::Debug + 'static {
     fn send_datagram(&self, kind: DatagramKind, bytes: &[u8]) -> bool;
     /// Closes the session with `code` at once.
     fn close(&self, code: ErrorCode, reason: &str);
+    /// What the transport knows of the path, for the inspector (`None`: nothing).
+    fn path(&self) -> Option<PathFigures> {
+        None
+    }
 }
 
 /// What a datagram the room sends carries: a transport that must queue datagrams keeps only
@@ -53,6 +59,10 @@ impl Peer for wtransport::Connection {
     fn close(&self, code: ErrorCode, reason: &str) {
         Self::close(self, wtransport::VarInt::from_u32(u32::from(code.as_u16())), reason.as_bytes());
     }
+
+    fn path(&self) -> Option<PathFigures> {
+        Some(PathFigures::of(self))
+    }
 }
 
 /// The room tells a session to end: it says why on the control stream, then closes.
@@ -70,16 +80,19 @@ pub(crate) struct Conn {
     peer: Arc<dyn Peer>,
     control_tx: mpsc::Sender<ServerMessage>,
     kick: Option<oneshot::Sender<Kick>>,
+    pub(crate) counters: Arc<SessionCounters>,
+    pub(crate) seated_at: Instant,
 }
 
 impl Conn {
-    pub(crate) fn new(
-        who: Principal,
-        peer: Arc<dyn Peer>,
-        control_tx: mpsc::Sender<ServerMessage>,
-        kick: oneshot::Sender<Kick>,
-    ) -> Self {
-        Self { who, peer, control_tx, kick: Some(kick) }
+    pub(crate) fn new(joining: Joining) -> Self {
+        let Joining { session_id: _, who, transport: _, peer, control_tx, kick, counters } = joining;
+        Self { who, peer, control_tx, kick: Some(kick), counters, seated_at: Instant::now() }
+    }
+
+    /// What the transport knows of the path.
+    pub(crate) fn path(&self) -> Option<PathFigures> {
+        self.peer.path()
     }
 
     /// Queues a control message; false only if the queue is full (a slow reader). A closed
@@ -92,9 +105,11 @@ impl Conn {
     pub(crate) fn send_datagram(&self, kind: DatagramKind, bytes: &[u8], stats: &Stats) -> bool {
         let sent = self.peer.send_datagram(kind, bytes);
         if sent {
-            stats.datagrams_sent.inc()
+            stats.datagrams_sent.inc();
+            SessionCounters::count(&self.counters.sent);
         } else {
-            stats.datagrams_send_failed.inc()
+            stats.datagrams_send_failed.inc();
+            SessionCounters::count(&self.counters.send_failed);
         }
         sent
     }
@@ -129,6 +144,8 @@ pub(crate) struct Joining {
     pub(crate) peer: Arc<dyn Peer>,
     pub(crate) control_tx: mpsc::Sender<ServerMessage>,
     pub(crate) kick: oneshot::Sender<Kick>,
+    /// Its datagram counts, which the room and the session keep.
+    pub(crate) counters: Arc<SessionCounters>,
 }
 
 /// How a session left its seat (decided by the room engine).
@@ -215,6 +232,27 @@ pub(crate) enum Command {
     Forget {
         subject: String,
         reply: oneshot::Sender<()>,
+    },
+    /// The inspector's view of the room.
+    Inspect {
+        reply: oneshot::Sender<RoomInspection>,
+    },
+    /// An operator's test note (already authorized); answers the instant it sounds.
+    TestNote {
+        midi: u8,
+        instrument: u8,
+        reply: oneshot::Sender<Result<ServerNanos, Refusal>>,
+    },
+    /// An operator ends a session (`ended_by_operator`); answers whether the room had it.
+    EndSession {
+        session_id: u64,
+        reply: oneshot::Sender<bool>,
+    },
+    /// An operator observes the room: its events go to `tx` (the room as it is first) until
+    /// `tx` closes or the room does; false if the room has as many observers as it takes.
+    Observe {
+        tx: mpsc::Sender<serde_json::Value>,
+        reply: oneshot::Sender<bool>,
     },
 }
 
@@ -366,6 +404,35 @@ impl RoomHandle {
     pub(crate) async fn view(&self) -> Result<RoomView, Refusal> {
         let (reply, rx) = oneshot::channel();
         self.try_send(Command::View { reply })?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// The inspector's view of the room.
+    pub(crate) async fn inspect(&self) -> Result<RoomInspection, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.try_send(Command::Inspect { reply })?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Sends an operator's test note to everyone in the room; the instant it sounds.
+    pub(crate) async fn test_note(&self, midi: u8, instrument: u8) -> Result<ServerNanos, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.try_send(Command::TestNote { midi, instrument, reply })?;
+        rx.await.unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Ends session `session_id` (`ended_by_operator`); whether this room had it.
+    pub(crate) async fn end_session(&self, session_id: u64) -> Result<bool, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.try_send(Command::EndSession { session_id, reply })?;
+        rx.await.map_err(|_| gone())
+    }
+
+    /// Sends the room's events to `tx` from now on; false if it has as many observers as it
+    /// takes.
+    pub(crate) async fn observe(&self, tx: mpsc::Sender<serde_json::Value>) -> Result<bool, Refusal> {
+        let (reply, rx) = oneshot::channel();
+        self.try_send(Command::Observe { tx, reply })?;
         rx.await.map_err(|_| gone())
     }
 

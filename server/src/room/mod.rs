@@ -8,15 +8,19 @@
 //! - `task`: one task per room, the shell around [`downbeat_engine::room::Room`]: it feeds the
 //!   engine commands and the time and moves its outputs to sockets and to the SEL writer.
 //! - `sel`: the room's SEL work as store rows and writer jobs.
+//! - `inspect`: what the operators' inspector sees of a room and its sessions, and the live
+//!   copy of its events an observer gets (by member id, never a child's name or words).
 //!
 //! Dependencies point one way: the registry spawns tasks and hands out handles; a task knows
 //! only the handle's types, never the registry (the registry hears a room ended when its task
 //! returns).
 
 mod handle;
+mod inspect;
 mod registry;
 mod sel;
 mod task;
 
 pub(crate) use self::handle::{DatagramKind, Departure, Joining, Kick, Peer, RoomHandle};
+pub(crate) use self::inspect::{MAX_OBSERVERS, OBSERVER_QUEUE, RoomInspection, SessionCounters};
 pub(crate) use self::registry::{Rooms, RoomsConfig};

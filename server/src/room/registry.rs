@@ -319,6 +319,22 @@ impl Rooms {
         rooms
     }
 
+    /// Every live room of every school, by school then oldest first (the inspector's).
+    pub(crate) fn all(&self) -> Vec<RoomHandle> {
+        let mut rooms: Vec<_> = self.registry().live.values().flatten().cloned().collect();
+        rooms.sort_by(|a, b| {
+            (&a.meta.tenant, a.meta.created_at, &a.meta.code).cmp(&(&b.meta.tenant, b.meta.created_at, &b.meta.code))
+        });
+        rooms
+    }
+
+    /// The live room `code` of `tenant` exactly (the inspector's: no failed-join accounting,
+    /// which is for people typing codes).
+    pub(crate) fn find(&self, tenant: &str, code: &str) -> Option<RoomHandle> {
+        let code = JoinCode::parse(code)?;
+        self.registry().live.get(&code)?.iter().find(|r| &*r.meta.tenant == tenant).cloned()
+    }
+
     /// Called as a room's task ends: the code stops being live and answers
     /// `room_closed` for a day.
     pub(crate) fn closed(&self, meta: &RoomMeta) {

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, RoomMeta, RoomView};
+use super::inspect::{Observers, RoomInspection, SessionExtras};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::sel::{Job, Sel};
@@ -54,6 +55,8 @@ pub(crate) struct RoomTask {
     sel: Sel,
     /// This room's own queue, for what the SEL writer reports back once it committed.
     own: mpsc::WeakSender<Command>,
+    /// Operators watching the room from the inspector.
+    observers: Observers,
 }
 
 /// What a room task is given when it starts.
@@ -69,7 +72,7 @@ pub(crate) struct RoomParts {
 impl RoomTask {
     pub(crate) fn new(parts: RoomParts) -> Self {
         let RoomParts { meta, room, clock, stats, sel, own } = parts;
-        Self { meta, room, conns: HashMap::new(), clock, stats, sel, own }
+        Self { meta, room, conns: HashMap::new(), clock, stats, sel, own, observers: Observers::default() }
     }
 
     pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: Shutdown) {
@@ -210,6 +213,32 @@ impl RoomTask {
                     self.stats.count_report(&report, &handled);
                 }
             }
+            Command::Inspect { reply } => {
+                let _ = reply.send(self.inspection(now));
+            }
+            Command::TestNote { midi, instrument, reply } => {
+                let result = self.room.handle_test_note(now, midi, instrument).map_err(Refusal::from);
+                info!(midi, instrument, ok = result.is_ok(), "operator's test note");
+                self.drain(now);
+                let _ = reply.send(result);
+            }
+            Command::EndSession { session_id, reply } => {
+                let found = self.conns.get_mut(&session_id).map(|conn| {
+                    conn.end(ErrorCode::EndedByOperator, "a server operator ended this session", false);
+                });
+                info!(session = session_id, found = found.is_some(), "operator ended a session");
+                let _ = reply.send(found.is_some());
+            }
+            Command::Observe { tx, reply } => {
+                let snapshot = serde_json::json!({
+                    "event": "observing",
+                    "room": self.inspection(now),
+                    "timeline": super::inspect::timeline_json(&self.room.timeline().to_wire_at(now), &self.clock),
+                });
+                let added = self.observers.add(tx, snapshot);
+                info!(added, observers = self.observers.len(), "operator observing");
+                let _ = reply.send(added);
+            }
             Command::View { reply } => {
                 let _ = reply.send(RoomView {
                     timeline: self.room.timeline().to_wire_at(now),
@@ -221,6 +250,35 @@ impl RoomTask {
             }
         }
         self.drain(now);
+    }
+
+    /// The room as the inspector shows it: seats by member id with their sessions' figures.
+    fn inspection(&self, now: ServerNanos) -> RoomInspection {
+        let timeline = self.room.timeline();
+        let segment = timeline.segment_at(now);
+        let seats = self
+            .room
+            .seats()
+            .map(|view| {
+                super::inspect::seat(&view, |session| {
+                    self.conns.get(&session).map(|conn| SessionExtras {
+                        seated_for: conn.seated_at.elapsed(),
+                        counters: &conn.counters,
+                        path: conn.path(),
+                    })
+                })
+            })
+            .collect();
+        RoomInspection {
+            running: segment.running,
+            tempo_bpm: segment.tempo.as_bpm_f64(),
+            beats_per_bar: segment.beats_per_bar,
+            epoch: timeline.epoch(),
+            recording: self.room.recording().map(|r| r.take),
+            playback: self.room.playback().map(|p| p.take),
+            observers: self.observers.len(),
+            seats,
+        }
     }
 
     /// Reads take `take` of this room session (once the writes queued before it are
@@ -255,9 +313,9 @@ impl RoomTask {
     }
 
     fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {
-        let Joining { session_id, who, transport, peer, control_tx, kick } = joining;
+        let (session_id, who) = (joining.session_id, &joining.who);
         let Some(role) = who.role.member_role() else {
-            let _ = reply.send(Err(Refusal::new(ErrorCode::Forbidden, "admins do not join rooms")));
+            let _ = reply.send(Err(Refusal::new(ErrorCode::Forbidden, "admins and operators do not join rooms")));
             return;
         };
         let join = Join {
@@ -266,10 +324,10 @@ impl RoomTask {
             name: Name::truncating(&who.name),
             role,
             token_expires_at: who.expires_at_unix,
-            transport,
-            sel_feed: authorize(&who, Some(&*self.meta), Operation::ReadSel).is_ok(),
+            transport: joining.transport,
+            sel_feed: authorize(who, Some(&*self.meta), Operation::ReadSel).is_ok(),
         };
-        self.conns.insert(session_id, Conn::new(who, peer, control_tx, kick));
+        self.conns.insert(session_id, Conn::new(joining));
         let joined = match self.room.handle_join(now, join) {
             Ok(joined) => joined,
             Err(refused) => {
@@ -347,6 +405,7 @@ impl RoomTask {
         while let Some(output) = self.room.poll_output() {
             match output {
                 Output::Message { to, message } => {
+                    self.observers.message(&message, &self.clock);
                     let slow = self.queue_to(to, &message);
                     // Recipients dropped meanwhile are no longer the engine's: it ignores them.
                     let dropped = if slow.is_empty() { 0 } else { self.room.handle_slow(now, &slow) };
@@ -377,6 +436,8 @@ impl RoomTask {
                     }
                 }
                 Output::Notes { to, frame } => {
+                    let delay = self.room.config().playout_delay_nanos;
+                    self.observers.notes(&frame, delay, &self.clock);
                     // Encoded once for every recipient.
                     let bytes = match wire::encode_server_datagram(&ServerDatagram::Notes(frame)) {
                         Ok(bytes) => bytes,
@@ -411,5 +472,7 @@ impl RoomTask {
                 Output::Closed => info!("room closed"),
             }
         }
+        // Held take rows past their cap (the queue stayed full), by the handling just done.
+        self.stats.recorded_notes_dropped.add(self.room.take_recorded_notes_dropped());
     }
 }

@@ -39,7 +39,7 @@ use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::limits::{NetworkPlace, PerNetwork, Place, Places};
-use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms};
+use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms, SessionCounters};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use downbeat_engine::room::error_frame;
@@ -164,6 +164,8 @@ struct Joined {
     control_tx: mpsc::Sender<ServerMessage>,
     control_rx: mpsc::Receiver<ServerMessage>,
     kick: oneshot::Receiver<Kick>,
+    /// Its datagram counts (the inspector's).
+    counters: Arc<SessionCounters>,
     _slot: TenantSlot,
 }
 
@@ -303,6 +305,10 @@ impl Session {
         let principal =
             self.ctx.tenants.verify(&hello.token).map_err(|e| refused(Refusal::new(e.code(), e.to_string())))?;
         Span::current().record("tenant", &*principal.tenant);
+        if principal.role == crate::auth::Role::Operator {
+            let message = "operators do not join rooms: the inspector observes them";
+            return Err(refused(Refusal::new(ErrorCode::Forbidden, message)));
+        }
         let Some(tenant) = self.ctx.tenants.tenant(&principal.tenant) else {
             return Err(refused(Refusal::new(ErrorCode::Unauthorized, "unknown school")));
         };
@@ -326,6 +332,7 @@ impl Session {
 
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let (kick_tx, kick) = oneshot::channel();
+        let counters = Arc::new(SessionCounters::default());
         let joining = Joining {
             session_id: self.session_id,
             who: principal.clone(),
@@ -333,12 +340,13 @@ impl Session {
             peer: conn,
             control_tx: control_tx.clone(),
             kick: kick_tx,
+            counters: counters.clone(),
         };
         let welcome = room.join(joining).await.map_err(refused)?;
         let seat = Seat::new(room, welcome.member_id, self.session_id);
         Span::current().record("member", welcome.member_id);
         info!(role = ?principal.role, "joined");
-        let joined = Joined { seat, principal, control_tx, control_rx, kick, _slot: slot };
+        let joined = Joined { seat, principal, control_tx, control_rx, kick, counters, _slot: slot };
         Ok((Admitted::Joined(joined), ServerMessage::Welcome(welcome)))
     }
 
@@ -372,12 +380,13 @@ impl Session {
     /// The joined session: the link's writer drains the control queue; the link reads control
     /// frames, clock sync and notes until either side ends the session.
     async fn serve(&self, mut link: impl Link, joined: Joined) {
-        let Joined { seat, principal, control_tx, control_rx, kick, _slot } = joined;
+        let Joined { seat, principal, control_tx, control_rx, kick, counters, _slot } = joined;
         let (room, member_id) = (seat.room.clone(), seat.member_id);
         let mut writer = link.spawn_writer(control_rx);
         let mut shutdown = self.shutdown.clone();
         let (expiry_tx, expiry_rx) = watch::channel(principal.expires_at_unix);
-        let member = Member { ctx: &self.ctx, room: &room, member_id, session_id: self.session_id };
+        let member =
+            Member { ctx: &self.ctx, room: &room, member_id, session_id: self.session_id, counters: &counters };
         let mut control = Control::Member(Box::new(MemberControl::new(member, self.carrier, principal, expiry_tx)));
         let mut datagrams = Datagrams::new(&self.ctx, Some(member));
         let end = tokio::select! {
@@ -563,6 +572,7 @@ struct Member<'a> {
     room: &'a RoomHandle,
     member_id: u64,
     session_id: u64,
+    counters: &'a SessionCounters,
 }
 
 /// The control side of a session: what it does with the frames its peer sends.
@@ -636,7 +646,7 @@ struct MemberControl<'a> {
 
 impl<'a> MemberControl<'a> {
     fn new(member: Member<'a>, carrier: Transport, principal: Principal, expiry: watch::Sender<u64>) -> Self {
-        let Member { ctx, room, member_id, session_id } = member;
+        let Member { ctx, room, member_id, session_id, .. } = member;
         let limits = ctx.tenants.tenant(&principal.tenant).map(|t| *t.limits()).unwrap_or_default();
         let now = ctx.clock.now().0;
         Self {
@@ -780,6 +790,9 @@ impl<'a> Datagrams<'a> {
     fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Result<Option<SyncRequest>, End> {
         let stats = &self.ctx.stats;
         stats.datagrams_received.inc();
+        if let Some(member) = self.member {
+            SessionCounters::count(&member.counters.received);
+        }
         if !self.bucket.try_take(t1.0) {
             stats.datagrams_rate_limited.inc();
             return Ok(None);
@@ -850,6 +863,7 @@ mod tests {
             peer: Arc::new(Offline),
             control_tx,
             kick: oneshot::channel().0,
+            counters: Arc::default(),
         };
         (room.join(joining).await.expect("seated").member_id, control_rx)
     }

@@ -53,12 +53,14 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
 
+pub use audit::AuditEntry;
 pub use error::{Detail, MigrationProblem, StoreError};
 pub use model::{
     Batch, CoTeacherChange, Counts, Deleted, ParticipationKind, ParticipationRow, RecordedNoteRow, RecordingRow,
     RecordingStop, RecordingTimelineRow, ReflectionRow, RoomSessionRow, SessionEnd, SessionSel, SessionTeachers,
     StudentExport, StudentInSession, StudentSession, StudentSummary, Take, TakeSummary, UnknownKind,
 };
+pub use model::{SessionListing, SessionTimeline, TimelineBucket};
 
 /// How long a SQLite statement waits for another connection's write lock before failing as
 /// busy (retryable).
@@ -188,6 +190,9 @@ macro_rules! with_backend {
     };
 }
 
+// After the macro it uses.
+mod audit;
+
 macro_rules! session_columns {
     () => {
         "tenant_id, id, room_code, room_name, teacher_id, started_at_ms, ended_at_ms"
@@ -197,7 +202,7 @@ macro_rules! session_columns {
 macro_rules! participation_columns {
     () => {
         "tenant_id, room_session_id, seq, student_id, kind, at_ms, \
-         notes, timed, on_beat, offset_abs_sum_micros, assigned, in_part, turns"
+         notes, timed, on_beat, offset_abs_sum_micros, assigned, in_part, turns, offset_sum_micros"
     };
 }
 
@@ -228,6 +233,7 @@ macro_rules! participation_sums {
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN timed ELSE 0 END), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN on_beat ELSE 0 END), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN offset_abs_sum_micros ELSE 0 END), 0) AS BIGINT), \
+         CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN offset_sum_micros ELSE 0 END), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN assigned ELSE 0 END), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN in_part ELSE 0 END), 0) AS BIGINT), \
          CAST(COALESCE(SUM(CASE WHEN kind = 'notes' THEN turns ELSE 0 END), 0) AS BIGINT), \
@@ -249,7 +255,7 @@ const END_SESSION: &str =
 const INSERT_PARTICIPATION: &str = concat!(
     "INSERT INTO participation (",
     participation_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) \
      ON CONFLICT (tenant_id, room_session_id, seq) DO NOTHING"
 );
 
@@ -422,10 +428,10 @@ type SessionTuple = (String, String, String, String, String, i64, Option<i64>);
 type RecordingTuple = (String, String, i64, i64, Option<i64>, Option<i64>);
 type RecordingTimelineTuple = (String, String, i64, i64, String);
 type RecordedNoteTuple = (String, String, i64, i64, String, i64, Option<String>, i64, i64, i64, i64, i64);
-type ParticipationTuple = (String, String, i64, String, String, i64, i64, i64, i64, i64, i64, i64, i64);
+type ParticipationTuple = (String, String, i64, String, String, i64, i64, i64, i64, i64, i64, i64, i64, i64);
 type ReflectionTuple = (String, String, String, String, String, Option<i64>, Option<String>, i64);
-/// A group key, the seven sums, the number of joins and the first join.
-type SumsTuple = (String, i64, i64, i64, i64, i64, i64, i64, i64, Option<i64>);
+/// A group key, the eight sums, the number of joins and the first join.
+type SumsTuple = (String, i64, i64, i64, i64, i64, i64, i64, i64, i64, Option<i64>);
 
 fn recording_row(t: RecordingTuple) -> RecordingRow {
     let (tenant_id, room_session_id, take, started_at_ms, stopped_at_ms, length_nanos) = t;
@@ -488,9 +494,19 @@ fn participation_row(op: &'static str, t: ParticipationTuple) -> Result<Particip
         assigned,
         in_part,
         turns,
+        signed,
     ) = t;
     let kind = kind.parse().map_err(|_| StoreError::corrupt(op))?;
-    let counts = Counts { notes, timed, on_beat, offset_abs_sum_micros: offset, assigned, in_part, turns };
+    let counts = Counts {
+        notes,
+        timed,
+        on_beat,
+        offset_abs_sum_micros: offset,
+        offset_sum_micros: signed,
+        assigned,
+        in_part,
+        turns,
+    };
     Ok(ParticipationRow { tenant_id, room_session_id, seq, student_id, kind, at_ms, counts })
 }
 
@@ -507,8 +523,17 @@ struct Sums {
 }
 
 fn sums_entry(t: SumsTuple) -> (String, Sums) {
-    let (key, notes, timed, on_beat, offset, assigned, in_part, turns, joins, first_joined_at_ms) = t;
-    let counts = Counts { notes, timed, on_beat, offset_abs_sum_micros: offset, assigned, in_part, turns };
+    let (key, notes, timed, on_beat, offset, signed, assigned, in_part, turns, joins, first_joined_at_ms) = t;
+    let counts = Counts {
+        notes,
+        timed,
+        on_beat,
+        offset_abs_sum_micros: offset,
+        offset_sum_micros: signed,
+        assigned,
+        in_part,
+        turns,
+    };
     (key, Sums { counts, joins, first_joined_at_ms })
 }
 
@@ -665,6 +690,7 @@ impl Store {
                     .bind(c.assigned)
                     .bind(c.in_part)
                     .bind(c.turns)
+                    .bind(c.offset_sum_micros)
                     .execute(&mut *tx)
                     .await
                     .map_err(failed)?;
@@ -1149,6 +1175,245 @@ impl Store {
     /// Closes the pool, waiting for connections in use to be returned.
     pub async fn close(&self) {
         with_backend!(self, |pool, _d| pool.close().await);
+    }
+}
+
+// ------------------------------------------------------------ sessions and their timelines
+
+/// Which room sessions a teacher ran: owned, or co-taught as recorded with the session.
+macro_rules! run_by_teacher {
+    () => {
+        "(s.teacher_id = $2 OR s.id IN (SELECT c.room_session_id FROM room_session_co_teachers AS c \
+         WHERE c.tenant_id = $1 AND c.teacher_id = $2))"
+    };
+}
+
+/// A room session's row, the students who joined it and the notes they played.
+macro_rules! session_listing_columns {
+    () => {
+        "s.tenant_id, s.id, s.room_code, s.room_name, s.teacher_id, s.started_at_ms, s.ended_at_ms, \
+         (SELECT COUNT(DISTINCT p.student_id) FROM participation AS p WHERE p.tenant_id = s.tenant_id \
+             AND p.room_session_id = s.id AND p.kind = 'joined'), \
+         (SELECT CAST(COALESCE(SUM(p.notes), 0) AS BIGINT) FROM participation AS p \
+             WHERE p.tenant_id = s.tenant_id AND p.room_session_id = s.id AND p.kind = 'notes')"
+    };
+}
+
+/// The newest `$3` room sessions of the school `$1` that the teacher `$2` ran.
+const SESSIONS_OF_TEACHER: &str = concat!(
+    "SELECT ",
+    session_listing_columns!(),
+    " FROM room_sessions AS s WHERE s.tenant_id = $1 AND ",
+    run_by_teacher!(),
+    " ORDER BY s.started_at_ms DESC, s.id DESC LIMIT $3"
+);
+
+/// The co-teachers of the sessions [`SESSIONS_OF_TEACHER`] lists.
+const CO_TEACHERS_OF_TEACHERS_SESSIONS: &str = concat!(
+    "SELECT room_session_id, teacher_id FROM room_session_co_teachers WHERE tenant_id = $1 \
+     AND room_session_id IN (SELECT s.id FROM room_sessions AS s WHERE s.tenant_id = $1 AND ",
+    run_by_teacher!(),
+    " ORDER BY s.started_at_ms DESC, s.id DESC LIMIT $3) ORDER BY room_session_id, teacher_id"
+);
+
+/// The newest `$2` room sessions of the school `$1`.
+const SESSIONS_OF_SCHOOL: &str = concat!(
+    "SELECT ",
+    session_listing_columns!(),
+    " FROM room_sessions AS s WHERE s.tenant_id = $1 ORDER BY s.started_at_ms DESC, s.id DESC LIMIT $2"
+);
+
+/// The co-teachers of the sessions [`SESSIONS_OF_SCHOOL`] lists.
+const CO_TEACHERS_OF_SCHOOLS_SESSIONS: &str = "SELECT room_session_id, teacher_id FROM room_session_co_teachers \
+     WHERE tenant_id = $1 AND room_session_id IN (SELECT s.id FROM room_sessions AS s WHERE s.tenant_id = $1 \
+     ORDER BY s.started_at_ms DESC, s.id DESC LIMIT $2) ORDER BY room_session_id, teacher_id";
+
+/// When the last notes of a room session were counted (`NULL` before any).
+const SESSION_LAST_NOTES: &str = "SELECT MAX(at_ms) FROM participation \
+     WHERE tenant_id = $1 AND room_session_id = $2 AND kind = 'notes'";
+
+/// A room session's notes rows grouped in stretches of `$4` ms from its start `$3` (a row
+/// stamped before the start, which only a clock step makes, counts in the first): the
+/// stretch's index, the students counted in it and the sums of their counts.
+const SESSION_TIMELINE: &str = "SELECT (CASE WHEN at_ms > $3 THEN at_ms - $3 ELSE 0 END) / $4, \
+     COUNT(DISTINCT student_id), \
+     CAST(COALESCE(SUM(notes), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(timed), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(on_beat), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(offset_abs_sum_micros), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(offset_sum_micros), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(assigned), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(in_part), 0) AS BIGINT), \
+     CAST(COALESCE(SUM(turns), 0) AS BIGINT) \
+     FROM participation WHERE tenant_id = $1 AND room_session_id = $2 AND kind = 'notes' \
+     GROUP BY 1 ORDER BY 1";
+
+/// The widths a session's timeline is cut into, in ms, narrowest first: the first that gives
+/// at most the asked number of stretches is used (past the last, whole hours).
+const TIMELINE_WIDTHS_MS: [i64; 11] =
+    [5_000, 10_000, 15_000, 30_000, 60_000, 120_000, 300_000, 600_000, 900_000, 1_800_000, 3_600_000];
+
+/// The width of the stretches for a timeline whose last notes were counted `span_ms` after
+/// the session started, so that there are at most `max_buckets` (at least 1) of them.
+pub fn timeline_bucket_ms(span_ms: i64, max_buckets: usize) -> i64 {
+    let max = i64::try_from(max_buckets.max(1)).unwrap_or(i64::MAX);
+    let span = span_ms.max(0);
+    // Stretches 0 ..= span / width: at most `max` when span / width < max.
+    TIMELINE_WIDTHS_MS.into_iter().find(|w| span / w < max).unwrap_or_else(|| {
+        const HOUR: i64 = 3_600_000;
+        let hours = span / (HOUR * max) + 1;
+        hours.saturating_mul(HOUR)
+    })
+}
+
+type SessionListingTuple = (String, String, String, String, String, i64, Option<i64>, i64, i64);
+/// A stretch's index, its students and the eight sums.
+type TimelineTuple = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+
+/// Room sessions for listings and charts.
+impl Store {
+    /// The newest `limit` room sessions of `tenant`, newest first, with their co-teachers and
+    /// how many students joined and notes were played: of every teacher (`teacher` is `None`),
+    /// or only those `teacher` ran (owned or co-taught).
+    pub async fn sessions(
+        &self,
+        tenant: &str,
+        teacher: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<SessionListing>, StoreError> {
+        const OP: &str = "sessions";
+        let failed = |e| StoreError::from_sqlx(OP, e);
+        let limit = i64::from(limit);
+        let (rows, co_teachers) = with_backend!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
+            let (rows, co_teachers): (Vec<SessionListingTuple>, Vec<(String, String)>) = match teacher {
+                Some(teacher) => (
+                    sqlx::query_as(&d.sql(SESSIONS_OF_TEACHER))
+                        .bind(tenant)
+                        .bind(teacher)
+                        .bind(limit)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?,
+                    sqlx::query_as(&d.sql(CO_TEACHERS_OF_TEACHERS_SESSIONS))
+                        .bind(tenant)
+                        .bind(teacher)
+                        .bind(limit)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?,
+                ),
+                None => (
+                    sqlx::query_as(&d.sql(SESSIONS_OF_SCHOOL))
+                        .bind(tenant)
+                        .bind(limit)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?,
+                    sqlx::query_as(&d.sql(CO_TEACHERS_OF_SCHOOLS_SESSIONS))
+                        .bind(tenant)
+                        .bind(limit)
+                        .fetch_all(&mut *tx)
+                        .await
+                        .map_err(failed)?,
+                ),
+            };
+            tx.commit().await.map_err(failed)?;
+            (rows, co_teachers)
+        });
+        let mut by_session: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for (session, teacher) in co_teachers {
+            by_session.entry(session).or_default().push(teacher);
+        }
+        Ok(rows
+            .into_iter()
+            .map(|(tenant_id, id, room_code, room_name, teacher_id, started_at_ms, ended_at_ms, students, notes)| {
+                SessionListing {
+                    co_teachers: by_session.remove(&id).unwrap_or_default(),
+                    session: session_row((tenant_id, id, room_code, room_name, teacher_id, started_at_ms, ended_at_ms)),
+                    students,
+                    notes,
+                }
+            })
+            .collect())
+    }
+
+    /// The participation of the room session `room_session_id` of `tenant` over time, in at
+    /// most `max_buckets` stretches of one width ([`timeline_bucket_ms`]) from the session's
+    /// start, as of one snapshot; `None` if `tenant` has no such session.
+    pub async fn session_timeline(
+        &self,
+        tenant: &str,
+        room_session_id: &str,
+        max_buckets: usize,
+    ) -> Result<Option<SessionTimeline>, StoreError> {
+        const OP: &str = "session_timeline";
+        let failed = |e| StoreError::from_sqlx(OP, e);
+        let found = with_backend!(self, |pool, d| {
+            let mut tx = pool.begin_with(d.begin_read()).await.map_err(|e| StoreError::connecting(OP, e))?;
+            let session: Option<SessionTuple> = sqlx::query_as(&d.sql(SESSION))
+                .bind(tenant)
+                .bind(room_session_id)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let found = match session {
+                None => None,
+                Some(session) => {
+                    let started_at_ms = session.5;
+                    let last: Option<i64> = sqlx::query_scalar(&d.sql(SESSION_LAST_NOTES))
+                        .bind(tenant)
+                        .bind(room_session_id)
+                        .fetch_one(&mut *tx)
+                        .await
+                        .map_err(failed)?;
+                    let bucket_ms =
+                        timeline_bucket_ms(last.map_or(0, |at| at.saturating_sub(started_at_ms)), max_buckets);
+                    let rows: Vec<TimelineTuple> = match last {
+                        None => Vec::new(),
+                        Some(_) => sqlx::query_as(&d.sql(SESSION_TIMELINE))
+                            .bind(tenant)
+                            .bind(room_session_id)
+                            .bind(started_at_ms)
+                            .bind(bucket_ms)
+                            .fetch_all(&mut *tx)
+                            .await
+                            .map_err(failed)?,
+                    };
+                    Some((bucket_ms, rows))
+                }
+            };
+            tx.commit().await.map_err(failed)?;
+            found
+        });
+        let Some((bucket_ms, rows)) = found else { return Ok(None) };
+        // Every stretch up to the last with notes, the empty ones too.
+        let last = rows.last().map_or(-1, |r| r.0);
+        let len = usize::try_from(last.saturating_add(1)).unwrap_or(0).min(max_buckets.max(1));
+        let mut buckets: Vec<TimelineBucket> = (0..len)
+            .map(|i| TimelineBucket {
+                from_ms: i64::try_from(i).unwrap_or(i64::MAX).saturating_mul(bucket_ms),
+                students: 0,
+                counts: Counts::default(),
+            })
+            .collect();
+        for (index, students, notes, timed, on_beat, offset, signed, assigned, in_part, turns) in rows {
+            let counts = Counts {
+                notes,
+                timed,
+                on_beat,
+                offset_abs_sum_micros: offset,
+                offset_sum_micros: signed,
+                assigned,
+                in_part,
+                turns,
+            };
+            // Only a clock step could stamp a row past the span measured just before.
+            let Some(bucket) = usize::try_from(index).ok().and_then(|i| buckets.get_mut(i)) else { continue };
+            bucket.students = students;
+            bucket.counts = counts;
+        }
+        Ok(Some(SessionTimeline { bucket_ms, buckets }))
     }
 }
 

@@ -109,6 +109,9 @@ pub struct Counts {
     pub on_beat: i64,
     /// Sum of |offset from the beat| of timed notes, in microseconds.
     pub offset_abs_sum_micros: i64,
+    /// Sum of the signed offsets from the beat of timed notes, in microseconds (negative:
+    /// early).
+    pub offset_sum_micros: i64,
     /// Timed notes played while the student had assigned beats.
     pub assigned: i64,
     /// Assigned notes on the student's own beats.
@@ -124,6 +127,7 @@ impl Counts {
         self.timed = self.timed.saturating_add(other.timed);
         self.on_beat = self.on_beat.saturating_add(other.on_beat);
         self.offset_abs_sum_micros = self.offset_abs_sum_micros.saturating_add(other.offset_abs_sum_micros);
+        self.offset_sum_micros = self.offset_sum_micros.saturating_add(other.offset_sum_micros);
         self.assigned = self.assigned.saturating_add(other.assigned);
         self.in_part = self.in_part.saturating_add(other.in_part);
         self.turns = self.turns.saturating_add(other.turns);
@@ -145,6 +149,7 @@ impl From<Tally> for Counts {
             timed: to_i64(t.timed),
             on_beat: to_i64(t.on_beat),
             offset_abs_sum_micros: to_i64(t.offset_abs_sum_micros),
+            offset_sum_micros: t.offset_sum_micros,
             assigned: to_i64(t.assigned),
             in_part: to_i64(t.in_part),
             turns: to_i64(t.turns),
@@ -159,6 +164,7 @@ impl From<Counts> for Tally {
             timed: to_u64(c.timed),
             on_beat: to_u64(c.on_beat),
             offset_abs_sum_micros: to_u64(c.offset_abs_sum_micros),
+            offset_sum_micros: c.offset_sum_micros,
             assigned: to_u64(c.assigned),
             in_part: to_u64(c.in_part),
             turns: to_u64(c.turns),
@@ -476,4 +482,40 @@ pub struct Deleted {
     pub reflections: u64,
     /// Notes in recordings.
     pub recorded_notes: u64,
+}
+
+/// A room session as the list of a teacher's (or a school's) sessions shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionListing {
+    /// The session.
+    pub session: RoomSessionRow,
+    /// Its co-teachers, as recorded with it.
+    pub co_teachers: Vec<String>,
+    /// Students who joined it.
+    pub students: i64,
+    /// Notes they played in it.
+    pub notes: i64,
+}
+
+/// A stretch of a room session in its timeline: what the students' notes counted in it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TimelineBucket {
+    /// Where the stretch starts, in ms from the session's start.
+    pub from_ms: i64,
+    /// Students whose notes were counted in it.
+    pub students: i64,
+    /// The counts of their notes (summed over every student).
+    pub counts: Counts,
+}
+
+/// A room session's participation over time: its counts in stretches of `bucket_ms` from the
+/// session's start, by when they were counted (the room flushes counts about once a second,
+/// so a note lands in the stretch of its flush).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionTimeline {
+    /// The length of every stretch, in ms.
+    pub bucket_ms: i64,
+    /// Every stretch from the session's start to the last one with notes, empty ones
+    /// included, in order (none before any note).
+    pub buckets: Vec<TimelineBucket>,
 }
