@@ -55,6 +55,7 @@ const FRIENDLY = {
   already_playing: 'A recording is already playing. Stop it first.',
   not_playing: 'Nothing is playing back right now.',
   ended_by_operator: 'The server team ended this session. Join the class again to carry on.',
+  moved: 'Your class moved to another server. Connecting there…',
   data_deleted: 'Your school removed your data from the class, so this session ended.',
   no_prompt: 'There is no question to answer right now.',
   note_out_of_range: "That note couldn't be played.",

@@ -197,7 +197,8 @@ type Waiter = oneshot::Sender<Result<Answer, RequestError>>;
 /// Everything a classroom's loops and methods share. Borrows of the `RefCell`s never span an
 /// `await` or a listener call.
 struct Inner {
-    route: Route,
+    /// Where the server is (pointed elsewhere when the room moved).
+    route: RefCell<Route>,
     token: RefCell<String>,
     reconnect: bool,
     /// The current session's engine (the last one's, once it ended, until a reconnect).
@@ -229,7 +230,7 @@ pub async fn connect(
 ) -> Result<Classroom, JsValue> {
     let options: ConnectOptions =
         serde_wasm_bindgen::from_value(options).map_err(|e| invalid(format!("connect options: {e}")))?;
-    let route = route(&options)?;
+    let mut route = route(&options)?;
     let room = match (&options.code, &options.create) {
         (Some(code), None) => {
             let code = code.trim().to_uppercase();
@@ -238,9 +239,9 @@ pub async fn connect(
         (None, Some(create)) => RoomRequest::Create(room_settings(create)?),
         _ => return Err(invalid("give exactly one of `code` (join a room) and `create` (create one)").into()),
     };
-    let greeted = race::establish(&route, &bounded_token(&options.token)?, &room).await?;
+    let greeted = race::establish(&mut route, &bounded_token(&options.token)?, &room).await?;
     let inner = Rc::new(Inner {
-        route,
+        route: RefCell::new(route),
         token: RefCell::new(options.token),
         reconnect: options.reconnect.unwrap_or(true),
         session: RefCell::new(greeted.session),
@@ -284,11 +285,14 @@ fn run_session(inner: &Rc<Inner>, transport: Rc<dyn Transport>) {
 /// On WebSocket in `auto` mode: retries WebTransport in the background (see [`race`]), once
 /// per classroom at a time.
 fn retry_webtransport(inner: &Rc<Inner>) {
-    if inner.route.choice != Choice::Auto || inner.kind.get() != Kind::WebSocket || inner.retrying.replace(true) {
+    if inner.route.borrow().choice != Choice::Auto
+        || inner.kind.get() != Kind::WebSocket
+        || inner.retrying.replace(true)
+    {
         return;
     }
     let weak = Rc::downgrade(inner);
-    let route = inner.route.clone();
+    let route = inner.route.borrow().clone();
     spawn_local(async move {
         let wanted = || {
             weak.upgrade()
@@ -507,7 +511,12 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
         }
         let token = bounded_token(&inner.token.borrow());
         let greeted = match token {
-            Ok(token) => race::establish(&inner.route, &token, &RoomRequest::Join(code.clone())).await,
+            Ok(token) => {
+                let mut route = inner.route.borrow().clone();
+                let greeted = race::establish(&mut route, &token, &RoomRequest::Join(code.clone())).await;
+                *inner.route.borrow_mut() = route;
+                greeted
+            }
             Err(e) => Err(e),
         };
         match greeted {

@@ -15,11 +15,13 @@ use wasm_bindgen_futures::JsFuture;
 pub(crate) struct Failure {
     pub(crate) code: String,
     pub(crate) message: String,
+    /// Where the room lives, when the server answered the hello with `moved`.
+    pub(crate) moved: Option<Box<downbeat_protocol::Moved>>,
 }
 
 impl Failure {
     pub(crate) fn new(code: &str, message: impl Into<String>) -> Self {
-        Self { code: code.to_owned(), message: message.into() }
+        Self { code: code.to_owned(), message: message.into(), moved: None }
     }
 
     /// The server refused with a stable code.

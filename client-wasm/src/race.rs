@@ -78,9 +78,30 @@ pub(crate) struct Greeted<T> {
     pub(crate) welcome: Welcome,
 }
 
+/// How many times one connect follows a room that lives on another server (`moved`).
+const MAX_MOVES: usize = 3;
+
 /// Opens a session the way `route` says, says hello with `token` for `room`, and returns the
-/// first session welcomed; rejects with the server's refusal, or why no transport worked.
-pub(crate) async fn establish<T>(route: &Route, token: &Token, room: &RoomRequest) -> Result<Greeted<T>, Failure> {
+/// first session welcomed; rejects with the server's refusal, or why no transport worked. A
+/// server of a cluster that does not hold the room answers where it lives: `route` is
+/// pointed there (so reconnects go there too) and the hello is said again.
+pub(crate) async fn establish<T>(route: &mut Route, token: &Token, room: &RoomRequest) -> Result<Greeted<T>, Failure> {
+    let mut moves = 0;
+    loop {
+        match establish_here(route, token, room).await {
+            Err(Failure { moved: Some(to), .. }) if moves < MAX_MOVES => {
+                moves += 1;
+                let hashes = to.certificate_hashes.to_vec();
+                route.endpoints.webtransport = Some((to.webtransport_url.to_string(), hashes));
+                route.endpoints.websocket = Some(to.websocket_url.to_string());
+            }
+            result => return result,
+        }
+    }
+}
+
+/// [`establish`] on the server `route` names, moves not followed.
+async fn establish_here<T>(route: &Route, token: &Token, room: &RoomRequest) -> Result<Greeted<T>, Failure> {
     match select(Box::pin(race(route, token, room)), Box::pin(js::sleep(HANDSHAKE_TIMEOUT_MS))).await {
         Either::Left((result, _)) => result,
         Either::Right(((), _)) => Err(Failure::new(TIMEOUT, "timed out waiting for the server's welcome")),
@@ -178,7 +199,11 @@ async fn greet<T>(transport: &dyn Transport, session: &mut Session<T>, hello: &[
         let Some(greeted) = session.greeted() else { continue };
         return match greeted {
             Ok(welcome) => Ok(welcome.clone()),
-            Err(End::Server { code, message }) => Err(Failure::server(*code, message.clone())),
+            Err(End::Server { code, message }) => {
+                let mut failure = Failure::server(*code, message.clone());
+                failure.moved = session.moved_to().cloned().map(Box::new);
+                Err(failure)
+            }
             Err(End::Protocol(message)) => Err(Failure::protocol(message)),
             Err(_) => Err(Failure::new(CONNECT_FAILED, "the server ended the session before welcoming it")),
         };

@@ -84,6 +84,9 @@ pub enum ClientError {
     Timeout(&'static str),
 }
 
+/// How many times one connect follows a room that lives on another server (`moved`).
+pub const MAX_MOVES: usize = 3;
+
 /// How to connect.
 #[derive(Clone, Debug)]
 pub struct ConnectOptions {
@@ -272,18 +275,36 @@ impl Client {
         Self::connect_with_clock(options, Arc::new(SystemClock::new())).await
     }
 
-    /// Connects, timestamping with `clock`.
+    /// Connects, timestamping with `clock`. A server of a cluster that does not hold the
+    /// room answers where it lives (`moved`): the client connects there, on the same kind of
+    /// transport, at most [`MAX_MOVES`] times.
     pub async fn connect_with_clock(options: ConnectOptions, clock: Arc<dyn LocalClock>) -> Result<Self, ClientError> {
-        let token = BoundedString::new(options.token.clone())?;
-        let (mut session, hello) = Session::connect(options.sync.clone(), token, options.room.clone());
-        let handshake = async {
-            let transport = transport::open(&options).await?;
-            let welcome = greet(&*transport, &mut session, &hello).await?;
-            Ok::<_, ClientError>((transport, welcome))
+        let mut options = options;
+        let mut moves = 0;
+        let (transport, welcome, session) = loop {
+            let token = BoundedString::new(options.token.clone())?;
+            let (mut session, hello) = Session::connect(options.sync.clone(), token, options.room.clone());
+            let handshake = async {
+                let transport = transport::open(&options).await?;
+                let greeted = greet(&*transport, &mut session, &hello).await;
+                Ok::<_, ClientError>((transport, greeted))
+            };
+            let (transport, greeted) = tokio::time::timeout(options.handshake_timeout, handshake)
+                .await
+                .map_err(|_| ClientError::Timeout("the welcome"))??;
+            match (greeted, session.moved_to()) {
+                (Ok(welcome), _) => break (transport, welcome, session),
+                (Err(_), Some(moved)) if moves < MAX_MOVES => {
+                    transport.close(0, b"moved");
+                    let websocket = options.url.starts_with("ws://") || options.url.starts_with("wss://");
+                    let url = if websocket { &moved.websocket_url } else { &moved.webtransport_url };
+                    options.url = url.to_string();
+                    options.cert_hashes = moved.certificate_hashes.to_vec();
+                    moves += 1;
+                }
+                (Err(e), _) => return Err(e),
+            }
         };
-        let (transport, welcome) = tokio::time::timeout(options.handshake_timeout, handshake)
-            .await
-            .map_err(|_| ClientError::Timeout("the welcome"))??;
 
         let (synced_tx, synced) = watch::channel(false);
         let (frames_tx, frames) = watch::channel(0u64);

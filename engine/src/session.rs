@@ -30,9 +30,9 @@ use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
     ClientDatagram, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, DecodeError, ErrorCode,
-    FrameDecoder, Hello, Member, Note, PROTOCOL_VERSION, ParticipationNotice, PlaybackInfo, Prompt, RecordingInfo,
-    Reflection, ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome, decode_server_datagram,
-    encode_client_datagram, encode_frame,
+    FrameDecoder, Hello, Member, Moved, Note, PROTOCOL_VERSION, ParticipationNotice, PlaybackInfo, Prompt,
+    RecordingInfo, Reflection, ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome,
+    decode_server_datagram, encode_client_datagram, encode_frame,
 };
 
 use crate::client::{Client, Handled};
@@ -275,6 +275,8 @@ pub struct Session<T = ()> {
     stated_end: Option<(ErrorCode, String)>,
     /// How the session ended, once it did.
     end: Option<End>,
+    /// Where the room lives now, if the server said it moved.
+    moved: Option<Moved>,
     synced: bool,
     events: VecDeque<Event<T>>,
 }
@@ -296,6 +298,7 @@ impl<T> Session<T> {
             decoder: FrameDecoder::new(),
             stated_end: None,
             end: None,
+            moved: None,
             synced: false,
             events: VecDeque::new(),
         };
@@ -321,6 +324,12 @@ impl<T> Session<T> {
 
     /// How the greeting went: `None` while waiting for the welcome, then the welcome, or how
     /// the session ended before (or after) it.
+    /// Where the room lives now, once the server said it moved (the session then ends with
+    /// `moved`): a shell connects there with the same hello.
+    pub fn moved_to(&self) -> Option<&Moved> {
+        self.moved.as_ref()
+    }
+
     pub fn greeted(&self) -> Option<Result<&Welcome, &End>> {
         match (&self.end, &self.welcome) {
             (Some(end), _) => Some(Err(end)),
@@ -447,6 +456,7 @@ impl<T> Session<T> {
                     self.events.push_back(Event::Welcomed);
                 }
                 ServerMessage::Error(e) => self.finish(End::Server { code: e.code, message: e.message.into_string() }),
+                ServerMessage::Moved(moved) => self.moved_away(moved),
                 other => self.finish(End::Protocol(format!("expected a welcome, got {other:?}"))),
             },
             State::Live => self.handle_live(message),
@@ -457,6 +467,7 @@ impl<T> Session<T> {
         let event = match message {
             // A welcome again, or a probe's answer: not for a joined session.
             ServerMessage::Welcome(_) | ServerMessage::ProbeStarted { .. } => return,
+            ServerMessage::Moved(moved) => return self.moved_away(moved),
             ServerMessage::Timeline(t) => {
                 let applied = self.client.handle_timeline(&t) == Handled::NewTimeline;
                 Event::Timeline { epoch: t.epoch, applied }
@@ -548,6 +559,13 @@ impl<T> Session<T> {
     /// This side closes the session: pending requests fail with [`RequestError::Closed`].
     pub fn close(&mut self) {
         self.finish(End::Closed);
+    }
+
+    /// The room lives elsewhere now: remember where, and end with `moved`.
+    fn moved_away(&mut self, moved: Moved) {
+        self.moved = Some(moved);
+        let message = "the room lives on another server now; connecting there".to_owned();
+        self.finish(End::Server { code: ErrorCode::Moved, message });
     }
 
     fn finish(&mut self, end: End) {
@@ -949,6 +967,25 @@ mod tests {
                 Event::Timeline { epoch: t.epoch(), applied: false },
             ]
         );
+    }
+
+    #[test]
+    fn a_hello_answered_moved_ends_with_moved_and_says_where_the_room_lives() {
+        let moved = Moved {
+            webtransport_url: BoundedString::truncating("https://music-2.example:4433/"),
+            websocket_url: BoundedString::truncating("wss://music-2.example/api/ws"),
+            certificate_hashes: BoundedVec::try_from_vec(vec![[7; 32]]).unwrap(),
+        };
+        let mut s = Session::<()>::connect(clock::Config::default(), BoundedString::truncating("jwt"), join()).0;
+        feed(&mut s, &ServerMessage::Moved(moved.clone()));
+        assert_eq!(s.moved_to(), Some(&moved));
+        let Some(Err(End::Server { code, .. })) = s.greeted() else { panic!("{:?}", s.greeted()) };
+        assert_eq!(*code, ErrorCode::Moved);
+        assert!(!s.end().unwrap().is_final(), "a client follows a move");
+        // A live session told it moved (a room handed to another node) ends the same way.
+        let mut s = live(&[]);
+        feed(&mut s, &ServerMessage::Moved(moved.clone()));
+        assert_eq!((s.state(), s.moved_to()), (State::Ended, Some(&moved)));
     }
 
     #[test]

@@ -140,6 +140,9 @@ error_codes! {
     NotPlaying = 43, "not_playing";
     /// A server operator ended this session (from the inspector); joining again works.
     EndedByOperator = 44, "ended_by_operator";
+    /// The room lives on another server of the cluster (the session was told where before
+    /// this): connect there.
+    Moved = 45, "moved";
 }
 
 impl fmt::Display for ErrorCode {

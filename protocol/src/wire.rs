@@ -583,6 +583,24 @@ pub enum ServerMessage {
     /// A recording plays back (sent to everyone when it starts, when a stop is asked and, as
     /// `None`, when it is over; after the welcome while one plays).
     Playback(Option<PlaybackInfo>),
+    /// The room lives on another server of the cluster: connect there with the same hello.
+    /// Sent instead of the welcome, then the session closes with `moved`.
+    Moved(Moved),
+}
+
+/// Longest URL in a [`Moved`].
+pub const MAX_URL_LEN: usize = 256;
+
+/// Where a room lives now: the server to connect to instead.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moved {
+    /// Its WebTransport URL (`https://host:port/`).
+    pub webtransport_url: BoundedString<MAX_URL_LEN>,
+    /// Its WebSocket URL (`ws://` or `wss://…/api/ws`), where QUIC is blocked.
+    pub websocket_url: BoundedString<MAX_URL_LEN>,
+    /// SHA-256 hashes of its development certificates to pin (empty: production
+    /// certificates, checked against the system's roots).
+    pub certificate_hashes: BoundedVec<[u8; 32], 2>,
 }
 
 /// A recording playing back in the room.

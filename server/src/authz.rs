@@ -96,16 +96,32 @@ fn runs(who: &Principal, room: &dyn RoomAccess) -> bool {
     who.role == Role::Teacher && (room.owner() == who.subject || room.has_co_teacher(&who.subject))
 }
 
-/// A refused request: a stable code and a message safe to show.
+/// A refused request: a stable code and a message safe to show, and for a hello whose room
+/// lives on another server of the cluster, where it lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Refusal {
     pub(crate) code: ErrorCode,
     pub(crate) message: Cow<'static, str>,
+    pub(crate) moved: Option<Box<downbeat_protocol::Moved>>,
 }
 
 impl Refusal {
     pub(crate) fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
-        Self { code, message: message.into() }
+        Self { code, message: message.into(), moved: None }
+    }
+
+    /// The room lives on another server: `moved`, saying where.
+    pub(crate) fn moved(to: downbeat_protocol::Moved) -> Self {
+        Self { moved: Some(Box::new(to)), ..Self::new(ErrorCode::Moved, "the room lives on another server") }
+    }
+
+    /// What a session refused at its hello is told before it closes: where the room lives, or
+    /// the error.
+    pub(crate) fn answer(&self) -> downbeat_protocol::ServerMessage {
+        match &self.moved {
+            Some(to) => downbeat_protocol::ServerMessage::Moved((**to).clone()),
+            None => downbeat_engine::room::error_frame(self.code, None, &self.message),
+        }
     }
 }
 

@@ -270,6 +270,20 @@ settings! {
     /// it. 16 to 256 characters from `A-Z a-z 0-9 - . _ ~`. Only for the demo tenant.
     demo_teacher_secret: DemoSecret, env "DOWNBEAT_DEMO_TEACHER_SECRET", value "SECRET",
         shown "random, new at every start";
+    /// Join a cluster of servers whose room directory is this NATS server's JetStream
+    /// key-value store (`nats://host:4222`). Needs a shared PostgreSQL (`--database-url`) and
+    /// configured `[[tenants]]`.
+    cluster: String, env "DOWNBEAT_CLUSTER", value "URL", shown "none: this server alone";
+    /// This server's name in the cluster: 1 to 64 characters from `a-z`, `0-9` and `-`.
+    node_id: String, env "DOWNBEAT_NODE_ID", value "ID",
+        shown "the host's name and the WebTransport port";
+    /// The HTTP(S) URL clients and other nodes reach this server's API at (the cluster tells
+    /// them where a room lives; its WebSocket URL is this with `/api/ws`).
+    public_http_url: String, env "DOWNBEAT_PUBLIC_HTTP_URL", value "URL",
+        shown "`http://` and the HTTP listener's address";
+    /// How long a node's claim on its rooms lasts without a heartbeat (heartbeats come three
+    /// times as often), in ms.
+    cluster_lease_ms: u64 = 5_000, env "DOWNBEAT_CLUSTER_LEASE_MS", value "MS";
 }
 
 /// The HTTP port when `http_addr` is not given.
@@ -1008,6 +1022,7 @@ impl Config {
                 ));
             }
         }
+        self.validate_cluster()?;
         let mut ids = HashSet::new();
         for (index, tenant) in self.tenants.iter().enumerate() {
             tenant.validate(index).map_err(ConfigError::Invalid)?;
@@ -1110,6 +1125,52 @@ impl Config {
         Duration::from_millis(self.playout_delay_ms)
     }
 
+    /// Checks the cluster settings: a cluster shares one PostgreSQL and configured schools.
+    fn validate_cluster(&self) -> Result<(), ConfigError> {
+        let invalid = |msg: String| Err(ConfigError::Invalid(msg));
+        let Some(url) = &self.cluster else {
+            if self.node_id.is_some() {
+                return invalid(
+                    "node_id is set but cluster is not: give --cluster nats://… or leave node_id out".into(),
+                );
+            }
+            return Ok(());
+        };
+        if !(url.starts_with("nats://") || url.starts_with("tls://")) {
+            return invalid(format!("cluster {url:?} is not a NATS URL: give nats://host:4222"));
+        }
+        let postgres = self
+            .database_url
+            .as_deref()
+            .is_some_and(|u| u.starts_with("postgres://") || u.starts_with("postgresql://"));
+        if !postgres {
+            return invalid(
+                "a cluster keeps children's data in one PostgreSQL all its nodes share, and SQLite is one machine's file: give --database-url postgres://…".into(),
+            );
+        }
+        if self.tenants.is_empty() {
+            return invalid(
+                "a cluster needs configured [[tenants]]: the demo tenant's secret is made per data directory, so one node's tokens would not verify on another".into(),
+            );
+        }
+        if let Some(id) = &self.node_id {
+            let ok = (1..=64).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+            if !ok {
+                return invalid(format!("node_id {id:?} is not valid: use 1 to 64 characters from a-z, 0-9 and -"));
+            }
+        }
+        if let Some(public) = &self.public_http_url
+            && !(public.starts_with("http://") || public.starts_with("https://"))
+        {
+            return invalid(format!("public_http_url {public:?} is not an http:// or https:// URL"));
+        }
+        if !(300..=600_000).contains(&self.cluster_lease_ms) {
+            return invalid(format!("cluster_lease_ms is {}: use 300 to 600000 (default 5000)", self.cluster_lease_ms));
+        }
+        Ok(())
+    }
+
     /// The SEL database URL: the configured one, or the SQLite file `downbeat.sqlite3` in the
     /// data directory.
     pub fn database_url_or_default(&self) -> String {
@@ -1117,6 +1178,11 @@ impl Config {
             Some(url) => url.clone(),
             None => format!("sqlite://{}", self.data_dir.join("downbeat.sqlite3").display()),
         }
+    }
+
+    /// [`Self::cluster_lease_ms`] as a duration.
+    pub fn cluster_lease(&self) -> Duration {
+        Duration::from_millis(self.cluster_lease_ms)
     }
 
     /// [`Self::sel_purge_interval_secs`] as a duration.

@@ -44,6 +44,7 @@ mod api;
 pub mod auth;
 mod authz;
 pub mod clock;
+pub mod cluster;
 mod codes;
 pub mod config;
 mod identity;
@@ -141,6 +142,9 @@ pub enum ServerError {
     /// The HTTP server failed while running.
     #[error("HTTP server failed: {0}")]
     Http(std::io::Error),
+    /// The cluster's NATS server could not be reached or set up.
+    #[error("{0} (check --cluster)")]
+    Cluster(cluster::ClusterError),
 }
 
 /// A bound server: both listeners are open (so the real ports are known, even when the
@@ -234,6 +238,16 @@ impl Server {
         let store = sel::store::Store::open(&config.database_url_or_default()).await?;
         info!(backend = store.backend_name(), "SEL database ready");
         let (sel, sel_writer) = sel::Sel::spawn(store, config.sel_queue, stats.clone(), signal.clone());
+        let cluster = match &config.cluster {
+            Some(url) => {
+                let node = node_entry(&config, http_addr, wt_port);
+                let joined = cluster::Cluster::connect_with(url, node, config.cluster_lease(), Some(hashes.clone()))
+                    .await
+                    .map_err(ServerError::Cluster)?;
+                Some(Arc::new(joined))
+            }
+            None => None,
+        };
         let rooms = Arc::new(Rooms::new(
             RoomsConfig {
                 engine: downbeat_engine::room::Config {
@@ -252,6 +266,7 @@ impl Server {
             stats.clone(),
             sel.clone(),
             signal.clone(),
+            cluster,
         ));
         info!(
             http = %http_addr,
@@ -385,6 +400,7 @@ impl Server {
             signal,
             ..
         } = self;
+        let lease_task = tokio::spawn(rooms.clone().keep_leases(signal.clone()));
         let purge_task = tokio::spawn(sel::purge_loop(
             sel.store().clone(),
             tenants.clone(),
@@ -481,6 +497,7 @@ impl Server {
         let _ = tokio::time::timeout(SHUTDOWN_WAIT, endpoint.wait_idle()).await;
         identity_task.abort();
         purge_task.abort();
+        lease_task.abort();
         // The SEL writer ends once the rooms' last flushes are committed (every handle to it
         // is gone when the room tasks and the HTTP server are).
         drop(rooms);
@@ -534,6 +551,41 @@ async fn finish_http(
 }
 
 /// Binds and serves `config` until `shutdown` completes.
+/// Where this node is reached, for the cluster's directory: the configured public URLs, or
+/// the listeners' own addresses.
+fn node_entry(config: &Config, http_addr: SocketAddr, wt_port: u16) -> cluster::NodeEntry {
+    let host = if http_addr.ip().is_unspecified() {
+        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+    } else if http_addr.is_ipv6() {
+        format!("[{}]", http_addr.ip())
+    } else {
+        http_addr.ip().to_string()
+    };
+    let http_url = config
+        .public_http_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{host}:{}", http_addr.port()))
+        .trim_end_matches('/')
+        .to_owned();
+    let websocket_url = match http_url.strip_prefix("https://") {
+        Some(rest) => format!("wss://{rest}/api/ws"),
+        None => format!("ws://{}/api/ws", http_url.trim_start_matches("http://")),
+    };
+    let id = config.node_id.clone().unwrap_or_else(|| {
+        let name: String =
+            host.to_ascii_lowercase().chars().filter(|c| c.is_ascii_alphanumeric() || *c == '-').take(50).collect();
+        format!("{name}-{wt_port}")
+    });
+    cluster::NodeEntry {
+        id,
+        http_url,
+        webtransport_url: config.public_wt_url.clone().unwrap_or_else(|| format!("https://{host}:{wt_port}/")),
+        websocket_url,
+        certificate_hashes: Vec::new(),
+        lease_until_ms: 0,
+    }
+}
+
 pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send) -> Result<(), ServerError> {
     Server::bind(config).await?.run(shutdown).await
 }

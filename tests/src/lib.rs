@@ -5,6 +5,7 @@
 //! The tests themselves live in `tests/`; every one binds port 0, so they run in parallel.
 
 pub mod db;
+pub mod nats;
 pub mod relay;
 
 use std::net::SocketAddr;

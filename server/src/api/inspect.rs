@@ -135,7 +135,7 @@ async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Re
         })
         .collect();
     let node = Node {
-        id: node_id(),
+        id: state.rooms.cluster().map_or_else(node_id, |c| c.node_id()),
         version: env!("CARGO_PKG_VERSION"),
         // The server clock starts with the server.
         uptime_secs: state.clock.now().0 / 1_000_000_000,

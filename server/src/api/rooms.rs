@@ -215,7 +215,7 @@ async fn create_room(
         .ok_or_else(|| ApiError::bad_request("a room name is 1 to 64 bytes on one line without control characters"))?;
     let tenant =
         state.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
-    let room = state.rooms.create(tenant, &who, &RoomSettings { name, tempo, beats_per_bar })?;
+    let room = state.rooms.open(tenant, &who, &RoomSettings { name, tempo, beats_per_bar }).await?;
     Ok((StatusCode::CREATED, Json(detail(&room).await?)))
 }
 

@@ -31,13 +31,14 @@ use downbeat_engine::room::{self, Room};
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{BoundedString, ErrorCode, RoomSettings, ServerNanos, TextKind, check_text};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument as _, info, info_span};
+use tracing::{Instrument as _, info, info_span, warn};
 
 use super::handle::{Command, RoomHandle, RoomMeta};
 use super::task::{RoomParts, RoomTask};
 use crate::auth::{Principal, Role, Tenant};
 use crate::authz::{Refusal, RoomAccess as _};
 use crate::clock::ServerClock;
+use crate::cluster::Cluster;
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::limits::{Buckets, Refill, network};
@@ -130,7 +131,12 @@ pub(crate) struct Rooms {
     stats: Arc<Stats>,
     sel: Sel,
     shutdown: Shutdown,
+    /// The cluster's room directory, if this server is one of several.
+    cluster: Option<Arc<Cluster>>,
 }
+
+/// Codes tried before a create gives up when the cluster's directory holds each already.
+const CLAIM_ATTEMPTS: usize = 8;
 
 impl Rooms {
     pub(crate) fn new(
@@ -139,8 +145,109 @@ impl Rooms {
         stats: Arc<Stats>,
         sel: Sel,
         shutdown: Shutdown,
+        cluster: Option<Arc<Cluster>>,
     ) -> Self {
-        Self { registry: Mutex::new(Registry::default()), config, clock, stats, sel, shutdown }
+        Self { registry: Mutex::new(Registry::default()), config, clock, stats, sel, shutdown, cluster }
+    }
+
+    /// The cluster this server is one of, if any.
+    pub(crate) fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.as_ref()
+    }
+
+    /// Creates a room (see [`Self::create`]); in a cluster its code is first claimed in the
+    /// directory, so no two nodes ever hold one code.
+    pub(crate) async fn open(
+        self: &Arc<Self>,
+        tenant: &Tenant,
+        owner: &Principal,
+        settings: &RoomSettings,
+    ) -> Result<RoomHandle, Refusal> {
+        let Some(cluster) = &self.cluster else { return self.create(tenant, owner, settings, None) };
+        for _ in 0..CLAIM_ATTEMPTS {
+            let code = JoinCode::random(&mut rand::rng());
+            let claimed = cluster.claim(tenant.id(), code.as_str()).await.map_err(|e| {
+                warn!(error = %e, "the cluster's directory cannot be reached; no room is created");
+                Refusal::new(ErrorCode::ServerBusy, "the cluster's room directory cannot be reached; try again shortly")
+            })?;
+            if !claimed {
+                continue;
+            }
+            return match self.create(tenant, owner, settings, Some(code.clone())) {
+                Ok(room) => Ok(room),
+                Err(refusal) => {
+                    cluster.release(tenant.id(), code.as_str()).await;
+                    Err(refusal)
+                }
+            };
+        }
+        Err(Refusal::new(ErrorCode::ServerBusy, "no free join code was found; try again"))
+    }
+
+    /// In a cluster, where the room `input` of `tenant` lives when another node holds it
+    /// (the hello is answered `moved`); `None` when it is here, nowhere, or there is no
+    /// cluster. Refused like [`Self::lookup`] while the asker may look nothing up, so a move
+    /// tells a guesser no more than a welcome would.
+    pub(crate) async fn moved(
+        &self,
+        tenant: &Tenant,
+        who: &Principal,
+        peer: Option<IpAddr>,
+        input: &str,
+    ) -> Result<Option<downbeat_protocol::Moved>, Refusal> {
+        let Some(cluster) = &self.cluster else { return Ok(None) };
+        let Some(code) = JoinCode::parse(input) else { return Ok(None) };
+        if self.find(tenant.id(), code.as_str()).is_some() {
+            return Ok(None);
+        }
+        if !self.may_look_up(tenant, who, peer) {
+            return Err(Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES));
+        }
+        match cluster.locate(tenant.id(), code.as_str()).await {
+            Ok(node) => Ok(node.map(|n| n.moved())),
+            Err(e) => {
+                warn!(error = %e, "the cluster's directory cannot be reached");
+                Err(Refusal::new(
+                    ErrorCode::ServerBusy,
+                    "the cluster's room directory cannot be reached; try again shortly",
+                ))
+            }
+        }
+    }
+
+    /// Whether `who` (from `peer`) may look a code up now: what [`Self::lookup`] checks before
+    /// anything, without taking from any bucket.
+    fn may_look_up(&self, tenant: &Tenant, who: &Principal, peer: Option<IpAddr>) -> bool {
+        let now = self.clock.now();
+        let mut registry = self.registry();
+        let Registry { tenants, addresses, .. } = &mut *registry;
+        let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms::new(tenant.limits(), now));
+        if usage.people.available(&who.subject, now.0) == 0 {
+            return false;
+        }
+        let shared_left = addresses.available(&network(peer), now.0) > 0 && usage.failed_joins.available(now.0) > 0;
+        shared_left || who.role != Role::Student
+    }
+
+    /// Keeps this node's leases in the cluster's directory, about three times a lease, until
+    /// shutdown; a room another node took over is closed here (this node no longer acts for
+    /// it).
+    pub(crate) async fn keep_leases(self: Arc<Self>, mut shutdown: Shutdown) {
+        let Some(cluster) = self.cluster.clone() else { return };
+        let mut beat = tokio::time::interval(cluster.lease() / 3);
+        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.wait() => return,
+                _ = beat.tick() => {}
+            }
+            for (tenant, code) in cluster.renew().await {
+                if let Some(room) = self.find(&tenant, &code) {
+                    warn!(%tenant, %code, "this node lost the room to another node; closing it here");
+                    let _ = room.control(downbeat_protocol::ControlOp::Close).await;
+                }
+            }
+        }
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -151,11 +258,14 @@ impl Rooms {
 
     /// Creates a stopped room owned by `owner` (already authorized as a teacher of `tenant`)
     /// and starts its task. Must be called within the tokio runtime.
+    /// `code`: the code to give it (claimed in the cluster's directory already), or `None`
+    /// for a random free one.
     pub(crate) fn create(
         self: &Arc<Self>,
         tenant: &Tenant,
         owner: &Principal,
         settings: &RoomSettings,
+        code: Option<JoinCode>,
     ) -> Result<RoomHandle, Refusal> {
         if let Err(bad) = check_text(&settings.name, TextKind::Line) {
             return Err(Refusal::new(ErrorCode::BadRequest, format!("a room name: {bad}")));
@@ -194,12 +304,21 @@ impl Rooms {
                     format!("your school may have {} rooms open at once; close one first", limits.max_rooms),
                 ));
             }
-            let mut rng = rand::rng();
-            let code = loop {
-                let code = JoinCode::random(&mut rng);
-                let taken = live.get(&code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == tenant_id));
-                if !taken && !usage.closed.contains_key(&code) {
-                    break code;
+            let taken =
+                |code: &JoinCode| live.get(code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == tenant_id));
+            let code = match code {
+                Some(code) if taken(&code) => {
+                    return Err(Refusal::new(ErrorCode::ServerBusy, "that join code is taken here; try again"));
+                }
+                Some(code) => code,
+                None => {
+                    let mut rng = rand::rng();
+                    loop {
+                        let code = JoinCode::random(&mut rng);
+                        if !taken(&code) && !usage.closed.contains_key(&code) {
+                            break code;
+                        }
+                    }
                 }
             };
             let meta = Arc::new(RoomMeta {
@@ -237,6 +356,9 @@ impl Rooms {
             async move {
                 task.run(rx, shutdown).await;
                 rooms.closed(&meta);
+                if let Some(cluster) = &rooms.cluster {
+                    cluster.release(&meta.tenant, meta.code.as_str()).await;
+                }
             }
             .instrument(span),
         );

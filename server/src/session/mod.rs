@@ -319,13 +319,22 @@ impl Session {
             return Err(refused(refusal));
         };
         let room = match &hello.room {
-            RoomRequest::Join(code) => self
-                .ctx
-                .rooms
-                .lookup(tenant, &principal, Some(self.peer), code)
-                .and_then(|room| authorize(&principal, Some(room.meta()), Operation::Join).map(|()| room)),
-            RoomRequest::Create(settings) => authorize(&principal, None, Operation::CreateRoom)
-                .and_then(|()| self.ctx.rooms.create(tenant, &principal, settings)),
+            RoomRequest::Join(code) => {
+                // In a cluster, a room another node holds: the client is told where.
+                match self.ctx.rooms.moved(tenant, &principal, Some(self.peer), code).await {
+                    Ok(Some(to)) => return Err(refused(Refusal::moved(to))),
+                    Ok(None) => {}
+                    Err(refusal) => return Err(refused(refusal)),
+                }
+                self.ctx
+                    .rooms
+                    .lookup(tenant, &principal, Some(self.peer), code)
+                    .and_then(|room| authorize(&principal, Some(room.meta()), Operation::Join).map(|()| room))
+            }
+            RoomRequest::Create(settings) => match authorize(&principal, None, Operation::CreateRoom) {
+                Ok(()) => self.ctx.rooms.open(tenant, &principal, settings).await,
+                Err(refusal) => Err(refusal),
+            },
         };
         let room = room.map_err(refused)?;
         Span::current().record("room", room.meta().code.as_str());
@@ -882,7 +891,7 @@ mod tests {
             idle_expiry_nanos: 3_600_000_000_000,
             seat_grace_nanos: 60_000_000_000,
         };
-        let rooms = Arc::new(Rooms::new(config, ServerClock::new(), stats, sel, shutdown));
+        let rooms = Arc::new(Rooms::new(config, ServerClock::new(), stats, sel, shutdown, None));
         let principal = |role, subject: &str| {
             let token = tenants.mint(DEMO_TENANT_ID, role, subject, subject, Duration::from_secs(60)).unwrap();
             tenants.verify(&token).unwrap()
@@ -890,7 +899,7 @@ mod tests {
         let teacher = principal(Role::Teacher, "t-1");
         let settings =
             RoomSettings { name: Name::truncating("Room"), tempo: MicroBpm::from_bpm(100), beats_per_bar: 4 };
-        let room = rooms.create(tenants.tenant(DEMO_TENANT_ID).unwrap(), &teacher, &settings).unwrap();
+        let room = rooms.create(tenants.tenant(DEMO_TENANT_ID).unwrap(), &teacher, &settings, None).unwrap();
         let (_, mut teacher_rx) = seat(&room, &teacher, 1).await;
         let (student, _student_rx) = seat(&room, &principal(Role::Student, "s-1"), 2).await;
 

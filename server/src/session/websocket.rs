@@ -32,11 +32,11 @@ use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, Session, SessionContext, SessionPlaces,
     sync_reply,
 };
+use crate::authz::Refusal;
 use crate::clock::ServerClock;
 use crate::room::{DatagramKind, Departure, Peer};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
-use downbeat_engine::room::error_frame;
 
 /// Note frames waiting per session before the oldest is dropped.
 const NOTE_BACKLOG: usize = 16;
@@ -90,7 +90,7 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
     let first = tokio::select! {
         first = timeout_at(deadline, read_control(&mut link.stream, &mut link.left)) => first.unwrap_or(Err(ReadError::Stalled)),
         () = shutdown.wait() => {
-            link.goodbye(ErrorCode::ShuttingDown, "the server is shutting down").await;
+            link.goodbye(&Refusal::new(ErrorCode::ShuttingDown, "the server is shutting down")).await;
             return;
         }
     };
@@ -98,7 +98,7 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
-                link.goodbye(refusal.code, &refusal.message).await;
+                link.goodbye(&refusal).await;
             }
             return;
         }
@@ -212,8 +212,9 @@ impl WsLink {
     }
 
     /// Tells a peer that was never joined why, then closes.
-    async fn goodbye(&mut self, code: ErrorCode, message: &str) {
-        let frame = wire::encode_frame(&error_frame(code, None, message)).map(|f| ws::control_message(&f));
+    async fn goodbye(&mut self, refusal: &Refusal) {
+        let code = refusal.code;
+        let frame = wire::encode_frame(&refusal.answer()).map(|f| ws::control_message(&f));
         let _ = timeout(FLUSH_TIMEOUT, async {
             if let Ok(frame) = frame {
                 self.write(Message::Binary(frame.into())).await;

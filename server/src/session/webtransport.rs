@@ -18,10 +18,10 @@ use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
     sync_reply,
 };
+use crate::authz::Refusal;
 use crate::limits::NetworkPlace;
 use crate::room::Departure;
 use crate::shutdown::Shutdown;
-use downbeat_engine::room::error_frame;
 
 /// Once a frame header has arrived, its body must follow within this time.
 const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -201,7 +201,7 @@ async fn hello(
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
-                refuse(conn, send, refusal.code, &refusal.message).await;
+                refuse(conn, send, &refusal).await;
             }
             return None;
         }
@@ -231,8 +231,9 @@ async fn hello(
 }
 
 /// Tells the peer why its hello was refused, then closes the session with that code.
-async fn refuse(conn: &Connection, mut send: SendStream, code: ErrorCode, message: &str) {
-    if let Ok(bytes) = wire::encode_frame(&error_frame(code, None, message)) {
+async fn refuse(conn: &Connection, mut send: SendStream, refusal: &Refusal) {
+    let code = refusal.code;
+    if let Ok(bytes) = wire::encode_frame(&refusal.answer()) {
         let _ = timeout(FLUSH_TIMEOUT, async {
             if send.write_all(&bytes).await.is_ok() {
                 let _ = send.finish().await;

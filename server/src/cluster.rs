@@ -1,0 +1,280 @@
+//! The cluster: servers that share one room directory, kept in NATS JetStream key-value
+//! (`--cluster nats://…`). A room lives on one node; the directory says which.
+//!
+//! - **Rooms** (bucket `downbeat-rooms`, key `<tenant>.<code>`): a node claims a code with
+//!   `create`, which succeeds only if no live entry holds the key, so one code never has two
+//!   owners, however many nodes create rooms at once. Codes are therefore unique across the
+//!   cluster. The entry names its node and a lease (a wall-clock deadline); the node renews
+//!   it by compare-and-set on the revision it last wrote, about three times a lease, and
+//!   deletes it (by revision) when the room closes. A renewal refused for its revision means
+//!   another node took the key over: this node lost the room and must stop acting for it.
+//!   A claim on a key whose lease ran out (its node died) takes it over by revision.
+//! - **Nodes** (bucket `downbeat-nodes`, key the node id): where each node is reached (HTTP,
+//!   WebTransport, WebSocket URLs, the certificate hashes to pin) and its lease, renewed with
+//!   the rooms'.
+//! - **Moves**: a hello for a room this node does not hold is answered with where the
+//!   directory says it lives ([`Cluster::locate`]), and the client connects there.
+//!
+//! Leases are compared with the hosts' wall clocks, which the nodes of one cluster keep
+//! synchronized (chrony); a lease of a few seconds tolerates milliseconds of skew.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use downbeat_protocol::{BoundedString, BoundedVec, Moved};
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::identity::PublishedHashes;
+use crate::sel::unix_ms_now;
+
+/// The room directory's bucket.
+pub const ROOMS_BUCKET: &str = "downbeat-rooms";
+/// The nodes' bucket.
+pub const NODES_BUCKET: &str = "downbeat-nodes";
+
+/// Why the cluster could not be reached or used.
+#[derive(Debug, thiserror::Error)]
+#[error("the cluster's NATS server: {0}")]
+pub struct ClusterError(String);
+
+impl ClusterError {
+    fn of(what: &str, e: impl std::fmt::Display) -> Self {
+        Self(format!("{what}: {e}"))
+    }
+}
+
+/// Where a node is reached, as the nodes' bucket holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeEntry {
+    /// The node's id (`--node-id`).
+    pub id: String,
+    /// Its API (`--public-http-url`).
+    pub http_url: String,
+    /// Its WebTransport endpoint.
+    pub webtransport_url: String,
+    /// Its WebSocket endpoint.
+    pub websocket_url: String,
+    /// Its development certificates' SHA-256 hashes, hex (empty with production ones).
+    pub certificate_hashes: Vec<String>,
+    /// Until when the entry holds without a renewal (Unix ms).
+    pub lease_until_ms: i64,
+}
+
+impl NodeEntry {
+    /// Where a client goes to reach a room on this node.
+    pub fn moved(&self) -> Moved {
+        let hashes: Vec<[u8; 32]> = self
+            .certificate_hashes
+            .iter()
+            .filter_map(|h| hex::decode(h).ok().and_then(|b| <[u8; 32]>::try_from(b).ok()))
+            .take(2)
+            .collect();
+        Moved {
+            webtransport_url: BoundedString::truncating(&self.webtransport_url),
+            websocket_url: BoundedString::truncating(&self.websocket_url),
+            certificate_hashes: BoundedVec::try_from_vec(hashes).unwrap_or_default(),
+        }
+    }
+}
+
+/// A room's entry: which node holds it, until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct RoomEntry {
+    node: String,
+    lease_until_ms: i64,
+}
+
+/// This node's membership in the cluster.
+#[derive(Debug)]
+pub struct Cluster {
+    node: Mutex<NodeEntry>,
+    rooms: kv::Store,
+    nodes: kv::Store,
+    lease: Duration,
+    /// The certificate hashes the node's entry publishes (`None`: as given).
+    hashes: Option<Arc<PublishedHashes>>,
+    /// The room keys this node holds, with the revision it last wrote.
+    held: Mutex<HashMap<String, u64>>,
+}
+
+/// The directory key of `code` in `tenant`.
+fn key(tenant: &str, code: &str) -> String {
+    format!("{tenant}.{code}")
+}
+
+fn encode<T: Serialize>(value: &T) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+impl Cluster {
+    /// Connects to the NATS server at `url`, makes sure both buckets exist and registers
+    /// `node` (its lease from now).
+    pub async fn connect(url: &str, node: NodeEntry, lease: Duration) -> Result<Self, ClusterError> {
+        Self::connect_with(url, node, lease, None).await
+    }
+
+    /// [`Self::connect`], publishing the certificate hashes `hashes` holds at each renewal.
+    pub(crate) async fn connect_with(
+        url: &str,
+        node: NodeEntry,
+        lease: Duration,
+        hashes: Option<Arc<PublishedHashes>>,
+    ) -> Result<Self, ClusterError> {
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("downbeat {}", node.id))
+            .connect(url)
+            .await
+            .map_err(|e| ClusterError::of("connecting", e))?;
+        let js = jetstream::new(client);
+        let rooms = bucket(&js, ROOMS_BUCKET).await?;
+        let nodes = bucket(&js, NODES_BUCKET).await?;
+        let cluster = Self { node: Mutex::new(node), rooms, nodes, lease, hashes, held: Mutex::new(HashMap::new()) };
+        cluster.renew_node().await?;
+        info!(node = %cluster.node_id(), "joined the cluster");
+        Ok(cluster)
+    }
+
+    fn held(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+        self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn me(&self) -> MutexGuard<'_, NodeEntry> {
+        self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// This node's id.
+    pub fn node_id(&self) -> String {
+        self.me().id.clone()
+    }
+
+    /// How long an entry holds without renewal.
+    pub const fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    fn lease_until(&self) -> i64 {
+        unix_ms_now().saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    fn room_entry(&self) -> RoomEntry {
+        RoomEntry { node: self.node_id(), lease_until_ms: self.lease_until() }
+    }
+
+    /// Claims `code` of `tenant` for this node: true if it is now this node's, false if a
+    /// live entry of another node holds it.
+    pub async fn claim(&self, tenant: &str, code: &str) -> Result<bool, ClusterError> {
+        let key = key(tenant, code);
+        let value = encode(&self.room_entry());
+        match self.rooms.create(&key, value.clone()).await {
+            Ok(revision) => {
+                self.held().insert(key, revision);
+                return Ok(true);
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(ClusterError::of("claiming a room", e)),
+        }
+        // Held already: by a live node, or by one whose lease ran out (it died), whose entry
+        // is taken over by the revision seen, so two claimers cannot both win it.
+        let Some(entry) = self.rooms.entry(&key).await.map_err(|e| ClusterError::of("reading a room", e))? else {
+            return Ok(false);
+        };
+        let live = serde_json::from_slice::<RoomEntry>(&entry.value).is_ok_and(|e| e.lease_until_ms >= unix_ms_now());
+        if entry.operation == kv::Operation::Put && live {
+            return Ok(false);
+        }
+        match self.rooms.update(&key, value, entry.revision).await {
+            Ok(revision) => {
+                info!(key, "claimed a room whose node's lease had run out");
+                self.held().insert(key, revision);
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
+            Err(e) => Err(ClusterError::of("claiming a room", e)),
+        }
+    }
+
+    /// Gives `code` of `tenant` up (the room closed): its entry is deleted if it is still
+    /// the one this node wrote.
+    pub async fn release(&self, tenant: &str, code: &str) {
+        let key = key(tenant, code);
+        let Some(revision) = self.held().remove(&key) else { return };
+        if let Err(e) = self.rooms.delete_expect_revision(&key, Some(revision)).await {
+            debug!(key, error = %e, "a closed room's directory entry was not deleted (taken over, or NATS unreachable)");
+        }
+    }
+
+    /// Where the room `code` of `tenant` lives, if another live node holds it.
+    pub async fn locate(&self, tenant: &str, code: &str) -> Result<Option<NodeEntry>, ClusterError> {
+        let read = |e| ClusterError::of("reading the directory", e);
+        let Some(entry) = self.rooms.entry(key(tenant, code)).await.map_err(read)? else { return Ok(None) };
+        let now = unix_ms_now();
+        let room = match serde_json::from_slice::<RoomEntry>(&entry.value) {
+            Ok(room) if entry.operation == kv::Operation::Put && room.lease_until_ms >= now => room,
+            _ => return Ok(None),
+        };
+        if room.node == self.node_id() {
+            return Ok(None);
+        }
+        let Some(node) = self.nodes.entry(&room.node).await.map_err(read)? else { return Ok(None) };
+        Ok(serde_json::from_slice::<NodeEntry>(&node.value)
+            .ok()
+            .filter(|n| node.operation == kv::Operation::Put && n.lease_until_ms >= now))
+    }
+
+    /// Renews this node's entry, with the certificate hashes it pins now.
+    async fn renew_node(&self) -> Result<(), ClusterError> {
+        let entry = {
+            let mut me = self.me();
+            if let Some(hashes) = &self.hashes {
+                me.certificate_hashes = hashes.get().iter().map(|h| hex::encode(h.sha256)).collect();
+            }
+            me.lease_until_ms = self.lease_until();
+            me.clone()
+        };
+        self.nodes.put(&entry.id, encode(&entry)).await.map_err(|e| ClusterError::of("registering the node", e))?;
+        Ok(())
+    }
+
+    /// Renews this node's entry and every room it holds. Returns the keys it lost: another
+    /// node holds them now (this node must stop acting for those rooms).
+    pub async fn renew(&self) -> Vec<(String, String)> {
+        if let Err(e) = self.renew_node().await {
+            warn!(error = %e, "renewing the node's lease failed");
+        }
+        let held: Vec<(String, u64)> = self.held().iter().map(|(k, r)| (k.clone(), *r)).collect();
+        let mut lost = Vec::new();
+        for (key, revision) in held {
+            match self.rooms.update(&key, encode(&self.room_entry()), revision).await {
+                Ok(next) => {
+                    self.held().insert(key, next);
+                }
+                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    warn!(key, "another node holds this room now; this node stops acting for it");
+                    self.held().remove(&key);
+                    if let Some((tenant, code)) = key.split_once('.') {
+                        lost.push((tenant.to_owned(), code.to_owned()));
+                    }
+                }
+                Err(e) => warn!(key, error = %e, "renewing a room's lease failed; retrying at the next beat"),
+            }
+        }
+        lost
+    }
+}
+
+/// The bucket `name`, made if it does not exist yet (the same settings on every node).
+async fn bucket(js: &jetstream::Context, name: &str) -> Result<kv::Store, ClusterError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    let config = kv::Config { bucket: name.to_owned(), history: 1, ..Default::default() };
+    match js.create_key_value(config).await {
+        Ok(store) => Ok(store),
+        // Another node made it meanwhile.
+        Err(e) => js.get_key_value(name).await.map_err(|_| ClusterError::of("making the bucket", e)),
+    }
+}

@@ -1,0 +1,168 @@
+//! A cluster of servers over a real NATS server (Debian's `nats-server` with JetStream) and a
+//! shared PostgreSQL: the room directory gives one code one owner however many nodes claim it
+//! at once, a lease that runs out can be taken over and its old holder learns it lost the
+//! room, codes are unique across nodes, and a hello on a node that does not hold the room is
+//! answered with where it lives, which native clients follow over WebTransport and WebSocket.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use downbeat_client::{Client, ClientError, Event};
+use downbeat_protocol::ErrorCode;
+use downbeat_protocol::Transport;
+use downbeat_server::auth::Role;
+use downbeat_server::cluster::{Cluster, NodeEntry};
+use downbeat_server::config::TenantLimits;
+use downbeat_tests::db::{Backend, TestDatabase};
+use downbeat_tests::nats::NatsServer;
+use downbeat_tests::{TestServer, events_until, school};
+
+const SECRET_A: &[u8; 32] = b"school-a-secret-0123456789abcdef";
+
+fn node(id: &str) -> NodeEntry {
+    NodeEntry {
+        id: id.to_owned(),
+        http_url: format!("http://{id}.example:4480"),
+        webtransport_url: format!("https://{id}.example:4433/"),
+        websocket_url: format!("ws://{id}.example:4480/api/ws"),
+        certificate_hashes: Vec::new(),
+        lease_until_ms: 0,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_code_has_one_owner_and_a_lapsed_lease_is_taken_over_and_fenced() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let lease = Duration::from_secs(5);
+    let mut nodes = Vec::new();
+    for id in ["node-a", "node-b", "node-c"] {
+        nodes.push(Cluster::connect(&nats.url, node(id), lease).await?);
+    }
+    // Three nodes claim the same 100 codes at the same time: each code gets one owner.
+    let mut owners = [0_usize; 3];
+    for i in 0..100 {
+        let code = format!("CODE{i:04}");
+        let (a, b, c) = tokio::join!(
+            nodes[0].claim("school", &code),
+            nodes[1].claim("school", &code),
+            nodes[2].claim("school", &code)
+        );
+        let won: Vec<bool> = vec![a?, b?, c?];
+        ensure!(won.iter().filter(|w| **w).count() == 1, "{code}: {won:?}");
+        let owner = won.iter().position(|w| *w).context("an owner")?;
+        owners[owner] += 1;
+        // The others see where it lives.
+        for (n, other) in nodes.iter().enumerate().filter(|(n, _)| *n != owner) {
+            let found = other.locate("school", &code).await?.with_context(|| format!("node {n} finds {code}"))?;
+            ensure!(found.id == nodes[owner].node_id(), "{code} found on {}", found.id);
+        }
+        ensure!(nodes[owner].locate("school", &code).await?.is_none(), "the owner is not told to move");
+    }
+    println!("claims won by node: {owners:?}");
+    // Released, a code is free again; another school's same code is another key.
+    let owner = nodes.iter().position(|_| true).context("a node")?;
+    ensure!(nodes[1].claim("other-school", "CODE0000").await?, "another school's code is its own");
+    for n in &nodes {
+        n.release("school", "CODE0000").await;
+    }
+    ensure!(nodes[owner].locate("school", "CODE0000").await?.is_none());
+    ensure!(nodes[2].claim("school", "CODE0000").await?, "a released code is free");
+
+    // A node that stops renewing (a crash, a pause): its lease lapses, another node takes the
+    // room over by revision, and the old holder learns at its next renewal that it lost it.
+    let short = Duration::from_millis(600);
+    let paused = Cluster::connect(&nats.url, node("node-paused"), short).await?;
+    let taker = Cluster::connect(&nats.url, node("node-taker"), short).await?;
+    let claimed_at = Instant::now();
+    ensure!(paused.claim("school", "LAPSED01").await?);
+    ensure!(!taker.claim("school", "LAPSED01").await?, "a live lease holds");
+    let taken = loop {
+        if taker.claim("school", "LAPSED01").await? {
+            break claimed_at.elapsed();
+        }
+        ensure!(claimed_at.elapsed() < Duration::from_secs(5), "the lapsed lease was never taken over");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(taken >= short, "taken over after {taken:?}, before the lease of {short:?} ran out");
+    println!("a lapsed lease of {short:?} was taken over after {taken:?}");
+    let lost = paused.renew().await;
+    ensure!(lost == [("school".to_owned(), "LAPSED01".to_owned())], "{lost:?}");
+    ensure!(taker.renew().await.is_empty(), "the new holder keeps it");
+    let found = nodes[0].locate("school", "LAPSED01").await?.context("located")?;
+    ensure!(found.id == "node-taker", "{found:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across_nodes() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let mut servers = Vec::new();
+    for i in 1..=3 {
+        let url = nats.url.clone();
+        let server = TestServer::start_on(&db, move |c| {
+            c.tenants = vec![school("a", SECRET_A, TenantLimits::default())];
+            c.cluster = Some(url);
+            c.node_id = Some(format!("node-{i}"));
+        })
+        .await?;
+        // Node 3's native clients come over WebSocket.
+        servers.push(if i == 3 { server.over(Transport::WebSocket) } else { server });
+    }
+    let mint = |role, sub: &str| {
+        servers[0].tenants.mint("a", role, sub, &format!("Person {sub}"), Duration::from_secs(3600)).expect("mints")
+    };
+    let teacher = mint(Role::Teacher, "t-1");
+    let observer = Cluster::connect(&nats.url, node("observer"), Duration::from_secs(5)).await?;
+
+    // Rooms created on every node at once: every code distinct, each owned where it was made.
+    let mut codes = BTreeSet::new();
+    for round in 0..4 {
+        let (a, b, c) = tokio::join!(
+            servers[0].create_room(&teacher, 100.0, 4),
+            servers[1].create_room(&teacher, 100.0, 4),
+            servers[2].create_room(&teacher, 100.0, 4)
+        );
+        for (n, code) in [a?, b?, c?].into_iter().enumerate() {
+            let plain = code.replace('-', "");
+            let owner = observer.locate("a", &plain).await?.with_context(|| format!("{code} in the directory"))?;
+            ensure!(
+                owner.id == format!("node-{}", n + 1),
+                "round {round}: {code} made on node {} lives on {}",
+                n + 1,
+                owner.id
+            );
+            ensure!(codes.insert(plain), "{code} given twice");
+        }
+    }
+
+    // A student says hello to node 2 for a room of node 1: told where it lives, the client
+    // connects there; another student on WebSocket to node 3 does the same.
+    let code = servers[0].create_room(&teacher, 120.0, 4).await?;
+    let owner = servers[0].connect(&code, &teacher).await?;
+    for (i, (via, label)) in [(&servers[1], "webtransport"), (&servers[2], "websocket")].into_iter().enumerate() {
+        let token = mint(Role::Student, &format!("s-{i}"));
+        let student = Client::connect(via.options(&code, &token)).await?;
+        let id = student.member_id();
+        events_until(&owner, |e| matches!(e, Event::MemberJoined(m) if m.id == id)).await?;
+        let presence = student.presence();
+        ensure!(presence.iter().any(|m| m.id == owner.member_id()), "{label}: the student sits with the teacher");
+        println!("{label}: a hello on another node ended on the owner (member {id})");
+    }
+    // A code no node holds: the usual answer, from any node.
+    let wrong = Client::connect(servers[1].options("ZZZZ-ZZZZ", &mint(Role::Student, "s-9"))).await;
+    ensure!(matches!(&wrong, Err(ClientError::Refused { code: ErrorCode::RoomNotFound, .. })), "{:?}", wrong.err());
+    // Closed, the room leaves the directory.
+    let (status, body) = servers[0].http("DELETE", &format!("/api/rooms/{code}"), Some(&teacher), None).await?;
+    ensure!(status == 200, "{body}");
+    let plain = code.replace('-', "");
+    let released = async {
+        while observer.locate("a", &plain).await?.is_some() {
+            tokio::task::yield_now().await;
+        }
+        Ok::<_, anyhow::Error>(())
+    };
+    tokio::time::timeout(Duration::from_secs(10), released).await.context("the closed room left the directory")??;
+    Ok(())
+}
