@@ -24,26 +24,24 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use downbeat_certs::CertifiedKey;
 use downbeat_certs::acme::{AcmeStore, key_and_csr, placeholder, renewal_due, tls_alpn_01_certificate};
-use hyper_util::rt::TokioIo;
 use instant_acme::{
     Account, AccountCredentials, AuthorizationStatus, BodyWrapper, BytesResponse, ChallengeType, HttpClient,
     Identifier, NewAccount, NewOrder, OrderStatus, RetryPolicy,
 };
-use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::rustls;
-use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::pki_types::CertificateDer;
 use tracing::{error, info, warn};
 
 use crate::api::CertResolver;
 use crate::config::Config;
 use crate::identity::{AcmeView, IdentityError, Installer, unix_secs};
+use crate::outbound::BoxError;
 use crate::shutdown::Shutdown;
 
 /// The longest wait between failed orders.
@@ -310,50 +308,22 @@ impl std::fmt::Debug for AcmeHttp {
 
 impl AcmeHttp {
     fn new(extra_roots: Option<&std::path::Path>) -> Result<Self, IdentityError> {
-        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let mut extra = Vec::new();
         if let Some(path) = extra_roots {
             let pem = std::fs::read(path)
                 .map_err(|source| downbeat_certs::CertError::Io { path: path.to_path_buf(), source })?;
-            let certs = rustls_pemfile_certs(&pem, path)?;
-            for cert in certs {
-                roots.add(cert)?;
-            }
+            extra = rustls_pemfile_certs(&pem, path)?;
         }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-        Ok(Self { tls: TlsConnector::from(Arc::new(tls)) })
+        Ok(Self { tls: crate::outbound::tls_connector(extra)? })
     }
 
-    async fn send(
-        tls: TlsConnector,
-        mut request: hyper::Request<BodyWrapper<Bytes>>,
-    ) -> Result<BytesResponse, BoxError> {
-        let uri = request.uri().clone();
-        if uri.scheme_str() != Some("https") {
-            return Err(format!("{uri}: the ACME client speaks https only").into());
+    async fn send(tls: TlsConnector, request: hyper::Request<BodyWrapper<Bytes>>) -> Result<BytesResponse, BoxError> {
+        if request.uri().scheme_str() != Some("https") {
+            return Err(format!("{}: the ACME client speaks https only", request.uri()).into());
         }
-        let host = uri.host().ok_or_else(|| format!("{uri}: no host"))?;
-        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-        let port = uri.port_u16().unwrap_or(443);
-        let tcp = TcpStream::connect((host.as_str(), port)).await?;
-        let name = ServerName::try_from(host.clone())?;
-        let stream = tls.connect(name, tcp).await?;
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        let authority = uri.authority().map(|a| a.as_str().to_owned()).unwrap_or(host);
-        request.headers_mut().insert(hyper::header::HOST, hyper::header::HeaderValue::from_str(&authority)?);
-        let path = uri.path_and_query().map_or("/", |p| p.as_str());
-        *request.uri_mut() = path.parse()?;
-        let response = sender.send_request(request).await?;
-        Ok(BytesResponse::from(response))
+        Ok(BytesResponse::from(crate::outbound::send(&tls, request).await?))
     }
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 impl HttpClient for AcmeHttp {
     fn request(

@@ -49,6 +49,7 @@ mod codes;
 pub mod config;
 mod identity;
 mod limits;
+mod outbound;
 mod private;
 mod room;
 pub mod sel;

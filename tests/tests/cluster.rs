@@ -1,8 +1,9 @@
-//! A cluster of servers over a real NATS server (Debian's `nats-server` with JetStream) and a
-//! shared PostgreSQL: the room directory gives one code one owner however many nodes claim it
-//! at once, a lease that runs out can be taken over and its old holder learns it lost the
-//! room, codes are unique across nodes, and a hello on a node that does not hold the room is
-//! answered with where it lives, which native clients follow over WebTransport and WebSocket.
+//! A cluster of servers over a real NATS server (`nats-server` with JetStream) and a shared
+//! PostgreSQL: the room directory gives one code one owner however many nodes claim it at
+//! once, a lease that runs out can be taken over and its old holder learns it lost the room,
+//! codes are unique across nodes, a hello on a node that does not hold the room is answered
+//! with where it lives, which native clients follow over WebTransport and WebSocket, and the
+//! room's HTTP calls there are forwarded to its node.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -141,6 +142,7 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
     // connects there; another student on WebSocket to node 3 does the same.
     let code = servers[0].create_room(&teacher, 120.0, 4).await?;
     let owner = servers[0].connect(&code, &teacher).await?;
+    let mut students = Vec::new();
     for (i, (via, label)) in [(&servers[1], "webtransport"), (&servers[2], "websocket")].into_iter().enumerate() {
         let token = mint(Role::Student, &format!("s-{i}"));
         let student = Client::connect(via.options(&code, &token)).await?;
@@ -149,7 +151,22 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
         let presence = student.presence();
         ensure!(presence.iter().any(|m| m.id == owner.member_id()), "{label}: the student sits with the teacher");
         println!("{label}: a hello on another node ended on the owner (member {id})");
+        students.push(student);
     }
+    // A room's HTTP calls on other nodes are forwarded to its node, and answered from there.
+    let (status, body) = servers[1].http("GET", &format!("/api/rooms/{code}"), Some(&teacher), None).await?;
+    ensure!(status == 200 && body["members"].as_array().map(Vec::len) == Some(3), "{status} {body}");
+    let epoch = owner.timeline().context("a timeline")?.epoch();
+    let (status, body) = servers[2].http("POST", &format!("/api/rooms/{code}/start"), Some(&teacher), None).await?;
+    ensure!(status == 200, "start through node 3: {status} {body}");
+    downbeat_tests::wait_for_epoch(&owner, epoch + 1).await?;
+    let student = mint(Role::Student, "s-0");
+    let (status, body) = servers[1].http("POST", &format!("/api/rooms/{code}/stop"), Some(&student), None).await?;
+    ensure!((status, body["error"]["code"].as_str()) == (403, Some("forbidden")), "the owner authorizes: {body}");
+    let (status, body) = servers[1].http("POST", "/api/rooms/ZZZZ-ZZZZ/start", Some(&teacher), None).await?;
+    ensure!((status, body["error"]["code"].as_str()) == (404, Some("room_not_found")), "{body}");
+    println!("HTTP calls on nodes 2 and 3 were forwarded to node 1");
+
     // A code no node holds: the usual answer, from any node.
     let wrong = Client::connect(servers[1].options("ZZZZ-ZZZZ", &mint(Role::Student, "s-9"))).await;
     ensure!(matches!(&wrong, Err(ClientError::Refused { code: ErrorCode::RoomNotFound, .. })), "{:?}", wrong.err());

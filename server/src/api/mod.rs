@@ -12,6 +12,7 @@
 
 mod error;
 mod extract;
+mod forward;
 mod inspect;
 mod listen;
 mod pages;
@@ -61,6 +62,7 @@ pub(crate) fn router(state: AppState, request_timeout: Duration, with_metrics: b
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn_with_state(state.clone(), limit_anonymous))
+        .layer(middleware::from_fn_with_state(state.clone(), forward::to_owner))
         .with_state(state)
         .layer(middleware::from_fn(move |request, next| serve::request_deadline(request_timeout, request, next)))
         .layer(middleware::map_response(respond::isolate))
