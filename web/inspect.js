@@ -66,7 +66,7 @@ function parseMetrics(text) {
 const num = (x) => h('td', { class: 'num' }, x == null ? '–' : String(x));
 const ms = (micros) => (micros == null ? '–' : (micros / 1000).toFixed(micros < 10_000 ? 2 : 1));
 
-function renderNode(node) {
+function renderNode(node, cluster) {
   const hours = Math.floor(node.uptime_secs / 3600);
   const minutes = Math.floor((node.uptime_secs % 3600) / 60);
   const facts = [
@@ -76,6 +76,12 @@ function renderNode(node) {
     ['Sessions', node.sessions_active],
     ['Rooms', node.rooms_active],
   ];
+  if (cluster.length) {
+    const clock = (c) => (c ? `, clock ${c.offset_micros >= 0 ? '+' : ''}${c.offset_micros} ± ${c.uncertainty_micros} µs` : '');
+    const others = cluster.map((n) =>
+      `${n.id}${n.this ? ' (this one)' : ''}: ${n.http_url}, lease ${(n.lease_left_ms / 1000).toFixed(1)} s${clock(n.clock)}`);
+    facts.push(['Cluster', others.join(' · ')]);
+  }
   $('#node').replaceChildren(...facts.flatMap(([k, v]) => [h('dt', {}, k), h('dd', {}, String(v))]));
 }
 
@@ -237,7 +243,7 @@ async function refresh() {
       api('GET', '/api/inspect/metrics'),
       api('GET', '/api/inspect/audit'),
     ]);
-    renderNode(overview.node);
+    renderNode(overview.node, overview.cluster ?? []);
     renderTenants(overview.tenants);
     renderRooms(overview.rooms);
     renderCounters(metrics);

@@ -16,7 +16,11 @@
 //!   directory says it lives ([`Cluster::locate`]), and the client connects there.
 //!
 //! Leases are compared with the hosts' wall clocks, which the nodes of one cluster keep
-//! synchronized (chrony); a lease of a few seconds tolerates milliseconds of skew.
+//! synchronized (chrony); a lease of a few seconds tolerates milliseconds of skew. How well
+//! they agree is measured, not trusted: each node answers clock requests on
+//! `downbeat.clock.<node id>` with its wall clock as it received and as it answered, and
+//! measures every other node with the engine's own estimator (four timestamps, the same
+//! exchange clients use with the server), exported in `/metrics` and shown in the inspector.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -24,7 +28,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
 use bytes::Bytes;
-use downbeat_protocol::{BoundedString, BoundedVec, Moved};
+use downbeat_engine::clock::{self, Estimator, Sample};
+use downbeat_protocol::{BoundedString, BoundedVec, ClientNanos, Moved, ServerNanos};
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
@@ -91,6 +96,9 @@ struct RoomEntry {
 /// This node's membership in the cluster.
 #[derive(Debug)]
 pub struct Cluster {
+    client: async_nats::Client,
+    /// The other nodes' wall clocks against this one's, by node id.
+    clocks: Mutex<HashMap<String, Estimator>>,
     node: Mutex<NodeEntry>,
     rooms: kv::Store,
     nodes: kv::Store,
@@ -129,10 +137,19 @@ impl Cluster {
             .connect(url)
             .await
             .map_err(|e| ClusterError::of("connecting", e))?;
-        let js = jetstream::new(client);
+        let js = jetstream::new(client.clone());
         let rooms = bucket(&js, ROOMS_BUCKET).await?;
         let nodes = bucket(&js, NODES_BUCKET).await?;
-        let cluster = Self { node: Mutex::new(node), rooms, nodes, lease, hashes, held: Mutex::new(HashMap::new()) };
+        let cluster = Self {
+            client,
+            clocks: Mutex::new(HashMap::new()),
+            node: Mutex::new(node),
+            rooms,
+            nodes,
+            lease,
+            hashes,
+            held: Mutex::new(HashMap::new()),
+        };
         cluster.renew_node().await?;
         info!(node = %cluster.node_id(), "joined the cluster");
         Ok(cluster)
@@ -225,6 +242,25 @@ impl Cluster {
             .filter(|n| node.operation == kv::Operation::Put && n.lease_until_ms >= now))
     }
 
+    /// Every node whose lease holds now, by id.
+    pub async fn nodes(&self) -> Result<Vec<NodeEntry>, ClusterError> {
+        use futures_util::TryStreamExt as _;
+        let read = |e: &dyn std::fmt::Display| ClusterError::of("listing the nodes", e);
+        let ids: Vec<String> =
+            self.nodes.keys().await.map_err(|e| read(&e))?.try_collect().await.map_err(|e| read(&e))?;
+        let now = unix_ms_now();
+        let mut nodes = Vec::new();
+        for id in ids {
+            let Some(entry) = self.nodes.entry(&id).await.map_err(|e| read(&e))? else { continue };
+            match serde_json::from_slice::<NodeEntry>(&entry.value) {
+                Ok(node) if entry.operation == kv::Operation::Put && node.lease_until_ms >= now => nodes.push(node),
+                _ => {}
+            }
+        }
+        nodes.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(nodes)
+    }
+
     /// Renews this node's entry, with the certificate hashes it pins now.
     async fn renew_node(&self) -> Result<(), ClusterError> {
         let entry = {
@@ -263,6 +299,128 @@ impl Cluster {
             }
         }
         lost
+    }
+}
+
+/// The subject a node answers clock requests on.
+fn clock_subject(node: &str) -> String {
+    format!("downbeat.clock.{node}")
+}
+
+/// The host's wall clock in ns since the Unix epoch (the cluster's shared time base).
+fn wall_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// Another node's clock as this one measured it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ClockOffset {
+    /// The other node.
+    pub node: String,
+    /// Its wall clock minus this one's, in µs.
+    pub offset_micros: i64,
+    /// The estimate's standard error, in µs (path asymmetry aside: half the round trip
+    /// bounds that).
+    pub uncertainty_micros: u64,
+    /// The smallest round trip seen, in µs.
+    pub rtt_micros: u64,
+}
+
+impl Cluster {
+    /// Answers other nodes' clock requests until shutdown: each reply holds this node's wall
+    /// clock when the request arrived and when the reply left (two big-endian u64, ns).
+    pub async fn serve_clock(&self) -> Result<(), ClusterError> {
+        use futures_util::StreamExt as _;
+        let mut requests = self
+            .client
+            .subscribe(clock_subject(&self.node_id()))
+            .await
+            .map_err(|e| ClusterError::of("answering clock requests", e))?;
+        while let Some(request) = requests.next().await {
+            let t1 = wall_nanos();
+            let Some(reply) = request.reply else { continue };
+            let mut payload = Vec::with_capacity(16);
+            payload.extend_from_slice(&t1.to_be_bytes());
+            payload.extend_from_slice(&wall_nanos().to_be_bytes());
+            if let Err(e) = self.client.publish(reply, payload.into()).await {
+                debug!(error = %e, "a clock reply was not sent");
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers clock requests and measures the other nodes' clocks about three times a lease,
+    /// publishing the figures in `stats`, until the task is dropped.
+    pub(crate) async fn run_clock(self: Arc<Self>, stats: Arc<crate::stats::Stats>) {
+        let measure = async {
+            let mut beat = tokio::time::interval(self.lease / 3);
+            beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                beat.tick().await;
+                if let Err(e) = self.measure_clocks().await {
+                    warn!(error = %e, "measuring the other nodes' clocks failed");
+                }
+                let offsets = self.clock_offsets();
+                stats.cluster_clock_peers.set(offsets.len() as u64);
+                let max = |f: fn(&ClockOffset) -> u64| offsets.iter().map(f).max().unwrap_or(0);
+                stats.cluster_clock_offset_max_micros.set(max(|o| o.offset_micros.unsigned_abs()));
+                stats.cluster_clock_uncertainty_max_micros.set(max(|o| o.uncertainty_micros));
+            }
+        };
+        let serve = async {
+            if let Err(e) = self.serve_clock().await {
+                warn!(error = %e, "this node does not answer clock requests");
+            }
+        };
+        tokio::join!(measure, serve);
+    }
+
+    /// Measures every other live node's clock once: one exchange each, all at once, each
+    /// within half a second.
+    pub async fn measure_clocks(&self) -> Result<(), ClusterError> {
+        let me = self.node_id();
+        let others: Vec<NodeEntry> = self.nodes().await?.into_iter().filter(|n| n.id != me).collect();
+        let exchanges = others.into_iter().map(|node| async move {
+            let t0 = wall_nanos();
+            let asked = self.client.request(clock_subject(&node.id), Bytes::new());
+            let Ok(Ok(reply)) = tokio::time::timeout(Duration::from_millis(500), asked).await else {
+                debug!(node = %node.id, "no clock reply in time");
+                return;
+            };
+            let t3 = wall_nanos();
+            let Ok(stamps) = <[u8; 16]>::try_from(&reply.payload[..]) else { return };
+            let t1 = u64::from_be_bytes(stamps[..8].try_into().unwrap_or_default());
+            let t2 = u64::from_be_bytes(stamps[8..].try_into().unwrap_or_default());
+            let sample = Sample::from_timestamps(ClientNanos(t0), ServerNanos(t1), ServerNanos(t2), ClientNanos(t3));
+            if let Some(sample) = sample {
+                let mut clocks = self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                clocks.entry(node.id).or_insert_with(|| Estimator::new(clock::Config::default())).add_sample(sample);
+            }
+        });
+        futures_util::future::join_all(exchanges).await;
+        Ok(())
+    }
+
+    /// The other nodes' clocks as measured so far, by node id.
+    pub fn clock_offsets(&self) -> Vec<ClockOffset> {
+        let now = ClientNanos(wall_nanos());
+        let clocks = self.clocks.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut offsets: Vec<ClockOffset> = clocks
+            .iter()
+            .filter_map(|(node, estimator)| {
+                let e = estimator.estimate(now)?;
+                Some(ClockOffset {
+                    node: node.clone(),
+                    offset_micros: e.offset_nanos / 1_000,
+                    uncertainty_micros: e.uncertainty_nanos / 1_000,
+                    rtt_micros: e.rtt_nanos / 1_000,
+                })
+            })
+            .collect();
+        offsets.sort_by(|a, b| a.node.cmp(&b.node));
+        offsets
     }
 }
 

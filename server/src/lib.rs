@@ -402,6 +402,7 @@ impl Server {
             ..
         } = self;
         let lease_task = tokio::spawn(rooms.clone().keep_leases(signal.clone()));
+        let clock_task = rooms.cluster().cloned().map(|cluster| tokio::spawn(cluster.run_clock(stats.clone())));
         let purge_task = tokio::spawn(sel::purge_loop(
             sel.store().clone(),
             tenants.clone(),
@@ -499,6 +500,9 @@ impl Server {
         identity_task.abort();
         purge_task.abort();
         lease_task.abort();
+        if let Some(task) = clock_task {
+            task.abort();
+        }
         // The SEL writer ends once the rooms' last flushes are committed (every handle to it
         // is gone when the room tasks and the HTTP server are).
         drop(rooms);

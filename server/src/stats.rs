@@ -214,6 +214,14 @@ stats! {
     rooms_active: Gauge => "rooms_active";
     /// Rooms created since start.
     rooms_created: Counter => "rooms_created_total";
+    /// Other nodes of the cluster whose wall clocks this node has measured (0 without a
+    /// cluster).
+    cluster_clock_peers: Gauge => "cluster_clock_peers";
+    /// The largest difference between another node's wall clock and this node's, in µs, as
+    /// measured over NATS (how well the hosts' clocks are synchronized).
+    cluster_clock_offset_max_micros: Gauge => "cluster_clock_offset_max_microseconds";
+    /// The largest standard error of those measurements, in µs.
+    cluster_clock_uncertainty_max_micros: Gauge => "cluster_clock_uncertainty_max_microseconds";
     /// Timeline changes applied.
     changes_applied: Counter => "changes_applied_total";
     /// Teacher controls applied (timeline changes included).
@@ -560,6 +568,9 @@ mod tests {
             "feed_dropped_total",
             "rooms_active",
             "rooms_created_total",
+            "cluster_clock_peers",
+            "cluster_clock_offset_max_microseconds",
+            "cluster_clock_uncertainty_max_microseconds",
             "changes_applied_total",
             "controls_applied_total",
             "sessions_closed_for_abuse_total",

@@ -17,9 +17,10 @@ use downbeat_server::cluster::{Cluster, NodeEntry};
 use downbeat_server::config::TenantLimits;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::nats::NatsServer;
-use downbeat_tests::{TestServer, events_until, school};
+use downbeat_tests::{TestServer, events_until, operators, school};
 
 const SECRET_A: &[u8; 32] = b"school-a-secret-0123456789abcdef";
+const SECRET_OPS: &[u8; 32] = b"operators-secret-0123456789abcde";
 
 fn node(id: &str) -> NodeEntry {
     NodeEntry {
@@ -104,8 +105,11 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
         let url = nats.url.clone();
         let server = TestServer::start_on(&db, move |c| {
             c.tenants = vec![school("a", SECRET_A, TenantLimits::default())];
+            c.operators = Some(operators(SECRET_OPS));
             c.cluster = Some(url);
             c.node_id = Some(format!("node-{i}"));
+            // Leases renewed (and clocks measured) every half second.
+            c.cluster_lease_ms = 1_500;
         })
         .await?;
         // Node 3's native clients come over WebSocket.
@@ -115,7 +119,9 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
         servers[0].tenants.mint("a", role, sub, &format!("Person {sub}"), Duration::from_secs(3600)).expect("mints")
     };
     let teacher = mint(Role::Teacher, "t-1");
-    let observer = Cluster::connect(&nats.url, node("observer"), Duration::from_secs(5)).await?;
+    // Reads the directory; its own node entry lapses at once (it never renews it), so the
+    // nodes do not count it among them.
+    let observer = Cluster::connect(&nats.url, node("observer"), Duration::from_millis(1)).await?;
 
     // Rooms created on every node at once: every code distinct, each owned where it was made.
     let mut codes = BTreeSet::new();
@@ -166,6 +172,52 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
     let (status, body) = servers[1].http("POST", "/api/rooms/ZZZZ-ZZZZ/start", Some(&teacher), None).await?;
     ensure!((status, body["error"]["code"].as_str()) == (404, Some("room_not_found")), "{body}");
     println!("HTTP calls on nodes 2 and 3 were forwarded to node 1");
+
+    // The operators' inspector on any node lists every node of the cluster.
+    let overview = servers[1].call("GET", "/api/inspect", &servers[1].operator("op-1"), None, (200, None)).await?;
+    let listed: Vec<(String, bool)> = overview["cluster"]
+        .as_array()
+        .context("the cluster's nodes")?
+        .iter()
+        .map(|n| (n["id"].as_str().unwrap_or_default().to_owned(), n["this"] == true))
+        .collect();
+    let expected: Vec<(String, bool)> = (1..=3).map(|i| (format!("node-{i}"), i == 2)).collect();
+    ensure!(listed == expected, "{listed:?}");
+    ensure!(overview["node"]["id"] == "node-2", "{}", overview["node"]);
+    // Each node measures the others' clocks over NATS. On one host the truth is zero, so each
+    // estimate must be within what the exchange can tell apart: half its smallest round trip
+    // (the path's asymmetry is invisible) plus three standard errors. /metrics says it too.
+    let measured = async {
+        loop {
+            let overview =
+                servers[1].call("GET", "/api/inspect", &servers[1].operator("op-1"), None, (200, None)).await?;
+            let clocks: Vec<serde_json::Value> = overview["cluster"]
+                .as_array()
+                .context("nodes")?
+                .iter()
+                .filter(|n| n["this"] != true)
+                .map(|n| n["clock"].clone())
+                .collect();
+            if clocks.iter().all(|c| !c.is_null()) {
+                return Ok::<_, anyhow::Error>(clocks);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let clocks = tokio::time::timeout(Duration::from_secs(10), measured).await.context("clock measurements")??;
+    for clock in &clocks {
+        let offset = clock["offset_micros"].as_i64().context("offset")?;
+        let rtt = clock["rtt_micros"].as_i64().context("rtt")?;
+        let uncertainty = clock["uncertainty_micros"].as_i64().context("uncertainty")?;
+        ensure!(offset.abs() <= rtt / 2 + 3 * uncertainty + 1, "{clock}");
+        println!(
+            "node-2 measured {}: offset {offset} µs, ± {} µs, rtt {} µs",
+            clock["node"], clock["uncertainty_micros"], clock["rtt_micros"]
+        );
+    }
+    let (_, _, metrics) = servers[1].http_bytes("/metrics", &teacher).await?;
+    let metrics = String::from_utf8(metrics)?;
+    ensure!(metrics.contains("downbeat_cluster_clock_peers 2\n"), "{metrics}");
 
     // A code no node holds: the usual answer, from any node.
     let wrong = Client::connect(servers[1].options("ZZZZ-ZZZZ", &mint(Role::Student, "s-9"))).await;

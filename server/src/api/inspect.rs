@@ -58,8 +58,25 @@ pub(super) fn routes() -> Router<AppState> {
 #[derive(Serialize)]
 struct Overview {
     node: Node,
+    /// In a cluster, every node whose lease holds (this one among them); otherwise empty.
+    cluster: Vec<ClusterNode>,
     tenants: Vec<TenantView>,
     rooms: Vec<RoomView>,
+}
+
+/// A node of the cluster, as the directory lists it.
+#[derive(Serialize)]
+struct ClusterNode {
+    id: String,
+    http_url: String,
+    webtransport_url: String,
+    /// Whether it is the node answering.
+    this: bool,
+    /// How long its entry holds without a renewal, in ms.
+    lease_left_ms: i64,
+    /// Its wall clock against the answering node's, as measured (none for itself, or before
+    /// the first measurement).
+    clock: Option<crate::cluster::ClockOffset>,
 }
 
 /// This server (one node today).
@@ -142,7 +159,32 @@ async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Re
         sessions_active: state.stats.sessions_active.get(),
         rooms_active: state.stats.rooms_active.get(),
     };
-    Ok(Json(Overview { node, tenants, rooms }))
+    let cluster = match state.rooms.cluster() {
+        Some(cluster) => {
+            let now = crate::sel::unix_ms_now();
+            let this = cluster.node_id();
+            let clocks = cluster.clock_offsets();
+            cluster
+                .nodes()
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "listing the cluster's nodes failed");
+                    ApiError::new(ErrorCode::ServerBusy, "the cluster's directory cannot be reached; try again shortly")
+                })?
+                .into_iter()
+                .map(|n| ClusterNode {
+                    clock: clocks.iter().find(|c| c.node == n.id).cloned(),
+                    this: n.id == this,
+                    lease_left_ms: n.lease_until_ms - now,
+                    id: n.id,
+                    http_url: n.http_url,
+                    webtransport_url: n.webtransport_url,
+                })
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(Json(Overview { node, cluster, tenants, rooms }))
 }
 
 /// The server's counters, as `/metrics` gives them (whether or not `/metrics` is served on
