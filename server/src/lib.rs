@@ -556,11 +556,17 @@ async fn finish_http(
 }
 
 /// Binds and serves `config` until `shutdown` completes.
+/// The host's name, as operators know their machines (Linux).
+pub(crate) fn host_name() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?;
+    Some(name.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
 /// Where this node is reached, for the cluster's directory: the configured public URLs, or
 /// the listeners' own addresses.
 fn node_entry(config: &Config, http_addr: SocketAddr, wt_port: u16) -> cluster::NodeEntry {
     let host = if http_addr.ip().is_unspecified() {
-        std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default()
+        host_name().unwrap_or_default()
     } else if http_addr.is_ipv6() {
         format!("[{}]", http_addr.ip())
     } else {

@@ -55,6 +55,16 @@ impl FromRequestParts<AppState> for Auth {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header, if there is one.
+pub(super) fn bearer_token(headers: &axum::http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim())
+}
+
 /// The principal of the request's bearer token, verified and within its rate limit.
 fn verified(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
     // A token that does not verify pays per address, as no token does.
@@ -62,14 +72,7 @@ fn verified(parts: &Parts, state: &AppState) -> Result<Principal, ApiError> {
         let PeerAddr(peer) = PeerAddr::of(parts);
         if state.take_anonymous(peer) { e } else { super::anonymous_limited(state) }
     };
-    let given = parts
-        .headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let Some(token) = given else {
+    let Some(token) = bearer_token(&parts.headers) else {
         state.stats.refused.inc(ErrorCode::Unauthorized);
         let missing =
             ApiError::new(ErrorCode::Unauthorized, "missing token: send the header `Authorization: Bearer <token>`");

@@ -51,15 +51,11 @@ pub(crate) async fn to_owner(State(state): State<AppState>, request: Request, ne
     if request.headers().contains_key(&FORWARDED_BY) {
         return next.run(request).await;
     }
-    let token = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
     // Whatever does not verify, or names no school, is answered here as usual.
-    let Some(who) = token.and_then(|t| state.tenants.verify(t).ok()).filter(|w| w.role != Role::Operator) else {
+    let Some(who) = super::extract::bearer_token(request.headers())
+        .and_then(|t| state.tenants.verify(t).ok())
+        .filter(|w| w.role != Role::Operator)
+    else {
         return next.run(request).await;
     };
     if state.rooms.find(&who.tenant, code.as_str()).is_some() {

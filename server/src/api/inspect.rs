@@ -113,11 +113,7 @@ struct RoomView {
 
 /// The node's name: the host's name, as operators know their machines.
 fn node_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "this server".to_owned())
+    crate::host_name().unwrap_or_else(|| "this server".to_owned())
 }
 
 async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Result<Json<Overview>, ApiError> {
@@ -190,11 +186,7 @@ async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Re
 /// The server's counters, as `/metrics` gives them (whether or not `/metrics` is served on
 /// this listener).
 async fn metrics(State(state): State<AppState>, Operator(_who): Operator) -> Response {
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
-        state.stats.render_prometheus(),
-    )
-        .into_response()
+    super::status::prometheus(&state)
 }
 
 #[derive(Deserialize)]

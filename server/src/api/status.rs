@@ -96,6 +96,11 @@ async fn cert_hashes(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    prometheus(&state)
+}
+
+/// The server's counters in the Prometheus text format (`/metrics`, and the inspector's copy).
+pub(super) fn prometheus(state: &AppState) -> Response {
     (
         [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
         state.stats.render_prometheus(),

@@ -90,6 +90,24 @@ struct TenantRooms {
     closed: HashMap<JoinCode, ServerNanos>,
 }
 
+/// Whether `who` (from `address`) may look a code up now, taking nothing: `None` if not (their
+/// own failed-join bucket is empty, or a shared one is and they are a student), else whether
+/// the shared buckets (the address's and the school's) have room for a failed join. Staff
+/// (teachers and admins) are not locked out by students' guessing.
+fn lookup_budget(
+    usage: &TenantRooms,
+    addresses: &Buckets<IpAddr>,
+    who: &Principal,
+    address: &IpAddr,
+    now: ServerNanos,
+) -> Option<bool> {
+    if usage.people.available(&who.subject, now.0) == 0 {
+        return None;
+    }
+    let shared_left = addresses.available(address, now.0) > 0 && usage.failed_joins.available(now.0) > 0;
+    (shared_left || who.role != Role::Student).then_some(shared_left)
+}
+
 impl TenantRooms {
     fn new(limits: &TenantLimits, now: ServerNanos) -> Self {
         Self {
@@ -222,11 +240,7 @@ impl Rooms {
         let mut registry = self.registry();
         let Registry { tenants, addresses, .. } = &mut *registry;
         let usage = tenants.entry(Arc::from(tenant.id())).or_insert_with(|| TenantRooms::new(tenant.limits(), now));
-        if usage.people.available(&who.subject, now.0) == 0 {
-            return false;
-        }
-        let shared_left = addresses.available(&network(peer), now.0) > 0 && usage.failed_joins.available(now.0) > 0;
-        shared_left || who.role != Role::Student
+        lookup_budget(usage, addresses, who, &network(peer), now).is_some()
     }
 
     /// Keeps this node's leases in the cluster's directory, about three times a lease, until
@@ -394,15 +408,7 @@ impl Rooms {
             .and_then(|code| live.get(code))
             .and_then(|rooms| rooms.iter().find(|r| &*r.meta.tenant == tenant.id()));
         let too_many = || Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES);
-        // Staff (teachers and admins) are not locked out by students' guessing.
-        let teacher = who.role != Role::Student;
-        if usage.people.available(&who.subject, now.0) == 0 {
-            return Err(too_many());
-        }
-        let shared_left = addresses.available(&address, now.0) > 0 && usage.failed_joins.available(now.0) > 0;
-        if !shared_left && !teacher {
-            return Err(too_many());
-        }
+        let Some(shared_left) = lookup_budget(usage, addresses, who, &address, now) else { return Err(too_many()) };
         if let Some(room) = own {
             return Ok(room.clone());
         }
