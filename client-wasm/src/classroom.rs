@@ -158,7 +158,8 @@ fn route(options: &ConnectOptions) -> Result<Route, Failure> {
     if !(head_start_ms.is_finite() && head_start_ms >= 0.0) {
         return Err(invalid(format!("transportHeadStartMs must be a number of milliseconds, not {head_start_ms}")));
     }
-    Ok(Route { endpoints: Endpoints { webtransport, websocket }, choice, head_start_ms })
+    let endpoints = Endpoints { webtransport, websocket };
+    Ok(Route { home: endpoints.clone(), endpoints, choice, head_start_ms })
 }
 
 fn room_settings(create: &CreateOptions) -> Result<RoomSettings, Failure> {
@@ -450,6 +451,10 @@ fn ended(inner: &Rc<Inner>, end: End) {
     if let Some(transport) = inner.transport.borrow_mut().take() {
         transport.close(0, "");
     }
+    // The room went to another server of the cluster: reconnect there.
+    if let Some(to) = inner.session.borrow().moved_to() {
+        inner.route.borrow_mut().follow(to);
+    }
     inner.status.set(Status::Reconnecting);
     spawn_local(reconnect(inner.clone(), reason));
 }
@@ -525,8 +530,13 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
                     greeted.transport.close(0, "");
                     return;
                 }
-                // A new session: sync from scratch, notes numbered from 1 again.
-                *inner.session.borrow_mut() = greeted.session;
+                // A new session, notes numbered from 1 again; its clock estimate is the last
+                // session's when the server keeps the same time base (a room moved within a
+                // cluster), so the beat stays where it was.
+                let mut session = greeted.session;
+                let previous = inner.session.borrow().client().clock().clone();
+                session.client_mut().carry_clock(&previous, greeted.welcome.server_now, js::local_now());
+                *inner.session.borrow_mut() = session;
                 let member_id = greeted.welcome.member_id;
                 *inner.welcome.borrow_mut() = greeted.welcome;
                 inner.kind.set(greeted.kind);
@@ -542,7 +552,12 @@ async fn reconnect(inner: Rc<Inner>, mut reason: String) {
                 finish(&inner, &f.message, Some(&f.code));
                 return;
             }
-            Err(f) => reason = f.message,
+            Err(f) => {
+                // The server the room was on may be gone: the page's own endpoints know where
+                // the room lives now.
+                inner.route.borrow_mut().go_home();
+                reason = f.message;
+            }
         }
     }
 }

@@ -27,7 +27,7 @@ use std::rc::Rc;
 
 use downbeat_engine::clock::Config as SyncConfig;
 use downbeat_engine::session::{End, Session};
-use downbeat_protocol::{RoomRequest, Token, Welcome};
+use downbeat_protocol::{Moved, RoomRequest, Token, Welcome};
 use futures_channel::oneshot;
 use futures_util::future::{Either, LocalBoxFuture, select};
 
@@ -66,8 +66,26 @@ pub(crate) enum Choice {
 #[derive(Clone, Debug)]
 pub(crate) struct Route {
     pub(crate) endpoints: Endpoints,
+    /// The endpoints the page was given (its own server, or a cluster's front): where a
+    /// reconnect goes back to when the server a room moved to cannot be reached (it died; the
+    /// cluster's directory knows where the room lives now).
+    pub(crate) home: Endpoints,
     pub(crate) choice: Choice,
     pub(crate) head_start_ms: f64,
+}
+
+impl Route {
+    /// Points the route at the server a room moved to.
+    pub(crate) fn follow(&mut self, to: &Moved) {
+        let hashes = to.certificate_hashes.to_vec();
+        self.endpoints.webtransport = Some((to.webtransport_url.to_string(), hashes));
+        self.endpoints.websocket = Some(to.websocket_url.to_string());
+    }
+
+    /// Points the route back at the page's own endpoints.
+    pub(crate) fn go_home(&mut self) {
+        self.endpoints = self.home.clone();
+    }
 }
 
 /// A session the server welcomed, on the transport that carried it.
@@ -91,9 +109,7 @@ pub(crate) async fn establish<T>(route: &mut Route, token: &Token, room: &RoomRe
         match establish_here(route, token, room).await {
             Err(Failure { moved: Some(to), .. }) if moves < MAX_MOVES => {
                 moves += 1;
-                let hashes = to.certificate_hashes.to_vec();
-                route.endpoints.webtransport = Some((to.webtransport_url.to_string(), hashes));
-                route.endpoints.websocket = Some(to.websocket_url.to_string());
+                route.follow(&to);
             }
             result => return result,
         }

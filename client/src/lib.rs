@@ -279,6 +279,23 @@ impl Client {
     /// room answers where it lives (`moved`): the client connects there, on the same kind of
     /// transport, at most [`MAX_MOVES`] times.
     pub async fn connect_with_clock(options: ConnectOptions, clock: Arc<dyn LocalClock>) -> Result<Self, ClientError> {
+        Self::open(options, clock, None).await
+    }
+
+    /// Connects again as this client's member (its session ended: the server went away, or
+    /// the room moved to another server of its cluster), on the same local clock. The clock
+    /// estimate is kept when the server reached keeps the same time base (see
+    /// [`downbeat_engine::client::Client::carry_clock`]), so every beat stays where it was.
+    pub async fn reconnect(&self, options: ConnectOptions) -> Result<Self, ClientError> {
+        let estimator = lock(&self.shared).session.client().clock().clone();
+        Self::open(options, self.clock.clone(), Some(estimator)).await
+    }
+
+    async fn open(
+        options: ConnectOptions,
+        clock: Arc<dyn LocalClock>,
+        carry: Option<downbeat_engine::clock::Estimator>,
+    ) -> Result<Self, ClientError> {
         let mut options = options;
         let mut moves = 0;
         let (transport, welcome, session) = loop {
@@ -293,7 +310,13 @@ impl Client {
                 .await
                 .map_err(|_| ClientError::Timeout("the welcome"))??;
             match (greeted, session.moved_to()) {
-                (Ok(welcome), _) => break (transport, welcome, session),
+                (Ok(welcome), _) => {
+                    if let Some(previous) = &carry {
+                        let kept = session.client_mut().carry_clock(previous, welcome.server_now, clock.now());
+                        tracing::debug!(kept, "clock estimate carried over from the last session");
+                    }
+                    break (transport, welcome, session);
+                }
                 (Err(_), Some(moved)) if moves < MAX_MOVES => {
                     transport.close(0, b"moved");
                     let websocket = options.url.starts_with("ws://") || options.url.starts_with("wss://");
@@ -394,6 +417,13 @@ impl Client {
     /// The local instant at which beat `beat` sounds.
     pub fn local_time_of_beat(&self, beat: i64) -> Option<ClientNanos> {
         lock(&self.shared).session.client().local_time_of_beat(beat)
+    }
+
+    /// Where the room went, once the server said it moved to another server of its cluster
+    /// (the session then ends with `moved`): connect there with the same token to take the
+    /// same seat back.
+    pub fn moved_to(&self) -> Option<downbeat_protocol::Moved> {
+        lock(&self.shared).session.moved_to().cloned()
     }
 
     /// Counters of what arrived on datagrams.

@@ -86,6 +86,11 @@ pub struct Stats {
     pub notes_sent: u64,
 }
 
+/// How closely a new server's welcome must agree with a previous session's clock estimate
+/// for [`Client::carry_clock`] to keep it: far more than a welcome's one-way delay, far less
+/// than the time since a restarted server started counting.
+pub const CARRY_TOLERANCE_NANOS: u64 = 250_000_000;
+
 /// One client's view of its room. See the module docs.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -272,6 +277,23 @@ impl Client {
     /// Starts clock sync over (after a reconnect).
     pub fn reset_sync(&mut self) {
         self.clock.reset();
+    }
+
+    /// A new session of the same member (a reconnect, or its room moved to another node of a
+    /// cluster): keeps `previous`'s clock estimate if the server it reached keeps the same
+    /// time base, which the welcome tells: the server's time when it welcomed
+    /// (`welcome_server_now`), seen at `arrived`, agrees with the estimate within
+    /// [`CARRY_TOLERANCE_NANOS`]. Then the beats stay exactly where they were, rather than
+    /// moving by a fresh estimate's error, and new samples refine the estimate as before.
+    /// Otherwise (a server that restarted counts its time anew) sync starts over. Whether it
+    /// was kept.
+    pub fn carry_clock(&mut self, previous: &Estimator, welcome_server_now: ServerNanos, arrived: ClientNanos) -> bool {
+        let Some(expected) = previous.to_server(arrived) else { return false };
+        if expected.0.abs_diff(welcome_server_now.0) > CARRY_TOLERANCE_NANOS {
+            return false;
+        }
+        self.clock = previous.carried();
+        true
     }
 
     /// The clock estimate at `now`.

@@ -179,6 +179,16 @@ impl Estimator {
         &self.config
     }
 
+    /// This estimator for a new session on the same time base: its samples and fit, without
+    /// the requests the old session was waiting on; the next request is due at once.
+    pub fn carried(&self) -> Self {
+        let mut carried = self.clone();
+        carried.outstanding.clear();
+        carried.next_send = None;
+        carried.consecutive_outliers = 0;
+        carried
+    }
+
     /// Forgets every sample and starts a new burst (after a reconnect, say).
     pub fn reset(&mut self) {
         self.samples.clear();

@@ -86,12 +86,66 @@ impl NodeEntry {
     }
 }
 
-/// A room's entry: which node holds it, until when.
+/// What another node needs to take a room over, kept in the room's directory entry and
+/// written before any change that matters for it is acknowledged.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoomState {
+    /// The subject of the teacher who created the room.
+    pub owner: String,
+    /// The room's name.
+    pub name: String,
+    /// The SEL room session's id, which the new node carries on.
+    pub sel_id: String,
+    /// When the room was created (Unix ms).
+    pub created_at_ms: i64,
+    /// The owner's co-teachers (subjects).
+    pub co_teachers: Vec<String>,
+    /// The engine's [`downbeat_engine::room::Handover`]: postcard, then base64.
+    pub room: String,
+}
+
+/// A room's entry: which node holds it, until when, and what a takeover needs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 struct RoomEntry {
     node: String,
     lease_until_ms: i64,
+    /// `None` only between a claim and the room's first write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    state: Option<RoomState>,
 }
+
+/// A room this node holds: the revision it last wrote and the state it last wrote (or
+/// means to write at the next renewal, if a write did not go through).
+#[derive(Debug)]
+struct Held {
+    revision: u64,
+    state: Option<RoomState>,
+}
+
+/// Why a room's entry was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// Another node holds the room now: this node must stop acting for it.
+    #[error("another node holds this room now")]
+    Lost,
+    /// The directory did not answer in time; nothing is known to have changed.
+    #[error("the cluster's room directory cannot be reached: {0}")]
+    Unreachable(String),
+}
+
+/// Why this node did not take a room over.
+#[derive(Debug, thiserror::Error)]
+pub enum AdoptError {
+    /// The directory could not be read or written.
+    #[error(transparent)]
+    Directory(#[from] ClusterError),
+    /// This node's clock is too far from the others' for a timeline to move here unchanged.
+    #[error("{0}")]
+    Clock(String),
+}
+
+/// How long one write to the directory may take before it counts as unreachable.
+const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
 /// This node's membership in the cluster.
 #[derive(Debug)]
@@ -105,9 +159,16 @@ pub struct Cluster {
     lease: Duration,
     /// The certificate hashes the node's entry publishes (`None`: as given).
     hashes: Option<Arc<PublishedHashes>>,
-    /// The room keys this node holds, with the revision it last wrote.
-    held: Mutex<HashMap<String, u64>>,
+    /// The room keys this node holds. Each has its own lock, so a room's writes (its state,
+    /// its renewals, its hand-over) go out one at a time, each on the revision the last one
+    /// got.
+    held: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Held>>>>,
+    /// The most a node's clock may be off the others' (as measured) for it to take rooms over.
+    clock_bound: Mutex<Duration>,
 }
+
+/// The default of [`Cluster::set_clock_bound`].
+pub const DEFAULT_CLOCK_BOUND: Duration = Duration::from_millis(1);
 
 /// The directory key of `code` in `tenant`.
 fn key(tenant: &str, code: &str) -> String {
@@ -149,14 +210,33 @@ impl Cluster {
             lease,
             hashes,
             held: Mutex::new(HashMap::new()),
+            clock_bound: Mutex::new(DEFAULT_CLOCK_BOUND),
         };
         cluster.renew_node().await?;
         info!(node = %cluster.node_id(), "joined the cluster");
         Ok(cluster)
     }
 
-    fn held(&self) -> MutexGuard<'_, HashMap<String, u64>> {
+    fn held(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<Held>>>> {
         self.held.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn hold(&self, key: String, revision: u64, state: Option<RoomState>) {
+        self.held().insert(key, Arc::new(tokio::sync::Mutex::new(Held { revision, state })));
+    }
+
+    fn slot(&self, key: &str) -> Option<Arc<tokio::sync::Mutex<Held>>> {
+        self.held().get(key).cloned()
+    }
+
+    /// Sets the most this node's clock may be off the others' for it to take rooms over.
+    pub fn set_clock_bound(&self, bound: Duration) {
+        *self.clock_bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = bound;
+    }
+
+    /// Whether this node holds the room `code` of `tenant` in the directory.
+    pub fn holds(&self, tenant: &str, code: &str) -> bool {
+        self.held().contains_key(&key(tenant, code))
     }
 
     fn me(&self) -> MutexGuard<'_, NodeEntry> {
@@ -177,18 +257,18 @@ impl Cluster {
         unix_ms_now().saturating_add(i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX))
     }
 
-    fn room_entry(&self) -> RoomEntry {
-        RoomEntry { node: self.node_id(), lease_until_ms: self.lease_until() }
+    fn room_entry(&self, state: Option<RoomState>) -> RoomEntry {
+        RoomEntry { node: self.node_id(), lease_until_ms: self.lease_until(), state }
     }
 
     /// Claims `code` of `tenant` for this node: true if it is now this node's, false if a
     /// live entry of another node holds it.
     pub async fn claim(&self, tenant: &str, code: &str) -> Result<bool, ClusterError> {
         let key = key(tenant, code);
-        let value = encode(&self.room_entry());
+        let value = encode(&self.room_entry(None));
         match self.rooms.create(&key, value.clone()).await {
             Ok(revision) => {
-                self.held().insert(key, revision);
+                self.hold(key, revision, None);
                 return Ok(true);
             }
             Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {}
@@ -205,8 +285,8 @@ impl Cluster {
         }
         match self.rooms.update(&key, value, entry.revision).await {
             Ok(revision) => {
-                info!(key, "claimed a room whose node's lease had run out");
-                self.held().insert(key, revision);
+                info!(key, "claimed a code whose node's lease had run out");
+                self.hold(key, revision, None);
                 Ok(true)
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
@@ -218,7 +298,8 @@ impl Cluster {
     /// the one this node wrote.
     pub async fn release(&self, tenant: &str, code: &str) {
         let key = key(tenant, code);
-        let Some(revision) = self.held().remove(&key) else { return };
+        let Some(slot) = self.held().remove(&key) else { return };
+        let revision = slot.lock().await.revision;
         if let Err(e) = self.rooms.delete_expect_revision(&key, Some(revision)).await {
             debug!(key, error = %e, "a closed room's directory entry was not deleted (taken over, or NATS unreachable)");
         }
@@ -281,16 +362,17 @@ impl Cluster {
         if let Err(e) = self.renew_node().await {
             warn!(error = %e, "renewing the node's lease failed");
         }
-        let held: Vec<(String, u64)> = self.held().iter().map(|(k, r)| (k.clone(), *r)).collect();
+        let held: Vec<(String, Arc<tokio::sync::Mutex<Held>>)> =
+            self.held().iter().map(|(k, slot)| (k.clone(), slot.clone())).collect();
         let mut lost = Vec::new();
-        for (key, revision) in held {
-            match self.rooms.update(&key, encode(&self.room_entry()), revision).await {
-                Ok(next) => {
-                    self.held().insert(key, next);
-                }
-                Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    warn!(key, "another node holds this room now; this node stops acting for it");
-                    self.held().remove(&key);
+        for (key, slot) in held {
+            let mut held = slot.lock().await;
+            let entry = self.room_entry(held.state.clone());
+            match self.write(&key, &mut held, entry).await {
+                Ok(()) => {}
+                Err(WriteError::Lost) => {
+                    drop(held);
+                    self.forget(&key, &slot);
                     if let Some((tenant, code)) = key.split_once('.') {
                         lost.push((tenant.to_owned(), code.to_owned()));
                     }
@@ -299,6 +381,139 @@ impl Cluster {
             }
         }
         lost
+    }
+
+    /// Writes `entry` for `key` on the revision `held` last got.
+    async fn write(&self, key: &str, held: &mut Held, entry: RoomEntry) -> Result<(), WriteError> {
+        let update = self.rooms.update(key, encode(&entry), held.revision);
+        match tokio::time::timeout(WRITE_PATIENCE, update).await {
+            Ok(Ok(revision)) => {
+                held.revision = revision;
+                Ok(())
+            }
+            Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                warn!(key, "another node holds this room now; this node stops acting for it");
+                Err(WriteError::Lost)
+            }
+            Ok(Err(e)) => Err(WriteError::Unreachable(e.to_string())),
+            Err(_) => Err(WriteError::Unreachable(format!("no answer within {WRITE_PATIENCE:?}"))),
+        }
+    }
+
+    /// Stops holding `key` (if `slot` is still its holding).
+    fn forget(&self, key: &str, slot: &Arc<tokio::sync::Mutex<Held>>) {
+        let mut held = self.held();
+        if held.get(key).is_some_and(|s| Arc::ptr_eq(s, slot)) {
+            held.remove(key);
+        }
+    }
+
+    /// Writes the room's `state` to its entry (renewing its lease), on the revision this node
+    /// last wrote. [`WriteError::Lost`]: another node took it over, and this node no longer
+    /// holds it. [`WriteError::Unreachable`]: not known to be written; the next renewal
+    /// writes it.
+    pub async fn write_state(&self, tenant: &str, code: &str, state: RoomState) -> Result<(), WriteError> {
+        let key = key(tenant, code);
+        let Some(slot) = self.slot(&key) else { return Err(WriteError::Lost) };
+        let mut held = slot.lock().await;
+        held.state = Some(state.clone());
+        let result = self.write(&key, &mut held, self.room_entry(Some(state))).await;
+        if matches!(result, Err(WriteError::Lost)) {
+            drop(held);
+            self.forget(&key, &slot);
+        }
+        result
+    }
+
+    /// Hands the room over to node `to`: its entry names that node (with a fresh lease) and
+    /// `state`, written on this node's last revision. Once it is, this node no longer holds
+    /// the room; `to` takes it up when its members come, or on its next sweep.
+    pub async fn hand_over(&self, tenant: &str, code: &str, to: &str, state: RoomState) -> Result<(), WriteError> {
+        let key = key(tenant, code);
+        let Some(slot) = self.slot(&key) else { return Err(WriteError::Lost) };
+        let mut held = slot.lock().await;
+        let entry = RoomEntry { node: to.to_owned(), lease_until_ms: self.lease_until(), state: Some(state) };
+        let result = self.write(&key, &mut held, entry).await;
+        if !matches!(result, Err(WriteError::Unreachable(_))) {
+            drop(held);
+            self.forget(&key, &slot);
+        }
+        result
+    }
+
+    /// Takes the room `code` of `tenant` over if it is this node's to take: its entry names
+    /// this node but no room here holds it (handed over to this node), or its node's lease
+    /// ran out (that node died or was paused). Written by the revision read, so of several
+    /// nodes trying at once one wins. The state to resume, or `None` if the room is live
+    /// elsewhere, gone, or another node won it.
+    pub async fn adopt(&self, tenant: &str, code: &str) -> Result<Option<RoomState>, AdoptError> {
+        let key = key(tenant, code);
+        if self.slot(&key).is_some() {
+            return Ok(None);
+        }
+        let read = |e| ClusterError::of("reading the directory", e);
+        let Some(entry) = self.rooms.entry(&key).await.map_err(read)? else { return Ok(None) };
+        if entry.operation != kv::Operation::Put {
+            return Ok(None);
+        }
+        let Ok(room) = serde_json::from_slice::<RoomEntry>(&entry.value) else { return Ok(None) };
+        let me = self.node_id();
+        let lapsed = room.lease_until_ms < unix_ms_now();
+        let Some(state) = room.state.filter(|_| lapsed || room.node == me) else { return Ok(None) };
+        self.check_clock()?;
+        let value = encode(&self.room_entry(Some(state.clone())));
+        match self.rooms.update(&key, value, entry.revision).await {
+            Ok(revision) => {
+                info!(key, from = %room.node, lapsed, "took a room over");
+                self.hold(key, revision, Some(state.clone()));
+                Ok(Some(state))
+            }
+            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
+            Err(e) => Err(ClusterError::of("taking a room over", e).into()),
+        }
+    }
+
+    /// The rooms this node should take over now: entries that name it but no room here holds
+    /// (handed over to it), and entries whose node's lease ran out. `(tenant, code)` each.
+    pub async fn orphans(&self) -> Result<Vec<(String, String)>, ClusterError> {
+        use futures_util::TryStreamExt as _;
+        let read = |e: &dyn std::fmt::Display| ClusterError::of("listing the rooms", e);
+        let keys: Vec<String> =
+            self.rooms.keys().await.map_err(|e| read(&e))?.try_collect().await.map_err(|e| read(&e))?;
+        let (me, now) = (self.node_id(), unix_ms_now());
+        let mut orphans = Vec::new();
+        for key in keys {
+            if self.slot(&key).is_some() {
+                continue;
+            }
+            let Some(entry) = self.rooms.entry(&key).await.map_err(|e| read(&e))? else { continue };
+            let Ok(room) = serde_json::from_slice::<RoomEntry>(&entry.value) else { continue };
+            let mine = room.lease_until_ms < now || room.node == me;
+            if entry.operation == kv::Operation::Put
+                && room.state.is_some()
+                && mine
+                && let Some((tenant, code)) = key.split_once('.')
+            {
+                orphans.push((tenant.to_owned(), code.to_owned()));
+            }
+        }
+        Ok(orphans)
+    }
+
+    /// Whether this node's clock is close enough to the others' (as measured) to take a room
+    /// over: a timeline moves between nodes unchanged, so the clocks' difference would move
+    /// every beat by as much.
+    fn check_clock(&self) -> Result<(), AdoptError> {
+        let bound = *self.clock_bound.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bound_micros = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+        match self.clock_offsets().into_iter().max_by_key(|o| o.offset_micros.unsigned_abs()) {
+            Some(worst) if worst.offset_micros.unsigned_abs() > bound_micros => Err(AdoptError::Clock(format!(
+                "this node's clock is {} µs off node {}'s, beyond the cluster's bound of {bound_micros} µs; \
+                 it takes no room over until the hosts' clocks agree (check chrony)",
+                worst.offset_micros, worst.node
+            ))),
+            _ => Ok(()),
+        }
     }
 }
 

@@ -284,6 +284,13 @@ settings! {
     /// How long a node's claim on its rooms lasts without a heartbeat (heartbeats come three
     /// times as often), in ms.
     cluster_lease_ms: u64 = 5_000, env "DOWNBEAT_CLUSTER_LEASE_MS", value "MS";
+    /// The most this node's wall clock may be off the other nodes' (as measured over NATS)
+    /// for it to take rooms over, in µs: a room's timeline moves between nodes unchanged, so
+    /// the difference would move every beat by as much.
+    cluster_clock_bound_us: u64 = 1_000, env "DOWNBEAT_CLUSTER_CLOCK_BOUND_US", value "US";
+    /// How long SIGTERM waits for this node's rooms to be handed to other nodes before it
+    /// closes those left, in ms.
+    cluster_drain_ms: u64 = 10_000, env "DOWNBEAT_CLUSTER_DRAIN_MS", value "MS";
 }
 
 /// The HTTP port when `http_addr` is not given.
@@ -1168,6 +1175,15 @@ impl Config {
         if !(300..=600_000).contains(&self.cluster_lease_ms) {
             return invalid(format!("cluster_lease_ms is {}: use 300 to 600000 (default 5000)", self.cluster_lease_ms));
         }
+        if !(1..=1_000_000).contains(&self.cluster_clock_bound_us) {
+            return invalid(format!(
+                "cluster_clock_bound_us is {}: use 1 to 1000000 (default 1000)",
+                self.cluster_clock_bound_us
+            ));
+        }
+        if self.cluster_drain_ms > 600_000 {
+            return invalid(format!("cluster_drain_ms is {}: use 0 to 600000 (default 10000)", self.cluster_drain_ms));
+        }
         Ok(())
     }
 
@@ -1183,6 +1199,11 @@ impl Config {
     /// [`Self::cluster_lease_ms`] as a duration.
     pub fn cluster_lease(&self) -> Duration {
         Duration::from_millis(self.cluster_lease_ms)
+    }
+
+    /// [`Self::cluster_drain_ms`] as a duration.
+    pub fn cluster_drain(&self) -> Duration {
+        Duration::from_millis(self.cluster_drain_ms)
     }
 
     /// [`Self::sel_purge_interval_secs`] as a duration.

@@ -193,7 +193,9 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
         config.validate()?;
         api::warn_if_missing(&config);
-        let clock = ServerClock::new();
+        // The nodes of a cluster share a time base, so a room's timeline moves between them
+        // unchanged.
+        let clock = if config.cluster.is_some() { ServerClock::on_shared_base() } else { ServerClock::new() };
         let stats = Arc::new(Stats::default());
         stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
         let (source, key) = identity::load(&config)?;
@@ -245,6 +247,7 @@ impl Server {
                 let joined = cluster::Cluster::connect_with(url, node, config.cluster_lease(), Some(hashes.clone()))
                     .await
                     .map_err(ServerError::Cluster)?;
+                joined.set_clock_bound(std::time::Duration::from_micros(config.cluster_clock_bound_us));
                 Some(Arc::new(joined))
             }
             None => None,
@@ -401,7 +404,7 @@ impl Server {
             signal,
             ..
         } = self;
-        let lease_task = tokio::spawn(rooms.clone().keep_leases(signal.clone()));
+        let lease_task = tokio::spawn(rooms.clone().keep_leases(tenants.clone(), signal.clone()));
         let clock_task = rooms.cluster().cloned().map(|cluster| tokio::spawn(cluster.run_clock(stats.clone())));
         let purge_task = tokio::spawn(sel::purge_loop(
             sel.store().clone(),
@@ -471,6 +474,10 @@ impl Server {
         let watch = async {
             let ended = tokio::select! {
                 () = shutdown => {
+                    if rooms.cluster().is_some() {
+                        info!("draining: handing this node's rooms to the others");
+                        rooms.drain(config.cluster_drain()).await;
+                    }
                     info!("shutting down");
                     (None, None, None)
                 }

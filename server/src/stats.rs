@@ -222,6 +222,18 @@ stats! {
     cluster_clock_offset_max_micros: Gauge => "cluster_clock_offset_max_microseconds";
     /// The largest standard error of those measurements, in µs.
     cluster_clock_uncertainty_max_micros: Gauge => "cluster_clock_uncertainty_max_microseconds";
+    /// Rooms this node took over from the cluster's directory: handed to it by a draining
+    /// node, or left by a node whose lease ran out.
+    cluster_rooms_adopted: Counter => "cluster_rooms_adopted_total";
+    /// Takeovers this node refused because its clock was off the others' beyond the bound.
+    cluster_takeovers_refused: Counter => "cluster_takeovers_refused_total";
+    /// Rooms this node handed to another node while draining.
+    cluster_rooms_handed_over: Counter => "cluster_rooms_handed_over_total";
+    /// Rooms whose members this node sent to another node (handed over, or lost to it).
+    cluster_rooms_moved: Counter => "cluster_rooms_moved_total";
+    /// Room state writes the cluster's directory did not take in time (the change was
+    /// refused, or is written at the next renewal).
+    cluster_writes_failed: Counter => "cluster_writes_failed_total";
     /// Timeline changes applied.
     changes_applied: Counter => "changes_applied_total";
     /// Teacher controls applied (timeline changes included).
@@ -571,6 +583,11 @@ mod tests {
             "cluster_clock_peers",
             "cluster_clock_offset_max_microseconds",
             "cluster_clock_uncertainty_max_microseconds",
+            "cluster_rooms_adopted_total",
+            "cluster_takeovers_refused_total",
+            "cluster_rooms_handed_over_total",
+            "cluster_rooms_moved_total",
+            "cluster_writes_failed_total",
             "changes_applied_total",
             "controls_applied_total",
             "sessions_closed_for_abuse_total",

@@ -6,6 +6,7 @@
 
 pub mod db;
 pub mod nats;
+pub mod process;
 pub mod relay;
 
 use std::net::SocketAddr;

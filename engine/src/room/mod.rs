@@ -40,6 +40,7 @@
 //!   ([`Room::handle_forget`]).
 //! - A room with no seat closes after [`Config::idle_expiry_nanos`].
 
+mod handover;
 mod output;
 mod participation;
 mod playback;
@@ -60,6 +61,7 @@ use downbeat_protocol::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use handover::{Essentials, Handover};
 pub use output::{
     Closing, EndReason, Joined, NotesHandled, Output, Recipient, ReflectionWork, Refused, ReportHandled, Seated,
     SelWork, Tick, encode_beats_to_fit, error_frame,

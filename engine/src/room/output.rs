@@ -88,6 +88,8 @@ pub enum EndReason {
     RoomClosed(Closing),
     /// The member's data was deleted while they were seated.
     DataDeleted,
+    /// The room lives on another node now (the member was told where).
+    Moved,
 }
 
 impl EndReason {
@@ -100,6 +102,7 @@ impl EndReason {
             Self::Backlog => ErrorCode::ServerBusy,
             Self::RoomClosed(_) => ErrorCode::RoomClosed,
             Self::DataDeleted => ErrorCode::DataDeleted,
+            Self::Moved => ErrorCode::Moved,
         }
     }
 
@@ -112,6 +115,7 @@ impl EndReason {
             Self::Backlog => "control stream backlog",
             Self::RoomClosed(closing) => closing.message(),
             Self::DataDeleted => "your school deleted your data from the class server",
+            Self::Moved => "the class moved to another server; reconnecting there",
         }
     }
 

@@ -212,6 +212,22 @@ impl Participation {
         self.dirty(now);
     }
 
+    /// The room is handed to another node: what is not yet handed to the writer stays here
+    /// (this node may still write it; the other must not write it again).
+    pub(crate) fn handed_over(&mut self) {
+        self.events.clear();
+        for student in self.students.values_mut() {
+            student.pending = Tally::default();
+        }
+        self.flush_due = None;
+    }
+
+    /// The room resumes on another node: its records are numbered from `jump` further on,
+    /// past any the old node wrote since the handover was written.
+    pub(crate) fn resumed(&mut self, jump: i64) {
+        self.next_seq = self.next_seq.saturating_add(jump);
+    }
+
     /// Forgets everything held about `subject` (their data is being deleted).
     pub(crate) fn forget(&mut self, subject: &str) {
         self.students.remove(subject);

@@ -112,7 +112,14 @@ struct Running {
     take: u32,
     started_at: ServerNanos,
     notes: u32,
+    /// Added to each note's number: grows at each resume on another node, past any note the
+    /// old node recorded after the handover was written.
+    #[serde(default)]
+    seq_base: u32,
 }
+
+/// How far a running take's note numbers jump at each resume: past a whole take's notes.
+const SEQ_JUMP: u32 = 1 << 20;
 
 /// See the module docs.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -160,7 +167,7 @@ impl Recorder {
             ));
         }
         self.takes += 1;
-        let running = Running { take: self.takes, started_at: now, notes: 0 };
+        let running = Running { take: self.takes, started_at: now, notes: 0, seq_base: 0 };
         self.hold(TakeRow::Started { take: running.take, at: now });
         self.hold(timeline_row(&running, timeline));
         self.running = Some(running);
@@ -206,7 +213,7 @@ impl Recorder {
         running.notes += 1;
         let row = TakeNote {
             take: running.take,
-            seq: running.notes,
+            seq: running.notes.saturating_add(running.seq_base),
             subject: subject.to_owned(),
             member,
             part: part.cloned(),
@@ -225,6 +232,21 @@ impl Recorder {
             return Recorded::Full;
         }
         Recorded::Yes
+    }
+
+    /// The room is handed to another node: the rows held for the writer stay here.
+    pub(crate) fn handed_over(&mut self) {
+        self.held.clear();
+        self.dropped = 0;
+        self.flush_due = None;
+    }
+
+    /// The room resumes on another node: a running take goes on, its notes numbered past any
+    /// the old node recorded.
+    pub(crate) fn resumed(&mut self) {
+        if let Some(running) = &mut self.running {
+            running.seq_base = running.seq_base.saturating_add(SEQ_JUMP);
+        }
     }
 
     /// Takes everything waiting. `None` if nothing does.

@@ -1133,3 +1133,108 @@ fn an_operators_test_note_reaches_every_member_on_the_next_beat_from_nobody_in_t
     drain(&mut r);
     assert_eq!(r.handle_test_note(now, 60, 0).unwrap_err().code, ErrorCode::RoomClosed);
 }
+
+#[test]
+fn a_room_handed_over_resumes_with_the_same_beats_seats_and_prompt() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let a = seat(&mut r, at(0), "a", Role::Student, 2);
+    let b = seat(&mut r, at(0), "b", Role::Student, 3);
+    r.handle_control(at(10), ControlOp::Timeline(Change::Start { count_in_bars: 1 }), None).expect("started");
+    let written = r.essentials();
+
+    // A report or a note changes nothing a takeover must keep.
+    let sync = SyncQuality { synced: true, rtt_micros: 2_000, uncertainty_micros: 300 };
+    r.handle_report(at(40), a, 2, ClientReport { sync, ..ClientReport::default() });
+    r.handle_notes(at(2_100), a, 2, &[note(1, at(2_100))]);
+    drain(&mut r);
+    assert_eq!(r.essentials(), written);
+    // A control does.
+    r.handle_control(at(2_200), ControlOp::Mute { member: b, muted: true }, None).expect("muted");
+    r.handle_control(at(2_200), ControlOp::Prompt { text: PromptText::truncating("How did it go?") }, None)
+        .expect("prompt");
+    r.handle_control(at(2_300), ControlOp::StartRecording, None).expect("recording");
+    r.handle_control(at(2_400), ControlOp::Timeline(Change::SetTempo(MicroBpm::from_bpm(90))), None).expect("tempo");
+    drain(&mut r);
+    assert_ne!(r.essentials(), written);
+
+    // Handed over through bytes, and resumed on another node a second later.
+    let handover = r.handover();
+    let bytes = postcard::to_allocvec(&handover).expect("serializes");
+    let handover: Handover = postcard::from_bytes(&bytes).expect("deserializes");
+    assert_eq!(handover.seats(), 3);
+    let mut resumed = Room::from_handover(handover, at(3_400));
+    assert!(drain(&mut resumed).is_empty(), "nobody is told anything until they reconnect");
+    for beat in -4..64 {
+        assert_eq!(resumed.timeline().time_of(beat), r.timeline().time_of(beat), "beat {beat}");
+    }
+    assert_eq!(resumed.prompt(), r.prompt());
+    assert_eq!(resumed.recording(), r.recording());
+    assert!(resumed.members().all(|(_, attached)| !attached), "every seat is held for its reconnect");
+    assert_eq!(resumed.essentials(), r.essentials());
+
+    // The members come back to their own seats; nobody hears anyone leave or join.
+    for (subject, role, member, session) in [("t", Role::Teacher, teacher, 11), ("a", Role::Student, a, 12)] {
+        let joined = resumed.handle_join(at(3_500), join(subject, role, session)).expect("rejoined");
+        assert_eq!((joined.welcome.member_id, joined.seated), (member, Seated::Resumed));
+        assert_eq!(joined.welcome.timeline.epoch, r.timeline().epoch());
+    }
+    let outputs = drain(&mut resumed);
+    assert!(
+        !outputs.iter().any(|o| matches!(
+            o,
+            Output::Message { message: ServerMessage::MemberJoined(_) | ServerMessage::MemberLeft { .. }, .. }
+        )),
+        "{outputs:?}"
+    );
+    assert_eq!(member(&resumed, b).map(|(m, attached)| (m.muted, attached)), Some((true, false)));
+    // A newcomer gets the next id, not one already given.
+    let c = seat(&mut resumed, at(3_600), "c", Role::Student, 14);
+    assert_eq!(c, b + 1);
+    // b never comes back: the seat is freed once the grace period ends.
+    resumed.handle_timeout(at(3_400 + GRACE_MS));
+    assert!(member(&resumed, b).is_none());
+
+    // Rows written here are numbered past any the old node wrote after the handover.
+    resumed.handle_notes(at(3_700), a, 12, &[note(1, at(3_700))]);
+    let rows: Vec<i64> = resumed
+        .finish(at(4_000))
+        .into_iter()
+        .filter_map(|w| match w {
+            SelWork::Flush(f) => Some(f.records.into_iter().map(|r| r.seq)),
+            _ => None,
+        })
+        .flatten()
+        .collect();
+    assert!(!rows.is_empty() && rows.iter().all(|&seq| seq > 1 << 32), "{rows:?}");
+}
+
+#[test]
+fn a_room_that_moved_tells_its_members_where_and_keeps_its_room_session_open() {
+    let mut r = room();
+    let teacher = seat(&mut r, at(0), "t", Role::Teacher, 1);
+    let a = seat(&mut r, at(0), "a", Role::Student, 2);
+    r.handle_notes(at(100), a, 2, &[note(1, at(100))]);
+    drain(&mut r);
+    let to = downbeat_protocol::Moved {
+        webtransport_url: BoundedString::truncating("https://node-2.example:4433"),
+        websocket_url: BoundedString::truncating("wss://node-2.example/api/ws"),
+        certificate_hashes: BoundedVec::default(),
+    };
+    let work = r.handle_moved(at(200), to.clone());
+    let outputs = drain(&mut r);
+    for session in [1, 2] {
+        assert_eq!(heard(&outputs, session), vec![ServerMessage::Moved(to.clone())]);
+    }
+    let ended: Vec<(u64, ErrorCode)> = ends(&outputs).into_iter().map(|(to, why)| (to.member, why.code())).collect();
+    assert_eq!(ended, vec![(teacher, ErrorCode::Moved), (a, ErrorCode::Moved)]);
+    assert!(r.is_closed());
+    // The pending notes go to the writer; the room session is not closed (the other node
+    // carries it on).
+    let flush = work.iter().find_map(|w| match w {
+        SelWork::Flush(f) => Some(f),
+        _ => None,
+    });
+    assert!(flush.is_some_and(|f| !f.closes && !f.records.is_empty()), "{work:?}");
+    assert!(r.handle_moved(at(300), to).is_empty(), "once");
+}

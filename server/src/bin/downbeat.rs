@@ -94,14 +94,21 @@ async fn main() -> anyhow::Result<()> {
     server.run(stop).await.context("running the server")
 }
 
-/// Resolves at the first Ctrl-C (SIGINT). It listens from the call on, so a Ctrl-C as soon as
-/// the banner is out stops the server gracefully rather than killing the process.
+/// Resolves at the first Ctrl-C (SIGINT) or SIGTERM (a service manager stopping the server;
+/// a node of a cluster then hands its rooms to the others first). It listens from the call
+/// on, so a signal as soon as the banner is out stops the server gracefully rather than
+/// killing the process.
 fn ctrl_c() -> std::io::Result<impl Future<Output = ()>> {
     #[cfg(unix)]
     {
-        let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
         Ok(async move {
-            interrupt.recv().await;
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
         })
     }
     #[cfg(not(unix))]

@@ -254,6 +254,21 @@ pub(crate) enum Command {
         tx: mpsc::Sender<serde_json::Value>,
         reply: oneshot::Sender<bool>,
     },
+    /// Writes the room's state to the cluster's directory now (a new room, before its code
+    /// is given out).
+    Persist {
+        reply: oneshot::Sender<Result<(), Refusal>>,
+    },
+    /// The cluster's directory says another node holds the room now: its members go there
+    /// (`moved`) and the room ends here, its room session carried on there.
+    Lost,
+    /// Hands the room to node `to` (this node drains): its state is written to the directory
+    /// naming `to`, its members are told to go there, and the room ends here. Answers whether
+    /// it was handed over.
+    HandOver {
+        to: crate::cluster::NodeEntry,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// Most co-teachers a room has at once.

@@ -27,18 +27,18 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
 use downbeat_engine::limit::TokenBucket;
-use downbeat_engine::room::{self, Room};
+use downbeat_engine::room::{self, Handover, Room};
 use downbeat_engine::timeline::Timeline;
-use downbeat_protocol::{BoundedString, ErrorCode, RoomSettings, ServerNanos, TextKind, check_text};
+use downbeat_protocol::{BoundedString, ErrorCode, Name, RoomSettings, ServerNanos, TextKind, check_text};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{Instrument as _, info, info_span, warn};
 
 use super::handle::{Command, RoomHandle, RoomMeta};
 use super::task::{RoomParts, RoomTask};
-use crate::auth::{Principal, Role, Tenant};
+use crate::auth::{Principal, Role, Tenant, Tenants};
 use crate::authz::{Refusal, RoomAccess as _};
 use crate::clock::ServerClock;
-use crate::cluster::Cluster;
+use crate::cluster::{AdoptError, Cluster, RoomState};
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::limits::{Buckets, Refill, network};
@@ -151,6 +151,10 @@ pub(crate) struct Rooms {
     shutdown: Shutdown,
     /// The cluster's room directory, if this server is one of several.
     cluster: Option<Arc<Cluster>>,
+    /// This node is draining: it takes no room over.
+    draining: std::sync::atomic::AtomicBool,
+    /// Notified whenever a room ends.
+    changed: tokio::sync::Notify,
 }
 
 /// Codes tried before a create gives up when the cluster's directory holds each already.
@@ -165,7 +169,17 @@ impl Rooms {
         shutdown: Shutdown,
         cluster: Option<Arc<Cluster>>,
     ) -> Self {
-        Self { registry: Mutex::new(Registry::default()), config, clock, stats, sel, shutdown, cluster }
+        Self {
+            registry: Mutex::new(Registry::default()),
+            config,
+            clock,
+            stats,
+            sel,
+            shutdown,
+            cluster,
+            draining: std::sync::atomic::AtomicBool::new(false),
+            changed: tokio::sync::Notify::new(),
+        }
     }
 
     /// The cluster this server is one of, if any.
@@ -191,12 +205,24 @@ impl Rooms {
             if !claimed {
                 continue;
             }
-            return match self.create(tenant, owner, settings, Some(code.clone())) {
-                Ok(room) => Ok(room),
+            let room = match self.create(tenant, owner, settings, Some(code.clone())) {
+                Ok(room) => room,
                 Err(refusal) => {
                     cluster.release(tenant.id(), code.as_str()).await;
+                    return Err(refusal);
+                }
+            };
+            // Its state is in the directory before its code is given out, so another node
+            // can take it over from the start.
+            let (reply, persisted) = oneshot::channel();
+            let sent = room.tx.send(Command::Persist { reply }).await.is_ok();
+            return match persisted.await {
+                Ok(Ok(())) if sent => Ok(room),
+                Ok(Err(refusal)) => {
+                    let _ = room.control(downbeat_protocol::ControlOp::Close).await;
                     Err(refusal)
                 }
+                _ => Err(Refusal::new(ErrorCode::ServerBusy, "the room closed as it was created; try again")),
             };
         }
         Err(Refusal::new(ErrorCode::ServerBusy, "no free join code was found; try again"))
@@ -207,7 +233,7 @@ impl Rooms {
     /// cluster. Refused like [`Self::lookup`] while the asker may look nothing up, so a move
     /// tells a guesser no more than a welcome would.
     pub(crate) async fn moved(
-        &self,
+        self: &Arc<Self>,
         tenant: &Tenant,
         who: &Principal,
         peer: Option<IpAddr>,
@@ -220,6 +246,11 @@ impl Rooms {
         }
         if !self.may_look_up(tenant, who, peer) {
             return Err(Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES));
+        }
+        // A room handed to this node, or left by a node that died, is taken up here: its
+        // members arrive before (or without) this node's sweep.
+        if self.adopt(tenant, code.as_str()).await.is_some() {
+            return Ok(None);
         }
         match cluster.locate(tenant.id(), code.as_str()).await {
             Ok(node) => Ok(node.map(|n| n.moved())),
@@ -246,7 +277,7 @@ impl Rooms {
     /// Keeps this node's leases in the cluster's directory, about three times a lease, until
     /// shutdown; a room another node took over is closed here (this node no longer acts for
     /// it).
-    pub(crate) async fn keep_leases(self: Arc<Self>, mut shutdown: Shutdown) {
+    pub(crate) async fn keep_leases(self: Arc<Self>, tenants: Arc<Tenants>, mut shutdown: Shutdown) {
         let Some(cluster) = self.cluster.clone() else { return };
         let mut beat = tokio::time::interval(cluster.lease() / 3);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -257,11 +288,146 @@ impl Rooms {
             }
             for (tenant, code) in cluster.renew().await {
                 if let Some(room) = self.find(&tenant, &code) {
-                    warn!(%tenant, %code, "this node lost the room to another node; closing it here");
-                    let _ = room.control(downbeat_protocol::ControlOp::Close).await;
+                    warn!(%tenant, %code, "this node lost the room to another node; its members are sent there");
+                    let _ = room.tx.send(Command::Lost).await;
                 }
             }
+            if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                continue;
+            }
+            // Rooms handed to this node, or left by a node whose lease ran out.
+            match cluster.orphans().await {
+                Ok(orphans) => {
+                    for (tenant, code) in orphans {
+                        if let Some(tenant) = tenants.tenant(&tenant) {
+                            self.adopt(tenant, &code).await;
+                        }
+                    }
+                }
+                Err(e) => warn!(error = %e, "listing the cluster's rooms failed"),
+            }
         }
+    }
+
+    /// Takes the room `code` of `tenant` over from the cluster's directory if it is this
+    /// node's to take ([`Cluster::adopt`]) and this node has room for it, and starts it here.
+    async fn adopt(self: &Arc<Self>, tenant: &Tenant, code: &str) -> Option<RoomHandle> {
+        let cluster = self.cluster.as_ref()?;
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) || self.shutdown.is_fired() {
+            return None;
+        }
+        if let Some(room) = self.find(tenant.id(), code) {
+            return Some(room);
+        }
+        if self.has_room_for(tenant).is_err() {
+            warn!(tenant = tenant.id(), code, "this node is full; it leaves the room for another node to take");
+            return None;
+        }
+        let state = match cluster.adopt(tenant.id(), code).await {
+            Ok(state) => state?,
+            Err(AdoptError::Clock(why)) => {
+                self.stats.cluster_takeovers_refused.inc();
+                warn!(tenant = tenant.id(), code, "{why}");
+                return None;
+            }
+            Err(AdoptError::Directory(e)) => {
+                warn!(error = %e, "taking a room over failed");
+                return None;
+            }
+        };
+        match self.resume(tenant, code, &state) {
+            Ok(room) => {
+                self.stats.cluster_rooms_adopted.inc();
+                Some(room)
+            }
+            Err(refusal) => {
+                warn!(code, message = %refusal.message, "a room taken over could not be resumed; it is given back");
+                cluster.release(tenant.id(), code).await;
+                None
+            }
+        }
+    }
+
+    /// Starts the room `code` of `tenant` as `state` holds it (taken over from another node).
+    fn resume(self: &Arc<Self>, tenant: &Tenant, code: &str, state: &RoomState) -> Result<RoomHandle, Refusal> {
+        use base64::Engine as _;
+        let broken = |what: &str| Refusal::new(ErrorCode::Internal, format!("a room's handed-over state {what}"));
+        let code = JoinCode::parse(code).ok_or_else(|| broken("has a bad code"))?;
+        let bytes = base64::engine::general_purpose::STANDARD_NO_PAD
+            .decode(&state.room)
+            .map_err(|_| broken("is not base64"))?;
+        let handover: Handover = postcard::from_bytes(&bytes).map_err(|_| broken("did not decode"))?;
+        let now = self.clock.now();
+        let room = Room::from_handover(handover, now);
+        let created_at = u64::try_from(state.created_at_ms)
+            .map_or(SystemTime::UNIX_EPOCH, |ms| SystemTime::UNIX_EPOCH + std::time::Duration::from_millis(ms));
+        let meta = RoomMeta {
+            code,
+            tenant: Arc::from(tenant.id()),
+            owner: state.owner.clone(),
+            name: Name::truncating(&state.name),
+            created_at,
+            sel_id: state.sel_id.clone(),
+            co_teachers: Mutex::new(state.co_teachers.clone()),
+        };
+        let (handle, rx) = self.register(tenant, meta, now)?;
+        info!(code = %handle.meta.code, tenant = %handle.meta.tenant, "room taken over from the cluster's directory");
+        Ok(self.start(handle, rx, room, true))
+    }
+
+    /// Hands every room here to the cluster's other live nodes (this node drains), each at
+    /// once: the rooms' timelines and seats go with them, so no beat moves. Returns once
+    /// every room is handed over or `patience` is spent; the number handed over.
+    pub(crate) async fn drain(&self, patience: std::time::Duration) -> usize {
+        let Some(cluster) = &self.cluster else { return 0 };
+        self.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+        let me = cluster.node_id();
+        let deadline = tokio::time::Instant::now() + patience;
+        let mut handed = 0;
+        loop {
+            let rooms = self.all();
+            if rooms.is_empty() {
+                break;
+            }
+            let nodes: Vec<_> = match cluster.nodes().await {
+                Ok(nodes) => nodes.into_iter().filter(|n| n.id != me).collect(),
+                Err(e) => {
+                    warn!(error = %e, "the cluster's nodes cannot be listed; rooms stay here");
+                    Vec::new()
+                }
+            };
+            if nodes.is_empty() || tokio::time::Instant::now() >= deadline {
+                warn!(rooms = rooms.len(), "draining: no other node takes these rooms; they close here");
+                break;
+            }
+            let mut kept = 0;
+            for (i, room) in rooms.iter().enumerate() {
+                let to = nodes[i % nodes.len()].clone();
+                let (reply, answer) = oneshot::channel();
+                if room.tx.send(Command::HandOver { to, reply }).await.is_ok() && answer.await.unwrap_or(false) {
+                    handed += 1;
+                } else {
+                    kept += 1;
+                }
+            }
+            // The rooms handed over leave the registry as their tasks end; those not handed
+            // over (the directory did not answer) are tried again.
+            let settled = async {
+                loop {
+                    let changed = self.changed.notified();
+                    if self.registry().count <= kept {
+                        break;
+                    }
+                    changed.await;
+                }
+            };
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                warn!("draining: rooms handed over did not end in time");
+                break;
+            }
+        }
+        info!(rooms = handed, "drained: rooms handed to other nodes");
+        handed
     }
 
     fn registry(&self) -> MutexGuard<'_, Registry> {
@@ -284,9 +450,6 @@ impl Rooms {
         if let Err(bad) = check_text(&settings.name, TextKind::Line) {
             return Err(Refusal::new(ErrorCode::BadRequest, format!("a room name: {bad}")));
         }
-        if self.shutdown.is_fired() {
-            return Err(Refusal::new(ErrorCode::ShuttingDown, "the server is shutting down"));
-        }
         let limits = tenant.limits();
         let engine = room::Config {
             // The tenant's limit, within the server-wide cap.
@@ -300,82 +463,22 @@ impl Rooms {
         let now = self.clock.now();
         let timeline = Timeline::new(now, settings.tempo, settings.beats_per_bar)
             .map_err(|e| Refusal::new(e.code(), e.to_string()))?;
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
-        let handle = {
-            let mut registry = self.registry();
-            if registry.count >= self.config.max_rooms {
-                return Err(Refusal::new(
-                    ErrorCode::TooManyRooms,
-                    "the server holds its maximum number of rooms; try again later",
-                ));
-            }
-            let Registry { live, tenants, count, .. } = &mut *registry;
-            let tenant_id: Arc<str> = Arc::from(tenant.id());
-            let usage = tenants.entry(tenant_id.clone()).or_insert_with(|| TenantRooms::new(limits, now));
-            if usage.live >= limits.max_rooms as usize {
-                return Err(Refusal::new(
-                    ErrorCode::TooManyRooms,
-                    format!("your school may have {} rooms open at once; close one first", limits.max_rooms),
-                ));
-            }
-            let taken =
-                |code: &JoinCode| live.get(code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == tenant_id));
-            let code = match code {
-                Some(code) if taken(&code) => {
-                    return Err(Refusal::new(ErrorCode::ServerBusy, "that join code is taken here; try again"));
-                }
-                Some(code) => code,
-                None => {
-                    let mut rng = rand::rng();
-                    loop {
-                        let code = JoinCode::random(&mut rng);
-                        if !taken(&code) && !usage.closed.contains_key(&code) {
-                            break code;
-                        }
-                    }
-                }
-            };
-            let meta = Arc::new(RoomMeta {
-                code: code.clone(),
-                tenant: tenant_id.clone(),
-                owner: owner.subject.clone(),
-                name: settings.name.clone(),
-                created_at: SystemTime::now(),
-                sel_id: hex::encode(rand::random::<[u8; 16]>()),
-                co_teachers: Mutex::new(Vec::new()),
-            });
-            let handle = RoomHandle { meta, tx };
-            live.entry(code).or_default().push(handle.clone());
-            *count += 1;
-            usage.live += 1;
-            handle
+        let code = match code {
+            Some(code) => code,
+            None => self.free_code(tenant),
         };
-        self.stats.rooms_active.inc();
-        self.stats.rooms_created.inc();
-        let span = info_span!("room", code = %handle.meta.code, tenant = %handle.meta.tenant);
-        let meta = &handle.meta;
-        let code = BoundedString::truncating(meta.code.as_str());
+        let meta = RoomMeta {
+            code,
+            tenant: Arc::from(tenant.id()),
+            owner: owner.subject.clone(),
+            name: settings.name.clone(),
+            created_at: SystemTime::now(),
+            sel_id: hex::encode(rand::random::<[u8; 16]>()),
+            co_teachers: Mutex::new(Vec::new()),
+        };
+        let (handle, rx) = self.register(tenant, meta, now)?;
+        let code = BoundedString::truncating(handle.meta.code.as_str());
         let room = Room::new(engine, now, code, settings.name.clone(), timeline);
-        let task = RoomTask::new(RoomParts {
-            meta: meta.clone(),
-            room,
-            clock: self.clock,
-            stats: self.stats.clone(),
-            sel: self.sel.clone(),
-            own: handle.tx.downgrade(),
-        });
-        let (rooms, meta) = (self.clone(), meta.clone());
-        let shutdown = self.shutdown.clone();
-        tokio::spawn(
-            async move {
-                task.run(rx, shutdown).await;
-                rooms.closed(&meta);
-                if let Some(cluster) = &rooms.cluster {
-                    cluster.release(&meta.tenant, meta.code.as_str()).await;
-                }
-            }
-            .instrument(span),
-        );
         info!(
             code = %handle.meta.code,
             tenant = %handle.meta.tenant,
@@ -383,7 +486,110 @@ impl Rooms {
             beats_per_bar = settings.beats_per_bar,
             "room created"
         );
-        Ok(handle)
+        Ok(self.start(handle, rx, room, false))
+    }
+
+    /// A random code no live or recently closed room of `tenant` has here.
+    fn free_code(&self, tenant: &Tenant) -> JoinCode {
+        let registry = self.registry();
+        let tenant_id = tenant.id();
+        let mut rng = rand::rng();
+        loop {
+            let code = JoinCode::random(&mut rng);
+            let live = registry.live.get(&code).is_some_and(|rooms| rooms.iter().any(|r| &*r.meta.tenant == tenant_id));
+            let closed = registry.tenants.get(tenant_id).is_some_and(|usage| usage.closed.contains_key(&code));
+            if !live && !closed {
+                return code;
+            }
+        }
+    }
+
+    /// Whether a room of `tenant` may open here now (the server's and the school's limits).
+    fn has_room_for(&self, tenant: &Tenant) -> Result<(), Refusal> {
+        let registry = self.registry();
+        let live = registry.tenants.get(tenant.id()).map_or(0, |usage| usage.live);
+        self.room_limits(registry.count, live, tenant)
+    }
+
+    fn room_limits(&self, count: usize, live: usize, tenant: &Tenant) -> Result<(), Refusal> {
+        if self.shutdown.is_fired() || self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            return Err(Refusal::new(ErrorCode::ShuttingDown, "the server is shutting down"));
+        }
+        if count >= self.config.max_rooms {
+            return Err(Refusal::new(
+                ErrorCode::TooManyRooms,
+                "the server holds its maximum number of rooms; try again later",
+            ));
+        }
+        let max = tenant.limits().max_rooms;
+        if live >= max as usize {
+            return Err(Refusal::new(
+                ErrorCode::TooManyRooms,
+                format!("your school may have {max} rooms open at once; close one first"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Registers the room `meta` describes (within the limits): its handle, and the
+    /// receiving end of its command queue for its task.
+    fn register(
+        &self,
+        tenant: &Tenant,
+        meta: RoomMeta,
+        now: ServerNanos,
+    ) -> Result<(RoomHandle, mpsc::Receiver<Command>), Refusal> {
+        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let mut registry = self.registry();
+        let Registry { live, tenants, count, .. } = &mut *registry;
+        let usage = tenants.entry(meta.tenant.clone()).or_insert_with(|| TenantRooms::new(tenant.limits(), now));
+        self.room_limits(*count, usage.live, tenant)?;
+        if live.get(&meta.code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == meta.tenant)) {
+            return Err(Refusal::new(ErrorCode::ServerBusy, "that join code is taken here; try again"));
+        }
+        let handle = RoomHandle { meta: Arc::new(meta), tx };
+        live.entry(handle.meta.code.clone()).or_default().push(handle.clone());
+        *count += 1;
+        usage.live += 1;
+        Ok((handle, rx))
+    }
+
+    /// Starts the task of the room `handle` registered, running `room` (`resumed`: taken over
+    /// from another node, as the directory holds it).
+    fn start(
+        self: &Arc<Self>,
+        handle: RoomHandle,
+        rx: mpsc::Receiver<Command>,
+        room: Room,
+        resumed: bool,
+    ) -> RoomHandle {
+        self.stats.rooms_active.inc();
+        self.stats.rooms_created.inc();
+        let span = info_span!("room", code = %handle.meta.code, tenant = %handle.meta.tenant);
+        let meta = handle.meta.clone();
+        let task = RoomTask::new(RoomParts {
+            meta: meta.clone(),
+            room,
+            clock: self.clock,
+            stats: self.stats.clone(),
+            sel: self.sel.clone(),
+            own: handle.tx.downgrade(),
+            cluster: self.cluster.clone(),
+            resumed,
+        });
+        let rooms = self.clone();
+        let shutdown = self.shutdown.clone();
+        tokio::spawn(
+            async move {
+                let moved = task.run(rx, shutdown).await;
+                rooms.closed(&meta, !moved);
+                if let Some(cluster) = &rooms.cluster {
+                    cluster.release(&meta.tenant, meta.code.as_str()).await;
+                }
+            }
+            .instrument(span),
+        );
+        handle
     }
 
     /// Finds the room a member of `tenant` names by `input` (as typed), asking from `peer`
@@ -463,9 +669,14 @@ impl Rooms {
         self.registry().live.get(&code)?.iter().find(|r| &*r.meta.tenant == tenant).cloned()
     }
 
-    /// Called as a room's task ends: the code stops being live and answers
-    /// `room_closed` for a day.
-    pub(crate) fn closed(&self, meta: &RoomMeta) {
+    /// Called as a room's task ends: the code stops being live and (`remember`: it closed
+    /// here, rather than moving to another node) answers `room_closed` for a day.
+    pub(crate) fn closed(&self, meta: &RoomMeta, remember: bool) {
+        self.forget_room(meta, remember);
+        self.changed.notify_waiters();
+    }
+
+    fn forget_room(&self, meta: &RoomMeta, remember: bool) {
         let now = self.clock.now();
         let mut registry = self.registry();
         let Some(rooms) = registry.live.get_mut(&meta.code) else { return };
@@ -481,7 +692,7 @@ impl Rooms {
             if usage.closed.len() >= CLOSED_MEMORY_PER_TENANT {
                 usage.closed.retain(|_, at| now.0.saturating_sub(at.0) < CLOSED_MEMORY_NANOS);
             }
-            if usage.closed.len() < CLOSED_MEMORY_PER_TENANT {
+            if remember && usage.closed.len() < CLOSED_MEMORY_PER_TENANT {
                 usage.closed.insert(meta.code.clone(), now);
             }
         }

@@ -21,7 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use downbeat_engine::room::{self, Departure, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
+use downbeat_engine::room::{self, Departure, Essentials, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
 use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram, ServerMessage, ServerNanos};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
@@ -30,6 +30,7 @@ use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, RoomM
 use super::inspect::{Observers, RoomInspection, SessionExtras};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
+use crate::cluster::{Cluster, NodeEntry, RoomState, WriteError};
 use crate::sel::{Job, Sel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -57,6 +58,14 @@ pub(crate) struct RoomTask {
     own: mpsc::WeakSender<Command>,
     /// Operators watching the room from the inspector.
     observers: Observers,
+    /// The cluster's directory, in which the room's state is written before any change that
+    /// matters for a takeover is acknowledged.
+    cluster: Option<Arc<Cluster>>,
+    /// What was last written there.
+    written: Option<Essentials>,
+    /// The room went to another node: what is left for the SEL writer (instead of ending the
+    /// room session, which that node carries on).
+    moved: Option<Vec<SelWork>>,
 }
 
 /// What a room task is given when it starts.
@@ -67,21 +76,135 @@ pub(crate) struct RoomParts {
     pub(crate) stats: Arc<Stats>,
     pub(crate) sel: Sel,
     pub(crate) own: mpsc::WeakSender<Command>,
+    pub(crate) cluster: Option<Arc<Cluster>>,
+    /// The room was taken over as the directory holds it (nothing to write until it changes).
+    pub(crate) resumed: bool,
+}
+
+/// Why a change was not acknowledged: the cluster's directory did not take it.
+fn unwritten() -> Refusal {
+    Refusal::new(ErrorCode::ServerBusy, "the cluster's room directory cannot be reached; nothing changed, try again")
+}
+
+/// Why a request was not answered: the room lives on another node now.
+fn moved_away() -> Refusal {
+    Refusal::new(ErrorCode::Moved, "the class moved to another server; reconnecting there")
 }
 
 impl RoomTask {
     pub(crate) fn new(parts: RoomParts) -> Self {
-        let RoomParts { meta, room, clock, stats, sel, own } = parts;
-        Self { meta, room, conns: HashMap::new(), clock, stats, sel, own, observers: Observers::default() }
+        let RoomParts { meta, room, clock, stats, sel, own, cluster, resumed } = parts;
+        let written = resumed.then(|| room.essentials());
+        Self {
+            meta,
+            room,
+            conns: HashMap::new(),
+            clock,
+            stats,
+            sel,
+            own,
+            observers: Observers::default(),
+            cluster,
+            written,
+            moved: None,
+        }
     }
 
-    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: Shutdown) {
+    /// The room as another node takes it over.
+    pub(crate) fn state(&self) -> RoomState {
+        use base64::Engine as _;
+        let handover = postcard::to_allocvec(&self.room.handover()).unwrap_or_default();
+        let created_at_ms = self
+            .meta
+            .created_at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+        RoomState {
+            owner: self.meta.owner.clone(),
+            name: self.meta.name.to_string(),
+            sel_id: self.meta.sel_id.clone(),
+            created_at_ms,
+            co_teachers: self.meta.co_teachers().clone(),
+            room: base64::engine::general_purpose::STANDARD_NO_PAD.encode(handover),
+        }
+    }
+
+    /// In a cluster, writes the room's state to the directory if what a takeover needs
+    /// changed (`force`: whatever changed), before anything about the change leaves. Not
+    /// written: the room is as it was `before` (if given; else the next renewal writes it),
+    /// and the refusal says why. Lost to another node: the room moves there.
+    async fn persist(&mut self, before: Option<Room>, force: bool) -> Result<(), Refusal> {
+        let Some(cluster) = self.cluster.clone() else { return Ok(()) };
+        let essentials = self.room.essentials();
+        if !force && self.written.as_ref() == Some(&essentials) {
+            return Ok(());
+        }
+        let written = cluster.write_state(&self.meta.tenant, self.meta.code.as_str(), self.state()).await;
+        match written {
+            Ok(()) => {
+                self.written = Some(essentials);
+                Ok(())
+            }
+            Err(WriteError::Unreachable(e)) => {
+                warn!(error = %e, "the room's state was not written to the cluster's directory");
+                self.stats.cluster_writes_failed.inc();
+                if let Some(before) = before {
+                    self.room = before;
+                }
+                Err(unwritten())
+            }
+            Err(WriteError::Lost) => {
+                if let Some(before) = before {
+                    self.room = before;
+                }
+                self.move_away(None).await;
+                Err(moved_away())
+            }
+        }
+    }
+
+    /// The room lives on another node now (`to`, or where the directory says, or any other
+    /// live node, which sends its members on): every member is told where to go, and the
+    /// room ends here without ending its room session.
+    async fn move_away(&mut self, to: Option<NodeEntry>) {
+        if self.moved.is_some() {
+            return;
+        }
+        let now = self.clock.now();
+        let to = match (to, &self.cluster) {
+            (Some(to), _) => Some(to),
+            (None, Some(cluster)) => match cluster.locate(&self.meta.tenant, self.meta.code.as_str()).await {
+                Ok(Some(owner)) => Some(owner),
+                _ => {
+                    let me = cluster.node_id();
+                    cluster.nodes().await.ok().and_then(|nodes| nodes.into_iter().find(|n| n.id != me))
+                }
+            },
+            (None, None) => None,
+        };
+        let Some(to) = to else {
+            warn!("the room was lost and no other node is live; closing it");
+            let _ = self.room.handle_control(now, ControlOp::Close, None);
+            self.drain(now);
+            return;
+        };
+        info!(node = %to.id, "the room lives on another node now; its members are sent there");
+        self.stats.cluster_rooms_moved.inc();
+        let work = self.room.handle_moved(now, to.moved());
+        self.moved = Some(work);
+        self.drain(now);
+    }
+
+    /// Runs the room until it closes, the server shuts down, or it moves to another node
+    /// (then true).
+    pub(crate) async fn run(mut self, mut commands: mpsc::Receiver<Command>, mut shutdown: Shutdown) -> bool {
         loop {
             let now = self.clock.now();
             let tick = self.room.handle_timeout(now);
             if tick.seats_expired > 0 {
                 self.stats.seats_expired.add(u64::from(tick.seats_expired));
                 info!(seats = tick.seats_expired, "grace period over; seats freed");
+                let _ = self.persist(None, false).await;
             }
             self.drain(now);
             if self.room.is_closed() {
@@ -93,15 +216,21 @@ impl RoomTask {
                 biased;
                 () = shutdown.wait() => break,
                 command = commands.recv() => match command {
-                    Some(command) => self.handle(command),
+                    Some(command) => self.handle(command).await,
                     None => break,
                 },
                 () = tokio::time::sleep_until(wake) => {}
             }
         }
         // Flushed while the room is still registered, so a student's data deletion that
-        // finds no room here finds every row of it already queued before its own write.
-        for work in self.room.finish(self.clock.now()) {
+        // finds no room here finds every row of it already queued before its own write. A
+        // room that moved leaves its room session open for the node that has it now.
+        let moved = self.moved.is_some();
+        let left = match self.moved.take() {
+            Some(work) => work,
+            None => self.room.finish(self.clock.now()),
+        };
+        for work in left {
             let job = Job::rows(super::sel::batch(&self.meta, &self.clock, &work));
             if let Err(job) = self.sel.submit_within(job, LAST_FLUSH_PATIENCE).await {
                 let lost = job.batch.participation.len() as u64;
@@ -112,23 +241,38 @@ impl RoomTask {
         }
         self.stats.rooms_active.dec();
         debug!("room task ended");
+        moved
     }
 
-    fn handle(&mut self, command: Command) {
+    async fn handle(&mut self, command: Command) {
         let now = self.clock.now();
         match command {
-            Command::Join { joining, reply } => self.join(now, joining, reply),
+            Command::Join { joining, reply } => self.join(now, joining, reply).await,
             Command::Depart { member_id, session_id, how } => {
                 self.conns.remove(&session_id);
                 self.room.handle_depart(now, member_id, session_id, how);
                 debug!(member = member_id, ?how, "session left");
+                let _ = self.persist(None, false).await;
+            }
+            Command::Persist { reply } => {
+                let _ = reply.send(self.persist(None, true).await);
+            }
+            Command::Lost => self.move_away(None).await,
+            Command::HandOver { to, reply } => {
+                let _ = reply.send(self.hand_over(to).await);
             }
             Command::Control { op: ControlOp::PlayRecording { take, tempo }, requester, reply } => {
                 self.load_playback(take, tempo, requester, reply);
             }
             Command::Playback { take, tempo, notes, requester, reply } => {
-                let result =
+                let before = self.cluster.is_some().then(|| self.room.clone());
+                let mut result =
                     self.room.handle_playback(now, take, tempo, notes, requester).map(Some).map_err(Refusal::from);
+                if result.is_ok()
+                    && let Err(refusal) = self.persist(before, false).await
+                {
+                    result = Err(refusal);
+                }
                 match &result {
                     Ok(applied) => {
                         self.stats.controls_applied.inc();
@@ -147,7 +291,13 @@ impl RoomTask {
                 }
             }
             Command::Control { op, requester, reply } => {
-                let result = self.room.handle_control(now, op.clone(), requester).map_err(Refusal::from);
+                let before = self.cluster.is_some().then(|| self.room.clone());
+                let mut result = self.room.handle_control(now, op.clone(), requester).map_err(Refusal::from);
+                if result.is_ok()
+                    && let Err(refusal) = self.persist(before, false).await
+                {
+                    result = Err(refusal);
+                }
                 match &result {
                     Ok(applied) => {
                         self.stats.controls_applied.inc();
@@ -202,10 +352,16 @@ impl RoomTask {
             }
             Command::Feed(message) => self.room.handle_feed(message),
             Command::CoTeacher { subject, present, reply } => {
-                let _ = reply.send(self.co_teacher(subject, present));
+                let changed = self.co_teacher(subject, present);
+                if matches!(changed, Ok(true)) {
+                    let _ = self.persist(None, true).await;
+                }
+                let _ = reply.send(changed);
             }
             Command::Forget { subject, reply } => {
                 self.room.handle_forget(now, &subject);
+                // Deletion is final on every node: the handover forgets them too.
+                let _ = self.persist(None, true).await;
                 let _ = reply.send(());
             }
             Command::Report { member_id, session_id, report } => {
@@ -312,7 +468,34 @@ impl RoomTask {
         });
     }
 
-    fn join(&mut self, now: ServerNanos, joining: Joining, reply: oneshot::Sender<Result<wire::Welcome, Refusal>>) {
+    /// Hands the room to node `to`: its state is written to the directory naming `to`, then
+    /// its members are sent there. Whether it was handed over (if not, it stays here).
+    async fn hand_over(&mut self, to: NodeEntry) -> bool {
+        let Some(cluster) = self.cluster.clone() else { return false };
+        let handed = cluster.hand_over(&self.meta.tenant, self.meta.code.as_str(), &to.id, self.state()).await;
+        match handed {
+            Ok(()) => {
+                self.stats.cluster_rooms_handed_over.inc();
+                self.move_away(Some(to)).await;
+                true
+            }
+            Err(WriteError::Lost) => {
+                self.move_away(None).await;
+                true
+            }
+            Err(WriteError::Unreachable(e)) => {
+                warn!(error = %e, node = %to.id, "the room could not be handed over");
+                false
+            }
+        }
+    }
+
+    async fn join(
+        &mut self,
+        now: ServerNanos,
+        joining: Joining,
+        reply: oneshot::Sender<Result<wire::Welcome, Refusal>>,
+    ) {
         let (session_id, who) = (joining.session_id, &joining.who);
         let Some(role) = who.role.member_role() else {
             let _ = reply.send(Err(Refusal::new(ErrorCode::Forbidden, "admins and operators do not join rooms")));
@@ -327,6 +510,7 @@ impl RoomTask {
             transport: joining.transport,
             sel_feed: authorize(who, Some(&*self.meta), Operation::ReadSel).is_ok(),
         };
+        let before = self.cluster.is_some().then(|| self.room.clone());
         self.conns.insert(session_id, Conn::new(joining));
         let joined = match self.room.handle_join(now, join) {
             Ok(joined) => joined,
@@ -336,6 +520,12 @@ impl RoomTask {
                 return;
             }
         };
+        // The seat is in the directory before the member is welcomed to it.
+        if let Err(refusal) = self.persist(before, false).await {
+            self.conns.remove(&session_id);
+            let _ = reply.send(Err(refusal));
+            return;
+        }
         let member_id = joined.welcome.member_id;
         self.stats.count_seated(joined.seated);
         info!(member = member_id, seated = ?joined.seated, "member seated");
