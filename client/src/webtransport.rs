@@ -6,6 +6,7 @@ use std::time::Duration;
 use downbeat_protocol::{FRAME_HEADER_LEN, ServerMessage, decode_frame_body, frame_body_len};
 use tokio::sync::Mutex;
 use wtransport::endpoint::endpoint_side;
+use wtransport::error::{ConnectingError, ConnectionError};
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 
 use crate::transport::{Boxed, Transport};
@@ -13,6 +14,21 @@ use crate::{ClientError, ConnectOptions};
 
 /// How much of the control stream one read takes at most.
 const READ_CHUNK: usize = 4096;
+
+/// How many times a handshake is tried when the server closes it with an HTTP/3 protocol error.
+///
+/// wtransport 0.7.2's connection driver reads the peer's HTTP/3 control stream inside a
+/// `select!` that drops the read whenever another event wins the race, so a SETTINGS frame that
+/// arrives in two packets, with a new stream in between, loses its first bytes and the server
+/// closes a correct handshake with `H3_FRAME_UNEXPECTED` (0x105) or another H3 error (this
+/// side's driver reads the server's control stream the same way). It is rare (about one
+/// connect in tens of thousands on a busy machine, seen as a CI failure) and nothing of the
+/// session exists yet (no hello was sent), so trying the handshake again is safe. The browser
+/// package reconnects after any failed connect anyway.
+const HANDSHAKE_ATTEMPTS: u32 = 3;
+
+/// HTTP/3 error codes (RFC 9114 section 8.1), the range a protocol error closes with.
+const H3_ERRORS: std::ops::RangeInclusive<u64> = 0x100..=0x110;
 
 /// A WebTransport session and its control stream.
 pub(crate) struct WebTransport {
@@ -40,10 +56,32 @@ impl WebTransport {
                 .build()
         };
         let endpoint = Endpoint::client(config).map_err(ClientError::Endpoint)?;
-        let conn = endpoint.connect(&options.url).await.map_err(|e| ClientError::Connect(e.to_string()))?;
+        let mut attempt = 1;
+        let conn = loop {
+            match endpoint.connect(&options.url).await {
+                Ok(conn) => break conn,
+                Err(e) if attempt < HANDSHAKE_ATTEMPTS && closed_for_h3_protocol(&e) => {
+                    tracing::debug!(error = %e, attempt, "the server closed the handshake for an HTTP/3 protocol error; trying again");
+                    attempt += 1;
+                }
+                Err(e) => return Err(ClientError::Connect(e.to_string())),
+            }
+        };
         let opening = conn.open_bi().await.map_err(|e| ClientError::Connect(e.to_string()))?;
         let (send, recv) = opening.await.map_err(|e| ClientError::Connect(e.to_string()))?;
         Ok(Self { conn, send: Mutex::new(send), recv: Mutex::new(recv), _endpoint: endpoint })
+    }
+}
+
+/// Whether a handshake failed for an HTTP/3 protocol error: the server closed it with one, or
+/// this side's driver (which reads the server's control stream the same way) found one.
+fn closed_for_h3_protocol(error: &ConnectingError) -> bool {
+    match error {
+        ConnectingError::ConnectionError(ConnectionError::ApplicationClosed(close)) => {
+            H3_ERRORS.contains(&close.code().into_inner())
+        }
+        ConnectingError::ConnectionError(ConnectionError::LocalH3Error(_)) => true,
+        _ => false,
     }
 }
 
