@@ -22,7 +22,7 @@
 //! measures every other node with the engine's own estimator (four timestamps, the same
 //! exchange clients use with the server), exported in `/metrics` and shown in the inspector.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -67,6 +67,19 @@ pub struct NodeEntry {
     pub certificate_hashes: Vec<String>,
     /// Until when the entry holds without a renewal (Unix ms).
     pub lease_until_ms: i64,
+    /// What each school has open on the node, by tenant id, as of its last renewal: the other
+    /// nodes add it up to hold each school's limits across the cluster.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub usage: BTreeMap<String, TenantUsage>,
+}
+
+/// One school's rooms and sessions on a node.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantUsage {
+    /// Rooms open.
+    pub rooms: u32,
+    /// Sessions open (members seated, or saying hello).
+    pub sessions: u32,
 }
 
 impl NodeEntry {
@@ -165,6 +178,9 @@ pub struct Cluster {
     held: Mutex<HashMap<String, Arc<tokio::sync::Mutex<Held>>>>,
     /// The most a node's clock may be off the others' (as measured) for it to take rooms over.
     clock_bound: Mutex<Duration>,
+    /// Each school's rooms and sessions on the other live nodes, summed, as their entries
+    /// said at this node's last renewal.
+    elsewhere: Mutex<HashMap<String, TenantUsage>>,
 }
 
 /// The default of [`Cluster::set_clock_bound`].
@@ -211,6 +227,7 @@ impl Cluster {
             hashes,
             held: Mutex::new(HashMap::new()),
             clock_bound: Mutex::new(DEFAULT_CLOCK_BOUND),
+            elsewhere: Mutex::new(HashMap::new()),
         };
         cluster.renew_node().await?;
         info!(node = %cluster.node_id(), "joined the cluster");
@@ -241,6 +258,30 @@ impl Cluster {
 
     fn me(&self) -> MutexGuard<'_, NodeEntry> {
         self.node.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets what this node's entry says each school has open here, from its next renewal.
+    pub fn publish_usage(&self, usage: BTreeMap<String, TenantUsage>) {
+        self.me().usage = usage;
+    }
+
+    /// What `tenant` has open on the other live nodes, as their entries said at this node's
+    /// last renewal (about a third of a lease ago at most).
+    pub fn elsewhere(&self, tenant: &str) -> TenantUsage {
+        let elsewhere = self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        elsewhere.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// Adds up the other live nodes' usage (`nodes`, as just listed).
+    fn count_elsewhere(&self, nodes: &[NodeEntry]) {
+        let me = self.node_id();
+        let mut sum: HashMap<String, TenantUsage> = HashMap::new();
+        for (tenant, usage) in nodes.iter().filter(|n| n.id != me).flat_map(|n| &n.usage) {
+            let total = sum.entry(tenant.clone()).or_default();
+            total.rooms = total.rooms.saturating_add(usage.rooms);
+            total.sessions = total.sessions.saturating_add(usage.sessions);
+        }
+        *self.elsewhere.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = sum;
     }
 
     /// This node's id.
@@ -361,6 +402,12 @@ impl Cluster {
     pub async fn renew(&self) -> Vec<(String, String)> {
         if let Err(e) = self.renew_node().await {
             warn!(error = %e, "renewing the node's lease failed");
+        }
+        // The other nodes' usage, for the schools' limits across the cluster. Unread, the
+        // last sums stand (and a node that died drops out of them once its lease runs out).
+        match self.nodes().await {
+            Ok(nodes) => self.count_elsewhere(&nodes),
+            Err(e) => warn!(error = %e, "the other nodes' usage was not read; the last sums stand"),
         }
         let held: Vec<(String, Arc<tokio::sync::Mutex<Held>>)> =
             self.held().iter().map(|(k, slot)| (k.clone(), slot.clone())).collect();

@@ -404,7 +404,11 @@ impl Server {
             signal,
             ..
         } = self;
-        let lease_task = tokio::spawn(rooms.clone().keep_leases(tenants.clone(), signal.clone()));
+        // Each school's sessions here, against its limit (the other nodes' counted in, in a
+        // cluster, through the node entries the lease task writes and reads).
+        let tenant_sessions = session::TenantSessions::default();
+        let lease_task =
+            tokio::spawn(rooms.clone().keep_leases(tenants.clone(), tenant_sessions.clone(), signal.clone()));
         let clock_task = rooms.cluster().cloned().map(|cluster| tokio::spawn(cluster.run_clock(stats.clone())));
         let purge_task = tokio::spawn(sel::purge_loop(
             sel.store().clone(),
@@ -417,7 +421,7 @@ impl Server {
         let ctx = Arc::new(SessionContext {
             rooms: rooms.clone(),
             tenants: tenants.clone(),
-            tenant_sessions: session::TenantSessions::default(),
+            tenant_sessions,
             stats: stats.clone(),
             clock,
             hello_timeout: config.hello_timeout(),
@@ -601,6 +605,7 @@ fn node_entry(config: &Config, http_addr: SocketAddr, wt_port: u16) -> cluster::
         websocket_url,
         certificate_hashes: Vec::new(),
         lease_until_ms: 0,
+        usage: std::collections::BTreeMap::new(),
     }
 }
 

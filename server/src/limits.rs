@@ -73,6 +73,13 @@ impl<K: Hash + Eq> Default for Places<K> {
     }
 }
 
+/// Another handle on the same places.
+impl<K: Hash + Eq> Clone for Places<K> {
+    fn clone(&self) -> Self {
+        Self { held: self.held.clone() }
+    }
+}
+
 /// One place taken from [`Places`].
 #[derive(Debug)]
 pub(crate) struct Place<K: Hash + Eq> {
@@ -96,6 +103,12 @@ impl<K: Hash + Eq + Clone> Places<K> {
     pub(crate) fn held_by(&self, key: &K) -> usize {
         let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
         held.get(key).copied().unwrap_or_default()
+    }
+
+    /// Places held now, by key (keys holding none left out).
+    pub(crate) fn snapshot(&self) -> Vec<(K, usize)> {
+        let held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        held.iter().filter(|(_, n)| **n > 0).map(|(k, n)| (k.clone(), *n)).collect()
     }
 }
 

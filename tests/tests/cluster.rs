@@ -30,6 +30,7 @@ fn node(id: &str) -> NodeEntry {
         websocket_url: format!("ws://{id}.example:4480/api/ws"),
         certificate_hashes: Vec::new(),
         lease_until_ms: 0,
+        usage: Default::default(),
     }
 }
 
@@ -233,5 +234,95 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
         Ok::<_, anyhow::Error>(())
     };
     tokio::time::timeout(Duration::from_secs(10), released).await.context("the closed room left the directory")??;
+    Ok(())
+}
+
+/// A school's rooms and sessions on the other nodes, as `server`'s inspector counts them.
+async fn elsewhere(server: &TestServer) -> Result<(u64, u64)> {
+    let overview = server.call("GET", "/api/inspect", &server.operator("op-1"), None, (200, None)).await?;
+    let school = overview["tenants"]
+        .as_array()
+        .and_then(|t| t.iter().find(|t| t["id"] == "a"))
+        .with_context(|| format!("school a in {overview}"))?;
+    Ok((
+        school["rooms_elsewhere"].as_u64().context("rooms_elsewhere")?,
+        school["sessions_elsewhere"].as_u64().context("sessions_elsewhere")?,
+    ))
+}
+
+/// Waits until `server` counts `want` (rooms, sessions) of school a on the other nodes.
+async fn until_elsewhere(server: &TestServer, want: (u64, u64)) -> Result<()> {
+    let counted = async {
+        loop {
+            if elsewhere(server).await? == want {
+                return Ok::<_, anyhow::Error>(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), counted).await.with_context(|| format!("{want:?} elsewhere"))?
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schools_room_and_session_limits_hold_across_the_cluster() -> Result<()> {
+    let nats = NatsServer::start().await?;
+    let db = TestDatabase::new(Backend::Postgres).await;
+    let limits = TenantLimits { max_rooms: 2, max_sessions: 3, ..TenantLimits::default() };
+    let mut servers = Vec::new();
+    for i in 1..=2 {
+        let url = nats.url.clone();
+        servers.push(
+            TestServer::start_on(&db, move |c| {
+                c.tenants = vec![school("a", SECRET_A, limits)];
+                c.operators = Some(operators(SECRET_OPS));
+                c.cluster = Some(url);
+                c.node_id = Some(format!("node-{i}"));
+                c.cluster_lease_ms = 1_500;
+            })
+            .await?,
+        );
+    }
+    let mint = |role, sub: &str| {
+        servers[0].tenants.mint("a", role, sub, &format!("Person {sub}"), Duration::from_secs(3600)).expect("mints")
+    };
+    let teacher = mint(Role::Teacher, "t-1");
+    let refused = |status: u16, body: &serde_json::Value| {
+        (status, body["error"]["code"].as_str()) == (429, Some("too_many_rooms"))
+    };
+
+    // Rooms: one on each node fills the school's two; neither node opens a third.
+    let first = servers[0].create_room(&teacher, 100.0, 4).await?;
+    until_elsewhere(&servers[1], (1, 0)).await?;
+    let second = servers[1].create_room(&teacher, 100.0, 4).await?;
+    until_elsewhere(&servers[0], (1, 0)).await?;
+    for server in &servers {
+        let body = serde_json::json!({"name": "A third room", "tempo_bpm": 100.0, "beats_per_bar": 4});
+        let (status, body) = server.http("POST", "/api/rooms", Some(&teacher), Some(body)).await?;
+        ensure!(refused(status, &body), "a third room: {status} {body}");
+    }
+    println!("two rooms on two nodes; the third refused by both");
+
+    // Sessions: two on node 1 and one on node 2 fill the school's three; a fourth hello is
+    // refused on node 2 (its own count is one).
+    let mut clients = vec![servers[0].connect(&first, &teacher).await?];
+    clients.push(servers[0].connect(&first, &mint(Role::Student, "s-1")).await?);
+    clients.push(servers[1].connect(&second, &mint(Role::Student, "s-2")).await?);
+    until_elsewhere(&servers[1], (1, 2)).await?;
+    let fourth = Client::connect(servers[1].options(&second, &mint(Role::Student, "s-3"))).await;
+    ensure!(
+        matches!(&fourth, Err(ClientError::Refused { code: ErrorCode::TooManySessions, .. })),
+        "a fourth session: {:?}",
+        fourth.err()
+    );
+    println!("three sessions on two nodes; the fourth refused");
+
+    // Closed on node 1, its room and sessions leave the count, and node 2 may open a room.
+    for client in clients.drain(..2) {
+        client.close();
+    }
+    let (status, body) = servers[0].http("DELETE", &format!("/api/rooms/{first}"), Some(&teacher), None).await?;
+    ensure!(status == 200, "{body}");
+    until_elsewhere(&servers[1], (0, 0)).await?;
+    servers[1].create_room(&teacher, 100.0, 4).await?;
     Ok(())
 }

@@ -98,6 +98,10 @@ struct TenantView {
     sessions: usize,
     max_rooms: u32,
     max_sessions: u32,
+    /// Its rooms and sessions on the cluster's other nodes, as their entries last said
+    /// (counted against its limits there and here); zero without a cluster.
+    rooms_elsewhere: u32,
+    sessions_elsewhere: u32,
 }
 
 #[derive(Serialize)]
@@ -137,7 +141,10 @@ async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Re
         .map(|t| {
             let own = rooms.iter().filter(|r| r.tenant == t.id());
             let sessions = own.clone().map(|r| r.inspection.seats.iter().filter(|s| s.session.is_some()).count()).sum();
+            let elsewhere = state.rooms.cluster().map(|c| c.elsewhere(t.id())).unwrap_or_default();
             TenantView {
+                rooms_elsewhere: elsewhere.rooms,
+                sessions_elsewhere: elsewhere.sessions,
                 id: t.id().to_owned(),
                 name: t.name().to_owned(),
                 rooms: own.count(),

@@ -21,7 +21,7 @@
 //! empty (others' guessing cannot lock the staff out), so every wrong code of a teacher takes a token from
 //! their own bucket even when it is refused, and an empty one refuses them like a student.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
@@ -31,18 +31,19 @@ use downbeat_engine::room::{self, Handover, Room};
 use downbeat_engine::timeline::Timeline;
 use downbeat_protocol::{BoundedString, ErrorCode, Name, RoomSettings, ServerNanos, TextKind, check_text};
 use tokio::sync::{mpsc, oneshot};
-use tracing::{Instrument as _, info, info_span, warn};
+use tracing::{Instrument as _, debug, info, info_span, warn};
 
 use super::handle::{Command, RoomHandle, RoomMeta};
 use super::task::{RoomParts, RoomTask};
 use crate::auth::{Principal, Role, Tenant, Tenants};
 use crate::authz::{Refusal, RoomAccess as _};
 use crate::clock::ServerClock;
-use crate::cluster::{AdoptError, Cluster, RoomState};
+use crate::cluster::{AdoptError, Cluster, RoomState, TenantUsage};
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::limits::{Buckets, Refill, network};
 use crate::sel::Sel;
+use crate::session::TenantSessions;
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -78,6 +79,15 @@ pub(crate) struct RoomsConfig {
     pub(crate) idle_expiry_nanos: u64,
     /// A member whose connection is lost keeps its seat this long.
     pub(crate) seat_grace_nanos: u64,
+}
+
+/// Whether a school's rooms on the cluster's other nodes count against its limit.
+#[derive(Clone, Copy, Debug)]
+enum Elsewhere {
+    /// A new room: they count.
+    Counted,
+    /// A room taken over: it was counted where it was made.
+    NotCounted,
 }
 
 #[derive(Debug)]
@@ -277,7 +287,15 @@ impl Rooms {
     /// Keeps this node's leases in the cluster's directory, about three times a lease, until
     /// shutdown; a room another node took over is closed here (this node no longer acts for
     /// it).
-    pub(crate) async fn keep_leases(self: Arc<Self>, tenants: Arc<Tenants>, mut shutdown: Shutdown) {
+    ///
+    /// Each renewal also publishes what every school has open here (rooms, and `sessions`)
+    /// and reads what the other nodes published, so a school's limits hold across the cluster.
+    pub(crate) async fn keep_leases(
+        self: Arc<Self>,
+        tenants: Arc<Tenants>,
+        sessions: TenantSessions,
+        mut shutdown: Shutdown,
+    ) {
         let Some(cluster) = self.cluster.clone() else { return };
         let mut beat = tokio::time::interval(cluster.lease() / 3);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -286,6 +304,7 @@ impl Rooms {
                 () = shutdown.wait() => return,
                 _ = beat.tick() => {}
             }
+            cluster.publish_usage(self.usage(&sessions));
             for (tenant, code) in cluster.renew().await {
                 if let Some(room) = self.find(&tenant, &code) {
                     warn!(%tenant, %code, "this node lost the room to another node; its members are sent there");
@@ -309,18 +328,33 @@ impl Rooms {
         }
     }
 
+    /// What each school has open here: its rooms, and its sessions as `sessions` counts them.
+    fn usage(&self, sessions: &TenantSessions) -> BTreeMap<String, TenantUsage> {
+        let count = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        let mut usage: BTreeMap<String, TenantUsage> = self
+            .registry()
+            .tenants
+            .iter()
+            .filter(|(_, rooms)| rooms.live > 0)
+            .map(|(tenant, rooms)| (tenant.to_string(), TenantUsage { rooms: count(rooms.live), sessions: 0 }))
+            .collect();
+        for (tenant, n) in sessions.snapshot() {
+            usage.entry(tenant.to_string()).or_default().sessions = count(n);
+        }
+        usage
+    }
+
     /// Takes the room `code` of `tenant` over from the cluster's directory if it is this
     /// node's to take ([`Cluster::adopt`]) and this node has room for it, and starts it here.
     async fn adopt(self: &Arc<Self>, tenant: &Tenant, code: &str) -> Option<RoomHandle> {
         let cluster = self.cluster.as_ref()?;
-        if self.draining.load(std::sync::atomic::Ordering::Relaxed) || self.shutdown.is_fired() {
-            return None;
-        }
         if let Some(room) = self.find(tenant.id(), code) {
             return Some(room);
         }
-        if self.has_room_for(tenant).is_err() {
-            warn!(tenant = tenant.id(), code, "this node is full; it leaves the room for another node to take");
+        // The school's own limit is not asked: the room exists already, and the node that
+        // held it stops counting it when its lease runs out, which is when it may be taken.
+        if let Err(refusal) = self.has_room_for(tenant, Elsewhere::NotCounted) {
+            debug!(tenant = tenant.id(), code, why = %refusal.message, "this node does not take the room over");
             return None;
         }
         let state = match cluster.adopt(tenant.id(), code).await {
@@ -370,7 +404,7 @@ impl Rooms {
             sel_id: state.sel_id.clone(),
             co_teachers: Mutex::new(state.co_teachers.clone()),
         };
-        let (handle, rx) = self.register(tenant, meta, now)?;
+        let (handle, rx) = self.register(tenant, meta, now, Elsewhere::NotCounted)?;
         info!(code = %handle.meta.code, tenant = %handle.meta.tenant, "room taken over from the cluster's directory");
         Ok(self.start(handle, rx, room, true))
     }
@@ -476,7 +510,7 @@ impl Rooms {
             sel_id: hex::encode(rand::random::<[u8; 16]>()),
             co_teachers: Mutex::new(Vec::new()),
         };
-        let (handle, rx) = self.register(tenant, meta, now)?;
+        let (handle, rx) = self.register(tenant, meta, now, Elsewhere::Counted)?;
         let code = BoundedString::truncating(handle.meta.code.as_str());
         let room = Room::new(engine, now, code, settings.name.clone(), timeline);
         info!(
@@ -505,13 +539,16 @@ impl Rooms {
     }
 
     /// Whether a room of `tenant` may open here now (the server's and the school's limits).
-    fn has_room_for(&self, tenant: &Tenant) -> Result<(), Refusal> {
+    fn has_room_for(&self, tenant: &Tenant, elsewhere: Elsewhere) -> Result<(), Refusal> {
         let registry = self.registry();
         let live = registry.tenants.get(tenant.id()).map_or(0, |usage| usage.live);
-        self.room_limits(registry.count, live, tenant)
+        self.room_limits(registry.count, live, tenant, elsewhere)
     }
 
-    fn room_limits(&self, count: usize, live: usize, tenant: &Tenant) -> Result<(), Refusal> {
+    /// Why a room of `tenant` may not open here, with `count` rooms here and `live` of the
+    /// school's. Its limit counts its rooms on the cluster's other nodes too, unless
+    /// `elsewhere` says not to (a room taken over).
+    fn room_limits(&self, count: usize, live: usize, tenant: &Tenant, elsewhere: Elsewhere) -> Result<(), Refusal> {
         if self.shutdown.is_fired() || self.draining.load(std::sync::atomic::Ordering::Relaxed) {
             return Err(Refusal::new(ErrorCode::ShuttingDown, "the server is shutting down"));
         }
@@ -521,8 +558,10 @@ impl Rooms {
                 "the server holds its maximum number of rooms; try again later",
             ));
         }
+        let Elsewhere::Counted = elsewhere else { return Ok(()) };
+        let others = self.cluster.as_ref().map_or(0, |c| c.elsewhere(tenant.id()).rooms as usize);
         let max = tenant.limits().max_rooms;
-        if live >= max as usize {
+        if live + others >= max as usize {
             return Err(Refusal::new(
                 ErrorCode::TooManyRooms,
                 format!("your school may have {max} rooms open at once; close one first"),
@@ -538,12 +577,13 @@ impl Rooms {
         tenant: &Tenant,
         meta: RoomMeta,
         now: ServerNanos,
+        elsewhere: Elsewhere,
     ) -> Result<(RoomHandle, mpsc::Receiver<Command>), Refusal> {
         let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
         let mut registry = self.registry();
         let Registry { live, tenants, count, .. } = &mut *registry;
         let usage = tenants.entry(meta.tenant.clone()).or_insert_with(|| TenantRooms::new(tenant.limits(), now));
-        self.room_limits(*count, usage.live, tenant)?;
+        self.room_limits(*count, usage.live, tenant, elsewhere)?;
         if live.get(&meta.code).is_some_and(|rooms| rooms.iter().any(|r| r.meta.tenant == meta.tenant)) {
             return Err(Refusal::new(ErrorCode::ServerBusy, "that join code is taken here; try again"));
         }

@@ -312,8 +312,10 @@ impl Session {
         let Some(tenant) = self.ctx.tenants.tenant(&principal.tenant) else {
             return Err(refused(Refusal::new(ErrorCode::Unauthorized, "unknown school")));
         };
-        let Some(slot) = self.ctx.tenant_sessions.try_take(&principal.tenant, tenant.limits().max_sessions as usize)
-        else {
+        // In a cluster, the school's sessions on the other nodes count too (as they last said).
+        let elsewhere = self.ctx.rooms.cluster().map_or(0, |c| c.elsewhere(tenant.id()).sessions as usize);
+        let cap = (tenant.limits().max_sessions as usize).saturating_sub(elsewhere);
+        let Some(slot) = self.ctx.tenant_sessions.try_take(&principal.tenant, cap) else {
             let refusal =
                 Refusal::new(ErrorCode::TooManySessions, "your school has its maximum number of sessions open");
             return Err(refused(refusal));
