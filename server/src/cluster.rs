@@ -306,8 +306,7 @@ impl Cluster {
     /// live entry of another node holds it.
     pub async fn claim(&self, tenant: &str, code: &str) -> Result<bool, ClusterError> {
         let key = key(tenant, code);
-        let value = encode(&self.room_entry(None));
-        match self.rooms.create(&key, value.clone()).await {
+        match self.rooms.create(&key, encode(&self.room_entry(None))).await {
             Ok(revision) => {
                 self.hold(key, revision, None);
                 return Ok(true);
@@ -324,14 +323,25 @@ impl Cluster {
         if entry.operation == kv::Operation::Put && live {
             return Ok(false);
         }
-        match self.rooms.update(&key, value, entry.revision).await {
+        let taken = self.take(&key, entry.revision, None).await.map_err(|e| ClusterError::of("claiming a room", e))?;
+        if taken {
+            info!(key, "claimed a code whose node's lease had run out");
+        }
+        Ok(taken)
+    }
+
+    /// Writes this node's entry for `key` (with `state`) over the one read at `revision`, and
+    /// holds the key: `false` if the entry changed since (another node took it first), so of
+    /// two nodes taking one entry only one wins.
+    async fn take(&self, key: &str, revision: u64, state: Option<RoomState>) -> Result<bool, kv::UpdateError> {
+        let value = encode(&self.room_entry(state.clone()));
+        match self.rooms.update(key, value, revision).await {
             Ok(revision) => {
-                info!(key, "claimed a code whose node's lease had run out");
-                self.hold(key, revision, None);
+                self.hold(key.to_owned(), revision, state);
                 Ok(true)
             }
             Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(false),
-            Err(e) => Err(ClusterError::of("claiming a room", e)),
+            Err(e) => Err(e),
         }
     }
 
@@ -508,16 +518,15 @@ impl Cluster {
         let lapsed = room.lease_until_ms < unix_ms_now();
         let Some(state) = room.state.filter(|_| lapsed || room.node == me) else { return Ok(None) };
         self.check_clock()?;
-        let value = encode(&self.room_entry(Some(state.clone())));
-        match self.rooms.update(&key, value, entry.revision).await {
-            Ok(revision) => {
-                info!(key, from = %room.node, lapsed, "took a room over");
-                self.hold(key, revision, Some(state.clone()));
-                Ok(Some(state))
-            }
-            Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => Ok(None),
-            Err(e) => Err(ClusterError::of("taking a room over", e).into()),
+        let taken = self
+            .take(&key, entry.revision, Some(state.clone()))
+            .await
+            .map_err(|e| ClusterError::of("taking a room over", e))?;
+        if !taken {
+            return Ok(None);
         }
+        info!(key, from = %room.node, lapsed, "took a room over");
+        Ok(Some(state))
     }
 
     /// The rooms this node should take over now: entries that name it but no room here holds

@@ -213,6 +213,17 @@ impl Schedule {
     }
 }
 
+/// Stops every member's schedule and checks each ([`check_schedule`]): the largest error.
+fn check_all(schedules: Vec<Schedule>, seats: &[&Seat], period: u64, around: u64, truth: &Truth) -> Result<u64> {
+    let mut worst = 0;
+    for (schedule, seat) in schedules.into_iter().zip(seats) {
+        let error = check_schedule(&schedule.stop(), period, around, truth)
+            .with_context(|| format!("the page of {:?} from node {}", seat.transport, seat.home + 1))?;
+        worst = worst.max(error);
+    }
+    Ok(worst)
+}
+
 /// Checks one member's schedule over a stretch of one tempo (`period` ns a beat) through
 /// `around` (the instant of the failure, local): no beat is missing; beat n is at the same
 /// server instant before, during and after (exactly one period after beat n − 1: the room's
@@ -329,13 +340,7 @@ async fn kill_9(district: &District) -> Result<()> {
     back[0].0.wait_frames(waited + 30, Duration::from_secs(10)).await?;
 
     // Each page scheduled every beat, before, during and after, one period apart.
-    let mut worst = 0;
-    for (schedule, seat) in schedules.into_iter().zip(&everyone) {
-        let beats = schedule.stop();
-        let error = check_schedule(&beats, period, killed_local, &truth)
-            .with_context(|| format!("the page of {:?} from node {}", seat.transport, seat.home + 1))?;
-        worst = worst.max(error);
-    }
+    let worst = check_all(schedules, &everyone, period, killed_local, &truth)?;
     println!("every beat scheduled, the largest error from its true instant {} µs", worst / 1_000);
 
     // The room as it was: the mute, the prompt; the teacher's controls work again.
@@ -433,13 +438,7 @@ async fn drain(district: &District) -> Result<()> {
     let waited = back[0].stats().frames;
     back[0].wait_frames(waited + 30, Duration::from_secs(10)).await?;
 
-    let mut worst = 0;
-    for (schedule, seat) in schedules.into_iter().zip(&everyone) {
-        let beats = schedule.stop();
-        let error = check_schedule(&beats, period, asked_local, &truth)
-            .with_context(|| format!("the page of {:?} from node {}", seat.transport, seat.home + 1))?;
-        worst = worst.max(error);
-    }
+    let worst = check_all(schedules, &everyone, period, asked_local, &truth)?;
     println!("every beat scheduled, the largest error from its true instant {} µs", worst / 1_000);
     back[0].change(Change::SetTempo(MicroBpm::from_bpm(100))).await?;
     Ok(())
