@@ -703,7 +703,9 @@ impl Sim {
         }
         while let Some(t) = self.room.poll_transmit(ServerNanos(now)) {
             if let Ok(bytes) = encode_server_datagram(&ServerDatagram::Beats(t.frame)) {
-                self.server_write(t.member as usize, Parked::Beats(bytes));
+                for &member in &t.members {
+                    self.server_write(member as usize, Parked::Beats(bytes.clone()));
+                }
             }
         }
         for i in 0..self.clients.len() {

@@ -326,7 +326,8 @@ impl Room {
             return tick;
         }
         while let Some(transmit) = self.stage.poll_transmit(now) {
-            if let Some(to) = self.recipient(transmit.member) {
+            let to: Vec<Recipient> = transmit.members.iter().filter_map(|&m| self.recipient(m)).collect();
+            if !to.is_empty() {
                 self.out.push_back(Output::Beats { to, frame: transmit.frame });
             }
         }

@@ -43,11 +43,11 @@ pub enum Output {
         /// What they hear.
         message: ServerMessage,
     },
-    /// Send a beat frame datagram to one member, trimmed to the path's datagram size
-    /// ([`encode_beats_to_fit`]).
+    /// Send one beat frame datagram to each of `to` (encode once), trimmed to the path's
+    /// datagram size ([`encode_beats_to_fit`]).
     Beats {
-        /// Who.
-        to: Recipient,
+        /// The room's attached members (all of them at a tick; one who just joined, else).
+        to: Vec<Recipient>,
         /// The frame.
         frame: BeatFrame,
     },

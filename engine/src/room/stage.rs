@@ -2,13 +2,15 @@
 //! notes. [`super::Room`] drives it for every attached seat; the simulation harness drives it
 //! alone.
 //!
-//! For every member the stage keeps its own send schedule: a frame every
+//! The room sends beat frames on one schedule, its tick: a frame every
 //! [`Config::send_interval_nanos`] while beats sound (or a change is pending), every
-//! [`Config::idle_send_interval_nanos`] while stopped. Each frame carries the whole timeline
+//! [`Config::idle_send_interval_nanos`] while stopped. Each tick builds one frame, with one
+//! room-wide sequence number, for every member at once, so the I/O layer encodes it once
+//! however many members hear it. A member who joins gets a frame of its own at once, then
+//! the room's; a change makes the tick due at once. Each frame carries the whole timeline
 //! plus the beats of the next [`Config::lead_nanos`], so a lost, duplicated or reordered frame
-//! costs nothing: any later one says everything. Members are scheduled independently, so a
-//! slow member never delays another; the I/O layer only ever hands frames to a non-blocking
-//! send.
+//! costs nothing: any later one says everything. The I/O layer only ever hands frames to a
+//! non-blocking send, so a slow member never delays another.
 //!
 //! Notes ([`Stage::handle_notes`]) are validated, de-duplicated by sequence number, dropped
 //! while the member is muted (the caller says so: mute is a seat's, stored once) or beyond
@@ -113,11 +115,11 @@ impl NotesOutcome {
     }
 }
 
-/// A frame to send to one member.
+/// A frame to send, the same to each of its members.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transmit {
-    /// Who to send it to.
-    pub member: u64,
+    /// Who to send it to, in ascending order.
+    pub members: Vec<u64>,
     /// What to send.
     pub frame: BeatFrame,
 }
@@ -126,8 +128,8 @@ pub struct Transmit {
 struct MemberState {
     /// Which join of this member this is (see [`NoteFrame::generation`]).
     generation: u32,
-    next_send: ServerNanos,
-    seq: u64,
+    /// Joined (at this instant) and not yet sent a frame: one of its own goes out at once.
+    owed: Option<ServerNanos>,
     note_bucket: TokenBucket,
     /// Highest note sequence number handled (accepted or dropped).
     highest_note_seq: u32,
@@ -139,8 +141,7 @@ impl MemberState {
     fn new(config: &Config, now: ServerNanos, generation: u32) -> Self {
         Self {
             generation,
-            next_send: now,
-            seq: 0,
+            owed: Some(now),
             note_bucket: TokenBucket::new(config.notes_per_second, config.note_burst, now.0),
             highest_note_seq: 0,
             forwarded: Recent::default(),
@@ -156,6 +157,10 @@ pub struct Stage {
     members: BTreeMap<u64, MemberState>,
     /// Joins so far: each membership's note generation.
     joins: u32,
+    /// When the room's next frame to every member is due.
+    tick: ServerNanos,
+    /// The last frame's sequence number (room-wide; each member sees it rise).
+    seq: u64,
 }
 
 impl Stage {
@@ -166,7 +171,7 @@ impl Stage {
 
     /// A stage with `timeline` and no members.
     pub fn with_timeline(config: Config, timeline: Timeline) -> Self {
-        Self { config, timeline, members: BTreeMap::new(), joins: 0 }
+        Self { config, timeline, members: BTreeMap::new(), joins: 0, tick: ServerNanos(0), seq: 0 }
     }
 
     /// The room's settings.
@@ -174,7 +179,7 @@ impl Stage {
         &self.config
     }
 
-    /// Adds a member; its first frame goes out at once.
+    /// Adds a member; its first frame goes out at once (its own), then the room's.
     pub fn join(&mut self, now: ServerNanos, member: u64) -> Result<(), RoomError> {
         if self.members.contains_key(&member) {
             return Err(RoomError::AlreadyMember);
@@ -285,9 +290,7 @@ impl Stage {
     /// Applies a timeline change; every member gets a frame carrying it right away.
     pub fn handle_change(&mut self, now: ServerNanos, change: Change) -> Result<Applied, TimelineError> {
         let applied = self.timeline.apply(now, change, self.config.lead_nanos)?;
-        for m in self.members.values_mut() {
-            m.next_send = m.next_send.min(now);
-        }
+        self.tick = self.tick.min(now);
         Ok(applied)
     }
 
@@ -311,24 +314,41 @@ impl Stage {
         }
     }
 
-    /// The next frame due at or before `now`, if any. Call until `None`.
+    /// The next frame due at or before `now`, if any: the room's tick to every member, or a
+    /// first frame to those who just joined. Call until `None`.
     pub fn poll_transmit(&mut self, now: ServerNanos) -> Option<Transmit> {
-        let (&member, _) = self.members.iter().filter(|(_, m)| m.next_send <= now).min_by_key(|(_, m)| m.next_send)?;
-        let interval = self.interval_at(now);
+        if self.members.is_empty() {
+            return None;
+        }
+        let members: Vec<u64> = if self.tick <= now {
+            let interval = self.interval_at(now);
+            // Keep the cadence (no drift from late polling) but never fall behind now.
+            self.tick =
+                ServerNanos(self.tick.0.saturating_add(interval)).max(now.add_nanos(1)).min(now.add_nanos(interval));
+            self.members.keys().copied().collect()
+        } else {
+            self.members.iter().filter(|(_, m)| m.owed.is_some_and(|at| at <= now)).map(|(&id, _)| id).collect()
+        };
+        if members.is_empty() {
+            return None;
+        }
+        for id in &members {
+            if let Some(m) = self.members.get_mut(id) {
+                m.owed = None;
+            }
+        }
         self.timeline.prune(now);
-        let mut frame = self.frame_at(now);
-        let state = self.members.get_mut(&member)?;
-        state.seq += 1;
-        frame.seq = state.seq;
-        // Keep the member's cadence (no drift from late polling) but never fall behind now.
-        state.next_send =
-            ServerNanos(state.next_send.0.saturating_add(interval)).max(now.add_nanos(1)).min(now.add_nanos(interval));
-        Some(Transmit { member, frame })
+        self.seq += 1;
+        let frame = BeatFrame { seq: self.seq, ..self.frame_at(now) };
+        Some(Transmit { members, frame })
     }
 
     /// When [`Stage::poll_transmit`] next has something; `None` with no members.
     pub fn poll_timeout(&self) -> Option<ServerNanos> {
-        self.members.values().map(|m| m.next_send).min()
+        if self.members.is_empty() {
+            return None;
+        }
+        self.members.values().filter_map(|m| m.owed).chain([self.tick]).min()
     }
 }
 
@@ -357,29 +377,43 @@ mod tests {
     }
 
     #[test]
-    fn frames_are_paced_per_member_and_carry_the_next_beats() {
+    fn one_frame_a_tick_reaches_every_member_and_a_newcomer_hears_at_once() {
         let mut r = room();
         r.join(ServerNanos(0), 1).unwrap();
+        let first = r.poll_transmit(ServerNanos(0)).unwrap();
+        let mut sent: Vec<(u64, Vec<u64>, u64)> = vec![(0, first.members, first.frame.seq)];
+        assert!(r.poll_transmit(ServerNanos(0)).is_none());
         r.join(ServerNanos(30 * MS), 2).unwrap();
         r.handle_change(ServerNanos(30 * MS), Change::Start { count_in_bars: 0 }).unwrap();
-        let mut sent: Vec<(u64, u64, u64)> = Vec::new();
         let mut now = ServerNanos(30 * MS);
         while now.0 < 1_000 * MS {
             while let Some(t) = r.poll_transmit(now) {
-                sent.push((now.0 / MS, t.member, t.frame.seq));
                 assert!(t.frame.beats.len() <= 8);
                 for b in t.frame.beats.iter() {
                     assert!(b.at >= now && b.at.0 < now.0 + 1_500 * MS);
                 }
+                sent.push((now.0 / MS, t.members, t.frame.seq));
             }
             now = r.poll_timeout().unwrap();
         }
-        let per_member = |m| sent.iter().filter(|s| s.1 == m).count();
-        // 30 ms .. 1000 ms at one frame per 100 ms: 10 frames each.
-        assert_eq!(per_member(1), 10);
-        assert_eq!(per_member(2), 10);
-        let seqs: Vec<_> = sent.iter().filter(|s| s.1 == 2).map(|s| s.2).collect();
-        assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+        // Member 1 alone at 0 ms; from the start at 30 ms, one frame a tick to both (the
+        // newcomer's first frame is the room's), every 100 ms, one sequence of numbers.
+        assert_eq!(sent[0], (0, vec![1], 1));
+        let ticks: Vec<u64> = sent[1..].iter().map(|s| s.0).collect();
+        assert_eq!(ticks, (0..10).map(|k| 30 + 100 * k).collect::<Vec<_>>());
+        assert!(sent[1..].iter().all(|s| s.1 == vec![1, 2]), "{sent:?}");
+        let seqs: Vec<u64> = sent.iter().map(|s| s.2).collect();
+        assert_eq!(seqs, (1..=11).collect::<Vec<_>>());
+
+        // A member who joins between ticks hears a frame of its own at once, then the room's.
+        r.join(ServerNanos(1_005 * MS), 3).unwrap();
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(1_005 * MS)));
+        let own = r.poll_transmit(ServerNanos(1_005 * MS)).unwrap();
+        assert_eq!((own.members, own.frame.seq), (vec![3], 12));
+        assert!(r.poll_transmit(ServerNanos(1_005 * MS)).is_none());
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(1_030 * MS)));
+        let tick = r.poll_transmit(ServerNanos(1_030 * MS)).unwrap();
+        assert_eq!((tick.members, tick.frame.seq), (vec![1, 2, 3], 13));
     }
 
     #[test]

@@ -46,6 +46,10 @@ impl From<room::Refused> for Refusal {
     }
 }
 
+/// A beat frame encoded for one datagram size: its bytes, and whether beats were left out to
+/// fit (`None`: even the timeline alone did not fit).
+type FittedBeats = Option<(Vec<u8>, bool)>;
+
 pub(crate) struct RoomTask {
     meta: Arc<RoomMeta>,
     room: Room,
@@ -612,17 +616,31 @@ impl RoomTask {
                     }
                 }
                 Output::Beats { to, frame } => {
-                    let Some(conn) = self.conns.get(&to.session) else { continue };
-                    let encoded = conn.max_datagram_size().and_then(|max| encode_beats_to_fit(frame, max));
-                    let Some((bytes, trimmed)) = encoded else {
-                        self.stats.datagrams_send_failed.inc();
-                        continue;
-                    };
-                    if trimmed {
-                        self.stats.beat_frames_trimmed.inc();
-                    }
-                    if conn.send_datagram(DatagramKind::Beats, &bytes, &self.stats) {
-                        self.stats.beat_frames_sent.inc();
+                    // One frame for the room's members: encoded once for each datagram size
+                    // their paths allow (nearly always one).
+                    let mut encoded: Vec<(usize, FittedBeats)> = Vec::with_capacity(1);
+                    for conn in to.iter().filter_map(|r| self.conns.get(&r.session)) {
+                        let Some(max) = conn.max_datagram_size() else {
+                            self.stats.datagrams_send_failed.inc();
+                            continue;
+                        };
+                        let at = match encoded.iter().position(|(size, _)| *size == max) {
+                            Some(at) => at,
+                            None => {
+                                encoded.push((max, encode_beats_to_fit(frame.clone(), max)));
+                                encoded.len() - 1
+                            }
+                        };
+                        let Some((bytes, trimmed)) = &encoded[at].1 else {
+                            self.stats.datagrams_send_failed.inc();
+                            continue;
+                        };
+                        if *trimmed {
+                            self.stats.beat_frames_trimmed.inc();
+                        }
+                        if conn.send_datagram(DatagramKind::Beats, bytes, &self.stats) {
+                            self.stats.beat_frames_sent.inc();
+                        }
                     }
                 }
                 Output::Notes { to, frame } => {
