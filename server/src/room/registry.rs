@@ -263,7 +263,13 @@ impl Rooms {
             return Ok(None);
         }
         match cluster.locate(tenant.id(), code.as_str()).await {
-            Ok(node) => Ok(node.map(|n| n.moved())),
+            Ok(Some(node)) => Ok(Some(node.moved())),
+            // The entry's lease may have run out between the takeover's read (still held)
+            // and the lookup's (lapsed): taken over now, or the room is nowhere.
+            Ok(None) => {
+                self.adopt(tenant, code.as_str()).await;
+                Ok(None)
+            }
             Err(e) => {
                 warn!(error = %e, "the cluster's directory cannot be reached");
                 Err(Refusal::new(
