@@ -319,8 +319,9 @@ export class SignIn {
 /**
  * Boots a page: loads the client config, shows the sign-in and the `form` section, wires its
  * submit to `onSubmit(signIn)` and `#signout`, then loads the client package and enables
- * `submit` with the `ready` status. `before()` runs just before the sign-in is first shown.
- * Failures are shown in the status line and `errorEl`.
+ * `submit` (a selector, or a list of them) with the `ready` status. `before(signIn)` runs just
+ * before the sign-in is first shown (a page with a second form wires it there). Failures are
+ * shown in the status line and `errorEl`.
  */
 export async function bootPage({ role, rows, statusEl, errorEl, section, form, submit, loading, ready, before, onSubmit }) {
   let config;
@@ -332,7 +333,7 @@ export async function bootPage({ role, rows, statusEl, errorEl, section, form, s
     return;
   }
   const signIn = new SignIn(role, config, rows);
-  before?.();
+  before?.(signIn);
   signIn.show();
   $(section).hidden = false;
   $(form).addEventListener('submit', (ev) => {
@@ -344,7 +345,7 @@ export async function bootPage({ role, rows, statusEl, errorEl, section, form, s
   try {
     await loadClient();
     setStatus(statusEl, ready, 'ok');
-    $(submit).disabled = false;
+    for (const sel of [submit].flat()) $(sel).disabled = false;
   } catch (e) {
     setStatus(statusEl, 'The class app did not load', 'error');
     showError(errorEl, e);
@@ -353,14 +354,17 @@ export async function bootPage({ role, rows, statusEl, errorEl, section, form, s
 
 /**
  * Signs in and connects to `room` with `button` disabled and `connecting` in the status line.
- * On failure: shows why, enables `button` again, forgets a token the server refused, and
- * returns null.
+ * `check(token)`, if given, runs between signing in and connecting, and may refuse by throwing
+ * an error with a `code`. On failure: shows why, enables `button` again, forgets a token the
+ * server refused, and returns null.
  */
-export async function signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting }) {
+export async function signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting, check }) {
   button.disabled = true;
   setStatus(statusEl, connecting, 'info');
   try {
-    return await connectClassroom(signIn.config, await signIn.token(), room);
+    const token = await signIn.token();
+    if (check) await check(token);
+    return await connectClassroom(signIn.config, token, room);
   } catch (e) {
     button.disabled = false;
     setStatus(statusEl, 'Not connected', 'error');

@@ -1,10 +1,11 @@
-// The teacher's page: sign in, start a class, show the join code, run the music and see
-// who is in time, mute and assign parts, ask a reflection question and watch the SEL feed.
+// The teacher's page: sign in, start a class (or rejoin one by its code), show the join code,
+// run the music and see who is in time, mute and assign parts, ask a reflection question and
+// watch the SEL feed.
 
 import {
   $, h, MOODS, BeatLights, Metronome, NameBook, Sound,
-  bootPage, clearError, flash, formatCode, openAudio, scheduleNote, setStatus, showError,
-  sessionToken, signInAndConnect, syncBadge, watchConnection,
+  bootPage, clearError, flash, formatCode, isValidCode, normalizeCode, openAudio, scheduleNote, setStatus,
+  showError, sessionToken, signInAndConnect, syncBadge, watchConnection,
 } from '/common.js';
 
 const trace = { beats: [], notes: [], played: [] };
@@ -19,6 +20,15 @@ const MAX_BPM = 240;
 const METERS = [2, 3, 4, 5, 6, 7];
 /** How long a student's card stays lit when their note sounds. */
 const FLASH_MS = 250;
+/**
+ * Where this tab remembers the class it is teaching (its join code): a reload of the page
+ * offers it back, filled in under "Rejoin a class". Per tab, like the sign-in token.
+ */
+const CLASS_KEY = 'downbeat.teacher.class';
+/** What the server answers a rejoin's check with when the class is not this teacher's to rejoin. */
+const REJOIN_REFUSALS = new Set([
+  'room_not_found', 'room_closed', 'wrong_tenant', 'forbidden', 'unauthorized', 'token_expired', 'rate_limited',
+]);
 
 const statusEl = $('#status');
 const errorEl = $('#error');
@@ -51,27 +61,128 @@ function main() {
     errorEl,
     section: '#setup',
     form: '#setup-form',
-    submit: '#start-class',
+    submit: ['#start-class', '#rejoin'],
     loading: 'Loading the class app…',
     ready: 'Ready',
+    before: setUpRejoin,
     onSubmit: startClass,
   });
 }
 
 async function startClass(signIn) {
   clearError(errorEl);
-  const button = $('#start-class');
   const tempoBpm = clampBpm(Number($('#setup-tempo').value));
   const beatsPerBar = Number($('#setup-meter').value) || 4;
   const name = $('#room-name').value.trim() || 'Music time';
   const room = { create: { name, tempoBpm, beatsPerBar } };
-  const started = await signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting: 'Starting the class…' });
-  if (!started) return;
-  classroom = started;
+  const started = await connectFromSetup(signIn, room, $('#start-class'), 'Starting the class…');
+  if (started) enterClass(started, tempoBpm, beatsPerBar);
+}
+
+// ---------------------------------------------------------------- rejoining
+
+/**
+ * The "Rejoin a class" form: its code is the one in the address (`/teacher?code=K7QF-M3XP`),
+ * else the class this tab was teaching before it was reloaded (said above the field).
+ */
+function setUpRejoin(signIn) {
+  const fromQuery = normalizeCode(new URLSearchParams(location.search).get('code'));
+  const remembered = sessionStorage.getItem(CLASS_KEY);
+  const code = fromQuery || remembered;
+  if (code) $('#rejoin-code').value = formatCode(code);
+  if (remembered && remembered === code) {
+    const hint = $('#rejoin-hint');
+    hint.replaceChildren(
+      'This tab was teaching class ', h('strong', {}, formatCode(remembered)),
+      '. Its code is filled in: press “Rejoin class” to go back in.',
+    );
+    hint.hidden = false;
+    // Once the panel shows (right after this), Enter rejoins.
+    queueMicrotask(() => $('#rejoin-code').focus());
+  }
+  $('#rejoin-form').addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    rejoinClass(signIn);
+  });
+  // Someone else signing in here is not offered this teacher's class.
+  $('#signout').addEventListener('click', () => {
+    const kept = sessionStorage.getItem(CLASS_KEY);
+    forgetClass(kept);
+    if (kept && normalizeCode($('#rejoin-code').value) === kept) $('#rejoin-code').value = '';
+  });
+}
+
+async function rejoinClass(signIn) {
+  clearError(errorEl);
+  const input = $('#rejoin-code');
+  const code = normalizeCode(input.value);
+  if (!isValidCode(code)) {
+    showError(errorEl, { code: 'bad_code', message: 'A class code has 8 letters and numbers, like K7QF-M3XP.' });
+    input.focus();
+    return;
+  }
+  const rejoined = await connectFromSetup(signIn, { code }, $('#rejoin'), 'Rejoining the class…',
+    (token) => checkRunsClass(token, code, !!signIn.config.demo));
+  if (!rejoined) return;
+  const tl = rejoined.timeline();
+  enterClass(rejoined, clampBpm(tl?.tempoBpm ?? 120), tl?.beatsPerBar ?? 4);
+}
+
+/**
+ * Before a rejoin: whether this teacher runs the class `code` (started it, or was made its
+ * co-teacher). The server seats any teacher of the school who has a class's code, but only
+ * these may run it, and only these may read its check-in data (`/api/rooms/{code}/sel`), which
+ * answers `room_not_found` or `room_closed` for a code that names no class. Failures that say
+ * nothing about the class (the network, a busy database) are left to the connect to meet.
+ * On a `demo` server every tab signs in as a new teacher, which the refusal says.
+ */
+async function checkRunsClass(token, code, demo) {
+  let res;
+  try {
+    res = await fetch(`/api/rooms/${code}/sel`, { headers: { Authorization: `Bearer ${token}` }, cache: 'no-store' });
+  } catch {
+    return;
+  }
+  if (res.ok) return;
+  const e = (await res.json().catch(() => ({}))).error || {};
+  if (!REJOIN_REFUSALS.has(e.code)) return;
+  // A class that is gone is not offered again.
+  if (e.code === 'room_not_found' || e.code === 'room_closed') forgetClass(code);
+  const err = Object.assign(new Error(e.message || `HTTP ${res.status}`), { code: e.code });
+  if (e.code === 'forbidden') {
+    err.friendly = "You aren't the teacher of that class: only the teacher who started it, or a co-teacher they added, can rejoin it.";
+    if (demo) err.friendly += ' On this demo server each new tab signs in as a new teacher: rejoin from the tab that started the class.';
+  }
+  throw err;
+}
+
+/** Connects from the setup panel, its other button disabled meanwhile; null on failure (shown). */
+async function connectFromSetup(signIn, room, button, connecting, check) {
+  const others = [$('#start-class'), $('#rejoin')].filter((b) => b !== button);
+  for (const b of others) b.disabled = true;
+  const joined = await signInAndConnect(signIn, room, { button, statusEl, errorEl, connecting, check });
+  if (!joined) for (const b of others) b.disabled = false;
+  return joined;
+}
+
+/** Shows the class the page is now in (started or rejoined), and remembers it for a reload. */
+function enterClass(joined, tempoBpm, beatsPerBar) {
+  classroom = joined;
   window.downbeat.classroom = classroom;
+  sessionStorage.setItem(CLASS_KEY, classroom.code);
+  classroom.on('closed', (d) => {
+    if ((d && (d.code || d.reason)) === 'room_closed') forgetClass(classroom.code);
+  });
   $('#setup').hidden = true;
   $('#class').hidden = false;
   showClass(tempoBpm, beatsPerBar);
+}
+
+/** Forgets the class this tab remembers, if it is `code` (and stops offering it). */
+function forgetClass(code) {
+  if (!code || sessionStorage.getItem(CLASS_KEY) !== normalizeCode(code)) return;
+  sessionStorage.removeItem(CLASS_KEY);
+  $('#rejoin-hint').hidden = true;
 }
 
 function clampBpm(n) {

@@ -13,8 +13,8 @@ import { mkdir, readFile, stat, writeFile } from 'node:fs/promises';
 import path from 'node:path';
 import { after, before, describe, test } from 'node:test';
 import {
-  OUTPUT_DIR, joinClass, launchBrowser, measureClock, openUser, printDiagnostics, startBeat, startClass, startServer,
-  waitUntil, withDiagnostics,
+  OUTPUT_DIR, joinClass, launchBrowser, measureClock, openTab, openUser, printDiagnostics, startBeat, startClass,
+  startServer, waitUntil, withDiagnostics,
 } from './harness.mjs';
 
 const STUDENTS = ['Ana', 'Ben', 'Chloe'];
@@ -724,6 +724,133 @@ describe('a class in the browser', { timeout: 15 * 60_000 }, () => {
     }, undefined, 60_000);
     await waitUntil(teacher, "Dana's card", (id) =>
       !!document.querySelector(`[data-testid=member-card][data-member-id="${id}"]`), dana.memberId);
+  }));
+
+  test('8. the teacher reloads the page mid-class and rejoins by the remembered code; a wrong code or another teacher is refused; a second tab takes the same seat over', { timeout: 120_000 }, guarded(async () => {
+    const plain = code.replace('-', '');
+    const before = await teacher.page.evaluate(() => ({
+      memberId: window.downbeat.classroom.memberId,
+      remembered: sessionStorage.getItem('downbeat.teacher.class'),
+      token: sessionStorage.getItem('downbeat.token.teacher'),
+    }));
+    assert.equal(before.remembered, plain, 'the tab remembers the class it teaches');
+    const cardsBefore = await teacher.page.evaluate(() => [...document.querySelectorAll('[data-testid=member-card]')]
+      .map((e) => Number(e.dataset.memberId)).sort((a, b) => a - b));
+
+    const reloaded = Date.now();
+    const logsBefore = teacher.logs.length;
+    await teacher.page.reload();
+    await waitUntil(teacher, 'the rejoin button to be enabled', () => !document.querySelector('[data-testid=rejoin]').disabled);
+    const offered = await teacher.page.evaluate(() => ({
+      code: document.querySelector('[data-testid=rejoin-code]').value,
+      hint: document.querySelector('[data-testid=rejoin-hint]').hidden ? null : document.querySelector('[data-testid=rejoin-hint]').textContent,
+      focused: document.activeElement?.dataset.testid ?? null,
+      classroom: window.downbeat.classroom,
+    }));
+    console.log(`after the reload: rejoin code "${offered.code}", hint "${offered.hint}"`);
+    assert.equal(offered.code, code, 'the rejoin field holds the class this tab was teaching');
+    assert.ok(offered.hint && offered.hint.includes(code), 'the page says which class this tab was teaching');
+    assert.equal(offered.focused, 'rejoin-code', 'the rejoin field has the focus (Enter rejoins)');
+    assert.equal(offered.classroom, null, 'nothing is joined before the teacher asks');
+
+    // A code that names no class: refused with its code; both buttons work again.
+    await teacher.page.getByTestId('rejoin-code').fill('ZZZZ-ZZZZ');
+    await teacher.page.getByTestId('rejoin').click();
+    const wrong = await waitUntil(teacher, 'the rejoin error', () => {
+      const e = document.querySelector('[data-testid=error]');
+      return e && !e.hidden && e.textContent.trim() ? e.textContent.trim() : false;
+    });
+    console.log(`rejoin with a wrong code: ${wrong}`);
+    assert.ok(wrong.includes('room_not_found'), `the error names its code (${wrong})`);
+    assert.equal(await teacher.page.evaluate(() => window.downbeat.classroom), null);
+    assert.equal(await teacher.page.getByTestId('rejoin').isDisabled(), false, 'the rejoin button works again');
+    assert.equal(await teacher.page.getByTestId('start-class').isDisabled(), false, 'so does Start class');
+
+    // The right code (as typed: any case), and Enter in the field.
+    await teacher.page.getByTestId('rejoin-code').fill(code.toLowerCase());
+    await teacher.page.getByTestId('rejoin-code').press('Enter');
+    const inClass = () => {
+      const shown = document.querySelector('[data-testid=join-code]')?.textContent?.trim() ?? '';
+      const c = window.downbeat.classroom;
+      return c && c.state === 'connected' && shown && !document.querySelector('#class').hidden
+        ? { shown, memberId: c.memberId, role: c.role, code: c.code, teachers: c.members().filter((m) => m.role === 'teacher').map((m) => m.id) }
+        : false;
+    };
+    const back = await waitUntil(teacher, 'the class view with the join code', inClass, undefined, 60_000);
+    console.log(`rejoined ${back.shown} as member ${back.memberId} (was ${before.memberId}), ${Date.now() - reloaded} ms after the reload`);
+    assert.equal(back.shown, code, 'the class view shows the same code');
+    assert.equal(back.code, plain);
+    assert.equal(back.role, 'teacher');
+    // The reload closed the old page's session, which the server counts as leaving: the seat is
+    // a new one, and the old one is gone (one teacher in the class, no ghost).
+    assert.deepEqual(back.teachers, [back.memberId], 'the class has one teacher: this page');
+    assert.equal(await teacher.page.evaluate(() => document.querySelector('[data-testid=error]').hidden), true,
+      "the wrong code's error is gone");
+    const teacherName = await teacher.page.getByTestId('teacher-name').textContent();
+    assert.equal(teacherName.trim(), TEACHER);
+    await waitUntil(students.Ana, 'the teacher in her presence list once', (name) =>
+      (document.querySelector('[data-testid=presence]')?.textContent ?? '').split(name).length === 2, TEACHER);
+    // The same students' cards, and the controls work: a tempo change reaches the students.
+    await waitUntil(teacher, 'the same student cards', (ids) => JSON.stringify([...document.querySelectorAll('[data-testid=member-card]')]
+      .map((e) => Number(e.dataset.memberId)).sort((a, b) => a - b)) === JSON.stringify(ids), cardsBefore);
+    await teacher.page.getByTestId('tempo-input').fill(String(OLD_BPM));
+    await teacher.page.getByTestId('tempo-apply').click();
+    const ack = await waitUntil(teacher, 'the tempo acknowledgement', (bpm) => {
+      const a = window.downbeat.lastApplied;
+      return a && a.op === 'tempo' && a.value === bpm ? a : false;
+    }, OLD_BPM);
+    await waitUntil(students.Ana, `Ana's page at ${OLD_BPM} BPM`, (bpm) => window.downbeat.classroom.timeline()?.tempoBpm === bpm,
+      OLD_BPM, 30_000);
+    console.log(`tempo ${OLD_BPM} from the rejoined page: epoch ${ack.epoch}, beat ${ack.effectiveBeat}`);
+    const errors = teacher.logs.slice(logsBefore).filter((l) => l.includes('pageerror'));
+    assert.deepEqual(errors, [], 'no uncaught error on the reloaded page');
+
+    // Another teacher of the school with the code is not this class's teacher.
+    const res = await fetch(`${server.base}/api/demo/tokens`, {
+      method: 'POST',
+      headers: { 'Content-Type': 'application/json' },
+      body: JSON.stringify({ role: 'teacher', name: 'Mr. Okafor', secret: server.teacherSecret }),
+    });
+    assert.equal(res.status, 200, 'the demo server mints another teacher token');
+    const other = await openUser(browser, `${server.base}/teacher?code=${code}#token=${(await res.json()).token}`, 'other teacher');
+    try {
+      await waitUntil(other, 'the rejoin button to be enabled', () => !document.querySelector('[data-testid=rejoin]').disabled);
+      const filled = await other.page.evaluate(() => ({
+        code: document.querySelector('[data-testid=rejoin-code]').value,
+        hint: document.querySelector('[data-testid=rejoin-hint]').hidden,
+      }));
+      assert.deepEqual(filled, { code, hint: true }, '?code= fills the field in; no class was taught in this tab');
+      await other.page.getByTestId('rejoin').click();
+      const refused = await waitUntil(other, 'the rejoin to be refused', () => {
+        const e = document.querySelector('[data-testid=error]');
+        return e && !e.hidden && e.textContent.trim() ? e.textContent.trim() : false;
+      });
+      console.log(`another teacher's rejoin: ${refused}`);
+      assert.ok(refused.includes('forbidden'), `the error names its code (${refused})`);
+      assert.match(refused, /teacher of that class/);
+      assert.equal(await other.page.evaluate(() => window.downbeat.classroom), null, 'not seated');
+    } finally {
+      await other.context.close();
+    }
+    assert.equal(await teacher.page.getByTestId('teacher-name').textContent(), teacherName, 'no other teacher sat in the class');
+
+    // The same teacher in a second tab (the sign-in from the link, the code from the address):
+    // the rejoin takes this seat over, same member id, and the first tab says why it stopped.
+    const second = await openTab(teacher.context, `${server.base}/teacher?code=${code}#token=${before.token}`, 'teacher (tab 2)');
+    try {
+      await waitUntil(second, 'the rejoin button to be enabled', () => !document.querySelector('[data-testid=rejoin]').disabled);
+      await second.page.getByTestId('rejoin').click();
+      const taken = await waitUntil(second, 'the class view in the second tab', inClass, undefined, 60_000);
+      assert.equal(taken.code, plain);
+      assert.equal(taken.memberId, back.memberId, 'the second tab sits in the same seat (member id)');
+      assert.deepEqual(taken.teachers, [back.memberId]);
+      const stopped = await waitUntil(teacher, 'the first tab to stop', () =>
+        window.downbeat.classroom.state === 'closed' ? document.querySelector('[data-testid=status]').textContent : false);
+      console.log(`second tab: member ${taken.memberId} (the same seat); the first tab says "${stopped}"`);
+      assert.match(stopped, /another tab/);
+    } finally {
+      await second.page.close();
+    }
   }));
 });
 

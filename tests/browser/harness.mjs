@@ -119,6 +119,15 @@ export async function startServer({ timeoutMs = 60_000, https = false, httpAddr 
     pid: child.pid,
     stdout: () => stdout.text,
     stderr: () => stderr.text,
+    /**
+     * kill -9: the process ends at once and says goodbye to nobody (its host, still up, refuses
+     * what arrives at its ports from then on). Resolves with how it exited; `stop()` still
+     * removes its data directory.
+     */
+    async kill() {
+      if (!exited) child.kill('SIGKILL');
+      return exitPromise;
+    },
     async stop() {
       if (!exited) {
         child.kill('SIGINT');
