@@ -2,6 +2,8 @@
 //!
 //! - [`scenarios`]: the socket scenarios, each system in turn on one workload and network.
 //! - [`abuse`]: a class playing while the server is attacked, phase by phase.
+//! - [`cluster`]: a cluster of nodes on this machine, one killed mid-song, and sessions per
+//!   node as nodes are added.
 //! - [`downbeat`]: the real server binary as a child process, and simulated classrooms of
 //!   native clients ([`downbeat::class`]) in a child process of their own.
 //! - [`peers`]: the peers in `bench/peers/` (Socket.IO, WebSocket timer, Socket.IO + timesync)
@@ -16,6 +18,7 @@
 #![cfg_attr(not(test), warn(clippy::unwrap_used))]
 
 pub mod abuse;
+pub mod cluster;
 pub mod downbeat;
 pub mod hostclock;
 pub mod machine;

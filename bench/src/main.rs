@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail, ensure};
 use clap::{Parser, Subcommand};
 use downbeat_bench::metrics::RunReport;
 use downbeat_bench::netem::{self, Emulator, EmulatorConfig};
-use downbeat_bench::{abuse, report, scenarios};
+use downbeat_bench::{abuse, cluster, report, scenarios};
 use downbeat_engine::sim::{ClockModel, MS, Profile, Rng, SEC, Sim};
 use downbeat_engine::{clock, room};
 use downbeat_protocol::{Change, MicroBpm, ServerNanos};
@@ -160,6 +160,22 @@ enum Scenario {
         /// Seconds-long phases and small attacks: shows the harness works (what CI runs).
         #[arg(long)]
         smoke: bool,
+    },
+    /// Three nodes of a cluster on this machine (NATS, PostgreSQL, release builds), 60 rooms
+    /// of 30 native clients spread over them; node 1 is killed with SIGKILL mid-song: when each
+    /// member of its rooms is back, beats missed, the largest shift of a beat's true instant,
+    /// joins refused meanwhile; and sessions per node with 1, 2 and 3 nodes. See
+    /// `downbeat_bench::cluster`.
+    Cluster {
+        #[command(flatten)]
+        config: cluster::ClusterConfig,
+    },
+    /// Runs the clients of the cluster scenario (internal).
+    #[command(hide = true)]
+    ClusterHelper {
+        /// The helper spec (JSON).
+        #[arg(long)]
+        spec: std::path::PathBuf,
     },
     /// Runs one attack of the abuse scenario (internal).
     #[command(hide = true)]
@@ -345,6 +361,12 @@ fn main() -> Result<()> {
         Scenario::NetemHelper { mode } => netem::helper::run(mode),
         Scenario::ClassHelper { spec } => downbeat_bench::downbeat::class::run_helper(&spec),
         Scenario::AttackHelper { spec } => downbeat_bench::abuse::attack::run_helper(&spec),
+        Scenario::ClusterHelper { spec } => cluster::helper::run_helper(&spec),
+        Scenario::Cluster { mut config } => {
+            config.bench_binary = bench_binary()?;
+            config.command = command_line();
+            cluster::main(config)
+        }
         Scenario::Abuse { mut config, out, smoke } => {
             config.bench_binary = bench_binary()?;
             config.command = command_line();
@@ -479,7 +501,11 @@ fn smoke_check(report: &RunReport) -> Result<()> {
 }
 
 fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &str)]) -> Result<String> {
-    let mut markdown = if report.scenario == "abuse" { abuse::markdown(report) } else { report::markdown(report) };
+    let mut markdown = match report.scenario.as_str() {
+        "abuse" => abuse::markdown(report),
+        "cluster" => cluster::markdown(report),
+        _ => report::markdown(report),
+    };
     let json = report::write_json(report, out)?;
     markdown.push_str(&format!("\nJSON: `{}`", json.display()));
     for (key, title, unit) in plots {

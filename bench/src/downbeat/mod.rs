@@ -197,21 +197,7 @@ impl ServerProcess {
     /// writes them when it has any (`downbeat_transport_sessions_active{transport="websocket"}`).
     /// Fetched from this host's own address, so never through the emulator.
     pub fn metrics(&self) -> Result<HashMap<String, f64>> {
-        let mut stream = TcpStream::connect((self.http_host, self.http_port)).context("connecting for metrics")?;
-        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-        stream.write_all(
-            format!("GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", SocketAddr::new(self.http_host, self.http_port))
-                .as_bytes(),
-        )?;
-        let mut text = String::new();
-        stream.read_to_string(&mut text)?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("an HTTP answer")?;
-        Ok(body
-            .lines()
-            .filter(|l| !l.starts_with('#'))
-            .filter_map(|l| l.rsplit_once(' '))
-            .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
-            .collect())
+        fetch_metrics(SocketAddr::new(self.http_host, self.http_port))
     }
 
     /// Stops the server (SIGKILL: nothing to flush that a benchmark needs).
@@ -227,8 +213,26 @@ impl Drop for ServerProcess {
     }
 }
 
-/// Reads the banner up to "Press Ctrl-C", then drains the rest in the background.
-fn read_banner(stdout: std::process::ChildStdout) -> Result<(u16, u16, Vec<String>)> {
+/// The Prometheus metrics of the server whose HTTP listener is `addr`, by series (see
+/// [`ServerProcess::metrics`]).
+pub fn fetch_metrics(addr: SocketAddr) -> Result<HashMap<String, f64>> {
+    let mut stream = TcpStream::connect(addr).context("connecting for metrics")?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).context("an HTTP answer")?;
+    Ok(body
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' '))
+        .filter_map(|(k, v)| Some((k.to_owned(), v.trim().parse().ok()?)))
+        .collect())
+}
+
+/// Reads the banner up to "Press Ctrl-C", then drains the rest in the background: the HTTP
+/// port, the WebTransport port and the certificate hashes (hex).
+pub(crate) fn read_banner(stdout: std::process::ChildStdout) -> Result<(u16, u16, Vec<String>)> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
