@@ -530,12 +530,19 @@ impl RoomTask {
             let _ = reply.send(Err(refusal));
             return;
         }
-        let member_id = joined.welcome.member_id;
+        let mut welcome = joined.welcome;
+        if self.cluster.is_some() {
+            // The write took a directory round trip (more under load): the welcome says the
+            // server's time as it leaves, so a client carrying its clock estimate over from
+            // its last session finds it agrees (see `engine::client::Client::carry_clock`).
+            welcome.server_now = self.clock.now();
+        }
+        let member_id = welcome.member_id;
         self.stats.count_seated(joined.seated);
         info!(member = member_id, seated = ?joined.seated, "member seated");
         // Queued behind the welcome, which the session writes first.
         self.drain(now);
-        if reply.send(Ok(joined.welcome)).is_err() {
+        if reply.send(Ok(welcome)).is_err() {
             // The session gave up while waiting: free the seat again.
             self.conns.remove(&session_id);
             self.room.handle_depart(now, member_id, session_id, Departure::Left);
