@@ -133,6 +133,33 @@ impl ProcessMeter {
     }
 }
 
+/// UDP datagrams the kernel dropped so far for a full socket receive buffer, machine-wide
+/// (`RcvbufErrors` in `/proc/net/snmp`); 0 when unreadable.
+pub fn udp_receive_buffer_drops() -> u64 {
+    let Ok(text) = std::fs::read_to_string("/proc/net/snmp") else { return 0 };
+    let mut udp = text.lines().filter(|l| l.starts_with("Udp:"));
+    let (Some(names), Some(values)) = (udp.next(), udp.next()) else { return 0 };
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RcvbufErrors")
+        .and_then(|(_, value)| value.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The pids of this process's children (every thread's, from `/proc/self/task/*/children`).
+pub fn child_pids() -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else { return Vec::new() };
+    let mut pids: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| text.split_whitespace().filter_map(|p| p.parse().ok()).collect::<Vec<u32>>())
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
 /// This process's resident set size now, in bytes.
 pub fn self_rss_bytes() -> Result<u64> {
     status_rss_bytes(Path::new("/proc/self/status"))

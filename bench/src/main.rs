@@ -133,18 +133,35 @@ enum Scenario {
         storm: usize,
     },
     /// Capacity (Downbeat only, each transport in --systems; WebTransport when none): sessions
-    /// held in rooms of 30 with beats flowing, server memory per session, and server CPU per
-    /// 1,000 datagrams over a steady window.
+    /// held in rooms of 30 with beats flowing, server memory per session, server CPU per 1,000
+    /// datagrams and the server's and the clients' CPU apart, over a steady window; at each
+    /// size in --sessions (a curve, each point on a fresh server; PNG plots with two or more).
+    /// A progress bar shows the join; --join-deadline-seconds ends a saturated one.
     Capacity {
         #[command(flatten)]
         common: CommonArgs,
-        /// Sessions to hold. On this 2-core machine, sessions beyond about 9,000 stall: the
-        /// server and the simulated clients saturate both cores with beat datagrams.
-        #[arg(long, default_value_t = 2_000)]
-        sessions: usize,
+        /// Students to hold (rooms of 30, a teacher each), comma-separated for a curve:
+        /// 1000,5000,10000.
+        #[arg(long, default_value = "2000", value_delimiter = ',')]
+        sessions: Vec<usize>,
         /// Seconds of the steady window measured.
         #[arg(long, default_value_t = 10.0)]
         hold_seconds: f64,
+        /// Clients, comma-separated, each a column: light (many idle sessions per socket from
+        /// this program, one task each; WebTransport on loopback) or native (the product's
+        /// client, one socket and several tasks per session, in the class helper).
+        #[arg(long, default_value = "light", value_delimiter = ',')]
+        clients: Vec<String>,
+        /// Light clients: sessions started per second at most (0: as fast as
+        /// --join-concurrency allows).
+        #[arg(long, default_value_t = 200.0)]
+        join_rate: f64,
+        /// Light clients: handshakes (connect to welcome) in flight at most.
+        #[arg(long, default_value_t = 32)]
+        join_concurrency: usize,
+        /// Light clients: the generator's worker threads.
+        #[arg(long, default_value_t = 2)]
+        light_threads: usize,
     },
     /// A class of 30 playing while the server is attacked, phase by phase: quiet, 2,000 slow
     /// HTTP connections, 300 stalled QUIC handshakes, one student flooding notes and joins,
@@ -409,9 +426,17 @@ fn main() -> Result<()> {
             let common = common.resolve()?;
             publish(&common, &scenarios::join(&common, &workload.with(0.0, None), storm)?, &[])
         }
-        Scenario::Capacity { common, sessions, hold_seconds } => {
+        Scenario::Capacity { common, sessions, hold_seconds, clients, join_rate, join_concurrency, light_threads } => {
             let common = common.resolve()?;
-            publish(&common, &scenarios::capacity(&common, sessions, hold_seconds)?, &[])
+            let plan = scenarios::CapacityPlan {
+                sessions,
+                hold_seconds,
+                clients: clients.iter().map(|c| scenarios::Clients::parse(c)).collect::<Result<_>>()?,
+                join_rate,
+                join_concurrency,
+                light_threads,
+            };
+            publish(&common, &scenarios::capacity(&common, &plan)?, &[])
         }
         Scenario::All { out, smoke, seed, profiles, systems, scenarios } => {
             all(&out, smoke, seed, &profiles, &systems, &scenarios)
@@ -491,6 +516,12 @@ fn smoke_check(report: &RunReport) -> Result<()> {
                 bail!("smoke: capacity held only {value} sessions");
             }
         }
+        if report.scenario == "capacity" {
+            let (students, joined) = (&system.extra["students"], &system.extra["joined"]);
+            if students.as_u64().is_none_or(|n| joined.as_u64() != Some(n)) {
+                bail!("smoke: capacity {}: {joined} of {students} students joined", system.display);
+            }
+        }
         if let Some(failures) = system.metrics.iter().find(|m| m.key == "join_failures").and_then(|m| m.value)
             && failures > 0.0
         {
@@ -504,10 +535,17 @@ fn publish_to(out: &std::path::Path, report: &RunReport, plots: &[(&str, &str, &
     let mut markdown = match report.scenario.as_str() {
         "abuse" => abuse::markdown(report),
         "cluster" => cluster::markdown(report),
+        "capacity" => report::markdown(report) + &scenarios::capacity_curve_markdown(report),
         _ => report::markdown(report),
     };
     let json = report::write_json(report, out)?;
     markdown.push_str(&format!("\nJSON: `{}`", json.display()));
+    if report.scenario == "capacity" {
+        for png in scenarios::plot_capacity(report, out)? {
+            let name = png.file_name().map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            markdown.push_str(&format!("\n\n![{name}]({name})"));
+        }
+    }
     for (key, title, unit) in plots {
         if let Some(png) = report::plot_cdfs(report, key, title, unit, out)? {
             markdown.push_str(&format!(
@@ -627,8 +665,16 @@ fn all(
         if runs("capacity") {
             if loopback {
                 progress.set_message("capacity");
-                let (sessions, hold) = if smoke { (60, 1.0) } else { (2_000, 10.0) };
-                sections.push(checked(scenarios::capacity(&downbeat_only, sessions, hold)?, &[])?);
+                // The smoke runs both kinds of client (a few dozen sessions each).
+                let plan = if smoke {
+                    scenarios::CapacityPlan {
+                        clients: vec![scenarios::Clients::Light, scenarios::Clients::Native],
+                        ..scenarios::CapacityPlan::new(60, 1.0, scenarios::Clients::Light)
+                    }
+                } else {
+                    scenarios::CapacityPlan::new(2_000, 10.0, scenarios::Clients::Light)
+                };
+                sections.push(checked(scenarios::capacity(&downbeat_only, &plan)?, &[])?);
             }
             progress.inc(1);
         }

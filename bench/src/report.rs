@@ -398,18 +398,16 @@ pub fn plot_cdfs(report: &RunReport, key: &str, title: &str, unit: &str, dir: &P
             .y_label_area_size(56)
             .build_cartesian_2d(x_range.clone().log_scale(), 0f64..1f64)
             .map_err(plot_error)?;
-        chart
-            .configure_mesh()
-            .x_desc(x_desc.as_str())
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc(x_desc.as_str())
             .y_desc("fraction of samples ≤ x")
             .x_label_formatter(&|x| format_value(*x))
             .y_label_formatter(&|y| format!("{y:.1}"))
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 16))
             .light_line_style(RGBColor(235, 235, 235))
-            .bold_line_style(RGBColor(200, 200, 200))
-            .draw()
-            .map_err(plot_error)?;
+            .bold_line_style(RGBColor(200, 200, 200));
+        mesh.draw().map_err(plot_error)?;
         for (i, name, samples) in &series {
             let colour = COLOURS[i % COLOURS.len()];
             chart
@@ -418,19 +416,93 @@ pub fn plot_cdfs(report: &RunReport, key: &str, title: &str, unit: &str, dir: &P
                 .label(format!("{name} (n={})", samples.len()))
                 .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(("sans-serif", 15))
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .draw()
-            .map_err(plot_error)?;
-        root.present().map_err(plot_error)?;
+        finish(&root, &mut chart, SeriesLabelPosition::LowerRight)?;
         Ok(())
     };
     draw().with_context(|| format!("plotting {}", path.display()))?;
     Ok(Some(path))
+}
+
+/// One line of [`plot_xy`]: its legend and its points, in x order.
+pub type XySeries = (String, Vec<(f64, f64)>);
+
+/// Plots `series` as lines with their points marked to `<dir>/<scenario>-<profile>-<key>.png`
+/// (900×560, creating `dir`) on linear axes from 0, labelled `(x, y)`. `None` when no series
+/// has a point. Text needs a TrueType font, as [`plot_cdfs`].
+pub fn plot_xy(
+    report: &RunReport,
+    key: &str,
+    title: &str,
+    (x_label, y_label): (&str, &str),
+    series: &[XySeries],
+    dir: &Path,
+) -> Result<Option<PathBuf>> {
+    let finite = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite();
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|(_, p)| p.iter().copied()).filter(finite).collect();
+    if all.is_empty() {
+        return Ok(None);
+    }
+    register_fonts()?;
+    let x_max = all.iter().map(|p| p.0).fold(0.0f64, f64::max).max(1.0) * 1.08;
+    let y_max = all.iter().map(|p| p.1).fold(0.0f64, f64::max).max(1e-3) * 1.12;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{}-{}.png", file_stem(report), safe_name(key)));
+    let draw = || -> Result<()> {
+        let root = BitMapBackend::new(&path, PLOT_SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_error)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(16)
+            .x_label_area_size(48)
+            .y_label_area_size(64)
+            .build_cartesian_2d(0f64..x_max, 0f64..y_max)
+            .map_err(plot_error)?;
+        let mut mesh = chart.configure_mesh();
+        mesh.x_desc(x_label)
+            .y_desc(y_label)
+            .x_label_formatter(&|x| format_value(*x))
+            .y_label_formatter(&|y| format_value(*y))
+            .label_style(("sans-serif", 14))
+            .axis_desc_style(("sans-serif", 16))
+            .light_line_style(RGBColor(235, 235, 235))
+            .bold_line_style(RGBColor(200, 200, 200));
+        mesh.draw().map_err(plot_error)?;
+        for (i, (name, points)) in series.iter().enumerate() {
+            let colour = COLOURS[i % COLOURS.len()];
+            let points: Vec<(f64, f64)> = points.iter().copied().filter(finite).collect();
+            chart
+                .draw_series(LineSeries::new(points.clone(), colour.stroke_width(2)))
+                .map_err(plot_error)?
+                .label(name.as_str())
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3)));
+            chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, colour.filled()))).map_err(plot_error)?;
+        }
+        finish(&root, &mut chart, SeriesLabelPosition::UpperLeft)?;
+        Ok(())
+    };
+    draw().with_context(|| format!("plotting {}", path.display()))?;
+    Ok(Some(path))
+}
+
+/// Draws the legend of `chart` at `position` and writes `root` out.
+fn finish<'a, DB, CT>(
+    root: &DrawingArea<DB, plotters::coord::Shift>,
+    chart: &mut ChartContext<'a, DB, CT>,
+    position: SeriesLabelPosition,
+) -> Result<()>
+where
+    DB: DrawingBackend + 'a,
+    CT: CoordTranslate,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(("sans-serif", 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .draw()
+        .map_err(plot_error)?;
+    root.present().map_err(plot_error)
 }
 
 /// The points of an empirical CDF of `sorted` samples as a step line, values clamped up to

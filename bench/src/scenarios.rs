@@ -14,6 +14,7 @@ use serde_json::json;
 
 use crate::downbeat::class::{ClassOutput, ClassSpec, RoomSpec, StudentSpec};
 use crate::downbeat::{Ready, ServerLimits, ServerProcess, run_class};
+use crate::light::{Generator, LightRoom, LightSpec};
 use crate::machine::{ProcessMeter, StealMeter, describe};
 use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult, converged_metric};
 use crate::netem::{Emulator, EmulatorConfig, Profile, Target};
@@ -598,22 +599,146 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
     })
 }
 
-/// Capacity: sessions held with beats flowing, memory per session, CPU per datagram, for
-/// each Downbeat system in `common.systems` (WebTransport when there is none; the peers
-/// have no capacity run).
-pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<RunReport> {
-    let rooms = sessions.div_ceil(30);
-    let workload = Workload {
-        rooms,
-        students: sessions.div_ceil(rooms.max(1)),
-        seconds: 0.0,
-        bpm: 120,
-        notes_per_second: 0.0,
-        outage_at: None,
-    };
+/// The clients a capacity run joins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Clients {
+    /// The light load generator ([`crate::light`]): idle classroom sessions sharing a few
+    /// client endpoints, one task each. WebTransport on loopback only.
+    Light,
+    /// The product's native client ([`downbeat_client::Client`]), one per session, in the
+    /// class helper: each its own socket, endpoint and tasks.
+    Native,
+}
+
+/// The names [`Clients::parse`] takes.
+pub const CLIENTS_NAMES: &str = "light or native";
+
+impl Clients {
+    /// `light` or `native`.
+    pub fn parse(name: &str) -> Result<Self> {
+        match name {
+            "light" => Ok(Self::Light),
+            "native" => Ok(Self::Native),
+            _ => bail!("unknown clients {name:?}: use {CLIENTS_NAMES}"),
+        }
+    }
+
+    /// The name in the command line and the JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Light => "light",
+            Self::Native => "native",
+        }
+    }
+}
+
+/// What a capacity run measures.
+#[derive(Clone, Debug)]
+pub struct CapacityPlan {
+    /// Students to hold at each point of the curve, in order (rooms of 30, a teacher each);
+    /// every point on a fresh server.
+    pub sessions: Vec<usize>,
+    /// Seconds of the steady window measured at each point.
+    pub hold_seconds: f64,
+    /// The clients, each a column of the report.
+    pub clients: Vec<Clients>,
+    /// Light clients: sessions started per second at most (0: as fast as the handshakes in
+    /// flight allow).
+    pub join_rate: f64,
+    /// Light clients: handshakes in flight at most.
+    pub join_concurrency: usize,
+    /// Light clients: the generator's worker threads.
+    pub light_threads: usize,
+}
+
+impl CapacityPlan {
+    /// One point of `sessions` with `clients`, ramped at the light generator's defaults.
+    pub fn new(sessions: usize, hold_seconds: f64, clients: Clients) -> Self {
+        Self {
+            sessions: vec![sessions],
+            hold_seconds,
+            clients: vec![clients],
+            join_rate: 200.0,
+            join_concurrency: 32,
+            light_threads: 2,
+        }
+    }
+}
+
+/// Students per room in a capacity run.
+const CAPACITY_ROOM: usize = 30;
+
+/// One point of a capacity curve: the join phase, then the steady window.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CapacityPoint {
+    /// Students asked for.
+    pub sessions: usize,
+    /// Rooms (a teacher each).
+    pub rooms: usize,
+    /// Students welcomed.
+    pub joined: usize,
+    /// Join failures (and sessions given up at the deadline), with reasons.
+    pub join_errors: Vec<String>,
+    /// Whether the join deadline ended the join phase.
+    pub deadline_passed: bool,
+    /// First connect to the last session up, seconds.
+    pub join_seconds: f64,
+    /// Sessions (teachers and students) up per second of the join phase.
+    pub joins_per_s: f64,
+    /// The server's CPU over the join phase per session up, ms.
+    pub server_join_cpu_ms_per_session: f64,
+    /// The server's sessions at the window's end (its `downbeat_sessions_active`).
+    pub held: f64,
+    /// The server's RSS at the window's start, bytes.
+    pub server_rss_bytes: u64,
+    /// Growth over a fresh server's RSS per session held, KiB.
+    pub rss_per_session_kib: f64,
+    /// The server's CPU over the window, % of one core.
+    pub server_cpu_percent: f64,
+    /// Datagrams the server sent and received per second of the window.
+    pub datagrams_per_s: f64,
+    /// The server's CPU per 1,000 of those datagrams, ms.
+    pub cpu_ms_per_1000_datagrams: f64,
+    /// Datagrams the server's connections refused to queue during the window.
+    pub datagrams_send_failed: f64,
+    /// The clients' own CPU over the window, % of one core (light: this program; native:
+    /// the class helper).
+    pub generator_cpu_percent: f64,
+    /// The clients' RSS at the window's start, bytes.
+    pub generator_rss_bytes: u64,
+    /// Light clients: beat frames received per second of the window.
+    pub frames_received_per_s: Option<f64>,
+    /// Light clients: sessions whose clock was synced at the window's end.
+    pub synced: Option<i64>,
+    /// Light clients: sessions lost after their welcome, by the window's end.
+    pub lost: Option<u64>,
+    /// Seconds of the window.
+    pub window_seconds: f64,
+    /// UDP datagrams the kernel dropped for a full socket receive buffer during the join
+    /// phase and during the window (machine-wide `RcvbufErrors`: on loopback, mostly the
+    /// server's one socket, which every session's packets reach).
+    pub udp_receive_drops: (u64, u64),
+}
+
+/// Capacity: sessions held in rooms of 30 with beats flowing, memory per session, CPU per
+/// datagram, the server's and the clients' CPU apart, for each Downbeat system in
+/// `common.systems` (WebTransport when there is none; the peers have no capacity run) and
+/// each kind of client in `plan.clients`; at every size in `plan.sessions`, each on a fresh
+/// server. The metrics are the largest point's; every point is in `extra.points`.
+pub fn capacity(common: &Common, plan: &CapacityPlan) -> Result<RunReport> {
+    ensure!(!plan.sessions.is_empty() && !plan.clients.is_empty(), "capacity needs sessions and clients");
+    let largest = plan.sessions.iter().copied().max().unwrap_or(0).max(1);
+    let workload = capacity_workload(largest);
     check_clients(common, &workload)?;
     let mut parameters = workload.json();
-    parameters["hold_seconds"] = json!(hold_seconds);
+    parameters["hold_seconds"] = json!(plan.hold_seconds);
+    parameters["sessions"] = json!(plan.sessions);
+    parameters["clients"] = json!(plan.clients.iter().map(|c| c.name()).collect::<Vec<_>>());
+    if plan.clients.contains(&Clients::Light) {
+        parameters["join_rate"] = json!(plan.join_rate);
+        parameters["join_concurrency"] = json!(plan.join_concurrency);
+        parameters["light_threads"] = json!(plan.light_threads);
+    }
     let mut report = report(common, "capacity", "Capacity: sessions held with beats flowing", parameters);
     let began = Instant::now();
     let steal = StealMeter::start();
@@ -630,77 +755,438 @@ pub fn capacity(common: &Common, sessions: usize, hold_seconds: f64) -> Result<R
     }
     for system in systems {
         let System::Downbeat(transport) = system else { continue };
-        let result = capacity_of(common, system, transport, &workload, hold_seconds, baseline)
-            .with_context(|| format!("running {}", system.name()))?;
-        report.systems.push(result);
+        for &clients in &plan.clients {
+            if clients == Clients::Light && transport == Transport::WebSocket {
+                report.notes.push(format!(
+                    "{} has no light clients (they speak WebTransport only): run it with --clients native.",
+                    system.display()
+                ));
+                continue;
+            }
+            let result = capacity_of(common, system, transport, clients, plan, baseline)
+                .with_context(|| format!("running {} with {} clients", system.name(), clients.name()))?;
+            report.systems.push(result);
+        }
+    }
+    ensure!(!report.systems.is_empty(), "no capacity run: light clients need Downbeat over WebTransport");
+    if plan.clients.contains(&Clients::Light) {
+        report.notes.push(
+            "Light clients: idle classroom sessions from this program (hello, clock sync on the estimator's schedule, \
+             a report every 2 s, beat frames received and counted), many per client endpoint, one task each; every \
+             room's beat starts as soon as its teacher is in, so beats flow while the rest join."
+                .into(),
+        );
     }
     report.wall_seconds = began.elapsed().as_secs_f64();
     report.machine.steal_percent = steal.percent();
     Ok(report)
 }
 
-/// One Downbeat system's capacity run; `baseline` is a fresh server's RSS in bytes.
+/// Rooms of 30 holding `sessions` students.
+fn capacity_workload(sessions: usize) -> Workload {
+    let rooms = sessions.div_ceil(CAPACITY_ROOM).max(1);
+    Workload {
+        rooms,
+        students: sessions.div_ceil(rooms),
+        seconds: 0.0,
+        bpm: 120,
+        notes_per_second: 0.0,
+        outage_at: None,
+    }
+}
+
+/// One Downbeat system's capacity with one kind of client, every point; `baseline` is a
+/// fresh server's RSS in bytes.
 fn capacity_of(
     common: &Common,
     system: System,
     transport: Transport,
-    workload: &Workload,
-    hold_seconds: f64,
+    clients: Clients,
+    plan: &CapacityPlan,
     baseline: u64,
 ) -> Result<SystemResult> {
-    let mut measured = serde_json::Value::Null;
-    let mut hold = |server: &ServerProcess, held: usize| -> Result<()> {
-        let meter = ProcessMeter::new(server.pid());
-        // Let handshakes' transient allocations settle, then measure a steady window.
-        std::thread::sleep(Duration::from_secs(2));
-        let (rss, cpu0, m0) = (meter.rss_bytes()?, meter.cpu_seconds()?, server.metrics()?);
-        std::thread::sleep(Duration::from_secs_f64(hold_seconds));
-        let (cpu1, m1) = (meter.cpu_seconds()?, server.metrics()?);
-        let delta = |k: &str| m1.get(k).unwrap_or(&0.0) - m0.get(k).unwrap_or(&0.0);
-        measured = json!({
-            "held": held,
-            "sessions_active": m1.get("downbeat_sessions_active"),
-            "rss_bytes": rss,
-            "cpu_seconds": cpu1 - cpu0,
-            "datagrams": delta("downbeat_datagrams_sent_total") + delta("downbeat_datagrams_received_total"),
-        });
-        Ok(())
-    };
-    let (output, extra) = run_downbeat(common, transport, workload, Some(&mut hold))?;
-    let held = measured["sessions_active"].as_f64().unwrap_or(0.0);
-    let rss = measured["rss_bytes"].as_f64().unwrap_or(0.0);
-    let datagrams = measured["datagrams"].as_f64().unwrap_or(0.0);
-    let cpu = measured["cpu_seconds"].as_f64().unwrap_or(0.0);
+    let mut points = Vec::new();
+    let mut last_extra = serde_json::Value::Null;
+    for &sessions in &plan.sessions {
+        let (point, extra) = match clients {
+            Clients::Light => light_point(common, sessions, plan, baseline)?,
+            Clients::Native => native_point(common, transport, sessions, plan.hold_seconds, baseline)?,
+        };
+        eprintln!(
+            "capacity ({} clients): {} of {} students up, {:.0} sessions held, server {:.0} % CPU, {:.1} KiB/session, \
+             {:.1} ms/1000 datagrams; clients {:.0} % CPU",
+            clients.name(),
+            point.joined,
+            point.sessions,
+            point.held,
+            point.server_cpu_percent,
+            point.rss_per_session_kib,
+            point.cpu_ms_per_1000_datagrams,
+            point.generator_cpu_percent,
+        );
+        points.push(point);
+        last_extra = extra;
+    }
+    let Some(last) = points.last().cloned() else { bail!("no capacity point ran") };
     let mut per_datagram = Metric::lower(
         "cpu_ms_per_1000_datagrams",
         "server CPU per 1,000 datagrams",
         "ms",
-        if datagrams > 0.0 { cpu * 1e6 / datagrams } else { 0.0 },
+        last.cpu_ms_per_1000_datagrams,
     );
     if transport == Transport::WebSocket {
         per_datagram = per_datagram
             .with_note("WebSocket: binary messages with datagram semantics (beat frames, sync requests and replies)");
     }
+    let generator_note = match clients {
+        Clients::Light => "the light generator's threads (this program's process, /proc/self) over the window",
+        Clients::Native => "the class helper's process (/proc) over the window",
+    };
     let metrics = vec![
-        Metric::higher("sessions_held", "sessions held", "", held),
-        Metric::lower(
-            "rss_per_session_kib",
-            "memory per session",
-            "KiB",
-            (rss - baseline as f64) / held.max(1.0) / 1024.0,
-        )
-        .with_note("server RSS growth over a fresh server's, divided by sessions held"),
+        Metric::higher("sessions_held", "sessions held", "", last.held),
+        Metric::lower("rss_per_session_kib", "memory per session", "KiB", last.rss_per_session_kib)
+            .with_note("server RSS growth over a fresh server's, divided by sessions held"),
         per_datagram,
-        Metric::higher(
-            "datagrams_per_s",
-            "datagrams per second (sent + received)",
-            "/s",
-            datagrams / hold_seconds.max(1e-9),
+        Metric::higher("datagrams_per_s", "datagrams per second (sent + received)", "/s", last.datagrams_per_s),
+        Metric::lower("server_cpu_percent", "server CPU", "% of a core", last.server_cpu_percent)
+            .with_note("the server process alone (/proc/<pid>), over the steady window"),
+        Metric::lower("generator_cpu_percent", "clients' CPU", "% of a core", last.generator_cpu_percent)
+            .with_note(generator_note),
+        Metric::lower("join_all_ms", "all sessions up", "ms", last.join_seconds * 1e3),
+        Metric::higher("joins_per_s", "sessions up per second (join phase)", "/s", last.joins_per_s),
+        Metric::lower(
+            "server_join_cpu_ms_per_session",
+            "server CPU per session joined",
+            "ms",
+            last.server_join_cpu_ms_per_session,
+        )
+        .with_note(match clients {
+            Clients::Light => {
+                "the server's CPU over the join phase per session up (beats to the rooms already up included)"
+            }
+            Clients::Native => "the server's CPU from its start to the last session up, per session up",
+        }),
+        Metric::lower(
+            "udp_receive_drops",
+            "UDP datagrams dropped at a full receive buffer",
+            "",
+            (last.udp_receive_drops.0 + last.udp_receive_drops.1) as f64,
+        )
+        .with_note(
+            "machine-wide RcvbufErrors over the join phase and the window: on loopback mostly the server's socket",
         ),
-        Metric::lower("join_all_ms", "all sessions up", "ms", output.all_joined_ms),
     ];
-    let mut extra = with_class_extra(extra, &output);
-    extra["measured"] = measured;
+    let mut extra = match last_extra {
+        serde_json::Value::Object(_) => last_extra,
+        _ => json!({}),
+    };
+    extra["clients"] = json!(clients.name());
+    extra["transport"] = json!(transport.as_str());
+    extra["students"] = json!(last.sessions);
+    extra["joined"] = json!(last.joined);
+    extra["join_errors"] = json!(last.join_errors);
     extra["baseline_rss_bytes"] = json!(baseline);
-    Ok(downbeat_result(system, extra, metrics, &[]))
+    extra["points"] = serde_json::to_value(&points)?;
+    Ok(SystemResult {
+        system: system.name().into(),
+        display: format!("{} · {} clients", system.display(), clients.name()),
+        metrics,
+        distributions: Default::default(),
+        extra,
+    })
+}
+
+/// The steady window at one point: the server's figures and the clients' CPU.
+#[derive(Debug, Default)]
+struct Window {
+    held: f64,
+    rss: u64,
+    cpu_seconds: f64,
+    datagrams: f64,
+    send_failed: f64,
+    generator_cpu_seconds: f64,
+    generator_rss: u64,
+    frames: u64,
+    seconds: f64,
+    udp_drops: u64,
+}
+
+/// The clients' side of a window: their CPU seconds so far and beat frames received so far
+/// (0 when not counted).
+type ClientsGauge<'a> = dyn FnMut() -> Result<(f64, u64)> + 'a;
+
+/// Lets handshakes' transient allocations settle, then measures `hold_seconds` of steady
+/// state: the server's RSS, CPU and datagrams, the clients' CPU.
+fn measure_window(
+    server: &ServerProcess,
+    hold_seconds: f64,
+    generator_rss: impl Fn() -> u64,
+    clients: &mut ClientsGauge<'_>,
+) -> Result<Window> {
+    let meter = ProcessMeter::new(server.pid());
+    std::thread::sleep(Duration::from_secs(2));
+    let (rss, generator_rss) = (meter.rss_bytes()?, generator_rss());
+    let (cpu0, m0, (g0, f0)) = (meter.cpu_seconds()?, server.metrics()?, clients()?);
+    let drops0 = crate::machine::udp_receive_buffer_drops();
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs_f64(hold_seconds));
+    let (cpu1, m1, (g1, f1)) = (meter.cpu_seconds()?, server.metrics()?, clients()?);
+    let seconds = t0.elapsed().as_secs_f64();
+    let delta = |k: &str| m1.get(k).unwrap_or(&0.0) - m0.get(k).unwrap_or(&0.0);
+    Ok(Window {
+        held: m1.get("downbeat_sessions_active").copied().unwrap_or(0.0),
+        rss,
+        cpu_seconds: cpu1 - cpu0,
+        datagrams: delta("downbeat_datagrams_sent_total") + delta("downbeat_datagrams_received_total"),
+        send_failed: delta("downbeat_datagrams_send_failed_total"),
+        generator_cpu_seconds: g1 - g0,
+        generator_rss,
+        frames: f1.saturating_sub(f0),
+        seconds,
+        udp_drops: crate::machine::udp_receive_buffer_drops().saturating_sub(drops0),
+    })
+}
+
+/// How a capacity point's join phase went, whichever clients joined.
+struct JoinPhase {
+    students: usize,
+    rooms: usize,
+    /// Rooms created (their teachers' sessions).
+    rooms_up: usize,
+    joined: usize,
+    errors: Vec<String>,
+    deadline_passed: bool,
+    all_joined_ms: f64,
+}
+
+impl CapacityPoint {
+    /// A point with its join phase filled in: `join_cpu` is the server's CPU seconds over it,
+    /// `join_drops` the UDP receive-buffer drops.
+    fn joined(phase: JoinPhase, join_cpu: f64, join_drops: u64) -> Self {
+        let up = phase.joined + phase.rooms_up;
+        let join_seconds = phase.all_joined_ms / 1e3;
+        Self {
+            sessions: phase.students,
+            rooms: phase.rooms,
+            joined: phase.joined,
+            join_errors: phase.errors,
+            deadline_passed: phase.deadline_passed,
+            join_seconds,
+            joins_per_s: up as f64 / join_seconds.max(1e-9),
+            server_join_cpu_ms_per_session: join_cpu * 1e3 / (up.max(1) as f64),
+            udp_receive_drops: (join_drops, 0),
+            ..Self::default()
+        }
+    }
+
+    fn with_window(mut self, w: &Window, baseline: u64) -> Self {
+        let seconds = w.seconds.max(1e-9);
+        self.held = w.held;
+        self.server_rss_bytes = w.rss;
+        self.rss_per_session_kib = (w.rss as f64 - baseline as f64) / w.held.max(1.0) / 1024.0;
+        self.server_cpu_percent = w.cpu_seconds / seconds * 100.0;
+        self.datagrams_per_s = w.datagrams / seconds;
+        self.cpu_ms_per_1000_datagrams = if w.datagrams > 0.0 { w.cpu_seconds * 1e6 / w.datagrams } else { 0.0 };
+        self.datagrams_send_failed = w.send_failed;
+        self.generator_cpu_percent = w.generator_cpu_seconds / seconds * 100.0;
+        self.generator_rss_bytes = w.generator_rss;
+        self.window_seconds = w.seconds;
+        self.udp_receive_drops.1 = w.udp_drops;
+        self
+    }
+}
+
+/// One point with the light generator on a fresh server.
+fn light_point(
+    common: &Common,
+    sessions: usize,
+    plan: &CapacityPlan,
+    baseline: u64,
+) -> Result<(CapacityPoint, serde_json::Value)> {
+    ensure!(
+        common.profile == "loopback",
+        "light clients run on loopback only (their sessions share sockets, which the emulator cannot tell apart): \
+         use --clients native on {}",
+        common.profile
+    );
+    let workload = capacity_workload(sessions);
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let server = ServerProcess::start(
+        ServerLimits {
+            sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
+            rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
+        },
+        localhost,
+    )?;
+    let mut rooms = Vec::with_capacity(workload.rooms);
+    for r in 0..workload.rooms {
+        let student_tokens = (0..workload.students)
+            .map(|s| server.token(Role::Student, &format!("s-{r}-{s}")))
+            .collect::<Result<Vec<_>>>()?;
+        rooms.push(LightRoom { teacher_token: server.token(Role::Teacher, &format!("t-{r}"))?, student_tokens });
+    }
+    let spec = LightSpec {
+        bpm: workload.bpm,
+        join_rate: plan.join_rate,
+        concurrency: plan.join_concurrency,
+        threads: plan.light_threads,
+        ..LightSpec::new(
+            server.url(localhost),
+            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
+            rooms,
+            common.join_deadline,
+        )
+    };
+    let meter = ProcessMeter::new(server.pid());
+    let me = ProcessMeter::new(std::process::id());
+    let cpu0 = meter.cpu_seconds()?;
+    let drops0 = crate::machine::udp_receive_buffer_drops();
+    let generator = Generator::start(spec)?;
+    let join_cpu = meter.cpu_seconds()? - cpu0;
+    let join_drops = crate::machine::udp_receive_buffer_drops().saturating_sub(drops0);
+    let joined = generator.joined().clone();
+    let window =
+        measure_window(&server, plan.hold_seconds, || crate::machine::self_rss_bytes().unwrap_or(0), &mut || {
+            Ok((me.cpu_seconds()?, generator.counts().frames))
+        })?;
+    let at_end = generator.counts();
+    let counts = generator.stop();
+    let point = CapacityPoint {
+        frames_received_per_s: Some(window.frames as f64 / window.seconds.max(1e-9)),
+        synced: Some(at_end.synced),
+        lost: Some(at_end.lost),
+        ..CapacityPoint::joined(
+            JoinPhase {
+                students: joined.students,
+                rooms: joined.rooms,
+                rooms_up: joined.rooms_created,
+                joined: joined.joined,
+                errors: joined.join_errors.clone(),
+                deadline_passed: joined.deadline_passed,
+                all_joined_ms: joined.all_joined_ms,
+            },
+            join_cpu,
+            join_drops,
+        )
+    }
+    .with_window(&window, baseline);
+    let extra = json!({"join": joined, "counts": counts, "url": server.url(localhost)});
+    Ok((point, extra))
+}
+
+/// One point with native clients (the class helper) on a fresh server.
+fn native_point(
+    common: &Common,
+    transport: Transport,
+    sessions: usize,
+    hold_seconds: f64,
+    baseline: u64,
+) -> Result<(CapacityPoint, serde_json::Value)> {
+    let workload = capacity_workload(sessions);
+    let mut measured = None;
+    let mut join_cpu = 0.0;
+    let drops0 = crate::machine::udp_receive_buffer_drops();
+    let mut join_drops = 0;
+    let mut hold = |server: &ServerProcess, _held: usize| -> Result<()> {
+        // The server's CPU from its start to here: its share of the join phase.
+        join_cpu = ProcessMeter::new(server.pid()).cpu_seconds()?;
+        join_drops = crate::machine::udp_receive_buffer_drops().saturating_sub(drops0);
+        let helpers: Vec<ProcessMeter> = crate::machine::child_pids()
+            .into_iter()
+            .filter(|&pid| pid != server.pid())
+            .map(ProcessMeter::new)
+            .collect();
+        let helper_cpu = |helpers: &[ProcessMeter]| helpers.iter().filter_map(|m| m.cpu_seconds().ok()).sum::<f64>();
+        let helper_rss = || helpers.iter().filter_map(|m| m.rss_bytes().ok()).sum::<u64>();
+        measured = Some(measure_window(server, hold_seconds, helper_rss, &mut || Ok((helper_cpu(&helpers), 0)))?);
+        Ok(())
+    };
+    let (output, extra) = run_downbeat(common, transport, &workload, Some(&mut hold))?;
+    let window = measured.unwrap_or_default();
+    let point = CapacityPoint::joined(
+        JoinPhase {
+            students: output.students,
+            rooms: workload.rooms,
+            rooms_up: workload.rooms,
+            joined: output.joined,
+            errors: output.join_errors.clone(),
+            deadline_passed: output.join_errors.iter().any(|e| e.contains("join deadline")),
+            all_joined_ms: output.all_joined_ms,
+        },
+        join_cpu,
+        join_drops,
+    )
+    .with_window(&window, baseline);
+    Ok((point, with_class_extra(extra, &output)))
+}
+
+/// The capacity report's curve as a markdown table (every point of every column), or
+/// nothing when no column has more than one point.
+pub fn capacity_curve_markdown(report: &RunReport) -> String {
+    let columns = capacity_columns(report);
+    if columns.iter().all(|(_, points)| points.len() < 2) {
+        return String::new();
+    }
+    let mut out = String::from(
+        "\n\n| clients | students asked | sessions held | server CPU (% of a core) | server RSS (MiB) | \
+         memory per session (KiB) | server CPU per 1,000 datagrams (ms) | datagrams/s | clients' CPU (% of a core) | \
+         sessions up/s | join errors | UDP receive drops (join, window) |\n|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+    );
+    for (name, points) in &columns {
+        for p in points {
+            out.push_str(&format!(
+                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {}, {} |\n",
+                p.sessions,
+                p.held,
+                p.server_cpu_percent,
+                p.server_rss_bytes as f64 / (1 << 20) as f64,
+                p.rss_per_session_kib,
+                p.cpu_ms_per_1000_datagrams,
+                p.datagrams_per_s,
+                p.generator_cpu_percent,
+                p.joins_per_s,
+                p.sessions.saturating_sub(p.joined),
+                p.udp_receive_drops.0,
+                p.udp_receive_drops.1,
+            ));
+        }
+    }
+    out
+}
+
+/// Plots the capacity curve (CPU and RSS against sessions held) when some column has more
+/// than one point; returns the PNGs written.
+pub fn plot_capacity(report: &RunReport, dir: &Path) -> Result<Vec<PathBuf>> {
+    let columns = capacity_columns(report);
+    if columns.iter().all(|(_, points)| points.len() < 2) {
+        return Ok(Vec::new());
+    }
+    let mut cpu = Vec::new();
+    let mut rss = Vec::new();
+    for (name, points) in &columns {
+        cpu.push((format!("server · {name}"), points.iter().map(|p| (p.held, p.server_cpu_percent)).collect()));
+        cpu.push((format!("clients · {name}"), points.iter().map(|p| (p.held, p.generator_cpu_percent)).collect()));
+        rss.push((
+            name.clone(),
+            points.iter().map(|p| (p.held, p.server_rss_bytes as f64 / (1 << 20) as f64)).collect(),
+        ));
+    }
+    let mut written = Vec::new();
+    let axes = ("sessions held", "% of one core");
+    written.extend(crate::report::plot_xy(report, "cpu", "CPU against sessions held", axes, &cpu, dir)?);
+    let axes = ("sessions held", "server RSS (MiB)");
+    written.extend(crate::report::plot_xy(report, "rss", "Server memory against sessions held", axes, &rss, dir)?);
+    Ok(written)
+}
+
+/// Every capacity column's display name and points.
+fn capacity_columns(report: &RunReport) -> Vec<(String, Vec<CapacityPoint>)> {
+    report
+        .systems
+        .iter()
+        .filter_map(|s| {
+            let points: Vec<CapacityPoint> = serde_json::from_value(s.extra.get("points")?.clone()).ok()?;
+            Some((s.display.clone(), points))
+        })
+        .collect()
 }

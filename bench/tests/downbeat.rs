@@ -4,7 +4,8 @@
 //! the emulated paths, as the QUIC datagrams do). A correctness smoke of the harness: every
 //! student joined and synced, no beat late or missing, a finite clock error; never how fast.
 //! (`downbeat-bench all --smoke` in scripts/test runs both transports in every scenario and
-//! only checks that figures exist.)
+//! only checks that figures exist.) Then the capacity scenario's join deadline, with native
+//! and with light clients, and the light load generator holding a small school.
 //!
 //! Needs the `downbeat` server binary beside the test (`cargo build -p downbeat-server`; a
 //! workspace test run builds it) and, for classroom-wifi, root, /dev/net/tun and iproute2
@@ -108,10 +109,55 @@ fn a_capacity_run_past_its_join_deadline_ends_with_the_figures_it_has() {
         join_deadline: std::time::Duration::ZERO,
         ..common("loopback", 41, out.path())
     };
-    let report = scenarios::capacity(&common, 60, 0.5).unwrap_or_else(|e| panic!("capacity: {e:#}"));
+    let plan = scenarios::CapacityPlan::new(60, 0.5, scenarios::Clients::Native);
+    let report = scenarios::capacity(&common, &plan).unwrap_or_else(|e| panic!("capacity: {e:#}"));
     assert_eq!(report.systems.len(), 1);
     let extra = &report.systems[0].extra;
     assert_eq!((extra["students"].as_u64(), extra["joined"].as_u64()), (Some(60), Some(0)), "{extra}");
     let errors = extra["join_errors"].as_array().expect("join errors");
     assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("60 sessions still joining"))), "{errors:?}");
+}
+
+/// The light load generator holds every session of a small capacity run: each student is
+/// welcomed, beat frames arrive at every session while the server is measured, the clients'
+/// CPU is measured apart from the server's, and the point's figures are in the JSON.
+#[test]
+fn light_clients_hold_every_session_with_beats_flowing() {
+    let out = tempfile::tempdir().expect("a directory for the reports");
+    let common = Common { systems: vec![System::DOWNBEAT], ..common("loopback", 42, out.path()) };
+    let plan = scenarios::CapacityPlan::new(60, 2.0, scenarios::Clients::Light);
+    let report = scenarios::capacity(&common, &plan).unwrap_or_else(|e| panic!("capacity: {e:#}"));
+    assert_eq!(report.systems.len(), 1);
+    let system = &report.systems[0];
+    let extra = &system.extra;
+    assert_eq!(extra["clients"], "light", "{extra}");
+    assert_eq!((extra["students"].as_u64(), extra["joined"].as_u64()), (Some(60), Some(60)), "{extra}");
+    // 60 students and 2 teachers.
+    assert_eq!(metric(system, "sessions_held"), 62.0);
+    let point = &extra["points"][0];
+    // The room sends each member a frame at least every second once the beat is steady (ten a
+    // second in a burst): half that is a sanity bound whatever the pacing.
+    let frames = point["frames_received_per_s"].as_f64().unwrap_or(0.0);
+    assert!(frames >= 31.0, "{frames} beat frames a second: {point}");
+    assert!(metric(system, "generator_cpu_percent").is_finite());
+    assert!(metric(system, "server_cpu_percent") > 0.0);
+}
+
+/// A light capacity run whose deadline passed before any session could join ends by itself
+/// with what it has: every session given up and counted, a report rather than a hang.
+#[test]
+fn a_light_capacity_run_past_its_join_deadline_ends_with_the_figures_it_has() {
+    let out = tempfile::tempdir().expect("a directory for the reports");
+    let common = Common {
+        systems: vec![System::DOWNBEAT],
+        join_deadline: std::time::Duration::ZERO,
+        ..common("loopback", 43, out.path())
+    };
+    let plan = scenarios::CapacityPlan::new(60, 0.5, scenarios::Clients::Light);
+    let report = scenarios::capacity(&common, &plan).unwrap_or_else(|e| panic!("capacity: {e:#}"));
+    let extra = &report.systems[0].extra;
+    assert_eq!((extra["students"].as_u64(), extra["joined"].as_u64()), (Some(60), Some(0)), "{extra}");
+    let errors = extra["join_errors"].as_array().expect("join errors");
+    assert!(errors.iter().any(|e| e.as_str().is_some_and(|e| e.contains("62 sessions still joining"))), "{errors:?}");
+    assert_eq!(extra["points"][0]["deadline_passed"], true);
 }
