@@ -363,7 +363,9 @@ fn lan_notes_sound_in_every_classmate_within_a_millisecond_and_none_is_late() {
 
 #[test]
 fn classroom_wifi_notes_sound_together_and_the_few_late_ones_are_not_played() {
-    let p = notes_sound_together("classroom-wifi", &[13, 14, 15], |i, _| Profile::classroom_wifi(i % 10 < 3));
+    let p = notes_sound_together("classroom-wifi", &(13..=22).collect::<Vec<_>>(), |i, _| {
+        Profile::classroom_wifi(i % 10 < 3)
+    });
     let late = p.late as f64 / p.delivered as f64;
     eprintln!("classroom-wifi: {:.2} % of deliveries late with the default 80 ms delay", late * 100.0);
     assert!(p.late > 0, "the Wi-Fi tail makes some notes late");
@@ -499,6 +501,9 @@ struct Timing {
     /// Over TCP: retransmissions, and timing messages the server replaced while backed up.
     retransmissions: u64,
     dropped: u64,
+    /// Beat frames the room sent (each to every member), and over how many seconds.
+    frames: u64,
+    seconds: f64,
 }
 
 impl Timing {
@@ -514,6 +519,8 @@ impl Timing {
         self.late_by_clock += other.late_by_clock;
         self.retransmissions += other.retransmissions;
         self.dropped += other.dropped;
+        self.frames += other.frames;
+        self.seconds += other.seconds;
     }
 
     fn quantile(sorted: &[u64], q: f64) -> u64 {
@@ -529,7 +536,8 @@ impl Timing {
         format!(
             "{name}: clock error p50 {:.0} us, p99 {:.0} us; onset spread p99 {:.0} us; late beats {} of {} ({:.3} %, {} of them \
              by the clock); \
-             a change reaches a client within p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; retransmissions {}, dropped {}",
+             a change reaches a client within p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; retransmissions {}, dropped {}; \
+             {:.2} beat frames per member per second",
             us(Self::quantile(&self.errors, 0.5)),
             us(Self::quantile(&self.errors, 0.99)),
             us(Self::quantile(&self.spreads, 0.99)),
@@ -541,7 +549,8 @@ impl Timing {
             us(Self::quantile(&self.notice, 0.99)) / 1e3,
             us(Self::quantile(&self.notice, 1.0)) / 1e3,
             self.retransmissions,
-            self.dropped
+            self.dropped,
+            self.frames as f64 / self.seconds
         )
     }
 }
@@ -551,22 +560,11 @@ const SCHEDULE_AHEAD: u64 = 100 * MS;
 
 /// A class on `profile` over `carrier` for 60 s with a 1 s outage on every path at 30 s: the
 /// beat starts at 1 s and the teacher changes tempo or meter every 1 to 4 s, so every change
-/// must reach every client within `lead - SCHEDULE_AHEAD`. A (beat, client) pair is late when,
-/// `SCHEDULE_AHEAD` before the beat, the client does not place it where the server does (its
-/// timeline is stale) or places it in the past.
+/// must reach every client within `lead - SCHEDULE_AHEAD`. See [`timing_of`].
 fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_nanos: u64) -> Timing {
     let config = room::Config { lead_nanos, ..room::Config::default() };
-    let mut sim = sim_with_config(seed, config, CLIENTS, |i, _| {
-        let mut p = profile(i % 10 < 3);
-        p.up.outages.push((30 * SEC, 31 * SEC));
-        p.down.outages.push((30 * SEC, 31 * SEC));
-        p
-    });
-    for c in sim.clients_mut() {
-        c.carrier = carrier.clone();
-    }
     let mut rng = Rng::new(seed ^ 0x7e_a0);
-    sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
+    let mut changes = vec![(SEC, Change::Start { count_in_bars: 0 })];
     let mut at = 3 * SEC;
     while at < 58 * SEC {
         let change = if rng.chance(0.7) {
@@ -574,15 +572,45 @@ fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_n
         } else {
             Change::SetMeter(rng.range(2.0, 7.0) as u8)
         };
-        sim.schedule_change(at, change);
+        changes.push((at, change));
         at += (rng.range(1.0, 4.0) * SEC as f64) as u64;
+    }
+    let plan = Plan { config, changes, outages: vec![(30 * SEC, 31 * SEC)], end: 60 * SEC };
+    timing_of(seed, profile, carrier, &plan)
+}
+
+/// A class's run: the room's settings, the teacher's changes, outages on every path (both
+/// directions), and when it ends.
+struct Plan {
+    config: room::Config,
+    changes: Vec<(u64, Change)>,
+    outages: Vec<(u64, u64)>,
+    end: u64,
+}
+
+/// Runs `plan` with 30 clients on `profile` (a third of them power-saving) over `carrier`,
+/// measuring from 2 s. A (beat, client) pair is late when, `SCHEDULE_AHEAD` before the beat,
+/// the client does not place it where the server does (its timeline is stale) or places it in
+/// the past.
+fn timing_of(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, plan: &Plan) -> Timing {
+    let mut sim = sim_with_config(seed, plan.config.clone(), CLIENTS, |i, _| {
+        let mut p = profile(i % 10 < 3);
+        p.up.outages.extend(&plan.outages);
+        p.down.outages.extend(&plan.outages);
+        p
+    });
+    for c in sim.clients_mut() {
+        c.carrier = carrier.clone();
+    }
+    for &(at, change) in &plan.changes {
+        sim.schedule_change(at, change);
     }
     let mut timing = Timing::default();
     // Per change asked so far: when, its epoch, and which clients hold it yet.
     let mut changes: Vec<(u64, u64, Vec<bool>)> = Vec::new();
     let step = 50 * MS;
     let mut t = 2 * SEC;
-    while t < 60 * SEC {
+    while t < plan.end {
         sim.run_until(t);
         for (asked, applied) in &sim.change_results()[changes.len()..] {
             changes.push((
@@ -633,6 +661,8 @@ fn timing_run(seed: u64, profile: fn(bool) -> Profile, carrier: &Carrier, lead_n
         timing.retransmissions += c.tcp_stats().retransmissions;
         timing.dropped += c.tcp_stats().dropped;
     }
+    timing.frames = sim.room().frames_sent();
+    timing.seconds = plan.end as f64 / SEC as f64;
     timing
 }
 
@@ -703,4 +733,94 @@ fn smallest_lead_over_tcp() {
             timing_over(&format!("{name}, TCP"), &[51, 52, 53], profile, &tcp, lead_ms * MS);
         }
     }
+}
+
+/// A lesson at the steady pace: the beat starts at 1 s, the teacher changes something only
+/// three times in 90 s, and every path goes down for 1 s four times: once in the steady phase
+/// with no change near, once starting right at a change, once straddling one, and once ending
+/// where a change takes effect at the earliest (one lead after it is asked), which leaves the
+/// fewest burst frames before it.
+fn steady_lesson(config: room::Config) -> Plan {
+    Plan {
+        config,
+        changes: vec![
+            (SEC, Change::Start { count_in_bars: 0 }),
+            (20 * SEC, Change::SetTempo(MicroBpm::from_bpm(96))),
+            (45 * SEC, Change::SetTempo(MicroBpm(137_500_000))),
+            (70 * SEC, Change::SetMeter(3)),
+        ],
+        outages: vec![
+            (12 * SEC, 13 * SEC),
+            (20 * SEC, 21 * SEC),
+            (44_500 * MS, 45_500 * MS),
+            (70_500 * MS, 71_500 * MS),
+        ],
+        end: 90 * SEC,
+    }
+}
+
+/// The room's settings as before the steady pace: a frame every 100 ms while beats sound.
+fn unpaced() -> room::Config {
+    let config = room::Config::default();
+    room::Config { steady_send_interval_nanos: config.send_interval_nanos, ..config }
+}
+
+#[test]
+fn the_steady_pace_keeps_the_goals_through_outages_at_changes() {
+    for (name, profile) in
+        [("classroom-wifi", Profile::classroom_wifi as fn(bool) -> Profile), ("congested", Profile::congested)]
+    {
+        let seeds = [61, 62];
+        let paced =
+            timing_over_plan(&format!("{name}, steady pace"), &seeds, profile, &steady_lesson(Default::default()));
+        let before = timing_over_plan(&format!("{name}, every 100 ms"), &seeds, profile, &steady_lesson(unpaced()));
+        let (p99, spread) = (Timing::quantile(&paced.errors, 0.99), Timing::quantile(&paced.spreads, 0.99));
+        assert!(p99 <= 2 * MS, "{name}: clock error p99 {p99} ns");
+        assert!(spread <= 5 * MS, "{name}: onset spread p99 {spread} ns");
+        assert_eq!(paced.late, 0, "{name}: {} late beats of {}", paced.late, paced.beats);
+        // Every change reached every client before it took effect, outages and all: from the
+        // teacher asking to the client holding it, less than the lead less the scheduler's
+        // look-ahead.
+        let notice = Timing::quantile(&paced.notice, 1.0);
+        assert!(notice < LEAD - SCHEDULE_AHEAD, "{name}: a change took {notice} ns to reach a client");
+        assert_eq!(paced.notice.len(), 4 * CLIENTS * seeds.len(), "{name}: every client heard every change");
+        // Over the whole lesson, bursts included (a change every 23 s or so, each announced for
+        // 1.5 to 4 s), about a fifth of the frames; a tenth once settled (see the next test).
+        let ratio = before.frames as f64 / paced.frames as f64;
+        assert!(ratio > 4.5, "{name}: {} frames paced, {} before", paced.frames, before.frames);
+    }
+}
+
+fn timing_over_plan(name: &str, seeds: &[u64], profile: fn(bool) -> Profile, plan: &Plan) -> Timing {
+    let mut all = Timing::default();
+    for &seed in seeds {
+        all.add(timing_of(seed, profile, &Carrier::Datagrams, plan));
+    }
+    eprintln!("{}", all.line(name));
+    all
+}
+
+#[test]
+fn a_settled_room_sends_each_member_a_frame_a_second() {
+    // Frames to each member in a 20 s window with no change near (the beat started at 1 s,
+    // sounding from 2.5 s), and what each client received of them.
+    let count = |config: room::Config| {
+        let mut sim = sim_with_config(71, config, CLIENTS, |i, _| Profile::classroom_wifi(i % 10 < 3));
+        sim.schedule_change(SEC, Change::Start { count_in_bars: 0 });
+        sim.run_until(10 * SEC);
+        let (sent, received) = (sim.room().frames_sent(), sim.clients()[0].client.stats().frames);
+        sim.run_until(30 * SEC);
+        let sent = sim.room().frames_sent() - sent;
+        let received = sim.clients()[0].client.stats().frames - received;
+        (sent as f64 / 20.0, received as f64 / 20.0)
+    };
+    let (paced, paced_received) = count(room::Config::default());
+    let (before, before_received) = count(unpaced());
+    eprintln!(
+        "settled room: {paced:.2} frames per member per second ({paced_received:.2} received by client 0), \
+         {before:.2} ({before_received:.2}) at 100 ms: {:.1}x fewer",
+        before / paced
+    );
+    assert_eq!(paced, 1.0);
+    assert_eq!(before, 10.0);
 }

@@ -14,6 +14,16 @@
 //!   the rooms'.
 //! - **Moves**: a hello for a room this node does not hold is answered with where the
 //!   directory says it lives ([`Cluster::locate`]), and the client connects there.
+//! - **Watches**: each node watches both buckets and keeps what it saw ([`View`]): the live
+//!   nodes (their addresses, leases and usage) and every room's holder and lease. Listing
+//!   nodes and finding orphaned rooms read that view, not the directory; a room this node
+//!   holds that another node's write takes over is noticed as the write arrives, not at the
+//!   next renewal ([`Cluster::lost_rooms`]). Decisions that must be exact (a claim, a
+//!   takeover, a lookup for a hello) still read and write the directory by revision.
+//! - **Takeovers are spread**: of the live nodes, the one that ranks first for a room's key
+//!   (rendezvous hashing) sweeps it up when its node's lease runs out; any node does once it
+//!   has been orphaned for another lease, and a member's hello takes it up wherever it
+//!   arrives.
 //!
 //! Leases are compared with the hosts' wall clocks, which the nodes of one cluster keep
 //! synchronized (chrony); a lease of a few seconds tolerates milliseconds of skew. How well
@@ -160,6 +170,68 @@ pub enum AdoptError {
 /// How long one write to the directory may take before it counts as unreachable.
 const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
+/// A room's entry as this node's watch last saw it (the engine's state left in the
+/// directory).
+#[derive(Clone, Debug)]
+struct Seen {
+    node: String,
+    lease_until_ms: i64,
+    /// `None` between a claim and the room's first write.
+    about: Option<About>,
+}
+
+/// Who runs a room and what it is called, from its entry.
+#[derive(Clone, Debug)]
+struct About {
+    owner: String,
+    co_teachers: Vec<String>,
+    name: String,
+    created_at_ms: i64,
+}
+
+/// A room another node holds, as this node's watch last saw its entry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RoomElsewhere {
+    /// Its code, as the directory keys it (no dash).
+    pub code: String,
+    /// Its name.
+    pub name: String,
+    /// When it was made (Unix ms).
+    pub created_at_ms: i64,
+    /// The node that holds it.
+    pub node: String,
+}
+
+/// What this node's watches saw of the directory: the nodes' entries and the rooms' holders,
+/// by key. Deleted entries are dropped; a lapsed lease stays until its entry changes.
+#[derive(Debug, Default)]
+struct View {
+    nodes: HashMap<String, NodeEntry>,
+    rooms: HashMap<String, Seen>,
+}
+
+/// Where the directory says a room is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Located {
+    /// Another live node holds it.
+    Elsewhere(NodeEntry),
+    /// Nobody acts for it and this node may take it over: its node's lease ran out, or it was
+    /// handed to this node.
+    Orphaned,
+    /// No such room, this node holds it, or its node is not reachable.
+    Nowhere,
+}
+
+impl Located {
+    /// The node to go to, if another live node holds the room.
+    pub fn elsewhere(self) -> Option<NodeEntry> {
+        match self {
+            Self::Elsewhere(node) => Some(node),
+            Self::Orphaned | Self::Nowhere => None,
+        }
+    }
+}
+
 /// This node's membership in the cluster.
 #[derive(Debug)]
 pub struct Cluster {
@@ -181,6 +253,22 @@ pub struct Cluster {
     /// Each school's rooms and sessions on the other live nodes, summed, as their entries
     /// said at this node's last renewal.
     elsewhere: Mutex<HashMap<String, TenantUsage>>,
+    /// What the watches saw.
+    view: Mutex<View>,
+    /// Rooms this node lost (another node's write took them over), not yet collected.
+    lost: Mutex<Vec<(String, String)>>,
+    /// Wakes [`Self::lost_rooms`]'s waiter.
+    lost_wake: tokio::sync::Notify,
+    /// The watch task, stopped when the cluster is dropped.
+    watch: Mutex<Option<tokio::task::AbortHandle>>,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if let Some(watch) = self.watch.get_mut().unwrap_or_else(std::sync::PoisonError::into_inner).take() {
+            watch.abort();
+        }
+    }
 }
 
 /// The default of [`Cluster::set_clock_bound`].
@@ -196,9 +284,9 @@ fn encode<T: Serialize>(value: &T) -> Bytes {
 }
 
 impl Cluster {
-    /// Connects to the NATS server at `url`, makes sure both buckets exist and registers
-    /// `node` (its lease from now).
-    pub async fn connect(url: &str, node: NodeEntry, lease: Duration) -> Result<Self, ClusterError> {
+    /// Connects to the NATS server at `url`, makes sure both buckets exist, registers `node`
+    /// (its lease from now) and starts watching the directory (until the cluster is dropped).
+    pub async fn connect(url: &str, node: NodeEntry, lease: Duration) -> Result<Arc<Self>, ClusterError> {
         Self::connect_with(url, node, lease, None).await
     }
 
@@ -208,7 +296,7 @@ impl Cluster {
         node: NodeEntry,
         lease: Duration,
         hashes: Option<Arc<PublishedHashes>>,
-    ) -> Result<Self, ClusterError> {
+    ) -> Result<Arc<Self>, ClusterError> {
         let client = async_nats::ConnectOptions::new()
             .name(format!("downbeat {}", node.id))
             .connect(url)
@@ -228,10 +316,156 @@ impl Cluster {
             held: Mutex::new(HashMap::new()),
             clock_bound: Mutex::new(DEFAULT_CLOCK_BOUND),
             elsewhere: Mutex::new(HashMap::new()),
+            view: Mutex::new(View::default()),
+            lost: Mutex::new(Vec::new()),
+            lost_wake: tokio::sync::Notify::new(),
+            watch: Mutex::new(None),
         };
         cluster.renew_node().await?;
+        let cluster = Arc::new(cluster);
+        // The watches replay every entry first, then follow; until they have, the view is
+        // filled from one listing of the nodes, so a node knows the others from its start.
+        let (node_watch, room_watch) = cluster.watches().await?;
+        cluster.load_nodes().await?;
+        let task = tokio::spawn(Self::keep_watching(Arc::downgrade(&cluster), node_watch, room_watch));
+        *cluster.watch.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task.abort_handle());
         info!(node = %cluster.node_id(), "joined the cluster");
         Ok(cluster)
+    }
+
+    fn view(&self) -> MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Both buckets' watches, each replaying every key's last entry, then following.
+    async fn watches(&self) -> Result<(kv::Watch, kv::Watch), ClusterError> {
+        let watch = |e| ClusterError::of("watching the directory", e);
+        let nodes = self.nodes.watch_with_history(">").await.map_err(watch)?;
+        let rooms = self.rooms.watch_with_history(">").await.map_err(watch)?;
+        Ok((nodes, rooms))
+    }
+
+    /// Reads every node's entry into the view.
+    async fn load_nodes(&self) -> Result<(), ClusterError> {
+        use futures_util::TryStreamExt as _;
+        let read = |e: &dyn std::fmt::Display| ClusterError::of("listing the nodes", e);
+        let ids: Vec<String> =
+            self.nodes.keys().await.map_err(|e| read(&e))?.try_collect().await.map_err(|e| read(&e))?;
+        for id in ids {
+            if let Some(entry) = self.nodes.entry(&id).await.map_err(|e| read(&e))? {
+                self.saw_node(&entry);
+            }
+        }
+        Ok(())
+    }
+
+    /// Follows both watches while the cluster lives; a watch that ends or fails (NATS went
+    /// away) is made again after a second, replaying what changed meanwhile.
+    async fn keep_watching(cluster: std::sync::Weak<Self>, mut nodes: kv::Watch, mut rooms: kv::Watch) {
+        use futures_util::StreamExt as _;
+        loop {
+            let failed = loop {
+                let entry = tokio::select! {
+                    entry = nodes.next() => entry,
+                    entry = rooms.next() => entry,
+                };
+                let Some(cluster) = cluster.upgrade() else { return };
+                match entry {
+                    Some(Ok(entry)) if entry.bucket == NODES_BUCKET => cluster.saw_node(&entry),
+                    Some(Ok(entry)) => cluster.saw_room(&entry),
+                    Some(Err(e)) => break e.to_string(),
+                    None => break "the watch ended".to_owned(),
+                }
+            };
+            warn!(error = %failed, "watching the cluster's directory stopped; watching again in a second");
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let Some(cluster) = cluster.upgrade() else { return };
+                match cluster.watches().await {
+                    Ok(watches) => {
+                        (nodes, rooms) = watches;
+                        break;
+                    }
+                    Err(e) => debug!(error = %e, "the directory cannot be watched yet"),
+                }
+            }
+        }
+    }
+
+    /// A node's entry changed.
+    fn saw_node(&self, entry: &kv::Entry) {
+        let mut view = self.view();
+        match serde_json::from_slice::<NodeEntry>(&entry.value) {
+            Ok(node) if entry.operation == kv::Operation::Put => {
+                view.nodes.insert(entry.key.clone(), node);
+            }
+            _ => {
+                view.nodes.remove(&entry.key);
+            }
+        }
+    }
+
+    /// A room's entry changed. If this node holds it and the entry is another node's write
+    /// after this node's last one, the room was taken over: this node stops holding it and
+    /// [`Self::lost_rooms`] reports it. (A hand-over this node wrote has this node's
+    /// revision; a write of this node's in flight meets the new revision and fails by
+    /// itself.)
+    fn saw_room(&self, entry: &kv::Entry) {
+        let seen =
+            serde_json::from_slice::<RoomEntry>(&entry.value).ok().filter(|_| entry.operation == kv::Operation::Put);
+        let taker = match seen {
+            Some(room) => {
+                let taker = room.node.clone();
+                let about = room.state.map(|s| About {
+                    owner: s.owner,
+                    co_teachers: s.co_teachers,
+                    name: s.name,
+                    created_at_ms: s.created_at_ms,
+                });
+                let seen = Seen { node: room.node, lease_until_ms: room.lease_until_ms, about };
+                self.view().rooms.insert(entry.key.clone(), seen);
+                Some(taker)
+            }
+            None => {
+                self.view().rooms.remove(&entry.key);
+                None
+            }
+        };
+        if taker.is_none_or(|t| t == self.node_id()) {
+            return;
+        }
+        let Some(slot) = self.slot(&entry.key) else { return };
+        let Ok(held) = slot.try_lock() else { return };
+        if held.revision >= entry.revision {
+            return;
+        }
+        drop(held);
+        warn!(key = %entry.key, "another node took this room over; this node stops acting for it");
+        self.forget(&entry.key, &slot);
+        self.lose(&entry.key);
+    }
+
+    /// Reports `key` lost.
+    fn lose(&self, key: &str) {
+        if let Some((tenant, code)) = key.split_once('.') {
+            self.lost
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .push((tenant.to_owned(), code.to_owned()));
+            self.lost_wake.notify_one();
+        }
+    }
+
+    /// The rooms this node lost since the last call, `(tenant, code)` each: another node
+    /// holds them now, and this node must stop acting for them. Waits until there is one.
+    pub async fn lost_rooms(&self) -> Vec<(String, String)> {
+        loop {
+            let lost = std::mem::take(&mut *self.lost.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+            if !lost.is_empty() {
+                return lost;
+            }
+            self.lost_wake.notified().await;
+        }
     }
 
     fn held(&self) -> MutexGuard<'_, HashMap<String, Arc<tokio::sync::Mutex<Held>>>> {
@@ -356,41 +590,67 @@ impl Cluster {
         }
     }
 
-    /// Where the room `code` of `tenant` lives, if another live node holds it.
-    pub async fn locate(&self, tenant: &str, code: &str) -> Result<Option<NodeEntry>, ClusterError> {
+    /// Where the directory says the room `code` of `tenant` is, read now (not from the
+    /// view: a room claimed a moment ago elsewhere must be found).
+    pub async fn locate(&self, tenant: &str, code: &str) -> Result<Located, ClusterError> {
         let read = |e| ClusterError::of("reading the directory", e);
-        let Some(entry) = self.rooms.entry(key(tenant, code)).await.map_err(read)? else { return Ok(None) };
-        let now = unix_ms_now();
-        let room = match serde_json::from_slice::<RoomEntry>(&entry.value) {
-            Ok(room) if entry.operation == kv::Operation::Put && room.lease_until_ms >= now => room,
-            _ => return Ok(None),
-        };
-        if room.node == self.node_id() {
-            return Ok(None);
+        let key = key(tenant, code);
+        if self.slot(&key).is_some() {
+            return Ok(Located::Nowhere);
         }
-        let Some(node) = self.nodes.entry(&room.node).await.map_err(read)? else { return Ok(None) };
+        let Some(entry) = self.rooms.entry(&key).await.map_err(read)? else { return Ok(Located::Nowhere) };
+        let room = match serde_json::from_slice::<RoomEntry>(&entry.value) {
+            Ok(room) if entry.operation == kv::Operation::Put => room,
+            _ => return Ok(Located::Nowhere),
+        };
+        let now = unix_ms_now();
+        let me = self.node_id();
+        if room.state.is_some() && (room.lease_until_ms < now || room.node == me) {
+            return Ok(Located::Orphaned);
+        }
+        if room.node == me || room.lease_until_ms < now {
+            return Ok(Located::Nowhere);
+        }
+        let Some(node) = self.nodes.entry(&room.node).await.map_err(read)? else { return Ok(Located::Nowhere) };
         Ok(serde_json::from_slice::<NodeEntry>(&node.value)
             .ok()
-            .filter(|n| node.operation == kv::Operation::Put && n.lease_until_ms >= now))
+            .filter(|n| node.operation == kv::Operation::Put && n.lease_until_ms >= now)
+            .map_or(Located::Nowhere, Located::Elsewhere))
     }
 
-    /// Every node whose lease holds now, by id.
-    pub async fn nodes(&self) -> Result<Vec<NodeEntry>, ClusterError> {
-        use futures_util::TryStreamExt as _;
-        let read = |e: &dyn std::fmt::Display| ClusterError::of("listing the nodes", e);
-        let ids: Vec<String> =
-            self.nodes.keys().await.map_err(|e| read(&e))?.try_collect().await.map_err(|e| read(&e))?;
+    /// The rooms of `tenant` that `teacher` owns or co-teaches on other nodes, as the watch saw
+    /// them (a room whose node died is listed until another node takes it over, which lists
+    /// it then). Newest first.
+    pub fn rooms_run_by(&self, tenant: &str, teacher: &str) -> Vec<RoomElsewhere> {
+        let me = self.node_id();
+        let prefix = format!("{tenant}.");
+        let mut rooms: Vec<RoomElsewhere> = self
+            .view()
+            .rooms
+            .iter()
+            .filter(|(key, seen)| key.starts_with(&prefix) && seen.node != me)
+            .filter_map(|(key, seen)| {
+                let about = seen.about.as_ref()?;
+                let runs = about.owner == teacher || about.co_teachers.iter().any(|c| c == teacher);
+                runs.then(|| RoomElsewhere {
+                    code: key[prefix.len()..].to_owned(),
+                    name: about.name.clone(),
+                    created_at_ms: about.created_at_ms,
+                    node: seen.node.clone(),
+                })
+            })
+            .collect();
+        rooms.sort_by(|a, b| b.created_at_ms.cmp(&a.created_at_ms).then_with(|| a.code.cmp(&b.code)));
+        rooms
+    }
+
+    /// Every node whose lease holds now (this one included), by id, as the watch saw them.
+    pub fn nodes(&self) -> Vec<NodeEntry> {
         let now = unix_ms_now();
-        let mut nodes = Vec::new();
-        for id in ids {
-            let Some(entry) = self.nodes.entry(&id).await.map_err(|e| read(&e))? else { continue };
-            match serde_json::from_slice::<NodeEntry>(&entry.value) {
-                Ok(node) if entry.operation == kv::Operation::Put && node.lease_until_ms >= now => nodes.push(node),
-                _ => {}
-            }
-        }
+        let mut nodes: Vec<NodeEntry> =
+            self.view().nodes.values().filter(|n| n.lease_until_ms >= now).cloned().collect();
         nodes.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(nodes)
+        nodes
     }
 
     /// Renews this node's entry, with the certificate hashes it pins now.
@@ -407,21 +667,17 @@ impl Cluster {
         Ok(())
     }
 
-    /// Renews this node's entry and every room it holds. Returns the keys it lost: another
-    /// node holds them now (this node must stop acting for those rooms).
-    pub async fn renew(&self) -> Vec<(String, String)> {
+    /// Renews this node's entry and every room it holds. A room whose renewal is refused for
+    /// its revision was taken over: [`Self::lost_rooms`] reports it.
+    pub async fn renew(&self) {
         if let Err(e) = self.renew_node().await {
             warn!(error = %e, "renewing the node's lease failed");
         }
-        // The other nodes' usage, for the schools' limits across the cluster. Unread, the
-        // last sums stand (and a node that died drops out of them once its lease runs out).
-        match self.nodes().await {
-            Ok(nodes) => self.count_elsewhere(&nodes),
-            Err(e) => warn!(error = %e, "the other nodes' usage was not read; the last sums stand"),
-        }
+        // The other nodes' usage, for the schools' limits across the cluster, as the watch
+        // saw their entries (a node that died drops out once its lease runs out).
+        self.count_elsewhere(&self.nodes());
         let held: Vec<(String, Arc<tokio::sync::Mutex<Held>>)> =
             self.held().iter().map(|(k, slot)| (k.clone(), slot.clone())).collect();
-        let mut lost = Vec::new();
         for (key, slot) in held {
             let mut held = slot.lock().await;
             let entry = self.room_entry(held.state.clone());
@@ -430,14 +686,11 @@ impl Cluster {
                 Err(WriteError::Lost) => {
                     drop(held);
                     self.forget(&key, &slot);
-                    if let Some((tenant, code)) = key.split_once('.') {
-                        lost.push((tenant.to_owned(), code.to_owned()));
-                    }
+                    self.lose(&key);
                 }
                 Err(e) => warn!(key, error = %e, "renewing a room's lease failed; retrying at the next beat"),
             }
         }
-        lost
     }
 
     /// Writes `entry` for `key` on the revision `held` last got.
@@ -529,31 +782,31 @@ impl Cluster {
         Ok(Some(state))
     }
 
-    /// The rooms this node should take over now: entries that name it but no room here holds
-    /// (handed over to it), and entries whose node's lease ran out. `(tenant, code)` each.
-    pub async fn orphans(&self) -> Result<Vec<(String, String)>, ClusterError> {
-        use futures_util::TryStreamExt as _;
-        let read = |e: &dyn std::fmt::Display| ClusterError::of("listing the rooms", e);
-        let keys: Vec<String> =
-            self.rooms.keys().await.map_err(|e| read(&e))?.try_collect().await.map_err(|e| read(&e))?;
+    /// The rooms this node should take over now, as the watch saw the directory: entries
+    /// that name it but no room here holds (handed over to it), and entries whose lease ran
+    /// out and that rank this node first among the live nodes ([`rank`]), or that ran out a
+    /// whole lease ago (the first node did not take them). `(tenant, code)` each.
+    pub fn orphans(&self) -> Vec<(String, String)> {
         let (me, now) = (self.node_id(), unix_ms_now());
-        let mut orphans = Vec::new();
-        for key in keys {
-            if self.slot(&key).is_some() {
-                continue;
-            }
-            let Some(entry) = self.rooms.entry(&key).await.map_err(|e| read(&e))? else { continue };
-            let Ok(room) = serde_json::from_slice::<RoomEntry>(&entry.value) else { continue };
-            let mine = room.lease_until_ms < now || room.node == me;
-            if entry.operation == kv::Operation::Put
-                && room.state.is_some()
-                && mine
-                && let Some((tenant, code)) = key.split_once('.')
-            {
-                orphans.push((tenant.to_owned(), code.to_owned()));
-            }
-        }
-        Ok(orphans)
+        let lease = i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX);
+        let live: Vec<String> = self.nodes().into_iter().map(|n| n.id).collect();
+        let candidates: Vec<(String, Seen)> = self
+            .view()
+            .rooms
+            .iter()
+            .filter(|(_, seen)| seen.about.is_some() && (seen.node == me || seen.lease_until_ms < now))
+            .map(|(key, seen)| (key.clone(), seen.clone()))
+            .collect();
+        candidates
+            .into_iter()
+            .filter(|(key, seen)| {
+                self.slot(key).is_none()
+                    && (seen.node == me
+                        || seen.lease_until_ms.saturating_add(lease) < now
+                        || first_for(key, &live).is_none_or(|first| first == me))
+            })
+            .filter_map(|(key, _)| key.split_once('.').map(|(t, c)| (t.to_owned(), c.to_owned())))
+            .collect()
     }
 
     /// Whether this node's clock is close enough to the others' (as measured) to take a room
@@ -571,6 +824,34 @@ impl Cluster {
             _ => Ok(()),
         }
     }
+}
+
+/// How well `node` ranks for `key` (rendezvous hashing: FNV-1a over both, then mixed): the
+/// same on every node and every version, so the live nodes agree which of them takes a room
+/// over without a word, and a node's death moves only its own rooms.
+fn rank(node: &str, key: &str) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in node.bytes().chain([0]).chain(key.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    // A final mix (splitmix64's), so keys that differ in their last byte spread too.
+    hash ^= hash >> 30;
+    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash ^= hash >> 27;
+    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^ (hash >> 31)
+}
+
+/// Of `nodes`, the one that ranks first for the directory key `key`.
+fn first_for<'a>(key: &str, nodes: &'a [String]) -> Option<&'a str> {
+    nodes.iter().max_by_key(|n| rank(n, key)).map(String::as_str)
+}
+
+/// Of the node ids `nodes`, the one that takes the room `code` of `tenant` over when its
+/// node's lease runs out (unless a member's hello reaches another node first).
+pub fn taker_of<'a>(tenant: &str, code: &str, nodes: &'a [String]) -> Option<&'a str> {
+    first_for(&key(tenant, code), nodes)
 }
 
 /// The subject a node answers clock requests on.
@@ -652,7 +933,7 @@ impl Cluster {
     /// within half a second.
     pub async fn measure_clocks(&self) -> Result<(), ClusterError> {
         let me = self.node_id();
-        let others: Vec<NodeEntry> = self.nodes().await?.into_iter().filter(|n| n.id != me).collect();
+        let others: Vec<NodeEntry> = self.nodes().into_iter().filter(|n| n.id != me).collect();
         let exchanges = others.into_iter().map(|node| async move {
             let t0 = wall_nanos();
             let asked = self.client.request(clock_subject(&node.id), Bytes::new());

@@ -155,8 +155,14 @@ settings! {
         clap(value_delimiter = ',');
     /// How far ahead beats are sent and changes announced, in ms.
     lead_ms: u64 = 1500, env "DOWNBEAT_LEAD_MS", value "MS";
-    /// Interval between beat datagrams to each member of a running room, in ms.
+    /// Interval between beat datagrams to each member of a room right after a change to its
+    /// timeline (start, stop, tempo, meter), for one lead and until the change takes effect,
+    /// in ms.
     send_interval_ms: u64 = 100, env "DOWNBEAT_SEND_INTERVAL_MS", value "MS";
+    /// Interval between beat datagrams to each member of a running room whose timeline has
+    /// not changed for a lead, in ms: clients compute every beat from the timeline they hold,
+    /// so these only repair a lost change and show the room is alive.
+    steady_send_interval_ms: u64 = 1000, env "DOWNBEAT_STEADY_SEND_INTERVAL_MS", value "MS";
     /// Most rooms at once.
     max_rooms: usize = 1000, env "DOWNBEAT_MAX_ROOMS", value "N";
     /// Most members in one room, for every tenant (a tenant's own limit applies within it).
@@ -183,8 +189,10 @@ settings! {
     /// Time a new session has to open its control stream and say hello, in ms.
     hello_timeout_ms: u64 = 5000, env "DOWNBEAT_HELLO_TIMEOUT_MS", value "MS";
     /// A session that receives nothing for this long is lost (QUIC's idle timeout; WebSocket
-    /// sessions time their reads), in ms.
-    idle_timeout_ms: u64 = 30_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
+    /// sessions time their reads), in ms. It is also how long a client takes to notice that
+    /// its server's host is gone, so it stays below `seat_grace_ms`: a member whose node died
+    /// is back in their seat on another node.
+    idle_timeout_ms: u64 = 10_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
     /// How often an idle session is kept alive (QUIC keep-alive; a WebSocket ping), in ms.
     keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
     /// How long a network check (a probe session, the `/check` page's) may sync its clock
@@ -910,6 +918,12 @@ impl Config {
                 self.send_interval_ms, self.lead_ms
             ));
         }
+        if self.steady_send_interval_ms < self.send_interval_ms || self.steady_send_interval_ms > 10_000 {
+            return invalid(format!(
+                "steady_send_interval_ms is {}: use at least send_interval_ms ({}) and at most 10000, so a client that missed a change hears it soon",
+                self.steady_send_interval_ms, self.send_interval_ms
+            ));
+        }
         if self.max_rooms == 0 {
             return invalid("max_rooms is 0: use at least 1");
         }
@@ -1184,6 +1198,16 @@ impl Config {
         if self.cluster_drain_ms > 600_000 {
             return invalid(format!("cluster_drain_ms is {}: use 0 to 600000 (default 10000)", self.cluster_drain_ms));
         }
+        // A member whose node's host died notices at the idle timeout and comes back to the
+        // node that took the room over, which held their seat from the takeover on.
+        if self.cluster.is_some() && self.seat_grace_ms <= self.idle_timeout_ms {
+            return invalid(format!(
+                "seat_grace_ms ({}) is not above idle_timeout_ms ({}): in a cluster, members of a node whose host \
+                 dies notice only at the idle timeout and would lose their seats; raise seat_grace_ms or lower \
+                 idle_timeout_ms",
+                self.seat_grace_ms, self.idle_timeout_ms
+            ));
+        }
         Ok(())
     }
 
@@ -1404,6 +1428,8 @@ mod tests {
             (&["--tls-reload-check-ms", "3600001"], "tls_reload_check_ms is 3600001"),
             (&["--send-interval-ms", "900"], "at most half of lead_ms"),
             (&["--send-interval-ms", "1"], "send_interval_ms is 1"),
+            (&["--steady-send-interval-ms", "50"], "steady_send_interval_ms is 50"),
+            (&["--steady-send-interval-ms", "20000"], "at most 10000"),
             (&["--max-rooms", "0"], "max_rooms is 0"),
             (
                 &["--max-members-per-room", "101"],

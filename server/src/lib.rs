@@ -248,7 +248,7 @@ impl Server {
                     .await
                     .map_err(ServerError::Cluster)?;
                 joined.set_clock_bound(std::time::Duration::from_micros(config.cluster_clock_bound_us));
-                Some(Arc::new(joined))
+                Some(joined)
             }
             None => None,
         };
@@ -257,6 +257,9 @@ impl Server {
                 engine: downbeat_engine::room::Config {
                     lead_nanos: config.lead_ms * 1_000_000,
                     send_interval_nanos: config.send_interval_ms * 1_000_000,
+                    steady_send_interval_nanos: config.steady_send_interval_ms * 1_000_000,
+                    // A burst lasts a lead: as long as the announcement of a change at least.
+                    burst_nanos: config.lead_ms * 1_000_000,
                     max_members: config.max_members_per_room,
                     playout_delay_nanos: config.playout_delay_ms * 1_000_000,
                     max_reflections_per_prompt: config.max_reflections_per_prompt,

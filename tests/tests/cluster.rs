@@ -13,7 +13,7 @@ use downbeat_client::{Client, ClientError, Event};
 use downbeat_protocol::ErrorCode;
 use downbeat_protocol::Transport;
 use downbeat_server::auth::Role;
-use downbeat_server::cluster::{Cluster, NodeEntry};
+use downbeat_server::cluster::{Cluster, Located, NodeEntry};
 use downbeat_server::config::TenantLimits;
 use downbeat_tests::db::{Backend, TestDatabase};
 use downbeat_tests::nats::NatsServer;
@@ -57,10 +57,11 @@ async fn one_code_has_one_owner_and_a_lapsed_lease_is_taken_over_and_fenced() ->
         owners[owner] += 1;
         // The others see where it lives.
         for (n, other) in nodes.iter().enumerate().filter(|(n, _)| *n != owner) {
-            let found = other.locate("school", &code).await?.with_context(|| format!("node {n} finds {code}"))?;
+            let found =
+                other.locate("school", &code).await?.elsewhere().with_context(|| format!("node {n} finds {code}"))?;
             ensure!(found.id == nodes[owner].node_id(), "{code} found on {}", found.id);
         }
-        ensure!(nodes[owner].locate("school", &code).await?.is_none(), "the owner is not told to move");
+        ensure!(nodes[owner].locate("school", &code).await? == Located::Nowhere, "the owner is not told to move");
     }
     println!("claims won by node: {owners:?}");
     // Released, a code is free again; another school's same code is another key.
@@ -69,11 +70,12 @@ async fn one_code_has_one_owner_and_a_lapsed_lease_is_taken_over_and_fenced() ->
     for n in &nodes {
         n.release("school", "CODE0000").await;
     }
-    ensure!(nodes[owner].locate("school", "CODE0000").await?.is_none());
+    ensure!(nodes[owner].locate("school", "CODE0000").await? == Located::Nowhere);
     ensure!(nodes[2].claim("school", "CODE0000").await?, "a released code is free");
 
     // A node that stops renewing (a crash, a pause): its lease lapses, another node takes the
-    // room over by revision, and the old holder learns at its next renewal that it lost it.
+    // room over by revision, and the old holder learns from its watch that it lost it, as the
+    // takeover is written (without renewing).
     let short = Duration::from_millis(600);
     let paused = Cluster::connect(&nats.url, node("node-paused"), short).await?;
     let taker = Cluster::connect(&nats.url, node("node-taker"), short).await?;
@@ -89,10 +91,13 @@ async fn one_code_has_one_owner_and_a_lapsed_lease_is_taken_over_and_fenced() ->
     };
     ensure!(taken >= short, "taken over after {taken:?}, before the lease of {short:?} ran out");
     println!("a lapsed lease of {short:?} was taken over after {taken:?}");
-    let lost = paused.renew().await;
+    let lost =
+        tokio::time::timeout(Duration::from_secs(5), paused.lost_rooms()).await.context("learned of the loss")?;
     ensure!(lost == [("school".to_owned(), "LAPSED01".to_owned())], "{lost:?}");
-    ensure!(taker.renew().await.is_empty(), "the new holder keeps it");
-    let found = nodes[0].locate("school", "LAPSED01").await?.context("located")?;
+    ensure!(!paused.holds("school", "LAPSED01"), "the old holder stopped holding it");
+    taker.renew().await;
+    ensure!(taker.holds("school", "LAPSED01"), "the new holder keeps it");
+    let found = nodes[0].locate("school", "LAPSED01").await?.elsewhere().context("located")?;
     ensure!(found.id == "node-taker", "{found:?}");
     Ok(())
 }
@@ -134,7 +139,8 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
         );
         for (n, code) in [a?, b?, c?].into_iter().enumerate() {
             let plain = code.replace('-', "");
-            let owner = observer.locate("a", &plain).await?.with_context(|| format!("{code} in the directory"))?;
+            let owner =
+                observer.locate("a", &plain).await?.elsewhere().with_context(|| format!("{code} in the directory"))?;
             ensure!(
                 owner.id == format!("node-{}", n + 1),
                 "round {round}: {code} made on node {} lives on {}",
@@ -143,6 +149,29 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
             );
             ensure!(codes.insert(plain), "{code} given twice");
         }
+    }
+    // The teacher's room list on any node holds their rooms on every node, each with where
+    // it lives (as that node's watch saw the directory, a moment behind).
+    let listed = async {
+        loop {
+            let (status, body) = servers[1].http("GET", "/api/rooms", Some(&teacher), None).await?;
+            ensure!(status == 200, "{body}");
+            let rooms = body["rooms"].as_array().context("rooms")?;
+            let listed: BTreeSet<(String, String)> = rooms
+                .iter()
+                .filter_map(|r| Some((r["code"].as_str()?.replace('-', ""), r["node"].as_str()?.to_owned())))
+                .collect();
+            if listed.len() == codes.len() {
+                return Ok::<_, anyhow::Error>(listed);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let listed = tokio::time::timeout(Duration::from_secs(10), listed).await.context("every room listed")??;
+    for (code, node) in &listed {
+        ensure!(codes.contains(code), "{code} listed but not made");
+        let owner = observer.locate("a", code).await?.elsewhere().context("located")?;
+        ensure!(&owner.id == node, "{code} listed on {node}, lives on {}", owner.id);
     }
 
     // A student says hello to node 2 for a room of node 1: told where it lives, the client
@@ -228,7 +257,7 @@ async fn a_hello_on_the_wrong_node_ends_on_the_owner_and_codes_are_unique_across
     ensure!(status == 200, "{body}");
     let plain = code.replace('-', "");
     let released = async {
-        while observer.locate("a", &plain).await?.is_some() {
+        while observer.locate("a", &plain).await? != Located::Nowhere {
             tokio::task::yield_now().await;
         }
         Ok::<_, anyhow::Error>(())

@@ -13,7 +13,8 @@ use downbeat_client::{Client, ConnectOptions, Event, LocalClock, SystemClock};
 use downbeat_protocol::{
     Change, ClientMessage, ControlOp, MicroBpm, Name, PROTOCOL_VERSION, RoomSettings, ServerMessage, Transport,
 };
-use downbeat_tests::process::{District, Node, process_exists};
+use downbeat_server::cluster::{self, Cluster, NodeEntry};
+use downbeat_tests::process::{District, Node, TENANT, process_exists};
 use downbeat_tests::{RawSession, RawWebSocket, events_until};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,12 +150,12 @@ async fn rejoin(previous: &Seat, node: &Node, code: &str, deadline: Instant) -> 
     }
 }
 
-/// Waits until `client` is synced and has had 20 more beat frames (two seconds of sync
-/// samples beside them).
+/// Waits until `client` is synced and has had 3 more beat frames (two seconds or more of sync
+/// samples beside them: a running room whose timeline has settled sends one a second).
 async fn settle(client: &Client) -> Result<()> {
     client.wait_synced(Duration::from_secs(10)).await?;
     let frames = client.stats().frames;
-    client.wait_frames(frames + 20, Duration::from_secs(10)).await?;
+    client.wait_frames(frames + 3, Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -303,7 +304,16 @@ async fn kill_9(district: &District) -> Result<()> {
     // Every page schedules its beats from here on, through the kill.
     let schedules: Vec<Schedule> = everyone.iter().map(|s| Schedule::start(s.client.clone())).collect();
     let waited = teacher.client.stats().frames;
-    teacher.client.wait_frames(waited + 20, Duration::from_secs(10)).await?;
+    teacher.client.wait_frames(waited + 3, Duration::from_secs(10)).await?;
+    // Eight more rooms on node 1, with nobody in them: the survivors share them out.
+    let mut empty = Vec::new();
+    for i in 0..8 {
+        let token = district.teacher(&format!("t-empty-{i}"));
+        let body = serde_json::json!({"name": format!("Empty {i}"), "tempo_bpm": 100.0, "beats_per_bar": 4});
+        let (status, body) = nodes[0].http("POST", "/api/rooms", Some(&token), Some(body)).await?;
+        ensure!(status == 201, "an empty room: {status} {body}");
+        empty.push(body["code"].as_str().context("its code")?.replace('-', ""));
+    }
 
     let killed = Instant::now();
     let killed_local = clock.now().0;
@@ -337,11 +347,35 @@ async fn kill_9(district: &District) -> Result<()> {
     }
     // Scheduling goes on for a few seconds on the new sessions.
     let waited = back[0].0.stats().frames;
-    back[0].0.wait_frames(waited + 30, Duration::from_secs(10)).await?;
+    back[0].0.wait_frames(waited + 4, Duration::from_secs(10)).await?;
 
     // Each page scheduled every beat, before, during and after, one period apart.
     let worst = check_all(schedules, &everyone, period, killed_local, &truth)?;
     println!("every beat scheduled, the largest error from its true instant {} µs", worst / 1_000);
+
+    // Nobody came back to the empty rooms: each was swept up by the survivor that ranks first
+    // for it, so the dead node's rooms are shared out rather than all taken by one node.
+    let survivors = ["node-2".to_owned(), "node-3".to_owned()];
+    let observer = observer(district).await?;
+    let placed = async {
+        loop {
+            let mut placed = Vec::new();
+            for code in &empty {
+                placed.push(observer.locate(TENANT, code).await?.elsewhere().map(|n| n.id));
+            }
+            if placed.iter().all(|p| p.as_deref().is_some_and(|id| survivors.iter().any(|s| s == id))) {
+                return Ok::<_, anyhow::Error>(placed);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let placed =
+        tokio::time::timeout(Duration::from_secs(20), placed).await.context("the empty rooms taken over")??;
+    for (code, node) in empty.iter().zip(&placed) {
+        let first = cluster::taker_of(TENANT, code, &survivors);
+        ensure!(node.as_deref() == first, "{code} went to {node:?}, not {first:?}");
+    }
+    println!("the empty rooms went to {placed:?}");
 
     // The room as it was: the mute, the prompt; the teacher's controls work again.
     let new_teacher = &back[0].0;
@@ -361,6 +395,21 @@ async fn kill_9(district: &District) -> Result<()> {
     let kept: Vec<_> = reflections.iter().filter(|r| r["id"] == hex::encode(reflection)).collect();
     ensure!(kept.len() == 1, "the reflection is stored {} times: {sel}", kept.len());
     Ok(())
+}
+
+/// A reader of the district's directory that is no node: its own entry lapses at once (it
+/// never renews it), so the nodes do not count it among them.
+async fn observer(district: &District) -> Result<Arc<Cluster>> {
+    let entry = NodeEntry {
+        id: "observer".to_owned(),
+        http_url: "http://observer.invalid".to_owned(),
+        webtransport_url: "https://observer.invalid/".to_owned(),
+        websocket_url: "wss://observer.invalid/".to_owned(),
+        certificate_hashes: Vec::new(),
+        lease_until_ms: 0,
+        usage: Default::default(),
+    };
+    Ok(Cluster::connect(district.nats_url(), entry, Duration::from_millis(1)).await?)
 }
 
 /// Where the cluster's shared time base (the hosts' wall clock since the shared epoch) lies
@@ -408,7 +457,7 @@ async fn drain(district: &District) -> Result<()> {
     let period = beat_period(&teacher.client)?;
     let schedules: Vec<Schedule> = everyone.iter().map(|s| Schedule::start(s.client.clone())).collect();
     let waited = teacher.client.stats().frames;
-    teacher.client.wait_frames(waited + 20, Duration::from_secs(10)).await?;
+    teacher.client.wait_frames(waited + 3, Duration::from_secs(10)).await?;
 
     let asked = Instant::now();
     let asked_local = clock.now().0;
@@ -436,7 +485,7 @@ async fn drain(district: &District) -> Result<()> {
     ensure!(status.success(), "node 1 exited with {status}");
     println!("node 1 exited {:?} after SIGTERM", asked.elapsed());
     let waited = back[0].stats().frames;
-    back[0].wait_frames(waited + 30, Duration::from_secs(10)).await?;
+    back[0].wait_frames(waited + 4, Duration::from_secs(10)).await?;
 
     let worst = check_all(schedules, &everyone, period, asked_local, &truth)?;
     println!("every beat scheduled, the largest error from its true instant {} µs", worst / 1_000);

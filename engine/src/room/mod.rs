@@ -86,10 +86,20 @@ use crate::timeline::{MAX_BEATS_PER_BAR, Timeline};
 pub struct Config {
     /// How far ahead beats are sent, and the least notice a change is given.
     pub lead_nanos: u64,
-    /// Frame interval per member while beats sound or a change is pending.
+    /// Frame interval during a burst: from a timeline change until
+    /// [`Config::burst_nanos`] after it, and always until the change takes effect.
     pub send_interval_nanos: u64,
-    /// Frame interval per member while stopped with nothing pending.
+    /// Frame interval while stopped, outside a burst.
     pub idle_send_interval_nanos: u64,
+    /// Frame interval while beats sound and the timeline has not changed for a burst: as
+    /// often as loss recovery and liveness need, since every client computes every beat from
+    /// the timeline it holds.
+    #[serde(default = "default_steady_send_interval")]
+    pub steady_send_interval_nanos: u64,
+    /// How long after a timeline change frames go out every [`Config::send_interval_nanos`]
+    /// (and at least until the change takes effect).
+    #[serde(default = "default_burst")]
+    pub burst_nanos: u64,
     /// Most beats per frame (capped at the wire limit).
     pub beats_per_frame: usize,
     /// Most members (seats, held ones included).
@@ -117,12 +127,22 @@ fn default_reflections_per_prompt() -> usize {
     MAX_REFLECTIONS_PER_PROMPT
 }
 
+fn default_steady_send_interval() -> u64 {
+    Config::default().steady_send_interval_nanos
+}
+
+fn default_burst() -> u64 {
+    Config::default().burst_nanos
+}
+
 impl Default for Config {
     fn default() -> Self {
         Self {
             lead_nanos: 1_500_000_000,
             send_interval_nanos: 100_000_000,
             idle_send_interval_nanos: 1_000_000_000,
+            steady_send_interval_nanos: 1_000_000_000,
+            burst_nanos: 1_500_000_000,
             beats_per_frame: 8,
             max_members: 64,
             playout_delay_nanos: 80_000_000,

@@ -2,15 +2,27 @@
 //! notes. [`super::Room`] drives it for every attached seat; the simulation harness drives it
 //! alone.
 //!
-//! The room sends beat frames on one schedule, its tick: a frame every
-//! [`Config::send_interval_nanos`] while beats sound (or a change is pending), every
-//! [`Config::idle_send_interval_nanos`] while stopped. Each tick builds one frame, with one
+//! The room sends beat frames on one schedule, its tick. Each tick builds one frame, with one
 //! room-wide sequence number, for every member at once, so the I/O layer encodes it once
-//! however many members hear it. A member who joins gets a frame of its own at once, then
-//! the room's; a change makes the tick due at once. Each frame carries the whole timeline
-//! plus the beats of the next [`Config::lead_nanos`], so a lost, duplicated or reordered frame
-//! costs nothing: any later one says everything. The I/O layer only ever hands frames to a
-//! non-blocking send, so a slow member never delays another.
+//! however many members hear it. Each frame carries the whole timeline plus the beats of the
+//! next [`Config::lead_nanos`], so a lost, duplicated or reordered frame costs nothing: any
+//! later one says everything. Clients compute every beat from the timeline they hold, so a
+//! frame that repeats an unchanged timeline says nothing new; the tick's pace follows that:
+//!
+//! - **Burst**: a timeline change (start, stop, tempo, meter, a playback's start) makes the
+//!   tick due at once, then frames go out every [`Config::send_interval_nanos`] (100 ms) for
+//!   [`Config::burst_nanos`] (1.5 s) after the change, and in any case until the change takes
+//!   effect. A change takes effect at least one lead after it is asked, so every frame of the
+//!   announcement carries it, and an outage shorter than the lead (the simulation's 1 s)
+//!   cannot swallow all of them.
+//! - **Steady**: beats sounding, nothing changed for a burst: a frame every
+//!   [`Config::steady_send_interval_nanos`] (1 s), enough to repair a frame lost in a burst,
+//!   to bring a client back from an outage longer than the lead, and as a sign of life.
+//! - **Idle**: stopped, nothing pending: a frame every [`Config::idle_send_interval_nanos`].
+//!
+//! A member who joins gets a frame of its own at once (its welcome already carries the
+//! timeline), then the room's; a join does not start a burst. The I/O layer only ever hands
+//! frames to a non-blocking send, so a slow member never delays another.
 //!
 //! Notes ([`Stage::handle_notes`]) are validated, de-duplicated by sequence number, dropped
 //! while the member is muted (the caller says so: mute is a seat's, stored once) or beyond
@@ -161,6 +173,10 @@ pub struct Stage {
     tick: ServerNanos,
     /// The last frame's sequence number (room-wide; each member sees it rise).
     seq: u64,
+    /// Until when frames go out at the burst pace: the last timeline change plus
+    /// [`Config::burst_nanos`], or when it takes effect if later.
+    #[serde(default)]
+    burst_until: ServerNanos,
 }
 
 impl Stage {
@@ -171,7 +187,15 @@ impl Stage {
 
     /// A stage with `timeline` and no members.
     pub fn with_timeline(config: Config, timeline: Timeline) -> Self {
-        Self { config, timeline, members: BTreeMap::new(), joins: 0, tick: ServerNanos(0), seq: 0 }
+        Self {
+            config,
+            timeline,
+            members: BTreeMap::new(),
+            joins: 0,
+            tick: ServerNanos(0),
+            seq: 0,
+            burst_until: ServerNanos(0),
+        }
     }
 
     /// The room's settings.
@@ -282,21 +306,40 @@ impl Stage {
         outcome
     }
 
+    /// Frames sent so far (the last frame's sequence number), each to all its members.
+    pub fn frames_sent(&self) -> u64 {
+        self.seq
+    }
+
     /// The timeline.
     pub fn timeline(&self) -> &Timeline {
         &self.timeline
     }
 
-    /// Applies a timeline change; every member gets a frame carrying it right away.
+    /// Applies a timeline change; every member gets a frame carrying it right away, and the
+    /// burst pace holds for [`Config::burst_nanos`] and until the change takes effect.
     pub fn handle_change(&mut self, now: ServerNanos, change: Change) -> Result<Applied, TimelineError> {
         let applied = self.timeline.apply(now, change, self.config.lead_nanos)?;
         self.tick = self.tick.min(now);
+        self.burst_until = self.burst_until.max(now.add_nanos(self.config.burst_nanos)).max(applied.effective_at);
         Ok(applied)
     }
 
+    /// Whether frames go out at the burst pace at `now`: within a burst, or while a change is
+    /// still to take effect.
+    pub fn in_burst(&self, now: ServerNanos) -> bool {
+        now < self.burst_until || self.timeline.segments().iter().any(|s| s.start > now)
+    }
+
     fn interval_at(&self, now: ServerNanos) -> u64 {
-        let busy = self.timeline.is_running_at(now) || self.timeline.segments().iter().any(|s| s.start > now);
-        if busy { self.config.send_interval_nanos } else { self.config.idle_send_interval_nanos }.max(1)
+        let interval = if self.in_burst(now) {
+            self.config.send_interval_nanos
+        } else if self.timeline.is_running_at(now) {
+            self.config.steady_send_interval_nanos
+        } else {
+            self.config.idle_send_interval_nanos
+        };
+        interval.max(1)
     }
 
     /// The beat frame that would go out at `now` (sequence number 0).
@@ -427,6 +470,102 @@ mod tests {
         let t = r.poll_transmit(ServerNanos(10 * MS)).unwrap();
         assert_eq!(t.frame.timeline.epoch, 2);
         assert_eq!(r.poll_timeout(), Some(ServerNanos(110 * MS)));
+    }
+
+    /// Polls `r` from `from` to `to` (exclusive); the instants (ms) of the room's ticks.
+    fn ticks(r: &mut Stage, from: u64, to: u64) -> Vec<u64> {
+        let mut sent = Vec::new();
+        let mut now = ServerNanos(from);
+        while now.0 < to {
+            while let Some(t) = r.poll_transmit(now) {
+                sent.push(t.frame.sent_at.0 / MS);
+            }
+            now = r.poll_timeout().unwrap().max(now);
+        }
+        sent
+    }
+
+    #[test]
+    fn a_running_room_bursts_after_a_change_then_sends_at_the_steady_pace() {
+        let mut r = room();
+        r.join(ServerNanos(0), 1).unwrap();
+        assert_eq!(ticks(&mut r, 0, 10 * MS), vec![0]);
+        // Start at 10 ms, sounding from 1510 ms (one lead later): 100 ms frames from the change
+        // until it takes effect, then one a second.
+        let applied = r.handle_change(ServerNanos(10 * MS), Change::Start { count_in_bars: 0 }).unwrap();
+        assert_eq!(applied.effective_at, ServerNanos(1_510 * MS));
+        let sent = ticks(&mut r, 10 * MS, 6_000 * MS);
+        let burst: Vec<u64> = (0..15).map(|k| 10 + 100 * k).collect();
+        let steady: Vec<u64> = (0..5).map(|k| 1_510 + 1_000 * k).collect();
+        assert_eq!(sent, [burst, steady].concat());
+        assert!(!r.in_burst(ServerNanos(6_000 * MS)));
+        assert_eq!(ticks(&mut r, 6_000 * MS, 7_700 * MS), vec![6_510, 7_510]);
+
+        // A tempo change in the steady phase goes out at once and starts a burst again, which
+        // lasts until the change takes effect on the next bar boundary a lead away (bars of
+        // 2 s at 120 BPM: the downbeat at 9510 ms).
+        let applied = r.handle_change(ServerNanos(7_700 * MS), Change::SetTempo(MicroBpm::from_bpm(90))).unwrap();
+        assert_eq!(applied.effective_at, ServerNanos(9_510 * MS));
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(7_700 * MS)));
+        let sent = ticks(&mut r, 7_700 * MS, 12_000 * MS);
+        let burst: Vec<u64> = (0..19).map(|k| 7_700 + 100 * k).collect();
+        // The burst's last frame at 9500 ms; the next at 9600, the steady pace from there.
+        let steady: Vec<u64> = vec![9_600, 10_600, 11_600];
+        assert_eq!(sent, [burst, steady].concat());
+    }
+
+    #[test]
+    fn a_burst_lasts_at_least_burst_nanos_and_until_a_distant_change_takes_effect() {
+        // Burst longer than the lead: 3 s of 100 ms frames after a start at 0.
+        let config = Config { burst_nanos: 3_000 * MS, ..Config::default() };
+        let mut r = Stage::new(config, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        let sent = ticks(&mut r, 0, 5_000 * MS);
+        assert_eq!(sent, [(0..30).map(|k| 100 * k).collect::<Vec<_>>(), vec![3_000, 4_000]].concat());
+
+        // A slow tempo with long bars: a change lands on a downbeat far beyond one lead, and
+        // every frame until then goes out at the burst pace.
+        let mut r = Stage::new(Config::default(), ServerNanos(0), MicroBpm::from_bpm(20), 16).unwrap();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        ticks(&mut r, 0, 10_000 * MS);
+        // Bars of 48 s: at 10 s the next downbeat at least a lead away is at 49.5 s.
+        let applied = r.handle_change(ServerNanos(10_000 * MS), Change::SetMeter(4)).unwrap();
+        assert_eq!(applied.effective_at, ServerNanos(49_500 * MS));
+        let sent = ticks(&mut r, 10_000 * MS, 52_000 * MS);
+        let fast = sent.iter().filter(|&&t| t < 49_500).count();
+        assert_eq!(fast, 395, "every 100 ms from 10 s to 49.5 s");
+        assert_eq!(&sent[fast..], &[49_500, 50_500, 51_500]);
+    }
+
+    #[test]
+    fn a_newcomer_in_the_steady_phase_hears_at_once_without_a_burst() {
+        let mut r = room();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        ticks(&mut r, 0, 5_000 * MS);
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(5_500 * MS)));
+        r.join(ServerNanos(5_050 * MS), 2).unwrap();
+        let own = r.poll_transmit(ServerNanos(5_050 * MS)).unwrap();
+        assert_eq!(own.members, vec![2]);
+        assert!(r.poll_transmit(ServerNanos(5_050 * MS)).is_none());
+        // The room's tick stays where it was, to both.
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(5_500 * MS)));
+        assert_eq!(r.poll_transmit(ServerNanos(5_500 * MS)).unwrap().members, vec![1, 2]);
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(6_500 * MS)));
+    }
+
+    #[test]
+    fn a_handed_over_stage_keeps_its_burst() {
+        let mut r = room();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        let bytes = postcard::to_allocvec(&r).unwrap();
+        let mut restored: Stage = postcard::from_bytes(&bytes).unwrap();
+        let (sent, expected) = (ticks(&mut restored, 0, 3_000 * MS), ticks(&mut r, 0, 3_000 * MS));
+        assert_eq!(sent, expected);
+        assert_eq!(sent.len(), 17, "15 in the burst, then 1.5 s and 2.5 s");
     }
 
     #[test]

@@ -639,7 +639,8 @@ fn a_room_serialized_mid_song_and_restored_gives_the_same_next_outputs() {
             .any(|(_, o)| matches!(o, Output::Message { message: ServerMessage::MemberLeft { member_id: 3, .. }, .. })),
         "b's grace ended"
     );
-    assert!(original.len() > 100, "{}", original.len());
+    // Beat frames among them: a burst after the tempo change at 4.1 s, then one a second.
+    assert!(original.len() > 60, "{}", original.len());
     assert_eq!(original, copy);
     assert_eq!(postcard::to_allocvec(&r).expect("serializes"), postcard::to_allocvec(&restored).expect("serializes"));
 }

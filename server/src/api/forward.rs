@@ -25,7 +25,7 @@ use super::MAX_BODY_BYTES;
 use super::error::ApiError;
 use super::state::AppState;
 use crate::auth::Role;
-use crate::cluster::NodeEntry;
+use crate::cluster::{Located, NodeEntry};
 use crate::codes::JoinCode;
 
 /// Names the node a call was forwarded by (such a call is answered where it lands).
@@ -62,8 +62,10 @@ pub(crate) async fn to_owner(State(state): State<AppState>, request: Request, ne
         return next.run(request).await;
     }
     match cluster.locate(&who.tenant, code.as_str()).await {
-        Ok(Some(owner)) => forward(&cluster.node_id(), &owner, request).await.unwrap_or_else(|e| e.into_response()),
-        Ok(None) => next.run(request).await,
+        Ok(Located::Elsewhere(owner)) => {
+            forward(&cluster.node_id(), &owner, request).await.unwrap_or_else(|e| e.into_response())
+        }
+        Ok(Located::Orphaned | Located::Nowhere) => next.run(request).await,
         Err(e) => {
             warn!(error = %e, "the cluster's directory cannot be reached");
             ApiError::new(ErrorCode::ServerBusy, "the cluster's room directory cannot be reached; try again shortly")

@@ -169,11 +169,6 @@ async fn overview(State(state): State<AppState>, Operator(_who): Operator) -> Re
             let clocks = cluster.clock_offsets();
             cluster
                 .nodes()
-                .await
-                .map_err(|e| {
-                    tracing::warn!(error = %e, "listing the cluster's nodes failed");
-                    ApiError::new(ErrorCode::ServerBusy, "the cluster's directory cannot be reached; try again shortly")
-                })?
                 .into_iter()
                 .map(|n| ClusterNode {
                     clock: clocks.iter().find(|c| c.node == n.id).cloned(),

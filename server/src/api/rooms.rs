@@ -19,6 +19,8 @@ use super::extract::{ApiJson, Auth, CoTeacherPath, MemberPath, PeerAddr, RoomPat
 use super::state::AppState;
 use crate::auth::Principal;
 use crate::authz::Operation;
+use crate::cluster::RoomElsewhere;
+use crate::codes::JoinCode;
 use crate::room::RoomHandle;
 
 /// The room and control routes.
@@ -141,15 +143,28 @@ struct RoomSummary {
     code: String,
     name: String,
     created_unix: u64,
+    /// The node that holds the room (in a cluster).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
 }
 
 impl RoomSummary {
-    fn new(room: &RoomHandle) -> Self {
+    fn new(room: &RoomHandle, node: Option<String>) -> Self {
         let meta = room.meta();
         Self {
             code: meta.code.display(),
             name: meta.name.to_string(),
             created_unix: meta.created_at.duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.as_secs()),
+            node,
+        }
+    }
+
+    fn elsewhere(room: RoomElsewhere) -> Self {
+        Self {
+            code: JoinCode::parse(&room.code).map_or(room.code, |c| c.display()),
+            name: room.name,
+            created_unix: u64::try_from(room.created_at_ms / 1000).unwrap_or(0),
+            node: Some(room.node),
         }
     }
 }
@@ -183,10 +198,11 @@ pub(super) struct RecordingView {
     pub(super) started_at_ns: u64,
 }
 
-async fn detail(room: &RoomHandle) -> Result<RoomDetail, ApiError> {
+/// `room`'s detail; `node`: the node that holds it, in a cluster.
+async fn detail(room: &RoomHandle, node: Option<String>) -> Result<RoomDetail, ApiError> {
     let view = room.view().await?;
     Ok(RoomDetail {
-        summary: RoomSummary::new(room),
+        summary: RoomSummary::new(room, node),
         playout_delay_ms: view.playout_delay_nanos as f64 / 1e6,
         members: view.members.iter().map(|(m, connected)| MemberView::new(m, *connected)).collect(),
         timeline: (&view.timeline).into(),
@@ -216,7 +232,7 @@ async fn create_room(
     let tenant =
         state.tenants.tenant(&who.tenant).ok_or_else(|| ApiError::new(ErrorCode::Unauthorized, "unknown school"))?;
     let room = state.rooms.open(tenant, &who, &RoomSettings { name, tempo, beats_per_bar }).await?;
-    Ok((StatusCode::CREATED, Json(detail(&room).await?)))
+    Ok((StatusCode::CREATED, Json(detail(&room, state.rooms.cluster().map(|c| c.node_id())).await?)))
 }
 
 #[derive(Serialize)]
@@ -226,8 +242,22 @@ struct RoomList {
 
 async fn list_rooms(State(state): State<AppState>, Auth(who): Auth) -> Result<Json<RoomList>, ApiError> {
     state.authorize(&who, Operation::ListRooms)?;
-    let rooms = state.rooms.run_by(&who.tenant, &who.subject);
-    Ok(Json(RoomList { rooms: rooms.iter().map(RoomSummary::new).collect() }))
+    let here = state.rooms.cluster().map(|c| c.node_id());
+    let mut rooms: Vec<RoomSummary> =
+        state.rooms.run_by(&who.tenant, &who.subject).iter().map(|r| RoomSummary::new(r, here.clone())).collect();
+    // In a cluster, the teacher's rooms on the other nodes too, as this node's watch saw them.
+    if let Some(cluster) = state.rooms.cluster() {
+        let listed: std::collections::HashSet<String> = rooms.iter().map(|r| r.code.clone()).collect();
+        rooms.extend(
+            cluster
+                .rooms_run_by(&who.tenant, &who.subject)
+                .into_iter()
+                .map(RoomSummary::elsewhere)
+                .filter(|r| !listed.contains(&r.code)),
+        );
+        rooms.sort_by(|a, b| b.created_unix.cmp(&a.created_unix).then_with(|| a.code.cmp(&b.code)));
+    }
+    Ok(Json(RoomList { rooms }))
 }
 
 async fn room(
@@ -237,7 +267,7 @@ async fn room(
     RoomPath(code): RoomPath,
 ) -> Result<Json<RoomDetail>, ApiError> {
     let room = state.room_for(&who, peer, &code, Operation::ViewRoom)?;
-    Ok(Json(detail(&room).await?))
+    Ok(Json(detail(&room, state.rooms.cluster().map(|c| c.node_id())).await?))
 }
 
 /// Applies a teacher control through the one authorization function. The room counts its

@@ -38,7 +38,7 @@ use super::task::{RoomParts, RoomTask};
 use crate::auth::{Principal, Role, Tenant, Tenants};
 use crate::authz::{Refusal, RoomAccess as _};
 use crate::clock::ServerClock;
-use crate::cluster::{AdoptError, Cluster, RoomState, TenantUsage};
+use crate::cluster::{AdoptError, Cluster, Located, RoomState, TenantUsage};
 use crate::codes::JoinCode;
 use crate::config::TenantLimits;
 use crate::limits::{Buckets, Refill, network};
@@ -257,19 +257,15 @@ impl Rooms {
         if !self.may_look_up(tenant, who, peer) {
             return Err(Refusal::new(ErrorCode::RateLimited, TOO_MANY_WRONG_CODES));
         }
-        // A room handed to this node, or left by a node that died, is taken up here: its
-        // members arrive before (or without) this node's sweep.
-        if self.adopt(tenant, code.as_str()).await.is_some() {
-            return Ok(None);
-        }
         match cluster.locate(tenant.id(), code.as_str()).await {
-            Ok(Some(node)) => Ok(Some(node.moved())),
-            // The entry's lease may have run out between the takeover's read (still held)
-            // and the lookup's (lapsed): taken over now, or the room is nowhere.
-            Ok(None) => {
+            Ok(Located::Elsewhere(node)) => Ok(Some(node.moved())),
+            // A room handed to this node, or left by a node that died, is taken up here: its
+            // members arrive before (or without) this node's sweep.
+            Ok(Located::Orphaned) => {
                 self.adopt(tenant, code.as_str()).await;
                 Ok(None)
             }
+            Ok(Located::Nowhere) => Ok(None),
             Err(e) => {
                 warn!(error = %e, "the cluster's directory cannot be reached");
                 Err(Refusal::new(
@@ -308,28 +304,27 @@ impl Rooms {
         loop {
             tokio::select! {
                 () = shutdown.wait() => return,
+                lost = cluster.lost_rooms() => {
+                    for (tenant, code) in lost {
+                        if let Some(room) = self.find(&tenant, &code) {
+                            warn!(%tenant, %code, "this node lost the room to another node; its members are sent there");
+                            let _ = room.tx.send(Command::Lost).await;
+                        }
+                    }
+                    continue;
+                }
                 _ = beat.tick() => {}
             }
             cluster.publish_usage(self.usage(&sessions));
-            for (tenant, code) in cluster.renew().await {
-                if let Some(room) = self.find(&tenant, &code) {
-                    warn!(%tenant, %code, "this node lost the room to another node; its members are sent there");
-                    let _ = room.tx.send(Command::Lost).await;
-                }
-            }
+            cluster.renew().await;
             if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
                 continue;
             }
             // Rooms handed to this node, or left by a node whose lease ran out.
-            match cluster.orphans().await {
-                Ok(orphans) => {
-                    for (tenant, code) in orphans {
-                        if let Some(tenant) = tenants.tenant(&tenant) {
-                            self.adopt(tenant, &code).await;
-                        }
-                    }
+            for (tenant, code) in cluster.orphans() {
+                if let Some(tenant) = tenants.tenant(&tenant) {
+                    self.adopt(tenant, &code).await;
                 }
-                Err(e) => warn!(error = %e, "listing the cluster's rooms failed"),
             }
         }
     }
@@ -429,13 +424,7 @@ impl Rooms {
             if rooms.is_empty() {
                 break;
             }
-            let nodes: Vec<_> = match cluster.nodes().await {
-                Ok(nodes) => nodes.into_iter().filter(|n| n.id != me).collect(),
-                Err(e) => {
-                    warn!(error = %e, "the cluster's nodes cannot be listed; rooms stay here");
-                    Vec::new()
-                }
-            };
+            let nodes: Vec<_> = cluster.nodes().into_iter().filter(|n| n.id != me).collect();
             if nodes.is_empty() || tokio::time::Instant::now() >= deadline {
                 warn!(rooms = rooms.len(), "draining: no other node takes these rooms; they close here");
                 break;

@@ -30,7 +30,7 @@ use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, RoomM
 use super::inspect::{Observers, RoomInspection, SessionExtras};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
-use crate::cluster::{Cluster, NodeEntry, RoomState, WriteError};
+use crate::cluster::{Cluster, Located, NodeEntry, RoomState, WriteError};
 use crate::sel::{Job, Sel};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
@@ -178,10 +178,10 @@ impl RoomTask {
         let to = match (to, &self.cluster) {
             (Some(to), _) => Some(to),
             (None, Some(cluster)) => match cluster.locate(&self.meta.tenant, self.meta.code.as_str()).await {
-                Ok(Some(owner)) => Some(owner),
+                Ok(Located::Elsewhere(owner)) => Some(owner),
                 _ => {
                     let me = cluster.node_id();
-                    cluster.nodes().await.ok().and_then(|nodes| nodes.into_iter().find(|n| n.id != me))
+                    cluster.nodes().into_iter().find(|n| n.id != me)
                 }
             },
             (None, None) => None,
