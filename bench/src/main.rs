@@ -263,6 +263,10 @@ enum Scenario {
         /// control stream).
         #[arg(long)]
         change_at: Option<f64>,
+        /// The room's beat frame interval once settled (no change, no note for a lead), ms;
+        /// 100 sends a frame every 100 ms throughout, as before the steady pace.
+        #[arg(long, default_value_t = room::Config::default().steady_send_interval_nanos / 1_000_000)]
+        steady_send_interval_ms: u64,
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -339,8 +343,8 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 fn main() -> Result<()> {
     match Cli::parse().scenario {
-        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, change_at, json } => {
-            sim_scenario(profile, clients, seconds, bpm, seed, (outage_at, change_at), json)
+        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, change_at, steady_send_interval_ms, json } => {
+            sim_scenario(profile, clients, seconds, bpm, seed, (outage_at, change_at, steady_send_interval_ms), json)
         }
         Scenario::Netem {
             profile,
@@ -741,7 +745,7 @@ fn sim_scenario(
     seconds: u64,
     bpm: u32,
     seed: u64,
-    (outage_at, change_at): (Option<u64>, Option<f64>),
+    (outage_at, change_at, steady_ms): (Option<u64>, Option<f64>, u64),
     json: Option<std::path::PathBuf>,
 ) -> Result<()> {
     let started = Instant::now();
@@ -757,8 +761,8 @@ fn sim_scenario(
         members.push((ClockModel::random(&mut rng, 500 * MS as i64, 100.0), p));
     }
     let described = format!("{:?}", members.first().map(|m| &m.1));
-    let mut sim =
-        Sim::new(seed, room::Config::default(), &clock::Config::default(), MicroBpm::from_bpm(bpm), 4, members);
+    let config = room::Config { steady_send_interval_nanos: steady_ms * MS, ..room::Config::default() };
+    let mut sim = Sim::new(seed, config, &clock::Config::default(), MicroBpm::from_bpm(bpm), 4, members);
     sim.schedule_change(0, Change::Start { count_in_bars: 0 });
     if let Some(at) = change_at {
         sim.schedule_change((at * SEC as f64) as u64, Change::SetTempo(MicroBpm::from_bpm(bpm + bpm / 10)));

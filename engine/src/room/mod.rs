@@ -96,8 +96,9 @@ pub struct Config {
     /// the timeline it holds.
     #[serde(default = "default_steady_send_interval")]
     pub steady_send_interval_nanos: u64,
-    /// How long after a timeline change frames go out every [`Config::send_interval_nanos`]
-    /// (and at least until the change takes effect).
+    /// How long after a timeline change (and after the last note the room accepted) frames go
+    /// out every [`Config::send_interval_nanos`]; after a change, at least until it takes
+    /// effect.
     #[serde(default = "default_burst")]
     pub burst_nanos: u64,
     /// Most beats per frame (capped at the wire limit).

@@ -20,6 +20,12 @@
 //!   to bring a client back from an outage longer than the lead, and as a sign of life.
 //! - **Idle**: stopped, nothing pending: a frame every [`Config::idle_send_interval_nanos`].
 //!
+//! Notes also keep the burst pace, for [`Config::burst_nanos`] after the last one the room
+//! accepted: frames every 100 ms are what keep a power-saving Wi-Fi radio awake (it dozes
+//! after some 200 ms without traffic and then hears only every beacon, 102.4 ms apart), and a
+//! classmate's note reaching a dozing radio arrives up to a beacon late, often too late to
+//! sound with the others. A room where nobody plays settles to the steady pace.
+//!
 //! A member who joins gets a frame of its own at once (its welcome already carries the
 //! timeline), then the room's; a join does not start a burst. The I/O layer only ever hands
 //! frames to a non-blocking send, so a slow member never delays another.
@@ -177,6 +183,10 @@ pub struct Stage {
     /// [`Config::burst_nanos`], or when it takes effect if later.
     #[serde(default)]
     burst_until: ServerNanos,
+    /// Until when frames go out at the burst pace because notes flow: the last note accepted
+    /// plus [`Config::burst_nanos`].
+    #[serde(default)]
+    playing_until: ServerNanos,
 }
 
 impl Stage {
@@ -195,6 +205,7 @@ impl Stage {
             tick: ServerNanos(0),
             seq: 0,
             burst_until: ServerNanos(0),
+            playing_until: ServerNanos(0),
         }
     }
 
@@ -303,6 +314,9 @@ impl Stage {
             generation: state.generation,
             notes: BoundedVec::try_from_vec(frame).unwrap_or_default(),
         });
+        // Notes flowing keep the room at the burst pace, the next frame within one interval.
+        self.playing_until = now.add_nanos(self.config.burst_nanos);
+        self.tick = self.tick.min(now.add_nanos(self.config.send_interval_nanos));
         outcome
     }
 
@@ -325,10 +339,10 @@ impl Stage {
         Ok(applied)
     }
 
-    /// Whether frames go out at the burst pace at `now`: within a burst, or while a change is
-    /// still to take effect.
+    /// Whether frames go out at the burst pace at `now`: within a burst, while a change is
+    /// still to take effect, or within a burst of the last note.
     pub fn in_burst(&self, now: ServerNanos) -> bool {
-        now < self.burst_until || self.timeline.segments().iter().any(|s| s.start > now)
+        now < self.burst_until || now < self.playing_until || self.timeline.segments().iter().any(|s| s.start > now)
     }
 
     fn interval_at(&self, now: ServerNanos) -> u64 {
@@ -554,6 +568,30 @@ mod tests {
         assert_eq!(r.poll_timeout(), Some(ServerNanos(5_500 * MS)));
         assert_eq!(r.poll_transmit(ServerNanos(5_500 * MS)).unwrap().members, vec![1, 2]);
         assert_eq!(r.poll_timeout(), Some(ServerNanos(6_500 * MS)));
+    }
+
+    #[test]
+    fn notes_keep_the_burst_pace_and_a_quiet_room_settles() {
+        let mut r = room();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.join(ServerNanos(0), 2).unwrap();
+        r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        ticks(&mut r, 0, 5_000 * MS);
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(5_500 * MS)));
+        // A note at 5.05 s and another at 5.8 s: the next frame within 100 ms of the first,
+        // then every 100 ms until 1.5 s after the last (7.3 s; the frame at 7.25 s sets the
+        // next at 7.35 s), then one a second.
+        let note = |seq, at: u64| Note { seq, midi: 60, velocity: 100, instrument: 0, played_at: ServerNanos(at * MS) };
+        assert!(r.handle_notes(ServerNanos(5_050 * MS), 1, false, &[note(1, 5_050)]).forward.is_some());
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(5_150 * MS)));
+        let mut sent = ticks(&mut r, 5_050 * MS, 5_800 * MS);
+        assert!(r.handle_notes(ServerNanos(5_800 * MS), 2, false, &[note(1, 5_800)]).forward.is_some());
+        sent.extend(ticks(&mut r, 5_800 * MS, 10_000 * MS));
+        let fast: Vec<u64> = (0..23).map(|k| 5_150 + 100 * k).collect();
+        assert_eq!(sent, [fast, vec![8_350, 9_350]].concat());
+        // A refused note (muted) keeps nothing awake.
+        assert!(r.handle_notes(ServerNanos(10_000 * MS), 1, true, &[note(2, 10_000)]).forward.is_none());
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(10_350 * MS)));
     }
 
     #[test]
