@@ -157,11 +157,12 @@ settings! {
     lead_ms: u64 = 1500, env "DOWNBEAT_LEAD_MS", value "MS";
     /// Interval between beat datagrams to each member of a room right after a change to its
     /// timeline (start, stop, tempo, meter), for one lead and until the change takes effect,
-    /// in ms.
+    /// and while notes are played (for one lead after the last), in ms.
     send_interval_ms: u64 = 100, env "DOWNBEAT_SEND_INTERVAL_MS", value "MS";
     /// Interval between beat datagrams to each member of a running room whose timeline has
-    /// not changed for a lead, in ms: clients compute every beat from the timeline they hold,
-    /// so these only repair a lost change and show the room is alive.
+    /// not changed and where no note was played for a lead, in ms: clients compute every beat
+    /// from the timeline they hold, so these only repair a lost change and show the room is
+    /// alive.
     steady_send_interval_ms: u64 = 1000, env "DOWNBEAT_STEADY_SEND_INTERVAL_MS", value "MS";
     /// Most rooms at once.
     max_rooms: usize = 1000, env "DOWNBEAT_MAX_ROOMS", value "N";
@@ -193,6 +194,12 @@ settings! {
     /// its server's host is gone, so it stays below `seat_grace_ms`: a member whose node died
     /// is back in their seat on another node.
     idle_timeout_ms: u64 = 10_000, env "DOWNBEAT_IDLE_TIMEOUT_MS", value "MS";
+    /// Receive and send buffer asked for the WebTransport UDP socket, in bytes. Thousands of
+    /// sessions deliver bursts of datagrams faster than one wake-up drains them, and the
+    /// kernel's default (208 KiB on Linux) then drops them. Linux caps what it grants at
+    /// `net.core.rmem_max` and `net.core.wmem_max`; the server logs what it got and warns
+    /// when capped.
+    udp_buffer_bytes: u64 = 4 << 20, env "DOWNBEAT_UDP_BUFFER_BYTES", value "BYTES";
     /// How often an idle session is kept alive (QUIC keep-alive; a WebSocket ping), in ms.
     keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
     /// How long a network check (a probe session, the `/check` page's) may sync its clock
@@ -952,6 +959,7 @@ impl Config {
         }
         in_range("hello_timeout_ms", self.hello_timeout_ms, 100..=600_000, d.hello_timeout_ms)?;
         in_range("idle_timeout_ms", self.idle_timeout_ms, 1000..=600_000, d.idle_timeout_ms)?;
+        in_range("udp_buffer_bytes", self.udp_buffer_bytes, 64 << 10..=256 << 20, d.udp_buffer_bytes)?;
         if self.keep_alive_ms == 0 || self.keep_alive_ms >= self.idle_timeout_ms {
             return invalid(format!(
                 "keep_alive_ms is {}: use at least 1 and less than idle_timeout_ms ({}), or idle sessions are dropped",
@@ -1430,6 +1438,7 @@ mod tests {
             (&["--send-interval-ms", "1"], "send_interval_ms is 1"),
             (&["--steady-send-interval-ms", "50"], "steady_send_interval_ms is 50"),
             (&["--steady-send-interval-ms", "20000"], "at most 10000"),
+            (&["--udp-buffer-bytes", "1000"], "udp_buffer_bytes is 1000: use 65536 to 268435456"),
             (&["--max-rooms", "0"], "max_rooms is 0"),
             (
                 &["--max-members-per-room", "101"],

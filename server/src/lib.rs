@@ -58,7 +58,7 @@ mod shutdown;
 pub mod stats;
 
 use std::future::Future;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -626,20 +626,53 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
 /// only on hosts without IPv6.
 fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint<ServerSide>, ServerError> {
     let port = config.wt_port;
-    let dual = identity::server_config(ServerConfig::builder().with_bind_default(port), key, config)?;
-    match Endpoint::server(dual) {
-        Ok(endpoint) => Ok(endpoint),
+    let buffer = usize::try_from(config.udp_buffer_bytes).unwrap_or(usize::MAX);
+    let socket = match udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), buffer) {
+        Ok(socket) => socket,
         Err(e) if ipv6_unavailable(&e) => {
             warn!(error = %e, "dual-stack bind failed; listening for WebTransport on IPv4 only");
-            let v4 = identity::server_config(
-                ServerConfig::builder().with_bind_address(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))),
-                key,
-                config,
-            )?;
-            Endpoint::server(v4).map_err(|source| ServerError::BindWebTransport { port, source })
+            udp_socket(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)), buffer)
+                .map_err(|source| ServerError::BindWebTransport { port, source })?
         }
-        Err(source) => Err(ServerError::BindWebTransport { port, source }),
+        Err(source) => return Err(ServerError::BindWebTransport { port, source }),
+    };
+    let server = identity::server_config(ServerConfig::builder().with_bind_socket(socket), key, config)?;
+    Endpoint::server(server).map_err(|source| ServerError::BindWebTransport { port, source })
+}
+
+/// A non-blocking UDP socket bound to `addr` (an IPv6 wildcard takes IPv4 too), with receive
+/// and send buffers of `buffer` bytes asked for. The kernel may grant less (Linux caps at
+/// `net.core.rmem_max` and `wmem_max`); what it granted is logged, and a capped receive buffer
+/// warned about, since datagrams beyond it are dropped under load.
+fn udp_socket(addr: SocketAddr, buffer: usize) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(false)?;
     }
+    // Asking is best effort: a refusal leaves the kernel's default, which the log shows.
+    let asked = (socket.set_recv_buffer_size(buffer), socket.set_send_buffer_size(buffer));
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    // Linux reports twice what it keeps for the payload (the rest is its bookkeeping).
+    let payload = |reported: usize| if cfg!(target_os = "linux") { reported / 2 } else { reported };
+    let (receive, send) = (payload(socket.recv_buffer_size()?), payload(socket.send_buffer_size()?));
+    if let (Err(e), _) | (_, Err(e)) = &asked {
+        warn!(error = %e, "could not ask for larger WebTransport socket buffers");
+    }
+    if receive < buffer {
+        warn!(
+            asked = buffer,
+            receive,
+            send,
+            "the WebTransport socket's receive buffer is smaller than asked (--udp-buffer-bytes): under load, \
+             datagrams beyond it are dropped; raise net.core.rmem_max and wmem_max, e.g. sysctl -w \
+             net.core.rmem_max={buffer} net.core.wmem_max={buffer}"
+        );
+    } else {
+        info!(receive, send, "WebTransport socket buffers");
+    }
+    Ok(socket.into())
 }
 
 /// Binds an HTTP(S) listener; an IPv6 wildcard falls back to IPv4 on hosts without IPv6. The
@@ -653,5 +686,38 @@ async fn bind_tcp(addr: SocketAddr) -> Result<TcpListener, (SocketAddr, std::io:
             TcpListener::bind(v4).await.map_err(|source| (v4, source))
         }
         Err(source) => Err((addr, source)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_webtransport_socket_gets_the_buffers_asked_for_up_to_the_kernels_cap() {
+        let cap = |name: &str| -> usize {
+            let path = format!("/proc/sys/net/core/{name}");
+            std::fs::read_to_string(&path).unwrap().trim().parse().unwrap()
+        };
+        for asked in [256 << 10, 64 << 20] {
+            let socket = socket2::Socket::from(udp_socket(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), asked).unwrap());
+            assert_eq!(socket.recv_buffer_size().unwrap() / 2, asked.min(cap("rmem_max")));
+            assert_eq!(socket.send_buffer_size().unwrap() / 2, asked.min(cap("wmem_max")));
+        }
+    }
+
+    #[test]
+    fn the_webtransport_socket_takes_ipv4_on_the_ipv6_wildcard() {
+        let socket = udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)), 256 << 10).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let sender = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        sender.send_to(b"hello", (Ipv4Addr::LOCALHOST, port)).unwrap();
+        socket.set_nonblocking(false).unwrap();
+        socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = [0; 16];
+        let (n, from) = socket.recv_from(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"hello");
+        assert_eq!(from.port(), sender.local_addr().unwrap().port());
     }
 }
