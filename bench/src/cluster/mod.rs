@@ -69,7 +69,7 @@ pub struct ClusterConfig {
     #[arg(long, default_value_t = 5_000)]
     pub lease_ms: u64,
     /// The nodes' `idle_timeout_ms`: QUIC's idle timeout, after which a WebTransport client
-    /// notices that its node is gone (default: the server's, 30 s). Keep-alives every third
+    /// notices that its node is gone (default: the server's, 10 s). Keep-alives every third
     /// of it (at most 3 s).
     #[arg(long)]
     pub idle_timeout_ms: Option<u64>,

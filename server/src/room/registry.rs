@@ -262,8 +262,19 @@ impl Rooms {
             // A room handed to this node, or left by a node that died, is taken up here: its
             // members arrive before (or without) this node's sweep.
             Ok(Located::Orphaned) => {
-                self.adopt(tenant, code.as_str()).await;
-                Ok(None)
+                if self.adopt(tenant, code.as_str()).await.is_some() {
+                    return Ok(None);
+                }
+                // Another node took it up first (its sweep, or a member's hello there), or
+                // this node may not: follow the room where it went. Never `room_not_found`,
+                // which a client takes as final, for a room that exists.
+                match cluster.locate(tenant.id(), code.as_str()).await {
+                    Ok(Located::Elsewhere(node)) => Ok(Some(node.moved())),
+                    _ => Err(Refusal::new(
+                        ErrorCode::ServerBusy,
+                        "the room is moving to another server; try again shortly",
+                    )),
+                }
             }
             Ok(Located::Nowhere) => Ok(None),
             Err(e) => {
