@@ -170,6 +170,10 @@ pub enum AdoptError {
 /// How long one write to the directory may take before it counts as unreachable.
 const WRITE_PATIENCE: Duration = Duration::from_secs(2);
 
+/// Room leases renewed at once: a pass over a node's rooms takes a few round trips to NATS,
+/// not one per room, so a busy node's renewals stay well inside the lease.
+const RENEWALS_IN_FLIGHT: usize = 64;
+
 /// A room's entry as this node's watch last saw it (the engine's state left in the
 /// directory).
 #[derive(Clone, Debug)]
@@ -678,19 +682,22 @@ impl Cluster {
         self.count_elsewhere(&self.nodes());
         let held: Vec<(String, Arc<tokio::sync::Mutex<Held>>)> =
             self.held().iter().map(|(k, slot)| (k.clone(), slot.clone())).collect();
-        for (key, slot) in held {
-            let mut held = slot.lock().await;
-            let entry = self.room_entry(held.state.clone());
-            match self.write(&key, &mut held, entry).await {
-                Ok(()) => {}
-                Err(WriteError::Lost) => {
-                    drop(held);
-                    self.forget(&key, &slot);
-                    self.lose(&key);
+        use futures_util::StreamExt as _;
+        futures_util::stream::iter(held)
+            .for_each_concurrent(RENEWALS_IN_FLIGHT, |(key, slot)| async move {
+                let mut held = slot.lock().await;
+                let entry = self.room_entry(held.state.clone());
+                match self.write(&key, &mut held, entry).await {
+                    Ok(()) => {}
+                    Err(WriteError::Lost) => {
+                        drop(held);
+                        self.forget(&key, &slot);
+                        self.lose(&key);
+                    }
+                    Err(e) => warn!(key, error = %e, "renewing a room's lease failed; retrying at the next beat"),
                 }
-                Err(e) => warn!(key, error = %e, "renewing a room's lease failed; retrying at the next beat"),
-            }
-        }
+            })
+            .await;
     }
 
     /// Writes `entry` for `key` on the revision `held` last got.
