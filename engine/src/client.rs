@@ -86,10 +86,19 @@ pub struct Stats {
     pub notes_sent: u64,
 }
 
-/// How closely a new server's welcome must agree with a previous session's clock estimate
-/// for [`Client::carry_clock`] to keep it: far more than a welcome's one-way delay, far less
-/// than the time since a restarted server started counting.
-pub const CARRY_TOLERANCE_NANOS: u64 = 250_000_000;
+/// How old a new server's welcome may be on arrival, by a previous session's clock estimate,
+/// for [`Client::carry_clock`] to keep that estimate: far more than a welcome takes to arrive
+/// from a server busy with hundreds of handshakes at once (half a second on the two cores of
+/// the cluster benchmark), far less than a restarted server's count lags the old one's (the
+/// old one's whole run, joins and sync included, plus the restart).
+pub const CARRY_MAX_AGE_NANOS: u64 = 1_000_000_000;
+
+/// How far ahead of a previous session's estimate a new server's welcome may be stamped for
+/// [`Client::carry_clock`] to keep it. A welcome is stamped before it is sent, so on the same
+/// time base it can only look ahead by the estimate's own error, which is well under a
+/// millisecond after a lesson's worth of samples and grows only with drift left unmodelled
+/// while away.
+pub const CARRY_MAX_AHEAD_NANOS: u64 = 50_000_000;
 
 /// One client's view of its room. See the module docs.
 #[derive(Clone, Debug)]
@@ -282,14 +291,16 @@ impl Client {
     /// A new session of the same member (a reconnect, or its room moved to another node of a
     /// cluster): keeps `previous`'s clock estimate if the server it reached keeps the same
     /// time base, which the welcome tells: the server's time when it welcomed
-    /// (`welcome_server_now`), seen at `arrived`, agrees with the estimate within
-    /// [`CARRY_TOLERANCE_NANOS`]. Then the beats stay exactly where they were, rather than
+    /// (`welcome_server_now`), seen at `arrived`, is at most [`CARRY_MAX_AGE_NANOS`] behind the
+    /// estimate and at most [`CARRY_MAX_AHEAD_NANOS`] ahead of it (a welcome is stamped before
+    /// it travels, so it lags by its delay). Then the beats stay exactly where they were, rather than
     /// moving by a fresh estimate's error, and new samples refine the estimate as before.
     /// Otherwise (a server that restarted counts its time anew) sync starts over. Whether it
     /// was kept.
     pub fn carry_clock(&mut self, previous: &Estimator, welcome_server_now: ServerNanos, arrived: ClientNanos) -> bool {
         let Some(expected) = previous.to_server(arrived) else { return false };
-        if expected.0.abs_diff(welcome_server_now.0) > CARRY_TOLERANCE_NANOS {
+        let age = i128::from(expected.0) - i128::from(welcome_server_now.0);
+        if age > i128::from(CARRY_MAX_AGE_NANOS) || age < -i128::from(CARRY_MAX_AHEAD_NANOS) {
             return false;
         }
         self.clock = previous.carried();
@@ -447,6 +458,33 @@ mod tests {
         let reply = SyncReply { id: req.id, t0: req.t0, t1: t, t2: t };
         assert_eq!(c.handle_datagram(ClientNanos(12 * MS), &ServerDatagram::SyncReply(reply)), Handled::Sample);
         c
+    }
+
+    #[test]
+    fn a_new_session_keeps_the_estimate_if_its_welcome_is_on_the_same_time_base() {
+        let previous = synced_client().clock().clone();
+        // At local 20 s the estimate says server 25 s. A welcome stamped then is seen later,
+        // by its delay: an old one (a node busy with a reconnect storm) still shares the base;
+        // one stamped ahead of the estimate beyond its error, or far behind (a server that
+        // restarted and counts from its start), does not.
+        let arrived = ClientNanos(20_000 * MS);
+        for (stamped_ms, kept) in [
+            (25_000, true),
+            (24_400, true),
+            (24_001, true),
+            (25_030, true),
+            (23_900, false),
+            (25_100, false),
+            (3_000, false),
+        ] {
+            let mut c = Client::new(clock::Config::default());
+            assert_eq!(
+                c.carry_clock(&previous, ServerNanos(stamped_ms * MS), arrived),
+                kept,
+                "stamped {stamped_ms} ms"
+            );
+            assert_eq!(c.estimate(arrived).is_some(), kept, "stamped {stamped_ms} ms");
+        }
     }
 
     fn notes_of(d: &ClientDatagram) -> Vec<(u32, u64)> {

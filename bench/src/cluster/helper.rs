@@ -165,8 +165,8 @@ pub struct Outage {
     /// Whether the new session could schedule at once (the clock estimate carried over).
     pub clock_carried: Option<bool>,
     /// How old the welcome's `server_now` was (true server time when the reconnect returned
-    /// minus it), ms: the client keeps its clock estimate only if it agrees with that stamp
-    /// within 250 ms, so an older welcome makes it sync afresh.
+    /// minus it), ms: the client keeps its clock estimate only if that stamp is at most 1 s
+    /// old (and at most 50 ms ahead), so an older welcome makes it sync afresh.
     pub welcome_age_ms: Option<f64>,
     /// Every attempt.
     pub attempts: Vec<Attempt>,
