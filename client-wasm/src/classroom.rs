@@ -276,8 +276,11 @@ fn run_session(inner: &Rc<Inner>, transport: Rc<dyn Transport>) {
     spawn_local({
         let inner = inner.clone();
         async move {
-            closed.await;
-            lost(&inner, generation, "the connection closed");
+            let (code, reason) = closed.await;
+            if inner.current(generation) {
+                inner.session.borrow_mut().handle_closed_with(code, &reason);
+                dispatch(&inner);
+            }
         }
     });
     retry_webtransport(inner);

@@ -28,8 +28,10 @@ pub(crate) trait Transport {
     fn recv_datagram(&self) -> LocalBoxFuture<'_, Option<Vec<u8>>>;
     /// Closes the session with an application `code` and `reason` (idempotent).
     fn close(&self, code: u32, reason: &str);
-    /// Resolves once the session has ended, for whatever reason.
-    fn closed(&self) -> LocalBoxFuture<'static, ()>;
+    /// Resolves once the session has ended, for whatever reason, with the peer's close code
+    /// where the transport carries one the server sets to its error code (WebTransport), else
+    /// 0.
+    fn closed(&self) -> LocalBoxFuture<'static, (u32, String)>;
 }
 
 /// Which transport carries a session.

@@ -236,10 +236,13 @@ impl Transport for WebSocket {
         }
     }
 
-    fn closed(&self) -> LocalBoxFuture<'static, ()> {
+    fn closed(&self) -> LocalBoxFuture<'static, (u32, String)> {
         let closed = self.closed.clone();
         Box::pin(async move {
+            // The server's error frame and its close frame travel in order on one connection,
+            // and the socket hands them over in that order: the frame says why.
             let _ = js::settle(closed).await;
+            (0, String::new())
         })
     }
 }

@@ -109,9 +109,16 @@ impl Transport for WebTransport {
         self.transport.close_with_close_info(&info);
     }
 
-    fn closed(&self) -> LocalBoxFuture<'static, ()> {
-        let closed = self.transport.closed().unchecked_into();
-        Box::pin(ignore(closed))
+    fn closed(&self) -> LocalBoxFuture<'static, (u32, String)> {
+        let closed: js_sys::Promise = self.transport.closed().unchecked_into();
+        Box::pin(async move {
+            // Resolves with `{ closeCode, reason }` when the server closed the session; rejects
+            // when the connection was lost.
+            let Ok(info) = js::settle(closed).await else { return (0, String::new()) };
+            let field = |name: &str| Reflect::get(&info, &JsValue::from_str(name)).ok();
+            let code = field("closeCode").and_then(|v| v.as_f64()).map_or(0, |c| c as u32);
+            (code, field("reason").and_then(|v| v.as_string()).unwrap_or_default())
+        })
     }
 }
 

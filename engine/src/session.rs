@@ -556,6 +556,22 @@ impl<T> Session<T> {
         self.finish(End::Lost(reason.to_owned()));
     }
 
+    /// The transport ended with the server's close `code` (a WebTransport session's close
+    /// code, which the server sets to the [`ErrorCode`] it ended the session with; 0 or an
+    /// unknown code is a plain loss). The close can overtake the error frame on the control
+    /// stream that says the same, and must not then read as a lost connection: a session
+    /// replaced by another tab would reconnect and take the seat back.
+    pub fn handle_closed_with(&mut self, code: u32, reason: &str) {
+        let code = u16::try_from(code).ok().filter(|&c| c != 0).map(ErrorCode::from_u16);
+        match code {
+            Some(code) if !matches!(code, ErrorCode::Unknown(_)) => {
+                let message = if reason.is_empty() { code.as_str().to_owned() } else { reason.to_owned() };
+                self.finish(End::Server { code, message });
+            }
+            _ => self.handle_closed("the connection closed"),
+        }
+    }
+
     /// This side closes the session: pending requests fail with [`RequestError::Closed`].
     pub fn close(&mut self) {
         self.finish(End::Closed);
@@ -848,6 +864,29 @@ mod tests {
         s.close();
         assert_eq!(events(&mut s), vec![]);
         assert_eq!(s.report(ClientNanos(0)), None);
+    }
+
+    #[test]
+    fn a_close_code_says_why_when_it_overtakes_the_error_frame() {
+        // Replaced by another tab: the transport's close arrives first, with the code.
+        let mut s = live(&[]);
+        s.handle_closed_with(u32::from(ErrorCode::SessionReplaced.as_u16()), "");
+        let end = End::Server { code: ErrorCode::SessionReplaced, message: "session_replaced".into() };
+        assert_eq!(events(&mut s), vec![Event::Ended(end.clone())]);
+        assert!(end.is_final(), "the tab must not reconnect and take its seat back");
+        // The error frame said it first: its words stay.
+        let mut s = live(&[]);
+        feed(&mut s, &error(ErrorCode::Removed, None));
+        s.handle_closed_with(u32::from(ErrorCode::Removed.as_u16()), "removed");
+        assert!(
+            events(&mut s).contains(&Event::Ended(End::Server { code: ErrorCode::Removed, message: "removed".into() }))
+        );
+        // A plain close (0), a code this build does not know, or one too large: a lost connection.
+        for code in [0, 999, 70_000] {
+            let mut s = live(&[]);
+            s.handle_closed_with(code, "bye");
+            assert_eq!(events(&mut s), vec![Event::Ended(End::Lost("the connection closed".into()))], "code {code}");
+        }
     }
 
     #[test]
