@@ -643,8 +643,31 @@ async fn control_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Trans
                 inner.session.borrow_mut().handle_control_bytes(&bytes);
                 dispatch(&inner);
             }
-            None => return lost(&inner, generation, "the server ended the session"),
+            None => return stream_ended(&inner, generation, transport.as_ref()).await,
         }
+    }
+}
+
+/// How long a page waits, once the control stream ended, for the transport to say how the
+/// session closed.
+const CLOSE_INFO_WAIT_MS: f64 = 1_000.0;
+
+/// The control stream ended. When the server ends a session it writes an error frame, then
+/// closes with the same code; the close can discard the frame in flight, and the stream then
+/// just ends. So the session's end waits briefly for the transport's close code, which says
+/// why (`session_replaced`: another tab took the seat, and this one must not take it back).
+async fn stream_ended(inner: &Rc<Inner>, generation: u64, transport: &dyn Transport) {
+    let closed = transport.closed();
+    let waited = futures_util::future::select(closed, Box::pin(js::sleep(CLOSE_INFO_WAIT_MS))).await;
+    if !inner.current(generation) {
+        return;
+    }
+    match waited {
+        futures_util::future::Either::Left(((code, reason), _)) => {
+            inner.session.borrow_mut().handle_closed_with(code, &reason);
+            dispatch(inner);
+        }
+        futures_util::future::Either::Right(_) => lost(inner, generation, "the server ended the session"),
     }
 }
 
