@@ -76,17 +76,8 @@ pub struct Config {
     /// coasting since, or recent exchanges all slow), and faster samples help.
     pub settled_extrapolation: f64,
     /// ... and while that standard error stays below this: 2.6 of them (a normal p99) are about
-    /// a millisecond, the classroom's bound on clock error. [`NOISY_PATH_SETTLED_NANOS`] turns
-    /// this on; the default, 0, keeps a noisy path at the uncertain pace, as before.
-    ///
-    /// Off by default for now: it keeps every goal of the simulation, but the simulation's loss
-    /// bursts are counted in packets, not in time, so with fewer sync replies between beat
-    /// frames a burst takes more frames at once, and the test of changes reaching every client
-    /// through outages placed at changes (`the_steady_pace_keeps_the_goals_through_outages_at_changes`)
-    /// loses every frame of one announcement for one client in seed 62 on the congested
-    /// profile (7 of 40 seeds against 2 of 40 before; 0 of 40 either way with bursts off). Real
-    /// Wi-Fi loses in stretches of time, which extra packets do not shorten; bursts in time
-    /// in the simulation come first, then this default.
+    /// a millisecond, the classroom's bound on clock error. The default is
+    /// [`NOISY_PATH_SETTLED_NANOS`]; 0 keeps a noisy path at the uncertain pace throughout.
     pub settled_max_uncertainty_nanos: u64,
     /// After a sample the estimate could not explain, samples that must agree with it before
     /// the pace slows again.
@@ -116,7 +107,7 @@ impl Default for Config {
             steady_interval_nanos: 1_000_000_000,
             target_uncertainty_nanos: 30_000,
             settled_extrapolation: 2.5,
-            settled_max_uncertainty_nanos: 0,
+            settled_max_uncertainty_nanos: NOISY_PATH_SETTLED_NANOS,
             confirm_samples: 4,
             drift_prior_ppm: 100.0,
             max_drift_ppm: 1_000.0,

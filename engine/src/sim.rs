@@ -156,10 +156,8 @@ pub struct Path {
     pub jitter: Jitter,
     /// Probability a packet is lost on its own.
     pub loss: f64,
-    /// Probability a loss burst starts at a packet.
-    pub burst_start: f64,
-    /// Mean packets lost per burst.
-    pub burst_mean_len: f64,
+    /// Stretches of time in which everything is lost, if any.
+    pub bursts: Option<Bursts>,
     /// True-time windows `[from, to)` in which nothing gets through.
     pub outages: Vec<(u64, u64)>,
     /// Power-save holding (meaningful on the downlink).
@@ -169,20 +167,70 @@ pub struct Path {
 impl Path {
     /// A path with a fixed delay and nothing else.
     pub fn fixed(base_nanos: u64) -> Self {
-        Self {
-            base_nanos,
-            jitter: Jitter::None,
-            loss: 0.0,
-            burst_start: 0.0,
-            burst_mean_len: 0.0,
-            outages: Vec::new(),
-            power_save: None,
-        }
+        Self { base_nanos, jitter: Jitter::None, loss: 0.0, bursts: None, outages: Vec::new(), power_save: None }
     }
 
     /// The long-run fraction of packets lost (random losses plus bursts), outages aside.
     pub fn mean_loss(&self) -> f64 {
-        (self.loss + self.burst_start * self.burst_mean_len.max(1.0)).min(1.0)
+        (self.loss + self.bursts.map_or(0.0, |b| b.share())).min(1.0)
+    }
+}
+
+/// Loss bursts in time: stretches in which a path loses everything, as when interference or a
+/// neighbouring network takes the channel. Gaps between bursts and their lengths are drawn
+/// from exponential distributions, so what a burst takes depends on how long it lasts, not on
+/// how many packets happen to be sent meanwhile: a sender that sends less does not make the
+/// bursts it meets longer.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Bursts {
+    /// Mean length of a burst, ns.
+    pub mean_nanos: u64,
+    /// Mean time from the end of one burst to the start of the next, ns.
+    pub mean_gap_nanos: u64,
+}
+
+impl Bursts {
+    /// The long-run share of time spent in a burst.
+    pub fn share(&self) -> f64 {
+        let (len, gap) = (self.mean_nanos as f64, self.mean_gap_nanos as f64);
+        if len + gap > 0.0 { len / (len + gap) } else { 0.0 }
+    }
+
+    fn sample(rng: &mut Rng, mean_nanos: u64) -> u64 {
+        let u = 1.0 - rng.uniform();
+        ((-u.ln() * mean_nanos as f64) as u64).max(1)
+    }
+}
+
+/// Where one path is in its [`Bursts`]: the burst under way or the next one, `[from, to)`,
+/// drawn from the path's own generator, so the bursts depend on time only and the same seed
+/// gives the same bursts whatever the traffic.
+#[derive(Clone, Debug)]
+pub struct BurstState {
+    rng: Rng,
+    window: Option<(u64, u64)>,
+}
+
+impl BurstState {
+    /// Bursts drawn from a generator seeded by `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self { rng: Rng::new(seed), window: None }
+    }
+
+    /// Whether a packet entering at `now` (ns from the path's start) falls in a burst. Calls
+    /// must come in order of `now`.
+    pub fn lost_at(&mut self, bursts: &Bursts, now: u64) -> bool {
+        let rng = &mut self.rng;
+        let (mut from, mut to) = self.window.unwrap_or_else(|| {
+            let from = Bursts::sample(rng, bursts.mean_gap_nanos);
+            (from, from + Bursts::sample(rng, bursts.mean_nanos))
+        });
+        while to <= now {
+            from = to + Bursts::sample(rng, bursts.mean_gap_nanos);
+            to = from + Bursts::sample(rng, bursts.mean_nanos);
+        }
+        self.window = Some((from, to));
+        from <= now
     }
 }
 
@@ -210,15 +258,15 @@ impl Profile {
     }
 
     /// Classroom Wi-Fi (see `performance.md`): 3 ms base, log-normal jitter with p90 ~20 ms
-    /// and p99 ~250 ms one way, 0.5 % random loss plus bursts of mean 3; optional power save
-    /// (102.4 ms beacons after 200 ms idle) on the downlink.
+    /// and p99 ~250 ms one way, 0.5 % random loss plus bursts taking another 0.5 % of the time
+    /// (mean 60 ms, the "mean 3 packets" of a 20 ms media stream, one every 12 s or so);
+    /// optional power save (102.4 ms beacons after 200 ms idle) on the downlink.
     pub fn classroom_wifi(power_save: bool) -> Self {
         let path = Path {
             base_nanos: 3 * MS,
             jitter: Jitter::LogNormal { median_nanos: 640_000.0, sigma: 2.56, cap_nanos: 1_500 * MS },
             loss: 0.005,
-            burst_start: 0.005 / 3.0,
-            burst_mean_len: 3.0,
+            bursts: Some(Bursts { mean_nanos: 60 * MS, mean_gap_nanos: 11_940 * MS }),
             outages: Vec::new(),
             power_save: None,
         };
@@ -241,24 +289,23 @@ impl Profile {
     }
 }
 
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 struct PathState {
-    in_burst: bool,
+    bursts: BurstState,
     last_activity: Option<u64>,
 }
 
 impl PathState {
+    fn new(seed: u64) -> Self {
+        Self { bursts: BurstState::new(seed), last_activity: None }
+    }
+
     /// When a packet sent at `now` arrives, or `None` if it is lost.
     fn transit(&mut self, path: &Path, rng: &mut Rng, now: u64) -> Option<u64> {
         if path.outages.iter().any(|&(a, b)| (a..b).contains(&now)) {
             return None;
         }
-        if self.in_burst {
-            self.in_burst = rng.chance(1.0 - 1.0 / path.burst_mean_len.max(1.0));
-            return None;
-        }
-        if rng.chance(path.burst_start) {
-            self.in_burst = rng.chance(1.0 - 1.0 / path.burst_mean_len.max(1.0));
+        if path.bursts.is_some_and(|b| self.bursts.lost_at(&b, now)) {
             return None;
         }
         if rng.chance(path.loss) {
@@ -460,6 +507,8 @@ impl Sim {
         clients: Vec<(ClockModel, Profile)>,
     ) -> Self {
         let mut room = Stage::new(room_config, ServerNanos(0), tempo, beats_per_bar).expect("valid tempo and meter");
+        // Each path's bursts have a generator of their own (see [`BurstState`]).
+        let mut burst_seeds = Rng::new(seed ^ 0xb0_0057);
         let clients = clients
             .into_iter()
             .enumerate()
@@ -486,8 +535,8 @@ impl Sim {
                     clock,
                     profile,
                     carrier: Carrier::Datagrams,
-                    up: PathState::default(),
-                    down: PathState::default(),
+                    up: PathState::new(burst_seeds.next_u64()),
+                    down: PathState::new(burst_seeds.next_u64()),
                     up_tcp: TcpPipe::default(),
                     down_tcp: TcpPipe::default(),
                     outbox: Outbox::default(),
@@ -897,7 +946,7 @@ mod tests {
         let path = Path { outages, ..Path::fixed(5 * MS) };
         let back = Path::fixed(5 * MS);
         let (mut pipe, mut state, mut stats, mut rng) =
-            (TcpPipe::default(), PathState::default(), TcpStats::default(), Rng::new(1));
+            (TcpPipe::default(), PathState::new(2), TcpStats::default(), Rng::new(1));
         let delivered = times
             .iter()
             .map(|&t| {

@@ -4,18 +4,17 @@
 //! Time is nanoseconds since the emulator started. The emulator calls [`Path::admit`] for
 //! every packet in the order they enter; the tests call it on virtual time.
 //!
-//! Order of decisions (as in the engine's simulation): an outage drops everything; a
-//! Gilbert–Elliott burst drops until it ends (each further packet continues the burst with
-//! probability `1 - 1/mean`); then random loss; then the delay: the end of the current link
+//! Order of decisions (as in the engine's simulation): an outage drops everything; so does a
+//! loss burst (a stretch of time, [`sim::Bursts`]); then random loss; then the delay: the end of the current link
 //! stall if any (else now), plus base and jitter, rounded up to the next beacon if the station
 //! is asleep (power save), and never before the previous packet's release plus the minimum gap
 //! (FIFO). A packet picked for reordering is released `reorder_extra_nanos` after its place in
 //! that order and does not hold back later packets, which overtake it.
 //!
-//! Stalls come from their own generator and depend on time only, so the traffic never
-//! changes them; packets' fates come from the path's generator in the order they enter.
+//! Stalls and bursts come from their own generators and depend on time only, so the traffic
+//! never changes them; packets' fates come from the path's generator in the order they enter.
 
-use downbeat_engine::sim::Rng;
+use downbeat_engine::sim::{BurstState, Rng};
 use serde::Serialize;
 
 use super::profile::{Outages, PathParams, PowerSave, Stalls};
@@ -26,7 +25,7 @@ use super::profile::{Outages, PathParams, PowerSave, Stalls};
 pub enum DropCause {
     /// Random loss.
     Random,
-    /// A Gilbert–Elliott loss burst.
+    /// A loss burst.
     Burst,
     /// An outage (configured window, periodic, or triggered).
     Outage,
@@ -60,7 +59,7 @@ pub struct Path {
     next_stall: u64,
     /// End of the latest stall so far.
     stalled_until: u64,
-    in_burst: bool,
+    bursts: BurstState,
     last_activity: Option<u64>,
     /// Release instant of the last packet kept in order.
     watermark: u64,
@@ -74,6 +73,7 @@ impl Path {
         let mut rng = Rng::new(seed);
         let mut stall_rng = Rng::new(rng.next_u64());
         let next_stall = params.stalls.map_or(u64::MAX, |s| s.sample_gap(&mut stall_rng));
+        let bursts = BurstState::new(rng.next_u64());
         Self {
             params,
             power_save,
@@ -82,7 +82,7 @@ impl Path {
             stall_rng,
             next_stall,
             stalled_until: 0,
-            in_burst: false,
+            bursts,
             last_activity: None,
             watermark: 0,
             outage_until: 0,
@@ -125,13 +125,7 @@ impl Path {
             return Verdict::Drop(DropCause::Outage);
         }
         let p = &self.params;
-        let stay = 1.0 - 1.0 / p.burst_mean_len.max(1.0);
-        if self.in_burst {
-            self.in_burst = self.rng.chance(stay);
-            return Verdict::Drop(DropCause::Burst);
-        }
-        if p.burst_start > 0.0 && self.rng.chance(p.burst_start) {
-            self.in_burst = self.rng.chance(stay);
+        if p.bursts.is_some_and(|b| self.bursts.lost_at(&b, now)) {
             return Verdict::Drop(DropCause::Burst);
         }
         if p.loss > 0.0 && self.rng.chance(p.loss) {
@@ -171,7 +165,7 @@ fn advance_stalls(stalls: &Stalls, rng: &mut Rng, next: &mut u64, until: &mut u6
 
 #[cfg(test)]
 mod tests {
-    use downbeat_engine::sim::{MS, SEC};
+    use downbeat_engine::sim::{self, MS, SEC};
 
     use super::*;
     use crate::netem::profile::{Jitter, Profile};
@@ -273,13 +267,15 @@ mod tests {
     }
 
     #[test]
-    fn gilbert_elliott_bursts_have_the_configured_mean_length() {
-        let params = PathParams { burst_start: 0.01, burst_mean_len: 3.0, ..PathParams::fixed(0) };
+    fn bursts_last_their_mean_in_time_whatever_the_packet_rate() {
+        let bursts = sim::Bursts { mean_nanos: 60 * MS, mean_gap_nanos: 2 * SEC };
+        let params = PathParams { bursts: Some(bursts), ..PathParams::fixed(0) };
+        // A packet every millisecond for 2,000 s: a burst of mean 60 ms takes 60 in a row.
         let mut path = Path::new(params.clone(), None, None, 9);
         let (mut bursts, mut lost, mut run) = (0u64, 0u64, 0u64);
-        let n = 400_000;
+        let n = 2_000_000;
         for k in 0..n {
-            match path.admit(k) {
+            match path.admit(k * MS) {
                 Verdict::Drop(DropCause::Burst) => {
                     lost += 1;
                     run += 1;
@@ -292,9 +288,15 @@ mod tests {
             }
         }
         let mean = lost as f64 / bursts as f64;
-        assert!((mean - 3.0).abs() < 0.15, "mean burst {mean}");
+        assert!((mean - 60.0).abs() < 3.0, "mean burst {mean} packets");
         let rate = lost as f64 / n as f64;
-        assert!((rate - params.expected_loss()).abs() < 0.004, "rate {rate} vs {}", params.expected_loss());
+        assert!((rate - params.expected_loss()).abs() < 0.003, "rate {rate} vs {}", params.expected_loss());
+        // The same bursts met by a packet every 100 ms: the same share lost, a packet or so
+        // per burst, since the bursts do not stretch with the gaps between packets.
+        let mut sparse = Path::new(params.clone(), None, None, 9);
+        let lost = (0..20_000u64).filter(|k| matches!(sparse.admit(k * 100 * MS), Verdict::Drop(_))).count();
+        let rate = lost as f64 / 20_000.0;
+        assert!((rate - params.expected_loss()).abs() < 0.01, "sparse rate {rate} vs {}", params.expected_loss());
     }
 
     #[test]

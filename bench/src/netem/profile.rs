@@ -42,6 +42,15 @@ fn serialize_jitter<S: Serializer>(jitter: &Jitter, serializer: S) -> Result<S::
     map.end()
 }
 
+/// Writes loss bursts as `{"mean_nanos", "mean_gap_nanos"}`, or `null` for none.
+fn serialize_bursts<S: Serializer>(bursts: &Option<sim::Bursts>, serializer: S) -> Result<S::Ok, S::Error> {
+    let Some(b) = bursts else { return serializer.serialize_none() };
+    let mut map = serializer.serialize_map(Some(2))?;
+    map.serialize_entry("mean_nanos", &b.mean_nanos)?;
+    map.serialize_entry("mean_gap_nanos", &b.mean_gap_nanos)?;
+    map.end()
+}
+
 /// A jitter in words, for the printed profile.
 struct JitterText<'a>(&'a Jitter);
 
@@ -140,11 +149,9 @@ pub struct PathParams {
     pub min_gap_nanos: u64,
     /// Probability a packet is lost on its own.
     pub loss: f64,
-    /// Probability a loss burst starts at a packet (Gilbert–Elliott: the bad state loses
-    /// everything).
-    pub burst_start: f64,
-    /// Mean packets lost per burst.
-    pub burst_mean_len: f64,
+    /// Stretches of time in which everything is lost, if any.
+    #[serde(serialize_with = "serialize_bursts")]
+    pub bursts: Option<sim::Bursts>,
     /// Probability a packet is held back on purpose so that later packets overtake it.
     pub reorder: f64,
     /// How long a reordered packet is held back beyond its own delay, ns.
@@ -162,8 +169,7 @@ impl PathParams {
             stalls: None,
             min_gap_nanos: 0,
             loss: 0.0,
-            burst_start: 0.0,
-            burst_mean_len: 0.0,
+            bursts: None,
             reorder: 0.0,
             reorder_extra_nanos: 0,
             outages_at: Vec::new(),
@@ -179,8 +185,7 @@ impl PathParams {
             stalls: None,
             min_gap_nanos: 0,
             loss: path.loss,
-            burst_start: path.burst_start,
-            burst_mean_len: path.burst_mean_len,
+            bursts: path.bursts,
             reorder: 0.0,
             reorder_extra_nanos: 0,
             outages_at: path.outages.clone(),
@@ -188,9 +193,9 @@ impl PathParams {
     }
 
     /// The expected share of packets lost to random loss and bursts (outages aside):
-    /// `1 - (1 - b·m)(1 - loss)` for burst start b and mean length m (small b).
+    /// `1 - (1 - share)(1 - loss)` for the share of time in a burst.
     pub fn expected_loss(&self) -> f64 {
-        let bursty = (self.burst_start * self.burst_mean_len.max(1.0)).min(1.0);
+        let bursty = self.bursts.map_or(0.0, |b| b.share());
         1.0 - (1.0 - bursty) * (1.0 - self.loss)
     }
 }
@@ -204,10 +209,16 @@ impl fmt::Display for PathParams {
         if self.min_gap_nanos > 0 {
             write!(f, ", packets at least {} apart", Ms(self.min_gap_nanos))?;
         }
-        if self.loss > 0.0 || self.burst_start > 0.0 {
+        if self.loss > 0.0 || self.bursts.is_some() {
             write!(f, ", loss {}", Pct(self.loss))?;
-            if self.burst_start > 0.0 {
-                write!(f, " + bursts starting at {} of mean {} packets", Pct(self.burst_start), self.burst_mean_len)?;
+            if let Some(b) = self.bursts {
+                write!(
+                    f,
+                    " + bursts of mean {} every {} ({} of the time)",
+                    Ms(b.mean_nanos),
+                    Ms(b.mean_gap_nanos),
+                    Pct(b.share())
+                )?;
             }
         } else {
             write!(f, ", no loss")?;
@@ -255,7 +266,7 @@ impl Profile {
     }
 
     /// Classroom Wi-Fi (`performance.md`): the engine's profile (3 ms base, 0.5 % random
-    /// loss plus bursts of mean 3, power save with 102.4 ms beacons after 200 ms idle on 30 %
+    /// loss plus bursts of mean 60 ms taking 0.5 % of the time, power save with 102.4 ms beacons after 200 ms idle on 30 %
     /// of clients) with its delay quantiles (p50 ~4 ms, p90 ~20 ms, p99 ~250 ms one way) from
     /// stalls (5.8/s, at least 15 ms, Pareto shape 1.75, cap 1.5 s) plus a log-normal jitter
     /// (median 0.45 ms, sigma 0.6, cap 5 ms); plus 0.1 % reordering (held 20 ms), one 1 s
@@ -409,7 +420,7 @@ mod tests {
         let sim = sim::Profile::classroom_wifi(true);
         assert_eq!(wifi.up.base_nanos, sim.up.base_nanos);
         assert_eq!(wifi.up.loss, sim.up.loss);
-        assert_eq!(wifi.down.burst_mean_len, sim.down.burst_mean_len);
+        assert_eq!(wifi.down.bursts, sim.down.bursts);
         assert_eq!(wifi.power_save.map(|p| p.beacon_nanos), sim.down.power_save.map(|p| p.beacon_nanos));
         let congested = Profile::congested();
         assert_eq!(congested.up.loss, 0.05);

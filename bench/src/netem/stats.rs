@@ -98,7 +98,7 @@ pub struct DirectionStats {
     pub forwarded: u64,
     /// Dropped by random loss.
     pub dropped_random: u64,
-    /// Dropped in a Gilbert–Elliott burst.
+    /// Dropped in a loss burst.
     pub dropped_burst: u64,
     /// Dropped in an outage.
     pub dropped_outage: u64,
