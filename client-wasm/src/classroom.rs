@@ -621,7 +621,11 @@ async fn report_loop(inner: Rc<Inner>, generation: u64, transport: Rc<dyn Transp
         if !inner.current(generation) {
             return;
         }
-        let Some(report) = inner.session.borrow().report(js::local_now()) else { return };
+        let report = match inner.session.borrow_mut().report(js::local_now()) {
+            session::ReportDue::Send(frame) => frame,
+            session::ReportDue::Unchanged => continue,
+            session::ReportDue::NotLive => return,
+        };
         if transport.send_control(&report).await.is_err() {
             return;
         }

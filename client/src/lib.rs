@@ -629,7 +629,11 @@ async fn report(
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
-        let Some(frame) = lock(&shared).session.report(clock.now()) else { return };
+        let frame = match lock(&shared).session.report(clock.now()) {
+            session::ReportDue::Send(frame) => frame,
+            session::ReportDue::Unchanged => continue,
+            session::ReportDue::NotLive => return,
+        };
         if transport.send_control(&frame).await.is_err() {
             return;
         }

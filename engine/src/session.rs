@@ -29,8 +29,8 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use downbeat_protocol::{
-    ClientDatagram, ClientMessage, ClientNanos, ControlAck, ControlOp, ControlRequest, DecodeError, ErrorCode,
-    FrameDecoder, Hello, Member, Moved, Note, PROTOCOL_VERSION, ParticipationNotice, PlaybackInfo, Prompt,
+    ClientDatagram, ClientMessage, ClientNanos, ClientReport, ControlAck, ControlOp, ControlRequest, DecodeError,
+    ErrorCode, FrameDecoder, Hello, Member, Moved, Note, PROTOCOL_VERSION, ParticipationNotice, PlaybackInfo, Prompt,
     RecordingInfo, Reflection, ReflectionNotice, ReflectionText, RoomRequest, ServerMessage, Token, Welcome,
     decode_server_datagram, encode_client_datagram, encode_frame,
 };
@@ -278,7 +278,24 @@ pub struct Session<T = ()> {
     /// Where the room lives now, if the server said it moved.
     moved: Option<Moved>,
     synced: bool,
+    /// When the last report was handed out, and what it said.
+    last_report: Option<(ClientNanos, ClientReport)>,
     events: VecDeque<Event<T>>,
+}
+
+/// A report that says nothing new still goes out this often: the server keeps the fine sync
+/// figures (its uncertainty histogram) and the member's presence fresh from it.
+pub const REPORT_REFRESH_NANOS: u64 = 10_000_000_000;
+
+/// What [`Session::report`] says to do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportDue {
+    /// Send this frame on the control stream.
+    Send(Vec<u8>),
+    /// Nothing new since the last report: send nothing, ask again at the next interval.
+    Unchanged,
+    /// The session is not live (not welcomed yet, or ended): stop reporting.
+    NotLive,
 }
 
 impl<T> Session<T> {
@@ -300,6 +317,7 @@ impl<T> Session<T> {
             end: None,
             moved: None,
             synced: false,
+            last_report: None,
             events: VecDeque::new(),
         };
         let hello = encode_frame(&ClientMessage::Hello(Hello { version: PROTOCOL_VERSION, token, room }));
@@ -418,13 +436,33 @@ impl<T> Session<T> {
         }
     }
 
-    /// The report frame to send about every two seconds (sync quality, playout counts);
-    /// `None` unless live.
-    pub fn report(&self, now: ClientNanos) -> Option<Vec<u8>> {
+    /// What to do about the report (sync quality, playout counts) at `now`, asked about every
+    /// two seconds: send it if it says something new (the first of the session, coarse sync
+    /// quality changed as [`downbeat_protocol::SyncQuality::coarse`] counts it, a classmate's note scheduled or
+    /// late since the last) or the last one went [`REPORT_REFRESH_NANOS`] ago. A settled,
+    /// quiet class then reports every ten seconds rather than every two: a fifth of the
+    /// control-stream traffic, where a server holding thousands of sessions spends its time
+    /// on stream frames and their acknowledgements.
+    pub fn report(&mut self, now: ClientNanos) -> ReportDue {
         if self.state != State::Live {
-            return None;
+            return ReportDue::NotLive;
         }
-        encode_frame(&ClientMessage::Report(self.client.report(now))).ok()
+        let report = self.client.report(now);
+        let new = self.last_report.is_none_or(|(at, last)| {
+            last.sync.coarse() != report.sync.coarse()
+                || (last.notes_played, last.notes_late) != (report.notes_played, report.notes_late)
+                || now.0.saturating_sub(at.0) >= REPORT_REFRESH_NANOS
+        });
+        if !new {
+            return ReportDue::Unchanged;
+        }
+        match encode_frame(&ClientMessage::Report(report)) {
+            Ok(frame) => {
+                self.last_report = Some((now, report));
+                ReportDue::Send(frame)
+            }
+            Err(_) => ReportDue::Unchanged,
+        }
     }
 
     /// Takes control-stream bytes as they arrived (any chunking) and handles every complete
@@ -863,7 +901,7 @@ mod tests {
         s.handle_closed("again");
         s.close();
         assert_eq!(events(&mut s), vec![]);
-        assert_eq!(s.report(ClientNanos(0)), None);
+        assert_eq!(s.report(ClientNanos(0)), ReportDue::NotLive);
     }
 
     #[test]
@@ -1089,7 +1127,14 @@ mod tests {
         let (note, bytes) = s.play_note(now, 60, 100, 0).unwrap();
         assert_eq!((note.seq, note.played_at), (1, ServerNanos(now.0 + 5_000 * MS)));
         assert!(matches!(downbeat_protocol::decode_client_datagram(&bytes), Ok(ClientDatagram::Notes(_))));
-        let report = s.report(now).unwrap();
+        let ReportDue::Send(report) = s.report(now) else { panic!("the first report goes out") };
         assert!(matches!(sent(&report), ClientMessage::Report(r) if r.sync.synced));
+        // Nothing new two seconds on (the estimate coasts, no classmate played): nothing sent,
+        // until ten seconds after the last one.
+        let later = |secs: u64| ClientNanos(now.0 + secs * 1_000 * MS);
+        assert_eq!(s.report(later(2)), ReportDue::Unchanged);
+        assert_eq!(s.report(later(8)), ReportDue::Unchanged);
+        assert!(matches!(s.report(later(10)), ReportDue::Send(_)));
+        assert_eq!(s.report(later(12)), ReportDue::Unchanged);
     }
 }

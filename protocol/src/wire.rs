@@ -295,6 +295,15 @@ pub struct SyncQuality {
     pub uncertainty_micros: u32,
 }
 
+impl SyncQuality {
+    /// The quality coarse enough that a change is worth telling the class (synced or not,
+    /// round trip in whole milliseconds, uncertainty in quarter milliseconds): the server
+    /// tells everyone when it changes, and a client reports early when it does.
+    pub fn coarse(&self) -> (bool, u32, u32) {
+        (self.synced, self.rtt_micros / 1000, self.uncertainty_micros / 250)
+    }
+}
+
 /// A client's periodic report: sync quality (shown in presence) and note playout counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClientReport {

@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, ensure};
 use downbeat_engine::client::Handled;
 use downbeat_engine::clock::Config as SyncConfig;
-use downbeat_engine::session::{Event, Request, Session, State};
+use downbeat_engine::session::{Event, ReportDue, Request, Session, State};
 use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings,
 };
@@ -793,7 +793,7 @@ async fn hold(
                     && tokio::time::Instant::now() >= at
                 {
                     next_report = Some(at + e);
-                    if let Some(frame) = session.report(shared.now()) {
+                    if let ReportDue::Send(frame) = session.report(shared.now()) {
                         if send.write_all(&frame).await.is_err() {
                             break true;
                         }

@@ -77,7 +77,7 @@ use participation::Participation;
 use playback::Playback;
 use prompts::Prompts;
 use recording::{Recorded, Recorder};
-use seats::{Attached, Churn, Seat, coarse};
+use seats::{Attached, Churn, Seat};
 
 use crate::timeline::{MAX_BEATS_PER_BAR, Timeline};
 
@@ -897,9 +897,9 @@ impl Room {
             notes_late: report.notes_late.saturating_sub(attached.reported.notes_late),
         };
         attached.reported = report;
-        let before = coarse(seat.member.sync);
+        let before = seat.member.sync.coarse();
         seat.member.sync = report.sync;
-        if coarse(report.sync) != before {
+        if report.sync.coarse() != before {
             let update = seat.member.clone();
             self.send_all(ServerMessage::MemberUpdated(update), None);
         }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use downbeat_protocol::{ClientReport, ErrorCode, Member, ServerNanos, SyncQuality};
+use downbeat_protocol::{ClientReport, ErrorCode, Member, ServerNanos};
 use serde::{Deserialize, Serialize};
 
 use super::output::Refused;
@@ -68,11 +68,6 @@ impl Seat {
     pub(crate) fn is_student(&self) -> bool {
         self.member.role == downbeat_protocol::Role::Student
     }
-}
-
-/// Sync quality coarse enough that a change is worth telling everyone.
-pub(crate) fn coarse(q: SyncQuality) -> (bool, u32, u32) {
-    (q.synced, q.rtt_micros / 1000, q.uncertainty_micros / 250)
 }
 
 /// When each person recently took a new seat, to cap join and leave churn: every new seat
