@@ -147,6 +147,10 @@ enum Scenario {
         /// Seconds of the steady window measured.
         #[arg(long, default_value_t = 10.0)]
         hold_seconds: f64,
+        /// Seconds from the last session up to the window, for the clients' clock sync to
+        /// settle (its first seconds ask 5 to 20 times faster than a settled class).
+        #[arg(long, default_value_t = 45.0)]
+        settle_seconds: f64,
         /// Clients, comma-separated, each a column: light (many idle sessions per socket from
         /// this program, one task each; WebTransport on loopback) or native (the product's
         /// client, one socket and several tasks per session, in the class helper).
@@ -430,11 +434,21 @@ fn main() -> Result<()> {
             let common = common.resolve()?;
             publish(&common, &scenarios::join(&common, &workload.with(0.0, None), storm)?, &[])
         }
-        Scenario::Capacity { common, sessions, hold_seconds, clients, join_rate, join_concurrency, light_threads } => {
+        Scenario::Capacity {
+            common,
+            sessions,
+            hold_seconds,
+            settle_seconds,
+            clients,
+            join_rate,
+            join_concurrency,
+            light_threads,
+        } => {
             let common = common.resolve()?;
             let plan = scenarios::CapacityPlan {
                 sessions,
                 hold_seconds,
+                settle_seconds,
                 clients: clients.iter().map(|c| scenarios::Clients::parse(c)).collect::<Result<_>>()?,
                 join_rate,
                 join_concurrency,
@@ -676,7 +690,10 @@ fn all(
                         ..scenarios::CapacityPlan::new(60, 1.0, scenarios::Clients::Light)
                     }
                 } else {
-                    scenarios::CapacityPlan::new(2_000, 10.0, scenarios::Clients::Light)
+                    scenarios::CapacityPlan {
+                        settle_seconds: 45.0,
+                        ..scenarios::CapacityPlan::new(2_000, 10.0, scenarios::Clients::Light)
+                    }
                 };
                 sections.push(checked(scenarios::capacity(&downbeat_only, &plan)?, &[])?);
             }

@@ -640,6 +640,11 @@ pub struct CapacityPlan {
     pub sessions: Vec<usize>,
     /// Seconds of the steady window measured at each point.
     pub hold_seconds: f64,
+    /// Seconds between the last session up and the window: clients settle meanwhile (a
+    /// session's clock sync asks 20 times a second for its first 1.5 s and 5 times a second
+    /// until its estimate settles, then about once a second), so the window measures a class
+    /// holding, not one joining.
+    pub settle_seconds: f64,
     /// The clients, each a column of the report.
     pub clients: Vec<Clients>,
     /// Light clients: sessions started per second at most (0: as fast as the handshakes in
@@ -657,6 +662,7 @@ impl CapacityPlan {
         Self {
             sessions: vec![sessions],
             hold_seconds,
+            settle_seconds: 2.0,
             clients: vec![clients],
             join_rate: 200.0,
             join_concurrency: 32,
@@ -732,6 +738,7 @@ pub fn capacity(common: &Common, plan: &CapacityPlan) -> Result<RunReport> {
     check_clients(common, &workload)?;
     let mut parameters = workload.json();
     parameters["hold_seconds"] = json!(plan.hold_seconds);
+    parameters["settle_seconds"] = json!(plan.settle_seconds);
     parameters["sessions"] = json!(plan.sessions);
     parameters["clients"] = json!(plan.clients.iter().map(|c| c.name()).collect::<Vec<_>>());
     if plan.clients.contains(&Clients::Light) {
@@ -772,7 +779,7 @@ pub fn capacity(common: &Common, plan: &CapacityPlan) -> Result<RunReport> {
     if plan.clients.contains(&Clients::Light) {
         report.notes.push(
             "Light clients: idle classroom sessions from this program (hello, clock sync on the estimator's schedule, \
-             a report every 2 s, beat frames received and counted), many per client endpoint, one task each; every \
+             a report when it says something new or every 10 s, beat frames received and counted), many per client endpoint, one task each; every \
              room's beat starts as soon as its teacher is in, so beats flow while the rest join."
                 .into(),
         );
@@ -810,7 +817,7 @@ fn capacity_of(
     for &sessions in &plan.sessions {
         let (point, extra) = match clients {
             Clients::Light => light_point(common, sessions, plan, baseline)?,
-            Clients::Native => native_point(common, transport, sessions, plan.hold_seconds, baseline)?,
+            Clients::Native => native_point(common, transport, sessions, plan, baseline)?,
         };
         eprintln!(
             "capacity ({} clients): {} of {} students up, {:.0} sessions held, server {:.0} % CPU, {:.1} KiB/session, \
@@ -915,16 +922,18 @@ struct Window {
 /// (0 when not counted).
 type ClientsGauge<'a> = dyn FnMut() -> Result<(f64, u64)> + 'a;
 
-/// Lets handshakes' transient allocations settle, then measures `hold_seconds` of steady
-/// state: the server's RSS, CPU and datagrams, the clients' CPU.
+/// Lets handshakes' transient allocations and the clients' clock sync settle for the plan's
+/// `settle_seconds`, then measures `hold_seconds` of steady state: the server's RSS, CPU and
+/// datagrams, the clients' CPU.
 fn measure_window(
     server: &ServerProcess,
-    hold_seconds: f64,
+    plan: &CapacityPlan,
     generator_rss: impl Fn() -> u64,
     clients: &mut ClientsGauge<'_>,
 ) -> Result<Window> {
+    let (settle_seconds, hold_seconds) = (plan.settle_seconds, plan.hold_seconds);
     let meter = ProcessMeter::new(server.pid());
-    std::thread::sleep(Duration::from_secs(2));
+    std::thread::sleep(Duration::from_secs_f64(settle_seconds.max(0.0)));
     let (rss, generator_rss) = (meter.rss_bytes()?, generator_rss());
     let (cpu0, m0, (g0, f0)) = (meter.cpu_seconds()?, server.metrics()?, clients()?);
     let drops0 = crate::machine::udp_receive_buffer_drops();
@@ -1045,10 +1054,9 @@ fn light_point(
     let join_cpu = meter.cpu_seconds()? - cpu0;
     let join_drops = crate::machine::udp_receive_buffer_drops().saturating_sub(drops0);
     let joined = generator.joined().clone();
-    let window =
-        measure_window(&server, plan.hold_seconds, || crate::machine::self_rss_bytes().unwrap_or(0), &mut || {
-            Ok((me.cpu_seconds()?, generator.counts().frames))
-        })?;
+    let window = measure_window(&server, plan, || crate::machine::self_rss_bytes().unwrap_or(0), &mut || {
+        Ok((me.cpu_seconds()?, generator.counts().frames))
+    })?;
     let at_end = generator.counts();
     let counts = generator.stop();
     let point = CapacityPoint {
@@ -1079,7 +1087,7 @@ fn native_point(
     common: &Common,
     transport: Transport,
     sessions: usize,
-    hold_seconds: f64,
+    plan: &CapacityPlan,
     baseline: u64,
 ) -> Result<(CapacityPoint, serde_json::Value)> {
     let workload = capacity_workload(sessions);
@@ -1098,7 +1106,7 @@ fn native_point(
             .collect();
         let helper_cpu = |helpers: &[ProcessMeter]| helpers.iter().filter_map(|m| m.cpu_seconds().ok()).sum::<f64>();
         let helper_rss = || helpers.iter().filter_map(|m| m.rss_bytes().ok()).sum::<u64>();
-        measured = Some(measure_window(server, hold_seconds, helper_rss, &mut || Ok((helper_cpu(&helpers), 0)))?);
+        measured = Some(measure_window(server, plan, helper_rss, &mut || Ok((helper_cpu(&helpers), 0)))?);
         Ok(())
     };
     let (output, extra) = run_downbeat(common, transport, &workload, Some(&mut hold))?;
@@ -1129,13 +1137,14 @@ pub fn capacity_curve_markdown(report: &RunReport) -> String {
     }
     let mut out = String::from(
         "\n\n| clients | students asked | sessions held | server CPU (% of a core) | server RSS (MiB) | \
-         memory per session (KiB) | server CPU per 1,000 datagrams (ms) | datagrams/s | clients' CPU (% of a core) | \
-         sessions up/s | join errors | UDP receive drops (join, window) |\n|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+         memory per session (KiB) | server CPU per 1,000 datagrams (ms) | datagrams/s | per session/s | clients' CPU \
+         (% of a core) | sessions up/s | join errors | UDP receive drops (join, window) |\n\
+         |:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
     );
     for (name, points) in &columns {
         for p in points {
             out.push_str(&format!(
-                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.0} | {:.0} | {} | {}, {} |\n",
+                "| {name} | {} | {:.0} | {:.0} | {:.0} | {:.1} | {:.2} | {:.0} | {:.2} | {:.0} | {:.0} | {} | {}, {} |\n",
                 p.sessions,
                 p.held,
                 p.server_cpu_percent,
@@ -1143,6 +1152,7 @@ pub fn capacity_curve_markdown(report: &RunReport) -> String {
                 p.rss_per_session_kib,
                 p.cpu_ms_per_1000_datagrams,
                 p.datagrams_per_s,
+                p.datagrams_per_s / p.held.max(1.0),
                 p.generator_cpu_percent,
                 p.joins_per_s,
                 p.sessions.saturating_sub(p.joined),
