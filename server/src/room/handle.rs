@@ -72,13 +72,19 @@ pub(crate) struct Kick {
     pub(crate) message: &'static str,
 }
 
+/// A control message as queued to a session. Shared: a broadcast is one allocation however
+/// many members it goes to, and a queue's slots are a pointer each (tokio allocates a
+/// queue's slots 32 at a time, so slots of a whole `ServerMessage` cost every session
+/// about 5 KiB before it queued anything).
+pub(crate) type Outgoing = Arc<ServerMessage>;
+
 /// A session's connection as a room task reaches it: who it is, its datagrams, its bounded
 /// control queue, and the way to tell it to end. Nothing here ever waits.
 #[derive(Debug)]
 pub(crate) struct Conn {
     pub(crate) who: Principal,
     peer: Arc<dyn Peer>,
-    control_tx: mpsc::Sender<ServerMessage>,
+    control_tx: mpsc::Sender<Outgoing>,
     kick: Option<oneshot::Sender<Kick>>,
     pub(crate) counters: Arc<SessionCounters>,
     pub(crate) seated_at: Instant,
@@ -97,7 +103,7 @@ impl Conn {
 
     /// Queues a control message; false only if the queue is full (a slow reader). A closed
     /// queue is a session that is ending: its departure is on its way to the room.
-    pub(crate) fn queue(&self, message: ServerMessage) -> bool {
+    pub(crate) fn queue(&self, message: Outgoing) -> bool {
         !matches!(self.control_tx.try_send(message), Err(mpsc::error::TrySendError::Full(_)))
     }
 
@@ -142,7 +148,7 @@ pub(crate) struct Joining {
     pub(crate) who: Principal,
     pub(crate) transport: wire::Transport,
     pub(crate) peer: Arc<dyn Peer>,
-    pub(crate) control_tx: mpsc::Sender<ServerMessage>,
+    pub(crate) control_tx: mpsc::Sender<Outgoing>,
     pub(crate) kick: oneshot::Sender<Kick>,
     /// Its datagram counts, which the room and the session keep.
     pub(crate) counters: Arc<SessionCounters>,

@@ -26,7 +26,7 @@ use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
-use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, RoomMeta, RoomView};
+use super::handle::{Command, Conn, DatagramKind, Joining, MAX_CO_TEACHERS, Outgoing, RoomMeta, RoomView};
 use super::inspect::{Observers, RoomInspection, SessionExtras};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
@@ -595,9 +595,10 @@ impl RoomTask {
         Ok(true)
     }
 
-    /// Queues `message` on the control stream of each of `to`; the recipients whose queue was
-    /// full.
-    fn queue_to(&self, to: Vec<Recipient>, message: &ServerMessage) -> Vec<Recipient> {
+    /// Queues `message` on the control stream of each of `to` (one message, shared); the
+    /// recipients whose queue was full.
+    fn queue_to(&self, to: Vec<Recipient>, message: ServerMessage) -> Vec<Recipient> {
+        let message = Outgoing::new(message);
         to.into_iter().filter(|r| self.conns.get(&r.session).is_some_and(|c| !c.queue(message.clone()))).collect()
     }
 
@@ -607,7 +608,7 @@ impl RoomTask {
             match output {
                 Output::Message { to, message } => {
                     self.observers.message(&message, &self.clock);
-                    let slow = self.queue_to(to, &message);
+                    let slow = self.queue_to(to, message);
                     // Recipients dropped meanwhile are no longer the engine's: it ignores them.
                     let dropped = if slow.is_empty() { 0 } else { self.room.handle_slow(now, &slow) };
                     if dropped > 0 {
@@ -616,7 +617,7 @@ impl RoomTask {
                     }
                 }
                 Output::Feed { to, message } => {
-                    let missed = self.queue_to(to, &message).len();
+                    let missed = self.queue_to(to, message).len();
                     if missed > 0 {
                         self.stats.feed_dropped.add(missed as u64);
                         debug!(teachers = missed, "control queue full; a feed update was left out");

@@ -39,7 +39,7 @@ use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::limits::{NetworkPlace, PerNetwork, Place, Places};
-use crate::room::{Departure, Joining, Kick, Peer, RoomHandle, Rooms, SessionCounters};
+use crate::room::{Departure, Joining, Kick, Outgoing, Peer, RoomHandle, Rooms, SessionCounters};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use downbeat_engine::room::error_frame;
@@ -161,8 +161,8 @@ enum ReadError {
 struct Joined {
     seat: Seat,
     principal: Principal,
-    control_tx: mpsc::Sender<ServerMessage>,
-    control_rx: mpsc::Receiver<ServerMessage>,
+    control_tx: mpsc::Sender<Outgoing>,
+    control_rx: mpsc::Receiver<Outgoing>,
     kick: oneshot::Receiver<Kick>,
     /// Its datagram counts (the inspector's).
     counters: Arc<SessionCounters>,
@@ -194,7 +194,7 @@ trait Link: Send {
     /// Starts the task that writes queued control messages (and whatever else the transport
     /// sends from its own queues) until `rx` closes; it says goodbye with the code given to
     /// [`Link::closing`], if any.
-    fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()>;
+    fn spawn_writer(&mut self, rx: mpsc::Receiver<Outgoing>) -> JoinHandle<()>;
 
     /// Reads what the peer sends, handing control frames to `control` and datagrams to
     /// `datagrams`, until the peer ends the session or a frame ends it.
@@ -202,7 +202,7 @@ trait Link: Send {
         &'a mut self,
         control: &'a mut Control<'_>,
         datagrams: &'a mut Datagrams<'_>,
-        control_tx: &'a mpsc::Sender<ServerMessage>,
+        control_tx: &'a mpsc::Sender<Outgoing>,
     ) -> impl Future<Output = End> + Send + 'a;
 
     /// After [`End::Closed`]: whether the peer left or was lost.
@@ -442,7 +442,7 @@ impl Session {
         &self,
         mut link: impl Link,
         mut writer: JoinHandle<()>,
-        control_tx: mpsc::Sender<ServerMessage>,
+        control_tx: mpsc::Sender<Outgoing>,
         end: End,
         held: Held,
     ) {
@@ -462,7 +462,7 @@ impl Session {
         held.give_back(Departure::Closed).await;
         debug!(code = code.as_str(), "closing session");
         link.closing(code, message);
-        let _ = control_tx.try_send(error_frame(code, None, message));
+        let _ = control_tx.try_send(error_frame(code, None, message).into());
         drop(control_tx);
         if timeout(FLUSH_TIMEOUT, &mut writer).await.is_err() {
             debug!("control stream did not flush in time");
@@ -608,7 +608,7 @@ impl<'a> Control<'a> {
     async fn handle(
         &mut self,
         read: Result<ClientMessage, ReadError>,
-        control_tx: &mpsc::Sender<ServerMessage>,
+        control_tx: &mpsc::Sender<Outgoing>,
     ) -> Option<End> {
         match self {
             Self::Member(member) => member.handle(read, control_tx).await,
@@ -678,7 +678,7 @@ impl<'a> MemberControl<'a> {
     async fn handle(
         &mut self,
         read: Result<ClientMessage, ReadError>,
-        control_tx: &mpsc::Sender<ServerMessage>,
+        control_tx: &mpsc::Sender<Outgoing>,
     ) -> Option<End> {
         let message = match read_failure(self.ctx, read) {
             Ok(message) => message,
@@ -704,7 +704,7 @@ impl<'a> MemberControl<'a> {
             }
             let request_id = request_id_of(&message);
             let reply = error_frame(ErrorCode::RateLimited, request_id, "too many control messages; slow down");
-            return control_tx.send(reply).await.is_err().then_some(End::Closed);
+            return control_tx.send(reply.into()).await.is_err().then_some(End::Closed);
         }
         let reply = match message {
             ClientMessage::Hello(_) | ClientMessage::Probe { .. } => {
@@ -739,7 +739,7 @@ impl<'a> MemberControl<'a> {
             ClientMessage::Report(_) => return None,
         };
         // A closed queue: the room dropped this member (too slow) and the writer is gone.
-        control_tx.send(reply).await.is_err().then_some(End::Closed)
+        control_tx.send(reply.into()).await.is_err().then_some(End::Closed)
     }
 
     /// Takes a fresh token for the same tenant, subject and role; the session's expiry moves.
@@ -865,7 +865,7 @@ mod tests {
     }
 
     /// Seats `principal` in `room` as session `session_id`: its member id and control queue.
-    async fn seat(room: &RoomHandle, principal: &Principal, session_id: u64) -> (u64, mpsc::Receiver<ServerMessage>) {
+    async fn seat(room: &RoomHandle, principal: &Principal, session_id: u64) -> (u64, mpsc::Receiver<Outgoing>) {
         let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
         let joining = Joining {
             session_id,
@@ -915,7 +915,7 @@ mod tests {
 
         let left = timeout(Duration::from_secs(10), async {
             loop {
-                match teacher_rx.recv().await.expect("the room is open") {
+                match *teacher_rx.recv().await.expect("the room is open") {
                     ServerMessage::MemberLeft { member_id, reason } => return (member_id, reason),
                     _ => continue,
                 }

@@ -19,7 +19,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use bytes::Bytes;
 use downbeat_protocol::ws::{self, Unit};
 use downbeat_protocol::{
-    self as wire, ClientMessage, ErrorCode, MAX_DATAGRAM_LEN, ServerMessage, ServerNanos, SyncRequest, Transport,
+    self as wire, ClientMessage, ErrorCode, MAX_DATAGRAM_LEN, ServerNanos, SyncRequest, Transport,
 };
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -34,7 +34,7 @@ use super::{
 };
 use crate::authz::Refusal;
 use crate::clock::ServerClock;
-use crate::room::{DatagramKind, Departure, Peer};
+use crate::room::{DatagramKind, Departure, Outgoing, Peer};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 
@@ -249,7 +249,7 @@ fn close_frame(code: ErrorCode) -> CloseFrame {
 }
 
 impl Link for WsLink {
-    fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()> {
+    fn spawn_writer(&mut self, rx: mpsc::Receiver<Outgoing>) -> JoinHandle<()> {
         let sink = self.sink.take().expect("the writer starts once");
         let writer = write_loop(sink, rx, self.outbox.clone(), self.clock, self.keep_alive);
         tokio::spawn(writer.instrument(Span::current()))
@@ -259,7 +259,7 @@ impl Link for WsLink {
         &mut self,
         control: &mut Control<'_>,
         datagrams: &mut Datagrams<'_>,
-        control_tx: &mpsc::Sender<ServerMessage>,
+        control_tx: &mpsc::Sender<Outgoing>,
     ) -> End {
         loop {
             let unit = next_unit(&mut self.stream, &mut self.left, self.idle_timeout).await;
@@ -395,7 +395,7 @@ impl Peer for Outbox {
 /// reader's idle timeout only fires on a lost connection.
 async fn write_loop(
     mut sink: SplitSink<WebSocket, Message>,
-    mut rx: mpsc::Receiver<ServerMessage>,
+    mut rx: mpsc::Receiver<Outgoing>,
     outbox: Arc<Outbox>,
     clock: ServerClock,
     keep_alive: Duration,

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, ServerMessage, Transport};
+use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, Transport};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout, timeout_at};
@@ -20,7 +20,7 @@ use super::{
 };
 use crate::authz::Refusal;
 use crate::limits::NetworkPlace;
-use crate::room::Departure;
+use crate::room::{Departure, Outgoing};
 use crate::shutdown::Shutdown;
 
 /// Once a frame header has arrived, its body must follow within this time.
@@ -138,7 +138,7 @@ fn close_code(code: ErrorCode) -> VarInt {
 /// A frame not written within `deadline` (a peer that stopped reading, or keeps its receive
 /// window shut) ends the session with `server_busy`: the session then ends as closed by the
 /// server and its seat is freed at once.
-async fn write_loop(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiver<ServerMessage>, deadline: Duration) {
+async fn write_loop(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiver<Outgoing>, deadline: Duration) {
     while let Some(message) = rx.recv().await {
         let bytes = match wire::encode_frame(&message) {
             Ok(bytes) => bytes,
@@ -256,7 +256,7 @@ struct WtLink {
 }
 
 impl Link for WtLink {
-    fn spawn_writer(&mut self, rx: mpsc::Receiver<ServerMessage>) -> JoinHandle<()> {
+    fn spawn_writer(&mut self, rx: mpsc::Receiver<Outgoing>) -> JoinHandle<()> {
         let send = self.send.take().expect("the writer starts once");
         tokio::spawn(write_loop(self.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()))
     }
@@ -265,7 +265,7 @@ impl Link for WtLink {
         &mut self,
         control: &mut Control<'_>,
         datagrams: &mut Datagrams<'_>,
-        control_tx: &mpsc::Sender<ServerMessage>,
+        control_tx: &mpsc::Sender<Outgoing>,
     ) -> End {
         let Self { conn, recv, .. } = self;
         let ctx = control.ctx();
