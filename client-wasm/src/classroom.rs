@@ -277,10 +277,7 @@ fn run_session(inner: &Rc<Inner>, transport: Rc<dyn Transport>) {
         let inner = inner.clone();
         async move {
             let (code, reason) = closed.await;
-            if inner.current(generation) {
-                inner.session.borrow_mut().handle_closed_with(code, &reason);
-                dispatch(&inner);
-            }
+            closed_with(&inner, generation, code, &reason);
         }
     });
     retry_webtransport(inner);
@@ -663,15 +660,21 @@ const CLOSE_INFO_WAIT_MS: f64 = 1_000.0;
 async fn stream_ended(inner: &Rc<Inner>, generation: u64, transport: &dyn Transport) {
     let closed = transport.closed();
     let waited = futures_util::future::select(closed, Box::pin(js::sleep(CLOSE_INFO_WAIT_MS))).await;
-    if !inner.current(generation) {
-        return;
-    }
     match waited {
-        futures_util::future::Either::Left(((code, reason), _)) => {
-            inner.session.borrow_mut().handle_closed_with(code, &reason);
-            dispatch(inner);
+        futures_util::future::Either::Left(((code, reason), _)) => closed_with(inner, generation, code, &reason),
+        futures_util::future::Either::Right(_) if inner.current(generation) => {
+            lost(inner, generation, "the server ended the session");
         }
-        futures_util::future::Either::Right(_) => lost(inner, generation, "the server ended the session"),
+        futures_util::future::Either::Right(_) => {}
+    }
+}
+
+/// The transport of `generation` closed with `code` and `reason`: the session ends the way
+/// they say (unless a newer connection took over meanwhile).
+fn closed_with(inner: &Rc<Inner>, generation: u64, code: u32, reason: &str) {
+    if inner.current(generation) {
+        inner.session.borrow_mut().handle_closed_with(code, reason);
+        dispatch(inner);
     }
 }
 

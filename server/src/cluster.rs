@@ -445,8 +445,14 @@ impl Cluster {
         }
         drop(held);
         warn!(key = %entry.key, "another node took this room over; this node stops acting for it");
-        self.forget(&entry.key, &slot);
-        self.lose(&entry.key);
+        self.give_up(&entry.key, &slot);
+    }
+
+    /// Stops holding `key` (if `slot` is still its holding) and reports it lost: another node
+    /// holds it now.
+    fn give_up(&self, key: &str, slot: &Arc<tokio::sync::Mutex<Held>>) {
+        self.forget(key, slot);
+        self.lose(key);
     }
 
     /// Reports `key` lost.
@@ -691,8 +697,7 @@ impl Cluster {
                     Ok(()) => {}
                     Err(WriteError::Lost) => {
                         drop(held);
-                        self.forget(&key, &slot);
-                        self.lose(&key);
+                        self.give_up(&key, &slot);
                     }
                     Err(e) => warn!(key, error = %e, "renewing a room's lease failed; retrying at the next beat"),
                 }
