@@ -155,6 +155,19 @@ pub enum Pace {
     Steady,
 }
 
+/// Once the window holds half its samples, requests go at least this many times the window's
+/// fastest round trip apart, whatever the pace (the burst aside). On a healthy path that
+/// changes nothing: a classroom's fastest exchanges take a few milliseconds, a distant
+/// server's tens, and only a fastest exchange of 100 ms or more reaches the 200 ms of the
+/// uncertain pace. A window whose fastest exchange took hundreds of milliseconds means a
+/// standing queue, most often a server with more work than it can do: asking faster only
+/// lengthens the queue, and samples that waited in it count for little (weights fall with
+/// delay). Without this an overloaded server unsettles every client, an unsettled client asks
+/// five times as often as a settled one, and the load keeps the server overloaded. Half a
+/// window, so that a few exchanges caught in one stall (a TCP retransmission, a Wi-Fi stall)
+/// never set the pace.
+pub const ROUND_TRIPS_PER_REQUEST: u64 = 2;
+
 /// Requests in a row whose replies never came before the pace quickens. One is ordinary loss
 /// (a few percent on Wi-Fi, a tenth congested); two at the steady pace is two seconds without
 /// news: an outage, a roam or a suspended laptop, after which the clock may have stepped.
@@ -324,14 +337,27 @@ impl Estimator {
     fn interval(&self, now: ClientNanos) -> u64 {
         match self.pace(now) {
             Pace::Burst => self.config.burst_interval_nanos,
-            Pace::Uncertain => self.config.uncertain_interval_nanos,
-            Pace::Steady => self.config.steady_interval_nanos,
+            Pace::Uncertain => self.spaced(self.config.uncertain_interval_nanos),
+            Pace::Steady => self.spaced(self.config.steady_interval_nanos),
+        }
+    }
+
+    /// `interval`, or [`ROUND_TRIPS_PER_REQUEST`] times the window's fastest round trip if
+    /// that is longer and the window holds half its samples.
+    fn spaced(&self, interval: u64) -> u64 {
+        match &self.fit {
+            Some(fit) if self.samples.len() >= self.config.window / 2 => {
+                interval.max(fit.min_delay.saturating_mul(ROUND_TRIPS_PER_REQUEST))
+            }
+            _ => interval,
         }
     }
 
     /// Brings the next request forward to at most `interval` after the last one (when a
-    /// sample calls for a faster pace than the one it was scheduled at).
+    /// sample calls for a faster pace than the one it was scheduled at); only a suspected
+    /// clock step hurries faster than the window's round trips allow ([`Estimator::spaced`]).
     fn hurry(&mut self, interval: u64) {
+        let interval = if interval <= self.config.burst_interval_nanos { interval } else { self.spaced(interval) };
         if let (Some((_, last)), Some(next)) = (self.last_sent, self.next_send) {
             self.next_send = Some(next.min(ClientNanos(last.0.saturating_add(interval))));
         }
@@ -878,6 +904,27 @@ mod tests {
         path.run(&mut est, from + 5_300 * MS);
         assert_eq!(path.pace(&est), Pace::Steady);
         assert!(path.error(&est) < 300_000, "error {} ns", path.error(&est));
+    }
+
+    #[test]
+    fn a_queueing_server_is_asked_no_faster_than_twice_its_fastest_round_trip() {
+        // Every exchange waits 300 ms in the server's queue each way (an overloaded server):
+        // the estimate never settles, and before this rule it asked five times a second.
+        let (mut est, mut path) = (Estimator::new(Config::default()), Path::new(9, SHORT_TAIL));
+        path.base_nanos = 300 * MS;
+        path.run(&mut est, 2 * SEC);
+        let paces = path.paces_until(&mut est, 90 * SEC);
+        assert!(!paces.contains(&Pace::Steady));
+        // The burst is left alone; from half a window on, requests go 1.2 s apart or more.
+        assert_eq!(path.rate(SEC, 2_500 * MS), 20.0);
+        let gaps = path.gaps_from(20 * SEC);
+        assert!(gaps.iter().all(|&g| g >= 1_200), "{gaps:?}");
+        assert!(path.rate(20 * SEC, 90 * SEC) < 0.85, "{}", path.rate(20 * SEC, 90 * SEC));
+        // And the estimate stays within a few milliseconds (not synced: its uncertainty says
+        // so, and no beat is scheduled from it until the server catches up).
+        let worst = path.errors[200..].iter().max().unwrap();
+        eprintln!("queueing server: worst error {worst} ns, {:.2} requests/s", path.rate(20 * SEC, 90 * SEC));
+        assert!(*worst < 5 * MS, "worst error {worst} ns");
     }
 
     #[test]
