@@ -149,7 +149,7 @@ enum Scenario {
         hold_seconds: f64,
         /// Seconds from the last session up to the window, for the clients' clock sync to
         /// settle (its first seconds ask 5 to 20 times faster than a settled class).
-        #[arg(long, default_value_t = 45.0)]
+        #[arg(long, default_value_t = scenarios::SETTLE_SECONDS)]
         settle_seconds: f64,
         /// Clients, comma-separated, each a column: light (many idle sessions per socket from
         /// this program, one task each; WebTransport on loopback) or native (the product's
@@ -691,7 +691,7 @@ fn all(
                     }
                 } else {
                     scenarios::CapacityPlan {
-                        settle_seconds: 45.0,
+                        settle_seconds: scenarios::SETTLE_SECONDS,
                         ..scenarios::CapacityPlan::new(2_000, 10.0, scenarios::Clients::Light)
                     }
                 };

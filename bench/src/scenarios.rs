@@ -671,6 +671,10 @@ impl CapacityPlan {
     }
 }
 
+/// Seconds a full capacity run lets its clients settle before the window
+/// ([`CapacityPlan::settle_seconds`]; a smoke run takes 2).
+pub const SETTLE_SECONDS: f64 = 45.0;
+
 /// Students per room in a capacity run.
 const CAPACITY_ROOM: usize = 30;
 

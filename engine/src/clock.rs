@@ -354,10 +354,8 @@ impl Estimator {
     }
 
     /// Brings the next request forward to at most `interval` after the last one (when a
-    /// sample calls for a faster pace than the one it was scheduled at); only a suspected
-    /// clock step hurries faster than the window's round trips allow ([`Estimator::spaced`]).
+    /// sample calls for a faster pace than the one it was scheduled at).
     fn hurry(&mut self, interval: u64) {
-        let interval = if interval <= self.config.burst_interval_nanos { interval } else { self.spaced(interval) };
         if let (Some((_, last)), Some(next)) = (self.last_sent, self.next_send) {
             self.next_send = Some(next.min(ClientNanos(last.0.saturating_add(interval))));
         }
@@ -427,7 +425,9 @@ impl Estimator {
             }
             if residual > SURPRISE * sigma.hypot(fit.std_error_at(sample.local_mid)) {
                 self.doubt = self.config.confirm_samples;
-                self.hurry(self.config.uncertain_interval_nanos);
+                // Only a suspected clock step (above) hurries faster than the window's round
+                // trips allow.
+                self.hurry(self.spaced(self.config.uncertain_interval_nanos));
             } else {
                 self.doubt = self.doubt.saturating_sub(1);
             }

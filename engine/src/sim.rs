@@ -95,6 +95,11 @@ impl Rng {
         self.uniform() < p
     }
 
+    /// An exponential draw of mean `mean`.
+    pub fn exponential(&mut self, mean: f64) -> f64 {
+        -(1.0 - self.uniform()).ln() * mean
+    }
+
     /// A standard normal draw (Box-Muller).
     pub fn normal(&mut self) -> f64 {
         let u1 = self.uniform().max(f64::MIN_POSITIVE);
@@ -197,8 +202,7 @@ impl Bursts {
     }
 
     fn sample(rng: &mut Rng, mean_nanos: u64) -> u64 {
-        let u = 1.0 - rng.uniform();
-        ((-u.ln() * mean_nanos as f64) as u64).max(1)
+        (rng.exponential(mean_nanos as f64) as u64).max(1)
     }
 }
 

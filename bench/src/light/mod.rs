@@ -15,7 +15,8 @@
 //!   hello as a student of a room (or as its teacher, who creates it and starts the beat),
 //!   clock sync on the estimator's schedule (a burst, then once a second), a report on the
 //!   control stream when the engine has something new (else every 10 s) like the native
-//!   client, and beat datagrams received, decoded and counted. Nothing is sampled, stored or scheduled per beat.
+//!   client, and beat datagrams received, decoded and counted. Nothing is sampled, stored or
+//!   scheduled per beat.
 //! - Joins are ramped: at most [`LightSpec::join_rate`] sessions start per second, at most
 //!   [`LightSpec::concurrency`] handshakes are in flight (16 per address), a failed handshake
 //!   is tried again after a pause (three tries, as a page reconnects), and the join phase
