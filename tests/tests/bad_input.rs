@@ -270,3 +270,61 @@ async fn under_handshake_pressure_clients_prove_their_address_and_connect() -> a
     assert!(server.stats.handshakes_retried.get() >= 1);
     Ok(())
 }
+
+/// The server reads a session's datagrams from the QUIC connection itself, past wtransport's
+/// driver, which keeps the connection's first datagram: every clock-sync request after that
+/// one is answered, and an HTTP/3 datagram addressed to no session of this connection is
+/// dropped and counted while the session carries on.
+#[tokio::test]
+async fn sync_requests_after_the_first_are_all_answered_and_stray_datagrams_are_counted() -> anyhow::Result<()> {
+    use downbeat_protocol::{ClientDatagram, ClientNanos, ServerDatagram, SyncRequest};
+
+    let (server, room, _bystander) = setup().await?;
+    let mut raw = server.raw_session().await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-sync"), &room)).await?;
+    match raw.read_message().await? {
+        Some(ServerMessage::Welcome(_)) => {}
+        other => anyhow::bail!("expected a welcome, got {other:?}"),
+    }
+    // The reply to request `id`, skipping beat frames; `None` if none came within a second.
+    async fn reply_to(raw: &RawSession, id: u32) -> anyhow::Result<Option<u32>> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        loop {
+            let Ok(datagram) = tokio::time::timeout_at(deadline, raw.conn.receive_datagram()).await else {
+                return Ok(None);
+            };
+            if let ServerDatagram::SyncReply(reply) = downbeat_protocol::decode_server_datagram(&datagram?)?
+                && reply.id == id
+            {
+                return Ok(Some(reply.id));
+            }
+        }
+    }
+    let mut answered = Vec::new();
+    for id in 1..=20u32 {
+        let request = ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id) * 1_000) });
+        raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&request)?)?;
+        answered.extend(reply_to(&raw, id).await?);
+    }
+    let expected: Vec<u32> = (2..=20).collect();
+    assert!(answered == expected || answered[..] == [&[1][..], &expected[..]].concat(), "answered {answered:?}");
+
+    // The same request behind the quarter stream id of another session (this connection's
+    // session is on stream 0, quarter id 0): counted as malformed, never answered.
+    let before = server.stats.datagrams_malformed.get();
+    let mut stray = vec![0x01];
+    stray.extend(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
+        id: 99,
+        t0: ClientNanos(99_000),
+    }))?);
+    raw.conn.quic_connection().send_datagram(stray.into())?;
+    assert_eq!(reply_to(&raw, 99).await?, None);
+    assert_eq!(server.stats.datagrams_malformed.get(), before + 1);
+    // And the session is still answered.
+    raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
+        id: 100,
+        t0: ClientNanos(100_000),
+    }))?)?;
+    assert_eq!(reply_to(&raw, 100).await?, Some(100));
+    Ok(())
+}

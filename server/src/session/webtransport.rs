@@ -12,6 +12,8 @@ use tracing::{Instrument as _, Span, debug, info, warn};
 use wtransport::endpoint::IncomingSession;
 use wtransport::endpoint::endpoint_side::Server as ServerSide;
 use wtransport::error::ConnectionError;
+use wtransport::proto::datagram::Datagram as H3Datagram;
+use wtransport::proto::ids::QStreamId;
 use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
 
 use super::{
@@ -277,10 +279,27 @@ impl Link for WtLink {
                 }
             }
         };
+        // Datagrams are read from the QUIC connection itself, not through wtransport's
+        // `receive_datagram`: that one is fed by the connection's driver task, which reads each
+        // datagram, queues it for this task and wakes it, a second task and wake-up per
+        // datagram (a fifth of the server's time with thousands of settled sessions). The
+        // driver reads the connection's first datagram into its one-place queue and, as nothing
+        // takes it from there, reads no further: that one datagram (the first request of a
+        // clock-sync burst of thirty) is the only one this session never sees.
         let datagrams = async {
-            while let Ok(datagram) = conn.receive_datagram().await {
+            let quic = conn.quic_connection();
+            let ours = QStreamId::from_session_id(conn.session_id());
+            while let Ok(bytes) = quic.read_datagram().await {
                 let t1 = clock.now();
-                match datagrams.receive(&datagram, t1) {
+                let payload = match H3Datagram::read(&bytes) {
+                    Ok(h3) if h3.qstream_id() == ours => &bytes[bytes.len() - h3.payload().len()..],
+                    // An HTTP/3 datagram for no session of ours, or no HTTP/3 datagram at all.
+                    _ => {
+                        ctx.stats.datagrams_malformed.inc();
+                        continue;
+                    }
+                };
+                match datagrams.receive(payload, t1) {
                     Ok(Some(request)) => {
                         let sent =
                             sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
