@@ -271,12 +271,13 @@ async fn under_handshake_pressure_clients_prove_their_address_and_connect() -> a
     Ok(())
 }
 
-/// The server reads a session's datagrams from the QUIC connection itself, past wtransport's
-/// driver, which keeps the connection's first datagram: every clock-sync request after that
-/// one is answered, and an HTTP/3 datagram addressed to no session of this connection is
-/// dropped and counted while the session carries on.
+/// The server reads a session's datagrams from the QUIC connection itself and from
+/// wtransport's driver, whichever has one first: every clock-sync request is answered, and an
+/// HTTP/3 datagram addressed to no session of this connection is dropped (counted if it came
+/// straight from the connection; the driver drops such datagrams itself) while the session
+/// carries on.
 #[tokio::test]
-async fn sync_requests_after_the_first_are_all_answered_and_stray_datagrams_are_counted() -> anyhow::Result<()> {
+async fn every_sync_request_is_answered_and_a_datagram_for_another_session_is_dropped() -> anyhow::Result<()> {
     use downbeat_protocol::{ClientDatagram, ClientNanos, ServerDatagram, SyncRequest};
 
     let (server, room, _bystander) = setup().await?;
@@ -306,11 +307,10 @@ async fn sync_requests_after_the_first_are_all_answered_and_stray_datagrams_are_
         raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&request)?)?;
         answered.extend(reply_to(&raw, id).await?);
     }
-    let expected: Vec<u32> = (2..=20).collect();
-    assert!(answered == expected || answered[..] == [&[1][..], &expected[..]].concat(), "answered {answered:?}");
+    assert_eq!(answered, (1..=20).collect::<Vec<_>>());
 
     // The same request behind the quarter stream id of another session (this connection's
-    // session is on stream 0, quarter id 0): counted as malformed, never answered.
+    // session is on stream 0, quarter id 0): never answered.
     let before = server.stats.datagrams_malformed.get();
     let mut stray = vec![0x01];
     stray.extend(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
@@ -319,7 +319,7 @@ async fn sync_requests_after_the_first_are_all_answered_and_stray_datagrams_are_
     }))?);
     raw.conn.quic_connection().send_datagram(stray.into())?;
     assert_eq!(reply_to(&raw, 99).await?, None);
-    assert_eq!(server.stats.datagrams_malformed.get(), before + 1);
+    assert!(server.stats.datagrams_malformed.get() <= before + 1);
     // And the session is still answered.
     raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
         id: 100,

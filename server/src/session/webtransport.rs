@@ -1,6 +1,7 @@
 //! Sessions over WebTransport: the accept loop with its capacity limits, the control stream
 //! (a bidirectional stream of length-prefixed frames) and QUIC datagrams.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -279,27 +280,40 @@ impl Link for WtLink {
                 }
             }
         };
-        // Datagrams are read from the QUIC connection itself, not through wtransport's
-        // `receive_datagram`: that one is fed by the connection's driver task, which reads each
-        // datagram, queues it for this task and wakes it, a second task and wake-up per
-        // datagram (a fifth of the server's time with thousands of settled sessions). The
-        // driver reads the connection's first datagram into its one-place queue and, as nothing
-        // takes it from there, reads no further: that one datagram (the first request of a
-        // clock-sync burst of thirty) is the only one this session never sees.
+        // Datagrams are read from the QUIC connection itself as well as through wtransport's
+        // `receive_datagram`. That one is fed by the connection's driver task, which reads a
+        // datagram, queues it for this task and wakes it: a second task, hand-off and wake-up
+        // per datagram, and a later `t1` stamp. Each datagram wakes both readers and whichever
+        // runs first takes it. The driver's queue must still be read: it holds one datagram,
+        // and one it kept and nobody read would be lost (a probe's single datagram of notes,
+        // say, that must end the probe).
         let datagrams = async {
             let quic = conn.quic_connection();
             let ours = QStreamId::from_session_id(conn.session_id());
-            while let Ok(bytes) = quic.read_datagram().await {
-                let t1 = clock.now();
-                let payload = match H3Datagram::read(&bytes) {
-                    Ok(h3) if h3.qstream_id() == ours => &bytes[bytes.len() - h3.payload().len()..],
-                    // An HTTP/3 datagram for no session of ours, or no HTTP/3 datagram at all.
-                    _ => {
-                        ctx.stats.datagrams_malformed.inc();
-                        continue;
+            let mut direct = pin!(quic.read_datagram());
+            let mut relayed = pin!(conn.receive_datagram());
+            loop {
+                let payload = tokio::select! {
+                    received = &mut direct => {
+                        direct.set(quic.read_datagram());
+                        let Ok(bytes) = received else { break };
+                        match H3Datagram::read(&bytes) {
+                            Ok(h3) if h3.qstream_id() == ours => bytes.slice(bytes.len() - h3.payload().len()..),
+                            // An HTTP/3 datagram for no session of ours, or none at all.
+                            _ => {
+                                ctx.stats.datagrams_malformed.inc();
+                                continue;
+                            }
+                        }
+                    }
+                    received = &mut relayed => {
+                        relayed.set(conn.receive_datagram());
+                        let Ok(datagram) = received else { break };
+                        datagram.payload()
                     }
                 };
-                match datagrams.receive(payload, t1) {
+                let t1 = clock.now();
+                match datagrams.receive(&payload, t1) {
                     Ok(Some(request)) => {
                         let sent =
                             sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
