@@ -280,6 +280,11 @@ async fn class(
     for seat in std::iter::once(&teacher).chain(&seats) {
         settle(&seat.client).await?;
     }
+    // The start takes effect a lead after it was asked; a quick class is ready before then.
+    // Wait for the first beat by the room's own timeline, so that beats sound from here on.
+    let start = teacher.client.timeline().context("a timeline")?.last().start;
+    let now = teacher.client.server_now().context("synced")?;
+    tokio::time::sleep(Duration::from_nanos(start.0.saturating_sub(now.0))).await;
     Ok((code, teacher, seats))
 }
 
