@@ -167,6 +167,23 @@ enum Scenario {
         #[arg(long, default_value_t = 2)]
         light_threads: usize,
     },
+    /// Handshakes, the server's side apart (Downbeat over WebTransport, light clients,
+    /// loopback): students connect, say hello, are welcomed and leave at once, as fast as
+    /// --concurrency handshakes in flight allow; the server's CPU per handshake apart from
+    /// the clients'. Each room's teacher stays.
+    Handshakes {
+        #[command(flatten)]
+        common: CommonArgs,
+        /// Students who join and leave (rooms of 30).
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+        /// Handshakes (connect to welcome) in flight at most.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// The generator's worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
     /// A class of 30 playing while the server is attacked, phase by phase: quiet, 2,000 slow
     /// HTTP connections, 300 stalled QUIC handshakes, one student flooding notes and joins,
     /// storms of 10,000 connections, the database's disk full. Per phase: the class's beat
@@ -456,6 +473,14 @@ fn main() -> Result<()> {
             };
             publish(&common, &scenarios::capacity(&common, &plan)?, &[])
         }
+        Scenario::Handshakes { common, sessions, concurrency, threads } => {
+            let common = common.resolve()?;
+            publish(
+                &common,
+                &scenarios::handshakes(&common, scenarios::HandshakePlan { sessions, concurrency, threads })?,
+                &[],
+            )
+        }
         Scenario::All { out, smoke, seed, profiles, systems, scenarios } => {
             all(&out, smoke, seed, &profiles, &systems, &scenarios)
         }
@@ -519,6 +544,7 @@ fn smoke_check(report: &RunReport) -> Result<()> {
         "onset" => &["onset_spread_p50_ms"],
         "fanout" => &["fanout_p50_ms"],
         "join" => &["join_all_ms", "handshakes_per_s"],
+        "handshakes" => &["handshakes_per_s", "server_cpu_ms_per_handshake"],
         "capacity" => &["sessions_held", "rss_per_session_kib", "cpu_ms_per_1000_datagrams"],
         // Two peers have no clock sync; their stand-in needs beats after the first 2 s.
         _ => &[],
@@ -696,6 +722,10 @@ fn all(
                     }
                 };
                 sections.push(checked(scenarios::capacity(&downbeat_only, &plan)?, &[])?);
+                progress.set_message("handshakes");
+                let handshakes =
+                    scenarios::HandshakePlan { sessions: if smoke { 60 } else { 10_000 }, concurrency: 64, threads: 1 };
+                sections.push(checked(scenarios::handshakes(&downbeat_only, handshakes)?, &[])?);
             }
             progress.inc(1);
         }

@@ -1024,20 +1024,7 @@ fn light_point(
     );
     let workload = capacity_workload(sessions);
     let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let server = ServerProcess::start(
-        ServerLimits {
-            sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
-            rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
-        },
-        localhost,
-    )?;
-    let mut rooms = Vec::with_capacity(workload.rooms);
-    for r in 0..workload.rooms {
-        let student_tokens = (0..workload.students)
-            .map(|s| server.token(Role::Student, &format!("s-{r}-{s}")))
-            .collect::<Result<Vec<_>>>()?;
-        rooms.push(LightRoom { teacher_token: server.token(Role::Teacher, &format!("t-{r}"))?, student_tokens });
-    }
+    let (server, rooms) = light_server(&workload)?;
     let spec = LightSpec {
         bpm: workload.bpm,
         join_rate: plan.join_rate,
@@ -1084,6 +1071,131 @@ fn light_point(
     .with_window(&window, baseline);
     let extra = json!({"join": joined, "counts": counts, "url": server.url(localhost)});
     Ok((point, extra))
+}
+
+/// A fresh server on loopback sized for `workload`, and a token for everyone in its rooms.
+fn light_server(workload: &Workload) -> Result<(ServerProcess, Vec<LightRoom>)> {
+    let server = ServerProcess::start(
+        ServerLimits {
+            sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
+            rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
+        },
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+    )?;
+    let mut rooms = Vec::with_capacity(workload.rooms);
+    for r in 0..workload.rooms {
+        let student_tokens = (0..workload.students)
+            .map(|s| server.token(Role::Student, &format!("s-{r}-{s}")))
+            .collect::<Result<Vec<_>>>()?;
+        rooms.push(LightRoom { teacher_token: server.token(Role::Teacher, &format!("t-{r}"))?, student_tokens });
+    }
+    Ok((server, rooms))
+}
+
+/// What a handshake run asks for.
+#[derive(Clone, Copy, Debug)]
+pub struct HandshakePlan {
+    /// Students who join and leave (rooms of 30, whose teachers stay).
+    pub sessions: usize,
+    /// Handshakes (connect to welcome) in flight at most.
+    pub concurrency: usize,
+    /// The generator's worker threads.
+    pub threads: usize,
+}
+
+/// Handshakes, the server's side apart (Downbeat over WebTransport, light clients, loopback):
+/// every room's teacher joins and stays, then `plan.sessions` students connect, say hello,
+/// are welcomed and close their session at once, as fast as `plan.concurrency` handshakes in
+/// flight allow. Nothing is held but the teachers, so the server's CPU over the run is the
+/// handshakes' (QUIC and TLS, the HTTP/3 session, hello, token and admission, the welcome,
+/// the leave) and not the held sessions' clock sync and beats that a join storm also pays.
+pub fn handshakes(common: &Common, plan: HandshakePlan) -> Result<RunReport> {
+    ensure!(
+        common.profile == "loopback",
+        "the handshake run uses light clients, which run on loopback only; not {}",
+        common.profile
+    );
+    let workload = capacity_workload(plan.sessions);
+    let mut parameters = workload.json();
+    parameters["sessions"] = json!(plan.sessions);
+    parameters["concurrency"] = json!(plan.concurrency);
+    parameters["light_threads"] = json!(plan.threads);
+    let mut report =
+        report(common, "handshakes", "Handshakes: sessions joining and leaving, the server's side apart", parameters);
+    let began = Instant::now();
+    let steal = StealMeter::start();
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let (server, rooms) = light_server(&workload)?;
+    let spec = LightSpec {
+        bpm: workload.bpm,
+        join_rate: 0.0,
+        concurrency: plan.concurrency,
+        threads: plan.threads,
+        leave_after_welcome: true,
+        ..LightSpec::new(
+            server.url(localhost),
+            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
+            rooms,
+            common.join_deadline,
+        )
+    };
+    let (meter, me) = (ProcessMeter::new(server.pid()), ProcessMeter::new(std::process::id()));
+    let (cpu0, own0, m0) = (meter.cpu_seconds()?, me.cpu_seconds()?, server.metrics()?);
+    let generator = Generator::start(spec)?;
+    let (cpu1, own1, m1) = (meter.cpu_seconds()?, me.cpu_seconds()?, server.metrics()?);
+    let joined = generator.joined().clone();
+    let counts = generator.stop();
+    let delta = |k: &str| m1.get(k).unwrap_or(&0.0) - m0.get(k).unwrap_or(&0.0);
+    let up = joined.joined + joined.rooms_created;
+    let seconds = (joined.all_joined_ms / 1e3).max(1e-9);
+    let per = |cpu: f64| cpu * 1e3 / up.max(1) as f64;
+    let server_ms = per(cpu1 - cpu0);
+    eprintln!(
+        "handshakes: {up} sessions up in {seconds:.1} s ({:.0}/s), server {server_ms:.3} ms CPU each, generator {:.3} ms",
+        up as f64 / seconds,
+        per(own1 - own0)
+    );
+    let metrics = vec![
+        Metric::higher("handshakes_per_s", "handshakes per second", "/s", up as f64 / seconds).with_note(
+            "sessions welcomed (teachers and students) over the run, server and generator on the same cores",
+        ),
+        Metric::lower("server_cpu_ms_per_handshake", "server CPU per handshake", "ms", server_ms)
+            .with_note("the server process alone (/proc/<pid>) over the run, per session welcomed"),
+        Metric::higher(
+            "server_handshakes_per_core_s",
+            "handshakes a core of the server takes per second",
+            "/s",
+            1e3 / server_ms.max(1e-9),
+        )
+        .with_note("1 s divided by the server's CPU per handshake"),
+        Metric::lower("server_cpu_percent", "server CPU over the run", "% of a core", (cpu1 - cpu0) / seconds * 100.0),
+        Metric::lower("generator_cpu_ms_per_handshake", "clients' CPU per handshake", "ms", per(own1 - own0))
+            .with_note("the light generator's process (/proc/self)"),
+        Metric::lower("welcome_p50_ms", "connect to welcome p50", "ms", joined.welcome_ms.p50),
+        Metric::lower("welcome_p99_ms", "connect to welcome p99", "ms", joined.welcome_ms.p99),
+        Metric::lower("join_failures", "sessions not welcomed", "", (joined.students - joined.joined) as f64),
+        Metric::lower(
+            "quic_retries",
+            "handshakes asked to retry (address validation)",
+            "",
+            delta("downbeat_handshakes_retried_total"),
+        ),
+    ];
+    report.systems.push(SystemResult {
+        system: System::DOWNBEAT.name().into(),
+        display: format!("{} · light clients", System::DOWNBEAT.display()),
+        metrics,
+        distributions: Default::default(),
+        extra: json!({"join": joined, "counts": counts, "server_cpu_seconds": cpu1 - cpu0, "generator_cpu_seconds": own1 - own0}),
+    });
+    report.notes.push(format!(
+        "{} rooms of {} students; each room's teacher joins first and stays (beats run to the teachers), then every student \
+         connects, says hello, is welcomed and closes the session at once.",
+        workload.rooms, workload.students
+    ));
+    report.wall_seconds = began.elapsed().as_secs_f64();
+    report.machine.steal_percent = steal.percent();
+    Ok(report)
 }
 
 /// One point with native clients (the class helper) on a fresh server.

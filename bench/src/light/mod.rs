@@ -108,6 +108,9 @@ pub struct LightSpec {
     pub report_interval: Option<Duration>,
     /// Worker threads of the generator's runtime.
     pub threads: usize,
+    /// Students close their session as soon as they are welcomed (connect, hello, welcome,
+    /// close: a handshake benchmark); teachers stay, and so do their rooms.
+    pub leave_after_welcome: bool,
 }
 
 impl LightSpec {
@@ -126,6 +129,7 @@ impl LightSpec {
             handshake_timeout: Duration::from_secs(30),
             report_interval: Some(REPORT_INTERVAL),
             threads: 2,
+            leave_after_welcome: false,
         }
     }
 
@@ -201,6 +205,7 @@ struct Shared {
     url: String,
     report_interval: Option<Duration>,
     handshake_timeout: Duration,
+    leave_after_welcome: bool,
     /// The join deadline on the runtime's clock.
     deadline: tokio::time::Instant,
     handshaking: AtomicU64,
@@ -308,6 +313,7 @@ impl Generator {
             base: Instant::now(),
             url: spec.url.clone(),
             report_interval: spec.report_interval,
+            leave_after_welcome: spec.leave_after_welcome,
             handshake_timeout: spec.handshake_timeout,
             deadline: tokio::time::Instant::now() + spec.join_deadline,
             handshaking: AtomicU64::new(0),
@@ -635,6 +641,14 @@ async fn run_session(
         let now = Instant::now();
         welcomes.0.push(u32::try_from((now - began).as_micros()).unwrap_or(u32::MAX));
         welcomes.1 = Some(welcomes.1.map_or(now, |last| last.max(now)));
+    }
+    if shared.leave_after_welcome && !teacher {
+        shared.welcomed.fetch_add(1, Relaxed);
+        conn.close(0u32.into(), b"bye");
+        // The close goes out with the connection's next transmit; the endpoint keeps the
+        // connection until its peer has it (or the drain period ends).
+        drop((control, session));
+        return;
     }
     shared.live.fetch_add(1, Relaxed);
     if let Kind::Teacher(code) = kind {
