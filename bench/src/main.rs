@@ -120,6 +120,15 @@ enum Scenario {
         /// Notes per student per second.
         #[arg(long, default_value_t = 2.0)]
         notes_per_second: f64,
+        /// Clients: native (the product's client in the class helper, every system in
+        /// --systems) or light (Downbeat over WebTransport only, many sessions per socket from
+        /// this program; loopback).
+        #[arg(long, default_value = "native")]
+        clients: String,
+        /// Light clients: seconds from the last session up to the window (their clocks sync
+        /// meanwhile; a student plays no note before).
+        #[arg(long, default_value_t = 10.0)]
+        settle_seconds: f64,
     },
     /// A class joining at once (slowest join, p50), then a storm of sessions connecting at
     /// once for handshakes per second.
@@ -443,9 +452,14 @@ fn main() -> Result<()> {
             let common = common.resolve()?;
             publish(&common, &scenarios::onset(&common, &workload.with(0.0, outage_at))?, ONSET_PLOTS)
         }
-        Scenario::Fanout { common, workload, notes_per_second } => {
+        Scenario::Fanout { common, workload, notes_per_second, clients, settle_seconds } => {
             let common = common.resolve()?;
-            publish(&common, &scenarios::fanout(&common, &workload.with(notes_per_second, None))?, FANOUT_PLOTS)
+            let workload = workload.with(notes_per_second, None);
+            let report = match scenarios::Clients::parse(&clients)? {
+                scenarios::Clients::Native => scenarios::fanout(&common, &workload)?,
+                scenarios::Clients::Light => scenarios::light_fanout(&common, &workload, settle_seconds)?,
+            };
+            publish(&common, &report, FANOUT_PLOTS)
         }
         Scenario::Join { common, workload, storm } => {
             let common = common.resolve()?;
@@ -626,10 +640,62 @@ fn rerender(dir: &std::path::Path) -> Result<()> {
         };
         sections.push(publish_to(dir, report, plots)?);
     }
+    sections.extend(fanout_curve(dir, &reports)?);
     let text = sections.join("\n\n");
     std::fs::write(dir.join("results.md"), &text)?;
     println!("{text}");
     Ok(())
+}
+
+/// Fan-out against rooms of 30, from the light-client fan-out runs in a directory (two or
+/// more room counts): a table and a PNG of p50, p99 and p99.9 against rooms.
+fn fanout_curve(dir: &std::path::Path, reports: &[RunReport]) -> Result<Option<String>> {
+    let mut runs: Vec<&RunReport> = reports
+        .iter()
+        .filter(|r| r.scenario == "fanout" && r.parameters.get("clients").and_then(|c| c.as_str()) == Some("light"))
+        .collect();
+    runs.sort_by_key(|r| r.parameters["rooms"].as_u64().unwrap_or(0));
+    let (Some(first), Some(last)) = (runs.first(), runs.last()) else { return Ok(None) };
+    if first.parameters["rooms"] == last.parameters["rooms"] {
+        return Ok(None);
+    }
+    let figure = |r: &RunReport, key: &str| {
+        r.systems
+            .first()
+            .and_then(|s| s.metrics.iter().find(|m| m.key == key))
+            .and_then(|m| m.value)
+            .unwrap_or(f64::NAN)
+    };
+    let keys = [("p50", "fanout_p50_ms"), ("p99", "fanout_p99_ms"), ("p99.9", "fanout_p999_ms")];
+    let mut text = String::from(
+        "#### Note fan-out against rooms of 30 (light clients)\n\n\
+         | rooms of 30 | fan-out p50 (ms) | p99 (ms) | p99.9 (ms) | server CPU (% of a core) | clients' CPU (% of a core) |\n\
+         |--:|--:|--:|--:|--:|--:|\n",
+    );
+    for r in &runs {
+        text.push_str(&format!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.0} | {:.0} |\n",
+            r.parameters["rooms"],
+            figure(r, "fanout_p50_ms"),
+            figure(r, "fanout_p99_ms"),
+            figure(r, "fanout_p999_ms"),
+            figure(r, "server_cpu_percent"),
+            figure(r, "generator_cpu_percent"),
+        ));
+    }
+    let series: Vec<report::XySeries> = keys
+        .iter()
+        .map(|(name, key)| {
+            let points = runs.iter().map(|r| (r.parameters["rooms"].as_f64().unwrap_or(0.0), figure(r, key))).collect();
+            ((*name).to_owned(), points)
+        })
+        .collect();
+    let title = "Note fan-out against rooms of 30";
+    if let Some(path) = report::plot_xy(last, "curve", title, ("rooms of 30", "ms"), &series, dir)? {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        text.push_str(&format!("\n![{title}]({name})\n"));
+    }
+    Ok(Some(text))
 }
 
 /// The scenarios of `all` on each profile; writes `results.md` in `out` with all the tables.
@@ -697,6 +763,10 @@ fn all(
             if loopback {
                 let rooms = scenarios::Workload { rooms: if smoke { 2 } else { 20 }, ..fan };
                 sections.push(checked(scenarios::fanout(&downbeat_only, &rooms)?, FANOUT_PLOTS)?);
+                // The same rooms with light clients: the server's fan-out without 600 native
+                // clients on the same cores.
+                let settle = if smoke { 3.0 } else { 10.0 };
+                sections.push(checked(scenarios::light_fanout(&downbeat_only, &rooms, settle)?, FANOUT_PLOTS)?);
             }
             progress.inc(1);
         }

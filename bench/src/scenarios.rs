@@ -1092,6 +1092,86 @@ fn light_server(workload: &Workload) -> Result<(ServerProcess, Vec<LightRoom>)> 
     Ok((server, rooms))
 }
 
+/// Note fan-out with light clients (Downbeat over WebTransport, loopback): `workload.rooms`
+/// rooms of a teacher and `workload.students` students, every student playing
+/// `workload.notes_per_second` notes once its clock is synced; after `settle_seconds`, for
+/// `workload.seconds`, every classmate's first datagram carrying a note is timed from the
+/// note's send (one process, one clock: no clock error in the figure), with the server's CPU
+/// and the generator's apart. The class helper's native clients cost the machine more than
+/// the server does past a few hundred; these let the server's own fan-out be measured at
+/// 20 and 40 rooms.
+pub fn light_fanout(common: &Common, workload: &Workload, settle_seconds: f64) -> Result<RunReport> {
+    ensure!(common.profile == "loopback", "light clients run on loopback only; not {}", common.profile);
+    let mut parameters = workload.json();
+    parameters["clients"] = json!("light");
+    parameters["settle_seconds"] = json!(settle_seconds);
+    let mut report = report(common, "fanout", "Note fan-out: a child's note reaching the class", parameters);
+    let began = Instant::now();
+    let steal = StealMeter::start();
+    let (server, rooms) = light_server(workload)?;
+    let spec = LightSpec {
+        bpm: workload.bpm,
+        notes_per_second: workload.notes_per_second,
+        ..LightSpec::new(
+            server.url(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
+            rooms,
+            common.join_deadline,
+        )
+    };
+    let generator = Generator::start(spec)?;
+    let joined = generator.joined().clone();
+    std::thread::sleep(Duration::from_secs_f64(settle_seconds.max(0.0)));
+    let (meter, me) = (ProcessMeter::new(server.pid()), ProcessMeter::new(std::process::id()));
+    let _ = generator.take_fanout();
+    let (cpu0, own0, t0) = (meter.cpu_seconds()?, me.cpu_seconds()?, Instant::now());
+    std::thread::sleep(Duration::from_secs_f64(workload.seconds));
+    let fan = generator.take_fanout();
+    let (cpu1, own1, seconds) = (meter.cpu_seconds()?, me.cpu_seconds()?, t0.elapsed().as_secs_f64());
+    let counts = generator.stop();
+    let latency_ms: Vec<f64> = fan.latency_ns.iter().map(|&ns| ns as f64 / 1e6).collect();
+    let summary = Summary::of(&latency_ms);
+    // A note reaches the room's other students and its teacher.
+    let expected = fan.played * workload.students;
+    let untimed = expected.saturating_sub(latency_ms.len());
+    eprintln!(
+        "fanout (light clients, {} rooms): {} notes, p50/p99/p99.9 {:.2}/{:.2}/{:.2} ms, server {:.0} % CPU",
+        workload.rooms,
+        fan.played,
+        summary.p50,
+        summary.p99,
+        summary.p999,
+        (cpu1 - cpu0) / seconds * 100.0
+    );
+    let metrics = vec![
+        Metric::lower("fanout_p50_ms", "note fan-out latency p50", "ms", summary.p50),
+        Metric::lower("fanout_p99_ms", "note fan-out latency p99", "ms", summary.p99),
+        Metric::lower("fanout_p999_ms", "note fan-out latency p99.9", "ms", summary.p999),
+        Metric::lower(
+            "deliveries_untimed_percent",
+            "deliveries not timed",
+            "%",
+            untimed as f64 * 100.0 / expected.max(1) as f64,
+        )
+        .with_note("the classmate's first datagram of the note was lost (a later one repeats it) or did not come"),
+        Metric::lower("server_cpu_percent", "server CPU", "% of a core", (cpu1 - cpu0) / seconds * 100.0)
+            .with_note("the server process alone (/proc/<pid>), over the window"),
+        Metric::lower("generator_cpu_percent", "clients' CPU", "% of a core", (own1 - own0) / seconds * 100.0)
+            .with_note("the light generator's process (/proc/self), over the window"),
+        Metric::lower("join_failures", "joins failed", "", (joined.students - joined.joined) as f64),
+    ];
+    report.systems.push(SystemResult {
+        system: System::DOWNBEAT.name().into(),
+        display: format!("{} · light clients", System::DOWNBEAT.display()),
+        metrics,
+        distributions: [("fanout_ms".to_owned(), latency_ms)].into_iter().collect(),
+        extra: json!({"join": joined, "counts": counts, "notes_played": fan.played, "deliveries_expected": expected}),
+    });
+    report.wall_seconds = began.elapsed().as_secs_f64();
+    report.machine.steal_percent = steal.percent();
+    Ok(report)
+}
+
 /// What a handshake run asks for.
 #[derive(Clone, Copy, Debug)]
 pub struct HandshakePlan {

@@ -42,7 +42,7 @@ use downbeat_engine::client::Handled;
 use downbeat_engine::clock::Config as SyncConfig;
 use downbeat_engine::session::{Event, ReportDue, Request, Session, State};
 use downbeat_protocol::{
-    BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings,
+    BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings, ServerDatagram,
 };
 use serde::Serialize;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
@@ -111,6 +111,10 @@ pub struct LightSpec {
     /// Students close their session as soon as they are welcomed (connect, hello, welcome,
     /// close: a handshake benchmark); teachers stay, and so do their rooms.
     pub leave_after_welcome: bool,
+    /// Notes each student plays per second once its clock is synced (0: none), at a random
+    /// phase; every classmate's first datagram carrying a note is timed against its send
+    /// ([`Generator::take_fanout`]).
+    pub notes_per_second: f64,
 }
 
 impl LightSpec {
@@ -130,6 +134,7 @@ impl LightSpec {
             report_interval: Some(REPORT_INTERVAL),
             threads: 2,
             leave_after_welcome: false,
+            notes_per_second: 0.0,
         }
     }
 
@@ -175,6 +180,15 @@ pub struct JoinOutput {
     pub endpoints: usize,
 }
 
+/// Notes played and their deliveries ([`Generator::take_fanout`]).
+#[derive(Clone, Debug, Default)]
+pub struct Fanout {
+    /// Notes played.
+    pub played: usize,
+    /// Send to arrival of each delivery, ns.
+    pub latency_ns: Vec<u64>,
+}
+
 /// Counters of the sessions while they run (totals since the start).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -206,6 +220,12 @@ struct Shared {
     report_interval: Option<Duration>,
     handshake_timeout: Duration,
     leave_after_welcome: bool,
+    /// Between two notes of a student (`None`: students play none).
+    note_every: Option<Duration>,
+    /// Notes played and the instant each was sent, by (room, member, sequence number).
+    notes_sent: Mutex<HashMap<(u64, u64, u32), ClientNanos>>,
+    /// Send to a classmate's arrival of each note's first datagram, ns.
+    fanout_ns: Mutex<Vec<u64>>,
     /// The join deadline on the runtime's clock.
     deadline: tokio::time::Instant,
     handshaking: AtomicU64,
@@ -314,6 +334,9 @@ impl Generator {
             url: spec.url.clone(),
             report_interval: spec.report_interval,
             leave_after_welcome: spec.leave_after_welcome,
+            note_every: (spec.notes_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.notes_per_second)),
+            notes_sent: Mutex::default(),
+            fanout_ns: Mutex::default(),
             handshake_timeout: spec.handshake_timeout,
             deadline: tokio::time::Instant::now() + spec.join_deadline,
             handshaking: AtomicU64::new(0),
@@ -345,6 +368,13 @@ impl Generator {
     /// The counters now.
     pub fn counts(&self) -> Counts {
         self.shared.counts()
+    }
+
+    /// Note fan-out since the last call: notes played, and the latency of every classmate's
+    /// first datagram carrying one of them (send to arrival, one process's clock, ns).
+    pub fn take_fanout(&self) -> Fanout {
+        let played = std::mem::take(&mut *lock(&self.shared.notes_sent)).len();
+        Fanout { played, latency_ns: std::mem::take(&mut *lock(&self.shared.fanout_ns)) }
     }
 
     /// Closes every session and the endpoints; returns the final counters.
@@ -748,6 +778,18 @@ async fn hold(
     let read = read_control(recv, Box::new([0u8; CONTROL_CHUNK]));
     tokio::pin!(read);
     let mut synced = false;
+    // Students' notes, at a random phase of their interval; numbered through two octaves.
+    let member = session.welcome().map_or(0, |w| w.member_id);
+    // Member ids count within a room: notes are keyed by room too.
+    let room = session.welcome().map_or(0, |w| {
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(&w.room.code, &mut hasher);
+        std::hash::Hasher::finish(&hasher)
+    });
+    let note_every = shared.note_every.filter(|_| !teacher);
+    let mut next_note = note_every
+        .map(|e| tokio::time::Instant::now() + e.mul_f64(f64::from(rand::random::<u16>()) / f64::from(u16::MAX)));
+    let mut played = 0u8;
     let ended = loop {
         let now = shared.now();
         while let Some(bytes) = session.poll_datagram(now) {
@@ -761,10 +803,11 @@ async fn hold(
             shared.synced.fetch_add(if now_synced { 1 } else { -1 }, Relaxed);
         }
         let sync_at = shared.instant_at(session.poll_timeout());
-        let wake = match (sync_at, next_report) {
-            (Some(a), Some(b)) => a.min(b),
-            (a, b) => a.or(b).unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600)),
-        };
+        let wake = [sync_at, next_report, next_note]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
         if timer.deadline() != wake {
             timer.as_mut().reset(wake);
         }
@@ -776,6 +819,9 @@ async fn hold(
                 let t3 = shared.now();
                 datagram.set(quic.read_datagram());
                 let Some(payload) = http_datagram_payload(&bytes) else { continue };
+                if shared.note_every.is_some() {
+                    time_note(shared, room, t3, payload);
+                }
                 match session.handle_datagram(t3, payload) {
                     Ok(Handled::Sample | Handled::IgnoredReply) => {
                         shared.sync_replies.fetch_add(1, Relaxed);
@@ -804,6 +850,21 @@ async fn hold(
                 }
             }
             () = &mut timer => {
+                if let (Some(at), Some(e)) = (next_note, note_every)
+                    && tokio::time::Instant::now() >= at
+                {
+                    // Behind (a busy generator): the next note is an interval from now.
+                    next_note = Some((at + e).max(tokio::time::Instant::now()));
+                    let now = shared.now();
+                    // Not synced yet: no note (the engine cannot stamp it).
+                    if let Ok((note, bytes)) = session.play_note(now, 60 + played % 24, 100, 0) {
+                        played = played.wrapping_add(1);
+                        lock(&shared.notes_sent).insert((room, member, note.seq), now);
+                        if conn.send_datagram(&bytes).is_err() {
+                            shared.send_failed.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
                 if let (Some(at), Some(e)) = (next_report, every)
                     && tokio::time::Instant::now() >= at
                 {
@@ -824,6 +885,18 @@ async fn hold(
     }
     if ended {
         shared.lost.fetch_add(1, Relaxed);
+    }
+}
+
+/// Times a classmate's notes datagram: its newest note (the one this datagram is the first to
+/// carry, unless an earlier one was lost) against its send, if it was played since the last
+/// [`Generator::take_fanout`].
+fn time_note(shared: &Shared, room: u64, arrived: ClientNanos, payload: &[u8]) {
+    let Ok(ServerDatagram::Notes(frame)) = downbeat_protocol::decode_server_datagram(payload) else { return };
+    let Some(newest) = frame.notes.iter().last() else { return };
+    let sent = lock(&shared.notes_sent).get(&(room, frame.from, newest.seq)).copied();
+    if let Some(sent) = sent {
+        lock(&shared.fanout_ns).push(arrived.0.saturating_sub(sent.0));
     }
 }
 
