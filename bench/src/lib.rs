@@ -6,8 +6,9 @@
 //!   node as nodes are added.
 //! - [`downbeat`]: the real server binary as a child process, and simulated classrooms of
 //!   native clients ([`downbeat::class`]) in a child process of their own.
-//! - [`light`]: a light load generator for the capacity scenario: many idle classroom
-//!   sessions on a few client endpoints, so the server, not its clients, bounds a run.
+//! - [`light`]: a light load generator for the capacity, handshake and fan-out scenarios:
+//!   many classroom sessions on a few client endpoints, so the server, not its clients,
+//!   bounds a run.
 //! - [`peers`]: the peers in `bench/peers/` (Socket.IO, WebSocket timer, Socket.IO + timesync)
 //!   and their client.
 //! - [`netem`]: a packet-level network emulator in user space (TUN devices and a network

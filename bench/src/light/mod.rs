@@ -1,6 +1,8 @@
 //! A light load generator for the capacity scenario: many idle classroom sessions over
 //! WebTransport from one process, cheap enough that the server, not the clients, bounds a
-//! run on the same two cores.
+//! run on the same two cores. The same sessions serve the handshake scenario (students leave
+//! as soon as they are welcomed: [`LightSpec::leave_after_welcome`]) and note fan-out
+//! (students play notes, classmates time them: [`LightSpec::notes_per_second`]).
 //!
 //! The product's native client ([`downbeat_client::Client`]) gives every session its own UDP
 //! socket and QUIC endpoint, three tasks, channels and locks; thousands of them cost more CPU
