@@ -1016,26 +1016,12 @@ fn light_point(
     plan: &CapacityPlan,
     baseline: u64,
 ) -> Result<(CapacityPoint, serde_json::Value)> {
-    ensure!(
-        common.profile == "loopback",
-        "light clients run on loopback only (their sessions share sockets, which the emulator cannot tell apart): \
-         use --clients native on {}",
-        common.profile
-    );
-    let workload = capacity_workload(sessions);
-    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (server, rooms) = light_server(&workload)?;
+    let (server, spec) = light_server(common, &capacity_workload(sessions))?;
     let spec = LightSpec {
-        bpm: workload.bpm,
         join_rate: plan.join_rate,
         concurrency: plan.join_concurrency,
         threads: plan.light_threads,
-        ..LightSpec::new(
-            server.url(localhost),
-            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
-            rooms,
-            common.join_deadline,
-        )
+        ..spec
     };
     let meter = ProcessMeter::new(server.pid());
     let me = ProcessMeter::new(std::process::id());
@@ -1069,18 +1055,27 @@ fn light_point(
         )
     }
     .with_window(&window, baseline);
-    let extra = json!({"join": joined, "counts": counts, "url": server.url(localhost)});
+    let extra = json!({"join": joined, "counts": counts, "url": server.url(IpAddr::V4(Ipv4Addr::LOCALHOST))});
     Ok((point, extra))
 }
 
-/// A fresh server on loopback sized for `workload`, and a token for everyone in its rooms.
-fn light_server(workload: &Workload) -> Result<(ServerProcess, Vec<LightRoom>)> {
+/// A fresh server on loopback sized for `workload`, and the light generator's spec for its
+/// rooms (a token for everyone in them, the workload's tempo, `common`'s join deadline; the
+/// generator's defaults otherwise).
+fn light_server(common: &Common, workload: &Workload) -> Result<(ServerProcess, LightSpec)> {
+    ensure!(
+        common.profile == "loopback",
+        "light clients run on loopback only (their sessions share sockets, which the emulator cannot tell apart): \
+         use native clients on {}",
+        common.profile
+    );
+    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
     let server = ServerProcess::start(
         ServerLimits {
             sessions: (workload.people() + 100).max(ServerLimits::default().sessions),
             rooms: (workload.rooms + 10).max(ServerLimits::default().rooms),
         },
-        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        localhost,
     )?;
     let mut rooms = Vec::with_capacity(workload.rooms);
     for r in 0..workload.rooms {
@@ -1089,7 +1084,10 @@ fn light_server(workload: &Workload) -> Result<(ServerProcess, Vec<LightRoom>)> 
             .collect::<Result<Vec<_>>>()?;
         rooms.push(LightRoom { teacher_token: server.token(Role::Teacher, &format!("t-{r}"))?, student_tokens });
     }
-    Ok((server, rooms))
+    let hashes = crate::downbeat::class::decode_hashes(server.cert_hashes())?;
+    let spec =
+        LightSpec { bpm: workload.bpm, ..LightSpec::new(server.url(localhost), hashes, rooms, common.join_deadline) };
+    Ok((server, spec))
 }
 
 /// Note fan-out with light clients (Downbeat over WebTransport, loopback): `workload.rooms`
@@ -1101,24 +1099,14 @@ fn light_server(workload: &Workload) -> Result<(ServerProcess, Vec<LightRoom>)> 
 /// the server does past a few hundred; these let the server's own fan-out be measured at
 /// 20 and 40 rooms.
 pub fn light_fanout(common: &Common, workload: &Workload, settle_seconds: f64) -> Result<RunReport> {
-    ensure!(common.profile == "loopback", "light clients run on loopback only; not {}", common.profile);
     let mut parameters = workload.json();
     parameters["clients"] = json!("light");
     parameters["settle_seconds"] = json!(settle_seconds);
     let mut report = report(common, "fanout", "Note fan-out: a child's note reaching the class", parameters);
     let began = Instant::now();
     let steal = StealMeter::start();
-    let (server, rooms) = light_server(workload)?;
-    let spec = LightSpec {
-        bpm: workload.bpm,
-        notes_per_second: workload.notes_per_second,
-        ..LightSpec::new(
-            server.url(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
-            rooms,
-            common.join_deadline,
-        )
-    };
+    let (server, spec) = light_server(common, workload)?;
+    let spec = LightSpec { notes_per_second: workload.notes_per_second, ..spec };
     let generator = Generator::start(spec)?;
     let joined = generator.joined().clone();
     std::thread::sleep(Duration::from_secs_f64(settle_seconds.max(0.0)));
@@ -1190,11 +1178,6 @@ pub struct HandshakePlan {
 /// handshakes' (QUIC and TLS, the HTTP/3 session, hello, token and admission, the welcome,
 /// the leave) and not the held sessions' clock sync and beats that a join storm also pays.
 pub fn handshakes(common: &Common, plan: HandshakePlan) -> Result<RunReport> {
-    ensure!(
-        common.profile == "loopback",
-        "the handshake run uses light clients, which run on loopback only; not {}",
-        common.profile
-    );
     let workload = capacity_workload(plan.sessions);
     let mut parameters = workload.json();
     parameters["sessions"] = json!(plan.sessions);
@@ -1204,20 +1187,13 @@ pub fn handshakes(common: &Common, plan: HandshakePlan) -> Result<RunReport> {
         report(common, "handshakes", "Handshakes: sessions joining and leaving, the server's side apart", parameters);
     let began = Instant::now();
     let steal = StealMeter::start();
-    let localhost = IpAddr::V4(Ipv4Addr::LOCALHOST);
-    let (server, rooms) = light_server(&workload)?;
+    let (server, spec) = light_server(common, &workload)?;
     let spec = LightSpec {
-        bpm: workload.bpm,
         join_rate: 0.0,
         concurrency: plan.concurrency,
         threads: plan.threads,
         leave_after_welcome: true,
-        ..LightSpec::new(
-            server.url(localhost),
-            crate::downbeat::class::decode_hashes(server.cert_hashes())?,
-            rooms,
-            common.join_deadline,
-        )
+        ..spec
     };
     let (meter, me) = (ProcessMeter::new(server.pid()), ProcessMeter::new(std::process::id()));
     let (cpu0, own0, m0) = (meter.cpu_seconds()?, me.cpu_seconds()?, server.metrics()?);

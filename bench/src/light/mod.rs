@@ -695,10 +695,9 @@ async fn run_session(
     }
     if shared.leave_after_welcome && !teacher {
         shared.welcomed.fetch_add(1, Relaxed);
-        conn.close(0u32.into(), b"bye");
         // The close goes out with the connection's next transmit; the endpoint keeps the
         // connection until its peer has it (or the drain period ends).
-        drop((control, session));
+        conn.close(0u32.into(), b"bye");
         return;
     }
     shared.live.fetch_add(1, Relaxed);
@@ -800,12 +799,11 @@ async fn hold(
     tokio::pin!(read);
     let mut synced = false;
     // Students' notes, at a random phase of their interval; numbered through two octaves.
-    let member = session.welcome().map_or(0, |w| w.member_id);
-    // Member ids count within a room: notes are keyed by room too.
-    let room = session.welcome().map_or(0, |w| {
+    // Member ids count within a room: notes are keyed by the room (its code, hashed) too.
+    let (room, member) = session.welcome().map_or((0, 0), |w| {
         let mut hasher = std::collections::hash_map::DefaultHasher::new();
         std::hash::Hash::hash(&w.room.code, &mut hasher);
-        std::hash::Hasher::finish(&hasher)
+        (std::hash::Hasher::finish(&hasher), w.member_id)
     });
     let note_every = shared.note_every.filter(|_| !teacher);
     let mut next_note = note_every
