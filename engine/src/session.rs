@@ -440,10 +440,9 @@ impl<T> Session<T> {
     /// two seconds: send it if it says something new (the first of the session, coarse sync
     /// quality changed as [`downbeat_protocol::SyncQuality::coarse`] counts it, a classmate's
     /// note scheduled or late since the last) or the last one went [`REPORT_REFRESH_NANOS`]
-    /// ago. A settled,
-    /// quiet class then reports every ten seconds rather than every two: a fifth of the
-    /// control-stream traffic, where a server holding thousands of sessions spends its time
-    /// on stream frames and their acknowledgements.
+    /// ago. A settled, quiet class then reports every ten seconds rather than every two: a
+    /// fifth of the control-stream traffic, where a server holding thousands of sessions
+    /// spends its time on stream frames and their acknowledgements.
     pub fn report(&mut self, now: ClientNanos) -> ReportDue {
         if self.state != State::Live {
             return ReportDue::NotLive;

@@ -8,8 +8,9 @@
 //! loss burst (a stretch of time, `sim::Bursts`); then random loss; then the delay: the end of
 //! the current link stall if any (else now), plus base and jitter, rounded up to the next
 //! beacon if the station is asleep (power save), and never before the previous packet's
-//! release plus the minimum gap (FIFO). A packet picked for reordering is released `reorder_extra_nanos` after its place in
-//! that order and does not hold back later packets, which overtake it.
+//! release plus the minimum gap (FIFO). A packet picked for reordering is released
+//! `reorder_extra_nanos` after its place in that order and does not hold back later packets,
+//! which overtake it.
 //!
 //! Stalls and bursts come from their own generators and depend on time only, so the traffic
 //! never changes them; packets' fates come from the path's generator in the order they enter.

@@ -266,11 +266,11 @@ impl Profile {
 
     /// Classroom Wi-Fi (`performance.md`): the engine's profile (3 ms base, 0.5 % random
     /// loss plus bursts of mean 60 ms taking 0.5 % of the time, power save with 102.4 ms
-    /// beacons after 200 ms idle on 30 %
-    /// of clients) with its delay quantiles (p50 ~4 ms, p90 ~20 ms, p99 ~250 ms one way) from
-    /// stalls (5.8/s, at least 15 ms, Pareto shape 1.75, cap 1.5 s) plus a log-normal jitter
-    /// (median 0.45 ms, sigma 0.6, cap 5 ms); plus 0.1 % reordering (held 20 ms), one 1 s
-    /// outage per 10 minutes and 100 us between packets.
+    /// beacons after 200 ms idle on 30 % of clients) with its delay quantiles (p50 ~4 ms,
+    /// p90 ~20 ms, p99 ~250 ms one way) from stalls (5.8/s, at least 15 ms, Pareto shape
+    /// 1.75, cap 1.5 s) plus a log-normal jitter (median 0.45 ms, sigma 0.6, cap 5 ms); plus
+    /// 0.1 % reordering (held 20 ms), one 1 s outage per 10 minutes and 100 us between
+    /// packets.
     pub fn classroom_wifi() -> Self {
         Self::wifi("classroom-wifi", &sim::Profile::classroom_wifi(true), 1.0)
     }
