@@ -200,6 +200,11 @@ settings! {
     /// `net.core.rmem_max` and `net.core.wmem_max`; the server logs what it got and warns
     /// when capped.
     udp_buffer_bytes: u64 = 4 << 20, env "DOWNBEAT_UDP_BUFFER_BYTES", value "BYTES";
+    /// Threads that run sessions, rooms and the HTTP API; 0: one per core. One thread spends
+    /// about a tenth less CPU on a settled class (no wake-ups passed between threads) but does
+    /// a room's fan-out one member after another, so note delivery's tail grows (BENCHMARKS.md,
+    /// "fifth round"): for nodes of a cluster run one per core, not for a server alone.
+    worker_threads: u64 = 0, env "DOWNBEAT_WORKER_THREADS", value "N";
     /// How often an idle session is kept alive (QUIC keep-alive; a WebSocket ping), in ms.
     keep_alive_ms: u64 = 3000, env "DOWNBEAT_KEEP_ALIVE_MS", value "MS";
     /// How long a network check (a probe session, the `/check` page's) may sync its clock
@@ -960,6 +965,7 @@ impl Config {
         in_range("hello_timeout_ms", self.hello_timeout_ms, 100..=600_000, d.hello_timeout_ms)?;
         in_range("idle_timeout_ms", self.idle_timeout_ms, 1000..=600_000, d.idle_timeout_ms)?;
         in_range("udp_buffer_bytes", self.udp_buffer_bytes, 64 << 10..=256 << 20, d.udp_buffer_bytes)?;
+        in_range("worker_threads", self.worker_threads, 0..=1024, d.worker_threads)?;
         if self.keep_alive_ms == 0 || self.keep_alive_ms >= self.idle_timeout_ms {
             return invalid(format!(
                 "keep_alive_ms is {}: use at least 1 and less than idle_timeout_ms ({}), or idle sessions are dropped",
@@ -1439,6 +1445,7 @@ mod tests {
             (&["--steady-send-interval-ms", "50"], "steady_send_interval_ms is 50"),
             (&["--steady-send-interval-ms", "20000"], "at most 10000"),
             (&["--udp-buffer-bytes", "1000"], "udp_buffer_bytes is 1000: use 65536 to 268435456"),
+            (&["--worker-threads", "5000"], "worker_threads is 5000: use 0 to 1024 (default 0)"),
             (&["--max-rooms", "0"], "max_rooms is 0"),
             (
                 &["--max-members-per-room", "101"],

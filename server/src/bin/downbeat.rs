@@ -62,8 +62,7 @@ fn parse_role(s: &str) -> Result<Role, String> {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Some(Command::SettingsDoc) = cli.command {
         print!("{}", downbeat_server::config::settings_markdown());
@@ -88,6 +87,14 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.worker_threads > 0 {
+        runtime.worker_threads(usize::try_from(config.worker_threads).context("worker_threads")?);
+    }
+    runtime.enable_all().build().context("starting the runtime")?.block_on(serve(config))
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
     let server = Server::bind(config).await.context("starting the server")?;
     let stop = ctrl_c().context("listening for Ctrl-C")?;
     print!("{}", banner(&server)?);
