@@ -126,6 +126,10 @@ pub struct ClassOutput {
     pub all_joined_ms: f64,
     /// Clock error against the truth, |estimate - truth| in ms, every sample after settling.
     pub offset_error_ms: Vec<f64>,
+    /// Per student: the mean of estimate minus truth (signed, ms) over the same samples, the
+    /// part of the error that stays: what the two directions' unequal delays left in the
+    /// estimate. The rest is how much the estimate moves about it.
+    pub offset_bias_ms: Vec<f64>,
     /// Per student: welcome to the first sample after which the error stays within 1 ms for
     /// the rest of the run, in seconds (`None`: never).
     pub converged_s: Vec<Option<f64>>,
@@ -581,7 +585,11 @@ fn reduce(
         let errors = student.samples.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
         let welcomed = host.monotonic_of(student.welcomed);
         let settled = welcomed + spec.settle_ms * 1_000_000;
-        out.offset_error_ms.extend(errors.iter().filter(|&&(t, _)| t >= settled).map(|&(_, e)| to_ms(e).abs()));
+        let after: Vec<f64> = errors.iter().filter(|&&(t, _)| t >= settled).map(|&(_, e)| to_ms(e)).collect();
+        out.offset_error_ms.extend(after.iter().map(|e| e.abs()));
+        if !after.is_empty() {
+            out.offset_bias_ms.push(after.iter().sum::<f64>() / after.len() as f64);
+        }
         let last_bad = errors.iter().rposition(|&(_, e)| e.unsigned_abs() > 1_000_000);
         let converged = match last_bad {
             None => errors.first().map(|&(t, _)| t),
