@@ -136,6 +136,10 @@ impl ServerProcess {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
+        // The server's `worker_threads` setting (its runtime's threads; unset: one per core).
+        if let Some(threads) = std::env::var_os("BENCH_SERVER_THREADS") {
+            command.env("DOWNBEAT_WORKER_THREADS", threads);
+        }
         let mut child = command.spawn().context("starting the downbeat server")?;
         let stdout = child.stdout.take().context("the server's stdout")?;
         let (http_port, wt_port, hashes) = match read_banner(stdout) {
