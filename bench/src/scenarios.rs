@@ -422,11 +422,11 @@ pub fn sync(common: &Common, workload: &Workload) -> Result<RunReport> {
         System::Downbeat(transport) => {
             let (output, mut extra) = run_downbeat(common, transport, workload, None)?;
             let errors = Summary::of(&output.offset_error_ms);
-            // How the error splits: a bias each student keeps (one sign for all: one direction
-            // is slower on every path, such as a server whose receiving waits behind its other
-            // sessions) and the estimate moving about it.
+            // How the error splits: a bias each student keeps (mostly of one sign where one
+            // direction is slower on every path, such as a server whose receiving waits behind
+            // its other sessions) and the estimate moving about it.
             let biases = &output.offset_bias_ms;
-            extra["offset_bias_mean_ms"] = json!(biases.iter().sum::<f64>() / biases.len().max(1) as f64);
+            extra["offset_bias_mean_ms"] = json!(Summary::of(biases).mean);
             extra["offset_bias_abs_ms"] = json!(Summary::of(&biases.iter().map(|b| b.abs()).collect::<Vec<_>>()));
             let converged = output.converged_s.iter().try_fold(0.0f64, |m, c| c.map(|c| m.max(c)));
             let metrics = vec![
