@@ -201,7 +201,7 @@ settings! {
     /// when capped.
     udp_buffer_bytes: u64 = 4 << 20, env "DOWNBEAT_UDP_BUFFER_BYTES", value "BYTES";
     /// Threads that run sessions, rooms and the HTTP API; 0: one per core. One thread spends
-    /// about a tenth less CPU on a settled class (no wake-ups passed between threads) but does
+    /// about a fifth less CPU on a settled class (no wake-ups passed between threads) but does
     /// a room's fan-out one member after another, so note delivery's tail grows (BENCHMARKS.md,
     /// "fifth round"): for nodes of a cluster run one per core, not for a server alone.
     worker_threads: u64 = 0, env "DOWNBEAT_WORKER_THREADS", value "N";
