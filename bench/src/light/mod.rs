@@ -51,6 +51,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
 use tokio::task::JoinHandle;
 use wtransport::endpoint::endpoint_side;
 use wtransport::error::{ConnectingError, ConnectionError};
+use wtransport::proto::datagram::Datagram as H3Datagram;
 use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
 
 use crate::metrics::Summary;
@@ -837,7 +838,10 @@ async fn hold(
                 let Ok(bytes) = received else { break true };
                 let t3 = shared.now();
                 datagram.set(quic.read_datagram());
-                let Some(payload) = http_datagram_payload(&bytes) else { continue };
+                // An HTTP datagram (RFC 9297): the quarter stream id, then the payload. Every
+                // datagram here belongs to the connection's one session.
+                let Ok(h3) = H3Datagram::read(&bytes) else { continue };
+                let payload = h3.payload();
                 if shared.note_every.is_some() {
                     time_note(shared, room, t3, payload);
                 }
@@ -927,26 +931,4 @@ async fn read_control(
 ) -> (RecvStream, Box<[u8; CONTROL_CHUNK]>, Option<usize>) {
     let n = recv.read(&mut buf[..]).await.ok().flatten();
     (recv, buf, n)
-}
-
-/// The payload of an HTTP datagram (RFC 9297) as a QUIC datagram carries it: after the
-/// quarter stream id, a QUIC varint (its first two bits say its length: 1, 2, 4 or 8 bytes).
-/// Every datagram here belongs to the connection's one session.
-fn http_datagram_payload(bytes: &[u8]) -> Option<&[u8]> {
-    let first = *bytes.first()?;
-    bytes.get(1usize << (first >> 6)..)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn http_datagram_payloads_follow_the_quarter_stream_id() {
-        assert_eq!(http_datagram_payload(&[0x00, 7, 8]), Some(&[7u8, 8][..]));
-        assert_eq!(http_datagram_payload(&[0x40, 0x01, 9]), Some(&[9u8][..]));
-        assert_eq!(http_datagram_payload(&[0x80, 0, 0, 1]), Some(&[][..]));
-        assert_eq!(http_datagram_payload(&[0xc0, 0, 0]), None);
-        assert_eq!(http_datagram_payload(&[]), None);
-    }
 }
