@@ -377,3 +377,41 @@ over_both_transports!(
     a_teacher_creates_on_the_control_stream_assigns_parts_and_removes_a_student,
     the_server_wide_member_cap_applies_within_every_tenant
 );
+
+/// A page whose tab was replaced by another must learn why, however late it reads: a QUIC
+/// close throws away stream data the peer has not read yet, even acknowledged data, so the
+/// server keeps a WebTransport session it said goodbye to open until the peer closes it (every
+/// client does once it read the error frame), and only then, or after a bound, closes it with
+/// the goodbye's code. A page that missed the goodbye would read a lost connection and take
+/// the seat back from the new tab.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_webtransport_session_reads_why_however_late_it_reads() -> Result<()> {
+    let server = TestServer::start().await?;
+    let teacher = server.teacher("t-1");
+    let code = server.create_room(&teacher, 120.0, 4).await?;
+    let mut first = server.raw_session().await?;
+    first
+        .write_message(&downbeat_tests::RawSession::hello(downbeat_protocol::PROTOCOL_VERSION, &teacher, &code))
+        .await?;
+    let Some(downbeat_protocol::ServerMessage::Welcome(welcome)) = first.read_message().await? else {
+        bail!("the first session was not welcomed");
+    };
+    let second = server.connect(&code, &teacher).await?;
+    assert_eq!(second.member_id(), welcome.member_id, "the second session took the same seat");
+
+    // The first session reads nothing for a while: its goodbye was written and acknowledged
+    // long before the end of this wait, and the server must not close the session meanwhile.
+    let early = tokio::time::timeout(Duration::from_millis(500), first.conn.closed()).await;
+    assert!(early.is_err(), "the server closed a session whose peer had not read its goodbye: {early:?}");
+    assert_eq!(first.expect_error().await?, ErrorCode::SessionReplaced);
+
+    // A peer that reads the goodbye but never closes is closed by the server, with its code.
+    let closed = tokio::time::timeout(WAIT, first.conn.closed()).await.context("the server never closed")?;
+    match closed {
+        wtransport::error::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.code().into_inner(), u64::from(ErrorCode::SessionReplaced.as_u16()));
+        }
+        other => bail!("closed, but not by the server with a code: {other}"),
+    }
+    Ok(())
+}

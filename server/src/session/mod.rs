@@ -214,8 +214,9 @@ trait Link: Send {
     /// Closes at once (`None`: a normal close).
     fn close(&self, code: Option<ErrorCode>, message: &str);
 
-    /// After the goodbye was written: waits, at most [`FLUSH_TIMEOUT`], until the peer can no
-    /// longer lose it (the transport's own closing handshake), before the link is dropped.
+    /// After the goodbye was written, before [`Link::close`]: waits, at most
+    /// [`FLUSH_TIMEOUT`], until the peer can no longer lose it (it read the goodbye and
+    /// closed, or the transport's own closing handshake ran).
     fn linger(&mut self) -> impl Future<Output = ()> + Send + '_;
 }
 
@@ -467,9 +468,11 @@ impl Session {
         if timeout(FLUSH_TIMEOUT, &mut writer).await.is_err() {
             debug!("control stream did not flush in time");
             writer.abort();
+            // A peer that does not take the goodbye is not waited for again.
+            link.close(Some(code), message);
         }
-        link.close(Some(code), message);
         link.linger().await;
+        link.close(Some(code), message);
     }
 }
 

@@ -238,13 +238,22 @@ async fn refuse(conn: &Connection, mut send: SendStream, refusal: &Refusal) {
     let code = refusal.code;
     if let Ok(bytes) = wire::encode_frame(&refusal.answer()) {
         let _ = timeout(FLUSH_TIMEOUT, async {
-            if send.write_all(&bytes).await.is_ok() {
-                let _ = send.finish().await;
+            if send.write_all(&bytes).await.is_ok() && send.finish().await.is_ok() {
+                wait_for_peer_close(conn).await;
             }
         })
         .await;
     }
     conn.close(close_code(code), code.as_str().as_bytes());
+}
+
+/// After a goodbye on the control stream was acknowledged: waits, at most [`FLUSH_TIMEOUT`],
+/// for the peer to close the session (every client does once it read an error frame). A QUIC
+/// close makes the peer throw away stream data its application has not read yet, even data it
+/// acknowledged, so closing first would lose the goodbye: a page whose tab was replaced would
+/// read a lost connection and take its seat back.
+async fn wait_for_peer_close(conn: &Connection) {
+    let _ = timeout(FLUSH_TIMEOUT, conn.closed()).await;
 }
 
 /// A joined WebTransport session's streams.
@@ -353,6 +362,6 @@ impl Link for WtLink {
     }
 
     async fn linger(&mut self) {
-        // The stream was finished before the close, and QUIC delivers a close frame itself.
+        wait_for_peer_close(&self.conn).await;
     }
 }
