@@ -171,6 +171,8 @@ struct Shared {
     session: Session<Waiter>,
     /// Dropped when the session ends, so [`Client::next_event`] ends too.
     events: Option<mpsc::Sender<Event>>,
+    /// Why the server ended the session, once it did.
+    ended_by_server: Option<(ErrorCode, String)>,
 }
 
 impl Shared {
@@ -186,6 +188,9 @@ impl Shared {
                 }
                 session::Event::Ended(end) => {
                     tracing::debug!(?end, "session ended");
+                    if let session::End::Server { code, message } = end {
+                        self.ended_by_server = Some((code, message));
+                    }
                     self.events = None;
                     continue;
                 }
@@ -333,7 +338,7 @@ impl Client {
         let (frames_tx, frames) = watch::channel(0u64);
         let (events_tx, events) = mpsc::channel(4096);
         let (notes_tx, notes) = mpsc::channel(4096);
-        let shared = Arc::new(Mutex::new(Shared { session, events: Some(events_tx) }));
+        let shared = Arc::new(Mutex::new(Shared { session, events: Some(events_tx), ended_by_server: None }));
         let driver = Driver {
             transport: transport.clone(),
             clock: clock.clone(),
@@ -549,9 +554,14 @@ impl Client {
         self.events.lock().await.recv().await
     }
 
-    /// Waits until the session is closed by either side; returns the close reason.
+    /// Waits until the session is closed by either side; returns the close reason (when the
+    /// server ended it: its message and error number, `(code N)`).
     pub async fn closed(&self) -> String {
-        self.transport.closed().await
+        let why = self.transport.closed().await;
+        match &lock(&self.shared).ended_by_server {
+            Some((code, message)) => format!("the server ended the session: {message} (code {})", code.as_u16()),
+            None => why,
+        }
     }
 
     /// Closes the session.
@@ -657,6 +667,11 @@ async fn read_control(transport: Arc<dyn Transport>, shared: Arc<Mutex<Shared>>)
         s.session.handle_control_bytes(&bytes);
         s.dispatch();
         if s.session.state() == State::Ended {
+            // The server waits for this side to close once it has said why (see the README);
+            // the close echoes its code.
+            if let Some((code, message)) = &s.ended_by_server {
+                transport.close(code.as_u16().into(), message.as_bytes());
+            }
             return;
         }
     }
