@@ -320,9 +320,9 @@ async fn kill_9(district: &District) -> Result<()> {
         empty.push(body["code"].as_str().context("its code")?.replace('-', ""));
     }
 
+    let truth = Truth::of(&nodes[0], &clock).await?;
     let killed = Instant::now();
     let killed_local = clock.now().0;
-    let truth = Truth::new(&clock);
     nodes[0].kill().await?;
 
     // Every member comes back through the node their page came from (the teacher's was
@@ -417,19 +417,39 @@ async fn observer(district: &District) -> Result<Arc<Cluster>> {
     Ok(Cluster::connect(district.nats_url(), entry, Duration::from_millis(1)).await?)
 }
 
-/// Where the cluster's shared time base (the hosts' wall clock since the shared epoch) lies
-/// on the test's local clock: read once, like each server reads it at start.
+/// Where the cluster's shared time base lies on the test's local clock.
 struct Truth {
     local: i64,
     shared: i64,
 }
 
 impl Truth {
-    fn new(clock: &Arc<dyn LocalClock>) -> Self {
-        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970");
-        let local = clock.now().0 as i64;
-        let shared = wall.as_nanos() as i64 - downbeat_server::clock::SHARED_EPOCH_UNIX_SECS as i64 * 1_000_000_000;
-        Self { local, shared }
+    /// Measured on `node` (the room's first node, before it fails): the midpoint of the
+    /// quickest of 32 `/api/time` exchanges, a fraction of a millisecond on loopback. Not read
+    /// from this process's wall clock: each node read the wall clock once, at its start, and a
+    /// step of the wall clock since (a virtual machine paused and resumed) would move this
+    /// reading and no node. The node's base is checked to be the wall clock since the shared
+    /// epoch, to within a second.
+    async fn of(node: &Node, clock: &Arc<dyn LocalClock>) -> Result<Self> {
+        let mut best: Option<(i64, Self)> = None;
+        for _ in 0..32 {
+            let sent = clock.now().0 as i64;
+            let (status, body) = node.http("GET", "/api/time", None, None).await?;
+            let received = clock.now().0 as i64;
+            ensure!(status == 200, "/api/time answered {status}: {body}");
+            let server_ms = body["server_now_ms"].as_f64().with_context(|| format!("server_now_ms in {body}"))?;
+            let rtt = received - sent;
+            if best.as_ref().is_none_or(|(quickest, _)| rtt < *quickest) {
+                best = Some((rtt, Self { local: sent + rtt / 2, shared: (server_ms * 1e6).round() as i64 }));
+            }
+        }
+        let (_, truth) = best.context("no exchange")?;
+        let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?;
+        let wall_shared =
+            wall.as_nanos() as i64 - downbeat_server::clock::SHARED_EPOCH_UNIX_SECS as i64 * 1_000_000_000;
+        let off = wall_shared - truth.shared - (clock.now().0 as i64 - truth.local);
+        ensure!(off.abs() < 1_000_000_000, "the node's clock is {off} ns off the wall clock since the shared epoch");
+        Ok(truth)
     }
 
     /// The local instant at which the shared time base reads `server`.
@@ -464,9 +484,9 @@ async fn drain(district: &District) -> Result<()> {
     let waited = teacher.client.stats().frames;
     teacher.client.wait_frames(waited + 3, Duration::from_secs(10)).await?;
 
+    let truth = Truth::of(&nodes[0], &clock).await?;
     let asked = Instant::now();
     let asked_local = clock.now().0;
-    let truth = Truth::new(&clock);
     nodes[0].terminate()?;
     // Each member is told where the room went, and goes there.
     let mut back = Vec::new();
