@@ -10,10 +10,10 @@ use std::time::{Duration, SystemTime};
 use downbeat_certs::{CertError, CertifiedKey, DevIdentity, FileStamp};
 use serde::Serialize;
 use tracing::{error, info, warn};
-use wtransport::config::{QuicTransportConfig, ServerConfigBuilder, TlsServerConfig};
+use wtransport::config::{QuicTransportConfig, TlsServerConfig};
+use wtransport::quinn;
 use wtransport::tls::rustls;
 use wtransport::tls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use wtransport::{Endpoint, ServerConfig};
 
 use crate::acme::Acme;
 use crate::api::CertResolver;
@@ -211,7 +211,7 @@ impl Source {
 /// reloaded and the HTTPS listener's resolver swapped. Open sessions and connections keep the
 /// certificate they started with; new handshakes get the new one.
 pub(crate) struct Installer {
-    pub(crate) endpoint: Arc<Endpoint<wtransport::endpoint::endpoint_side::Server>>,
+    pub(crate) endpoint: Arc<quinn::Endpoint>,
     pub(crate) https: Option<Arc<CertResolver>>,
     pub(crate) config: Config,
     pub(crate) stats: Arc<Stats>,
@@ -227,11 +227,8 @@ impl std::fmt::Debug for Installer {
 impl Installer {
     /// Installs `key`; on an error nothing changed.
     pub(crate) fn install(&self, key: &CertifiedKey) -> Result<(), IdentityError> {
-        let config = server_config(ServerConfig::builder().with_bind_default(0), key, &self.config)?;
-        self.endpoint.reload_config(config, false).map_err(|e| {
-            error!(error = %e, "reloading the endpoint config failed");
-            IdentityError::Transport("reload failed")
-        })?;
+        let config = server_config(key, &self.config)?;
+        self.endpoint.set_server_config(Some(config));
         if let Some(https) = &self.https {
             // The same chain and key were just accepted for WebTransport, so this cannot
             // refuse them in practice; if it did, HTTPS would keep the old certificate.
@@ -312,13 +309,13 @@ fn rustls_server_config(key: &CertifiedKey, alpn: &[u8]) -> Result<TlsServerConf
     Ok(tls)
 }
 
-/// A complete wtransport server config from a bind step, the identity and the config.
-pub(crate) fn server_config(
-    builder: ServerConfigBuilder<wtransport::config::states::WantsIdentity>,
-    key: &CertifiedKey,
-    config: &Config,
-) -> Result<ServerConfig, IdentityError> {
-    Ok(builder.with_custom_tls_and_transport(tls_config(key)?, transport_config(config)?).build())
+/// The QUIC server config for the identity `key` and `config`'s transport settings.
+pub(crate) fn server_config(key: &CertifiedKey, config: &Config) -> Result<quinn::ServerConfig, IdentityError> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls_config(key)?)
+        .map_err(|_| IdentityError::Transport("the TLS config has no cipher suite QUIC can use"))?;
+    let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    server.transport_config(Arc::new(transport_config(config)?));
+    Ok(server)
 }
 
 /// Keeps the identity fresh until shutdown: rotates the development certificate (checked
@@ -401,9 +398,9 @@ mod tests {
         let mut mixed = a.current.clone();
         mixed.key_der = b.current.key_der.clone();
         let config = Config::default();
-        assert!(server_config(ServerConfig::builder().with_bind_default(0), &a.current, &config).is_ok());
-        assert!(server_config(ServerConfig::builder().with_bind_default(0), &mixed, &config).is_err());
+        assert!(server_config(&a.current, &config).is_ok());
+        assert!(server_config(&mixed, &config).is_err());
         mixed.key_der = vec![1, 2, 3];
-        assert!(server_config(ServerConfig::builder().with_bind_default(0), &mixed, &config).is_err());
+        assert!(server_config(&mixed, &config).is_err());
     }
 }

@@ -3,7 +3,8 @@
 //! The server owns one shared musical timeline per room and keeps every client's beat on the
 //! same true instant:
 //!
-//! - **WebTransport** ([`wtransport`], bound dual-stack): one reliable control stream per
+//! - **WebTransport** (HTTP/3 on [`quinn`], framed with wtransport's protocol crate, bound
+//!   dual-stack; `session/h3.rs`): one reliable control stream per
 //!   session (hello, welcome, control changes, errors with stable codes) and unreliable
 //!   datagrams for NTP-style clock sync and for beat frames sent ahead of time.
 //! - **HTTP/1.1** ([`axum`], its own TCP port, optionally also over HTTPS): health, the
@@ -68,8 +69,7 @@ use downbeat_protocol::ErrorCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
-use wtransport::endpoint::endpoint_side::Server as ServerSide;
-use wtransport::{Endpoint, ServerConfig, VarInt};
+use wtransport::quinn::{self, Endpoint, VarInt};
 
 pub use crate::api::{ApiError, status_for};
 pub use crate::clock::ServerClock;
@@ -154,7 +154,7 @@ pub struct Server {
     config: Config,
     clock: ServerClock,
     stats: Arc<Stats>,
-    endpoint: Arc<Endpoint<ServerSide>>,
+    endpoint: Arc<Endpoint>,
     http: TcpListener,
     http_addr: SocketAddr,
     https: Option<api::TlsListener>,
@@ -624,7 +624,7 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
 /// Binds WebTransport on every address, dual-stack, so `https://localhost:PORT` (which
 /// Chromium tries on `::1` first) and `https://127.0.0.1:PORT` both work. Falls back to IPv4
 /// only on hosts without IPv6.
-fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint<ServerSide>, ServerError> {
+fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint, ServerError> {
     let port = config.wt_port;
     let buffer = usize::try_from(config.udp_buffer_bytes).unwrap_or(usize::MAX);
     let socket = match udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), buffer) {
@@ -636,8 +636,10 @@ fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<
         }
         Err(source) => return Err(ServerError::BindWebTransport { port, source }),
     };
-    let server = identity::server_config(ServerConfig::builder().with_bind_socket(socket), key, config)?;
-    Endpoint::server(server).map_err(|source| ServerError::BindWebTransport { port, source })
+    let server = identity::server_config(key, config)?;
+    let runtime = Arc::new(quinn::TokioRuntime);
+    Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        .map_err(|source| ServerError::BindWebTransport { port, source })
 }
 
 /// A non-blocking UDP socket bound to `addr` (an IPv6 wildcard takes IPv4 too), with receive

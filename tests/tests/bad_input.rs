@@ -328,3 +328,52 @@ async fn every_sync_request_is_answered_and_a_datagram_for_another_session_is_dr
     assert_eq!(reply_to(&raw, 100).await?, Some(100));
     Ok(())
 }
+
+/// A QUIC connection to the WebTransport port that does not open a WebTransport session (no
+/// request, another method, a request that does not start with HEADERS) is closed with the
+/// HTTP/3 error that says why, and sessions carry on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http3_that_is_not_a_webtransport_connect_is_closed_with_its_http3_error() -> anyhow::Result<()> {
+    use wtransport::proto::error::ErrorCode as H3Error;
+    use wtransport::proto::frame::Frame;
+    use wtransport::proto::headers::Headers;
+    use wtransport::quinn;
+
+    let (server, _room, bystander) = setup().await?;
+    let config = wtransport::ClientConfig::builder()
+        .with_bind_default()
+        .with_server_certificate_hashes(server.hashes.iter().map(|h| (*h).into()))
+        .build();
+    let endpoint = quinn::Endpoint::client((std::net::Ipv4Addr::LOCALHOST, 0).into())?;
+    let addr = std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, server.wt_port));
+    let headers = |method: &str| {
+        let fields = [
+            (":method", method),
+            (":scheme", "https"),
+            (":authority", "localhost"),
+            (":path", "/"),
+            (":protocol", "webtransport"),
+        ];
+        let headers: Headers = fields.into_iter().collect();
+        let mut bytes = Vec::new();
+        headers.generate_frame().write(&mut bytes).expect("encodes");
+        bytes
+    };
+    let mut data = Vec::new();
+    Frame::new_data(b"hello".as_slice().into()).write(&mut data).expect("encodes");
+    for (what, first_bytes, expected) in
+        [("a GET", headers("GET"), H3Error::Message), ("DATA before HEADERS", data, H3Error::FrameUnexpected)]
+    {
+        let conn = endpoint.connect_with(config.quic_config().clone(), addr, "localhost")?.await?;
+        let (mut send, _recv) = conn.open_bi().await?;
+        send.write_all(&first_bytes).await?;
+        let closed = tokio::time::timeout(Duration::from_secs(10), conn.closed()).await?;
+        match closed {
+            quinn::ConnectionError::ApplicationClosed(close) => {
+                assert_eq!(close.error_code.into_inner(), expected.to_code().into_inner(), "{what}");
+            }
+            other => anyhow::bail!("{what}: closed, but not by the server with an HTTP/3 error: {other}"),
+        }
+    }
+    bystander_still_served(&server, &bystander).await
+}

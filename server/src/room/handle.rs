@@ -22,8 +22,8 @@ use crate::sel::store::RoomSessionRow;
 use crate::sel::unix_ms;
 use crate::stats::Stats;
 
-/// What the room task needs from a member's connection. Implemented by
-/// [`wtransport::Connection`]; tests use a fake.
+/// What the room task needs from a member's connection. Implemented for WebTransport
+/// sessions (`session::h3::WtPeer`) and WebSocket ones; tests use a fake.
 pub(crate) trait Peer: Send + Sync + fmt::Debug + 'static {
     /// Largest datagram the path takes now; `None` if the peer does not take datagrams.
     fn max_datagram_size(&self) -> Option<usize>;
@@ -45,24 +45,6 @@ pub(crate) enum DatagramKind {
     Beats,
     /// A classmate's notes.
     Notes,
-}
-
-impl Peer for wtransport::Connection {
-    fn max_datagram_size(&self) -> Option<usize> {
-        Self::max_datagram_size(self)
-    }
-
-    fn send_datagram(&self, _: DatagramKind, bytes: &[u8]) -> bool {
-        Self::send_datagram(self, bytes).is_ok()
-    }
-
-    fn close(&self, code: ErrorCode, reason: &str) {
-        Self::close(self, wtransport::VarInt::from_u32(u32::from(code.as_u16())), reason.as_bytes());
-    }
-
-    fn path(&self) -> Option<PathFigures> {
-        Some(PathFigures::of(self))
-    }
 }
 
 /// The room tells a session to end: it says why on the control stream, then closes.

@@ -52,8 +52,8 @@ pub(crate) struct PathFigures {
 }
 
 impl PathFigures {
-    pub(crate) fn of(connection: &wtransport::Connection) -> Self {
-        let stats = connection.quic_connection().stats();
+    pub(crate) fn of(connection: &wtransport::quinn::Connection) -> Self {
+        let stats = connection.stats();
         Self {
             rtt_micros: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),
             packets_sent: stats.path.sent_packets,

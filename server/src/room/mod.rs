@@ -22,5 +22,5 @@ mod sel;
 mod task;
 
 pub(crate) use self::handle::{DatagramKind, Departure, Joining, Kick, Outgoing, Peer, RoomHandle};
-pub(crate) use self::inspect::{MAX_OBSERVERS, OBSERVER_QUEUE, RoomInspection, SessionCounters};
+pub(crate) use self::inspect::{MAX_OBSERVERS, OBSERVER_QUEUE, PathFigures, RoomInspection, SessionCounters};
 pub(crate) use self::registry::{Rooms, RoomsConfig};

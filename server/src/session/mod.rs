@@ -15,6 +15,7 @@
 //! checked before allocating, decode errors become stable error codes, and a bad datagram is
 //! dropped and counted while the session carries on.
 
+mod h3;
 pub(crate) mod probe;
 pub(crate) mod websocket;
 mod webtransport;

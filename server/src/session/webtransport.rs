@@ -1,7 +1,7 @@
 //! Sessions over WebTransport: the accept loop with its capacity limits, the control stream
-//! (a bidirectional stream of length-prefixed frames) and QUIC datagrams.
+//! (a bidirectional stream of length-prefixed frames) and QUIC datagrams. The HTTP/3 side of
+//! a session is in [`super::h3`].
 
-use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,13 +10,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, info, warn};
-use wtransport::endpoint::IncomingSession;
-use wtransport::endpoint::endpoint_side::Server as ServerSide;
-use wtransport::error::ConnectionError;
-use wtransport::proto::datagram::Datagram as H3Datagram;
-use wtransport::proto::ids::QStreamId;
-use wtransport::{Connection, Endpoint, RecvStream, SendStream, VarInt};
+use wtransport::quinn::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 
+use super::h3::{Established, H3Failure, Requested, WtPeer, close_code};
 use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
     sync_reply,
@@ -32,7 +28,7 @@ const FRAME_BODY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Accepts sessions until shutdown, then waits (briefly) for them to close with
 /// [`ErrorCode::ShuttingDown`]. Returns before the endpoint is closed, which must not happen
 /// while `Endpoint::accept` is pending.
-pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<SessionContext>, mut shutdown: Shutdown) {
+pub(crate) async fn accept_loop(endpoint: &Endpoint, ctx: Arc<SessionContext>, mut shutdown: Shutdown) {
     let mut sessions = JoinSet::new();
     loop {
         let incoming = tokio::select! {
@@ -44,14 +40,17 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<Sessio
                 }
                 continue;
             }
-            incoming = endpoint.accept() => incoming,
+            incoming = endpoint.accept() => match incoming {
+                Some(incoming) => incoming,
+                None => break,
+            },
         };
         // Under pressure a connection first proves its address with a stateless Retry (one
         // packet, nothing kept), so forged source addresses cannot hold handshakes.
         let in_progress = ctx.max_handshakes.saturating_sub(ctx.handshakes.available_permits());
         if in_progress >= ctx.retry_above_handshakes && !incoming.remote_address_validated() {
             ctx.stats.handshakes_retried.inc();
-            incoming.retry();
+            let _ = incoming.retry();
             continue;
         }
         // Refusing at the QUIC level costs one packet; a WebTransport 429 would first cost a
@@ -78,17 +77,31 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint<ServerSide>, ctx: Arc<Sessio
 }
 
 async fn handle_incoming(
-    incoming: IncomingSession,
+    incoming: Incoming,
     handshake: (OwnedSemaphorePermit, NetworkPlace),
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 ) {
     let remote = incoming.remote_address();
     let deadline = Instant::now() + ctx.hello_timeout;
-    let request = match timeout_at(deadline, incoming).await {
+    let connecting = match incoming.accept() {
+        Ok(connecting) => connecting,
+        Err(e) => {
+            debug!(%remote, error = %e, "handshake failed");
+            return;
+        }
+    };
+    let requested = async {
+        let conn = connecting.await.map_err(|e| {
+            debug!(%remote, error = %e, "handshake failed");
+            H3Failure::Closed
+        })?;
+        Requested::read(conn).await
+    };
+    let request = match timeout_at(deadline, requested).await {
         Ok(Ok(request)) => request,
         Ok(Err(e)) => {
-            debug!(%remote, error = %e, "handshake failed");
+            debug!(%remote, error = %e, "no WebTransport session");
             return;
         }
         Err(_) => {
@@ -100,10 +113,12 @@ async fn handle_incoming(
         let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
         return;
     };
-    let conn = match timeout_at(deadline, request.accept()).await {
-        Ok(Ok(conn)) => conn,
+    let conn = request.conn().clone();
+    let established = match timeout_at(deadline, request.accept()).await {
+        Ok(Ok(established)) => established,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "session accept failed");
+            e.close(&conn);
             return;
         }
         Err(_) => {
@@ -115,7 +130,7 @@ async fn handle_incoming(
     let _active = ActiveGuard::new(&ctx.stats, Transport::WebTransport);
     let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
     debug!(parent: &span, %remote, "session accepted");
-    run(session, conn, deadline).instrument(span).await;
+    run(session, established, deadline).instrument(span).await;
     drop(places);
 }
 
@@ -131,10 +146,6 @@ async fn read_frame(recv: &mut RecvStream) -> Result<ClientMessage, ReadError> {
         Err(_) => return Err(ReadError::Stalled),
     }
     wire::decode_frame_body(&body).map_err(ReadError::Decode)
-}
-
-fn close_code(code: ErrorCode) -> VarInt {
-    VarInt::from_u32(u32::from(code.as_u16()))
 }
 
 /// Writes queued control messages as frames until the queue closes, then finishes the stream.
@@ -160,22 +171,29 @@ async fn write_loop(conn: Connection, mut send: SendStream, mut rx: mpsc::Receiv
             }
         }
     }
-    let _ = send.finish().await;
+    finish(&mut send).await;
+}
+
+/// Finishes `send` and waits until the peer acknowledged everything written on it (or stopped
+/// it, or the connection closed).
+async fn finish(send: &mut SendStream) -> bool {
+    send.finish().is_ok() && matches!(send.stopped().await, Ok(None))
 }
 
 /// A WebTransport session from its first stream to its end.
-async fn run(session: Session, conn: Connection, deadline: Instant) {
+async fn run(session: Session, mut established: Established, deadline: Instant) {
     let mut shutdown = session.shutdown.clone();
     let joined = tokio::select! {
-        joined = hello(&session, &conn, deadline) => joined,
+        joined = hello(&session, &mut established, deadline) => joined,
         () = shutdown.wait() => {
-            conn.close(close_code(ErrorCode::ShuttingDown), b"shutting down");
+            established.conn().close(close_code(ErrorCode::ShuttingDown), b"shutting down");
             return;
         }
     };
     let Some((admitted, send, recv)) = joined else { return };
     let write_deadline = session.ctx.idle_timeout;
-    session.run(WtLink { conn, send: Some(send), recv, write_deadline }, admitted).await;
+    let peer = established.peer.clone();
+    session.run(WtLink { peer, established, send: Some(send), recv, write_deadline }, admitted).await;
 }
 
 /// Opens the control stream and handles the hello or probe (see [`Session::admit`]). On
@@ -183,13 +201,15 @@ async fn run(session: Session, conn: Connection, deadline: Instant) {
 /// why and the session closed.
 async fn hello(
     session: &Session,
-    conn: &Connection,
+    established: &mut Established,
     deadline: Instant,
 ) -> Option<(super::Admitted, SendStream, RecvStream)> {
-    let (mut send, mut recv) = match timeout_at(deadline, conn.accept_bi()).await {
+    let conn = &established.peer.conn.clone();
+    let (mut send, mut recv) = match timeout_at(deadline, established.accept_stream()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
-            debug!(error = %e, "closed before opening the control stream");
+            debug!(error = %e, "no control stream");
+            e.close(conn);
             return None;
         }
         Err(_) => {
@@ -200,7 +220,7 @@ async fn hello(
         }
     };
     let first = timeout_at(deadline, read_frame(&mut recv)).await.unwrap_or(Err(ReadError::Stalled));
-    let (admitted, answer) = match session.admit(first, Arc::new(conn.clone())).await {
+    let (admitted, answer) = match session.admit(first, Arc::new(established.peer.clone())).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
@@ -238,7 +258,7 @@ async fn refuse(conn: &Connection, mut send: SendStream, refusal: &Refusal) {
     let code = refusal.code;
     if let Ok(bytes) = wire::encode_frame(&refusal.answer()) {
         let _ = timeout(FLUSH_TIMEOUT, async {
-            if send.write_all(&bytes).await.is_ok() && send.finish().await.is_ok() {
+            if send.write_all(&bytes).await.is_ok() && finish(&mut send).await {
                 wait_for_peer_close(conn).await;
             }
         })
@@ -259,7 +279,10 @@ async fn wait_for_peer_close(conn: &Connection) {
 /// A joined WebTransport session's streams.
 #[derive(Debug)]
 struct WtLink {
-    conn: Connection,
+    /// The connection and its datagrams.
+    peer: WtPeer,
+    /// The rest of the session's HTTP/3 (its `CONNECT` stream, the peer's other streams).
+    established: Established,
     /// Until the writer takes it.
     send: Option<SendStream>,
     recv: RecvStream,
@@ -270,7 +293,7 @@ struct WtLink {
 impl Link for WtLink {
     fn spawn_writer(&mut self, rx: mpsc::Receiver<Outgoing>) -> JoinHandle<()> {
         let send = self.send.take().expect("the writer starts once");
-        tokio::spawn(write_loop(self.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()))
+        tokio::spawn(write_loop(self.peer.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()))
     }
 
     async fn read(
@@ -279,7 +302,7 @@ impl Link for WtLink {
         datagrams: &mut Datagrams<'_>,
         control_tx: &mpsc::Sender<Outgoing>,
     ) -> End {
-        let Self { conn, recv, .. } = self;
+        let Self { peer, established, recv, .. } = self;
         let ctx = control.ctx();
         let clock = ctx.clock;
         let frames = async {
@@ -289,43 +312,19 @@ impl Link for WtLink {
                 }
             }
         };
-        // Datagrams are read from the QUIC connection itself as well as through wtransport's
-        // `receive_datagram`. That one is fed by the connection's driver task, which reads a
-        // datagram, queues it for this task and wakes it: a second task, hand-off and wake-up
-        // per datagram, and a later `t1` stamp. Each datagram wakes both readers and whichever
-        // runs first takes it. The driver's queue must still be read: it holds one datagram,
-        // and one it kept and nobody read would be lost (a probe's single datagram of notes,
-        // say, that must end the probe).
+        // Datagrams come straight from the QUIC connection: no other task reads them, so each
+        // wakes this one task and `t1` is stamped as soon as it runs.
         let datagrams = async {
-            let quic = conn.quic_connection();
-            let ours = QStreamId::from_session_id(conn.session_id());
-            let mut direct = pin!(quic.read_datagram());
-            let mut relayed = pin!(conn.receive_datagram());
-            loop {
-                let payload = tokio::select! {
-                    received = &mut direct => {
-                        direct.set(quic.read_datagram());
-                        let Ok(bytes) = received else { break };
-                        match H3Datagram::read(&bytes) {
-                            Ok(h3) if h3.qstream_id() == ours => bytes.slice(bytes.len() - h3.payload().len()..),
-                            // An HTTP/3 datagram for no session of ours, or none at all.
-                            _ => {
-                                ctx.stats.datagrams_malformed.inc();
-                                continue;
-                            }
-                        }
-                    }
-                    received = &mut relayed => {
-                        relayed.set(conn.receive_datagram());
-                        let Ok(datagram) = received else { break };
-                        datagram.payload()
-                    }
+            while let Ok(bytes) = peer.conn.read_datagram().await {
+                // An HTTP/3 datagram for no session of ours, or none at all.
+                let Some(payload) = peer.payload_of(bytes) else {
+                    ctx.stats.datagrams_malformed.inc();
+                    continue;
                 };
                 let t1 = clock.now();
                 match datagrams.receive(&payload, t1) {
                     Ok(Some(request)) => {
-                        let sent =
-                            sync_reply(clock, request, t1).is_some_and(|bytes| conn.send_datagram(bytes).is_ok());
+                        let sent = sync_reply(clock, request, t1).is_some_and(|bytes| peer.send(&bytes));
                         ctx.stats.count_sync_reply(sent);
                     }
                     Ok(None) => {}
@@ -336,13 +335,18 @@ impl Link for WtLink {
         };
         tokio::select! {
             end = frames => end,
-            end = datagrams => end,
+            end = datagrams => {
+                debug!("the connection's datagrams ended");
+                end
+            }
+            // The peer ended the session (its CONNECT stream), or a stream broke HTTP/3.
+            () = established.serve() => End::Closed,
         }
     }
 
     async fn departure(&self) -> Departure {
         // Polled once: resolves only if the connection is already closed.
-        match timeout(Duration::ZERO, self.conn.closed()).await.ok() {
+        match timeout(Duration::ZERO, self.peer.conn.closed()).await.ok() {
             Some(ConnectionError::ApplicationClosed(_)) | None => Departure::Left,
             // Only the writer closes it on this side: the peer stopped taking control frames.
             Some(ConnectionError::LocallyClosed) => Departure::Closed,
@@ -356,12 +360,12 @@ impl Link for WtLink {
 
     fn close(&self, code: Option<ErrorCode>, message: &str) {
         match code {
-            Some(code) => self.conn.close(close_code(code), message.as_bytes()),
-            None => self.conn.close(VarInt::from_u32(0), b""),
+            Some(code) => self.peer.conn.close(close_code(code), message.as_bytes()),
+            None => self.peer.conn.close(VarInt::from_u32(0), b""),
         }
     }
 
     async fn linger(&mut self) {
-        wait_for_peer_close(&self.conn).await;
+        wait_for_peer_close(&self.peer.conn).await;
     }
 }
