@@ -164,10 +164,10 @@ impl Established {
         }
     }
 
-    /// Serves the connection's other streams while the session lives: keeps the peer's control
-    /// and QPACK streams, stops anything else. Returns once the peer ended the session (its
-    /// `CONNECT` stream ended or was reset) or the connection closed; a protocol error closes
-    /// the connection first.
+    /// Serves the connection's other streams while the session lives: holds the peer's
+    /// unidirectional streams open unread and refuses more bidirectional ones. Returns once the
+    /// peer ended the session (its `CONNECT` stream ended or was reset) or the connection
+    /// closed.
     pub(crate) async fn serve(&mut self) {
         let Self { peer, connect, peer_streams, .. } = self;
         let conn = &peer.conn;
