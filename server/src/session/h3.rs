@@ -22,6 +22,8 @@ use bytes::{BufMut as _, Bytes, BytesMut};
 use downbeat_protocol::ErrorCode;
 use tokio::time::timeout;
 use tracing::debug;
+use wtransport::proto::bytes::{BytesReader as _, BytesWriter as _};
+use wtransport::proto::datagram::Datagram as H3Datagram;
 use wtransport::proto::error::ErrorCode as H3Error;
 use wtransport::proto::frame::Frame;
 use wtransport::proto::headers::Headers;
@@ -29,6 +31,7 @@ use wtransport::proto::ids::{QStreamId, SessionId, StreamId};
 use wtransport::proto::session::{SessionRequest, SessionResponse};
 use wtransport::proto::settings::Settings;
 use wtransport::proto::stream_header::StreamHeader;
+use wtransport::proto::varint::VarInt as ProtoVarInt;
 use wtransport::quinn::{self, Connection, RecvStream, SendStream, VarInt};
 
 use crate::room::{DatagramKind, PathFigures, Peer};
@@ -218,17 +221,17 @@ impl Established {
 pub(crate) struct WtPeer {
     pub(crate) conn: Connection,
     /// The session's quarter stream id...
-    quarter: u64,
+    qstream: QStreamId,
     /// ...encoded.
     prefix: Bytes,
 }
 
 impl WtPeer {
     fn new(conn: Connection, session_id: SessionId) -> Self {
-        let quarter = QStreamId::from_session_id(session_id).into_u64();
-        let mut prefix = BytesMut::with_capacity(8);
-        put_varint(&mut prefix, quarter);
-        Self { conn, quarter, prefix: prefix.freeze() }
+        let qstream = QStreamId::from_session_id(session_id);
+        let mut prefix = Vec::with_capacity(8);
+        prefix.put_varint(qstream.into_varint()).expect("a Vec takes any varint");
+        Self { conn, qstream, prefix: prefix.into() }
     }
 
     /// Sends `payload` as one of this session's datagrams.
@@ -241,8 +244,9 @@ impl WtPeer {
 
     /// The payload of a datagram the connection received, if it is one of this session's.
     pub(crate) fn payload_of(&self, datagram: Bytes) -> Option<Bytes> {
-        let (quarter, len) = split_varint(&datagram)?;
-        (quarter == self.quarter).then(|| datagram.slice(len..))
+        let h3 = H3Datagram::read(&datagram).ok()?;
+        let payload = datagram.len() - h3.payload().len();
+        (h3.qstream_id() == self.qstream).then(|| datagram.slice(payload..))
     }
 }
 
@@ -269,14 +273,14 @@ pub(crate) fn close_code(code: ErrorCode) -> VarInt {
     VarInt::from_u32(u32::from(code.as_u16()))
 }
 
-fn quic(code: wtransport::proto::varint::VarInt) -> VarInt {
+fn quic(code: ProtoVarInt) -> VarInt {
     VarInt::from_u64(code.into_inner()).unwrap_or(VarInt::MAX)
 }
 
 /// The session id of the request stream `id`.
 fn session_id_of(id: quinn::StreamId) -> Result<SessionId, H3Failure> {
     let invalid = || H3Failure::Protocol("not a request stream", H3Error::Id);
-    let varint = wtransport::proto::varint::VarInt::try_from_u64(u64::from(id)).map_err(|_| invalid())?;
+    let varint = ProtoVarInt::try_from_u64(u64::from(id)).map_err(|_| invalid())?;
     SessionId::try_from_session_stream(StreamId::new(varint)).map_err(|_| invalid())
 }
 
@@ -285,12 +289,12 @@ fn session_id_of(id: quinn::StreamId) -> Result<SessionId, H3Failure> {
 async fn open_control(conn: &Connection) -> Result<SendStream, H3Failure> {
     let mut send = conn.open_uni().await.map_err(|_| H3Failure::Closed)?;
     let settings = Settings::builder()
-        .qpack_max_table_capacity(wtransport::proto::varint::VarInt::from_u32(0))
-        .qpack_blocked_streams(wtransport::proto::varint::VarInt::from_u32(0))
+        .qpack_max_table_capacity(ProtoVarInt::from_u32(0))
+        .qpack_blocked_streams(ProtoVarInt::from_u32(0))
         .enable_connect_protocol()
         .enable_webtransport()
         .enable_h3_datagrams()
-        .webtransport_max_sessions(wtransport::proto::varint::VarInt::from_u32(1))
+        .webtransport_max_sessions(ProtoVarInt::from_u32(1))
         .build();
     let mut bytes = Vec::with_capacity(64);
     let encoded =
@@ -346,51 +350,8 @@ async fn write_response(send: &mut SendStream, response: &SessionResponse) -> Re
 async fn read_varint(recv: &mut RecvStream) -> Result<u64, H3Failure> {
     let mut bytes = [0u8; 8];
     recv.read_exact(&mut bytes[..1]).await.map_err(|_| H3Failure::Closed)?;
-    let len = varint_len(bytes[0]);
+    let len = ProtoVarInt::parse_size(bytes[0]);
     recv.read_exact(&mut bytes[1..len]).await.map_err(|_| H3Failure::Closed)?;
-    Ok(split_varint(&bytes[..len]).map_or(0, |(value, _)| value))
-}
-
-/// The length of a variable-length integer from its first byte.
-fn varint_len(first: u8) -> usize {
-    1 << (first >> 6)
-}
-
-/// The variable-length integer `bytes` start with, and its length.
-fn split_varint(bytes: &[u8]) -> Option<(u64, usize)> {
-    let first = *bytes.first()?;
-    let len = varint_len(first);
-    let rest = bytes.get(1..len)?;
-    Some((rest.iter().fold(u64::from(first & 0x3f), |value, &b| (value << 8) | u64::from(b)), len))
-}
-
-/// Appends `value` (below 2^62) as a QUIC variable-length integer.
-fn put_varint(out: &mut BytesMut, value: u64) {
-    match value {
-        0..0x40 => out.put_u8(value as u8),
-        0x40..0x4000 => out.put_u16(0x4000 | value as u16),
-        0x4000..0x4000_0000 => out.put_u32(0x8000_0000 | value as u32),
-        _ => out.put_u64(0xc000_0000_0000_0000 | value),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn varints_encode_as_quic_does() {
-        for (value, encoded) in [
-            (0u64, &[0x00][..]),
-            (37, &[0x25]),
-            (15_293, &[0x7b, 0xbd]),
-            (494_878_333, &[0x9d, 0x7f, 0x3e, 0x7d]),
-            (151_288_809_941_952_652, &[0xc2, 0x19, 0x7c, 0x5e, 0xff, 0x14, 0xe8, 0x8c]),
-        ] {
-            let mut out = BytesMut::new();
-            put_varint(&mut out, value);
-            assert_eq!(&out[..], encoded, "{value}");
-            assert_eq!(split_varint(encoded), Some((value, encoded.len())));
-        }
-    }
+    let varint = (&bytes[..len]).get_varint().expect("all its bytes were read");
+    Ok(varint.into_inner())
 }
