@@ -12,7 +12,7 @@
 //! What the peer opens beyond that is bounded: its unidirectional streams (its HTTP/3 control
 //! stream and QPACK streams) are kept open unread (stopping them would be a connection error;
 //! with a QPACK table of 0 nothing comes on them), more bidirectional streams are refused.
-//! [`Established::serve`] does that for the session's life and returns when the peer ends the
+//! [`Streams::serve`] does that for the session's life and returns when the peer ends the
 //! session (its `CONNECT` stream ends).
 
 use std::borrow::Cow;
@@ -109,13 +109,8 @@ impl Requested {
     pub(crate) async fn accept(mut self) -> Result<Established, H3Failure> {
         write_response(&mut self.connect.0, &SessionResponse::ok()).await?;
         let peer = WtPeer::new(self.conn.clone(), self.session_id);
-        Ok(Established {
-            peer,
-            session_id: self.session_id,
-            _control: self._control,
-            connect: self.connect,
-            peer_streams: Vec::new(),
-        })
+        let streams = Streams { _control: self._control, connect: self.connect, peer_streams: Vec::new() };
+        Ok(Established { peer, session_id: self.session_id, streams })
     }
 
     /// Answers `429` (the caller's network holds too many sessions) and ends the request.
@@ -134,6 +129,13 @@ pub(crate) struct Established {
     /// The connection, and how datagrams are sent on it.
     pub(crate) peer: WtPeer,
     session_id: SessionId,
+    /// The connection's HTTP/3 streams, served apart from the session's own.
+    pub(crate) streams: Streams,
+}
+
+/// An established session's HTTP/3 streams: see [`Streams::serve`].
+#[derive(Debug)]
+pub(crate) struct Streams {
     /// Held open: see [`Requested::_control`].
     _control: SendStream,
     /// The `CONNECT` stream: the session lives while it is open.
@@ -151,7 +153,7 @@ impl Established {
 
     /// Takes the session's first bidirectional stream (its control stream): a stream of this
     /// session, with the WebTransport header read.
-    pub(crate) async fn accept_stream(&mut self) -> Result<(SendStream, RecvStream), H3Failure> {
+    pub(crate) async fn accept_stream(&self) -> Result<(SendStream, RecvStream), H3Failure> {
         let (send, mut recv) = self.peer.conn.accept_bi().await.map_err(|_| H3Failure::Closed)?;
         let header = async {
             let kind = read_varint(&mut recv).await?;
@@ -166,14 +168,15 @@ impl Established {
             Err(_) => Err(H3Failure::Protocol("a stream that never said what it is", H3Error::StreamCreation)),
         }
     }
+}
 
-    /// Serves the connection's other streams while the session lives: holds the peer's
+impl Streams {
+    /// Serves the other streams of `conn` while the session lives: holds the peer's
     /// unidirectional streams open unread and refuses more bidirectional ones. Returns once the
     /// peer ended the session (its `CONNECT` stream ended or was reset) or the connection
     /// closed.
-    pub(crate) async fn serve(&mut self) {
-        let Self { peer, connect, peer_streams, .. } = self;
-        let conn = &peer.conn;
+    pub(crate) async fn serve(&mut self, conn: &Connection) {
+        let Self { connect, peer_streams, .. } = self;
         let connect_ended = async {
             // Capsules (a CLOSE_WEBTRANSPORT_SESSION) or nothing: either way the session ends
             // when the stream does.

@@ -12,7 +12,7 @@ use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, info, warn};
 use wtransport::quinn::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 
-use super::h3::{Established, H3Failure, Requested, WtPeer, close_code};
+use super::h3::{Established, H3Failure, Requested, close_code};
 use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
     sync_reply,
@@ -181,10 +181,10 @@ async fn finish(send: &mut SendStream) -> bool {
 }
 
 /// A WebTransport session from its first stream to its end.
-async fn run(session: Session, mut established: Established, deadline: Instant) {
+async fn run(session: Session, established: Established, deadline: Instant) {
     let mut shutdown = session.shutdown.clone();
     let joined = tokio::select! {
-        joined = hello(&session, &mut established, deadline) => joined,
+        joined = hello(&session, &established, deadline) => joined,
         () = shutdown.wait() => {
             established.conn().close(close_code(ErrorCode::ShuttingDown), b"shutting down");
             return;
@@ -192,8 +192,7 @@ async fn run(session: Session, mut established: Established, deadline: Instant) 
     };
     let Some((admitted, send, recv)) = joined else { return };
     let write_deadline = session.ctx.idle_timeout;
-    let peer = established.peer.clone();
-    session.run(WtLink { peer, established, send: Some(send), recv, write_deadline }, admitted).await;
+    session.run(WtLink { established, send: Some(send), recv, write_deadline }, admitted).await;
 }
 
 /// Opens the control stream and handles the hello or probe (see [`Session::admit`]). On
@@ -201,10 +200,10 @@ async fn run(session: Session, mut established: Established, deadline: Instant) 
 /// why and the session closed.
 async fn hello(
     session: &Session,
-    established: &mut Established,
+    established: &Established,
     deadline: Instant,
 ) -> Option<(super::Admitted, SendStream, RecvStream)> {
-    let conn = &established.peer.conn.clone();
+    let conn = &established.peer.conn;
     let (mut send, mut recv) = match timeout_at(deadline, established.accept_stream()).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
@@ -279,9 +278,8 @@ async fn wait_for_peer_close(conn: &Connection) {
 /// A joined WebTransport session's streams.
 #[derive(Debug)]
 struct WtLink {
-    /// The connection and its datagrams.
-    peer: WtPeer,
-    /// The rest of the session's HTTP/3 (its `CONNECT` stream, the peer's other streams).
+    /// The connection, its datagrams, and the rest of the session's HTTP/3 (its `CONNECT`
+    /// stream, the peer's other streams).
     established: Established,
     /// Until the writer takes it.
     send: Option<SendStream>,
@@ -293,7 +291,9 @@ struct WtLink {
 impl Link for WtLink {
     fn spawn_writer(&mut self, rx: mpsc::Receiver<Outgoing>) -> JoinHandle<()> {
         let send = self.send.take().expect("the writer starts once");
-        tokio::spawn(write_loop(self.peer.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()))
+        tokio::spawn(
+            write_loop(self.established.peer.conn.clone(), send, rx, self.write_deadline).instrument(Span::current()),
+        )
     }
 
     async fn read(
@@ -302,7 +302,7 @@ impl Link for WtLink {
         datagrams: &mut Datagrams<'_>,
         control_tx: &mpsc::Sender<Outgoing>,
     ) -> End {
-        let Self { peer, established, recv, .. } = self;
+        let Self { established: Established { peer, streams, .. }, recv, .. } = self;
         let ctx = control.ctx();
         let clock = ctx.clock;
         let frames = async {
@@ -340,13 +340,13 @@ impl Link for WtLink {
                 end
             }
             // The peer ended the session (its CONNECT stream), or a stream broke HTTP/3.
-            () = established.serve() => End::Closed,
+            () = streams.serve(&peer.conn) => End::Closed,
         }
     }
 
     async fn departure(&self) -> Departure {
         // Polled once: resolves only if the connection is already closed.
-        match timeout(Duration::ZERO, self.peer.conn.closed()).await.ok() {
+        match timeout(Duration::ZERO, self.established.peer.conn.closed()).await.ok() {
             Some(ConnectionError::ApplicationClosed(_)) | None => Departure::Left,
             // Only the writer closes it on this side: the peer stopped taking control frames.
             Some(ConnectionError::LocallyClosed) => Departure::Closed,
@@ -360,12 +360,12 @@ impl Link for WtLink {
 
     fn close(&self, code: Option<ErrorCode>, message: &str) {
         match code {
-            Some(code) => self.peer.conn.close(close_code(code), message.as_bytes()),
-            None => self.peer.conn.close(VarInt::from_u32(0), b""),
+            Some(code) => self.established.peer.conn.close(close_code(code), message.as_bytes()),
+            None => self.established.peer.conn.close(VarInt::from_u32(0), b""),
         }
     }
 
     async fn linger(&mut self) {
-        wait_for_peer_close(&self.peer.conn).await;
+        wait_for_peer_close(&self.established.peer.conn).await;
     }
 }
