@@ -17,6 +17,7 @@
 
 mod h3;
 pub(crate) mod probe;
+mod race;
 pub(crate) mod websocket;
 mod webtransport;
 
@@ -26,6 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use self::probe::{ProbeSlot, Probes};
+use self::race::race;
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
     self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, PROTOCOL_VERSION, RoomRequest, ServerDatagram,
@@ -402,18 +404,22 @@ impl Session {
             Member { ctx: &self.ctx, room: &room, member_id, session_id: self.session_id, counters: &counters };
         let mut control = Control::Member(Box::new(MemberControl::new(member, self.carrier, principal, expiry_tx)));
         let mut datagrams = Datagrams::new(&self.ctx, Some(member));
-        let end = tokio::select! {
-            end = link.read(&mut control, &mut datagrams, &control_tx) => end,
-            // The writer only stops early when its transport failed.
-            _ = &mut writer => End::Closed,
-            () = shutdown.wait() => End::Shutdown,
-            () = token_expiry(expiry_rx) => End::Fatal(ErrorCode::TokenExpired, "the token expired; join again with a fresh one"),
-            kicked = kick => match kicked {
-                Ok(Kick { code, message }) => End::Fatal(code, message),
-                // The room ended without saying why (server shutdown).
-                Err(_) => End::Shutdown,
-            },
-        };
+        // What the peer sends wakes the link's read, not these. The futures are built in place
+        // (a future held in a local and then moved would be held twice).
+        let end = race(link.read(&mut control, &mut datagrams, &control_tx), async {
+            tokio::select! {
+                // The writer only stops early when its transport failed.
+                _ = &mut writer => End::Closed,
+                () = shutdown.wait() => End::Shutdown,
+                () = token_expiry(expiry_rx) => End::Fatal(ErrorCode::TokenExpired, "the token expired; join again with a fresh one"),
+                kicked = kick => match kicked {
+                    Ok(Kick { code, message }) => End::Fatal(code, message),
+                    // The room ended without saying why (server shutdown).
+                    Err(_) => End::Shutdown,
+                },
+            }
+        })
+        .await;
         drop((control, datagrams));
         self.finish(link, writer, control_tx, end, Held::Seat(seat)).await;
     }

@@ -13,6 +13,7 @@ use tracing::{Instrument as _, Span, debug, info, warn};
 use wtransport::quinn::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 
 use super::h3::{Established, H3Failure, Requested, close_code};
+use super::race::race;
 use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
     sync_reply,
@@ -305,43 +306,46 @@ impl Link for WtLink {
         let Self { established: Established { peer, streams, .. }, recv, .. } = self;
         let ctx = control.ctx();
         let clock = ctx.clock;
-        let frames = async {
-            loop {
-                if let Some(end) = control.handle(read_frame(recv).await, control_tx).await {
-                    return end;
-                }
-            }
-        };
         // Datagrams come straight from the QUIC connection: no other task reads them, so each
-        // wakes this one task and `t1` is stamped as soon as it runs.
-        let datagrams = async {
-            while let Ok(bytes) = peer.conn.read_datagram().await {
-                // An HTTP/3 datagram for no session of ours, or none at all.
-                let Some(payload) = peer.payload_of(bytes) else {
-                    ctx.stats.datagrams_malformed.inc();
-                    continue;
-                };
-                let t1 = clock.now();
-                match datagrams.receive(&payload, t1) {
-                    Ok(Some(request)) => {
-                        let sent = sync_reply(clock, request, t1).is_some_and(|bytes| peer.send(&bytes));
-                        ctx.stats.count_sync_reply(sent);
+        // wakes this one task and `t1` is stamped as soon as it runs. A datagram wakes the
+        // datagram reader alone, not the control stream's read too ([`race`]). The futures are
+        // built in place: a future held in a local and then moved would be held twice.
+        race(
+            async {
+                while let Ok(bytes) = peer.conn.read_datagram().await {
+                    // An HTTP/3 datagram for no session of ours, or none at all.
+                    let Some(payload) = peer.payload_of(bytes) else {
+                        ctx.stats.datagrams_malformed.inc();
+                        continue;
+                    };
+                    let t1 = clock.now();
+                    match datagrams.receive(&payload, t1) {
+                        Ok(Some(request)) => {
+                            let sent = sync_reply(clock, request, t1).is_some_and(|bytes| peer.send(&bytes));
+                            ctx.stats.count_sync_reply(sent);
+                        }
+                        Ok(None) => {}
+                        Err(end) => return end,
                     }
-                    Ok(None) => {}
-                    Err(end) => return end,
                 }
-            }
-            End::Closed
-        };
-        tokio::select! {
-            end = frames => end,
-            end = datagrams => {
                 debug!("the connection's datagrams ended");
-                end
-            }
-            // The peer ended the session (its CONNECT stream), or a stream broke HTTP/3.
-            () = streams.serve(&peer.conn) => End::Closed,
-        }
+                End::Closed
+            },
+            async {
+                tokio::select! {
+                    end = async {
+                        loop {
+                            if let Some(end) = control.handle(read_frame(recv).await, control_tx).await {
+                                return end;
+                            }
+                        }
+                    } => end,
+                    // The peer ended the session (its CONNECT stream), or a stream broke HTTP/3.
+                    () = streams.serve(&peer.conn) => End::Closed,
+                }
+            },
+        )
+        .await
     }
 
     async fn departure(&self) -> Departure {
