@@ -100,14 +100,13 @@ impl Requested {
         }
     }
 
-    /// The QUIC connection.
-    pub(crate) fn conn(&self) -> &Connection {
-        &self.conn
-    }
-
-    /// Answers `200`: the session is established.
+    /// Answers `200`: the session is established. A connection the answer could not be
+    /// written on is closed, as [`Requested::read`] closes one.
     pub(crate) async fn accept(mut self) -> Result<Established, H3Failure> {
-        write_response(&mut self.connect.0, &SessionResponse::ok()).await?;
+        if let Err(e) = write_response(&mut self.connect.0, &SessionResponse::ok()).await {
+            e.close(&self.conn);
+            return Err(e);
+        }
         let peer = WtPeer::new(self.conn.clone(), self.session_id);
         let streams = Streams { _control: self._control, connect: self.connect, peer_streams: Vec::new() };
         Ok(Established { peer, session_id: self.session_id, streams })
@@ -180,9 +179,8 @@ impl Streams {
         let connect_ended = async {
             // Capsules (a CLOSE_WEBTRANSPORT_SESSION) or nothing: either way the session ends
             // when the stream does.
-            let mut sink = [0u8; 256];
             loop {
-                match connect.1.read(&mut sink).await {
+                match connect.1.read_chunk(usize::MAX, true).await {
                     Ok(Some(_)) => {}
                     Ok(None) => return debug!("the peer ended the session's CONNECT stream"),
                     Err(e) => return debug!(error = %e, "the session's CONNECT stream broke"),

@@ -114,12 +114,10 @@ async fn handle_incoming(
         let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
         return;
     };
-    let conn = request.conn().clone();
     let established = match timeout_at(deadline, request.accept()).await {
         Ok(Ok(established)) => established,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "session accept failed");
-            e.close(&conn);
             return;
         }
         Err(_) => {
