@@ -385,7 +385,9 @@ impl Session {
     }
 
     /// Serves what the session was admitted as, once its answer is written.
-    async fn run(&self, link: impl Link, admitted: Admitted) {
+    /// The link is lent, not given: a value moved into a nested `async fn` stays in the
+    /// session's future twice (as the callee's argument and its local), for the session's life.
+    async fn run(&self, link: &mut impl Link, admitted: Admitted) {
         match admitted {
             Admitted::Joined(joined) => self.serve(link, joined).await,
             Admitted::Probe(slot) => self.probe(link, slot).await,
@@ -394,7 +396,7 @@ impl Session {
 
     /// The joined session: the link's writer drains the control queue; the link reads control
     /// frames, clock sync and notes until either side ends the session.
-    async fn serve(&self, mut link: impl Link, joined: Joined) {
+    async fn serve(&self, link: &mut impl Link, joined: Joined) {
         let Joined { seat, principal, control_tx, control_rx, kick, counters, _slot } = joined;
         let (room, member_id) = (seat.room.clone(), seat.member_id);
         let mut writer = link.spawn_writer(control_rx);
@@ -426,7 +428,7 @@ impl Session {
 
     /// The probe: the link reads clock sync (and nothing else) until its time is up or either
     /// side ends it.
-    async fn probe(&self, mut link: impl Link, slot: ProbeSlot) {
+    async fn probe(&self, link: &mut impl Link, slot: ProbeSlot) {
         let (control_tx, control_rx) = mpsc::channel(1);
         let mut writer = link.spawn_writer(control_rx);
         let mut shutdown = self.shutdown.clone();
@@ -448,7 +450,7 @@ impl Session {
     /// and the link lingers until the goodbye cannot be lost.
     async fn finish(
         &self,
-        mut link: impl Link,
+        link: &mut impl Link,
         mut writer: JoinHandle<()>,
         control_tx: mpsc::Sender<Outgoing>,
         end: End,
@@ -621,7 +623,10 @@ impl<'a> Control<'a> {
         control_tx: &mpsc::Sender<Outgoing>,
     ) -> Option<End> {
         match self {
-            Self::Member(member) => member.handle(read, control_tx).await,
+            // Boxed: a control frame is rare next to the datagrams, and its handling (which may
+            // wait on the room's queue) would otherwise take its room in every session's
+            // future for the session's whole life.
+            Self::Member(member) => Box::pin(member.handle(read, control_tx)).await,
             Self::Probe(ctx) => Some(probe::control(ctx, read)),
         }
     }

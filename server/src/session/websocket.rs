@@ -94,7 +94,8 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
             return;
         }
     };
-    let (admitted, answer) = match session.admit(first, outbox).await {
+    // Boxed: the hello's state is gone once the session is served (see `webtransport::run`).
+    let (admitted, answer) = match Box::pin(session.admit(first, outbox)).await {
         Ok(admitted) => admitted,
         Err(refusal) => {
             if let Some(refusal) = refusal {
@@ -114,7 +115,7 @@ async fn serve(session: Session, socket: WebSocket, deadline: Instant) {
         admitted.abandon(Departure::Lost).await;
         return;
     }
-    session.run(link, admitted).await;
+    session.run(&mut link, admitted).await;
 }
 
 /// Reads the first unit, which must be a control frame (the hello or a probe); pings and pongs

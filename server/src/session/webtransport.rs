@@ -16,7 +16,7 @@ use super::h3::{Established, H3Failure, Requested, close_code};
 use super::race::race;
 use super::{
     ActiveGuard, Control, Datagrams, End, FLUSH_TIMEOUT, Link, ReadError, SHUTDOWN_GRACE, Session, SessionContext,
-    sync_reply,
+    SessionPlaces, sync_reply,
 };
 use crate::authz::Refusal;
 use crate::limits::NetworkPlace;
@@ -69,7 +69,7 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint, ctx: Arc<SessionContext>, m
             incoming.refuse();
             continue;
         };
-        sessions.spawn(handle_incoming(incoming, (permit, place), ctx.clone(), shutdown.clone()));
+        sessions.spawn(handle_incoming(Box::new(incoming), (permit, place), ctx.clone(), shutdown.clone()));
     }
     info!(open = sessions.len(), "closing sessions");
     if timeout(SHUTDOWN_GRACE, async { while sessions.join_next().await.is_some() {} }).await.is_err() {
@@ -77,19 +77,41 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint, ctx: Arc<SessionContext>, m
     }
 }
 
+/// `incoming` comes boxed: an argument stays in the session's future for its whole life, and
+/// a connection attempt is far larger than a pointer.
 async fn handle_incoming(
-    incoming: Incoming,
+    incoming: Box<Incoming>,
     handshake: (OwnedSemaphorePermit, NetworkPlace),
     ctx: Arc<SessionContext>,
     shutdown: Shutdown,
 ) {
     let remote = incoming.remote_address();
     let deadline = Instant::now() + ctx.hello_timeout;
+    // The handshake's state is its own future's, gone once it is done: held in this one, it
+    // would stay in the session's task for as long as the session lives.
+    let Some((established, places)) = establish(incoming, handshake, &ctx, deadline).await else { return };
+    let _active = ActiveGuard::new(&ctx.stats, Transport::WebTransport);
+    let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
+    debug!(parent: &span, %remote, "session accepted");
+    run(session, established, deadline).instrument(span).await;
+    drop(places);
+}
+
+/// The QUIC handshake, the `CONNECT` and its answer, by `deadline`: the established session
+/// and its places under the session limits, or `None` (the peer was told why, or is gone).
+/// The handshake's places are given back when it returns.
+async fn establish(
+    incoming: Box<Incoming>,
+    _handshake: (OwnedSemaphorePermit, NetworkPlace),
+    ctx: &SessionContext,
+    deadline: Instant,
+) -> Option<(Established, SessionPlaces)> {
+    let remote = incoming.remote_address();
     let connecting = match incoming.accept() {
         Ok(connecting) => connecting,
         Err(e) => {
             debug!(%remote, error = %e, "handshake failed");
-            return;
+            return None;
         }
     };
     let requested = async {
@@ -103,34 +125,28 @@ async fn handle_incoming(
         Ok(Ok(request)) => request,
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "no WebTransport session");
-            return;
+            return None;
         }
         Err(_) => {
             debug!(%remote, "handshake timed out");
-            return;
+            return None;
         }
     };
     let Ok(places) = ctx.session_places(remote.ip()) else {
         let _ = timeout(FLUSH_TIMEOUT, request.too_many_requests()).await;
-        return;
+        return None;
     };
-    let established = match timeout_at(deadline, request.accept()).await {
-        Ok(Ok(established)) => established,
+    match timeout_at(deadline, request.accept()).await {
+        Ok(Ok(established)) => Some((established, places)),
         Ok(Err(e)) => {
             debug!(%remote, error = %e, "session accept failed");
-            return;
+            None
         }
         Err(_) => {
             debug!(%remote, "session accept timed out");
-            return;
+            None
         }
-    };
-    drop(handshake);
-    let _active = ActiveGuard::new(&ctx.stats, Transport::WebTransport);
-    let (session, span) = Session::new(ctx, Transport::WebTransport, remote.ip(), shutdown);
-    debug!(parent: &span, %remote, "session accepted");
-    run(session, established, deadline).instrument(span).await;
-    drop(places);
+    }
 }
 
 /// Reads one frame: header, length check before allocating, body, decode.
@@ -182,8 +198,10 @@ async fn finish(send: &mut SendStream) -> bool {
 /// A WebTransport session from its first stream to its end.
 async fn run(session: Session, established: Established, deadline: Instant) {
     let mut shutdown = session.shutdown.clone();
+    // Boxed: the hello's state (the join, the first answer) is gone once the session is
+    // served, and held inline it would size the session's future for its whole life.
     let joined = tokio::select! {
-        joined = hello(&session, &established, deadline) => joined,
+        joined = Box::pin(hello(&session, &established, deadline)) => joined,
         () = shutdown.wait() => {
             established.conn().close(close_code(ErrorCode::ShuttingDown), b"shutting down");
             return;
@@ -191,7 +209,7 @@ async fn run(session: Session, established: Established, deadline: Instant) {
     };
     let Some((admitted, send, recv)) = joined else { return };
     let write_deadline = session.ctx.idle_timeout;
-    session.run(WtLink { established, send: Some(send), recv, write_deadline }, admitted).await;
+    session.run(&mut WtLink { established, send: Some(send), recv, write_deadline }, admitted).await;
 }
 
 /// Opens the control stream and handles the hello or probe (see [`Session::admit`]). On
