@@ -109,7 +109,7 @@ impl Requested {
         }
         let peer = WtPeer::new(self.conn.clone(), self.session_id);
         let streams = Streams { _control: self._control, connect: self.connect, peer_streams: Vec::new() };
-        Ok(Established { peer, session_id: self.session_id, streams })
+        Ok(Established { peer, streams })
     }
 
     /// Answers `429` (the caller's network holds too many sessions) and ends the request.
@@ -127,7 +127,6 @@ impl Requested {
 pub(crate) struct Established {
     /// The connection, and how datagrams are sent on it.
     pub(crate) peer: WtPeer,
-    session_id: SessionId,
     /// The connection's HTTP/3 streams, served apart from the session's own.
     pub(crate) streams: Streams,
 }
@@ -160,7 +159,9 @@ impl Established {
             Ok::<_, H3Failure>((kind, session))
         };
         match timeout(STREAM_TYPE_TIMEOUT, header).await {
-            Ok(Ok((WEBTRANSPORT_STREAM, id))) if id == self.session_id.into_u64() => Ok((send, recv)),
+            Ok(Ok((WEBTRANSPORT_STREAM, id))) if id == self.peer.qstream.into_session_id().into_u64() => {
+                Ok((send, recv))
+            }
             Ok(Ok((WEBTRANSPORT_STREAM, _))) => Err(H3Failure::Protocol("a stream of another session", H3Error::Id)),
             Ok(Ok(_)) => Err(H3Failure::Protocol("a request stream after the CONNECT", H3Error::StreamCreation)),
             Ok(Err(e)) => Err(e),

@@ -172,8 +172,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_wake_before_the_first_poll_is_not_lost() {
-        // Both branches ready at once: whichever is polled first wins, neither hangs.
+    async fn both_branches_are_polled_at_first_and_a_later_wake_is_heard() {
+        // Both branches ready at once: whichever is polled first wins, neither hangs. Then a
+        // branch pending at its first poll finishes once its waker fires.
         assert_eq!(race(async { 1 }, async { 1 }).await, 1);
         let (tx, mut rx) = mpsc::unbounded_channel::<u32>();
         let task = tokio::spawn(async move { race(pending(), async move { rx.recv().await.unwrap() }).await });
