@@ -223,6 +223,7 @@ pub struct Client {
     welcome: Welcome,
     synced: watch::Receiver<bool>,
     frames: watch::Receiver<u64>,
+    samples: watch::Receiver<u64>,
     events: tokio::sync::Mutex<mpsc::Receiver<Event>>,
     notes: tokio::sync::Mutex<mpsc::Receiver<ScheduledNote>>,
     tasks: Vec<JoinHandle<()>>,
@@ -336,6 +337,7 @@ impl Client {
 
         let (synced_tx, synced) = watch::channel(false);
         let (frames_tx, frames) = watch::channel(0u64);
+        let (samples_tx, samples) = watch::channel(0u64);
         let (events_tx, events) = mpsc::channel(4096);
         let (notes_tx, notes) = mpsc::channel(4096);
         let shared = Arc::new(Mutex::new(Shared { session, events: Some(events_tx), ended_by_server: None }));
@@ -345,6 +347,7 @@ impl Client {
             shared: shared.clone(),
             synced: synced_tx,
             frames: frames_tx,
+            samples: samples_tx,
             notes: notes_tx,
         };
         let mut tasks = vec![tokio::spawn(driver.run()), tokio::spawn(read_control(transport.clone(), shared.clone()))];
@@ -358,6 +361,7 @@ impl Client {
             welcome,
             synced,
             frames,
+            samples,
             events: tokio::sync::Mutex::new(events),
             notes: tokio::sync::Mutex::new(notes),
             tasks,
@@ -381,22 +385,24 @@ impl Client {
 
     /// Waits until the clock is synced well enough to schedule by.
     pub async fn wait_synced(&self, timeout: Duration) -> Result<(), ClientError> {
-        let mut rx = self.synced.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|s| *s))
-            .await
-            .map_err(|_| ClientError::Timeout("clock sync"))?
-            .map_err(|_| ClientError::Closed)?;
-        Ok(())
+        wait_until(&self.synced, timeout, "clock sync", |s| *s).await
     }
 
-    /// Waits until at least `count` beat frames have arrived in all.
+    /// Waits until at least `count` clock-sync replies have been taken as samples in all (see
+    /// [`Client::samples`]): about one a second once the clock settled, whatever the room does.
+    pub async fn wait_samples(&self, count: u64, timeout: Duration) -> Result<(), ClientError> {
+        wait_until(&self.samples, timeout, "clock samples", |n| *n >= count).await
+    }
+
+    /// Clock-sync replies taken as samples so far.
+    pub fn samples(&self) -> u64 {
+        lock(&self.shared).session.client().clock().counts().0
+    }
+
+    /// Waits until at least `count` beat frames have arrived in all (a room sends one every
+    /// 100 ms for a while after a change or a note, else one every 10 s by default).
     pub async fn wait_frames(&self, count: u64, timeout: Duration) -> Result<(), ClientError> {
-        let mut rx = self.frames.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|n| *n >= count))
-            .await
-            .map_err(|_| ClientError::Timeout("beat frames"))?
-            .map_err(|_| ClientError::Closed)?;
-        Ok(())
+        wait_until(&self.frames, timeout, "beat frames", |n| *n >= count).await
     }
 
     /// The clock estimate now.
@@ -579,6 +585,22 @@ impl Drop for Client {
     }
 }
 
+/// Waits until what `rx` watches satisfies `done`, for at most `timeout` (then
+/// [`ClientError::Timeout`] naming `what`); [`ClientError::Closed`] once the session ended.
+async fn wait_until<T>(
+    rx: &watch::Receiver<T>,
+    timeout: Duration,
+    what: &'static str,
+    done: impl FnMut(&T) -> bool,
+) -> Result<(), ClientError> {
+    let mut rx = rx.clone();
+    tokio::time::timeout(timeout, rx.wait_for(done))
+        .await
+        .map_err(|_| ClientError::Timeout(what))?
+        .map_err(|_| ClientError::Closed)?;
+    Ok(())
+}
+
 /// Clock sync, beat frames and classmates' notes: the only loop that receives datagrams.
 struct Driver {
     transport: Arc<dyn Transport>,
@@ -586,12 +608,13 @@ struct Driver {
     shared: Arc<Mutex<Shared>>,
     synced: watch::Sender<bool>,
     frames: watch::Sender<u64>,
+    samples: watch::Sender<u64>,
     notes: mpsc::Sender<ScheduledNote>,
 }
 
 impl Driver {
     async fn run(self) {
-        let Self { transport, clock, shared, synced, frames, notes } = self;
+        let Self { transport, clock, shared, synced, frames, samples, notes } = self;
         loop {
             let wake = {
                 let mut s = lock(&shared);
@@ -614,6 +637,7 @@ impl Driver {
                     match s.session.handle_datagram(t3, &bytes) {
                         Ok(_) => {
                             frames.send_replace(s.session.client().stats().frames);
+                            samples.send_replace(s.session.client().clock().counts().0);
                             while let Some(note) = s.session.poll_note() {
                                 // A consumer that does not read notes loses them, never the session.
                                 let _ = notes.try_send(note);

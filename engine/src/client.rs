@@ -16,7 +16,7 @@ use std::collections::VecDeque;
 
 use downbeat_protocol::{
     Beat, BoundedVec, ClientDatagram, ClientNanos, ClientReport, Note, NoteFrame, ServerDatagram, ServerNanos,
-    SyncQuality, Timeline as WireTimeline, Welcome,
+    SyncQuality, SyncRequest, Timeline as WireTimeline, Welcome,
 };
 
 use crate::clock::{self, Estimate, Estimator};
@@ -273,9 +273,11 @@ impl Client {
         self.inbox.forget(member);
     }
 
-    /// The next datagram to send, if one is due at `now`.
+    /// The next datagram to send, if one is due at `now`: a clock-sync request, naming the
+    /// timeline held so that a server can repair a stale one at once.
     pub fn poll_datagram(&mut self, now: ClientNanos) -> Option<ClientDatagram> {
-        self.clock.poll_request(now).map(ClientDatagram::SyncRequest)
+        let epoch = self.timeline.as_ref().map_or(0, Timeline::epoch);
+        self.clock.poll_request(now).map(|request| ClientDatagram::SyncRequest(SyncRequest { epoch, ..request }))
     }
 
     /// When [`Client::poll_datagram`] next has something.
@@ -410,6 +412,20 @@ mod tests {
         assert_eq!(c.timeline().unwrap().epoch(), t.epoch());
         let s = c.stats();
         assert_eq!((s.frames, s.frames_out_of_order, s.stale_timelines), (3, 2, 1));
+    }
+
+    #[test]
+    fn a_sync_request_names_the_timeline_held() {
+        let mut c = Client::new(clock::Config::default());
+        let Some(ClientDatagram::SyncRequest(req)) = c.poll_datagram(ClientNanos(0)) else { panic!() };
+        assert_eq!(req.epoch, 0, "no timeline yet");
+        let mut t = Timeline::new(ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        t.apply(ServerNanos(0), Change::Start { count_in_bars: 0 }, 1_000_000_000).unwrap();
+        t.apply(ServerNanos(0), Change::SetTempo(MicroBpm::from_bpm(90)), 1_000_000_000).unwrap();
+        c.handle_timeline(&t.to_wire());
+        let Some(ClientDatagram::SyncRequest(req)) = c.poll_datagram(ClientNanos(u64::MAX / 2)) else { panic!() };
+        assert_eq!(req.epoch, t.epoch());
+        assert!(req.epoch >= 2);
     }
 
     #[test]

@@ -60,9 +60,10 @@ pub struct Config {
     /// Interval once settled. A second: the window (64 samples) then spans a minute, five times
     /// the span at the uncertain pace (so the drift is measured five times better) and still
     /// short beside an oscillator's thermal wander; a clock step or a changed drift shows in
-    /// the next sample, at most a second away; and it matches the room's steady pace of beat
-    /// frames. Two seconds would halve the requests again but take twice as long to notice a
-    /// step, during which beats sound off by it.
+    /// the next sample, at most a second away; and a member that lost every frame of a change
+    /// is repaired within it, since each request names the timeline the client holds. Two
+    /// seconds would halve the requests again but take twice as long to notice a step, during
+    /// which beats sound off by it, or to repair a lost change.
     pub steady_interval_nanos: u64,
     /// Uncertainty below which the estimate counts as settled (a quiet path).
     pub target_uncertainty_nanos: u64,
@@ -361,7 +362,8 @@ impl Estimator {
         }
     }
 
-    /// The next request, if one is due at `now`.
+    /// The next request, if one is due at `now`, naming no timeline (`epoch` 0): a client
+    /// that holds one fills it in.
     pub fn poll_request(&mut self, now: ClientNanos) -> Option<SyncRequest> {
         if self.next_send.is_some_and(|t| now < t) {
             return None;
@@ -379,7 +381,7 @@ impl Estimator {
         self.requests += 1;
         self.burst_left = self.burst_left.saturating_sub(1);
         self.next_send = Some(ClientNanos(now.0.saturating_add(self.interval(now))));
-        Some(SyncRequest { id, t0: now })
+        Some(SyncRequest { id, t0: now, epoch: 0 })
     }
 
     /// When the next request is due.

@@ -396,9 +396,16 @@ pub struct SimClient {
     down_tcp: TcpPipe,
     outbox: Outbox,
     tcp_stats: TcpStats,
+    beat_frames: u64,
 }
 
 impl SimClient {
+    /// Beat frames the room sent it: its ticks, the frame of its own on joining, and repairs
+    /// of a stale timeline.
+    pub fn beat_frames_sent(&self) -> u64 {
+        self.beat_frames
+    }
+
     /// Its TCP connection's counters (zero on datagrams).
     pub fn tcp_stats(&self) -> TcpStats {
         self.tcp_stats
@@ -545,6 +552,7 @@ impl Sim {
                     down_tcp: TcpPipe::default(),
                     outbox: Outbox::default(),
                     tcp_stats: TcpStats::default(),
+                    beat_frames: 0,
                 }
             })
             .collect();
@@ -742,6 +750,7 @@ impl Sim {
                     match self.datagram_of(client, &bytes).map(decode_client_datagram) {
                         Some(Ok(ClientDatagram::SyncRequest(req))) => {
                             self.server_write(client, Parked::Sync(req, ServerNanos(now)));
+                            self.room.handle_held_epoch(ServerNanos(now), client as u64, req.epoch);
                         }
                         Some(Ok(ClientDatagram::Notes(notes))) => self.server_handle_notes(client, &notes),
                         _ => {}
@@ -757,6 +766,7 @@ impl Sim {
         while let Some(t) = self.room.poll_transmit(ServerNanos(now)) {
             if let Ok(bytes) = encode_server_datagram(&ServerDatagram::Beats(t.frame)) {
                 for &member in &t.members {
+                    self.clients[member as usize].beat_frames += 1;
                     self.server_write(member as usize, Parked::Beats(bytes.clone()));
                 }
             }

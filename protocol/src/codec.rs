@@ -215,7 +215,7 @@ mod tests {
         assert!(bytes.len() < 600, "{}", bytes.len());
         assert_eq!(decode_server_datagram(&bytes).unwrap(), d);
 
-        let c = ClientDatagram::SyncRequest(SyncRequest { id: 9, t0: ClientNanos(77) });
+        let c = ClientDatagram::SyncRequest(SyncRequest { id: 9, t0: ClientNanos(77), epoch: u64::MAX });
         let bytes = encode_client_datagram(&c).unwrap();
         assert_eq!(decode_client_datagram(&bytes).unwrap(), c);
 
@@ -244,7 +244,7 @@ mod tests {
     fn bad_datagrams_are_errors() {
         assert_eq!(decode_client_datagram(&[]), Err(DecodeError::Malformed));
         assert_eq!(decode_client_datagram(&[200]), Err(DecodeError::Malformed));
-        let c = ClientDatagram::SyncRequest(SyncRequest { id: 9, t0: ClientNanos(77) });
+        let c = ClientDatagram::SyncRequest(SyncRequest { id: 9, t0: ClientNanos(77), epoch: u64::MAX });
         let mut bytes = encode_client_datagram(&c).unwrap();
         bytes.push(0);
         assert_eq!(decode_client_datagram(&bytes), Err(DecodeError::TrailingBytes(1)));

@@ -48,7 +48,7 @@ pub use wire::*;
 
 /// The protocol version this build speaks. A [`Hello`] with another version is refused with
 /// [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Hard cap on one control-stream frame body, checked before the body is read or allocated.
 pub const MAX_FRAME_LEN: u32 = 16 * 1024;

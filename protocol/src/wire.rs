@@ -88,6 +88,10 @@ pub struct SyncRequest {
     pub id: u32,
     /// Client clock when sent.
     pub t0: ClientNanos,
+    /// The epoch of the newest timeline the client holds (0: none yet). A member behind the
+    /// room's timeline gets a beat frame at once, so a settled room need not send frames
+    /// often to repair one a member lost: the requests of clock sync carry the repair.
+    pub epoch: u64,
 }
 
 /// The server's answer to a [`SyncRequest`].

@@ -159,11 +159,11 @@ settings! {
     /// timeline (start, stop, tempo, meter), for one lead and until the change takes effect,
     /// and while notes are played (for one lead after the last), in ms.
     send_interval_ms: u64 = 100, env "DOWNBEAT_SEND_INTERVAL_MS", value "MS";
-    /// Interval between beat datagrams to each member of a running room whose timeline has
-    /// not changed and where no note was played for a lead, in ms: clients compute every beat
-    /// from the timeline they hold, so these only repair a lost change and show the room is
-    /// alive.
-    steady_send_interval_ms: u64 = 1000, env "DOWNBEAT_STEADY_SEND_INTERVAL_MS", value "MS";
+    /// Interval between beat datagrams to each member of a room, running or stopped, whose
+    /// timeline has not changed and where no note was played for a lead, in ms: clients
+    /// compute every beat from the timeline they hold, and a member whose sync request names
+    /// an older timeline gets the current one at once, so these only show the room is alive.
+    steady_send_interval_ms: u64 = 10000, env "DOWNBEAT_STEADY_SEND_INTERVAL_MS", value "MS";
     /// Most rooms at once.
     max_rooms: usize = 1000, env "DOWNBEAT_MAX_ROOMS", value "N";
     /// Most members in one room, for every tenant (a tenant's own limit applies within it).
@@ -932,7 +932,7 @@ impl Config {
         }
         if self.steady_send_interval_ms < self.send_interval_ms || self.steady_send_interval_ms > 10_000 {
             return invalid(format!(
-                "steady_send_interval_ms is {}: use at least send_interval_ms ({}) and at most 10000, so a client that missed a change hears it soon",
+                "steady_send_interval_ms is {}: use at least send_interval_ms ({}) and at most 10000, so the room shows it is alive",
                 self.steady_send_interval_ms, self.send_interval_ms
             ));
         }

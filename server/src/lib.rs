@@ -258,6 +258,7 @@ impl Server {
                     lead_nanos: config.lead_ms * 1_000_000,
                     send_interval_nanos: config.send_interval_ms * 1_000_000,
                     steady_send_interval_nanos: config.steady_send_interval_ms * 1_000_000,
+                    idle_send_interval_nanos: config.steady_send_interval_ms * 1_000_000,
                     // A burst lasts a lead: as long as the announcement of a change at least.
                     burst_nanos: config.lead_ms * 1_000_000,
                     max_members: config.max_members_per_room,

@@ -199,6 +199,8 @@ stats! {
     beat_frames_sent: Counter => "beat_frames_sent_total";
     /// Beat frames that had to lose beats to fit the path's datagram size.
     beat_frames_trimmed: Counter => "beat_frames_trimmed_total";
+    /// Beat frames of its own owed to a member whose sync request named an older timeline.
+    timelines_repaired: Counter => "timelines_repaired_total";
     /// Clock-sync replies sent.
     sync_replies_sent: Counter => "sync_replies_sent_total";
     /// Control frames that did not decode (the session is closed).
@@ -625,6 +627,8 @@ mod tests {
             "handshakes_retried_total",
             // Since: recordings.
             "recorded_notes_dropped_total",
+            // Since: a member's sync requests name the timeline it holds.
+            "timelines_repaired_total",
         ];
         before.sort_unstable();
         assert_eq!(names, before);

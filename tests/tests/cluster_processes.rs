@@ -150,12 +150,12 @@ async fn rejoin(previous: &Seat, node: &Node, code: &str, deadline: Instant) -> 
     }
 }
 
-/// Waits until `client` is synced and has had 3 more beat frames (two seconds or more of sync
-/// samples beside them: a running room whose timeline has settled sends one a second).
+/// Waits until `client` is synced and has taken 3 more clock samples (two seconds or more at
+/// the settled pace of one a second).
 async fn settle(client: &Client) -> Result<()> {
     client.wait_synced(Duration::from_secs(10)).await?;
-    let frames = client.stats().frames;
-    client.wait_frames(frames + 3, Duration::from_secs(10)).await?;
+    let samples = client.samples();
+    client.wait_samples(samples + 3, Duration::from_secs(10)).await?;
     Ok(())
 }
 
@@ -171,6 +171,8 @@ const SCHEDULE_EVERY: Duration = Duration::from_millis(100);
 struct Schedule {
     session: Arc<std::sync::Mutex<Arc<Client>>>,
     beats: Arc<std::sync::Mutex<BTreeMap<i64, (u64, u64)>>>,
+    /// How many beats are scheduled so far.
+    count: tokio::sync::watch::Receiver<usize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -179,6 +181,7 @@ impl Schedule {
         let session = Arc::new(std::sync::Mutex::new(client));
         let beats = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
         let (s, b) = (session.clone(), beats.clone());
+        let (count_tx, count) = tokio::sync::watch::channel(0);
         let task = tokio::spawn(async move {
             let mut tick = tokio::time::interval(SCHEDULE_EVERY);
             loop {
@@ -197,9 +200,22 @@ impl Schedule {
                     }
                     beat += 1;
                 }
+                count_tx.send_replace(scheduled.len());
             }
         });
-        Self { session, beats, task }
+        Self { session, beats, count, task }
+    }
+
+    /// Waits until `more` beats are scheduled than now: as long as they take to come within
+    /// the horizon, a beat period each.
+    async fn wait_beats(&self, more: usize, timeout: Duration) -> Result<()> {
+        let target = *self.count.borrow() + more;
+        let mut count = self.count.clone();
+        tokio::time::timeout(timeout, count.wait_for(|n| *n >= target))
+            .await
+            .with_context(|| format!("{more} more beats were not scheduled within {timeout:?}"))?
+            .context("the schedule stopped")?;
+        Ok(())
     }
 
     /// The member's session is `client` from now on.
@@ -308,8 +324,7 @@ async fn kill_9(district: &District) -> Result<()> {
     let period = beat_period(&teacher.client)?;
     // Every page schedules its beats from here on, through the kill.
     let schedules: Vec<Schedule> = everyone.iter().map(|s| Schedule::start(s.client.clone())).collect();
-    let waited = teacher.client.stats().frames;
-    teacher.client.wait_frames(waited + 3, Duration::from_secs(10)).await?;
+    schedules[0].wait_beats(6, Duration::from_secs(10)).await?;
     // Eight more rooms on node 1, with nobody in them: the survivors share them out.
     let mut empty = Vec::new();
     for i in 0..8 {
@@ -351,8 +366,7 @@ async fn kill_9(district: &District) -> Result<()> {
         ensure!(client.member_id() == *id, "a member came back as {} rather than {id}", client.member_id());
     }
     // Scheduling goes on for a few seconds on the new sessions.
-    let waited = back[0].0.stats().frames;
-    back[0].0.wait_frames(waited + 4, Duration::from_secs(10)).await?;
+    schedules[0].wait_beats(8, Duration::from_secs(10)).await?;
 
     // Each page scheduled every beat, before, during and after, one period apart.
     let worst = check_all(schedules, &everyone, period, killed_local, &truth)?;
@@ -481,8 +495,7 @@ async fn drain(district: &District) -> Result<()> {
     let everyone: Vec<&Seat> = std::iter::once(&teacher).chain(&students).collect();
     let period = beat_period(&teacher.client)?;
     let schedules: Vec<Schedule> = everyone.iter().map(|s| Schedule::start(s.client.clone())).collect();
-    let waited = teacher.client.stats().frames;
-    teacher.client.wait_frames(waited + 3, Duration::from_secs(10)).await?;
+    schedules[0].wait_beats(6, Duration::from_secs(10)).await?;
 
     let truth = Truth::of(&nodes[0], &clock).await?;
     let asked = Instant::now();
@@ -509,8 +522,7 @@ async fn drain(district: &District) -> Result<()> {
     let status = nodes[0].wait_exit(Duration::from_secs(20)).await.context("node 1 did not exit")?;
     ensure!(status.success(), "node 1 exited with {status}");
     println!("node 1 exited {:?} after SIGTERM", asked.elapsed());
-    let waited = back[0].stats().frames;
-    back[0].wait_frames(waited + 4, Duration::from_secs(10)).await?;
+    schedules[0].wait_beats(8, Duration::from_secs(10)).await?;
 
     let worst = check_all(schedules, &everyone, period, asked_local, &truth)?;
     println!("every beat scheduled, the largest error from its true instant {} µs", worst / 1_000);

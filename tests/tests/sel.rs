@@ -621,15 +621,14 @@ async fn a_database_outage_never_touches_beats_and_drains_after(backend: Backend
     assert_eq!(refused_code(ana.reflect([6; 16], prompt, Some(1), None).await), Some(ErrorCode::StoreUnavailable));
     assert_eq!(refused_code(ana.reflect([7; 16], prompt, Some(1), None).await), Some(ErrorCode::StoreUnavailable));
 
-    // Meanwhile the room keeps time: beat frames keep coming, notes fan out, the timeline's
-    // beats are where they were.
-    // (At least one a second once the timeline has not changed for a lead.)
-    let frames = ana.stats().frames;
-    ana.wait_frames(frames + 3, Duration::from_secs(5)).await?;
+    // Meanwhile the room keeps time: notes fan out, beat frames keep coming (every 100 ms for
+    // a lead after a note), the timeline's beats are where they were.
     teacher.wait_synced(SYNC).await?;
+    let frames = ana.stats().frames;
     teacher.play_note(67, 100, 0)?;
     let note = tokio::time::timeout(SYNC, ana.next_note()).await?.context("session ended")?;
     assert_eq!(note.from, teacher.member_id());
+    ana.wait_frames(frames + 3, Duration::from_secs(5)).await?;
     ana.play_note(60, 100, 0)?;
     // Exactly: the room's timeline, not the client's clock estimate (whose 20 s extrapolation
     // wobbles by a millisecond or two on a loaded machine, database or not).

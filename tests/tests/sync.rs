@@ -98,3 +98,63 @@ async fn thirty_clients_agree_on_the_server_clock_and_the_beat() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// A member's clock-sync requests name the timeline it holds. Naming the room's own asks for
+/// nothing; naming an older one (a member that lost every frame of a change) brings a beat
+/// frame with the current timeline at once, though the stopped room's next frame is 10 s
+/// away, and is counted.
+#[tokio::test]
+async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once() -> anyhow::Result<()> {
+    use downbeat_protocol::{
+        ClientDatagram, ClientNanos, PROTOCOL_VERSION, ServerDatagram, ServerMessage, SyncRequest,
+        decode_server_datagram, encode_client_datagram,
+    };
+    use downbeat_tests::RawSession;
+
+    let server = TestServer::start().await?;
+    let teacher = server.teacher("t-1");
+    let room = server.create_room(&teacher, 120.0, 4).await?;
+    let mut raw = server.raw_session().await?;
+    raw.write_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-1"), &room)).await?;
+    let epoch = match raw.read_message().await? {
+        Some(ServerMessage::Welcome(welcome)) => welcome.timeline.epoch,
+        other => anyhow::bail!("expected a welcome, got {other:?}"),
+    };
+    assert!(epoch >= 1);
+    // The next datagram within `within`, decoded.
+    async fn next(raw: &RawSession, within: Duration) -> anyhow::Result<Option<ServerDatagram>> {
+        match tokio::time::timeout(within, raw.conn.receive_datagram()).await {
+            Ok(datagram) => Ok(Some(decode_server_datagram(&datagram?)?)),
+            Err(_) => Ok(None),
+        }
+    }
+    // The frame of its own a member gets on joining.
+    match next(&raw, Duration::from_secs(5)).await? {
+        Some(ServerDatagram::Beats(frame)) => assert_eq!(frame.timeline.epoch, epoch),
+        other => anyhow::bail!("expected the joining frame, got {other:?}"),
+    }
+    let sync = |id: u32, epoch: u64| {
+        encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id)), epoch }))
+    };
+
+    // Holding the room's timeline: a reply, and nothing else.
+    raw.conn.send_datagram(sync(1, epoch)?)?;
+    match next(&raw, Duration::from_secs(5)).await? {
+        Some(ServerDatagram::SyncReply(reply)) => assert_eq!(reply.id, 1),
+        other => anyhow::bail!("expected the reply, got {other:?}"),
+    }
+    assert_eq!(server.stats.timelines_repaired.get(), 0);
+
+    // Holding an older one: the reply and a frame with the room's timeline, in either order.
+    raw.conn.send_datagram(sync(2, epoch - 1)?)?;
+    let (mut replied, mut repaired) = (false, false);
+    while !(replied && repaired) {
+        match next(&raw, Duration::from_secs(5)).await? {
+            Some(ServerDatagram::SyncReply(reply)) if reply.id == 2 => replied = true,
+            Some(ServerDatagram::Beats(frame)) if frame.timeline.epoch == epoch => repaired = true,
+            other => anyhow::bail!("expected the reply and a repair, got {other:?}"),
+        }
+    }
+    assert_eq!(server.stats.timelines_repaired.get(), 1);
+    Ok(())
+}

@@ -89,11 +89,12 @@ pub struct Config {
     /// Frame interval during a burst: from a timeline change until
     /// [`Config::burst_nanos`] after it, and always until the change takes effect.
     pub send_interval_nanos: u64,
-    /// Frame interval while stopped, outside a burst.
+    /// Frame interval while stopped, outside a burst: a sign of life (a stale member is
+    /// repaired when its sync request says so, see [`Stage::handle_held_epoch`]).
     pub idle_send_interval_nanos: u64,
-    /// Frame interval while beats sound and the timeline has not changed for a burst: as
-    /// often as loss recovery and liveness need, since every client computes every beat from
-    /// the timeline it holds.
+    /// Frame interval while beats sound and the timeline has not changed for a burst: a sign
+    /// of life, since every client computes every beat from the timeline it holds and a stale
+    /// one is repaired when its sync request says so.
     #[serde(default = "default_steady_send_interval")]
     pub steady_send_interval_nanos: u64,
     /// How long after a timeline change (and after the last note the room accepted) frames go
@@ -141,8 +142,8 @@ impl Default for Config {
         Self {
             lead_nanos: 1_500_000_000,
             send_interval_nanos: 100_000_000,
-            idle_send_interval_nanos: 1_000_000_000,
-            steady_send_interval_nanos: 1_000_000_000,
+            idle_send_interval_nanos: 10_000_000_000,
+            steady_send_interval_nanos: 10_000_000_000,
             burst_nanos: 1_500_000_000,
             beats_per_frame: 8,
             max_members: 64,
@@ -878,6 +879,14 @@ impl Room {
             self.flush_recording();
             self.send_all(ServerMessage::Recording(None), None);
         }
+    }
+
+    /// Session `session` of `member` holds timeline `epoch` (its clock-sync request says so):
+    /// behind the room's, it gets a beat frame of its own at the next
+    /// [`Room::handle_timeout`] (see [`Stage::handle_held_epoch`]). Whether one is owed; false
+    /// too if the session does not hold the seat.
+    pub fn handle_held_epoch(&mut self, now: ServerNanos, member: u64, session: u64, epoch: u64) -> bool {
+        self.seats.get(&member).is_some_and(|s| s.held_by(session)) && self.stage.handle_held_epoch(now, member, epoch)
     }
 
     /// A client report from session `session` of `member`: its sync quality becomes the

@@ -16,9 +16,15 @@
 //!   announcement carries it, and an outage shorter than the lead (the simulation's 1 s)
 //!   cannot swallow all of them.
 //! - **Steady**: beats sounding, nothing changed for a burst: a frame every
-//!   [`Config::steady_send_interval_nanos`] (1 s), enough to repair a frame lost in a burst,
-//!   to bring a client back from an outage longer than the lead, and as a sign of life.
-//! - **Idle**: stopped, nothing pending: a frame every [`Config::idle_send_interval_nanos`].
+//!   [`Config::steady_send_interval_nanos`] (10 s), as a sign of life.
+//! - **Idle**: stopped, nothing pending: a frame every [`Config::idle_send_interval_nanos`]
+//!   (10 s).
+//!
+//! Neither slow pace repairs anything: a member's clock-sync requests (every second or more
+//! often) name the timeline epoch it holds, and one behind the room's gets a frame of its own
+//! at once ([`Stage::handle_held_epoch`]). That brings back a member that lost every frame of
+//! a burst or was cut off for longer than the lead, within a sync interval and a round trip,
+//! and a member that holds the current timeline is sent nothing it already knows.
 //!
 //! Notes also keep the burst pace, for [`Config::burst_nanos`] after the last one the room
 //! accepted: frames every 100 ms are what keep a power-saving Wi-Fi radio awake (it dozes
@@ -27,8 +33,8 @@
 //! sound with the others. A room where nobody plays settles to the steady pace.
 //!
 //! A member who joins gets a frame of its own at once (its welcome already carries the
-//! timeline), then the room's; a join does not start a burst. The I/O layer only ever hands
-//! frames to a non-blocking send, so a slow member never delays another.
+//! timeline), then the room's; neither a join nor a repair starts a burst. The I/O layer only
+//! ever hands frames to a non-blocking send, so a slow member never delays another.
 //!
 //! Notes ([`Stage::handle_notes`]) are validated, de-duplicated by sequence number, dropped
 //! while the member is muted (the caller says so: mute is a seat's, stored once) or beyond
@@ -146,7 +152,8 @@ pub struct Transmit {
 struct MemberState {
     /// Which join of this member this is (see [`NoteFrame::generation`]).
     generation: u32,
-    /// Joined (at this instant) and not yet sent a frame: one of its own goes out at once.
+    /// Joined, or said it holds a stale timeline, at this instant and not sent a frame since:
+    /// one of its own goes out at once.
     owed: Option<ServerNanos>,
     note_bucket: TokenBucket,
     /// Highest note sequence number handled (accepted or dropped).
@@ -339,6 +346,20 @@ impl Stage {
         Ok(applied)
     }
 
+    /// A member says (in a clock-sync request) that it holds timeline `epoch`: one behind the
+    /// room's gets a frame of its own at once, unless the burst pace brings one within an
+    /// interval anyway (a request that crossed a change's first frames). This is what repairs
+    /// a member that lost every frame of a burst, or came back from an outage longer than the
+    /// lead, so the steady and idle paces need not. Whether a frame is now owed.
+    pub fn handle_held_epoch(&mut self, now: ServerNanos, member: u64, epoch: u64) -> bool {
+        if epoch >= self.timeline.epoch() || self.in_burst(now) {
+            return false;
+        }
+        let Some(state) = self.members.get_mut(&member) else { return false };
+        state.owed = Some(state.owed.map_or(now, |at| at.min(now)));
+        true
+    }
+
     /// Whether frames go out at the burst pace at `now`: within a burst, while a change is
     /// still to take effect, or within a burst of the last note.
     pub fn in_burst(&self, now: ServerNanos) -> bool {
@@ -415,8 +436,13 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// The default settings with the slow paces at a second, so that a few seconds show them.
+    fn second_paces() -> Config {
+        Config { steady_send_interval_nanos: 1_000 * MS, idle_send_interval_nanos: 1_000 * MS, ..Config::default() }
+    }
+
     fn room() -> Stage {
-        Stage::new(Config { max_members: 3, ..Config::default() }, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap()
+        Stage::new(Config { max_members: 3, ..second_paces() }, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap()
     }
 
     #[test]
@@ -531,7 +557,7 @@ mod tests {
     #[test]
     fn a_burst_lasts_at_least_burst_nanos_and_until_a_distant_change_takes_effect() {
         // Burst longer than the lead: 3 s of 100 ms frames after a start at 0.
-        let config = Config { burst_nanos: 3_000 * MS, ..Config::default() };
+        let config = Config { burst_nanos: 3_000 * MS, ..second_paces() };
         let mut r = Stage::new(config, ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
         r.join(ServerNanos(0), 1).unwrap();
         r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
@@ -540,7 +566,7 @@ mod tests {
 
         // A slow tempo with long bars: a change lands on a downbeat far beyond one lead, and
         // every frame until then goes out at the burst pace.
-        let mut r = Stage::new(Config::default(), ServerNanos(0), MicroBpm::from_bpm(20), 16).unwrap();
+        let mut r = Stage::new(second_paces(), ServerNanos(0), MicroBpm::from_bpm(20), 16).unwrap();
         r.join(ServerNanos(0), 1).unwrap();
         r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
         ticks(&mut r, 0, 10_000 * MS);
@@ -568,6 +594,42 @@ mod tests {
         assert_eq!(r.poll_timeout(), Some(ServerNanos(5_500 * MS)));
         assert_eq!(r.poll_transmit(ServerNanos(5_500 * MS)).unwrap().members, vec![1, 2]);
         assert_eq!(r.poll_timeout(), Some(ServerNanos(6_500 * MS)));
+    }
+
+    #[test]
+    fn a_member_behind_the_timeline_is_repaired_at_once_and_one_that_holds_it_is_sent_nothing() {
+        // The default paces: a frame every 10 s once settled.
+        let mut r = Stage::new(Config::default(), ServerNanos(0), MicroBpm::from_bpm(120), 4).unwrap();
+        r.join(ServerNanos(0), 1).unwrap();
+        r.join(ServerNanos(0), 2).unwrap();
+        let start = r.handle_change(ServerNanos(0), Change::Start { count_in_bars: 0 }).unwrap();
+        let tempo = r.handle_change(ServerNanos(0), Change::SetTempo(MicroBpm::from_bpm(90))).unwrap();
+        assert!(tempo.epoch > start.epoch);
+        assert_eq!(ticks(&mut r, 0, 20_000 * MS).len(), 15 + 2, "a burst, then 1.5 s and 11.5 s");
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(21_500 * MS)));
+
+        // Member 1 holds the current timeline, member 2 the one before the tempo change (it
+        // lost every frame that carried it); a member the room does not know is ignored.
+        assert!(!r.handle_held_epoch(ServerNanos(20_000 * MS), 1, tempo.epoch));
+        assert!(!r.handle_held_epoch(ServerNanos(20_000 * MS), 9, start.epoch));
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(21_500 * MS)));
+        assert!(r.handle_held_epoch(ServerNanos(20_000 * MS), 2, start.epoch));
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(20_000 * MS)));
+        let repair = r.poll_transmit(ServerNanos(20_000 * MS)).unwrap();
+        assert_eq!(repair.members, vec![2]);
+        assert_eq!(repair.frame.timeline.epoch, tempo.epoch);
+        // The repair does not move the room's tick or start a burst.
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(21_500 * MS)));
+        assert!(!r.in_burst(ServerNanos(20_000 * MS)));
+
+        // In a burst the next frame is at most an interval away: a request that crossed the
+        // change's first frames owes nothing more.
+        assert_eq!(ticks(&mut r, 20_000 * MS, 22_000 * MS), vec![21_500]);
+        let meter = r.handle_change(ServerNanos(22_000 * MS), Change::SetMeter(3)).unwrap();
+        assert_eq!(r.poll_transmit(ServerNanos(22_000 * MS)).unwrap().members, vec![1, 2]);
+        assert!(!r.handle_held_epoch(ServerNanos(22_050 * MS), 2, tempo.epoch));
+        assert_eq!(r.poll_timeout(), Some(ServerNanos(22_100 * MS)));
+        assert!(meter.epoch > tempo.epoch);
     }
 
     #[test]

@@ -572,6 +572,9 @@ fn play(r: &mut Room, script: &[(u64, Input)]) -> Vec<(u64, Output)> {
             Input::Report(member, session, report) => {
                 r.handle_report(now, *member, *session, *report);
             }
+            Input::HeldEpoch(member, session, epoch) => {
+                r.handle_held_epoch(now, *member, *session, *epoch);
+            }
         }
         log.extend(drain(r).into_iter().map(|o| (now.0, o)));
     }
@@ -585,6 +588,7 @@ enum Input {
     Notes(u64, u64, Vec<Note>),
     Control(ControlOp),
     Report(u64, u64, ClientReport),
+    HeldEpoch(u64, u64, u64),
 }
 
 #[test]
@@ -628,6 +632,8 @@ fn a_room_serialized_mid_song_and_restored_gives_the_same_next_outputs() {
         (4_100, Input::Control(ControlOp::Timeline(Change::SetTempo(MicroBpm::from_bpm(90))))),
         (5_000, Input::Depart(3, 3, Departure::Lost)),
         (6_000, Input::Notes(4, 5, vec![note(1, at(5_990))])),
+        // a says it holds the timeline before the tempo change: a frame of its own.
+        (20_000, Input::HeldEpoch(2, 2, 1)),
         (25_000, Input::Control(ControlOp::Assign { member: 2, assignment: Assignment::default() })),
     ];
     let original = play(&mut r, &after);
@@ -639,8 +645,13 @@ fn a_room_serialized_mid_song_and_restored_gives_the_same_next_outputs() {
             .any(|(_, o)| matches!(o, Output::Message { message: ServerMessage::MemberLeft { member_id: 3, .. }, .. })),
         "b's grace ended"
     );
-    // Beat frames among them: a burst after the tempo change at 4.1 s, then one a second.
-    assert!(original.len() > 60, "{}", original.len());
+    // Beat frames among them: a burst after the tempo change at 4.1 s, then one every 10 s,
+    // and a's repair.
+    assert!(original.len() > 50, "{}", original.len());
+    assert!(
+        original.iter().any(|(at, o)| *at == 20_000 * MS && matches!(o, Output::Beats { to, .. } if to.len() == 1)),
+        "a's repair"
+    );
     assert_eq!(original, copy);
     assert_eq!(postcard::to_allocvec(&r).expect("serializes"), postcard::to_allocvec(&restored).expect("serializes"));
 }

@@ -1,9 +1,10 @@
 //! How the rest of the server reaches a room's task: the [`RoomHandle`] and the [`Command`]s
 //! it queues, what a joining session brings ([`Joining`], a [`Peer`] for its datagrams), what
-//! is known about a room outside its task ([`RoomMeta`]: what never changes, and its
-//! co-teachers), and its view for the HTTP API ([`RoomView`]).
+//! is known about a room outside its task ([`RoomMeta`]: what never changes, its co-teachers,
+//! and its timeline's epoch), and its view for the HTTP API ([`RoomView`]).
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -186,6 +187,12 @@ pub(crate) enum Command {
         session_id: u64,
         report: ClientReport,
     },
+    /// A member's clock-sync request named a timeline older than the room's.
+    HeldEpoch {
+        member_id: u64,
+        session_id: u64,
+        epoch: u64,
+    },
     View {
         reply: oneshot::Sender<RoomView>,
     },
@@ -262,7 +269,8 @@ pub(crate) enum Command {
 /// Most co-teachers a room has at once.
 pub(crate) const MAX_CO_TEACHERS: usize = 8;
 
-/// What is known about a room outside its task: what never changes, and its co-teachers.
+/// What is known about a room outside its task: what never changes, its co-teachers, and its
+/// timeline's epoch.
 #[derive(Debug)]
 pub(crate) struct RoomMeta {
     pub(crate) code: JoinCode,
@@ -276,6 +284,11 @@ pub(crate) struct RoomMeta {
     /// The teachers the owner added (subjects, at most [`MAX_CO_TEACHERS`]). Read by
     /// authorization anywhere; changed only by the room's task, in order with its commands.
     pub(crate) co_teachers: Mutex<Vec<String>>,
+    /// The epoch of the room's timeline, as its task last published it (each time round its
+    /// loop, after carrying out a change). A session compares a member's sync requests with it
+    /// and asks the task for a repair only when the member is behind: one atomic load per
+    /// request, not a command.
+    pub(crate) epoch: AtomicU64,
 }
 
 impl RoomAccess for RoomMeta {
@@ -297,6 +310,11 @@ impl RoomMeta {
     pub(crate) fn co_teachers(&self) -> MutexGuard<'_, Vec<String>> {
         // Every change leaves the list whole before it can panic.
         self.co_teachers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The timeline's epoch as the room's task last published it.
+    pub(crate) fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// The room session's row in the SEL store, as the room starts it.
@@ -390,6 +408,12 @@ impl RoomHandle {
         notes: BoundedVec<Note, MAX_NOTES_PER_DATAGRAM>,
     ) -> bool {
         self.tx.try_send(Command::Notes { member_id, session_id, notes }).is_ok()
+    }
+
+    /// Tells the room that a member holds an older timeline than its own, without waiting (the
+    /// member's next sync request says so again if the queue was full).
+    pub(crate) fn held_epoch(&self, member_id: u64, session_id: u64, epoch: u64) {
+        let _ = self.tx.try_send(Command::HeldEpoch { member_id, session_id, epoch });
     }
 
     /// Hands a reflection to the room (it answers on the member's control stream). False if

@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::SystemTime;
 
@@ -415,6 +416,7 @@ impl Rooms {
             created_at,
             sel_id: state.sel_id.clone(),
             co_teachers: Mutex::new(state.co_teachers.clone()),
+            epoch: AtomicU64::new(0),
         };
         let (handle, rx) = self.register(tenant, meta, now, Elsewhere::NotCounted)?;
         info!(code = %handle.meta.code, tenant = %handle.meta.tenant, "room taken over from the cluster's directory");
@@ -515,6 +517,7 @@ impl Rooms {
             created_at: SystemTime::now(),
             sel_id: hex::encode(rand::random::<[u8; 16]>()),
             co_teachers: Mutex::new(Vec::new()),
+            epoch: AtomicU64::new(0),
         };
         let (handle, rx) = self.register(tenant, meta, now, Elsewhere::Counted)?;
         let code = BoundedString::truncating(handle.meta.code.as_str());

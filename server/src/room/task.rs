@@ -20,6 +20,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use downbeat_engine::room::{self, Departure, Essentials, Join, Output, Recipient, Room, SelWork, encode_beats_to_fit};
 use downbeat_protocol::{self as wire, ControlOp, ErrorCode, Name, ServerDatagram, ServerMessage, ServerNanos};
@@ -210,6 +211,9 @@ impl RoomTask {
                 info!(seats = tick.seats_expired, "grace period over; seats freed");
                 let _ = self.persist(None, false).await;
             }
+            // Published before the frames go out: a member that received one carrying an epoch
+            // is compared with at least that epoch.
+            self.meta.epoch.store(self.room.timeline().epoch(), Ordering::Relaxed);
             self.drain(now);
             if self.room.is_closed() {
                 break;
@@ -371,6 +375,11 @@ impl RoomTask {
             Command::Report { member_id, session_id, report } => {
                 if let Some(handled) = self.room.handle_report(now, member_id, session_id, report) {
                     self.stats.count_report(&report, &handled);
+                }
+            }
+            Command::HeldEpoch { member_id, session_id, epoch } => {
+                if self.room.handle_held_epoch(now, member_id, session_id, epoch) {
+                    self.stats.timelines_repaired.inc();
                 }
             }
             Command::Inspect { reply } => {

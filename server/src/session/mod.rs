@@ -811,7 +811,8 @@ impl<'a> Datagrams<'a> {
 
     /// Handles a datagram received at `t1` (stamped the moment it was handed over, before
     /// decoding): notes go to the room; a clock-sync request is returned for the transport to
-    /// answer with [`sync_reply`] as late as it can. `Err`: the session ends (a probe sent
+    /// answer with [`sync_reply`] as late as it can, and tells the room when the member holds
+    /// an older timeline than the room's. `Err`: the session ends (a probe sent
     /// notes).
     fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Result<Option<SyncRequest>, End> {
         let stats = &self.ctx.stats;
@@ -825,7 +826,16 @@ impl<'a> Datagrams<'a> {
         }
         match wire::decode_client_datagram(datagram) {
             Err(_) => stats.datagrams_malformed.inc(),
-            Ok(ClientDatagram::SyncRequest(request)) => return Ok(Some(request)),
+            Ok(ClientDatagram::SyncRequest(request)) => {
+                // A member behind the room's timeline (it lost every frame of a change) gets
+                // the current one at once; the room decides, asked only then.
+                if let Some(Member { room, member_id, session_id, .. }) = self.member
+                    && request.epoch < room.meta().epoch()
+                {
+                    room.held_epoch(member_id, session_id, request.epoch);
+                }
+                return Ok(Some(request));
+            }
             Ok(ClientDatagram::Notes(notes)) => {
                 let Some(Member { room, member_id, session_id, .. }) = self.member else {
                     return Err(probe::not_sync(self.ctx));
