@@ -156,5 +156,27 @@ async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once(
         }
     }
     assert_eq!(server.stats.timelines_repaired.get(), 1);
+
+    // A peer that keeps naming an old timeline asks the room at most every 100 ms: twenty
+    // requests at once bring at most one more repair, not twenty.
+    let started = Instant::now();
+    for id in 10..30 {
+        raw.conn.send_datagram(sync(id, 0)?)?;
+    }
+    let mut replies = 0;
+    while replies < 20 {
+        match next(&raw, Duration::from_secs(5)).await? {
+            Some(ServerDatagram::SyncReply(_)) => replies += 1,
+            Some(ServerDatagram::Beats(_)) => {}
+            other => anyhow::bail!("expected replies, got {other:?} after {replies}"),
+        }
+    }
+    let allowed = 1 + started.elapsed().as_millis() as u64 / 100;
+    // The room answers a view after every command queued before it: the session queued its
+    // repairs before it answered the requests.
+    let (status, _) = server.http("GET", &format!("/api/rooms/{room}"), Some(&teacher), None).await?;
+    assert_eq!(status, 200);
+    let repairs = server.stats.timelines_repaired.get() - 1;
+    assert!(repairs <= allowed, "{repairs} repairs for 20 requests in {:?}", started.elapsed());
     Ok(())
 }

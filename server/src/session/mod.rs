@@ -59,6 +59,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(3);
 const DATAGRAMS_PER_SECOND: u32 = 100;
 /// Burst of datagrams allowed above the sustained rate.
 const DATAGRAM_BURST: u32 = 200;
+/// A session asks its room to repair a stale timeline at most this often, whatever its peer
+/// claims: no more frames than a room's burst pace sends every member anyway, and the room's
+/// command queue, which classmates' notes share, is not flooded.
+const REPAIR_INTERVAL_NANOS: u64 = 100_000_000;
 /// Client reports a session may send per second (sustained; a burst of 3); more are ignored.
 const REPORTS_PER_SECOND: u32 = 1;
 /// Refused control frames (rate limit) a session may send in a burst before it is closed...
@@ -801,12 +805,14 @@ struct Datagrams<'a> {
     /// Whose notes go to which room; `None` for a probe, which may send none.
     member: Option<Member<'a>>,
     bucket: TokenBucket,
+    /// When this session last asked its room for a repair.
+    last_repair: Option<ServerNanos>,
 }
 
 impl<'a> Datagrams<'a> {
     fn new(ctx: &'a SessionContext, member: Option<Member<'a>>) -> Self {
         let bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, ctx.clock.now().0);
-        Self { ctx, member, bucket }
+        Self { ctx, member, bucket, last_repair: None }
     }
 
     /// Handles a datagram received at `t1` (stamped the moment it was handed over, before
@@ -828,10 +834,13 @@ impl<'a> Datagrams<'a> {
             Err(_) => stats.datagrams_malformed.inc(),
             Ok(ClientDatagram::SyncRequest(request)) => {
                 // A member behind the room's timeline (it lost every frame of a change) gets
-                // the current one at once; the room decides, asked only then.
+                // the current one at once; the room decides, asked only then, and at most
+                // every REPAIR_INTERVAL_NANOS.
                 if let Some(Member { room, member_id, session_id, .. }) = self.member
                     && request.epoch < room.meta().epoch()
+                    && self.last_repair.is_none_or(|at| t1.0.saturating_sub(at.0) >= REPAIR_INTERVAL_NANOS)
                 {
+                    self.last_repair = Some(t1);
                     room.held_epoch(member_id, session_id, request.epoch);
                 }
                 return Ok(Some(request));
