@@ -724,6 +724,9 @@ pub struct CapacityPoint {
     pub generator_rss_bytes: u64,
     /// Light clients: beat frames received per second of the window.
     pub frames_received_per_s: Option<f64>,
+    /// Light clients: beat frames received in all, from the first welcome to the window's end
+    /// (each session's joining frame, the bursts, then a frame every 10 s once settled).
+    pub frames_received: Option<u64>,
     /// Light clients: sessions whose clock was synced at the window's end.
     pub synced: Option<i64>,
     /// Light clients: sessions lost after their welcome, by the window's end.
@@ -1044,6 +1047,7 @@ fn light_point(
     let counts = generator.stop();
     let point = CapacityPoint {
         frames_received_per_s: Some(window.frames as f64 / window.seconds.max(1e-9)),
+        frames_received: Some(at_end.frames),
         synced: Some(at_end.synced),
         lost: Some(at_end.lost),
         ..CapacityPoint::joined(
