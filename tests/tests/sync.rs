@@ -180,3 +180,80 @@ async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once(
     assert!(repairs <= allowed, "{repairs} repairs for 20 requests in {:?}", started.elapsed());
     Ok(())
 }
+
+/// The same over WebSocket, where a sync request and its reply travel as tagged datagram
+/// messages on the socket: naming the room's timeline asks for nothing, naming an older one
+/// brings a beat frame with the current one at once.
+#[tokio::test]
+async fn over_websocket_a_sync_request_naming_an_older_timeline_brings_the_current_one() -> anyhow::Result<()> {
+    use downbeat_protocol::ws::{Unit, datagram_message, split};
+    use downbeat_protocol::{
+        ClientDatagram, ClientNanos, PROTOCOL_VERSION, ServerDatagram, ServerMessage, SyncRequest, decode_frame_body,
+        decode_server_datagram, encode_client_datagram,
+    };
+    use downbeat_tests::{RawSession, RawWebSocket};
+    use futures_util::StreamExt as _;
+    use tokio_tungstenite::tungstenite::Message;
+
+    /// What the server sent next: a control message or a datagram.
+    enum Next {
+        Control(ServerMessage),
+        Datagram(ServerDatagram),
+    }
+    async fn next(raw: &mut RawWebSocket) -> anyhow::Result<Next> {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(5), raw.socket.next())
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("the socket ended"))??;
+            if let Message::Binary(bytes) = message {
+                return Ok(match split(&bytes)? {
+                    Unit::Control(body) => Next::Control(decode_frame_body(body)?),
+                    Unit::Datagram(datagram) => Next::Datagram(decode_server_datagram(datagram)?),
+                });
+            }
+        }
+    }
+    let sync = |id: u32, epoch: u64| -> anyhow::Result<Message> {
+        let request = ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id)), epoch });
+        Ok(Message::Binary(datagram_message(&encode_client_datagram(&request)?).into()))
+    };
+
+    let server = TestServer::start().await?;
+    let teacher = server.teacher("t-1");
+    let room = server.create_room(&teacher, 120.0, 4).await?;
+    let mut raw = server.raw_websocket(None).await?;
+    raw.send_message(&RawSession::hello(PROTOCOL_VERSION, &server.student("s-1"), &room)).await?;
+    // The welcome and the frame of its own a member gets on joining, in either order; the
+    // stopped room's next frame is 10 s away.
+    let (mut epoch, mut joined) = (None, false);
+    while epoch.is_none() || !joined {
+        match next(&mut raw).await? {
+            Next::Control(ServerMessage::Welcome(welcome)) => epoch = Some(welcome.timeline.epoch),
+            Next::Datagram(ServerDatagram::Beats(_)) => joined = true,
+            Next::Control(_) | Next::Datagram(_) => {}
+        }
+    }
+    let epoch = epoch.unwrap_or_default();
+
+    raw.send(sync(1, epoch)?).await?;
+    loop {
+        match next(&mut raw).await? {
+            Next::Datagram(ServerDatagram::SyncReply(reply)) if reply.id == 1 => break,
+            Next::Datagram(ServerDatagram::Beats(frame)) => anyhow::bail!("a frame nobody asked for: {frame:?}"),
+            Next::Control(_) | Next::Datagram(_) => {}
+        }
+    }
+    assert_eq!(server.stats.timelines_repaired.get(), 0);
+
+    raw.send(sync(2, epoch - 1)?).await?;
+    let (mut replied, mut repaired) = (false, false);
+    while !(replied && repaired) {
+        match next(&mut raw).await? {
+            Next::Datagram(ServerDatagram::SyncReply(reply)) if reply.id == 2 => replied = true,
+            Next::Datagram(ServerDatagram::Beats(frame)) if frame.timeline.epoch == epoch => repaired = true,
+            Next::Control(_) | Next::Datagram(_) => {}
+        }
+    }
+    assert_eq!(server.stats.timelines_repaired.get(), 1);
+    Ok(())
+}
