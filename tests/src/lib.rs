@@ -641,6 +641,14 @@ pub fn operators(secret: &[u8; 32]) -> downbeat_server::config::OperatorsConfig 
     }
 }
 
+/// A clock-sync request datagram, encoded: request `id`, sent at client time `t0`, naming the
+/// timeline `epoch` its sender holds (0: none).
+pub fn sync_request(id: u32, t0: u64, epoch: u64) -> Result<Vec<u8>> {
+    use downbeat_protocol::{ClientDatagram, ClientNanos, SyncRequest};
+    let request = ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(t0), epoch });
+    Ok(downbeat_protocol::encode_client_datagram(&request)?)
+}
+
 /// Waits until `f` is true of the client's timeline, reading events (never sleeping).
 pub async fn wait_for_epoch(client: &Client, epoch: u64) -> Result<()> {
     let wait = async {

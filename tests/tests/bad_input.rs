@@ -278,7 +278,8 @@ async fn under_handshake_pressure_clients_prove_their_address_and_connect() -> a
 /// carries on.
 #[tokio::test]
 async fn every_sync_request_is_answered_and_a_datagram_for_another_session_is_dropped() -> anyhow::Result<()> {
-    use downbeat_protocol::{ClientDatagram, ClientNanos, ServerDatagram, SyncRequest};
+    use downbeat_protocol::ServerDatagram;
+    use downbeat_tests::sync_request;
 
     let (server, room, _bystander) = setup().await?;
     let mut raw = server.raw_session().await?;
@@ -303,8 +304,7 @@ async fn every_sync_request_is_answered_and_a_datagram_for_another_session_is_dr
     }
     let mut answered = Vec::new();
     for id in 1..=20u32 {
-        let request = ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id) * 1_000), epoch: 0 });
-        raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&request)?)?;
+        raw.conn.send_datagram(sync_request(id, u64::from(id) * 1_000, 0)?)?;
         answered.extend(reply_to(&raw, id).await?);
     }
     assert_eq!(answered, (1..=20).collect::<Vec<_>>());
@@ -313,20 +313,12 @@ async fn every_sync_request_is_answered_and_a_datagram_for_another_session_is_dr
     // session is on stream 0, quarter id 0): never answered.
     let before = server.stats.datagrams_malformed.get();
     let mut stray = vec![0x01];
-    stray.extend(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
-        id: 99,
-        t0: ClientNanos(99_000),
-        epoch: 0,
-    }))?);
+    stray.extend(sync_request(99, 99_000, 0)?);
     raw.conn.quic_connection().send_datagram(stray.into())?;
     assert_eq!(reply_to(&raw, 99).await?, None);
     assert!(server.stats.datagrams_malformed.get() <= before + 1);
     // And the session is still answered.
-    raw.conn.send_datagram(downbeat_protocol::encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest {
-        id: 100,
-        t0: ClientNanos(100_000),
-        epoch: 0,
-    }))?)?;
+    raw.conn.send_datagram(sync_request(100, 100_000, 0)?)?;
     assert_eq!(reply_to(&raw, 100).await?, Some(100));
     Ok(())
 }

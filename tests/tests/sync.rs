@@ -105,10 +105,7 @@ async fn thirty_clients_agree_on_the_server_clock_and_the_beat() -> anyhow::Resu
 /// away, and is counted.
 #[tokio::test]
 async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once() -> anyhow::Result<()> {
-    use downbeat_protocol::{
-        ClientDatagram, ClientNanos, PROTOCOL_VERSION, ServerDatagram, ServerMessage, SyncRequest,
-        decode_server_datagram, encode_client_datagram,
-    };
+    use downbeat_protocol::{PROTOCOL_VERSION, ServerDatagram, ServerMessage, decode_server_datagram};
     use downbeat_tests::RawSession;
 
     let server = TestServer::start().await?;
@@ -133,9 +130,7 @@ async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once(
         Some(ServerDatagram::Beats(frame)) => assert_eq!(frame.timeline.epoch, epoch),
         other => anyhow::bail!("expected the joining frame, got {other:?}"),
     }
-    let sync = |id: u32, epoch: u64| {
-        encode_client_datagram(&ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id)), epoch }))
-    };
+    let sync = |id: u32, epoch: u64| downbeat_tests::sync_request(id, u64::from(id), epoch);
 
     // Holding the room's timeline: a reply, and nothing else.
     raw.conn.send_datagram(sync(1, epoch)?)?;
@@ -188,8 +183,7 @@ async fn a_sync_request_naming_an_older_timeline_brings_the_current_one_at_once(
 async fn over_websocket_a_sync_request_naming_an_older_timeline_brings_the_current_one() -> anyhow::Result<()> {
     use downbeat_protocol::ws::{Unit, datagram_message, split};
     use downbeat_protocol::{
-        ClientDatagram, ClientNanos, PROTOCOL_VERSION, ServerDatagram, ServerMessage, SyncRequest, decode_frame_body,
-        decode_server_datagram, encode_client_datagram,
+        PROTOCOL_VERSION, ServerDatagram, ServerMessage, decode_frame_body, decode_server_datagram,
     };
     use downbeat_tests::{RawSession, RawWebSocket};
     use futures_util::StreamExt as _;
@@ -214,8 +208,8 @@ async fn over_websocket_a_sync_request_naming_an_older_timeline_brings_the_curre
         }
     }
     let sync = |id: u32, epoch: u64| -> anyhow::Result<Message> {
-        let request = ClientDatagram::SyncRequest(SyncRequest { id, t0: ClientNanos(u64::from(id)), epoch });
-        Ok(Message::Binary(datagram_message(&encode_client_datagram(&request)?).into()))
+        let request = downbeat_tests::sync_request(id, u64::from(id), epoch)?;
+        Ok(Message::Binary(datagram_message(&request).into()))
     };
 
     let server = TestServer::start().await?;
