@@ -555,7 +555,8 @@ pub enum ServerMessage {
     },
     /// A control request was applied.
     ControlAck(ControlAck),
-    /// A member's presence changed (mute, assignment, sync quality).
+    /// A member's presence changed (mute, assignment, sync quality). A change of sync quality
+    /// alone goes to the room's teachers only.
     MemberUpdated(Member),
     /// The room was closed; the session ends next with [`ErrorCode::RoomClosed`].
     RoomClosed {

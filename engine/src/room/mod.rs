@@ -909,8 +909,15 @@ impl Room {
         let before = seat.member.sync.coarse();
         seat.member.sync = report.sync;
         if report.sync.coarse() != before {
-            let update = seat.member.clone();
-            self.send_all(ServerMessage::MemberUpdated(update), None);
+            // Only the teachers are told: they watch who is in time, and a student's screen
+            // has no use for a classmate's round trip. Told to everyone, each report would cost
+            // the room a message per member, so a class's reports would cost the square of its
+            // size, and a loaded server (whose round trips change with its load) would make
+            // more of them the more loaded it is. Students see a classmate's sync quality in
+            // the welcome and with the classmate's next other change.
+            let update = ServerMessage::MemberUpdated(seat.member.clone());
+            let to = self.recipients(|_, seat| !seat.is_student());
+            self.out.push_back(Output::Message { to, message: update });
         }
         Some(handled)
     }

@@ -219,7 +219,13 @@ fn presence_from_the_welcome_and_the_events_agrees_everywhere() {
     let b = join_at(&mut r, &mut outputs, 30, "b", Role::Student, 3);
     let sync = SyncQuality { synced: true, rtt_micros: 4_000, uncertainty_micros: 300 };
     r.handle_report(at(40), b, 3, ClientReport { sync, ..ClientReport::default() });
-    outputs.extend(drain(&mut r));
+    let reported = drain(&mut r);
+    // A change of sync quality is the teacher's to see, not the class's.
+    assert!(matches!(&heard(&reported, 1)[..], [ServerMessage::MemberUpdated(m)] if m.id == b && m.sync == sync));
+    for student in [2, 3] {
+        assert!(heard(&reported, student).is_empty(), "{reported:?}");
+    }
+    outputs.extend(reported);
     join_at(&mut r, &mut outputs, 50, "c", Role::Student, 4);
     r.handle_depart(at(60), a, 2, Departure::Left);
     outputs.extend(drain(&mut r));
@@ -227,6 +233,7 @@ fn presence_from_the_welcome_and_the_events_agrees_everywhere() {
     r.handle_control(at(70), ControlOp::Assign { member: b, assignment }, None).expect("assigned");
     outputs.extend(drain(&mut r));
 
+    // b's sync quality reached the class with b's part; c had it from the welcome.
     let truth: BTreeMap<u64, Member> = r.members().map(|(m, _)| (m.id, m.clone())).collect();
     assert_eq!(truth.len(), 3);
     assert!(truth[&b].sync.synced && truth[&b].assignment.part.is_some());
