@@ -274,6 +274,12 @@ fn transport_config(config: &Config) -> Result<QuicTransportConfig, IdentityErro
     // Datagrams are small and a few per second per session; keep each session's buffers small.
     transport.datagram_receive_buffer_size(Some(64 * 1024));
     transport.datagram_send_buffer_size(64 * 1024);
+    // No path MTU discovery: every packet the server sends fits QUIC's 1,200-byte minimum,
+    // which every path must carry. Beat frames and sync replies are a few dozen bytes and
+    // control frames are small, so a larger MTU would carry nothing faster, while the probes
+    // (a binary search above 1,200 bytes after every handshake, repeated every ten minutes)
+    // cost each session packets both ways.
+    transport.mtu_discovery_config(None);
     Ok(transport)
 }
 
