@@ -220,8 +220,8 @@ struct Fit {
 
 impl Fit {
     fn offset_at(&self, local: i128) -> f64 {
-        let x = (local - self.x0) as f64;
-        self.y0 as f64 + self.y_bar + self.slope * (x - self.x_bar)
+        let x = to_f64(local - self.x0);
+        to_f64(self.y0) + self.y_bar + self.slope * (x - self.x_bar)
     }
 
     /// The standard error at the samples' weighted mean time: what the window gives before
@@ -231,7 +231,7 @@ impl Fit {
     }
 
     fn std_error_at(&self, local: i128) -> f64 {
-        let dx = (local - self.x0) as f64 - self.x_bar;
+        let dx = to_f64(local - self.x0) - self.x_bar;
         (1.0 / self.weight_sum + dx * dx / self.slope_precision).sqrt()
     }
 }
@@ -414,7 +414,7 @@ impl Estimator {
     pub fn add_sample(&mut self, sample: Sample) {
         if let Some(fit) = self.fit {
             let sigma = sample_sigma(sample.delay, fit.min_delay);
-            let residual = (sample.offset as f64 - fit.offset_at(sample.local_mid)).abs();
+            let residual = (to_f64(sample.offset) - fit.offset_at(sample.local_mid)).abs();
             let bound = 4.0 * sigma + 1e6;
             let min_delay = fit.min_delay.min(sample.delay);
             let near_min = sample.delay <= min_delay.saturating_mul(2).max(min_delay + 2_000_000);
@@ -456,41 +456,42 @@ impl Estimator {
             self.fit = None;
             return;
         };
-        let mut used: Vec<Sample> = self.samples.iter().copied().collect();
-        let mut fit = self.fit_samples(&used, min_delay);
+        let mut fit = self.fit_samples(|_| true, min_delay);
         if let Some(first) = fit {
             // One round of outlier rejection against each sample's own error scale.
-            used.retain(|s| {
+            let agrees = |s: &Sample| {
                 let sigma = sample_sigma(s.delay, min_delay);
-                (s.offset as f64 - first.offset_at(s.local_mid)).abs() <= 4.0 * sigma + s.delay as f64 / 2.0
-            });
-            if !used.is_empty() && used.len() < self.samples.len() {
-                fit = self.fit_samples(&used, min_delay).or(fit);
+                (to_f64(s.offset) - first.offset_at(s.local_mid)).abs() <= 4.0 * sigma + s.delay as f64 / 2.0
+            };
+            let kept = self.samples.iter().filter(|s| agrees(s)).count();
+            if kept > 0 && kept < self.samples.len() {
+                fit = self.fit_samples(agrees, min_delay).or(fit);
             }
         }
         self.fit = fit;
     }
 
-    fn fit_samples(&self, samples: &[Sample], min_delay: u64) -> Option<Fit> {
-        let newest = samples.last()?;
-        let best = samples.iter().min_by_key(|s| s.delay)?;
+    /// The weighted line through the window's samples that `keep` keeps. Runs on every reply,
+    /// so it walks the window in place (no copies) and converts only differences that fit
+    /// in 64 bits to floating point (the same values, without 128-bit conversions).
+    fn fit_samples(&self, keep: impl Fn(&Sample) -> bool, min_delay: u64) -> Option<Fit> {
+        let kept = || self.samples.iter().filter(|s| keep(s));
+        let newest = kept().last()?;
+        let best = kept().min_by_key(|s| s.delay)?;
         let (x0, y0) = (newest.local_mid, best.offset);
+        let point = |s: &Sample| {
+            let sigma = sample_sigma(s.delay, min_delay);
+            (to_f64(s.local_mid - x0), to_f64(s.offset - y0), 1.0 / (sigma * sigma))
+        };
         let (mut w_sum, mut wx, mut wy) = (0.0f64, 0.0f64, 0.0f64);
-        let points: Vec<(f64, f64, f64)> = samples
-            .iter()
-            .map(|s| {
-                let sigma = sample_sigma(s.delay, min_delay);
-                ((s.local_mid - x0) as f64, (s.offset - y0) as f64, 1.0 / (sigma * sigma))
-            })
-            .collect();
-        for &(x, y, w) in &points {
+        for (x, y, w) in kept().map(point) {
             w_sum += w;
             wx += w * x;
             wy += w * y;
         }
         let (x_bar, y_bar) = (wx / w_sum, wy / w_sum);
         let (mut sxx, mut sxy) = (0.0f64, 0.0f64);
-        for &(x, y, w) in &points {
+        for (x, y, w) in kept().map(point) {
             sxx += w * (x - x_bar) * (x - x_bar);
             sxy += w * (x - x_bar) * (y - y_bar);
         }
@@ -540,7 +541,7 @@ impl Estimator {
     pub fn to_local(&self, server: ServerNanos) -> Option<ClientNanos> {
         let fit = self.fit.as_ref()?;
         // server = L + y0 + y_bar + slope * (L - x0 - x_bar); solve for L around x0.
-        let rest = (i128::from(server.0) - fit.x0 - fit.y0) as f64;
+        let rest = to_f64(i128::from(server.0) - fit.x0 - fit.y0);
         let u = (rest - fit.y_bar + fit.slope * fit.x_bar) / (1.0 + fit.slope);
         let local = fit.x0 + u.round() as i128;
         Some(ClientNanos(local.clamp(0, i128::from(u64::MAX)) as u64))
@@ -559,6 +560,15 @@ impl Estimator {
     /// Replies accepted and rejected so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.accepted, self.rejected)
+    }
+}
+
+/// `v` as floating point, rounded to nearest as `v as f64` is, through 64 bits when it fits
+/// (every clock difference does): one instruction instead of a 128-bit conversion call.
+fn to_f64(v: i128) -> f64 {
+    match i64::try_from(v) {
+        Ok(v) => v as f64,
+        Err(_) => v as f64,
     }
 }
 
