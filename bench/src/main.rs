@@ -161,7 +161,7 @@ enum Scenario {
         #[arg(long, default_value_t = scenarios::SETTLE_SECONDS)]
         settle_seconds: f64,
         /// Clients, comma-separated, each a column: light (many idle sessions per socket from
-        /// this program, one task each; WebTransport on loopback) or native (the product's
+        /// this program, sans-IO QUIC, one task per socket; WebTransport on loopback) or native (the product's
         /// client, one socket and several tasks per session, in the class helper).
         #[arg(long, default_value = "light", value_delimiter = ',')]
         clients: Vec<String>,

@@ -609,7 +609,8 @@ pub fn join(common: &Common, workload: &Workload, storm: usize) -> Result<RunRep
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Clients {
     /// The light load generator ([`crate::light`]): idle classroom sessions sharing a few
-    /// client endpoints, one task each. WebTransport on loopback only.
+    /// client endpoints, one task per endpoint driving its connections sans-IO. WebTransport
+    /// on loopback only.
     Light,
     /// The product's native client ([`downbeat_client::Client`]), one per session, in the
     /// class helper: each its own socket, endpoint and tasks.
@@ -792,7 +793,7 @@ pub fn capacity(common: &Common, plan: &CapacityPlan) -> Result<RunReport> {
     if plan.clients.contains(&Clients::Light) {
         report.notes.push(
             "Light clients: idle classroom sessions from this program (hello, clock sync on the estimator's schedule, \
-             a report when it says something new or every 10 s, beat frames received and counted), many per client endpoint, one task each; every \
+             a report when it says something new or every 10 s, beat frames received and counted), many per client endpoint (sans-IO QUIC, one task per endpoint); every \
              room's beat starts as soon as its teacher is in, so beats flow while the rest join."
                 .into(),
         );

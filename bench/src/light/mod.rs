@@ -6,25 +6,32 @@
 //!
 //! The product's native client ([`downbeat_client::Client`]) gives every session its own UDP
 //! socket and QUIC endpoint, three tasks, channels and locks; thousands of them cost more CPU
-//! and memory than the server they measure. Here:
+//! and memory than the server they measure. Here QUIC is driven sans-IO ([`quinn_proto`]):
 //!
-//! - Sessions share a few client endpoints (one UDP socket and one quinn driver each), at most
-//!   [`LightSpec::sessions_per_endpoint`] apiece, each bound to its own loopback address
-//!   (`127.0.200+.x`) so the server's per-address limits (2,000 sessions, 32 handshakes in
-//!   flight) see a school behind each address, never one giant client.
-//! - One task per session (beside the tasks wtransport and quinn keep per connection), which
-//!   runs the engine's own session state machine ([`downbeat_engine::session::Session`]):
-//!   hello as a student of a room (or as its teacher, who creates it and starts the beat),
-//!   clock sync on the estimator's schedule (a burst, then once a second), a report on the
-//!   control stream when the engine has something new (else every 10 s) like the native
-//!   client, and beat datagrams received, decoded and counted. Nothing is sampled, stored or
-//!   scheduled per beat.
+//! - Sessions share a few client endpoints, at most [`LightSpec::sessions_per_endpoint`]
+//!   apiece, each one UDP socket bound to its own loopback address (`127.0.200+.x`) so the
+//!   server's per-address limits (2,000 sessions, 32 handshakes in flight) see a school
+//!   behind each address, never one giant client.
+//! - One task per endpoint ([`Driver`]) owns the socket, the QUIC endpoint and every
+//!   connection on it: it receives in batches (GRO), hands each packet to its connection,
+//!   runs the sessions whose connection had news or whose timer is due, and sends what they
+//!   have in batches (GSO). No task, channel or waker per connection or per datagram.
+//! - HTTP/3 and WebTransport as a page's browser speaks them ([`wtransport_proto`]): SETTINGS
+//!   on a control stream, then the extended CONNECT on the first bidirectional stream once the
+//!   server's SETTINGS are in, then the session's control stream (a WebTransport
+//!   bidirectional stream) and its datagrams, prefixed with the quarter stream id.
+//! - Each session runs the engine's own session state machine
+//!   ([`downbeat_engine::session::Session`]): hello as a student of a room (or as its teacher,
+//!   who creates it and starts the beat), clock sync on the estimator's schedule (a burst,
+//!   then once a second), a report on the control stream when the engine has something new
+//!   (else every interval) like the native client, and beat datagrams received, decoded and
+//!   counted. Nothing is sampled, stored or scheduled per beat.
 //! - Joins are ramped: at most [`LightSpec::join_rate`] sessions start per second, at most
-//!   [`LightSpec::concurrency`] handshakes are in flight (16 per address), a failed handshake
-//!   is tried again after a pause (three tries, as a page reconnects), and the join phase
-//!   ends at [`LightSpec::join_deadline`] however many sessions are up, so a saturated
-//!   server ends a run with the figures it has. A progress bar shows sessions up against the
-//!   target, failures and the rate.
+//!   [`LightSpec::concurrency`] handshakes are in flight (16 per address), a failed join is
+//!   tried again (three tries, as a page reconnects), and the join phase ends at
+//!   [`LightSpec::join_deadline`] however many sessions are up, so a saturated server ends a
+//!   run with the figures it has. A progress bar shows sessions up against the target,
+//!   failures and the rate.
 //!
 //! Every room's teacher creates the room and starts its beat as soon as it is welcomed, so
 //! beats flow to every room while the rest of the school joins (a Monday morning).
@@ -33,26 +40,37 @@
 //! session held; [`Generator::counts`] reads the counters while they run;
 //! [`Generator::stop`] closes them.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, ensure};
+use anyhow::{Context as _, Result, anyhow, ensure};
+use bytes::{Bytes, BytesMut};
 use downbeat_engine::client::Handled;
 use downbeat_engine::clock::Config as SyncConfig;
 use downbeat_engine::session::{Event, ReportDue, Request, Session, State};
 use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings, ServerDatagram,
+    Token,
 };
+use quinn_proto::{ConnectionError, ConnectionHandle, DatagramEvent, Dir, StreamEvent, StreamId, VarInt};
 use serde::Serialize;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+use tokio::io::Interest;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
-use wtransport::endpoint::endpoint_side;
-use wtransport::error::{ConnectingError, ConnectionError};
-use wtransport::proto::datagram::Datagram as H3Datagram;
-use wtransport::{ClientConfig, Connection, Endpoint, RecvStream, SendStream};
+use wtransport_proto::bytes::BufferReader;
+use wtransport_proto::datagram::Datagram as H3Datagram;
+use wtransport_proto::frame::{Frame, FrameKind};
+use wtransport_proto::headers::Headers;
+use wtransport_proto::ids::{QStreamId, SessionId, StreamId as H3StreamId};
+use wtransport_proto::session::{SessionRequest, SessionResponse};
+use wtransport_proto::settings::Settings;
+use wtransport_proto::stream_header::{StreamHeader, StreamKind};
+use wtransport_proto::varint::VarInt as H3VarInt;
 
 use crate::metrics::Summary;
 use crate::report::Progress;
@@ -65,25 +83,35 @@ const HANDSHAKES_PER_ADDRESS: usize = 16;
 /// lands on a socket as a burst of one frame per session.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 
-/// Control-stream bytes read at once (presence updates and answers are small).
-const CONTROL_CHUNK: usize = 1024;
-
 /// How often a session flushes nothing but its report: the native client's interval.
 pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// QUIC keep-alive, as the native client.
 const KEEP_ALIVE: Duration = Duration::from_secs(3);
 
-/// Tries of a handshake the server closed for an HTTP/3 protocol error (wtransport 0.7.2 can
-/// lose the first bytes of a SETTINGS frame; see the native client's `HANDSHAKE_ATTEMPTS`).
-const HANDSHAKE_ATTEMPTS: u32 = 3;
-
 /// Tries of a session's join (connect to welcome) when the handshake fails or the server
 /// drops it, within [`LightSpec::handshake_timeout`].
 const JOIN_ATTEMPTS: u32 = 3;
 
-/// The pause before a join is tried again.
+/// The pause before a join is tried again (none after an HTTP/3 protocol close: wtransport
+/// 0.7.2 can lose the first bytes of a SETTINGS frame, and a page simply reconnects).
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
+
+/// Receive buffers a driver reads into at once, each big enough for a GRO batch.
+const RECV_BUFFERS: usize = 8;
+
+/// Bytes of one receive buffer (64 KiB: the most one GRO batch delivers).
+const RECV_BUFFER_BYTES: usize = 64 * 1024;
+
+/// Receive batches a driver takes before it runs its sessions again, so a flood of packets
+/// cannot hold back their timers.
+const RECV_ROUNDS: usize = 16;
+
+/// How long a driver waits for its connections to close once the generator stops.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+
+/// The WebTransport session is the connection's first bidirectional stream (its CONNECT).
+const SESSION_STREAM: u32 = 0;
 
 /// What to run: the server, the rooms with their tokens, and how to ramp.
 #[derive(Clone, Debug)]
@@ -207,6 +235,8 @@ pub struct Counts {
     pub sync_requests: u64,
     /// Datagrams the connection refused to send (a full buffer).
     pub send_failed: u64,
+    /// UDP packets the generator's sockets refused (a full send buffer; QUIC recovers).
+    pub packets_dropped: u64,
     /// Reports sent on the control stream.
     pub reports: u64,
     /// Sessions that ended after their welcome (the server closed them, or the connection
@@ -214,12 +244,11 @@ pub struct Counts {
     pub lost: u64,
 }
 
-/// What every task shares: counters, the clock, the settings.
+/// What every driver shares: counters, the clock, the settings.
 #[derive(Debug)]
 struct Shared {
     /// The local clock counts from here (every session's `ClientNanos`).
     base: Instant,
-    url: String,
     report_interval: Option<Duration>,
     handshake_timeout: Duration,
     leave_after_welcome: bool,
@@ -229,8 +258,8 @@ struct Shared {
     notes_sent: Mutex<HashMap<(u64, u64, u32), ClientNanos>>,
     /// Send to a classmate's arrival of each note's first datagram, ns.
     fanout_ns: Mutex<Vec<u64>>,
-    /// The join deadline on the runtime's clock.
-    deadline: tokio::time::Instant,
+    /// The join deadline.
+    deadline: Instant,
     handshaking: AtomicU64,
     retries: AtomicU64,
     welcomed: AtomicU64,
@@ -242,6 +271,7 @@ struct Shared {
     sync_replies: AtomicU64,
     sync_requests: AtomicU64,
     send_failed: AtomicU64,
+    packets_dropped: AtomicU64,
     reports: AtomicU64,
     lost: AtomicU64,
     /// Failures by reason.
@@ -251,12 +281,13 @@ struct Shared {
 }
 
 impl Shared {
-    fn now(&self) -> ClientNanos {
-        ClientNanos(u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX))
+    /// The local clock at `at`.
+    fn local(&self, at: Instant) -> ClientNanos {
+        ClientNanos(u64::try_from(at.saturating_duration_since(self.base).as_nanos()).unwrap_or(u64::MAX))
     }
 
-    fn instant_at(&self, local: ClientNanos) -> Option<tokio::time::Instant> {
-        self.base.checked_add(Duration::from_nanos(local.0)).map(tokio::time::Instant::from_std)
+    fn instant_at(&self, local: ClientNanos) -> Option<Instant> {
+        self.base.checked_add(Duration::from_nanos(local.0))
     }
 
     /// A session that did not get in, and why.
@@ -278,6 +309,7 @@ impl Shared {
             sync_replies: self.sync_replies.load(Relaxed),
             sync_requests: self.sync_requests.load(Relaxed),
             send_failed: self.send_failed.load(Relaxed),
+            packets_dropped: self.packets_dropped.load(Relaxed),
             reports: self.reports.load(Relaxed),
             lost: self.lost.load(Relaxed),
         }
@@ -288,16 +320,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// A client endpoint and its share of the handshakes in flight.
+/// A client endpoint's driver task, the way to it, and its share of the handshakes in flight.
+#[derive(Debug)]
 struct Local {
-    endpoint: Endpoint<endpoint_side::Client>,
+    commands: mpsc::UnboundedSender<Command>,
     handshakes: Arc<Semaphore>,
+    task: JoinHandle<()>,
 }
 
-impl std::fmt::Debug for Local {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Local").field("address", &self.endpoint.local_addr().ok()).finish_non_exhaustive()
-    }
+/// What the join phase asks of a driver.
+#[derive(Debug)]
+enum Command {
+    /// Start a session.
+    Join(Joiner),
+    /// Close every session; the driver ends once they are closed.
+    Stop,
 }
 
 /// The sessions, held after the join phase until [`Generator::stop`].
@@ -305,9 +342,7 @@ impl std::fmt::Debug for Local {
 pub struct Generator {
     runtime: tokio::runtime::Runtime,
     shared: Arc<Shared>,
-    locals: Vec<Arc<Local>>,
-    stop: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    locals: Vec<Local>,
     joined: JoinOutput,
 }
 
@@ -328,20 +363,15 @@ impl Generator {
             .div_ceil(spec.sessions_per_endpoint.max(1))
             .max(spec.concurrency.div_ceil(HANDSHAKES_PER_ADDRESS))
             .clamp(1, total);
-        let locals = {
-            let _entered = runtime.enter();
-            (0..endpoints).map(|k| open_endpoint(k, &spec.cert_hashes).map(Arc::new)).collect::<Result<Vec<_>>>()?
-        };
         let shared = Arc::new(Shared {
             base: Instant::now(),
-            url: spec.url.clone(),
             report_interval: spec.report_interval,
             leave_after_welcome: spec.leave_after_welcome,
             note_every: (spec.notes_per_second > 0.0).then(|| Duration::from_secs_f64(1.0 / spec.notes_per_second)),
             notes_sent: Mutex::default(),
             fanout_ns: Mutex::default(),
             handshake_timeout: spec.handshake_timeout,
-            deadline: tokio::time::Instant::now() + spec.join_deadline,
+            deadline: Instant::now() + spec.join_deadline,
             handshaking: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             welcomed: AtomicU64::new(0),
@@ -353,14 +383,19 @@ impl Generator {
             sync_replies: AtomicU64::new(0),
             sync_requests: AtomicU64::new(0),
             send_failed: AtomicU64::new(0),
+            packets_dropped: AtomicU64::new(0),
             reports: AtomicU64::new(0),
             lost: AtomicU64::new(0),
             errors: Mutex::default(),
             welcomes: Mutex::default(),
         });
-        let (stop, stopped) = watch::channel(false);
-        let (tasks, joined) = runtime.block_on(join(&spec, shared.clone(), &locals, stopped));
-        Ok(Self { runtime, shared, locals, stop, tasks, joined })
+        let target = Target::new(&spec.url, &spec.cert_hashes)?;
+        let locals = {
+            let _entered = runtime.enter();
+            (0..endpoints).map(|k| open_endpoint(k, &target, &shared)).collect::<Result<Vec<_>>>()?
+        };
+        let joined = runtime.block_on(join(&spec, shared.clone(), &locals));
+        Ok(Self { runtime, shared, locals, joined })
     }
 
     /// How the join phase went.
@@ -382,34 +417,75 @@ impl Generator {
 
     /// Closes every session and the endpoints; returns the final counters.
     pub fn stop(self) -> Counts {
-        let Self { runtime, shared, locals, stop, tasks, .. } = self;
-        let _ = stop.send(true);
+        let Self { runtime, shared, locals, .. } = self;
+        for local in &locals {
+            let _ = local.commands.send(Command::Stop);
+        }
         runtime.block_on(async {
+            // Each driver ends within its close grace; a stuck one is not worth waiting for.
             let all = async {
-                for task in tasks {
-                    let _ = task.await;
+                for local in locals {
+                    let _ = local.task.await;
                 }
             };
-            // Every session closes at once; a stuck one is not worth waiting for.
-            let _ = tokio::time::timeout(Duration::from_secs(10), all).await;
-            for local in &locals {
-                local.endpoint.close(0u32.into(), b"bench over");
-            }
-            // Let the closes go out before the sockets do.
-            let _ = tokio::time::timeout(Duration::from_secs(2), async {
-                for local in &locals {
-                    local.endpoint.wait_idle().await;
-                }
-            })
-            .await;
+            let _ = tokio::time::timeout(CLOSE_GRACE * 3, all).await;
         });
         runtime.shutdown_timeout(Duration::from_secs(2));
         shared.counts()
     }
 }
 
-/// Client endpoint `k`: its own loopback address (127.0.200.2 on), big socket buffers.
-fn open_endpoint(k: usize, hashes: &[[u8; 32]]) -> Result<Local> {
+/// The server as every driver dials it: its address and name, the QUIC client settings, and
+/// the HTTP/3 bytes every session sends the same.
+#[derive(Clone)]
+struct Target {
+    address: SocketAddr,
+    config: quinn_proto::ClientConfig,
+    server_name: String,
+    /// The control stream's opening: its type and our SETTINGS.
+    settings: Bytes,
+    /// The CONNECT request's HEADERS frame.
+    request: Bytes,
+}
+
+impl Target {
+    fn new(url: &str, hashes: &[[u8; 32]]) -> Result<Self> {
+        let request = SessionRequest::new(url).map_err(|e| anyhow!("the server's url {url}: {e:?}"))?;
+        let authority = request.authority().to_owned();
+        let address = authority
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {authority}"))?
+            .find(SocketAddr::is_ipv4)
+            .with_context(|| format!("no IPv4 address for {authority}"))?;
+        let server_name = authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host).to_owned();
+        let mut request_bytes = Vec::new();
+        request.headers().generate_frame().write(&mut request_bytes).map_err(|_| anyhow!("the CONNECT request"))?;
+        // As wtransport's client (and so the server's own tests) opens its control stream.
+        let settings = Settings::builder()
+            .qpack_max_table_capacity(H3VarInt::from_u32(0))
+            .qpack_blocked_streams(H3VarInt::from_u32(0))
+            .enable_webtransport()
+            .enable_h3_datagrams()
+            .webtransport_max_sessions(H3VarInt::from_u32(1))
+            .build();
+        let mut settings_bytes = Vec::new();
+        StreamHeader::new_control().write(&mut settings_bytes).map_err(|_| anyhow!("the control stream header"))?;
+        settings.generate_frame().write(&mut settings_bytes).map_err(|_| anyhow!("the SETTINGS frame"))?;
+        let quic = quinn_proto::crypto::rustls::QuicClientConfig::try_from(Arc::new(browser_like_tls(hashes)?))
+            .context("QUIC over the browser-like TLS")?;
+        let mut transport = quinn_proto::TransportConfig::default();
+        transport.keep_alive_interval(Some(KEEP_ALIVE));
+        // As the server: every packet fits the 1,200 bytes every path carries.
+        transport.mtu_discovery_config(None);
+        let mut config = quinn_proto::ClientConfig::new(Arc::new(quic));
+        config.transport_config(Arc::new(transport));
+        Ok(Self { address, config, server_name, settings: settings_bytes.into(), request: request_bytes.into() })
+    }
+}
+
+/// Client endpoint `k`: its own loopback address (127.0.200.2 on), big socket buffers, and
+/// its driver task.
+fn open_endpoint(k: usize, target: &Target, shared: &Arc<Shared>) -> Result<Local> {
     let ip = Ipv4Addr::new(127, 0, 200 + (k / 250) as u8, 2 + (k % 250) as u8);
     ensure!(k / 250 < 55, "too many client endpoints ({k})");
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, Some(socket2::Protocol::UDP))?;
@@ -418,22 +494,32 @@ fn open_endpoint(k: usize, hashes: &[[u8; 32]]) -> Result<Local> {
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into()).with_context(|| format!("binding {ip}"))?;
-    let socket: UdpSocket = socket.into();
-    let config = ClientConfig::builder()
-        .with_bind_socket(socket)
-        .with_custom_tls(browser_like_tls(hashes)?)
-        .keep_alive_interval(Some(KEEP_ALIVE))
-        .build();
-    let endpoint = Endpoint::client(config).context("a client endpoint")?;
-    Ok(Local { endpoint, handshakes: Arc::new(Semaphore::new(HANDSHAKES_PER_ADDRESS)) })
+    let socket = tokio::net::UdpSocket::from_std(socket.into()).context("registering the socket")?;
+    let udp = quinn_udp::UdpSocketState::new((&socket).into()).context("the socket's batching")?;
+    let endpoint = quinn_proto::Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), None, false, None);
+    let (commands, receiver) = mpsc::unbounded_channel();
+    let driver = Driver {
+        shared: shared.clone(),
+        target: target.clone(),
+        endpoint,
+        socket,
+        udp,
+        conns: Vec::new(),
+        timers: BinaryHeap::new(),
+        dirty: Vec::new(),
+        pending_retries: Vec::new(),
+        transmit: Vec::new(),
+        response: Vec::new(),
+    };
+    let task = tokio::spawn(driver.run(receiver));
+    Ok(Local { commands, handshakes: Arc::new(Semaphore::new(HANDSHAKES_PER_ADDRESS)), task })
 }
 
 /// TLS as a page's WebTransport asks for it: TLS 1.3, the server's certificate pinned by its
 /// hash (as `serverCertificateHashes`), and TLS_AES_128_GCM_SHA256 first, as Chrome and Edge
 /// offer on machines with AES instructions (rustls alone offers AES-256 first, which costs the
 /// server more per handshake and per packet than a classroom's browsers do).
-fn browser_like_tls(hashes: &[[u8; 32]]) -> Result<wtransport::config::TlsClientConfig> {
-    use wtransport::tls::rustls;
+fn browser_like_tls(hashes: &[[u8; 32]]) -> Result<rustls::ClientConfig> {
     let mut provider = rustls::crypto::ring::default_provider();
     provider.cipher_suites.sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
     let verifier = wtransport::tls::client::ServerHashVerification::new(hashes.iter().map(|h| (*h).into()));
@@ -447,13 +533,8 @@ fn browser_like_tls(hashes: &[[u8; 32]]) -> Result<wtransport::config::TlsClient
     Ok(tls)
 }
 
-/// The join phase: teachers, then students, ramped; returns the session tasks.
-async fn join(
-    spec: &LightSpec,
-    shared: Arc<Shared>,
-    locals: &[Arc<Local>],
-    stopped: watch::Receiver<bool>,
-) -> (Vec<JoinHandle<()>>, JoinOutput) {
+/// The join phase: teachers, then students, ramped.
+async fn join(spec: &LightSpec, shared: Arc<Shared>, locals: &[Local]) -> JoinOutput {
     let total = spec.sessions();
     let began = Instant::now();
     let progress = Arc::new(Progress::new(total as u64, "sessions up"));
@@ -461,7 +542,6 @@ async fn join(
     let ticker = tokio::spawn(show_progress(shared.clone(), progress.clone(), began, shown.clone()));
     let global = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut ramp = Ramp::new(spec.join_rate);
-    let mut tasks = Vec::with_capacity(total);
     let mut started = 0usize;
     let settings =
         RoomSettings { name: Name::truncating("Bench"), tempo: MicroBpm::from_bpm(spec.bpm), beats_per_bar: 4 };
@@ -471,23 +551,16 @@ async fn join(
     for room in &spec.rooms {
         let (tx, rx) = oneshot::channel();
         codes.push(rx);
-        let Some(permits) = ramp.admit(&shared, &locals[started % locals.len()], &global).await else { break };
-        let kind = Kind::Teacher(tx);
+        let local = &locals[started % locals.len()];
+        let Some(permits) = ramp.admit(&shared, local, &global).await else { break };
         let request = RoomRequest::Create(settings.clone());
-        tasks.push(spawn_session(
-            &shared,
-            &locals[started % locals.len()],
-            &room.teacher_token,
-            request,
-            kind,
-            permits,
-            &stopped,
-        ));
+        start_session(&shared, local, &room.teacher_token, request, Kind::Teacher(Some(tx)), permits);
         started += 1;
     }
     let mut room_codes = Vec::with_capacity(codes.len());
     for rx in codes {
-        room_codes.push(tokio::time::timeout_at(shared.deadline, rx).await.ok().and_then(Result::ok));
+        let deadline = tokio::time::Instant::from_std(shared.deadline);
+        room_codes.push(tokio::time::timeout_at(deadline, rx).await.ok().and_then(Result::ok));
     }
     let rooms_created = room_codes.iter().flatten().count();
 
@@ -496,7 +569,7 @@ async fn join(
     'rooms: for (room, code) in spec.rooms.iter().zip(&room_codes) {
         let Some(code) = code else {
             // The teacher's failure is counted; the room's students never try.
-            if tokio::time::Instant::now() < shared.deadline {
+            if Instant::now() < shared.deadline {
                 for _ in &room.student_tokens {
                     shared.fail("the room's teacher did not get in".into());
                     not_started -= 1;
@@ -508,7 +581,7 @@ async fn join(
             let local = &locals[started % locals.len()];
             let Some(permits) = ramp.admit(&shared, local, &global).await else { break 'rooms };
             let request = RoomRequest::Join(code.clone());
-            tasks.push(spawn_session(&shared, local, token, request, Kind::Student, permits, &stopped));
+            start_session(&shared, local, token, request, Kind::Student, permits);
             started += 1;
             not_started -= 1;
         }
@@ -536,7 +609,7 @@ async fn join(
     }
     let (welcome_us, last) = std::mem::take(&mut *lock(&shared.welcomes));
     let welcome_ms: Vec<f64> = welcome_us.iter().map(|&us| f64::from(us) / 1e3).collect();
-    let output = JoinOutput {
+    JoinOutput {
         students: total - spec.rooms.len(),
         joined: welcomed.saturating_sub(rooms_created),
         rooms: spec.rooms.len(),
@@ -548,8 +621,32 @@ async fn join(
         deadline_passed: given_up > 0,
         retries: shared.retries.load(Relaxed),
         endpoints: locals.len(),
+    }
+}
+
+/// Hands a session to its endpoint's driver.
+fn start_session(
+    shared: &Shared,
+    local: &Local,
+    token: &str,
+    room: RoomRequest,
+    kind: Kind,
+    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
+) {
+    shared.handshaking.fetch_add(1, Relaxed);
+    let began = Instant::now();
+    let joiner = Joiner {
+        token: BoundedString::new(token.to_owned()).map_err(|e| e.to_string()),
+        room,
+        kind,
+        permits: Some(permits),
+        began,
+        limit: shared.deadline.min(began + shared.handshake_timeout),
+        attempt: 1,
     };
-    (tasks, output)
+    if let Err(mpsc::error::SendError(Command::Join(mut joiner))) = local.commands.send(Command::Join(joiner)) {
+        joiner.finish(shared, Outcome::Failed("the generator's driver ended".into()));
+    }
 }
 
 /// Paces session starts: at most `rate` a second, never a burst of more than 50 ms' worth
@@ -574,7 +671,7 @@ impl Ramp {
         local: &Local,
         global: &Arc<Semaphore>,
     ) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
-        let deadline = shared.deadline;
+        let deadline = tokio::time::Instant::from_std(shared.deadline);
         let now = tokio::time::Instant::now();
         if now >= deadline {
             return None;
@@ -615,299 +712,823 @@ fn update_progress(shared: &Shared, progress: &Progress, began: Instant, shown: 
     ));
 }
 
-/// A teacher (who hands the room's code back) or a student.
+/// A teacher (who hands the room's code back once welcomed) or a student.
 #[derive(Debug)]
 enum Kind {
-    Teacher(oneshot::Sender<JoinCode>),
+    Teacher(Option<oneshot::Sender<JoinCode>>),
     Student,
 }
 
-fn spawn_session(
-    shared: &Arc<Shared>,
-    local: &Arc<Local>,
-    token: &str,
+/// A session on its way in: what it joins with, its tries, and its places among the
+/// handshakes in flight (freed when the join ends, however it ends).
+#[derive(Debug)]
+struct Joiner {
+    token: Result<Token, String>,
     room: RoomRequest,
     kind: Kind,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    stopped: &watch::Receiver<bool>,
-) -> JoinHandle<()> {
-    shared.handshaking.fetch_add(1, Relaxed);
-    let token = BoundedString::new(token.to_owned());
-    tokio::spawn(run_session(shared.clone(), local.clone(), token, room, kind, permits, stopped.clone()))
+    permits: Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)>,
+    /// The first connect.
+    began: Instant,
+    /// No welcome by then: the join failed (or was given up, past the join deadline).
+    limit: Instant,
+    attempt: u32,
 }
 
-/// The control stream's two halves.
-struct Control {
-    send: SendStream,
-    recv: RecvStream,
+/// How a join ended.
+#[derive(Debug)]
+enum Outcome {
+    Welcomed,
+    Failed(String),
+    /// Still joining when the join deadline passed, or when the generator stopped.
+    GivenUp,
 }
 
-/// One session, from connect to the generator's stop.
-async fn run_session(
-    shared: Arc<Shared>,
-    local: Arc<Local>,
-    token: Result<downbeat_protocol::Token, downbeat_protocol::TooLong>,
-    room: RoomRequest,
-    kind: Kind,
-    permits: (OwnedSemaphorePermit, OwnedSemaphorePermit),
-    mut stopped: watch::Receiver<bool>,
-) {
-    let began = Instant::now();
-    let teacher = matches!(kind, Kind::Teacher(_));
-    let limit = shared.deadline.min(tokio::time::Instant::from_std(began) + shared.handshake_timeout);
-    let greeted = match token {
-        Ok(token) => {
-            let attempts = async {
-                // A refused or dropped handshake is tried again after a pause, as a page
-                // reconnects; a refusal the server explained (a refused hello) is final.
-                let mut attempt = 1;
-                loop {
-                    let (session, hello) = Session::<()>::connect(SyncConfig::default(), token.clone(), room.clone());
-                    match greet(&shared.url, &local.endpoint, session, &hello).await {
-                        Err(e) if attempt < JOIN_ATTEMPTS && !e.starts_with("refused: Server") => {
-                            shared.retries.fetch_add(1, Relaxed);
-                            attempt += 1;
-                            tokio::time::sleep(RETRY_PAUSE).await;
-                        }
-                        result => return result,
-                    }
-                }
-            };
-            tokio::time::timeout_at(limit, attempts).await
-        }
-        Err(e) => Ok(Err(e.to_string())),
-    };
-    drop(permits);
-    shared.handshaking.fetch_sub(1, Relaxed);
-    let (conn, mut control, mut session) = match greeted {
-        Ok(Ok(greeted)) => greeted,
-        Ok(Err(reason)) => return shared.fail(reason),
-        Err(_) if tokio::time::Instant::now() >= shared.deadline => {
-            shared.given_up.fetch_add(1, Relaxed);
-            return;
-        }
-        Err(_) => return shared.fail("no welcome within the handshake timeout".into()),
-    };
-    {
-        let mut welcomes = lock(&shared.welcomes);
-        let now = Instant::now();
-        welcomes.0.push(u32::try_from((now - began).as_micros()).unwrap_or(u32::MAX));
-        welcomes.1 = Some(welcomes.1.map_or(now, |last| last.max(now)));
-    }
-    if shared.leave_after_welcome && !teacher {
-        shared.welcomed.fetch_add(1, Relaxed);
-        // The close goes out with the connection's next transmit; the endpoint keeps the
-        // connection until its peer has it (or the drain period ends).
-        conn.close(0u32.into(), b"bye");
-        return;
-    }
-    shared.live.fetch_add(1, Relaxed);
-    if let Kind::Teacher(code) = kind {
-        let started = session
-            .request(Request::Control(ControlOp::Timeline(Change::Start { count_in_bars: 0 })), ())
-            .map_err(|(e, ())| e.to_string());
-        let sent = match started {
-            Ok((_, frame)) => control.send.write_all(&frame).await.map_err(|e| e.to_string()),
-            Err(e) => Err(e),
-        };
-        if let Err(e) = sent {
-            shared.note(format!("starting the beat: {e}"));
-        }
-        if let Some(welcome) = session.welcome() {
-            let _ = code.send(welcome.room.code.clone());
+impl Joiner {
+    fn finish(&mut self, shared: &Shared, outcome: Outcome) {
+        self.permits = None;
+        shared.handshaking.fetch_sub(1, Relaxed);
+        match outcome {
+            Outcome::Welcomed => {}
+            Outcome::Failed(reason) => shared.fail(reason),
+            Outcome::GivenUp => {
+                shared.given_up.fetch_add(1, Relaxed);
+            }
         }
     }
-    // Counted once welcomed, after the teacher's code is out: the join phase waits on it.
-    shared.welcomed.fetch_add(1, Relaxed);
-    hold(&shared, &conn, control, &mut session, teacher, &mut stopped).await;
-    conn.close(0u32.into(), b"bye");
-}
 
-/// Connects, opens the control stream, says hello and reads until the welcome.
-async fn greet(
-    url: &str,
-    endpoint: &Endpoint<endpoint_side::Client>,
-    mut session: Session<()>,
-    hello: &[u8],
-) -> Result<(Connection, Control, Session<()>), String> {
-    let mut attempt = 1;
-    let conn = loop {
-        match endpoint.connect(url).await {
-            Ok(conn) => break conn,
-            Err(e) if attempt < HANDSHAKE_ATTEMPTS && closed_for_h3_protocol(&e) => attempt += 1,
-            Err(e) => return Err(format!("connect: {e}")),
-        }
-    };
-    let opening = conn.open_bi().await.map_err(|e| format!("opening the control stream: {e}"))?;
-    let (mut send, mut recv) = opening.await.map_err(|e| format!("opening the control stream: {e}"))?;
-    send.write_all(hello).await.map_err(|e| format!("sending the hello: {e}"))?;
-    let mut buf = [0u8; CONTROL_CHUNK];
-    loop {
-        match recv.read(&mut buf).await {
-            Ok(Some(n)) => session.handle_control_bytes(&buf[..n]),
-            _ => session.handle_closed("the server ended the session before welcoming it"),
-        }
-        match session.greeted() {
-            None => {}
-            Some(Ok(_)) => break,
-            Some(Err(end)) => return Err(format!("refused: {end:?}")),
-        }
-    }
-    while session.poll_event().is_some() {}
-    Ok((conn, Control { send, recv }, session))
-}
-
-fn closed_for_h3_protocol(error: &ConnectingError) -> bool {
-    match error {
-        ConnectingError::ConnectionError(ConnectionError::ApplicationClosed(close)) => {
-            (0x100..=0x110).contains(&close.code().into_inner())
-        }
-        ConnectingError::ConnectionError(ConnectionError::LocalH3Error(_)) => true,
-        _ => false,
+    fn teacher(&self) -> bool {
+        matches!(self.kind, Kind::Teacher(_))
     }
 }
 
-/// The welcomed session until the generator stops or the session ends: clock sync when due,
-/// datagrams in, control frames in, a report every interval.
-///
-/// Every future lives across the loop's turns (a datagram costs one poll of each, none is
-/// set up again), and datagrams are read from the QUIC connection itself rather than through
-/// wtransport's driver task: its one-slot datagram queue fills with the first datagram it
-/// takes (nobody reads that queue), after which it no longer wakes for datagrams at all, so a
-/// datagram wakes this task alone. The HTTP datagram's quarter stream id is stripped here.
-async fn hold(
-    shared: &Shared,
-    conn: &Connection,
-    control: Control,
-    session: &mut Session<()>,
+/// Where a connection's session is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// The QUIC handshake.
+    Handshake,
+    /// QUIC is up and our SETTINGS are out; the server's are awaited before the CONNECT.
+    Settings,
+    /// The CONNECT is out; its response is awaited.
+    Response,
+    /// The control stream is open and the hello out; the welcome is awaited.
+    Greeting,
+    /// Welcomed: clock sync, beats, reports, notes.
+    Held,
+    /// Closed (or lost) by us or the server; the connection drains.
+    Closing,
+}
+
+/// A welcomed session's own timers and numbers.
+#[derive(Debug)]
+struct Held {
     teacher: bool,
-    stopped: &mut watch::Receiver<bool>,
-) {
-    let Control { mut send, recv } = control;
-    let every = shared.report_interval;
-    // Reports spread over the interval rather than all at once.
-    let mut next_report =
-        every.map(|e| tokio::time::Instant::now() + e.mul_f64(f64::from(rand::random::<u16>()) / f64::from(u16::MAX)));
-    let timer = tokio::time::sleep_until(tokio::time::Instant::now());
-    tokio::pin!(timer);
-    // The value goes from false to true once: the first change is the stop.
-    let stop = stopped.changed();
-    tokio::pin!(stop);
-    let quic = conn.quic_connection();
-    let datagram = quic.read_datagram();
-    tokio::pin!(datagram);
-    let read = read_control(recv, Box::new([0u8; CONTROL_CHUNK]));
-    tokio::pin!(read);
-    let mut synced = false;
-    // Students' notes, at a random phase of their interval; numbered through two octaves.
-    // Member ids count within a room: notes are keyed by the room (its code, hashed) too.
-    let (room, member) = session.welcome().map_or((0, 0), |w| {
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        std::hash::Hash::hash(&w.room.code, &mut hasher);
-        (std::hash::Hasher::finish(&hasher), w.member_id)
-    });
-    let note_every = shared.note_every.filter(|_| !teacher);
-    let mut next_note = note_every
-        .map(|e| tokio::time::Instant::now() + e.mul_f64(f64::from(rand::random::<u16>()) / f64::from(u16::MAX)));
-    let mut played = 0u8;
-    let ended = loop {
-        let now = shared.now();
-        while let Some(bytes) = session.poll_datagram(now) {
-            match conn.send_datagram(&bytes) {
-                Ok(()) => shared.sync_requests.fetch_add(1, Relaxed),
-                Err(_) => shared.send_failed.fetch_add(1, Relaxed),
-            };
-        }
-        if let Some(now_synced) = session.poll_synced(now) {
-            synced = now_synced;
-            shared.synced.fetch_add(if now_synced { 1 } else { -1 }, Relaxed);
-        }
-        let sync_at = shared.instant_at(session.poll_timeout());
-        let wake = [sync_at, next_report, next_note]
-            .into_iter()
-            .flatten()
-            .min()
-            .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
-        if timer.deadline() != wake {
-            timer.as_mut().reset(wake);
-        }
-        tokio::select! {
-            biased;
-            _ = &mut stop => break false,
-            received = &mut datagram => {
-                let Ok(bytes) = received else { break true };
-                let t3 = shared.now();
-                datagram.set(quic.read_datagram());
-                // An HTTP datagram (RFC 9297): the quarter stream id, then the payload. Every
-                // datagram here belongs to the connection's one session.
-                let Ok(h3) = H3Datagram::read(&bytes) else { continue };
-                let payload = h3.payload();
-                if shared.note_every.is_some() {
-                    time_note(shared, room, t3, payload);
+    synced: bool,
+    next_report: Option<Instant>,
+    next_note: Option<Instant>,
+    /// The room's code, hashed: notes are keyed by room and member.
+    room: u64,
+    member: u64,
+    played: u8,
+}
+
+/// One QUIC connection and the session on it.
+struct Conn {
+    quic: quinn_proto::Connection,
+    /// The instant this connection's entry in the driver's timer heap is for.
+    wake: Option<Instant>,
+    /// Listed in the driver's connections to run.
+    dirty: bool,
+    phase: Phase,
+    /// Until the session is welcomed (or its join ends otherwise).
+    joiner: Option<Joiner>,
+    session: Session<()>,
+    /// The hello, until the control stream is open.
+    hello: Vec<u8>,
+    /// Stream bytes flow control has not taken yet, in order.
+    unsent: Vec<(StreamId, Bytes)>,
+    /// The CONNECT stream's bytes until its response is whole.
+    response: Vec<u8>,
+    /// The server's unidirectional streams: its control stream's bytes until its SETTINGS
+    /// are whole (`None`: read and dropped).
+    uni: Vec<(StreamId, Option<Vec<u8>>)>,
+    settings_in: bool,
+    control: Option<StreamId>,
+    held: Option<Held>,
+}
+
+/// One client endpoint: its socket, its QUIC endpoint and every connection on it, run by one
+/// task.
+struct Driver {
+    shared: Arc<Shared>,
+    target: Target,
+    endpoint: quinn_proto::Endpoint,
+    socket: tokio::net::UdpSocket,
+    udp: quinn_udp::UdpSocketState,
+    /// By connection handle (boxed: a QUIC connection is kilobytes, and a connection is
+    /// taken out of its slot while it runs).
+    conns: Vec<Option<Box<Conn>>>,
+    /// When each connection wants to run next, at most one live entry per connection (an
+    /// entry whose instant is no longer the connection's `wake` is skipped).
+    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// Connections with news to run.
+    dirty: Vec<usize>,
+    /// Joins to try again, and when.
+    pending_retries: Vec<(Instant, Joiner)>,
+    /// A connection's outgoing packets.
+    transmit: Vec<u8>,
+    /// The endpoint's own answers (stateless resets).
+    response: Vec<u8>,
+}
+
+/// What woke a driver.
+enum Wake {
+    Command(Option<Command>),
+    Readable,
+    Timer,
+}
+
+impl Driver {
+    async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) {
+        let mut buffers = vec![vec![0u8; RECV_BUFFER_BYTES]; RECV_BUFFERS];
+        let mut metas = [quinn_udp::RecvMeta::default(); RECV_BUFFERS];
+        // Once stopping: when the driver ends even if some connection has not drained.
+        let mut closing: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            self.retry_due(now);
+            while let Some(&Reverse((at, k))) = self.timers.peek() {
+                if at > now {
+                    break;
                 }
-                match session.handle_datagram(t3, payload) {
-                    Ok(Handled::Sample | Handled::IgnoredReply) => {
-                        shared.sync_replies.fetch_add(1, Relaxed);
-                    }
-                    Ok(Handled::Notes { .. }) | Err(_) => {}
-                    Ok(_) => {
-                        shared.frames.fetch_add(1, Relaxed);
+                self.timers.pop();
+                if let Some(conn) = self.conns.get_mut(k).and_then(Option::as_mut)
+                    && conn.wake == Some(at)
+                {
+                    conn.wake = None;
+                    conn.quic.handle_timeout(now);
+                    if !conn.dirty {
+                        conn.dirty = true;
+                        self.dirty.push(k);
                     }
                 }
             }
-            (recv, buf, n) = &mut read => {
-                match n {
-                    Some(n) => session.handle_control_bytes(&buf[..n]),
-                    None => session.handle_closed("the control stream ended"),
+            self.run_dirty();
+            if let Some(until) = closing
+                && (Instant::now() >= until || self.conns.iter().all(Option::is_none))
+            {
+                return;
+            }
+            let next = self
+                .timers
+                .peek()
+                .map(|&Reverse((at, _))| at)
+                .into_iter()
+                .chain(self.pending_retries.iter().map(|(at, _)| *at))
+                .chain(closing)
+                .min();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
                 }
-                read.set(read_control(recv, buf));
-                while let Some(event) = session.poll_event() {
+            };
+            let wake = tokio::select! {
+                biased;
+                command = commands.recv(), if closing.is_none() => Wake::Command(command),
+                ready = self.socket.readable() => match ready {
+                    Ok(()) => Wake::Readable,
+                    Err(_) => Wake::Timer,
+                },
+                () = sleep => Wake::Timer,
+            };
+            match wake {
+                Wake::Command(Some(Command::Join(joiner))) => self.connect(joiner, Instant::now()),
+                Wake::Command(Some(Command::Stop) | None) => {
+                    self.close_all(Instant::now());
+                    closing = Some(Instant::now() + CLOSE_GRACE);
+                }
+                Wake::Readable => self.receive(&mut buffers, &mut metas),
+                Wake::Timer => {}
+            }
+        }
+    }
+
+    fn mark(&mut self, k: usize) {
+        if let Some(conn) = self.conns.get_mut(k).and_then(Option::as_mut)
+            && !conn.dirty
+        {
+            conn.dirty = true;
+            self.dirty.push(k);
+        }
+    }
+
+    /// Starts a session's connection (a first try or a retry).
+    fn connect(&mut self, mut joiner: Joiner, now: Instant) {
+        let token = match &joiner.token {
+            Ok(token) => token.clone(),
+            Err(e) => return joiner.finish(&self.shared, Outcome::Failed(e.clone())),
+        };
+        let connected =
+            self.endpoint.connect(now, self.target.config.clone(), self.target.address, &self.target.server_name);
+        let (handle, quic) = match connected {
+            Ok(connected) => connected,
+            Err(e) => return joiner.finish(&self.shared, Outcome::Failed(format!("connect: {e}"))),
+        };
+        let (session, hello) = Session::<()>::connect(SyncConfig::default(), token, joiner.room.clone());
+        let k = handle.0;
+        if self.conns.len() <= k {
+            self.conns.resize_with(k + 1, || None);
+        }
+        self.conns[k] = Some(Box::new(Conn {
+            quic,
+            wake: None,
+            dirty: false,
+            phase: Phase::Handshake,
+            joiner: Some(joiner),
+            session,
+            hello,
+            unsent: Vec::new(),
+            response: Vec::new(),
+            uni: Vec::new(),
+            settings_in: false,
+            control: None,
+            held: None,
+        }));
+        self.mark(k);
+    }
+
+    fn retry_due(&mut self, now: Instant) {
+        if self.pending_retries.iter().all(|(at, _)| *at > now) {
+            return;
+        }
+        let (due, waiting): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.pending_retries).into_iter().partition(|(at, _)| *at <= now);
+        self.pending_retries = waiting;
+        for (_, joiner) in due {
+            self.connect(joiner, now);
+        }
+    }
+
+    /// Reads what the socket has (a bounded number of batches) and hands every packet to its
+    /// connection.
+    fn receive(&mut self, buffers: &mut [Vec<u8>], metas: &mut [quinn_udp::RecvMeta]) {
+        for _ in 0..RECV_ROUNDS {
+            let received = {
+                let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+                let (socket, udp) = (&self.socket, &self.udp);
+                socket.try_io(Interest::READABLE, || udp.recv(socket.into(), &mut slices, metas))
+            };
+            // `WouldBlock` (the socket is empty) clears the readiness the driver waits on.
+            let Ok(n) = received else { return };
+            let now = Instant::now();
+            for (meta, buffer) in metas.iter().zip(buffers.iter()).take(n) {
+                for packet in buffer[..meta.len].chunks(meta.stride.max(1)) {
+                    let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                    let data = BytesMut::from(packet);
+                    match self.endpoint.handle(now, meta.addr, meta.dst_ip, ecn, data, &mut self.response) {
+                        Some(DatagramEvent::ConnectionEvent(handle, event)) => {
+                            if let Some(conn) = self.conns.get_mut(handle.0).and_then(Option::as_mut) {
+                                conn.quic.handle_event(event);
+                                self.mark(handle.0);
+                            }
+                        }
+                        Some(DatagramEvent::Response(transmit)) => {
+                            send(&self.socket, &self.udp, &transmit, &self.response, &self.shared);
+                        }
+                        Some(DatagramEvent::NewConnection(_)) | None => {}
+                    }
+                    self.response.clear();
+                }
+            }
+        }
+    }
+
+    /// Runs every connection with news.
+    fn run_dirty(&mut self) {
+        while let Some(k) = self.dirty.pop() {
+            let Some(mut conn) = self.conns.get_mut(k).and_then(Option::take) else { continue };
+            conn.dirty = false;
+            if self.run_conn(k, &mut conn) {
+                self.conns[k] = Some(conn);
+            }
+        }
+    }
+
+    /// Runs one connection: its events, its session, its packets out, its endpoint events,
+    /// its next wake. `false`: it has drained and is gone.
+    fn run_conn(&mut self, k: usize, conn: &mut Conn) -> bool {
+        loop {
+            let now = Instant::now();
+            while let Some(event) = conn.quic.poll() {
+                self.on_event(conn, event, now);
+            }
+            if let Some(joiner) = &conn.joiner
+                && now >= joiner.limit
+            {
+                let outcome = if now >= self.shared.deadline {
+                    Outcome::GivenUp
+                } else {
+                    Outcome::Failed("no welcome within the handshake timeout".into())
+                };
+                self.end_join(conn, now, Err(outcome));
+            }
+            if conn.phase == Phase::Held {
+                self.hold(conn, now);
+            }
+            flush(conn);
+            let max = self.udp.max_gso_segments();
+            loop {
+                self.transmit.clear();
+                let Some(transmit) = conn.quic.poll_transmit(now, max, &mut self.transmit) else { break };
+                send(&self.socket, &self.udp, &transmit, &self.transmit, &self.shared);
+            }
+            let mut more = false;
+            while let Some(event) = conn.quic.poll_endpoint_events() {
+                let drained = event.is_drained();
+                if let Some(event) = self.endpoint.handle_event(ConnectionHandle(k), event) {
+                    conn.quic.handle_event(event);
+                    more = true;
+                }
+                if drained {
+                    return false;
+                }
+            }
+            if !more {
+                break;
+            }
+        }
+        let sync = conn.held.is_some().then(|| self.shared.instant_at(conn.session.poll_timeout())).flatten();
+        let next = [
+            conn.quic.poll_timeout(),
+            conn.joiner.as_ref().map(|j| j.limit),
+            sync,
+            conn.held.as_ref().and_then(|h| h.next_report),
+            conn.held.as_ref().and_then(|h| h.next_note),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        // A later wake leaves the earlier entry: it fires, finds nothing due, and sets the next.
+        if let Some(next) = next
+            && conn.wake.is_none_or(|w| next < w)
+        {
+            conn.wake = Some(next);
+            self.timers.push(Reverse((next, k)));
+        }
+        true
+    }
+
+    fn on_event(&mut self, conn: &mut Conn, event: quinn_proto::Event, now: Instant) {
+        match event {
+            quinn_proto::Event::Connected => {
+                if let Some(id) = conn.quic.streams().open(Dir::Uni) {
+                    conn.unsent.push((id, self.target.settings.clone()));
+                }
+                conn.phase = Phase::Settings;
+                self.request(conn);
+            }
+            quinn_proto::Event::ConnectionLost { reason } => self.on_lost(conn, &reason, now),
+            quinn_proto::Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                while let Some(id) = conn.quic.streams().accept(Dir::Uni) {
+                    conn.uni.push((id, Some(Vec::new())));
+                    self.read(conn, id, now);
+                }
+            }
+            quinn_proto::Event::Stream(StreamEvent::Readable { id }) => self.read(conn, id, now),
+            quinn_proto::Event::DatagramReceived => {
+                while let Some(datagram) = conn.quic.datagrams().recv() {
+                    self.on_datagram(conn, &datagram);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Sends the CONNECT once QUIC is up and the server's SETTINGS are in.
+    fn request(&mut self, conn: &mut Conn) {
+        if conn.phase != Phase::Settings || !conn.settings_in {
+            return;
+        }
+        if let Some(id) = conn.quic.streams().open(Dir::Bi) {
+            conn.unsent.push((id, self.target.request.clone()));
+            conn.phase = Phase::Response;
+        }
+    }
+
+    /// Reads what a stream has and hands it on.
+    fn read(&mut self, conn: &mut Conn, id: StreamId, now: Instant) {
+        let mut chunks_in = Vec::new();
+        let mut ended = false;
+        if let Ok(mut chunks) = conn.quic.recv_stream(id).read(true) {
+            loop {
+                match chunks.next(usize::MAX) {
+                    Ok(Some(chunk)) => chunks_in.push(chunk.bytes),
+                    Ok(None) => {
+                        ended = true;
+                        break;
+                    }
+                    Err(quinn_proto::ReadError::Blocked) => break,
+                    Err(_) => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            // Flow control credit goes out with the connection's next packets.
+            let _ = chunks.finalize();
+        }
+        if Some(id) == conn.control {
+            for chunk in &chunks_in {
+                conn.session.handle_control_bytes(chunk);
+            }
+            if ended {
+                conn.session.handle_closed("the control stream ended");
+            }
+            self.on_control(conn, now);
+        } else if id.dir() == Dir::Bi {
+            // The CONNECT stream: its response, then nothing this generator reads.
+            if conn.phase == Phase::Response {
+                for chunk in &chunks_in {
+                    conn.response.extend_from_slice(chunk);
+                }
+                self.on_response(conn, ended, now);
+            }
+        } else if let Some(at) = conn.uni.iter().position(|(uni, _)| *uni == id) {
+            if let Some(bytes) = &mut conn.uni[at].1 {
+                for chunk in &chunks_in {
+                    bytes.extend_from_slice(chunk);
+                }
+                match server_settings(bytes) {
+                    Ok(None) => {}
+                    Ok(Some(true)) => {
+                        conn.uni[at].1 = None;
+                        conn.settings_in = true;
+                        self.request(conn);
+                    }
+                    Ok(Some(false)) => conn.uni[at].1 = None,
+                    Err(reason) => {
+                        let pause = Some(RETRY_PAUSE);
+                        self.end_join(conn, now, Ok((format!("connect: {reason}"), pause)));
+                    }
+                }
+            }
+            if ended {
+                conn.uni.retain(|(uni, _)| *uni != id);
+            }
+        }
+    }
+
+    /// The CONNECT's response: a 2xx opens the control stream and sends the hello.
+    fn on_response(&mut self, conn: &mut Conn, ended: bool, now: Instant) {
+        let parsed = {
+            let mut reader = BufferReader::new(&conn.response);
+            loop {
+                match Frame::read_from_buffer(&mut reader) {
+                    Ok(Some(frame)) if matches!(frame.kind(), FrameKind::Exercise(_)) => {}
+                    Ok(Some(frame)) if matches!(frame.kind(), FrameKind::Headers) => {
+                        let status = Headers::with_frame(&frame).ok().and_then(|h| SessionResponse::try_from(h).ok());
+                        break Some(status.map(|s| s.code()).ok_or("an unreadable CONNECT response".to_owned()));
+                    }
+                    Ok(Some(frame)) => {
+                        break Some(Err(format!("a {:?} frame before the CONNECT response", frame.kind())));
+                    }
+                    Ok(None) if ended => break Some(Err("the CONNECT stream ended without a response".into())),
+                    Ok(None) => break None,
+                    Err(e) => break Some(Err(format!("the CONNECT response: {e:?}"))),
+                }
+            }
+        };
+        match parsed {
+            None => {}
+            Some(Ok(status)) if status.is_successful() => {
+                conn.response = Vec::new();
+                let Some(id) = conn.quic.streams().open(Dir::Bi) else {
+                    return self.end_join(
+                        conn,
+                        now,
+                        Ok(("no stream for the control stream".into(), Some(RETRY_PAUSE))),
+                    );
+                };
+                let mut opening = Vec::with_capacity(8 + conn.hello.len());
+                let header = Frame::new_webtransport(session_id());
+                if header.write(&mut opening).is_err() {
+                    return self.end_join(conn, now, Ok(("the control stream's header".into(), None)));
+                }
+                opening.append(&mut conn.hello);
+                conn.unsent.push((id, opening.into()));
+                conn.control = Some(id);
+                conn.phase = Phase::Greeting;
+            }
+            Some(Ok(status)) => {
+                self.end_join(conn, now, Ok((format!("connect: the server answered {status}"), Some(RETRY_PAUSE))));
+            }
+            Some(Err(reason)) => self.end_join(conn, now, Ok((format!("connect: {reason}"), Some(RETRY_PAUSE)))),
+        }
+    }
+
+    /// Control-stream news: the welcome (or a refusal) while greeting, the session's events
+    /// once held.
+    fn on_control(&mut self, conn: &mut Conn, now: Instant) {
+        match conn.phase {
+            Phase::Greeting => match conn.session.greeted() {
+                None => {}
+                Some(Ok(_)) => {
+                    while conn.session.poll_event().is_some() {}
+                    self.welcomed(conn, now);
+                }
+                Some(Err(end)) => {
+                    let reason = format!("refused: {end:?}");
+                    // A refusal the server explained is final; a dropped session is retried.
+                    let pause = (!reason.starts_with("refused: Server")).then_some(RETRY_PAUSE);
+                    self.end_join(conn, now, Ok((reason, pause)));
+                }
+            },
+            Phase::Held => {
+                let teacher = conn.held.as_ref().is_some_and(|h| h.teacher);
+                while let Some(event) = conn.session.poll_event() {
                     if let Event::RequestDone { result: Err(e), .. } = event
                         && teacher
                     {
-                        shared.note(format!("starting the beat: {e}"));
+                        self.shared.note(format!("starting the beat: {e}"));
                     }
                 }
-                if session.state() == State::Ended {
-                    break true;
+                if conn.session.state() == State::Ended {
+                    self.end_held(conn, true);
+                    conn.quic.close(now, VarInt::from_u32(0), Bytes::from_static(b"bye"));
                 }
             }
-            () = &mut timer => {
-                if let (Some(at), Some(e)) = (next_note, note_every)
-                    && tokio::time::Instant::now() >= at
-                {
-                    // Behind (a busy generator): the next note is an interval from now.
-                    next_note = Some((at + e).max(tokio::time::Instant::now()));
-                    let now = shared.now();
-                    // Not synced yet: no note (the engine cannot stamp it).
-                    if let Ok((note, bytes)) = session.play_note(now, 60 + played % 24, 100, 0) {
-                        played = played.wrapping_add(1);
-                        lock(&shared.notes_sent).insert((room, member, note.seq), now);
-                        if conn.send_datagram(&bytes).is_err() {
-                            shared.send_failed.fetch_add(1, Relaxed);
-                        }
+            _ => {}
+        }
+    }
+
+    fn welcomed(&mut self, conn: &mut Conn, now: Instant) {
+        let Some(mut joiner) = conn.joiner.take() else { return };
+        let teacher = joiner.teacher();
+        {
+            let mut welcomes = lock(&self.shared.welcomes);
+            welcomes.0.push(u32::try_from((now - joiner.began).as_micros()).unwrap_or(u32::MAX));
+            welcomes.1 = Some(welcomes.1.map_or(now, |last| last.max(now)));
+        }
+        joiner.finish(&self.shared, Outcome::Welcomed);
+        if self.shared.leave_after_welcome && !teacher {
+            self.shared.welcomed.fetch_add(1, Relaxed);
+            // The close goes out with the connection's next packets; it drains after.
+            conn.quic.close(now, VarInt::from_u32(0), Bytes::from_static(b"bye"));
+            conn.phase = Phase::Closing;
+            return;
+        }
+        self.shared.live.fetch_add(1, Relaxed);
+        if let Kind::Teacher(code) = &mut joiner.kind {
+            let start = Request::Control(ControlOp::Timeline(Change::Start { count_in_bars: 0 }));
+            match conn.session.request(start, ()) {
+                Ok((_, frame)) => {
+                    if let Some(control) = conn.control {
+                        conn.unsent.push((control, frame.into()));
                     }
                 }
-                if let (Some(at), Some(e)) = (next_report, every)
-                    && tokio::time::Instant::now() >= at
-                {
-                    next_report = Some(at + e);
-                    if let ReportDue::Send(frame) = session.report(shared.now()) {
-                        if send.write_all(&frame).await.is_err() {
-                            break true;
-                        }
-                        shared.reports.fetch_add(1, Relaxed);
-                    }
+                Err((e, ())) => self.shared.note(format!("starting the beat: {e}")),
+            }
+            if let (Some(welcome), Some(code)) = (conn.session.welcome(), code.take()) {
+                let _ = code.send(welcome.room.code.clone());
+            }
+        }
+        // Counted once welcomed, after the teacher's code is out: the join phase waits on it.
+        self.shared.welcomed.fetch_add(1, Relaxed);
+        // Reports and notes spread over their interval rather than all at once.
+        let phase = |every: Duration| now + every.mul_f64(f64::from(rand::random::<u16>()) / f64::from(u16::MAX));
+        let (room, member) = conn.session.welcome().map_or((0, 0), |w| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&w.room.code, &mut hasher);
+            (std::hash::Hasher::finish(&hasher), w.member_id)
+        });
+        conn.held = Some(Held {
+            teacher,
+            synced: false,
+            next_report: self.shared.report_interval.map(phase),
+            next_note: self.shared.note_every.filter(|_| !teacher).map(phase),
+            room,
+            member,
+            played: 0,
+        });
+        conn.phase = Phase::Held;
+    }
+
+    /// A held session's turn: sync requests, its synced state, a note and a report when due.
+    fn hold(&self, conn: &mut Conn, now: Instant) {
+        let shared = &*self.shared;
+        let Some(held) = &mut conn.held else { return };
+        let local = shared.local(now);
+        while let Some(bytes) = conn.session.poll_datagram(local) {
+            if send_datagram(&mut conn.quic, &bytes) {
+                shared.sync_requests.fetch_add(1, Relaxed);
+            } else {
+                shared.send_failed.fetch_add(1, Relaxed);
+            }
+        }
+        if let Some(synced) = conn.session.poll_synced(local) {
+            held.synced = synced;
+            shared.synced.fetch_add(if synced { 1 } else { -1 }, Relaxed);
+        }
+        if let (Some(at), Some(every)) = (held.next_note, shared.note_every)
+            && now >= at
+        {
+            // Behind (a busy generator): the next note is an interval from now.
+            held.next_note = Some((at + every).max(now));
+            // Not synced yet: no note (the engine cannot stamp it).
+            if let Ok((note, bytes)) = conn.session.play_note(local, 60 + held.played % 24, 100, 0) {
+                held.played = held.played.wrapping_add(1);
+                lock(&shared.notes_sent).insert((held.room, held.member, note.seq), local);
+                if !send_datagram(&mut conn.quic, &bytes) {
+                    shared.send_failed.fetch_add(1, Relaxed);
                 }
             }
         }
-    };
-    shared.live.fetch_sub(1, Relaxed);
-    if synced {
-        shared.synced.fetch_sub(1, Relaxed);
+        if let (Some(at), Some(every)) = (held.next_report, shared.report_interval)
+            && now >= at
+        {
+            held.next_report = Some(at + every);
+            if let (ReportDue::Send(frame), Some(control)) = (conn.session.report(local), conn.control) {
+                conn.unsent.push((control, frame.into()));
+                shared.reports.fetch_add(1, Relaxed);
+            }
+        }
     }
-    if ended {
-        shared.lost.fetch_add(1, Relaxed);
+
+    /// A datagram for a held session: a beat frame, a sync reply, classmates' notes.
+    fn on_datagram(&self, conn: &mut Conn, datagram: &[u8]) {
+        if conn.phase != Phase::Held {
+            return;
+        }
+        let shared = &*self.shared;
+        let arrived = shared.local(Instant::now());
+        // An HTTP datagram (RFC 9297): the quarter stream id, then the payload. Every
+        // datagram here belongs to the connection's one session.
+        let Ok(h3) = H3Datagram::read(datagram) else { return };
+        let payload = h3.payload();
+        if shared.note_every.is_some()
+            && let Some(held) = &conn.held
+        {
+            time_note(shared, held.room, arrived, payload);
+        }
+        match conn.session.handle_datagram(arrived, payload) {
+            Ok(Handled::Sample | Handled::IgnoredReply) => {
+                shared.sync_replies.fetch_add(1, Relaxed);
+            }
+            Ok(Handled::Notes { .. }) | Err(_) => {}
+            Ok(_) => {
+                shared.frames.fetch_add(1, Relaxed);
+            }
+        }
+    }
+
+    fn on_lost(&mut self, conn: &mut Conn, reason: &ConnectionError, now: Instant) {
+        match conn.phase {
+            Phase::Closing => {}
+            Phase::Held => self.end_held(conn, true),
+            Phase::Greeting => {
+                conn.session.handle_closed("the server ended the session before welcoming it");
+                let reason = match conn.session.greeted() {
+                    Some(Err(end)) => format!("refused: {end:?}"),
+                    _ => format!("connect: {reason}"),
+                };
+                let pause = (!reason.starts_with("refused: Server")).then_some(RETRY_PAUSE);
+                self.end_join(conn, now, Ok((reason, pause)));
+            }
+            Phase::Handshake | Phase::Settings | Phase::Response => {
+                let h3_protocol = matches!(reason, ConnectionError::ApplicationClosed(close)
+                    if (0x100..=0x110).contains(&close.error_code.into_inner()));
+                let pause = if h3_protocol { Duration::ZERO } else { RETRY_PAUSE };
+                self.end_join(conn, now, Ok((format!("connect: {reason}"), Some(pause))));
+            }
+        }
+        conn.phase = Phase::Closing;
+    }
+
+    /// A join that will not be welcomed on this connection: closes it, then tries again after
+    /// `pause` (`Ok((reason, Some(pause)))`, if tries and time are left) or ends the join.
+    fn end_join(&mut self, conn: &mut Conn, now: Instant, how: Result<(String, Option<Duration>), Outcome>) {
+        if conn.phase != Phase::Closing {
+            conn.quic.close(now, VarInt::from_u32(0), Bytes::from_static(b"giving up"));
+            conn.phase = Phase::Closing;
+        }
+        let Some(mut joiner) = conn.joiner.take() else { return };
+        match how {
+            Ok((_, Some(pause))) if joiner.attempt < JOIN_ATTEMPTS && now + pause < joiner.limit => {
+                joiner.attempt += 1;
+                self.shared.retries.fetch_add(1, Relaxed);
+                self.pending_retries.push((now + pause, joiner));
+            }
+            Ok((reason, _)) => joiner.finish(&self.shared, Outcome::Failed(reason)),
+            Err(outcome) => joiner.finish(&self.shared, outcome),
+        }
+    }
+
+    /// A held session ends: `lost` if the server or the network ended it.
+    fn end_held(&mut self, conn: &mut Conn, lost: bool) {
+        if let Some(held) = conn.held.take() {
+            self.shared.live.fetch_sub(1, Relaxed);
+            if held.synced {
+                self.shared.synced.fetch_sub(1, Relaxed);
+            }
+            if lost {
+                self.shared.lost.fetch_add(1, Relaxed);
+            }
+        }
+        conn.phase = Phase::Closing;
+    }
+
+    /// The generator stops: every session closes, joins and retries still pending end.
+    fn close_all(&mut self, now: Instant) {
+        for (_, mut joiner) in std::mem::take(&mut self.pending_retries) {
+            joiner.finish(&self.shared, Outcome::GivenUp);
+        }
+        for k in 0..self.conns.len() {
+            let Some(mut conn) = self.conns[k].take() else { continue };
+            self.end_held(&mut conn, false);
+            if let Some(mut joiner) = conn.joiner.take() {
+                joiner.finish(&self.shared, Outcome::GivenUp);
+            }
+            conn.quic.close(now, VarInt::from_u32(0), Bytes::from_static(b"bench over"));
+            self.conns[k] = Some(conn);
+            self.mark(k);
+        }
+    }
+}
+
+/// The WebTransport session's id: its CONNECT stream's.
+fn session_id() -> SessionId {
+    SessionId::try_from_session_stream(H3StreamId::new(H3VarInt::from_u32(SESSION_STREAM)))
+        .expect("the first client-initiated bidirectional stream")
+}
+
+/// The server's SETTINGS from the start of one of its unidirectional streams: `None` until
+/// enough bytes are in, `Some(true)` once its control stream's SETTINGS are, `Some(false)`
+/// for a stream of another kind.
+fn server_settings(bytes: &[u8]) -> Result<Option<bool>, String> {
+    let mut reader = BufferReader::new(bytes);
+    match StreamHeader::read_from_buffer(&mut reader) {
+        Ok(None) => Ok(None),
+        Ok(Some(header)) if matches!(header.kind(), StreamKind::Control) => {
+            match Frame::read_from_buffer(&mut reader) {
+                Ok(None) => Ok(None),
+                Ok(Some(frame)) if matches!(frame.kind(), FrameKind::Settings) => Settings::with_frame(&frame)
+                    .map(|_| Some(true))
+                    .map_err(|e| format!("the server's SETTINGS: {e:?}")),
+                Ok(Some(frame)) => Err(format!("the server's control stream opened with {:?}", frame.kind())),
+                Err(e) => Err(format!("the server's control stream: {e:?}")),
+            }
+        }
+        Ok(Some(_)) => Ok(Some(false)),
+        Err(e) => Err(format!("a server stream's header: {e:?}")),
+    }
+}
+
+/// Writes what flow control takes of each stream's unsent bytes, in order.
+fn flush(conn: &mut Conn) {
+    conn.unsent.retain_mut(|(id, bytes)| {
+        while !bytes.is_empty() {
+            match conn.quic.send_stream(*id).write(bytes) {
+                Ok(n) => {
+                    let _ = bytes.split_to(n);
+                }
+                // Blocked: the rest waits for credit; a stopped or closed stream takes nothing.
+                Err(quinn_proto::WriteError::Blocked) => return true,
+                Err(_) => return false,
+            }
+        }
+        false
+    });
+}
+
+/// Sends `payload` as the session's HTTP datagram; `false` if QUIC refused it.
+fn send_datagram(quic: &mut quinn_proto::Connection, payload: &[u8]) -> bool {
+    let id = QStreamId::from_session_id(session_id());
+    let datagram = H3Datagram::new(id, payload);
+    let mut bytes = BytesMut::zeroed(datagram.write_size());
+    if datagram.write(&mut bytes).is_err() {
+        return false;
+    }
+    quic.datagrams().send(bytes.freeze(), true).is_ok()
+}
+
+/// Sends one transmit (several packets to one peer with GSO). A full socket drops it (QUIC
+/// recovers, as from any loss) and counts it.
+fn send(
+    socket: &tokio::net::UdpSocket,
+    udp: &quinn_udp::UdpSocketState,
+    transmit: &quinn_proto::Transmit,
+    contents: &[u8],
+    shared: &Shared,
+) {
+    let transmit = quinn_udp::Transmit {
+        destination: transmit.destination,
+        ecn: transmit.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
+        contents: &contents[..transmit.size],
+        segment_size: transmit.segment_size,
+        src_ip: transmit.src_ip,
+    };
+    if udp.send(socket.into(), &transmit).is_err() {
+        shared.packets_dropped.fetch_add(1, Relaxed);
     }
 }
 
@@ -921,14 +1542,4 @@ fn time_note(shared: &Shared, room: u64, arrived: ClientNanos, payload: &[u8]) {
     if let Some(sent) = sent {
         lock(&shared.fanout_ns).push(arrived.0.saturating_sub(sent.0));
     }
-}
-
-/// Reads the next control-stream bytes into `buf`; hands both back with how many came
-/// (`None`: the stream ended or failed).
-async fn read_control(
-    mut recv: RecvStream,
-    mut buf: Box<[u8; CONTROL_CHUNK]>,
-) -> (RecvStream, Box<[u8; CONTROL_CHUNK]>, Option<usize>) {
-    let n = recv.read(&mut buf[..]).await.ok().flatten();
-    (recv, buf, n)
 }
