@@ -52,7 +52,7 @@ use anyhow::{Context as _, Result, anyhow, ensure};
 use bytes::{Bytes, BytesMut};
 use downbeat_engine::client::Handled;
 use downbeat_engine::clock::Config as SyncConfig;
-use downbeat_engine::session::{Event, ReportDue, Request, Session, State};
+use downbeat_engine::session::{End, Event, ReportDue, Request, Session, State};
 use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings, ServerDatagram,
     Token,
@@ -866,10 +866,7 @@ impl Driver {
                 {
                     conn.wake = None;
                     conn.quic.handle_timeout(now);
-                    if !conn.dirty {
-                        conn.dirty = true;
-                        self.dirty.push(k);
-                    }
+                    self.mark(k);
                 }
             }
             self.run_dirty();
@@ -1030,7 +1027,7 @@ impl Driver {
                 } else {
                     Outcome::Failed("no welcome within the handshake timeout".into())
                 };
-                self.end_join(conn, now, Err(outcome));
+                self.end_join(conn, now, outcome, None);
             }
             if conn.phase == Phase::Held {
                 self.hold(conn, now);
@@ -1167,8 +1164,7 @@ impl Driver {
                     }
                     Ok(Some(false)) => conn.uni[at].1 = None,
                     Err(reason) => {
-                        let pause = Some(RETRY_PAUSE);
-                        self.end_join(conn, now, Ok((format!("connect: {reason}"), pause)));
+                        self.end_join(conn, now, Outcome::Failed(format!("connect: {reason}")), Some(RETRY_PAUSE));
                     }
                 }
             }
@@ -1203,16 +1199,13 @@ impl Driver {
             Some(Ok(status)) if status.is_successful() => {
                 conn.response = Vec::new();
                 let Some(id) = conn.quic.streams().open(Dir::Bi) else {
-                    return self.end_join(
-                        conn,
-                        now,
-                        Ok(("no stream for the control stream".into(), Some(RETRY_PAUSE))),
-                    );
+                    let reason = Outcome::Failed("no stream for the control stream".into());
+                    return self.end_join(conn, now, reason, Some(RETRY_PAUSE));
                 };
                 let mut opening = Vec::with_capacity(8 + conn.hello.len());
                 let header = Frame::new_webtransport(session_id());
                 if header.write(&mut opening).is_err() {
-                    return self.end_join(conn, now, Ok(("the control stream's header".into(), None)));
+                    return self.end_join(conn, now, Outcome::Failed("the control stream's header".into()), None);
                 }
                 opening.append(&mut conn.hello);
                 conn.unsent.push((id, opening.into()));
@@ -1220,9 +1213,12 @@ impl Driver {
                 conn.phase = Phase::Greeting;
             }
             Some(Ok(status)) => {
-                self.end_join(conn, now, Ok((format!("connect: the server answered {status}"), Some(RETRY_PAUSE))));
+                let reason = Outcome::Failed(format!("connect: the server answered {status}"));
+                self.end_join(conn, now, reason, Some(RETRY_PAUSE));
             }
-            Some(Err(reason)) => self.end_join(conn, now, Ok((format!("connect: {reason}"), Some(RETRY_PAUSE)))),
+            Some(Err(reason)) => {
+                self.end_join(conn, now, Outcome::Failed(format!("connect: {reason}")), Some(RETRY_PAUSE));
+            }
         }
     }
 
@@ -1237,10 +1233,8 @@ impl Driver {
                     self.welcomed(conn, now);
                 }
                 Some(Err(end)) => {
-                    let reason = format!("refused: {end:?}");
-                    // A refusal the server explained is final; a dropped session is retried.
-                    let pause = (!reason.starts_with("refused: Server")).then_some(RETRY_PAUSE);
-                    self.end_join(conn, now, Ok((reason, pause)));
+                    let (outcome, retry_after) = refused(end);
+                    self.end_join(conn, now, outcome, retry_after);
                 }
             },
             Phase::Held => {
@@ -1387,39 +1381,37 @@ impl Driver {
             Phase::Held => self.end_held(conn, true),
             Phase::Greeting => {
                 conn.session.handle_closed("the server ended the session before welcoming it");
-                let reason = match conn.session.greeted() {
-                    Some(Err(end)) => format!("refused: {end:?}"),
-                    _ => format!("connect: {reason}"),
+                let (outcome, retry_after) = match conn.session.greeted() {
+                    Some(Err(end)) => refused(end),
+                    _ => (Outcome::Failed(format!("connect: {reason}")), Some(RETRY_PAUSE)),
                 };
-                let pause = (!reason.starts_with("refused: Server")).then_some(RETRY_PAUSE);
-                self.end_join(conn, now, Ok((reason, pause)));
+                self.end_join(conn, now, outcome, retry_after);
             }
             Phase::Handshake | Phase::Settings | Phase::Response => {
                 let h3_protocol = matches!(reason, ConnectionError::ApplicationClosed(close)
                     if (0x100..=0x110).contains(&close.error_code.into_inner()));
                 let pause = if h3_protocol { Duration::ZERO } else { RETRY_PAUSE };
-                self.end_join(conn, now, Ok((format!("connect: {reason}"), Some(pause))));
+                self.end_join(conn, now, Outcome::Failed(format!("connect: {reason}")), Some(pause));
             }
         }
         conn.phase = Phase::Closing;
     }
 
-    /// A join that will not be welcomed on this connection: closes it, then tries again after
-    /// `pause` (`Ok((reason, Some(pause)))`, if tries and time are left) or ends the join.
-    fn end_join(&mut self, conn: &mut Conn, now: Instant, how: Result<(String, Option<Duration>), Outcome>) {
+    /// A join that will not be welcomed on this connection: closes it, then tries again
+    /// `retry_after` from now if tries and time are left, or ends the join with `outcome`.
+    fn end_join(&mut self, conn: &mut Conn, now: Instant, outcome: Outcome, retry_after: Option<Duration>) {
         if conn.phase != Phase::Closing {
             conn.quic.close(now, VarInt::from_u32(0), Bytes::from_static(b"giving up"));
             conn.phase = Phase::Closing;
         }
         let Some(mut joiner) = conn.joiner.take() else { return };
-        match how {
-            Ok((_, Some(pause))) if joiner.attempt < JOIN_ATTEMPTS && now + pause < joiner.limit => {
+        match retry_after {
+            Some(pause) if joiner.attempt < JOIN_ATTEMPTS && now + pause < joiner.limit => {
                 joiner.attempt += 1;
                 self.shared.retries.fetch_add(1, Relaxed);
                 self.pending_retries.push((now + pause, joiner));
             }
-            Ok((reason, _)) => joiner.finish(&self.shared, Outcome::Failed(reason)),
-            Err(outcome) => joiner.finish(&self.shared, outcome),
+            _ => joiner.finish(&self.shared, outcome),
         }
     }
 
@@ -1453,6 +1445,13 @@ impl Driver {
             self.mark(k);
         }
     }
+}
+
+/// A session that ended before its welcome: the failure, and when to try again. A refusal
+/// the server explained is final; a dropped or garbled session is retried, as a page would.
+fn refused(end: &End) -> (Outcome, Option<Duration>) {
+    let retry_after = (!matches!(end, End::Server { .. })).then_some(RETRY_PAUSE);
+    (Outcome::Failed(format!("refused: {end:?}")), retry_after)
 }
 
 /// The WebTransport session's id: its CONNECT stream's.
