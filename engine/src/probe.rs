@@ -178,6 +178,9 @@ impl Probe {
             burst_interval_nanos: interval,
             uncertain_interval_nanos: interval,
             steady_interval_nanos: interval,
+            // Measured at its own pace throughout, however slow the path: a probe is short and
+            // one per check, and it reports the round trips it saw.
+            round_trips_per_request: 0,
             ..clock::Config::default()
         };
         let probe = Self {
