@@ -14,7 +14,7 @@ use serde_json::json;
 
 use crate::downbeat::class::{ClassOutput, ClassSpec, RoomSpec, StudentSpec};
 use crate::downbeat::{Ready, ServerLimits, ServerProcess, run_class};
-use crate::light::{Generator, LightRoom, LightSpec};
+use crate::light::{Generator, LightRoom, LightSpec, SYNC_ROUND_TRIP_BOUNDS_MS, SYNC_ROUND_TRIP_BUCKETS};
 use crate::machine::{ProcessMeter, StealMeter, describe};
 use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult, converged_metric};
 use crate::netem::{Emulator, EmulatorConfig, Profile, Target};
@@ -1041,11 +1041,26 @@ fn light_point(
     let join_cpu = meter.cpu_seconds()? - cpu0;
     let join_drops = crate::machine::udp_receive_buffer_drops().saturating_sub(drops0);
     let joined = generator.joined().clone();
+    // The counters at the window's start and end.
+    let mut ends = Vec::with_capacity(2);
     let window = measure_window(&server, plan, || crate::machine::self_rss_bytes().unwrap_or(0), &mut || {
-        Ok((me.cpu_seconds()?, generator.counts().frames))
+        let counts = generator.counts();
+        ends.push(counts);
+        Ok((me.cpu_seconds()?, counts.frames))
     })?;
     let at_end = generator.counts();
     let counts = generator.stop();
+    let in_window = match ends[..] {
+        [start, end] => json!({
+            "sync_requests": end.sync_requests - start.sync_requests,
+            "sync_replies": end.sync_replies - start.sync_replies,
+            "sync_round_trips": std::array::from_fn::<u64, SYNC_ROUND_TRIP_BUCKETS, _>(|i| {
+                end.sync_round_trips[i] - start.sync_round_trips[i]
+            }),
+            "sync_round_trip_bounds_ms": SYNC_ROUND_TRIP_BOUNDS_MS,
+        }),
+        _ => serde_json::Value::Null,
+    };
     let point = CapacityPoint {
         frames_received_per_s: Some(window.frames as f64 / window.seconds.max(1e-9)),
         frames_received: Some(at_end.frames),
@@ -1066,7 +1081,12 @@ fn light_point(
         )
     }
     .with_window(&window, baseline);
-    let extra = json!({"join": joined, "counts": counts, "url": server.url(IpAddr::V4(Ipv4Addr::LOCALHOST))});
+    let extra = json!({
+        "join": joined,
+        "counts": counts,
+        "window": in_window,
+        "url": server.url(IpAddr::V4(Ipv4Addr::LOCALHOST)),
+    });
     Ok((point, extra))
 }
 

@@ -220,6 +220,12 @@ pub struct Fanout {
     pub latency_ns: Vec<u64>,
 }
 
+/// Upper bounds of [`Counts::sync_round_trips`]' buckets, ms.
+pub const SYNC_ROUND_TRIP_BOUNDS_MS: [u64; 10] = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1_000];
+
+/// Buckets of [`Counts::sync_round_trips`]: one per bound, and one beyond the last.
+pub const SYNC_ROUND_TRIP_BUCKETS: usize = SYNC_ROUND_TRIP_BOUNDS_MS.len() + 1;
+
 /// Counters of the sessions while they run (totals since the start).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Counts {
@@ -233,6 +239,9 @@ pub struct Counts {
     pub sync_replies: u64,
     /// Sync requests sent.
     pub sync_requests: u64,
+    /// Sync exchanges that became samples, by round trip: below each bound of
+    /// [`SYNC_ROUND_TRIP_BOUNDS_MS`] in turn, then the rest.
+    pub sync_round_trips: [u64; SYNC_ROUND_TRIP_BUCKETS],
     /// Datagrams the connection refused to send (a full buffer).
     pub send_failed: u64,
     /// UDP packets the generator's sockets refused (a full send buffer; QUIC recovers).
@@ -270,6 +279,7 @@ struct Shared {
     frames: AtomicU64,
     sync_replies: AtomicU64,
     sync_requests: AtomicU64,
+    sync_round_trips: [AtomicU64; SYNC_ROUND_TRIP_BUCKETS],
     send_failed: AtomicU64,
     packets_dropped: AtomicU64,
     reports: AtomicU64,
@@ -308,6 +318,7 @@ impl Shared {
             frames: self.frames.load(Relaxed),
             sync_replies: self.sync_replies.load(Relaxed),
             sync_requests: self.sync_requests.load(Relaxed),
+            sync_round_trips: std::array::from_fn(|i| self.sync_round_trips[i].load(Relaxed)),
             send_failed: self.send_failed.load(Relaxed),
             packets_dropped: self.packets_dropped.load(Relaxed),
             reports: self.reports.load(Relaxed),
@@ -382,6 +393,7 @@ impl Generator {
             frames: AtomicU64::new(0),
             sync_replies: AtomicU64::new(0),
             sync_requests: AtomicU64::new(0),
+            sync_round_trips: std::array::from_fn(|_| AtomicU64::new(0)),
             send_failed: AtomicU64::new(0),
             packets_dropped: AtomicU64::new(0),
             reports: AtomicU64::new(0),
@@ -1365,7 +1377,18 @@ impl Driver {
             time_note(shared, held.room, arrived, payload);
         }
         match conn.session.handle_datagram(arrived, payload) {
-            Ok(Handled::Sample | Handled::IgnoredReply) => {
+            Ok(Handled::Sample) => {
+                shared.sync_replies.fetch_add(1, Relaxed);
+                if let Some(sample) = conn.session.client().clock().newest_sample() {
+                    let ms = sample.delay / 1_000_000;
+                    let bucket = SYNC_ROUND_TRIP_BOUNDS_MS
+                        .iter()
+                        .position(|&bound| ms < bound)
+                        .unwrap_or(SYNC_ROUND_TRIP_BOUNDS_MS.len());
+                    shared.sync_round_trips[bucket].fetch_add(1, Relaxed);
+                }
+            }
+            Ok(Handled::IgnoredReply) => {
                 shared.sync_replies.fetch_add(1, Relaxed);
             }
             Ok(Handled::Notes { .. }) | Err(_) => {}
