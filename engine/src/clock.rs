@@ -1066,11 +1066,7 @@ mod class_tests {
             let mut rng = Rng::new(seed);
             let clients = (0..clients)
                 .map(|i| Client {
-                    est: Estimator::new(Config {
-                        settled_max_uncertainty_nanos: std::env::var("MAXU")
-                            .map_or(NOISY_PATH_SETTLED_NANOS, |v| v.parse().unwrap()),
-                        ..Config::default()
-                    }),
+                    est: Estimator::new(Config::default()),
                     offset_nanos: rng.range(SEC as f64, 3.0 * SEC as f64),
                     drift_ppm: rng.range(-50.0, 50.0),
                     join: SEC + join_over * i as u64 / clients as u64,
