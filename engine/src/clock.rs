@@ -603,7 +603,7 @@ fn sample_sigma(delay: u64, min_delay: u64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::Rng;
+    use crate::sim::{MS, Rng, SEC};
 
     /// Requests whenever asked, so tests choose the spacing.
     fn unpaced() -> Config {
@@ -718,9 +718,6 @@ mod tests {
         assert_eq!(*intervals.last().unwrap(), 1_000_000_000);
         assert!(est.is_synced(ClientNanos(local)));
     }
-
-    const MS: u64 = 1_000_000;
-    const SEC: u64 = 1_000_000_000;
 
     /// Log-normal jitter shape of the simulation's classroom Wi-Fi: p90 about 20 ms, p99 about
     /// 250 ms one way.
@@ -1013,10 +1010,8 @@ mod tests {
 #[cfg(test)]
 mod class_tests {
     use super::*;
-    use crate::sim::Rng;
+    use crate::sim::{MS, Rng, SEC};
 
-    const MS: u64 = 1_000_000;
-    const SEC: u64 = 1_000_000_000;
     /// How long a class runs: its join and two minutes.
     const SECONDS: u64 = 200;
 
