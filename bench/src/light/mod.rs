@@ -1377,9 +1377,11 @@ impl Driver {
             time_note(shared, held.room, arrived, payload);
         }
         match conn.session.handle_datagram(arrived, payload) {
-            Ok(Handled::Sample) => {
+            Ok(handled @ (Handled::Sample | Handled::IgnoredReply)) => {
                 shared.sync_replies.fetch_add(1, Relaxed);
-                if let Some(sample) = conn.session.client().clock().newest_sample() {
+                if handled == Handled::Sample
+                    && let Some(sample) = conn.session.client().clock().newest_sample()
+                {
                     let ms = sample.delay / 1_000_000;
                     let bucket = SYNC_ROUND_TRIP_BOUNDS_MS
                         .iter()
@@ -1387,9 +1389,6 @@ impl Driver {
                         .unwrap_or(SYNC_ROUND_TRIP_BOUNDS_MS.len());
                     shared.sync_round_trips[bucket].fetch_add(1, Relaxed);
                 }
-            }
-            Ok(Handled::IgnoredReply) => {
-                shared.sync_replies.fetch_add(1, Relaxed);
             }
             Ok(Handled::Notes { .. }) | Err(_) => {}
             Ok(_) => {
