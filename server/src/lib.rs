@@ -42,6 +42,7 @@
 
 mod acme;
 mod api;
+mod arrival;
 pub mod auth;
 mod authz;
 pub mod clock;
@@ -155,6 +156,8 @@ pub struct Server {
     clock: ServerClock,
     stats: Arc<Stats>,
     endpoint: Arc<Endpoint>,
+    /// When clock-sync requests reached the endpoint's socket.
+    arrivals: arrival::Arrivals,
     http: TcpListener,
     http_addr: SocketAddr,
     https: Option<api::TlsListener>,
@@ -199,7 +202,8 @@ impl Server {
         let stats = Arc::new(Stats::default());
         stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
         let (source, key) = identity::load(&config)?;
-        let endpoint = Arc::new(bind_endpoint(&config, &key)?);
+        let (endpoint, arrivals) = bind_endpoint(&config, &key)?;
+        let endpoint = Arc::new(endpoint);
         let wt_port = endpoint
             .local_addr()
             .map_err(|source| ServerError::BindWebTransport { port: config.wt_port, source })?
@@ -290,6 +294,7 @@ impl Server {
             clock,
             stats,
             endpoint,
+            arrivals,
             http,
             http_addr,
             https,
@@ -391,6 +396,7 @@ impl Server {
             clock,
             stats,
             endpoint,
+            arrivals,
             http,
             https,
             https_certs,
@@ -428,6 +434,7 @@ impl Server {
             tenant_sessions,
             stats: stats.clone(),
             clock,
+            arrivals,
             hello_timeout: config.hello_timeout(),
             idle_timeout: config.idle_timeout(),
             keep_alive: config.keep_alive(),
@@ -625,7 +632,12 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
 /// Binds WebTransport on every address, dual-stack, so `https://localhost:PORT` (which
 /// Chromium tries on `::1` first) and `https://127.0.0.1:PORT` both work. Falls back to IPv4
 /// only on hosts without IPv6.
-fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint, ServerError> {
+///
+/// The socket's arrival stamps ([`arrival::Arrivals`]) come with it.
+fn bind_endpoint(
+    config: &Config,
+    key: &downbeat_certs::CertifiedKey,
+) -> Result<(Endpoint, arrival::Arrivals), ServerError> {
     let port = config.wt_port;
     let buffer = usize::try_from(config.udp_buffer_bytes).unwrap_or(usize::MAX);
     let socket = match udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), buffer) {
@@ -639,8 +651,10 @@ fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<
     };
     let server = identity::server_config(key, config)?;
     let runtime = Arc::new(quinn::TokioRuntime);
-    Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
-        .map_err(|source| ServerError::BindWebTransport { port, source })
+    let arrivals = arrival::Arrivals::of(&socket);
+    let endpoint = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
+        .map_err(|source| ServerError::BindWebTransport { port, source })?;
+    Ok((endpoint, arrivals))
 }
 
 /// A non-blocking UDP socket bound to `addr` (an IPv6 wildcard takes IPv4 too), with receive

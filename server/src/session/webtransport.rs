@@ -323,7 +323,8 @@ impl Link for WtLink {
         let ctx = control.ctx();
         let clock = ctx.clock;
         // Datagrams come straight from the QUIC connection: no other task reads them, so each
-        // wakes this one task and `t1` is stamped as soon as it runs. A datagram wakes the
+        // wakes this one task and `t1` is stamped as soon as it runs (and a sync request's then
+        // moved back to its arrival, [`crate::arrival`]). A datagram wakes the
         // datagram reader alone, not the control stream's read too ([`race`]). The futures are
         // built in place: a future held in a local and then moved would be held twice.
         race(
@@ -337,6 +338,9 @@ impl Link for WtLink {
                     let t1 = clock.now();
                     match datagrams.receive(&payload, t1) {
                         Ok(Some(request)) => {
+                            // Back to when it reached the host: its wait in the server is
+                            // neither path delay nor offset.
+                            let t1 = ctx.arrivals.t1(clock, t1);
                             let sent = sync_reply(clock, request, t1).is_some_and(|bytes| peer.send(&bytes));
                             ctx.stats.count_sync_reply(sent);
                         }
