@@ -20,9 +20,13 @@
 //! The kernel turns stamping on for the host a moment after the socket first asks; the few
 //! datagrams before read as arriving when they were asked about, as before.
 //!
+//! [`stamp_arrivals`] and [`since_last_read`] are public for the benchmark's load generator,
+//! which dates its clients' sync replies the same way.
+//!
 //! Elsewhere (or if the socket cannot be asked) `t1` stays when the session's task got the
 //! datagram, as it does for WebSocket sessions, whose bytes wait in TCP's order.
 
+use std::os::fd::AsFd;
 use std::time::Duration;
 
 use downbeat_protocol::ServerNanos;
@@ -41,75 +45,80 @@ pub(crate) const HAND_OFF: Duration = Duration::from_micros(100);
 /// taken, between a stamp and its reading: no receive queue holds a datagram this long.
 const MAX_WAIT: Duration = Duration::from_secs(5);
 
+/// Asks the kernel to stamp each datagram `socket` receives from now on (Linux; elsewhere an
+/// `Unsupported` error). The kernel turns stamping on for the host a moment later, from a work
+/// queue.
+pub fn stamp_arrivals(socket: impl AsFd) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        // The first question turns the stamps on; until a datagram arrives there is none.
+        match linux::last_read_stamp(socket.as_fd()) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOENT) => Err(e),
+            _ => Ok(()),
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+}
+
+/// How long ago the last datagram read from `socket` reached this host, by the kernel's
+/// stamp ([`stamp_arrivals`]). `None`: no stamp (not asked, or not Linux), or one more than
+/// [`MAX_WAIT`] old or in the future (the wall clock stepped between). A datagram read before
+/// stamping came on reads as arriving now.
+pub fn since_last_read(socket: impl AsFd) -> Option<Duration> {
+    #[cfg(target_os = "linux")]
+    {
+        let stamp = linux::last_read_stamp(socket.as_fd()).ok()?;
+        let wall = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
+        linux::since(stamp, wall).filter(|wait| *wait <= MAX_WAIT)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        None
+    }
+}
+
 /// The WebTransport socket, asked when the last datagram read from it arrived.
 #[derive(Debug)]
 pub(crate) struct Arrivals {
-    #[cfg(target_os = "linux")]
+    /// The endpoint's socket (another descriptor of it), if it stamps arrivals.
     socket: Option<std::net::UdpSocket>,
 }
 
 impl Arrivals {
     /// Asks `socket` (the endpoint's, shared) to stamp what it receives from now on.
     pub(crate) fn of(socket: &std::net::UdpSocket) -> Self {
-        #[cfg(target_os = "linux")]
-        {
-            let socket = match socket.try_clone() {
-                Ok(socket) => socket,
-                Err(e) => {
-                    tracing::warn!(error = %e, "clock-sync requests are stamped when handled, not on arrival");
-                    return Self::none();
-                }
-            };
-            // The first question turns the stamps on; until a datagram arrives there is none.
-            match linux::last_read_stamp(&socket) {
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-                Err(e) => {
-                    tracing::warn!(error = %e, "clock-sync requests are stamped when handled, not on arrival");
-                    return Self::none();
-                }
+        match socket.try_clone().and_then(|socket| stamp_arrivals(&socket).map(|()| socket)) {
+            Ok(socket) => Self { socket: Some(socket) },
+            Err(e) => {
+                tracing::warn!(error = %e, "clock-sync requests are dated when handled, not on arrival");
+                Self::none()
             }
-            Self { socket: Some(socket) }
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            let _ = socket;
-            Self::none()
         }
     }
 
     /// Stamps nothing: `t1` is when a datagram is handled.
     pub(crate) fn none() -> Self {
-        Self {
-            #[cfg(target_os = "linux")]
-            socket: None,
-        }
+        Self { socket: None }
     }
 
     /// The `t1` of a clock-sync request handed over at `handled` (read from `clock`): the
     /// arrival of the last datagram read from the socket plus [`HAND_OFF`], if that is
     /// earlier, else `handled`.
     pub(crate) fn t1(&self, clock: ServerClock, handled: ServerNanos) -> ServerNanos {
-        #[cfg(target_os = "linux")]
-        if let Some(socket) = &self.socket
-            && let Ok(stamp) = linux::last_read_stamp(socket)
-        {
-            let wall = rustix::time::clock_gettime(rustix::time::ClockId::Realtime);
-            let now = clock.now();
-            if let Some(wait) = linux::since(stamp, wall).filter(|wait| *wait <= MAX_WAIT) {
-                let queued = wait.saturating_sub(HAND_OFF);
-                let arrived = now.0.saturating_sub(u64::try_from(queued.as_nanos()).unwrap_or(u64::MAX));
-                return ServerNanos(arrived.min(handled.0));
-            }
-        }
-        let _ = clock;
-        handled
+        let Some(wait) = self.socket.as_ref().and_then(since_last_read) else { return handled };
+        let queued = u64::try_from(wait.saturating_sub(HAND_OFF).as_nanos()).unwrap_or(u64::MAX);
+        ServerNanos(clock.now().0.saturating_sub(queued).min(handled.0))
     }
 }
 
 #[cfg(target_os = "linux")]
 mod linux {
-    use std::os::fd::AsRawFd;
+    use std::os::fd::{AsRawFd, BorrowedFd};
     use std::time::Duration;
 
     /// `SIOCGSTAMPNS` on 64-bit Linux (`SIOCGSTAMPNS_OLD`, which is it there): the receive
@@ -119,10 +128,10 @@ mod linux {
     /// When the last datagram read from `socket` arrived, by the wall clock. The first call
     /// turns stamping on (`ENOENT` until a datagram arrives after it).
     #[allow(unsafe_code)]
-    pub(super) fn last_read_stamp(socket: &std::net::UdpSocket) -> std::io::Result<libc::timespec> {
+    pub(super) fn last_read_stamp(socket: BorrowedFd<'_>) -> std::io::Result<libc::timespec> {
         let mut stamp = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-        // SAFETY: the descriptor is open for as long as `socket` lives, and this request writes
-        // exactly one `struct timespec` through the pointer, which points at one.
+        // SAFETY: the descriptor is open while it is borrowed, and this request writes exactly
+        // one `struct timespec` through the pointer, which points at one.
         let rc = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSTAMPNS as _, &raw mut stamp) };
         if rc == 0 { Ok(stamp) } else { Err(std::io::Error::last_os_error()) }
     }

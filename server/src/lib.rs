@@ -42,7 +42,7 @@
 
 mod acme;
 mod api;
-mod arrival;
+pub mod arrival;
 pub mod auth;
 mod authz;
 pub mod clock;

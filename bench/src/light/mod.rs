@@ -508,6 +508,7 @@ fn open_endpoint(k: usize, target: &Target, shared: &Arc<Shared>) -> Result<Loca
     socket.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into()).with_context(|| format!("binding {ip}"))?;
     let socket = tokio::net::UdpSocket::from_std(socket.into()).context("registering the socket")?;
     let udp = quinn_udp::UdpSocketState::new((&socket).into()).context("the socket's batching")?;
+    downbeat_server::arrival::stamp_arrivals(&socket).context("the socket's arrival stamps")?;
     let endpoint = quinn_proto::Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), None, false, None);
     let (commands, receiver) = mpsc::unbounded_channel();
     let driver = Driver {
@@ -826,6 +827,9 @@ struct Conn {
     settings_in: bool,
     control: Option<StreamId>,
     held: Option<Held>,
+    /// When the last batch read with a packet of this connection's reached the host, by the
+    /// kernel's stamp: its sync replies arrived no later (see [`Driver::receive`]).
+    arrived: Option<Instant>,
 }
 
 /// One client endpoint: its socket, its QUIC endpoint and every connection on it, run by one
@@ -962,6 +966,7 @@ impl Driver {
             settings_in: false,
             control: None,
             held: None,
+            arrived: None,
         }));
         self.mark(k);
     }
@@ -990,6 +995,14 @@ impl Driver {
             // `WouldBlock` (the socket is empty) clears the readiness the driver waits on.
             let Ok(n) = received else { return };
             let now = Instant::now();
+            // The batch's last packet reached the host when the kernel stamped it, the others
+            // before. A client on its own processor handles a reply about then; this one's
+            // sessions share a core with thousands of others and the server, and a wait here
+            // would count as the reply's path, on its way in only: every client's estimate
+            // would be off by half of it and its round trips long.
+            let arrived = downbeat_server::arrival::since_last_read(&self.socket)
+                .and_then(|wait| now.checked_sub(wait))
+                .unwrap_or(now);
             for (meta, buffer) in metas.iter().zip(buffers.iter()).take(n) {
                 for packet in buffer[..meta.len].chunks(meta.stride.max(1)) {
                     let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
@@ -997,6 +1010,7 @@ impl Driver {
                     match self.endpoint.handle(now, meta.addr, meta.dst_ip, ecn, data, &mut self.response) {
                         Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                             if let Some(conn) = self.conns.get_mut(handle.0).and_then(Option::as_mut) {
+                                conn.arrived = Some(arrived);
                                 conn.quic.handle_event(event);
                                 self.mark(handle.0);
                             }
@@ -1366,7 +1380,7 @@ impl Driver {
             return;
         }
         let shared = &*self.shared;
-        let arrived = shared.local(Instant::now());
+        let handled = shared.local(Instant::now());
         // An HTTP datagram (RFC 9297): the quarter stream id, then the payload. Every
         // datagram here belongs to the connection's one session.
         let Ok(h3) = H3Datagram::read(datagram) else { return };
@@ -1374,8 +1388,9 @@ impl Driver {
         if shared.note_every.is_some()
             && let Some(held) = &conn.held
         {
-            time_note(shared, held.room, arrived, payload);
+            time_note(shared, held.room, handled, payload);
         }
+        let arrived = conn.arrived.map_or(handled, |at| shared.local(at).min(handled));
         match conn.session.handle_datagram(arrived, payload) {
             Ok(handled @ (Handled::Sample | Handled::IgnoredReply)) => {
                 shared.sync_replies.fetch_add(1, Relaxed);
