@@ -297,6 +297,9 @@ enum Scenario {
         /// 100 sends a frame every 100 ms throughout, as before the steady pace.
         #[arg(long, default_value_t = room::Config::default().steady_send_interval_nanos / 1_000_000)]
         steady_send_interval_ms: u64,
+        /// The clients' clock-sync interval once settled, ms (the estimator's steady pace).
+        #[arg(long, default_value_t = clock::Config::default().steady_interval_nanos / 1_000_000)]
+        sync_steady_interval_ms: u64,
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<std::path::PathBuf>,
@@ -373,8 +376,20 @@ fn quantile(sorted: &[u64], q: f64) -> u64 {
 
 fn main() -> Result<()> {
     match Cli::parse().scenario {
-        Scenario::Sim { profile, clients, seconds, bpm, seed, outage_at, change_at, steady_send_interval_ms, json } => {
-            sim_scenario(profile, clients, seconds, bpm, seed, (outage_at, change_at, steady_send_interval_ms), json)
+        Scenario::Sim {
+            profile,
+            clients,
+            seconds,
+            bpm,
+            seed,
+            outage_at,
+            change_at,
+            steady_send_interval_ms,
+            sync_steady_interval_ms,
+            json,
+        } => {
+            let paces = (steady_send_interval_ms, sync_steady_interval_ms);
+            sim_scenario(profile, clients, seconds, bpm, seed, (outage_at, change_at, paces), json)
         }
         Scenario::Netem {
             profile,
@@ -862,7 +877,7 @@ fn sim_scenario(
     seconds: u64,
     bpm: u32,
     seed: u64,
-    (outage_at, change_at, steady_ms): (Option<u64>, Option<f64>, u64),
+    (outage_at, change_at, (steady_ms, sync_steady_ms)): (Option<u64>, Option<f64>, (u64, u64)),
     json: Option<std::path::PathBuf>,
 ) -> Result<()> {
     let started = Instant::now();
@@ -879,7 +894,8 @@ fn sim_scenario(
     }
     let described = format!("{:?}", members.first().map(|m| &m.1));
     let config = room::Config { steady_send_interval_nanos: steady_ms * MS, ..room::Config::default() };
-    let mut sim = Sim::new(seed, config, &clock::Config::default(), MicroBpm::from_bpm(bpm), 4, members);
+    let clock_config = clock::Config { steady_interval_nanos: sync_steady_ms * MS, ..clock::Config::default() };
+    let mut sim = Sim::new(seed, config, &clock_config, MicroBpm::from_bpm(bpm), 4, members);
     sim.schedule_change(0, Change::Start { count_in_bars: 0 });
     if let Some(at) = change_at {
         sim.schedule_change((at * SEC as f64) as u64, Change::SetTempo(MicroBpm::from_bpm(bpm + bpm / 10)));
@@ -940,6 +956,7 @@ fn sim_scenario(
         "seed": seed,
         "outage_at_s": outage_at,
         "change_at_s": change_at,
+        "sync_steady_interval_ms": sync_steady_ms,
         "offset_error_us": {"p50": us(quantile(&offset_errors, 0.5)), "p99": us(quantile(&offset_errors, 0.99)), "max": us(quantile(&offset_errors, 1.0))},
         "converged_within_1ms_s": {"p50": converge[clients / 2] as f64 / 1e9, "max": converge[clients - 1] as f64 / 1e9},
         "onset_spread_us": {"p50": us(quantile(&spreads, 0.5)), "p99": us(quantile(&spreads, 0.99)), "max": us(quantile(&spreads, 1.0))},
