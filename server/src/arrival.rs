@@ -39,7 +39,7 @@ use crate::clock::ServerClock;
 /// out too, where no stamp can see it. Moving `t1` back by all of the wait would leave that
 /// half: on loopback the estimate went from 10 µs ahead of the truth to 20 µs behind. Beyond
 /// it the request waited in a queue, which replies do not.
-pub(crate) const HAND_OFF: Duration = Duration::from_micros(100);
+const HAND_OFF: Duration = Duration::from_micros(100);
 
 /// A wait beyond this is taken for a step of the wall clock, in which the kernel's stamps are
 /// taken, between a stamp and its reading: no receive queue holds a datagram this long.
@@ -152,8 +152,8 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    /// A receiving socket with its stamps on, and a socket sending to it.
-    fn pair() -> (UdpSocket, UdpSocket, Arrivals) {
+    /// A receiving socket with its stamps on, a socket sending to it, and the server clock.
+    fn pair() -> (UdpSocket, UdpSocket, Arrivals, ServerClock) {
         let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
         let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
         sender.connect(receiver.local_addr().unwrap()).unwrap();
@@ -170,13 +170,12 @@ mod tests {
             handled.0 - arrivals.t1(clock, handled).0 >= MS
         });
         assert!(on, "the kernel never stamped a datagram");
-        (receiver, sender, arrivals)
+        (receiver, sender, arrivals, clock)
     }
 
     #[test]
     fn a_datagram_that_waited_in_the_socket_is_dated_when_it_arrived() {
-        let (receiver, sender, arrivals) = pair();
-        let clock = ServerClock::new();
+        let (receiver, sender, arrivals, clock) = pair();
         let before = clock.now();
         sender.send(b"sync").unwrap();
         let sent = clock.now();
@@ -194,8 +193,7 @@ mod tests {
 
     #[test]
     fn of_two_queued_datagrams_the_first_is_dated_no_earlier_than_it_arrived() {
-        let (receiver, sender, arrivals) = pair();
-        let clock = ServerClock::new();
+        let (receiver, sender, arrivals, clock) = pair();
         let first = clock.now();
         sender.send(b"first").unwrap();
         std::thread::sleep(Duration::from_millis(20));

@@ -1392,9 +1392,9 @@ impl Driver {
         }
         let arrived = conn.arrived.map_or(handled, |at| shared.local(at).min(handled));
         match conn.session.handle_datagram(arrived, payload) {
-            Ok(handled @ (Handled::Sample | Handled::IgnoredReply)) => {
+            Ok(reply @ (Handled::Sample | Handled::IgnoredReply)) => {
                 shared.sync_replies.fetch_add(1, Relaxed);
-                if handled == Handled::Sample
+                if reply == Handled::Sample
                     && let Some(sample) = conn.session.client().clock().newest_sample()
                 {
                     let ms = sample.delay / 1_000_000;
