@@ -14,7 +14,7 @@
 //! reports the stamp of the last datagram read from the socket. The QUIC endpoint alone reads
 //! the WebTransport socket, in arrival order. So when a session handles a datagram, the last
 //! one read arrived no earlier than it (it was read no earlier) and no later than now.
-//! [`Arrivals::t1`] moves `t1` back to that instant plus [`HAND_OFF`], never before the true
+//! `Arrivals::t1` moves `t1` back to that instant plus `HAND_OFF`, never before the true
 //! arrival: by all of a queue's wait but the last batch's.
 //!
 //! The kernel turns stamping on for the host a moment after the socket first asks; the few
@@ -66,7 +66,7 @@ pub fn stamp_arrivals(socket: impl AsFd) -> std::io::Result<()> {
 
 /// How long ago the last datagram read from `socket` reached this host, by the kernel's
 /// stamp ([`stamp_arrivals`]). `None`: no stamp (not asked, or not Linux), or one more than
-/// [`MAX_WAIT`] old or in the future (the wall clock stepped between). A datagram read before
+/// `MAX_WAIT` (5 s) old or in the future (the wall clock stepped between). A datagram read before
 /// stamping came on reads as arriving now.
 pub fn since_last_read(socket: impl AsFd) -> Option<Duration> {
     #[cfg(target_os = "linux")]
