@@ -11,11 +11,13 @@
 //! never settled (issue 15, eleventh round); with this, they settle at 45 % of a core.
 //!
 //! Linux stamps each datagram as it arrives once a socket has asked (`SIOCGSTAMPNS`), and
-//! reports the stamp of the last datagram read from the socket. The QUIC endpoint alone reads
-//! the WebTransport socket, in arrival order. So when a session handles a datagram, the last
-//! one read arrived no earlier than it (it was read no earlier) and no later than now.
-//! `Arrivals::t1` moves `t1` back to that instant plus `HAND_OFF`, never before the true
-//! arrival: by all of a queue's wait but the last batch's.
+//! reports the stamp of the last datagram read from the socket. The QUIC driver
+//! ([`crate::quic`]) alone reads the WebTransport socket, in arrival order and in batches:
+//! after each batch it asks when the batch's last datagram arrived ([`Arrivals::last_read`]),
+//! and each connection with a packet in the batch keeps that instant. Every packet of the
+//! batch arrived no later, and none was handled earlier. [`t1`] moves a request's `t1` back to
+//! that instant plus `HAND_OFF`, never before the true arrival: by all of a queue's wait but
+//! the batch's.
 //!
 //! The kernel turns stamping on for the host a moment after the socket first asks; the few
 //! datagrams before read as arriving when they were asked about, as before.
@@ -27,7 +29,7 @@
 //! datagram, as it does for WebSocket sessions, whose bytes wait in TCP's order.
 
 use std::os::fd::AsFd;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use downbeat_protocol::ServerNanos;
 
@@ -101,19 +103,25 @@ impl Arrivals {
         }
     }
 
-    /// Stamps nothing: `t1` is when a datagram is handled.
+    /// Stamps nothing.
     pub(crate) fn none() -> Self {
         Self { socket: None }
     }
 
-    /// The `t1` of a clock-sync request handed over at `handled` (read from `clock`): the
-    /// arrival of the last datagram read from the socket plus [`HAND_OFF`], if that is
-    /// earlier, else `handled`.
-    pub(crate) fn t1(&self, clock: ServerClock, handled: ServerNanos) -> ServerNanos {
-        let Some(wait) = self.socket.as_ref().and_then(since_last_read) else { return handled };
-        let queued = u64::try_from(wait.saturating_sub(HAND_OFF).as_nanos()).unwrap_or(u64::MAX);
-        ServerNanos(clock.now().0.saturating_sub(queued).min(handled.0))
+    /// When the last datagram read from the socket reached this host, if it was stamped: no
+    /// later than `now`, the instant it is asked at.
+    pub(crate) fn last_read(&self, now: Instant) -> Option<Instant> {
+        let wait = self.socket.as_ref().and_then(since_last_read)?;
+        now.checked_sub(wait)
     }
+}
+
+/// The `t1` of a clock-sync request handed over at `handled` (read from `clock`) that reached
+/// this host no later than `arrived`: that instant plus [`HAND_OFF`] if it is earlier, else
+/// `handled` (also without a stamp).
+pub(crate) fn t1(clock: ServerClock, handled: ServerNanos, arrived: Option<Instant>) -> ServerNanos {
+    let Some(arrived) = arrived else { return handled };
+    ServerNanos(clock.since_base(tokio::time::Instant::from_std(arrived + HAND_OFF)).0.min(handled.0))
 }
 
 #[cfg(target_os = "linux")]
@@ -152,6 +160,11 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
+    /// The `t1` of a request handled at `handled`, the last datagram read from the socket.
+    fn dated(arrivals: &Arrivals, clock: ServerClock, handled: ServerNanos) -> ServerNanos {
+        t1(clock, handled, arrivals.last_read(Instant::now()))
+    }
+
     /// A receiving socket with its stamps on, a socket sending to it, and the server clock.
     fn pair() -> (UdpSocket, UdpSocket, Arrivals, ServerClock) {
         let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -167,7 +180,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
             receiver.recv(&mut [0; 16]).unwrap();
             let handled = clock.now();
-            handled.0 - arrivals.t1(clock, handled).0 >= MS
+            handled.0 - dated(&arrivals, clock, handled).0 >= MS
         });
         assert!(on, "the kernel never stamped a datagram");
         (receiver, sender, arrivals, clock)
@@ -183,7 +196,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         receiver.recv(&mut [0; 16]).unwrap();
         let handled = clock.now();
-        let arrived = arrivals.t1(clock, handled);
+        let arrived = dated(&arrivals, clock, handled);
         assert!(arrived >= before, "dated {} ns before it was sent", before.0 - arrived.0);
         // Reading the two clocks one after the other may put it a little late, never 50 ms.
         assert!(arrived.0 <= sent.0 + MS, "dated {} µs after it was sent", (arrived.0 - sent.0) / 1_000);
@@ -202,9 +215,9 @@ mod tests {
         std::thread::sleep(Duration::from_millis(20));
         receiver.recv(&mut [0; 16]).unwrap();
         let handled = clock.now();
-        // Read but not handled yet, as when the endpoint reads a batch before the session runs.
+        // Read in the same batch, after it: the batch's stamp is its last datagram's.
         receiver.recv(&mut [0; 16]).unwrap();
-        let arrived = arrivals.t1(clock, handled);
+        let arrived = dated(&arrivals, clock, handled);
         assert!(arrived >= second && arrived > first, "the stamp is the last datagram read");
         assert!(arrived < handled);
     }
@@ -213,7 +226,8 @@ mod tests {
     fn without_stamps_a_datagram_is_dated_when_it_was_handled() {
         let clock = ServerClock::new();
         let handled = clock.now();
-        assert_eq!(Arrivals::none().t1(clock, handled), handled);
+        assert_eq!(dated(&Arrivals::none(), clock, handled), handled);
+        assert_eq!(t1(clock, handled, None), handled);
     }
 
     #[test]

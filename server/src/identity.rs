@@ -211,7 +211,7 @@ impl Source {
 /// reloaded and the HTTPS listener's resolver swapped. Open sessions and connections keep the
 /// certificate they started with; new handshakes get the new one.
 pub(crate) struct Installer {
-    pub(crate) endpoint: Arc<quinn::Endpoint>,
+    pub(crate) endpoint: Arc<crate::quic::Endpoint>,
     pub(crate) https: Option<Arc<CertResolver>>,
     pub(crate) config: Config,
     pub(crate) stats: Arc<Stats>,
@@ -228,7 +228,7 @@ impl Installer {
     /// Installs `key`; on an error nothing changed.
     pub(crate) fn install(&self, key: &CertifiedKey) -> Result<(), IdentityError> {
         let config = server_config(key, &self.config)?;
-        self.endpoint.set_server_config(Some(config));
+        self.endpoint.set_server_config(config);
         if let Some(https) = &self.https {
             // The same chain and key were just accepted for WebTransport, so this cannot
             // refuse them in practice; if it did, HTTPS would keep the old certificate.

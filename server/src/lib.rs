@@ -3,8 +3,9 @@
 //! The server owns one shared musical timeline per room and keeps every client's beat on the
 //! same true instant:
 //!
-//! - **WebTransport** (HTTP/3 on [`quinn`], framed with wtransport's protocol crate, bound
-//!   dual-stack; `session/h3.rs`): one reliable control stream per
+//! - **WebTransport** (HTTP/3 on quinn-proto, one task driving the socket and every
+//!   connection, `quic/`; framed with wtransport's protocol crate, bound dual-stack;
+//!   `session/h3.rs`): one reliable control stream per
 //!   session (hello, welcome, control changes, errors with stable codes) and unreliable
 //!   datagrams for NTP-style clock sync and for beat frames sent ahead of time.
 //! - **HTTP/1.1** ([`axum`], its own TCP port, optionally also over HTTPS): health, the
@@ -53,6 +54,8 @@ mod identity;
 mod limits;
 mod outbound;
 mod private;
+mod quic;
+pub use quic::{Exchanged, exchange_endpoint_events, send_transmit};
 mod room;
 pub mod sel;
 mod session;
@@ -65,12 +68,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::quic::{Endpoint, VarInt};
 use axum::serve::ListenerExt as _;
 use downbeat_protocol::ErrorCode;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tracing::{info, warn};
-use wtransport::quinn::{self, Endpoint, VarInt};
+use wtransport::quinn;
 
 pub use crate::api::{ApiError, status_for};
 pub use crate::clock::ServerClock;
@@ -156,8 +160,6 @@ pub struct Server {
     clock: ServerClock,
     stats: Arc<Stats>,
     endpoint: Arc<Endpoint>,
-    /// When clock-sync requests reached the endpoint's socket.
-    arrivals: arrival::Arrivals,
     http: TcpListener,
     http_addr: SocketAddr,
     https: Option<api::TlsListener>,
@@ -202,7 +204,7 @@ impl Server {
         let stats = Arc::new(Stats::default());
         stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
         let (source, key) = identity::load(&config)?;
-        let (endpoint, arrivals) = bind_endpoint(&config, &key)?;
+        let endpoint = bind_endpoint(&config, &key)?;
         let endpoint = Arc::new(endpoint);
         let wt_port = endpoint
             .local_addr()
@@ -294,7 +296,6 @@ impl Server {
             clock,
             stats,
             endpoint,
-            arrivals,
             http,
             http_addr,
             https,
@@ -396,7 +397,6 @@ impl Server {
             clock,
             stats,
             endpoint,
-            arrivals,
             http,
             https,
             https_certs,
@@ -434,7 +434,6 @@ impl Server {
             tenant_sessions,
             stats: stats.clone(),
             clock,
-            arrivals,
             hello_timeout: config.hello_timeout(),
             idle_timeout: config.idle_timeout(),
             keep_alive: config.keep_alive(),
@@ -632,12 +631,7 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
 /// Binds WebTransport on every address, dual-stack, so `https://localhost:PORT` (which
 /// Chromium tries on `::1` first) and `https://127.0.0.1:PORT` both work. Falls back to IPv4
 /// only on hosts without IPv6.
-///
-/// The socket's arrival stamps ([`arrival::Arrivals`]) come with it.
-fn bind_endpoint(
-    config: &Config,
-    key: &downbeat_certs::CertifiedKey,
-) -> Result<(Endpoint, arrival::Arrivals), ServerError> {
+fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint, ServerError> {
     let port = config.wt_port;
     let buffer = usize::try_from(config.udp_buffer_bytes).unwrap_or(usize::MAX);
     let socket = match udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), buffer) {
@@ -650,11 +644,8 @@ fn bind_endpoint(
         Err(source) => return Err(ServerError::BindWebTransport { port, source }),
     };
     let server = identity::server_config(key, config)?;
-    let runtime = Arc::new(quinn::TokioRuntime);
-    let arrivals = arrival::Arrivals::of(&socket);
-    let endpoint = Endpoint::new(quinn::EndpointConfig::default(), Some(server), socket, runtime)
-        .map_err(|source| ServerError::BindWebTransport { port, source })?;
-    Ok((endpoint, arrivals))
+    Endpoint::new(quinn::EndpointConfig::default(), server, socket)
+        .map_err(|source| ServerError::BindWebTransport { port, source })
 }
 
 /// A non-blocking UDP socket bound to `addr` (an IPv6 wildcard takes IPv4 too), with receive

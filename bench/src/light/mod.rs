@@ -57,6 +57,7 @@ use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings, ServerDatagram,
     Token,
 };
+use downbeat_server::Exchanged;
 use quinn_proto::{ConnectionError, ConnectionHandle, DatagramEvent, Dir, StreamEvent, StreamId, VarInt};
 use serde::Serialize;
 use tokio::io::Interest;
@@ -1065,19 +1066,10 @@ impl Driver {
                 let Some(transmit) = conn.quic.poll_transmit(now, max, &mut self.transmit) else { break };
                 send(&self.socket, &self.udp, &transmit, &self.transmit, &self.shared);
             }
-            let mut more = false;
-            while let Some(event) = conn.quic.poll_endpoint_events() {
-                let drained = event.is_drained();
-                if let Some(event) = self.endpoint.handle_event(ConnectionHandle(k), event) {
-                    conn.quic.handle_event(event);
-                    more = true;
-                }
-                if drained {
-                    return false;
-                }
-            }
-            if !more {
-                break;
+            match downbeat_server::exchange_endpoint_events(&mut self.endpoint, ConnectionHandle(k), &mut conn.quic) {
+                Exchanged::Drained => return false,
+                Exchanged::More => {}
+                Exchanged::Nothing => break,
             }
         }
         let sync = conn.held.is_some().then(|| self.shared.instant_at(conn.session.poll_timeout())).flatten();
@@ -1556,14 +1548,7 @@ fn send(
     contents: &[u8],
     shared: &Shared,
 ) {
-    let transmit = quinn_udp::Transmit {
-        destination: transmit.destination,
-        ecn: transmit.ecn.and_then(|e| quinn_udp::EcnCodepoint::from_bits(e as u8)),
-        contents: &contents[..transmit.size],
-        segment_size: transmit.segment_size,
-        src_ip: transmit.src_ip,
-    };
-    if udp.send(socket.into(), &transmit).is_err() {
+    if downbeat_server::send_transmit(socket, udp, transmit, contents).is_err() {
         shared.packets_dropped.fetch_add(1, Relaxed);
     }
 }

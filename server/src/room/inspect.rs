@@ -52,7 +52,7 @@ pub(crate) struct PathFigures {
 }
 
 impl PathFigures {
-    pub(crate) fn of(connection: &wtransport::quinn::Connection) -> Self {
+    pub(crate) fn of(connection: &crate::quic::Connection) -> Self {
         let stats = connection.stats();
         Self {
             rtt_micros: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),

@@ -1,4 +1,5 @@
-//! The HTTP/3 side of a WebTransport session, on quinn directly: no per-connection driver task.
+//! The HTTP/3 side of a WebTransport session, on the server's own QUIC driver
+//! ([`crate::quic`]): no per-connection driver task.
 //!
 //! wtransport's server runs a driver task per connection that accepts every stream and reads
 //! every datagram, handing each to the session through a channel. Each datagram then woke two
@@ -18,6 +19,7 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use crate::quic::{Connection, RecvStream, SendStream, VarInt};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use downbeat_protocol::ErrorCode;
 use tokio::time::timeout;
@@ -32,7 +34,6 @@ use wtransport::proto::session::{SessionRequest, SessionResponse};
 use wtransport::proto::settings::Settings;
 use wtransport::proto::stream_header::StreamHeader;
 use wtransport::proto::varint::VarInt as ProtoVarInt;
-use wtransport::quinn::{self, Connection, RecvStream, SendStream, VarInt};
 
 use crate::room::{DatagramKind, PathFigures, Peer};
 
@@ -181,7 +182,7 @@ impl Streams {
             // Capsules (a CLOSE_WEBTRANSPORT_SESSION) or nothing: either way the session ends
             // when the stream does.
             loop {
-                match connect.1.read_chunk(usize::MAX, true).await {
+                match connect.1.read_chunk(usize::MAX).await {
                     Ok(Some(_)) => {}
                     Ok(None) => return debug!("the peer ended the session's CONNECT stream"),
                     Err(e) => return debug!(error = %e, "the session's CONNECT stream broke"),
@@ -280,7 +281,7 @@ fn quic(code: ProtoVarInt) -> VarInt {
 }
 
 /// The session id of the request stream `id`.
-fn session_id_of(id: quinn::StreamId) -> Result<SessionId, H3Failure> {
+fn session_id_of(id: quinn_proto::StreamId) -> Result<SessionId, H3Failure> {
     let invalid = || H3Failure::Protocol("not a request stream", H3Error::Id);
     let varint = ProtoVarInt::try_from_u64(u64::from(id)).map_err(|_| invalid())?;
     SessionId::try_from_session_stream(StreamId::new(varint)).map_err(|_| invalid())

@@ -80,8 +80,6 @@ pub(crate) struct SessionContext {
     pub(crate) tenant_sessions: TenantSessions,
     pub(crate) stats: Arc<Stats>,
     pub(crate) clock: ServerClock,
-    /// When WebTransport datagrams reached the host, for clock-sync requests' `t1`.
-    pub(crate) arrivals: crate::arrival::Arrivals,
     pub(crate) hello_timeout: Duration,
     /// A session that receives nothing for this long is lost (QUIC's idle timeout; WebSocket
     /// sessions apply it to their reads).

@@ -5,12 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::quic::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, Transport};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{Instant, timeout, timeout_at};
 use tracing::{Instrument as _, Span, debug, info, warn};
-use wtransport::quinn::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 
 use super::h3::{Established, H3Failure, Requested, close_code};
 use super::race::race;
@@ -51,7 +51,7 @@ pub(crate) async fn accept_loop(endpoint: &Endpoint, ctx: Arc<SessionContext>, m
         let in_progress = ctx.max_handshakes.saturating_sub(ctx.handshakes.available_permits());
         if in_progress >= ctx.retry_above_handshakes && !incoming.remote_address_validated() {
             ctx.stats.handshakes_retried.inc();
-            let _ = incoming.retry();
+            incoming.retry();
             continue;
         }
         // Refusing at the QUIC level costs one packet; a WebTransport 429 would first cost a
@@ -115,7 +115,7 @@ async fn establish(
         }
     };
     let requested = async {
-        let conn = connecting.await.map_err(|e| {
+        let conn = connecting.established().await.map_err(|e| {
             debug!(%remote, error = %e, "handshake failed");
             H3Failure::Closed
         })?;
@@ -340,7 +340,7 @@ impl Link for WtLink {
                         Ok(Some(request)) => {
                             // Back to when it reached the host: its wait in the server is
                             // neither path delay nor offset.
-                            let t1 = ctx.arrivals.t1(clock, t1);
+                            let t1 = crate::arrival::t1(clock, t1, peer.conn.arrived());
                             let sent = sync_reply(clock, request, t1).is_some_and(|bytes| peer.send(&bytes));
                             ctx.stats.count_sync_reply(sent);
                         }

@@ -1,0 +1,163 @@
+//! The driver against quinn's client, over real loopback sockets.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use downbeat_certs::DevIdentity;
+use tokio::time::timeout;
+use wtransport::quinn;
+use wtransport::tls::rustls;
+
+use super::*;
+use crate::config::Config;
+
+/// Long enough for anything on loopback; a bound on a wait for a condition, never a guess.
+const WITHIN: Duration = Duration::from_secs(10);
+
+/// A served endpoint on loopback, and a quinn client endpoint trusting its certificate.
+struct Pair {
+    server: Endpoint,
+    client: quinn::Endpoint,
+    client_config: quinn::ClientConfig,
+    _dir: tempfile::TempDir,
+}
+
+impl Pair {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let identity = DevIdentity::load_or_create(dir.path(), &["localhost".into()], SystemTime::now()).unwrap();
+        let server_config = crate::identity::server_config(&identity.current, &Config::default()).unwrap();
+        let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        socket.set_nonblocking(true).unwrap();
+        let server = Endpoint::new(EndpointConfig::default(), server_config, socket).unwrap();
+
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(rustls::pki_types::CertificateDer::from(identity.current.cert_der.clone())).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tls.alpn_protocols = vec![wtransport::tls::WEBTRANSPORT_ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        let client_config = quinn::ClientConfig::new(Arc::new(crypto));
+        let client = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
+        Self { server, client, client_config, _dir: dir }
+    }
+
+    fn connect(&self) -> quinn::Connecting {
+        let address = self.server.local_addr().unwrap();
+        self.client.connect_with(self.client_config.clone(), address, "localhost").unwrap()
+    }
+
+    /// A connection from the client, accepted: both ends.
+    async fn connected(&self) -> (quinn::Connection, Connection) {
+        let connecting = self.connect();
+        let incoming = timeout(WITHIN, self.server.accept()).await.unwrap().unwrap();
+        let server = incoming.accept().unwrap();
+        let (client, server) = tokio::join!(connecting, server.established());
+        (client.unwrap(), server.unwrap())
+    }
+}
+
+#[tokio::test]
+async fn datagrams_and_streams_go_both_ways_and_a_finished_stream_is_acknowledged() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+
+    client.send_datagram(Bytes::from_static(b"sync")).unwrap();
+    assert_eq!(timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap(), &b"sync"[..]);
+    server.send_datagram(Bytes::from_static(b"beat")).unwrap();
+    assert_eq!(timeout(WITHIN, client.read_datagram()).await.unwrap().unwrap(), &b"beat"[..]);
+
+    let (mut client_send, mut client_recv) = client.open_bi().await.unwrap();
+    client_send.write_all(b"hello").await.unwrap();
+    client_send.finish().unwrap();
+    let (mut send, mut recv) = timeout(WITHIN, server.accept_bi()).await.unwrap().unwrap();
+    let mut hello = [0; 5];
+    recv.read_exact(&mut hello).await.unwrap();
+    assert_eq!(&hello, b"hello");
+    assert!(recv.read_chunk(usize::MAX).await.unwrap().is_none(), "the stream ends where the peer finished it");
+
+    send.write_all(b"welcome").await.unwrap();
+    send.finish().unwrap();
+    let read = tokio::spawn(async move { client_recv.read_to_end(64).await.unwrap() });
+    // Resolves once the client acknowledged every byte, not when they were written.
+    assert_eq!(timeout(WITHIN, send.stopped()).await.unwrap().unwrap(), None);
+    assert_eq!(read.await.unwrap(), b"welcome");
+
+    let mut uni = server.open_uni().await.unwrap();
+    uni.write_all(b"settings").await.unwrap();
+    drop(uni);
+    let mut client_uni = timeout(WITHIN, client.accept_uni()).await.unwrap().unwrap();
+    assert_eq!(client_uni.read_to_end(64).await.unwrap(), b"settings", "a dropped stream is finished, not reset");
+    assert!(server.stats().path.sent_packets > 0);
+}
+
+#[tokio::test]
+async fn a_connection_whose_last_handle_is_dropped_is_closed_and_drains() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    let (_client_send, _client_recv) = client.open_bi().await.unwrap();
+    let other = server.clone();
+    drop(server);
+    // A stream the server never took, and a clone: the connection lives while a handle does.
+    client.send_datagram(Bytes::from_static(b"still there")).unwrap();
+    assert_eq!(timeout(WITHIN, other.read_datagram()).await.unwrap().unwrap(), &b"still there"[..]);
+    drop(other);
+    match timeout(WITHIN, client.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => assert_eq!(close.error_code, VarInt::from_u32(0)),
+        other => panic!("closed by {other:?}"),
+    }
+    pair.server.close(VarInt::from_u32(0), b"");
+    timeout(WITHIN, pair.server.wait_idle()).await.expect("the endpoint forgets a drained connection");
+}
+
+#[tokio::test]
+async fn closing_the_endpoint_closes_its_connections_with_the_code_and_ends_accept() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    pair.server.close(VarInt::from_u32(7), b"shutting down");
+    match timeout(WITHIN, client.closed()).await.unwrap() {
+        quinn::ConnectionError::ApplicationClosed(close) => {
+            assert_eq!(close.error_code, VarInt::from_u32(7));
+            assert_eq!(&close.reason[..], b"shutting down");
+        }
+        other => panic!("closed by {other:?}"),
+    }
+    assert!(matches!(server.closed().await, ConnectionError::LocallyClosed));
+    assert!(server.send_datagram(Bytes::from_static(b"late")).is_err());
+    assert!(timeout(WITHIN, pair.server.accept()).await.unwrap().is_none());
+    timeout(WITHIN, pair.server.wait_idle()).await.expect("every connection drains");
+    // A new connection is refused, not left to time out.
+    let refused = timeout(WITHIN, pair.connect()).await.unwrap();
+    assert!(refused.is_err());
+}
+
+#[tokio::test]
+async fn a_refused_connection_is_told_and_a_retried_one_comes_back_validated() {
+    let pair = Pair::new();
+    let connecting = pair.connect();
+    let incoming = timeout(WITHIN, pair.server.accept()).await.unwrap().unwrap();
+    assert!(!incoming.remote_address_validated());
+    incoming.refuse();
+    match timeout(WITHIN, connecting).await.unwrap() {
+        Err(quinn::ConnectionError::ConnectionClosed(close)) => {
+            assert_eq!(close.error_code, quinn_proto::TransportErrorCode::CONNECTION_REFUSED);
+        }
+        other => panic!("{other:?}"),
+    }
+
+    let connecting = pair.connect();
+    let incoming = timeout(WITHIN, pair.server.accept()).await.unwrap().unwrap();
+    incoming.retry();
+    // The client answers the Retry by itself, with the token proving its address.
+    let incoming = timeout(WITHIN, pair.server.accept()).await.unwrap().unwrap();
+    assert!(incoming.remote_address_validated());
+    let server = incoming.accept().unwrap();
+    let (client, server) = tokio::join!(connecting, server.established());
+    let (client, _server) = (client.unwrap(), server.unwrap());
+    assert!(client.close_reason().is_none());
+}
