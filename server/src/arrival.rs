@@ -11,13 +11,13 @@
 //! never settled (issue 15, eleventh round); with this, they settle at 45 % of a core.
 //!
 //! Linux stamps each datagram as it arrives once a socket has asked (`SIOCGSTAMPNS`), and
-//! reports the stamp of the last datagram read from the socket. The QUIC driver
-//! ([`crate::quic`]) alone reads the WebTransport socket, in arrival order and in batches:
-//! after each batch it asks when the batch's last datagram arrived ([`Arrivals::last_read`]),
-//! and each connection with a packet in the batch keeps that instant. Every packet of the
-//! batch arrived no later, and none was handled earlier. [`t1`] moves a request's `t1` back to
-//! that instant plus `HAND_OFF`, never before the true arrival: by all of a queue's wait but
-//! the batch's.
+//! reports the stamp of the last datagram read from the socket. The server's QUIC driver
+//! (`quic`) alone reads the WebTransport socket, in arrival order and in batches: after each
+//! batch it asks when the batch's last datagram arrived (`Arrivals::last_read`), and each
+//! connection with a packet in the batch keeps that instant. Every packet of the batch
+//! arrived no later, and none was handled earlier. `t1` moves a request's `t1` back to that
+//! instant plus `HAND_OFF`, never before the true arrival: by all of a queue's wait but the
+//! batch's.
 //!
 //! The kernel turns stamping on for the host a moment after the socket first asks; the few
 //! datagrams before read as arriving when they were asked about, as before.

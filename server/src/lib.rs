@@ -55,7 +55,6 @@ mod limits;
 mod outbound;
 mod private;
 mod quic;
-pub use quic::{Exchanged, exchange_endpoint_events, send_transmit};
 mod room;
 pub mod sel;
 mod session;
@@ -68,7 +67,6 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::quic::{Endpoint, VarInt};
 use axum::serve::ListenerExt as _;
 use downbeat_protocol::ErrorCode;
 use tokio::net::TcpListener;
@@ -80,10 +78,12 @@ pub use crate::api::{ApiError, status_for};
 pub use crate::clock::ServerClock;
 pub use crate::config::{Args, Config, ConfigError, parse_and_merge};
 pub use crate::identity::{IdentityError, PublishedHash};
+pub use crate::quic::{Exchanged, exchange_endpoint_events, send_transmit};
 pub use crate::stats::Stats;
 
 use crate::auth::Tenants;
 use crate::identity::{PublishedHashes, TlsHealth};
+use crate::quic::{Endpoint, VarInt};
 use crate::room::{Rooms, RoomsConfig};
 use crate::session::SessionContext;
 

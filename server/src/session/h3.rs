@@ -19,7 +19,6 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
-use crate::quic::{Connection, RecvStream, SendStream, VarInt};
 use bytes::{BufMut as _, Bytes, BytesMut};
 use downbeat_protocol::ErrorCode;
 use tokio::time::timeout;
@@ -35,6 +34,7 @@ use wtransport::proto::settings::Settings;
 use wtransport::proto::stream_header::StreamHeader;
 use wtransport::proto::varint::VarInt as ProtoVarInt;
 
+use crate::quic::{Connection, RecvStream, SendStream, VarInt};
 use crate::room::{DatagramKind, PathFigures, Peer};
 
 /// The largest `CONNECT` header block read (browsers send well under 2 KiB).

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::quic::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use downbeat_protocol::{self as wire, ClientMessage, ErrorCode, FRAME_HEADER_LEN, Transport};
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::task::{JoinHandle, JoinSet};
@@ -20,6 +19,7 @@ use super::{
 };
 use crate::authz::Refusal;
 use crate::limits::NetworkPlace;
+use crate::quic::{Connection, ConnectionError, Endpoint, Incoming, RecvStream, SendStream, VarInt};
 use crate::room::{Departure, Outgoing};
 use crate::shutdown::Shutdown;
 
