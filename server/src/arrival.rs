@@ -84,18 +84,18 @@ pub fn since_last_read(socket: impl AsFd) -> Option<Duration> {
     }
 }
 
-/// The WebTransport socket, asked when the last datagram read from it arrived.
-#[derive(Debug)]
+/// Whether the WebTransport socket stamps what it receives; if it does, its reader asks it
+/// when the last datagram read arrived.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct Arrivals {
-    /// The endpoint's socket (another descriptor of it), if it stamps arrivals.
-    socket: Option<std::net::UdpSocket>,
+    stamped: bool,
 }
 
 impl Arrivals {
-    /// Asks `socket` (the endpoint's, shared) to stamp what it receives from now on.
-    pub(crate) fn of(socket: &std::net::UdpSocket) -> Self {
-        match socket.try_clone().and_then(|socket| stamp_arrivals(&socket).map(|()| socket)) {
-            Ok(socket) => Self { socket: Some(socket) },
+    /// Asks `socket` to stamp what it receives from now on.
+    pub(crate) fn of(socket: impl AsFd) -> Self {
+        match stamp_arrivals(socket) {
+            Ok(()) => Self { stamped: true },
             Err(e) => {
                 tracing::warn!(error = %e, "clock-sync requests are dated when handled, not on arrival");
                 Self::none()
@@ -105,14 +105,16 @@ impl Arrivals {
 
     /// Stamps nothing.
     pub(crate) fn none() -> Self {
-        Self { socket: None }
+        Self { stamped: false }
     }
 
-    /// When the last datagram read from the socket reached this host, if it was stamped: no
-    /// later than `now`, the instant it is asked at.
-    pub(crate) fn last_read(&self, now: Instant) -> Option<Instant> {
-        let wait = self.socket.as_ref().and_then(since_last_read)?;
-        now.checked_sub(wait)
+    /// When the last datagram read from `socket` (the one given to [`Arrivals::of`]) reached
+    /// this host, if it was stamped: no later than `now`, the instant it is asked at.
+    pub(crate) fn last_read(self, socket: impl AsFd, now: Instant) -> Option<Instant> {
+        if !self.stamped {
+            return None;
+        }
+        now.checked_sub(since_last_read(socket)?)
     }
 }
 
@@ -160,9 +162,9 @@ mod tests {
 
     const MS: u64 = 1_000_000;
 
-    /// The `t1` of a request handled at `handled`, the last datagram read from the socket.
-    fn dated(arrivals: &Arrivals, clock: ServerClock, handled: ServerNanos) -> ServerNanos {
-        t1(clock, handled, arrivals.last_read(Instant::now()))
+    /// The `t1` of a request handled at `handled`, the last datagram read from `receiver`.
+    fn dated(receiver: &UdpSocket, arrivals: Arrivals, clock: ServerClock, handled: ServerNanos) -> ServerNanos {
+        t1(clock, handled, arrivals.last_read(receiver, Instant::now()))
     }
 
     /// A receiving socket with its stamps on, a socket sending to it, and the server clock.
@@ -180,7 +182,7 @@ mod tests {
             std::thread::sleep(Duration::from_millis(2));
             receiver.recv(&mut [0; 16]).unwrap();
             let handled = clock.now();
-            handled.0 - dated(&arrivals, clock, handled).0 >= MS
+            handled.0 - dated(&receiver, arrivals, clock, handled).0 >= MS
         });
         assert!(on, "the kernel never stamped a datagram");
         (receiver, sender, arrivals, clock)
@@ -196,7 +198,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(50));
         receiver.recv(&mut [0; 16]).unwrap();
         let handled = clock.now();
-        let arrived = dated(&arrivals, clock, handled);
+        let arrived = dated(&receiver, arrivals, clock, handled);
         assert!(arrived >= before, "dated {} ns before it was sent", before.0 - arrived.0);
         // Reading the two clocks one after the other may put it a little late, never 50 ms.
         assert!(arrived.0 <= sent.0 + MS, "dated {} µs after it was sent", (arrived.0 - sent.0) / 1_000);
@@ -217,16 +219,17 @@ mod tests {
         let handled = clock.now();
         // Read in the same batch, after it: the batch's stamp is its last datagram's.
         receiver.recv(&mut [0; 16]).unwrap();
-        let arrived = dated(&arrivals, clock, handled);
+        let arrived = dated(&receiver, arrivals, clock, handled);
         assert!(arrived >= second && arrived > first, "the stamp is the last datagram read");
         assert!(arrived < handled);
     }
 
     #[test]
     fn without_stamps_a_datagram_is_dated_when_it_was_handled() {
+        let receiver = UdpSocket::bind("127.0.0.1:0").unwrap();
         let clock = ServerClock::new();
         let handled = clock.now();
-        assert_eq!(dated(&Arrivals::none(), clock, handled), handled);
+        assert_eq!(dated(&receiver, Arrivals::none(), clock, handled), handled);
         assert_eq!(t1(clock, handled, None), handled);
     }
 

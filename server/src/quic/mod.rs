@@ -227,9 +227,7 @@ impl Shared {
             std::mem::take(&mut accepting.waiting)
         };
         for incoming in waiting {
-            core.transmit.clear();
-            let transmit = core.endpoint.refuse(incoming, &mut core.transmit);
-            self.send(&transmit, &core.transmit);
+            core.refuse(self, incoming);
         }
         let now = Instant::now();
         let reason = Bytes::copy_from_slice(reason);
@@ -310,9 +308,7 @@ impl Incoming {
         let mut core = lock(&self.shared.core);
         let core = &mut *core;
         if core.closing {
-            core.transmit.clear();
-            let transmit = core.endpoint.refuse(incoming, &mut core.transmit);
-            self.shared.send(&transmit, &core.transmit);
+            core.refuse(&self.shared, incoming);
             return Err(ConnectionError::LocallyClosed);
         }
         core.transmit.clear();
@@ -354,22 +350,23 @@ impl Incoming {
         core.transmit.clear();
         match core.endpoint.retry(incoming, &mut core.transmit) {
             Ok(transmit) => self.shared.send(&transmit, &core.transmit),
-            Err(e) => {
-                core.transmit.clear();
-                let transmit = core.endpoint.refuse(e.into_incoming(), &mut core.transmit);
-                self.shared.send(&transmit, &core.transmit);
-            }
+            Err(e) => core.refuse(&self.shared, e.into_incoming()),
         }
     }
 }
 
 impl Shared {
     fn refuse(&self, incoming: quinn_proto::Incoming) {
-        let mut core = lock(&self.core);
-        let core = &mut *core;
-        core.transmit.clear();
-        let transmit = core.endpoint.refuse(incoming, &mut core.transmit);
-        self.send(&transmit, &core.transmit);
+        lock(&self.core).refuse(self, incoming);
+    }
+}
+
+impl Core {
+    /// Refuses `incoming` (one packet, nothing kept).
+    fn refuse(&mut self, shared: &Shared, incoming: quinn_proto::Incoming) {
+        self.transmit.clear();
+        let transmit = self.endpoint.refuse(incoming, &mut self.transmit);
+        shared.send(&transmit, &self.transmit);
     }
 }
 
@@ -444,9 +441,9 @@ async fn drive(shared: Arc<Shared>) {
 /// Reads what the socket has (at most [`RECV_ROUNDS`] batches) and hands every packet to its
 /// connection (marked to run), or to the accept queue.
 fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mut [quinn_udp::RecvMeta]) {
+    let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
     for _ in 0..RECV_ROUNDS {
         let received = {
-            let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
             let (socket, udp) = (&shared.socket, &shared.udp);
             socket.try_io(Interest::READABLE, || udp.recv(socket.into(), &mut slices, metas))
         };
@@ -462,8 +459,8 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
         };
         let now = Instant::now();
         // The batch's last datagram reached the host then, the others before.
-        let arrived = shared.arrivals.last_read(now);
-        for (meta, buffer) in metas.iter().zip(buffers.iter()).take(n) {
+        let arrived = shared.arrivals.last_read(&shared.socket, now);
+        for (meta, buffer) in metas.iter().zip(slices.iter()).take(n) {
             for packet in buffer[..meta.len].chunks(meta.stride.max(1)) {
                 let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
                 let data = BytesMut::from(packet);
@@ -487,9 +484,7 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
                             if !core.closing {
                                 warn!("the accept queue is full; refusing a connection");
                             }
-                            core.transmit.clear();
-                            let transmit = core.endpoint.refuse(incoming, &mut core.transmit);
-                            shared.send(&transmit, &core.transmit);
+                            core.refuse(shared, incoming);
                         } else {
                             accepting.waiting.push_back(incoming);
                             if let Some(waker) = accepting.waker.take() {
