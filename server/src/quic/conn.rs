@@ -29,7 +29,9 @@ impl ConnShared {
         let state = ConnState {
             quic,
             marked: false,
-            wake: None,
+            armed: None,
+            stashed: Vec::new(),
+            stashed_endpoint: Vec::new(),
             arrived: None,
             connected: false,
             error: None,
@@ -50,8 +52,13 @@ pub(super) struct ConnState {
     pub(super) quic: quinn_proto::Connection,
     /// Listed to run (by the driver, or in the endpoint's marked list).
     pub(super) marked: bool,
-    /// The instant this connection's entry in the driver's timers is for.
-    pub(super) wake: Option<Instant>,
+    /// When the driver looks at the connection's timeout next (its armed deadline), if it
+    /// will: a session whose change leaves the timeout no sooner need not mark it.
+    pub(super) armed: Option<Instant>,
+    /// Events a session's change left, for the driver...
+    pub(super) stashed: Vec<quinn_proto::Event>,
+    /// ...and the connection's events for the endpoint.
+    pub(super) stashed_endpoint: Vec<quinn_proto::EndpointEvent>,
     /// When the last batch the driver read with a packet of this connection's reached the
     /// host (the kernel's stamp of its last datagram), if stamped.
     pub(super) arrived: Option<Instant>,
@@ -223,11 +230,24 @@ impl Connection {
 
     /// A session changed the connection: what it has to send goes now, from this thread
     /// (several sessions' packets are built and encrypted at once on the runtime's threads,
-    /// not one after another in the driver's), and the connection is listed for the driver,
-    /// which sets its next timer.
+    /// not one after another in the driver's). The connection is listed for the driver only
+    /// if the change left it something: events, events for the endpoint (both kept for it), or
+    /// a timeout sooner than the deadline armed. A reply to a clock-sync request leaves none
+    /// of these (the acknowledgement it carries stops a timer, the loss timer it starts comes
+    /// after the deadline armed for that acknowledgement), so a reply costs the driver nothing.
     fn touched(&self, state: &mut ConnState) {
         self.0.shared.transmit(&mut state.quic);
-        if !state.marked {
+        if state.marked {
+            return;
+        }
+        while let Some(event) = state.quic.poll() {
+            state.stashed.push(event);
+        }
+        while let Some(event) = state.quic.poll_endpoint_events() {
+            state.stashed_endpoint.push(event);
+        }
+        let sooner = state.quic.poll_timeout().is_some_and(|at| state.armed.is_none_or(|armed| at < armed));
+        if sooner || !state.stashed.is_empty() || !state.stashed_endpoint.is_empty() {
             state.marked = true;
             self.0.shared.mark(self.0.k);
         }

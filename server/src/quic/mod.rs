@@ -14,8 +14,10 @@
 //! finds for a session (a datagram, stream data, a new stream, the end) wakes the one task
 //! waiting for it. What a session changes (a datagram queued, a stream written or read, a
 //! close) is sent at once from the session's own thread, so packets are built and encrypted
-//! on all the runtime's threads and a reply does not wait for the driver's next round; the
-//! connection is then marked for the driver, which sets its next timer.
+//! on all the runtime's threads and a reply does not wait for the driver's next round. The
+//! connection is marked for the driver only if the change left it work: events, events for
+//! the endpoint, or a timeout sooner than the deadline armed in the driver's timers
+//! ([`timers`]). A clock-sync reply leaves none.
 //!
 //! The API is the part of quinn's the server uses, with quinn's meanings: [`Endpoint::accept`]
 //! gives [`Incoming`] connections to accept, refuse or retry; a [`Connection`] has datagrams
@@ -28,9 +30,9 @@
 mod conn;
 #[cfg(test)]
 mod tests;
+mod timers;
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, VecDeque};
+use std::collections::VecDeque;
 use std::io::IoSliceMut;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -45,6 +47,7 @@ use tracing::{debug, warn};
 
 use self::conn::{ConnShared, Wakers};
 pub(crate) use self::conn::{Connecting, Connection, RecvStream, SendStream};
+use self::timers::Timers;
 use crate::arrival::Arrivals;
 pub(crate) use quinn_proto::{ConnectionError, VarInt};
 
@@ -78,6 +81,9 @@ struct Shared {
     udp: quinn_udp::UdpSocketState,
     /// When the datagrams read from the socket reached the host.
     arrivals: Arrivals,
+    /// Times a session's change marked a connection.
+    #[cfg(test)]
+    marks: std::sync::atomic::AtomicUsize,
 }
 
 impl std::fmt::Debug for Shared {
@@ -94,9 +100,10 @@ struct Core {
     endpoint: quinn_proto::Endpoint,
     /// By connection handle.
     conns: Vec<Option<Arc<ConnShared>>>,
-    /// When each connection wants to run next, at most one live entry per connection (an
-    /// entry whose instant is no longer the connection's `wake` is skipped when it comes up).
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// When each connection wants to run next.
+    timers: Timers,
+    /// Connections whose deadline came up, being looked at.
+    due: Vec<usize>,
     /// Connections to run before the driver sleeps again.
     run: Vec<usize>,
     /// The endpoint's own packets (refusals, Retry, stateless answers).
@@ -135,7 +142,8 @@ impl Endpoint {
         let core = Core {
             endpoint,
             conns: Vec::new(),
-            timers: BinaryHeap::new(),
+            timers: Timers::new(Instant::now()),
+            due: Vec::new(),
             run: Vec::new(),
             transmit: Vec::new(),
             closing: false,
@@ -150,6 +158,8 @@ impl Endpoint {
             socket,
             udp,
             arrivals,
+            #[cfg(test)]
+            marks: std::sync::atomic::AtomicUsize::new(0),
         });
         tokio::spawn(drive(shared.clone()));
         Ok(Self { shared })
@@ -207,6 +217,8 @@ impl Drop for Endpoint {
 impl Shared {
     /// Marks connection `k` for the driver (a session changed it).
     fn mark(&self, k: usize) {
+        #[cfg(test)]
+        self.marks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         lock(&self.marked).push(k);
         self.wake_driver.notify_one();
     }
@@ -392,7 +404,7 @@ async fn drive(shared: Arc<Shared>) {
             if core.dropped && core.conns.iter().all(Option::is_none) {
                 return;
             }
-            core.timers.peek().map(|&Reverse((at, _))| at)
+            core.timers.next()
         };
         let sleep = async {
             match next {
@@ -412,22 +424,27 @@ async fn drive(shared: Arc<Shared>) {
         // ready without a system call).
         receive(&shared, core, &mut buffers, &mut metas);
         let now = Instant::now();
-        while let Some(&Reverse((at, k))) = core.timers.peek() {
-            if at > now {
-                break;
-            }
-            core.timers.pop();
+        // Taken out while the connections are looked at, and put back to keep its capacity.
+        let mut due = std::mem::take(&mut core.due);
+        core.timers.expire(now, &mut due);
+        for k in due.drain(..) {
             let Some(conn) = core.conns.get(k).and_then(Option::as_ref) else { continue };
             let mut state = lock(&conn.state);
-            if state.wake == Some(at) {
-                state.wake = None;
-                state.quic.handle_timeout(now);
-                if !state.marked {
-                    state.marked = true;
-                    core.run.push(k);
+            state.armed = None;
+            match state.quic.poll_timeout() {
+                // Moved later since it was armed (a packet came or went): armed again, not run.
+                Some(at) if at > now => state.armed = Some(core.timers.arm(k, at)),
+                None => {}
+                Some(_) => {
+                    state.quic.handle_timeout(now);
+                    if !state.marked {
+                        state.marked = true;
+                        core.run.push(k);
+                    }
                 }
             }
         }
+        core.due = due;
         std::mem::swap(&mut *lock(&shared.marked), &mut marked);
         core.run.append(&mut marked);
         while let Some(k) = core.run.pop() {
@@ -506,16 +523,22 @@ fn run(shared: &Shared, core: &mut Core, k: usize, wakers: &mut Wakers) {
     let Some(conn) = core.conns.get(k).and_then(Option::clone) else { return };
     let mut state = lock(&conn.state);
     state.marked = false;
+    // What a session's change left first, in the order it came.
+    for event in std::mem::take(&mut state.stashed) {
+        state.on_event(event, wakers);
+    }
     loop {
         while let Some(event) = state.quic.poll() {
             state.on_event(event, wakers);
         }
         shared.transmit(&mut state.quic);
-        match exchange_endpoint_events(&mut core.endpoint, ConnectionHandle(k), &mut state.quic) {
+        let stashed = std::mem::take(&mut state.stashed_endpoint);
+        match exchange(&mut core.endpoint, ConnectionHandle(k), &mut state.quic, stashed) {
             Exchanged::Drained => {
                 state.drained(wakers);
                 drop(state);
                 core.conns[k] = None;
+                core.timers.disarm(k);
                 shared.open.send_modify(|n| *n = n.saturating_sub(1));
                 return;
             }
@@ -523,13 +546,8 @@ fn run(shared: &Shared, core: &mut Core, k: usize, wakers: &mut Wakers) {
             Exchanged::Nothing => break,
         }
     }
-    // A later timeout leaves the earlier entry: it comes up, finds nothing due (quinn-proto
-    // handles only what has expired), and the next one is set.
-    if let Some(next) = state.quic.poll_timeout()
-        && state.wake.is_none_or(|w| next < w)
-    {
-        state.wake = Some(next);
-        core.timers.push(Reverse((next, k)));
+    if let Some(next) = state.quic.poll_timeout() {
+        state.armed = Some(core.timers.arm(k, next));
     }
 }
 
@@ -552,8 +570,19 @@ pub fn exchange_endpoint_events(
     handle: ConnectionHandle,
     conn: &mut quinn_proto::Connection,
 ) -> Exchanged {
+    exchange(endpoint, handle, conn, Vec::new())
+}
+
+/// [`exchange_endpoint_events`], `earlier` events (taken from `conn` before) first.
+fn exchange(
+    endpoint: &mut quinn_proto::Endpoint,
+    handle: ConnectionHandle,
+    conn: &mut quinn_proto::Connection,
+    earlier: Vec<quinn_proto::EndpointEvent>,
+) -> Exchanged {
     let mut more = false;
-    while let Some(event) = conn.poll_endpoint_events() {
+    let mut earlier = earlier.into_iter();
+    while let Some(event) = earlier.next().or_else(|| conn.poll_endpoint_events()) {
         let drained = event.is_drained();
         if let Some(event) = endpoint.handle_event(handle, event) {
             conn.handle_event(event);

@@ -161,3 +161,41 @@ async fn a_refused_connection_is_told_and_a_retried_one_comes_back_validated() {
     let (client, _server) = (client.unwrap(), server.unwrap());
     assert!(client.close_reason().is_none());
 }
+
+/// A request and its reply, as a clock-sync exchange goes: the reply is sent by the session
+/// and leaves the driver nothing to do, so it does not wake it. A close leaves a timeout the
+/// driver does get to: the connection drains.
+#[tokio::test]
+async fn a_reply_to_a_datagram_leaves_the_driver_nothing_and_a_closed_connection_still_drains() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    let marks = || pair.server.shared.marks.load(std::sync::atomic::Ordering::Relaxed);
+    let exchange = async |i: u32| {
+        client.send_datagram(Bytes::from(i.to_be_bytes().to_vec())).unwrap();
+        let request = timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap();
+        let before = marks();
+        server.send_datagram(request).unwrap();
+        let after = marks();
+        assert_eq!(timeout(WITHIN, client.read_datagram()).await.unwrap().unwrap(), &i.to_be_bytes()[..]);
+        after - before
+    };
+    // The first exchanges may still carry the handshake's tail (its acknowledgements, new
+    // connection ids), which the driver has to see.
+    for i in 0..10 {
+        exchange(i).await;
+    }
+    let mut marked = 0;
+    for i in 10..30 {
+        marked += exchange(i).await;
+    }
+    assert_eq!(marked, 0, "replies marked the connection {marked} times in 20 exchanges");
+
+    server.close(VarInt::from_u32(7), b"done");
+    let closed = timeout(WITHIN, client.closed()).await.unwrap();
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(ref c) if c.error_code == quinn::VarInt::from_u32(7)),
+        "{closed:?}"
+    );
+    // Drained while the session still holds its handle: the driver ran the closing timer.
+    timeout(WITHIN, pair.server.wait_idle()).await.unwrap();
+}
