@@ -13,6 +13,11 @@
 //! has moved, and arms that instead, without running it. Arming an earlier one leaves the
 //! later entry stale, and it is dropped when its slot comes up. Deadlines past the wheel's
 //! span wait in a heap until they come within it.
+//!
+//! A slot is a list threaded through one pool of entries, so the wheel holds as much memory
+//! as the most entries ever live at once. A vector per slot kept, in each of its 8,192 slots,
+//! room for the most entries that slot ever held, and grew the server by about a kilobyte a
+//! session (32.5 KiB a session against 31.4 at 5,177 settled sessions).
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -26,13 +31,28 @@ const WORD: usize = u64::BITS as usize;
 /// A millisecond since the wheel's origin; the first is 1.
 type Tick = u64;
 
+/// The end of a slot's list, or of the free list.
+const NIL: u32 = u32::MAX;
+
+/// A deadline in a slot's list (or a free place in the pool).
+#[derive(Clone, Copy)]
+struct Entry {
+    tick: Tick,
+    k: usize,
+    next: u32,
+}
+
 /// See the module's documentation.
 pub(super) struct Timers {
     origin: Instant,
     /// The last tick whose slot was taken; slots hold the ticks after it, up to [`SLOTS`] on.
     done: Tick,
-    /// `(tick, connection)` by `tick % SLOTS`.
-    slots: Vec<Vec<(Tick, usize)>>,
+    /// The first entry of each slot's list, by `tick % SLOTS`.
+    slots: Vec<u32>,
+    /// Every slot's entries, and the free places.
+    pool: Vec<Entry>,
+    /// The first free place in the pool.
+    free: u32,
     /// One bit per slot with an entry, to find the next without looking at each.
     occupied: Vec<u64>,
     /// Deadlines beyond the wheel's span.
@@ -46,7 +66,9 @@ impl Timers {
         Self {
             origin,
             done: 0,
-            slots: (0..SLOTS).map(|_| Vec::new()).collect(),
+            slots: vec![NIL; SLOTS],
+            pool: Vec::new(),
+            free: NIL,
             occupied: vec![0; SLOTS / WORD],
             far: BinaryHeap::new(),
             armed: Vec::new(),
@@ -95,7 +117,17 @@ impl Timers {
             return;
         }
         let slot = slot(tick);
-        self.slots[slot].push((tick, k));
+        let entry = Entry { tick, k, next: self.slots[slot] };
+        let place = if self.free == NIL {
+            self.pool.push(entry);
+            u32::try_from(self.pool.len() - 1).expect("fewer live deadlines than u32::MAX")
+        } else {
+            let place = self.free;
+            self.free = self.pool[place as usize].next;
+            self.pool[place as usize] = entry;
+            place
+        };
+        self.slots[slot] = place;
         self.occupied[slot / WORD] |= 1 << (slot % WORD);
     }
 
@@ -138,13 +170,14 @@ impl Timers {
                 break;
             }
             self.occupied[slot / WORD] &= !(1 << (slot % WORD));
-            let mut entries = std::mem::take(&mut self.slots[slot]);
-            for &(t, k) in &entries {
-                self.fire(t, k, due);
+            let mut place = std::mem::replace(&mut self.slots[slot], NIL);
+            while place != NIL {
+                let entry = self.pool[place as usize];
+                self.fire(entry.tick, entry.k, due);
+                self.pool[place as usize].next = self.free;
+                self.free = place;
+                place = entry.next;
             }
-            // The list keeps its capacity for the slot's next turn.
-            entries.clear();
-            self.slots[slot] = entries;
             self.done = tick;
         }
         self.done = self.done.max(begun);
