@@ -133,11 +133,14 @@ impl Timers {
 
     /// When the earliest entry comes up (perhaps a stale one), if any.
     pub(super) fn next(&self) -> Option<Instant> {
-        let near = self
-            .next_occupied()
-            .map(|slot| self.done + 1 + ((slot + SLOTS - self::slot(self.done + 1)) % SLOTS) as Tick);
+        let near = self.next_occupied().map(|slot| self.tick_of(slot));
         let far = self.far.peek().map(|&Reverse((tick, _))| tick);
         near.into_iter().chain(far).min().map(|tick| self.instant(tick))
+    }
+
+    /// The tick `slot` holds: the first after `done` that falls in it.
+    fn tick_of(&self, slot: usize) -> Tick {
+        self.done + 1 + ((slot + SLOTS - self::slot(self.done + 1)) % SLOTS) as Tick
     }
 
     /// The first occupied slot from the one after `done`, going round once.
@@ -165,7 +168,7 @@ impl Timers {
         let begun = Tick::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(Tick::MAX);
         while self.done < begun {
             let Some(slot) = self.next_occupied() else { break };
-            let tick = self.done + 1 + ((slot + SLOTS - self::slot(self.done + 1)) % SLOTS) as Tick;
+            let tick = self.tick_of(slot);
             if tick > begun {
                 break;
             }
