@@ -161,6 +161,14 @@ impl ConnState {
         wakers.0.extend(self.writers.drain(..).map(|(_, w)| w));
     }
 
+    /// Lists connection `k` in the driver's `run` unless it is listed already.
+    pub(super) fn list(&mut self, k: usize, run: &mut Vec<usize>) {
+        if !self.marked {
+            self.marked = true;
+            run.push(k);
+        }
+    }
+
     /// Whether the connection has not ended yet.
     pub(super) fn is_open(&self) -> bool {
         self.error.is_none()

@@ -250,10 +250,7 @@ impl Shared {
             if state.is_open() {
                 state.close(now, code, reason.clone(), &mut wakers);
             }
-            if !state.marked {
-                state.marked = true;
-                core.run.push(k);
-            }
+            state.list(k, &mut core.run);
         }
         drop(guard);
         wakers.wake();
@@ -333,8 +330,7 @@ impl Incoming {
                 }
                 core.conns[k] = Some(conn.clone());
                 self.shared.open.send_modify(|n| *n += 1);
-                lock(&conn.state).marked = true;
-                core.run.push(k);
+                lock(&conn.state).list(k, &mut core.run);
                 self.shared.wake_driver.notify_one();
                 Ok(Connecting::new(conn))
             }
@@ -437,10 +433,7 @@ async fn drive(shared: Arc<Shared>) {
                 None => {}
                 Some(_) => {
                     state.quic.handle_timeout(now);
-                    if !state.marked {
-                        state.marked = true;
-                        core.run.push(k);
-                    }
+                    state.list(k, &mut core.run);
                 }
             }
         }
@@ -488,10 +481,7 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
                             let mut state = lock(&conn.state);
                             state.arrived = arrived;
                             state.quic.handle_event(event);
-                            if !state.marked {
-                                state.marked = true;
-                                core.run.push(handle.0);
-                            }
+                            state.list(handle.0, &mut core.run);
                         }
                     }
                     Some(DatagramEvent::NewConnection(incoming)) => {
