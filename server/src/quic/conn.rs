@@ -1,6 +1,7 @@
 //! A connection's state as the driver and its sessions share it, and the handles sessions
 //! hold: [`Connection`], [`SendStream`], [`RecvStream`].
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +34,9 @@ impl ConnShared {
             stashed: Vec::new(),
             stashed_endpoint: Vec::new(),
             arrived: None,
+            answerer: None,
+            passed: VecDeque::new(),
+            passed_bytes: 0,
             connected: false,
             error: None,
             on_connected: None,
@@ -62,6 +66,12 @@ pub(super) struct ConnState {
     /// When the last batch the driver read with a packet of this connection's reached the
     /// host (the kernel's stamp of its last datagram), if stamped.
     pub(super) arrived: Option<Instant>,
+    /// Answers datagrams as the driver takes them, if a session asked ([`Connection::answer_datagrams`]).
+    answerer: Option<Arc<dyn Answerer>>,
+    /// Datagrams the answerer passed on, for the session to read ([`Connection::read_datagram`]),
+    /// oldest first, and their bytes (at most [`PASSED_BYTES`]).
+    passed: VecDeque<Bytes>,
+    passed_bytes: usize,
     connected: bool,
     /// Why the connection ended, once it has.
     error: Option<ConnectionError>,
@@ -75,6 +85,37 @@ pub(super) struct ConnState {
     readers: Vec<(StreamId, Waker)>,
     /// ...and to write one, or for it to be acknowledged or stopped.
     writers: Vec<(StreamId, Waker)>,
+}
+
+/// Bytes of datagrams an answerer passed on that a connection keeps for its session; the
+/// oldest go first past it, as quinn-proto drops from its own receive buffer (the server's is
+/// as large).
+pub(super) const PASSED_BYTES: usize = 64 * 1024;
+
+/// What the driver does with a datagram it takes for an [`Answerer`].
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Not the answerer's: the session reads it.
+    Pass,
+    /// Dealt with, nothing to send (e.g. over the session's rate).
+    Taken,
+    /// Dealt with: this goes back at once.
+    Reply(Bytes),
+}
+
+/// Answers a connection's datagrams in the driver, as they are taken from their packets,
+/// without waking the session: a clock-sync request is answered in the run that read it,
+/// in the packet that acknowledges it. It runs under the connection's lock, on the driver's
+/// thread, so it only decides: no waiting, no locks a session could hold across the
+/// connection's.
+pub(crate) trait Answerer: Send + Sync {
+    /// What to do with `datagram`, the last packet of whose batch reached the host at
+    /// `arrived` (the kernel's stamp), if stamped.
+    fn answer(&self, datagram: &Bytes, arrived: Option<Instant>) -> Answer;
+
+    /// The reply it gave last was queued to be sent (`sent`), or refused (the peer takes no
+    /// datagrams, or none that large).
+    fn replied(&self, sent: bool);
 }
 
 /// Wakers collected under a lock, woken once it is released.
@@ -132,6 +173,8 @@ impl ConnState {
                 wakers.push(self.on_connected.take());
             }
             Event::ConnectionLost { reason } => self.end(reason, wakers),
+            // With an answerer, the datagrams go to it first ([`ConnState::answer`]).
+            Event::DatagramReceived if self.answerer.is_some() => {}
             Event::DatagramReceived => wakers.push(self.on_datagram.take()),
             Event::Stream(StreamEvent::Opened { dir }) => wakers.push(self.on_accept[dir_index(dir)].take()),
             Event::Stream(StreamEvent::Available { dir: Dir::Uni }) => wakers.push(self.on_open_uni.take()),
@@ -159,6 +202,33 @@ impl ConnState {
         wakers.0.append(&mut self.on_closed);
         wakers.0.extend(self.readers.drain(..).map(|(_, w)| w));
         wakers.0.extend(self.writers.drain(..).map(|(_, w)| w));
+    }
+
+    /// Hands every datagram received to the answerer, if there is one: replies are queued to
+    /// go out with the next transmit, and what it passes on is kept for the session (woken).
+    pub(super) fn answer(&mut self, wakers: &mut Wakers) {
+        let Self { answerer: Some(answerer), quic, arrived, passed, passed_bytes, on_datagram, .. } = self else {
+            return;
+        };
+        let mut woken = false;
+        while let Some(datagram) = quic.datagrams().recv() {
+            match answerer.answer(&datagram, *arrived) {
+                Answer::Pass => {
+                    *passed_bytes += datagram.len();
+                    passed.push_back(datagram);
+                    while *passed_bytes > PASSED_BYTES {
+                        let Some(oldest) = passed.pop_front() else { break };
+                        *passed_bytes -= oldest.len();
+                    }
+                    woken = true;
+                }
+                Answer::Taken => {}
+                Answer::Reply(reply) => answerer.replied(quic.datagrams().send(reply, true).is_ok()),
+            }
+        }
+        if woken {
+            wakers.push(on_datagram.take());
+        }
     }
 
     /// Lists connection `k` in the driver's `run` unless it is listed already.
@@ -193,6 +263,16 @@ pub(crate) struct Connection(Arc<ConnShared>);
 impl std::fmt::Debug for Connection {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connection").field("handle", &self.0.k).field("remote", &self.0.remote).finish()
+    }
+}
+
+/// A connection's datagrams go to an [`Answerer`] first while this lives.
+#[derive(Debug)]
+pub(crate) struct Answering(Connection);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0.lock().answerer = None;
     }
 }
 
@@ -288,10 +368,24 @@ impl Connection {
         Ok(())
     }
 
+    /// Has the driver hand this connection's datagrams to `answerer` first, until the guard
+    /// returned is dropped. What it passes on, [`Connection::read_datagram`] reads in order.
+    pub(crate) fn answer_datagrams(&self, answerer: Arc<dyn Answerer>) -> Answering {
+        // Datagrams already received wait for the session, or for the next run to take them,
+        // which takes them all in order.
+        self.lock().answerer = Some(answerer);
+        Answering(self.clone())
+    }
+
     /// The next datagram the peer sent.
     pub(crate) async fn read_datagram(&self) -> Result<Bytes, ConnectionError> {
         std::future::poll_fn(|cx| {
             let mut state = self.lock();
+            // Those the answerer passed on came before any it has not taken yet.
+            if let Some(datagram) = state.passed.pop_front() {
+                state.passed_bytes -= datagram.len();
+                return Poll::Ready(Ok(datagram));
+            }
             if let Some(datagram) = state.quic.datagrams().recv() {
                 return Poll::Ready(Ok(datagram));
             }

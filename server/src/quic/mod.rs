@@ -45,8 +45,8 @@ use tokio::io::Interest;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
+pub(crate) use self::conn::{Answer, Answerer, Answering, Connecting, Connection, RecvStream, SendStream};
 use self::conn::{ConnShared, Wakers};
-pub(crate) use self::conn::{Connecting, Connection, RecvStream, SendStream};
 use self::timers::Timers;
 use crate::arrival::Arrivals;
 pub(crate) use quinn_proto::{ConnectionError, VarInt};
@@ -521,6 +521,7 @@ fn run(shared: &Shared, core: &mut Core, k: usize, wakers: &mut Wakers) {
         while let Some(event) = state.quic.poll() {
             state.on_event(event, wakers);
         }
+        state.answer(wakers);
         shared.transmit(&mut state.quic);
         let stashed = std::mem::take(&mut state.stashed_endpoint);
         match exchange(&mut core.endpoint, ConnectionHandle(k), &mut state.quic, stashed) {

@@ -199,3 +199,76 @@ async fn a_reply_to_a_datagram_leaves_the_driver_nothing_and_a_closed_connection
     // Drained while the session still holds its handle: the driver ran the closing timer.
     timeout(WITHIN, pair.server.wait_idle()).await.unwrap();
 }
+
+/// Replies to datagrams beginning `sync`, takes those beginning `drop`, passes the rest on;
+/// counts what the driver did with its replies.
+#[derive(Default)]
+struct Echo {
+    sent: std::sync::atomic::AtomicUsize,
+}
+
+impl Answerer for Echo {
+    fn answer(&self, datagram: &Bytes, _: Option<std::time::Instant>) -> Answer {
+        if datagram.starts_with(b"sync") {
+            Answer::Reply(Bytes::from([b"reply:", &datagram[..]].concat()))
+        } else if datagram.starts_with(b"drop") {
+            Answer::Taken
+        } else {
+            Answer::Pass
+        }
+    }
+
+    fn replied(&self, sent: bool) {
+        assert!(sent);
+        self.sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[tokio::test]
+async fn an_answerer_replies_in_the_driver_and_the_session_reads_only_what_it_passed_on_in_order() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    let echo = Arc::new(Echo::default());
+    let answering = server.answer_datagrams(echo.clone());
+    for datagram in ["a", "sync1", "drop", "b", "sync2", "c"] {
+        client.send_datagram(Bytes::from(datagram)).unwrap();
+    }
+    // Answered while the session reads nothing.
+    assert_eq!(timeout(WITHIN, client.read_datagram()).await.unwrap().unwrap(), &b"reply:sync1"[..]);
+    assert_eq!(timeout(WITHIN, client.read_datagram()).await.unwrap().unwrap(), &b"reply:sync2"[..]);
+    assert_eq!(echo.sent.load(std::sync::atomic::Ordering::Relaxed), 2);
+    for expected in ["a", "b", "c"] {
+        assert_eq!(timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap(), expected.as_bytes());
+    }
+
+    // Without the answerer the session gets everything again.
+    drop(answering);
+    client.send_datagram(Bytes::from("sync3")).unwrap();
+    assert_eq!(timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap(), &b"sync3"[..]);
+    assert_eq!(echo.sent.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[tokio::test]
+async fn what_an_answerer_passes_on_is_bounded_and_the_oldest_go_first() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    let _answering = server.answer_datagrams(Arc::new(Echo::default()));
+    let sent = 100;
+    for i in 0..sent {
+        let mut datagram = format!("{i:03}").into_bytes();
+        datagram.resize(1000, b'.');
+        client.send_datagram(Bytes::from(datagram)).unwrap();
+    }
+    // Answered after the driver took every datagram before it.
+    client.send_datagram(Bytes::from("sync-last")).unwrap();
+    assert_eq!(timeout(WITHIN, client.read_datagram()).await.unwrap().unwrap(), &b"reply:sync-last"[..]);
+    let mut read = Vec::new();
+    while read.last() != Some(&(sent - 1)) {
+        let datagram = timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap();
+        read.push(std::str::from_utf8(&datagram[..3]).unwrap().parse::<usize>().unwrap());
+    }
+    let kept = conn::PASSED_BYTES / 1000;
+    assert!(read.len() <= kept, "kept {} datagrams of 1000 bytes, more than {kept}", read.len());
+    assert!(read.windows(2).all(|w| w[0] < w[1]), "out of order: {read:?}");
+    assert!(read[0] >= sent - kept, "the oldest were kept: {read:?}");
+}

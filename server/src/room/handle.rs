@@ -351,6 +351,11 @@ impl RoomHandle {
         &self.meta
     }
 
+    /// The room's description, to hold apart from the handle.
+    pub(crate) fn shared_meta(&self) -> Arc<RoomMeta> {
+        self.meta.clone()
+    }
+
     /// Seats a member; the welcome to send first on success.
     pub(crate) async fn join(&self, joining: Joining) -> Result<Welcome, Refusal> {
         let (reply, rx) = oneshot::channel();

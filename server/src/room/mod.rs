@@ -21,6 +21,6 @@ mod registry;
 mod sel;
 mod task;
 
-pub(crate) use self::handle::{DatagramKind, Departure, Joining, Kick, Outgoing, Peer, RoomHandle};
+pub(crate) use self::handle::{DatagramKind, Departure, Joining, Kick, Outgoing, Peer, RoomHandle, RoomMeta};
 pub(crate) use self::inspect::{MAX_OBSERVERS, OBSERVER_QUEUE, PathFigures, RoomInspection, SessionCounters};
 pub(crate) use self::registry::{Rooms, RoomsConfig};

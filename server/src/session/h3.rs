@@ -17,7 +17,8 @@
 //! session (its `CONNECT` stream ends).
 
 use std::borrow::Cow;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut as _, Bytes, BytesMut};
 use downbeat_protocol::ErrorCode;
@@ -34,7 +35,8 @@ use wtransport::proto::settings::Settings;
 use wtransport::proto::stream_header::StreamHeader;
 use wtransport::proto::varint::VarInt as ProtoVarInt;
 
-use crate::quic::{Connection, RecvStream, SendStream, VarInt};
+use super::{Answered, SyncAnswer};
+use crate::quic::{Answer, Answerer, Answering, Connection, RecvStream, SendStream, VarInt};
 use crate::room::{DatagramKind, PathFigures, Peer};
 
 /// The largest `CONNECT` header block read (browsers send well under 2 KiB).
@@ -245,11 +247,54 @@ impl WtPeer {
         self.conn.send_datagram(datagram.freeze()).is_ok()
     }
 
+    /// Has the connection's driver answer this session's clock-sync requests with `sync`,
+    /// until the guard returned is dropped.
+    pub(crate) fn answer_sync(&self, sync: SyncAnswer) -> Answering {
+        let answerer = WtSyncAnswer { qstream: self.qstream, prefix: self.prefix.clone(), sync };
+        self.conn.answer_datagrams(Arc::new(answerer))
+    }
+
     /// The payload of a datagram the connection received, if it is one of this session's.
     pub(crate) fn payload_of(&self, datagram: Bytes) -> Option<Bytes> {
         let h3 = H3Datagram::read(&datagram).ok()?;
         let payload = datagram.len() - h3.payload().len();
         (h3.qstream_id() == self.qstream).then(|| datagram.slice(payload..))
+    }
+}
+
+/// A [`SyncAnswer`] for a WebTransport session's datagrams, which carry its quarter stream id
+/// first.
+#[derive(Debug)]
+struct WtSyncAnswer {
+    qstream: QStreamId,
+    prefix: Bytes,
+    sync: SyncAnswer,
+}
+
+impl Answerer for WtSyncAnswer {
+    fn answer(&self, datagram: &Bytes, arrived: Option<Instant>) -> Answer {
+        // Not one of this session's: the session counts it.
+        let Some(h3) = H3Datagram::read(datagram).ok().filter(|h3| h3.qstream_id() == self.qstream) else {
+            return Answer::Pass;
+        };
+        match self.sync.answer(h3.payload(), arrived) {
+            Answered::Pass => Answer::Pass,
+            Answered::Dropped => Answer::Taken,
+            Answered::Reply(None) => {
+                self.sync.replied(false);
+                Answer::Taken
+            }
+            Answered::Reply(Some(reply)) => {
+                let mut datagram = BytesMut::with_capacity(self.prefix.len() + reply.len());
+                datagram.put_slice(&self.prefix);
+                datagram.put_slice(&reply);
+                Answer::Reply(datagram.freeze())
+            }
+        }
+    }
+
+    fn replied(&self, sent: bool) {
+        self.sync.replied(sent);
     }
 }
 

@@ -22,8 +22,8 @@ pub(crate) mod websocket;
 mod webtransport;
 
 use std::net::IpAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use self::probe::{ProbeSlot, Probes};
@@ -42,7 +42,7 @@ use crate::auth::{Principal, Tenants};
 use crate::authz::{Operation, Refusal, authorize};
 use crate::clock::ServerClock;
 use crate::limits::{NetworkPlace, PerNetwork, Place, Places};
-use crate::room::{Departure, Joining, Kick, Outgoing, Peer, RoomHandle, Rooms, SessionCounters};
+use crate::room::{Departure, Joining, Kick, Outgoing, Peer, RoomHandle, RoomMeta, Rooms, SessionCounters};
 use crate::shutdown::Shutdown;
 use crate::stats::Stats;
 use downbeat_engine::room::error_frame;
@@ -599,7 +599,7 @@ struct Member<'a> {
     room: &'a RoomHandle,
     member_id: u64,
     session_id: u64,
-    counters: &'a SessionCounters,
+    counters: &'a Arc<SessionCounters>,
 }
 
 /// The control side of a session: what it does with the frames its peer sends.
@@ -804,7 +804,8 @@ struct Datagrams<'a> {
     ctx: &'a SessionContext,
     /// Whose notes go to which room; `None` for a probe, which may send none.
     member: Option<Member<'a>>,
-    bucket: TokenBucket,
+    /// The session's datagram rate, shared with its [`SyncAnswer`].
+    bucket: Arc<Mutex<TokenBucket>>,
     /// When this session last asked its room for a repair.
     last_repair: Option<ServerNanos>,
 }
@@ -812,7 +813,18 @@ struct Datagrams<'a> {
 impl<'a> Datagrams<'a> {
     fn new(ctx: &'a SessionContext, member: Option<Member<'a>>) -> Self {
         let bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, ctx.clock.now().0);
-        Self { ctx, member, bucket, last_repair: None }
+        Self { ctx, member, bucket: Arc::new(Mutex::new(bucket)), last_repair: None }
+    }
+
+    /// What answers this session's clock-sync requests where they arrive, as
+    /// [`Datagrams::receive`] and [`sync_reply`] would.
+    pub(crate) fn sync_answer(&self) -> SyncAnswer {
+        SyncAnswer {
+            clock: self.ctx.clock,
+            stats: self.ctx.stats.clone(),
+            bucket: self.bucket.clone(),
+            member: self.member.map(|m| (m.room.shared_meta(), m.counters.clone())),
+        }
     }
 
     /// Handles a datagram received at `t1` (stamped the moment it was handed over, before
@@ -826,7 +838,7 @@ impl<'a> Datagrams<'a> {
         if let Some(member) = self.member {
             SessionCounters::count(&member.counters.received);
         }
-        if !self.bucket.try_take(t1.0) {
+        if !self.bucket.lock().unwrap_or_else(PoisonError::into_inner).try_take(t1.0) {
             stats.datagrams_rate_limited.inc();
             return Ok(None);
         }
@@ -856,6 +868,65 @@ impl<'a> Datagrams<'a> {
             }
         }
         Ok(None)
+    }
+}
+
+/// Answers a session's clock-sync requests without the session: where a transport hands over
+/// datagrams on another thread (the QUIC driver), a request is answered there, in the packet
+/// that acknowledges it, and the session's task is not woken for it. It answers only what
+/// needs nothing of the session: a request naming the room's timeline (or a probe's). Any
+/// other datagram (notes, one that does not decode, a request from a member behind the
+/// room's timeline, which the room repairs) is the session's, through
+/// [`Datagrams::receive`]. What it takes counts as the session would count it, against the
+/// same rate.
+#[derive(Debug)]
+pub(crate) struct SyncAnswer {
+    clock: ServerClock,
+    stats: Arc<Stats>,
+    bucket: Arc<Mutex<TokenBucket>>,
+    /// The member's room (for its timeline) and its counters; `None` for a probe.
+    member: Option<(Arc<RoomMeta>, Arc<SessionCounters>)>,
+}
+
+/// What a [`SyncAnswer`] does with a datagram.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Answered {
+    /// Not one it answers: the session's.
+    Pass,
+    /// Over the session's rate: dropped, as the session would.
+    Dropped,
+    /// The reply (a server datagram), or `None` if it could not be encoded.
+    Reply(Option<Vec<u8>>),
+}
+
+impl SyncAnswer {
+    /// What to do with `datagram`, handed over now, whose packet reached the host at `arrived`
+    /// (the kernel's stamp), if stamped.
+    pub(crate) fn answer(&self, datagram: &[u8], arrived: Option<std::time::Instant>) -> Answered {
+        let Ok(ClientDatagram::SyncRequest(request)) = wire::decode_client_datagram(datagram) else {
+            return Answered::Pass;
+        };
+        if let Some((room, _)) = &self.member
+            && request.epoch < room.epoch()
+        {
+            return Answered::Pass;
+        }
+        let handled = self.clock.now();
+        self.stats.datagrams_received.inc();
+        if let Some((_, counters)) = &self.member {
+            SessionCounters::count(&counters.received);
+        }
+        if !self.bucket.lock().unwrap_or_else(PoisonError::into_inner).try_take(handled.0) {
+            self.stats.datagrams_rate_limited.inc();
+            return Answered::Dropped;
+        }
+        let t1 = crate::arrival::t1(self.clock, handled, arrived);
+        Answered::Reply(sync_reply(self.clock, request, t1))
+    }
+
+    /// A reply it gave was handed to the transport (`sent`), or refused by it.
+    pub(crate) fn replied(&self, sent: bool) {
+        self.stats.count_sync_reply(sent);
     }
 }
 
@@ -960,5 +1031,67 @@ mod tests {
         assert_eq!(left, (student, LeaveReason::Closed));
         let members: Vec<u64> = room.view().await.unwrap().members.iter().map(|(m, _)| m.id).collect();
         assert!(!members.contains(&student), "{members:?}");
+    }
+
+    /// A member's [`SyncAnswer`] in a room whose timeline is at `epoch`.
+    fn sync_answer(epoch: u64) -> (SyncAnswer, Arc<Stats>, Arc<SessionCounters>) {
+        let clock = ServerClock::new();
+        let room = RoomMeta {
+            code: crate::codes::JoinCode::random(&mut rand::rng()),
+            tenant: Arc::from(DEMO_TENANT_ID),
+            owner: "t-1".into(),
+            name: Name::truncating("Room"),
+            created_at: SystemTime::now(),
+            sel_id: "0".repeat(32),
+            co_teachers: std::sync::Mutex::new(Vec::new()),
+            epoch: AtomicU64::new(epoch),
+        };
+        let (stats, counters) = (Arc::new(Stats::default()), Arc::new(SessionCounters::default()));
+        let bucket = TokenBucket::new(DATAGRAMS_PER_SECOND, DATAGRAM_BURST, clock.now().0);
+        let answer = SyncAnswer {
+            clock,
+            stats: stats.clone(),
+            bucket: Arc::new(Mutex::new(bucket)),
+            member: Some((Arc::new(room), counters.clone())),
+        };
+        (answer, stats, counters)
+    }
+
+    fn request(id: u32, epoch: u64) -> Vec<u8> {
+        let request = SyncRequest { id, t0: downbeat_protocol::ClientNanos(1_000 + u64::from(id)), epoch };
+        wire::encode_client_datagram(&ClientDatagram::SyncRequest(request)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_sync_request_on_the_rooms_timeline_is_answered_where_it_arrives_and_the_rest_is_the_sessions() {
+        let (answer, stats, counters) = sync_answer(3);
+        let arrived = std::time::Instant::now();
+        let Answered::Reply(Some(reply)) = answer.answer(&request(7, 3), Some(arrived)) else {
+            panic!("a request naming the room's timeline is answered");
+        };
+        let ServerDatagram::SyncReply(reply) = wire::decode_server_datagram(&reply).unwrap() else {
+            panic!("a sync reply");
+        };
+        assert_eq!((reply.id, reply.t0), (7, downbeat_protocol::ClientNanos(1_007)));
+        assert!(reply.t1 <= reply.t2, "{reply:?}");
+        answer.replied(true);
+        assert_eq!((stats.datagrams_received.get(), stats.sync_replies_sent.get()), (1, 1));
+        assert_eq!(counters.received.load(Ordering::Relaxed), 1);
+
+        // A member behind the room's timeline is the session's (the room repairs it), and so
+        // are notes and what does not decode: none of them counted here.
+        let notes = wire::encode_client_datagram(&ClientDatagram::Notes(Default::default())).unwrap();
+        for datagram in [request(8, 2), notes, vec![0xff; 9]] {
+            assert_eq!(answer.answer(&datagram, None), Answered::Pass);
+        }
+        assert_eq!(stats.datagrams_received.get(), 1);
+
+        // The session's rate holds: past the burst, requests are dropped and counted.
+        let answered = (0..DATAGRAM_BURST * 2)
+            .filter(|&i| matches!(answer.answer(&request(100 + i, 3), None), Answered::Reply(Some(_))))
+            .count();
+        assert!(answered < DATAGRAM_BURST as usize + 10, "{answered} answered at once");
+        assert!(stats.datagrams_rate_limited.get() > 0);
+        assert_eq!(stats.datagrams_received.get(), 1 + u64::from(DATAGRAM_BURST) * 2);
     }
 }

@@ -322,9 +322,12 @@ impl Link for WtLink {
         let Self { established: Established { peer, streams, .. }, recv, .. } = self;
         let ctx = control.ctx();
         let clock = ctx.clock;
-        // Datagrams come straight from the QUIC connection: no other task reads them, so each
-        // wakes this one task and `t1` is stamped as soon as it runs (and a sync request's then
-        // moved back to its arrival, [`crate::arrival`]). A datagram wakes the
+        // Clock-sync requests are answered by the connection's driver as it reads them, in the
+        // packet that acknowledges them, without waking this task ([`super::SyncAnswer`]).
+        let _answering = peer.answer_sync(datagrams.sync_answer());
+        // Every other datagram comes straight from the QUIC connection: no other task reads
+        // them, so each wakes this one task and `t1` is stamped as soon as it runs (and a sync
+        // request's then moved back to its arrival, [`crate::arrival`]). A datagram wakes the
         // datagram reader alone, not the control stream's read too ([`race`]). The futures are
         // built in place: a future held in a local and then moved would be held twice.
         race(
