@@ -82,7 +82,7 @@ const ACCEPTED_ALGORITHMS: [Algorithm; 8] = [
     Algorithm::PS256,
 ];
 
-/// Who a user is to their school (see [`crate::authz`] for what each may do).
+/// Who a user is to their school (see `crate::authz` for what each may do).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {

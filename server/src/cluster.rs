@@ -14,7 +14,7 @@
 //!   the rooms'.
 //! - **Moves**: a hello for a room this node does not hold is answered with where the
 //!   directory says it lives ([`Cluster::locate`]), and the client connects there.
-//! - **Watches**: each node watches both buckets and keeps what it saw ([`View`]): the live
+//! - **Watches**: each node watches both buckets and keeps what it saw (`View`): the live
 //!   nodes (their addresses, leases and usage) and every room's holder and lease. Listing
 //!   nodes and finding orphaned rooms read that view, not the directory; a room this node
 //!   holds that another node's write takes over is noticed as the write arrives, not at the
@@ -796,7 +796,7 @@ impl Cluster {
 
     /// The rooms this node should take over now, as the watch saw the directory: entries
     /// that name it but no room here holds (handed over to it), and entries whose lease ran
-    /// out and that rank this node first among the live nodes ([`rank`]), or that ran out a
+    /// out and that rank this node first among the live nodes (`rank`), or that ran out a
     /// whole lease ago (the first node did not take them). `(tenant, code)` each.
     pub fn orphans(&self) -> Vec<(String, String)> {
         let (me, now) = (self.node_id(), unix_ms_now());

@@ -1,7 +1,7 @@
 //! Server configuration: command line, `DOWNBEAT_*` environment variables and an optional TOML
 //! file, merged in that order of precedence over built-in defaults.
 //!
-//! Every setting is declared once, in the [`settings!`] table below: its name and type, its
+//! Every setting is declared once, in the `settings!` table below: its name and type, its
 //! default, its help, its environment variable, and its flag or file key where those differ
 //! from the name. From that table come [`Args`] (what a user may say: every field optional, so
 //! the command line, the environment and the file can be merged field by field), [`Config`]
