@@ -17,7 +17,14 @@
 //! on all the runtime's threads and a reply does not wait for the driver's next round. The
 //! connection is marked for the driver only if the change left it work: events, events for
 //! the endpoint, or a timeout sooner than the deadline armed in the driver's timers
-//! ([`timers`]). A clock-sync reply leaves none.
+//! ([`timers`]). A reply a session sends leaves none.
+//!
+//! A datagram that only asks for an answer need not wake its session at all. A session may
+//! give its connection an [`Answerer`] ([`Connection::answer_datagrams`]): the driver hands it
+//! each datagram as it takes them from quinn-proto, and sends its reply in the same run, in the
+//! packet that acknowledges the request; what it passes on the session reads as before. A
+//! clock-sync exchange then costs the server one run of the connection and no task wake-up
+//! (about a tenth of a loaded server's CPU, BENCHMARKS.md, fifteenth round).
 //!
 //! The API is the part of quinn's the server uses, with quinn's meanings: [`Endpoint::accept`]
 //! gives [`Incoming`] connections to accept, refuse or retry; a [`Connection`] has datagrams
@@ -25,7 +32,8 @@
 //! connection whose last handle is dropped is closed.
 //!
 //! Lock order: the endpoint's core, then one connection, then the list of marked
-//! connections. A session never holds a connection while it takes the core.
+//! connections (or, in an answerer, the locks it alone takes). A session never holds a
+//! connection while it takes the core.
 
 mod conn;
 #[cfg(test)]
