@@ -12,7 +12,7 @@
 //!   apiece, each one UDP socket bound to its own loopback address (`127.0.200+.x`) so the
 //!   server's per-address limits (2,000 sessions, 32 handshakes in flight) see a school
 //!   behind each address, never one giant client.
-//! - One task per endpoint ([`Driver`]) owns the socket, the QUIC endpoint and every
+//! - One task per endpoint (`Driver`) owns the socket, the QUIC endpoint and every
 //!   connection on it: it receives in batches (GRO), hands each packet to its connection,
 //!   runs the sessions whose connection had news or whose timer is due, and sends what they
 //!   have in batches (GSO). No task, channel or waker per connection or per datagram.

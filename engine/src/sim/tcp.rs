@@ -1,6 +1,6 @@
 //! A TCP-like link for the simulation: what a WebSocket session's timing traffic meets.
 //!
-//! Each direction is an ordered byte pipe ([`TcpPipe`]) over the same [`Path`] a datagram
+//! Each direction is an ordered byte pipe (`TcpPipe`) over the same [`Path`] a datagram
 //! would cross. A message (one segment: timing messages are far smaller than an MSS, and
 //! both sides send with `TCP_NODELAY`) draws the path's loss, delay and jitter when it is
 //! written. A lost segment is not lost: the sender retransmits it after its retransmission
@@ -16,7 +16,7 @@
 //! segment waits for it (head-of-line blocking) and then arrives in a burst.
 //!
 //! The server's side keeps datagram semantics as the real WebSocket session does
-//! ([`Outbox`]): a message is written into the socket's send buffer when it fits
+//! (`Outbox`): a message is written into the socket's send buffer when it fits
 //! ([`TcpConfig::send_buffer_bytes`]: bytes written and not yet acknowledged); while the
 //! buffer is full, only the newest beat frame and sync reply (and a few note frames) wait,
 //! older ones are dropped, and a sync reply's `t2` is stamped when it is finally written.
