@@ -162,7 +162,7 @@ impl Established {
             Ok::<_, H3Failure>((kind, session))
         };
         match timeout(STREAM_TYPE_TIMEOUT, header).await {
-            Ok(Ok((WEBTRANSPORT_STREAM, id))) if id == self.peer.qstream.into_session_id().into_u64() => {
+            Ok(Ok((WEBTRANSPORT_STREAM, id))) if id == self.peer.framing.qstream.into_session_id().into_u64() => {
                 Ok((send, recv))
             }
             Ok(Ok((WEBTRANSPORT_STREAM, _))) => Err(H3Failure::Protocol("a stream of another session", H3Error::Id)),
@@ -225,40 +225,61 @@ impl Streams {
 #[derive(Clone, Debug)]
 pub(crate) struct WtPeer {
     pub(crate) conn: Connection,
+    framing: Framing,
+}
+
+/// How one session's datagrams are framed: its quarter stream id first.
+#[derive(Clone, Debug)]
+struct Framing {
     /// The session's quarter stream id...
     qstream: QStreamId,
     /// ...encoded.
     prefix: Bytes,
 }
 
-impl WtPeer {
-    fn new(conn: Connection, session_id: SessionId) -> Self {
+impl Framing {
+    fn new(session_id: SessionId) -> Self {
         let qstream = QStreamId::from_session_id(session_id);
         let mut prefix = Vec::with_capacity(8);
         prefix.put_varint(qstream.into_varint()).expect("a Vec takes any varint");
-        Self { conn, qstream, prefix: prefix.into() }
+        Self { qstream, prefix: prefix.into() }
+    }
+
+    /// `payload` as one of the session's datagrams.
+    fn frame(&self, payload: &[u8]) -> Bytes {
+        let mut datagram = BytesMut::with_capacity(self.prefix.len() + payload.len());
+        datagram.put_slice(&self.prefix);
+        datagram.put_slice(payload);
+        datagram.freeze()
+    }
+
+    /// The payload of `datagram`, if it is one of the session's.
+    fn payload_of(&self, datagram: &Bytes) -> Option<Bytes> {
+        let h3 = H3Datagram::read(datagram).ok()?;
+        let payload = datagram.len() - h3.payload().len();
+        (h3.qstream_id() == self.qstream).then(|| datagram.slice(payload..))
+    }
+}
+
+impl WtPeer {
+    fn new(conn: Connection, session_id: SessionId) -> Self {
+        Self { conn, framing: Framing::new(session_id) }
     }
 
     /// Sends `payload` as one of this session's datagrams.
     pub(crate) fn send(&self, payload: &[u8]) -> bool {
-        let mut datagram = BytesMut::with_capacity(self.prefix.len() + payload.len());
-        datagram.put_slice(&self.prefix);
-        datagram.put_slice(payload);
-        self.conn.send_datagram(datagram.freeze()).is_ok()
+        self.conn.send_datagram(self.framing.frame(payload)).is_ok()
     }
 
     /// Has the connection's driver answer this session's clock-sync requests with `sync`,
     /// until the guard returned is dropped.
     pub(crate) fn answer_sync(&self, sync: SyncAnswer) -> Answering {
-        let answerer = WtSyncAnswer { qstream: self.qstream, prefix: self.prefix.clone(), sync };
-        self.conn.answer_datagrams(Arc::new(answerer))
+        self.conn.answer_datagrams(Arc::new(WtSyncAnswer { framing: self.framing.clone(), sync }))
     }
 
     /// The payload of a datagram the connection received, if it is one of this session's.
     pub(crate) fn payload_of(&self, datagram: Bytes) -> Option<Bytes> {
-        let h3 = H3Datagram::read(&datagram).ok()?;
-        let payload = datagram.len() - h3.payload().len();
-        (h3.qstream_id() == self.qstream).then(|| datagram.slice(payload..))
+        self.framing.payload_of(&datagram)
     }
 }
 
@@ -266,30 +287,24 @@ impl WtPeer {
 /// first.
 #[derive(Debug)]
 struct WtSyncAnswer {
-    qstream: QStreamId,
-    prefix: Bytes,
+    framing: Framing,
     sync: SyncAnswer,
 }
 
 impl Answerer for WtSyncAnswer {
     fn answer(&self, datagram: &Bytes, arrived: Option<Instant>) -> Answer {
         // Not one of this session's: the session counts it.
-        let Some(h3) = H3Datagram::read(datagram).ok().filter(|h3| h3.qstream_id() == self.qstream) else {
+        let Some(payload) = self.framing.payload_of(datagram) else {
             return Answer::Pass;
         };
-        match self.sync.answer(h3.payload(), arrived) {
+        match self.sync.answer(&payload, arrived) {
             Answered::Pass => Answer::Pass,
             Answered::Dropped => Answer::Taken,
             Answered::Reply(None) => {
                 self.sync.replied(false);
                 Answer::Taken
             }
-            Answered::Reply(Some(reply)) => {
-                let mut datagram = BytesMut::with_capacity(self.prefix.len() + reply.len());
-                datagram.put_slice(&self.prefix);
-                datagram.put_slice(&reply);
-                Answer::Reply(datagram.freeze())
-            }
+            Answered::Reply(Some(reply)) => Answer::Reply(self.framing.frame(&reply)),
         }
     }
 
@@ -300,7 +315,7 @@ impl Answerer for WtSyncAnswer {
 
 impl Peer for WtPeer {
     fn max_datagram_size(&self) -> Option<usize> {
-        self.conn.max_datagram_size().map(|size| size.saturating_sub(self.prefix.len()))
+        self.conn.max_datagram_size().map(|size| size.saturating_sub(self.framing.prefix.len()))
     }
 
     fn send_datagram(&self, _: DatagramKind, bytes: &[u8]) -> bool {

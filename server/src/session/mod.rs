@@ -834,12 +834,7 @@ impl<'a> Datagrams<'a> {
     /// notes).
     fn receive(&mut self, datagram: &[u8], t1: ServerNanos) -> Result<Option<SyncRequest>, End> {
         let stats = &self.ctx.stats;
-        stats.datagrams_received.inc();
-        if let Some(member) = self.member {
-            SessionCounters::count(&member.counters.received);
-        }
-        if !self.bucket.lock().unwrap_or_else(PoisonError::into_inner).try_take(t1.0) {
-            stats.datagrams_rate_limited.inc();
+        if !admit(stats, self.member.map(|m| &**m.counters), &self.bucket, t1) {
             return Ok(None);
         }
         match wire::decode_client_datagram(datagram) {
@@ -869,6 +864,21 @@ impl<'a> Datagrams<'a> {
         }
         Ok(None)
     }
+}
+
+/// Counts a session's datagram received at `at` and takes it from the session's rate: false if
+/// it is over the rate (counted as such), and then dropped. [`Datagrams::receive`] and
+/// [`SyncAnswer::answer`] both admit what they handle through here.
+fn admit(stats: &Stats, counters: Option<&SessionCounters>, bucket: &Mutex<TokenBucket>, at: ServerNanos) -> bool {
+    stats.datagrams_received.inc();
+    if let Some(counters) = counters {
+        SessionCounters::count(&counters.received);
+    }
+    let admitted = bucket.lock().unwrap_or_else(PoisonError::into_inner).try_take(at.0);
+    if !admitted {
+        stats.datagrams_rate_limited.inc();
+    }
+    admitted
 }
 
 /// Answers a session's clock-sync requests without the session: where a transport hands over
@@ -912,12 +922,7 @@ impl SyncAnswer {
             return Answered::Pass;
         }
         let handled = self.clock.now();
-        self.stats.datagrams_received.inc();
-        if let Some((_, counters)) = &self.member {
-            SessionCounters::count(&counters.received);
-        }
-        if !self.bucket.lock().unwrap_or_else(PoisonError::into_inner).try_take(handled.0) {
-            self.stats.datagrams_rate_limited.inc();
+        if !admit(&self.stats, self.member.as_ref().map(|(_, counters)| &**counters), &self.bucket, handled) {
             return Answered::Dropped;
         }
         let t1 = crate::arrival::t1(self.clock, handled, arrived);
