@@ -586,10 +586,20 @@ impl Estimator {
 
 /// `v` as floating point, rounded to nearest as `v as f64` is, through 64 bits when it fits
 /// (every clock difference does): one instruction instead of a 128-bit conversion call.
+///
+/// The wide case is a function of its own that is never inlined. Written as a second arm of
+/// one `match`, both arms are the same value, and the compiler computed the 128-bit conversion
+/// first and then picked the result: the call ran on every conversion (3.5 % of the load
+/// generator's time, BENCHMARKS.md, sixteenth round).
 fn to_f64(v: i128) -> f64 {
+    #[cold]
+    #[inline(never)]
+    fn wide(v: i128) -> f64 {
+        v as f64
+    }
     match i64::try_from(v) {
         Ok(v) => v as f64,
-        Err(_) => v as f64,
+        Err(_) => wide(v),
     }
 }
 
@@ -622,6 +632,15 @@ mod tests {
         let t2 = ServerNanos(t1.0 + 10_000);
         let t3 = ClientNanos(local + up + 10_000 + down);
         assert!(est.handle_reply(t3, &SyncReply { id: req.id, t0: req.t0, t1, t2 }));
+    }
+
+    #[test]
+    fn conversions_round_as_the_128_bit_one_does_on_both_sides_of_64_bits() {
+        let edges = [0, 1, -1, (1 << 53) + 1, -(1 << 53) - 1, i128::from(i64::MAX), i128::from(i64::MIN)];
+        let wide = [i128::from(i64::MAX) + 1, i128::from(i64::MIN) - 1, (1 << 100) + 12_345, i128::MIN, i128::MAX];
+        for v in edges.into_iter().chain(wide) {
+            assert_eq!(to_f64(v).to_bits(), (v as f64).to_bits(), "{v}");
+        }
     }
 
     #[test]
