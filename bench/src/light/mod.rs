@@ -40,8 +40,7 @@
 //! session held; [`Generator::counts`] reads the counters while they run;
 //! [`Generator::stop`] closes them.
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::HashMap;
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -57,7 +56,7 @@ use downbeat_protocol::{
     BoundedString, Change, ClientNanos, ControlOp, JoinCode, MicroBpm, Name, RoomRequest, RoomSettings, ServerDatagram,
     Token,
 };
-use downbeat_server::Exchanged;
+use downbeat_server::{Exchanged, Timers};
 use quinn_proto::{ConnectionError, ConnectionHandle, DatagramEvent, Dir, StreamEvent, StreamId, VarInt};
 use serde::Serialize;
 use tokio::io::Interest;
@@ -519,7 +518,8 @@ fn open_endpoint(k: usize, target: &Target, shared: &Arc<Shared>) -> Result<Loca
         socket,
         udp,
         conns: Vec::new(),
-        timers: BinaryHeap::new(),
+        timers: Timers::new(Instant::now()),
+        due: Vec::new(),
         dirty: Vec::new(),
         pending_retries: Vec::new(),
         transmit: Vec::new(),
@@ -808,7 +808,7 @@ struct Held {
 /// One QUIC connection and the session on it.
 struct Conn {
     quic: quinn_proto::Connection,
-    /// The instant this connection's entry in the driver's timer heap is for.
+    /// The deadline armed for this connection in the driver's timers.
     wake: Option<Instant>,
     /// Listed in the driver's connections to run.
     dirty: bool,
@@ -844,9 +844,11 @@ struct Driver {
     /// By connection handle (boxed: a QUIC connection is kilobytes, and a connection is
     /// taken out of its slot while it runs).
     conns: Vec<Option<Box<Conn>>>,
-    /// When each connection wants to run next, at most one live entry per connection (an
-    /// entry whose instant is no longer the connection's `wake` is skipped).
-    timers: BinaryHeap<Reverse<(Instant, usize)>>,
+    /// When each connection wants to run next: the server's own timer wheel (one armed
+    /// deadline per connection, rounded up to the millisecond), which cost a heap's pops.
+    timers: Timers,
+    /// Connections whose deadline came up, being looked at (kept for its capacity).
+    due: Vec<usize>,
     /// Connections with news to run.
     dirty: Vec<usize>,
     /// Joins to try again, and when.
@@ -873,19 +875,16 @@ impl Driver {
         loop {
             let now = Instant::now();
             self.retry_due(now);
-            while let Some(&Reverse((at, k))) = self.timers.peek() {
-                if at > now {
-                    break;
-                }
-                self.timers.pop();
-                if let Some(conn) = self.conns.get_mut(k).and_then(Option::as_mut)
-                    && conn.wake == Some(at)
-                {
+            let mut due = std::mem::take(&mut self.due);
+            self.timers.expire(now, &mut due);
+            for k in due.drain(..) {
+                if let Some(conn) = self.conns.get_mut(k).and_then(Option::as_mut) {
                     conn.wake = None;
                     conn.quic.handle_timeout(now);
                     self.mark(k);
                 }
             }
+            self.due = due;
             self.run_dirty();
             if let Some(until) = closing
                 && (Instant::now() >= until || self.conns.iter().all(Option::is_none))
@@ -894,8 +893,7 @@ impl Driver {
             }
             let next = self
                 .timers
-                .peek()
-                .map(|&Reverse((at, _))| at)
+                .next()
                 .into_iter()
                 .chain(self.pending_retries.iter().map(|(at, _)| *at))
                 .chain(closing)
@@ -1034,6 +1032,8 @@ impl Driver {
             conn.dirty = false;
             if self.run_conn(k, &mut conn) {
                 self.conns[k] = Some(conn);
+            } else {
+                self.timers.disarm(k);
             }
         }
     }
@@ -1083,12 +1083,12 @@ impl Driver {
         .into_iter()
         .flatten()
         .min();
-        // A later wake leaves the earlier entry: it fires, finds nothing due, and sets the next.
+        // A later wake leaves the earlier deadline: it comes up, finds nothing due, and sets
+        // the next.
         if let Some(next) = next
             && conn.wake.is_none_or(|w| next < w)
         {
-            conn.wake = Some(next);
-            self.timers.push(Reverse((next, k)));
+            conn.wake = Some(self.timers.arm(k, next));
         }
         true
     }

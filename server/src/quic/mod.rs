@@ -55,7 +55,7 @@ use tracing::{debug, warn};
 
 pub(crate) use self::conn::{Answer, Answerer, Answering, Connecting, Connection, RecvStream, SendStream};
 use self::conn::{ConnShared, Wakers};
-use self::timers::Timers;
+pub use self::timers::Timers;
 use crate::arrival::Arrivals;
 pub(crate) use quinn_proto::{ConnectionError, VarInt};
 
