@@ -101,6 +101,20 @@ pub fn encode_server_datagram(datagram: &ServerDatagram) -> Result<Vec<u8>, Enco
     encode_datagram(datagram)
 }
 
+/// Encodes a datagram for the server to send into `buffer`, and returns the part written,
+/// without allocating: for the datagrams the server sends most, clock-sync replies, whose
+/// longest is [`crate::MAX_SYNC_REPLY_LEN`]. A buffer too small is [`EncodeError::Serialize`].
+pub fn encode_server_datagram_to_slice<'a>(
+    datagram: &ServerDatagram,
+    buffer: &'a mut [u8],
+) -> Result<&'a mut [u8], EncodeError> {
+    let bytes = postcard::to_slice(datagram, buffer).map_err(|_| EncodeError::Serialize)?;
+    if bytes.len() > MAX_DATAGRAM_LEN {
+        return Err(EncodeError::TooLarge { len: bytes.len(), max: MAX_DATAGRAM_LEN });
+    }
+    Ok(bytes)
+}
+
 /// Encodes a datagram for a client to send.
 pub fn encode_client_datagram(datagram: &ClientDatagram) -> Result<Vec<u8>, EncodeError> {
     encode_datagram(datagram)
@@ -238,6 +252,17 @@ mod tests {
         let bytes = encode_server_datagram(&d).unwrap();
         assert!(bytes.len() < 200, "{}", bytes.len());
         assert_eq!(decode_server_datagram(&bytes).unwrap(), d);
+    }
+
+    #[test]
+    fn a_datagram_encoded_into_a_slice_is_the_one_allocated_and_a_short_slice_is_an_error() {
+        let d =
+            ServerDatagram::SyncReply(SyncReply { id: 9, t0: ClientNanos(77), t1: ServerNanos(5), t2: ServerNanos(6) });
+        let mut buffer = [0u8; 64];
+        let written = encode_server_datagram_to_slice(&d, &mut buffer).unwrap();
+        assert_eq!(*written, *encode_server_datagram(&d).unwrap());
+        let mut short = [0u8; 3];
+        assert_eq!(encode_server_datagram_to_slice(&d, &mut short), Err(EncodeError::Serialize));
     }
 
     #[test]

@@ -38,10 +38,11 @@ pub mod ws;
 pub use bounded::{BoundedString, BoundedVec, TooLong};
 pub use codec::{
     DecodeError, EncodeError, FRAME_HEADER_LEN, FrameDecoder, decode_client_datagram, decode_frame_body,
-    decode_server_datagram, encode_client_datagram, encode_frame, encode_server_datagram, frame_body_len,
+    decode_server_datagram, encode_client_datagram, encode_frame, encode_server_datagram,
+    encode_server_datagram_to_slice, frame_body_len,
 };
 pub use error::ErrorCode;
-pub use size::MAX_WELCOME_LEN;
+pub use size::{MAX_SYNC_REPLY_LEN, MAX_WELCOME_LEN};
 pub use text::{BadText, TextKind, check_text};
 pub use time::{ClientNanos, MicroBpm, ServerNanos};
 pub use wire::*;

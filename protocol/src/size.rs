@@ -71,6 +71,14 @@ pub const MAX_WELCOME_LEN: usize = VARIANT // ServerMessage::Welcome
     + U64 // server now
     + U64; // token expiry
 
+/// The longest `ServerDatagram::SyncReply`: id, `t0`, `t1` and `t2` at their widest. The
+/// server encodes its most frequent datagram into a buffer of this size, without allocating.
+pub const MAX_SYNC_REPLY_LEN: usize = VARIANT // ServerDatagram::SyncReply
+    + U32 // id
+    + U64 // t0
+    + U64 // t1
+    + U64; // t2
+
 const _: () = assert!(
     MAX_WELCOME_LEN <= MAX_FRAME_LEN as usize,
     "a welcome to a full room must fit one frame: lower MAX_MEMBERS or the lengths of names and parts"
@@ -147,6 +155,19 @@ mod tests {
         assert_eq!(decode_frame_body::<ServerMessage>(body).unwrap(), message);
         // Over WebSocket too: one message of at most the mapping's cap.
         assert!(ws::control_message(&frame).len() <= ws::MAX_MESSAGE_LEN);
+    }
+
+    #[test]
+    fn the_widest_sync_reply_takes_its_bound_exactly() {
+        let widest = ServerDatagram::SyncReply(SyncReply {
+            id: u32::MAX,
+            t0: ClientNanos(u64::MAX),
+            t1: ServerNanos(u64::MAX),
+            t2: ServerNanos(u64::MAX),
+        });
+        assert_eq!(encode_server_datagram(&widest).unwrap().len(), MAX_SYNC_REPLY_LEN);
+        let mut buffer = [0; MAX_SYNC_REPLY_LEN];
+        assert_eq!(encode_server_datagram_to_slice(&widest, &mut buffer).unwrap().len(), MAX_SYNC_REPLY_LEN);
     }
 
     #[test]

@@ -30,8 +30,8 @@ use self::probe::{ProbeSlot, Probes};
 use self::race::race;
 use downbeat_engine::limit::TokenBucket;
 use downbeat_protocol::{
-    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, PROTOCOL_VERSION, RoomRequest, ServerDatagram,
-    ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
+    self as wire, ClientDatagram, ClientMessage, DecodeError, ErrorCode, MAX_SYNC_REPLY_LEN, PROTOCOL_VERSION,
+    RoomRequest, ServerDatagram, ServerMessage, ServerNanos, SyncReply, SyncRequest, Transport,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -491,9 +491,36 @@ impl Session {
 
 /// The answer to a clock-sync request received at `t1`, stamped now: call it as late as
 /// possible before the write.
-fn sync_reply(clock: ServerClock, request: SyncRequest, t1: ServerNanos) -> Option<Vec<u8>> {
+fn sync_reply(clock: ServerClock, request: SyncRequest, t1: ServerNanos) -> Option<SyncReplyBytes> {
     let reply = ServerDatagram::SyncReply(SyncReply { id: request.id, t0: request.t0, t1, t2: clock.now() });
-    wire::encode_server_datagram(&reply).ok()
+    let mut bytes = [0; MAX_SYNC_REPLY_LEN];
+    let len = wire::encode_server_datagram_to_slice(&reply, &mut bytes).ok()?.len();
+    Some(SyncReplyBytes { bytes, len })
+}
+
+/// An encoded clock-sync reply, on the stack. Every settled client asks once a second, so the
+/// server encodes more of these than of anything else; encoded into a growing vector, each
+/// cost three allocations before the transport's copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct SyncReplyBytes {
+    bytes: [u8; MAX_SYNC_REPLY_LEN],
+    len: usize,
+}
+
+impl PartialEq for SyncReplyBytes {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for SyncReplyBytes {}
+
+impl std::ops::Deref for SyncReplyBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
 }
 
 /// What an ending session gives back.
@@ -906,7 +933,7 @@ pub(crate) enum Answered {
     /// Over the session's rate: dropped, as the session would.
     Dropped,
     /// The reply (a server datagram), or `None` if it could not be encoded.
-    Reply(Option<Vec<u8>>),
+    Reply(Option<SyncReplyBytes>),
 }
 
 impl SyncAnswer {
