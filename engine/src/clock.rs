@@ -262,6 +262,9 @@ pub struct Estimator {
     /// Samples still to agree with the estimate after one it could not explain.
     doubt: usize,
     fit: Option<Fit>,
+    /// The weights of the samples a fit keeps, computed once per fit (scratch, kept for its
+    /// capacity: a fit runs on every reply).
+    weights: Vec<f64>,
     requests: u64,
     accepted: u64,
     rejected: u64,
@@ -283,6 +286,7 @@ impl Estimator {
             unanswered: 0,
             doubt: 0,
             fit: None,
+            weights: Vec::new(),
             requests: 0,
             accepted: 0,
             rejected: 0,
@@ -488,26 +492,35 @@ impl Estimator {
     }
 
     /// The weighted line through the window's samples that `keep` keeps. Runs on every reply,
-    /// so it walks the window in place (no copies) and converts only differences that fit
-    /// in 64 bits to floating point (the same values, without 128-bit conversions).
-    fn fit_samples(&self, keep: impl Fn(&Sample) -> bool, min_delay: u64) -> Option<Fit> {
-        let kept = || self.samples.iter().filter(|s| keep(s));
-        let newest = kept().last()?;
-        let best = kept().min_by_key(|s| s.delay)?;
+    /// so it walks the window in place (no copies), three times: the origin (the newest sample
+    /// and the fastest), the weighted means, the spread about them. A sample's weight is
+    /// computed once, in the second walk, and kept for the third. Only differences that fit in
+    /// 64 bits are converted to floating point (the same values, without 128-bit conversions).
+    fn fit_samples(&mut self, keep: impl Fn(&Sample) -> bool, min_delay: u64) -> Option<Fit> {
+        let Self { samples, weights, .. } = self;
+        let kept = || samples.iter().filter(|s| keep(s));
+        // The newest kept sample, and the first of the fastest.
+        let (newest, best) = kept().fold(None, |found: Option<(&Sample, &Sample)>, s| match found {
+            Some((_, best)) if best.delay <= s.delay => Some((s, best)),
+            _ => Some((s, s)),
+        })?;
         let (x0, y0) = (newest.local_mid, best.offset);
-        let point = |s: &Sample| {
-            let sigma = sample_sigma(s.delay, min_delay);
-            (to_f64(s.local_mid - x0), to_f64(s.offset - y0), 1.0 / (sigma * sigma))
-        };
+        let xy = |s: &Sample| (to_f64(s.local_mid - x0), to_f64(s.offset - y0));
+        weights.clear();
         let (mut w_sum, mut wx, mut wy) = (0.0f64, 0.0f64, 0.0f64);
-        for (x, y, w) in kept().map(point) {
+        for s in kept() {
+            let sigma = sample_sigma(s.delay, min_delay);
+            let w = 1.0 / (sigma * sigma);
+            let (x, y) = xy(s);
+            weights.push(w);
             w_sum += w;
             wx += w * x;
             wy += w * y;
         }
         let (x_bar, y_bar) = (wx / w_sum, wy / w_sum);
         let (mut sxx, mut sxy) = (0.0f64, 0.0f64);
-        for (x, y, w) in kept().map(point) {
+        for (s, &w) in kept().zip(weights.iter()) {
+            let (x, y) = xy(s);
             sxx += w * (x - x_bar) * (x - x_bar);
             sxy += w * (x - x_bar) * (y - y_bar);
         }
