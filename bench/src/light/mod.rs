@@ -60,6 +60,7 @@ use downbeat_server::{Exchanged, Timers};
 use quinn_proto::{ConnectionError, ConnectionHandle, DatagramEvent, Dir, StreamEvent, StreamId, VarInt};
 use serde::Serialize;
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
 use wtransport_proto::bytes::BufferReader;
@@ -506,9 +507,10 @@ fn open_endpoint(k: usize, target: &Target, shared: &Arc<Shared>) -> Result<Loca
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
     socket.set_nonblocking(true)?;
     socket.bind(&SocketAddr::new(IpAddr::V4(ip), 0).into()).with_context(|| format!("binding {ip}"))?;
-    let socket = tokio::net::UdpSocket::from_std(socket.into()).context("registering the socket")?;
+    let socket = std::net::UdpSocket::from(socket);
     let udp = quinn_udp::UdpSocketState::new((&socket).into()).context("the socket's batching")?;
     downbeat_server::arrival::stamp_arrivals(&socket).context("the socket's arrival stamps")?;
+    let socket = downbeat_server::register_for_reading(socket).context("registering the socket")?;
     let endpoint = quinn_proto::Endpoint::new(Arc::new(quinn_proto::EndpointConfig::default()), None, false, None);
     let (commands, receiver) = mpsc::unbounded_channel();
     let driver = Driver {
@@ -839,7 +841,8 @@ struct Driver {
     shared: Arc<Shared>,
     target: Target,
     endpoint: quinn_proto::Endpoint,
-    socket: tokio::net::UdpSocket,
+    /// Registered for reading only, as the server's ([`downbeat_server::register_for_reading`]).
+    socket: AsyncFd<std::net::UdpSocket>,
     udp: quinn_udp::UdpSocketState,
     /// By connection handle (boxed: a QUIC connection is kilobytes, and a connection is
     /// taken out of its slot while it runs).
@@ -908,7 +911,7 @@ impl Driver {
                 biased;
                 command = commands.recv(), if closing.is_none() => Wake::Command(command),
                 ready = self.socket.readable() => match ready {
-                    Ok(()) => Wake::Readable,
+                    Ok(_) => Wake::Readable,
                     Err(_) => Wake::Timer,
                 },
                 () = sleep => Wake::Timer,
@@ -989,7 +992,7 @@ impl Driver {
             let received = {
                 let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
                 let (socket, udp) = (&self.socket, &self.udp);
-                socket.try_io(Interest::READABLE, || udp.recv(socket.into(), &mut slices, metas))
+                socket.try_io(Interest::READABLE, |socket| udp.recv(socket.into(), &mut slices, metas))
             };
             // `WouldBlock` (the socket is empty) clears the readiness the driver waits on.
             let Ok(n) = received else { return };
@@ -999,7 +1002,7 @@ impl Driver {
             // sessions share a core with thousands of others and the server, and a wait here
             // would count as the reply's path, on its way in only: every client's estimate
             // would be off by half of it and its round trips long.
-            let arrived = downbeat_server::arrival::since_last_read(&self.socket)
+            let arrived = downbeat_server::arrival::since_last_read(self.socket.get_ref())
                 .and_then(|wait| now.checked_sub(wait))
                 .unwrap_or(now);
             for (meta, buffer) in metas.iter().zip(buffers.iter()).take(n) {
@@ -1542,13 +1545,13 @@ fn send_datagram(quic: &mut quinn_proto::Connection, payload: &[u8]) -> bool {
 /// Sends one transmit (several packets to one peer with GSO). A full socket drops it (QUIC
 /// recovers, as from any loss) and counts it.
 fn send(
-    socket: &tokio::net::UdpSocket,
+    socket: &AsyncFd<std::net::UdpSocket>,
     udp: &quinn_udp::UdpSocketState,
     transmit: &quinn_proto::Transmit,
     contents: &[u8],
     shared: &Shared,
 ) {
-    if downbeat_server::send_transmit(socket, udp, transmit, contents).is_err() {
+    if downbeat_server::send_transmit(socket.get_ref(), udp, transmit, contents).is_err() {
         shared.packets_dropped.fetch_add(1, Relaxed);
     }
 }

@@ -50,6 +50,7 @@ use std::time::Instant;
 use bytes::{Bytes, BytesMut};
 use quinn_proto::{ConnectionHandle, DatagramEvent, EndpointConfig, ServerConfig};
 use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{Notify, watch};
 use tracing::{debug, warn};
 
@@ -85,7 +86,8 @@ struct Shared {
     accepting: Mutex<Accepting>,
     /// Connections open (handshaking or established, not yet drained).
     open: watch::Sender<usize>,
-    socket: tokio::net::UdpSocket,
+    /// Registered for reading only ([`register_for_reading`]).
+    socket: AsyncFd<std::net::UdpSocket>,
     udp: quinn_udp::UdpSocketState,
     /// When the datagrams read from the socket reached the host.
     arrivals: Arrivals,
@@ -97,7 +99,7 @@ struct Shared {
 impl std::fmt::Debug for Shared {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Shared")
-            .field("socket", &self.socket)
+            .field("socket", self.socket.get_ref())
             .field("open", &*self.open.borrow())
             .finish_non_exhaustive()
     }
@@ -144,8 +146,8 @@ impl Endpoint {
         socket: std::net::UdpSocket,
     ) -> std::io::Result<Self> {
         let arrivals = Arrivals::of(&socket);
-        let socket = tokio::net::UdpSocket::from_std(socket)?;
         let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
+        let socket = register_for_reading(socket)?;
         let endpoint = quinn_proto::Endpoint::new(Arc::new(config), Some(Arc::new(server)), !udp.may_fragment(), None);
         let core = Core {
             endpoint,
@@ -175,7 +177,7 @@ impl Endpoint {
 
     /// The socket's address.
     pub(crate) fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.shared.socket.local_addr()
+        self.shared.socket.get_ref().local_addr()
     }
 
     /// New handshakes use `server` from now on; connections keep theirs.
@@ -284,7 +286,7 @@ impl Shared {
     /// Sends one transmit (several packets to one peer with GSO). A full socket drops it:
     /// QUIC recovers as from any loss.
     fn send(&self, transmit: &quinn_proto::Transmit, contents: &[u8]) {
-        if let Err(e) = send_transmit(&self.socket, &self.udp, transmit, contents) {
+        if let Err(e) = send_transmit(self.socket.get_ref(), &self.udp, transmit, contents) {
             debug!(error = %e, destination = %transmit.destination, "a QUIC packet was not sent");
         }
     }
@@ -463,7 +465,7 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
     for _ in 0..RECV_ROUNDS {
         let received = {
             let (socket, udp) = (&shared.socket, &shared.udp);
-            socket.try_io(Interest::READABLE, || udp.recv(socket.into(), &mut slices, metas))
+            socket.try_io(Interest::READABLE, |socket| udp.recv(socket.into(), &mut slices, metas))
         };
         // `WouldBlock` (the socket is empty) clears the readiness the driver waits on.
         let n = match received {
@@ -477,7 +479,7 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
         };
         let now = Instant::now();
         // The batch's last datagram reached the host then, the others before.
-        let arrived = shared.arrivals.last_read(&shared.socket, now);
+        let arrived = shared.arrivals.last_read(shared.socket.get_ref(), now);
         for (meta, buffer) in metas.iter().zip(slices.iter()).take(n) {
             for packet in buffer[..meta.len].chunks(meta.stride.max(1)) {
                 let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
@@ -594,10 +596,27 @@ fn exchange(
     if more { Exchanged::More } else { Exchanged::Nothing }
 }
 
+/// `socket` (non-blocking, bound) registered with the current runtime for reading only, for a
+/// QUIC driver that reads it in batches and sends on it without waiting
+/// ([`send_transmit`]).
+///
+/// A tokio `UdpSocket` registers for writing too. Each packet the socket sent frees its
+/// buffer once it is out (over loopback, once the peer has read it), and the kernel then tells
+/// whoever polls the socket that it can write: a runtime thread asleep in `epoll_wait` wakes
+/// for it, with nothing to do (BENCHMARKS.md, sixteenth round). A driver never waits to write
+/// (a full socket drops the packet, and QUIC recovers), so it asks only to hear that there is
+/// something to read.
+#[allow(unsafe_code)]
+pub fn register_for_reading(socket: std::net::UdpSocket) -> std::io::Result<AsyncFd<std::net::UdpSocket>> {
+    // SAFETY: the descriptor is the socket's own: open, and the same, for as long as the
+    // `AsyncFd` owns the socket.
+    unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }.map_err(|e| e.into_parts().1)
+}
+
 /// Sends what quinn-proto built into `contents` for `transmit` (several packets to one peer
 /// with GSO) on `socket`, without waiting: a full socket is an error (`WouldBlock`).
 pub fn send_transmit(
-    socket: &tokio::net::UdpSocket,
+    socket: &std::net::UdpSocket,
     udp: &quinn_udp::UdpSocketState,
     transmit: &quinn_proto::Transmit,
     contents: &[u8],
