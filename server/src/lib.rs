@@ -78,7 +78,7 @@ pub use crate::api::{ApiError, status_for};
 pub use crate::clock::ServerClock;
 pub use crate::config::{Args, Config, ConfigError, parse_and_merge};
 pub use crate::identity::{IdentityError, PublishedHash};
-pub use crate::quic::{Exchanged, Timers, exchange_endpoint_events, register_for_reading, send_transmit};
+pub use crate::quic::{Exchanged, exchange_endpoint_events, register_for_reading, send_transmit};
 pub use crate::stats::Stats;
 
 use crate::auth::Tenants;

@@ -56,7 +56,7 @@ use tracing::{debug, warn};
 
 pub(crate) use self::conn::{Answer, Answerer, Answering, Connecting, Connection, RecvStream, SendStream};
 use self::conn::{ConnShared, Wakers};
-pub use self::timers::Timers;
+use self::timers::Timers;
 use crate::arrival::Arrivals;
 pub(crate) use quinn_proto::{ConnectionError, VarInt};
 

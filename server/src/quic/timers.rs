@@ -42,10 +42,8 @@ struct Entry {
     next: u32,
 }
 
-/// Timers for many connections on one driver, by connection index: see the module's
-/// documentation. The server's QUIC driver keeps one; so does each of the benchmark's load
-/// generator's endpoint drivers.
-pub struct Timers {
+/// See the module's documentation.
+pub(super) struct Timers {
     origin: Instant,
     /// The last tick whose slot was taken; slots hold the ticks after it, up to [`SLOTS`] on.
     done: Tick,
@@ -63,19 +61,8 @@ pub struct Timers {
     armed: Vec<Tick>,
 }
 
-impl std::fmt::Debug for Timers {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Timers")
-            .field("done", &self.done)
-            .field("pool", &self.pool.len())
-            .field("far", &self.far.len())
-            .finish_non_exhaustive()
-    }
-}
-
 impl Timers {
-    /// Timers whose millisecond ticks count from `origin`.
-    pub fn new(origin: Instant) -> Self {
+    pub(super) fn new(origin: Instant) -> Self {
         Self {
             origin,
             done: 0,
@@ -102,7 +89,7 @@ impl Timers {
 
     /// Connection `k` wants to run at `at`. An earlier deadline already armed stands. Returns
     /// when the armed deadline comes up.
-    pub fn arm(&mut self, k: usize, at: Instant) -> Instant {
+    pub(super) fn arm(&mut self, k: usize, at: Instant) -> Instant {
         // A deadline already passed comes up with the next slot taken.
         let tick = self.tick(at).max(self.done + 1);
         if self.armed.len() <= k {
@@ -118,7 +105,7 @@ impl Timers {
     }
 
     /// Connection `k` has gone: its entries are stale.
-    pub fn disarm(&mut self, k: usize) {
+    pub(super) fn disarm(&mut self, k: usize) {
         if let Some(armed) = self.armed.get_mut(k) {
             *armed = 0;
         }
@@ -145,7 +132,7 @@ impl Timers {
     }
 
     /// When the earliest entry comes up (perhaps a stale one), if any.
-    pub fn next(&self) -> Option<Instant> {
+    pub(super) fn next(&self) -> Option<Instant> {
         let near = self.next_occupied().map(|slot| self.tick_of(slot));
         let far = self.far.peek().map(|&Reverse((tick, _))| tick);
         near.into_iter().chain(far).min().map(|tick| self.instant(tick))
@@ -177,7 +164,7 @@ impl Timers {
 
     /// Takes every entry whose tick has begun by `now`, and adds each connection whose armed
     /// deadline it was to `due`, disarmed.
-    pub fn expire(&mut self, now: Instant, due: &mut Vec<usize>) {
+    pub(super) fn expire(&mut self, now: Instant, due: &mut Vec<usize>) {
         let begun = Tick::try_from(now.saturating_duration_since(self.origin).as_millis()).unwrap_or(Tick::MAX);
         while self.done < begun {
             let Some(slot) = self.next_occupied() else { break };
