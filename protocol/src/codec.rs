@@ -71,10 +71,16 @@ fn decode_exact<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
 
 fn encode_datagram<T: Serialize>(value: &T) -> Result<Vec<u8>, EncodeError> {
     let bytes = postcard::to_allocvec(value).map_err(|_| EncodeError::Serialize)?;
-    if bytes.len() > MAX_DATAGRAM_LEN {
-        return Err(EncodeError::TooLarge { len: bytes.len(), max: MAX_DATAGRAM_LEN });
-    }
+    encoded_datagram_fits(bytes.len())?;
     Ok(bytes)
+}
+
+/// An encoded datagram of `len` bytes is one the protocol sends: at most [`MAX_DATAGRAM_LEN`].
+fn encoded_datagram_fits(len: usize) -> Result<(), EncodeError> {
+    if len > MAX_DATAGRAM_LEN {
+        return Err(EncodeError::TooLarge { len, max: MAX_DATAGRAM_LEN });
+    }
+    Ok(())
 }
 
 fn check_datagram_len(bytes: &[u8]) -> Result<(), DecodeError> {
@@ -109,9 +115,7 @@ pub fn encode_server_datagram_to_slice<'a>(
     buffer: &'a mut [u8],
 ) -> Result<&'a mut [u8], EncodeError> {
     let bytes = postcard::to_slice(datagram, buffer).map_err(|_| EncodeError::Serialize)?;
-    if bytes.len() > MAX_DATAGRAM_LEN {
-        return Err(EncodeError::TooLarge { len: bytes.len(), max: MAX_DATAGRAM_LEN });
-    }
+    encoded_datagram_fits(bytes.len())?;
     Ok(bytes)
 }
 
