@@ -1,11 +1,12 @@
 //! The machine a run went on and what it cost: CPU model, memory and load from `/proc`, the
-//! share of CPU time the hypervisor stole during a run, and a child process's CPU time and
-//! resident memory.
+//! share of CPU time the hypervisor stole during a run, a child process's CPU time and
+//! resident memory, the processors a process may run on and its sockets' UDP drops.
 //!
 //! Linux only, read from `/proc`; where a file is missing or unreadable the figure stays at
 //! its default (0 or empty) rather than failing the run, except for [`ProcessMeter`], whose
 //! callers need to know that the process is gone.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, anyhow};
@@ -133,6 +134,53 @@ impl ProcessMeter {
     }
 }
 
+/// The processors a process may run on, as the kernel lists them (`Cpus_allowed_list` in
+/// `/proc/<pid>/status`: `0-1`, `1`); `None` is this process. Empty when unreadable.
+pub fn cpus_allowed(pid: Option<u32>) -> String {
+    let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |pid| format!("/proc/{pid}/status"));
+    read(&path).and_then(|status| cpus_allowed_list(&status)).unwrap_or_default()
+}
+
+fn cpus_allowed_list(status: &str) -> Option<String> {
+    status.lines().find_map(|line| Some(line.strip_prefix("Cpus_allowed_list:")?.trim().to_owned()))
+}
+
+/// UDP datagrams the kernel dropped so far on the sockets process `pid` holds (the `drops`
+/// column of `/proc/net/udp` and `/proc/net/udp6` for the sockets among its descriptors), so
+/// that the server's drops can be told from its clients' on one host; `None` is this process.
+/// 0 when unreadable.
+pub fn udp_drops_of(pid: Option<u32>) -> u64 {
+    let fds = pid.map_or_else(|| "/proc/self/fd".to_owned(), |pid| format!("/proc/{pid}/fd"));
+    let Ok(entries) = std::fs::read_dir(fds) else { return 0 };
+    let inodes: HashSet<u64> = entries
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| socket_inode(&target.to_string_lossy()))
+        .collect();
+    ["/proc/net/udp", "/proc/net/udp6"].into_iter().filter_map(read).map(|table| udp_table_drops(&table, &inodes)).sum()
+}
+
+/// The inode of a descriptor's link target `socket:[<inode>]`.
+fn socket_inode(target: &str) -> Option<u64> {
+    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+}
+
+/// The drops of the sockets in `inodes`, from a `/proc/net/udp` table: after its heading, one
+/// line a socket whose tenth field is the inode and thirteenth the drops.
+fn udp_table_drops(table: &str, inodes: &HashSet<u64>) -> u64 {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let inode: u64 = fields.get(9)?.parse().ok()?;
+            if !inodes.contains(&inode) {
+                return None;
+            }
+            fields.get(12)?.parse::<u64>().ok()
+        })
+        .sum()
+}
+
 /// UDP datagrams the kernel dropped so far for a full socket receive buffer, machine-wide
 /// (`RcvbufErrors` in `/proc/net/snmp`); 0 when unreadable.
 pub fn udp_receive_buffer_drops() -> u64 {
@@ -218,6 +266,44 @@ fn read(path: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_allowed_processors_are_read_from_a_status_file() {
+        let status = "Name:\tdownbeat\nCpus_allowed:\t2\nCpus_allowed_list:\t1\nMems_allowed_list:\t0\n";
+        assert_eq!(cpus_allowed_list(status).as_deref(), Some("1"));
+        assert_eq!(cpus_allowed_list("Name:\tdownbeat\n"), None);
+        // This process may run somewhere.
+        assert!(!cpus_allowed(None).is_empty());
+    }
+
+    #[test]
+    fn a_process_s_udp_drops_are_its_own_sockets_drops() {
+        let table = "   sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  245: 00000000:14E9 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81234 2 0000000000000000 17
+  300: 0100007F:A1B2 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81299 2 0000000000000000 5
+  301: 0100007F:A1B3 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 81300 2 0000000000000000 40
+";
+        let mine: HashSet<u64> = [81234, 81300].into();
+        assert_eq!(udp_table_drops(table, &mine), 57);
+        assert_eq!(udp_table_drops(table, &HashSet::new()), 0);
+        assert_eq!(socket_inode("socket:[81234]"), Some(81234));
+        assert_eq!(socket_inode("pipe:[81234]"), None);
+        // A socket of this process's own that nobody reads, with the smallest receive buffer:
+        // loopback delivers each send at once, so all but the first few are dropped, and
+        // counted as this process's.
+        let before = udp_drops_of(None);
+        let receiver = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).expect("a socket");
+        receiver.set_recv_buffer_size(1).expect("a small receive buffer");
+        receiver.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into()).expect("bound");
+        let to = receiver.local_addr().expect("its address").as_socket().expect("an IP address");
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").expect("a sender");
+        for _ in 0..100 {
+            sender.send_to(&[0u8; 1000], to).expect("sent");
+        }
+        let dropped = udp_drops_of(None) - before;
+        assert!((90..=100).contains(&dropped), "{dropped} of 100 dropped");
+        assert_eq!(udp_drops_of(Some(u32::MAX)), 0, "no such process");
+    }
 
     const STAT: &str = "cpu  10132153 290696 3084719 46828483 16683 0 25195 175628 0 0
 cpu0 1393280 32966 572056 13343292 6130 0 17875 0 0 0

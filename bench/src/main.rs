@@ -145,7 +145,9 @@ enum Scenario {
     /// held in rooms of 30 with beats flowing, server memory per session, server CPU per 1,000
     /// datagrams and the server's and the clients' CPU apart, over a steady window; at each
     /// size in --sessions (a curve, each point on a fresh server; PNG plots with two or more).
-    /// A progress bar shows the join; --join-deadline-seconds ends a saturated one.
+    /// A progress bar shows the join; --join-deadline-seconds ends a saturated one. To give
+    /// the server processors of its own, name them in BENCH_SERVER_CPUS and keep this program
+    /// off them: `BENCH_SERVER_CPUS=1 taskset -c 0 downbeat-bench capacity ...`.
     Capacity {
         #[command(flatten)]
         common: CommonArgs,

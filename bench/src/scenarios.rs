@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::downbeat::class::{ClassOutput, ClassSpec, RoomSpec, StudentSpec};
 use crate::downbeat::{Ready, ServerLimits, ServerProcess, run_class};
 use crate::light::{Generator, LightRoom, LightSpec, SYNC_ROUND_TRIP_BOUNDS_MS, SYNC_ROUND_TRIP_BUCKETS};
-use crate::machine::{ProcessMeter, StealMeter, describe};
+use crate::machine::{ProcessMeter, StealMeter, describe, udp_drops_of};
 use crate::metrics::{Better, Metric, RunReport, Summary, SystemResult, converged_metric};
 use crate::netem::{Emulator, EmulatorConfig, Profile, Target};
 use crate::peers::{self, ClientRun, PeerKind, PeerRun, PeerServer};
@@ -735,9 +735,30 @@ pub struct CapacityPoint {
     /// Seconds of the window.
     pub window_seconds: f64,
     /// UDP datagrams the kernel dropped for a full socket receive buffer during the join
-    /// phase and during the window (machine-wide `RcvbufErrors`: on loopback, mostly the
-    /// server's one socket, which every session's packets reach).
+    /// phase and during the window (machine-wide `RcvbufErrors`: the server's sockets and
+    /// the clients'; `server_udp_drops` and `generator_udp_drops` tell them apart).
     pub udp_receive_drops: (u64, u64),
+    /// Light clients: sync requests per session held per second of the window. A settled
+    /// client asks about once a second; fewer means the generator fell behind its sessions'
+    /// schedules, and the server carried less than that many clients would give it.
+    #[serde(default)]
+    pub sync_requests_per_session_s: Option<f64>,
+    /// The processors the server could run on in the window, as the kernel listed them
+    /// (`Cpus_allowed_list`; `BENCH_SERVER_CPUS` pins it).
+    #[serde(default)]
+    pub server_cpus: String,
+    /// The processors this program (the light generator, or the native clients' helper it
+    /// starts) could run on (`taskset -c 0 downbeat-bench ...` keeps it off the server's).
+    #[serde(default)]
+    pub generator_cpus: String,
+    /// Datagrams dropped at the server's own sockets during the window (their full receive
+    /// buffers), apart from the machine-wide count in `udp_receive_drops`.
+    #[serde(default)]
+    pub server_udp_drops: Option<u64>,
+    /// Light clients: datagrams dropped at the generator's sockets during the window (a
+    /// generator behind on its reads).
+    #[serde(default)]
+    pub generator_udp_drops: Option<u64>,
 }
 
 /// Capacity: sessions held in rooms of 30 with beats flowing, memory per session, CPU per
@@ -759,6 +780,9 @@ pub fn capacity(common: &Common, plan: &CapacityPlan) -> Result<RunReport> {
         parameters["join_rate"] = json!(plan.join_rate);
         parameters["join_concurrency"] = json!(plan.join_concurrency);
         parameters["light_threads"] = json!(plan.light_threads);
+    }
+    if let Some(cpus) = crate::downbeat::server_cpus() {
+        parameters["server_cpus"] = json!(cpus);
     }
     let mut report = report(common, "capacity", "Capacity: sessions held with beats flowing", parameters);
     let began = Instant::now();
@@ -894,8 +918,15 @@ fn capacity_of(
             (last.udp_receive_drops.0 + last.udp_receive_drops.1) as f64,
         )
         .with_note(
-            "machine-wide RcvbufErrors over the join phase and the window: on loopback mostly the server's socket",
+            "machine-wide RcvbufErrors over the join phase and the window: the server's and the clients' sockets",
         ),
+        Metric::lower(
+            "server_udp_drops",
+            "UDP datagrams dropped at the server's socket in the window",
+            "",
+            last.server_udp_drops.unwrap_or(0) as f64,
+        )
+        .with_note("the drops column of /proc/net/udp and udp6 for the server's own sockets"),
     ];
     let mut extra = match last_extra {
         serde_json::Value::Object(_) => last_extra,
@@ -930,6 +961,11 @@ struct Window {
     frames: u64,
     seconds: f64,
     udp_drops: u64,
+    server_cpus: String,
+    generator_cpus: String,
+    server_udp_drops: u64,
+    /// This program's sockets' (the light generator's).
+    own_udp_drops: u64,
 }
 
 /// The clients' side of a window: their CPU seconds so far and beat frames received so far
@@ -951,10 +987,13 @@ fn measure_window(
     let (rss, generator_rss) = (meter.rss_bytes()?, generator_rss());
     let (cpu0, m0, (g0, f0)) = (meter.cpu_seconds()?, server.metrics()?, clients()?);
     let drops0 = crate::machine::udp_receive_buffer_drops();
+    let socket_drops = || (udp_drops_of(Some(server.pid())), udp_drops_of(None));
+    let (server_drops0, own_drops0) = socket_drops();
     let t0 = Instant::now();
     std::thread::sleep(Duration::from_secs_f64(hold_seconds));
     let (cpu1, m1, (g1, f1)) = (meter.cpu_seconds()?, server.metrics()?, clients()?);
     let seconds = t0.elapsed().as_secs_f64();
+    let (server_drops1, own_drops1) = socket_drops();
     let delta = |k: &str| m1.get(k).unwrap_or(&0.0) - m0.get(k).unwrap_or(&0.0);
     Ok(Window {
         held: m1.get("downbeat_sessions_active").copied().unwrap_or(0.0),
@@ -967,6 +1006,10 @@ fn measure_window(
         frames: f1.saturating_sub(f0),
         seconds,
         udp_drops: crate::machine::udp_receive_buffer_drops().saturating_sub(drops0),
+        server_cpus: crate::machine::cpus_allowed(Some(server.pid())),
+        generator_cpus: crate::machine::cpus_allowed(None),
+        server_udp_drops: server_drops1.saturating_sub(server_drops0),
+        own_udp_drops: own_drops1.saturating_sub(own_drops0),
     })
 }
 
@@ -1015,6 +1058,9 @@ impl CapacityPoint {
         self.generator_rss_bytes = w.generator_rss;
         self.window_seconds = w.seconds;
         self.udp_receive_drops.1 = w.udp_drops;
+        self.server_cpus.clone_from(&w.server_cpus);
+        self.generator_cpus.clone_from(&w.generator_cpus);
+        self.server_udp_drops = Some(w.server_udp_drops);
         self
     }
 }
@@ -1050,6 +1096,10 @@ fn light_point(
     })?;
     let at_end = generator.counts();
     let counts = generator.stop();
+    let requests_in_window = match ends[..] {
+        [start, end] => Some(end.sync_requests - start.sync_requests),
+        _ => None,
+    };
     let in_window = match ends[..] {
         [start, end] => json!({
             "sync_requests": end.sync_requests - start.sync_requests,
@@ -1066,6 +1116,9 @@ fn light_point(
         frames_received: Some(at_end.frames),
         synced: Some(at_end.synced),
         lost: Some(at_end.lost),
+        sync_requests_per_session_s: requests_in_window
+            .map(|requests| requests as f64 / window.held.max(1.0) / window.seconds.max(1e-9)),
+        generator_udp_drops: Some(window.own_udp_drops),
         ..CapacityPoint::joined(
             JoinPhase {
                 students: joined.students,

@@ -145,6 +145,33 @@ fn light_clients_hold_every_session_with_beats_flowing() {
     assert!(point["datagrams_per_s"].as_f64().unwrap_or(0.0) >= 62.0, "{point}");
     assert!(metric(system, "generator_cpu_percent").is_finite());
     assert!(metric(system, "server_cpu_percent") > 0.0);
+    // The pace the sessions kept, and where each side could run.
+    assert!(point["sync_requests_per_session_s"].as_f64().unwrap_or(0.0) > 0.0, "{point}");
+    assert!(!point["server_cpus"].as_str().unwrap_or("").is_empty(), "{point}");
+    assert!(!point["generator_cpus"].as_str().unwrap_or("").is_empty(), "{point}");
+    // Each side's socket drops, counted apart (a small school drops nothing).
+    assert_eq!(
+        (point["server_udp_drops"].as_u64(), point["generator_udp_drops"].as_u64()),
+        (Some(0), Some(0)),
+        "{point}"
+    );
+}
+
+/// A server started on processors of its own (`ServerOptions::cpus`, `BENCH_SERVER_CPUS`)
+/// runs on them alone, and serves.
+#[test]
+fn a_server_given_a_processor_runs_on_it_alone() {
+    use downbeat_bench::downbeat::{ServerLimits, ServerOptions, ServerProcess};
+    let server = ServerProcess::start_with(ServerOptions {
+        limits: ServerLimits::default(),
+        http_host: std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        data_dir: None,
+        settings: String::new(),
+        cpus: Some("0".into()),
+    })
+    .unwrap_or_else(|e| panic!("starting the server on processor 0: {e:#}"));
+    assert_eq!(downbeat_bench::machine::cpus_allowed(Some(server.pid())), "0");
+    assert!(server.metrics().expect("its metrics").contains_key("downbeat_sessions_active"));
 }
 
 /// A light capacity run whose deadline passed before any session could join ends by itself

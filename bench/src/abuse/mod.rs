@@ -167,6 +167,7 @@ pub fn run(config: &AbuseConfig) -> Result<RunReport> {
         data_dir: Some(disk.path().to_path_buf()),
         // Every reflection of the run is stored (the default allows 5 per prompt).
         settings: "max_reflections_per_prompt = 100000\n".into(),
+        cpus: None,
     })?;
     let host = HostClock::new();
     let students = (0..config.students)

@@ -47,6 +47,11 @@ pub struct ServerOptions {
     pub data_dir: Option<PathBuf>,
     /// More top-level settings, as lines of the configuration file (`key = value\n`).
     pub settings: String,
+    /// The processors the server may run on, as `taskset -c` takes them (`1`, `2-3`): the
+    /// server is started through `taskset`, so that it runs on them alone when the load
+    /// generator is kept off them (`taskset -c 0 downbeat-bench ...`). `None`: the
+    /// `BENCH_SERVER_CPUS` environment variable if set, else wherever the scheduler puts it.
+    pub cpus: Option<String>,
 }
 
 /// The `downbeat` binary next to this program (`target/<profile>/downbeat`), or the one
@@ -70,6 +75,24 @@ pub fn server_binary() -> Result<PathBuf> {
     )
 }
 
+/// The processors `BENCH_SERVER_CPUS` names for the server, if set (see [`ServerOptions::cpus`]).
+pub fn server_cpus() -> Option<String> {
+    std::env::var("BENCH_SERVER_CPUS").ok().filter(|cpus| !cpus.trim().is_empty())
+}
+
+/// The command that starts `bin`: through `taskset -c <cpus>` when given (it sets the
+/// processors and runs the server in its own place, so the child's pid is the server's).
+fn server_command(bin: PathBuf, cpus: Option<&str>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut command = Command::new("taskset");
+            command.arg("-c").arg(cpus).arg(bin);
+            command
+        }
+        None => Command::new(bin),
+    }
+}
+
 /// A running `downbeat` server process with a fresh data directory (SQLite, a self-signed
 /// certificate) and one large benchmark tenant. Killed when dropped.
 #[derive(Debug)]
@@ -90,12 +113,12 @@ impl ServerProcess {
     /// address WebSocket students reach: the emulator's server address when emulated, so
     /// their TCP crosses it); WebTransport listens on every address.
     pub fn start(limits: ServerLimits, http_host: IpAddr) -> Result<Self> {
-        Self::start_with(ServerOptions { limits, http_host, data_dir: None, settings: String::new() })
+        Self::start_with(ServerOptions { limits, http_host, data_dir: None, settings: String::new(), cpus: None })
     }
 
     /// [`ServerProcess::start`] with every option.
     pub fn start_with(options: ServerOptions) -> Result<Self> {
-        let ServerOptions { limits, http_host, data_dir, settings } = options;
+        let ServerOptions { limits, http_host, data_dir, settings, cpus } = options;
         let dir = match data_dir {
             Some(parent) => tempfile::tempdir_in(parent),
             None => tempfile::tempdir(),
@@ -118,7 +141,8 @@ impl ServerProcess {
                 .context("the benchmark server's configuration")?;
         let tenants = Tenants::new(&config).context("the benchmark tenant")?;
 
-        let mut command = Command::new(server_binary()?);
+        let cpus = cpus.or_else(server_cpus);
+        let mut command = server_command(server_binary()?, cpus.as_deref());
         for (key, _) in std::env::vars_os() {
             if key.to_string_lossy().starts_with("DOWNBEAT_") {
                 command.env_remove(key);
@@ -140,7 +164,10 @@ impl ServerProcess {
         if let Some(threads) = std::env::var_os("BENCH_SERVER_THREADS") {
             command.env("DOWNBEAT_WORKER_THREADS", threads);
         }
-        let mut child = command.spawn().context("starting the downbeat server")?;
+        let mut child = command.spawn().with_context(|| match &cpus {
+            Some(cpus) => format!("starting the downbeat server on processors {cpus} through taskset (util-linux)"),
+            None => "starting the downbeat server".to_owned(),
+        })?;
         let stdout = child.stdout.take().context("the server's stdout")?;
         let (http_port, wt_port, hashes) = match read_banner(stdout) {
             Ok(found) => found,
