@@ -137,8 +137,12 @@ impl ProcessMeter {
 /// The processors a process may run on, as the kernel lists them (`Cpus_allowed_list` in
 /// `/proc/<pid>/status`: `0-1`, `1`); `None` is this process. Empty when unreadable.
 pub fn cpus_allowed(pid: Option<u32>) -> String {
-    let path = pid.map_or_else(|| "/proc/self/status".to_owned(), |pid| format!("/proc/{pid}/status"));
-    read(&path).and_then(|status| cpus_allowed_list(&status)).unwrap_or_default()
+    read(&proc_file(pid, "status")).and_then(|status| cpus_allowed_list(&status)).unwrap_or_default()
+}
+
+/// `/proc/<pid>/<file>`, or this process's (`/proc/self/<file>`) for `None`.
+fn proc_file(pid: Option<u32>, file: &str) -> String {
+    pid.map_or_else(|| format!("/proc/self/{file}"), |pid| format!("/proc/{pid}/{file}"))
 }
 
 fn cpus_allowed_list(status: &str) -> Option<String> {
@@ -150,8 +154,7 @@ fn cpus_allowed_list(status: &str) -> Option<String> {
 /// that the server's drops can be told from its clients' on one host; `None` is this process.
 /// 0 when unreadable.
 pub fn udp_drops_of(pid: Option<u32>) -> u64 {
-    let fds = pid.map_or_else(|| "/proc/self/fd".to_owned(), |pid| format!("/proc/{pid}/fd"));
-    let Ok(entries) = std::fs::read_dir(fds) else { return 0 };
+    let Ok(entries) = std::fs::read_dir(proc_file(pid, "fd")) else { return 0 };
     let inodes: HashSet<u64> = entries
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .filter_map(|target| socket_inode(&target.to_string_lossy()))

@@ -1096,20 +1096,20 @@ fn light_point(
     })?;
     let at_end = generator.counts();
     let counts = generator.stop();
-    let requests_in_window = match ends[..] {
-        [start, end] => Some(end.sync_requests - start.sync_requests),
-        _ => None,
-    };
-    let in_window = match ends[..] {
-        [start, end] => json!({
-            "sync_requests": end.sync_requests - start.sync_requests,
-            "sync_replies": end.sync_replies - start.sync_replies,
-            "sync_round_trips": std::array::from_fn::<u64, SYNC_ROUND_TRIP_BUCKETS, _>(|i| {
-                end.sync_round_trips[i] - start.sync_round_trips[i]
-            }),
-            "sync_round_trip_bounds_ms": SYNC_ROUND_TRIP_BOUNDS_MS,
-        }),
-        _ => serde_json::Value::Null,
+    let (requests_in_window, in_window) = match ends[..] {
+        [start, end] => {
+            let requests = end.sync_requests - start.sync_requests;
+            let in_window = json!({
+                "sync_requests": requests,
+                "sync_replies": end.sync_replies - start.sync_replies,
+                "sync_round_trips": std::array::from_fn::<u64, SYNC_ROUND_TRIP_BUCKETS, _>(|i| {
+                    end.sync_round_trips[i] - start.sync_round_trips[i]
+                }),
+                "sync_round_trip_bounds_ms": SYNC_ROUND_TRIP_BOUNDS_MS,
+            });
+            (Some(requests), in_window)
+        }
+        _ => (None, serde_json::Value::Null),
     };
     let point = CapacityPoint {
         frames_received_per_s: Some(window.frames as f64 / window.seconds.max(1e-9)),
