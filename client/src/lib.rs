@@ -21,6 +21,13 @@
 //! [`probe::probe`] runs a network check (a probe session, no token) the way the browser's
 //! `/check` page does.
 //!
+//! The driver stamps a clock-sync reply when its task runs, not when the socket received it,
+//! so time a reply waits for a busy runtime reads as a slower way back and biases that
+//! exchange by half the wait. The estimator trusts the fastest exchanges most, but an
+//! application that runs this client beside heavy work, or many clients in one process (the
+//! benchmark's class), keeps its clock tighter on a runtime that looks at its sockets often
+//! (`tokio::runtime::Builder::event_interval`).
+//!
 //! Used by the end-to-end tests and the benchmark harness; it is also a reference for other
 //! native clients. It does not reconnect by itself: connecting again with the same token
 //! within the server's grace period takes the same seat back.

@@ -228,10 +228,29 @@ struct Shared {
     barrier: Arc<Barrier>,
 }
 
+/// How many tasks the helper's runtime runs between looks at its sockets and timers
+/// (`tokio::runtime::Builder::event_interval`; tokio's default is 61): one, a look after every
+/// task.
+///
+/// The helper plays a whole class in one process, every student's endpoint and tasks on two
+/// threads, where a class has a device each. A student stamps a clock-sync reply when its task
+/// runs (`t3`), so a reply that waits in its socket while the threads work through other
+/// students' tasks reads as a slower way back, and biases that exchange by half the wait.
+/// While thirty students burst their first exchanges at once, in six runs with each setting,
+/// the exchanges' median round trip was 165-355 µs with 61 tasks between looks and 148-232 µs
+/// with one, and a sample's median error 21-75 µs against 20-41 µs (BENCHMARKS.md, issue 15's
+/// eighteenth round). A device of its own looks as soon as its one student's reply arrives, as
+/// do the peers' clients in Node.js, whose event loop polls its sockets on every turn.
+const STUDENTS_EVENT_INTERVAL: u32 = 1;
+
 /// Runs the helper: reads the spec from `spec_path`, writes the output as JSON to stdout.
 pub fn run_helper(spec_path: &std::path::Path) -> Result<()> {
     let spec: ClassSpec = serde_json::from_slice(&std::fs::read(spec_path).context("reading the class spec")?)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .event_interval(STUDENTS_EVENT_INTERVAL)
+        .enable_all()
+        .build()?;
     let output = runtime.block_on(run(spec))?;
     println!("{}", serde_json::to_string(&output)?);
     Ok(())
