@@ -204,7 +204,7 @@ impl Server {
         let stats = Arc::new(Stats::default());
         stats.clock_zero_monotonic_nanos.set(clock.zero_on_host_monotonic().unwrap_or(0));
         let (source, key) = identity::load(&config)?;
-        let endpoint = bind_endpoint(&config, &key)?;
+        let endpoint = bind_endpoint(&config, &key, stats.clone())?;
         let endpoint = Arc::new(endpoint);
         let wt_port = endpoint
             .local_addr()
@@ -631,7 +631,11 @@ fn ipv6_unavailable(e: &std::io::Error) -> bool {
 /// Binds WebTransport on every address, dual-stack, so `https://localhost:PORT` (which
 /// Chromium tries on `::1` first) and `https://127.0.0.1:PORT` both work. Falls back to IPv4
 /// only on hosts without IPv6.
-fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<Endpoint, ServerError> {
+fn bind_endpoint(
+    config: &Config,
+    key: &downbeat_certs::CertifiedKey,
+    stats: Arc<Stats>,
+) -> Result<Endpoint, ServerError> {
     let port = config.wt_port;
     let buffer = usize::try_from(config.udp_buffer_bytes).unwrap_or(usize::MAX);
     let socket = match udp_socket(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)), buffer) {
@@ -644,7 +648,7 @@ fn bind_endpoint(config: &Config, key: &downbeat_certs::CertifiedKey) -> Result<
         Err(source) => return Err(ServerError::BindWebTransport { port, source }),
     };
     let server = identity::server_config(key, config)?;
-    Endpoint::new(quinn::EndpointConfig::default(), server, socket)
+    Endpoint::new(quinn::EndpointConfig::default(), server, socket, stats)
         .map_err(|source| ServerError::BindWebTransport { port, source })
 }
 

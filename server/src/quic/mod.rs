@@ -58,6 +58,7 @@ pub(crate) use self::conn::{Answer, Answerer, Answering, Connecting, Connection,
 use self::conn::{ConnShared, Wakers};
 use self::timers::Timers;
 use crate::arrival::Arrivals;
+use crate::stats::Stats;
 pub(crate) use quinn_proto::{ConnectionError, VarInt};
 
 /// Incoming connections waiting for [`Endpoint::accept`] past which more are refused: the
@@ -91,6 +92,8 @@ struct Shared {
     udp: quinn_udp::UdpSocketState,
     /// When the datagrams read from the socket reached the host.
     arrivals: Arrivals,
+    /// Where the driver reports how long datagrams waited in the socket.
+    stats: Arc<Stats>,
     /// Times a session's change marked a connection.
     #[cfg(test)]
     marks: std::sync::atomic::AtomicUsize,
@@ -139,11 +142,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Endpoint {
     /// Serves QUIC with `server` on `socket` (non-blocking, bound), from a driver task spawned
-    /// on the current runtime.
+    /// on the current runtime, which reports into `stats`.
     pub(crate) fn new(
         config: EndpointConfig,
         server: ServerConfig,
         socket: std::net::UdpSocket,
+        stats: Arc<Stats>,
     ) -> std::io::Result<Self> {
         let arrivals = Arrivals::of(&socket);
         let udp = quinn_udp::UdpSocketState::new((&socket).into())?;
@@ -168,6 +172,7 @@ impl Endpoint {
             socket,
             udp,
             arrivals,
+            stats,
             #[cfg(test)]
             marks: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -480,6 +485,10 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
         let now = Instant::now();
         // The batch's last datagram reached the host then, the others before.
         let arrived = shared.arrivals.last_read(shared.socket.get_ref(), now);
+        if let Some(arrived) = arrived {
+            let waited = now.saturating_duration_since(arrived).as_micros();
+            shared.stats.quic_receive_wait.observe_micros(u32::try_from(waited).unwrap_or(u32::MAX));
+        }
         for (meta, buffer) in metas.iter().zip(slices.iter()).take(n) {
             for packet in buffer[..meta.len].chunks(meta.stride.max(1)) {
                 let ecn = meta.ecn.and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));

@@ -18,6 +18,7 @@ const WITHIN: Duration = Duration::from_secs(10);
 /// A served endpoint on loopback, and a quinn client endpoint trusting its certificate.
 struct Pair {
     server: Endpoint,
+    stats: Arc<Stats>,
     client: quinn::Endpoint,
     client_config: quinn::ClientConfig,
     _dir: tempfile::TempDir,
@@ -30,7 +31,8 @@ impl Pair {
         let server_config = crate::identity::server_config(&identity.current, &Config::default()).unwrap();
         let socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
         socket.set_nonblocking(true).unwrap();
-        let server = Endpoint::new(EndpointConfig::default(), server_config, socket).unwrap();
+        let stats = Arc::new(Stats::default());
+        let server = Endpoint::new(EndpointConfig::default(), server_config, socket, stats.clone()).unwrap();
 
         let mut roots = rustls::RootCertStore::empty();
         roots.add(rustls::pki_types::CertificateDer::from(identity.current.cert_der.clone())).unwrap();
@@ -44,7 +46,7 @@ impl Pair {
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
         let client_config = quinn::ClientConfig::new(Arc::new(crypto));
         let client = quinn::Endpoint::client(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))).unwrap();
-        Self { server, client, client_config, _dir: dir }
+        Self { server, stats, client, client_config, _dir: dir }
     }
 
     fn connect(&self) -> quinn::Connecting {
@@ -271,4 +273,26 @@ async fn what_an_answerer_passes_on_is_bounded_and_the_oldest_go_first() {
     assert!(read.len() <= kept, "kept {} datagrams of 1000 bytes, more than {kept}", read.len());
     assert!(read.windows(2).all(|w| w[0] < w[1]), "out of order: {read:?}");
     assert!(read[0] >= sent - kept, "the oldest were kept: {read:?}");
+}
+
+#[tokio::test]
+async fn the_driver_reports_how_long_datagrams_waited_in_the_socket() {
+    let pair = Pair::new();
+    let (client, server) = pair.connected().await;
+    // The kernel turns receive stamps on for the host a moment after the socket first asks,
+    // so the first datagrams may read as unstamped: exchange them until one is stamped.
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    let mut sent = 0u32;
+    while pair.stats.quic_receive_wait.count() == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no stamped datagram in {sent} sent");
+        client.send_datagram(Bytes::from(sent.to_be_bytes().to_vec())).unwrap();
+        timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap();
+        sent += 1;
+    }
+    let rendered = pair.stats.render_prometheus();
+    let count = rendered
+        .lines()
+        .find_map(|line| line.strip_prefix("downbeat_quic_receive_wait_seconds_count "))
+        .expect("the histogram is rendered");
+    assert!(count.parse::<u64>().unwrap() >= 1, "{count}");
 }
