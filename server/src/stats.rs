@@ -268,14 +268,14 @@ stats! {
     notes_late_reported: Counter => "notes_late_reported_total";
     /// Round-trip times clients report.
     sync_rtt: Histogram => "sync_rtt_seconds";
+    /// Clock-offset uncertainty clients report (a bound on their sync error).
+    sync_uncertainty: Histogram => "sync_uncertainty_seconds";
     /// How long the newest datagram of each batch read from the WebTransport socket had waited
     /// in it (from the kernel's receive stamp to the read): a lower bound for every datagram of
     /// the batch. Tens of microseconds while the server keeps up with its socket; milliseconds
     /// mean the QUIC driver was kept from it (its thread busy with sessions, or the machine's
     /// cores with other work) and the receive queue grows towards drops.
     quic_receive_wait: Histogram => "quic_receive_wait_seconds";
-    /// Clock-offset uncertainty clients report (a bound on their sync error).
-    sync_uncertainty: Histogram => "sync_uncertainty_seconds";
     /// SEL write jobs waiting for the database.
     sel_queued: Gauge => "sel_queued";
     /// 1 while the SEL database is failing writes, else 0.
