@@ -130,7 +130,7 @@ impl ProcessMeter {
     }
 
     fn proc_path(&self, file: &str) -> PathBuf {
-        PathBuf::from(format!("/proc/{}/{file}", self.pid))
+        PathBuf::from(proc_file(Some(self.pid), file))
     }
 }
 
@@ -146,7 +146,7 @@ fn proc_file(pid: Option<u32>, file: &str) -> String {
 }
 
 fn cpus_allowed_list(status: &str) -> Option<String> {
-    status.lines().find_map(|line| Some(line.strip_prefix("Cpus_allowed_list:")?.trim().to_owned()))
+    field(status, "Cpus_allowed_list").map(str::to_owned)
 }
 
 /// UDP datagrams the kernel dropped so far on the sockets process `pid` holds (the `drops`
@@ -213,7 +213,7 @@ pub fn child_pids() -> Vec<u32> {
 
 /// This process's resident set size now, in bytes.
 pub fn self_rss_bytes() -> Result<u64> {
-    status_rss_bytes(Path::new("/proc/self/status"))
+    status_rss_bytes(Path::new(&proc_file(None, "status")))
 }
 
 fn status_rss_bytes(path: &Path) -> Result<u64> {
@@ -233,25 +233,25 @@ fn parse_stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
     Some((utime, stime))
 }
 
-/// A `Name:   1234 kB` figure of `/proc/meminfo` or `/proc/<pid>/status`, in KiB.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
+/// The value of the first `name: value` line of a `/proc` text (`/proc/<pid>/status`,
+/// `/proc/meminfo`, `/proc/cpuinfo`), trimmed.
+fn field<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines().find_map(|line| {
-        let (key, rest) = line.split_once(':')?;
-        if key.trim() != name {
-            return None;
-        }
-        let mut words = rest.split_whitespace();
-        let value = words.next()?.parse().ok()?;
-        // Both files say `kB` and mean KiB; a figure without a unit would be a count.
-        matches!(words.next(), Some("kB")).then_some(value)
+        let (key, value) = line.split_once(':')?;
+        (key.trim() == name).then(|| value.trim())
     })
 }
 
+/// A `Name:   1234 kB` figure of `/proc/meminfo` or `/proc/<pid>/status`, in KiB.
+fn kib_field(text: &str, name: &str) -> Option<u64> {
+    let mut words = field(text, name)?.split_whitespace();
+    let value = words.next()?.parse().ok()?;
+    // Both files say `kB` and mean KiB; a figure without a unit would be a count.
+    matches!(words.next(), Some("kB")).then_some(value)
+}
+
 fn cpu_model(cpuinfo: &str) -> Option<String> {
-    cpuinfo.lines().find_map(|line| {
-        let (key, value) = line.split_once(':')?;
-        (key.trim() == "model name").then(|| value.trim().to_owned())
-    })
+    field(cpuinfo, "model name").map(str::to_owned)
 }
 
 fn count_processors(cpuinfo: &str) -> usize {
