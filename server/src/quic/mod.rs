@@ -7,7 +7,8 @@
 //! connection tasks and 19 % in the endpoint's (BENCHMARKS.md, thirteenth round).
 //!
 //! Here one task, the driver, owns the socket and the QUIC endpoint. Each time it wakes it
-//! reads the socket in batches (GRO) and hands each packet to its connection's state in place,
+//! reads the socket in batches (GRO) and hands each packet to its connection's state in place
+//! (a batch's connections are asked from memory together first: [`ConnShared::prefetch`]),
 //! runs the connections whose timers are due and those the sessions changed, and sends what
 //! each has, several packets to a peer in one system call (GSO). Sessions reach their
 //! connection through a [`Connection`]: a handle on its state behind a lock. What the driver
@@ -406,6 +407,7 @@ impl Drop for Incoming {
 async fn drive(shared: Arc<Shared>) {
     let mut buffers = vec![vec![0u8; RECV_BUFFER_BYTES]; quinn_udp::BATCH_SIZE];
     let mut metas = vec![quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
+    let mut events = Vec::new();
     let mut wakers = Wakers::default();
     // The marked list is swapped with this one, so neither allocates once both have grown.
     let mut marked = Vec::new();
@@ -433,12 +435,15 @@ async fn drive(shared: Arc<Shared>) {
         // Whatever woke the driver, the socket is read: sessions marking connections as fast
         // as they are woken must not keep it from the packets (a read finds the socket not
         // ready without a system call).
-        receive(&shared, core, &mut buffers, &mut metas);
+        receive(&shared, core, &mut buffers, &mut metas, &mut events);
         let now = Instant::now();
         // Taken out while the connections are looked at, and put back to keep its capacity.
         let mut due = std::mem::take(&mut core.due);
         core.timers.expire(now, &mut due);
-        for k in due.drain(..) {
+        for (i, &k) in due.iter().enumerate() {
+            if let Some(next) = due.get(i + 1).and_then(|&k| core.conns.get(k)).and_then(Option::as_ref) {
+                next.prefetch();
+            }
             let Some(conn) = core.conns.get(k).and_then(Option::as_ref) else { continue };
             let mut state = lock(&conn.state);
             state.armed = None;
@@ -452,10 +457,14 @@ async fn drive(shared: Arc<Shared>) {
                 }
             }
         }
+        due.clear();
         core.due = due;
         std::mem::swap(&mut *lock(&shared.marked), &mut marked);
         core.run.append(&mut marked);
         while let Some(k) = core.run.pop() {
+            if let Some(next) = core.run.last().and_then(|&k| core.conns.get(k)).and_then(Option::as_ref) {
+                next.prefetch();
+            }
             run(&shared, core, k, &mut wakers);
             // Now, not after the rest: the session runs on another thread meanwhile.
             wakers.wake();
@@ -465,7 +474,18 @@ async fn drive(shared: Arc<Shared>) {
 
 /// Reads what the socket has (at most [`RECV_ROUNDS`] batches) and hands every packet to its
 /// connection (marked to run), or to the accept queue.
-fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mut [quinn_udp::RecvMeta]) {
+///
+/// A batch is routed first and handled after: the endpoint names each packet's connection,
+/// whose state is prefetched ([`ConnShared::prefetch`]) while the next packets are routed,
+/// and only then does each connection take its packets, in the order they came. `events` is
+/// the driver's, to keep its capacity.
+fn receive(
+    shared: &Shared,
+    core: &mut Core,
+    buffers: &mut [Vec<u8>],
+    metas: &mut [quinn_udp::RecvMeta],
+    events: &mut Vec<(usize, quinn_proto::ConnectionEvent)>,
+) {
     let mut slices: Vec<IoSliceMut<'_>> = buffers.iter_mut().map(|b| IoSliceMut::new(b)).collect();
     for _ in 0..RECV_ROUNDS {
         let received = {
@@ -497,10 +517,8 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
                 match core.endpoint.handle(now, meta.addr, meta.dst_ip, ecn, data, &mut core.transmit) {
                     Some(DatagramEvent::ConnectionEvent(handle, event)) => {
                         if let Some(conn) = core.conns.get(handle.0).and_then(Option::as_ref) {
-                            let mut state = lock(&conn.state);
-                            state.arrived = arrived;
-                            state.quic.handle_event(event);
-                            state.list(handle.0, &mut core.run);
+                            conn.prefetch();
+                            events.push((handle.0, event));
                         }
                     }
                     Some(DatagramEvent::NewConnection(incoming)) => {
@@ -521,6 +539,15 @@ fn receive(shared: &Shared, core: &mut Core, buffers: &mut [Vec<u8>], metas: &mu
                     Some(DatagramEvent::Response(transmit)) => shared.send(&transmit, &core.transmit),
                     None => {}
                 }
+            }
+        }
+        // Connections leave `conns` only in `run`, after this.
+        for (k, event) in events.drain(..) {
+            if let Some(conn) = core.conns.get(k).and_then(Option::as_ref) {
+                let mut state = lock(&conn.state);
+                state.arrived = arrived;
+                state.quic.handle_event(event);
+                state.list(k, &mut core.run);
             }
         }
     }

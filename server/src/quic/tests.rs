@@ -306,3 +306,26 @@ async fn the_driver_reports_how_long_datagrams_waited_in_the_socket() {
         .unwrap();
     assert!(sum <= count * began.elapsed().as_secs_f64(), "{sum} s over {count} batches");
 }
+
+#[tokio::test]
+async fn packets_of_several_connections_read_together_reach_each_connection_in_order() {
+    let pair = Pair::new();
+    let mut conns = Vec::new();
+    for _ in 0..3 {
+        conns.push(pair.connected().await);
+    }
+    // Sent in turns from one client socket, so the driver's reads hold packets of all three,
+    // interleaved, which it routes first and hands to each connection after.
+    let sent = 20u8;
+    for i in 0..sent {
+        for (c, (client, _)) in conns.iter().enumerate() {
+            client.send_datagram(Bytes::from(vec![c as u8, i])).unwrap();
+        }
+    }
+    for (c, (_, server)) in conns.iter().enumerate() {
+        for i in 0..sent {
+            let datagram = timeout(WITHIN, server.read_datagram()).await.unwrap().unwrap();
+            assert_eq!(&datagram[..], &[c as u8, i][..], "connection {c}'s datagram {i}");
+        }
+    }
+}
