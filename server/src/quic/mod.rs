@@ -441,9 +441,7 @@ async fn drive(shared: Arc<Shared>) {
         let mut due = std::mem::take(&mut core.due);
         core.timers.expire(now, &mut due);
         for (i, &k) in due.iter().enumerate() {
-            if let Some(next) = due.get(i + 1).and_then(|&k| core.conns.get(k)).and_then(Option::as_ref) {
-                next.prefetch();
-            }
+            prefetch(&core.conns, due.get(i + 1));
             let Some(conn) = core.conns.get(k).and_then(Option::as_ref) else { continue };
             let mut state = lock(&conn.state);
             state.armed = None;
@@ -462,13 +460,19 @@ async fn drive(shared: Arc<Shared>) {
         std::mem::swap(&mut *lock(&shared.marked), &mut marked);
         core.run.append(&mut marked);
         while let Some(k) = core.run.pop() {
-            if let Some(next) = core.run.last().and_then(|&k| core.conns.get(k)).and_then(Option::as_ref) {
-                next.prefetch();
-            }
+            prefetch(&core.conns, core.run.last());
             run(&shared, core, k, &mut wakers);
             // Now, not after the rest: the session runs on another thread meanwhile.
             wakers.wake();
         }
+    }
+}
+
+/// Prefetches connection `next` ([`ConnShared::prefetch`]), the one the driver looks at after
+/// the current one, if there is one and the endpoint still has it.
+fn prefetch(conns: &[Option<Arc<ConnShared>>], next: Option<&usize>) {
+    if let Some(conn) = next.and_then(|&k| conns.get(k)).and_then(Option::as_ref) {
+        conn.prefetch();
     }
 }
 
