@@ -291,19 +291,15 @@ async fn the_driver_reports_how_long_datagrams_waited_in_the_socket() {
         sent += 1;
     }
     let rendered = pair.stats.render_prometheus();
-    let count = rendered
-        .lines()
-        .find_map(|line| line.strip_prefix("downbeat_quic_receive_wait_seconds_count "))
-        .expect("the histogram is rendered");
-    let count: f64 = count.parse().unwrap();
+    let series = |name: &str| -> f64 {
+        let prefix = format!("downbeat_quic_receive_wait_seconds_{name} ");
+        let value = rendered.lines().find_map(|line| line.strip_prefix(prefix.as_str()));
+        value.unwrap_or_else(|| panic!("the histogram's {name} is rendered")).parse().unwrap()
+    };
+    let count = series("count");
     assert!(count >= 1.0, "{count}");
     // Every wait it recorded was of a datagram sent since the connection began.
-    let sum: f64 = rendered
-        .lines()
-        .find_map(|line| line.strip_prefix("downbeat_quic_receive_wait_seconds_sum "))
-        .expect("the histogram's sum is rendered")
-        .parse()
-        .unwrap();
+    let sum = series("sum");
     assert!(sum <= count * began.elapsed().as_secs_f64(), "{sum} s over {count} batches");
 }
 
