@@ -11,7 +11,7 @@ pub mod relay;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use downbeat_client::{Client, ConnectOptions};
@@ -639,6 +639,11 @@ pub fn operators(secret: &[u8; 32]) -> downbeat_server::config::OperatorsConfig 
         issuer: "https://sso.district.example/operators".to_owned(),
         keys: vec![hs256_key(secret)],
     }
+}
+
+/// `a - b` in ns, negative when `a` is the earlier: how far one true instant lies from another.
+pub fn nanos_between(a: Instant, b: Instant) -> i64 {
+    if a >= b { (a - b).as_nanos() as i64 } else { -((b - a).as_nanos() as i64) }
 }
 
 /// A clock-sync request datagram, encoded: request `id`, sent at client time `t0`, naming the

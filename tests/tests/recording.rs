@@ -22,7 +22,7 @@ use downbeat_server::auth::Role;
 use downbeat_server::config::TenantLimits;
 use downbeat_server::sel::store::Store;
 use downbeat_tests::db::{Backend, TestDatabase};
-use downbeat_tests::{TestServer, events_until, on_both_backends, school};
+use downbeat_tests::{TestServer, events_until, nanos_between, on_both_backends, school};
 use midly::{MetaMessage, MidiMessage, Smf, TrackEventKind};
 use serde_json::{Value, json};
 use std::time::Instant;
@@ -315,25 +315,21 @@ async fn a_class_of_thirty_is_recorded_once_and_its_midi_file_keeps_the_shared_t
 struct Clocked {
     client: Client,
     clock: InjectedClock,
-    /// How fast `clock` runs, in ppm: what a client's estimate of its drift should find.
-    drift_ppm: f64,
 }
 
 /// Where each client scheduled note `seq`, from the class's median, beside its clock estimate
-/// as the spread is checked and the drift its clock truly has: what a failed spread needs to
-/// be read.
+/// as the spread is checked and its clock as it truly runs (offset and drift): what a failed
+/// spread needs to be read.
 fn clocks_apart(everyone: &[Clocked], heard: &[BTreeMap<u32, (Instant, ServerNanos, u8)>], seq: u32) -> String {
     let mut at: Vec<Instant> = heard.iter().map(|h| h[&seq].0).collect();
     at.sort();
     let median = at[at.len() / 2];
     let mut lines = Vec::new();
     for (i, (c, h)) in everyone.iter().zip(heard).enumerate() {
-        let at = h[&seq].0;
-        let apart = if at >= median { (at - median).as_nanos() as i128 } else { -((median - at).as_nanos() as i128) };
         lines.push(format!(
-            "client {i}: {:+.1} µs from the median, clock {:+.1} ppm, estimate {:?}",
-            apart as f64 / 1e3,
-            c.drift_ppm,
+            "client {i}: {:+.1} µs from the median, {:?}, estimate {:?}",
+            nanos_between(h[&seq].0, median) as f64 / 1e3,
+            c.clock,
             c.client.estimate()
         ));
     }
@@ -367,12 +363,10 @@ async fn a_take_plays_back_at_one_instant_for_thirty_one_clients_and_stops_on_a_
     let base = Instant::now();
     let mut everyone = Vec::new();
     for i in 0..31 {
-        let offset = rng.range(-500e6, 500e6) as i64;
-        let drift_ppm = rng.range(-100.0, 100.0);
-        let clock = InjectedClock::new(base, offset, drift_ppm);
+        let clock = InjectedClock::new(base, rng.range(-500e6, 500e6) as i64, rng.range(-100.0, 100.0));
         let token = if i == 0 { teacher_token.clone() } else { server.student(&format!("s-{i:02}")) };
         let client = Client::connect_with_clock(server.options(&code, &token), Arc::new(clock)).await?;
-        everyone.push(Clocked { client, clock, drift_ppm });
+        everyone.push(Clocked { client, clock });
     }
     for c in &everyone {
         c.client.wait_synced(SYNC).await?;

@@ -8,13 +8,9 @@ use std::time::{Duration, Instant};
 use downbeat_client::{Client, InjectedClock};
 use downbeat_engine::sim::Rng;
 use downbeat_protocol::ServerNanos;
-use downbeat_tests::TestServer;
+use downbeat_tests::{TestServer, nanos_between};
 
 const CLIENTS: usize = 30;
-
-fn nanos_between(a: Instant, b: Instant) -> i64 {
-    if a >= b { (a - b).as_nanos() as i64 } else { -((b - a).as_nanos() as i64) }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_clients_agree_on_the_server_clock_and_the_beat() -> anyhow::Result<()> {
